@@ -1,0 +1,56 @@
+# ESP mesh — the two commands: `make run` and `make test`. Everything else is a step they call.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := $(VENV)/bin/buf
+GEN := gen
+STAMP := $(VENV)/.installed
+PROTOS := $(shell find proto -name '*.proto')
+BENCH ?=
+
+.PHONY: all install proto lint fmt test run bench clean
+
+all: test
+
+# The virtualenv, the project (editable) and its dev tools; re-run when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'esp_gen.pth').write_text('$(CURDIR)/$(GEN)\n')"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Generated Python for every contract; never edited by hand, never committed.
+$(GEN)/.stamp: $(STAMP) $(PROTOS) buf.yaml
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(BUF) build -o $(GEN)/esp.binpb
+	$(PY) -m grpc_tools.protoc --descriptor_set_in=$(GEN)/esp.binpb --python_out=$(GEN) --pyi_out=$(GEN) \
+	  --grpc_python_out=$(GEN) $$(cd proto && find esp -name '*.proto' | sort)
+	find $(GEN)/esp -type d -exec touch {}/__init__.py \;
+	touch $(GEN)/.stamp
+
+proto: $(GEN)/.stamp
+
+lint: proto
+	$(BUF) lint
+	$(BUF) format --diff --exit-code proto
+	$(VENV)/bin/ruff check .
+
+fmt: $(STAMP)
+	$(BUF) format -w proto
+	$(VENV)/bin/ruff check --fix .
+
+test: proto lint
+	bash scripts/run-tests.sh
+
+run: proto
+	$(PY) -m dev.run
+
+bench: proto
+	$(PY) -m bench $(BENCH)
+
+clean:
+	rm -rf $(GEN) .dev .pytest_cache .ruff_cache

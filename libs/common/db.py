@@ -1,0 +1,100 @@
+"""Postgres plumbing: connection pools and per-service SQL migrations.
+
+Every service owns a Postgres schema named after it (``ledger``, ``ingest`` ...) and the ordered SQL files in its
+``migrations/`` folder. Migrations are applied under an advisory lock so several replicas starting at once apply
+each file exactly once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+_MIGRATION_NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
+# Arbitrary constant: one advisory lock serialises all migrators of this deployment.
+_MIGRATION_LOCK_ID = 0x45_53_50_4D
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One SQL file of a service's migrations folder."""
+
+    service: str
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations(service: str, folder: Path) -> list[Migration]:
+    """Read ``NNN_name.sql`` files from ``folder`` in version order; reject duplicates and bad names."""
+    found: dict[int, Migration] = {}
+    for path in sorted(folder.glob("*.sql")):
+        match = _MIGRATION_NAME.match(path.name)
+        if match is None:
+            raise ValueError(f"migration file {path} is not named NNN_name.sql")
+        version = int(match.group(1))
+        if version in found:
+            raise ValueError(f"two migrations of {service} have version {version}")
+        found[version] = Migration(service, version, path.stem, path.read_text(encoding="utf-8"))
+    return [found[v] for v in sorted(found)]
+
+
+async def migrate(conn: psycopg.AsyncConnection, migrations: Sequence[Migration]) -> list[Migration]:
+    """Apply the migrations not applied yet, each in its own transaction; return those applied now."""
+    applied_now: list[Migration] = []
+    await conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_ID,))
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS public.schema_migrations (
+                   service text NOT NULL,
+                   version integer NOT NULL,
+                   name text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now(),
+                   PRIMARY KEY (service, version))"""
+        )
+        await conn.commit()
+        for migration in migrations:
+            async with conn.transaction():
+                cur = await conn.execute(
+                    "SELECT 1 FROM public.schema_migrations WHERE service = %s AND version = %s",
+                    (migration.service, migration.version),
+                )
+                if await cur.fetchone() is not None:
+                    continue
+                await conn.execute(migration.sql.encode())
+                await conn.execute(
+                    "INSERT INTO public.schema_migrations (service, version, name) VALUES (%s, %s, %s)",
+                    (migration.service, migration.version, migration.name),
+                )
+            applied_now.append(migration)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_ID,))
+        await conn.commit()
+    return applied_now
+
+
+def service_migrations(service: str) -> list[Migration]:
+    """The migrations of ``services/<service>/migrations``."""
+    folder = Path(__file__).resolve().parents[2] / "services" / service / "migrations"
+    return load_migrations(service, folder)
+
+
+async def migrate_services(dsn: str, services: Sequence[str]) -> list[Migration]:
+    """Apply the migrations of the named services to the database at ``dsn``."""
+    applied: list[Migration] = []
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        for service in services:
+            applied += await migrate(conn, service_migrations(service))
+    return applied
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, name: str = "esp") -> AsyncConnectionPool:
+    """Open a pool and wait until its first connections are up, so start-up fails fast on a bad DSN."""
+    pool = AsyncConnectionPool(dsn, min_size=min_size, max_size=max_size, name=name, open=False)
+    await pool.open(wait=True, timeout=15)
+    return pool

@@ -1,0 +1,406 @@
+"""Verify and parse providers' delivery webhooks into :class:`~libs.providers.events.DeliveryEvent` values.
+
+The entry point is :meth:`WebhookVerifier.verify_and_parse`. Every request goes through the same steps:
+
+1. the provider's handler **authenticates** it (signature or credentials; where the provider signs the raw
+   bytes this happens before any JSON parsing) and reports when it was signed and a replay key;
+2. the signing time must lie within the provider's **freshness window** (either side of ``now``);
+3. the payload is **parsed** into normalised events (or an SNS subscription confirmation);
+4. the replay key is recorded in a :class:`ReplayGuard`; a key seen before is rejected.
+
+Handlers live next to each provider's send code in ``libs/providers/<type>/webhook.py`` and expose
+``create_handler(context: HandlerContext) -> WebhookHandler``; they are found by provider type, so adding a
+provider touches one folder.
+
+Exception tree (map to HTTP in the receiver)::
+
+    WebhookError
+    ├── WebhookRejected            request refused, no events produced
+    │   ├── SignatureMissing       no signature / credentials at all
+    │   ├── SignatureInvalid       wrong key, tampered body, bad certificate URL, unexpected topic
+    │   ├── StaleWebhook           signed too long ago (or too far in the future)
+    │   ├── ReplayedWebhook        already accepted once (answer 2xx: the provider must stop retrying)
+    │   └── MalformedWebhook       authentic but not parseable
+    ├── UnsupportedProvider        no webhook handler for this provider type (e.g. smtp)
+    └── WebhookConfigurationError  our own secrets are missing or unusable
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from libs.providers.events import DeliveryEvent
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+
+class WebhookError(Exception):
+    """Base class of every error raised while handling a provider webhook."""
+
+
+class WebhookRejected(WebhookError):
+    """The request was refused; no event from it may be used."""
+
+
+class SignatureMissing(WebhookRejected):
+    """The request carries no signature or credentials."""
+
+
+class SignatureInvalid(WebhookRejected):
+    """The signature or credentials do not verify (forged, tampered, wrong key, untrusted certificate)."""
+
+
+class StaleWebhook(WebhookRejected):
+    """The signed timestamp lies outside the freshness window."""
+
+
+class ReplayedWebhook(WebhookRejected):
+    """This exact signed request was accepted before.
+
+    A genuine provider retry of a callback we already accepted also lands here, so receivers should answer
+    2xx (nothing more to do) rather than an error that makes the provider retry again.
+    """
+
+
+class MalformedWebhook(WebhookRejected):
+    """The request is authentic (or could not be checked) but its payload cannot be understood."""
+
+
+class UnsupportedProvider(WebhookError):
+    """There is no webhook handler for this provider type."""
+
+
+class WebhookConfigurationError(WebhookError):
+    """The configured secrets for the provider are missing or unusable (our fault, not the sender's)."""
+
+
+@dataclass(frozen=True)
+class SubscriptionConfirmation:
+    """A verified SNS ``SubscriptionConfirmation``: not an event; the receiver must confirm it.
+
+    Confirm by fetching ``subscribe_url`` (HTTPS GET) or calling SNS ``ConfirmSubscription`` with
+    ``topic_arn`` and ``token``; notifications only flow after that.
+    """
+
+    topic_arn: str
+    """The topic asking for confirmation (already checked against the allow-list)."""
+    subscribe_url: str
+    """URL whose GET confirms the subscription."""
+    token: str
+    """Token for ``ConfirmSubscription``."""
+    message_id: str
+    """SNS message id of the confirmation request."""
+    message: str
+    """SNS's human-readable message."""
+
+
+WebhookResult = list[DeliveryEvent] | SubscriptionConfirmation
+
+
+@dataclass(frozen=True)
+class WebhookRequest:
+    """One inbound webhook HTTP request, as handlers see it."""
+
+    provider_name: str
+    """Configured provider instance the request was addressed to."""
+    secrets: Mapping[str, str]
+    """That provider's webhook secrets (keys documented per handler)."""
+    headers: Mapping[str, str]
+    """Request headers with lower-cased names."""
+    body: bytes
+    """The raw request body, exactly as received."""
+    now: datetime
+    """The time to judge freshness against (aware)."""
+
+    def header(self, name: str) -> str | None:
+        """A request header by case-insensitive name."""
+        return self.headers.get(name.lower())
+
+    def secret(self, key: str) -> str:
+        """A required secret; its absence is a configuration error, not the sender's fault."""
+        value = self.secrets.get(key)
+        if not value:
+            raise WebhookConfigurationError(f"provider {self.provider_name!r} has no webhook secret {key!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class AuthenticatedWebhook:
+    """What a handler learned while authenticating a request."""
+
+    signed_at: datetime
+    """The time the request claims to be from (signed where the provider signs it)."""
+    replay_key: str
+    """Key identifying this exact signed request, for the replay guard."""
+    payload: Any
+    """The parsed payload, handed back to the handler's ``parse``."""
+
+
+@runtime_checkable
+class CertificateFetcher(Protocol):
+    """Fetches a signing certificate (PEM bytes) by URL. The caller validates the URL first."""
+
+    async def fetch(self, url: str) -> bytes:
+        """Return the PEM bytes served at ``url``."""
+        ...
+
+
+@dataclass(frozen=True)
+class HandlerContext:
+    """What a provider handler may need besides the request."""
+
+    certificate_fetcher: CertificateFetcher | None = None
+    """Used by handlers that verify with certificates fetched by URL (SES/SNS)."""
+
+
+class WebhookHandler(Protocol):
+    """One provider's webhook knowledge: how to authenticate a request and how to read it."""
+
+    provider_type: str
+    """The provider type this handler serves."""
+    default_tolerance: timedelta
+    """Default freshness window, either side of now."""
+
+    async def authenticate(self, request: WebhookRequest) -> AuthenticatedWebhook:
+        """Check the signature/credentials; raise a :class:`WebhookRejected` subclass if they fail."""
+        ...
+
+    def parse(self, request: WebhookRequest, authenticated: AuthenticatedWebhook) -> WebhookResult:
+        """Turn an authenticated payload into events; raise :class:`MalformedWebhook` if it can't."""
+        ...
+
+
+HandlerFactory = Callable[[HandlerContext], WebhookHandler]
+
+_registered_factories: dict[str, HandlerFactory] = {}
+_PROVIDER_TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def register_handler_factory(provider_type: str, factory: HandlerFactory) -> None:
+    """Register a handler factory for a provider type that does not live in ``libs/providers/<type>/``."""
+    _registered_factories[provider_type] = factory
+
+
+def handler_factory(provider_type: str) -> HandlerFactory:
+    """Find the handler factory for a provider type (``libs.providers.<type>.webhook.create_handler``).
+
+    Raises:
+        UnsupportedProvider: no such provider type, or it has no webhook module.
+    """
+    if provider_type in _registered_factories:
+        return _registered_factories[provider_type]
+    # The type comes from configuration, but it still selects a module to import: keep it to plain names.
+    if not _PROVIDER_TYPE_PATTERN.match(provider_type):
+        raise UnsupportedProvider(f"invalid provider type {provider_type!r}")
+    module_name = f"libs.providers.{provider_type}.webhook"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise UnsupportedProvider(f"no webhook support for provider type {provider_type!r}") from exc
+        raise
+    factory: HandlerFactory | None = getattr(module, "create_handler", None)
+    if factory is None:
+        raise UnsupportedProvider(f"{module_name} has no create_handler")
+    return factory
+
+
+class ReplayGuard(Protocol):
+    """Remembers replay keys for a while (shared by every receiver replica in production)."""
+
+    async def seen(self, key: str, ttl_s: int) -> bool:
+        """Record ``key`` for ``ttl_s`` seconds; return True if it was already recorded."""
+        ...
+
+    async def forget(self, key: str) -> None:
+        """Drop ``key`` (used when a request was accepted but could not be processed)."""
+        ...
+
+
+class InMemoryReplayGuard:
+    """A per-process :class:`ReplayGuard` for tests and single-process development."""
+
+    def __init__(self, *, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+        """Keep at most ``max_entries`` keys; ``clock`` returns seconds (monotonic by default)."""
+        self._expiry_by_key: dict[str, float] = {}
+        self._max_entries = max_entries
+        self._clock = clock
+
+    async def seen(self, key: str, ttl_s: int) -> bool:
+        """Record ``key`` for ``ttl_s`` seconds; return True if it was already recorded and unexpired."""
+        now = self._clock()
+        expiry = self._expiry_by_key.get(key)
+        if expiry is not None and expiry > now:
+            return True
+        if len(self._expiry_by_key) >= self._max_entries:
+            self._evict(now)
+        self._expiry_by_key.pop(key, None)
+        self._expiry_by_key[key] = now + max(1, ttl_s)
+        return False
+
+    async def forget(self, key: str) -> None:
+        """Drop ``key``."""
+        self._expiry_by_key.pop(key, None)
+
+    def _evict(self, now: float) -> None:
+        expired = [key for key, expiry in self._expiry_by_key.items() if expiry <= now]
+        for key in expired:
+            del self._expiry_by_key[key]
+        # Still full: drop the oldest insertions (dicts keep insertion order). Bounded memory beats a
+        # perfect memory here; the production guard is Redis.
+        while len(self._expiry_by_key) >= self._max_entries:
+            del self._expiry_by_key[next(iter(self._expiry_by_key))]
+
+
+class RedisReplayGuard:
+    """A :class:`ReplayGuard` in Redis: ``SET key 1 NX EX ttl`` is atomic, so concurrent replicas agree."""
+
+    def __init__(self, redis: Redis, *, key_prefix: str = "esp:webhook-replay:") -> None:
+        """Use the given client (``redis.asyncio.Redis``); keys are ``key_prefix + replay key``."""
+        self._redis = redis
+        self._key_prefix = key_prefix
+
+    async def seen(self, key: str, ttl_s: int) -> bool:
+        """Record ``key`` for ``ttl_s`` seconds; return True if it already existed."""
+        created = await self._redis.set(self._key_prefix + key, b"1", nx=True, ex=max(1, ttl_s))
+        return not created
+
+    async def forget(self, key: str) -> None:
+        """Drop ``key``."""
+        await self._redis.delete(self._key_prefix + key)
+
+
+class WebhookVerifier:
+    """Verifies and parses provider webhooks; one instance per receiver process."""
+
+    def __init__(
+        self,
+        replay_guard: ReplayGuard,
+        *,
+        certificate_fetcher: CertificateFetcher | None = None,
+        tolerances: Mapping[str, timedelta] | None = None,
+    ) -> None:
+        """Create a verifier.
+
+        Args:
+            replay_guard: where replay keys are remembered (Redis in production).
+            certificate_fetcher: how SNS signing certificates are fetched (defaults to HTTPS via httpx).
+            tolerances: freshness window per provider type, overriding each handler's default.
+        """
+        self._replay_guard = replay_guard
+        self._context = HandlerContext(certificate_fetcher=certificate_fetcher)
+        self._tolerances = dict(tolerances or {})
+        self._handlers: dict[str, WebhookHandler] = {}
+
+    def handler(self, provider_type: str) -> WebhookHandler:
+        """The (cached) handler for a provider type.
+
+        Raises:
+            UnsupportedProvider: the provider type has no webhooks.
+        """
+        handler = self._handlers.get(provider_type)
+        if handler is None:
+            handler = handler_factory(provider_type)(self._context)
+            self._handlers[provider_type] = handler
+        return handler
+
+    def tolerance(self, provider_type: str) -> timedelta:
+        """The freshness window applied to a provider type."""
+        return self._tolerances.get(provider_type) or self.handler(provider_type).default_tolerance
+
+    async def verify_and_parse(
+        self,
+        provider_type: str,
+        secrets: Mapping[str, str],
+        headers: Mapping[str, str],
+        body: bytes,
+        now: datetime | None = None,
+        *,
+        provider_name: str | None = None,
+    ) -> WebhookResult:
+        """Authenticate a webhook request and return its normalised events.
+
+        Args:
+            provider_type: ``mailgun``, ``sendgrid``, ``ses`` or ``postmark``.
+            secrets: the provider's webhook secrets (keys per provider, see each handler).
+            headers: the request headers (any case).
+            body: the raw request body, unmodified.
+            now: the current time (aware); defaults to the wall clock.
+            provider_name: the configured provider instance; defaults to ``provider_type``.
+
+        Returns:
+            The events (possibly empty: providers also report things we do not track), or, for SNS,
+            a :class:`SubscriptionConfirmation` the receiver must confirm.
+
+        Raises:
+            WebhookRejected: (a subclass) the request must not be trusted; nothing was recorded.
+            UnsupportedProvider: the provider type has no webhooks.
+            WebhookConfigurationError: the secrets are incomplete.
+        """
+        handler = self.handler(provider_type)
+        request = _request(provider_type, secrets, headers, body, now, provider_name)
+        authenticated = await handler.authenticate(request)
+        tolerance = self.tolerance(provider_type)
+        skew = abs(request.now - authenticated.signed_at)
+        if skew > tolerance:
+            raise StaleWebhook(
+                f"signed at {authenticated.signed_at.isoformat()}, {skew.total_seconds():.0f}s from now "
+                f"(window {tolerance.total_seconds():.0f}s)"
+            )
+        result = handler.parse(request, authenticated)
+        # Remember the key for as long as this request would still pass the freshness check, no longer.
+        remaining = authenticated.signed_at + tolerance - request.now
+        ttl_s = max(1, math.ceil(remaining.total_seconds()) + 1)
+        if await self._replay_guard.seen(f"{provider_type}:{authenticated.replay_key}", ttl_s):
+            raise ReplayedWebhook(f"{provider_type} webhook already accepted")
+        return result
+
+    async def release(
+        self,
+        provider_type: str,
+        secrets: Mapping[str, str],
+        headers: Mapping[str, str],
+        body: bytes,
+        now: datetime | None = None,
+        *,
+        provider_name: str | None = None,
+    ) -> None:
+        """Forget an accepted request's replay key, so the provider's retry of it is accepted again.
+
+        Call this when processing the events failed after :meth:`verify_and_parse` returned (the receiver then
+        answers with an error so the provider retries). The request is authenticated again first, so only a
+        genuine request can clear its own key.
+        """
+        handler = self.handler(provider_type)
+        request = _request(provider_type, secrets, headers, body, now, provider_name)
+        authenticated = await handler.authenticate(request)
+        await self._replay_guard.forget(f"{provider_type}:{authenticated.replay_key}")
+
+
+def _request(
+    provider_type: str,
+    secrets: Mapping[str, str],
+    headers: Mapping[str, str],
+    body: bytes,
+    now: datetime | None,
+    provider_name: str | None,
+) -> WebhookRequest:
+    if now is None:
+        now = datetime.now(UTC)
+    elif now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return WebhookRequest(
+        provider_name=provider_name or provider_type,
+        secrets=secrets,
+        headers={name.lower(): value for name, value in headers.items()},
+        body=body,
+        now=now,
+    )
