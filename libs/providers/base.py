@@ -1,28 +1,34 @@
 """The provider adapter interface and the shared send algorithm.
 
 Every upstream email provider (SMTP relay, Mailgun, SendGrid, Amazon SES, Postmark) sits behind one small
-``ProviderAdapter`` protocol. Following django-anymail's shape, ``BaseAdapter`` owns the algorithm every provider
-shares — validation, the size cap, timing, grouping batches, and turning transport failures into an ``Outcome`` —
-while each provider module only builds its payload, sends it and parses the answer.
+``ProviderAdapter`` protocol. Following django-anymail's shape, ``BaseAdapter`` owns the algorithm every
+provider shares — validation, the size cap, timing, grouping batches, and turning transport failures into an
+``Outcome`` — while each provider module only builds its payload, sends it and parses the answer.
 
-The sender service calls ``send`` / ``send_batch`` and reads ``SendResult.outcome``; it never sees a provider's
-exceptions for ordinary failures (those become ``RETRYABLE`` / ``THROTTLED`` / ``PERMANENT`` / ``AMBIGUOUS``).
-Exceptions are raised only for problems found *before* any network call: ``MessageTooLarge``,
-``TooManyRecipients``, ``UnsupportedFeature`` and ``InvalidMessage`` — the router should have routed elsewhere.
+The sender service calls ``send`` / ``send_batch`` and reads ``SendResult.outcome``; it never sees a
+provider's exceptions for ordinary failures (those become ``RETRYABLE`` / ``THROTTLED`` / ``PERMANENT`` /
+``AMBIGUOUS``). Exceptions are raised only for problems found *before* any network call: ``MessageTooLarge``,
+``TooManyRecipients``, ``UnsupportedFeature`` and ``InvalidMessage`` — the router should have routed
+elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import httpx
+
+if TYPE_CHECKING:
+    from libs.providers.mime import StreamedBody
 
 #: Header carrying our message id on every outgoing email (also used as the idempotency key).
 ESP_MESSAGE_ID_HEADER = "X-ESP-Message-Id"
@@ -52,9 +58,9 @@ class Outcome(StrEnum):
     """The request was sent but no answer came back: the provider may or may not have accepted it."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Values
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,10 @@ class Capabilities:
     regions: tuple[str, ...]
     max_tags: int = 100
     """How many tags one message may carry."""
+    max_batch_recipients: int | None = None
+    """Recipients one batch call may carry in total (None: messages x recipients per message)."""
+    max_batch_bytes: int | None = None
+    """Encoded size one batch call may carry in total (None: no limit beyond the per-message cap)."""
 
 
 @dataclass(frozen=True)
@@ -190,8 +200,8 @@ class ProviderConfig:
     type: str
     """Adapter type: ``smtp`` | ``mailgun`` | ``sendgrid`` | ``ses`` | ``postmark``."""
     endpoint: str
-    """Base URL for HTTP providers (e.g. ``https://api.mailgun.net``); ``host:port`` for SMTP. SES may leave it
-    empty to use AWS's regional endpoint."""
+    """Base URL for HTTP providers (e.g. ``https://api.mailgun.net``); ``host:port`` for SMTP. SES may leave
+    it empty to use AWS's regional endpoint."""
     credentials: Mapping[str, str]
     region: str = ""
     options: Mapping[str, str] = field(default_factory=dict)
@@ -235,9 +245,9 @@ class ProviderConfig:
         raise AdapterConfigError(f"provider {self.name!r}: option {key!r} must be a boolean")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Errors (raised only before any network call)
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 class ProviderError(Exception):
@@ -284,9 +294,9 @@ class MessageTooLarge(ProviderError):
         self.limit = limit
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The protocol the sender calls
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 @runtime_checkable
@@ -309,13 +319,13 @@ class ProviderAdapter(Protocol):
         ...
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Sizes and personalisation (shared by the router and every adapter)
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 def base64_encoded_size(raw_size: int, *, line_length: int | None = None) -> int:
-    """Bytes of base64 for ``raw_size`` bytes; with ``line_length`` each line (incl. the last) ends in CRLF."""
+    """Bytes of base64 for ``raw_size`` bytes; with ``line_length``, every line ends in CRLF."""
     encoded = 4 * ((raw_size + 2) // 3)
     if line_length is None or encoded == 0:
         return encoded
@@ -326,9 +336,9 @@ def base64_encoded_size(raw_size: int, *, line_length: int | None = None) -> int
 def estimated_encoded_size(email: OutboundEmail) -> int:
     """The size of the email as a MIME message (headers, bodies, base64 attachments), in bytes.
 
-    Computed without reading any attachment bytes. This is the single measure the router and every adapter compare
-    with ``Capabilities.max_message_bytes``; it is exact for SMTP and SES (which carry this MIME) and an upper
-    bound for JSON providers (whose base64 has no line breaks).
+    Computed without reading any attachment bytes. This is the single measure the router and every adapter
+    compare with ``Capabilities.max_message_bytes``; it is exact for SMTP and SES (which carry this MIME) and
+    an upper bound for JSON providers (whose base64 has no line breaks).
     """
     from libs.providers.mime import mime_size
 
@@ -361,7 +371,7 @@ def personalize(email: OutboundEmail) -> OutboundEmail:
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds from an HTTP ``Retry-After`` header (delta-seconds or an HTTP date); None when absent/invalid."""
+    """Seconds from an HTTP ``Retry-After`` value (delta-seconds or HTTP date); None if absent or invalid."""
     if not value:
         return None
     value = value.strip()
@@ -370,7 +380,7 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     except ValueError:
         pass
     try:
-        when = email.utils.parsedate_to_datetime(value)
+        when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
@@ -378,9 +388,32 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The shared algorithm
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _OpenGroup:
+    """A batch being filled while grouping."""
+
+    indexes: list[int] = field(default_factory=list)
+    addresses: set[str] = field(default_factory=set)
+    recipients: int = 0
+    size: int = 0
+
+    def fits(self, addresses: set[str], size: int, caps: Capabilities, max_recipients: int) -> bool:
+        if len(self.indexes) >= caps.max_batch_messages or self.recipients + len(addresses) > max_recipients:
+            return False
+        if caps.max_batch_bytes is not None and self.size + size > caps.max_batch_bytes:
+            return False
+        return self.addresses.isdisjoint(addresses)
+
+    def add(self, index: int, addresses: set[str], size: int) -> None:
+        self.indexes.append(index)
+        self.addresses |= addresses
+        self.recipients += len(addresses)
+        self.size += size
 
 
 class BaseAdapter(ABC):
@@ -399,16 +432,16 @@ class BaseAdapter(ABC):
         self.capabilities = self._capabilities_for(config)
         self._batch_concurrency = config.option_int("batch_concurrency", 4)
 
-    # -- hooks ---------------------------------------------------------------------------------------------------
+    # -- hooks -------------------------------------------------------------------------------------------
 
     def _capabilities_for(self, config: ProviderConfig) -> Capabilities:
-        """Capabilities of this instance; ``max_message_bytes`` may be lowered with option ``max_message_bytes``."""
+        """Capabilities of this instance; option ``max_message_bytes`` may lower the size cap."""
         caps = self.default_capabilities
         lowered_cap = config.option_int("max_message_bytes", caps.max_message_bytes)
         return replace(caps, max_message_bytes=min(lowered_cap, caps.max_message_bytes))
 
     def check_features(self, email: OutboundEmail) -> None:
-        """Raise ``UnsupportedFeature`` for anything in ``email`` this provider cannot do. Default: tags count."""
+        """Raise ``UnsupportedFeature`` for anything in ``email`` this provider cannot do (default: tags)."""
         if len(email.tags) > self.capabilities.max_tags:
             raise UnsupportedFeature(
                 self.type_name, f"{len(email.tags)} tags (limit {self.capabilities.max_tags})"
@@ -430,10 +463,10 @@ class BaseAdapter(ABC):
     def _classify_exception(self, exc: BaseException) -> SendResult | None:
         """The result for a transport exception, or None if it is not a transport failure."""
 
-    async def aclose(self) -> None:
-        """Release connections; subclasses with clients override and call nothing else."""
+    async def aclose(self) -> None:  # noqa: B027 - adapters without connections need nothing here
+        """Release connections; adapters holding clients override this."""
 
-    # -- the algorithm -------------------------------------------------------------------------------------------
+    # -- the algorithm -----------------------------------------------------------------------------------
 
     def validate(self, email: OutboundEmail) -> None:
         """Everything checked before any network call; raises a ``ProviderError`` subclass."""
@@ -482,11 +515,16 @@ class BaseAdapter(ABC):
         return [result for result in results if result is not None]
 
     def _group_for_batch(self, emails: Sequence[OutboundEmail]) -> tuple[list[list[int]], list[int]]:
-        """Split indexes into batch groups (by ``batch_key``, within the batch limits) and single sends."""
+        """Split indexes into batch groups (by ``batch_key``, within the batch limits) and single sends.
+
+        A group never holds the same recipient address twice: providers key per-recipient data by address
+        (Mailgun's recipient-variables) or refuse duplicates outright (SendGrid).
+        """
         if not self.capabilities.supports_batch:
             return [], list(range(len(emails)))
-        open_groups: dict[object, list[int]] = {}
-        recipients_in_group: dict[object, int] = {}
+        caps = self.capabilities
+        max_recipients = caps.max_batch_recipients or caps.max_batch_messages * caps.max_recipients_per_message
+        open_groups: dict[object, _OpenGroup] = {}
         groups: list[list[int]] = []
         singles: list[int] = []
         for index, email in enumerate(emails):
@@ -494,24 +532,15 @@ class BaseAdapter(ABC):
             if key is None:
                 singles.append(index)
                 continue
+            addresses = {address.email.lower() for address in email.recipients}
+            size = estimated_encoded_size(email) if caps.max_batch_bytes is not None else 0
             group = open_groups.get(key)
-            count = len(email.recipients)
-            if (
-                group is None
-                or len(group) >= self.capabilities.max_batch_messages
-                or recipients_in_group[key] + count > self.batch_recipient_limit()
-            ):
-                group = []
-                groups.append(group)
+            if group is None or not group.fits(addresses, size, caps, max_recipients):
+                group = _OpenGroup()
+                groups.append(group.indexes)
                 open_groups[key] = group
-                recipients_in_group[key] = 0
-            group.append(index)
-            recipients_in_group[key] += count
+            group.add(index, addresses, size)
         return groups, singles
-
-    def batch_recipient_limit(self) -> int:
-        """How many recipients one batch call may carry in total."""
-        return self.capabilities.max_batch_messages * self.capabilities.max_recipients_per_message
 
     async def _timed(self, attempt: Awaitable[SendResult]) -> SendResult:
         started = time.monotonic()
@@ -547,3 +576,121 @@ def unique_addresses(addresses: Iterable[Address]) -> list[Address]:
             seen.add(key)
             unique.append(address)
     return unique
+
+
+# ----------------------------------------------------------------------------------------------------
+# HTTP providers
+# ----------------------------------------------------------------------------------------------------
+
+
+def classify_http_failure(response: httpx.Response, reason: str) -> SendResult:
+    """The outcome of a non-success HTTP answer by status, with the provider's message as ``reason``.
+
+    429 throttled; 408 and 5xx retryable; 401/403/404 permanent and the provider's fault (credentials, account,
+    domain or endpoint); any other 4xx permanent (the request itself is wrong).
+    """
+    status = response.status_code
+    retry_after = parse_retry_after(response.headers.get("retry-after"))
+    reason = reason or response.reason_phrase
+    if status == 429:
+        return SendResult(Outcome.THROTTLED, retry_after_s=retry_after, reason=reason, status_code=status,
+                          provider_fault=True)
+    if status == 408 or status >= 500:
+        return SendResult(Outcome.RETRYABLE, retry_after_s=retry_after, reason=reason, status_code=status,
+                          provider_fault=True)
+    if status in (401, 403, 404):
+        return SendResult(Outcome.PERMANENT, reason=reason, status_code=status, provider_fault=True)
+    return SendResult(Outcome.PERMANENT, reason=reason, status_code=status)
+
+
+def classify_httpx_exception(exc: BaseException) -> SendResult | None:
+    """Transport failures: before the request was fully written → retryable; after → ambiguous."""
+    reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        return SendResult(Outcome.RETRYABLE, reason=reason, provider_fault=True)
+    if isinstance(exc, httpx.WriteTimeout | httpx.WriteError):
+        return SendResult(Outcome.RETRYABLE, reason=reason, provider_fault=True)
+    if isinstance(exc, httpx.ReadTimeout | httpx.ReadError | httpx.RemoteProtocolError):
+        # The whole request went out and the answer never came: the provider may have accepted the email.
+        return SendResult(Outcome.AMBIGUOUS, reason=reason, provider_fault=True)
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.ProxyError):
+        return SendResult(Outcome.PERMANENT, reason=reason, provider_fault=True)
+    return None
+
+
+def response_json(response: httpx.Response) -> Any:
+    """The response body parsed as JSON, or None when it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+class HttpAdapter(BaseAdapter):
+    """Base for providers with an HTTP API: one keep-alive ``httpx.AsyncClient`` per adapter instance.
+
+    Subclasses implement ``build_request`` and ``parse_response`` (and the batch pair when they batch).
+    ``transport`` lets tests inject an ``httpx`` transport without patching anything.
+    """
+
+    def __init__(self, config: ProviderConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        super().__init__(config)
+        if not config.endpoint.startswith(("http://", "https://")):
+            raise AdapterConfigError(f"provider {config.name!r}: endpoint must be an http(s) base URL")
+        max_connections = config.option_int("max_connections", 100)
+        self._client = httpx.AsyncClient(
+            base_url=config.endpoint.rstrip("/"),
+            headers=self.default_headers(),
+            auth=self.auth(),
+            timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=transport,
+        )
+
+    def default_headers(self) -> dict[str, str]:
+        """Headers sent on every request (authentication tokens, Accept)."""
+        return {}
+
+    def auth(self) -> httpx.Auth | None:
+        """httpx authentication for every request (e.g. basic auth)."""
+        return None
+
+    def streamed_request(self, method: str, path: str, body: StreamedBody) -> httpx.Request:
+        """A request whose body streams with an exact Content-Length (no chunked encoding)."""
+        return self._client.build_request(
+            method,
+            path,
+            content=body.stream(),
+            headers={"Content-Type": body.content_type, "Content-Length": str(body.size)},
+        )
+
+    @abstractmethod
+    def build_request(self, email: OutboundEmail) -> httpx.Request:
+        """The provider request for one email."""
+
+    @abstractmethod
+    def parse_response(self, email: OutboundEmail, response: httpx.Response) -> SendResult:
+        """The result the provider's answer stands for."""
+
+    def build_batch_request(self, emails: Sequence[OutboundEmail]) -> httpx.Request:
+        """The provider request for a batch-compatible group."""
+        raise NotImplementedError
+
+    def parse_batch_response(self, emails: Sequence[OutboundEmail], response: httpx.Response) -> list[SendResult]:
+        """One result per email of the batch, in order."""
+        raise NotImplementedError
+
+    async def _deliver(self, email: OutboundEmail) -> SendResult:
+        response = await self._client.send(self.build_request(email))
+        return self.parse_response(email, response)
+
+    async def _deliver_batch(self, emails: Sequence[OutboundEmail]) -> list[SendResult]:
+        response = await self._client.send(self.build_batch_request(emails))
+        return self.parse_batch_response(emails, response)
+
+    def _classify_exception(self, exc: BaseException) -> SendResult | None:
+        return classify_httpx_exception(exc)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client's connections."""
+        await self._client.aclose()

@@ -14,8 +14,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-#: The header the send side puts our own message id in (and the name used for provider-side custom
-#: variables: Mailgun ``v:esp_message_id``, SendGrid ``custom_args``, Postmark ``Metadata``, SES ``EmailTags``).
+#: The header the send side puts our own message id in, and the name of the provider-side custom variable
+#: carrying it (Mailgun ``v:esp_message_id``, SendGrid ``custom_args``, Postmark ``Metadata``,
+#: SES ``EmailTags``).
 ESP_MESSAGE_ID_HEADER = "X-ESP-Message-Id"
 ESP_MESSAGE_ID_VARIABLE = "esp_message_id"
 
@@ -109,7 +110,7 @@ def derived_event_id(provider_type: str, parts: Iterable[object]) -> str:
 
 
 def header_value(headers: Iterable[Mapping[str, Any]], name: str) -> str | None:
-    """Find a header in a ``[{"name": ..., "value": ...}]`` list, case-insensitively (SES ``mail.headers``)."""
+    """Find a header in a ``[{"name": ..., "value": ...}]`` list (SES ``mail.headers``), ignoring case."""
     wanted = name.lower()
     for header in headers:
         if str(header.get("name", "")).lower() == wanted:

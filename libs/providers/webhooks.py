@@ -21,6 +21,7 @@ Exception tree (map to HTTP in the receiver)::
     │   ├── StaleWebhook           signed too long ago (or too far in the future)
     │   ├── ReplayedWebhook        already accepted once (answer 2xx: the provider must stop retrying)
     │   └── MalformedWebhook       authentic but not parseable
+    ├── CertificateUnavailable     a signing certificate could not be fetched (transient: retry later)
     ├── UnsupportedProvider        no webhook handler for this provider type (e.g. smtp)
     └── WebhookConfigurationError  our own secrets are missing or unusable
 """
@@ -72,6 +73,13 @@ class ReplayedWebhook(WebhookRejected):
 
 class MalformedWebhook(WebhookRejected):
     """The request is authentic (or could not be checked) but its payload cannot be understood."""
+
+
+class CertificateUnavailable(WebhookError):
+    """A signing certificate could not be fetched; the request was neither accepted nor refused.
+
+    Receivers should answer 5xx so the provider retries later.
+    """
 
 
 class UnsupportedProvider(WebhookError):
@@ -350,7 +358,7 @@ class WebhookVerifier:
         authenticated = await handler.authenticate(request)
         tolerance = self.tolerance(provider_type)
         skew = abs(request.now - authenticated.signed_at)
-        if skew > tolerance:
+        if request.now - authenticated.signed_at > tolerance:
             raise StaleWebhook(
                 f"signed at {authenticated.signed_at.isoformat()}, {skew.total_seconds():.0f}s from now "
                 f"(window {tolerance.total_seconds():.0f}s)"

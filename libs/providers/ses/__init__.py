@@ -1,0 +1,1 @@
+"""Amazon SES v2 provider: send side in ``send.py`` (no imports here, so importing the webhook side stays light)."""

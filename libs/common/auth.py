@@ -1,0 +1,92 @@
+"""Who is calling: the principal of the current RPC, set once by the auth interceptor.
+
+The public edge (ingest) authenticates API keys; behind it, services trust the ``x-esp-tenant`` and
+``x-esp-scopes`` metadata that the edge adds (the mesh network is closed to the outside by NetworkPolicy).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from libs.common.errors import PermissionDenied, Unauthenticated
+
+TENANT_HEADER = "x-esp-tenant"
+SCOPES_HEADER = "x-esp-scopes"
+PLATFORM_ADMIN = "platform-admin"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller of an RPC."""
+
+    tenant_id: str
+    """Empty for the platform admin, who acts on every tenant."""
+    scopes: frozenset[str]
+    key_id: str = ""
+
+    @property
+    def is_platform_admin(self) -> bool:
+        return PLATFORM_ADMIN in self.scopes
+
+    def require(self, scope: str) -> None:
+        """Raise PERMISSION_DENIED unless the principal holds ``scope`` (the platform admin holds all)."""
+        if scope not in self.scopes and not self.is_platform_admin:
+            raise PermissionDenied(f"this API key lacks the {scope!r} scope", reason="MISSING_SCOPE",
+                                   metadata={"scope": scope})
+
+    def as_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata that carries this principal to a service behind the edge."""
+        return ((TENANT_HEADER, self.tenant_id), (SCOPES_HEADER, ",".join(sorted(self.scopes))))
+
+
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("esp_principal", default=None)
+
+
+def current_principal() -> Principal:
+    """The principal of the RPC being served; UNAUTHENTICATED when there is none."""
+    principal = _current.get()
+    if principal is None:
+        raise Unauthenticated("no credentials", reason="MISSING_CREDENTIALS")
+    return principal
+
+
+def set_principal(principal: Principal | None) -> contextvars.Token[Principal | None]:
+    return _current.set(principal)
+
+
+def reset_principal(token: contextvars.Token[Principal | None]) -> None:
+    _current.reset(token)
+
+
+class Authenticator(Protocol):
+    """Turns an RPC's metadata into a principal, or None for methods that need none (health, reflection)."""
+
+    def __call__(self, method: str, metadata: Mapping[str, str]) -> Awaitable[Principal | None]: ...
+
+
+class TrustedHeaderAuthenticator:
+    """For services behind the edge: the principal travels in metadata set by the edge."""
+
+    async def __call__(self, method: str, metadata: Mapping[str, str]) -> Principal | None:
+        if TENANT_HEADER not in metadata and SCOPES_HEADER not in metadata:
+            return None
+        scopes = frozenset(s for s in metadata.get(SCOPES_HEADER, "").split(",") if s)
+        return Principal(tenant_id=metadata.get(TENANT_HEADER, ""), scopes=scopes)
+
+
+def optional_principal() -> Principal | None:
+    """The principal of the RPC, or None for a call from inside the mesh that names nobody."""
+    return _current.get()
+
+
+def check_tenant_access(tenant_id: str) -> None:
+    """For tenant-scoped resources: a caller of another tenant gets NOT_FOUND (the resource 'does not exist'
+    for them); mesh-internal calls without a principal and the platform admin pass."""
+    from libs.common.errors import NotFound
+
+    principal = _current.get()
+    if principal is not None and not principal.is_platform_admin and principal.tenant_id != tenant_id:
+        raise NotFound(f"tenant {tenant_id!r} not found", reason="TENANT_NOT_FOUND")

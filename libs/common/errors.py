@@ -1,0 +1,206 @@
+"""The domain's exception tree and its one mapping to ``google.rpc.Status`` (AIP-193).
+
+Domain code raises these; the error interceptor in :mod:`libs.common.grpc_server` turns them into a gRPC status
+with ``ErrorInfo`` and, where given, ``BadRequest``, ``RetryInfo`` and ``QuotaFailure`` details.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+ERROR_DOMAIN = "esp.dev"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request (``BadRequest.FieldViolation``)."""
+
+    field: str
+    description: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class QuotaViolation:
+    """One exhausted quota (``QuotaFailure.Violation``)."""
+
+    subject: str
+    description: str
+
+
+class EspError(Exception):
+    """Base of every error the platform reports to a caller."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    default_reason: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Sequence[FieldViolation] = (),
+        retry_after_s: float | None = None,
+        quota_violations: Sequence[QuotaViolation] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+        self.field_violations = tuple(field_violations)
+        self.retry_after_s = retry_after_s
+        self.quota_violations = tuple(quota_violations)
+
+    def to_status(self) -> status_pb2.Status:
+        """The ``google.rpc.Status`` for this error, details included."""
+        details: list[any_pb2.Any] = []
+
+        def add(message: object) -> None:
+            packed = any_pb2.Any()
+            packed.Pack(message)  # type: ignore[arg-type]
+            details.append(packed)
+
+        add(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata))
+        if self.field_violations:
+            add(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description, reason=v.reason
+                        )
+                        for v in self.field_violations
+                    ]
+                )
+            )
+        if self.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromMilliseconds(max(1, int(self.retry_after_s * 1000)))
+            add(error_details_pb2.RetryInfo(retry_delay=delay))
+        if self.quota_violations:
+            add(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
+                        for v in self.quota_violations
+                    ]
+                )
+            )
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+
+
+class InvalidArgument(EspError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+
+class Unauthenticated(EspError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(EspError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class NotFound(EspError):
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(EspError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(EspError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class Aborted(EspError):
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
+class ResourceExhausted(EspError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RATE_LIMITED"
+
+
+class Unavailable(EspError):
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+
+class Internal(EspError):
+    code = grpc.StatusCode.INTERNAL
+    default_reason = "INTERNAL"
+
+
+_BY_CODE: dict[int, type[EspError]] = {
+    code_pb2.INVALID_ARGUMENT: InvalidArgument,
+    code_pb2.UNAUTHENTICATED: Unauthenticated,
+    code_pb2.PERMISSION_DENIED: PermissionDenied,
+    code_pb2.NOT_FOUND: NotFound,
+    code_pb2.ALREADY_EXISTS: AlreadyExists,
+    code_pb2.FAILED_PRECONDITION: FailedPrecondition,
+    code_pb2.ABORTED: Aborted,
+    code_pb2.RESOURCE_EXHAUSTED: ResourceExhausted,
+    code_pb2.UNAVAILABLE: Unavailable,
+}
+
+
+def error_from_status(status: status_pb2.Status) -> EspError:
+    """Rebuild a domain error from a status received from another service (so it propagates unchanged)."""
+    cls = _BY_CODE.get(status.code, Internal)
+    reason: str | None = None
+    metadata: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    retry_after: float | None = None
+    quotas: list[QuotaViolation] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = [FieldViolation(v.field, v.description, v.reason) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToMilliseconds() / 1000
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            detail.Unpack(quota)
+            quotas = [QuotaViolation(v.subject, v.description) for v in quota.violations]
+    return cls(
+        status.message,
+        reason=reason,
+        metadata=metadata,
+        field_violations=violations,
+        retry_after_s=retry_after,
+        quota_violations=quotas,
+    )
+
+
+def error_from_parts(code: int, message: str, reason: str = "", metadata: Mapping[str, str] | None = None,
+                     fields: Sequence[str] = ()) -> EspError:
+    """Rebuild a domain error from the flat form used for per-item results of batch RPCs (``BatchError``)."""
+    cls = _BY_CODE.get(code, Internal)
+    return cls(message, reason=reason or None, metadata=metadata,
+               field_violations=[FieldViolation(f, message) for f in fields])
+
+
+def error_parts(error: EspError) -> tuple[int, str, str, dict[str, str], list[str]]:
+    """The flat form of an error for a batch result: code, message, reason, metadata, fields."""
+    return (error.code.value[0], error.message, error.reason, dict(error.metadata),
+            [v.field for v in error.field_violations])

@@ -1,0 +1,42 @@
+"""gRPC channels between services, and errors crossing them unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+from grpc_status import rpc_status
+
+from libs.common.errors import EspError, Unavailable, error_from_parts, error_from_status
+
+CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.enable_retries", 1),
+)
+
+
+def open_channel(addr: str) -> grpc.aio.Channel:
+    """An insecure channel inside the mesh (mTLS is the service mesh's job in production)."""
+    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+
+
+def to_domain_error(exc: grpc.aio.AioRpcError) -> EspError:
+    """The domain error a failed call reports, with its details, so it can be re-raised to our own caller."""
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    if status is not None:
+        return error_from_status(status)
+    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(f"upstream unavailable: {exc.details()}", reason="UPSTREAM_UNAVAILABLE",
+                           retry_after_s=1.0)
+    return error_from_parts(exc.code().value[0], exc.details() or exc.code().name)
+
+
+@asynccontextmanager
+async def domain_errors() -> AsyncIterator[None]:
+    """Turn a failed RPC inside the block into the matching domain error."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise to_domain_error(exc) from exc

@@ -1,0 +1,240 @@
+"""One ``serve()`` for every gRPC service: grpc.aio, health, reflection, auth, errors, tracing, metrics, and a
+graceful SIGTERM drain.
+
+A service describes itself as a :class:`ServiceApp` (servicers, background loops, things to close) built by an
+async factory; :func:`run` is its whole ``__main__``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from libs.common.auth import Authenticator, reset_principal, set_principal
+from libs.common.errors import EspError, Internal
+from libs.common.logging import configure_logging
+from libs.common.metrics import GRPC_DURATION, GRPC_REQUESTS, start_metrics_server
+from libs.common.settings import CommonSettings, SettingsError, load_settings
+from libs.common.telemetry import configure_tracing, extract_context
+
+log = logging.getLogger(__name__)
+S = TypeVar("S", bound=CommonSettings)
+
+StopEvent = asyncio.Event
+BackgroundTask = Callable[[StopEvent], Awaitable[None]]
+_OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass
+class ServiceApp:
+    """Everything ``serve()`` needs to run one service."""
+
+    name: str
+    default_port: int
+    servicers: list[tuple[Callable[[Any, grpc.aio.Server], None], Any]] = field(default_factory=list)
+    """(add_XServicer_to_server, servicer) pairs."""
+    service_names: list[str] = field(default_factory=list)
+    """Full names of the services served, for reflection and health."""
+    generic_handlers: list[grpc.GenericRpcHandler] = field(default_factory=list)
+    tasks: list[BackgroundTask] = field(default_factory=list)
+    """Long-running loops (consumers, sweepers); each returns once the stop event is set."""
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """Called after the server stopped, in reverse order (pools, connections)."""
+    authenticator: Authenticator | None = None
+
+
+class _Interceptor(grpc.aio.ServerInterceptor):
+    """Auth context, domain errors → google.rpc.Status, a span and metrics for every RPC."""
+
+    def __init__(self, service: str, authenticator: Authenticator | None) -> None:
+        self.service = service
+        self.authenticator = authenticator
+        self.tracer = trace.get_tracer("esp.grpc")
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(_OPEN_METHODS):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> tuple[Any, Any]:
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        otel_token = otel_context.attach(extract_context(metadata))
+        principal = await self.authenticator(method, metadata) if self.authenticator else None
+        return otel_token, set_principal(principal)
+
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+        if isinstance(exc, EspError):
+            error = exc
+        else:
+            log.exception("unhandled error in %s", method)
+            error = Internal("internal error", reason="INTERNAL")
+        await context.abort_with_status(rpc_status.to_status(error.to_status()))
+
+    def _record(self, method: str, started: float, code: str) -> None:
+        GRPC_REQUESTS.labels(self.service, method, code).inc()
+        GRPC_DURATION.labels(self.service, method).observe(time.perf_counter() - started)
+
+    def _wrap_unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = "OK"
+            otel_token = principal_token = None
+            try:
+                with self.tracer.start_as_current_span(method, kind=trace.SpanKind.SERVER):
+                    otel_token, principal_token = await self._enter(method, context)
+                    return await behavior(request, context)
+            except grpc.aio.AbortError:
+                code = context.code().name if context.code() else "UNKNOWN"
+                raise
+            except Exception as exc:
+                code = exc.code.name if isinstance(exc, EspError) else "INTERNAL"
+                await self._fail(context, method, exc)
+            finally:
+                if principal_token is not None:
+                    reset_principal(principal_token)
+                if otel_token is not None:
+                    otel_context.detach(otel_token)
+                self._record(method, started, code)
+
+        return wrapped
+
+    def _wrap_stream(self, method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            code = "OK"
+            otel_token, principal_token = await self._enter(method, context)
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                code = "ABORTED_BY_HANDLER"
+                raise
+            except Exception as exc:
+                code = exc.code.name if isinstance(exc, EspError) else "INTERNAL"
+                await self._fail(context, method, exc)
+            finally:
+                reset_principal(principal_token)
+                otel_context.detach(otel_token)
+                self._record(method, started, code)
+
+        return wrapped
+
+
+async def serve(app: ServiceApp, settings: CommonSettings, *, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT (or ``stop``), then drain: health NOT_SERVING, stop background loops,
+    let in-flight RPCs finish within the grace period, close resources."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+
+    server = grpc.aio.server(
+        interceptors=[_Interceptor(app.name, app.authenticator)],
+        options=[
+            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    for add, servicer in app.servicers:
+        add(servicer, server)
+    if app.generic_handlers:
+        server.add_generic_rpc_handlers(tuple(app.generic_handlers))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = settings.grpc_port or app.default_port
+    bound = server.add_insecure_port(f"{settings.grpc_host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"{app.name}: cannot bind {settings.grpc_host}:{port}")
+    await server.start()
+    start_metrics_server(settings.metrics_port)
+    tasks = [asyncio.create_task(task(stop), name=f"{app.name}-task-{i}") for i, task in enumerate(app.tasks)]
+    for name in ("", *app.service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"port": bound, "services": app.service_names})
+    if ready is not None:
+        ready.set()
+
+    stop_waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([stop_waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("background task failed; stopping", exc_info=task.exception())
+    stop.set()
+    log.info("draining", extra={"grace_s": settings.shutdown_grace_s})
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_s)
+    _done, pending = await asyncio.wait(tasks, timeout=settings.shutdown_grace_s) if tasks else (set(), set())
+    for task in pending:
+        task.cancel()
+    for closer in reversed(app.closers):
+        try:
+            await closer()
+        except Exception:
+            log.exception("error while closing")
+    log.info("stopped")
+
+
+def run(name: str, settings_cls: type[S], build: Callable[[S], Awaitable[ServiceApp]]) -> None:
+    """The whole ``__main__`` of a service: settings, logging, tracing, then ``serve()``."""
+    try:
+        settings = load_settings(settings_cls)
+    except SettingsError as exc:
+        print(f"esp-{name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    configure_logging(name, settings.log_level, settings.log_format)
+    configure_tracing(name, settings.otel_exporter_otlp_endpoint)
+
+    async def main() -> None:
+        app = await build(settings)
+        await serve(app, settings)
+
+    asyncio.run(main())

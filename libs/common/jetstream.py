@@ -1,0 +1,163 @@
+"""NATS JetStream: stream and consumer declarations in code, publishing with trace context, pull loops.
+
+Layout (DESIGN.md): stream SEND (work queue, subjects ``esp.send.<class>``, dedupe window) and stream EVENTS
+(limits, subjects ``esp.events.<tenant>``). A namespace prefixes names so several meshes can share one server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from libs.common.metrics import JETSTREAM_HANDLED, JETSTREAM_PUBLISHED
+from libs.common.telemetry import inject_headers
+
+log = logging.getLogger(__name__)
+
+MESSAGE_CLASSES = ("otp", "transactional", "bulk")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Stream, subject and consumer names of one mesh (``namespace`` isolates test runs)."""
+
+    namespace: str = ""
+
+    def _p(self, name: str) -> str:
+        return f"{self.namespace}_{name}" if self.namespace else name
+
+    def _s(self, subject: str) -> str:
+        return f"{self.namespace}.{subject}" if self.namespace else subject
+
+    @property
+    def send_stream(self) -> str:
+        return self._p("SEND")
+
+    @property
+    def events_stream(self) -> str:
+        return self._p("EVENTS")
+
+    def send_subject(self, message_class: str) -> str:
+        return self._s(f"esp.send.{message_class}")
+
+    def events_subject(self, tenant_id: str) -> str:
+        return self._s(f"esp.events.{tenant_id}")
+
+    @property
+    def events_wildcard(self) -> str:
+        return self._s("esp.events.>")
+
+    def consumer(self, name: str) -> str:
+        return self._p(name).replace(".", "_")
+
+
+async def connect(url: str, name: str) -> NATS:
+    """Connect with reconnects forever (a NATS restart must not kill the service)."""
+    return await nats.connect(
+        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5,
+        allow_reconnect=True,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, topology: Topology, *, events_max_age_s: float = 7 * 86400,
+                         duplicate_window_s: float = 120.0) -> None:
+    """Create or update the SEND and EVENTS streams."""
+    wanted = [
+        StreamConfig(
+            name=topology.send_stream,
+            subjects=[topology.send_subject(c) for c in MESSAGE_CLASSES],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=duplicate_window_s,
+        ),
+        StreamConfig(
+            name=topology.events_stream,
+            subjects=[topology.events_wildcard],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=events_max_age_s,
+            duplicate_window=duplicate_window_s,
+        ),
+    ]
+    for config in wanted:
+        try:
+            await js.stream_info(config.name)  # type: ignore[arg-type]
+            await js.update_stream(config)
+        except NotFoundError:
+            await js.add_stream(config)
+
+
+async def ensure_pull_consumer(js: JetStreamContext, stream: str, durable: str, filter_subject: str, *,
+                               ack_wait_s: float = 30.0, max_ack_pending: int = 1000, max_deliver: int = -1,
+                               backoff_s: list[float] | None = None) -> None:
+    """Create or update a durable pull consumer."""
+    config = ConsumerConfig(
+        durable_name=durable,
+        filter_subject=filter_subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait_s,
+        max_ack_pending=max_ack_pending,
+        max_deliver=max_deliver,
+        backoff=backoff_s,
+    )
+    await js.add_consumer(stream, config)
+
+
+async def publish(js: JetStreamContext, subject: str, payload: bytes, *, msg_id: str,
+                  headers: dict[str, str] | None = None, timeout_s: float = 5.0) -> None:
+    """Publish and wait for the stream's ack. ``msg_id`` becomes ``Nats-Msg-Id`` so replays are dropped."""
+    carrier = inject_headers(dict(headers or {}))
+    carrier["Nats-Msg-Id"] = msg_id
+    await js.publish(subject, payload, timeout=timeout_s, headers=carrier)
+    JETSTREAM_PUBLISHED.labels(subject.rsplit(".", 1)[0]).inc()
+
+
+Handler = Callable[[list[Msg]], Awaitable[None]]
+
+
+async def pull_loop(js: JetStreamContext, stream: str, durable: str, filter_subject: str, handler: Handler,
+                    stop: asyncio.Event, *, batch: int = 100, fetch_timeout_s: float = 0.5) -> None:
+    """Fetch batches from a durable consumer and hand them to ``handler`` until ``stop`` is set.
+
+    The handler acks (or naks) each message itself: acking only after its effect is durable is what makes
+    delivery at-least-once. A handler error leaves the batch unacked, so it is redelivered after ``ack_wait``.
+    """
+    sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=fetch_timeout_s)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                await handler(msgs)
+                JETSTREAM_HANDLED.labels(durable, "ok").inc(len(msgs))
+            except Exception:
+                JETSTREAM_HANDLED.labels(durable, "error").inc(len(msgs))
+                log.exception("consumer %s failed on a batch of %d; it will be redelivered", durable, len(msgs))
+                await asyncio.sleep(0.2)
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:  # the connection may already be closed
+            log.debug("unsubscribe failed", exc_info=True)

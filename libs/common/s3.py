@@ -1,0 +1,35 @@
+"""S3 client factory (boto3) for attachments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+
+def create_s3_client(endpoint: str, region: str, access_key: str, secret_key: str) -> Any:
+    """A boto3 S3 client; ``endpoint`` empty means AWS itself."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint or None,
+        region_name=region,
+        aws_access_key_id=access_key or None,
+        aws_secret_access_key=secret_key or None,
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"},
+                      max_pool_connections=32),
+    )
+
+    # Skip "Expect: 100-continue": every part would wait a round trip for the server's go-ahead.
+    def _drop_expect(request: Any, **_: Any) -> None:
+        request.headers.pop("Expect", None)
+
+    client.meta.events.register_first("before-send.s3.*", _drop_expect)
+    return client
+
+
+def ensure_bucket(client: Any, bucket: str) -> None:
+    """Create ``bucket`` if it does not exist."""
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if bucket not in existing:
+        client.create_bucket(Bucket=bucket)

@@ -1,0 +1,39 @@
+"""OpenTelemetry set-up and W3C trace-context propagation through gRPC metadata and NATS headers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, MutableMapping
+
+from opentelemetry import context, propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+log = logging.getLogger(__name__)
+
+
+def configure_tracing(service: str, otlp_endpoint: str = "") -> None:
+    """Install a tracer provider; spans are exported over OTLP when an endpoint is configured."""
+    provider = TracerProvider(resource=Resource.create({"service.name": f"esp-{service}"}))
+    if otlp_endpoint:
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+                OTLPSpanExporter,
+            )
+        except ImportError:
+            log.warning("ESP_OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry-exporter-otlp is not installed")
+        else:
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
+    trace.set_tracer_provider(provider)
+
+
+def inject_headers(carrier: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """Add ``traceparent``/``tracestate`` of the current span to ``carrier`` (NATS headers, gRPC metadata)."""
+    propagate.inject(carrier)
+    return carrier
+
+
+def extract_context(carrier: Mapping[str, str]) -> context.Context:
+    """The trace context carried by incoming headers."""
+    return propagate.extract(dict(carrier))

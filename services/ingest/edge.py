@@ -1,0 +1,137 @@
+"""The public edge: API-key authentication, per-method scopes, and forwarding of the RPCs other services own.
+
+Customers talk to one endpoint. Ingest answers the sending RPCs itself and forwards reads (reports), credits
+(ledger) and provider administration (router) as raw bytes, adding the authenticated caller as metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+
+from libs.common.auth import PLATFORM_ADMIN, Principal, current_principal
+from libs.common.errors import Unauthenticated
+from libs.common.grpc_client import to_domain_error
+from libs.common.telemetry import inject_headers
+from services.ingest.tenants import TenantStore
+
+
+@dataclass(frozen=True)
+class Route:
+    """Who may call a method and who answers it."""
+
+    scope: str
+    """"send", "read", "admin" (tenant admin) or PLATFORM_ADMIN."""
+    upstream: str | None = None
+    """Name of the channel to forward to; None means ingest answers itself."""
+
+
+class ApiKeyAuthenticator:
+    """``authorization: Bearer <key>`` (or ``x-api-key``) → the key's principal."""
+
+    def __init__(self, tenants: TenantStore) -> None:
+        self.tenants = tenants
+
+    async def __call__(self, method: str, metadata: Mapping[str, str]) -> Principal | None:
+        presented = metadata.get("x-api-key", "")
+        auth = metadata.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            presented = auth[7:].strip()
+        if not presented:
+            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'",
+                                  reason="MISSING_CREDENTIALS")
+        return await self.tenants.authenticate(presented)
+
+
+def _forwarder(method_path: str, route: Route, channel: grpc.aio.Channel, timeout_s: float,
+               client_streaming: bool) -> grpc.RpcMethodHandler:
+    call: Any = (channel.stream_unary(method_path) if client_streaming else channel.unary_unary(method_path))
+
+    async def forward(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+        principal = current_principal()
+        principal.require(route.scope)
+        metadata = list(principal.as_metadata())
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-request-id":
+                metadata.append((key, value))
+        metadata.extend(inject_headers({}).items())
+        remaining = context.time_remaining()
+        try:
+            return await call(request, metadata=metadata,
+                              timeout=min(timeout_s, remaining) if remaining else timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise to_domain_error(exc) from exc
+
+    if client_streaming:
+        return grpc.stream_unary_rpc_method_handler(forward)
+    return grpc.unary_unary_rpc_method_handler(forward)
+
+
+def _local(method: MethodDescriptor, route: Route, impl: Any, message_classes: Mapping[str, Any]) -> Any:
+    request_cls = message_classes[method.input_type.full_name]
+    response_cls = message_classes[method.output_type.full_name]
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        current_principal().require(route.scope)
+        return await impl(request, context)
+
+    factory = grpc.stream_unary_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+    return factory(guarded, request_deserializer=request_cls.FromString,
+                   response_serializer=response_cls.SerializeToString)
+
+
+def build_handler(service: ServiceDescriptor, routes: Mapping[str, Route], local: object,
+                  channels: Mapping[str, grpc.aio.Channel], message_classes: Mapping[str, Any],
+                  timeout_s: float) -> grpc.GenericRpcHandler:
+    """One generic handler for ``service``: each routed method is answered by ``local`` or forwarded."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        route = routes.get(method.name)
+        if route is None:
+            continue  # not exposed at the edge: the client gets UNIMPLEMENTED
+        if route.upstream is None:
+            handlers[method.name] = _local(method, route, getattr(local, method.name), message_classes)
+        else:
+            path = f"/{service.full_name}/{method.name}"
+            handlers[method.name] = _forwarder(path, route, channels[route.upstream], timeout_s,
+                                               method.client_streaming)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+READ, SEND, ADMIN = "read", "send", "admin"
+
+ROUTES: dict[str, dict[str, Route]] = {
+    "esp.v1.MessageService": {
+        "SendEmail": Route(SEND), "BatchSendEmails": Route(SEND),
+        "GetMessage": Route(READ, "reports"), "ListMessages": Route(READ, "reports"),
+        "ListMessageEvents": Route(READ, "reports"),
+    },
+    "esp.v1.AttachmentService": {
+        "UploadAttachment": Route(SEND), "GetAttachment": Route(READ), "DeleteAttachment": Route(SEND),
+    },
+    "esp.v1.TenantService": {
+        "CreateTenant": Route(PLATFORM_ADMIN), "ListTenants": Route(PLATFORM_ADMIN),
+        "UpdateTenant": Route(PLATFORM_ADMIN), "GetTenant": Route(ADMIN),
+        "CreateApiKey": Route(ADMIN), "ListApiKeys": Route(ADMIN), "RevokeApiKey": Route(ADMIN),
+    },
+    # Holds (reserve/commit/release) are internal to the mesh and deliberately not exposed.
+    "esp.v1.CreditService": {
+        "GetBalance": Route(READ, "ledger"), "ListTransactions": Route(READ, "ledger"),
+        "GetPriceBook": Route(READ, "ledger"), "TopUp": Route(PLATFORM_ADMIN, "ledger"),
+        "UpdatePriceBook": Route(PLATFORM_ADMIN, "ledger"),
+    },
+    "esp.v1.ProviderService": {
+        name: Route(PLATFORM_ADMIN, "router")
+        for name in ("CreateProvider", "GetProvider", "ListProviders", "UpdateProvider", "DeleteProvider",
+                     "RouteEmail")
+    },
+    "esp.v1.StatsService": {"GetStats": Route(READ, "reports")},
+    "esp.v1.SuppressionService": {
+        "ListSuppressions": Route(READ, "reports"), "GetSuppression": Route(READ, "reports"),
+        "CreateSuppression": Route(ADMIN, "reports"), "DeleteSuppression": Route(ADMIN, "reports"),
+    },
+}

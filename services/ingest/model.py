@@ -1,0 +1,66 @@
+"""The ingest domain's values: an email as the customer asked for it, before and after validation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+MESSAGE_CLASSES = ("otp", "transactional", "bulk")
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """An address with an optional display name."""
+
+    email: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class EmailDraft:
+    """A send request in domain terms (no protobuf types)."""
+
+    message_class: str
+    sender: Mailbox
+    to: tuple[Mailbox, ...]
+    cc: tuple[Mailbox, ...] = ()
+    bcc: tuple[Mailbox, ...] = ()
+    reply_to: tuple[Mailbox, ...] = ()
+    subject: str = ""
+    text_body: str = ""
+    html_body: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    attachment_ids: tuple[str, ...] = ()
+    request_id: str = ""
+
+    @property
+    def recipients(self) -> tuple[Mailbox, ...]:
+        return self.to + self.cc + self.bcc
+
+
+@dataclass(frozen=True)
+class StoredAttachment:
+    """An uploaded attachment as recorded by ingest."""
+
+    id: str
+    tenant_id: str
+    filename: str
+    content_type: str
+    size_bytes: int
+    sha256: str
+    s3_key: str
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """Per-tenant limits and settings the accept path applies."""
+
+    tenant_id: str
+    rate_per_second: Mapping[str, float]
+    """Sends per second per class; 0 means the platform default."""
+    daily_quota: int
+    large_attachment_policy: str
+    allowed_headers: frozenset[str]
+    disabled: bool = False

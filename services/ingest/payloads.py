@@ -1,0 +1,113 @@
+"""Encoding accepted emails as the JetStream payloads (SendTask, EventEnvelope) and the idempotency hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import asdict
+from datetime import datetime
+
+from esp.internal.v1 import queue_pb2
+from esp.v1 import common_pb2, messages_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.ingest.model import EmailDraft, Mailbox, StoredAttachment
+
+CLASS_TO_PROTO = {
+    "otp": common_pb2.MESSAGE_CLASS_OTP,
+    "transactional": common_pb2.MESSAGE_CLASS_TRANSACTIONAL,
+    "bulk": common_pb2.MESSAGE_CLASS_BULK,
+}
+PROTO_TO_CLASS = {v: k for k, v in CLASS_TO_PROTO.items()}
+
+
+def request_fingerprint(draft: EmailDraft) -> bytes:
+    """sha256 of the request's content, request_id excluded: equal requests have equal fingerprints."""
+    content = asdict(draft)
+    content.pop("request_id")
+    content["headers"] = sorted(draft.headers.items())
+    content["metadata"] = sorted(draft.metadata.items())
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).digest()
+
+
+def _addresses(boxes: tuple[Mailbox, ...]) -> list[common_pb2.EmailAddress]:
+    return [common_pb2.EmailAddress(email=b.email, name=b.name) for b in boxes]
+
+
+def _timestamp(at: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(at)
+    return ts
+
+
+def estimated_message_bytes(draft: EmailDraft, attachments: list[StoredAttachment]) -> int:
+    """Size of the MIME message as providers measure it: base64 grows attachments by 4/3, plus line breaks."""
+    body = len(draft.text_body.encode()) + len(draft.html_body.encode()) + len(draft.subject.encode())
+    encoded_attachments = sum((a.size_bytes + 2) // 3 * 4 * 78 // 76 for a in attachments)
+    return 2048 + body * 4 // 3 + encoded_attachments
+
+
+def build_send_task(message_id: uuid.UUID, tenant_id: str, draft: EmailDraft, attachments: list[StoredAttachment],
+                    accepted_at: datetime) -> queue_pb2.SendTask:
+    return queue_pb2.SendTask(
+        message_id=str(message_id),
+        tenant_id=tenant_id,
+        message_class=CLASS_TO_PROTO[draft.message_class],
+        to=_addresses(draft.to),
+        cc=_addresses(draft.cc),
+        bcc=_addresses(draft.bcc),
+        reply_to=_addresses(draft.reply_to),
+        subject=draft.subject,
+        text_body=draft.text_body,
+        html_body=draft.html_body,
+        headers=dict(draft.headers),
+        tags=list(draft.tags),
+        metadata=dict(draft.metadata),
+        attachments=[
+            queue_pb2.AttachmentRef(attachment_id=a.id, s3_key=a.s3_key, filename=a.filename,
+                                    content_type=a.content_type, size_bytes=a.size_bytes)
+            for a in attachments
+        ],
+        message_bytes=estimated_message_bytes(draft, attachments),
+        accepted_time=_timestamp(accepted_at),
+        **{"from": common_pb2.EmailAddress(email=draft.sender.email, name=draft.sender.name)},
+    )
+
+
+def message_resource(task: queue_pb2.SendTask, *, request_id: str, credits: int, created_at: datetime,
+                     state: int = messages_pb2.MESSAGE_STATE_ACCEPTED) -> messages_pb2.Message:
+    """The public Message for an accepted task."""
+    message = messages_pb2.Message(
+        name=f"messages/{task.message_id}",
+        id=task.message_id,
+        message_class=task.message_class,
+        state=state,
+        to=task.to,
+        cc=task.cc,
+        bcc=task.bcc,
+        subject=task.subject,
+        tags=task.tags,
+        metadata=task.metadata,
+        attachment_ids=[a.attachment_id for a in task.attachments],
+        request_id=request_id,
+        credits=credits,
+        create_time=_timestamp(created_at),
+        update_time=_timestamp(created_at),
+    )
+    getattr(message, "from").CopyFrom(getattr(task, "from"))
+    return message
+
+
+def accepted_event(task: queue_pb2.SendTask, message: messages_pb2.Message) -> queue_pb2.EventEnvelope:
+    """The ACCEPTED event, carrying the message summary for the status store."""
+    event = messages_pb2.MessageEvent(
+        event_id=f"{task.message_id}:accepted",
+        message=message.name,
+        type=messages_pb2.MESSAGE_EVENT_TYPE_ACCEPTED,
+        event_time=message.create_time,
+    )
+    return queue_pb2.EventEnvelope(
+        tenant_id=task.tenant_id, message_id=task.message_id, event=event, message_class=task.message_class,
+        message=message, hold_id=task.message_id,
+    )

@@ -1,0 +1,289 @@
+"""Ingest's gRPC wiring: protobuf ↔ domain for the RPCs ingest answers, plus the edge routes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from esp.v1 import (
+    attachments_pb2,
+    campaigns_pb2,
+    common_pb2,
+    credits_pb2,
+    messages_pb2,
+    providers_pb2,
+    reports_pb2,
+    tenants_pb2,
+)
+from google.protobuf import empty_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from libs.common import db
+from libs.common.auth import Principal, current_principal
+from libs.common.errors import EspError, FieldViolation, InvalidArgument, NotFound, error_parts
+from libs.common.grpc_client import open_channel
+from libs.common.grpc_server import ServiceApp
+from libs.common.jetstream import Topology, connect, ensure_streams
+from libs.common.redis import create_redis
+from libs.common.s3 import create_s3_client, ensure_bucket
+from services.ingest.accept import Acceptor
+from services.ingest.attachments import AttachmentStore, UploadMetadata
+from services.ingest.clients import LedgerCreditReserver
+from services.ingest.config import IngestSettings
+from services.ingest.edge import ROUTES, ApiKeyAuthenticator, build_handler
+from services.ingest.limits import RateDefaults, SendLimiter
+from services.ingest.model import EmailDraft, Mailbox
+from services.ingest.outbox import OutboxPublisher
+from services.ingest.payloads import PROTO_TO_CLASS
+from services.ingest.tenants import ApiKeyRecord, Tenant, TenantStore
+
+_FILES = (messages_pb2, attachments_pb2, tenants_pb2, credits_pb2, providers_pb2, reports_pb2, campaigns_pb2)
+_SCOPE_TO_PROTO = {"send": tenants_pb2.API_KEY_SCOPE_SEND, "read": tenants_pb2.API_KEY_SCOPE_READ,
+                   "admin": tenants_pb2.API_KEY_SCOPE_ADMIN}
+_PROTO_TO_SCOPE = {v: k for k, v in _SCOPE_TO_PROTO.items()}
+
+
+def _boxes(items: Any) -> tuple[Mailbox, ...]:
+    return tuple(Mailbox(a.email, a.name) for a in items)
+
+
+def draft_from_proto(req: messages_pb2.SendEmailRequest) -> EmailDraft:
+    sender = getattr(req, "from")
+    return EmailDraft(
+        message_class=PROTO_TO_CLASS.get(req.message_class, ""),
+        sender=Mailbox(sender.email, sender.name),
+        to=_boxes(req.to), cc=_boxes(req.cc), bcc=_boxes(req.bcc), reply_to=_boxes(req.reply_to),
+        subject=req.subject, text_body=req.text_body, html_body=req.html_body,
+        headers=dict(req.headers), tags=tuple(req.tags), metadata=dict(req.metadata),
+        attachment_ids=tuple(req.attachment_ids), request_id=req.request_id,
+    )
+
+
+def _ts(value: Any) -> Timestamp:
+    ts = Timestamp()
+    if value is not None:
+        ts.FromDatetime(value)
+    return ts
+
+
+def _tenant_id_from(name: str, field: str) -> str:
+    if not name.startswith("tenants/") or name.count("/") != 1:
+        raise InvalidArgument(f"{field} must look like tenants/{{id}}",
+                              field_violations=[FieldViolation(field, "expected tenants/{id}")])
+    return name.removeprefix("tenants/")
+
+
+def _own_tenant(principal: Principal, tenant_id: str) -> None:
+    """Another tenant's resources look absent, never forbidden (no information leaks)."""
+    if not principal.is_platform_admin and principal.tenant_id != tenant_id:
+        raise NotFound(f"tenant {tenant_id!r} not found", reason="TENANT_NOT_FOUND")
+
+
+def _tenant_proto(t: Tenant) -> tenants_pb2.Tenant:
+    p = t.policy
+    return tenants_pb2.Tenant(
+        name=f"tenants/{t.id}", display_name=t.display_name, otp_rate_per_second=p.rate_per_second["otp"],
+        transactional_rate_per_second=p.rate_per_second["transactional"],
+        bulk_rate_per_second=p.rate_per_second["bulk"], daily_quota=p.daily_quota,
+        large_attachment_policy=(
+            tenants_pb2.LARGE_ATTACHMENT_POLICY_REJECT
+            if p.large_attachment_policy == "reject" else tenants_pb2.LARGE_ATTACHMENT_POLICY_LINK),
+        allowed_headers=sorted(p.allowed_headers), disabled=p.disabled, create_time=_ts(t.created_at))
+
+
+def _key_proto(k: ApiKeyRecord) -> tenants_pb2.ApiKey:
+    key = tenants_pb2.ApiKey(
+        name=f"tenants/{k.tenant_id}/apiKeys/{k.id}", display_name=k.display_name, prefix=k.prefix,
+        scopes=[_SCOPE_TO_PROTO[s] for s in k.scopes], revoked=k.revoked, create_time=_ts(k.created_at))
+    if k.last_used_at:
+        key.last_used_time.CopyFrom(_ts(k.last_used_at))
+    return key
+
+
+def _attachment_proto(a: Any) -> attachments_pb2.Attachment:
+    return attachments_pb2.Attachment(name=f"attachments/{a.id}", id=a.id, filename=a.filename,
+                                      content_type=a.content_type, size_bytes=a.size_bytes, sha256=a.sha256)
+
+
+class IngestServicer:
+    """The RPCs ingest answers itself (methods named as in the protos)."""
+
+    def __init__(self, acceptor: Acceptor, attachments: AttachmentStore, tenants: TenantStore) -> None:
+        self.acceptor = acceptor
+        self.attachments = attachments
+        self.tenants = tenants
+
+    # -- MessageService ----------------------------------------------------------------------------------------
+    async def SendEmail(self, request: messages_pb2.SendEmailRequest, context: Any) -> messages_pb2.SendEmailResponse:
+        accepted = await self.acceptor.send(current_principal(), draft_from_proto(request))
+        return messages_pb2.SendEmailResponse(message=accepted.message)
+
+    async def BatchSendEmails(self, request: messages_pb2.BatchSendEmailsRequest,
+                              context: Any) -> messages_pb2.BatchSendEmailsResponse:
+        if len(request.requests) > 500:
+            raise InvalidArgument("at most 500 emails per batch",
+                                  field_violations=[FieldViolation("requests", "at most 500")])
+        principal = current_principal()
+
+        async def one(req: messages_pb2.SendEmailRequest) -> messages_pb2.BatchSendEmailsResponse.Result:
+            try:
+                accepted = await self.acceptor.send(principal, draft_from_proto(req))
+            except EspError as exc:
+                code, message, reason, metadata, fields = error_parts(exc)
+                return messages_pb2.BatchSendEmailsResponse.Result(error=common_pb2.BatchError(
+                    code=code, message=message, reason=reason, metadata=metadata, fields=fields))
+            return messages_pb2.BatchSendEmailsResponse.Result(message=accepted.message)
+
+        results = await asyncio.gather(*(one(r) for r in request.requests))
+        return messages_pb2.BatchSendEmailsResponse(results=results)
+
+    # -- AttachmentService -------------------------------------------------------------------------------------
+    async def UploadAttachment(self, request_iterator: AsyncIterator[attachments_pb2.UploadAttachmentRequest],
+                               context: Any) -> attachments_pb2.Attachment:
+        principal = current_principal()
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("metadata"):
+            raise InvalidArgument("the first frame must carry the metadata", reason="METADATA_FIRST",
+                                  field_violations=[FieldViolation("metadata", "required in the first frame")])
+        m = first.metadata
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for frame in request_iterator:
+                if frame.HasField("metadata"):
+                    raise InvalidArgument("metadata may only be sent once",
+                                          field_violations=[FieldViolation("metadata", "only in the first frame")])
+                if len(frame.chunk) > 1024 * 1024 + 1024:
+                    raise InvalidArgument("chunks are at most 1 MiB",
+                                          field_violations=[FieldViolation("chunk", "at most 1 MiB")])
+                yield frame.chunk
+
+        stored = await self.attachments.upload(
+            principal.tenant_id, UploadMetadata(m.filename, m.content_type, m.size_bytes, m.sha256, m.request_id),
+            chunks())
+        return _attachment_proto(stored)
+
+    async def GetAttachment(self, request: attachments_pb2.GetAttachmentRequest,
+                            context: Any) -> attachments_pb2.Attachment:
+        stored = await self.attachments.get(current_principal().tenant_id, request.name.removeprefix("attachments/"))
+        return _attachment_proto(stored)
+
+    async def DeleteAttachment(self, request: attachments_pb2.DeleteAttachmentRequest,
+                               context: Any) -> empty_pb2.Empty:
+        await self.attachments.delete(current_principal().tenant_id, request.name.removeprefix("attachments/"))
+        return empty_pb2.Empty()
+
+    # -- TenantService -----------------------------------------------------------------------------------------
+    async def CreateTenant(self, request: tenants_pb2.CreateTenantRequest, context: Any) -> tenants_pb2.Tenant:
+        t = request.tenant
+        tenant = await self.tenants.create_tenant(
+            request.tenant_id, t.display_name, daily_quota=t.daily_quota,
+            rates={"otp": t.otp_rate_per_second, "transactional": t.transactional_rate_per_second,
+                   "bulk": t.bulk_rate_per_second},
+            large_attachment_policy="reject" if t.large_attachment_policy == tenants_pb2.LARGE_ATTACHMENT_POLICY_REJECT
+            else "link", allowed_headers=tuple(t.allowed_headers))
+        return _tenant_proto(tenant)
+
+    async def GetTenant(self, request: tenants_pb2.GetTenantRequest, context: Any) -> tenants_pb2.Tenant:
+        tenant_id = _tenant_id_from(request.name, "name")
+        _own_tenant(current_principal(), tenant_id)
+        return _tenant_proto(await self.tenants.get_tenant(tenant_id, fresh=True))
+
+    async def ListTenants(self, request: tenants_pb2.ListTenantsRequest,
+                          context: Any) -> tenants_pb2.ListTenantsResponse:
+        size = min(request.page_size or 50, 1000)
+        tenants = await self.tenants.list_tenants(size, request.page_token)
+        token = tenants[-1].id if len(tenants) == size else ""
+        return tenants_pb2.ListTenantsResponse(tenants=[_tenant_proto(t) for t in tenants], next_page_token=token)
+
+    async def UpdateTenant(self, request: tenants_pb2.UpdateTenantRequest, context: Any) -> tenants_pb2.Tenant:
+        t = request.tenant
+        tenant = await self.tenants.update_tenant(
+            _tenant_id_from(t.name, "tenant.name"), display_name=t.display_name, daily_quota=t.daily_quota,
+            otp_rate_per_second=t.otp_rate_per_second, transactional_rate_per_second=t.transactional_rate_per_second,
+            bulk_rate_per_second=t.bulk_rate_per_second, allowed_headers=list(t.allowed_headers),
+            disabled=t.disabled, large_attachment_policy="reject"
+            if t.large_attachment_policy == tenants_pb2.LARGE_ATTACHMENT_POLICY_REJECT else "link")
+        return _tenant_proto(tenant)
+
+    async def CreateApiKey(self, request: tenants_pb2.CreateApiKeyRequest,
+                           context: Any) -> tenants_pb2.CreateApiKeyResponse:
+        tenant_id = _tenant_id_from(request.parent, "parent")
+        _own_tenant(current_principal(), tenant_id)
+        scopes = tuple(_PROTO_TO_SCOPE[s] for s in request.api_key.scopes if s in _PROTO_TO_SCOPE)
+        record, secret = await self.tenants.create_key(tenant_id, scopes, request.api_key.display_name)
+        return tenants_pb2.CreateApiKeyResponse(api_key=_key_proto(record), secret=secret)
+
+    async def ListApiKeys(self, request: tenants_pb2.ListApiKeysRequest,
+                          context: Any) -> tenants_pb2.ListApiKeysResponse:
+        tenant_id = _tenant_id_from(request.parent, "parent")
+        _own_tenant(current_principal(), tenant_id)
+        size = min(request.page_size or 50, 1000)
+        keys = await self.tenants.list_keys(tenant_id, size, request.page_token)
+        token = keys[-1].id if len(keys) == size else ""
+        return tenants_pb2.ListApiKeysResponse(api_keys=[_key_proto(k) for k in keys], next_page_token=token)
+
+    async def RevokeApiKey(self, request: tenants_pb2.RevokeApiKeyRequest, context: Any) -> tenants_pb2.ApiKey:
+        parts = request.name.split("/")
+        if len(parts) != 4 or parts[0] != "tenants" or parts[2] != "apiKeys":
+            raise InvalidArgument("name must look like tenants/{tenant}/apiKeys/{key}",
+                                  field_violations=[FieldViolation("name", "expected tenants/{t}/apiKeys/{k}")])
+        _own_tenant(current_principal(), parts[1])
+        return _key_proto(await self.tenants.revoke_key(parts[1], parts[3]))
+
+
+def _message_classes() -> dict[str, Any]:
+    from google.protobuf import symbol_database
+
+    db_ = symbol_database.Default()
+    classes: dict[str, Any] = {}
+    for module in _FILES:
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                for desc in (method.input_type, method.output_type):
+                    classes[desc.full_name] = db_.GetSymbol(desc.full_name)
+    return classes
+
+
+async def build_app(settings: IngestSettings) -> ServiceApp:
+    topology = Topology(settings.namespace)
+    pool = await db.create_pool(settings.postgres_dsn, min_size=2, max_size=20, name="ingest")
+    redis = create_redis(settings.redis_url)
+    nc = await connect(settings.nats_url, "esp-ingest")
+    js = nc.jetstream()
+    await ensure_streams(js, topology)
+    s3 = create_s3_client(settings.s3_endpoint, settings.s3_region, settings.s3_access_key, settings.s3_secret_key)
+    await asyncio.to_thread(ensure_bucket, s3, settings.s3_bucket)
+    channels = {"reports": open_channel(settings.reports_addr), "ledger": open_channel(settings.ledger_addr),
+                "router": open_channel(settings.router_addr)}
+    tenants = TenantStore(pool, cache_ttl_s=settings.api_key_cache_s, admin_token=settings.admin_token)
+    credits = LedgerCreditReserver(channels["ledger"], timeout_s=settings.upstream_timeout_s)
+    outbox = OutboxPublisher(pool, js)
+    attachments = AttachmentStore(pool, s3, settings.s3_bucket)
+    limiter = SendLimiter(redis, settings.namespace, RateDefaults(
+        settings.default_otp_rate, settings.default_transactional_rate, settings.default_bulk_rate))
+    acceptor = Acceptor(pool=pool, redis=redis, topology=topology, tenants=tenants, limiter=limiter,
+                        credits=credits, attachments=attachments, outbox=outbox)
+    servicer = IngestServicer(acceptor, attachments, tenants)
+    classes = _message_classes()
+    handlers: list[grpc.GenericRpcHandler] = []
+    names: list[str] = []
+    for module in _FILES:
+        for service in module.DESCRIPTOR.services_by_name.values():
+            routes = ROUTES.get(service.full_name)
+            if routes:
+                handlers.append(build_handler(service, routes, servicer, channels, classes,
+                                              settings.upstream_timeout_s))
+                names.append(service.full_name)
+
+    async def close_all() -> None:
+        await credits.close()
+        for channel in channels.values():
+            await channel.close()
+        await nc.drain()
+        await redis.aclose()
+        await pool.close()
+
+    return ServiceApp(name="ingest", default_port=50051, generic_handlers=handlers, service_names=names,
+                      tasks=[outbox.run], closers=[close_all], authenticator=ApiKeyAuthenticator(tenants))

@@ -1,0 +1,215 @@
+"""Tenants and API keys: keys are shown once, stored as hashes, scoped, listable and revocable.
+
+Key format: ``esp_live_<key id>_<secret>``; ``esp_live_<key id>`` is the recognisable, non-secret prefix used to
+find the key, and only sha256(secret) is stored (the secret has 192 bits of entropy, so a slow hash adds nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from libs.common.auth import PLATFORM_ADMIN, Principal
+from libs.common.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, Unauthenticated
+from services.ingest.model import TenantPolicy
+
+KEY_PREFIX = "esp_live_"
+SCOPES = ("send", "read", "admin")
+_KEY_SHAPE = re.compile(r"^esp_live_([a-z0-9]{12})_([A-Za-z0-9_-]{32})$")
+_TENANT_ID = re.compile(r"^[a-z][a-z0-9-]{2,62}$")
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """A stored key, without its secret."""
+
+    id: str
+    tenant_id: str
+    display_name: str
+    scopes: tuple[str, ...]
+    revoked: bool
+    created_at: datetime
+    last_used_at: datetime | None
+
+    @property
+    def prefix(self) -> str:
+        return KEY_PREFIX + self.id
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A customer account and its sending policy."""
+
+    id: str
+    display_name: str
+    policy: TenantPolicy
+    created_at: datetime
+
+
+def _hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def _tenant_from_row(row: Mapping[str, object]) -> Tenant:
+    policy = TenantPolicy(
+        tenant_id=str(row["id"]),
+        rate_per_second={
+            "otp": float(row["otp_rate_per_second"]),  # type: ignore[arg-type]
+            "transactional": float(row["transactional_rate_per_second"]),  # type: ignore[arg-type]
+            "bulk": float(row["bulk_rate_per_second"]),  # type: ignore[arg-type]
+        },
+        daily_quota=int(row["daily_quota"]),  # type: ignore[call-overload]
+        large_attachment_policy=str(row["large_attachment_policy"]),
+        allowed_headers=frozenset(row["allowed_headers"]),  # type: ignore[arg-type]
+        disabled=bool(row["disabled"]),
+    )
+    return Tenant(str(row["id"]), str(row["display_name"]), policy, row["created_at"])  # type: ignore[arg-type]
+
+
+class TenantStore:
+    """Tenants and keys in Postgres, with a short in-process cache for the per-request key check."""
+
+    def __init__(self, pool: AsyncConnectionPool, *, cache_ttl_s: float = 2.0, admin_token: str = "") -> None:
+        self.pool = pool
+        self.cache_ttl_s = cache_ttl_s
+        self.admin_token = admin_token
+        self._keys: dict[str, tuple[float, bytes, Principal, bool]] = {}
+        self._tenants: dict[str, tuple[float, Tenant]] = {}
+
+    # -- tenants ---------------------------------------------------------------------------------------------
+    async def create_tenant(self, tenant_id: str, display_name: str = "", *, daily_quota: int = 0,
+                            rates: Mapping[str, float] | None = None, large_attachment_policy: str = "link",
+                            allowed_headers: tuple[str, ...] = ()) -> Tenant:
+        if not _TENANT_ID.match(tenant_id):
+            raise InvalidArgument("bad tenant id", field_violations=[FieldViolation(
+                "tenant_id", "3 to 63 characters: lowercase letters, digits and dashes, starting with a letter")])
+        rates = rates or {}
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                """INSERT INTO ingest.tenants (id, display_name, daily_quota, otp_rate_per_second,
+                       transactional_rate_per_second, bulk_rate_per_second, large_attachment_policy, allowed_headers)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id""",
+                (tenant_id, display_name, daily_quota, rates.get("otp", 0), rates.get("transactional", 0),
+                 rates.get("bulk", 0), large_attachment_policy, list(allowed_headers)),
+            )
+            if await cur.fetchone() is None:
+                raise AlreadyExists(f"tenant {tenant_id!r} exists", reason="TENANT_EXISTS")
+        return await self.get_tenant(tenant_id, fresh=True)
+
+    async def update_tenant(self, tenant_id: str, **changes: object) -> Tenant:
+        allowed = {"display_name", "daily_quota", "otp_rate_per_second", "transactional_rate_per_second",
+                   "bulk_rate_per_second", "large_attachment_policy", "allowed_headers", "disabled"}
+        sets = {k: v for k, v in changes.items() if k in allowed}
+        if sets:
+            assignments = ", ".join(f"{k} = %s" for k in sets)
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(f"UPDATE ingest.tenants SET {assignments} WHERE id = %s RETURNING id",
+                                         (*sets.values(), tenant_id))
+                if await cur.fetchone() is None:
+                    raise NotFound(f"tenant {tenant_id!r} not found", reason="TENANT_NOT_FOUND")
+        self._tenants.pop(tenant_id, None)
+        return await self.get_tenant(tenant_id, fresh=True)
+
+    async def get_tenant(self, tenant_id: str, *, fresh: bool = False) -> Tenant:
+        cached = self._tenants.get(tenant_id)
+        if cached and not fresh and time.monotonic() - cached[0] < self.cache_ttl_s:
+            return cached[1]
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute("SELECT * FROM ingest.tenants WHERE id = %s", (tenant_id,))
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"tenant {tenant_id!r} not found", reason="TENANT_NOT_FOUND")
+        tenant = _tenant_from_row(row)
+        self._tenants[tenant_id] = (time.monotonic(), tenant)
+        return tenant
+
+    async def list_tenants(self, limit: int, after: str = "") -> list[Tenant]:
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute("SELECT * FROM ingest.tenants WHERE id > %s ORDER BY id LIMIT %s", (after, limit))
+            return [_tenant_from_row(r) for r in await cur.fetchall()]
+
+    # -- keys ------------------------------------------------------------------------------------------------
+    async def create_key(self, tenant_id: str, scopes: tuple[str, ...], display_name: str = "") -> tuple[
+            ApiKeyRecord, str]:
+        """Create a key; return it and its full secret, which is never available again."""
+        bad = [s for s in scopes if s not in SCOPES]
+        if bad or not scopes:
+            raise InvalidArgument("bad scopes", field_violations=[FieldViolation(
+                "api_key.scopes", f"one or more of {', '.join(SCOPES)}")])
+        await self.get_tenant(tenant_id)
+        key_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(12))
+        secret = secrets.token_urlsafe(24)[:32].ljust(32, "A")
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                """INSERT INTO ingest.api_keys (id, tenant_id, display_name, secret_sha256, scopes)
+                   VALUES (%s, %s, %s, %s, %s)""",
+                (key_id, tenant_id, display_name, _hash(secret), list(scopes)),
+            )
+        record = await self.get_key(tenant_id, key_id)
+        return record, f"{KEY_PREFIX}{key_id}_{secret}"
+
+    async def get_key(self, tenant_id: str, key_id: str) -> ApiKeyRecord:
+        keys = await self._select_keys("tenant_id = %s AND id = %s", (tenant_id, key_id), 1)
+        if not keys:
+            raise NotFound(f"API key {key_id!r} not found", reason="API_KEY_NOT_FOUND")
+        return keys[0]
+
+    async def list_keys(self, tenant_id: str, limit: int, after: str = "") -> list[ApiKeyRecord]:
+        return await self._select_keys("tenant_id = %s AND id > %s", (tenant_id, after), limit)
+
+    async def _select_keys(self, where: str, args: tuple[object, ...], limit: int) -> list[ApiKeyRecord]:
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                f"""SELECT id, tenant_id, display_name, scopes, revoked_at, created_at, last_used_at
+                    FROM ingest.api_keys WHERE {where} ORDER BY id LIMIT %s""", (*args, limit))
+            rows = await cur.fetchall()
+        return [ApiKeyRecord(r["id"], r["tenant_id"], r["display_name"], tuple(r["scopes"]),
+                             r["revoked_at"] is not None, r["created_at"], r["last_used_at"]) for r in rows]
+
+    async def revoke_key(self, tenant_id: str, key_id: str) -> ApiKeyRecord:
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE ingest.api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE tenant_id = %s AND id = %s",
+                (tenant_id, key_id),
+            )
+        self._keys.pop(key_id, None)
+        return await self.get_key(tenant_id, key_id)
+
+    async def authenticate(self, presented: str) -> Principal:
+        """The principal of a presented key or admin token; UNAUTHENTICATED for anything else."""
+        if self.admin_token and hmac.compare_digest(presented.encode(), self.admin_token.encode()):
+            return Principal(tenant_id="", scopes=frozenset({PLATFORM_ADMIN}), key_id="admin")
+        match = _KEY_SHAPE.match(presented)
+        if match is None:
+            raise Unauthenticated("malformed API key", reason="INVALID_API_KEY")
+        key_id, secret = match.groups()
+        now = time.monotonic()
+        cached = self._keys.get(key_id)
+        if cached is None or now - cached[0] >= self.cache_ttl_s:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    """SELECT k.secret_sha256, k.tenant_id, k.scopes, k.revoked_at IS NOT NULL OR t.disabled
+                       FROM ingest.api_keys k JOIN ingest.tenants t ON t.id = k.tenant_id WHERE k.id = %s""",
+                    (key_id,),
+                )
+                row = await cur.fetchone()
+            if row is None:
+                raise Unauthenticated("unknown API key", reason="INVALID_API_KEY")
+            digest, tenant_id, scopes, revoked = row
+            cached = (now, bytes(digest), Principal(tenant_id, frozenset(scopes), key_id), bool(revoked))
+            self._keys[key_id] = cached
+        _at, digest, principal, revoked = cached
+        if not hmac.compare_digest(digest, _hash(secret)):
+            raise Unauthenticated("unknown API key", reason="INVALID_API_KEY")
+        if revoked:
+            raise Unauthenticated("this API key was revoked", reason="API_KEY_REVOKED")
+        return principal

@@ -1,0 +1,1119 @@
+"""The ledger's domain: credits that are never lost, never double-spent, and fast on a hot account.
+
+Model
+    Every movement of credits is one row of ``ledger.entries``: ``amount`` leaves one account of a tenant and
+    enters another (top-up: issued -> available; reserve: available -> held; commit: held -> spent, the unused
+    part held -> available; release/expiry: held -> available). Each row balances by construction and the table is
+    append-only. ``ledger.balances`` keeps each tenant's available/held/spent in step, updated in the same
+    transaction under the row's lock, with ``CHECK (available >= 0)`` as the last line of defence.
+
+Concurrency
+    Reserves go through a :class:`~services.ledger.batcher.GroupCommitter`: concurrent calls, for one tenant or
+    many, coalesce into one transaction that locks the batch's balance rows (in tenant order, so batches never
+    deadlock), decides every request in arrival order against the locked balance, and writes all holds, entries
+    and balance changes with a handful of array statements. Several ledger replicas stay correct because the
+    decision is made under the row lock. Resolutions (commit, release, outcome events, expiry) lock the hold rows
+    first, then the balance rows; the sweeper takes due holds with ``SKIP LOCKED`` so replicas share the work.
+
+Idempotency
+    Reserve is keyed by ``hold_id`` (global), top-up by ``(tenant_id, request_id)``, commit by the hold (a hold
+    resolves once; the commit's ``request_id`` tells a retry from a conflicting second commit), outcome events
+    by ``event_id``. A repeat returns the first result; the same key with different arguments raises
+    :class:`~services.ledger.errors.IdempotencyMismatch`.
+
+Late outcomes
+    A ``sent`` event for a hold that already expired (or was released) charges nothing: the returned credits may
+    already back other holds, so charging could overdraw. The ledger records it as ``hold_expired`` and writes an
+    ``unbilled_send`` notification so the loss is visible; a hold TTL well above the sender's retry horizon keeps
+    this rare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from services.ledger.batcher import BatchingOptions, GroupCommitter
+from services.ledger.errors import (
+    HoldAlreadyResolved,
+    HoldNotFound,
+    IdempotencyMismatch,
+    InsufficientCredits,
+    InvalidAmount,
+    InvalidLedgerArgument,
+    InvalidPageToken,
+    LedgerError,
+)
+from services.ledger.models import (
+    DEFAULT_PRICE_BOOK,
+    ENTRY_ACCOUNTS,
+    Account,
+    Balance,
+    EntryKind,
+    Hold,
+    HoldState,
+    MessageClass,
+    Notification,
+    NotificationKind,
+    Outcome,
+    OutcomeApplied,
+    OutcomeEvent,
+    OutcomeResult,
+    Price,
+    PriceBook,
+    PriceOverrides,
+    ReserveRequest,
+    Transaction,
+)
+from services.ledger.pricing import hold_amount, unit_price
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_ID_LENGTH = 200
+
+_HOLD_COLUMNS = (
+    "hold_id, tenant_id, message_class, emails, attachment_bytes, price_per_email, price_per_attachment_mb, "
+    "amount, state, committed_amount, created_at, expires_at, resolved_at, resolution_request_id, "
+    "resolution_reason"
+)
+_ENTRY_COLUMNS = (
+    "entry_id, tenant_id, kind, debit_account, credit_account, amount, hold_id, request_id, available_after, created_at"
+)
+
+
+@dataclass(frozen=True)
+class LedgerOptions:
+    """Tuning of one :class:`Ledger` (the service's config builds it from settings)."""
+
+    default_hold_ttl_s: float = 86_400.0
+    """TTL of a hold when the caller gives none: longer than any send's retry horizon, so late ``sent`` events
+    for expired holds stay rare."""
+    max_hold_ttl_s: float = 30 * 86_400.0
+    """Longest TTL a caller may ask for."""
+    reserve_batching: BatchingOptions = field(default_factory=BatchingOptions)
+    """How concurrent reserves are grouped into transactions."""
+    max_transaction_attempts: int = 5
+    """Attempts of one transaction that hits a deadlock, serialization failure or racing duplicate insert."""
+    default_page_size: int = 50
+    max_page_size: int = 1000
+
+
+class _ConcurrentReserve(Exception):
+    """Another transaction inserted one of this batch's hold ids first; the batch is retried from the start and
+    then sees that hold as existing."""
+
+
+_RETRYABLE = (
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+    # Two replicas applying the same new outcome event (for a hold nobody could lock) race on its primary key.
+    psycopg.errors.UniqueViolation,
+    _ConcurrentReserve,
+)
+
+
+@dataclass
+class _LockedBalance:
+    """A balance row read under its lock, changed in memory while a batch is decided."""
+
+    available: int
+    threshold: int | None
+    armed: bool
+    held_delta: int = 0
+    spent_delta: int = 0
+    available_delta: int = 0
+    armed_before: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.armed_before = self.armed
+
+    @property
+    def changed(self) -> bool:
+        """Whether the row needs writing back."""
+        return bool(self.available_delta or self.held_delta or self.spent_delta) or self.armed != self.armed_before
+
+
+@dataclass(frozen=True)
+class _NewEntry:
+    tenant_id: str
+    kind: EntryKind
+    amount: int
+    hold_id: str | None
+    request_id: str | None
+    available_after: int
+
+
+@dataclass(frozen=True)
+class _NewNotification:
+    tenant_id: str
+    kind: NotificationKind
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Resolution:
+    """A held hold to move to a final state."""
+
+    hold: Hold
+    state: HoldState
+    committed_amount: int | None = None
+    request_id: str | None = None
+    reason: str | None = None
+
+
+class Ledger:
+    """Credit accounts, holds and the journal of one deployment; every method is safe to call concurrently and
+    from several replicas at once."""
+
+    def __init__(self, pool: AsyncConnectionPool, options: LedgerOptions | None = None) -> None:
+        self._pool = pool
+        self._options = options or LedgerOptions()
+        if self._options.max_transaction_attempts < 1:
+            raise ValueError("max_transaction_attempts must be at least 1")
+        self._reserves: GroupCommitter[ReserveRequest, Hold] = GroupCommitter(
+            self._reserve_batch, self._options.reserve_batching
+        )
+
+    async def close(self) -> None:
+        """Finish the reserves already queued and stop; the pool stays open (it belongs to the caller)."""
+        await self._reserves.close()
+
+    async def __aenter__(self) -> Ledger:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ balances and top-ups
+
+    async def top_up(self, tenant_id: str, amount: int, request_id: str) -> Balance:
+        """Add ``amount`` credits to the tenant's available balance, once per ``request_id``; re-arms the
+        low-balance notification when the balance ends at or above the threshold."""
+        _require_id("tenant_id", tenant_id)
+        _require_id("request_id", request_id)
+        _require_positive("amount", amount)
+
+        async def work(conn: AsyncConnection) -> Balance:
+            await conn.execute(
+                "INSERT INTO ledger.balances (tenant_id) VALUES (%s) ON CONFLICT (tenant_id) DO NOTHING",
+                (tenant_id,),
+            )
+            balance, armed = await self._lock_balance(conn, tenant_id)
+            cur = await conn.execute(
+                "SELECT amount FROM ledger.entries WHERE tenant_id = %s AND request_id = %s AND kind = 'top_up'",
+                (tenant_id, request_id),
+            )
+            previous = await cur.fetchone()
+            if previous is not None:
+                if previous[0] != amount:
+                    raise IdempotencyMismatch(
+                        "request_id", request_id, f"top-up of {previous[0]} before, of {amount} now"
+                    )
+                return balance
+            available = balance.available + amount
+            threshold = balance.low_balance_threshold
+            rearm = armed or threshold is None or available >= threshold
+            await _insert_entries(conn, [_NewEntry(tenant_id, EntryKind.TOP_UP, amount, None, request_id, available)])
+            await conn.execute(
+                "UPDATE ledger.balances SET available = %s, low_balance_armed = %s, updated_at = now() "
+                "WHERE tenant_id = %s",
+                (available, rearm, tenant_id),
+            )
+            return Balance(tenant_id, available, balance.held, balance.spent, threshold)
+
+        return await self._transaction(work)
+
+    async def get_balance(self, tenant_id: str) -> Balance:
+        """The tenant's balance (all zero for a tenant the ledger has never seen)."""
+        _require_id("tenant_id", tenant_id)
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT available, held, spent, low_balance_threshold FROM ledger.balances WHERE tenant_id = %s",
+                (tenant_id,),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return Balance(tenant_id, 0, 0, 0)
+        return Balance(tenant_id, row[0], row[1], row[2], row[3])
+
+    async def set_low_balance_threshold(self, tenant_id: str, threshold: int | None) -> Balance:
+        """Notify once each time available credits fall below ``threshold`` (``None`` turns it off). A new
+        threshold that the balance is already below notifies at once."""
+        _require_id("tenant_id", tenant_id)
+        if threshold is not None and threshold < 0:
+            raise InvalidAmount("threshold", threshold, "must not be negative")
+
+        async def work(conn: AsyncConnection) -> Balance:
+            await conn.execute(
+                "INSERT INTO ledger.balances (tenant_id) VALUES (%s) ON CONFLICT (tenant_id) DO NOTHING",
+                (tenant_id,),
+            )
+            balance, armed = await self._lock_balance(conn, tenant_id)
+            if threshold == balance.low_balance_threshold:
+                return balance
+            armed = True
+            if threshold is not None and balance.available < threshold:
+                armed = False
+                await _insert_notifications(conn, [_low_balance(tenant_id, threshold, balance.available)])
+            await conn.execute(
+                "UPDATE ledger.balances SET low_balance_threshold = %s, low_balance_armed = %s, "
+                "updated_at = now() WHERE tenant_id = %s",
+                (threshold, armed, tenant_id),
+            )
+            return Balance(tenant_id, balance.available, balance.held, balance.spent, threshold)
+
+        return await self._transaction(work)
+
+    # ------------------------------------------------------------------ reserve
+
+    async def reserve(
+        self,
+        tenant_id: str,
+        hold_id: str,
+        message_class: MessageClass | str,
+        emails: int = 1,
+        attachment_bytes: int = 0,
+        ttl_s: float | None = None,
+    ) -> Hold:
+        """Hold the price of ``emails`` emails of ``message_class`` (each with ``attachment_bytes`` of
+        attachments) from the tenant's available credits, priced now from the price book.
+
+        Repeating the call with the same ``hold_id`` and arguments returns the same hold, whatever became of it.
+        Raises :class:`InsufficientCredits` (with the shortfall) when the available credits do not cover it.
+        """
+        request = self._validated(
+            ReserveRequest(tenant_id, hold_id, _message_class(message_class), emails, attachment_bytes, ttl_s)
+        )
+        return await self._reserves.submit(request)
+
+    async def reserve_many(self, requests: Sequence[ReserveRequest]) -> list[Hold | LedgerError]:
+        """Reserve many holds at once (the ingest batch entry point): each request gets its own hold or error,
+        in order; one refused request never fails the others."""
+        results: list[Hold | LedgerError | None] = [None] * len(requests)
+        valid: list[tuple[int, ReserveRequest]] = []
+        for index, request in enumerate(requests):
+            try:
+                valid.append((index, self._validated(request)))
+            except LedgerError as exc:
+                results[index] = exc
+        outcomes = await self._reserves.submit_many([request for _, request in valid])
+        for (index, _), outcome in zip(valid, outcomes, strict=True):
+            if isinstance(outcome, Hold | LedgerError):
+                results[index] = outcome
+            else:
+                raise outcome  # not a per-request refusal: the database or the ledger itself failed
+        return [result for result in results if result is not None]
+
+    def _validated(self, request: ReserveRequest) -> ReserveRequest:
+        _require_id("tenant_id", request.tenant_id)
+        _require_id("hold_id", request.hold_id)
+        message_class = _message_class(request.message_class)
+        _require_positive("emails", request.emails)
+        if request.attachment_bytes < 0:
+            raise InvalidAmount("attachment_bytes", request.attachment_bytes, "must not be negative")
+        ttl_s = self._options.default_hold_ttl_s if request.ttl_s is None else request.ttl_s
+        if not 0 < ttl_s <= self._options.max_hold_ttl_s:
+            raise InvalidLedgerArgument(
+                "ttl_s", f"must be in (0, {self._options.max_hold_ttl_s}] seconds (got {ttl_s})"
+            )
+        if message_class is request.message_class and ttl_s == request.ttl_s:
+            return request
+        return ReserveRequest(
+            request.tenant_id, request.hold_id, message_class, request.emails, request.attachment_bytes, ttl_s
+        )
+
+    async def _reserve_batch(self, requests: Sequence[ReserveRequest]) -> list[Hold | LedgerError]:
+        return await self._transaction(lambda conn: self._reserve_in_transaction(conn, requests))
+
+    async def _reserve_in_transaction(
+        self, conn: AsyncConnection, requests: Sequence[ReserveRequest]
+    ) -> list[Hold | LedgerError]:
+        results: list[Hold | LedgerError | None] = [None] * len(requests)
+        first_by_hold_id: dict[str, int] = {}
+        for index, request in enumerate(requests):
+            first_by_hold_id.setdefault(request.hold_id, index)
+        firsts = list(first_by_hold_id.values())
+
+        # Holds made before (retries) are looked up before any lock is taken, to keep the lock short.
+        cur = await conn.execute(
+            f"SELECT {_HOLD_COLUMNS} FROM ledger.holds WHERE hold_id = ANY(%s)", (list(first_by_hold_id),)
+        )
+        existing = {hold.hold_id: hold for hold in map(_hold_from_row, await cur.fetchall())}
+        new: list[int] = []
+        for index in firsts:
+            request = requests[index]
+            hold = existing.get(request.hold_id)
+            if hold is None:
+                new.append(index)
+            elif _same_reserve(hold, request):
+                results[index] = hold
+            else:
+                results[index] = _reserve_mismatch(request, hold)
+
+        if new:
+            await self._reserve_new(conn, requests, new, results)
+
+        for index, request in enumerate(requests):
+            if results[index] is not None:
+                continue
+            # A hold id repeated inside this batch: same answer as its first occurrence, if it asked the same.
+            first = requests[first_by_hold_id[request.hold_id]]
+            first_result = results[first_by_hold_id[request.hold_id]]
+            if _same_request(first, request) and first_result is not None:
+                results[index] = first_result
+            else:
+                results[index] = IdempotencyMismatch(
+                    "hold_id", request.hold_id, "the same batch holds it twice with different arguments"
+                )
+        return [result for result in results if result is not None]
+
+    async def _reserve_new(
+        self,
+        conn: AsyncConnection,
+        requests: Sequence[ReserveRequest],
+        new: list[int],
+        results: list[Hold | LedgerError | None],
+    ) -> None:
+        tenants = sorted({requests[index].tenant_id for index in new})
+        books = await _price_books(conn, tenants)
+        balances = await _lock_balances(conn, tenants)
+
+        accepted: list[tuple[int, Price, int]] = []
+        entries: list[_NewEntry] = []
+        for index in new:
+            request = requests[index]
+            price = unit_price(books[request.tenant_id], MessageClass(request.message_class))
+            amount = hold_amount(price, request.emails, request.attachment_bytes)
+            balance = balances.get(request.tenant_id)
+            available = balance.available if balance is not None else 0
+            if amount > available:
+                results[index] = InsufficientCredits(request.tenant_id, amount, available)
+                continue
+            accepted.append((index, price, amount))
+            if amount > 0 and balance is not None:
+                balance.available -= amount
+                balance.available_delta -= amount
+                balance.held_delta += amount
+                entries.append(
+                    _NewEntry(request.tenant_id, EntryKind.RESERVE, amount, request.hold_id, None, balance.available)
+                )
+        if not accepted:
+            return
+
+        # Inserted in hold id order so two batches racing on the same ids wait for each other, never deadlock.
+        accepted.sort(key=lambda item: requests[item[0]].hold_id)
+        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [])
+        for index, price, amount in accepted:
+            request = requests[index]
+            for column, value in zip(
+                columns,
+                (
+                    request.hold_id,
+                    request.tenant_id,
+                    str(request.message_class),
+                    request.emails,
+                    request.attachment_bytes,
+                    price.per_email,
+                    price.per_attachment_mb,
+                    amount,
+                    request.ttl_s,
+                ),
+                strict=True,
+            ):
+                column.append(value)
+        cur = await conn.execute(
+            """INSERT INTO ledger.holds (hold_id, tenant_id, message_class, emails, attachment_bytes,
+                                         price_per_email, price_per_attachment_mb, amount, expires_at)
+               SELECT h.hold_id, h.tenant_id, h.message_class, h.emails, h.attachment_bytes, h.per_email,
+                      h.per_mb, h.amount, now() + h.ttl_s * interval '1 second'
+               FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[],
+                           %s::bigint[], %s::bigint[], %s::float8[])
+                    AS h(hold_id, tenant_id, message_class, emails, attachment_bytes, per_email, per_mb, amount,
+                         ttl_s)
+               ON CONFLICT (hold_id) DO NOTHING
+               RETURNING hold_id, created_at, expires_at""",
+            columns,
+        )
+        inserted = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
+        if len(inserted) != len(accepted):
+            raise _ConcurrentReserve
+
+        await _insert_entries(conn, entries)
+        notifications = _low_balance_crossings(balances)
+        await _update_balances(conn, balances)
+        await _insert_notifications(conn, notifications)
+
+        for index, price, amount in accepted:
+            request = requests[index]
+            created_at, expires_at = inserted[request.hold_id]
+            results[index] = Hold(
+                hold_id=request.hold_id,
+                tenant_id=request.tenant_id,
+                message_class=MessageClass(request.message_class),
+                emails=request.emails,
+                attachment_bytes=request.attachment_bytes,
+                price=price,
+                amount=amount,
+                state=HoldState.HELD,
+                committed_amount=None,
+                created_at=created_at,
+                expires_at=expires_at,
+                resolved_at=None,
+            )
+
+    # ------------------------------------------------------------------ commit, release, outcomes, expiry
+
+    async def get_hold(self, hold_id: str) -> Hold:
+        """The hold named ``hold_id``; raises :class:`HoldNotFound`."""
+        _require_id("hold_id", hold_id)
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(f"SELECT {_HOLD_COLUMNS} FROM ledger.holds WHERE hold_id = %s", (hold_id,))
+            row = await cur.fetchone()
+        if row is None:
+            raise HoldNotFound(hold_id)
+        return _hold_from_row(row)
+
+    async def commit(self, hold_id: str, amount: int | None = None, request_id: str | None = None) -> Hold:
+        """Spend ``amount`` of the hold (all of it when ``None``); the unused part returns to available.
+
+        A hold resolves once: repeating the commit (same amount, and same ``request_id`` if one was given)
+        returns the committed hold; a different amount under the same ``request_id`` raises
+        :class:`IdempotencyMismatch`; any other commit or a released/expired hold raises
+        :class:`HoldAlreadyResolved`.
+        """
+        _require_id("hold_id", hold_id)
+        if request_id is not None:
+            _require_id("request_id", request_id)
+        if amount is not None and amount < 0:
+            raise InvalidAmount("amount", amount, "must not be negative")
+
+        async def work(conn: AsyncConnection) -> Hold:
+            hold = await _lock_hold(conn, hold_id)
+            spend = hold.amount if amount is None else amount
+            if hold.state is HoldState.HELD:
+                if spend > hold.amount:
+                    raise InvalidAmount("amount", spend, f"must not exceed the hold's {hold.amount} credits")
+                resolved = await _resolve(conn, [_Resolution(hold, HoldState.COMMITTED, spend, request_id)])
+                return resolved[0]
+            if hold.state is HoldState.COMMITTED:
+                same_key = request_id is None or request_id == hold.resolution_request_id
+                if same_key and spend == hold.committed_amount:
+                    return hold
+                if request_id is not None and request_id == hold.resolution_request_id:
+                    raise IdempotencyMismatch(
+                        "request_id", request_id, f"committed {hold.committed_amount} before, {spend} now"
+                    )
+            raise HoldAlreadyResolved(hold_id, hold.state)
+
+        return await self._transaction(work)
+
+    async def release(self, hold_id: str, reason: str = "") -> Hold:
+        """Return the hold's credits to available. Releasing a released or expired hold returns it unchanged
+        (its credits are back already); releasing a committed hold raises :class:`HoldAlreadyResolved`."""
+        _require_id("hold_id", hold_id)
+
+        async def work(conn: AsyncConnection) -> Hold:
+            hold = await _lock_hold(conn, hold_id)
+            if hold.state is HoldState.HELD:
+                resolved = await _resolve(conn, [_Resolution(hold, HoldState.RELEASED, reason=reason or None)])
+                return resolved[0]
+            if hold.state is HoldState.COMMITTED:
+                raise HoldAlreadyResolved(hold_id, hold.state)
+            return hold
+
+        return await self._transaction(work)
+
+    async def apply_outcome(self, event_id: str, hold_id: str, outcome: Outcome | str) -> OutcomeApplied:
+        """Apply one outcome event: ``sent`` commits the whole hold, ``failed`` releases it. The same event any
+        number of times changes nothing after the first; see :class:`OutcomeResult` for every case."""
+        result = (await self.apply_outcomes([OutcomeEvent(event_id, hold_id, _outcome(outcome))]))[0]
+        if isinstance(result, LedgerError):
+            raise result
+        return result
+
+    async def apply_outcomes(self, events: Sequence[OutcomeEvent]) -> list[OutcomeApplied | LedgerError]:
+        """Apply a batch of outcome events (e.g. one JetStream fetch) in one transaction; per-event results in
+        order. A malformed event or a reused event id gets its own error and never fails the others."""
+        results: list[OutcomeApplied | LedgerError | None] = [None] * len(events)
+        valid: list[tuple[int, OutcomeEvent]] = []
+        for index, event in enumerate(events):
+            try:
+                _require_id("event_id", event.event_id)
+                _require_id("hold_id", event.hold_id)
+                valid.append((index, OutcomeEvent(event.event_id, event.hold_id, _outcome(event.outcome))))
+            except LedgerError as exc:
+                results[index] = exc
+        if valid:
+            applied = await self._transaction(lambda conn: _apply_outcomes(conn, [event for _, event in valid]))
+            for (index, _), result in zip(valid, applied, strict=True):
+                results[index] = result
+        return [result for result in results if result is not None]
+
+    async def expire_holds(self, now: datetime | None = None, limit: int = 1000) -> int:
+        """One sweeper step: expire up to ``limit`` holds whose deadline is at or before ``now`` (the database's
+        clock when ``None``) and return their credits; returns how many expired. Safe to run in several replicas
+        at once: each takes holds no other sweeper has locked."""
+        if limit < 1:
+            raise InvalidAmount("limit", limit, "must be positive")
+
+        async def work(conn: AsyncConnection) -> int:
+            cur = await conn.execute(
+                f"""SELECT {_HOLD_COLUMNS} FROM ledger.holds
+                    WHERE state = 'held' AND expires_at <= COALESCE(%s::timestamptz, now())
+                    ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED""",
+                (now, limit),
+            )
+            due = [_hold_from_row(row) for row in await cur.fetchall()]
+            if due:
+                await _resolve(conn, [_Resolution(hold, HoldState.EXPIRED, reason="expired") for hold in due])
+            return len(due)
+
+        return await self._transaction(work)
+
+    async def run_expiry_sweeper(self, stop: asyncio.Event, interval_s: float = 1.0, limit: int = 1000) -> None:
+        """Expire due holds until ``stop`` is set: back to back while a step finds a full batch, else every
+        ``interval_s``. A failing step is logged and retried at the next interval."""
+        while not stop.is_set():
+            expired = 0
+            try:
+                expired = await self.expire_holds(limit=limit)
+            except (psycopg.Error, OSError):
+                logger.exception("hold expiry sweep failed")
+            if expired >= limit:
+                continue
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+            except TimeoutError:
+                pass
+
+    # ------------------------------------------------------------------ journal
+
+    async def list_transactions(
+        self, tenant_id: str, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[Transaction], str]:
+        """The tenant's journal entries, newest first, and the token of the next page ("" on the last page).
+        ``page_size`` 0 means the default; larger than the maximum is capped (AIP-158)."""
+        _require_id("tenant_id", tenant_id)
+        if page_size < 0:
+            raise InvalidLedgerArgument("page_size", f"must not be negative (got {page_size})")
+        size = min(page_size or self._options.default_page_size, self._options.max_page_size)
+        before = _decode_page_token(page_token, tenant_id) if page_token else None
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                f"""SELECT {_ENTRY_COLUMNS} FROM ledger.entries
+                    WHERE tenant_id = %s AND (%s::bigint IS NULL OR entry_id < %s::bigint)
+                    ORDER BY entry_id DESC LIMIT %s""",
+                (tenant_id, before, before, size + 1),
+            )
+            rows = await cur.fetchall()
+        page = [_transaction_from_row(row) for row in rows[:size]]
+        next_token = _encode_page_token(tenant_id, page[-1].entry_id) if len(rows) > size else ""
+        return page, next_token
+
+    # ------------------------------------------------------------------ price book
+
+    async def get_price_book(self, tenant_id: str = DEFAULT_PRICE_BOOK) -> PriceBook:
+        """The prices that apply to ``tenant_id`` (its overrides over the defaults), or the platform defaults."""
+        _require_id("tenant_id", tenant_id)
+        async with self._pool.connection() as conn:
+            return (await _price_books(conn, [tenant_id]))[tenant_id]
+
+    async def set_default_prices(self, book: PriceBook) -> PriceBook:
+        """Replace the platform's default prices (``book.tenant_id`` is ignored)."""
+        for name in ("otp_per_email", "transactional_per_email", "bulk_per_email", "per_attachment_mb"):
+            _require_price(name, getattr(book, name))
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                """UPDATE ledger.price_books SET otp_per_email = %s, transactional_per_email = %s,
+                       bulk_per_email = %s, per_attachment_mb = %s, updated_at = now()
+                   WHERE tenant_id = %s""",
+                (
+                    book.otp_per_email,
+                    book.transactional_per_email,
+                    book.bulk_per_email,
+                    book.per_attachment_mb,
+                    DEFAULT_PRICE_BOOK,
+                ),
+            )
+        return await self.get_price_book()
+
+    async def set_price_overrides(self, tenant_id: str, overrides: PriceOverrides) -> PriceBook:
+        """Replace the tenant's own prices (``None`` fields inherit the defaults); returns the effective book.
+        Holds made before keep the price they were made with."""
+        _require_id("tenant_id", tenant_id)
+        if tenant_id == DEFAULT_PRICE_BOOK:
+            raise InvalidLedgerArgument("tenant_id", "use set_default_prices for the platform defaults")
+        values = (
+            overrides.otp_per_email,
+            overrides.transactional_per_email,
+            overrides.bulk_per_email,
+            overrides.per_attachment_mb,
+        )
+        for name, value in zip(
+            ("otp_per_email", "transactional_per_email", "bulk_per_email", "per_attachment_mb"), values, strict=True
+        ):
+            if value is not None:
+                _require_price(name, value)
+        async with self._pool.connection() as conn:
+            if all(value is None for value in values):
+                await conn.execute("DELETE FROM ledger.price_books WHERE tenant_id = %s", (tenant_id,))
+            else:
+                await conn.execute(
+                    """INSERT INTO ledger.price_books AS p
+                           (tenant_id, otp_per_email, transactional_per_email, bulk_per_email, per_attachment_mb)
+                       VALUES (%s, %s, %s, %s, %s)
+                       ON CONFLICT (tenant_id) DO UPDATE SET
+                           otp_per_email = excluded.otp_per_email,
+                           transactional_per_email = excluded.transactional_per_email,
+                           bulk_per_email = excluded.bulk_per_email,
+                           per_attachment_mb = excluded.per_attachment_mb,
+                           updated_at = now()""",
+                    (tenant_id, *values),
+                )
+        return await self.get_price_book(tenant_id)
+
+    async def quote(
+        self, tenant_id: str, message_class: MessageClass | str, emails: int = 1, attachment_bytes: int = 0
+    ) -> int:
+        """What a reserve with these arguments would hold right now."""
+        _require_positive("emails", emails)
+        if attachment_bytes < 0:
+            raise InvalidAmount("attachment_bytes", attachment_bytes, "must not be negative")
+        book = await self.get_price_book(tenant_id)
+        return hold_amount(unit_price(book, _message_class(message_class)), emails, attachment_bytes)
+
+    # ------------------------------------------------------------------ notifications outbox
+
+    async def pending_notifications(self, limit: int = 100) -> list[Notification]:
+        """Outbox rows not yet marked published, oldest first (the publisher's input)."""
+        if limit < 1:
+            raise InvalidAmount("limit", limit, "must be positive")
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                """SELECT notification_id, tenant_id, kind, payload, created_at FROM ledger.notifications
+                   WHERE published_at IS NULL ORDER BY notification_id LIMIT %s""",
+                (limit,),
+            )
+            rows = await cur.fetchall()
+        return [Notification(row[0], row[1], NotificationKind(row[2]), row[3], row[4]) for row in rows]
+
+    async def mark_notifications_published(self, notification_ids: Iterable[int]) -> None:
+        """Record that these outbox rows were published, so they are not handed out again."""
+        ids = list(notification_ids)
+        if not ids:
+            return
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "UPDATE ledger.notifications SET published_at = now() "
+                "WHERE notification_id = ANY(%s) AND published_at IS NULL",
+                (ids,),
+            )
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``work`` in one transaction, again from the start when Postgres aborted it for a deadlock,
+        serialization failure or a racing insert of the same key (bounded attempts)."""
+        attempts = self._options.max_transaction_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self._pool.connection() as conn, conn.transaction():
+                    return await work(conn)
+            except _RETRYABLE:
+                if attempt == attempts:
+                    raise
+                # Jitter so that two replicas that collided do not collide again in lockstep.
+                await asyncio.sleep(random.uniform(0, 0.005 * attempt))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _lock_balance(conn: AsyncConnection, tenant_id: str) -> tuple[Balance, bool]:
+        cur = await conn.execute(
+            """SELECT available, held, spent, low_balance_threshold, low_balance_armed FROM ledger.balances
+               WHERE tenant_id = %s FOR UPDATE""",
+            (tenant_id,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise AssertionError(f"balance row of {tenant_id} vanished")
+        return Balance(tenant_id, row[0], row[1], row[2], row[3]), bool(row[4])
+
+
+# ---------------------------------------------------------------------- SQL helpers shared by the operations
+
+
+async def _price_books(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, PriceBook]:
+    cur = await conn.execute(
+        """SELECT t.tenant_id,
+                  COALESCE(o.otp_per_email, d.otp_per_email),
+                  COALESCE(o.transactional_per_email, d.transactional_per_email),
+                  COALESCE(o.bulk_per_email, d.bulk_per_email),
+                  COALESCE(o.per_attachment_mb, d.per_attachment_mb)
+           FROM unnest(%s::text[]) AS t(tenant_id)
+           JOIN ledger.price_books AS d ON d.tenant_id = '-'
+           LEFT JOIN ledger.price_books AS o ON o.tenant_id = t.tenant_id""",
+        (list(tenants),),
+    )
+    return {row[0]: PriceBook(*row) for row in await cur.fetchall()}
+
+
+async def _lock_balances(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, _LockedBalance]:
+    """Lock the balance rows of ``tenants`` in tenant order (every batch locks in that order: no deadlocks)."""
+    cur = await conn.execute(
+        """SELECT tenant_id, available, low_balance_threshold, low_balance_armed FROM ledger.balances
+           WHERE tenant_id = ANY(%s) ORDER BY tenant_id FOR UPDATE""",
+        (sorted(tenants),),
+    )
+    return {row[0]: _LockedBalance(row[1], row[2], row[3]) for row in await cur.fetchall()}
+
+
+async def _update_balances(conn: AsyncConnection, balances: dict[str, _LockedBalance]) -> None:
+    changed = [(tenant, b) for tenant, b in balances.items() if b.changed]
+    if not changed:
+        return
+    await conn.execute(
+        """UPDATE ledger.balances AS b
+           SET available = b.available + d.available_delta, held = b.held + d.held_delta,
+               spent = b.spent + d.spent_delta, low_balance_armed = d.armed, updated_at = now()
+           FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bool[])
+                AS d(tenant_id, available_delta, held_delta, spent_delta, armed)
+           WHERE b.tenant_id = d.tenant_id""",
+        (
+            [tenant for tenant, _ in changed],
+            [b.available_delta for _, b in changed],
+            [b.held_delta for _, b in changed],
+            [b.spent_delta for _, b in changed],
+            [b.armed for _, b in changed],
+        ),
+    )
+
+
+async def _insert_entries(conn: AsyncConnection, entries: Sequence[_NewEntry]) -> None:
+    if not entries:
+        return
+    await conn.execute(
+        """INSERT INTO ledger.entries (tenant_id, kind, debit_account, credit_account, amount, hold_id, request_id,
+                                       available_after)
+           SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[],
+                                %s::text[], %s::bigint[])""",
+        (
+            [e.tenant_id for e in entries],
+            [str(e.kind) for e in entries],
+            [str(ENTRY_ACCOUNTS[e.kind][0]) for e in entries],
+            [str(ENTRY_ACCOUNTS[e.kind][1]) for e in entries],
+            [e.amount for e in entries],
+            [e.hold_id for e in entries],
+            [e.request_id for e in entries],
+            [e.available_after for e in entries],
+        ),
+    )
+
+
+async def _insert_notifications(conn: AsyncConnection, notifications: Sequence[_NewNotification]) -> None:
+    if not notifications:
+        return
+    await conn.execute(
+        """INSERT INTO ledger.notifications (tenant_id, kind, payload)
+           SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[])""",
+        (
+            [n.tenant_id for n in notifications],
+            [str(n.kind) for n in notifications],
+            [Jsonb(n.payload) for n in notifications],
+        ),
+    )
+
+
+def _low_balance(tenant_id: str, threshold: int, available: int) -> _NewNotification:
+    return _NewNotification(
+        tenant_id,
+        NotificationKind.LOW_BALANCE_CROSSED,
+        {"tenant_id": tenant_id, "threshold": threshold, "available": available},
+    )
+
+
+def _low_balance_crossings(balances: dict[str, _LockedBalance]) -> list[_NewNotification]:
+    """Notifications for the armed tenants whose available credits just fell below their threshold; disarms
+    them (a top-up re-arms), so each crossing notifies once."""
+    crossings: list[_NewNotification] = []
+    for tenant, balance in balances.items():
+        if balance.armed and balance.threshold is not None and balance.available < balance.threshold:
+            balance.armed = False
+            crossings.append(_low_balance(tenant, balance.threshold, balance.available))
+    return crossings
+
+
+async def _lock_hold(conn: AsyncConnection, hold_id: str) -> Hold:
+    cur = await conn.execute(f"SELECT {_HOLD_COLUMNS} FROM ledger.holds WHERE hold_id = %s FOR UPDATE", (hold_id,))
+    row = await cur.fetchone()
+    if row is None:
+        raise HoldNotFound(hold_id)
+    return _hold_from_row(row)
+
+
+async def _resolve(conn: AsyncConnection, resolutions: Sequence[_Resolution]) -> list[Hold]:
+    """Move locked, held holds to their final state: journal entries, balance changes and the hold rows, in
+    the caller's transaction. Returns the resolved holds in order."""
+    balances = await _lock_balances(conn, sorted({r.hold.tenant_id for r in resolutions}))
+    entries: list[_NewEntry] = []
+    for resolution in resolutions:
+        hold = resolution.hold
+        balance = balances.get(hold.tenant_id)
+        if balance is None:
+            if hold.amount:
+                raise AssertionError(f"hold {hold.hold_id} holds credits of a tenant without a balance")
+            continue
+        committed = resolution.committed_amount or 0
+        returned = hold.amount - committed
+        balance.held_delta -= hold.amount
+        balance.spent_delta += committed
+        balance.available_delta += returned
+        if committed:
+            entries.append(
+                _NewEntry(
+                    hold.tenant_id, EntryKind.COMMIT, committed, hold.hold_id, resolution.request_id, balance.available
+                )
+            )
+        if returned:
+            balance.available += returned
+            kind = {
+                HoldState.COMMITTED: EntryKind.COMMIT_REFUND,
+                HoldState.RELEASED: EntryKind.RELEASE,
+                HoldState.EXPIRED: EntryKind.EXPIRE,
+            }[resolution.state]
+            entries.append(
+                _NewEntry(hold.tenant_id, kind, returned, hold.hold_id, resolution.request_id, balance.available)
+            )
+    cur = await conn.execute(
+        """UPDATE ledger.holds AS h
+           SET state = r.state, committed_amount = r.committed_amount, resolution_request_id = r.request_id,
+               resolution_reason = r.reason, resolved_at = now()
+           FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[])
+                AS r(hold_id, state, committed_amount, request_id, reason)
+           WHERE h.hold_id = r.hold_id AND h.state = 'held'
+           RETURNING h.hold_id, h.resolved_at""",
+        (
+            [r.hold.hold_id for r in resolutions],
+            [str(r.state) for r in resolutions],
+            [r.committed_amount for r in resolutions],
+            [r.request_id for r in resolutions],
+            [r.reason for r in resolutions],
+        ),
+    )
+    resolved_at = {row[0]: row[1] for row in await cur.fetchall()}
+    if len(resolved_at) != len(resolutions):
+        # The caller locked these holds as held; anything else means a bug, and the transaction must not commit.
+        raise AssertionError("a hold to resolve was not held any more")
+    await _insert_entries(conn, entries)
+    await _update_balances(conn, balances)
+    return [
+        replace(
+            r.hold,
+            state=r.state,
+            committed_amount=r.committed_amount if r.state is HoldState.COMMITTED else None,
+            resolved_at=resolved_at[r.hold.hold_id],
+            resolution_request_id=r.request_id,
+            resolution_reason=r.reason,
+        )
+        for r in resolutions
+    ]
+
+
+async def _apply_outcomes(conn: AsyncConnection, events: Sequence[OutcomeEvent]) -> list[OutcomeApplied | LedgerError]:
+    # Holds first (in id order, like every other hold-locking batch), then the processed-event lookup: a
+    # replica that waited for a hold's lock then sees the event the other replica committed meanwhile.
+    cur = await conn.execute(
+        f"SELECT {_HOLD_COLUMNS} FROM ledger.holds WHERE hold_id = ANY(%s) ORDER BY hold_id FOR UPDATE",
+        (sorted({event.hold_id for event in events}),),
+    )
+    holds = {hold.hold_id: hold for hold in map(_hold_from_row, await cur.fetchall())}
+    cur = await conn.execute(
+        "SELECT event_id, hold_id, outcome, result FROM ledger.processed_events WHERE event_id = ANY(%s)",
+        ([event.event_id for event in events],),
+    )
+    seen: dict[str, tuple[str, Outcome, OutcomeResult]] = {
+        row[0]: (row[1], Outcome(row[2]), OutcomeResult(row[3])) for row in await cur.fetchall()
+    }
+    state_now = {hold_id: hold.state for hold_id, hold in holds.items()}
+    results: list[OutcomeApplied | LedgerError] = []
+    resolutions: list[_Resolution] = []
+    processed: list[tuple[str, str, str, str]] = []
+    notifications: list[_NewNotification] = []
+    for event in events:
+        outcome = Outcome(event.outcome)
+        if event.event_id in seen:
+            hold_id, first_outcome, result = seen[event.event_id]
+            if (hold_id, first_outcome) != (event.hold_id, outcome):
+                results.append(
+                    IdempotencyMismatch("event_id", event.event_id, f"was {first_outcome} of hold {hold_id} before")
+                )
+            else:
+                results.append(OutcomeApplied(event.event_id, event.hold_id, outcome, result, duplicate=True))
+            continue
+        hold = holds.get(event.hold_id)
+        state = state_now.get(event.hold_id)
+        if hold is None or state is None:
+            result = OutcomeResult.HOLD_NOT_FOUND
+        elif state is HoldState.HELD:
+            if outcome is Outcome.SENT:
+                resolutions.append(
+                    _Resolution(hold, HoldState.COMMITTED, hold.amount, reason=f"event {event.event_id}")
+                )
+                result, state_now[hold.hold_id] = OutcomeResult.COMMITTED, HoldState.COMMITTED
+            else:
+                resolutions.append(_Resolution(hold, HoldState.RELEASED, reason=f"event {event.event_id}"))
+                result, state_now[hold.hold_id] = OutcomeResult.RELEASED, HoldState.RELEASED
+        elif state is HoldState.EXPIRED:
+            result = OutcomeResult.HOLD_EXPIRED
+        else:
+            result = OutcomeResult.HOLD_ALREADY_RESOLVED
+        if hold is not None and outcome is Outcome.SENT and state in (HoldState.EXPIRED, HoldState.RELEASED):
+            notifications.append(
+                _NewNotification(
+                    hold.tenant_id,
+                    NotificationKind.UNBILLED_SEND,
+                    {"hold_id": hold.hold_id, "state": str(state), "amount": hold.amount, "event_id": event.event_id},
+                )
+            )
+        seen[event.event_id] = (event.hold_id, outcome, result)
+        processed.append((event.event_id, event.hold_id, str(outcome), str(result)))
+        results.append(OutcomeApplied(event.event_id, event.hold_id, outcome, result, duplicate=False))
+    if resolutions:
+        await _resolve(conn, resolutions)
+    if processed:
+        await conn.execute(
+            """INSERT INTO ledger.processed_events (event_id, hold_id, outcome, result)
+               SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])""",
+            tuple(list(column) for column in zip(*processed, strict=True)),
+        )
+    await _insert_notifications(conn, notifications)
+    return results
+
+
+# ---------------------------------------------------------------------- conversions and validation
+
+
+def _hold_from_row(row: Sequence[Any]) -> Hold:
+    return Hold(
+        hold_id=row[0],
+        tenant_id=row[1],
+        message_class=MessageClass(row[2]),
+        emails=row[3],
+        attachment_bytes=row[4],
+        price=Price(per_email=row[5], per_attachment_mb=row[6]),
+        amount=row[7],
+        state=HoldState(row[8]),
+        committed_amount=row[9],
+        created_at=row[10],
+        expires_at=row[11],
+        resolved_at=row[12],
+        resolution_request_id=row[13],
+        resolution_reason=row[14],
+    )
+
+
+def _transaction_from_row(row: Sequence[Any]) -> Transaction:
+    return Transaction(
+        entry_id=row[0],
+        tenant_id=row[1],
+        kind=EntryKind(row[2]),
+        debit_account=Account(row[3]),
+        credit_account=Account(row[4]),
+        amount=row[5],
+        hold_id=row[6],
+        request_id=row[7],
+        available_after=row[8],
+        created_at=row[9],
+    )
+
+
+def _same_request(a: ReserveRequest, b: ReserveRequest) -> bool:
+    return (a.tenant_id, a.message_class, a.emails, a.attachment_bytes) == (
+        b.tenant_id,
+        b.message_class,
+        b.emails,
+        b.attachment_bytes,
+    )
+
+
+def _same_reserve(hold: Hold, request: ReserveRequest) -> bool:
+    """A retry of the reserve that made ``hold`` (the TTL is not compared: a default may change between tries)."""
+    return (hold.tenant_id, hold.message_class, hold.emails, hold.attachment_bytes) == (
+        request.tenant_id,
+        request.message_class,
+        request.emails,
+        request.attachment_bytes,
+    )
+
+
+def _reserve_mismatch(request: ReserveRequest, hold: Hold) -> IdempotencyMismatch:
+    return IdempotencyMismatch(
+        "hold_id",
+        request.hold_id,
+        f"held {hold.emails} {hold.message_class} email(s) of {hold.attachment_bytes} attachment bytes for "
+        f"{hold.tenant_id} before",
+    )
+
+
+def _require_id(name: str, value: str) -> None:
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
+        raise InvalidLedgerArgument(name, f"must be a non-empty string of at most {MAX_ID_LENGTH} characters")
+
+
+def _require_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidAmount(name, value, "must be a positive integer")
+
+
+def _require_price(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidAmount(name, value, "must be a non-negative integer")
+
+
+def _message_class(value: MessageClass | str) -> MessageClass:
+    try:
+        return MessageClass(value)
+    except ValueError:
+        raise InvalidLedgerArgument(
+            "message_class", f"must be one of {', '.join(MessageClass)} (got {value!r})"
+        ) from None
+
+
+def _outcome(value: Outcome | str) -> Outcome:
+    try:
+        return Outcome(value)
+    except ValueError:
+        raise InvalidLedgerArgument("outcome", f"must be one of {', '.join(Outcome)} (got {value!r})") from None
+
+
+def _encode_page_token(tenant_id: str, last_entry_id: int) -> str:
+    raw = json.dumps({"t": tenant_id, "before": last_entry_id}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page_token(token: str, tenant_id: str) -> int:
+    """The entry id a page token continues before; the token must come from a listing of the same tenant."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = json.loads(raw)
+        before = data["before"]
+        token_tenant = data["t"]
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise InvalidPageToken() from None
+    if token_tenant != tenant_id or not isinstance(before, int) or isinstance(before, bool):
+        raise InvalidPageToken()
+    return before

@@ -1,0 +1,187 @@
+"""The ledger's gRPC wiring: protobuf ↔ the domain in :mod:`services.ledger.ledger`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from esp.v1 import common_pb2, credits_pb2, credits_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from libs.common import db
+from libs.common.auth import TrustedHeaderAuthenticator, check_tenant_access
+from libs.common.errors import FieldViolation, InvalidArgument, error_parts
+from libs.common.grpc_server import ServiceApp
+from libs.common.jetstream import Topology, connect, ensure_pull_consumer, ensure_streams, pull_loop
+from services.ledger.batcher import BatchingOptions
+from services.ledger.config import LedgerSettings
+from services.ledger.errors import LedgerError
+from services.ledger.ledger import Ledger, LedgerOptions
+from services.ledger.models import Balance, Hold, HoldState, MessageClass, PriceOverrides, ReserveRequest
+from services.ledger.outcomes import OutcomeConsumer
+
+_CLASS = {common_pb2.MESSAGE_CLASS_OTP: MessageClass.OTP,
+          common_pb2.MESSAGE_CLASS_TRANSACTIONAL: MessageClass.TRANSACTIONAL,
+          common_pb2.MESSAGE_CLASS_BULK: MessageClass.BULK}
+_CLASS_BACK = {v: k for k, v in _CLASS.items()}
+_STATE = {HoldState.HELD: credits_pb2.HOLD_STATE_HELD, HoldState.COMMITTED: credits_pb2.HOLD_STATE_COMMITTED,
+          HoldState.RELEASED: credits_pb2.HOLD_STATE_RELEASED, HoldState.EXPIRED: credits_pb2.HOLD_STATE_EXPIRED}
+
+
+def _tenant(name: str, field: str = "tenant") -> str:
+    if not name.startswith("tenants/") or name.count("/") != 1 or name == "tenants/":
+        raise InvalidArgument(f"{field} must look like tenants/{{id}}",
+                              field_violations=[FieldViolation(field, "expected tenants/{id}")])
+    tenant_id = name.removeprefix("tenants/")
+    check_tenant_access(tenant_id)
+    return tenant_id
+
+
+def _hold_id(name: str) -> str:
+    if not name.startswith("holds/") or name == "holds/":
+        raise InvalidArgument("name must look like holds/{id}", field_violations=[FieldViolation("name", "holds/{id}")])
+    return name.removeprefix("holds/")
+
+
+def _class(value: int) -> MessageClass:
+    if value not in _CLASS:
+        raise InvalidArgument("message_class is required",
+                              field_violations=[FieldViolation("message_class", "otp, transactional or bulk")])
+    return _CLASS[value]
+
+
+def _ts(value: Any) -> Timestamp:
+    ts = Timestamp()
+    if value is not None:
+        ts.FromDatetime(value)
+    return ts
+
+
+def _balance(b: Balance) -> credits_pb2.Balance:
+    return credits_pb2.Balance(tenant=f"tenants/{b.tenant_id}", available=b.available, held=b.held, spent=b.spent,
+                               low_balance_threshold=b.low_balance_threshold or 0)
+
+
+def _hold(h: Hold) -> credits_pb2.Hold:
+    return credits_pb2.Hold(name=f"holds/{h.hold_id}", tenant=f"tenants/{h.tenant_id}", amount=h.amount,
+                            committed_amount=h.committed_amount or 0, state=_STATE[h.state],
+                            message_class=_CLASS_BACK[h.message_class], expire_time=_ts(h.expires_at))
+
+
+def _reserve_request(r: credits_pb2.ReserveCreditsRequest) -> ReserveRequest:
+    return ReserveRequest(_tenant(r.tenant), r.hold_id, _class(r.message_class), r.email_count or 1,
+                          r.attachment_bytes, float(r.ttl_seconds) if r.ttl_seconds else None)
+
+
+class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def GetBalance(self, request: credits_pb2.GetBalanceRequest, context: Any) -> credits_pb2.Balance:
+        return _balance(await self.ledger.get_balance(_tenant(request.tenant)))
+
+    async def TopUp(self, request: credits_pb2.TopUpRequest, context: Any) -> credits_pb2.Balance:
+        return _balance(await self.ledger.top_up(_tenant(request.tenant), request.amount, request.request_id))
+
+    async def ListTransactions(self, request: credits_pb2.ListTransactionsRequest,
+                               context: Any) -> credits_pb2.ListTransactionsResponse:
+        entries, token = await self.ledger.list_transactions(_tenant(request.tenant), request.page_size,
+                                                             request.page_token)
+        return credits_pb2.ListTransactionsResponse(
+            transactions=[credits_pb2.Transaction(
+                id=str(e.entry_id), kind=str(e.kind), amount=e.amount, hold=f"holds/{e.hold_id}" if e.hold_id else "",
+                request_id=e.request_id or "", create_time=_ts(e.created_at),
+                available_after=e.available_after) for e in entries],
+            next_page_token=token)
+
+    async def ReserveCredits(self, request: credits_pb2.ReserveCreditsRequest, context: Any) -> credits_pb2.Hold:
+        r = _reserve_request(request)
+        return _hold(await self.ledger.reserve(r.tenant_id, r.hold_id, r.message_class, r.emails,
+                                               r.attachment_bytes, r.ttl_s))
+
+    async def BatchReserveCredits(self, request: credits_pb2.BatchReserveCreditsRequest,
+                                  context: Any) -> credits_pb2.BatchReserveCreditsResponse:
+        results: list[credits_pb2.BatchReserveCreditsResponse.Result] = []
+        valid: list[tuple[int, ReserveRequest]] = []
+        for index, item in enumerate(request.requests):
+            try:
+                valid.append((index, _reserve_request(item)))
+                results.append(credits_pb2.BatchReserveCreditsResponse.Result())
+            except InvalidArgument as exc:
+                results.append(_error_result(exc))
+        outcomes = await self.ledger.reserve_many([r for _, r in valid])
+        for (index, _), outcome in zip(valid, outcomes, strict=True):
+            results[index] = (_error_result(outcome) if isinstance(outcome, LedgerError)
+                              else credits_pb2.BatchReserveCreditsResponse.Result(hold=_hold(outcome)))
+        return credits_pb2.BatchReserveCreditsResponse(results=results)
+
+    async def CommitHold(self, request: credits_pb2.CommitHoldRequest, context: Any) -> credits_pb2.Hold:
+        return _hold(await self.ledger.commit(_hold_id(request.name), request.amount or None,
+                                              request.request_id or None))
+
+    async def ReleaseHold(self, request: credits_pb2.ReleaseHoldRequest, context: Any) -> credits_pb2.Hold:
+        return _hold(await self.ledger.release(_hold_id(request.name), request.reason))
+
+    async def GetPriceBook(self, request: credits_pb2.GetPriceBookRequest, context: Any) -> credits_pb2.PriceBook:
+        book = (await self.ledger.get_price_book() if request.tenant == "tenants/-"
+                else await self.ledger.get_price_book(_tenant(request.tenant)))
+        return _price_book(request.tenant, book)
+
+    async def UpdatePriceBook(self, request: credits_pb2.UpdatePriceBookRequest,
+                              context: Any) -> credits_pb2.PriceBook:
+        b = request.price_book
+        if b.tenant == "tenants/-":
+            from services.ledger.models import PriceBook
+
+            book = await self.ledger.set_default_prices(PriceBook(
+                "-", b.otp_per_email, b.transactional_per_email, b.bulk_per_email, b.per_attachment_mb))
+        else:
+            book = await self.ledger.set_price_overrides(_tenant(b.tenant, "price_book.tenant"), PriceOverrides(
+                b.otp_per_email or None, b.transactional_per_email or None, b.bulk_per_email or None,
+                b.per_attachment_mb or None))
+        return _price_book(b.tenant, book)
+
+
+def _price_book(tenant: str, book: Any) -> credits_pb2.PriceBook:
+    return credits_pb2.PriceBook(tenant=tenant, otp_per_email=book.otp_per_email,
+                                 transactional_per_email=book.transactional_per_email,
+                                 bulk_per_email=book.bulk_per_email, per_attachment_mb=book.per_attachment_mb)
+
+
+def _error_result(exc: Any) -> credits_pb2.BatchReserveCreditsResponse.Result:
+    code, message, reason, metadata, fields = error_parts(exc)
+    return credits_pb2.BatchReserveCreditsResponse.Result(error=common_pb2.BatchError(
+        code=code, message=message, reason=reason, metadata=metadata, fields=fields))
+
+
+async def build_app(settings: LedgerSettings) -> ServiceApp:
+    topology = Topology(settings.namespace)
+    pool = await db.create_pool(settings.postgres_dsn, min_size=2, max_size=settings.reserve_workers + 8,
+                                name="ledger")
+    ledger = Ledger(pool, LedgerOptions(
+        default_hold_ttl_s=settings.hold_ttl_s,
+        reserve_batching=BatchingOptions(max_batch_size=settings.reserve_batch_size,
+                                         workers=settings.reserve_workers)))
+    nc = await connect(settings.nats_url, "esp-ledger")
+    js = nc.jetstream()
+    await ensure_streams(js, topology)
+    durable = topology.consumer("ledger")
+    await ensure_pull_consumer(js, topology.events_stream, durable, topology.events_wildcard, ack_wait_s=30)
+    consumer = OutcomeConsumer(ledger)
+
+    async def consume(stop: Any) -> None:
+        await pull_loop(js, topology.events_stream, durable, topology.events_wildcard, consumer.handle, stop,
+                        batch=500)
+
+    async def sweep(stop: Any) -> None:
+        await ledger.run_expiry_sweeper(stop, interval_s=settings.sweep_interval_s)
+
+    async def close_all() -> None:
+        await ledger.close()
+        await nc.drain()
+        await pool.close()
+
+    return ServiceApp(
+        name="ledger", default_port=50053,
+        servicers=[(credits_pb2_grpc.add_CreditServiceServicer_to_server, CreditServicer(ledger))],
+        service_names=[credits_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name],
+        tasks=[consume, sweep], closers=[close_all], authenticator=TrustedHeaderAuthenticator())

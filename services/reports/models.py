@@ -1,0 +1,189 @@
+"""The reports domain's values: message states and their order, events, message status, suppressions, stats.
+
+Plain dataclasses and enums, no protobuf types: ``services/reports/server.py`` translates to and from the API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class MessageState(StrEnum):
+    """Where a message is in its life (``esp.v1.MessageState`` without the prefix, lower-cased)."""
+
+    ACCEPTED = "accepted"
+    DEFERRED = "deferred"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    FAILED = "failed"
+    COMPLAINED = "complained"
+
+
+class EventType(StrEnum):
+    """What happened to a message (``esp.v1.MessageEventType`` without the prefix, lower-cased)."""
+
+    ACCEPTED = "accepted"
+    ATTEMPTED = "attempted"
+    SENT = "sent"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+    OPENED = "opened"
+    CLICKED = "clicked"
+    UNSUBSCRIBED = "unsubscribed"
+    REJECTED = "rejected"
+    ATTACHMENTS_LINKED = "attachments_linked"
+    DEAD_LETTERED = "dead_lettered"
+
+
+class SuppressionReason(StrEnum):
+    """Why an address is suppressed."""
+
+    HARD_BOUNCE = "hard_bounce"
+    COMPLAINT = "complaint"
+    UNSUBSCRIBE = "unsubscribe"
+    MANUAL = "manual"
+
+
+# The state an event moves a message to, with its rank. A message only moves to a higher rank, so events may
+# arrive in any order and any number of times: a late DEFERRED after SENT changes nothing, DELIVERED after
+# SENT wins, a BOUNCED (possibly asynchronous, after DELIVERED) or COMPLAINED outranks DELIVERED. A provider's
+# REJECTED comes after it had taken the message (SENT), so it outranks SENT; the sender's own FAILED does not,
+# because a SENT for the same message means a later attempt did go out. Events absent here (ATTEMPTED,
+# OPENED, CLICKED, UNSUBSCRIBED, ATTACHMENTS_LINKED) add to the timeline without changing the state.
+STATE_TRANSITIONS: Mapping[EventType, tuple[MessageState, int]] = {
+    EventType.ACCEPTED: (MessageState.ACCEPTED, 0),
+    EventType.DEFERRED: (MessageState.DEFERRED, 1),
+    EventType.FAILED: (MessageState.FAILED, 2),
+    EventType.DEAD_LETTERED: (MessageState.FAILED, 2),
+    EventType.SENT: (MessageState.SENT, 3),
+    EventType.REJECTED: (MessageState.FAILED, 4),
+    EventType.DELIVERED: (MessageState.DELIVERED, 5),
+    EventType.BOUNCED: (MessageState.BOUNCED, 6),
+    EventType.COMPLAINED: (MessageState.COMPLAINED, 7),
+}
+PLACEHOLDER_STATE = (MessageState.ACCEPTED, 0)
+"""State of a message known only from events that do not set one (it was accepted, or nothing would happen)."""
+
+# Delivery events from providers that put the recipient on the tenant's suppression list.
+HARD_BOUNCE = "hard"
+SOFT_BOUNCE = "soft"
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """An address with an optional display name."""
+
+    email: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class AcceptedMessage:
+    """The summary of a message as ingest accepted it (carried by the ACCEPTED event)."""
+
+    message_class: str
+    sender: Mailbox
+    to: tuple[Mailbox, ...] = ()
+    cc: tuple[Mailbox, ...] = ()
+    bcc: tuple[Mailbox, ...] = ()
+    subject: str = ""
+    tags: tuple[str, ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    attachment_ids: tuple[str, ...] = ()
+    request_id: str = ""
+    credits: int = 0
+    campaign: str = ""
+    create_time: datetime | None = None
+    """When ingest accepted it; the event time is used when absent."""
+
+
+@dataclass(frozen=True)
+class MessageEventRecord:
+    """One event of a message's timeline."""
+
+    event_id: str
+    """Unique: the dedupe key of at-least-once delivery."""
+    tenant_id: str
+    message_id: str
+    event_type: EventType
+    event_time: datetime
+    message_class: str = ""
+    """``otp``, ``transactional``, ``bulk`` or empty when the producer did not say."""
+    provider: str = ""
+    provider_message_id: str = ""
+    recipient: str = ""
+    reason: str = ""
+    attempt: int = 0
+    outcome: str = ""
+    """How an attempt ended: ``accepted``, ``throttled``, ``retryable``, ``permanent``, ``ambiguous`` or empty."""
+    latency_ms: int = 0
+    bounce_type: str = ""
+    """``hard`` or ``soft`` for bounces."""
+    url: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    accepted: AcceptedMessage | None = None
+    """Set on ACCEPTED events only."""
+
+
+@dataclass(frozen=True)
+class MessageStatus:
+    """A message as the reports service knows it."""
+
+    tenant_id: str
+    message_id: str
+    state: MessageState
+    message_class: str
+    sender: Mailbox
+    to: tuple[Mailbox, ...]
+    cc: tuple[Mailbox, ...]
+    bcc: tuple[Mailbox, ...]
+    subject: str
+    tags: tuple[str, ...]
+    metadata: Mapping[str, str]
+    attachment_ids: tuple[str, ...]
+    request_id: str
+    credits: int
+    campaign: str
+    provider: str
+    provider_message_id: str
+    attempts: int
+    create_time: datetime
+    update_time: datetime
+    accepted_seen: bool
+    """False while the ACCEPTED event has not arrived: the summary fields are still empty."""
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """One suppressed address of a tenant."""
+
+    tenant_id: str
+    email: str
+    """Lower-cased."""
+    reason: SuppressionReason
+    note: str = ""
+    create_time: datetime | None = None
+    source_message_id: str = ""
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a listing and the token of the next (empty on the last page)."""
+
+    items: tuple[T, ...]
+    next_page_token: str
+
+
+def normalise_email(email: str) -> str:
+    """The form addresses are stored and compared in: trimmed and lower-cased."""
+    return email.strip().lower()

@@ -1,0 +1,123 @@
+"""Outcome events: sent commits, failed releases, and a redelivered event changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from libs.common.db import create_pool
+from services.ledger.errors import IdempotencyMismatch, InvalidLedgerArgument
+from services.ledger.ledger import Ledger
+from services.ledger.models import (
+    Balance,
+    HoldState,
+    MessageClass,
+    NotificationKind,
+    Outcome,
+    OutcomeEvent,
+    OutcomeResult,
+)
+from tests.ledger.books import check_books
+
+
+@pytest.fixture
+async def funded(ledger: Ledger) -> Ledger:
+    """Tenant acme with 100 credits and a 5-credit hold ``m1``."""
+    await ledger.top_up("acme", 100, "t1")
+    await ledger.reserve("acme", "m1", MessageClass.OTP)
+    return ledger
+
+
+async def test_the_same_sent_event_delivered_three_times_commits_once(funded: Ledger, pool: AsyncConnectionPool) -> None:
+    results = [await funded.apply_outcome("e1", "m1", "sent") for _ in range(3)]
+
+    assert [(r.result, r.duplicate) for r in results] == [
+        (OutcomeResult.COMMITTED, False),
+        (OutcomeResult.COMMITTED, True),
+        (OutcomeResult.COMMITTED, True),
+    ]
+    assert await funded.get_balance("acme") == Balance("acme", available=95, held=0, spent=5)
+    await check_books(pool)
+
+
+async def test_a_failed_event_releases_the_hold(funded: Ledger) -> None:
+    applied = await funded.apply_outcome("e1", "m1", Outcome.FAILED)
+
+    assert applied.result is OutcomeResult.RELEASED
+    assert (await funded.get_hold("m1")).state is HoldState.RELEASED
+    assert await funded.get_balance("acme") == Balance("acme", available=100, held=0, spent=0)
+
+
+async def test_one_batch_holding_an_event_three_times_commits_once(funded: Ledger, pool: AsyncConnectionPool) -> None:
+    results = await funded.apply_outcomes([OutcomeEvent("e1", "m1", Outcome.SENT)] * 3)
+
+    assert [r.duplicate for r in results] == [False, True, True]  # type: ignore[union-attr]
+    assert await funded.get_balance("acme") == Balance("acme", available=95, held=0, spent=5)
+    await check_books(pool)
+
+
+async def test_duplicates_delivered_to_two_replicas_at_once_commit_once(funded: Ledger, ledger_dsn: str) -> None:
+    other_pool = await create_pool(ledger_dsn, min_size=1, max_size=2)
+    other = Ledger(other_pool)
+    try:
+        results = await asyncio.gather(
+            *(replica.apply_outcome("e1", "m1", "sent") for replica in (funded, other, funded, other))
+        )
+    finally:
+        await other.close()
+        await other_pool.close()
+
+    assert sorted(r.duplicate for r in results) == [False, True, True, True]
+    assert await funded.get_balance("acme") == Balance("acme", available=95, held=0, spent=5)
+
+
+async def test_a_second_event_for_a_resolved_hold_changes_nothing(funded: Ledger) -> None:
+    await funded.apply_outcome("e1", "m1", "sent")
+
+    later = await funded.apply_outcome("e2", "m1", "failed")
+
+    assert (later.result, later.duplicate) == (OutcomeResult.HOLD_ALREADY_RESOLVED, False)
+    assert await funded.get_balance("acme") == Balance("acme", available=95, held=0, spent=5)
+
+
+async def test_a_late_sent_for_an_expired_hold_charges_nothing_and_is_reported(
+    funded: Ledger, pool: AsyncConnectionPool
+) -> None:
+    hold = await funded.get_hold("m1")
+    await funded.expire_holds(now=hold.expires_at + timedelta(seconds=1))
+
+    late = await funded.apply_outcome("e1", "m1", "sent")
+
+    assert late.result is OutcomeResult.HOLD_EXPIRED
+    assert await funded.get_balance("acme") == Balance("acme", available=100, held=0, spent=0)
+    [notification] = await funded.pending_notifications()
+    assert notification.kind is NotificationKind.UNBILLED_SEND
+    assert notification.payload["hold_id"] == "m1"
+    await check_books(pool)
+
+
+async def test_an_event_for_an_unknown_hold_is_recorded_without_effect(funded: Ledger) -> None:
+    applied = await funded.apply_outcome("e1", "campaign-message-7", "sent")
+    again = await funded.apply_outcome("e1", "campaign-message-7", "sent")
+
+    assert (applied.result, again.duplicate) == (OutcomeResult.HOLD_NOT_FOUND, True)
+    assert (await funded.get_balance("acme")).held == 5
+
+
+async def test_reusing_an_event_id_for_another_outcome_is_an_idempotency_mismatch(funded: Ledger) -> None:
+    await funded.apply_outcome("e1", "m1", "sent")
+
+    with pytest.raises(IdempotencyMismatch):
+        await funded.apply_outcome("e1", "m1", "failed")
+
+
+async def test_a_malformed_event_fails_alone(funded: Ledger) -> None:
+    await funded.reserve("acme", "m2", MessageClass.OTP)
+
+    bad, good = await funded.apply_outcomes([OutcomeEvent("", "m1", Outcome.SENT), OutcomeEvent("e2", "m2", "sent")])  # type: ignore[arg-type]
+
+    assert isinstance(bad, InvalidLedgerArgument)
+    assert good.result is OutcomeResult.COMMITTED  # type: ignore[union-attr]
