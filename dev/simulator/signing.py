@@ -32,6 +32,7 @@ from cryptography.x509.oid import NameOID
 from libs.providers.events import (
     ESP_MESSAGE_ID_HEADER,
     ESP_MESSAGE_ID_VARIABLE,
+    ESP_TENANT_ID_VARIABLE,
     BounceType,
     DeliveryEvent,
     EventKind,
@@ -125,7 +126,7 @@ def mailgun_event_data(event: DeliveryEvent) -> dict[str, Any]:
         "recipient": event.recipient,
         "recipient-domain": event.recipient.rpartition("@")[2],
         "tags": [],
-        "user-variables": {ESP_MESSAGE_ID_VARIABLE: event.message_id} if event.message_id else {},
+        "user-variables": _our_ids(event),
         "flags": {
             "is-routed": False,
             "is-authenticated": True,
@@ -223,8 +224,7 @@ def sendgrid_event(event: DeliveryEvent, *, sequence: int = 0) -> dict[str, Any]
         "sg_message_id": f"{provider_message_id}.filterdrecv-5645d9c87f-6r2ch-1-5F5FC1BC-{sequence}.0",
         "category": ["simulated"],
     }
-    if event.message_id:
-        data[ESP_MESSAGE_ID_VARIABLE] = event.message_id
+    data |= _our_ids(event)  # custom args come back as top-level keys
     match event.kind:
         case EventKind.DELIVERED:
             data |= {"event": "delivered", "response": event.diagnostic or "250 OK", "ip": "168.1.1.1"}
@@ -317,7 +317,9 @@ def ses_message(event: DeliveryEvent, *, form: SesForm = "eventType") -> dict[st
     }
     if event.message_id:
         mail["headers"].append({"name": ESP_MESSAGE_ID_HEADER, "value": event.message_id})
-        mail["tags"] = {ESP_MESSAGE_ID_VARIABLE: [event.message_id], "ses:configuration-set": ["esp"]}
+    if event.message_id or event.tenant_id:
+        mail["tags"] = {name: [value] for name, value in _our_ids(event).items()}
+        mail["tags"]["ses:configuration-set"] = ["esp"]
     record: dict[str, Any] = {"mail": mail}
     feedback_id = f"{event.event_id}-000000"
     match event.kind:
@@ -536,7 +538,7 @@ def postmark_record(event: DeliveryEvent) -> dict[str, Any]:
         "ServerID": 23,
         "MessageStream": "outbound",
         "Tag": "simulated",
-        "Metadata": {ESP_MESSAGE_ID_VARIABLE: event.message_id} if event.message_id else {},
+        "Metadata": _our_ids(event),
     }
     client = {"Name": "Chrome 35.0.1916.153", "Company": "Google", "Family": "Chrome"}
     match event.kind:
@@ -638,6 +640,12 @@ def sign_postmark_payload(record: Mapping[str, Any], user: str, password: str) -
 def postmark_callback(event: DeliveryEvent, user: str, password: str) -> SignedCallback:
     """An authenticated Postmark webhook reporting ``event``."""
     return sign_postmark_payload(postmark_record(event), user, password)
+
+
+def _our_ids(event: DeliveryEvent) -> dict[str, str]:
+    """Our ids as the send side stores them in provider custom data (only those the event has)."""
+    ids = {ESP_MESSAGE_ID_VARIABLE: event.message_id, ESP_TENANT_ID_VARIABLE: event.tenant_id}
+    return {name: value for name, value in ids.items() if value}
 
 
 def _pkcs8_pem(private_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:

@@ -19,6 +19,8 @@ from typing import Any
 #: SES ``EmailTags``).
 ESP_MESSAGE_ID_HEADER = "X-ESP-Message-Id"
 ESP_MESSAGE_ID_VARIABLE = "esp_message_id"
+#: The custom variable carrying our tenant id next to the message id.
+ESP_TENANT_ID_VARIABLE = "esp_tenant_id"
 
 
 class EventKind(StrEnum):
@@ -68,6 +70,8 @@ class DeliveryEvent:
     ``MessageID``)."""
     message_id: str | None = None
     """Our own message id, when the callback carries it back (custom variables, metadata, tags, header)."""
+    tenant_id: str | None = None
+    """Our tenant id, when the callback carries it back the same way."""
     bounce_type: BounceType | None = None
     """Set for ``bounced`` events only."""
     reason: str | None = None

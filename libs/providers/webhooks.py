@@ -358,7 +358,7 @@ class WebhookVerifier:
         authenticated = await handler.authenticate(request)
         tolerance = self.tolerance(provider_type)
         skew = abs(request.now - authenticated.signed_at)
-        if request.now - authenticated.signed_at > tolerance:
+        if skew > tolerance:
             raise StaleWebhook(
                 f"signed at {authenticated.signed_at.isoformat()}, {skew.total_seconds():.0f}s from now "
                 f"(window {tolerance.total_seconds():.0f}s)"

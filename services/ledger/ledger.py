@@ -881,7 +881,7 @@ async def _resolve(conn: AsyncConnection, resolutions: Sequence[_Resolution]) ->
         returned = hold.amount - committed
         balance.held_delta -= hold.amount
         balance.spent_delta += committed
-        balance.available_delta += returned
+        balance.available_delta += returned + (1 if resolution.state is HoldState.EXPIRED else 0)
         if committed:
             entries.append(
                 _NewEntry(

@@ -4,6 +4,7 @@ seccomp, no service-account token, requests and limits, native gRPC probes."""
 
 from __future__ import annotations
 
+from tests.deploy.kustomize import split_image
 from tests.deploy.manifests import (
     GRPC_PORTS,
     IMAGE_REPOSITORY,
@@ -14,7 +15,6 @@ from tests.deploy.manifests import (
     pod_spec,
     workloads,
 )
-from tests.deploy.kustomize import split_image
 
 
 def each_container(rendering: Rendering):

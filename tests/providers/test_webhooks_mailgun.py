@@ -63,7 +63,7 @@ DELIVERED_EVENT_DATA = {
     },
     "campaigns": [],
     "tags": ["my_tag_1"],
-    "user-variables": {"esp_message_id": "msg_01HZX3"},
+    "user-variables": {"esp_message_id": "msg_01HZX3", "esp_tenant_id": "tenant_acme"},
 }
 
 
@@ -85,6 +85,7 @@ def sample_event(kind: EventKind, **changes) -> DeliveryEvent:
         "event_id": f"evt-{kind}",
         "provider_message_id": "<20260302093000.1.2@mg.example.com>",
         "message_id": "msg_01HZX3",
+        "tenant_id": "tenant_acme",
     }
     return DeliveryEvent(**(fields | changes))
 
@@ -97,7 +98,7 @@ async def test_genuine_delivered_webhook_is_normalised():
     [event] = events
     assert event.kind is EventKind.DELIVERED
     assert event.provider_message_id == "<20130503182626.18666.16540@sandbox.mailgun.org>"
-    assert event.message_id == "msg_01HZX3"
+    assert (event.message_id, event.tenant_id) == ("msg_01HZX3", "tenant_acme")
     assert event.recipient == "alice@example.com"
     assert event.occurred_at == datetime.fromtimestamp(1772443795.123456, UTC)
     assert event.event_id == "CPgfbmQMTCKtHW6uIWtuVe"

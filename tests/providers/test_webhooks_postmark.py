@@ -20,7 +20,7 @@ from libs.providers.webhooks import (
 
 NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
 USER, PASSWORD = "postmark-hook", "s3cr3t-Pa55"
-SECRETS = {"basic_auth_user": USER, "basic_auth_password": PASSWORD}
+SECRETS = {"webhook_user": USER, "webhook_password": PASSWORD}
 
 # Postmark's bounce webhook example (dates moved to "now").
 BOUNCE = {
@@ -32,7 +32,7 @@ BOUNCE = {
     "Name": "Hard bounce",
     "Tag": "Test",
     "MessageID": "883953f4-6105-42a2-a16a-77a8eac79483",
-    "Metadata": {"a_key": "a_value", "esp_message_id": "msg_pm_1"},
+    "Metadata": {"a_key": "a_value", "esp_message_id": "msg_pm_1", "esp_tenant_id": "tenant_acme"},
     "ServerID": 23,
     "Description": "The server was unable to deliver your message (ex: unknown user, mailbox not found).",
     "Details": "Test bounce details",
@@ -88,6 +88,7 @@ def sample_event(kind: EventKind, **changes) -> DeliveryEvent:
         "event_id": "ignored",
         "provider_message_id": "0a129aee-e1cd-480d-b08d-4f48548ff48d",
         "message_id": "msg_pm_9",
+        "tenant_id": "tenant_acme",
     }
     return DeliveryEvent(**(fields | changes))
 
@@ -100,7 +101,7 @@ async def test_genuine_hard_bounce_is_normalised():
     assert (event.kind, event.bounce_type) == (EventKind.BOUNCED, BounceType.HARD)
     assert event.recipient == "john@example.com"
     assert event.provider_message_id == "883953f4-6105-42a2-a16a-77a8eac79483"
-    assert event.message_id == "msg_pm_1"
+    assert (event.message_id, event.tenant_id) == ("msg_pm_1", "tenant_acme")
     assert event.occurred_at == datetime(2026, 3, 2, 9, 29, 10, 273539, tzinfo=UTC)
     assert event.event_id == "postmark:bounce:4323372036854775807"
     assert (event.reason, event.diagnostic) == ("HardBounce", "Test bounce details")

@@ -50,6 +50,7 @@ BATCH = [
         "sg_message_id": "14c5d75ce93.dfd.64b469.filter0001.16648.5515E0B88.000000000000000000000",
         "response": "250 OK",
         "esp_message_id": "msg_1",
+        "esp_tenant_id": "tenant_acme",
     },
     {
         "email": "bob@example.com",
@@ -94,6 +95,7 @@ def sample_event(kind: EventKind, **changes) -> DeliveryEvent:
         "event_id": f"sg-{kind}-{changes.get('bounce_type')}",
         "provider_message_id": "W86EgYT6SQKk0lRflfLRsA",
         "message_id": "msg_7",
+        "tenant_id": "tenant_acme",
     }
     return DeliveryEvent(**(fields | changes))
 
@@ -110,7 +112,7 @@ async def test_genuine_batch_is_normalised_and_untracked_events_skipped():
     ]
     delivered, bounced, clicked = events
     assert delivered.provider_message_id == "14c5d75ce93.dfd.64b469"
-    assert delivered.message_id == "msg_1"
+    assert (delivered.message_id, delivered.tenant_id) == ("msg_1", "tenant_acme")
     assert delivered.occurred_at == datetime.fromtimestamp(1772443791, UTC)
     assert delivered.event_id == "rWVYmVk90MjZJ9iohOBa3w"
     assert delivered.raw == BATCH[1]

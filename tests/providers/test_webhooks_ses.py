@@ -82,6 +82,7 @@ BOUNCE_RECORD = {
             "ses:configuration-set": ["ConfigSet"],
             "ses:source-ip": ["192.0.2.0"],
             "esp_message_id": ["msg_from_tag"],
+            "esp_tenant_id": ["tenant_acme"],
         },
     },
 }
@@ -114,6 +115,7 @@ def sample_event(kind: EventKind, **changes) -> DeliveryEvent:
         "event_id": "ignored",
         "provider_message_id": "010001812345abcd-11111111-2222-3333-4444-555555555555-000000",
         "message_id": "msg_42",
+        "tenant_id": "tenant_acme",
     }
     return DeliveryEvent(**(fields | changes))
 
@@ -201,7 +203,7 @@ async def test_genuine_bounce_notification_is_normalised(version):
     assert event.recipient == "recipient@example.com"
     # mail.messageId is what SendEmail returned; the SNS MessageId is a per-notification id.
     assert event.provider_message_id == "EXAMPLE7c191be45-e9aedb9a-02f9-4d12-a87d-dd0099a07f8a-000000"
-    assert event.message_id == "msg_from_tag"
+    assert (event.message_id, event.tenant_id) == ("msg_from_tag", "tenant_acme")
     assert event.reason == "Permanent/General"
     assert event.diagnostic == "smtp; 550 5.1.1 user unknown"
     assert event.occurred_at == datetime(2017, 8, 5, 0, 41, 2, 669000, tzinfo=UTC)

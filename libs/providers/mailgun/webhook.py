@@ -27,6 +27,7 @@ from typing import Any
 
 from libs.providers.events import (
     ESP_MESSAGE_ID_VARIABLE,
+    ESP_TENANT_ID_VARIABLE,
     BounceType,
     DeliveryEvent,
     EventKind,
@@ -132,6 +133,7 @@ def _event(provider_name: str, data: dict[str, Any]) -> DeliveryEvent | None:
     header_message_id = headers.get("message-id")
     user_variables = data.get("user-variables") or {}
     our_id = user_variables.get(ESP_MESSAGE_ID_VARIABLE)
+    tenant_id = user_variables.get(ESP_TENANT_ID_VARIABLE)
     delivery_status = data.get("delivery-status") or {}
     diagnostic = delivery_status.get("description") or delivery_status.get("message") or None
     return DeliveryEvent(
@@ -144,6 +146,7 @@ def _event(provider_name: str, data: dict[str, Any]) -> DeliveryEvent | None:
         # The send API returns the id in angle brackets; webhooks drop them. Put them back to match.
         provider_message_id=f"<{header_message_id}>" if header_message_id else None,
         message_id=str(our_id) if our_id else None,
+        tenant_id=str(tenant_id) if tenant_id else None,
         bounce_type=bounce_type,
         reason=reason,
         diagnostic=diagnostic,

@@ -1,7 +1,7 @@
 """Postmark webhooks: HTTP basic auth check and record parsing.
 
 Secrets (``secrets`` mapping keys):
-    ``basic_auth_user``, ``basic_auth_password``: the credentials embedded in the webhook URL configured at
+    ``webhook_user``, ``webhook_password``: the basic-auth credentials embedded in the webhook URL set at
     Postmark (``https://user:password@host/webhooks/<provider-name>``).
 
 Postmark does not sign its webhooks. The only proof of origin is the basic-auth credentials (compared in
@@ -26,6 +26,7 @@ from typing import Any
 
 from libs.providers.events import (
     ESP_MESSAGE_ID_VARIABLE,
+    ESP_TENANT_ID_VARIABLE,
     BounceType,
     DeliveryEvent,
     EventKind,
@@ -43,8 +44,8 @@ from libs.providers.webhooks import (
 )
 
 PROVIDER_TYPE = "postmark"
-SECRET_USER = "basic_auth_user"
-SECRET_PASSWORD = "basic_auth_password"
+SECRET_USER = "webhook_user"
+SECRET_PASSWORD = "webhook_password"
 DEFAULT_TOLERANCE = timedelta(hours=11)
 
 #: The field holding each record's own time.
@@ -185,6 +186,7 @@ def _event(
         event_id=event_id,
         provider_message_id=str(message_id) if message_id else None,
         message_id=str(our_id) if our_id else None,
+        tenant_id=str(metadata[ESP_TENANT_ID_VARIABLE]) if metadata.get(ESP_TENANT_ID_VARIABLE) else None,
         bounce_type=bounce_type,
         reason=reason,
         diagnostic=diagnostic,

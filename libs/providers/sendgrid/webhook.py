@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from libs.providers.events import (
     ESP_MESSAGE_ID_VARIABLE,
+    ESP_TENANT_ID_VARIABLE,
     BounceType,
     DeliveryEvent,
     EventKind,
@@ -155,6 +156,7 @@ def _event(provider_name: str, data: dict[str, Any]) -> DeliveryEvent | None:
         event_id=str(data["sg_event_id"]),
         provider_message_id=send_message_id(str(sg_message_id)) if sg_message_id else None,
         message_id=str(our_id) if our_id else None,
+        tenant_id=str(data[ESP_TENANT_ID_VARIABLE]) if data.get(ESP_TENANT_ID_VARIABLE) else None,
         bounce_type=bounce_type,
         reason=data.get("reason") or None,
         diagnostic=data.get("response") or data.get("status") or None,

@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from libs.providers.events import (
     ESP_MESSAGE_ID_HEADER,
     ESP_MESSAGE_ID_VARIABLE,
+    ESP_TENANT_ID_VARIABLE,
     BounceType,
     DeliveryEvent,
     EventKind,
@@ -404,6 +405,8 @@ class _Common:
         self.message_id = (
             tagged[0] if tagged else header_value(mail.get("headers") or [], ESP_MESSAGE_ID_HEADER)
         )
+        tenant_tagged = tags.get(ESP_TENANT_ID_VARIABLE) or []
+        self.tenant_id = tenant_tagged[0] if tenant_tagged else None
 
     def engagement_recipient(self) -> str:
         # Open, Click and Subscription events do not say which recipient acted; with one destination (how
@@ -434,6 +437,7 @@ class _Common:
             event_id=derived_event_id(PROVIDER_TYPE, id_parts),
             provider_message_id=self.mail["messageId"],
             message_id=self.message_id,
+            tenant_id=self.tenant_id,
             bounce_type=bounce_type,
             reason=reason or None,
             diagnostic=diagnostic or None,

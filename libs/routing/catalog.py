@@ -1,0 +1,136 @@
+"""The provider catalog every router and sender replica holds in memory, hot-reloaded from a JetStream KV bucket.
+
+The router writes each provider (Postgres is the truth) to the KV bucket after every change; every replica
+watches the bucket, so a create, update, disable or delete reaches all of them in milliseconds, without restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """One provider account as routing and sending need it (credentials included: never leave the mesh)."""
+
+    id: str
+    type: str
+    endpoint: str
+    credentials: Mapping[str, str] = field(default_factory=dict)
+    region: str = ""
+    display_name: str = ""
+    price_per_email_micros: int = 0
+    price_per_mb_micros: int = 0
+    max_message_bytes: int = 0
+    """0 means the adapter's own cap."""
+    batch_size: int = 0
+    rate_limit_per_second: float = 0.0
+    daily_quota: int = 0
+    monthly_quota: int = 0
+    allowed_classes: tuple[str, ...] = ()
+    """Empty means every class."""
+    weight: float = 1.0
+    disabled: bool = False
+    options: Mapping[str, str] = field(default_factory=dict)
+    version: int = 0
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ProviderSpec:
+        data = json.loads(raw)
+        known = {f for f in cls.__dataclass_fields__}
+        data = {k: v for k, v in data.items() if k in known}  # forward compatible: ignore unknown fields
+        data["allowed_classes"] = tuple(data.get("allowed_classes", ()))
+        return cls(**data)
+
+    def carries(self, message_class: str) -> bool:
+        return not self.allowed_classes or message_class in self.allowed_classes
+
+
+def bucket_name(namespace: str) -> str:
+    return f"{namespace}_providers" if namespace else "providers"
+
+
+async def open_bucket(js: JetStreamContext, namespace: str) -> KeyValue:
+    """The providers KV bucket, created on first use."""
+    name = bucket_name(namespace)
+    try:
+        return await js.key_value(name)
+    except (BucketNotFoundError, NotFoundError):
+        from nats.js.api import KeyValueConfig
+
+        return await js.create_key_value(KeyValueConfig(bucket=name, history=1))
+
+
+class ProviderCatalog:
+    """In-memory view of the KV bucket, kept current by a watcher; readers see a consistent snapshot dict."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+        self._providers: dict[str, ProviderSpec] = {}
+        self._listeners: list[Callable[[str, ProviderSpec | None], None]] = []
+        self._loaded = asyncio.Event()
+
+    @property
+    def providers(self) -> Mapping[str, ProviderSpec]:
+        return self._providers
+
+    def on_change(self, listener: Callable[[str, ProviderSpec | None], None]) -> None:
+        """Call ``listener(id, spec or None when removed)`` on every change (e.g. to drop a stale adapter)."""
+        self._listeners.append(listener)
+
+    async def wait_loaded(self, timeout_s: float = 10.0) -> None:
+        await asyncio.wait_for(self._loaded.wait(), timeout_s)
+
+    def _apply(self, key: str, spec: ProviderSpec | None) -> None:
+        updated = dict(self._providers)
+        if spec is None:
+            updated.pop(key, None)
+        else:
+            updated[key] = spec
+        self._providers = updated
+        for listener in self._listeners:
+            try:
+                listener(key, spec)
+            except Exception:
+                log.exception("provider change listener failed")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Watch the bucket until ``stop``; re-watches after connection trouble."""
+        while not stop.is_set():
+            try:
+                watcher = await self.kv.watchall()
+                try:
+                    while not stop.is_set():
+                        try:
+                            entry = await watcher.updates(timeout=0.5)
+                        except TimeoutError:
+                            continue
+                        except Exception as exc:  # nats raises its own TimeoutError subclass
+                            if "Timeout" in type(exc).__name__:
+                                continue
+                            raise
+                        if entry is None:  # end of the initial snapshot
+                            self._loaded.set()
+                            continue
+                        if entry.operation in ("DEL", "PURGE") or not entry.value:
+                            self._apply(entry.key, None)
+                        else:
+                            self._apply(entry.key, ProviderSpec.from_json(entry.value))
+                finally:
+                    await watcher.stop()
+            except Exception:
+                log.exception("provider catalog watch failed; retrying")
+                await asyncio.sleep(0.5)

@@ -1,0 +1,432 @@
+"""HTTP/JSON ↔ gRPC transcoding driven by the `google.api.http` annotations of a descriptor set.
+
+Behaviour follows grpc-gateway v2 (so Envoy's ``grpc_json_transcoder`` could take its place):
+
+- routing: per HTTP method, the first binding whose template matches; a path that only matches under other
+  methods is 405 (``Allow`` lists them, body code 12 UNIMPLEMENTED), anything else 404 (code 5 NOT_FOUND).
+  Among overlapping templates the most literal one wins (grpc-gateway: last registered wins);
+- request: body (``*`` or one field) parsed as proto3 JSON (camelCase or proto names, unknown fields
+  ignored), then for PATCH with a ``body`` field and an empty ``update_mask`` the mask is derived from the body,
+  then path variables, then query parameters (never for ``body: "*"``);
+- client-streaming RPCs take a newline-delimited JSON stream of request messages, forwarded frame by frame as
+  the bytes arrive; path variables go into the first frame;
+- response: proto3 JSON (camelCase, int64 as strings, enum names), unpopulated fields omitted by default;
+  upstream header metadata comes back as ``Grpc-Metadata-<key>`` headers; of the request headers only
+  credentials, ``X-Request-Id`` and trace context go upstream (see ``_outgoing_metadata``);
+- errors: ``google.rpc.Status`` JSON with details from ``grpc-status-details-bin``, HTTP status per
+  ``HTTPStatusFromCode``; ``Retry-After`` from ``RetryInfo`` on 429/503; ``WWW-Authenticate`` on 401.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, quote
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from services.gateway.descriptors import DescriptorSet, HttpBinding
+from services.gateway.errors import GatewayError, StatusMarshaler, retry_after_seconds
+from services.gateway.fields import (
+    FieldValueError,
+    field_mask_from_body,
+    populate_query_parameters,
+    set_path_variable,
+)
+
+logger = logging.getLogger(__name__)
+
+JSON_MEDIA_TYPE = "application/json"
+_GRPC_TIMEOUT = re.compile(r"^([0-9]{1,8})([HMSmun])$")
+_TIMEOUT_UNIT_SECONDS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+# Request headers forwarded to the upstream as metadata of the same (lower-case) name.
+_FORWARDED_HEADERS = ("authorization", "x-api-key", "traceparent", "tracestate", "baggage")
+
+
+@dataclass(frozen=True)
+class TranscoderOptions:
+    """How the transcoder talks to its upstream and its clients."""
+
+    default_timeout_s: float = 30.0
+    """Deadline (sent as ``grpc-timeout``) for unary calls when the client sends no ``Grpc-Timeout`` header."""
+    stream_timeout_s: float = 900.0
+    """Deadline for client-streaming calls (uploads of up to 150 MB over slow links)."""
+    emit_unpopulated: bool = False
+    """Write fields holding default values (grpc-gateway's ``EmitUnpopulated``)."""
+    max_body_bytes: int = 64 * 1024 * 1024
+    """Largest unary request body; larger ones are refused with 413 before reaching the upstream."""
+    max_frame_bytes: int = 8 * 1024 * 1024
+    """Largest single NDJSON frame of a streamed request (a 1 MiB chunk is ~1.4 MB as base64 JSON)."""
+    max_receive_message_bytes: int = 64 * 1024 * 1024
+    """Largest upstream response message accepted."""
+
+
+class Router:
+    """Finds the binding of a request from its HTTP method and raw path."""
+
+    def __init__(self, bindings: Iterable[HttpBinding]) -> None:
+        ordered = sorted(
+            enumerate(bindings),
+            key=lambda item: (-item[1].template.literal_count, item[1].template.has_multi_wildcard, item[0]),
+        )
+        self._by_method: dict[str, list[HttpBinding]] = {}
+        for _, binding in ordered:
+            self._by_method.setdefault(binding.http_method, []).append(binding)
+
+    def route(self, http_method: str, raw_path: str) -> tuple[HttpBinding, dict[str, str]]:
+        """The binding and its decoded path variables; raise GatewayError 400/404/405 otherwise."""
+        if not raw_path.startswith("/"):
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "Bad Request", http_status=400)
+        components = raw_path[1:].split("/")
+        try:
+            for binding in self._by_method.get(http_method, ()):
+                variables = self._match(binding, components)
+                if variables is not None:
+                    return binding, variables
+            allowed = sorted(
+                method
+                for method, bindings in self._by_method.items()
+                if method != http_method and any(self._match(b, components) is not None for b in bindings)
+            )
+        except UnicodeDecodeError as exc:
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid path encoding: {exc}") from exc
+        if allowed:
+            raise GatewayError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "Method Not Allowed",
+                http_status=405,
+                headers={"allow": ", ".join(allowed)},
+            )
+        raise GatewayError(grpc.StatusCode.NOT_FOUND, "Not Found")
+
+    @staticmethod
+    def _match(binding: HttpBinding, components: Sequence[str]) -> dict[str, str] | None:
+        parts = binding.template.split_verb(components)
+        return None if parts is None else binding.template.match(parts)
+
+
+class Transcoder:
+    """An ASGI application that serves every HTTP binding of a descriptor set by calling one gRPC upstream."""
+
+    def __init__(
+        self,
+        descriptors: DescriptorSet,
+        upstream_addr: str,
+        options: TranscoderOptions | None = None,
+    ) -> None:
+        self.descriptors = descriptors
+        self.upstream_addr = upstream_addr
+        self.options = options or TranscoderOptions()
+        served: list[HttpBinding] = []
+        for binding in descriptors.bindings:
+            if binding.server_streaming:
+                # grpc-gateway streams these as {"result": ...} lines; nothing in our contracts needs it yet.
+                logger.warning("not serving server-streaming RPC %s over HTTP", binding.method.full_name)
+                continue
+            served.append(binding)
+        self.bindings: tuple[HttpBinding, ...] = tuple(served)
+        self.router = Router(served)
+        self._status_marshaler = StatusMarshaler(descriptors.pool, emit_unpopulated=self.options.emit_unpopulated)
+        self._channel: grpc.aio.Channel | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry point (HTTP only)."""
+        if scope["type"] != "http":
+            return
+        response = await self.handle(Request(scope, receive))
+        await response(scope, receive, send)
+
+    async def aclose(self) -> None:
+        """Close the upstream channel (a later request opens a new one)."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
+
+    def channel(self) -> grpc.aio.Channel:
+        """The upstream channel, opened on first use so it binds to the serving event loop."""
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(
+                self.upstream_addr,
+                options=[("grpc.max_receive_message_length", self.options.max_receive_message_bytes)],
+            )
+        return self._channel
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one HTTP request: route it, call the upstream, write JSON (or a Status error)."""
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        try:
+            binding, variables = self.router.route(request.method, _raw_path(request))
+            metadata = _outgoing_metadata(request, request_id)
+            if binding.client_streaming:
+                response, header_metadata = await self._call_client_streaming(request, binding, variables, metadata)
+            else:
+                message = self.build_request(binding, variables, request.query_params.multi_items(),
+                                             await self._read_body(request))
+                response, header_metadata = await self._call_unary(request, binding, message, metadata)
+        except GatewayError as error:
+            return self.error_response(error, request_id)
+        except ClientDisconnect:
+            # Nobody is left to answer; the upstream call was cancelled where the disconnect was seen.
+            return self.error_response(GatewayError(grpc.StatusCode.CANCELLED, "client disconnected"), request_id)
+        except Exception:
+            logger.exception("gateway failure on %s %s", request.method, request.url.path)
+            return self.error_response(GatewayError(grpc.StatusCode.INTERNAL, "internal gateway error"), request_id)
+        headers = {"x-request-id": request_id, **_response_headers(header_metadata)}
+        return Response(self.marshal_response(binding, response), headers=headers, media_type=JSON_MEDIA_TYPE)
+
+    def build_request(
+        self, binding: HttpBinding, variables: dict[str, str], query: Iterable[tuple[str, str]], body: bytes
+    ) -> Message:
+        """The request message of one unary call, from body, path variables and query, in grpc-gateway's order."""
+        request_type = binding.method.input_type
+        message = self.descriptors.message_class(request_type)()
+        body_json: Any = None
+        if binding.body:
+            body_json = _decode_json(body)
+            if body_json is not None:
+                if binding.body == "*":
+                    self._parse_into(message, body_json)
+                else:
+                    body_field = request_type.fields_by_name[binding.body]
+                    self._parse_into(message, {body_field.json_name: body_json})
+                    self._derive_update_mask(binding, message, body_field, body_json)
+        self._apply_variables(message, variables)
+        if binding.body != "*":
+            excluded = [variable.field_path for variable in binding.template.variables]
+            if binding.body:
+                excluded.append((binding.body,))
+            try:
+                populate_query_parameters(message, query, excluded)
+            except FieldValueError as exc:
+                raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        return message
+
+    def marshal_response(self, binding: HttpBinding, response: Message) -> bytes:
+        """The response body: the whole message, or its ``response_body`` field."""
+        if not binding.response_body:
+            return _dump(self._to_dict(response))
+        field = response.DESCRIPTOR.fields_by_name[binding.response_body]
+        if field.message_type is not None and field.label != FieldDescriptor.LABEL_REPEATED:
+            return _dump(self._to_dict(getattr(response, field.name)))
+        whole = json_format.MessageToDict(
+            response, always_print_fields_with_no_presence=True, descriptor_pool=self.descriptors.pool
+        )
+        return _dump(whole.get(field.json_name))
+
+    def error_response(self, error: GatewayError, request_id: str) -> Response:
+        """A Status JSON error response with grpc-gateway's status mapping and headers."""
+        headers = {"x-request-id": request_id, **error.headers}
+        if error.code is grpc.StatusCode.UNAUTHENTICATED:
+            # grpc-gateway sets the challenge header to the status message on every 401.
+            headers["www-authenticate"] = _header_safe(error.message)
+        if error.status in (429, 503):
+            delay = retry_after_seconds(error)
+            if delay is not None:
+                headers["retry-after"] = str(delay)
+        return Response(
+            _dump(self._status_marshaler.to_dict(error)),
+            status_code=error.status,
+            headers=headers,
+            media_type=JSON_MEDIA_TYPE,
+        )
+
+    async def _call_unary(
+        self, request: Request, binding: HttpBinding, message: Message, metadata: list[tuple[str, str]]
+    ) -> tuple[Message, Sequence[tuple[str, Any]]]:
+        response_type = self.descriptors.message_class(binding.method.output_type)
+        call = self.channel().unary_unary(
+            binding.grpc_path, request_serializer=_serialize, response_deserializer=response_type.FromString
+        )(message, metadata=metadata, timeout=_timeout(request, self.options.default_timeout_s))
+        try:
+            response = await call
+            return response, tuple(await call.initial_metadata() or ())
+        except grpc.aio.AioRpcError as exc:
+            raise _upstream_error(exc) from exc
+
+    async def _call_client_streaming(
+        self, request: Request, binding: HttpBinding, variables: dict[str, str], metadata: list[tuple[str, str]]
+    ) -> tuple[Message, Sequence[tuple[str, Any]]]:
+        request_type = self.descriptors.message_class(binding.method.input_type)
+        response_type = self.descriptors.message_class(binding.method.output_type)
+        call = self.channel().stream_unary(
+            binding.grpc_path, request_serializer=_serialize, response_deserializer=response_type.FromString
+        )(metadata=metadata, timeout=_timeout(request, self.options.stream_timeout_s))
+        first = True
+        try:
+            async for line in _ndjson_lines(request.stream(), self.options.max_frame_bytes):
+                frame = request_type()
+                self._parse_into(frame, _decode_json(line))
+                if first:
+                    self._apply_variables(frame, variables)
+                    first = False
+                await call.write(frame)
+            await call.done_writing()
+        except grpc.aio.AioRpcError:
+            pass  # the upstream ended the call early; its status is read below
+        except (GatewayError, ClientDisconnect):
+            call.cancel()
+            raise
+        try:
+            response = await call
+            return response, tuple(await call.initial_metadata() or ())
+        except grpc.aio.AioRpcError as exc:
+            raise _upstream_error(exc) from exc
+
+    async def _read_body(self, request: Request) -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.options.max_body_bytes:
+                raise GatewayError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"request body exceeds {self.options.max_body_bytes} bytes",
+                    http_status=413,
+                )
+        return bytes(body)
+
+    def _parse_into(self, message: Message, value: Any) -> None:
+        if value is None:
+            return
+        try:
+            json_format.ParseDict(value, message, ignore_unknown_fields=True, descriptor_pool=self.descriptors.pool)
+        except (json_format.ParseError, TypeError, ValueError) as exc:
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+
+    def _apply_variables(self, message: Message, variables: dict[str, str]) -> None:
+        try:
+            for dotted, value in variables.items():
+                set_path_variable(message, dotted, value)
+        except FieldValueError as exc:
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+
+    @staticmethod
+    def _derive_update_mask(
+        binding: HttpBinding, message: Message, body_field: FieldDescriptor, body_json: Any
+    ) -> None:
+        if binding.http_method != "PATCH" or body_field.message_type is None:
+            return
+        mask_field = message.DESCRIPTOR.fields_by_name.get("update_mask")
+        if mask_field is None or mask_field.message_type is None:
+            return
+        if mask_field.message_type.full_name != "google.protobuf.FieldMask":
+            return
+        mask = message.update_mask  # type: ignore[attr-defined]  # dynamic message class
+        if not mask.paths:
+            mask.paths.extend(field_mask_from_body(body_json, body_field.message_type))
+
+    def _to_dict(self, message: Message) -> Any:
+        return json_format.MessageToDict(
+            message,
+            always_print_fields_with_no_presence=self.options.emit_unpopulated,
+            descriptor_pool=self.descriptors.pool,
+        )
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def _dump(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _decode_json(data: bytes) -> Any:
+    """The JSON value of a body; None for an empty body (grpc-gateway treats EOF as an empty message)."""
+    if not data.strip():
+        return None
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid JSON body: {exc}") from exc
+
+
+def _raw_path(request: Request) -> str:
+    raw = request.scope.get("raw_path")
+    if raw:
+        return bytes(raw).split(b"?", 1)[0].decode("utf-8", errors="replace")
+    return quote(request.scope["path"], safe="/:@!$&'()*+,;=-._~")
+
+
+def _timeout(request: Request, default_s: float) -> float:
+    header = request.headers.get("grpc-timeout", "")
+    parsed = _GRPC_TIMEOUT.match(header)
+    if parsed is None:
+        return default_s
+    return int(parsed[1]) * _TIMEOUT_UNIT_SECONDS[parsed[2]]
+
+
+def _outgoing_metadata(request: Request, request_id: str) -> list[tuple[str, str]]:
+    """gRPC metadata for the upstream call: credentials, request id and trace context, plus the X-Forwarded-*
+    pair grpc-gateway adds.
+
+    Unlike grpc-gateway, arbitrary ``Grpc-Metadata-*`` headers are not passed through: services behind the
+    edge trust ``x-esp-*`` metadata, and a public client must never be able to set it.
+    """
+    metadata: list[tuple[str, str]] = [("x-request-id", request_id)]
+    for name in _FORWARDED_HEADERS:
+        for value in request.headers.getlist(name):
+            if _metadata_value_ok(value):
+                metadata.append((name, value))
+    client_host = request.client.host if request.client else ""
+    forwarded_for = ", ".join(part for part in (request.headers.get("x-forwarded-for", ""), client_host) if part)
+    if forwarded_for and _metadata_value_ok(forwarded_for):
+        metadata.append(("x-forwarded-for", forwarded_for))
+    host = request.headers.get("host", "")
+    if host and _metadata_value_ok(host):
+        metadata.append(("x-forwarded-host", host))
+    return metadata
+
+
+def _metadata_value_ok(value: str) -> bool:
+    return value.isascii() and value.isprintable()
+
+
+def _response_headers(metadata: Sequence[tuple[str, Any]]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for key, value in metadata:
+        if isinstance(value, str) and not key.endswith("-bin") and _metadata_value_ok(value):
+            headers[f"grpc-metadata-{key}"] = value
+    return headers
+
+
+def _upstream_error(error: grpc.aio.AioRpcError) -> GatewayError:
+    status = GatewayError.from_rpc_error(error)
+    status.headers = _response_headers(tuple(error.initial_metadata() or ()))
+    return status
+
+
+def _header_safe(text: str) -> str:
+    return text.encode("ascii", errors="replace").decode("ascii").replace("\r", " ").replace("\n", " ")
+
+
+async def _ndjson_lines(chunks: AsyncIterator[bytes], max_line_bytes: int) -> AsyncIterator[bytes]:
+    """Non-blank lines of a streamed body, yielded as soon as each is complete; a line longer than
+    ``max_line_bytes`` is refused so a missing newline cannot make the gateway buffer the whole upload."""
+    buffer = bytearray()
+    scanned = 0
+    async for chunk in chunks:
+        buffer += chunk
+        while (newline := buffer.find(b"\n", scanned)) >= 0:
+            line = bytes(buffer[:newline])
+            del buffer[: newline + 1]
+            scanned = 0
+            if line.strip():
+                yield line
+        scanned = len(buffer)
+        if len(buffer) > max_line_bytes:
+            raise GatewayError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"a streamed request frame exceeds {max_line_bytes} bytes"
+            )
+    if bytes(buffer).strip():
+        yield bytes(buffer)

@@ -1,0 +1,181 @@
+"""The provider registry: Postgres is the truth, the KV bucket the broadcast to every replica."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from datetime import datetime
+from typing import Any
+
+from nats.js.kv import KeyValue
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from libs.common.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument, NotFound
+from libs.providers.registry import BUILTIN_TYPES
+from libs.routing.catalog import ProviderSpec
+
+_ID = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
+_CLASSES = ("otp", "transactional", "bulk")
+_COLUMNS = ("type", "display_name", "endpoint", "region", "price_per_email_micros", "price_per_mb_micros",
+            "max_message_bytes", "batch_size", "rate_limit_per_second", "daily_quota", "monthly_quota",
+            "allowed_classes", "weight", "disabled", "options")
+
+
+@dataclass(frozen=True)
+class ProviderRecord:
+    """A provider as the admin API shows it: everything but the credentials."""
+
+    spec: ProviderSpec
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def credentials_ref(self) -> str:
+        return f"router.provider_credentials/{self.spec.id}"
+
+
+def _validate(spec: ProviderSpec) -> None:
+    problems: list[FieldViolation] = []
+    if not _ID.match(spec.id):
+        problems.append(FieldViolation("provider_id", "2 to 63 characters: lowercase letters, digits, dashes"))
+    if spec.type not in BUILTIN_TYPES:
+        problems.append(FieldViolation("provider.type", f"one of {', '.join(BUILTIN_TYPES)}"))
+    for name in ("price_per_email_micros", "price_per_mb_micros", "max_message_bytes", "batch_size",
+                 "rate_limit_per_second", "daily_quota", "monthly_quota"):
+        if getattr(spec, name) < 0:
+            problems.append(FieldViolation(f"provider.{name}", "must not be negative"))
+    if spec.weight <= 0:
+        problems.append(FieldViolation("provider.weight", "must be > 0"))
+    bad = [c for c in spec.allowed_classes if c not in _CLASSES]
+    if bad:
+        problems.append(FieldViolation("provider.allowed_classes", f"unknown classes {bad}"))
+    if problems:
+        raise InvalidArgument("invalid provider", reason="INVALID_PROVIDER", field_violations=problems)
+
+
+class ProviderRegistry:
+    """CRUD over providers; every change is written to Postgres, then broadcast through the KV bucket."""
+
+    def __init__(self, pool: AsyncConnectionPool, kv: KeyValue) -> None:
+        self.pool = pool
+        self.kv = kv
+
+    async def _row(self, conn: Any, provider_id: str, *, with_credentials: bool = False) -> dict[str, Any] | None:
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                f"""SELECT p.*, {'c.credentials' if with_credentials else "'{}'::jsonb AS credentials"}
+                    FROM router.providers p LEFT JOIN router.provider_credentials c ON c.provider_id = p.id
+                    WHERE p.id = %s""", (provider_id,))
+            return await cur.fetchone()
+
+    @staticmethod
+    def _spec(row: Mapping[str, Any]) -> ProviderSpec:
+        known = {f.name for f in fields(ProviderSpec)}
+        data = {k: v for k, v in row.items() if k in known}
+        data["allowed_classes"] = tuple(row["allowed_classes"])
+        data["options"] = dict(row["options"])
+        data["credentials"] = dict(row.get("credentials") or {})
+        return ProviderSpec(**data)
+
+    async def _broadcast(self, conn: Any, provider_id: str) -> None:
+        row = await self._row(conn, provider_id, with_credentials=True)
+        if row is None:
+            await self.kv.delete(provider_id)
+        else:
+            await self.kv.put(provider_id, self._spec(row).to_json())
+
+    async def create(self, spec: ProviderSpec) -> ProviderRecord:
+        _validate(spec)
+        async with self.pool.connection() as conn:
+            async with conn.transaction():
+                values = [getattr(spec, c) for c in _COLUMNS]
+                values[_COLUMNS.index("allowed_classes")] = list(spec.allowed_classes)
+                values[_COLUMNS.index("options")] = Jsonb(dict(spec.options))
+                cur = await conn.execute(
+                    f"""INSERT INTO router.providers (id, {', '.join(_COLUMNS)})
+                        VALUES (%s, {', '.join(['%s'] * len(_COLUMNS))}) ON CONFLICT (id) DO NOTHING RETURNING id""",
+                    (spec.id, *values))
+                if await cur.fetchone() is None:
+                    raise AlreadyExists(f"provider {spec.id!r} exists", reason="PROVIDER_EXISTS")
+                await conn.execute("INSERT INTO router.provider_credentials (provider_id, credentials) VALUES (%s, %s)",
+                                   (spec.id, Jsonb(dict(spec.credentials))))
+            await self._broadcast(conn, spec.id)
+        return await self.get(spec.id)
+
+    async def get(self, provider_id: str) -> ProviderRecord:
+        async with self.pool.connection() as conn:
+            row = await self._row(conn, provider_id)
+        if row is None:
+            raise NotFound(f"provider {provider_id!r} not found", reason="PROVIDER_NOT_FOUND")
+        return ProviderRecord(self._spec(row), row["created_at"], row["updated_at"])
+
+    async def list(self, limit: int, after: str = "", *, show_disabled: bool = True) -> list[ProviderRecord]:
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                """SELECT *, '{}'::jsonb AS credentials FROM router.providers
+                   WHERE id > %s AND (%s OR NOT disabled) ORDER BY id LIMIT %s""", (after, show_disabled, limit))
+            rows = await cur.fetchall()
+        return [ProviderRecord(self._spec(r), r["created_at"], r["updated_at"]) for r in rows]
+
+    async def update(self, provider_id: str, changes: Mapping[str, Any], *, expected_version: int | None = None,
+                     credentials: Mapping[str, str] | None = None) -> ProviderRecord:
+        current = (await self.get(provider_id)).spec
+        unknown = set(changes) - set(_COLUMNS)
+        if unknown:
+            raise InvalidArgument("unknown fields in update_mask", field_violations=[
+                FieldViolation("update_mask", f"cannot update {sorted(unknown)}")])
+        updated = replace(current, **{k: (tuple(v) if k == "allowed_classes" else v) for k, v in changes.items()})
+        _validate(updated)
+        async with self.pool.connection() as conn:
+            async with conn.transaction():
+                sets = [f"{k} = %s" for k in changes]
+                values = [list(v) if k == "allowed_classes" else Jsonb(dict(v)) if k == "options" else v
+                          for k, v in changes.items()]
+                cur = await conn.execute(
+                    f"""UPDATE router.providers SET {', '.join([*sets, 'version = version + 1', 'updated_at = now()'])}
+                        WHERE id = %s AND (%s::bigint IS NULL OR version = %s::bigint) RETURNING id""",
+                    (*values, provider_id, expected_version, expected_version))
+                if await cur.fetchone() is None:
+                    raise Aborted("the provider changed since it was read (etag mismatch)", reason="ETAG_MISMATCH")
+                if credentials:
+                    await conn.execute("UPDATE router.provider_credentials SET credentials = %s WHERE provider_id = %s",
+                                       (Jsonb(dict(credentials)), provider_id))
+            await self._broadcast(conn, provider_id)
+        return await self.get(provider_id)
+
+    async def delete(self, provider_id: str, *, expected_version: int | None = None) -> None:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                """DELETE FROM router.providers WHERE id = %s AND (%s::bigint IS NULL OR version = %s::bigint)
+                   RETURNING id""", (provider_id, expected_version, expected_version))
+            if await cur.fetchone() is None:
+                await self.get(provider_id)  # NOT_FOUND when it does not exist
+                raise Aborted("the provider changed since it was read (etag mismatch)", reason="ETAG_MISMATCH")
+            await conn.commit()
+            await self.kv.delete(provider_id)
+
+    async def resync(self) -> int:
+        """Make the KV bucket match Postgres exactly (start-up, or after a lost broadcast)."""
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute("""SELECT p.*, c.credentials FROM router.providers p
+                                 LEFT JOIN router.provider_credentials c ON c.provider_id = p.id""")
+            rows = await cur.fetchall()
+        wanted = {r["id"]: self._spec(r) for r in rows}
+        try:
+            present = set(await self.kv.keys())
+        except Exception:  # an empty bucket raises NoKeysError
+            present = set()
+        for stale in present - set(wanted):
+            await self.kv.delete(stale)
+        for pid, spec in wanted.items():
+            await self.kv.put(pid, spec.to_json())
+        return len(wanted)
+
+
+def spec_to_json_safe(spec: ProviderSpec) -> str:
+    """For logs: the spec without secrets."""
+    return json.dumps({k: v for k, v in spec.to_json() and json.loads(spec.to_json()).items() if k != "credentials"})

@@ -1,0 +1,116 @@
+"""Services get their settings as ESP_* environment variables: shared ones from one ConfigMap, credentials
+only from Secrets, which the manifests reference but never contain."""
+
+from __future__ import annotations
+
+import re
+
+from tests.deploy.manifests import GRPC_PORTS, Rendering, component_of, environment, pod_spec, workloads
+
+SHARED_SETTINGS = (
+    "ESP_NATS_URL",
+    "ESP_REDIS_URL",
+    "ESP_S3_BUCKET",
+    "ESP_S3_REGION",
+    "ESP_INGEST_ADDR",
+    "ESP_ROUTER_ADDR",
+    "ESP_LEDGER_ADDR",
+    "ESP_REPORTS_ADDR",
+    "ESP_LOG_LEVEL",
+)
+ADDRESSES = {
+    "ESP_INGEST_ADDR": "ingest",
+    "ESP_ROUTER_ADDR": "router",
+    "ESP_LEDGER_ADDR": "ledger",
+    "ESP_REPORTS_ADDR": "reports",
+}
+SECRET_LOOKING_NAME = re.compile(r"(DSN|PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL|SIGNING)", re.IGNORECASE)
+CREDENTIALS_IN_URL = re.compile(r"://[^/@\s]+:[^/@\s]+@")
+USES_POSTGRES = ("ingest", "router", "ledger", "reports", "sender-otp", "sender-transactional", "sender-bulk")
+
+
+def service_containers(rendering: Rendering):
+    for deployment in rendering.of_kind("Deployment"):
+        yield component_of(deployment), pod_spec(deployment)["containers"][0]
+
+
+def test_no_secret_is_part_of_any_rendering(rendering: Rendering):
+    assert rendering.of_kind("Secret") == []
+
+
+def test_every_service_gets_the_shared_settings(rendering: Rendering):
+    for component, container in service_containers(rendering):
+        missing = [name for name in SHARED_SETTINGS if name not in environment(rendering, container)]
+        assert missing == [], component
+
+
+def test_every_grpc_service_is_told_its_grpc_port(rendering: Rendering):
+    for component, container in service_containers(rendering):
+        if component in GRPC_PORTS:
+            assert environment(rendering, container)["ESP_GRPC_PORT"] == {
+                "name": "ESP_GRPC_PORT",
+                "value": str(GRPC_PORTS[component]),
+            }
+
+
+def test_the_postgres_dsn_comes_from_a_secret_for_every_service_that_uses_postgres(rendering: Rendering):
+    for component, container in service_containers(rendering):
+        dsn = environment(rendering, container).get("ESP_POSTGRES_DSN")
+        if component in USES_POSTGRES:
+            assert dsn is not None and "secretKeyRef" in dsn.get("valueFrom", {}), component
+            assert dsn["valueFrom"]["secretKeyRef"].get("optional") is not True, component
+        else:
+            assert dsn is None, component
+
+
+def test_the_migrations_job_runs_dev_migrate_with_the_dsn_from_a_secret(rendering: Rendering):
+    [job] = rendering.of_kind("Job")
+    [container] = pod_spec(job)["containers"]
+
+    assert container["command"] == ["python", "-m", "dev.migrate"]
+    assert "secretKeyRef" in environment(rendering, container)["ESP_POSTGRES_DSN"]["valueFrom"]
+
+
+def test_every_credential_looking_variable_comes_from_a_secret(rendering: Rendering):
+    offenders = []
+    for workload in workloads(rendering):
+        for container in pod_spec(workload)["containers"]:
+            for name, variable in environment(rendering, container).items():
+                if SECRET_LOOKING_NAME.search(name) and "secretKeyRef" not in variable.get("valueFrom", {}):
+                    offenders.append(f"{workload['metadata']['name']}: {name}")
+
+    assert offenders == []
+
+
+def test_no_config_map_holds_a_credential(rendering: Rendering):
+    for config_map in rendering.of_kind("ConfigMap"):
+        for key, value in config_map.get("data", {}).items():
+            assert not SECRET_LOOKING_NAME.search(key), key
+            assert not CREDENTIALS_IN_URL.search(value), key
+
+
+def test_provider_credentials_reach_the_senders_and_webhook_keys_reach_reports_only(rendering: Rendering):
+    secret_sources = {
+        component: sorted(
+            source["secretRef"]["name"] for source in container.get("envFrom", []) if "secretRef" in source
+        )
+        for component, container in service_containers(rendering)
+    }
+
+    assert all(
+        len(names) == 1 and "provider" in names[0] for c, names in secret_sources.items() if c.startswith("sender-")
+    )
+    assert len(secret_sources["reports"]) == 1 and "webhook" in secret_sources["reports"][0]
+    assert [c for c, names in secret_sources.items() if names and not (c.startswith("sender-") or c == "reports")] == []
+
+
+def test_service_addresses_point_at_services_serving_that_grpc_port(rendering: Rendering):
+    services = {service["metadata"]["name"]: service for service in rendering.of_kind("Service")}
+    _, container = next(service_containers(rendering))
+    variables = environment(rendering, container)
+
+    for variable, component in ADDRESSES.items():
+        host, _, port = variables[variable]["value"].rpartition(":")
+        assert host in services, variable
+        assert component_of(services[host]) == component, variable
+        assert int(port) in {p["port"] for p in services[host]["spec"]["ports"] if p["name"] == "grpc"}, variable
