@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import time
@@ -33,6 +34,7 @@ class SimulatorState:
         self._quota_used: dict[str, int] = {}
         self._records: dict[str, deque[RequestRecord]] = {}
         self._dropped_records = 0
+        self._hang_release = asyncio.Event()
         self.reset(keep_knobs=False)
 
     # -- personalities and knobs -----------------------------------------------------------------------------
@@ -77,6 +79,7 @@ class SimulatorState:
             self._quota_used[name] = 0
             self._records[name] = deque(maxlen=self.log_cap)
         self._dropped_records = 0
+        self.release_hangs()
 
     # -- behaviour ---------------------------------------------------------------------------------------
 
@@ -126,6 +129,16 @@ class SimulatorState:
         now = datetime.now(UTC)
         midnight = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
         return max(1, int((midnight - now).total_seconds()))
+
+    async def hang(self, seconds: float) -> None:
+        """Withhold an answer for ``seconds``, or until ``release_hangs`` (reset, shutdown)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hang_release.wait(), timeout=seconds)
+
+    def release_hangs(self) -> None:
+        """End every withheld answer now."""
+        self._hang_release.set()
+        self._hang_release = asyncio.Event()
 
     def roll(self, probability: float) -> bool:
         """True with the given probability (seeded generator, so runs are repeatable)."""

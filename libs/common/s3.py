@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import boto3
@@ -33,3 +35,17 @@ def ensure_bucket(client: Any, bucket: str) -> None:
     existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     if bucket not in existing:
         client.create_bucket(Bucket=bucket)
+
+
+async def stream_object(client: Any, bucket: str, key: str, chunk_bytes: int = 1024 * 1024) -> AsyncIterator[bytes]:
+    """The object's bytes, a chunk at a time (boto3 is blocking: each read runs in a worker thread)."""
+    response = await asyncio.to_thread(client.get_object, Bucket=bucket, Key=key)
+    body = response["Body"]
+    try:
+        while True:
+            chunk = await asyncio.to_thread(body.read, chunk_bytes)
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        body.close()

@@ -146,7 +146,7 @@ def _binding(method: MethodDescriptor, rule: http_pb2.HttpRule, index: int) -> H
     request = method.input_type
     for variable in template.variables:
         leaf = _resolve(request, variable.field_path, method.full_name)
-        if leaf.label == FieldDescriptor.LABEL_REPEATED or leaf.type == FieldDescriptor.TYPE_MESSAGE:
+        if leaf.is_repeated or leaf.type == FieldDescriptor.TYPE_MESSAGE:
             raise DescriptorError(f"{method.full_name}: path variable {variable.dotted} must be a singular scalar")
     if rule.body not in ("", "*") and rule.body not in request.fields_by_name:
         raise DescriptorError(f"{method.full_name}: body field {rule.body!r} is not a field of {request.full_name}")
@@ -170,7 +170,7 @@ def _resolve(message: Descriptor, path: tuple[str, ...], where: str) -> FieldDes
         if leaf is None:
             raise DescriptorError(f"{where}: {'.'.join(path)} is not a field of {message.full_name}")
         if depth < len(path) - 1:
-            if leaf.message_type is None or leaf.label == FieldDescriptor.LABEL_REPEATED:
+            if leaf.message_type is None or leaf.is_repeated:
                 raise DescriptorError(f"{where}: {'.'.join(path[: depth + 1])} is not a singular message")
             current = leaf.message_type
     assert leaf is not None  # path is never empty: the template parser rejects empty field paths

@@ -67,7 +67,7 @@ def find_field(message: Descriptor, name: str) -> FieldDescriptor | None:
 def is_map(field: FieldDescriptor) -> bool:
     """Whether a field is a ``map<K, V>`` (a repeated synthetic entry message)."""
     return (
-        field.label == FieldDescriptor.LABEL_REPEATED
+        field.is_repeated
         and field.message_type is not None
         and field.message_type.GetOptions().map_entry
     )
@@ -113,7 +113,7 @@ def _walk(descriptor: Descriptor, names: Sequence[str], key: str) -> list[FieldD
             return None
         fields.append(field)
         if depth < len(names) - 1:
-            if field.message_type is None or field.label == FieldDescriptor.LABEL_REPEATED:
+            if field.message_type is None or field.is_repeated:
                 raise FieldValueError(f"invalid path {key!r}: {field.name} is not a singular message")
             if field.message_type.full_name.startswith("google.protobuf."):
                 raise FieldValueError(f"invalid path {key!r}: {field.name} cannot be addressed into")
@@ -145,7 +145,7 @@ def _assign(
             return
         if map_key is not None:
             raise FieldValueError(f"{leaf.name} is not a map field")
-        if leaf.label == FieldDescriptor.LABEL_REPEATED:
+        if leaf.is_repeated:
             container = getattr(target, leaf.name)
             for value in values:
                 if leaf.message_type is not None:
@@ -222,7 +222,9 @@ def _set_message_from_text(target: Message, text: str) -> None:
     except ValueError as exc:
         raise FieldValueError(str(exc)) from exc
     if name == "google.protobuf.FieldMask":
-        # grpc-gateway takes comma-separated paths; camelCase ones are turned into proto (snake_case) paths.
+        # grpc-gateway takes comma-separated paths and replaces any mask already set (e.g. one derived from a
+        # PATCH body); camelCase paths are turned into proto (snake_case) paths.
+        del target.paths[:]  # type: ignore[attr-defined]
         target.paths.extend(_snake_path(path) for path in text.split(",") if path)  # type: ignore[attr-defined]
         return
     if name in _WRAPPERS:
@@ -256,7 +258,7 @@ def field_mask_from_body(body: Any, descriptor: Descriptor) -> list[str]:
                 isinstance(child, dict)
                 and child
                 and nested is not None
-                and field.label != FieldDescriptor.LABEL_REPEATED
+                and not field.is_repeated
                 and not nested.full_name.startswith("google.protobuf.")
             ):
                 visit(child, nested, f"{path}.")

@@ -289,7 +289,7 @@ def _query_parameters(
                 continue
             name = f"{json_prefix}{field.json_name}"
             nested = field.message_type
-            repeated = field.label == FieldDescriptor.LABEL_REPEATED
+            repeated = field.is_repeated
             if nested is not None and nested.full_name not in _URL_MESSAGES:
                 if repeated or nested.full_name in seen or len(seen) >= _MAX_QUERY_DEPTH:
                     continue  # not addressable from a query string (or a recursive type)
@@ -374,7 +374,7 @@ class _Schemas:
         if is_map(field):
             value_field = field.message_type.fields_by_name["value"]
             schema: dict[str, Any] = {"type": "object", "additionalProperties": self._single(value_field)}
-        elif field.label == FieldDescriptor.LABEL_REPEATED:
+        elif field.is_repeated:
             schema = {"type": "array", "items": self._single(field)}
         else:
             schema = self._single(field)
@@ -428,10 +428,7 @@ class _Schemas:
 
 
 def _behaviors(field: FieldDescriptor) -> list[int]:
-    options = field.GetOptions()
-    if not options.HasExtension(field_behavior_pb2.field_behavior):
-        return []
-    return list(options.Extensions[field_behavior_pb2.field_behavior])
+    return list(field.GetOptions().Extensions[field_behavior_pb2.field_behavior])
 
 
 def _ref(name: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import quote
 
 import grpc
 from google.protobuf import json_format
@@ -217,7 +217,7 @@ class Transcoder:
         if not binding.response_body:
             return _dump(self._to_dict(response))
         field = response.DESCRIPTOR.fields_by_name[binding.response_body]
-        if field.message_type is not None and field.label != FieldDescriptor.LABEL_REPEATED:
+        if field.message_type is not None and not field.is_repeated:
             return _dump(self._to_dict(getattr(response, field.name)))
         whole = json_format.MessageToDict(
             response, always_print_fields_with_no_presence=True, descriptor_pool=self.descriptors.pool

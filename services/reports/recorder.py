@@ -14,13 +14,14 @@ import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import psycopg
 from esp.v1 import messages_pb2
 from psycopg.types.json import Jsonb
 
 from services.reports.envelopes import record_from_message_event
+from services.reports.message_index import resolve_message
 from services.reports.models import (
     HARD_BOUNCE,
     PLACEHOLDER_STATE,
@@ -357,3 +358,35 @@ def _suppressions_from(fresh: Sequence[MessageEventRecord]) -> list[Suppression]
         found.append(Suppression(tenant_id=event.tenant_id, email=normalise_email(event.recipient), reason=reason,
                                  note=note, source_message_id=event.message_id))
     return found
+
+
+async def claim_parked_events(conn: psycopg.AsyncConnection, *, min_age: timedelta, limit: int = 1000,
+                              retention: timedelta = timedelta(days=7)) -> list[MessageEventRecord]:
+    """Parked delivery callbacks whose message can be found now, removed from the parking table (in the caller's
+    transaction) and returned for :func:`record_events`.
+
+    The consumer claims parked callbacks as soon as it records the SENT or ACCEPTED event that identifies them,
+    but a callback parked while that very transaction was running is missed; this sweep catches those. Callbacks
+    still unknown after ``retention`` were not about our messages and are dropped.
+    """
+    await conn.execute("DELETE FROM reports.unmatched_delivery_events WHERE received_at < now() - %s",
+                       (retention,))
+    cur = await conn.execute(
+        """SELECT event_id, provider, provider_message_id, message_id, event
+           FROM reports.unmatched_delivery_events WHERE received_at < now() - %s
+           ORDER BY received_at LIMIT %s FOR UPDATE SKIP LOCKED""",
+        (min_age, limit),
+    )
+    claimed: list[MessageEventRecord] = []
+    claimed_ids: list[str] = []
+    for event_id, provider, provider_message_id, message_id, payload in await cur.fetchall():
+        parked = messages_pb2.MessageEvent()
+        parked.ParseFromString(payload)
+        ref = await resolve_message(conn, provider, provider_message_id, parked.recipient, message_id)
+        if ref is None:
+            continue
+        claimed.append(record_from_message_event(parked, ref.tenant_id, ref.message_id, ref.message_class))
+        claimed_ids.append(event_id)
+    if claimed_ids:
+        await conn.execute("DELETE FROM reports.unmatched_delivery_events WHERE event_id = ANY(%s)", (claimed_ids,))
+    return claimed

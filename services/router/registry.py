@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -175,7 +174,3 @@ class ProviderRegistry:
             await self.kv.put(pid, spec.to_json())
         return len(wanted)
 
-
-def spec_to_json_safe(spec: ProviderSpec) -> str:
-    """For logs: the spec without secrets."""
-    return json.dumps({k: v for k, v in spec.to_json() and json.loads(spec.to_json()).items() if k != "credentials"})

@@ -128,14 +128,16 @@ class SesDialect(Dialect):
             try:
                 raw = base64.b64decode(content["Raw"].get("Data", ""), validate=True)
             except (binascii.Error, ValueError) as exc:
-                raise Rejected(aws_error(400, "SerializationException", "Raw.Data is not base64"), "bad base64") from exc
+                error = aws_error(400, "SerializationException", "Raw.Data is not base64")
+                raise Rejected(error, "bad base64") from exc
             if len(content["Raw"].get("Data", "")) > MAX_MESSAGE_BYTES:
                 raise Rejected(aws_error(400, "MessageRejected", "Message length is more than 40 MB"), "too large")
             envelope = [*lists["ToAddresses"], *lists["CcAddresses"], *lists["BccAddresses"]] or None
             try:
                 message = parse_mime(raw, envelope_recipients=envelope)
             except ValueError as exc:
-                raise Rejected(aws_error(400, "BadRequestException", f"Invalid raw message: {exc}"), "bad MIME") from exc
+                error = aws_error(400, "BadRequestException", f"Invalid raw message: {exc}")
+                raise Rejected(error, "bad MIME") from exc
             if lists["ToAddresses"]:
                 message.to = lists["ToAddresses"]
                 message.cc = lists["CcAddresses"]

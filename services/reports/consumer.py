@@ -1,0 +1,138 @@
+"""The EVENTS stream consumer: a durable pull consumer whose batches are recorded in one transaction each.
+
+A batch is acked only after its transaction committed (at-least-once); a failure leaves it unacked, so JetStream
+redelivers it after ``ack_wait`` and the dedupe on ``event_id`` makes the retry harmless. Suppressions found in a
+batch reach Redis before the commit: if the commit then fails, the redelivered batch writes them to Postgres
+again, so the mirror never lags behind the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from prometheus_client import Counter
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from libs.common.jetstream import Topology, ensure_pull_consumer, pull_loop
+from services.reports.envelopes import UndecodableEvent, decode_envelope
+from services.reports.models import MessageEventRecord
+from services.reports.recorder import RecordOutcome, claim_parked_events, record_events
+from services.reports.suppressions import add_to_redis
+
+log = logging.getLogger(__name__)
+
+CONSUMER_NAME = "reports"
+
+EVENTS_RECORDED = Counter(
+    "esp_reports_events_recorded_total", "Message events recorded by the reports consumer", ["event_type"]
+)
+EVENTS_SKIPPED = Counter(
+    "esp_reports_events_skipped_total", "Stream messages the reports consumer did not record", ["why"]
+)
+
+
+@dataclass(frozen=True)
+class ConsumerOptions:
+    """How the reports consumer pulls."""
+
+    batch_size: int = 500
+    """Messages fetched and recorded per transaction."""
+    max_ack_pending: int = 5000
+    """Unacked messages JetStream lets this consumer hold (across replicas)."""
+    ack_wait_s: float = 30.0
+    """How long a fetched, unacked batch waits before redelivery."""
+    parked_sweep_interval_s: float = 30.0
+    """How often parked webhook events (message unknown when they came) are matched again."""
+
+
+class EventConsumer:
+    """Turns EVENTS stream messages into timeline rows, message state, stats and suppressions."""
+
+    def __init__(self, pool: AsyncConnectionPool, redis: Redis, js: JetStreamContext, topology: Topology,
+                 options: ConsumerOptions | None = None) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._js = js
+        self._topology = topology
+        self._options = options or ConsumerOptions()
+
+    @property
+    def durable_name(self) -> str:
+        """The JetStream durable consumer's name."""
+        return self._topology.consumer(CONSUMER_NAME)
+
+    async def ensure(self) -> None:
+        """Create or update the durable consumer on the EVENTS stream."""
+        await ensure_pull_consumer(
+            self._js, self._topology.events_stream, self.durable_name, self._topology.events_wildcard,
+            ack_wait_s=self._options.ack_wait_s, max_ack_pending=self._options.max_ack_pending,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set (a ``ServiceApp`` background task)."""
+        await self.ensure()
+        await pull_loop(self._js, self._topology.events_stream, self.durable_name, self._topology.events_wildcard,
+                        self.handle_batch, stop, batch=self._options.batch_size)
+
+    async def handle_batch(self, msgs: list[Msg]) -> None:
+        """Record one fetched batch, then ack it."""
+        records: list[MessageEventRecord] = []
+        good: list[Msg] = []
+        for msg in msgs:
+            try:
+                headers = msg.headers or {}
+                records.append(decode_envelope(msg.data, headers.get("Nats-Msg-Id", "")))
+                good.append(msg)
+            except UndecodableEvent as exc:
+                # Redelivery cannot fix a payload: terminate it so it does not block the consumer forever.
+                log.error("dropping an undecodable event", extra={"subject": msg.subject, "error": str(exc)})
+                EVENTS_SKIPPED.labels("undecodable").inc()
+                await msg.term()
+        if records:
+            await self.record(records)
+        for msg in good:
+            await msg.ack()
+
+    async def sweep_parked(self) -> int:
+        """Apply parked webhook events whose message is known by now; returns how many were applied."""
+        async with self._pool.connection() as conn, conn.transaction():
+            claimed = await claim_parked_events(conn, min_age=timedelta(seconds=self._options.parked_sweep_interval_s))
+            if not claimed:
+                return 0
+            outcome = await record_events(conn, claimed)
+            if outcome.suppressed:
+                await add_to_redis(self._redis, self._topology.namespace, outcome.suppressed)
+        return len(outcome.new_events)
+
+    async def sweep_loop(self, stop: asyncio.Event) -> None:
+        """Run :meth:`sweep_parked` every ``parked_sweep_interval_s`` until ``stop`` is set."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._options.parked_sweep_interval_s)
+            if stop.is_set():
+                return
+            try:
+                applied = await self.sweep_parked()
+                if applied:
+                    log.info("applied parked webhook events", extra={"events": applied})
+            except Exception:
+                log.exception("sweeping parked webhook events failed; will retry")
+
+    async def record(self, records: list[MessageEventRecord]) -> RecordOutcome:
+        """Record decoded events in one transaction (Redis suppression mirror updated before the commit)."""
+        async with self._pool.connection() as conn, conn.transaction():
+            outcome = await record_events(conn, records)
+            if outcome.suppressed:
+                await add_to_redis(self._redis, self._topology.namespace, outcome.suppressed)
+        for event in outcome.new_events:
+            EVENTS_RECORDED.labels(event.event_type.value).inc()
+        if outcome.duplicates:
+            EVENTS_SKIPPED.labels("duplicate").inc(outcome.duplicates)
+        return outcome

@@ -1,0 +1,276 @@
+"""gRPC wiring of the reports service: protobuf ↔ domain translation only.
+
+Serves the read side of ``esp.v1.MessageService`` (GetMessage, ListMessages, ListMessageEvents; SendEmail and
+BatchSendEmails belong to ingest and answer UNIMPLEMENTED here), ``esp.v1.StatsService`` and
+``esp.v1.SuppressionService``. The ingest edge authenticates callers and forwards these RPCs with the caller in
+metadata; every call is confined to the caller's tenant.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+from esp.v1 import common_pb2, messages_pb2, messages_pb2_grpc, reports_pb2, reports_pb2_grpc
+from google.protobuf import empty_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from libs.common.auth import current_principal
+from libs.common.errors import EspError, FieldViolation, InvalidArgument
+from services.reports.envelopes import event_type_value, message_class_name, message_class_value
+from services.reports.models import (
+    Mailbox,
+    MessageEventRecord,
+    MessageState,
+    MessageStatus,
+    Suppression,
+    SuppressionReason,
+)
+from services.reports.queries import MessageReader
+from services.reports.stats import StatsFigures, StatsGrouping, StatsQuery, StatsReader
+from services.reports.suppressions import SuppressionStore
+
+READ_SCOPE = "read"
+"""Scope needed to read messages, events, stats and suppressions."""
+MANAGE_SUPPRESSIONS_SCOPE = "admin"
+"""Scope needed to add or lift suppressions."""
+DEFAULT_STATS_RANGE = timedelta(days=1)
+
+
+class Unimplemented(EspError):
+    """The method is served by another service."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "UNIMPLEMENTED"
+
+
+def _tenant(scope: str) -> str:
+    """The calling tenant, once it is known to hold ``scope``."""
+    principal = current_principal()
+    principal.require(scope)
+    if not principal.tenant_id:
+        raise InvalidArgument("this call needs a tenant (x-esp-tenant)", reason="TENANT_REQUIRED")
+    return principal.tenant_id
+
+
+def _resource_id(name: str, collection: str, field: str) -> str:
+    """The id in ``{collection}/{id}``, or INVALID_ARGUMENT."""
+    prefix = f"{collection}/"
+    resource_id = name.removeprefix(prefix)
+    if not name.startswith(prefix) or not resource_id or "/" in resource_id:
+        raise InvalidArgument(f"{field} must look like {collection}/{{id}}",
+                              field_violations=[FieldViolation(field, f"expected {collection}/{{id}}")])
+    return resource_id
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _address(mailbox: Mailbox) -> common_pb2.EmailAddress:
+    return common_pb2.EmailAddress(email=mailbox.email, name=mailbox.name)
+
+
+def message_to_proto(message: MessageStatus) -> messages_pb2.Message:
+    """The API view of a message."""
+    proto = messages_pb2.Message(
+        name=f"messages/{message.message_id}",
+        id=message.message_id,
+        message_class=message_class_value(message.message_class),  # type: ignore[arg-type]
+        state=messages_pb2.MessageState.Value(f"MESSAGE_STATE_{message.state.value.upper()}"),
+        to=[_address(m) for m in message.to],
+        cc=[_address(m) for m in message.cc],
+        bcc=[_address(m) for m in message.bcc],
+        subject=message.subject,
+        tags=list(message.tags),
+        metadata=dict(message.metadata),
+        attachment_ids=list(message.attachment_ids),
+        request_id=message.request_id,
+        credits=message.credits,
+        provider=message.provider,
+        provider_message_id=message.provider_message_id,
+        attempts=message.attempts,
+        create_time=_timestamp(message.create_time),
+        update_time=_timestamp(message.update_time),
+        campaign=message.campaign,
+    )
+    if message.sender.email:
+        getattr(proto, "from").CopyFrom(_address(message.sender))
+    return proto
+
+
+def event_to_proto(event: MessageEventRecord) -> messages_pb2.MessageEvent:
+    """The API view of a timeline event."""
+    outcome = (messages_pb2.AttemptOutcome.Value(f"ATTEMPT_OUTCOME_{event.outcome.upper()}")
+               if event.outcome else messages_pb2.ATTEMPT_OUTCOME_UNSPECIFIED)
+    return messages_pb2.MessageEvent(
+        event_id=event.event_id,
+        message=f"messages/{event.message_id}",
+        type=event_type_value(event.event_type),  # type: ignore[arg-type]
+        event_time=_timestamp(event.event_time),
+        provider=event.provider,
+        provider_message_id=event.provider_message_id,
+        recipient=event.recipient,
+        reason=event.reason,
+        attempt=event.attempt,
+        outcome=outcome,
+        latency_ms=event.latency_ms,
+        bounce_type=event.bounce_type,
+        url=event.url,
+        attributes=dict(event.attributes),
+    )
+
+
+class MessageReadServicer(messages_pb2_grpc.MessageServiceServicer):
+    """The read RPCs of MessageService."""
+
+    def __init__(self, reader: MessageReader) -> None:
+        self._reader = reader
+
+    async def SendEmail(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        """Served by ingest."""
+        raise Unimplemented("SendEmail is served by the ingest service")
+
+    async def BatchSendEmails(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        """Served by ingest."""
+        raise Unimplemented("BatchSendEmails is served by the ingest service")
+
+    async def GetMessage(self, request: messages_pb2.GetMessageRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> messages_pb2.Message:
+        """One message of the caller's tenant."""
+        tenant_id = _tenant(READ_SCOPE)
+        message = await self._reader.get(tenant_id, _resource_id(request.name, "messages", "name"))
+        return message_to_proto(message)
+
+    async def ListMessages(self, request: messages_pb2.ListMessagesRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> messages_pb2.ListMessagesResponse:
+        """The caller's messages, newest first."""
+        tenant_id = _tenant(READ_SCOPE)
+        state = None
+        if request.state != messages_pb2.MESSAGE_STATE_UNSPECIFIED:
+            try:
+                name = messages_pb2.MessageState.Name(request.state)
+            except ValueError as exc:
+                raise InvalidArgument("unknown state", field_violations=[FieldViolation("state", "unknown")]) from exc
+            state = MessageState(name.removeprefix("MESSAGE_STATE_").lower())
+        page = await self._reader.list(tenant_id, request.page_size, request.page_token, state=state, tag=request.tag)
+        return messages_pb2.ListMessagesResponse(
+            messages=[message_to_proto(m) for m in page.items], next_page_token=page.next_page_token
+        )
+
+    async def ListMessageEvents(self, request: messages_pb2.ListMessageEventsRequest,  # noqa: N802
+                                context: grpc.aio.ServicerContext) -> messages_pb2.ListMessageEventsResponse:
+        """A message's timeline, oldest first."""
+        tenant_id = _tenant(READ_SCOPE)
+        message_id = _resource_id(request.parent, "messages", "parent")
+        page = await self._reader.events(tenant_id, message_id, request.page_size, request.page_token)
+        return messages_pb2.ListMessageEventsResponse(
+            events=[event_to_proto(e) for e in page.items], next_page_token=page.next_page_token
+        )
+
+
+_GROUPINGS: dict[int, StatsGrouping] = {
+    reports_pb2.STATS_GROUPING_UNSPECIFIED: StatsGrouping.NONE,
+    reports_pb2.STATS_GROUPING_DAY: StatsGrouping.DAY,
+    reports_pb2.STATS_GROUPING_HOUR: StatsGrouping.HOUR,
+    reports_pb2.STATS_GROUPING_PROVIDER: StatsGrouping.PROVIDER,
+    reports_pb2.STATS_GROUPING_MESSAGE_CLASS: StatsGrouping.MESSAGE_CLASS,
+    reports_pb2.STATS_GROUPING_TAG: StatsGrouping.TAG,
+}
+
+
+def _stats_row(figures: StatsFigures) -> reports_pb2.StatsRow:
+    return reports_pb2.StatsRow(
+        key=figures.key, accepted=figures.accepted, sent=figures.sent, delivered=figures.delivered,
+        bounced=figures.bounced, failed=figures.failed, complained=figures.complained, opened=figures.opened,
+        clicked=figures.clicked, unsubscribed=figures.unsubscribed, latency_ms_p50=figures.latency_ms_p50,
+        latency_ms_p99=figures.latency_ms_p99,
+    )
+
+
+class StatsServicer(reports_pb2_grpc.StatsServiceServicer):
+    """StatsService."""
+
+    def __init__(self, reader: StatsReader) -> None:
+        self._reader = reader
+
+    async def GetStats(self, request: reports_pb2.GetStatsRequest,  # noqa: N802
+                       context: grpc.aio.ServicerContext) -> reports_pb2.GetStatsResponse:
+        """Counts and latency percentiles over a time range (default: the last day), grouped as asked."""
+        tenant_id = _tenant(READ_SCOPE)
+        grouping = _GROUPINGS.get(request.group_by)
+        if grouping is None:
+            raise InvalidArgument("unknown group_by", field_violations=[FieldViolation("group_by", "unknown")])
+        end = request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else datetime.now(UTC)
+        start = (request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time")
+                 else end - DEFAULT_STATS_RANGE)
+        report = await self._reader.get(StatsQuery(
+            tenant_id=tenant_id, start=start, end=end, group_by=grouping,
+            message_class=message_class_name(request.message_class),
+        ))
+        return reports_pb2.GetStatsResponse(rows=[_stats_row(r) for r in report.rows],
+                                            total=_stats_row(report.total))
+
+
+_REASONS_TO_PROTO: dict[SuppressionReason, int] = {
+    SuppressionReason.HARD_BOUNCE: reports_pb2.SUPPRESSION_REASON_HARD_BOUNCE,
+    SuppressionReason.COMPLAINT: reports_pb2.SUPPRESSION_REASON_COMPLAINT,
+    SuppressionReason.UNSUBSCRIBE: reports_pb2.SUPPRESSION_REASON_UNSUBSCRIBE,
+    SuppressionReason.MANUAL: reports_pb2.SUPPRESSION_REASON_MANUAL,
+}
+_REASONS_FROM_PROTO = {value: reason for reason, value in _REASONS_TO_PROTO.items()}
+
+
+def suppression_to_proto(suppression: Suppression) -> reports_pb2.Suppression:
+    """The API view of a suppression."""
+    return reports_pb2.Suppression(
+        name=f"suppressions/{suppression.email}",
+        email=suppression.email,
+        reason=_REASONS_TO_PROTO[suppression.reason],  # type: ignore[arg-type]
+        note=suppression.note,
+        create_time=_timestamp(suppression.create_time),
+    )
+
+
+class SuppressionServicer(reports_pb2_grpc.SuppressionServiceServicer):
+    """SuppressionService (writes keep the Redis mirror that ingest checks in step)."""
+
+    def __init__(self, store: SuppressionStore) -> None:
+        self._store = store
+
+    async def ListSuppressions(self, request: reports_pb2.ListSuppressionsRequest,  # noqa: N802
+                               context: grpc.aio.ServicerContext) -> reports_pb2.ListSuppressionsResponse:
+        """The tenant's suppressed addresses in address order."""
+        tenant_id = _tenant(READ_SCOPE)
+        page = await self._store.list(tenant_id, request.page_size, request.page_token)
+        return reports_pb2.ListSuppressionsResponse(
+            suppressions=[suppression_to_proto(s) for s in page.items], next_page_token=page.next_page_token
+        )
+
+    async def GetSuppression(self, request: reports_pb2.GetSuppressionRequest,  # noqa: N802
+                             context: grpc.aio.ServicerContext) -> reports_pb2.Suppression:
+        """One suppressed address."""
+        tenant_id = _tenant(READ_SCOPE)
+        return suppression_to_proto(await self._store.get(tenant_id,
+                                                          _resource_id(request.name, "suppressions", "name")))
+
+    async def CreateSuppression(self, request: reports_pb2.CreateSuppressionRequest,  # noqa: N802
+                                context: grpc.aio.ServicerContext) -> reports_pb2.Suppression:
+        """Suppress an address (reason MANUAL unless given)."""
+        tenant_id = _tenant(MANAGE_SUPPRESSIONS_SCOPE)
+        given = request.suppression
+        reason = _REASONS_FROM_PROTO.get(given.reason, SuppressionReason.MANUAL)
+        created = await self._store.create(tenant_id, given.email, reason, given.note)
+        return suppression_to_proto(created)
+
+    async def DeleteSuppression(self, request: reports_pb2.DeleteSuppressionRequest,  # noqa: N802
+                                context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        """Lift a suppression."""
+        tenant_id = _tenant(MANAGE_SUPPRESSIONS_SCOPE)
+        await self._store.delete(tenant_id, _resource_id(request.name, "suppressions", "name"))
+        return empty_pb2.Empty()

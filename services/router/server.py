@@ -1,0 +1,166 @@
+"""The router's gRPC wiring: ProviderService (admin CRUD and RouteEmail) over the registry and the scorer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from esp.v1 import common_pb2, providers_pb2, providers_pb2_grpc
+from google.protobuf import empty_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from libs.common import db
+from libs.common.auth import TrustedHeaderAuthenticator
+from libs.common.errors import FieldViolation, InvalidArgument
+from libs.common.grpc_server import ServiceApp
+from libs.common.jetstream import connect
+from libs.common.redis import create_redis
+from libs.providers.registry import BUILTIN_TYPES, adapter_class
+from libs.routing.catalog import ProviderCatalog, ProviderSpec, open_bucket
+from libs.routing.health import HealthBoard
+from libs.routing.scoring import EmailFacts, ProviderScore, rank
+from services.router.config import RouterSettings
+from services.router.registry import ProviderRecord, ProviderRegistry
+
+_CLASS = {common_pb2.MESSAGE_CLASS_OTP: "otp", common_pb2.MESSAGE_CLASS_TRANSACTIONAL: "transactional",
+          common_pb2.MESSAGE_CLASS_BULK: "bulk"}
+_CLASS_BACK = {v: k for k, v in _CLASS.items()}
+# Proto field → registry column for UpdateProvider's field mask.
+_MASKABLE = {"type", "display_name", "endpoint", "region", "price_per_email_micros", "price_per_mb_micros",
+             "max_message_bytes", "batch_size", "rate_limit_per_second", "daily_quota", "monthly_quota",
+             "allowed_classes", "weight", "disabled", "options"}
+
+
+def size_caps() -> dict[str, int]:
+    """Each adapter type's own message size cap."""
+    return {t: adapter_class(t).default_capabilities.max_message_bytes for t in BUILTIN_TYPES}
+
+
+def _id(name: str) -> str:
+    if not name.startswith("providers/") or name == "providers/":
+        raise InvalidArgument("name must look like providers/{id}",
+                              field_violations=[FieldViolation("name", "expected providers/{id}")])
+    return name.removeprefix("providers/")
+
+
+def _ts(value: Any) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _spec_values(p: providers_pb2.Provider) -> dict[str, Any]:
+    return {
+        "type": p.type, "display_name": p.display_name, "endpoint": p.endpoint, "region": p.region,
+        "price_per_email_micros": p.price_per_email_micros, "price_per_mb_micros": p.price_per_mb_micros,
+        "max_message_bytes": p.max_message_bytes, "batch_size": p.batch_size,
+        "rate_limit_per_second": p.rate_limit_per_second, "daily_quota": p.daily_quota,
+        "monthly_quota": p.monthly_quota, "allowed_classes": tuple(_CLASS[c] for c in p.allowed_classes if c in _CLASS),
+        "weight": p.weight or 1.0, "disabled": p.disabled, "options": dict(p.options),
+    }
+
+
+def _proto(record: ProviderRecord) -> providers_pb2.Provider:
+    s = record.spec
+    return providers_pb2.Provider(
+        name=f"providers/{s.id}", type=s.type, display_name=s.display_name, endpoint=s.endpoint, region=s.region,
+        credentials_ref=record.credentials_ref, price_per_email_micros=s.price_per_email_micros,
+        price_per_mb_micros=s.price_per_mb_micros, max_message_bytes=s.max_message_bytes, batch_size=s.batch_size,
+        rate_limit_per_second=s.rate_limit_per_second, daily_quota=s.daily_quota, monthly_quota=s.monthly_quota,
+        allowed_classes=[_CLASS_BACK[c] for c in s.allowed_classes], weight=s.weight, disabled=s.disabled,
+        options=dict(s.options), create_time=_ts(record.created_at), update_time=_ts(record.updated_at),
+        etag=str(s.version))
+
+
+def _score(s: ProviderScore) -> providers_pb2.ProviderScore:
+    return providers_pb2.ProviderScore(
+        provider=f"providers/{s.provider_id}", type=s.type, score=s.score,
+        expected_cost_micros=s.expected_cost_micros, latency_ms_ewma=s.latency_ms, error_rate=s.error_rate,
+        breaker_state=s.breaker, remaining_daily_quota=min(s.remaining_daily_quota, 1e18),
+        rate_budget_per_second=s.rate_limit_per_second, excluded_reason=s.excluded_reason)
+
+
+class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
+    def __init__(self, registry: ProviderRegistry, catalog: ProviderCatalog, health: HealthBoard) -> None:
+        self.registry = registry
+        self.catalog = catalog
+        self.health = health
+        self.caps = size_caps()
+
+    async def CreateProvider(self, request: providers_pb2.CreateProviderRequest,
+                             context: Any) -> providers_pb2.Provider:
+        spec = ProviderSpec(id=request.provider_id, credentials=dict(request.provider.credentials),
+                            **_spec_values(request.provider))
+        return _proto(await self.registry.create(spec))
+
+    async def GetProvider(self, request: providers_pb2.GetProviderRequest, context: Any) -> providers_pb2.Provider:
+        return _proto(await self.registry.get(_id(request.name)))
+
+    async def ListProviders(self, request: providers_pb2.ListProvidersRequest,
+                            context: Any) -> providers_pb2.ListProvidersResponse:
+        size = min(request.page_size or 50, 1000)
+        records = await self.registry.list(size, request.page_token, show_disabled=request.show_disabled)
+        token = records[-1].spec.id if len(records) == size else ""
+        return providers_pb2.ListProvidersResponse(providers=[_proto(r) for r in records], next_page_token=token)
+
+    async def UpdateProvider(self, request: providers_pb2.UpdateProviderRequest,
+                             context: Any) -> providers_pb2.Provider:
+        provider_id = _id(request.provider.name)
+        values = _spec_values(request.provider)
+        paths = list(request.update_mask.paths) or [k for k in values if k != "type"]
+        unknown = [p for p in paths if p not in _MASKABLE and p != "credentials"]
+        if unknown:
+            raise InvalidArgument("unknown update_mask paths",
+                                  field_violations=[FieldViolation("update_mask", f"cannot update {unknown}")])
+        changes = {p: values[p] for p in paths if p in _MASKABLE}
+        expected = int(request.provider.etag) if request.provider.etag.isdigit() else None
+        credentials = dict(request.provider.credentials) if "credentials" in paths or (
+            not request.update_mask.paths and request.provider.credentials) else None
+        return _proto(await self.registry.update(provider_id, changes, expected_version=expected,
+                                                 credentials=credentials))
+
+    async def DeleteProvider(self, request: providers_pb2.DeleteProviderRequest, context: Any) -> empty_pb2.Empty:
+        expected = int(request.etag) if request.etag.isdigit() else None
+        await self.registry.delete(_id(request.name), expected_version=expected)
+        return empty_pb2.Empty()
+
+    async def RouteEmail(self, request: providers_pb2.RouteEmailRequest,
+                         context: Any) -> providers_pb2.RouteEmailResponse:
+        if request.message_class not in _CLASS:
+            raise InvalidArgument("message_class is required",
+                                  field_violations=[FieldViolation("message_class", "otp, transactional or bulk")])
+        providers = list(self.catalog.providers.values())
+        health = await self.health.refresh(p.id for p in providers)
+        decision = rank(providers, health, EmailFacts(
+            _CLASS[request.message_class], request.message_bytes, max(1, request.recipient_count),
+            frozenset(e.removeprefix("providers/") for e in request.excluded_providers), request.region),
+            self.caps)
+        return providers_pb2.RouteEmailResponse(ranked=[_score(s) for s in decision.ranked],
+                                                excluded=[_score(s) for s in decision.excluded])
+
+
+async def build_app(settings: RouterSettings) -> ServiceApp:
+    pool = await db.create_pool(settings.postgres_dsn, min_size=1, max_size=5, name="router")
+    nc = await connect(settings.nats_url, "esp-router")
+    js = nc.jetstream()
+    kv = await open_bucket(js, settings.namespace)
+    registry = ProviderRegistry(pool, kv)
+    await registry.resync()
+    catalog = ProviderCatalog(kv)
+    redis = create_redis(settings.redis_url)
+    health = HealthBoard(redis, settings.namespace, refresh_s=settings.health_refresh_s)
+
+    async def close_all() -> None:
+        await nc.drain()
+        await redis.aclose()
+        await pool.close()
+
+    async def watch(stop: asyncio.Event) -> None:
+        await catalog.run(stop)
+
+    return ServiceApp(
+        name="router", default_port=50052,
+        servicers=[(providers_pb2_grpc.add_ProviderServiceServicer_to_server,
+                    ProviderServicer(registry, catalog, health))],
+        service_names=[providers_pb2.DESCRIPTOR.services_by_name["ProviderService"].full_name],
+        tasks=[watch], closers=[close_all], authenticator=TrustedHeaderAuthenticator())
