@@ -27,7 +27,15 @@ _EXPORTS = {
     "run_simulator": "dev.simulator.runner",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Knobs",
+    "Personality",
+    "RunningSimulator",
+    "SimulatorClient",
+    "default_personalities",
+    "load_personalities",
+    "run_simulator",
+]
 
 
 def __getattr__(name: str) -> Any:

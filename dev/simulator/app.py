@@ -105,8 +105,9 @@ def create_app(state: SimulatorState, emitter: WebhookEmitter) -> Starlette:
 
     def describe(name: str) -> dict[str, Any]:
         personality = state.personality(name)
+        material = emitter.material[name]
         return {**personality.describe(), "knobs": state.knobs(name).to_json(),
-                "webhooks": emitter.material[name].public()}
+                "webhooks": {**material.public(), "receiver_secrets": material.receiver_secrets()}}
 
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True})

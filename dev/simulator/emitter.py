@@ -65,6 +65,21 @@ class SigningMaterial:
             if value is not None
         }
 
+    def receiver_secrets(self) -> dict[str, str]:
+        """The secrets mapping ``WebhookVerifier.verify_and_parse`` takes for this personality's provider.
+
+        Key names are those of ``libs/providers/<type>/webhook.py``; the SES certificate itself is fetched from
+        ``sns_certificate_url`` (in the simulator: ``GET /_sim/personalities/<name>/sns-certificate.pem``).
+        """
+        candidates = {
+            "webhook_signing_key": self.mailgun_signing_key,
+            "verification_key": self.sendgrid_verification_key,
+            "topic_arns": self.sns_topic_arn,
+            "webhook_user": self.postmark_user,
+            "webhook_password": self.postmark_password,
+        }
+        return {key: value for key, value in candidates.items() if value is not None}
+
 
 def make_signing_material(personality: Personality) -> SigningMaterial:
     """Key material for a personality: from its credentials where given, generated otherwise."""
@@ -219,7 +234,8 @@ class WebhookEmitter:
             callback = self._build(pending)
             status: int | None = None
             error = ""
-            assert self._client is not None
+            if self._client is None:
+                raise RuntimeError("WebhookEmitter.start() was not called")
             try:
                 response = await self._client.post(pending.url, content=callback.body, headers=callback.headers)
                 status = response.status_code

@@ -45,7 +45,7 @@ def parse_form_data(body: bytes, content_type: str) -> list[tuple[str, str | For
     if not body.startswith(delimiter):
         raise ValueError("multipart body does not start with its boundary")
     fields: list[tuple[str, str | FormFile]] = []
-    for chunk in body.split(b"\r\n" + delimiter)[0:]:
+    for chunk in body.split(b"\r\n" + delimiter):
         part = chunk.removeprefix(delimiter)
         if part.startswith(b"--"):
             break
@@ -93,6 +93,12 @@ def parse_mime(raw: bytes, *, envelope_recipients: list[str] | None = None) -> S
     to = [email for _, email in to_pairs]
     bcc: list[str] = []
     if envelope_recipients is not None:
+        # The envelope decides who receives a copy: header addresses not in it were refused; envelope
+        # addresses not in the headers are Bcc.
+        envelope = {address.lower() for address in envelope_recipients}
+        to_pairs = [(name, email) for name, email in to_pairs if email.lower() in envelope]
+        to = [email for _, email in to_pairs]
+        cc = [email for email in cc if email.lower() in envelope]
         listed = {address.lower() for address in [*to, *cc]}
         bcc = [rcpt for rcpt in envelope_recipients if rcpt.lower() not in listed]
     text_part = message.get_body(preferencelist=("plain",))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import secrets
 import ssl
 import tempfile
@@ -26,6 +27,9 @@ from dev.simulator.emitter import WebhookEmitter
 from dev.simulator.model import SimMessage
 from dev.simulator.parsing import is_valid_address, parse_mime
 from dev.simulator.state import SimulatorState
+
+# aiosmtpd 1.4 logs a deprecation warning on every successful AUTH from its own internals; keep it quiet.
+logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 #: Largest message accepted (advertised with the SIZE extension).
 DATA_SIZE_LIMIT = 64 * 1024 * 1024
@@ -81,11 +85,12 @@ class SimulatorSmtpHandler:
             return AuthResult(success=False, handled=False)
         return AuthResult(success=True, auth_data=personality.name)
 
-    def _record(self, name: str, command: str, code: int, result: str, reason: str = "",
+    def _record(self, session: Session, command: str, code: int, result: str, reason: str = "",
                 messages: list[SimMessage] | None = None) -> None:
+        peer = session.peer if isinstance(session.peer, tuple) else (str(session.peer),)
         self._state.record(
             {
-                "personality": name,
+                "personality": str(session.auth_data),
                 "provider": "smtp",
                 "method": "SMTP",
                 "path": command,
@@ -93,6 +98,9 @@ class SimulatorSmtpHandler:
                 "result": result,
                 "reason": reason,
                 "messages": messages or [],
+                # The client's address and port tell tests which session (connection) a message came on.
+                "request_headers": {"peer": ":".join(str(part) for part in peer),
+                                    "tls": "yes" if session.ssl is not None else "no"},
             }
         )
 
@@ -102,10 +110,10 @@ class SimulatorSmtpHandler:
         name = str(session.auth_data)
         await self._state.delay(name)
         if self._state.in_outage(name):
-            self._record(name, "MAIL", 421, "outage")
+            self._record(session, "MAIL", 421, "outage")
             return "421 4.3.2 Service not available, try again later"
         if not self._state.admit_rate(name):
-            self._record(name, "MAIL", 454, "throttled")
+            self._record(session, "MAIL", 454, "throttled")
             return "454 4.7.0 Throttling failure: Maximum sending rate exceeded."
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -128,18 +136,18 @@ class SimulatorSmtpHandler:
         try:
             message = parse_mime(raw, envelope_recipients=list(envelope.rcpt_tos))
         except ValueError as exc:
-            self._record(name, "DATA", 554, "invalid", str(exc))
+            self._record(session, "DATA", 554, "invalid", str(exc))
             return "554 5.6.0 Message is not valid MIME"
         message.sender = str(envelope.mail_from or message.sender)
         if not self._state.consume_quota(name, 1):
-            self._record(name, "DATA", 454, "quota", messages=[message])
+            self._record(session, "DATA", 454, "quota", messages=[message])
             return "454 4.7.0 Throttling failure: Daily message quota exceeded."
         if self._state.roll(knobs.error_rate):
-            self._record(name, "DATA", 450, "error", messages=[message])
+            self._record(session, "DATA", 450, "error", messages=[message])
             return "450 4.3.0 Temporary server error, try again later"
         message.provider_message_id = secrets.token_hex(8).upper()
         hang = self._state.roll(knobs.hang_rate)
-        self._record(name, "DATA", 250, "hung" if hang else "accepted", messages=[message])
+        self._record(session, "DATA", 250, "hung" if hang else "accepted", messages=[message])
         if hang:
             await self._state.hang(knobs.hang_s)
         return f"250 2.0.0 Ok: queued as {message.provider_message_id}"

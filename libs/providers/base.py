@@ -402,12 +402,12 @@ class _OpenGroup:
     recipients: int = 0
     size: int = 0
 
-    def fits(self, addresses: set[str], size: int, caps: Capabilities, max_recipients: int) -> bool:
+    def fits(self, addresses: set[str], size: int, caps: Capabilities, max_recipients: int, unique: bool) -> bool:
         if len(self.indexes) >= caps.max_batch_messages or self.recipients + len(addresses) > max_recipients:
             return False
         if caps.max_batch_bytes is not None and self.size + size > caps.max_batch_bytes:
             return False
-        return self.addresses.isdisjoint(addresses)
+        return not unique or self.addresses.isdisjoint(addresses)
 
     def add(self, index: int, addresses: set[str], size: int) -> None:
         self.indexes.append(index)
@@ -426,6 +426,9 @@ class BaseAdapter(ABC):
 
     type_name: ClassVar[str] = ""
     default_capabilities: ClassVar[Capabilities]
+    #: Whether one batch call may name each recipient address only once (per-recipient data keyed by address,
+    #: or duplicates refused); providers whose batches are lists of whole messages set this to False.
+    unique_recipients_per_batch: ClassVar[bool] = True
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -517,8 +520,9 @@ class BaseAdapter(ABC):
     def _group_for_batch(self, emails: Sequence[OutboundEmail]) -> tuple[list[list[int]], list[int]]:
         """Split indexes into batch groups (by ``batch_key``, within the batch limits) and single sends.
 
-        A group never holds the same recipient address twice: providers key per-recipient data by address
-        (Mailgun's recipient-variables) or refuse duplicates outright (SendGrid).
+        Unless ``unique_recipients_per_batch`` is off, a group never holds the same recipient address twice:
+        providers key per-recipient data by address (Mailgun's recipient-variables) or refuse duplicates
+        outright (SendGrid).
         """
         if not self.capabilities.supports_batch:
             return [], list(range(len(emails)))
@@ -535,7 +539,8 @@ class BaseAdapter(ABC):
             addresses = {address.email.lower() for address in email.recipients}
             size = estimated_encoded_size(email) if caps.max_batch_bytes is not None else 0
             group = open_groups.get(key)
-            if group is None or not group.fits(addresses, size, caps, max_recipients):
+            unique = self.unique_recipients_per_batch
+            if group is None or not group.fits(addresses, size, caps, max_recipients, unique):
                 group = _OpenGroup()
                 groups.append(group.indexes)
                 open_groups[key] = group

@@ -196,7 +196,7 @@ class HealthBoard:
         p = self.policy
         async with self.redis.pipeline(transaction=False) as pipe:
             if ok or provider_fault:
-                self._record(keys=[self._key(provider_id)], args=[
+                await self._record(keys=[self._key(provider_id)], args=[
                     1 if ok else 0, latency_ms if latency_ms is not None else -1, self.alpha,
                     p.consecutive_failures, p.failure_rate, p.min_samples, int(p.open_seconds * 1000), now_ms],
                     client=pipe)

@@ -43,7 +43,10 @@ def create_app(
         await transcoder.aclose()
 
     app = Starlette(
-        routes=[Route("/healthz", healthz, methods=["GET"]), Route("/openapi.json", openapi, methods=["GET"])],
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+        ],
         lifespan=lifespan,
     )
     # Everything that is not one of the two routes above is an API call for the transcoder to route, so it

@@ -33,8 +33,9 @@ class GatewayConfig:
     log_format: str = "json"
 
     def __post_init__(self) -> None:
-        check_positive(self, "gateway_port", "gateway_timeout_s", "gateway_stream_timeout_s",
-                       "gateway_max_body_bytes")
+        check_positive(
+            self, "gateway_port", "gateway_timeout_s", "gateway_stream_timeout_s", "gateway_max_body_bytes"
+        )
 
     @property
     def descriptor_set_path(self) -> Path:

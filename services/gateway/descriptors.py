@@ -147,11 +147,17 @@ def _binding(method: MethodDescriptor, rule: http_pb2.HttpRule, index: int) -> H
     for variable in template.variables:
         leaf = _resolve(request, variable.field_path, method.full_name)
         if leaf.is_repeated or leaf.type == FieldDescriptor.TYPE_MESSAGE:
-            raise DescriptorError(f"{method.full_name}: path variable {variable.dotted} must be a singular scalar")
+            raise DescriptorError(
+                f"{method.full_name}: path variable {variable.dotted} must be a singular scalar"
+            )
     if rule.body not in ("", "*") and rule.body not in request.fields_by_name:
-        raise DescriptorError(f"{method.full_name}: body field {rule.body!r} is not a field of {request.full_name}")
+        raise DescriptorError(
+            f"{method.full_name}: body field {rule.body!r} is not a field of {request.full_name}"
+        )
     if rule.response_body and rule.response_body not in method.output_type.fields_by_name:
-        raise DescriptorError(f"{method.full_name}: response_body {rule.response_body!r} is not a response field")
+        raise DescriptorError(
+            f"{method.full_name}: response_body {rule.response_body!r} is not a response field"
+        )
     return HttpBinding(
         method=method,
         http_method=http_method,
@@ -227,7 +233,9 @@ def _collect_comments(files: Iterable[descriptor_pb2.FileDescriptorProto]) -> di
             continue
         names: dict[tuple[int, ...], str] = {}
         for index, message in enumerate(file_proto.message_type):
-            _name_message(names, (_FILE_MESSAGE, index), _qualified(file_proto.package, message.name), message)
+            _name_message(
+                names, (_FILE_MESSAGE, index), _qualified(file_proto.package, message.name), message
+            )
         for index, enum in enumerate(file_proto.enum_type):
             _name_enum(names, (_FILE_ENUM, index), _qualified(file_proto.package, enum.name), enum)
         for index, service in enumerate(file_proto.service):
@@ -242,7 +250,10 @@ def _collect_comments(files: Iterable[descriptor_pb2.FileDescriptorProto]) -> di
 
 
 def _name_message(
-    names: dict[tuple[int, ...], str], path: tuple[int, ...], full_name: str, message: descriptor_pb2.DescriptorProto
+    names: dict[tuple[int, ...], str],
+    path: tuple[int, ...],
+    full_name: str,
+    message: descriptor_pb2.DescriptorProto,
 ) -> None:
     names[path] = full_name
     for index, field_proto in enumerate(message.field):
@@ -254,7 +265,10 @@ def _name_message(
 
 
 def _name_enum(
-    names: dict[tuple[int, ...], str], path: tuple[int, ...], full_name: str, enum: descriptor_pb2.EnumDescriptorProto
+    names: dict[tuple[int, ...], str],
+    path: tuple[int, ...],
+    full_name: str,
+    enum: descriptor_pb2.EnumDescriptorProto,
 ) -> None:
     names[path] = full_name
     for index, value in enumerate(enum.value):

@@ -32,7 +32,9 @@ class FieldValueError(ValueError):
 
 _KEY = re.compile(r"^(?P<path>[^\[\]]+)(?:\[(?P<map_key>[^\]]*)\])?$")
 _INTEGER = re.compile(r"^[+-]?[0-9]+$")
-_FLOAT = re.compile(r"^[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)$", re.IGNORECASE)
+_FLOAT = re.compile(
+    r"^[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)$", re.IGNORECASE
+)
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 _CAMEL_BOUNDARY = re.compile(r"(?<!^)(?=[A-Z])")
@@ -49,11 +51,19 @@ _INT_RANGES: Mapping[int, tuple[int, int]] = {
     FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
     FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
 }
-_WRAPPERS = frozenset({
-    "google.protobuf.DoubleValue", "google.protobuf.FloatValue", "google.protobuf.Int64Value",
-    "google.protobuf.UInt64Value", "google.protobuf.Int32Value", "google.protobuf.UInt32Value",
-    "google.protobuf.BoolValue", "google.protobuf.StringValue", "google.protobuf.BytesValue",
-})
+_WRAPPERS = frozenset(
+    {
+        "google.protobuf.DoubleValue",
+        "google.protobuf.FloatValue",
+        "google.protobuf.Int64Value",
+        "google.protobuf.UInt64Value",
+        "google.protobuf.Int32Value",
+        "google.protobuf.UInt32Value",
+        "google.protobuf.BoolValue",
+        "google.protobuf.StringValue",
+        "google.protobuf.BytesValue",
+    }
+)
 
 
 def find_field(message: Descriptor, name: str) -> FieldDescriptor | None:
@@ -66,11 +76,7 @@ def find_field(message: Descriptor, name: str) -> FieldDescriptor | None:
 
 def is_map(field: FieldDescriptor) -> bool:
     """Whether a field is a ``map<K, V>`` (a repeated synthetic entry message)."""
-    return (
-        field.is_repeated
-        and field.message_type is not None
-        and field.message_type.GetOptions().map_entry
-    )
+    return field.is_repeated and field.message_type is not None and field.message_type.GetOptions().map_entry
 
 
 def set_path_variable(message: Message, dotted_path: str, value: str) -> None:
@@ -184,10 +190,10 @@ def _parse_scalar(field: FieldDescriptor, text: str) -> Any:
     if kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
         if not _FLOAT.match(text):
             raise FieldValueError(f"{text!r} is not a number")
-        number = float(text)
-        if kind == FieldDescriptor.TYPE_FLOAT and math.isfinite(number) and abs(number) > 3.4028234663852886e38:
+        real = float(text)
+        if kind == FieldDescriptor.TYPE_FLOAT and math.isfinite(real) and abs(real) > 3.4028234663852886e38:
             raise FieldValueError(f"{text} is out of range")
-        return number
+        return real
     if kind == FieldDescriptor.TYPE_BYTES:
         return _decode_base64(text)
     if kind == FieldDescriptor.TYPE_ENUM:

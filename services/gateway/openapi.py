@@ -10,7 +10,8 @@ Choices (see docs/REST.md):
 - schemas follow the proto3 JSON mapping (camelCase names, int64 as strings, enums as names, well-known types
   in their JSON forms), one component per message or enum named by its full proto name;
 - descriptions come from the proto comments kept in the descriptor set's source info;
-- ``google.api.field_behavior`` becomes ``required`` / ``readOnly`` (OUTPUT_ONLY) / ``writeOnly`` (INPUT_ONLY).
+- ``google.api.field_behavior`` becomes ``required``, ``readOnly`` (OUTPUT_ONLY) or ``writeOnly``
+  (INPUT_ONLY).
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ _SCALARS: dict[int, dict[str, Any]] = {
 }
 _WELL_KNOWN: dict[str, dict[str, Any]] = {
     "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
-    "google.protobuf.Duration": {"type": "string", "description": "Seconds with up to 9 fractional digits, e.g. 1.5s"},
+    "google.protobuf.Duration": {
+        "type": "string",
+        "description": "Seconds with up to 9 fractional digits, e.g. 1.5s",
+    },
     "google.protobuf.FieldMask": {"type": "string", "description": "Comma-separated field paths"},
     "google.protobuf.Empty": {"type": "object"},
     "google.protobuf.Struct": {"type": "object", "additionalProperties": {}},
@@ -69,8 +73,15 @@ _WELL_KNOWN: dict[str, dict[str, Any]] = {
 }
 # Field types a URL can carry (see fields.py): scalars, enums and the text-form well-known types.
 _URL_MESSAGES = frozenset(
-    name for name in _WELL_KNOWN if name not in ("google.protobuf.Empty", "google.protobuf.Struct",
-                                                 "google.protobuf.Value", "google.protobuf.ListValue")
+    name
+    for name in _WELL_KNOWN
+    if name
+    not in (
+        "google.protobuf.Empty",
+        "google.protobuf.Struct",
+        "google.protobuf.Value",
+        "google.protobuf.ListValue",
+    )
 )
 
 
@@ -98,12 +109,15 @@ def build_openapi(
         item = paths.setdefault(path, {})
         verb = binding.http_method.lower()
         if verb in item:
-            raise OpenApiError(f"{path} {binding.http_method} is bound by {item[verb]['operationId']} and "
-                               f"{operation['operationId']}")
+            raise OpenApiError(
+                f"{path} {binding.http_method} is bound by {item[verb]['operationId']} and "
+                f"{operation['operationId']}"
+            )
         item[verb] = operation
         service = binding.method.containing_service
-        tags.setdefault(service.name, _with_description({"name": service.name},
-                                                        descriptors.comment(service.full_name)))
+        tags.setdefault(
+            service.name, _with_description({"name": service.name}, descriptors.comment(service.full_name))
+        )
     schemas.status_ref()  # registers google.rpc.Status even when no RPC is bound
     document: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
@@ -138,7 +152,10 @@ def _operation(
 ) -> dict[str, Any]:
     method = binding.method
     comment = descriptors.comment(method.full_name)
-    operation: dict[str, Any] = {"operationId": operation_id(binding), "tags": [method.containing_service.name]}
+    operation: dict[str, Any] = {
+        "operationId": operation_id(binding),
+        "tags": [method.containing_service.name],
+    }
     if comment:
         operation["summary"] = comment.split("\n", 1)[0]
         operation["description"] = comment
@@ -169,8 +186,9 @@ def _request_body(binding: HttpBinding, schemas: _Schemas) -> dict[str, Any]:
     request_type = binding.method.input_type
     if binding.body == "*":
         # Fields already bound by the path are not repeated in the body.
-        path_fields = {variable.field_path[0] for variable in binding.template.variables
-                       if len(variable.field_path) == 1}
+        path_fields = {
+            variable.field_path[0] for variable in binding.template.variables if len(variable.field_path) == 1
+        }
         if path_fields:
             schema = schemas.message_schema(request_type, omit=path_fields)
         else:
@@ -181,7 +199,7 @@ def _request_body(binding: HttpBinding, schemas: _Schemas) -> dict[str, Any]:
         return {
             "required": True,
             "description": f"A stream of {request_type.full_name} messages, one JSON object per line "
-                           "(newline-delimited JSON), forwarded as they arrive.",
+            "(newline-delimited JSON), forwarded as they arrive.",
             "content": {NDJSON_MEDIA_TYPE: {"schema": schema}},
         }
     return {"required": True, "content": {"application/json": {"schema": schema}}}
@@ -210,8 +228,9 @@ def _openapi_path(binding: HttpBinding) -> tuple[str, list[dict[str, Any]]]:
             continue
         field = _json_path(binding.method.input_type, variable.field_path)
         span = template.segments[variable.start : variable.end]
-        shape = "/".join(segment.literal if segment.kind is SegmentKind.LITERAL else segment.kind.value
-                         for segment in span)
+        shape = "/".join(
+            segment.literal if segment.kind is SegmentKind.LITERAL else segment.kind.value for segment in span
+        )
         previous_literal = ""
         for segment in span:
             if segment.kind is SegmentKind.LITERAL:
@@ -225,13 +244,15 @@ def _openapi_path(binding: HttpBinding) -> tuple[str, list[dict[str, Any]]]:
                 note += " May contain `/`."
             if len(span) == 1:
                 note = f"The `{field}` field."
-            parameters.append({
-                "name": name,
-                "in": "path",
-                "required": True,
-                "schema": {"type": "string"},
-                "description": note,
-            })
+            parameters.append(
+                {
+                    "name": name,
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": note,
+                }
+            )
         index = variable.end
     path = "/" + "/".join(pieces)
     if template.verb:
@@ -282,7 +303,9 @@ def _query_parameters(
 ) -> list[dict[str, Any]]:
     parameters: list[dict[str, Any]] = []
 
-    def visit(current: Descriptor, proto_prefix: tuple[str, ...], json_prefix: str, seen: tuple[str, ...]) -> None:
+    def visit(
+        current: Descriptor, proto_prefix: tuple[str, ...], json_prefix: str, seen: tuple[str, ...]
+    ) -> None:
         for field in current.fields:
             proto_path = (*proto_prefix, field.name)
             if any(proto_path[: len(prefix)] == prefix for prefix in excluded) or is_map(field):
@@ -351,7 +374,9 @@ class _Schemas:
             self.components[message.full_name] = self.message_schema(message)
         return _ref(message.full_name)
 
-    def message_schema(self, message: Descriptor, omit: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    def message_schema(
+        self, message: Descriptor, omit: frozenset[str] | set[str] = frozenset()
+    ) -> dict[str, Any]:
         """The object schema of a message (``omit``: top-level proto field names to leave out)."""
         properties: dict[str, Any] = {}
         required: list[str] = []
@@ -418,12 +443,15 @@ class _Schemas:
         return _ref(enum.full_name)
 
     def _any_ref(self) -> dict[str, Any]:
-        self.components.setdefault(_ANY_SCHEMA, {
-            "type": "object",
-            "description": "A message of any type: `@type` names it, its fields follow.",
-            "properties": {"@type": {"type": "string"}},
-            "additionalProperties": {},
-        })
+        self.components.setdefault(
+            _ANY_SCHEMA,
+            {
+                "type": "object",
+                "description": "A message of any type: `@type` names it, its fields follow.",
+                "properties": {"@type": {"type": "string"}},
+                "additionalProperties": {},
+            },
+        )
         return _ref(_ANY_SCHEMA)
 
 

@@ -52,7 +52,7 @@ class Segment:
 
 @dataclass(frozen=True)
 class Variable:
-    """A ``{field.path=...}`` capture: the segments ``[start, end)`` of the template bind to ``field_path``."""
+    """A ``{field.path=...}`` capture: template segments ``[start, end)`` bind to ``field_path``."""
 
     field_path: tuple[str, ...]
     start: int
@@ -96,7 +96,10 @@ class PathTemplate:
             first = spans[variable.start][0]
             last = spans[variable.end - 1][1]
             raw_parts = components[first:last]
-            single = variable.end - variable.start == 1 and self.segments[variable.start].kind is SegmentKind.SINGLE
+            single = (
+                variable.end - variable.start == 1
+                and self.segments[variable.start].kind is SegmentKind.SINGLE
+            )
             if single:
                 captured[variable.dotted] = unquote(raw_parts[0], errors="strict")
             else:
@@ -123,8 +126,9 @@ class PathTemplate:
 def _unquote_keeping_slashes(component: str) -> str:
     # Split around encoded slashes, decode the rest, and keep each %2F exactly as the client sent it.
     pieces = _ENCODED_SLASH.split(component)
-    return "".join(piece if _ENCODED_SLASH.fullmatch(piece) else unquote(piece, errors="strict")
-                   for piece in pieces)
+    return "".join(
+        piece if _ENCODED_SLASH.fullmatch(piece) else unquote(piece, errors="strict") for piece in pieces
+    )
 
 
 def _match_segments(segments: Sequence[Segment], components: Sequence[str]) -> list[tuple[int, int]] | None:

@@ -6,8 +6,8 @@ Behaviour follows grpc-gateway v2 (so Envoy's ``grpc_json_transcoder`` could tak
   methods is 405 (``Allow`` lists them, body code 12 UNIMPLEMENTED), anything else 404 (code 5 NOT_FOUND).
   Among overlapping templates the most literal one wins (grpc-gateway: last registered wins);
 - request: body (``*`` or one field) parsed as proto3 JSON (camelCase or proto names, unknown fields
-  ignored), then for PATCH with a ``body`` field and an empty ``update_mask`` the mask is derived from the body,
-  then path variables, then query parameters (never for ``body: "*"``);
+  ignored), then for PATCH with a ``body`` field and an empty ``update_mask`` the mask is derived from the
+  body, then path variables, then query parameters (never for ``body: "*"``);
 - client-streaming RPCs take a newline-delimited JSON stream of request messages, forwarded frame by frame as
   the bytes arrive; path variables go into the first frame;
 - response: proto3 JSON (camelCase, int64 as strings, enum names), unpopulated fields omitted by default;
@@ -59,7 +59,7 @@ class TranscoderOptions:
     """How the transcoder talks to its upstream and its clients."""
 
     default_timeout_s: float = 30.0
-    """Deadline (sent as ``grpc-timeout``) for unary calls when the client sends no ``Grpc-Timeout`` header."""
+    """Deadline (sent as ``grpc-timeout``) of unary calls when the client sends no ``Grpc-Timeout`` header."""
     stream_timeout_s: float = 900.0
     """Deadline for client-streaming calls (uploads of up to 150 MB over slow links)."""
     emit_unpopulated: bool = False
@@ -137,7 +137,9 @@ class Transcoder:
             served.append(binding)
         self.bindings: tuple[HttpBinding, ...] = tuple(served)
         self.router = Router(served)
-        self._status_marshaler = StatusMarshaler(descriptors.pool, emit_unpopulated=self.options.emit_unpopulated)
+        self._status_marshaler = StatusMarshaler(
+            descriptors.pool, emit_unpopulated=self.options.emit_unpopulated
+        )
         self._channel: grpc.aio.Channel | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -169,26 +171,33 @@ class Transcoder:
             binding, variables = self.router.route(request.method, _raw_path(request))
             metadata = _outgoing_metadata(request, request_id)
             if binding.client_streaming:
-                response, header_metadata = await self._call_client_streaming(request, binding, variables, metadata)
+                response, header_metadata = await self._call_client_streaming(
+                    request, binding, variables, metadata
+                )
             else:
-                message = self.build_request(binding, variables, request.query_params.multi_items(),
-                                             await self._read_body(request))
+                message = self.build_request(
+                    binding, variables, request.query_params.multi_items(), await self._read_body(request)
+                )
                 response, header_metadata = await self._call_unary(request, binding, message, metadata)
         except GatewayError as error:
             return self.error_response(error, request_id)
         except ClientDisconnect:
             # Nobody is left to answer; the upstream call was cancelled where the disconnect was seen.
-            return self.error_response(GatewayError(grpc.StatusCode.CANCELLED, "client disconnected"), request_id)
+            return self.error_response(
+                GatewayError(grpc.StatusCode.CANCELLED, "client disconnected"), request_id
+            )
         except Exception:
             logger.exception("gateway failure on %s %s", request.method, request.url.path)
-            return self.error_response(GatewayError(grpc.StatusCode.INTERNAL, "internal gateway error"), request_id)
+            return self.error_response(
+                GatewayError(grpc.StatusCode.INTERNAL, "internal gateway error"), request_id
+            )
         headers = {"x-request-id": request_id, **_response_headers(header_metadata)}
         return Response(self.marshal_response(binding, response), headers=headers, media_type=JSON_MEDIA_TYPE)
 
     def build_request(
         self, binding: HttpBinding, variables: dict[str, str], query: Iterable[tuple[str, str]], body: bytes
     ) -> Message:
-        """The request message of one unary call, from body, path variables and query, in grpc-gateway's order."""
+        """The request message of a unary call: body, path variables and query, in grpc-gateway's order."""
         request_type = binding.method.input_type
         message = self.descriptors.message_class(request_type)()
         body_json: Any = None
@@ -255,7 +264,11 @@ class Transcoder:
             raise _upstream_error(exc) from exc
 
     async def _call_client_streaming(
-        self, request: Request, binding: HttpBinding, variables: dict[str, str], metadata: list[tuple[str, str]]
+        self,
+        request: Request,
+        binding: HttpBinding,
+        variables: dict[str, str],
+        metadata: list[tuple[str, str]],
     ) -> tuple[Message, Sequence[tuple[str, Any]]]:
         request_type = self.descriptors.message_class(binding.method.input_type)
         response_type = self.descriptors.message_class(binding.method.output_type)
@@ -299,7 +312,9 @@ class Transcoder:
         if value is None:
             return
         try:
-            json_format.ParseDict(value, message, ignore_unknown_fields=True, descriptor_pool=self.descriptors.pool)
+            json_format.ParseDict(
+                value, message, ignore_unknown_fields=True, descriptor_pool=self.descriptors.pool
+            )
         except (json_format.ParseError, TypeError, ValueError) as exc:
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
 
@@ -379,7 +394,9 @@ def _outgoing_metadata(request: Request, request_id: str) -> list[tuple[str, str
             if _metadata_value_ok(value):
                 metadata.append((name, value))
     client_host = request.client.host if request.client else ""
-    forwarded_for = ", ".join(part for part in (request.headers.get("x-forwarded-for", ""), client_host) if part)
+    forwarded_for = ", ".join(
+        part for part in (request.headers.get("x-forwarded-for", ""), client_host) if part
+    )
     if forwarded_for and _metadata_value_ok(forwarded_for):
         metadata.append(("x-forwarded-for", forwarded_for))
     host = request.headers.get("host", "")

@@ -38,7 +38,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import psycopg
@@ -296,9 +296,7 @@ class Ledger:
         Repeating the call with the same ``hold_id`` and arguments returns the same hold, whatever became of it.
         Raises :class:`InsufficientCredits` (with the shortfall) when the available credits do not cover it.
         """
-        request = self._validated(
-            ReserveRequest(tenant_id, hold_id, _message_class(message_class), emails, attachment_bytes, ttl_s)
-        )
+        request = self._validated(tenant_id, hold_id, message_class, emails, attachment_bytes, ttl_s)
         return await self._reserves.submit(request)
 
     async def reserve_many(self, requests: Sequence[ReserveRequest]) -> list[Hold | LedgerError]:
@@ -308,7 +306,19 @@ class Ledger:
         valid: list[tuple[int, ReserveRequest]] = []
         for index, request in enumerate(requests):
             try:
-                valid.append((index, self._validated(request)))
+                valid.append(
+                    (
+                        index,
+                        self._validated(
+                            request.tenant_id,
+                            request.hold_id,
+                            request.message_class,
+                            request.emails,
+                            request.attachment_bytes,
+                            request.ttl_s,
+                        ),
+                    )
+                )
             except LedgerError as exc:
                 results[index] = exc
         outcomes = await self._reserves.submit_many([request for _, request in valid])
@@ -319,26 +329,34 @@ class Ledger:
                 raise outcome  # not a per-request refusal: the database or the ledger itself failed
         return [result for result in results if result is not None]
 
-    def _validated(self, request: ReserveRequest) -> ReserveRequest:
-        _require_id("tenant_id", request.tenant_id)
-        _require_id("hold_id", request.hold_id)
-        message_class = _message_class(request.message_class)
-        _require_positive("emails", request.emails)
-        if request.attachment_bytes < 0:
-            raise InvalidAmount("attachment_bytes", request.attachment_bytes, "must not be negative")
-        ttl_s = self._options.default_hold_ttl_s if request.ttl_s is None else request.ttl_s
-        if not 0 < ttl_s <= self._options.max_hold_ttl_s:
+    def _validated(
+        self,
+        tenant_id: str,
+        hold_id: str,
+        message_class: MessageClass | str,
+        emails: int,
+        attachment_bytes: int,
+        ttl_s: float | None,
+    ) -> ReserveRequest:
+        """The request with its class as the enum and its TTL resolved; raises on a malformed field. (On the hot
+        path: kept to a few cheap checks.)"""
+        _require_id("tenant_id", tenant_id)
+        _require_id("hold_id", hold_id)
+        if message_class.__class__ is not MessageClass:
+            message_class = _message_class(message_class)
+        _require_positive("emails", emails)
+        if attachment_bytes.__class__ is not int or attachment_bytes < 0:
+            raise InvalidAmount("attachment_bytes", attachment_bytes, "must be a non-negative integer")
+        if ttl_s is None:
+            ttl_s = self._options.default_hold_ttl_s
+        elif not 0 < ttl_s <= self._options.max_hold_ttl_s:
             raise InvalidLedgerArgument(
                 "ttl_s", f"must be in (0, {self._options.max_hold_ttl_s}] seconds (got {ttl_s})"
             )
-        if message_class is request.message_class and ttl_s == request.ttl_s:
-            return request
-        return ReserveRequest(
-            request.tenant_id, request.hold_id, message_class, request.emails, request.attachment_bytes, ttl_s
-        )
+        return ReserveRequest(tenant_id, hold_id, message_class, emails, attachment_bytes, ttl_s)  # type: ignore[arg-type]
 
     async def _reserve_batch(self, requests: Sequence[ReserveRequest]) -> list[Hold | LedgerError]:
-        return await self._transaction(lambda conn: self._reserve_in_transaction(conn, requests))
+        return await self._transaction(lambda conn: self._reserve_in_transaction(conn, requests), pipeline=True)
 
     async def _reserve_in_transaction(
         self, conn: AsyncConnection, requests: Sequence[ReserveRequest]
@@ -349,11 +367,14 @@ class Ledger:
             first_by_hold_id.setdefault(request.hold_id, index)
         firsts = list(first_by_hold_id.values())
 
-        # Holds made before (retries) are looked up before any lock is taken, to keep the lock short.
-        cur = await conn.execute(
-            f"SELECT {_HOLD_COLUMNS} FROM ledger.holds WHERE hold_id = ANY(%s)", (list(first_by_hold_id),)
+        # Holds made before (retries) and prices are read before any lock is taken, to keep the lock short;
+        # in pipeline mode both queries share one round trip.
+        existing_cursor = await conn.execute(
+            f"SELECT {_HOLD_COLUMNS} FROM ledger.holds WHERE hold_id = ANY(%b)", (list(first_by_hold_id),)
         )
-        existing = {hold.hold_id: hold for hold in map(_hold_from_row, await cur.fetchall())}
+        prices_cursor = await _query_price_books(conn, sorted({request.tenant_id for request in requests}))
+        existing = {hold.hold_id: hold for hold in map(_hold_from_row, await existing_cursor.fetchall())}
+        books, now = await _fetch_price_books(prices_cursor)
         new: list[int] = []
         for index in firsts:
             request = requests[index]
@@ -366,7 +387,7 @@ class Ledger:
                 results[index] = _reserve_mismatch(request, hold)
 
         if new:
-            await self._reserve_new(conn, requests, new, results)
+            await self._reserve_new(conn, requests, new, results, books, now)
 
         for index, request in enumerate(requests):
             if results[index] is not None:
@@ -388,93 +409,90 @@ class Ledger:
         requests: Sequence[ReserveRequest],
         new: list[int],
         results: list[Hold | LedgerError | None],
+        books: dict[str, PriceBook],
+        now: datetime,
     ) -> None:
-        tenants = sorted({requests[index].tenant_id for index in new})
-        books = await _price_books(conn, tenants)
-        balances = await _lock_balances(conn, tenants)
+        balances = await _lock_balances(conn, sorted({requests[index].tenant_id for index in new}))
 
-        accepted: list[tuple[int, Price, int]] = []
+        # Decided in arrival order against the locked balances: the same answers one-by-one reserves would get.
+        accepted: list[tuple[ReserveRequest, Price, int]] = []
         entries: list[_NewEntry] = []
+        prices: dict[tuple[str, MessageClass], Price] = {}
         for index in new:
             request = requests[index]
-            price = unit_price(books[request.tenant_id], MessageClass(request.message_class))
+            tenant_id = request.tenant_id
+            price = prices.get((tenant_id, request.message_class))
+            if price is None:
+                price = prices[(tenant_id, request.message_class)] = unit_price(books[tenant_id], request.message_class)
             amount = hold_amount(price, request.emails, request.attachment_bytes)
-            balance = balances.get(request.tenant_id)
+            balance = balances.get(tenant_id)
             available = balance.available if balance is not None else 0
             if amount > available:
-                results[index] = InsufficientCredits(request.tenant_id, amount, available)
+                results[index] = InsufficientCredits(tenant_id, amount, available)
                 continue
-            accepted.append((index, price, amount))
+            accepted.append((request, price, amount))
             if amount > 0 and balance is not None:
                 balance.available -= amount
                 balance.available_delta -= amount
                 balance.held_delta += amount
                 entries.append(
-                    _NewEntry(request.tenant_id, EntryKind.RESERVE, amount, request.hold_id, None, balance.available)
+                    _NewEntry(tenant_id, EntryKind.RESERVE, amount, request.hold_id, None, balance.available)
                 )
         if not accepted:
             return
 
         # Inserted in hold id order so two batches racing on the same ids wait for each other, never deadlock.
-        accepted.sort(key=lambda item: requests[item[0]].hold_id)
-        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [])
-        for index, price, amount in accepted:
-            request = requests[index]
-            for column, value in zip(
-                columns,
-                (
-                    request.hold_id,
-                    request.tenant_id,
-                    str(request.message_class),
-                    request.emails,
-                    request.attachment_bytes,
-                    price.per_email,
-                    price.per_attachment_mb,
-                    amount,
-                    request.ttl_s,
-                ),
-                strict=True,
-            ):
-                column.append(value)
-        cur = await conn.execute(
+        # A hold id inserted meanwhile by another transaction fails this one with a unique violation: the batch is
+        # retried and then finds that hold as existing. Nothing below waits for a result: in pipeline mode the
+        # writes and the commit go to the server together, so the balance row stays locked only for as long as
+        # the server takes to run them.
+        accepted.sort(key=lambda item: item[0].hold_id)
+        expiry: dict[float, datetime] = {}
+        for request, _, _ in accepted:
+            if request.ttl_s not in expiry:
+                expiry[request.ttl_s] = now + timedelta(seconds=request.ttl_s)  # type: ignore[arg-type]
+        await conn.execute(
             """INSERT INTO ledger.holds (hold_id, tenant_id, message_class, emails, attachment_bytes,
                                          price_per_email, price_per_attachment_mb, amount, expires_at)
-               SELECT h.hold_id, h.tenant_id, h.message_class, h.emails, h.attachment_bytes, h.per_email,
-                      h.per_mb, h.amount, now() + h.ttl_s * interval '1 second'
-               FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[],
-                           %s::bigint[], %s::bigint[], %s::float8[])
-                    AS h(hold_id, tenant_id, message_class, emails, attachment_bytes, per_email, per_mb, amount,
-                         ttl_s)
-               ON CONFLICT (hold_id) DO NOTHING
-               RETURNING hold_id, created_at, expires_at""",
-            columns,
+               SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::bigint[],
+                                    %b::bigint[], %b::bigint[], %b::timestamptz[])""",
+            (
+                [r.hold_id for r, _, _ in accepted],
+                [r.tenant_id for r, _, _ in accepted],
+                [r.message_class.value for r, _, _ in accepted],
+                [r.emails for r, _, _ in accepted],
+                [r.attachment_bytes for r, _, _ in accepted],
+                [p.per_email for _, p, _ in accepted],
+                [p.per_attachment_mb for _, p, _ in accepted],
+                [amount for _, _, amount in accepted],
+                [expiry[r.ttl_s] for r, _, _ in accepted],  # type: ignore[index]
+            ),
         )
-        inserted = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
-        if len(inserted) != len(accepted):
-            raise _ConcurrentReserve
-
         await _insert_entries(conn, entries)
         notifications = _low_balance_crossings(balances)
         await _update_balances(conn, balances)
         await _insert_notifications(conn, notifications)
 
-        for index, price, amount in accepted:
-            request = requests[index]
-            created_at, expires_at = inserted[request.hold_id]
-            results[index] = Hold(
+        holds = {
+            request.hold_id: Hold(
                 hold_id=request.hold_id,
                 tenant_id=request.tenant_id,
-                message_class=MessageClass(request.message_class),
+                message_class=request.message_class,
                 emails=request.emails,
                 attachment_bytes=request.attachment_bytes,
                 price=price,
                 amount=amount,
                 state=HoldState.HELD,
                 committed_amount=None,
-                created_at=created_at,
-                expires_at=expires_at,
+                created_at=now,
+                expires_at=expiry[request.ttl_s],  # type: ignore[index]
                 resolved_at=None,
             )
+            for request, price, amount in accepted
+        }
+        for index in new:
+            if results[index] is None:
+                results[index] = holds[requests[index].hold_id]
 
     # ------------------------------------------------------------------ commit, release, outcomes, expiry
 
@@ -631,7 +649,7 @@ class Ledger:
         """The prices that apply to ``tenant_id`` (its overrides over the defaults), or the platform defaults."""
         _require_id("tenant_id", tenant_id)
         async with self._pool.connection() as conn:
-            return (await _price_books(conn, [tenant_id]))[tenant_id]
+            return (await _price_books(conn, [tenant_id]))[0][tenant_id]
 
     async def set_default_prices(self, book: PriceBook) -> PriceBook:
         """Replace the platform's default prices (``book.tenant_id`` is ignored)."""
@@ -720,20 +738,29 @@ class Ledger:
         async with self._pool.connection() as conn:
             await conn.execute(
                 "UPDATE ledger.notifications SET published_at = now() "
-                "WHERE notification_id = ANY(%s) AND published_at IS NULL",
+                "WHERE notification_id = ANY(%b) AND published_at IS NULL",
                 (ids,),
             )
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]], *, pipeline: bool = False) -> T:
         """Run ``work`` in one transaction, again from the start when Postgres aborted it for a deadlock,
-        serialization failure or a racing insert of the same key (bounded attempts)."""
+        serialization failure or a racing insert of the same key (bounded attempts).
+
+        With ``pipeline``, statements whose results ``work`` does not fetch are sent without waiting, together
+        with the commit; their errors surface when the pipeline syncs at the end, and abort the transaction.
+        """
         attempts = self._options.max_transaction_attempts
         for attempt in range(1, attempts + 1):
             try:
-                async with self._pool.connection() as conn, conn.transaction():
-                    return await work(conn)
+                async with self._pool.connection() as conn:
+                    if pipeline:
+                        async with conn.pipeline(), conn.transaction():
+                            result = await work(conn)
+                        return result
+                    async with conn.transaction():
+                        return await work(conn)
             except _RETRYABLE:
                 if attempt == attempts:
                     raise
@@ -757,26 +784,36 @@ class Ledger:
 # ---------------------------------------------------------------------- SQL helpers shared by the operations
 
 
-async def _price_books(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, PriceBook]:
-    cur = await conn.execute(
+async def _price_books(conn: AsyncConnection, tenants: Sequence[str]) -> tuple[dict[str, PriceBook], datetime]:
+    """The effective price book of each tenant, and the transaction's ``now()`` (when its holds are made)."""
+    return await _fetch_price_books(await _query_price_books(conn, tenants))
+
+
+async def _query_price_books(conn: AsyncConnection, tenants: Sequence[str]) -> psycopg.AsyncCursor[Any]:
+    return await conn.execute(
         """SELECT t.tenant_id,
                   COALESCE(o.otp_per_email, d.otp_per_email),
                   COALESCE(o.transactional_per_email, d.transactional_per_email),
                   COALESCE(o.bulk_per_email, d.bulk_per_email),
-                  COALESCE(o.per_attachment_mb, d.per_attachment_mb)
-           FROM unnest(%s::text[]) AS t(tenant_id)
+                  COALESCE(o.per_attachment_mb, d.per_attachment_mb),
+                  now()
+           FROM unnest(%b::text[]) AS t(tenant_id)
            JOIN ledger.price_books AS d ON d.tenant_id = '-'
            LEFT JOIN ledger.price_books AS o ON o.tenant_id = t.tenant_id""",
         (list(tenants),),
     )
-    return {row[0]: PriceBook(*row) for row in await cur.fetchall()}
+
+
+async def _fetch_price_books(cursor: psycopg.AsyncCursor[Any]) -> tuple[dict[str, PriceBook], datetime]:
+    rows = await cursor.fetchall()
+    return {row[0]: PriceBook(*row[:5]) for row in rows}, rows[0][5]
 
 
 async def _lock_balances(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, _LockedBalance]:
     """Lock the balance rows of ``tenants`` in tenant order (every batch locks in that order: no deadlocks)."""
     cur = await conn.execute(
         """SELECT tenant_id, available, low_balance_threshold, low_balance_armed FROM ledger.balances
-           WHERE tenant_id = ANY(%s) ORDER BY tenant_id FOR UPDATE""",
+           WHERE tenant_id = ANY(%b) ORDER BY tenant_id FOR UPDATE""",
         (sorted(tenants),),
     )
     return {row[0]: _LockedBalance(row[1], row[2], row[3]) for row in await cur.fetchall()}
@@ -790,7 +827,7 @@ async def _update_balances(conn: AsyncConnection, balances: dict[str, _LockedBal
         """UPDATE ledger.balances AS b
            SET available = b.available + d.available_delta, held = b.held + d.held_delta,
                spent = b.spent + d.spent_delta, low_balance_armed = d.armed, updated_at = now()
-           FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bool[])
+           FROM unnest(%b::text[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bool[])
                 AS d(tenant_id, available_delta, held_delta, spent_delta, armed)
            WHERE b.tenant_id = d.tenant_id""",
         (
@@ -809,8 +846,8 @@ async def _insert_entries(conn: AsyncConnection, entries: Sequence[_NewEntry]) -
     await conn.execute(
         """INSERT INTO ledger.entries (tenant_id, kind, debit_account, credit_account, amount, hold_id, request_id,
                                        available_after)
-           SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[],
-                                %s::text[], %s::bigint[])""",
+           SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::bigint[], %b::text[],
+                                %b::text[], %b::bigint[])""",
         (
             [e.tenant_id for e in entries],
             [str(e.kind) for e in entries],
@@ -829,7 +866,7 @@ async def _insert_notifications(conn: AsyncConnection, notifications: Sequence[_
         return
     await conn.execute(
         """INSERT INTO ledger.notifications (tenant_id, kind, payload)
-           SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[])""",
+           SELECT * FROM unnest(%b::text[], %b::text[], %s::jsonb[])""",
         (
             [n.tenant_id for n in notifications],
             [str(n.kind) for n in notifications],
@@ -881,7 +918,7 @@ async def _resolve(conn: AsyncConnection, resolutions: Sequence[_Resolution]) ->
         returned = hold.amount - committed
         balance.held_delta -= hold.amount
         balance.spent_delta += committed
-        balance.available_delta += returned + (1 if resolution.state is HoldState.EXPIRED else 0)
+        balance.available_delta += returned
         if committed:
             entries.append(
                 _NewEntry(
@@ -902,7 +939,7 @@ async def _resolve(conn: AsyncConnection, resolutions: Sequence[_Resolution]) ->
         """UPDATE ledger.holds AS h
            SET state = r.state, committed_amount = r.committed_amount, resolution_request_id = r.request_id,
                resolution_reason = r.reason, resolved_at = now()
-           FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[])
+           FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::text[], %b::text[])
                 AS r(hold_id, state, committed_amount, request_id, reason)
            WHERE h.hold_id = r.hold_id AND h.state = 'held'
            RETURNING h.hold_id, h.resolved_at""",
@@ -937,12 +974,12 @@ async def _apply_outcomes(conn: AsyncConnection, events: Sequence[OutcomeEvent])
     # Holds first (in id order, like every other hold-locking batch), then the processed-event lookup: a
     # replica that waited for a hold's lock then sees the event the other replica committed meanwhile.
     cur = await conn.execute(
-        f"SELECT {_HOLD_COLUMNS} FROM ledger.holds WHERE hold_id = ANY(%s) ORDER BY hold_id FOR UPDATE",
+        f"SELECT {_HOLD_COLUMNS} FROM ledger.holds WHERE hold_id = ANY(%b) ORDER BY hold_id FOR UPDATE",
         (sorted({event.hold_id for event in events}),),
     )
     holds = {hold.hold_id: hold for hold in map(_hold_from_row, await cur.fetchall())}
     cur = await conn.execute(
-        "SELECT event_id, hold_id, outcome, result FROM ledger.processed_events WHERE event_id = ANY(%s)",
+        "SELECT event_id, hold_id, outcome, result FROM ledger.processed_events WHERE event_id = ANY(%b)",
         ([event.event_id for event in events],),
     )
     seen: dict[str, tuple[str, Outcome, OutcomeResult]] = {
@@ -997,7 +1034,7 @@ async def _apply_outcomes(conn: AsyncConnection, events: Sequence[OutcomeEvent])
     if processed:
         await conn.execute(
             """INSERT INTO ledger.processed_events (event_id, hold_id, outcome, result)
-               SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])""",
+               SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[])""",
             tuple(list(column) for column in zip(*processed, strict=True)),
         )
     await _insert_notifications(conn, notifications)

@@ -54,9 +54,9 @@ def message_class_value(name: str) -> int:
         return common_pb2.MESSAGE_CLASS_UNSPECIFIED
 
 
-def event_type_value(event_type: EventType) -> int:
-    """The MessageEventType value of a domain event type."""
-    return messages_pb2.MessageEventType.Value(_EVENT_TYPE_PREFIX + event_type.value.upper())
+def event_type_name(event_type: EventType) -> str:
+    """The MessageEventType name of a domain event type (protobuf constructors take enum names)."""
+    return _EVENT_TYPE_PREFIX + event_type.value.upper()
 
 
 def timestamp_to_datetime(stamp: Timestamp) -> datetime:
@@ -171,10 +171,12 @@ def message_event_from_delivery(provider_name: str, event: DeliveryEvent, messag
         attributes["diagnostic"] = event.diagnostic
     if event.message_id:
         attributes["callback_message_id"] = event.message_id
+    if event.tenant_id:
+        attributes["callback_tenant_id"] = event.tenant_id
     proto = messages_pb2.MessageEvent(
         event_id=delivery_event_id(provider_name, event),
         message=f"messages/{message_id}" if message_id else "",
-        type=event_type_value(_EVENT_TYPE_BY_KIND[event.kind]),
+        type=event_type_name(_EVENT_TYPE_BY_KIND[event.kind]),
         provider=provider_name,
         provider_message_id=event.provider_message_id or "",
         recipient=event.recipient,

@@ -21,9 +21,10 @@ class MessageRef:
 
 
 async def resolve_message(conn: psycopg.AsyncConnection, provider: str, provider_message_id: str,
-                          recipient: str, message_id: str) -> MessageRef | None:
+                          recipient: str, message_id: str, tenant_id: str = "") -> MessageRef | None:
     """The message a callback is about: by the provider's message id (recorded from SENT events), else by our
-    own id when the callback carries it back. None while neither is known."""
+    own id when the callback carries it back (and, when it carries our tenant id too, only if that matches).
+    None while neither is known."""
     if provider_message_id:
         cur = await conn.execute(
             """SELECT p.tenant_id, p.message_id, p.recipient, coalesce(m.message_class, '')
@@ -41,7 +42,8 @@ async def resolve_message(conn: psycopg.AsyncConnection, provider: str, provider
             (message_id,),
         )
         rows = await cur.fetchall()
-        if len(rows) == 1:  # ids are UUIDs; two tenants sharing one would make the callback ambiguous
+        # Ids are UUIDs; two tenants sharing one would make the callback ambiguous.
+        if len(rows) == 1 and (not tenant_id or rows[0][0] == tenant_id):
             return MessageRef(*rows[0])
     return None
 

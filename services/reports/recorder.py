@@ -114,8 +114,8 @@ async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageE
     for event in events:
         unique.setdefault(event.event_id, event)
     fresh = await _insert_timeline(conn, list(unique.values()))
-    fresh += await _apply_parked_webhook_events(conn, fresh)
     duplicates = len(events) - len(fresh)
+    fresh += await _apply_parked_webhook_events(conn, fresh)
     if not fresh:
         return RecordOutcome((), duplicates, {})
 
@@ -206,7 +206,11 @@ async def _apply_parked_webhook_events(conn: psycopg.AsyncConnection,
     for event_id, provider, provider_message_id, message_id, payload in await cur.fetchall():
         parked = messages_pb2.MessageEvent()
         parked.ParseFromString(payload)
-        owner = accepted.get(message_id) or _owner_by_recipient(
+        by_our_id = accepted.get(message_id)
+        if by_our_id is not None and parked.attributes.get("callback_tenant_id", by_our_id.tenant_id) != (
+                by_our_id.tenant_id):
+            by_our_id = None  # the callback names another tenant: not this message
+        owner = by_our_id or _owner_by_recipient(
             [e for e in sent if (e.provider, e.provider_message_id) == (provider, provider_message_id)],
             parked.recipient,
         )
@@ -382,7 +386,8 @@ async def claim_parked_events(conn: psycopg.AsyncConnection, *, min_age: timedel
     for event_id, provider, provider_message_id, message_id, payload in await cur.fetchall():
         parked = messages_pb2.MessageEvent()
         parked.ParseFromString(payload)
-        ref = await resolve_message(conn, provider, provider_message_id, parked.recipient, message_id)
+        ref = await resolve_message(conn, provider, provider_message_id, parked.recipient, message_id,
+                                    parked.attributes.get("callback_tenant_id", ""))
         if ref is None:
             continue
         claimed.append(record_from_message_event(parked, ref.tenant_id, ref.message_id, ref.message_class))

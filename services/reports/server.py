@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from libs.common.auth import current_principal
 from libs.common.errors import EspError, FieldViolation, InvalidArgument
-from services.reports.envelopes import event_type_value, message_class_name, message_class_value
+from services.reports.envelopes import event_type_name, message_class_name, message_class_value
 from services.reports.models import (
     Mailbox,
     MessageEventRecord,
@@ -111,7 +111,7 @@ def event_to_proto(event: MessageEventRecord) -> messages_pb2.MessageEvent:
     return messages_pb2.MessageEvent(
         event_id=event.event_id,
         message=f"messages/{event.message_id}",
-        type=event_type_value(event.event_type),  # type: ignore[arg-type]
+        type=event_type_name(event.event_type),
         event_time=_timestamp(event.event_time),
         provider=event.provider,
         provider_message_id=event.provider_message_id,
@@ -132,22 +132,22 @@ class MessageReadServicer(messages_pb2_grpc.MessageServiceServicer):
     def __init__(self, reader: MessageReader) -> None:
         self._reader = reader
 
-    async def SendEmail(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def SendEmail(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Served by ingest."""
         raise Unimplemented("SendEmail is served by the ingest service")
 
-    async def BatchSendEmails(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def BatchSendEmails(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Served by ingest."""
         raise Unimplemented("BatchSendEmails is served by the ingest service")
 
-    async def GetMessage(self, request: messages_pb2.GetMessageRequest,  # noqa: N802
+    async def GetMessage(self, request: messages_pb2.GetMessageRequest,
                          context: grpc.aio.ServicerContext) -> messages_pb2.Message:
         """One message of the caller's tenant."""
         tenant_id = _tenant(READ_SCOPE)
         message = await self._reader.get(tenant_id, _resource_id(request.name, "messages", "name"))
         return message_to_proto(message)
 
-    async def ListMessages(self, request: messages_pb2.ListMessagesRequest,  # noqa: N802
+    async def ListMessages(self, request: messages_pb2.ListMessagesRequest,
                            context: grpc.aio.ServicerContext) -> messages_pb2.ListMessagesResponse:
         """The caller's messages, newest first."""
         tenant_id = _tenant(READ_SCOPE)
@@ -163,7 +163,7 @@ class MessageReadServicer(messages_pb2_grpc.MessageServiceServicer):
             messages=[message_to_proto(m) for m in page.items], next_page_token=page.next_page_token
         )
 
-    async def ListMessageEvents(self, request: messages_pb2.ListMessageEventsRequest,  # noqa: N802
+    async def ListMessageEvents(self, request: messages_pb2.ListMessageEventsRequest,
                                 context: grpc.aio.ServicerContext) -> messages_pb2.ListMessageEventsResponse:
         """A message's timeline, oldest first."""
         tenant_id = _tenant(READ_SCOPE)
@@ -199,7 +199,7 @@ class StatsServicer(reports_pb2_grpc.StatsServiceServicer):
     def __init__(self, reader: StatsReader) -> None:
         self._reader = reader
 
-    async def GetStats(self, request: reports_pb2.GetStatsRequest,  # noqa: N802
+    async def GetStats(self, request: reports_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext) -> reports_pb2.GetStatsResponse:
         """Counts and latency percentiles over a time range (default: the last day), grouped as asked."""
         tenant_id = _tenant(READ_SCOPE)
@@ -243,7 +243,7 @@ class SuppressionServicer(reports_pb2_grpc.SuppressionServiceServicer):
     def __init__(self, store: SuppressionStore) -> None:
         self._store = store
 
-    async def ListSuppressions(self, request: reports_pb2.ListSuppressionsRequest,  # noqa: N802
+    async def ListSuppressions(self, request: reports_pb2.ListSuppressionsRequest,
                                context: grpc.aio.ServicerContext) -> reports_pb2.ListSuppressionsResponse:
         """The tenant's suppressed addresses in address order."""
         tenant_id = _tenant(READ_SCOPE)
@@ -252,14 +252,14 @@ class SuppressionServicer(reports_pb2_grpc.SuppressionServiceServicer):
             suppressions=[suppression_to_proto(s) for s in page.items], next_page_token=page.next_page_token
         )
 
-    async def GetSuppression(self, request: reports_pb2.GetSuppressionRequest,  # noqa: N802
+    async def GetSuppression(self, request: reports_pb2.GetSuppressionRequest,
                              context: grpc.aio.ServicerContext) -> reports_pb2.Suppression:
         """One suppressed address."""
         tenant_id = _tenant(READ_SCOPE)
         return suppression_to_proto(await self._store.get(tenant_id,
                                                           _resource_id(request.name, "suppressions", "name")))
 
-    async def CreateSuppression(self, request: reports_pb2.CreateSuppressionRequest,  # noqa: N802
+    async def CreateSuppression(self, request: reports_pb2.CreateSuppressionRequest,
                                 context: grpc.aio.ServicerContext) -> reports_pb2.Suppression:
         """Suppress an address (reason MANUAL unless given)."""
         tenant_id = _tenant(MANAGE_SUPPRESSIONS_SCOPE)
@@ -268,7 +268,7 @@ class SuppressionServicer(reports_pb2_grpc.SuppressionServiceServicer):
         created = await self._store.create(tenant_id, given.email, reason, given.note)
         return suppression_to_proto(created)
 
-    async def DeleteSuppression(self, request: reports_pb2.DeleteSuppressionRequest,  # noqa: N802
+    async def DeleteSuppression(self, request: reports_pb2.DeleteSuppressionRequest,
                                 context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         """Lift a suppression."""
         tenant_id = _tenant(MANAGE_SUPPRESSIONS_SCOPE)

@@ -42,14 +42,14 @@ def suppression_key(namespace: str, tenant_id: str) -> str:
 
 async def is_suppressed(redis: Redis, namespace: str, tenant_id: str, email: str) -> bool:
     """Whether ``email`` is on the tenant's suppression list (case-insensitive). One Redis round trip."""
-    return bool(await redis.sismember(suppression_key(namespace, tenant_id), normalise_email(email)))  # type: ignore[misc]
+    return bool(await redis.sismember(suppression_key(namespace, tenant_id), normalise_email(email)))
 
 
 async def suppressed_among(redis: Redis, namespace: str, tenant_id: str, emails: Sequence[str]) -> set[str]:
     """The subset of ``emails`` (as given) that the tenant suppresses, in one round trip (``SMISMEMBER``)."""
     if not emails:
         return set()
-    flags = await redis.smismember(  # type: ignore[misc]
+    flags = await redis.smismember(
         suppression_key(namespace, tenant_id), [normalise_email(e) for e in emails]
     )
     return {email for email, flag in zip(emails, flags, strict=True) if flag}
@@ -171,7 +171,7 @@ class SuppressionStore:
                 raise NotFound(f"suppressions/{normalised} does not exist", reason="SUPPRESSION_NOT_FOUND")
         # After the commit: a failure here leaves the address suppressed in Redis until the next resync, which
         # is the safe side.
-        await self._redis.srem(suppression_key(self._namespace, tenant_id), normalised)  # type: ignore[misc]
+        await self._redis.srem(suppression_key(self._namespace, tenant_id), normalised)
 
 
 async def resync_redis(pool: AsyncConnectionPool, redis: Redis, namespace: str) -> int:
@@ -198,7 +198,7 @@ async def resync_redis(pool: AsyncConnectionPool, redis: Redis, namespace: str) 
                     await redis.delete(_resync_key(namespace, tenant_id, run))
                 batch.append(email)
                 if len(batch) >= _REDIS_CHUNK:
-                    await redis.sadd(_resync_key(namespace, tenant_id, run), *batch)  # type: ignore[misc]
+                    await redis.sadd(_resync_key(namespace, tenant_id, run), *batch)
                     batch = []
             if current is not None:
                 await _finish_tenant(redis, namespace, current, run, batch)
@@ -209,8 +209,7 @@ async def resync_redis(pool: AsyncConnectionPool, redis: Redis, namespace: str) 
         )
         for tenant_id, email in await cur2.fetchall():
             catch_up[tenant_id].append(email)
-    await add_to_redis(redis, namespace, catch_up)
-    known = {suppression_key(namespace, t) for t in tenants}
+    known = {suppression_key(namespace, t) for t in (*tenants, *catch_up)}
     stale: list[bytes | str] = []
     async for key in redis.scan_iter(match=suppression_key(namespace, "*"), count=1000):
         name = key.decode() if isinstance(key, bytes) else key
@@ -218,6 +217,7 @@ async def resync_redis(pool: AsyncConnectionPool, redis: Redis, namespace: str) 
             stale.append(key)
     if stale:
         await redis.delete(*stale)
+    await add_to_redis(redis, namespace, catch_up)
     log.info("suppression sets resynced", extra={"tenants": len(tenants), "dropped": len(stale)})
     return len(tenants)
 
@@ -229,7 +229,7 @@ def _resync_key(namespace: str, tenant_id: str, run: str) -> str:
 async def _finish_tenant(redis: Redis, namespace: str, tenant_id: str, run: str, batch: list[str]) -> None:
     temporary = _resync_key(namespace, tenant_id, run)
     if batch:
-        await redis.sadd(temporary, *batch)  # type: ignore[misc]
+        await redis.sadd(temporary, *batch)
     await redis.rename(temporary, suppression_key(namespace, tenant_id))
 
 

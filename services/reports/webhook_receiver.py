@@ -197,7 +197,7 @@ class WebhookReceiver:
     async def _resolve(self, provider_name: str, event: DeliveryEvent) -> MessageRef | None:
         async with self._pool.connection() as conn:
             return await resolve_message(conn, provider_name, event.provider_message_id or "", event.recipient,
-                                         event.message_id or "")
+                                         event.message_id or "", event.tenant_id or "")
 
     async def _park(self, provider_name: str,
                     unmatched: Sequence[tuple[DeliveryEvent, messages_pb2.MessageEvent]]) -> None:
@@ -224,12 +224,12 @@ class WebhookReceiver:
             provider_name = request.path_params["provider_name"]
             declared = request.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-                return _json(WebhookReply(413, "too_large"), provider_name)
+                return _json(WebhookReply(413, "too_large"), "")
             body = bytearray()
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > MAX_BODY_BYTES:
-                    return _json(WebhookReply(413, "too_large"), provider_name)
+                    return _json(WebhookReply(413, "too_large"), "")
             reply = await self.receive(provider_name, dict(request.headers), bytes(body))
             return _json(reply, provider_name)
 
@@ -250,6 +250,7 @@ def _refusal(exc: WebhookError) -> WebhookReply:
 
 
 def _json(reply: WebhookReply, provider_name: str) -> JSONResponse:
+    # Names of unknown providers come straight from URLs: keep them out of the labels (unbounded cardinality).
     WEBHOOKS_RECEIVED.labels(provider_name if reply.result != "unknown_provider" else "", reply.result).inc()
     if reply.status >= 400:
         log.info("webhook refused", extra={"provider": provider_name, "status": reply.status,

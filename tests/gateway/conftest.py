@@ -32,16 +32,18 @@ def echo_descriptor_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/gateway/protos compiled with imports and source info, as `buf build` would."""
     output = tmp_path_factory.mktemp("echo") / "echo.binpb"
     well_known = Path(grpc_tools.__file__).parent / "_proto"
-    exit_code = protoc.main([
-        "protoc",
-        f"-I{ECHO_PROTO_ROOT}",
-        f"-I{REPO / 'third_party' / 'googleapis'}",
-        f"-I{well_known}",
-        f"--descriptor_set_out={output}",
-        "--include_imports",
-        "--include_source_info",
-        "gatewaytest/v1/echo.proto",
-    ])
+    exit_code = protoc.main(
+        [
+            "protoc",
+            f"-I{ECHO_PROTO_ROOT}",
+            f"-I{REPO / 'third_party' / 'googleapis'}",
+            f"-I{well_known}",
+            f"--descriptor_set_out={output}",
+            "--include_imports",
+            "--include_source_info",
+            "gatewaytest/v1/echo.proto",
+        ]
+    )
     if exit_code != 0:
         pytest.fail(f"protoc failed ({exit_code}) on the echo test proto")
     return output
@@ -68,7 +70,9 @@ async def make_client() -> AsyncIterator[ClientFactory]:
     apps = []
     clients: list[httpx.AsyncClient] = []
 
-    def factory(descriptor_set: Path, upstream_addr: str, options: TranscoderOptions | None = None) -> httpx.AsyncClient:
+    def factory(
+        descriptor_set: Path, upstream_addr: str, options: TranscoderOptions | None = None
+    ) -> httpx.AsyncClient:
         app = create_app(descriptor_set, upstream_addr, options=options)
         apps.append(app)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test")
@@ -83,12 +87,16 @@ async def make_client() -> AsyncIterator[ClientFactory]:
 
 
 @pytest.fixture(scope="session")
-def esp_client(make_client: ClientFactory, esp_descriptor_set: Path, upstream: tuple[int, Recorder]) -> httpx.AsyncClient:
+def esp_client(
+    make_client: ClientFactory, esp_descriptor_set: Path, upstream: tuple[int, Recorder]
+) -> httpx.AsyncClient:
     """The gateway over the real contracts (gen/esp.binpb), in front of the test doubles."""
     return make_client(esp_descriptor_set, f"127.0.0.1:{upstream[0]}")
 
 
 @pytest.fixture(scope="session")
-def echo_client(make_client: ClientFactory, echo_descriptor_set: Path, upstream: tuple[int, Recorder]) -> httpx.AsyncClient:
+def echo_client(
+    make_client: ClientFactory, echo_descriptor_set: Path, upstream: tuple[int, Recorder]
+) -> httpx.AsyncClient:
     """The gateway over the echo test contract."""
     return make_client(echo_descriptor_set, f"127.0.0.1:{upstream[0]}")

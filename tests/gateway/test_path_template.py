@@ -73,7 +73,11 @@ def test_parsed_segments_expose_literals_and_wildcards():
     template = parse_path_template("/v1/{name=messages/*}/events")
 
     assert [segment.kind for segment in template.segments] == [
-        SegmentKind.LITERAL, SegmentKind.LITERAL, SegmentKind.SINGLE, SegmentKind.LITERAL]
+        SegmentKind.LITERAL,
+        SegmentKind.LITERAL,
+        SegmentKind.SINGLE,
+        SegmentKind.LITERAL,
+    ]
     assert template.variables[0].start == 1 and template.variables[0].end == 3
 
 

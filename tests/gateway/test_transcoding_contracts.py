@@ -51,8 +51,12 @@ async def test_unpopulated_fields_are_left_out_of_responses(esp_client):
 
 
 async def test_request_bodies_may_use_proto_field_names(esp_client, recorder):
-    body = {"request_id": "req-2", "message_class": "MESSAGE_CLASS_BULK", "text_body": "hi", "reply_to": [
-        {"email": "support@example.com"}]}
+    body = {
+        "request_id": "req-2",
+        "message_class": "MESSAGE_CLASS_BULK",
+        "text_body": "hi",
+        "reply_to": [{"email": "support@example.com"}],
+    }
 
     response = await esp_client.post("/v1/messages:send", json=body)
 
@@ -80,7 +84,8 @@ async def test_a_resource_name_in_the_path_binds_the_name_field(esp_client, reco
 
 async def test_query_parameters_set_enums_by_name_and_integers(esp_client, recorder):
     response = await esp_client.get(
-        "/v1/messages", params={"state": "MESSAGE_STATE_SENT", "pageSize": "10", "tag": "login"})
+        "/v1/messages", params={"state": "MESSAGE_STATE_SENT", "pageSize": "10", "tag": "login"}
+    )
 
     assert response.status_code == 200
     received = recorder.requests["ListMessages"]
@@ -92,7 +97,10 @@ async def test_query_parameters_set_enums_by_name_and_integers(esp_client, recor
 
 async def test_body_field_maps_json_onto_that_field_and_query_onto_the_rest(esp_client, recorder):
     response = await esp_client.post(
-        "/v1/campaigns", params={"requestId": "req-c"}, json={"displayName": "Spring sale", "subject": "Hi {{name}}"})
+        "/v1/campaigns",
+        params={"requestId": "req-c"},
+        json={"displayName": "Spring sale", "subject": "Hi {{name}}"},
+    )
 
     assert response.status_code == 200
     received = recorder.requests["CreateCampaign"]
@@ -119,8 +127,11 @@ async def test_patch_without_update_mask_derives_it_from_the_body_fields(esp_cli
 
 
 async def test_patch_with_an_explicit_update_mask_keeps_it(esp_client, recorder):
-    await esp_client.patch("/v1/providers/p1", params={"updateMask": "displayName"},
-                           json={"displayName": "Mailgun EU", "weight": 2.5})
+    await esp_client.patch(
+        "/v1/providers/p1",
+        params={"updateMask": "displayName"},
+        json={"displayName": "Mailgun EU", "weight": 2.5},
+    )
 
     assert list(recorder.requests["UpdateProvider"].update_mask.paths) == ["display_name"]
 
@@ -155,7 +166,9 @@ async def test_a_request_id_is_generated_when_the_client_sends_none(esp_client, 
 
 
 async def test_client_supplied_internal_metadata_is_not_forwarded(esp_client, recorder):
-    await esp_client.get("/v1/messages/m-1", headers={"Grpc-Metadata-X-Esp-Tenant": "victim", "X-Esp-Tenant": "v"})
+    await esp_client.get(
+        "/v1/messages/m-1", headers={"Grpc-Metadata-X-Esp-Tenant": "victim", "X-Esp-Tenant": "v"}
+    )
 
     assert "x-esp-tenant" not in recorder.metadata["GetMessage"]
 

@@ -7,11 +7,22 @@ from services.gateway.transcoder import TranscoderOptions
 
 
 async def test_nested_repeated_and_enum_query_parameters_fill_the_request(echo_client):
-    response = await echo_client.get("/v1/things", params=[
-        ("nested.label", "shelf-a"), ("nested.count", "7"), ("nested.tags", "x"), ("nested.tags", "y"),
-        ("nested.color", "COLOR_RED"), ("tags", "a"), ("tags", "b"), ("numbers", "1"), ("numbers", "-2"),
-        ("colors", "COLOR_GREEN"), ("colors", "1"),
-    ])
+    response = await echo_client.get(
+        "/v1/things",
+        params=[
+            ("nested.label", "shelf-a"),
+            ("nested.count", "7"),
+            ("nested.tags", "x"),
+            ("nested.tags", "y"),
+            ("nested.color", "COLOR_RED"),
+            ("tags", "a"),
+            ("tags", "b"),
+            ("numbers", "1"),
+            ("numbers", "-2"),
+            ("colors", "COLOR_GREEN"),
+            ("colors", "1"),
+        ],
+    )
 
     assert response.status_code == 200
     assert response.json() == {
@@ -24,16 +35,30 @@ async def test_nested_repeated_and_enum_query_parameters_fill_the_request(echo_c
 
 async def test_query_parameters_parse_scalars_maps_and_well_known_types(echo_client):
     blob = base64.urlsafe_b64encode(b"\xfb\xff binary").decode().rstrip("=")
-    response = await echo_client.get("/v1/things", params={
-        "big": "-9223372036854775808", "huge": "18446744073709551615", "flag": "t", "ratio": "0.25",
-        "blob": blob, "labels[env]": "prod", "when": "2025-06-01T12:00:00Z", "maybe": "5",
-    })
+    response = await echo_client.get(
+        "/v1/things",
+        params={
+            "big": "-9223372036854775808",
+            "huge": "18446744073709551615",
+            "flag": "t",
+            "ratio": "0.25",
+            "blob": blob,
+            "labels[env]": "prod",
+            "when": "2025-06-01T12:00:00Z",
+            "maybe": "5",
+        },
+    )
 
     assert response.status_code == 200
     assert response.json() == {
-        "big": "-9223372036854775808", "huge": "18446744073709551615", "flag": True, "ratio": 0.25,
-        "blob": base64.b64encode(b"\xfb\xff binary").decode(), "labels": {"env": "prod"},
-        "when": "2025-06-01T12:00:00Z", "maybe": "5",
+        "big": "-9223372036854775808",
+        "huge": "18446744073709551615",
+        "flag": True,
+        "ratio": 0.25,
+        "blob": base64.b64encode(b"\xfb\xff binary").decode(),
+        "labels": {"env": "prod"},
+        "when": "2025-06-01T12:00:00Z",
+        "maybe": "5",
     }
 
 
@@ -46,7 +71,9 @@ async def test_query_parameter_names_may_be_proto_names(echo_client):
 
 
 async def test_unknown_query_parameters_are_ignored(echo_client):
-    response = await echo_client.get("/v1/things", params={"id": "t", "utm_source": "mail", "nested.nope": "1"})
+    response = await echo_client.get(
+        "/v1/things", params={"id": "t", "utm_source": "mail", "nested.nope": "1"}
+    )
 
     assert response.status_code == 200
     assert response.json() == {"id": "t"}
@@ -109,7 +136,10 @@ async def test_body_field_of_message_type_takes_the_json_object(echo_client):
 
 async def test_query_parameters_cannot_override_the_body_field(echo_client):
     response = await echo_client.post(
-        "/v1/things/t-1:nested", params={"nested.label": "from-query", "flag": "true"}, json={"label": "from-body"})
+        "/v1/things/t-1:nested",
+        params={"nested.label": "from-query", "flag": "true"},
+        json={"label": "from-body"},
+    )
 
     assert response.json() == {"id": "t-1", "nested": {"label": "from-body"}, "flag": True}
 
@@ -141,7 +171,8 @@ async def test_an_empty_body_is_an_empty_request_message(echo_client):
 
 async def test_patch_derives_nested_mask_paths_from_the_body(echo_client):
     response = await echo_client.patch(
-        "/v1/things/t-1", json={"flag": True, "nested": {"label": "L", "count": "1"}, "labels": {"k": "v"}})
+        "/v1/things/t-1", json={"flag": True, "nested": {"label": "L", "count": "1"}, "labels": {"k": "v"}}
+    )
 
     assert response.json()["updateMask"] == "flag,nested.label,nested.count,labels"
     assert response.json()["thing"]["id"] == "things/t-1"
@@ -160,10 +191,17 @@ async def test_methods_without_http_annotation_are_not_reachable(echo_client):
 
 
 async def test_emit_unpopulated_writes_default_values(make_client, echo_descriptor_set, upstream):
-    client = make_client(echo_descriptor_set, f"127.0.0.1:{upstream[0]}", TranscoderOptions(emit_unpopulated=True))
+    client = make_client(
+        echo_descriptor_set, f"127.0.0.1:{upstream[0]}", TranscoderOptions(emit_unpopulated=True)
+    )
 
     response = await client.get("/v1/things/t-1")
 
     body = response.json()
     assert body["id"] == "t-1"
-    assert body["tags"] == [] and body["big"] == "0" and body["flag"] is False and body["color"] == "COLOR_UNSPECIFIED"
+    assert (
+        body["tags"] == []
+        and body["big"] == "0"
+        and body["flag"] is False
+        and body["color"] == "COLOR_UNSPECIFIED"
+    )

@@ -79,8 +79,13 @@ class MessageServiceDouble(messages_pb2_grpc.MessageServiceServicer):
             status = status_pb2.Status(
                 code=grpc.StatusCode.NOT_FOUND.value[0],
                 message=f"{request.name} does not exist",
-                details=[_packed(error_details_pb2.ErrorInfo(
-                    reason="MESSAGE_NOT_FOUND", domain="esp.dev", metadata={"message": request.name}))],
+                details=[
+                    _packed(
+                        error_details_pb2.ErrorInfo(
+                            reason="MESSAGE_NOT_FOUND", domain="esp.dev", metadata={"message": request.name}
+                        )
+                    )
+                ],
             )
             await context.abort_with_status(rpc_status.to_status(status))
         return messages_pb2.Message(name=request.name)
@@ -104,7 +109,9 @@ class AttachmentServiceDouble(attachments_pb2_grpc.AttachmentServiceServicer):
             if frames == 1:
                 self.recorder.first_upload_frame.set()
                 if not frame.HasField("metadata"):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must carry metadata")
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, "the first frame must carry metadata"
+                    )
                 metadata = frame.metadata
                 continue
             digest.update(frame.chunk)
@@ -112,8 +119,12 @@ class AttachmentServiceDouble(attachments_pb2_grpc.AttachmentServiceServicer):
         self.recorder.record("UploadAttachment", metadata, context)
         assert metadata is not None
         return attachments_pb2.Attachment(
-            name="attachments/a-1", id="a-1", filename=metadata.filename, content_type=metadata.content_type,
-            size_bytes=size, sha256=digest.hexdigest(),
+            name="attachments/a-1",
+            id="a-1",
+            filename=metadata.filename,
+            content_type=metadata.content_type,
+            size_bytes=size,
+            sha256=digest.hexdigest(),
         )
 
     async def DeleteAttachment(self, request, context):

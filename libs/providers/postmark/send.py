@@ -73,6 +73,7 @@ class PostmarkAdapter(HttpAdapter):
         max_tags=1,
         max_batch_bytes=50 * 1000 * 1000,
     )
+    unique_recipients_per_batch = False  # a batch is a list of complete messages
 
     def __init__(self, config: ProviderConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._token = config.credential("server_token")

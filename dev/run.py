@@ -1,0 +1,140 @@
+"""``make run``: the whole mesh on loopback with a demo tenant, until Ctrl-C.
+
+Dependencies already listening are used; missing ones are started from packages in ``.dev/``. Ports (defaults):
+ESP_DEV_PG_PORT 5432, ESP_DEV_REDIS_PORT 6379, ESP_DEV_NATS_PORT 4222, ESP_DEV_S3_PORT 4566, ESP_DEV_SMTP_PORT 2525,
+ESP_DEV_GATEWAY_PORT 8080; services on 50051 (ingest, the public endpoint) to 50055.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+
+import grpc
+import psycopg
+
+from dev import mesh as m
+from dev import pgtools, seed
+from dev.migrate import SERVICES_WITH_SCHEMAS
+from libs.common.db import migrate_services
+
+DEV = m.ROOT / ".dev"
+DATABASE = "esp"
+
+
+def _port(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _say(text: str) -> None:
+    print(f"esp-dev: {text}", flush=True)
+
+
+def ensure_dependencies(started: list[m.Process]) -> m.MeshConfig:
+    logs = DEV / "logs"
+    pg_port = _port("ESP_DEV_PG_PORT", 5432)
+    if not m.port_open(pg_port):
+        _say(f"starting PostgreSQL on 127.0.0.1:{pg_port} (data in .dev/pg)")
+        started.append(m.start_postgres(DEV / "pg", pg_port, logs))
+    admin_dsn = f"postgresql://postgres@127.0.0.1:{pg_port}/postgres"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
+    if not exists:
+        pgtools.create_database(admin_dsn, DATABASE)
+    redis_port = _port("ESP_DEV_REDIS_PORT", 6379)
+    if not m.port_open(redis_port):
+        _say(f"starting Redis on 127.0.0.1:{redis_port}")
+        started.append(m.start_redis(redis_port, logs))
+    nats_port = _port("ESP_DEV_NATS_PORT", 4222)
+    if not m.port_open(nats_port):
+        _say(f"starting NATS with JetStream on 127.0.0.1:{nats_port} (store in .dev/nats)")
+        started.append(m.start_nats(nats_port, DEV / "nats", logs))
+    s3_port = _port("ESP_DEV_S3_PORT", 4566)
+    if not m.port_open(s3_port):
+        _say(f"starting the S3 server (moto) on 127.0.0.1:{s3_port}")
+        started.append(m.start_s3(s3_port, logs))
+    smtp_port = _port("ESP_DEV_SMTP_PORT", 2525)
+    if not m.port_open(smtp_port):
+        _say(f"starting the SMTP sink on 127.0.0.1:{smtp_port} (mail in .dev/mail)")
+        started.append(m.start_smtp_sink(smtp_port, DEV / "mail", logs))
+    return m.MeshConfig(
+        postgres_dsn=pgtools.with_database(admin_dsn, DATABASE), redis_url=f"redis://127.0.0.1:{redis_port}/0",
+        nats_url=f"nats://127.0.0.1:{nats_port}", s3_endpoint=f"http://127.0.0.1:{s3_port}",
+        gateway_port=_port("ESP_DEV_GATEWAY_PORT", 8080), log_dir=logs,
+        admin_token=os.environ.get("ESP_ADMIN_TOKEN", "dev-admin-token"))
+
+
+def seed_demo(config: m.MeshConfig) -> str:
+    endpoint = f"127.0.0.1:{config.ports['ingest']}"
+    smtp_port = _port("ESP_DEV_SMTP_PORT", 2525)
+    with grpc.insecure_channel(endpoint) as channel:
+        seed.ensure_tenant(channel, config.admin_token, "demo", "Demo tenant")
+        api_key = seed.create_api_key(channel, config.admin_token, "demo")
+        seed.top_up(channel, config.admin_token, "demo", 1_000_000, "demo-initial-credits")
+        seed.ensure_provider(channel, config.admin_token, seed.ProviderSeed(
+            id="smtp-sink", type="smtp", endpoint=f"127.0.0.1:{smtp_port}", options={"tls": "none"}))
+    env_file = DEV / "demo.env"
+    env_file.write_text(f"ESP_ENDPOINT={endpoint}\nESP_API_KEY={api_key}\n"
+                        f"ESP_GATEWAY=http://127.0.0.1:{config.gateway_port}\n")
+    return api_key
+
+
+def main() -> None:
+    DEV.mkdir(exist_ok=True)
+    started: list[m.Process] = []
+    services: m.Mesh | None = None
+    stop = threading.Event()
+    exit_code = 0
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        config = ensure_dependencies(started)
+        applied = asyncio.run(migrate_services(config.postgres_dsn, SERVICES_WITH_SCHEMAS))
+        _say(f"database ready ({len(applied)} migration(s) applied)")
+        services = m.Mesh(config)
+        for name in config.services:
+            _say(f"starting {name}")
+            services.start_service(name)
+        api_key = seed_demo(config)
+        endpoint = f"127.0.0.1:{config.ports['ingest']}"
+        print(f"""
+ESP mesh is running (logs in .dev/logs, delivered mail in .dev/mail). Ctrl-C stops everything.
+
+  endpoint (gRPC): {endpoint}        REST: http://127.0.0.1:{config.gateway_port}
+  demo API key:    {api_key}
+  (both written to .dev/demo.env)
+
+Send a first email with the CLI:
+  .venv/bin/esp send --to you@example.com --from demo@example.com --subject Hello --text "First email"
+  .venv/bin/esp status <message id printed above> --wait
+
+or with curl through the REST facade:
+  curl -s http://127.0.0.1:{config.gateway_port}/v1/messages:send -H "Authorization: Bearer {api_key}" \\
+       -d '{{"messageClass":"MESSAGE_CLASS_TRANSACTIONAL","from":{{"email":"demo@example.com"}},
+            "to":[{{"email":"you@example.com"}}],"subject":"Hello","textBody":"First email"}}'
+""", flush=True)
+        while not stop.is_set():
+            for name, proc in services.processes.items():
+                if proc.popen.poll() is not None:
+                    _say(f"{name} exited with code {proc.popen.returncode}; see .dev/logs/{name}.log")
+                    stop.set()
+            stop.wait(1.0)
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:
+        _say(f"failed: {exc}")
+        exit_code = 1
+    finally:
+        _say("stopping")
+        if services is not None:
+            services.stop()
+        for proc in reversed(started):
+            proc.stop()
+        _say("stopped")
+    sys.exit(exit_code)
+
+
+if __name__ == "__main__":
+    main()

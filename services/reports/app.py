@@ -1,0 +1,99 @@
+"""Assembles the reports service: Postgres, Redis, NATS, the EVENTS consumer, the webhook HTTP server and the
+gRPC servicers, as one :class:`~libs.common.grpc_server.ServiceApp`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+from esp.v1 import messages_pb2, messages_pb2_grpc, reports_pb2, reports_pb2_grpc
+
+from libs.common.auth import TrustedHeaderAuthenticator
+from libs.common.db import create_pool, migrate_services
+from libs.common.grpc_server import ServiceApp
+from libs.common.jetstream import Topology, connect, ensure_streams
+from libs.common.redis import create_redis
+from libs.providers.webhooks import CertificateFetcher, RedisReplayGuard, WebhookVerifier
+from services.reports.config import DEFAULT_GRPC_PORT, ReportsSettings
+from services.reports.consumer import ConsumerOptions, EventConsumer
+from services.reports.queries import MessageReader
+from services.reports.server import MessageReadServicer, StatsServicer, SuppressionServicer
+from services.reports.stats import StatsReader
+from services.reports.suppressions import SuppressionStore, resync_redis
+from services.reports.webhook_receiver import (
+    SubscriptionConfirmer,
+    WebhookReceiver,
+    WebhookSecretsStore,
+    log_subscription_confirmation,
+    serve_http,
+)
+
+SERVICE_NAME = "reports"
+
+
+async def build_app(settings: ReportsSettings, *,
+                    confirmer: SubscriptionConfirmer = log_subscription_confirmation,
+                    certificate_fetcher: CertificateFetcher | None = None) -> ServiceApp:
+    """Connect to everything, prepare schema, streams and Redis, and describe the service for ``serve()``.
+
+    Args:
+        settings: the service's settings.
+        confirmer: what to do with a verified SNS subscription confirmation (default: log it).
+        certificate_fetcher: how SNS signing certificates are fetched (default: HTTPS).
+    """
+    closers: list[Callable[[], Awaitable[None]]] = []
+    try:
+        if settings.migrate_on_start:
+            await migrate_services(settings.postgres_dsn, [SERVICE_NAME])
+        pool = await create_pool(settings.postgres_dsn, name=SERVICE_NAME)
+        closers.append(pool.close)
+        redis = create_redis(settings.redis_url)
+        closers.append(redis.aclose)
+        nc = await connect(settings.nats_url, f"esp-{SERVICE_NAME}")
+        closers.append(nc.close)
+        js = nc.jetstream()
+        topology = Topology(settings.namespace)
+        await ensure_streams(js, topology)
+        if settings.resync_suppressions_on_start:
+            await resync_redis(pool, redis, settings.namespace)
+    except BaseException:
+        for close in reversed(closers):
+            with contextlib.suppress(Exception):
+                await close()
+        raise
+
+    consumer = EventConsumer(pool, redis, js, topology, ConsumerOptions(
+        batch_size=settings.consumer_batch_size,
+        max_ack_pending=settings.consumer_max_ack_pending,
+        ack_wait_s=settings.consumer_ack_wait_s,
+        parked_sweep_interval_s=settings.parked_sweep_interval_s,
+    ))
+    replay_guard = RedisReplayGuard(redis, key_prefix=f"{settings.namespace or 'esp'}:webhook-replay:")
+    receiver = WebhookReceiver(
+        pool, js, topology, WebhookVerifier(replay_guard, certificate_fetcher=certificate_fetcher),
+        WebhookSecretsStore(pool, ttl_s=settings.webhook_secrets_cache_s), confirmer=confirmer,
+    )
+    webhook_app = receiver.asgi_app()
+
+    async def webhook_server(stop: asyncio.Event) -> None:
+        await serve_http(webhook_app, settings.webhook_host, settings.webhook_port, stop)
+
+    return ServiceApp(
+        name=SERVICE_NAME,
+        default_port=DEFAULT_GRPC_PORT,
+        servicers=[
+            (messages_pb2_grpc.add_MessageServiceServicer_to_server, MessageReadServicer(MessageReader(pool))),
+            (reports_pb2_grpc.add_StatsServiceServicer_to_server, StatsServicer(StatsReader(pool))),
+            (reports_pb2_grpc.add_SuppressionServiceServicer_to_server,
+             SuppressionServicer(SuppressionStore(pool, redis, settings.namespace))),
+        ],
+        service_names=[
+            messages_pb2.DESCRIPTOR.services_by_name["MessageService"].full_name,
+            reports_pb2.DESCRIPTOR.services_by_name["StatsService"].full_name,
+            reports_pb2.DESCRIPTOR.services_by_name["SuppressionService"].full_name,
+        ],
+        tasks=[consumer.run, consumer.sweep_loop, webhook_server],
+        closers=closers,
+        authenticator=TrustedHeaderAuthenticator(),
+    )

@@ -1,0 +1,251 @@
+"""The shared encoders and helpers under every adapter: MIME, streamed bodies, sizes, personalisation, registry."""
+
+from __future__ import annotations
+
+import base64
+import email
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from email import policy
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from libs.providers.base import (
+    AdapterConfigError,
+    Address,
+    Attachment,
+    ProviderConfig,
+    UnknownProviderType,
+    base64_encoded_size,
+    estimated_encoded_size,
+    parse_retry_after,
+    personalize,
+)
+from libs.providers.mime import (
+    AttachmentSizeMismatch,
+    base64_chunks,
+    build_mime,
+    mime_size,
+    streamed_form_data,
+    streamed_json,
+)
+from libs.providers.registry import adapter_types, create_adapter
+from libs.providers.smtp.send import DotStuffer, classify_reply, queue_id_from_reply
+from tests.providers.conftest import new_email
+
+
+def streamed(data: bytes, chunk: int) -> Attachment:
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), chunk):
+            yield data[start : start + chunk]
+
+    return Attachment("data.bin", "application/octet-stream", len(data), chunks)
+
+
+async def collect(stream: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in stream])
+
+
+# -- MIME --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"html": None},
+        {"text": None},
+        {},
+        {"attachments": (Attachment.from_bytes("a.txt", "text/plain", b"x" * 1000),)},
+        {"attachments": (Attachment.from_bytes("logo.png", "image/png", b"p" * 77, content_id="logo"),)},
+        {"attachments": (Attachment.from_bytes("r.pdf", "application/pdf", b"\0" * 58),
+                         Attachment.from_bytes("i.png", "image/png", b"", content_id="i"))},
+    ],
+)
+async def test_mime_size_is_exactly_what_is_streamed(shape: dict) -> None:
+    message = new_email(subject="Grüße 🎉", **shape)
+
+    document = build_mime(message)
+
+    assert len(await document.read()) == document.size == mime_size(message)
+
+
+async def test_mime_round_trips_through_a_standard_parser() -> None:
+    message = new_email(
+        sender=Address("shop@example.com", "Zoë, GmbH"),
+        bcc=(Address("hidden@example.org"),),
+        headers={"List-Unsubscribe": "<mailto:u@example.com>"},
+        attachments=(Attachment.from_bytes("résumé.pdf", "application/pdf", b"%PDF" * 100),),
+    )
+
+    parsed = email.message_from_bytes(await build_mime(message).read(), policy=policy.default)
+
+    assert parsed["From"].addresses[0].display_name == "Zoë, GmbH"
+    assert parsed["X-ESP-Message-Id"] == message.message_id
+    assert parsed["List-Unsubscribe"] == "<mailto:u@example.com>"
+    assert parsed["Bcc"] is None
+    attachment = next(parsed.iter_attachments())
+    assert (attachment.get_filename(), attachment.get_content()) == ("résumé.pdf", b"%PDF" * 100)
+
+
+def test_retries_of_an_email_carry_the_same_message_id_header() -> None:
+    message = new_email()
+    first = build_mime(message, date=datetime(2024, 1, 1, tzinfo=UTC))
+    second = build_mime(message, date=datetime(2024, 1, 1, tzinfo=UTC))
+
+    assert first.segments == second.segments
+
+
+@given(st.binary(max_size=5000), st.integers(min_value=1, max_value=700))
+async def test_streamed_base64_lines_decode_to_the_original_bytes(data: bytes, chunk: int) -> None:
+    encoded = await collect(base64_chunks(streamed(data, chunk), line_breaks=True))
+
+    assert base64.b64decode(encoded) == data
+    assert len(encoded) == base64_encoded_size(len(data), line_length=76)
+    assert all(len(line) <= 76 for line in encoded.split(b"\r\n"))
+
+
+async def test_attachment_shorter_than_declared_is_an_error() -> None:
+    liar = Attachment("a.bin", "application/octet-stream", 10, streamed(b"12345", 2).chunks)
+
+    with pytest.raises(AttachmentSizeMismatch):
+        await collect(base64_chunks(liar, line_breaks=False))
+
+
+def test_encoded_size_counts_attachments_as_base64_with_line_breaks() -> None:
+    bare = new_email()
+    with_file = new_email(message_id=bare.message_id, attachments=(streamed(b"x" * 57_000, 1000),))
+
+    growth = estimated_encoded_size(with_file) - estimated_encoded_size(bare)
+
+    assert growth > base64_encoded_size(57_000, line_length=76)  # plus the part's headers and boundaries
+    assert growth < base64_encoded_size(57_000, line_length=76) + 1000
+
+
+# -- streamed HTTP bodies ------------------------------------------------------------------------------------
+
+
+async def test_streamed_json_puts_attachments_in_as_base64_strings() -> None:
+    data = bytes(range(256)) * 40
+    body = streamed_json({"Subject": "Grüße \"quoted\"", "Attachments": [{"Content": streamed(data, 333)}]})
+
+    raw = await body.read()
+
+    assert len(raw) == body.size
+    expected_content = base64.b64encode(data).decode()
+    assert json.loads(raw) == {"Subject": 'Grüße "quoted"', "Attachments": [{"Content": expected_content}]}
+
+
+async def test_streamed_form_data_has_an_exact_length_and_raw_file_bytes() -> None:
+    data = b"\r\n--not-a-boundary\r\n" * 100
+    body = streamed_form_data([("to", "a@example.org"), ("attachment", ("ä.bin", streamed(data, 7)))],
+                              boundary="B0UNDARY")
+
+    raw = await body.read()
+
+    assert len(raw) == body.size
+    assert body.content_type == "multipart/form-data; boundary=B0UNDARY"
+    assert data in raw
+    assert raw.endswith(b"--B0UNDARY--\r\n")
+
+
+# -- SMTP details ------------------------------------------------------------------------------------------
+
+
+@given(st.lists(st.sampled_from([b".", b"\r\n", b"a", b"\r", b"\n", b".."]), max_size=40),
+       st.integers(min_value=1, max_value=5))
+def test_dot_stuffing_does_not_depend_on_chunk_boundaries(pieces: list[bytes], chunk: int) -> None:
+    data = b"".join(pieces)
+    whole = DotStuffer().feed(data)
+    stuffer = DotStuffer()
+
+    chunked = b"".join(stuffer.feed(data[i : i + chunk]) for i in range(0, len(data), chunk))
+
+    assert chunked == whole
+    assert (b"\r\n" + whole).replace(b"\r\n..", b"\r\n.")[2:] == data
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome", "provider_fault"),
+    [(421, "throttled", True), (454, "throttled", True), (450, "retryable", False), (550, "permanent", False),
+     (535, "permanent", True)],
+)
+def test_smtp_replies_map_to_outcomes(code: int, outcome: str, provider_fault: bool) -> None:
+    result = classify_reply(code, "text")
+
+    assert (result.outcome, result.provider_fault) == (outcome, provider_fault)
+
+
+def test_queue_id_is_read_from_the_relays_reply() -> None:
+    assert queue_id_from_reply("2.0.0 Ok: queued as 4BfX3b1Tz") == "4BfX3b1Tz"
+    assert queue_id_from_reply("Ok 0100018c-abc") == "Ok 0100018c-abc"
+
+
+# -- personalisation and headers ------------------------------------------------------------------------------
+
+
+def test_personalize_renders_placeholders_for_the_single_recipient() -> None:
+    message = new_email(
+        to=(Address("ann@example.org"),), subject="Hi {{ name }}", text="{{name}} owes {{ amount }} {{unknown}}",
+        html=None, recipient_variables={"ann@example.org": {"name": "Ann", "amount": "5 €"}},
+    )
+
+    rendered = personalize(message)
+
+    assert (rendered.subject, rendered.text) == ("Hi Ann", "Ann owes 5 € {{unknown}}")
+    assert rendered.recipient_variables == {}
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("7", 7.0), ("0", 0.0), ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0), ("soon", None), (None, None)],
+)
+def test_retry_after_accepts_seconds_and_http_dates(header: str | None, seconds: float | None) -> None:
+    now = datetime(2015, 10, 21, 7, 28, 0, tzinfo=UTC)
+
+    assert parse_retry_after(header, now=now) == seconds
+
+
+# -- registry and configuration -------------------------------------------------------------------------------
+
+
+def test_every_builtin_adapter_type_is_registered() -> None:
+    assert adapter_types() == ["mailgun", "postmark", "sendgrid", "ses", "smtp"]
+
+
+def test_unknown_adapter_type_is_a_configuration_error() -> None:
+    with pytest.raises(UnknownProviderType):
+        create_adapter(ProviderConfig(name="x", type="pigeon", endpoint="", credentials={}))
+
+
+@pytest.mark.parametrize(
+    ("type_name", "endpoint", "credentials", "options", "missing"),
+    [
+        ("mailgun", "https://api.mailgun.net", {}, {"domain": "d"}, "api_key"),
+        ("mailgun", "https://api.mailgun.net", {"api_key": "k"}, {}, "domain"),
+        ("sendgrid", "https://api.sendgrid.com", {}, {}, "api_key"),
+        ("postmark", "https://api.postmarkapp.com", {}, {}, "server_token"),
+        ("smtp", "no-port-here", {}, {}, "host:port"),
+        ("ses", "", {"access_key_id": "a"}, {}, "secret_access_key"),
+    ],
+)
+def test_incomplete_configuration_is_refused_naming_what_is_missing(
+    type_name: str, endpoint: str, credentials: dict, options: dict, missing: str
+) -> None:
+    config = ProviderConfig(name="p", type=type_name, endpoint=endpoint, credentials=credentials, options=options,
+                            region="us-east-1")
+
+    with pytest.raises(AdapterConfigError, match=missing):
+        create_adapter(config)
+
+
+def test_option_can_lower_but_not_raise_an_api_providers_size_cap() -> None:
+    def cap(value: str) -> int:
+        config = ProviderConfig(name="p", type="postmark", endpoint="https://api.postmarkapp.com",
+                                credentials={"server_token": "t"}, options={"max_message_bytes": value})
+        return create_adapter(config).capabilities.max_message_bytes
+
+    assert cap("1000") == 1000
+    assert cap("999999999") == 10_000_000

@@ -1,0 +1,61 @@
+"""The recorder directly: parked webhook events are claimed by the sweep when the consumer missed them."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from esp.v1 import messages_pb2
+
+from services.reports.envelopes import decode_envelope
+from services.reports.recorder import claim_parked_events, record_events
+from tests.reports.builders import accepted, at, new_id, sender_event, sent
+from tests.reports.conftest import ReportsService
+
+M = messages_pb2
+
+
+async def test_the_sweep_applies_a_parked_callback_whose_sent_event_was_recorded_meanwhile(reports: ReportsService):
+    tenant, message_id, provider = new_id("tenant-"), new_id(), f"mg-{new_id()[:8]}"
+    provider_message_id = f"<{new_id()}@mg>"
+    parked = sender_event("unknown", "unknown", M.MESSAGE_EVENT_TYPE_DELIVERED, at(19, 5), provider=provider,
+                          provider_message_id=provider_message_id, recipient="alice@example.com").event
+    async with await reports.connect_db() as conn:
+        # The SENT event is recorded first; the callback is parked right after, so that batch did not claim it.
+        await record_events(conn, [
+            decode_envelope(accepted(tenant, message_id, at(19)).SerializeToString()),
+            decode_envelope(sent(tenant, message_id, at(19, 1), provider=provider,
+                                 provider_message_id=provider_message_id).SerializeToString()),
+        ])
+        await conn.execute(
+            """INSERT INTO reports.unmatched_delivery_events (event_id, provider, provider_message_id, event,
+                   received_at) VALUES (%s, %s, %s, %s, now() - interval '1 minute')""",
+            (parked.event_id, provider, provider_message_id, parked.SerializeToString()))
+
+        async with conn.transaction():
+            claimed = await claim_parked_events(conn, min_age=timedelta(seconds=1))
+            outcome = await record_events(conn, claimed)
+        cur = await conn.execute("SELECT state FROM reports.messages WHERE tenant_id = %s AND message_id = %s",
+                                 (tenant, message_id))
+        state = (await cur.fetchone() or ("",))[0]
+        cur = await conn.execute("SELECT count(*) FROM reports.unmatched_delivery_events WHERE event_id = %s",
+                                 (parked.event_id,))
+        left = (await cur.fetchone() or (0,))[0]
+
+    assert [e.event_id for e in outcome.new_events] == [parked.event_id]
+    assert state == "delivered"
+    assert left == 0
+
+
+async def test_the_same_batch_twice_changes_nothing_the_second_time(reports: ReportsService):
+    tenant, message_id = new_id("tenant-"), new_id()
+    batch = [decode_envelope(e.SerializeToString()) for e in (
+        accepted(tenant, message_id, at(20)),
+        sender_event(tenant, message_id, M.MESSAGE_EVENT_TYPE_COMPLAINED, at(20, 5), recipient="x@example.com"),
+    )]
+    async with await reports.connect_db() as conn:
+        first = await record_events(conn, batch)
+        second = await record_events(conn, batch)
+
+    assert len(first.new_events) == 2
+    assert first.suppressed == {tenant: ("x@example.com",)}
+    assert (second.new_events, second.duplicates, second.suppressed) == ((), 2, {})

@@ -1,0 +1,189 @@
+"""Suppression lists: from hard bounces and complaints, managed through the API, mirrored in Redis."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from esp.v1 import messages_pb2, reports_pb2
+from psycopg_pool import AsyncConnectionPool
+
+from services.reports.suppressions import is_suppressed, resync_redis, suppressed_among, suppression_key
+from tests.reports.builders import accepted, at, eventually, new_id, sender_event, sent
+from tests.reports.conftest import ReportsService, caller
+
+M, R = messages_pb2, reports_pb2
+
+
+async def _suppression(reports: ReportsService, tenant: str, email: str) -> reports_pb2.Suppression | None:
+    try:
+        return await reports.suppressions.GetSuppression(R.GetSuppressionRequest(name=f"suppressions/{email}"),
+                                                         metadata=caller(tenant))
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+
+
+async def _delivery_report(reports: ReportsService, tenant: str, event_type: int, recipient: str,
+                           bounce_type: str = "") -> str:
+    message_id = new_id()
+    await reports.publish([
+        accepted(tenant, message_id, at(9), to=[recipient]),
+        sent(tenant, message_id, at(9, 0, 1), provider="mailgun-main", provider_message_id=f"<{message_id}@mg>"),
+        sender_event(tenant, message_id, event_type, at(9, 1), provider="mailgun-main", recipient=recipient,
+                     bounce_type=bounce_type, reason="550 5.1.1 user unknown"),
+    ])
+    return message_id
+
+
+async def test_a_hard_bounce_suppresses_the_recipient_in_postgres_and_redis(reports: ReportsService):
+    tenant = new_id("tenant-")
+    await _delivery_report(reports, tenant, M.MESSAGE_EVENT_TYPE_BOUNCED, "Gone@Example.com", bounce_type="hard")
+
+    suppression = await eventually(lambda: _suppression(reports, tenant, "gone@example.com"), what="suppression")
+
+    assert suppression.email == "gone@example.com"
+    assert suppression.reason == R.SUPPRESSION_REASON_HARD_BOUNCE
+    assert await is_suppressed(reports.redis, reports.settings.namespace, tenant, "GONE@example.com")
+
+
+async def test_a_complaint_suppresses_the_recipient(reports: ReportsService):
+    tenant = new_id("tenant-")
+    await _delivery_report(reports, tenant, M.MESSAGE_EVENT_TYPE_COMPLAINED, "angry@example.com")
+
+    suppression = await eventually(lambda: _suppression(reports, tenant, "angry@example.com"), what="suppression")
+
+    assert suppression.reason == R.SUPPRESSION_REASON_COMPLAINT
+    assert await is_suppressed(reports.redis, reports.settings.namespace, tenant, "angry@example.com")
+
+
+async def test_a_soft_bounce_does_not_suppress(reports: ReportsService):
+    tenant = new_id("tenant-")
+    message_id = await _delivery_report(reports, tenant, M.MESSAGE_EVENT_TYPE_BOUNCED, "full@example.com",
+                                        bounce_type="soft")
+
+    async def bounced() -> bool:
+        try:
+            message = await reports.messages.GetMessage(M.GetMessageRequest(name=f"messages/{message_id}"),
+                                                        metadata=caller(tenant))
+        except grpc.aio.AioRpcError:
+            return False
+        return message.state == M.MESSAGE_STATE_BOUNCED
+
+    await eventually(bounced, what="bounced state")
+    assert await _suppression(reports, tenant, "full@example.com") is None
+    assert not await is_suppressed(reports.redis, reports.settings.namespace, tenant, "full@example.com")
+
+
+async def test_suppressions_are_per_tenant(reports: ReportsService):
+    tenant, other = new_id("tenant-"), new_id("tenant-")
+    await _delivery_report(reports, tenant, M.MESSAGE_EVENT_TYPE_BOUNCED, "gone@example.com", bounce_type="hard")
+    await eventually(lambda: _suppression(reports, tenant, "gone@example.com"), what="suppression")
+
+    assert await _suppression(reports, other, "gone@example.com") is None
+    assert not await is_suppressed(reports.redis, reports.settings.namespace, other, "gone@example.com")
+
+
+async def test_created_suppression_reaches_redis_and_deleting_it_lifts_it(reports: ReportsService):
+    tenant = new_id("tenant-")
+    created = await reports.suppressions.CreateSuppression(
+        R.CreateSuppressionRequest(suppression=R.Suppression(email=" Bob@Example.COM ", note="asked by phone")),
+        metadata=caller(tenant))
+
+    assert created.name == "suppressions/bob@example.com"
+    assert created.reason == R.SUPPRESSION_REASON_MANUAL
+    assert created.note == "asked by phone"
+    assert await is_suppressed(reports.redis, reports.settings.namespace, tenant, "bob@example.com")
+
+    await reports.suppressions.DeleteSuppression(R.DeleteSuppressionRequest(name="suppressions/bob@example.com"),
+                                                 metadata=caller(tenant))
+
+    assert await _suppression(reports, tenant, "bob@example.com") is None
+    assert not await is_suppressed(reports.redis, reports.settings.namespace, tenant, "bob@example.com")
+
+
+async def test_creating_an_existing_suppression_is_already_exists(reports: ReportsService):
+    tenant = new_id("tenant-")
+    request = R.CreateSuppressionRequest(suppression=R.Suppression(email="twice@example.com"))
+    await reports.suppressions.CreateSuppression(request, metadata=caller(tenant))
+
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await reports.suppressions.CreateSuppression(request, metadata=caller(tenant))
+
+    assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_deleting_an_unknown_suppression_is_not_found(reports: ReportsService):
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await reports.suppressions.DeleteSuppression(
+            R.DeleteSuppressionRequest(name="suppressions/nobody@example.com"), metadata=caller(new_id("tenant-")))
+
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_suppression_needs_an_email_address(reports: ReportsService):
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await reports.suppressions.CreateSuppression(
+            R.CreateSuppressionRequest(suppression=R.Suppression(email="not-an-address")),
+            metadata=caller(new_id("tenant-")))
+
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_managing_suppressions_needs_the_admin_scope(reports: ReportsService):
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await reports.suppressions.CreateSuppression(
+            R.CreateSuppressionRequest(suppression=R.Suppression(email="x@example.com")),
+            metadata=caller(new_id("tenant-"), "read,send"))
+
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_suppressions_are_listed_in_address_order_page_by_page(reports: ReportsService):
+    tenant = new_id("tenant-")
+    emails = [f"user{i}@example.com" for i in (3, 1, 4, 0, 2)]
+    for email in emails:
+        await reports.suppressions.CreateSuppression(
+            R.CreateSuppressionRequest(suppression=R.Suppression(email=email)), metadata=caller(tenant))
+
+    seen: list[str] = []
+    token = ""
+    for _ in range(10):
+        page = await reports.suppressions.ListSuppressions(R.ListSuppressionsRequest(page_size=2, page_token=token),
+                                                           metadata=caller(tenant))
+        seen += [s.email for s in page.suppressions]
+        token = page.next_page_token
+        if not token:
+            break
+
+    assert seen == sorted(emails)
+
+
+async def test_suppressed_among_answers_for_several_recipients_at_once(reports: ReportsService):
+    tenant = new_id("tenant-")
+    await reports.suppressions.CreateSuppression(
+        R.CreateSuppressionRequest(suppression=R.Suppression(email="blocked@example.com")), metadata=caller(tenant))
+
+    found = await suppressed_among(reports.redis, reports.settings.namespace, tenant,
+                                   ["ok@example.com", "Blocked@Example.com"])
+
+    assert found == {"Blocked@Example.com"}
+
+
+async def test_resync_rebuilds_redis_sets_from_postgres_and_drops_stale_ones(reports: ReportsService):
+    namespace = f"{reports.settings.namespace}resync"
+    kept, emptied = new_id("tenant-"), new_id("tenant-")
+    async with await reports.connect_db() as conn:
+        await conn.execute(
+            "INSERT INTO reports.suppressions (tenant_id, email, reason) VALUES (%s, 'a@example.com', 'manual'),"
+            " (%s, 'b@example.com', 'complaint')", (kept, kept))
+    # Redis drifted: a member Postgres does not have, and a whole set of a tenant with no suppressions left.
+    await reports.redis.sadd(suppression_key(namespace, kept), "lifted@example.com")
+    await reports.redis.sadd(suppression_key(namespace, emptied), "c@example.com")
+
+    async with AsyncConnectionPool(reports.settings.postgres_dsn, min_size=1, max_size=2, open=False) as pool:
+        await resync_redis(pool, reports.redis, namespace)
+
+    members = await reports.redis.smembers(suppression_key(namespace, kept))
+    assert {m.decode() for m in members} == {"a@example.com", "b@example.com"}
+    assert not await reports.redis.exists(suppression_key(namespace, emptied))
