@@ -113,17 +113,12 @@ class LedgerOptions:
     max_page_size: int = 1000
 
 
-class _ConcurrentReserve(Exception):
-    """Another transaction inserted one of this batch's hold ids first; the batch is retried from the start and
-    then sees that hold as existing."""
-
-
 _RETRYABLE = (
     psycopg.errors.DeadlockDetected,
     psycopg.errors.SerializationFailure,
-    # Two replicas applying the same new outcome event (for a hold nobody could lock) race on its primary key.
+    # Two transactions inserting the same new hold id or outcome event id race on its primary key; the retry
+    # finds the winner's row and answers from it.
     psycopg.errors.UniqueViolation,
-    _ConcurrentReserve,
 )
 
 

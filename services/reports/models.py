@@ -74,9 +74,8 @@ STATE_TRANSITIONS: Mapping[EventType, tuple[MessageState, int]] = {
 PLACEHOLDER_STATE = (MessageState.ACCEPTED, 0)
 """State of a message known only from events that do not set one (it was accepted, or nothing would happen)."""
 
-# Delivery events from providers that put the recipient on the tenant's suppression list.
-HARD_BOUNCE = "hard"
-SOFT_BOUNCE = "soft"
+# The bounce type that puts the recipient on the tenant's suppression list (soft bounces do not).
+HARD_BOUNCE_TYPE = "hard"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from psycopg.types.json import Jsonb
 from services.reports.envelopes import record_from_message_event
 from services.reports.message_index import resolve_message
 from services.reports.models import (
-    HARD_BOUNCE,
+    HARD_BOUNCE_TYPE,
     PLACEHOLDER_STATE,
     STATE_TRANSITIONS,
     AcceptedMessage,
@@ -352,7 +352,7 @@ def _suppressions_from(fresh: Sequence[MessageEventRecord]) -> list[Suppression]
     for event in fresh:
         if not event.recipient:
             continue
-        if event.event_type is EventType.BOUNCED and event.bounce_type == HARD_BOUNCE:
+        if event.event_type is EventType.BOUNCED and event.bounce_type == HARD_BOUNCE_TYPE:
             reason = SuppressionReason.HARD_BOUNCE
         elif event.event_type in _SUPPRESSING_EVENTS:
             reason = _SUPPRESSING_EVENTS[event.event_type]

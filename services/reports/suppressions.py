@@ -26,7 +26,6 @@ from services.reports.pagination import decode_page_token, encode_page_token, pa
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_KEY_NAMESPACE = "esp"
 _REDIS_CHUNK = 1000
 # Rows committed while a tenant's set was being rebuilt may be missing from the rebuilt set; every row created
 # this long before the rebuild started is added again afterwards (transactions are far shorter than this).
@@ -35,9 +34,9 @@ _MAX_EMAIL_LENGTH = 320
 
 
 def suppression_key(namespace: str, tenant_id: str) -> str:
-    """The Redis set holding a tenant's suppressed addresses: ``{namespace}:supp:{tenant_id}``
-    (namespace ``esp`` when none is configured)."""
-    return f"{namespace or _DEFAULT_KEY_NAMESPACE}:supp:{tenant_id}"
+    """The Redis set holding a tenant's suppressed (lower-cased) addresses: ``{namespace}:supp:{tenant_id}``
+    (literally, so ``:supp:{tenant_id}`` without a namespace: ingest builds the same key)."""
+    return f"{namespace}:supp:{tenant_id}"
 
 
 async def is_suppressed(redis: Redis, namespace: str, tenant_id: str, email: str) -> bool:

@@ -54,6 +54,8 @@ async def stats_tenant(reports: ReportsService) -> str:
         sender_event(tenant, m3, M.MESSAGE_EVENT_TYPE_CLICKED, _t(5, 12, 11), provider="mailgun-main",
                      message_class="bulk", url="https://example.com/sale"),
         accepted(tenant, m4, _t(5, 23, 50)),
+        # The sender dead-letters and then fails a message it gave up on: one failure.
+        sender_event(tenant, m4, M.MESSAGE_EVENT_TYPE_DEAD_LETTERED, _t(5, 23, 55), reason="attempts exhausted"),
         sender_event(tenant, m4, M.MESSAGE_EVENT_TYPE_FAILED, _t(5, 23, 55), reason="no provider accepts it",
                      final=True),
         accepted(tenant, m5, _t(6, 0, 10)),

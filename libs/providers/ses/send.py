@@ -159,7 +159,6 @@ class SesAdapter(BaseAdapter):
         }
         if self._configuration_set:
             request["ConfigurationSetName"] = self._configuration_set
-        del raw  # botocore keeps its own (encoded) copy for the request
         loop = asyncio.get_running_loop()
         response = await loop.run_in_executor(self._executor, lambda: self._client.send_email(**request))
         return SendResult(

@@ -1,0 +1,115 @@
+"""A whole mesh as separate processes, on free loopback ports, with its own database and JetStream namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dev import mesh as m
+from dev import seed
+from dev.migrate import SERVICES_WITH_SCHEMAS
+from libs.common.db import migrate_services
+from tests.conftest import S3Server
+
+
+@dataclass
+class RunningMesh:
+    """A started mesh plus what tests need to talk to it."""
+
+    mesh: m.Mesh
+    config: m.MeshConfig
+    maildir: Path
+    tenant: str
+    api_key: str
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.config.ports['ingest']}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.endpoint)
+
+    def auth(self, key: str | None = None) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {key or self.api_key}"),)
+
+    def admin(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.config.admin_token}"),)
+
+    def delivered(self) -> list[EmailMessage]:
+        return [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)  # type: ignore[misc]
+                for p in sorted(self.maildir.glob("*.eml"))]
+
+    def wait_for_mail(self, predicate: Callable[[EmailMessage], bool], timeout_s: float = 30) -> EmailMessage:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for message in self.delivered():
+                if predicate(message):
+                    return message
+            time.sleep(0.1)
+        raise AssertionError(f"no matching email reached the SMTP sink within {timeout_s}s")
+
+    def new_tenant(self, credits: int) -> str:
+        """A fresh tenant with ``credits`` and an API key for it."""
+        tenant = f"t-{secrets.token_hex(4)}"
+        with self.channel() as channel:
+            seed.ensure_tenant(channel, self.config.admin_token, tenant)
+            key = seed.create_api_key(channel, self.config.admin_token, tenant)
+            if credits:
+                seed.top_up(channel, self.config.admin_token, tenant, credits, f"{tenant}-initial")
+        return key
+
+
+def build_mesh_config(database: str, redis_url: str, nats_url: str, s3: S3Server, namespace: str,
+                      log_dir: Path) -> m.MeshConfig:
+    ports = {name: m.free_port() for name in m.GRPC_PORTS}
+    return m.MeshConfig(postgres_dsn=database, redis_url=redis_url, nats_url=nats_url, s3_endpoint=s3.endpoint,
+                        namespace=namespace, admin_token=secrets.token_hex(16), ports=ports,
+                        gateway_port=m.free_port(), webhook_port=m.free_port(), log_dir=log_dir,
+                        extra_env={"ESP_S3_BUCKET": f"{namespace}-attachments", "ESP_SHUTDOWN_GRACE_S": "3"})
+
+
+def start_mesh(config: m.MeshConfig, maildir: Path, smtp_port: int, tenant_credits: int = 1_000_000) -> RunningMesh:
+    asyncio.run(migrate_services(config.postgres_dsn, SERVICES_WITH_SCHEMAS))
+    mesh = m.Mesh(config)
+    try:
+        mesh.start()
+        with grpc.insecure_channel(f"127.0.0.1:{config.ports['ingest']}") as channel:
+            seed.ensure_tenant(channel, config.admin_token, "acme")
+            api_key = seed.create_api_key(channel, config.admin_token, "acme")
+            seed.top_up(channel, config.admin_token, "acme", tenant_credits, "acme-initial")
+            seed.ensure_provider(channel, config.admin_token, seed.ProviderSeed(
+                id="sink", type="smtp", endpoint=f"127.0.0.1:{smtp_port}", options={"tls": "none"}))
+    except BaseException:
+        mesh.stop()
+        raise
+    return RunningMesh(mesh, config, maildir, "acme", api_key)
+
+
+@pytest.fixture(scope="session")
+def smtp_sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    maildir = tmp_path_factory.mktemp("mail")
+    port = m.free_port()
+    proc = m.start_smtp_sink(port, maildir, tmp_path_factory.mktemp("sink-logs"))
+    yield port, maildir
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def running_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_server: S3Server, run_id: str,
+                 smtp_sink: tuple[int, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
+    port, maildir = smtp_sink
+    config = build_mesh_config(new_database(), redis_url, nats_url, s3_server, f"{run_id}e2e",
+                               tmp_path_factory.mktemp("mesh-logs"))
+    running = start_mesh(config, maildir, port)
+    yield running
+    running.mesh.stop()
