@@ -139,6 +139,11 @@ class Unavailable(EspError):
     default_reason = "UNAVAILABLE"
 
 
+class Unimplemented(EspError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "UNIMPLEMENTED"
+
+
 class Internal(EspError):
     code = grpc.StatusCode.INTERNAL
     default_reason = "INTERNAL"
@@ -154,6 +159,7 @@ _BY_CODE: dict[int, type[EspError]] = {
     code_pb2.ABORTED: Aborted,
     code_pb2.RESOURCE_EXHAUSTED: ResourceExhausted,
     code_pb2.UNAVAILABLE: Unavailable,
+    code_pb2.UNIMPLEMENTED: Unimplemented,
 }
 
 

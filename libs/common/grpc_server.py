@@ -24,7 +24,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from libs.common.auth import Authenticator, reset_principal, set_principal
-from libs.common.errors import EspError, Internal
+from libs.common.errors import EspError, Internal, Unimplemented
 from libs.common.logging import configure_logging
 from libs.common.metrics import GRPC_DURATION, GRPC_REQUESTS, start_metrics_server
 from libs.common.settings import CommonSettings, SettingsError, load_settings
@@ -106,6 +106,8 @@ class _Interceptor(grpc.aio.ServerInterceptor):
     async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
         if isinstance(exc, EspError):
             error = exc
+        elif isinstance(exc, NotImplementedError):  # the generated servicer base of a method not served here
+            error = Unimplemented(f"{method} is not implemented by this service")
         else:
             log.exception("unhandled error in %s", method)
             error = Internal("internal error", reason="INTERNAL")

@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from libs.common.auth import Principal
 from libs.common.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, PermissionDenied
 from libs.common.jetstream import Topology
+from libs.common.suppressions import suppressed_among
 from services.ingest.limits import SendLimiter
 from services.ingest.model import EmailDraft, StoredAttachment
 from services.ingest.outbox import OutboxPublisher, OutboxRow, write_outbox
@@ -119,9 +120,8 @@ class Acceptor:
             raise
 
     async def _refuse_suppressed(self, tenant_id: str, draft: EmailDraft) -> None:
-        addresses = [box.email.lower() for box in draft.recipients]
-        flags = await self.redis.smismember(f"{self.topology.namespace}:supp:{tenant_id}", addresses)
-        suppressed = [a for a, hit in zip(addresses, flags, strict=True) if hit]
+        suppressed = sorted(await suppressed_among(self.redis, self.topology.namespace, tenant_id,
+                                                   [box.email for box in draft.recipients]))
         if suppressed:
             raise FailedPrecondition(
                 "recipients are on the suppression list", reason="SUPPRESSED_RECIPIENT",

@@ -154,6 +154,17 @@ class _NewEntry:
 
 
 @dataclass(frozen=True)
+class _Shape:
+    """What every hold of one kind in a reserve batch shares."""
+
+    number: int
+    """1-based position in the batch's list of shapes."""
+    price: Price
+    amount: int
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
 class _NewNotification:
     tenant_id: str
     kind: NotificationKind
@@ -409,85 +420,107 @@ class Ledger:
     ) -> None:
         balances = await _lock_balances(conn, sorted({requests[index].tenant_id for index in new}))
 
-        # Decided in arrival order against the locked balances: the same answers one-by-one reserves would get.
-        accepted: list[tuple[ReserveRequest, Price, int]] = []
-        entries: list[_NewEntry] = []
-        prices: dict[tuple[str, MessageClass], Price] = {}
-        for index in new:
+        # Requests that hold the same thing (tenant, class, size, TTL) share one "shape": its price, amount and
+        # expiry are computed once and sent once. A batch usually has a handful of shapes, so the statement
+        # carries three values per hold instead of ten.
+        shapes: dict[tuple[str, MessageClass, int, int, float], _Shape] = {}
+        accepted: list[tuple[ReserveRequest, _Shape, int]] = []  # request, its shape, available after it
+        for index in new:  # arrival order, against the locked balances: as if the reserves came one by one
             request = requests[index]
             tenant_id = request.tenant_id
-            price = prices.get((tenant_id, request.message_class))
-            if price is None:
-                price = prices[(tenant_id, request.message_class)] = unit_price(books[tenant_id], request.message_class)
-            amount = hold_amount(price, request.emails, request.attachment_bytes)
+            ttl_s = float(request.ttl_s or 0)
+            key = (tenant_id, request.message_class, request.emails, request.attachment_bytes, ttl_s)
+            shape = shapes.get(key)
+            if shape is None:
+                price = unit_price(books[tenant_id], request.message_class)
+                shape = shapes[key] = _Shape(
+                    number=len(shapes) + 1,
+                    price=price,
+                    amount=hold_amount(price, request.emails, request.attachment_bytes),
+                    expires_at=now + timedelta(seconds=ttl_s),
+                )
             balance = balances.get(tenant_id)
             available = balance.available if balance is not None else 0
-            if amount > available:
-                results[index] = InsufficientCredits(tenant_id, amount, available)
+            if shape.amount > available:
+                results[index] = InsufficientCredits(tenant_id, shape.amount, available)
                 continue
-            accepted.append((request, price, amount))
-            if amount > 0 and balance is not None:
-                balance.available -= amount
-                balance.available_delta -= amount
-                balance.held_delta += amount
-                entries.append(
-                    _NewEntry(tenant_id, EntryKind.RESERVE, amount, request.hold_id, None, balance.available)
-                )
+            if balance is not None and shape.amount > 0:
+                balance.available -= shape.amount
+                balance.available_delta -= shape.amount
+                balance.held_delta += shape.amount
+                available = balance.available
+            accepted.append((request, shape, available))
         if not accepted:
             return
 
-        # Inserted in hold id order so two batches racing on the same ids wait for each other, never deadlock.
-        # A hold id inserted meanwhile by another transaction fails this one with a unique violation: the batch is
-        # retried and then finds that hold as existing. Nothing below waits for a result: in pipeline mode the
-        # writes and the commit go to the server together, so the balance row stays locked only for as long as
-        # the server takes to run them.
-        accepted.sort(key=lambda item: item[0].hold_id)
-        expiry: dict[float, datetime] = {}
-        for request, _, _ in accepted:
-            if request.ttl_s not in expiry:
-                expiry[request.ttl_s] = now + timedelta(seconds=request.ttl_s)  # type: ignore[arg-type]
+        # Nothing below waits for a result: in pipeline mode these writes and the commit reach the server together,
+        # so the balance rows stay locked only while the server runs them. Holds are inserted in hold id order, so
+        # two batches racing on the same new ids wait for each other rather than deadlock; the loser fails with a
+        # unique violation, is retried, and then finds the winner's hold.
+        debit, credit = ENTRY_ACCOUNTS[EntryKind.RESERVE]
         await conn.execute(
-            """INSERT INTO ledger.holds (hold_id, tenant_id, message_class, emails, attachment_bytes,
-                                         price_per_email, price_per_attachment_mb, amount, expires_at)
-               SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::bigint[],
-                                    %b::bigint[], %b::bigint[], %b::timestamptz[])""",
+            """WITH shape AS (
+                   SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::bigint[],
+                                        %b::bigint[], %b::bigint[], %b::timestamptz[]) WITH ORDINALITY
+                       AS s(tenant_id, message_class, emails, attachment_bytes, per_email, per_mb, amount,
+                            expires_at, shape)),
+               accepted AS (
+                   SELECT * FROM unnest(%b::text[], %b::bigint[], %b::bigint[]) WITH ORDINALITY
+                       AS a(hold_id, shape, available_after, position)),
+               made AS (
+                   INSERT INTO ledger.holds (hold_id, tenant_id, message_class, emails, attachment_bytes,
+                                             price_per_email, price_per_attachment_mb, amount, expires_at)
+                   SELECT a.hold_id, s.tenant_id, s.message_class, s.emails, s.attachment_bytes, s.per_email,
+                          s.per_mb, s.amount, s.expires_at
+                   FROM accepted a JOIN shape s USING (shape)
+                   ORDER BY a.hold_id)
+               INSERT INTO ledger.entries (tenant_id, kind, debit_account, credit_account, amount, hold_id,
+                                           available_after)
+               SELECT s.tenant_id, %b, %b, %b, s.amount, a.hold_id, a.available_after
+               FROM accepted a JOIN shape s USING (shape)
+               WHERE s.amount > 0
+               ORDER BY a.position""",
             (
-                [r.hold_id for r, _, _ in accepted],
-                [r.tenant_id for r, _, _ in accepted],
-                [r.message_class.value for r, _, _ in accepted],
-                [r.emails for r, _, _ in accepted],
-                [r.attachment_bytes for r, _, _ in accepted],
-                [p.per_email for _, p, _ in accepted],
-                [p.per_attachment_mb for _, p, _ in accepted],
-                [amount for _, _, amount in accepted],
-                [expiry[r.ttl_s] for r, _, _ in accepted],  # type: ignore[index]
+                [key[0] for key in shapes],
+                [key[1].value for key in shapes],
+                [key[2] for key in shapes],
+                [key[3] for key in shapes],
+                [shape.price.per_email for shape in shapes.values()],
+                [shape.price.per_attachment_mb for shape in shapes.values()],
+                [shape.amount for shape in shapes.values()],
+                [shape.expires_at for shape in shapes.values()],
+                [request.hold_id for request, _, _ in accepted],
+                [shape.number for _, shape, _ in accepted],
+                [available for _, _, available in accepted],
+                EntryKind.RESERVE.value,
+                debit.value,
+                credit.value,
             ),
         )
-        await _insert_entries(conn, entries)
         notifications = _low_balance_crossings(balances)
         await _update_balances(conn, balances)
         await _insert_notifications(conn, notifications)
 
-        holds = {
+        made = {
             request.hold_id: Hold(
                 hold_id=request.hold_id,
                 tenant_id=request.tenant_id,
                 message_class=request.message_class,
                 emails=request.emails,
                 attachment_bytes=request.attachment_bytes,
-                price=price,
-                amount=amount,
+                price=shape.price,
+                amount=shape.amount,
                 state=HoldState.HELD,
                 committed_amount=None,
                 created_at=now,
-                expires_at=expiry[request.ttl_s],  # type: ignore[index]
+                expires_at=shape.expires_at,
                 resolved_at=None,
             )
-            for request, price, amount in accepted
+            for request, shape, _ in accepted
         }
         for index in new:
             if results[index] is None:
-                results[index] = holds[requests[index].hold_id]
+                results[index] = made[requests[index].hold_id]
 
     # ------------------------------------------------------------------ commit, release, outcomes, expiry
 

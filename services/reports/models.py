@@ -11,6 +11,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Generic, TypeVar
 
+from libs.common.suppressions import normalise_email  # noqa: F401 - re-exported for reports' modules
+
 T = TypeVar("T")
 
 
@@ -183,6 +185,3 @@ class Page(Generic[T]):
     next_page_token: str
 
 
-def normalise_email(email: str) -> str:
-    """The form addresses are stored and compared in: trimmed and lower-cased."""
-    return email.strip().lower()

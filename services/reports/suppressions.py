@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from libs.common.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
+from libs.common.suppressions import suppressed_among, suppression_key
 from services.reports.models import Page, Suppression, SuppressionReason, normalise_email
 from services.reports.pagination import decode_page_token, encode_page_token, page_size
 
@@ -33,25 +34,9 @@ _RESYNC_CATCH_UP = timedelta(minutes=5)
 _MAX_EMAIL_LENGTH = 320
 
 
-def suppression_key(namespace: str, tenant_id: str) -> str:
-    """The Redis set holding a tenant's suppressed (lower-cased) addresses: ``{namespace}:supp:{tenant_id}``
-    (literally, so ``:supp:{tenant_id}`` without a namespace: ingest builds the same key)."""
-    return f"{namespace}:supp:{tenant_id}"
-
-
 async def is_suppressed(redis: Redis, namespace: str, tenant_id: str, email: str) -> bool:
     """Whether ``email`` is on the tenant's suppression list (case-insensitive). One Redis round trip."""
-    return bool(await redis.sismember(suppression_key(namespace, tenant_id), normalise_email(email)))
-
-
-async def suppressed_among(redis: Redis, namespace: str, tenant_id: str, emails: Sequence[str]) -> set[str]:
-    """The subset of ``emails`` (as given) that the tenant suppresses, in one round trip (``SMISMEMBER``)."""
-    if not emails:
-        return set()
-    flags = await redis.smismember(
-        suppression_key(namespace, tenant_id), [normalise_email(e) for e in emails]
-    )
-    return {email for email, flag in zip(emails, flags, strict=True) if flag}
+    return bool(await suppressed_among(redis, namespace, tenant_id, [email]))
 
 
 def validated_email(email: str) -> str:
