@@ -235,3 +235,21 @@ class Mesh:
             yield self
         finally:
             self.stop()
+
+
+def start_simulator(http_port: int, smtp_port: int, log_dir: Path, timeout_s: float = 30) -> tuple[Process, dict]:
+    """The provider simulator; returns its process and its self-description (first JSON line it prints)."""
+    import json
+
+    proc = spawn("simulator", [sys.executable, "-m", "dev.simulator", "--http-port", str(http_port),
+                               "--smtp-port", str(smtp_port)], log_dir)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"simulator exited with code {proc.popen.returncode}:\n{proc.log_tail()}")
+        for line in proc.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"http_url"' in line:
+                return proc, json.loads(line)
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"simulator did not start within {timeout_s}s:\n{proc.log_tail()}")

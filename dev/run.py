@@ -23,6 +23,10 @@ from libs.common.db import migrate_services
 
 DEV = m.ROOT / ".dev"
 DATABASE = "esp"
+SIMULATOR: dict[str, dict] = {}
+# Simulated providers: dearer and slower than the local sink, so demo mail lands in .dev/mail while the
+# simulator's providers stand by as fallbacks (and can be made preferred by changing prices or weights).
+SIMULATED_PRICES = {"mailgun-us": 80, "mailgun-eu": 85, "sendgrid-1": 90, "ses-1": 60, "postmark-1": 120, "smtp-1": 150}
 
 
 def _port(name: str, default: int) -> int:
@@ -60,6 +64,10 @@ def ensure_dependencies(started: list[m.Process]) -> m.MeshConfig:
     if not m.port_open(smtp_port):
         _say(f"starting the SMTP sink on 127.0.0.1:{smtp_port} (mail in .dev/mail)")
         started.append(m.start_smtp_sink(smtp_port, DEV / "mail", logs))
+    sim_http, sim_smtp = _port("ESP_DEV_SIM_HTTP_PORT", 8025), _port("ESP_DEV_SIM_SMTP_PORT", 2526)
+    _say(f"starting the provider simulator on 127.0.0.1:{sim_http} (HTTP) and :{sim_smtp} (SMTP)")
+    sim_proc, SIMULATOR["description"] = m.start_simulator(sim_http, sim_smtp, logs)
+    started.append(sim_proc)
     return m.MeshConfig(
         postgres_dsn=pgtools.with_database(admin_dsn, DATABASE), redis_url=f"redis://127.0.0.1:{redis_port}/0",
         nats_url=f"nats://127.0.0.1:{nats_port}", s3_endpoint=f"http://127.0.0.1:{s3_port}",
@@ -75,11 +83,45 @@ def seed_demo(config: m.MeshConfig) -> str:
         api_key = seed.create_api_key(channel, config.admin_token, "demo")
         seed.top_up(channel, config.admin_token, "demo", 1_000_000, "demo-initial-credits")
         seed.ensure_provider(channel, config.admin_token, seed.ProviderSeed(
-            id="smtp-sink", type="smtp", endpoint=f"127.0.0.1:{smtp_port}", options={"tls": "none"}))
+            id="smtp-sink", type="smtp", endpoint=f"127.0.0.1:{smtp_port}", options={"tls": "none"},
+            price_per_email_micros=50))
+    seed_simulated_providers(config)
     env_file = DEV / "demo.env"
     env_file.write_text(f"ESP_ENDPOINT={endpoint}\nESP_API_KEY={api_key}\n"
                         f"ESP_GATEWAY=http://127.0.0.1:{config.gateway_port}\n")
     return api_key
+
+
+def seed_simulated_providers(config: m.MeshConfig) -> None:
+    """One provider per simulator personality, with its webhooks pointed at the reports receiver."""
+    import httpx
+    from psycopg.types.json import Jsonb
+
+    from dev.simulator.model import default_personalities
+
+    description = SIMULATOR["description"]
+    http_url = description["http_url"]
+    endpoint = f"127.0.0.1:{config.ports['ingest']}"
+    with grpc.insecure_channel(endpoint) as channel, httpx.Client(base_url=http_url, timeout=10) as sim, \
+            psycopg.connect(config.postgres_dsn, autocommit=True) as conn:
+        for personality in default_personalities():
+            provider = personality.provider_config(http_url, description["smtp_host"], description["smtp_port"])
+            seed.ensure_provider(channel, config.admin_token, seed.ProviderSeed(
+                id=personality.name, type=personality.type, endpoint=provider.endpoint,
+                credentials=dict(provider.credentials), options=dict(provider.options), region=provider.region,
+                price_per_email_micros=SIMULATED_PRICES.get(personality.name, 100)))
+            knobs: dict[str, object] = {"latency_ms": 40, "jitter_ms": 40}
+            # SES callbacks are signed with a certificate the simulator serves over plain HTTP on loopback, which
+            # the SNS verifier (rightly) refuses: SES webhooks are exercised by the webhook tests instead.
+            if personality.type not in ("smtp", "ses"):
+                knobs["webhook_url"] = f"http://127.0.0.1:{config.webhook_port}/webhooks/{personality.name}"
+                secrets = sim.get(f"/_sim/personalities/{personality.name}").json()["webhooks"]["receiver_secrets"]
+                conn.execute(
+                    """INSERT INTO reports.provider_webhook_secrets (provider_name, provider_type, secrets)
+                       VALUES (%s, %s, %s) ON CONFLICT (provider_name) DO UPDATE
+                       SET provider_type = excluded.provider_type, secrets = excluded.secrets""",
+                    (personality.name, personality.type, Jsonb(secrets)))
+            sim.patch(f"/_sim/personalities/{personality.name}/knobs", json=knobs).raise_for_status()
 
 
 def main() -> None:
