@@ -12,13 +12,29 @@ class IngestSettings(CommonSettings):
     admin_token: str = ""
     """Bearer token of the platform admin (tenants, providers, top-ups); empty disables admin access."""
     api_key_cache_s: float = 2.0
-    """How long a checked key is trusted without asking Postgres: a revoked key stops working within this."""
+    """How long a checked key (and a tenant's policy) is trusted without asking Postgres: a revoked key stops
+    working, and a changed rate limit applies, within this delay on every replica."""
     default_otp_rate: float = 200.0
+    """Per-tenant otp sends per second when the tenant has no rate of its own."""
     default_transactional_rate: float = 500.0
+    """Per-tenant transactional sends per second when the tenant has no rate of its own."""
     default_bulk_rate: float = 2000.0
-    """Per-tenant sends per second when the tenant has no rate of its own."""
+    """Per-tenant bulk sends per second when the tenant has no rate of its own."""
+    rate_burst_s: float = 1.0
+    """How many seconds' worth of a tenant's rate may arrive at once (GCRA burst tolerance)."""
+    idempotency_cache_s: int = 86_400
+    """How long Redis remembers a request_id (the fast path). Postgres remembers it as long as the message row
+    exists, so a retry after this still gets the first response, through the slower path."""
     upstream_timeout_s: float = 10.0
+    """Deadline of calls to the ledger and of forwarded RPCs."""
+    accept_batch_size: int = 500
+    """Most accepted emails committed to Postgres in one transaction (group commit)."""
+    accept_batch_workers: int = 3
+    """Accept transactions in flight at once."""
+    max_batch_send: int = 500
+    """Most emails in one BatchSendEmails call."""
 
     def __post_init__(self) -> None:
         check_positive(self, "api_key_cache_s", "default_otp_rate", "default_transactional_rate",
-                       "default_bulk_rate", "upstream_timeout_s")
+                       "default_bulk_rate", "rate_burst_s", "idempotency_cache_s", "upstream_timeout_s",
+                       "accept_batch_size", "accept_batch_workers", "max_batch_send")

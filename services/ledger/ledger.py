@@ -124,23 +124,17 @@ _RETRYABLE = (
 
 @dataclass
 class _LockedBalance:
-    """A balance row read under its lock, changed in memory while a batch is decided."""
+    """A balance row as read in a batch's transaction, and the changes the batch makes to it."""
 
     available: int
-    threshold: int | None
-    armed: bool
     held_delta: int = 0
     spent_delta: int = 0
     available_delta: int = 0
-    armed_before: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.armed_before = self.armed
 
     @property
     def changed(self) -> bool:
         """Whether the row needs writing back."""
-        return bool(self.available_delta or self.held_delta or self.spent_delta) or self.armed != self.armed_before
+        return bool(self.available_delta or self.held_delta or self.spent_delta)
 
 
 @dataclass(frozen=True)
@@ -151,6 +145,10 @@ class _NewEntry:
     hold_id: str | None
     request_id: str | None
     available_after: int
+
+
+class _NeedsLock(Exception):
+    """An optimistic reserve batch found a request that does not fit: it is redone with the rows locked."""
 
 
 @dataclass(frozen=True)
@@ -362,27 +360,49 @@ class Ledger:
         return ReserveRequest(tenant_id, hold_id, message_class, emails, attachment_bytes, ttl_s)  # type: ignore[arg-type]
 
     async def _reserve_batch(self, requests: Sequence[ReserveRequest]) -> list[Hold | LedgerError]:
-        return await self._transaction(lambda conn: self._reserve_in_transaction(conn, requests), pipeline=True)
+        """Decide and write one batch of reserves.
+
+        First optimistically: the balances are read without a lock and, if every request fits, the writes go to
+        the server in one pipeline that takes the row locks (in tenant order), applies the changes and commits,
+        so no lock is held while this process computes or waits for its event loop. The balance CHECK refuses an
+        overdraft if a concurrent transaction spent the credits meanwhile. When some request does not fit, or the
+        CHECK fired, the batch is redone pessimistically: locks first, then the decision against the locked rows.
+        Refusals therefore always come from an authoritative balance.
+        """
+        try:
+            return await self._transaction(
+                lambda conn: self._reserve_in_transaction(conn, requests, locked=False), pipeline=True
+            )
+        except psycopg.errors.CheckViolation as exc:
+            if exc.diag.constraint_name != "balances_available_check":
+                raise
+        except _NeedsLock:
+            pass
+        return await self._transaction(
+            lambda conn: self._reserve_in_transaction(conn, requests, locked=True), pipeline=True
+        )
 
     async def _reserve_in_transaction(
-        self, conn: AsyncConnection, requests: Sequence[ReserveRequest]
+        self, conn: AsyncConnection, requests: Sequence[ReserveRequest], *, locked: bool
     ) -> list[Hold | LedgerError]:
         results: list[Hold | LedgerError | None] = [None] * len(requests)
         first_by_hold_id: dict[str, int] = {}
         for index, request in enumerate(requests):
             first_by_hold_id.setdefault(request.hold_id, index)
-        firsts = list(first_by_hold_id.values())
+        tenants = sorted({request.tenant_id for request in requests})
 
-        # Holds made before (retries) and prices are read before any lock is taken, to keep the lock short;
-        # in pipeline mode both queries share one round trip.
+        # Earlier holds (retries), prices and (optimistically) balances in one round trip: in pipeline mode the
+        # three queries go out before the first result is awaited.
         existing_cursor = await conn.execute(
             f"SELECT {_HOLD_COLUMNS} FROM ledger.holds WHERE hold_id = ANY(%b)", (list(first_by_hold_id),)
         )
-        prices_cursor = await _query_price_books(conn, sorted({request.tenant_id for request in requests}))
+        prices_cursor = await _query_price_books(conn, tenants)
+        balances_cursor = None if locked else await _query_balances(conn, tenants, lock=False)
         existing = {hold.hold_id: hold for hold in map(_hold_from_row, await existing_cursor.fetchall())}
         books, now = await _fetch_price_books(prices_cursor)
+
         new: list[int] = []
-        for index in firsts:
+        for index in first_by_hold_id.values():
             request = requests[index]
             hold = existing.get(request.hold_id)
             if hold is None:
@@ -393,7 +413,12 @@ class Ledger:
                 results[index] = _reserve_mismatch(request, hold)
 
         if new:
-            await self._reserve_new(conn, requests, new, results, books, now)
+            new_tenants = sorted({requests[index].tenant_id for index in new})
+            if balances_cursor is None:
+                balances = await _fetch_balances(await _query_balances(conn, new_tenants, lock=True))
+            else:
+                balances = await _fetch_balances(balances_cursor)
+            await self._reserve_new(conn, requests, new, results, books, now, balances, locked=locked)
 
         for index, request in enumerate(requests):
             if results[index] is not None:
@@ -417,15 +442,16 @@ class Ledger:
         results: list[Hold | LedgerError | None],
         books: dict[str, PriceBook],
         now: datetime,
+        balances: dict[str, _LockedBalance],
+        *,
+        locked: bool,
     ) -> None:
-        balances = await _lock_balances(conn, sorted({requests[index].tenant_id for index in new}))
-
         # Requests that hold the same thing (tenant, class, size, TTL) share one "shape": its price, amount and
         # expiry are computed once and sent once. A batch usually has a handful of shapes, so the statement
-        # carries three values per hold instead of ten.
+        # carries two values per hold instead of ten.
         shapes: dict[tuple[str, MessageClass, int, int, float], _Shape] = {}
-        accepted: list[tuple[ReserveRequest, _Shape, int]] = []  # request, its shape, available after it
-        for index in new:  # arrival order, against the locked balances: as if the reserves came one by one
+        accepted: list[tuple[ReserveRequest, _Shape]] = []
+        for index in new:  # arrival order: the answers one-by-one reserves would get
             request = requests[index]
             tenant_id = request.tenant_id
             ttl_s = float(request.ttl_s or 0)
@@ -442,21 +468,25 @@ class Ledger:
             balance = balances.get(tenant_id)
             available = balance.available if balance is not None else 0
             if shape.amount > available:
+                if not locked:
+                    raise _NeedsLock
                 results[index] = InsufficientCredits(tenant_id, shape.amount, available)
                 continue
             if balance is not None and shape.amount > 0:
                 balance.available -= shape.amount
                 balance.available_delta -= shape.amount
                 balance.held_delta += shape.amount
-                available = balance.available
-            accepted.append((request, shape, available))
+            accepted.append((request, shape))
         if not accepted:
             return
 
-        # Nothing below waits for a result: in pipeline mode these writes and the commit reach the server together,
-        # so the balance rows stay locked only while the server runs them. Holds are inserted in hold id order, so
-        # two batches racing on the same new ids wait for each other rather than deadlock; the loser fails with a
-        # unique violation, is retried, and then finds the winner's hold.
+        # From here on nothing waits for a result: the statements and the commit reach the server together.
+        if not locked:
+            await _query_balances(conn, sorted(tenant for tenant, b in balances.items() if b.changed), lock=True)
+        await _update_balances(conn, balances)
+        # Holds go in hold id order, so two batches racing on the same new ids wait for each other rather than
+        # deadlock; the loser fails with a unique violation, is retried, and then finds the winner's hold. Each
+        # entry's available_after is the balance just written plus the amounts this batch holds after it.
         debit, credit = ENTRY_ACCOUNTS[EntryKind.RESERVE]
         await conn.execute(
             """WITH shape AS (
@@ -465,20 +495,22 @@ class Ledger:
                        AS s(tenant_id, message_class, emails, attachment_bytes, per_email, per_mb, amount,
                             expires_at, shape)),
                accepted AS (
-                   SELECT * FROM unnest(%b::text[], %b::bigint[], %b::bigint[]) WITH ORDINALITY
-                       AS a(hold_id, shape, available_after, position)),
+                   SELECT a.hold_id, a.position, s.*
+                   FROM unnest(%b::text[], %b::bigint[]) WITH ORDINALITY AS a(hold_id, shape, position)
+                   JOIN shape s USING (shape)),
                made AS (
                    INSERT INTO ledger.holds (hold_id, tenant_id, message_class, emails, attachment_bytes,
                                              price_per_email, price_per_attachment_mb, amount, expires_at)
-                   SELECT a.hold_id, s.tenant_id, s.message_class, s.emails, s.attachment_bytes, s.per_email,
-                          s.per_mb, s.amount, s.expires_at
-                   FROM accepted a JOIN shape s USING (shape)
-                   ORDER BY a.hold_id)
+                   SELECT hold_id, tenant_id, message_class, emails, attachment_bytes, per_email, per_mb, amount,
+                          expires_at
+                   FROM accepted ORDER BY hold_id)
                INSERT INTO ledger.entries (tenant_id, kind, debit_account, credit_account, amount, hold_id,
                                            available_after)
-               SELECT s.tenant_id, %b, %b, %b, s.amount, a.hold_id, a.available_after
-               FROM accepted a JOIN shape s USING (shape)
-               WHERE s.amount > 0
+               SELECT a.tenant_id, %b, %b, %b, a.amount, a.hold_id,
+                      b.available + COALESCE(sum(a.amount) OVER (PARTITION BY a.tenant_id ORDER BY a.position
+                                             ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING), 0)
+               FROM accepted a JOIN ledger.balances b USING (tenant_id)
+               WHERE a.amount > 0
                ORDER BY a.position""",
             (
                 [key[0] for key in shapes],
@@ -489,17 +521,14 @@ class Ledger:
                 [shape.price.per_attachment_mb for shape in shapes.values()],
                 [shape.amount for shape in shapes.values()],
                 [shape.expires_at for shape in shapes.values()],
-                [request.hold_id for request, _, _ in accepted],
-                [shape.number for _, shape, _ in accepted],
-                [available for _, _, available in accepted],
+                [request.hold_id for request, _ in accepted],
+                [shape.number for _, shape in accepted],
                 EntryKind.RESERVE.value,
                 debit.value,
                 credit.value,
             ),
         )
-        notifications = _low_balance_crossings(balances)
-        await _update_balances(conn, balances)
-        await _insert_notifications(conn, notifications)
+        await _notify_low_balance_crossings(conn, [tenant for tenant, b in balances.items() if b.changed])
 
         made = {
             request.hold_id: Hold(
@@ -516,7 +545,7 @@ class Ledger:
                 expires_at=shape.expires_at,
                 resolved_at=None,
             )
-            for request, shape, _ in accepted
+            for request, shape in accepted
         }
         for index in new:
             if results[index] is None:
@@ -837,34 +866,62 @@ async def _fetch_price_books(cursor: psycopg.AsyncCursor[Any]) -> tuple[dict[str
     return {row[0]: PriceBook(*row[:5]) for row in rows}, rows[0][5]
 
 
+async def _query_balances(conn: AsyncConnection, tenants: Sequence[str], *, lock: bool) -> psycopg.AsyncCursor[Any]:
+    """Read the balance rows of ``tenants``; with ``lock``, lock them in tenant order (every transaction locks
+    balance rows in that order, so they never deadlock on them)."""
+    query = "SELECT tenant_id, available FROM ledger.balances WHERE tenant_id = ANY(%b)"
+    if lock:
+        query += " ORDER BY tenant_id FOR UPDATE"
+    return await conn.execute(query, (sorted(tenants),))
+
+
+async def _fetch_balances(cursor: psycopg.AsyncCursor[Any]) -> dict[str, _LockedBalance]:
+    return {row[0]: _LockedBalance(row[1]) for row in await cursor.fetchall()}
+
+
 async def _lock_balances(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, _LockedBalance]:
-    """Lock the balance rows of ``tenants`` in tenant order (every batch locks in that order: no deadlocks)."""
-    cur = await conn.execute(
-        """SELECT tenant_id, available, low_balance_threshold, low_balance_armed FROM ledger.balances
-           WHERE tenant_id = ANY(%b) ORDER BY tenant_id FOR UPDATE""",
-        (sorted(tenants),),
-    )
-    return {row[0]: _LockedBalance(row[1], row[2], row[3]) for row in await cur.fetchall()}
+    """Lock and read the balance rows of ``tenants``."""
+    return await _fetch_balances(await _query_balances(conn, tenants, lock=True))
 
 
 async def _update_balances(conn: AsyncConnection, balances: dict[str, _LockedBalance]) -> None:
+    """Apply each changed balance's deltas (the rows are locked by the caller)."""
     changed = [(tenant, b) for tenant, b in balances.items() if b.changed]
     if not changed:
         return
     await conn.execute(
         """UPDATE ledger.balances AS b
            SET available = b.available + d.available_delta, held = b.held + d.held_delta,
-               spent = b.spent + d.spent_delta, low_balance_armed = d.armed, updated_at = now()
-           FROM unnest(%b::text[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bool[])
-                AS d(tenant_id, available_delta, held_delta, spent_delta, armed)
+               spent = b.spent + d.spent_delta, updated_at = now()
+           FROM unnest(%b::text[], %b::bigint[], %b::bigint[], %b::bigint[])
+                AS d(tenant_id, available_delta, held_delta, spent_delta)
            WHERE b.tenant_id = d.tenant_id""",
         (
             [tenant for tenant, _ in changed],
             [b.available_delta for _, b in changed],
             [b.held_delta for _, b in changed],
             [b.spent_delta for _, b in changed],
-            [b.armed for _, b in changed],
         ),
+    )
+
+
+async def _notify_low_balance_crossings(conn: AsyncConnection, tenants: Sequence[str]) -> None:
+    """Write a notification for each armed tenant whose available credits are now below its threshold, and
+    disarm it (a top-up above the threshold re-arms it), so each crossing notifies once. Needs no result, so it
+    pipelines with the writes before it."""
+    if not tenants:
+        return
+    await conn.execute(
+        """WITH crossed AS (
+               UPDATE ledger.balances SET low_balance_armed = false
+               WHERE tenant_id = ANY(%b) AND low_balance_armed AND available < low_balance_threshold
+               RETURNING tenant_id, low_balance_threshold, available)
+           INSERT INTO ledger.notifications (tenant_id, kind, payload)
+           SELECT tenant_id, %b,
+                  jsonb_build_object('tenant_id', tenant_id, 'threshold', low_balance_threshold,
+                                     'available', available)
+           FROM crossed""",
+        (list(tenants), NotificationKind.LOW_BALANCE_CROSSED.value),
     )
 
 
@@ -909,17 +966,6 @@ def _low_balance(tenant_id: str, threshold: int, available: int) -> _NewNotifica
         NotificationKind.LOW_BALANCE_CROSSED,
         {"tenant_id": tenant_id, "threshold": threshold, "available": available},
     )
-
-
-def _low_balance_crossings(balances: dict[str, _LockedBalance]) -> list[_NewNotification]:
-    """Notifications for the armed tenants whose available credits just fell below their threshold; disarms
-    them (a top-up re-arms), so each crossing notifies once."""
-    crossings: list[_NewNotification] = []
-    for tenant, balance in balances.items():
-        if balance.armed and balance.threshold is not None and balance.available < balance.threshold:
-            balance.armed = False
-            crossings.append(_low_balance(tenant, balance.threshold, balance.available))
-    return crossings
 
 
 async def _lock_hold(conn: AsyncConnection, hold_id: str) -> Hold:

@@ -1,0 +1,135 @@
+"""serve(): health, reflection, errors as google.rpc.Status with details, principal context, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from esp.v1 import credits_pb2, credits_pb2_grpc
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from libs.common.auth import TrustedHeaderAuthenticator, current_principal
+from libs.common.errors import FieldViolation, InvalidArgument
+from libs.common.grpc_server import ServiceApp, serve
+from libs.common.settings import CommonSettings
+from tests.conftest import free_port
+
+
+class Balances(credits_pb2_grpc.CreditServiceServicer):
+    """A tiny servicer: GetBalance echoes the caller; TopUp validates; ListTransactions is slow."""
+
+    def __init__(self) -> None:
+        self.slow_started = asyncio.Event()
+
+    async def GetBalance(self, request: Any, context: Any) -> credits_pb2.Balance:
+        return credits_pb2.Balance(tenant=f"tenants/{current_principal().tenant_id}", available=7)
+
+    async def TopUp(self, request: Any, context: Any) -> credits_pb2.Balance:
+        raise InvalidArgument("amount must be positive", reason="BAD_AMOUNT", metadata={"amount": str(request.amount)},
+                              field_violations=[FieldViolation("amount", "must be > 0")], retry_after_s=2)
+
+    async def ListTransactions(self, request: Any, context: Any) -> credits_pb2.ListTransactionsResponse:
+        self.slow_started.set()
+        await asyncio.sleep(0.5)
+        return credits_pb2.ListTransactionsResponse(next_page_token="done")
+
+    async def ReserveCredits(self, request: Any, context: Any) -> credits_pb2.Hold:
+        raise RuntimeError("boom with a secret inside")
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[str, Balances, asyncio.Event]]:
+    servicer = Balances()
+    app = ServiceApp(name="test", default_port=0,
+                     servicers=[(credits_pb2_grpc.add_CreditServiceServicer_to_server, servicer)],
+                     service_names=["esp.v1.CreditService"], authenticator=TrustedHeaderAuthenticator())
+    port = free_port()
+    settings = CommonSettings(grpc_port=port, shutdown_grace_s=5)
+    ready, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(serve(app, settings, ready=ready, stop=stop))
+    await asyncio.wait_for(ready.wait(), 10)
+    yield f"127.0.0.1:{port}", servicer, stop
+    stop.set()
+    await asyncio.wait_for(task, 15)
+
+
+async def test_health_reports_serving_for_the_server_and_each_service(server):
+    addr, _, _ = server
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "esp.v1.CreditService"):
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_the_served_services(server):
+    addr, _, _ = server
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        reply = await call.read()
+        await call.done_writing()
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"esp.v1.CreditService", "grpc.health.v1.Health"} <= names
+
+
+async def test_the_caller_in_metadata_becomes_the_principal(server):
+    addr, _, _ = server
+    async with grpc.aio.insecure_channel(addr) as channel:
+        reply = await credits_pb2_grpc.CreditServiceStub(channel).GetBalance(
+            credits_pb2.GetBalanceRequest(), metadata=(("x-esp-tenant", "acme"), ("x-esp-scopes", "read")))
+    assert reply.tenant == "tenants/acme"
+
+
+async def test_a_domain_error_becomes_a_status_with_error_info_bad_request_and_retry_info(server):
+    addr, _, _ = server
+    async with grpc.aio.insecure_channel(addr) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await credits_pb2_grpc.CreditServiceStub(channel).TopUp(credits_pb2.TopUpRequest(amount=-5))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(caught.value)
+    kinds = {}
+    for detail in status.details:
+        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo):
+            if detail.Is(cls.DESCRIPTOR):
+                value = cls()
+                detail.Unpack(value)
+                kinds[cls.__name__] = value
+    assert kinds["ErrorInfo"].reason == "BAD_AMOUNT" and kinds["ErrorInfo"].metadata["amount"] == "-5"
+    assert kinds["BadRequest"].field_violations[0].field == "amount"
+    assert kinds["RetryInfo"].retry_delay.seconds == 2
+
+
+async def test_an_unexpected_exception_is_internal_without_its_message(server):
+    addr, _, _ = server
+    async with grpc.aio.insecure_channel(addr) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await credits_pb2_grpc.CreditServiceStub(channel).ReserveCredits(credits_pb2.ReserveCreditsRequest())
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in (caught.value.details() or "")
+
+
+async def test_a_method_not_implemented_is_unimplemented(server):
+    addr, _, _ = server
+    async with grpc.aio.insecure_channel(addr) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await credits_pb2_grpc.CreditServiceStub(channel).CommitHold(credits_pb2.CommitHoldRequest())
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_shutdown_lets_an_in_flight_call_finish(server):
+    addr, servicer, stop = server
+    async with grpc.aio.insecure_channel(addr) as channel:
+        call = asyncio.ensure_future(credits_pb2_grpc.CreditServiceStub(channel).ListTransactions(
+            credits_pb2.ListTransactionsRequest()))
+        await asyncio.wait_for(servicer.slow_started.wait(), 5)
+        stop.set()
+        reply = await asyncio.wait_for(call, 10)
+    assert reply.next_page_token == "done"
