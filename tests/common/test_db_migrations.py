@@ -47,5 +47,5 @@ async def test_concurrent_migrators_apply_each_file_once(new_database: Callable[
 
 
 def test_a_badly_named_migration_is_refused(tmp_path: Path):
-    with pytest.raises(ValueError, match="NNN_name.sql"):
+    with pytest.raises(ValueError, match=r"NNN_name\.sql"):
         load_migrations("demo", _write(tmp_path / "m", {"init.sql": "SELECT 1;"}))
