@@ -1,17 +1,30 @@
-"""Per-tenant, per-class rate limits (GCRA in Redis, one round trip) and the daily send quota."""
+"""The Redis gate of the accept path: idempotency claim, suppression check, per-class rate limit (GCRA) and the
+daily quota, decided together in one Lua script — one round trip per email, and the round trips of concurrent
+emails share one pipeline.
+
+The script changes nothing unless it admits the email, so a refused email leaves no trace (no rate token, no
+quota, no claim). An admitted email that is refused later (not enough credits ...) is given everything back by
+:meth:`RedisGate.undo`.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
-from libs.common.errors import QuotaViolation, ResourceExhausted
-from libs.common.redis import GCRA_SCRIPT
+from libs.common.errors import FailedPrecondition, FieldViolation, QuotaViolation, ResourceExhausted
+from libs.common.suppressions import normalise_email, suppression_key
+from services.ingest.model import EmailDraft
+from services.ledger.batcher import BatchingOptions, GroupCommitter
 
-# Reserved for the daily counter's first use: the counter outlives the day by an hour so late retries see it.
-_DAY_S = 86400
+DAY_S = 86_400
+_COUNTER_TTL_S = DAY_S + 3600
+"""A day's counter outlives its day by an hour, so a refund that crosses midnight still finds it."""
 
 
 @dataclass(frozen=True)
@@ -22,65 +35,222 @@ class RateDefaults:
     transactional_per_second: float = 500.0
     bulk_per_second: float = 2000.0
     burst_seconds: float = 1.0
-    """How many seconds' worth of sends may arrive at once."""
+    """How many seconds' worth of sends may arrive at once (at least one email always may)."""
 
     def for_class(self, message_class: str) -> float:
+        """The default rate of ``message_class``."""
         return {"otp": self.otp_per_second, "transactional": self.transactional_per_second,
                 "bulk": self.bulk_per_second}[message_class]
 
 
-# Daily quota check-and-count in one step: refuse without counting when the quota would be exceeded.
-_QUOTA_SCRIPT = """
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-local cost = tonumber(ARGV[1])
-local quota = tonumber(ARGV[2])
-if quota > 0 and used + cost > quota then return {0, used} end
-used = redis.call('INCRBY', KEYS[1], cost)
-if used == cost then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3])) end
-return {1, used}
+# KEYS: 1 idempotency claim, 2 suppression set, 3 rate (GCRA theoretical arrival time, µs), 4 daily counter.
+# ARGV: 1 claim value ('' = the request has no request_id), 2 claim TTL s, 3 emission interval µs, 4 burst tolerance
+# µs, 5 cost, 6 daily quota (0 = none), 7 counter TTL s, 8.. recipients (normalised).
+# Returns {0, used today} admitted | {1, holder} request_id claimed already | {2, {recipient indexes}} suppressed |
+# {3, retry µs} over the rate | {4, used today} over the daily quota. Only the admitting branch writes.
+_ADMIT = """
+if ARGV[1] ~= '' then
+  local holder = redis.call('GET', KEYS[1])
+  if holder then return {1, holder} end
+end
+local suppressed = {}
+for i = 8, #ARGV do
+  if redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 1 then suppressed[#suppressed + 1] = i - 8 end
+end
+if #suppressed > 0 then return {2, suppressed} end
+local interval = tonumber(ARGV[3])
+local tolerance = tonumber(ARGV[4])
+local cost = tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[3]) or now)
+if tat < now then tat = now end
+if tat + interval * (cost - 1) - tolerance > now then
+  return {3, tostring(math.ceil(tat + interval * (cost - 1) - tolerance - now))}
+end
+local quota = tonumber(ARGV[6])
+local used = tonumber(redis.call('GET', KEYS[4]) or '0')
+if quota > 0 and used + cost > quota then return {4, tostring(used)} end
+local new_tat = tat + interval * cost
+redis.call('SET', KEYS[3], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+used = redis.call('INCRBY', KEYS[4], cost)
+if used == cost then redis.call('EXPIRE', KEYS[4], tonumber(ARGV[7])) end
+if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2])) end
+return {0, tostring(used)}
+"""
+
+# KEYS: 1 idempotency claim, 2 rate key, 3 daily counter. ARGV: 1 claim value to drop ('' = none), 2 emission
+# interval µs, 3 cost. Gives back what _ADMIT took; the claim only if it is still this request's.
+_UNDO = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+local tat = tonumber(redis.call('GET', KEYS[2]))
+if tat then redis.call('SET', KEYS[2], string.format('%.0f', tat - tonumber(ARGV[2]) * tonumber(ARGV[3])), 'KEEPTTL') end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  if redis.call('DECRBY', KEYS[3], tonumber(ARGV[3])) < 0 then redis.call('SET', KEYS[3], 0, 'KEEPTTL') end
+end
+return 1
 """
 
 
-class SendLimiter:
-    """Applies tenant rate limits and daily quotas; over-limit raises RESOURCE_EXHAUSTED with RetryInfo."""
+@dataclass(frozen=True)
+class AdmissionTicket:
+    """What the gate took for one admitted email, so that it can be given back exactly."""
 
-    def __init__(self, redis: aioredis.Redis, namespace: str, defaults: RateDefaults | None = None) -> None:
+    claim_key: str
+    claim: str
+    rate_key: str
+    counter_key: str
+    interval_us: float
+    cost: int
+
+
+class _RedisPipeliner:
+    """Concurrent commands go to Redis as one pipeline: one round trip (and one socket read) for all of them."""
+
+    def __init__(self, redis: aioredis.Redis, scripts: Sequence[str]) -> None:
+        self.redis = redis
+        self.sources = {self._sha(s): s for s in scripts}
+        self._batcher: GroupCommitter[tuple[Any, ...], Any] = GroupCommitter(
+            self._flush, BatchingOptions(max_batch_size=1000, workers=2))
+
+    @staticmethod
+    def _sha(source: str) -> str:
+        import hashlib
+
+        return hashlib.sha1(source.encode()).hexdigest()  # Redis names scripts by their SHA-1
+
+    def sha(self, source: str) -> str:
+        return self._sha(source)
+
+    async def call(self, *command: Any) -> Any:
+        return await self._batcher.submit(command)
+
+    async def _flush(self, batch: Sequence[tuple[Any, ...]]) -> list[Any]:
+        results = await self._execute(batch)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:  # Redis restarted (or failed over) and forgot the scripts: load them, run those again
+            for source in self.sources.values():
+                await self.redis.script_load(source)
+            again = await self._execute([batch[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+    async def _execute(self, batch: Sequence[tuple[Any, ...]]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for command in batch:
+                pipe.execute_command(*command)
+            return list(await pipe.execute(raise_on_error=False))
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+
+class RedisGate:
+    """Admits emails (or refuses them with the right error) in one Redis round trip each."""
+
+    def __init__(self, redis: aioredis.Redis, namespace: str, defaults: RateDefaults | None = None, *,
+                 claim_ttl_s: int = DAY_S) -> None:
         self.redis = redis
         self.namespace = namespace
         self.defaults = defaults or RateDefaults()
-        self._gcra = redis.register_script(GCRA_SCRIPT)
-        self._quota = redis.register_script(_QUOTA_SCRIPT)
+        self.claim_ttl_s = claim_ttl_s
+        self._pipe = _RedisPipeliner(redis, [_ADMIT, _UNDO])
+        self._admit_sha = self._pipe.sha(_ADMIT)
+        self._undo_sha = self._pipe.sha(_UNDO)
 
-    async def check_rate(self, tenant_id: str, message_class: str, rate_per_second: float, cost: int = 1) -> None:
-        rate = rate_per_second or self.defaults.for_class(message_class)
+    # -- keys ------------------------------------------------------------------------------------------------
+    def claim_key(self, tenant_id: str, request_id: str) -> str:
+        return f"{self.namespace}:idem:{tenant_id}:{request_id}"
+
+    def rate_key(self, tenant_id: str, message_class: str) -> str:
+        return f"{self.namespace}:rl:{tenant_id}:{message_class}"
+
+    def counter_key(self, tenant_id: str, day: str | None = None) -> str:
+        """The tenant's send counter of a UTC day (``YYYYMMDD``; today when omitted)."""
+        return f"{self.namespace}:quota:{tenant_id}:{day or time.strftime('%Y%m%d', time.gmtime())}"
+
+    def rate_of(self, message_class: str, tenant_rate: float) -> float:
+        return tenant_rate if tenant_rate > 0 else self.defaults.for_class(message_class)
+
+    # -- the gate --------------------------------------------------------------------------------------------
+    async def admit(self, tenant_id: str, draft: EmailDraft, *, rate_per_second: float, daily_quota: int,
+                    claim: str = "", cost: int = 1) -> AdmissionTicket | bytes:
+        """Admit ``draft``: claim its request_id (when ``claim`` is given), refuse suppressed recipients, spend a
+        rate token and count it towards today's quota — all or nothing.
+
+        Returns the ticket of what was taken, or the value already holding the request_id (an earlier request
+        with that id is being, or was, accepted). Raises FAILED_PRECONDITION for suppressed recipients and
+        RESOURCE_EXHAUSTED (RetryInfo + QuotaFailure) over the rate or the daily quota.
+        """
+        rate = self.rate_of(draft.message_class, rate_per_second)
         interval_us = 1_000_000 / rate
-        tolerance_us = interval_us * max(1.0, rate * self.defaults.burst_seconds)
-        key = f"{self.namespace}:rl:{tenant_id}:{message_class}"
-        allowed, retry_us, _remaining = await self._gcra(keys=[key], args=[interval_us, tolerance_us, cost])
-        if not allowed:
-            retry_s = max(0.001, int(retry_us) / 1_000_000)
-            raise ResourceExhausted(
-                f"rate limit of {rate:g} {message_class} emails/s exceeded", reason="RATE_LIMITED",
-                metadata={"limit_per_second": f"{rate:g}", "message_class": message_class},
-                retry_after_s=retry_s,
-                quota_violations=[QuotaViolation(f"tenants/{tenant_id}/{message_class}",
-                                                 f"{rate:g} emails per second")],
-            )
+        tolerance_us = interval_us * max(0.0, rate * self.defaults.burst_seconds - 1)
+        recipients = draft.recipients
+        ticket = AdmissionTicket(
+            claim_key=self.claim_key(tenant_id, draft.request_id) if claim else "", claim=claim,
+            rate_key=self.rate_key(tenant_id, draft.message_class), counter_key=self.counter_key(tenant_id),
+            interval_us=interval_us, cost=cost)
+        outcome, detail = await self._pipe.call(
+            "EVALSHA", self._admit_sha, 4, ticket.claim_key or f"{self.namespace}:idem:-",
+            suppression_key(self.namespace, tenant_id), ticket.rate_key, ticket.counter_key,
+            claim, self.claim_ttl_s, f"{interval_us:.3f}", f"{tolerance_us:.3f}", cost, daily_quota, _COUNTER_TTL_S,
+            *(normalise_email(r.email) for r in recipients))
+        if outcome == 0:
+            return ticket
+        if outcome == 1:
+            return bytes(detail)
+        if outcome == 2:
+            raise _suppressed(draft, [int(i) for i in detail])
+        if outcome == 3:
+            raise _rate_limited(tenant_id, draft.message_class, rate, int(detail) / 1_000_000)
+        raise _over_quota(tenant_id, daily_quota, int(detail))
 
-    async def count_daily(self, tenant_id: str, daily_quota: int, cost: int = 1) -> None:
-        day = time.strftime("%Y%m%d", time.gmtime())
-        key = f"{self.namespace}:quota:{tenant_id}:{day}"
-        allowed, used = await self._quota(keys=[key], args=[cost, daily_quota, _DAY_S + 3600])
-        if not allowed:
-            seconds_to_midnight = _DAY_S - int(time.time()) % _DAY_S
-            raise ResourceExhausted(
-                f"daily quota of {daily_quota} emails reached", reason="DAILY_QUOTA_EXCEEDED",
-                metadata={"daily_quota": str(daily_quota), "used": str(used)},
-                retry_after_s=float(seconds_to_midnight),
-                quota_violations=[QuotaViolation(f"tenants/{tenant_id}", f"{daily_quota} emails per UTC day")],
-            )
+    async def undo(self, ticket: AdmissionTicket) -> None:
+        """Give back the rate token, the quota count and the claim of an email that was refused after all."""
+        await self._pipe.call("EVALSHA", self._undo_sha, 3, ticket.claim_key or f"{self.namespace}:idem:-",
+                              ticket.rate_key, ticket.counter_key, ticket.claim, f"{ticket.interval_us:.3f}",
+                              ticket.cost)
 
-    async def refund_daily(self, tenant_id: str, cost: int = 1) -> None:
-        """Give back quota counted for a request that was then refused (so refusals don't eat the quota)."""
-        day = time.strftime("%Y%m%d", time.gmtime())
-        await self.redis.decrby(f"{self.namespace}:quota:{tenant_id}:{day}", cost)
+    async def remember(self, tenant_id: str, request_id: str, value: str) -> None:
+        """Record the outcome of a request_id (the fast path for its retries)."""
+        await self._pipe.call("SET", self.claim_key(tenant_id, request_id), value, "EX", self.claim_ttl_s)
+
+    async def holder(self, tenant_id: str, request_id: str) -> bytes | None:
+        """What holds a request_id now, if anything."""
+        value = await self._pipe.call("GET", self.claim_key(tenant_id, request_id))
+        return None if value is None else bytes(value)
+
+    async def used_today(self, tenant_id: str) -> int:
+        """Emails counted towards the tenant's quota today."""
+        return int(await self._pipe.call("GET", self.counter_key(tenant_id)) or 0)
+
+    async def close(self) -> None:
+        await self._pipe.close()
+
+
+def _suppressed(draft: EmailDraft, indexes: Sequence[int]) -> FailedPrecondition:
+    fields = [(f"to[{i}]", b) for i, b in enumerate(draft.to)] + [(f"cc[{i}]", b) for i, b in enumerate(draft.cc)]
+    fields += [(f"bcc[{i}]", b) for i, b in enumerate(draft.bcc)]
+    hits = [fields[i] for i in indexes]
+    return FailedPrecondition(
+        f"{len(hits)} recipient(s) are on the suppression list; nothing was sent or charged",
+        reason="SUPPRESSED_RECIPIENT", metadata={"recipients": ",".join(box.email for _, box in hits)},
+        field_violations=[FieldViolation(f"{where}.email", f"{box.email} is on the suppression list",
+                                         "SUPPRESSED_RECIPIENT") for where, box in hits])
+
+
+def _rate_limited(tenant_id: str, message_class: str, rate: float, retry_s: float) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"rate limit of {rate:g} {message_class} emails/s exceeded", reason="RATE_LIMITED",
+        metadata={"limit_per_second": f"{rate:g}", "message_class": message_class},
+        retry_after_s=max(0.001, retry_s),
+        quota_violations=[QuotaViolation(f"tenants/{tenant_id}/{message_class}", f"{rate:g} emails per second")])
+
+
+def _over_quota(tenant_id: str, daily_quota: int, used: int) -> ResourceExhausted:
+    seconds_to_midnight = DAY_S - int(time.time()) % DAY_S
+    return ResourceExhausted(
+        f"daily quota of {daily_quota} emails reached", reason="DAILY_QUOTA_EXCEEDED",
+        metadata={"daily_quota": str(daily_quota), "used": str(used)}, retry_after_s=float(seconds_to_midnight),
+        quota_violations=[QuotaViolation(f"tenants/{tenant_id}", f"{daily_quota} emails per UTC day")])

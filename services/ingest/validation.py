@@ -1,7 +1,16 @@
-"""Validation of send requests: every problem reported at once as a field violation; nothing is changed."""
+"""Validation of send requests: every problem reported at once as a field violation (``BadRequest``).
+
+Validation is pure (no I/O): a refused request has changed nothing. A valid request comes back with its
+addresses in canonical form (domain lower-cased and Unicode-normalised), so equal requests look equal to the
+idempotency fingerprint and to the suppression list.
+
+Addresses: RFC 5322 ``addr-spec`` in dot-atom form, internationalised (RFC 6531/6532: UTF-8 local parts, IDN
+domains) included. Quoted local parts, IP-literal domains and dotless domains are refused, as the providers do.
+"""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -10,120 +19,163 @@ from email_validator import EmailNotValidError, validate_email
 from libs.common.errors import FieldViolation, InvalidArgument
 from services.ingest.model import MESSAGE_CLASSES, EmailDraft, Mailbox
 
-MAX_SUBJECT_CHARS = 998  # RFC 5322's line limit: a longer subject cannot be sent unfolded
-MAX_BODY_BYTES = 5 * 1024 * 1024  # Postmark's cap per body part, the strictest of the providers
-MAX_RECIPIENTS = 50  # SES's per-message cap; larger audiences go through campaigns
+MAX_SUBJECT_CHARS = 998
+"""RFC 5322's line limit: a longer subject cannot be sent unfolded."""
+MAX_BODY_BYTES = 5 * 1024 * 1024
+"""Per body part (UTF-8): Postmark's cap, the strictest of the providers."""
+MAX_RECIPIENTS = 50
+"""to + cc + bcc per message: SES's and Postmark's cap; larger audiences go through campaigns."""
 MAX_TAGS = 10
 MAX_TAG_CHARS = 128
 MAX_METADATA_PAIRS = 20
 MAX_METADATA_BYTES = 4096
 MAX_ATTACHMENTS = 10
 MAX_NAME_CHARS = 256
+MAX_HEADERS = 50
+MAX_HEADER_VALUE_CHARS = 998
+MAX_REQUEST_ID_CHARS = 128
 
-# Headers a customer may set. Everything that changes routing, authentication or the envelope is ours.
-ALLOWED_HEADERS = frozenset(
-    {
-        "list-unsubscribe",
-        "list-unsubscribe-post",
-        "list-id",
-        "in-reply-to",
-        "references",
-        "precedence",
-        "auto-submitted",
-    }
-)
-_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
-_FORBIDDEN_CHARS = ("\r", "\n", "\0")
+ALLOWED_HEADERS = frozenset({
+    "list-unsubscribe", "list-unsubscribe-post", "list-id", "in-reply-to", "references", "precedence",
+    "auto-submitted", "keywords", "comments",
+})
+"""Headers any tenant may set, besides ``X-*``. A tenant's own allow-list adds to these."""
+RESERVED_HEADERS = frozenset({
+    "from", "sender", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id", "mime-version",
+    "content-type", "content-transfer-encoding", "content-disposition", "return-path", "received",
+    "dkim-signature", "arc-seal", "arc-message-signature", "arc-authentication-results", "authentication-results",
+})
+"""Headers that carry the envelope, the structure or the authentication of the email: ours alone, whatever a
+tenant's allow-list says (they have their own request fields, or must not be forged)."""
+RESERVED_HEADER_PREFIX = "x-esp-"
+_HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext: printable US-ASCII except ':'
+_FORBIDDEN = re.compile(r"[\r\n\0]")
 _ID_SHAPE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-def _has_control(value: str) -> bool:
-    return any(ch in value for ch in _FORBIDDEN_CHARS)
+def has_control(value: str) -> bool:
+    """True when ``value`` holds CR, LF or NUL: in a header they would end it and start another (injection)."""
+    return _FORBIDDEN.search(value) is not None
 
 
+@functools.lru_cache(maxsize=65_536)
 def normalise_address(raw: str) -> str:
-    """The address in canonical form (domain lower-cased, IDNA-checked); raises ValueError when malformed."""
+    """The address in canonical form; raises ValueError when malformed. Cached: senders and recipients repeat."""
+    if has_control(raw):
+        raise ValueError("CR, LF and NUL are not allowed")
     try:
         result = validate_email(raw, check_deliverability=False, allow_smtputf8=True)
     except EmailNotValidError as exc:
         raise ValueError(str(exc)) from exc
-    return result.normalized
+    return str(result.normalized)
 
 
-def _check_mailboxes(field: str, boxes: Iterable[Mailbox], out: list[FieldViolation]) -> None:
+def _check_mailboxes(field: str, boxes: Iterable[Mailbox], out: list[FieldViolation]) -> tuple[Mailbox, ...]:
+    normalised: list[Mailbox] = []
     for i, box in enumerate(boxes):
         where = f"{field}[{i}]"
-        if _has_control(box.email) or _has_control(box.name):
-            out.append(FieldViolation(where, "CR, LF and NUL are not allowed in addresses", "HEADER_INJECTION"))
-            continue
-        if len(box.name) > MAX_NAME_CHARS:
+        if has_control(box.name):
+            out.append(FieldViolation(f"{where}.name", "CR, LF and NUL are not allowed", "HEADER_INJECTION"))
+        elif len(box.name) > MAX_NAME_CHARS:
             out.append(FieldViolation(f"{where}.name", f"longer than {MAX_NAME_CHARS} characters"))
+        if has_control(box.email):
+            out.append(FieldViolation(f"{where}.email", "CR, LF and NUL are not allowed", "HEADER_INJECTION"))
+            continue
         try:
-            normalise_address(box.email)
+            normalised.append(Mailbox(normalise_address(box.email), box.name))
         except ValueError as exc:
             out.append(FieldViolation(f"{where}.email", f"{box.email!r} is not a valid address: {exc}",
                                       "MALFORMED_ADDRESS"))
+    return tuple(normalised)
+
+
+def _check_headers(headers: Iterable[tuple[str, str]], extra_allowed: frozenset[str],
+                   out: list[FieldViolation]) -> None:
+    allowed = ALLOWED_HEADERS | {h.lower() for h in extra_allowed}
+    count = 0
+    for name, value in headers:
+        count += 1
+        where = f"headers[{name!r}]"
+        lowered = name.lower()
+        if not _HEADER_NAME.match(name):
+            out.append(FieldViolation(where, "not a header name (1 to 76 printable ASCII characters, no ':', no "
+                                             "space, no CR/LF/NUL)", "HEADER_INJECTION"))
+        elif lowered in RESERVED_HEADERS or lowered.startswith(RESERVED_HEADER_PREFIX) or not (
+                lowered.startswith("x-") or lowered in allowed):
+            out.append(FieldViolation(where, "header not on the allow-list (X-* and "
+                                      + ", ".join(sorted(allowed)) + ")", "HEADER_NOT_ALLOWED"))
+        if has_control(value):
+            out.append(FieldViolation(where, "CR, LF and NUL are not allowed in header values", "HEADER_INJECTION"))
+        elif len(value) > MAX_HEADER_VALUE_CHARS:
+            out.append(FieldViolation(where, f"value longer than {MAX_HEADER_VALUE_CHARS} characters"))
+    if count > MAX_HEADERS:
+        out.append(FieldViolation("headers", f"at most {MAX_HEADERS} custom headers"))
 
 
 def validate_draft(draft: EmailDraft, *, extra_allowed_headers: frozenset[str] = frozenset()) -> EmailDraft:
-    """Check a draft; return it with addresses normalised, or raise InvalidArgument listing every violation."""
+    """Check a draft; return it with addresses normalised, or raise INVALID_ARGUMENT listing every violation."""
     problems: list[FieldViolation] = []
     if draft.message_class not in MESSAGE_CLASSES:
-        problems.append(FieldViolation("message_class", f"must be one of {', '.join(MESSAGE_CLASSES)}"))
+        problems.append(FieldViolation("message_class", f"required: one of {', '.join(MESSAGE_CLASSES)}"))
     if not draft.sender.email:
         problems.append(FieldViolation("from.email", "required"))
+        sender = draft.sender
     else:
-        _check_mailboxes("from", [draft.sender], problems)
+        checked = _check_mailboxes("from", [draft.sender], problems)
+        sender = checked[0] if checked else draft.sender
     if not draft.to:
         problems.append(FieldViolation("to", "at least one recipient is required"))
-    for name, boxes in (("to", draft.to), ("cc", draft.cc), ("bcc", draft.bcc), ("reply_to", draft.reply_to)):
-        _check_mailboxes(name, boxes, problems)
+    to = _check_mailboxes("to", draft.to, problems)
+    cc = _check_mailboxes("cc", draft.cc, problems)
+    bcc = _check_mailboxes("bcc", draft.bcc, problems)
+    reply_to = _check_mailboxes("reply_to", draft.reply_to, problems)
     if len(draft.recipients) > MAX_RECIPIENTS:
         problems.append(FieldViolation("to", f"at most {MAX_RECIPIENTS} recipients (to+cc+bcc) per message; "
-                                             "use a campaign for more"))
-    if _has_control(draft.subject):
+                                             "use a campaign for more", "TOO_MANY_RECIPIENTS"))
+    if has_control(draft.subject):
         problems.append(FieldViolation("subject", "CR, LF and NUL are not allowed", "HEADER_INJECTION"))
     if len(draft.subject) > MAX_SUBJECT_CHARS:
-        problems.append(FieldViolation("subject", f"longer than {MAX_SUBJECT_CHARS} characters"))
+        problems.append(FieldViolation("subject", f"longer than {MAX_SUBJECT_CHARS} characters", "TOO_LONG"))
     if not draft.text_body and not draft.html_body:
         problems.append(FieldViolation("text_body", "text_body or html_body is required"))
     for name, body in (("text_body", draft.text_body), ("html_body", draft.html_body)):
-        if len(body.encode()) > MAX_BODY_BYTES:
-            problems.append(FieldViolation(name, f"larger than {MAX_BODY_BYTES} bytes"))
+        if len(body) > MAX_BODY_BYTES // 4 and len(body.encode()) > MAX_BODY_BYTES:
+            problems.append(FieldViolation(name, f"larger than {MAX_BODY_BYTES} bytes", "TOO_LARGE"))
         if "\0" in body:
             problems.append(FieldViolation(name, "NUL is not allowed"))
-    allowed = ALLOWED_HEADERS | {h.lower() for h in extra_allowed_headers}
-    for hname, hvalue in draft.headers.items():
-        where = f"headers[{hname!r}]"
-        if not _HEADER_NAME.match(hname):
-            problems.append(FieldViolation(where, "not a valid header name", "HEADER_INJECTION"))
-        elif not (hname.lower().startswith("x-") or hname.lower() in allowed) or hname.lower().startswith("x-esp-"):
-            problems.append(FieldViolation(where, "header not on the allow-list (X-* and " +
-                                           ", ".join(sorted(ALLOWED_HEADERS)) + ")", "HEADER_NOT_ALLOWED"))
-        if _has_control(hvalue):
-            problems.append(FieldViolation(where, "CR, LF and NUL are not allowed in header values",
-                                           "HEADER_INJECTION"))
+    _check_headers(draft.headers.items(), extra_allowed_headers, problems)
     if len(draft.tags) > MAX_TAGS:
         problems.append(FieldViolation("tags", f"at most {MAX_TAGS} tags"))
     for i, tag in enumerate(draft.tags):
-        if not tag or len(tag) > MAX_TAG_CHARS or _has_control(tag):
-            problems.append(FieldViolation(f"tags[{i}]", f"1 to {MAX_TAG_CHARS} characters, no CR/LF/NUL"))
+        if not tag or len(tag) > MAX_TAG_CHARS or has_control(tag):
+            problems.append(FieldViolation(f"tags[{i}]", f"1 to {MAX_TAG_CHARS} characters, no CR/LF/NUL",
+                                           "HEADER_INJECTION" if has_control(tag) else ""))
     if len(draft.metadata) > MAX_METADATA_PAIRS:
         problems.append(FieldViolation("metadata", f"at most {MAX_METADATA_PAIRS} pairs"))
     if sum(len(k.encode()) + len(v.encode()) for k, v in draft.metadata.items()) > MAX_METADATA_BYTES:
         problems.append(FieldViolation("metadata", f"larger than {MAX_METADATA_BYTES} bytes"))
     for key, value in draft.metadata.items():
-        if _has_control(key) or _has_control(value):
+        if has_control(key) or has_control(value):
             problems.append(FieldViolation(f"metadata[{key!r}]", "CR, LF and NUL are not allowed",
                                            "HEADER_INJECTION"))
     if len(draft.attachment_ids) > MAX_ATTACHMENTS:
         problems.append(FieldViolation("attachment_ids", f"at most {MAX_ATTACHMENTS} attachments"))
+    seen: set[str] = set()
     for i, attachment_id in enumerate(draft.attachment_ids):
-        if not _ID_SHAPE.match(attachment_id.removeprefix("attachments/")):
+        bare = attachment_id.removeprefix("attachments/")
+        if not _ID_SHAPE.match(bare):
             problems.append(FieldViolation(f"attachment_ids[{i}]", "not an attachment id", "UNKNOWN_ATTACHMENT"))
-    if draft.request_id and not (1 <= len(draft.request_id) <= 128 and not _has_control(draft.request_id)):
-        problems.append(FieldViolation("request_id", "1 to 128 characters, no CR/LF/NUL"))
+        elif bare in seen:
+            problems.append(FieldViolation(f"attachment_ids[{i}]", "listed twice"))
+        seen.add(bare)
+    if draft.request_id and (len(draft.request_id) > MAX_REQUEST_ID_CHARS or has_control(draft.request_id)):
+        problems.append(FieldViolation("request_id", f"1 to {MAX_REQUEST_ID_CHARS} characters, no CR/LF/NUL"))
     if problems:
         raise InvalidArgument(f"the request has {len(problems)} invalid field(s)", reason="INVALID_EMAIL_REQUEST",
                               field_violations=problems)
-    return draft
+    return EmailDraft(
+        message_class=draft.message_class, sender=sender, to=to, cc=cc, bcc=bcc, reply_to=reply_to,
+        subject=draft.subject, text_body=draft.text_body, html_body=draft.html_body, headers=draft.headers,
+        tags=draft.tags, metadata=draft.metadata,
+        attachment_ids=tuple(a.removeprefix("attachments/") for a in draft.attachment_ids),
+        request_id=draft.request_id)
