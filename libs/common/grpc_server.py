@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 S = TypeVar("S", bound=CommonSettings)
 
 StopEvent = asyncio.Event
-BackgroundTask = Callable[[StopEvent], Awaitable[None]]
+BackgroundTask = Callable[[StopEvent], Coroutine[Any, Any, None]]
 _OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -198,7 +198,8 @@ async def serve(app: ServiceApp, settings: CommonSettings, *, ready: asyncio.Eve
         raise RuntimeError(f"{app.name}: cannot bind {settings.grpc_host}:{port}")
     await server.start()
     start_metrics_server(settings.metrics_port)
-    tasks = [asyncio.create_task(task(stop), name=f"{app.name}-task-{i}") for i, task in enumerate(app.tasks)]
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(task(stop), name=f"{app.name}-task-{i}")
+                                       for i, task in enumerate(app.tasks)]
     for name in ("", *app.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"port": bound, "services": app.service_names})

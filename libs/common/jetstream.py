@@ -123,7 +123,7 @@ async def ensure_pull_consumer(js: JetStreamContext, stream: str, durable: str, 
 async def publish(js: JetStreamContext, subject: str, payload: bytes, *, msg_id: str,
                   headers: dict[str, str] | None = None, timeout_s: float = 5.0) -> None:
     """Publish and wait for the stream's ack. ``msg_id`` becomes ``Nats-Msg-Id`` so replays are dropped."""
-    carrier = inject_headers(dict(headers or {}))
+    carrier: dict[str, str] = dict(inject_headers(dict(headers or {})))
     carrier["Nats-Msg-Id"] = msg_id
     await js.publish(subject, payload, timeout=timeout_s, headers=carrier)
     JETSTREAM_PUBLISHED.labels(subject.rsplit(".", 1)[0]).inc()

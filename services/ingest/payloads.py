@@ -41,15 +41,28 @@ def _timestamp(at: datetime) -> Timestamp:
     return ts
 
 
-def estimated_message_bytes(draft: EmailDraft, attachments: list[StoredAttachment]) -> int:
-    """Size of the MIME message as providers measure it: base64 grows attachments by 4/3, plus line breaks."""
+LINK_BYTES = 2048
+"""Room one attachment takes as a download link (a pre-signed URL in the text and the HTML body)."""
+
+
+def estimated_message_bytes(draft: EmailDraft, attachments: list[StoredAttachment], *,
+                            as_links: bool = False) -> int:
+    """Size of the MIME message as providers measure it: base64 grows attachments by 4/3, plus line breaks.
+
+    With ``as_links`` the attachments count as the download links that replace them.
+    """
     body = len(draft.text_body.encode()) + len(draft.html_body.encode()) + len(draft.subject.encode())
-    encoded_attachments = sum((a.size_bytes + 2) // 3 * 4 * 78 // 76 for a in attachments)
-    return 2048 + body * 4 // 3 + encoded_attachments
+    if as_links:
+        carried = LINK_BYTES * len(attachments)
+    else:
+        carried = sum((a.size_bytes + 2) // 3 * 4 * 78 // 76 for a in attachments)
+    return 2048 + body * 4 // 3 + carried
 
 
 def build_send_task(message_id: uuid.UUID, tenant_id: str, draft: EmailDraft, attachments: list[StoredAttachment],
-                    accepted_at: datetime) -> queue_pb2.SendTask:
+                    accepted_at: datetime, *, attachments_as_links: bool = False) -> queue_pb2.SendTask:
+    """The SEND stream payload: the whole email, so a sender needs no lookup. ``message_bytes`` is the size the
+    providers will see (with links instead of attachments when ``attachments_as_links``)."""
     return queue_pb2.SendTask(
         message_id=str(message_id),
         tenant_id=tenant_id,
@@ -69,8 +82,9 @@ def build_send_task(message_id: uuid.UUID, tenant_id: str, draft: EmailDraft, at
                                     content_type=a.content_type, size_bytes=a.size_bytes)
             for a in attachments
         ],
-        message_bytes=estimated_message_bytes(draft, attachments),
+        message_bytes=estimated_message_bytes(draft, attachments, as_links=attachments_as_links),
         accepted_time=_timestamp(accepted_at),
+        attachments_as_links=attachments_as_links,
         **{"from": common_pb2.EmailAddress(email=draft.sender.email, name=draft.sender.name)},
     )
 
@@ -99,13 +113,16 @@ def message_resource(task: queue_pb2.SendTask, *, request_id: str, credits: int,
     return message
 
 
-def accepted_event(task: queue_pb2.SendTask, message: messages_pb2.Message) -> queue_pb2.EventEnvelope:
-    """The ACCEPTED event, carrying the message summary for the status store."""
+def accepted_event(task: queue_pb2.SendTask, message: messages_pb2.Message,
+                   attributes: dict[str, str] | None = None) -> queue_pb2.EventEnvelope:
+    """The ACCEPTED event, carrying the message summary for the status store (and, in ``attributes``, decisions
+    taken at accept, such as attachments sent as links)."""
     event = messages_pb2.MessageEvent(
         event_id=f"{task.message_id}:accepted",
         message=message.name,
         type=messages_pb2.MESSAGE_EVENT_TYPE_ACCEPTED,
         event_time=message.create_time,
+        attributes=attributes or {},
     )
     return queue_pb2.EventEnvelope(
         tenant_id=task.tenant_id, message_id=task.message_id, event=event, message_class=task.message_class,
