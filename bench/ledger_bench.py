@@ -90,7 +90,8 @@ async def bench(dsn: str, scenarios: Sequence[Scenario], runs: int) -> list[dict
             samples[scenario.metric].append(rate)
             print(f"run {run + 1}/{runs} {scenario.metric}: {rate:,.0f}/s", file=sys.stderr)
     return [
-        {"metric": metric, "value": round(statistics.median(values)), "unit": "1/s"} for metric, values in samples.items()
+        {"metric": metric, "value": round(statistics.median(values)), "unit": "1/s"}
+        for metric, values in samples.items()
     ]
 
 
@@ -103,7 +104,7 @@ def scenarios(duration_s: float) -> list[Scenario]:
         Scenario(
             "ledger.single_row_txn_reserve_per_s",
             1,
-            BatchingOptions(max_batch_size=1, workers=8),
+            BatchingOptions(max_batch_size=1, workers=8, shards=1),
             max(1.0, duration_s / 2),
             callers=64,
         ),

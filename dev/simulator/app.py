@@ -15,6 +15,7 @@ Admin API (JSON):
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from starlette.applications import Starlette
@@ -50,6 +51,7 @@ def create_app(state: SimulatorState, emitter: WebhookEmitter) -> Starlette:
     """The ASGI application."""
 
     async def provider_endpoint(request: Request) -> Response:
+        arrived_at = time.time()
         name = request.path_params["personality"]
         path = "/" + request.path_params["path"]
         try:
@@ -63,7 +65,7 @@ def create_app(state: SimulatorState, emitter: WebhookEmitter) -> Starlette:
         body = await request.body()
         await state.delay(name)
         base = {"personality": name, "provider": personality.type, "method": request.method, "path": path,
-                "request_headers": _recorded_headers(request)}
+                "request_headers": _recorded_headers(request), "arrived_at": arrived_at}
 
         def answer(response: Response, result: str, reason: str = "", **extra: Any) -> Response:
             state.record({**base, "status": response.status_code, "result": result, "reason": reason, **extra})

@@ -292,6 +292,9 @@ class RequestRecord:
     messages: list[SimMessage] = field(default_factory=list)
     request_headers: dict[str, str] = field(default_factory=dict)
     """The request's headers that tests check (authorization scheme, content type, length, accept)."""
+    arrived_at: float | None = None
+    """When the request arrived (epoch seconds), before its body was read or any latency knob applied;
+    ``received_at`` is when it was answered. None for records that only know the latter."""
 
     @property
     def delivered(self) -> bool:
@@ -305,6 +308,7 @@ class RequestRecord:
             "personality": self.personality,
             "provider": self.provider,
             "received_at": self.received_at,
+            "arrived_at": self.arrived_at if self.arrived_at is not None else self.received_at,
             "method": self.method,
             "path": self.path,
             "status": self.status,

@@ -63,6 +63,14 @@ class Topology:
     def events_wildcard(self) -> str:
         return self._s("esp.events.>")
 
+    def account_subject(self, tenant_id: str) -> str:
+        """Account-level events (low balance ...), on the EVENTS stream but outside the message-event subjects."""
+        return self._s(f"esp.account.{tenant_id}")
+
+    @property
+    def account_wildcard(self) -> str:
+        return self._s("esp.account.>")
+
     def consumer(self, name: str) -> str:
         return self._p(name).replace(".", "_")
 
@@ -88,7 +96,7 @@ async def ensure_streams(js: JetStreamContext, topology: Topology, *, events_max
         ),
         StreamConfig(
             name=topology.events_stream,
-            subjects=[topology.events_wildcard],
+            subjects=[topology.events_wildcard, topology.account_wildcard],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=events_max_age_s,

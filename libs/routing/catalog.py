@@ -16,6 +16,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from libs.providers.base import ProviderConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -45,10 +47,12 @@ class ProviderSpec:
     version: int = 0
 
     def to_json(self) -> bytes:
+        """The KV bucket's value for this provider."""
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> ProviderSpec:
+        """A provider from its KV value; fields this version does not know are ignored."""
         data = json.loads(raw)
         known = {f for f in cls.__dataclass_fields__}
         data = {k: v for k, v in data.items() if k in known}  # forward compatible: ignore unknown fields
@@ -56,10 +60,26 @@ class ProviderSpec:
         return cls(**data)
 
     def carries(self, message_class: str) -> bool:
+        """Whether the provider may carry emails of ``message_class``."""
         return not self.allowed_classes or message_class in self.allowed_classes
 
 
+DEFAULT_TIMEOUT_S = 10.0
+
+
+def provider_config(spec: ProviderSpec) -> ProviderConfig:
+    """The adapter configuration a provider's registry entry describes (option ``timeout_s`` sets how long a
+    send may wait for the provider's answer)."""
+    try:
+        timeout = float(spec.options.get("timeout_s", DEFAULT_TIMEOUT_S))
+    except ValueError:
+        timeout = DEFAULT_TIMEOUT_S
+    return ProviderConfig(name=spec.id, type=spec.type, endpoint=spec.endpoint, credentials=dict(spec.credentials),
+                          region=spec.region, options=dict(spec.options), timeout_s=timeout)
+
+
 def bucket_name(namespace: str) -> str:
+    """The providers KV bucket of one mesh."""
     return f"{namespace}_providers" if namespace else "providers"
 
 

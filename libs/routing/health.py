@@ -1,21 +1,34 @@
-"""Provider health shared by every sender and router replica, in Redis: circuit breakers, latency and error
-EWMAs, global rate limits (GCRA) and daily/monthly quota counters.
+"""Provider health shared by every sender and router replica, in Redis.
 
-Writes happen per attempt (one pipelined round trip); routing reads a snapshot that each process refreshes a few
-times a second, so a decision costs no Redis round trip and every replica converges within the refresh interval.
+One hash per provider holds its circuit breaker, latency estimates, a sliding window of outcomes and the
+"throttled until" instant a provider's ``Retry-After`` set; next to it live the global rate limiter (GCRA) and
+the daily/monthly quota counters. Every state change is one Lua script, so replicas never disagree on a
+transition, and every script reads the clock from Redis (``TIME``), so replicas with skewed clocks still agree.
+
+- ``acquire`` is the gate before a provider call: breaker (taking the single half-open probe slot when due),
+  Retry-After, quota and rate budget, checked *and reserved* atomically. Quota is reserved before the call, so
+  concurrent senders can never overshoot a provider's quota: routing moves away before the provider refuses.
+  The rate limit books the caller a slot in the provider's schedule (GCRA with zero burst: calls are spaced at
+  least ``1/rate`` apart, so no one-second window ever holds more than ``rate`` calls) and returns how long to
+  wait for it; a slot further away than the caller's ``max_wait_s`` is refused as "rate budget spent".
+- ``record`` feeds an outcome back: successes close a half-open breaker, failures open it after N in a row or
+  when the failure rate over the window passes a threshold (given enough samples); a throttled answer is not a
+  failure (the provider is healthy, just busy) but pauses the provider for everyone until Retry-After passes.
+- ``refresh`` reads every provider's state in one pipelined round trip; routing ranks from that snapshot, which
+  each process refreshes a few times a second, so a routing decision itself costs no round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-
-from libs.common.redis import GCRA_SCRIPT
 
 log = logging.getLogger(__name__)
 
@@ -29,88 +42,261 @@ class BreakerPolicy:
     consecutive_failures: int = 5
     """Open after this many failures in a row."""
     failure_rate: float = 0.5
-    """... or when the failure EWMA exceeds this, once ``min_samples`` attempts were seen."""
+    """... or when this share of the outcomes in the window failed ..."""
     min_samples: int = 20
-    open_seconds: float = 5.0
-    """How long an open breaker refuses traffic before letting one probe through (half-open)."""
+    """... provided the window holds at least this many outcomes."""
+    window_s: int = 10
+    """Length of the sliding window of outcomes, in seconds (at most 60)."""
+    open_s: float = 5.0
+    """How long an open breaker refuses traffic before it lets one probe through (half-open)."""
     probe_timeout_s: float = 30.0
-    """A probe that never reports back frees the half-open slot after this long."""
+    """A probe that never reports back frees the half-open slot after this long (longer than a send timeout)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.window_s <= 60:
+            raise ValueError("breaker window must be 1..60 seconds")
+        if self.consecutive_failures < 1 or self.min_samples < 1 or self.open_s <= 0 or self.probe_timeout_s <= 0:
+            raise ValueError("breaker thresholds and durations must be positive")
+        if not 0 < self.failure_rate <= 1:
+            raise ValueError("breaker failure rate must be within (0, 1]")
 
 
 @dataclass(frozen=True)
 class ProviderHealth:
-    """What routing knows about one provider right now."""
+    """What routing knows about one provider right now (a snapshot; ``acquire`` has the final word)."""
 
     breaker: str = CLOSED
+    """closed, open, or half_open (an open breaker whose cool-down has passed reads as half_open)."""
+    probe_in_flight: bool = False
+    """Half-open and its single probe is under way: nobody else may call the provider yet."""
+    open_for_s: float = 0.0
+    """Seconds until an open breaker lets a probe through."""
+    throttled_for_s: float = 0.0
+    """Seconds left of the pause the provider's last Retry-After asked for."""
     latency_ms_ewma: float = 0.0
-    """0 means no observation yet."""
+    """Mean latency of successful calls (exponentially weighted); 0 means never measured."""
+    latency_dev_ms: float = 0.0
+    """Mean deviation of the latency (weighted the same way); ``ewma + 2·dev`` estimates its tail."""
     error_rate: float = 0.0
+    """Share of failed calls in the sliding window."""
+    window_samples: int = 0
+    """Calls in the sliding window."""
     samples: int = 0
+    """Calls recorded since the provider was first seen."""
     daily_used: int = 0
+    """Emails reserved against today's quota (UTC)."""
     monthly_used: int = 0
+    rate_backlog_s: float = 0.0
+    """How far ahead the rate limiter's schedule is booked: a new call would wait this long."""
+
+    @property
+    def latency_tail_ms(self) -> float:
+        """A cheap tail estimate (≈ p95 for a well-behaved provider), as TCP estimates its retransmit timeout."""
+        return self.latency_ms_ewma + 2 * self.latency_dev_ms if self.latency_ms_ewma else 0.0
+
+    @property
+    def measured(self) -> bool:
+        """Whether any successful call has been timed."""
+        return self.latency_ms_ewma > 0
 
 
-# KEYS[1] = health hash. ARGV: ok(1/0), latency_ms, alpha, consecutive_threshold, rate_threshold, min_samples,
-# open_ms, now_ms. Keeps EWMAs and the breaker state in one atomic step so replicas never disagree on transitions.
-_RECORD_SCRIPT = """
+class Refusal(enum.StrEnum):
+    """Why ``acquire`` refused a call."""
+
+    BREAKER_OPEN = "breaker_open"
+    PROBE_IN_FLIGHT = "probe_in_flight"
+    THROTTLED = "throttled"
+    QUOTA = "quota"
+    RATE = "rate"
+
+
+@dataclass(frozen=True)
+class Permit:
+    """The answer of ``acquire``: how many emails may go in this call, after how long, and whether it probes."""
+
+    granted: int
+    """Emails the call may carry (quota can grant fewer than asked); 0 means refused."""
+    wait_s: float = 0.0
+    """When granted: sleep this long before calling (the booked rate slot). When refused: a hint of when
+    asking again could succeed (0 when unknown, e.g. an exhausted daily quota)."""
+    probe: bool = False
+    """The call is the half-open breaker's probe: its outcome decides whether the breaker closes."""
+    refusal: Refusal | None = None
+
+    @property
+    def allowed(self) -> bool:
+        """Whether the call may go ahead."""
+        return self.granted > 0
+
+
+@dataclass(frozen=True)
+class ProviderLimits:
+    """The limits ``acquire`` enforces for one provider (from its registry entry)."""
+
+    rate_per_second: float = 0.0
+    """Calls per second across every sender; 0 = unlimited."""
+    daily_quota: int = 0
+    """Emails per UTC day; 0 = unlimited."""
+    monthly_quota: int = 0
+
+
+class Outcome(enum.StrEnum):
+    """What ``record`` is told about a call."""
+
+    SUCCESS = "ok"
+    """The provider answered (accepted, or refused the email itself): it is up."""
+    FAILURE = "fail"
+    """The provider failed (5xx, timeout, refused connection, our account refused): counts toward opening."""
+    THROTTLED = "throttle"
+    """429 / Retry-After: healthy but busy; pauses the provider, never opens the breaker."""
+    NOT_SENT = "release"
+    """The call never reached the provider (refused locally): only gives back a probe slot."""
+
+
+# KEYS: health hash, rate key, daily quota key, monthly quota key.
+# ARGV: interval_us (0 = no rate limit), max_wait_us, wanted, daily_quota, monthly_quota, probe_ms, daily_ttl_s,
+# monthly_ttl_s. Returns {granted, wait_or_retry_us, probe, reason}. Every check happens before any write, so
+# a refusal never leaves a reservation (or a probe slot) behind.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_ms = math.floor(now_us / 1000)
+local interval = tonumber(ARGV[1])
+local max_wait = tonumber(ARGV[2])
+local wanted = tonumber(ARGV[3])
+local daily_quota = tonumber(ARGV[4])
+local monthly_quota = tonumber(ARGV[5])
+local f = redis.call('HMGET', KEYS[1], 'state', 'open_until', 'probe_until', 'throttled_until')
+local state = f[1] or 'closed'
+local probe = 0
+if state == 'open' then
+  local open_until = tonumber(f[2] or '0')
+  if now_ms < open_until then return {0, (open_until - now_ms) * 1000, 0, 'breaker_open'} end
+  probe = 1
+elseif state == 'half_open' then
+  local probe_until = tonumber(f[3] or '0')
+  if now_ms < probe_until then return {0, (probe_until - now_ms) * 1000, 0, 'probe_in_flight'} end
+  probe = 1
+end
+local throttled_until = tonumber(f[4] or '0')
+if now_ms < throttled_until then return {0, (throttled_until - now_ms) * 1000, 0, 'throttled'} end
+local granted = wanted
+if probe == 1 then granted = 1 end
+if daily_quota > 0 then
+  local room = daily_quota - tonumber(redis.call('GET', KEYS[3]) or '0')
+  if room < granted then granted = room end
+end
+if monthly_quota > 0 then
+  local room = monthly_quota - tonumber(redis.call('GET', KEYS[4]) or '0')
+  if room < granted then granted = room end
+end
+if granted <= 0 then return {0, 0, 0, 'quota'} end
+local wait = 0
+if interval > 0 then
+  local tat = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if tat < now_us then tat = now_us end
+  wait = tat - now_us
+  if wait > max_wait then return {0, wait - max_wait, 0, 'rate'} end
+  local new_tat = tat + interval
+  redis.call('SET', KEYS[2], new_tat, 'PX', math.ceil((new_tat - now_us) / 1000) + 1000)
+end
+if probe == 1 then
+  redis.call('HSET', KEYS[1], 'state', 'half_open', 'probe_until', now_ms + tonumber(ARGV[6]))
+end
+redis.call('INCRBY', KEYS[3], granted)
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[7]))
+redis.call('INCRBY', KEYS[4], granted)
+redis.call('EXPIRE', KEYS[4], tonumber(ARGV[8]))
+return {granted, wait, probe, 'ok'}
+"""
+
+# KEYS: health hash. ARGV: kind (ok | fail | throttle | release), latency_ms (-1 = none), alpha,
+# consecutive_threshold, rate_threshold, min_samples, window_s, open_ms, throttle_ms, was_probe (1/0).
+# The window is a ring of window_s slots "w<sec mod window>" = "<sec>:<ok>:<fail>", so it never grows.
+_RECORD = """
 local h = KEYS[1]
-local ok = tonumber(ARGV[1])
-local latency = tonumber(ARGV[2])
-local alpha = tonumber(ARGV[3])
-local now = tonumber(ARGV[8])
-local samples = tonumber(redis.call('HGET', h, 'samples') or '0') + 1
-local err = tonumber(redis.call('HGET', h, 'err') or '0')
-local fail = 1 - ok
-err = err + alpha * (fail - err)
-local consecutive = tonumber(redis.call('HGET', h, 'consecutive') or '0')
+local kind = ARGV[1]
+local t = redis.call('TIME')
+local now_s = tonumber(t[1])
+local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[7])
+local was_probe = ARGV[10] == '1'
 local state = redis.call('HGET', h, 'state') or 'closed'
-if ok == 1 then
+if kind == 'release' then
+  if was_probe and state == 'half_open' then redis.call('HSET', h, 'probe_until', 0) end
+  return state
+end
+if kind == 'throttle' then
+  local paused_until = now_ms + tonumber(ARGV[9])
+  if paused_until > tonumber(redis.call('HGET', h, 'throttled_until') or '0') then
+    redis.call('HSET', h, 'throttled_until', paused_until)
+  end
+  if was_probe and state == 'half_open' then redis.call('HSET', h, 'probe_until', 0) end
+  return state
+end
+local slot = 'w' .. (now_s % window)
+local ok, fail = 0, 0
+local raw = redis.call('HGET', h, slot)
+if raw then
+  local sec, o, x = string.match(raw, '(%d+):(%d+):(%d+)')
+  if tonumber(sec) == now_s then ok, fail = tonumber(o), tonumber(x) end
+end
+if kind == 'ok' then ok = ok + 1 else fail = fail + 1 end
+redis.call('HSET', h, slot, now_s .. ':' .. ok .. ':' .. fail)
+local total_ok, total_fail = 0, 0
+for i = 0, window - 1 do
+  local r = redis.call('HGET', h, 'w' .. i)
+  if r then
+    local sec, o, x = string.match(r, '(%d+):(%d+):(%d+)')
+    if tonumber(sec) > now_s - window then
+      total_ok = total_ok + tonumber(o)
+      total_fail = total_fail + tonumber(x)
+    end
+  end
+end
+local consecutive = tonumber(redis.call('HGET', h, 'consecutive') or '0')
+local alpha = tonumber(ARGV[3])
+if kind == 'ok' then
   consecutive = 0
+  local latency = tonumber(ARGV[2])
   if latency >= 0 then
     local lat = tonumber(redis.call('HGET', h, 'lat') or '-1')
-    if lat < 0 then lat = latency else lat = lat + alpha * (latency - lat) end
-    redis.call('HSET', h, 'lat', lat)
+    local dev = tonumber(redis.call('HGET', h, 'latdev') or '0')
+    if lat < 0 then
+      lat = latency
+      dev = latency / 2
+    else
+      local err = latency - lat
+      lat = lat + alpha * err
+      dev = dev + alpha * (math.abs(err) - dev)
+    end
+    redis.call('HSET', h, 'lat', lat, 'latdev', dev)
   end
-  if state ~= 'closed' then
+  if state == 'half_open' then
     state = 'closed'
     redis.call('HDEL', h, 'open_until', 'probe_until')
+    for i = 0, window - 1 do redis.call('HDEL', h, 'w' .. i) end
   end
 else
   consecutive = consecutive + 1
-  if state == 'half_open' or consecutive >= tonumber(ARGV[4])
-     or (samples >= tonumber(ARGV[6]) and err >= tonumber(ARGV[5])) then
-    if state ~= 'open' then redis.call('HINCRBY', h, 'opened_total', 1) end
+  local total = total_ok + total_fail
+  if state == 'half_open' or (state == 'closed' and (consecutive >= tonumber(ARGV[4])
+      or (total >= tonumber(ARGV[6]) and total_fail / total >= tonumber(ARGV[5])))) then
     state = 'open'
-    redis.call('HSET', h, 'open_until', now + tonumber(ARGV[7]))
-    redis.call('HDEL', h, 'probe_until')
+    redis.call('HSET', h, 'open_until', now_ms + tonumber(ARGV[8]), 'probe_until', 0)
+    redis.call('HINCRBY', h, 'opened_total', 1)
   end
 end
-redis.call('HSET', h, 'samples', samples, 'err', err, 'consecutive', consecutive, 'state', state)
+redis.call('HINCRBY', h, 'samples', 1)
+redis.call('HSET', h, 'consecutive', consecutive, 'state', state)
 return state
 """
 
-# KEYS[1] = health hash. ARGV: now_ms, probe_timeout_ms. Returns 1 when this caller may send to the provider:
-# closed, or open-but-cooled-down (becomes half_open and this caller is its single probe).
-_ACQUIRE_SCRIPT = """
-local h = KEYS[1]
-local now = tonumber(ARGV[1])
-local state = redis.call('HGET', h, 'state') or 'closed'
-if state == 'closed' then return 1 end
-if state == 'open' then
-  if now < tonumber(redis.call('HGET', h, 'open_until') or '0') then return 0 end
-  redis.call('HSET', h, 'state', 'half_open', 'probe_until', now + tonumber(ARGV[2]))
-  return 1
-end
-if now >= tonumber(redis.call('HGET', h, 'probe_until') or '0') then
-  redis.call('HSET', h, 'probe_until', now + tonumber(ARGV[2]))
-  return 1
-end
-return 0
-"""
+_HEALTH_FIELDS = ("state", "open_until", "probe_until", "throttled_until", "lat", "latdev", "samples")
 
 
 class HealthBoard:
-    """Reads and writes the shared provider state."""
+    """Reads and writes the shared provider state of one mesh (``namespace`` prefixes every key)."""
 
     def __init__(self, redis: aioredis.Redis, namespace: str, policy: BreakerPolicy | None = None,
                  *, alpha: float = 0.2, refresh_s: float = 0.2) -> None:
@@ -119,49 +305,92 @@ class HealthBoard:
         self.policy = policy or BreakerPolicy()
         self.alpha = alpha
         self.refresh_s = refresh_s
-        self._record = redis.register_script(_RECORD_SCRIPT)
-        self._acquire = redis.register_script(_ACQUIRE_SCRIPT)
-        self._gcra = redis.register_script(GCRA_SCRIPT)
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._record = redis.register_script(_RECORD)
         self._snapshot: dict[str, ProviderHealth] = {}
 
-    def _key(self, provider_id: str) -> str:
+    # -- keys ----------------------------------------------------------------------------------------------------
+    def health_key(self, provider_id: str) -> str:
+        """The provider's health hash (breaker, latency, window, throttle pause)."""
         return f"{self.namespace}:ph:{provider_id}"
 
-    def _quota_keys(self, provider_id: str) -> tuple[str, str]:
+    def rate_key(self, provider_id: str) -> str:
+        """The provider's GCRA "theoretical arrival time", in microseconds of Redis time."""
+        return f"{self.namespace}:prl:{provider_id}"
+
+    def quota_keys(self, provider_id: str) -> tuple[str, str]:
+        """Today's and this month's quota counters (UTC)."""
         now = time.gmtime()
         return (f"{self.namespace}:pq:{provider_id}:d:{time.strftime('%Y%m%d', now)}",
                 f"{self.namespace}:pq:{provider_id}:m:{time.strftime('%Y%m', now)}")
 
+    # -- reading -------------------------------------------------------------------------------------------------
     def snapshot(self, provider_id: str) -> ProviderHealth:
+        """The provider's state as of the last refresh (a never-seen provider reads as healthy and unmeasured)."""
         return self._snapshot.get(provider_id, ProviderHealth())
 
+    @property
+    def snapshots(self) -> Mapping[str, ProviderHealth]:
+        """Every provider's state as of the last refresh."""
+        return self._snapshot
+
     async def refresh(self, provider_ids: Iterable[str]) -> Mapping[str, ProviderHealth]:
-        """Read every provider's state in one pipelined round trip."""
+        """Read every provider's state in one pipelined round trip and make it the current snapshot."""
         ids = list(provider_ids)
         if not ids:
             self._snapshot = {}
             return self._snapshot
+        ring = [f"w{i}" for i in range(self.policy.window_s)]
         async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
             for pid in ids:
-                daily, monthly = self._quota_keys(pid)
-                pipe.hmget(self._key(pid), "state", "lat", "err", "samples", "open_until")
+                daily, monthly = self.quota_keys(pid)
+                pipe.hmget(self.health_key(pid), [*_HEALTH_FIELDS, *ring])
                 pipe.get(daily)
                 pipe.get(monthly)
+                pipe.get(self.rate_key(pid))
             replies = await pipe.execute()
-        now_ms = time.time() * 1000
-        snapshot: dict[str, ProviderHealth] = {}
-        for i, pid in enumerate(ids):
-            (state, lat, err, samples, open_until), daily, monthly = replies[3 * i: 3 * i + 3]
-            breaker = (state or b"closed").decode()
-            if breaker == OPEN and open_until is not None and now_ms >= float(open_until):
-                breaker = HALF_OPEN  # cooled down: eligible for a probe
-            latency = float(lat) if lat is not None and float(lat) >= 0 else 0.0
-            snapshot[pid] = ProviderHealth(breaker, latency, float(err or 0), int(samples or 0),
-                                           int(daily or 0), int(monthly or 0))
+        seconds, micros = replies[0]
+        now_us = int(seconds) * 1_000_000 + int(micros)
+        snapshot = {pid: self._health_from(replies[1 + 4 * i: 5 + 4 * i], now_us) for i, pid in enumerate(ids)}
         self._snapshot = snapshot
         return snapshot
 
+    def _health_from(self, replies: Sequence[object], now_us: int) -> ProviderHealth:
+        fields, daily, monthly, tat = replies
+        assert isinstance(fields, list)
+        breaker = fields[0].decode() if isinstance(fields[0], bytes) else CLOSED
+        open_until, probe_until, throttled_until, latency, latdev, samples = (
+            _float(v) for v in fields[1:len(_HEALTH_FIELDS)])
+        now_ms = now_us / 1000
+        now_s = now_us // 1_000_000
+        ok = failed = 0
+        for raw in fields[len(_HEALTH_FIELDS):]:
+            if raw is None:
+                continue
+            sec, ok_count, fail_count = (int(x) for x in raw.decode().split(":"))
+            if sec > now_s - self.policy.window_s:
+                ok += ok_count
+                failed += fail_count
+        open_for = 0.0
+        probe_in_flight = False
+        if breaker == OPEN:
+            if now_ms >= open_until:
+                breaker = HALF_OPEN  # cooled down: the next caller becomes the probe
+            else:
+                open_for = (open_until - now_ms) / 1000
+        elif breaker == HALF_OPEN:
+            probe_in_flight = now_ms < probe_until
+        return ProviderHealth(
+            breaker=breaker, probe_in_flight=probe_in_flight, open_for_s=open_for,
+            throttled_for_s=max(0.0, (throttled_until - now_ms) / 1000),
+            latency_ms_ewma=latency if latency > 0 else 0.0, latency_dev_ms=latdev,
+            error_rate=failed / (ok + failed) if ok + failed else 0.0, window_samples=ok + failed,
+            samples=int(samples), daily_used=int(_float(daily)), monthly_used=int(_float(monthly)),
+            rate_backlog_s=max(0.0, (_float(tat) - now_us) / 1_000_000))
+
     async def run_refresher(self, provider_ids: Callable[[], Iterable[str]], stop: asyncio.Event) -> None:
+        """Refresh the snapshot every ``refresh_s`` until ``stop``; Redis trouble keeps the last snapshot."""
         while not stop.is_set():
             try:
                 await self.refresh(provider_ids())
@@ -172,41 +401,103 @@ class HealthBoard:
             except TimeoutError:
                 pass
 
-    async def acquire(self, provider_id: str, rate_limit_per_second: float) -> tuple[bool, float]:
-        """May we send to this provider now? Checks the breaker (taking the half-open probe slot if due) and the
-        global rate limit; returns (allowed, seconds to wait when refused by the rate limit)."""
-        now_ms = int(time.time() * 1000)
-        allowed = await self._acquire(keys=[self._key(provider_id)],
-                                      args=[now_ms, int(self.policy.probe_timeout_s * 1000)])
-        if not allowed:
-            return False, 0.0
-        if rate_limit_per_second > 0:
-            interval_us = 1_000_000 / rate_limit_per_second
-            ok, retry_us, _ = await self._gcra(keys=[f"{self.namespace}:prl:{provider_id}"],
-                                               args=[interval_us, interval_us, 1])
-            if not ok:
-                return False, int(retry_us) / 1_000_000
-        return True, 0.0
+    # -- the gate ------------------------------------------------------------------------------------------------
+    def _acquire_args(self, provider_id: str, limits: ProviderLimits, emails: int,
+                      max_wait_s: float) -> tuple[list[str], list[object]]:
+        daily, monthly = self.quota_keys(provider_id)
+        interval_us = math.ceil(1_000_000 / limits.rate_per_second) if limits.rate_per_second > 0 else 0
+        return ([self.health_key(provider_id), self.rate_key(provider_id), daily, monthly],
+                [interval_us, int(max_wait_s * 1_000_000), max(1, emails), limits.daily_quota,
+                 limits.monthly_quota, int(self.policy.probe_timeout_s * 1000), 2 * 86400, 32 * 86400])
 
-    async def record(self, provider_id: str, *, ok: bool, latency_ms: float | None, counts_toward_quota: bool,
-                     provider_fault: bool = True) -> str:
-        """Record an attempt's outcome; returns the breaker state after it. Failures that are the message's fault
-        (a permanent rejection of one address) don't count against the provider's health."""
-        now_ms = int(time.time() * 1000)
-        p = self.policy
+    async def acquire(self, provider_id: str, limits: ProviderLimits, *, emails: int = 1,
+                      max_wait_s: float = 0.0) -> Permit:
+        """May a call carrying ``emails`` emails go to the provider? Reserves quota and a rate slot if so."""
+        return (await self.acquire_many([(provider_id, limits, emails, max_wait_s)]))[0]
+
+    async def acquire_many(self, calls: Sequence[tuple[str, ProviderLimits, int, float]]) -> list[Permit]:
+        """``acquire`` for several calls in one round trip: (provider id, limits, emails, max wait) each."""
+        if not calls:
+            return []
         async with self.redis.pipeline(transaction=False) as pipe:
-            if ok or provider_fault:
-                await self._record(keys=[self._key(provider_id)], args=[
-                    1 if ok else 0, latency_ms if latency_ms is not None else -1, self.alpha,
-                    p.consecutive_failures, p.failure_rate, p.min_samples, int(p.open_seconds * 1000), now_ms],
-                    client=pipe)
-            if counts_toward_quota:
-                daily, monthly = self._quota_keys(provider_id)
-                pipe.incr(daily)
-                pipe.expire(daily, 2 * 86400)
-                pipe.incr(monthly)
-                pipe.expire(monthly, 32 * 86400)
+            for provider_id, limits, emails, max_wait_s in calls:
+                keys, args = self._acquire_args(provider_id, limits, emails, max_wait_s)
+                await self._acquire(keys=keys, args=args, client=pipe)
             replies = await pipe.execute()
-        state = replies[0] if (ok or provider_fault) else b"closed"
-        return state.decode() if isinstance(state, bytes) else str(state)
+        permits = []
+        for granted, micros, probe, reason in replies:
+            reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+            permits.append(Permit(int(granted), int(micros) / 1_000_000, bool(probe),
+                                  None if reason == "ok" else Refusal(reason)))
+        return permits
 
+    # -- outcomes ------------------------------------------------------------------------------------------------
+    def _record_args(self, outcome: Outcome, latency_ms: float | None, probe: bool,
+                     retry_after_s: float | None) -> list[object]:
+        p = self.policy
+        return [outcome.value, -1 if latency_ms is None else latency_ms, self.alpha, p.consecutive_failures,
+                p.failure_rate, p.min_samples, p.window_s, int(p.open_s * 1000),
+                int((retry_after_s if retry_after_s is not None else 1.0) * 1000), 1 if probe else 0]
+
+    async def record(self, provider_id: str, outcome: Outcome, *, latency_ms: float | None = None,
+                     probe: bool = False, retry_after_s: float | None = None, refund_emails: int = 0) -> str:
+        """Record one call's outcome; returns the breaker state after it. ``refund_emails`` gives quota back
+        for emails the provider certainly did not take (a throttled or never-sent call)."""
+        return (await self.record_many([RecordedCall(provider_id, outcome, latency_ms, probe, retry_after_s,
+                                                     refund_emails)]))[0]
+
+    async def record_many(self, calls: Sequence[RecordedCall]) -> list[str]:
+        """``record`` for several calls in one round trip; returns each breaker state after its call."""
+        if not calls:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                await self._record(keys=[self.health_key(call.provider_id)],
+                                   args=self._record_args(call.outcome, call.latency_ms, call.probe,
+                                                          call.retry_after_s), client=pipe)
+            for call in calls:
+                if call.refund_emails:
+                    for key in self.quota_keys(call.provider_id):
+                        pipe.decrby(key, call.refund_emails)
+            replies = await pipe.execute()
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in replies[:len(calls)]]
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    """One call's outcome, for ``HealthBoard.record_many``."""
+
+    provider_id: str
+    outcome: Outcome
+    latency_ms: float | None = None
+    """Only for successful single-email calls: a batch call's time says little about one email's latency."""
+    probe: bool = False
+    retry_after_s: float | None = None
+    """For throttled calls: the pause the provider asked for (1 s when it did not say)."""
+    refund_emails: int = 0
+
+
+def _float(value: object) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bytes):
+        return float(value.decode())
+    return float(value)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    """``ESP_BREAKER_*`` settings, shared by every service that reads or writes provider health (mix into a
+    service's settings dataclass); senders and routers must agree on them."""
+
+    breaker_consecutive_failures: int = 5
+    breaker_failure_rate: float = 0.5
+    breaker_min_samples: int = 20
+    breaker_window_s: int = 10
+    breaker_open_s: float = 5.0
+    breaker_probe_timeout_s: float = 30.0
+
+    def breaker_policy(self) -> BreakerPolicy:
+        """The policy these settings describe (raises ``ValueError`` when out of range)."""
+        return BreakerPolicy(self.breaker_consecutive_failures, self.breaker_failure_rate, self.breaker_min_samples,
+                             self.breaker_window_s, self.breaker_open_s, self.breaker_probe_timeout_s)

@@ -1,7 +1,23 @@
-"""Ranking providers for one email: a fallback chain, best first, with the reasons for every score.
+"""Ranking providers for one email: a fallback chain, best first, with the reasons behind every score.
 
-Eligibility first (enabled, carries the class, fits the size, breaker not open, quota left, not already failed
-for this email), then a weighted score. Class weights: otp favours speed and health, bulk favours cost.
+Eligibility first — enabled, carries the class, fits the size, breaker not open (nor its probe under way), no
+Retry-After pause, quota left for the email, rate budget not booked beyond what the class may wait, not already
+failed for this email — then a weighted score per class:
+
+    score = weight * (w_cost·cost + w_latency·latency + w_health·health) * capacity * region
+
+- cost     = cheapest eligible expected cost / this provider's (price per email + price per MB * size);
+- latency  = fastest latency / this provider's (otp compares tail estimates, the others means); a provider
+  never measured is assumed to be fast, so a new provider gets traffic, and with it a measurement;
+- health   = 1 - failure rate over the breaker's window;
+- capacity = how much of its quota and rate budget is left: 1 while plenty, fading to ½ as the daily quota
+  runs out or the rate limiter's schedule fills up to the class's wait limit, so traffic spills over to the
+  next provider *before* this one would have to refuse;
+- region   = ½ for a provider outside the requested region (a preference, not a filter).
+
+A half-open provider (breaker cooled down, probe slot free) goes first for transactional and bulk, so recovery
+is noticed at once — the probe risks one email, which falls over at once if it fails — and last for otp, which
+probes only when nothing healthier is left.
 """
 
 from __future__ import annotations
@@ -10,27 +26,39 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from libs.routing.catalog import ProviderSpec
-from libs.routing.health import CLOSED, HALF_OPEN, OPEN, ProviderHealth
+from libs.routing.health import HALF_OPEN, OPEN, ProviderHealth
 
 
 @dataclass(frozen=True)
-class ClassWeights:
-    """How much each factor counts for a class (they need not sum to 1)."""
+class ClassProfile:
+    """How one message class weighs providers (weights need not sum to 1)."""
 
     cost: float
     latency: float
     health: float
+    max_rate_wait_s: float
+    """Longest an email of the class may wait for a rate-limited provider's next slot before routing elsewhere."""
+    latency_by_tail: bool = False
+    """Compare providers by their latency tail rather than their mean (a late OTP is a useless OTP)."""
+    probe_first: bool = True
+    """Send the half-open breaker's probe with this class as soon as it is due (otp: only as a last resort)."""
 
 
-CLASS_WEIGHTS: Mapping[str, ClassWeights] = {
-    "otp": ClassWeights(cost=0.05, latency=0.6, health=0.35),
-    "transactional": ClassWeights(cost=0.3, latency=0.35, health=0.35),
-    "bulk": ClassWeights(cost=0.65, latency=0.05, health=0.3),
+CLASS_PROFILES: Mapping[str, ClassProfile] = {
+    "otp": ClassProfile(cost=0.05, latency=0.6, health=0.35, max_rate_wait_s=0.05, latency_by_tail=True,
+                        probe_first=False),
+    "transactional": ClassProfile(cost=0.3, latency=0.35, health=0.35, max_rate_wait_s=1.0),
+    "bulk": ClassProfile(cost=0.65, latency=0.05, health=0.3, max_rate_wait_s=2.0),
 }
-UNKNOWN_LATENCY_MS = 250.0
-"""Latency assumed for a provider never measured: neutral, so a new provider gets traffic and a measurement."""
-HALF_OPEN_PENALTY = 0.2
-"""A recovering provider ranks low: it gets its probe only when better providers are unavailable."""
+QUOTA_LOW_SHARE = 0.1
+"""Below this share of its daily quota left, a provider's capacity factor starts to fade."""
+CAPACITY_FLOOR = 0.5
+"""The capacity factor of a provider about to run out of quota or rate budget."""
+OUT_OF_REGION = 0.5
+UNLIMITED = float("inf")
+UNMEASURED_LATENCY_MS = 1.0
+"""What a provider never measured is assumed to take: as fast as can be, so it gets traffic and a measurement
+(optimism in the face of uncertainty; one email finds out)."""
 
 
 @dataclass(frozen=True)
@@ -41,91 +69,152 @@ class EmailFacts:
     message_bytes: int
     recipient_count: int = 1
     excluded: frozenset[str] = frozenset()
+    """Providers that already failed this email."""
     region: str = ""
+    """Preferred region, if any."""
 
 
 @dataclass(frozen=True)
 class ProviderScore:
-    """One provider's rank and why."""
+    """One provider's rank and why: the inputs, the factor each became, and the result."""
 
     provider_id: str
     type: str
     score: float
     expected_cost_micros: float
     latency_ms: float
+    """Latency the comparison used (mean, or tail for otp); 0 when never measured."""
     error_rate: float
     breaker: str
     remaining_daily_quota: float
+    """Emails left today (``inf`` when unlimited)."""
+    remaining_monthly_quota: float
     rate_limit_per_second: float
+    rate_backlog_s: float
+    """How far ahead the provider's rate schedule is booked."""
+    cost_factor: float = 0.0
+    latency_factor: float = 0.0
+    health_factor: float = 0.0
+    capacity_factor: float = 0.0
+    region_factor: float = 1.0
+    probe: bool = False
+    """Half-open: the next email sent here is the breaker's probe."""
     excluded_reason: str = ""
+
+    @property
+    def rate_budget_per_second(self) -> float:
+        """Calls the provider can still take in the next second (``inf`` when unlimited)."""
+        if self.rate_limit_per_second <= 0:
+            return UNLIMITED
+        return max(0.0, self.rate_limit_per_second * (1.0 - self.rate_backlog_s))
 
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """Eligible providers in fallback order, and the ones left out."""
+    """Eligible providers in fallback order, and the ones left out with why."""
 
     ranked: tuple[ProviderScore, ...]
     excluded: tuple[ProviderScore, ...]
 
 
-def _remaining(spec: ProviderSpec, health: ProviderHealth) -> float:
-    left = [float("inf")]
+def remaining_quota(spec: ProviderSpec, health: ProviderHealth) -> tuple[float, float]:
+    """Emails left today and this month (``inf`` when the provider has no such quota)."""
+    daily = spec.daily_quota - health.daily_used if spec.daily_quota else UNLIMITED
+    monthly = spec.monthly_quota - health.monthly_used if spec.monthly_quota else UNLIMITED
+    return daily, monthly
+
+
+def size_cap(spec: ProviderSpec, size_caps: Mapping[str, int]) -> int:
+    """The provider's size cap: the lower of its registry entry and its adapter's own (0 = none known)."""
+    caps = [c for c in (spec.max_message_bytes, size_caps.get(spec.type, 0)) if c > 0]
+    return min(caps) if caps else 0
+
+
+def exclusion_reason(spec: ProviderSpec, health: ProviderHealth, email: EmailFacts, profile: ClassProfile,
+                     size_caps: Mapping[str, int]) -> str:
+    """Why ``spec`` cannot take ``email`` right now; empty when it can."""
+    cap = size_cap(spec, size_caps)
+    daily, monthly = remaining_quota(spec, health)
+    if spec.disabled:
+        return "disabled"
+    if spec.id in email.excluded:
+        return "failed for this email already"
+    if not spec.carries(email.message_class):
+        return f"does not carry {email.message_class}"
+    if cap and email.message_bytes > cap:
+        return f"message of {email.message_bytes} bytes exceeds cap of {cap}"
+    if health.breaker == OPEN:
+        return f"circuit breaker open (probe in {health.open_for_s:.1f}s)"
+    if health.breaker == HALF_OPEN and health.probe_in_flight:
+        return "circuit breaker half-open, probe in flight"
+    if health.throttled_for_s > 0:
+        return f"throttled by the provider for {health.throttled_for_s:.1f}s more (Retry-After)"
+    if daily < 1:
+        return "daily quota exhausted"
+    if monthly < 1:
+        return "monthly quota exhausted"
+    if spec.rate_limit_per_second > 0 and health.rate_backlog_s > profile.max_rate_wait_s:
+        return f"rate budget spent (booked {health.rate_backlog_s:.2f}s ahead)"
+    return ""
+
+
+def _capacity(spec: ProviderSpec, health: ProviderHealth, profile: ClassProfile) -> float:
+    factor = 1.0
     if spec.daily_quota:
-        left.append(spec.daily_quota - health.daily_used)
-    if spec.monthly_quota:
-        left.append(spec.monthly_quota - health.monthly_used)
-    return min(left)
+        left_share = max(0.0, spec.daily_quota - health.daily_used) / spec.daily_quota
+        if left_share < QUOTA_LOW_SHARE:
+            factor = min(factor, CAPACITY_FLOOR + (1 - CAPACITY_FLOOR) * left_share / QUOTA_LOW_SHARE)
+    if spec.rate_limit_per_second > 0 and profile.max_rate_wait_s > 0:
+        booked = min(1.0, health.rate_backlog_s / profile.max_rate_wait_s)
+        factor = min(factor, 1.0 - (1 - CAPACITY_FLOOR) * booked)
+    return factor
 
 
 def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth], email: EmailFacts,
          size_caps: Mapping[str, int]) -> RouteDecision:
-    """Rank ``providers`` for ``email``. ``size_caps`` maps provider type → the adapter's max encoded size."""
-    weights = CLASS_WEIGHTS[email.message_class]
-    mb = email.message_bytes / 1_000_000
-    candidates: list[tuple[ProviderSpec, ProviderHealth, float, float]] = []
+    """Rank ``providers`` for ``email``. ``size_caps`` maps provider type → the adapter's own size cap."""
+    profile = CLASS_PROFILES[email.message_class]
+    megabytes = email.message_bytes / 1_000_000
+    eligible: list[tuple[ProviderSpec, ProviderHealth, float, float]] = []
     excluded: list[ProviderScore] = []
     for spec in providers:
         h = health.get(spec.id, ProviderHealth())
-        cost = spec.price_per_email_micros + spec.price_per_mb_micros * mb
-        latency = h.latency_ms_ewma or UNKNOWN_LATENCY_MS
-        remaining = _remaining(spec, h)
-        cap = min(c for c in (spec.max_message_bytes, size_caps.get(spec.type, 0)) if c) if (
-            spec.max_message_bytes or size_caps.get(spec.type)) else 0
-        reason = ""
-        if spec.disabled:
-            reason = "disabled"
-        elif spec.id in email.excluded:
-            reason = "failed for this email already"
-        elif not spec.carries(email.message_class):
-            reason = f"does not carry {email.message_class}"
-        elif cap and email.message_bytes > cap:
-            reason = f"message of {email.message_bytes} bytes exceeds cap of {cap}"
-        elif h.breaker == OPEN:
-            reason = "circuit breaker open"
-        elif remaining < email.recipient_count:
-            reason = "quota exhausted"
-        elif email.region and spec.region and spec.region != email.region:
-            reason = f"region {spec.region} is not {email.region}"
+        cost = spec.price_per_email_micros + spec.price_per_mb_micros * megabytes
+        latency = h.latency_tail_ms if profile.latency_by_tail else h.latency_ms_ewma
+        reason = exclusion_reason(spec, h, email, profile, size_caps)
         if reason:
-            excluded.append(ProviderScore(spec.id, spec.type, 0.0, cost, latency, h.error_rate, h.breaker,
-                                          remaining, spec.rate_limit_per_second, reason))
+            daily, monthly = remaining_quota(spec, h)
+            excluded.append(ProviderScore(
+                spec.id, spec.type, 0.0, cost, latency, h.error_rate, h.breaker, daily, monthly,
+                spec.rate_limit_per_second, h.rate_backlog_s, excluded_reason=reason))
         else:
-            candidates.append((spec, h, cost, latency))
-    if not candidates:
+            eligible.append((spec, h, cost, latency))
+    if not eligible:
         return RouteDecision((), tuple(excluded))
-    cheapest = min(c[2] for c in candidates) or 1.0
-    fastest = min(c[3] for c in candidates)
+    cheapest = min(cost for _, _, cost, _ in eligible)
+    fastest = min((latency or UNMEASURED_LATENCY_MS) for _, _, _, latency in eligible)
     ranked: list[ProviderScore] = []
-    for spec, h, cost, latency in candidates:
-        cost_score = cheapest / cost if cost > 0 else 1.0
-        latency_score = fastest / latency
-        health_score = 1.0 - min(1.0, h.error_rate)
-        score = spec.weight * (weights.cost * cost_score + weights.latency * latency_score
-                               + weights.health * health_score)
-        if h.breaker == HALF_OPEN:
-            score *= HALF_OPEN_PENALTY
-        ranked.append(ProviderScore(spec.id, spec.type, round(score, 6), cost, latency, h.error_rate,
-                                    h.breaker if h.breaker != CLOSED else CLOSED, _remaining(spec, h),
-                                    spec.rate_limit_per_second))
-    ranked.sort(key=lambda s: (-s.score, s.expected_cost_micros, s.provider_id))
+    for spec, h, cost, latency in eligible:
+        cost_factor = cheapest / cost if cost > 0 else 1.0
+        latency_factor = fastest / (latency or UNMEASURED_LATENCY_MS)
+        health_factor = 1.0 - min(1.0, h.error_rate)
+        capacity = _capacity(spec, h, profile)
+        region = OUT_OF_REGION if email.region and spec.region and spec.region != email.region else 1.0
+        score = (spec.weight * (profile.cost * cost_factor + profile.latency * latency_factor
+                                + profile.health * health_factor) * capacity * region)
+        daily, monthly = remaining_quota(spec, h)
+        ranked.append(ProviderScore(
+            spec.id, spec.type, round(score, 6), cost, latency, h.error_rate, h.breaker, daily, monthly,
+            spec.rate_limit_per_second, h.rate_backlog_s, round(cost_factor, 6), round(latency_factor, 6),
+            round(health_factor, 6), round(capacity, 6), region, probe=h.breaker == HALF_OPEN))
+
+    def order(s: ProviderScore) -> tuple[int, float, float, str]:
+        # Probes first (transactional, bulk) or last (otp); then by score, cheaper first on a tie.
+        group = 1
+        if s.probe:
+            group = 0 if profile.probe_first else 2
+        return group, -s.score, s.expected_cost_micros, s.provider_id
+
+    ranked.sort(key=order)
     return RouteDecision(tuple(ranked), tuple(excluded))
+

@@ -1,8 +1,26 @@
-"""The accept path: a readable list of named steps from a send request to "accepted".
+"""The accept path: from a send request to "accepted", as a readable list of named steps.
 
-accept = message row + outbox rows committed in one transaction, after the ledger holds the credits (the hold
-is keyed by the message id, so a retry of this path re-uses it, and a hold whose message never commits expires
-and returns its credits). The caller hears "accepted" only after that commit.
+1. **authorise** — the key holds the ``send`` scope and its tenant is enabled;
+2. **validate** — every field, all problems reported at once; addresses normalised (pure, nothing changes);
+3. **join a twin** — a concurrent request with the same request_id in this process: wait for its answer;
+4. **attachments** — the tenant's own attachments (another tenant's look absent: NOT_FOUND);
+5. **size policy** — attach, send as download links, or refuse (tenant setting) when no provider takes the size;
+6. **admit** (Redis, one round trip) — claim the request_id, refuse suppressed recipients, spend a rate token,
+   count the daily quota; all or nothing. A request_id already claimed → wait for that request's answer;
+7. **reserve credits** (ledger; concurrent reserves coalesce into one batch call) — the hold id is the message id;
+8. **commit** (Postgres; concurrent emails share one transaction) — message row + outbox rows (SEND task and
+   ACCEPTED event) together. The caller hears "accepted" only after this commit; the outbox publisher (and,
+   after a crash, its reconciling pass) puts the rows on JetStream with ``Nats-Msg-Id`` = message/event id;
+9. **remember** — the request_id's outcome in Redis, the fast path for retries.
+
+A refusal at steps 1-6 changes nothing. A refusal after step 6 gives back what was taken (rate token, quota,
+claim; the hold is released). From step 7 on the steps run to their end even when the caller goes away, so a
+cancelled call can neither lose a committed email nor leak its credits.
+
+Idempotency (AIP-155): a request_id is scoped to its tenant. The same id with the same request returns the first
+response (the same message); with a different request it is refused with ALREADY_EXISTS (reason
+``REQUEST_ID_REUSED``). Postgres' unique key ``(tenant_id, request_id)`` is the truth and keeps the id as long as
+the message row exists; Redis remembers it for ``idempotency_cache_s`` (24 h by default) as the fast path.
 """
 
 from __future__ import annotations
@@ -10,36 +28,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
-import redis.asyncio as aioredis
-from esp.internal.v1 import queue_pb2
 from esp.v1 import messages_pb2
-from psycopg_pool import AsyncConnectionPool
+from redis.exceptions import RedisError
 
 from libs.common.auth import Principal
-from libs.common.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, PermissionDenied
+from libs.common.errors import Aborted, AlreadyExists, FieldViolation, PermissionDenied
 from libs.common.jetstream import Topology
-from libs.common.suppressions import suppressed_among
-from services.ingest.limits import SendLimiter
+from services.ingest.limits import AdmissionTicket, RedisGate
 from services.ingest.model import EmailDraft, StoredAttachment
-from services.ingest.outbox import OutboxPublisher, OutboxRow, write_outbox
-from services.ingest.payloads import (
-    accepted_event,
-    build_send_task,
-    message_resource,
-    request_fingerprint,
-)
-from services.ingest.tenants import TenantStore
+from services.ingest.outbox import OutboxRow
+from services.ingest.payloads import accepted_event, build_send_task, message_resource, request_fingerprint
+from services.ingest.sizing import SizeDecision, SizePolicy
+from services.ingest.store import MessageStore, NewMessage, StoredMessage
+from services.ingest.tenants import Tenant, TenantStore
 from services.ingest.validation import validate_draft
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-IDEMPOTENCY_TTL_S = 48 * 3600
-"""How long a request_id is remembered in Redis; Postgres keeps it as long as the message exists."""
+ADMISSION_ROUNDS = 5
+"""How often a request retries the gate after the request holding its request_id gave up."""
 
 
 class CreditReserver(Protocol):
@@ -52,7 +65,15 @@ class CreditReserver(Protocol):
 
 
 class AttachmentLookup(Protocol):
+    """The attachment store as the accept path sees it."""
+
     async def get_many(self, tenant_id: str, attachment_ids: Sequence[str]) -> list[StoredAttachment]: ...
+
+
+class Notifier(Protocol):
+    """The outbox publisher as the accept path sees it."""
+
+    def notify(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -63,107 +84,190 @@ class Accepted:
     created: bool
 
 
-class Acceptor:
-    """Runs the accept steps for one send request."""
+@dataclass(frozen=True)
+class DuplicateWait:
+    """How a request waits for another request holding its request_id (in another replica) to finish."""
 
-    def __init__(self, *, pool: AsyncConnectionPool, redis: aioredis.Redis, topology: Topology,
-                 tenants: TenantStore, limiter: SendLimiter, credits: CreditReserver,
-                 attachments: AttachmentLookup, outbox: OutboxPublisher) -> None:
-        self.pool = pool
-        self.redis = redis
-        self.topology = topology
+    first_delay_s: float = 0.005
+    max_delay_s: float = 0.1
+    give_up_after_s: float = 10.0
+
+
+@dataclass
+class _Flight:
+    """A request being accepted in this process; twins wait on ``answer``."""
+
+    fingerprint: bytes
+    answer: asyncio.Future[Accepted] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Acceptor:
+    """Runs the accept steps for send requests."""
+
+    def __init__(self, *, tenants: TenantStore, gate: RedisGate, credits: CreditReserver,
+                 attachments: AttachmentLookup, store: MessageStore, outbox: Notifier, topology: Topology,
+                 sizes: SizePolicy, duplicate_wait: DuplicateWait | None = None) -> None:
         self.tenants = tenants
-        self.limiter = limiter
+        self.gate = gate
         self.credits = credits
         self.attachments = attachments
+        self.store = store
         self.outbox = outbox
+        self.topology = topology
+        self.sizes = sizes
+        self.duplicate_wait = duplicate_wait or DuplicateWait()
+        self._in_flight: dict[tuple[str, str], _Flight] = {}
+        self._running: set[asyncio.Task[Any]] = set()
 
     async def send(self, principal: Principal, draft: EmailDraft) -> Accepted:
+        """Accept one email for ``principal``'s tenant (see the module docstring for the steps)."""
+        tenant = await self._authorise(principal)
+        draft = validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers)
+        fingerprint = request_fingerprint(draft)
+        if not draft.request_id:
+            return await self._accept(tenant, draft, fingerprint)
+        return await self._accept_once(tenant, draft, fingerprint)
+
+    # -- steps -----------------------------------------------------------------------------------------------
+    async def _authorise(self, principal: Principal) -> Tenant:
         principal.require("send")
         tenant = await self.tenants.get_tenant(principal.tenant_id)
         if tenant.policy.disabled:
             raise PermissionDenied("this tenant is disabled", reason="TENANT_DISABLED")
-        draft = validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers)
-        fingerprint = request_fingerprint(draft)
-        message_id = uuid.uuid4()
-        if draft.request_id:
-            earlier = await self._claim_request_id(tenant.id, draft.request_id, message_id, fingerprint)
-            if earlier is not None:
-                return Accepted(earlier, created=False)
-        try:
-            return await self._accept_new(tenant.id, tenant.policy.rate_per_second[draft.message_class],
-                                          tenant.policy.daily_quota, draft, message_id, fingerprint)
-        except BaseException:
-            if draft.request_id:
-                await self._unclaim(tenant.id, draft.request_id, message_id)
-            raise
+        return tenant
 
-    # -- steps -----------------------------------------------------------------------------------------------
-    async def _accept_new(self, tenant_id: str, rate: float, daily_quota: int, draft: EmailDraft,
-                          message_id: uuid.UUID, fingerprint: bytes) -> Accepted:
-        await self._refuse_suppressed(tenant_id, draft)
-        await self.limiter.check_rate(tenant_id, draft.message_class, rate)
-        attachments = await self.attachments.get_many(tenant_id, draft.attachment_ids)
-        await self.limiter.count_daily(tenant_id, daily_quota)
+    async def _accept_once(self, tenant: Tenant, draft: EmailDraft, fingerprint: bytes) -> Accepted:
+        """Step 3: concurrent twins in this process share one accept (the others never reach Redis)."""
+        key = (tenant.id, draft.request_id)
+        twin = self._in_flight.get(key)
+        if twin is not None:
+            if twin.fingerprint != fingerprint:
+                raise request_id_reused(draft.request_id)
+            first = await asyncio.shield(twin.answer)
+            return Accepted(first.message, created=False)
+        flight = _Flight(fingerprint)
+        flight.answer.add_done_callback(_consume_exception)
+        self._in_flight[key] = flight
+        try:
+            accepted = await self._accept(tenant, draft, fingerprint)
+        except asyncio.CancelledError:
+            flight.answer.set_exception(Aborted("the first request with this request_id was cancelled; retry",
+                                                reason="REQUEST_IN_PROGRESS", retry_after_s=0.1))
+            raise
+        except BaseException as exc:
+            flight.answer.set_exception(exc)
+            raise
+        else:
+            flight.answer.set_result(accepted)
+            return accepted
+        finally:
+            del self._in_flight[key]
+
+    async def _accept(self, tenant: Tenant, draft: EmailDraft, fingerprint: bytes) -> Accepted:
+        message_id = uuid.uuid4()
+        if draft.attachment_ids and draft.request_id:
+            # What steps 4-5 check may have changed since a first request (attachment deleted, providers
+            # changed): a retry must still get the first response, so look for it before checking.
+            earlier = await self.store.by_request_id(tenant.id, draft.request_id)
+            if earlier is not None:
+                return _repeat(earlier, fingerprint, draft.request_id)
+        attachments = await self.attachments.get_many(tenant.id, draft.attachment_ids)
+        sizing = self.sizes.decide(draft, attachments, tenant.policy.large_attachment_policy)
+        claim = f"p|{fingerprint.hex()}|{message_id}" if draft.request_id else ""
+        for _ in range(ADMISSION_ROUNDS):
+            admitted = await self.gate.admit(tenant.id, draft, rate_per_second=tenant.policy.rate_per_second[
+                draft.message_class], daily_quota=tenant.policy.daily_quota, claim=claim)
+            if isinstance(admitted, AdmissionTicket):
+                return await self._run_to_end(self._commit(tenant.id, draft, fingerprint, message_id, attachments,
+                                                           sizing, admitted))
+            earlier_accepted = await self._wait_for_holder(tenant.id, draft.request_id, fingerprint, admitted)
+            if earlier_accepted is not None:
+                return earlier_accepted
+        raise Aborted("a request with this request_id keeps failing elsewhere; retry", reason="REQUEST_IN_PROGRESS",
+                      retry_after_s=1.0)
+
+    async def _commit(self, tenant_id: str, draft: EmailDraft, fingerprint: bytes, message_id: uuid.UUID,
+                      attachments: list[StoredAttachment], sizing: SizeDecision,
+                      ticket: AdmissionTicket) -> Accepted:
+        """Steps 7-9."""
         try:
             credits = await self.credits.reserve(tenant_id, str(message_id), draft.message_class, 1,
                                                  sum(a.size_bytes for a in attachments))
         except BaseException:
-            await self.limiter.refund_daily(tenant_id)
+            await self._undo_quietly(ticket)
             raise
         try:
-            return await self._persist(tenant_id, draft, message_id, fingerprint, attachments, credits)
+            now = datetime.now(UTC)
+            task = build_send_task(message_id, tenant_id, draft, attachments, now,
+                                   attachments_as_links=sizing.attachments_as_links)
+            message = message_resource(task, request_id=draft.request_id, credits=credits, created_at=now)
+            event = accepted_event(task, message, sizing.event_attributes())
+            task_bytes = task.SerializeToString()
+            inserted = await self.store.insert(NewMessage(
+                id=message_id, tenant_id=tenant_id, request_id=draft.request_id, fingerprint=fingerprint,
+                message_class=draft.message_class, task=task_bytes, credits=credits, created_at=now,
+                outbox=(OutboxRow(self.topology.send_subject(draft.message_class), str(message_id), task_bytes),
+                        OutboxRow(self.topology.events_subject(tenant_id), event.event.event_id,
+                                  event.SerializeToString()))))
         except BaseException as exc:
-            # The hold has no message: give the credits back now rather than at expiry.
-            await asyncio.shield(self._release_quietly(str(message_id), f"accept failed: {type(exc).__name__}"))
-            await self.limiter.refund_daily(tenant_id)
+            # The hold has no message: give the credits back now rather than at the hold's expiry.
+            await self._release_quietly(str(message_id), f"accept failed: {type(exc).__name__}")
+            await self._undo_quietly(ticket)
             raise
-
-    async def _refuse_suppressed(self, tenant_id: str, draft: EmailDraft) -> None:
-        suppressed = sorted(await suppressed_among(self.redis, self.topology.namespace, tenant_id,
-                                                   [box.email for box in draft.recipients]))
-        if suppressed:
-            raise FailedPrecondition(
-                "recipients are on the suppression list", reason="SUPPRESSED_RECIPIENT",
-                metadata={"recipients": ",".join(suppressed)},
-                field_violations=[FieldViolation("to", f"{a} is suppressed", "SUPPRESSED_RECIPIENT")
-                                  for a in suppressed],
-            )
-
-    async def _persist(self, tenant_id: str, draft: EmailDraft, message_id: uuid.UUID, fingerprint: bytes,
-                       attachments: list[StoredAttachment], credits: int) -> Accepted:
-        now = datetime.now(UTC)
-        task = build_send_task(message_id, tenant_id, draft, attachments, now)
-        message = message_resource(task, request_id=draft.request_id, credits=credits, created_at=now)
-        event = accepted_event(task, message)
-        async with self.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(
-                """INSERT INTO ingest.messages (id, tenant_id, request_id, request_sha256, message_class, task,
-                       credits, created_at)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
-                   ON CONFLICT (tenant_id, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING id""",
-                (message_id, tenant_id, draft.request_id or None, fingerprint, draft.message_class,
-                 task.SerializeToString(), credits, now),
-            )
-            if await cur.fetchone() is None:
-                conflict = True
-            else:
-                conflict = False
-                await write_outbox(conn, [
-                    OutboxRow(self.topology.send_subject(draft.message_class), str(message_id),
-                              task.SerializeToString()),
-                    OutboxRow(self.topology.events_subject(tenant_id), event.event.event_id,
-                              event.SerializeToString()),
-                ])
-        if conflict:
-            # A concurrent request with the same request_id won in Postgres (Redis fast path lost or bypassed).
+        if not inserted:
+            # Postgres already has this request_id (Redis had forgotten it): answer as the first time.
             await self._release_quietly(str(message_id), "duplicate request_id")
-            earlier = await self._load_by_request_id(tenant_id, draft.request_id, fingerprint)
+            await self._undo_quietly(ticket)
+            earlier = await self.store.by_request_id(tenant_id, draft.request_id)
             if earlier is None:
-                raise AlreadyExists("request_id is in use", reason="REQUEST_ID_IN_USE")
-            return Accepted(earlier, created=False)
+                raise Aborted("request_id conflict; retry", reason="REQUEST_IN_PROGRESS", retry_after_s=0.1)
+            repeated = _repeat(earlier, fingerprint, draft.request_id)
+            await self._remember_quietly(tenant_id, draft.request_id,
+                                         f"d|{earlier.fingerprint.hex()}|{earlier.message.id}")
+            return repeated
         self.outbox.notify()
+        if draft.request_id:
+            await self._remember_quietly(tenant_id, draft.request_id, f"d|{fingerprint.hex()}|{message_id}")
         return Accepted(message, created=True)
+
+    async def _wait_for_holder(self, tenant_id: str, request_id: str, fingerprint: bytes,
+                               holder: bytes) -> Accepted | None:
+        """Another request holds this request_id: its answer once it has one; None when it gave up."""
+        wait = self.duplicate_wait
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait.give_up_after_s
+        delay = wait.first_delay_s
+        value: bytes | None = holder
+        while value is not None:
+            state, _, rest = value.decode().partition("|")
+            holder_fingerprint, _, holder_message = rest.partition("|")
+            if holder_fingerprint != fingerprint.hex():
+                raise request_id_reused(request_id)
+            if state == "d":
+                stored = await self.store.by_id(tenant_id, holder_message)
+                if stored is not None:
+                    return _repeat(stored, fingerprint, request_id)
+                return None  # a claim Postgres knows nothing of (a restored database): the gate decides again
+            if loop.time() >= deadline:
+                stored = await self.store.by_request_id(tenant_id, request_id)
+                if stored is not None:
+                    return _repeat(stored, fingerprint, request_id)
+                raise Aborted("a request with this request_id is still being processed; retry",
+                              reason="REQUEST_IN_PROGRESS", retry_after_s=1.0)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, wait.max_delay_s)
+            value = await self.gate.holder(tenant_id, request_id)
+        # The claim is gone: its request was refused (or Redis forgot it). Postgres knows if it had succeeded.
+        stored = await self.store.by_request_id(tenant_id, request_id)
+        return None if stored is None else _repeat(stored, fingerprint, request_id)
+
+    # -- compensation ----------------------------------------------------------------------------------------
+    async def _run_to_end(self, work: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.ensure_future(work)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        task.add_done_callback(_consume_exception)
+        return await asyncio.shield(task)
 
     async def _release_quietly(self, hold_id: str, reason: str) -> None:
         try:
@@ -171,78 +275,40 @@ class Acceptor:
         except Exception:
             log.warning("could not release hold %s; it will expire", hold_id, exc_info=True)
 
-    # -- idempotency -----------------------------------------------------------------------------------------
-    def _idem_key(self, tenant_id: str, request_id: str) -> str:
-        return f"{self.topology.namespace}:idem:{tenant_id}:{request_id}"
-
-    async def _claim_request_id(self, tenant_id: str, request_id: str, message_id: uuid.UUID,
-                                fingerprint: bytes) -> messages_pb2.Message | None:
-        """Claim the request_id for this request, or return the message an equal earlier request created.
-
-        Redis SET NX elects one winner among concurrent duplicates cheaply; the others wait for its row.
-        Postgres' unique key stays the truth when Redis forgot (restart, failover).
-        """
-        key = self._idem_key(tenant_id, request_id)
-        claim = f"{message_id}|{fingerprint.hex()}"
-        for _ in range(200):
-            earlier = await self._load_by_request_id(tenant_id, request_id, fingerprint)
-            if earlier is not None:
-                return earlier
-            try:
-                if await self.redis.set(key, claim, nx=True, ex=IDEMPOTENCY_TTL_S):
-                    return None
-                holder = await self.redis.get(key)
-            except aioredis.RedisError:
-                log.warning("Redis unavailable for idempotency; relying on Postgres", exc_info=True)
-                return None
-            if holder is None:
-                continue
-            _holder_id, _, holder_fp = holder.decode().partition("|")
-            if holder_fp != fingerprint.hex():
-                raise _mismatch(request_id)
-            await asyncio.sleep(0.025)  # the winner is committing; its row appears shortly
-        raise FailedPrecondition("a request with this request_id is still being processed; retry",
-                                 reason="REQUEST_IN_PROGRESS", retry_after_s=1.0)
-
-    async def _unclaim(self, tenant_id: str, request_id: str, message_id: uuid.UUID) -> None:
-        key = self._idem_key(tenant_id, request_id)
+    async def _undo_quietly(self, ticket: AdmissionTicket) -> None:
         try:
-            holder = await self.redis.get(key)
-            if holder is not None and holder.decode().startswith(f"{message_id}|"):
-                await self.redis.delete(key)
-        except aioredis.RedisError:
-            log.warning("could not drop idempotency claim %s", key, exc_info=True)
+            await self.gate.undo(ticket)
+        except Exception:
+            log.warning("could not give back the rate token and quota of a refused email", exc_info=True)
 
-    async def _load_by_request_id(self, tenant_id: str, request_id: str,
-                                  fingerprint: bytes) -> messages_pb2.Message | None:
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                """SELECT request_sha256, task, credits, created_at FROM ingest.messages
-                   WHERE tenant_id = %s AND request_id = %s""",
-                (tenant_id, request_id),
-            )
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        stored_fp, task_bytes, credits, created_at = row
-        if bytes(stored_fp) != fingerprint:
-            raise _mismatch(request_id)
-        task = queue_pb2.SendTask.FromString(bytes(task_bytes))
-        return message_resource(task, request_id=request_id, credits=credits, created_at=created_at)
+    async def _remember_quietly(self, tenant_id: str, request_id: str, value: str) -> None:
+        try:
+            await self.gate.remember(tenant_id, request_id, value)
+        except RedisError:
+            # The claim stays "pending" until it expires; retries then find the message in Postgres.
+            log.warning("could not record request_id %s in Redis", request_id, exc_info=True)
+
+    async def drain(self) -> None:
+        """Wait for accepts whose callers went away to finish (called at shutdown)."""
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
 
 
-def _mismatch(request_id: str) -> AlreadyExists:
+def _repeat(stored: StoredMessage, fingerprint: bytes, request_id: str) -> Accepted:
+    if stored.fingerprint != fingerprint:
+        raise request_id_reused(request_id)
+    return Accepted(stored.message, created=False)
+
+
+def _consume_exception(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen: its owner re-raises it, so asyncio need not log it again."""
+    if not future.cancelled():
+        future.exception()
+
+
+def request_id_reused(request_id: str) -> AlreadyExists:
+    """The error for a request_id reused with a different request."""
     return AlreadyExists(
         "request_id was already used for a different request", reason="REQUEST_ID_REUSED",
         metadata={"request_id": request_id},
-        field_violations=[FieldViolation("request_id", "already used with different content")],
-    )
-
-
-def require_known(found: list[StoredAttachment], wanted: Sequence[str]) -> None:
-    """Every wanted attachment id must be among ``found`` (tenant-scoped), else INVALID_ARGUMENT."""
-    known = {a.id for a in found}
-    missing = [(i, a) for i, a in enumerate(wanted) if a.removeprefix("attachments/") not in known]
-    if missing:
-        raise InvalidArgument("unknown attachment ids", reason="UNKNOWN_ATTACHMENT", field_violations=[
-            FieldViolation(f"attachment_ids[{i}]", f"no attachment {a!r}", "UNKNOWN_ATTACHMENT") for i, a in missing])
+        field_violations=[FieldViolation("request_id", "already used with different content", "REQUEST_ID_REUSED")])

@@ -1,16 +1,19 @@
 """Attachments: streamed into S3 multipart uploads as bytes arrive, with size and sha256 enforced on the way.
 
-Memory stays bounded whatever the file size: at most one part being filled plus one part being uploaded.
+Memory stays bounded whatever the file size: one part being filled plus ``PARTS_IN_FLIGHT`` parts being uploaded;
+while those are busy the stream is not read, so gRPC flow control holds the client back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import mimetypes
 import re
 import secrets
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,14 +21,19 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from libs.common.errors import FieldViolation, InvalidArgument, NotFound
-from services.ingest.accept import require_known
 from services.ingest.model import StoredAttachment
+from services.ingest.validation import has_control
 
 MAX_ATTACHMENT_BYTES = 150 * 1024 * 1024
-"""150 MiB, the largest attachment accepted."""
+"""The largest attachment accepted: "150 MB" read as 150 MiB = 157,286,400 bytes, exactly (one byte more is
+refused, while streaming, and its multipart upload aborted)."""
 PART_BYTES = 8 * 1024 * 1024
 """S3 multipart part size (S3's minimum is 5 MiB for every part but the last)."""
+PARTS_IN_FLIGHT = 2
+"""Parts uploading at once: two keep S3 busy while the next part fills; memory stays at about
+(PARTS_IN_FLIGHT + 1) x PART_BYTES whatever the file size."""
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*(\s*;.*)?$")
 
 
 @dataclass(frozen=True)
@@ -41,15 +49,20 @@ class UploadMetadata:
 
 def _check_metadata(meta: UploadMetadata) -> UploadMetadata:
     problems: list[FieldViolation] = []
-    if not meta.filename or len(meta.filename) > 255 or any(c in meta.filename for c in "\r\n\0/\\"):
-        problems.append(FieldViolation("metadata.filename", "1 to 255 characters, no path separators or CR/LF/NUL"))
+    if not meta.filename or len(meta.filename) > 255 or has_control(meta.filename) or any(
+            c in meta.filename for c in "/\\"):
+        problems.append(FieldViolation("metadata.filename", "1 to 255 characters, no path separators, line breaks "
+                                       "or control characters", "INVALID_FILENAME"))
     if meta.size_bytes < 0 or meta.size_bytes > MAX_ATTACHMENT_BYTES:
         problems.append(FieldViolation("metadata.size_bytes", f"0 to {MAX_ATTACHMENT_BYTES} bytes",
                                        "ATTACHMENT_TOO_LARGE"))
     if meta.sha256 and not _SHA256_HEX.match(meta.sha256.lower()):
         problems.append(FieldViolation("metadata.sha256", "64 lowercase hex digits"))
-    if any(c in meta.content_type for c in "\r\n\0"):
-        problems.append(FieldViolation("metadata.content_type", "CR/LF/NUL are not allowed", "HEADER_INJECTION"))
+    if has_control(meta.content_type):
+        problems.append(FieldViolation("metadata.content_type", "line breaks and control characters are not allowed",
+                                       "HEADER_INJECTION"))
+    elif meta.content_type and not _MEDIA_TYPE.match(meta.content_type):
+        problems.append(FieldViolation("metadata.content_type", "not a media type (type/subtype)"))
     if problems:
         raise InvalidArgument("invalid attachment metadata", reason="INVALID_ATTACHMENT", field_violations=problems)
     content_type = meta.content_type or mimetypes.guess_type(meta.filename)[0] or "application/octet-stream"
@@ -63,6 +76,9 @@ class AttachmentStore:
         self.pool = pool
         self.s3 = s3
         self.bucket = bucket
+        # Parts upload on threads of their own: each thread gets a malloc arena that keeps freed part buffers,
+        # so few threads keep the process small (the default executor would spread parts over many).
+        self._part_uploader = ThreadPoolExecutor(max_workers=PARTS_IN_FLIGHT, thread_name_prefix="s3-part")
 
     async def upload(self, tenant_id: str, meta: UploadMetadata, chunks: AsyncIterator[bytes]) -> StoredAttachment:
         """Stream ``chunks`` into S3; refuse (and abort the multipart upload) past the size cap or on a bad hash."""
@@ -103,27 +119,37 @@ class AttachmentStore:
 
     async def _stream_parts(self, key: str, upload_id: str, meta: UploadMetadata,
                             chunks: AsyncIterator[bytes]) -> tuple[int, str]:
+        """Upload ``chunks`` as parts of ``PART_BYTES``; return the size and the sha256 of what was received."""
         hasher = hashlib.sha256()
         size = 0
+        filling: list[bytes] = []
+        filled = 0
         parts: list[dict[str, Any]] = []
-        buffer = bytearray()
-        in_flight: asyncio.Task[None] | None = None
+        part_count = 0
+        uploading: set[asyncio.Task[None]] = set()
 
         async def put_part(number: int, data: bytes) -> None:
-            result = await asyncio.to_thread(self.s3.upload_part, Bucket=self.bucket, Key=key,
-                                             UploadId=upload_id, PartNumber=number, Body=data)
+            result = await asyncio.get_running_loop().run_in_executor(self._part_uploader, functools.partial(
+                self.s3.upload_part, Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data))
             parts.append({"PartNumber": number, "ETag": result["ETag"]})
 
-        part_number = 0
+        async def wait_for_room(limit: int) -> None:
+            while len(uploading) > limit:
+                done, _ = await asyncio.wait(uploading, return_when=asyncio.FIRST_COMPLETED)
+                uploading.difference_update(done)
+                for task in done:
+                    task.result()  # a failed part fails the upload
 
         async def flush() -> None:
-            nonlocal in_flight, buffer, part_number
-            if in_flight is not None:
-                await in_flight  # at most one part uploading while the next one fills
-            part_number += 1
-            data = bytes(buffer)
-            buffer = bytearray()
-            in_flight = asyncio.create_task(put_part(part_number, data))
+            nonlocal filled, part_count
+            # Back-pressure: while the parts in flight are full, stop reading the stream, so gRPC flow control
+            # slows the client down instead of the server buffering.
+            await wait_for_room(PARTS_IN_FLIGHT - 1)
+            data = b"".join(filling)
+            filling.clear()
+            filled = 0
+            part_count += 1
+            uploading.add(asyncio.create_task(put_part(part_count, data)))
 
         try:
             async for chunk in chunks:
@@ -135,16 +161,16 @@ class AttachmentStore:
                         field_violations=[FieldViolation("chunk", f"more than {MAX_ATTACHMENT_BYTES} bytes",
                                                          "ATTACHMENT_TOO_LARGE")])
                 hasher.update(chunk)
-                buffer += chunk
-                if len(buffer) >= PART_BYTES:
+                filling.append(chunk)
+                filled += len(chunk)
+                if filled >= PART_BYTES:
                     await flush()
-            if buffer or part_number == 0:
+            if filling or part_count == 0:
                 await flush()
-            if in_flight is not None:
-                await in_flight
+            await wait_for_room(0)
         except BaseException:
-            if in_flight is not None and not in_flight.done():
-                in_flight.cancel()
+            for task in uploading:
+                task.cancel()
             raise
         digest = hasher.hexdigest()
         if meta.size_bytes and size != meta.size_bytes:
@@ -179,6 +205,8 @@ class AttachmentStore:
         return found[0]
 
     async def get_many(self, tenant_id: str, attachment_ids: Sequence[str]) -> list[StoredAttachment]:
+        """The tenant's attachments, in the order asked; NOT_FOUND naming every id that is unknown (or another
+        tenant's: the two are indistinguishable)."""
         if not attachment_ids:
             return []
         ids = [a.removeprefix("attachments/") for a in attachment_ids]
@@ -191,3 +219,16 @@ class AttachmentStore:
         stored = await self.get(tenant_id, attachment_id)
         async with self.pool.connection() as conn:
             await conn.execute("UPDATE ingest.attachments SET deleted_at = now() WHERE id = %s", (stored.id,))
+
+
+def require_known(found: list[StoredAttachment], wanted: Sequence[str]) -> None:
+    """Every wanted attachment id must be among ``found`` (the tenant's own), else NOT_FOUND with a field
+    violation per missing id."""
+    known = {a.id for a in found}
+    missing = [(i, a) for i, a in enumerate(wanted) if a.removeprefix("attachments/") not in known]
+    if missing:
+        raise NotFound(
+            f"attachment(s) not found: {', '.join(a for _, a in missing)}", reason="ATTACHMENT_NOT_FOUND",
+            metadata={"attachment_ids": ",".join(a for _, a in missing)},
+            field_violations=[FieldViolation(f"attachment_ids[{i}]", f"no attachment {a!r}", "ATTACHMENT_NOT_FOUND")
+                              for i, a in missing])

@@ -9,8 +9,8 @@ from esp.v1 import credits_pb2, credits_pb2_grpc
 
 from libs.common.errors import error_from_parts
 from libs.common.grpc_client import domain_errors
+from services.ingest.batching import MicroBatcher
 from services.ingest.payloads import CLASS_TO_PROTO
-from services.ledger.batcher import BatchingOptions, GroupCommitter
 
 
 class LedgerCreditReserver:
@@ -20,8 +20,8 @@ class LedgerCreditReserver:
     def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float = 5.0, max_batch: int = 500) -> None:
         self.stub = credits_pb2_grpc.CreditServiceStub(channel)
         self.timeout_s = timeout_s
-        self._batcher: GroupCommitter[credits_pb2.ReserveCreditsRequest, int] = GroupCommitter(
-            self._flush, BatchingOptions(max_batch_size=max_batch, workers=4))
+        self._batcher: MicroBatcher[credits_pb2.ReserveCreditsRequest, int] = MicroBatcher(
+            self._flush, max_batch_size=max_batch, workers=4)
 
     async def _flush(self, batch: Sequence[credits_pb2.ReserveCreditsRequest]) -> list[int | Exception]:
         async with domain_errors():

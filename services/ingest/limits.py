@@ -9,6 +9,7 @@ quota, no claim). An admitted email that is refused later (not enough credits ..
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ from redis.exceptions import NoScriptError
 
 from libs.common.errors import FailedPrecondition, FieldViolation, QuotaViolation, ResourceExhausted
 from libs.common.suppressions import normalise_email, suppression_key
+from services.ingest.batching import MicroBatcher
 from services.ingest.model import EmailDraft
-from services.ledger.batcher import BatchingOptions, GroupCommitter
 
 DAY_S = 86_400
 _COUNTER_TTL_S = DAY_S + 3600
@@ -64,7 +65,8 @@ local cost = tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tat = tonumber(redis.call('GET', KEYS[3]) or now)
-if tat < now then tat = now end
+-- A debt larger than the current rate can build up dates from a slower rate the tenant has since raised: forgive it.
+if tat < now or tat > now + tolerance + interval * cost then tat = now end
 if tat + interval * (cost - 1) - tolerance > now then
   return {3, tostring(math.ceil(tat + interval * (cost - 1) - tolerance - now))}
 end
@@ -84,7 +86,9 @@ return {0, tostring(used)}
 _UNDO = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 local tat = tonumber(redis.call('GET', KEYS[2]))
-if tat then redis.call('SET', KEYS[2], string.format('%.0f', tat - tonumber(ARGV[2]) * tonumber(ARGV[3])), 'KEEPTTL') end
+if tat then
+  redis.call('SET', KEYS[2], string.format('%.0f', tat - tonumber(ARGV[2]) * tonumber(ARGV[3])), 'KEEPTTL')
+end
 if redis.call('EXISTS', KEYS[3]) == 1 then
   if redis.call('DECRBY', KEYS[3], tonumber(ARGV[3])) < 0 then redis.call('SET', KEYS[3], 0, 'KEEPTTL') end
 end
@@ -109,18 +113,14 @@ class _RedisPipeliner:
 
     def __init__(self, redis: aioredis.Redis, scripts: Sequence[str]) -> None:
         self.redis = redis
-        self.sources = {self._sha(s): s for s in scripts}
-        self._batcher: GroupCommitter[tuple[Any, ...], Any] = GroupCommitter(
-            self._flush, BatchingOptions(max_batch_size=1000, workers=2))
+        self.sources = {self.sha(s): s for s in scripts}
+        self._batcher: MicroBatcher[tuple[Any, ...], Any] = MicroBatcher(self._flush, max_batch_size=1000,
+                                                                         workers=2)
 
     @staticmethod
-    def _sha(source: str) -> str:
-        import hashlib
-
-        return hashlib.sha1(source.encode()).hexdigest()  # Redis names scripts by their SHA-1
-
-    def sha(self, source: str) -> str:
-        return self._sha(source)
+    def sha(source: str) -> str:
+        """The name Redis gives a script (its SHA-1)."""
+        return hashlib.sha1(source.encode()).hexdigest()
 
     async def call(self, *command: Any) -> Any:
         return await self._batcher.submit(command)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import redis.asyncio as aioredis
 from esp.v1 import (
     attachments_pb2,
     campaigns_pb2,
@@ -19,6 +21,9 @@ from esp.v1 import (
 )
 from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from psycopg_pool import AsyncConnectionPool
 
 from libs.common import db
 from libs.common.auth import Principal, current_principal
@@ -28,15 +33,19 @@ from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
 from libs.common.redis import create_redis
 from libs.common.s3 import create_s3_client, ensure_bucket
+from libs.routing.catalog import ProviderCatalog, open_bucket
 from services.ingest.accept import Acceptor
 from services.ingest.attachments import AttachmentStore, UploadMetadata
 from services.ingest.clients import LedgerCreditReserver
 from services.ingest.config import IngestSettings
 from services.ingest.edge import ROUTES, ApiKeyAuthenticator, build_handler
-from services.ingest.limits import RateDefaults, SendLimiter
+from services.ingest.limits import RateDefaults, RedisGate
+from services.ingest.memory import return_large_buffers_to_the_os
 from services.ingest.model import EmailDraft, Mailbox
 from services.ingest.outbox import OutboxPublisher
 from services.ingest.payloads import PROTO_TO_CLASS
+from services.ingest.sizing import SizePolicy
+from services.ingest.store import MessageStore
 from services.ingest.tenants import ApiKeyRecord, Tenant, TenantStore
 
 _FILES = (messages_pb2, attachments_pb2, tenants_pb2, credits_pb2, providers_pb2, reports_pb2, campaigns_pb2)
@@ -110,10 +119,12 @@ def _attachment_proto(a: Any) -> attachments_pb2.Attachment:
 class IngestServicer:
     """The RPCs ingest answers itself (methods named as in the protos)."""
 
-    def __init__(self, acceptor: Acceptor, attachments: AttachmentStore, tenants: TenantStore) -> None:
+    def __init__(self, acceptor: Acceptor, attachments: AttachmentStore, tenants: TenantStore, *,
+                 max_batch_send: int = 500) -> None:
         self.acceptor = acceptor
         self.attachments = attachments
         self.tenants = tenants
+        self.max_batch_send = max_batch_send
 
     # -- MessageService ----------------------------------------------------------------------------------------
     async def SendEmail(self, request: messages_pb2.SendEmailRequest, context: Any) -> messages_pb2.SendEmailResponse:
@@ -122,9 +133,9 @@ class IngestServicer:
 
     async def BatchSendEmails(self, request: messages_pb2.BatchSendEmailsRequest,
                               context: Any) -> messages_pb2.BatchSendEmailsResponse:
-        if len(request.requests) > 500:
-            raise InvalidArgument("at most 500 emails per batch",
-                                  field_violations=[FieldViolation("requests", "at most 500")])
+        if not request.requests or len(request.requests) > self.max_batch_send:
+            raise InvalidArgument(f"1 to {self.max_batch_send} emails per batch", field_violations=[
+                FieldViolation("requests", f"1 to {self.max_batch_send} emails")])
         principal = current_principal()
 
         async def one(req: messages_pb2.SendEmailRequest) -> messages_pb2.BatchSendEmailsResponse.Result:
@@ -246,13 +257,52 @@ def _message_classes() -> dict[str, Any]:
     return classes
 
 
-async def build_app(settings: IngestSettings) -> ServiceApp:
+@dataclass
+class IngestComponents:
+    """Everything ingest is made of, built from settings; tests build it to reach the parts."""
+
+    settings: IngestSettings
+    topology: Topology
+    pool: AsyncConnectionPool
+    redis: aioredis.Redis
+    nc: NATS
+    js: JetStreamContext
+    s3: Any
+    channels: dict[str, grpc.aio.Channel]
+    tenants: TenantStore
+    credits: LedgerCreditReserver
+    outbox: OutboxPublisher
+    attachments: AttachmentStore
+    gate: RedisGate
+    store: MessageStore
+    catalog: ProviderCatalog
+    acceptor: Acceptor
+    servicer: IngestServicer
+
+    async def close(self) -> None:
+        """Finish accepts in progress, then close every client (reverse order of creation)."""
+        await self.acceptor.drain()
+        await self.store.close()
+        await self.gate.close()
+        await self.credits.close()
+        for channel in self.channels.values():
+            await channel.close()
+        await self.nc.drain()
+        await self.redis.aclose()
+        await self.pool.close()
+
+
+async def build_components(settings: IngestSettings) -> IngestComponents:
+    """Connect to Postgres, Redis, NATS (streams and the provider catalog), S3 and the ledger; wire the parts."""
+    return_large_buffers_to_the_os()
     topology = Topology(settings.namespace)
-    pool = await db.create_pool(settings.postgres_dsn, min_size=2, max_size=20, name="ingest")
+    pool = await db.create_pool(settings.postgres_dsn, min_size=2, max_size=settings.accept_batch_workers + 12,
+                                name="ingest")
     redis = create_redis(settings.redis_url)
     nc = await connect(settings.nats_url, "esp-ingest")
     js = nc.jetstream()
     await ensure_streams(js, topology)
+    catalog = ProviderCatalog(await open_bucket(js, settings.namespace))
     s3 = create_s3_client(settings.s3_endpoint, settings.s3_region, settings.s3_access_key, settings.s3_secret_key)
     await asyncio.to_thread(ensure_bucket, s3, settings.s3_bucket)
     channels = {"reports": open_channel(settings.reports_addr), "ledger": open_channel(settings.ledger_addr),
@@ -261,11 +311,19 @@ async def build_app(settings: IngestSettings) -> ServiceApp:
     credits = LedgerCreditReserver(channels["ledger"], timeout_s=settings.upstream_timeout_s)
     outbox = OutboxPublisher(pool, js)
     attachments = AttachmentStore(pool, s3, settings.s3_bucket)
-    limiter = SendLimiter(redis, settings.namespace, RateDefaults(
-        settings.default_otp_rate, settings.default_transactional_rate, settings.default_bulk_rate))
-    acceptor = Acceptor(pool=pool, redis=redis, topology=topology, tenants=tenants, limiter=limiter,
-                        credits=credits, attachments=attachments, outbox=outbox)
-    servicer = IngestServicer(acceptor, attachments, tenants)
+    gate = RedisGate(redis, settings.namespace, RateDefaults(
+        settings.default_otp_rate, settings.default_transactional_rate, settings.default_bulk_rate,
+        settings.rate_burst_s), claim_ttl_s=settings.idempotency_cache_s)
+    store = MessageStore(pool, batch_size=settings.accept_batch_size, workers=settings.accept_batch_workers)
+    acceptor = Acceptor(tenants=tenants, gate=gate, credits=credits, attachments=attachments, store=store,
+                        outbox=outbox, topology=topology, sizes=SizePolicy(lambda: catalog.providers.values()))
+    servicer = IngestServicer(acceptor, attachments, tenants, max_batch_send=settings.max_batch_send)
+    return IngestComponents(settings, topology, pool, redis, nc, js, s3, channels, tenants, credits, outbox,
+                            attachments, gate, store, catalog, acceptor, servicer)
+
+
+def service_app(parts: IngestComponents) -> ServiceApp:
+    """The gRPC service over ``parts``: the edge routes, the outbox publisher and the catalog watcher."""
     classes = _message_classes()
     handlers: list[grpc.GenericRpcHandler] = []
     names: list[str] = []
@@ -273,17 +331,14 @@ async def build_app(settings: IngestSettings) -> ServiceApp:
         for service in module.DESCRIPTOR.services_by_name.values():
             routes = ROUTES.get(service.full_name)
             if routes:
-                handlers.append(build_handler(service, routes, servicer, channels, classes,
-                                              settings.upstream_timeout_s))
+                handlers.append(build_handler(service, routes, parts.servicer, parts.channels, classes,
+                                              parts.settings.upstream_timeout_s))
                 names.append(service.full_name)
-
-    async def close_all() -> None:
-        await credits.close()
-        for channel in channels.values():
-            await channel.close()
-        await nc.drain()
-        await redis.aclose()
-        await pool.close()
-
     return ServiceApp(name="ingest", default_port=50051, generic_handlers=handlers, service_names=names,
-                      tasks=[outbox.run], closers=[close_all], authenticator=ApiKeyAuthenticator(tenants))
+                      tasks=[parts.outbox.run, parts.catalog.run], closers=[parts.close],
+                      authenticator=ApiKeyAuthenticator(parts.tenants))
+
+
+async def build_app(settings: IngestSettings) -> ServiceApp:
+    """The ingest service for ``serve()``."""
+    return service_app(await build_components(settings))

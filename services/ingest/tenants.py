@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import string
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,12 +20,20 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from libs.common.auth import PLATFORM_ADMIN, Principal
-from libs.common.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, Unauthenticated
+from libs.common.errors import (
+    AlreadyExists,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from services.ingest.model import TenantPolicy
 
 KEY_PREFIX = "esp_live_"
 SCOPES = ("send", "read", "admin")
 _KEY_SHAPE = re.compile(r"^esp_live_([a-z0-9]{12})_([A-Za-z0-9_-]{32})$")
+_SECRET_ALPHABET = string.ascii_letters + string.digits
 _TENANT_ID = re.compile(r"^[a-z][a-z0-9-]{2,62}$")
 
 
@@ -82,7 +91,7 @@ class TenantStore:
         self.pool = pool
         self.cache_ttl_s = cache_ttl_s
         self.admin_token = admin_token
-        self._keys: dict[str, tuple[float, bytes, Principal, bool]] = {}
+        self._keys: dict[str, tuple[float, bytes, Principal, bool, bool]] = {}
         self._tenants: dict[str, tuple[float, Tenant]] = {}
 
     # -- tenants ---------------------------------------------------------------------------------------------
@@ -147,7 +156,8 @@ class TenantStore:
                 "api_key.scopes", f"one or more of {', '.join(SCOPES)}")])
         await self.get_tenant(tenant_id)
         key_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(12))
-        secret = secrets.token_urlsafe(24)[:32].ljust(32, "A")
+        # Letters and digits only (190 bits): the whole key selects with one double-click.
+        secret = "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(32))
         async with self.pool.connection() as conn:
             await conn.execute(
                 """INSERT INTO ingest.api_keys (id, tenant_id, display_name, secret_sha256, scopes)
@@ -194,22 +204,36 @@ class TenantStore:
         key_id, secret = match.groups()
         now = time.monotonic()
         cached = self._keys.get(key_id)
-        if cached is None or now - cached[0] >= self.cache_ttl_s:
+        fresh = cached is None or now - cached[0] >= self.cache_ttl_s
+        if fresh:
             async with self.pool.connection() as conn:
                 cur = await conn.execute(
-                    """SELECT k.secret_sha256, k.tenant_id, k.scopes, k.revoked_at IS NOT NULL OR t.disabled
+                    """SELECT k.secret_sha256, k.tenant_id, k.scopes, k.revoked_at IS NOT NULL, t.disabled
                        FROM ingest.api_keys k JOIN ingest.tenants t ON t.id = k.tenant_id WHERE k.id = %s""",
                     (key_id,),
                 )
                 row = await cur.fetchone()
             if row is None:
                 raise Unauthenticated("unknown API key", reason="INVALID_API_KEY")
-            digest, tenant_id, scopes, revoked = row
-            cached = (now, bytes(digest), Principal(tenant_id, frozenset(scopes), key_id), bool(revoked))
+            digest, tenant_id, scopes, revoked, disabled = row
+            cached = (now, bytes(digest), Principal(tenant_id, frozenset(scopes), key_id), bool(revoked),
+                      bool(disabled))
             self._keys[key_id] = cached
-        _at, digest, principal, revoked = cached
+        _at, digest, principal, revoked, disabled = cached
         if not hmac.compare_digest(digest, _hash(secret)):
             raise Unauthenticated("unknown API key", reason="INVALID_API_KEY")
         if revoked:
             raise Unauthenticated("this API key was revoked", reason="API_KEY_REVOKED")
+        if disabled:
+            raise PermissionDenied("this tenant is disabled", reason="TENANT_DISABLED")
+        if fresh:
+            await self._touch(key_id)
         return principal
+
+    async def _touch(self, key_id: str) -> None:
+        """Record that the key was used: at most once a minute, so a busy key costs Postgres nothing."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                """UPDATE ingest.api_keys SET last_used_at = now()
+                   WHERE id = %s AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')""",
+                (key_id,))

@@ -49,12 +49,16 @@ RESERVED_HEADERS = frozenset({
 tenant's allow-list says (they have their own request fields, or must not be forged)."""
 RESERVED_HEADER_PREFIX = "x-esp-"
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext: printable US-ASCII except ':'
-_FORBIDDEN = re.compile(r"[\r\n\0]")
+# CR, LF, NUL, the other C0 controls (tab aside), DEL, NEL and the Unicode line/paragraph separators: any of them in
+# a header may end it and start another — in SMTP, or in a MIME library that splits lines its own way.
+_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+_NO_CONTROL = "line breaks (CR, LF ...), NUL and other control characters are not allowed"
 _ID_SHAPE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def has_control(value: str) -> bool:
-    """True when ``value`` holds CR, LF or NUL: in a header they would end it and start another (injection)."""
+    """True when ``value`` holds a line break or another control character: in a header it could end the header
+    and start another (header injection)."""
     return _FORBIDDEN.search(value) is not None
 
 
@@ -62,7 +66,7 @@ def has_control(value: str) -> bool:
 def normalise_address(raw: str) -> str:
     """The address in canonical form; raises ValueError when malformed. Cached: senders and recipients repeat."""
     if has_control(raw):
-        raise ValueError("CR, LF and NUL are not allowed")
+        raise ValueError(_NO_CONTROL)
     try:
         result = validate_email(raw, check_deliverability=False, allow_smtputf8=True)
     except EmailNotValidError as exc:
@@ -75,11 +79,11 @@ def _check_mailboxes(field: str, boxes: Iterable[Mailbox], out: list[FieldViolat
     for i, box in enumerate(boxes):
         where = f"{field}[{i}]"
         if has_control(box.name):
-            out.append(FieldViolation(f"{where}.name", "CR, LF and NUL are not allowed", "HEADER_INJECTION"))
+            out.append(FieldViolation(f"{where}.name", _NO_CONTROL, "HEADER_INJECTION"))
         elif len(box.name) > MAX_NAME_CHARS:
             out.append(FieldViolation(f"{where}.name", f"longer than {MAX_NAME_CHARS} characters"))
         if has_control(box.email):
-            out.append(FieldViolation(f"{where}.email", "CR, LF and NUL are not allowed", "HEADER_INJECTION"))
+            out.append(FieldViolation(f"{where}.email", _NO_CONTROL, "HEADER_INJECTION"))
             continue
         try:
             normalised.append(Mailbox(normalise_address(box.email), box.name))
@@ -105,7 +109,7 @@ def _check_headers(headers: Iterable[tuple[str, str]], extra_allowed: frozenset[
             out.append(FieldViolation(where, "header not on the allow-list (X-* and "
                                       + ", ".join(sorted(allowed)) + ")", "HEADER_NOT_ALLOWED"))
         if has_control(value):
-            out.append(FieldViolation(where, "CR, LF and NUL are not allowed in header values", "HEADER_INJECTION"))
+            out.append(FieldViolation(where, _NO_CONTROL + " in header values", "HEADER_INJECTION"))
         elif len(value) > MAX_HEADER_VALUE_CHARS:
             out.append(FieldViolation(where, f"value longer than {MAX_HEADER_VALUE_CHARS} characters"))
     if count > MAX_HEADERS:
@@ -133,7 +137,7 @@ def validate_draft(draft: EmailDraft, *, extra_allowed_headers: frozenset[str] =
         problems.append(FieldViolation("to", f"at most {MAX_RECIPIENTS} recipients (to+cc+bcc) per message; "
                                              "use a campaign for more", "TOO_MANY_RECIPIENTS"))
     if has_control(draft.subject):
-        problems.append(FieldViolation("subject", "CR, LF and NUL are not allowed", "HEADER_INJECTION"))
+        problems.append(FieldViolation("subject", _NO_CONTROL, "HEADER_INJECTION"))
     if len(draft.subject) > MAX_SUBJECT_CHARS:
         problems.append(FieldViolation("subject", f"longer than {MAX_SUBJECT_CHARS} characters", "TOO_LONG"))
     if not draft.text_body and not draft.html_body:
@@ -156,7 +160,7 @@ def validate_draft(draft: EmailDraft, *, extra_allowed_headers: frozenset[str] =
         problems.append(FieldViolation("metadata", f"larger than {MAX_METADATA_BYTES} bytes"))
     for key, value in draft.metadata.items():
         if has_control(key) or has_control(value):
-            problems.append(FieldViolation(f"metadata[{key!r}]", "CR, LF and NUL are not allowed",
+            problems.append(FieldViolation(f"metadata[{key!r}]", _NO_CONTROL,
                                            "HEADER_INJECTION"))
     if len(draft.attachment_ids) > MAX_ATTACHMENTS:
         problems.append(FieldViolation("attachment_ids", f"at most {MAX_ATTACHMENTS} attachments"))

@@ -1,16 +1,20 @@
 """Group commit: concurrent calls coalesce into batches that one flush function handles in one transaction.
 
 A hot tenant's balance row can take only a few thousand single-row transactions a second; handling a few hundred
-reserves per transaction multiplies that. Batches form by themselves under load: while the workers are busy
-with one batch each, new calls queue up and the next free worker takes all of them (up to ``max_batch_size``).
-An idle ledger therefore adds no delay to a lone call unless ``max_delay_s`` asks a worker to linger.
+reserves per transaction multiplies that. Batches form by themselves under load: while a worker is busy with one
+batch, new calls queue up and it takes all of them next (up to ``max_batch_size``). An idle ledger therefore adds
+no delay to a lone call unless ``max_delay_s`` asks a worker to linger.
+
+Requests are spread over ``shards`` queues by a shard key (the ledger uses the tenant), so batches of different
+shards touch disjoint rows and never queue behind each other's row locks. The workers are dealt to the queues
+round-robin; with two or more per queue, the next batch of a shard is prepared while one is in the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -30,7 +34,9 @@ class BatchingOptions:
     max_delay_s: float = 0.0
     """How long a worker that found fewer than ``max_batch_size`` requests waits for more; 0 never waits."""
     workers: int = 4
-    """Batches in flight at once (each holds one database connection while it runs)."""
+    """Batches in flight at once (each holds a database connection while it runs)."""
+    shards: int = 2
+    """Queues the workers are split over, round-robin (at most ``workers`` of them are used)."""
 
 
 class BatcherClosed(RuntimeError):
@@ -38,15 +44,26 @@ class BatcherClosed(RuntimeError):
 
 
 class GroupCommitter(Generic[RequestT, ResultT]):
-    """Runs ``flush`` on batches of concurrently submitted requests and hands each caller its own result."""
+    """Runs ``flush`` on batches of concurrently submitted requests and hands each caller its own result.
 
-    def __init__(self, flush: FlushFunction[RequestT, ResultT], options: BatchingOptions) -> None:
-        if options.max_batch_size < 1 or options.workers < 1 or options.max_delay_s < 0:
+    ``shard_key`` picks a request's queue; requests with equal keys always share one (so a batch holds all the
+    pending requests of its keys). Without it every request goes to the first queue that is idle or shortest.
+    """
+
+    def __init__(
+        self,
+        flush: FlushFunction[RequestT, ResultT],
+        options: BatchingOptions,
+        shard_key: Callable[[RequestT], Hashable] | None = None,
+    ) -> None:
+        if options.max_batch_size < 1 or options.shards < 1 or options.workers < 1 or options.max_delay_s < 0:
             raise ValueError(f"invalid batching options {options}")
+        shards = min(options.shards, options.workers)
         self._flush = flush
         self._options = options
-        self._queue: deque[tuple[RequestT, asyncio.Future[ResultT]]] = deque()
-        self._wakeup = asyncio.Event()
+        self._shard_key = shard_key
+        self._queues: list[deque[tuple[RequestT, asyncio.Future[ResultT]]]] = [deque() for _ in range(shards)]
+        self._wakeups = [asyncio.Event() for _ in range(shards)]
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -69,7 +86,8 @@ class GroupCommitter(Generic[RequestT, ResultT]):
     async def close(self) -> None:
         """Stop taking requests, finish every queued one, then stop the workers."""
         self._closing = True
-        self._wakeup.set()
+        for wakeup in self._wakeups:
+            wakeup.set()
         if self._workers:
             await asyncio.gather(*self._workers)
             self._workers.clear()
@@ -79,27 +97,34 @@ class GroupCommitter(Generic[RequestT, ResultT]):
             raise BatcherClosed("the ledger is closed")
         if not self._workers:
             # Started lazily so the batcher can be built outside a running event loop.
-            self._workers = [asyncio.create_task(self._work()) for _ in range(self._options.workers)]
+            self._workers = [
+                asyncio.create_task(self._work(worker % len(self._queues))) for worker in range(self._options.workers)
+            ]
+        if self._shard_key is not None:
+            shard = hash(self._shard_key(request)) % len(self._queues)
+        else:
+            shard = min(range(len(self._queues)), key=lambda i: len(self._queues[i]))
         future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
-        self._queue.append((request, future))
-        self._wakeup.set()
+        self._queues[shard].append((request, future))
+        self._wakeups[shard].set()
         return future
 
-    async def _work(self) -> None:
+    async def _work(self, shard: int) -> None:
+        queue, wakeup = self._queues[shard], self._wakeups[shard]
         max_size = self._options.max_batch_size
         while True:
-            while not self._queue:
+            while not queue:
                 if self._closing:
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            if self._options.max_delay_s > 0 and len(self._queue) < max_size and not self._closing:
+                wakeup.clear()
+                await wakeup.wait()
+            if self._options.max_delay_s > 0 and len(queue) < max_size and not self._closing:
                 await asyncio.sleep(self._options.max_delay_s)
-            batch = [self._queue.popleft() for _ in range(min(max_size, len(self._queue)))]
+            batch = [queue.popleft() for _ in range(min(max_size, len(queue)))]
             if not batch:
-                continue  # another worker took them while this one lingered
-            if self._queue:
-                self._wakeup.set()  # let an idle worker start on the rest now
+                continue  # a worker of the same queue took them while this one lingered
+            if queue:
+                wakeup.set()  # let an idle worker of this queue start on the rest now
             await self._run(batch)
 
     async def _run(self, batch: list[tuple[RequestT, asyncio.Future[ResultT]]]) -> None:

@@ -54,11 +54,11 @@ class HoldAlreadyResolved(LedgerError, FailedPrecondition):
 
     def __init__(self, hold_id: str, state: str) -> None:
         self.hold_id = hold_id
-        self.state = state
+        self.state = str(state)
         super().__init__(
-            f"hold {hold_id} is already {state}",
+            f"hold {hold_id} is already {self.state}",
             reason="HOLD_ALREADY_RESOLVED",
-            metadata={"hold_id": hold_id, "state": state},
+            metadata={"hold_id": hold_id, "state": self.state},
         )
 
 

@@ -17,6 +17,7 @@ from services.ledger.config import LedgerSettings
 from services.ledger.errors import LedgerError
 from services.ledger.ledger import Ledger, LedgerOptions
 from services.ledger.models import Balance, Hold, HoldState, MessageClass, PriceOverrides, ReserveRequest
+from services.ledger.notifications import NotificationPublisher
 from services.ledger.outcomes import OutcomeConsumer
 
 _CLASS = {common_pb2.MESSAGE_CLASS_OTP: MessageClass.OTP,
@@ -175,6 +176,11 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
     async def sweep(stop: Any) -> None:
         await ledger.run_expiry_sweeper(stop, interval_s=settings.sweep_interval_s)
 
+    notifications = NotificationPublisher(ledger, js, topology)
+
+    async def publish_notifications(stop: Any) -> None:
+        await notifications.run(stop)
+
     async def close_all() -> None:
         await ledger.close()
         await nc.drain()
@@ -184,4 +190,4 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
         name="ledger", default_port=50053,
         servicers=[(credits_pb2_grpc.add_CreditServiceServicer_to_server, CreditServicer(ledger))],
         service_names=[credits_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name],
-        tasks=[consume, sweep], closers=[close_all], authenticator=TrustedHeaderAuthenticator())
+        tasks=[consume, sweep, publish_notifications], closers=[close_all], authenticator=TrustedHeaderAuthenticator())

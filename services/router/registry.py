@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -14,8 +15,11 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from libs.common.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument, NotFound
-from libs.providers.registry import BUILTIN_TYPES
-from libs.routing.catalog import ProviderSpec
+from libs.providers.base import AdapterConfigError
+from libs.providers.registry import BUILTIN_TYPES, create_adapter
+from libs.routing.catalog import ProviderSpec, provider_config
+
+log = logging.getLogger(__name__)
 
 _ID = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
 _CLASSES = ("otp", "transactional", "bulk")
@@ -37,7 +41,7 @@ class ProviderRecord:
         return f"router.provider_credentials/{self.spec.id}"
 
 
-def _validate(spec: ProviderSpec) -> None:
+async def _validate(spec: ProviderSpec) -> None:
     problems: list[FieldViolation] = []
     if not _ID.match(spec.id):
         problems.append(FieldViolation("provider_id", "2 to 63 characters: lowercase letters, digits, dashes"))
@@ -52,8 +56,31 @@ def _validate(spec: ProviderSpec) -> None:
     bad = [c for c in spec.allowed_classes if c not in _CLASSES]
     if bad:
         problems.append(FieldViolation("provider.allowed_classes", f"unknown classes {bad}"))
+    timeout = spec.options.get("timeout_s")
+    if timeout is not None and not _positive_number(timeout):
+        problems.append(FieldViolation("provider.options", "timeout_s must be a positive number of seconds"))
+    if not problems:
+        problems.extend(await _adapter_problems(spec))
     if problems:
         raise InvalidArgument("invalid provider", reason="INVALID_PROVIDER", field_violations=problems)
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+async def _adapter_problems(spec: ProviderSpec) -> list[FieldViolation]:
+    """Build the provider's adapter once, so a missing credential or option is refused now rather than found by
+    the first email sent to it."""
+    try:
+        adapter = create_adapter(provider_config(spec))
+    except AdapterConfigError as exc:
+        return [FieldViolation("provider", str(exc))]
+    await adapter.aclose()
+    return []
 
 
 class ProviderRegistry:
@@ -81,14 +108,20 @@ class ProviderRegistry:
         return ProviderSpec(**data)
 
     async def _broadcast(self, conn: Any, provider_id: str) -> None:
-        row = await self._row(conn, provider_id, with_credentials=True)
-        if row is None:
-            await self.kv.delete(provider_id)
-        else:
-            await self.kv.put(provider_id, self._spec(row).to_json())
+        """Tell every replica. The change is already committed, so a failure here is not the caller's: it is
+        logged and the router's repair loop re-broadcasts within a second or so."""
+        try:
+            row = await self._row(conn, provider_id, with_credentials=True)
+            if row is None:
+                await self.kv.delete(provider_id)
+            else:
+                await self.kv.put(provider_id, self._spec(row).to_json())
+        except Exception:
+            log.warning("provider broadcast failed; the repair loop will retry", exc_info=True,
+                        extra={"provider": provider_id})
 
     async def create(self, spec: ProviderSpec) -> ProviderRecord:
-        _validate(spec)
+        await _validate(spec)
         async with self.pool.connection() as conn:
             async with conn.transaction():
                 values = [getattr(spec, c) for c in _COLUMNS]
@@ -122,13 +155,19 @@ class ProviderRegistry:
 
     async def update(self, provider_id: str, changes: Mapping[str, Any], *, expected_version: int | None = None,
                      credentials: Mapping[str, str] | None = None) -> ProviderRecord:
-        current = (await self.get(provider_id)).spec
         unknown = set(changes) - set(_COLUMNS)
         if unknown:
             raise InvalidArgument("unknown fields in update_mask", field_violations=[
                 FieldViolation("update_mask", f"cannot update {sorted(unknown)}")])
-        updated = replace(current, **{k: (tuple(v) if k == "allowed_classes" else v) for k, v in changes.items()})
-        _validate(updated)
+        async with self.pool.connection() as conn:
+            row = await self._row(conn, provider_id, with_credentials=True)
+        if row is None:
+            raise NotFound(f"provider {provider_id!r} not found", reason="PROVIDER_NOT_FOUND")
+        updated = replace(self._spec(row), **{k: (tuple(v) if k == "allowed_classes" else v)
+                                              for k, v in changes.items()})
+        if credentials:
+            updated = replace(updated, credentials=dict(credentials))
+        await _validate(updated)
         async with self.pool.connection() as conn:
             async with conn.transaction():
                 sets = [f"{k} = %s" for k in changes]
@@ -155,7 +194,28 @@ class ProviderRegistry:
                 await self.get(provider_id)  # NOT_FOUND when it does not exist
                 raise Aborted("the provider changed since it was read (etag mismatch)", reason="ETAG_MISMATCH")
             await conn.commit()
-            await self.kv.delete(provider_id)
+            await self._broadcast(conn, provider_id)
+
+    async def repair(self, broadcast: Mapping[str, ProviderSpec]) -> int:
+        """Fix whatever the broadcast view (a catalog of the KV bucket) lacks compared with Postgres: a put or a
+        delete that was lost (NATS down at the time) reaches the replicas at the next repair. Returns the number
+        of keys fixed."""
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute("""SELECT p.*, c.credentials FROM router.providers p
+                                 LEFT JOIN router.provider_credentials c ON c.provider_id = p.id""")
+            rows = await cur.fetchall()
+        wanted = {r["id"]: self._spec(r) for r in rows}
+        fixed = 0
+        for stale in set(broadcast) - set(wanted):
+            await self.kv.delete(stale)
+            fixed += 1
+        for pid, spec in wanted.items():
+            if broadcast.get(pid) != spec:
+                await self.kv.put(pid, spec.to_json())
+                fixed += 1
+        if fixed:
+            log.warning("provider broadcast repaired", extra={"keys": fixed})
+        return fixed
 
     async def resync(self) -> int:
         """Make the KV bucket match Postgres exactly (start-up, or after a lost broadcast)."""

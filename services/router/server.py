@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from esp.v1 import common_pb2, providers_pb2, providers_pb2_grpc
@@ -21,6 +22,8 @@ from libs.routing.health import HealthBoard
 from libs.routing.scoring import EmailFacts, ProviderScore, rank
 from services.router.config import RouterSettings
 from services.router.registry import ProviderRecord, ProviderRegistry
+
+log = logging.getLogger(__name__)
 
 _CLASS = {common_pb2.MESSAGE_CLASS_OTP: "otp", common_pb2.MESSAGE_CLASS_TRANSACTIONAL: "transactional",
           common_pb2.MESSAGE_CLASS_BULK: "bulk"}
@@ -72,12 +75,17 @@ def _proto(record: ProviderRecord) -> providers_pb2.Provider:
         etag=str(s.version))
 
 
+UNLIMITED_AS_NUMBER = 1e18
+"""How "no limit" (an infinite quota or rate budget) is written in the breakdown."""
+
+
 def _score(s: ProviderScore) -> providers_pb2.ProviderScore:
     return providers_pb2.ProviderScore(
         provider=f"providers/{s.provider_id}", type=s.type, score=s.score,
         expected_cost_micros=s.expected_cost_micros, latency_ms_ewma=s.latency_ms, error_rate=s.error_rate,
-        breaker_state=s.breaker, remaining_daily_quota=min(s.remaining_daily_quota, 1e18),
-        rate_budget_per_second=s.rate_limit_per_second, excluded_reason=s.excluded_reason)
+        breaker_state=s.breaker, remaining_daily_quota=min(s.remaining_daily_quota, UNLIMITED_AS_NUMBER),
+        rate_budget_per_second=min(s.rate_budget_per_second, UNLIMITED_AS_NUMBER),
+        excluded_reason=s.excluded_reason)
 
 
 class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
@@ -148,7 +156,7 @@ async def build_app(settings: RouterSettings) -> ServiceApp:
     await registry.resync()
     catalog = ProviderCatalog(kv)
     redis = create_redis(settings.redis_url)
-    health = HealthBoard(redis, settings.namespace, refresh_s=settings.health_refresh_s)
+    health = HealthBoard(redis, settings.namespace, settings.breaker_policy(), refresh_s=settings.health_refresh_s)
 
     async def close_all() -> None:
         await nc.drain()
@@ -158,9 +166,23 @@ async def build_app(settings: RouterSettings) -> ServiceApp:
     async def watch(stop: asyncio.Event) -> None:
         await catalog.run(stop)
 
+    async def repair(stop: asyncio.Event) -> None:
+        await catalog.wait_loaded(timeout_s=60)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), settings.registry_resync_s)
+            except TimeoutError:
+                pass
+            if stop.is_set():
+                break
+            try:
+                await registry.repair(catalog.providers)
+            except Exception:
+                log.warning("provider broadcast repair failed", exc_info=True)
+
     return ServiceApp(
         name="router", default_port=50052,
         servicers=[(providers_pb2_grpc.add_ProviderServiceServicer_to_server,
                     ProviderServicer(registry, catalog, health))],
         service_names=[providers_pb2.DESCRIPTOR.services_by_name["ProviderService"].full_name],
-        tasks=[watch], closers=[close_all], authenticator=TrustedHeaderAuthenticator())
+        tasks=[watch, repair], closers=[close_all], authenticator=TrustedHeaderAuthenticator())

@@ -1,42 +1,50 @@
-"""One live adapter per provider, rebuilt when its configuration changes and closed when it goes away."""
+"""One live adapter per provider, rebuilt when its registry entry changes and closed when it goes away.
+
+A retired adapter (its provider changed or was removed) is closed after a grace period, so the sends already
+under way with it finish first; closing the pool closes every adapter at once, retired ones included.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from libs.providers.base import ProviderAdapter, ProviderConfig
+from libs.providers.base import ProviderAdapter
 from libs.providers.registry import create_adapter
-from libs.routing.catalog import ProviderCatalog, ProviderSpec
+from libs.routing.catalog import ProviderCatalog, ProviderSpec, provider_config
 
 log = logging.getLogger(__name__)
 
-
-def config_of(spec: ProviderSpec) -> ProviderConfig:
-    timeout = float(spec.options.get("timeout_s", "10"))
-    return ProviderConfig(name=spec.id, type=spec.type, endpoint=spec.endpoint, credentials=dict(spec.credentials),
-                          region=spec.region, options=dict(spec.options), timeout_s=timeout)
+RETIRE_GRACE_S = 30.0
 
 
 class AdapterPool:
     """Adapters keyed by provider id; a spec change (new version) or removal retires the old adapter."""
 
-    def __init__(self, catalog: ProviderCatalog) -> None:
+    def __init__(self, catalog: ProviderCatalog, *, retire_grace_s: float = RETIRE_GRACE_S) -> None:
         self.catalog = catalog
+        self.retire_grace_s = retire_grace_s
         self._adapters: dict[str, tuple[int, ProviderAdapter]] = {}
-        self._retired: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], ProviderAdapter] = {}
         catalog.on_change(self._changed)
 
     def get(self, provider_id: str) -> ProviderAdapter:
+        """The provider's adapter for its current registry entry; ``KeyError`` if the provider is gone,
+        ``AdapterConfigError`` if its entry cannot make an adapter."""
         spec = self.catalog.providers[provider_id]
         current = self._adapters.get(provider_id)
         if current is not None and current[0] == spec.version:
             return current[1]
-        adapter = create_adapter(config_of(spec))
+        adapter = create_adapter(provider_config(spec))
         self._adapters[provider_id] = (spec.version, adapter)
         if current is not None:
             self._retire(current[1])
         return adapter
+
+    @property
+    def retiring(self) -> int:
+        """Adapters waiting out their grace period before being closed."""
+        return len(self._retiring)
 
     def _changed(self, provider_id: str, spec: ProviderSpec | None) -> None:
         current = self._adapters.get(provider_id)
@@ -46,19 +54,27 @@ class AdapterPool:
 
     def _retire(self, adapter: ProviderAdapter) -> None:
         async def close_later() -> None:
-            await asyncio.sleep(30)  # sends already under way with it finish first
-            await adapter.aclose()
+            await asyncio.sleep(self.retire_grace_s)
+            await _close(adapter)
 
         task = asyncio.get_running_loop().create_task(close_later())
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
+        self._retiring[task] = adapter
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     async def aclose(self) -> None:
-        for task in list(self._retired):
+        """Close every adapter now, including the retired ones still in their grace period."""
+        retiring = list(self._retiring.items())
+        self._retiring.clear()
+        for task, adapter in retiring:
             task.cancel()
+            await _close(adapter)
         for _version, adapter in self._adapters.values():
-            try:
-                await adapter.aclose()
-            except Exception:
-                log.warning("closing adapter failed", exc_info=True)
+            await _close(adapter)
         self._adapters.clear()
+
+
+async def _close(adapter: ProviderAdapter) -> None:
+    try:
+        await adapter.aclose()
+    except Exception:
+        log.warning("closing a provider adapter failed", exc_info=True)

@@ -5,26 +5,39 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from libs.common.settings import CommonSettings, check_positive
+from libs.routing.health import BreakerSettings
 
 
 @dataclass(frozen=True)
-class SenderSettings(CommonSettings):
+class SenderSettings(CommonSettings, BreakerSettings):
     sender_classes: tuple[str, ...] = ("otp", "transactional", "bulk")
     """Classes this replica serves (one Deployment per class in production)."""
     otp_concurrency: int = 64
     transactional_concurrency: int = 128
-    bulk_concurrency: int = 256
+    bulk_concurrency: int = 1000
     """Emails in flight at once per class: separate pools, so a bulk backlog never takes OTP's slots."""
+    bulk_batch_max: int = 500
+    """Bulk emails one delivery carries: those going to the same provider share its batch API calls."""
     ack_wait_s: float = 60.0
-    """JetStream redelivers an email whose sender went silent for this long (heartbeats extend it)."""
+    """JetStream redelivers an email whose sender went silent for this long (in-progress acks extend it)."""
     health_refresh_s: float = 0.2
+    redis_max_connections: int = 64
+    """Redis connections shared by every pool; a delivery waits for a free one rather than fail."""
     sent_marker_ttl_s: int = 7 * 86400
+    """How long an email's memory (sent marker, failed providers, failure count) is kept."""
 
     def __post_init__(self) -> None:
-        check_positive(self, "otp_concurrency", "transactional_concurrency", "bulk_concurrency", "ack_wait_s")
+        check_positive(self, "otp_concurrency", "transactional_concurrency", "bulk_concurrency", "bulk_batch_max",
+                       "ack_wait_s", "health_refresh_s", "sent_marker_ttl_s", "redis_max_connections")
         bad = [c for c in self.sender_classes if c not in ("otp", "transactional", "bulk")]
         if bad:
             raise ValueError(f"ESP_SENDER_CLASSES: unknown classes {bad}")
+        self.breaker_policy()
 
     def concurrency(self, message_class: str) -> int:
+        """Emails of ``message_class`` in flight at once."""
         return int(getattr(self, f"{message_class}_concurrency"))
+
+    def batch_max(self, message_class: str) -> int:
+        """Emails of ``message_class`` one delivery may carry."""
+        return self.bulk_batch_max if message_class == "bulk" else 1

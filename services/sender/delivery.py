@@ -1,54 +1,90 @@
-"""One delivery of one email: rank providers, try them as the class policy says, report every attempt.
+"""One delivery of a batch of queued emails of one class: rank providers, call them, report every attempt.
 
-Named steps: (1) already sent? → re-announce and ack; (2) rank providers without those that failed this email;
-(3) for each candidate: breaker + rate budget, send, record health; (4) accepted → sent marker, SENT event, ack;
-retryable/throttled → next provider now (otp) or later with backoff; permanent → FAILED; ambiguous → per class.
-Events are made durable (JetStream ack) before the caller acks the email: a crash in between re-runs step (1).
+The steps, each a method below:
+
+1. ``_claim`` — lease each email and read its memory (one Redis round trip for the batch). Another sender
+   holds it → leave it to that sender. Already sent (sent marker) → announce SENT again (same event id, so the
+   stream drops the duplicate) and ack: a redelivered email is never sent twice. Older than its class's
+   useful life → FAILED and dead-lettered.
+2. ``_rank`` — the fallback chain for each email from the local catalog and health snapshot (no round trip),
+   without the providers that failed it last time or were tried in this delivery.
+3. ``_place`` — walk each email down its chain: the provider's adapter must accept it (size, recipients,
+   features), then ``acquire`` (breaker, Retry-After pause, quota, rate slot — one pipelined round trip for all
+   calls) must grant it; a refusal moves the email to its next provider at once. Bulk emails going to the same
+   provider share batch calls where the provider has a batch API.
+4. ``_perform`` — the provider calls, concurrently (after the booked rate slot, if any).
+5. ``_record`` — health outcomes of the calls and each email's new memory, one round trip each; the sent
+   marker is written before the SENT event is published.
+6. ``_conclude`` — per email, per the class policy (``services.sender.policy``): accepted → SENT; rejected →
+   FAILED; throttled → next provider now, or wait the Retry-After; failed → next provider now (otp, probes)
+   or backoff; failure budget spent → FAILED + DEAD_LETTERED. Emails to retry now go back to step 2.
+
+Events are staged as they happen and made durable together at the end; only then does the pool ack (or nak
+with the computed delay) the emails. A crash anywhere re-runs the delivery from step 1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from esp.internal.v1 import queue_pb2
 from esp.v1 import common_pb2, messages_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
-from nats.js import JetStreamContext
+from prometheus_client import Counter, Histogram
 
-from libs.common.jetstream import Topology, publish
 from libs.providers.base import (
+    AdapterConfigError,
     Address,
     Attachment,
-    MessageTooLarge,
+    InvalidMessage,
     OutboundEmail,
     Outcome,
+    ProviderAdapter,
     ProviderError,
     SendResult,
 )
 from libs.providers.registry import BUILTIN_TYPES, adapter_class
-from libs.routing.catalog import ProviderCatalog
-from libs.routing.health import HealthBoard
-from libs.routing.scoring import EmailFacts, rank
+from libs.routing.catalog import ProviderCatalog, ProviderSpec
+from libs.routing.health import (
+    HealthBoard,
+    Permit,
+    ProviderLimits,
+    RecordedCall,
+    Refusal,
+)
+from libs.routing.health import Outcome as CallOutcome
+from libs.routing.scoring import CLASS_PROFILES, EmailFacts, RouteDecision, rank
 from services.sender.adapters import AdapterPool
-from services.sender.policy import RetryPolicy
+from services.sender.events import AttemptFacts, EventPublisher
+from services.sender.policy import AmbiguousPolicy, RetryPolicy
+from services.sender.state import MessageState, MessageStateStore, SentMarker, StateChange
 
 log = logging.getLogger(__name__)
 
 CLASS_NAME = {common_pb2.MESSAGE_CLASS_OTP: "otp", common_pb2.MESSAGE_CLASS_TRANSACTIONAL: "transactional",
               common_pb2.MESSAGE_CLASS_BULK: "bulk"}
-_OUTCOME = {Outcome.ACCEPTED: messages_pb2.ATTEMPT_OUTCOME_ACCEPTED,
-            Outcome.THROTTLED: messages_pb2.ATTEMPT_OUTCOME_THROTTLED,
-            Outcome.RETRYABLE: messages_pb2.ATTEMPT_OUTCOME_RETRYABLE,
-            Outcome.PERMANENT: messages_pb2.ATTEMPT_OUTCOME_PERMANENT,
-            Outcome.AMBIGUOUS: messages_pb2.ATTEMPT_OUTCOME_AMBIGUOUS}
-NO_PROVIDER_RETRY_S = 2.0
+MIN_RETRY_S = 0.2
+"""Shortest nak delay: waiting for a provider to become available is never a busy loop."""
+LEASE_BUSY_RETRY_S = 5.0
+"""Another sender holds the email: look again after this long (it will normally have acked it by then)."""
+SIZE_BUCKET_BYTES = 4096
+"""Emails whose sizes round up to the same bucket share one ranking within a delivery (bulk batches)."""
+
+ATTEMPTS = Counter("esp_sender_attempts_total", "Provider calls per email, by outcome", ["provider", "outcome"])
+CALL_SECONDS = Histogram("esp_sender_provider_call_seconds", "Provider call latency", ["provider"],
+                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+FALLBACK_DECISION = Histogram(
+    "esp_sender_fallback_decision_seconds",
+    "From a failed attempt's answer to the next provider call for the same email (same delivery)",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+VERDICTS = Counter("esp_sender_deliveries_total", "Emails handled per delivery, by verdict", ["class", "verdict"])
 
 
 @dataclass(frozen=True)
@@ -59,12 +95,27 @@ class Verdict:
     retry_in_s: float = 0.0
 
 
+ACK = Verdict(ack=True)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One email as fetched from its class's queue."""
+
+    task: queue_pb2.SendTask
+    delivery: int
+    """JetStream's delivery count (1 the first time)."""
+    heartbeat: Callable[[], Awaitable[None]]
+    """Tells JetStream the email is still being worked on (in-progress ack)."""
+
+
 AttachmentOpener = Callable[[str], AsyncIterator[bytes]]
 """Opens a fresh byte stream of an attachment given its S3 key."""
 
 
 def outbound_email(task: queue_pb2.SendTask, opener: AttachmentOpener) -> OutboundEmail:
-    def addresses(items: Any) -> tuple[Address, ...]:
+    """The provider-neutral email a queued task describes; attachments stream from S3 when read."""
+    def addresses(items: Iterable[Any]) -> tuple[Address, ...]:
         return tuple(Address(a.email, a.name) for a in items)
 
     sender = getattr(task, "from")
@@ -81,191 +132,450 @@ def outbound_email(task: queue_pb2.SendTask, opener: AttachmentOpener) -> Outbou
     )
 
 
-class EventPublisher:
-    """Publishes message events on the EVENTS stream and waits until JetStream has them."""
+@dataclass(eq=False)
+class Job:
+    """One email going through this delivery."""
 
-    def __init__(self, js: JetStreamContext, topology: Topology) -> None:
-        self.js = js
-        self.topology = topology
+    incoming: Incoming
+    message_class: str
+    policy: RetryPolicy
+    state: MessageState
+    email: OutboundEmail | None = None
+    tried: set[str] = field(default_factory=set)
+    """Providers tried or found unusable for it during this delivery."""
+    calls: int = 0
+    """Provider calls made for it during this delivery."""
+    verdict: Verdict | None = None
+    wait_hint_s: float | None = None
+    """The soonest a provider it was refused by could take it."""
+    failed_at: float | None = None
+    """When its last failed attempt answered (perf counter), to time the fallback decision."""
+    dirty: bool = False
+    last_refusal: str = ""
 
-    async def emit(self, task: queue_pb2.SendTask, event_type: int, *, event_id: str, final: bool = False,
-                   provider: str = "", provider_message_id: str = "", reason: str = "", attempt: int = 0,
-                   outcome: int = 0, latency_ms: float = 0, attributes: dict[str, str] | None = None) -> None:
-        now = Timestamp()
-        now.GetCurrentTime()
-        envelope = queue_pb2.EventEnvelope(
-            tenant_id=task.tenant_id, message_id=task.message_id, final=final, message_class=task.message_class,
-            hold_id=task.message_id,
-            event=messages_pb2.MessageEvent(
-                event_id=event_id, message=f"messages/{task.message_id}", type=event_type, event_time=now,
-                provider=provider, provider_message_id=provider_message_id, reason=reason[:1000], attempt=attempt,
-                outcome=outcome, latency_ms=int(latency_ms), attributes=attributes or {}))
-        await publish(self.js, self.topology.events_subject(task.tenant_id), envelope.SerializeToString(),
-                      msg_id=event_id)
+    @property
+    def task(self) -> queue_pb2.SendTask:
+        return self.incoming.task
+
+    @property
+    def message_id(self) -> str:
+        return self.incoming.task.message_id
+
+    def hint(self, seconds: float) -> None:
+        """Remember the soonest time a refusing provider could take the email."""
+        if seconds > 0 and (self.wait_hint_s is None or seconds < self.wait_hint_s):
+            self.wait_hint_s = seconds
+
+
+@dataclass
+class Call:
+    """One provider call carrying one email, or several through the provider's batch API."""
+
+    provider_id: str
+    jobs: list[Job]
+    permit: Permit
+    results: list[SendResult] = field(default_factory=list)
+    reached_provider: bool = True
+    """False when the call failed before any network I/O (its quota is given back)."""
 
 
 class Deliverer:
     """Runs deliveries; shared by the class pools of one sender process."""
 
     def __init__(self, *, catalog: ProviderCatalog, health: HealthBoard, adapters: AdapterPool,
-                 redis: aioredis.Redis, events: EventPublisher, namespace: str, opener: AttachmentOpener,
-                 policies: dict[str, RetryPolicy], sent_marker_ttl_s: int = 7 * 86400) -> None:
+                 states: MessageStateStore, events: EventPublisher, opener: AttachmentOpener,
+                 policies: Mapping[str, RetryPolicy], heartbeat_s: float = 20.0) -> None:
         self.catalog = catalog
         self.health = health
         self.adapters = adapters
-        self.redis = redis
+        self.states = states
         self.events = events
-        self.ns = namespace
         self.opener = opener
         self.policies = policies
-        self.sent_marker_ttl_s = sent_marker_ttl_s
+        self.heartbeat_s = heartbeat_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.size_caps = {t: adapter_class(t).default_capabilities.max_message_bytes for t in BUILTIN_TYPES}
 
-    def _sent_key(self, message_id: str) -> str:
-        return f"{self.ns}:sent:{message_id}"
-
-    def _excluded_key(self, message_id: str) -> str:
-        return f"{self.ns}:excl:{message_id}"
-
-    async def deliver(self, task: queue_pb2.SendTask, delivery: int,
-                      heartbeat: Callable[[], Awaitable[None]]) -> Verdict:
-        message_class = CLASS_NAME[task.message_class]
-        policy = self.policies[message_class]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(self._sent_key(task.message_id))
-            pipe.smembers(self._excluded_key(task.message_id))
-            sent_marker, excluded_raw = await pipe.execute()
-        if sent_marker is not None:
-            # Sent by an earlier delivery that died before its ack: announce again (same event id → deduped).
-            provider, _, provider_message_id = sent_marker.decode().partition("|")
-            await self.events.emit(task, messages_pb2.MESSAGE_EVENT_TYPE_SENT, event_id=f"{task.message_id}:sent",
-                                   final=True, provider=provider, provider_message_id=provider_message_id)
-            return Verdict(ack=True)
-        excluded = {e.decode() for e in excluded_raw}
-        email = outbound_email(task, self.opener)
-        facts = EmailFacts(message_class, task.message_bytes, len(task.to) + len(task.cc) + len(task.bcc),
-                           frozenset(excluded))
-        decision = rank(self.catalog.providers.values(),
-                        {p: self.health.snapshot(p) for p in self.catalog.providers}, facts, self.size_caps)
-        if not decision.ranked:
-            return await self._no_provider(task, delivery, policy, decision.excluded)
-        attempts = 0
-        wait_s: float | None = None
-        for candidate in decision.ranked:
-            if attempts >= policy.max_attempts_per_delivery:
-                break
-            spec = self.catalog.providers.get(candidate.provider_id)
-            if spec is None:
-                continue
-            allowed, rate_wait = await self.health.acquire(spec.id, spec.rate_limit_per_second)
-            if not allowed:
-                if rate_wait:
-                    wait_s = rate_wait if wait_s is None else min(wait_s, rate_wait)
-                continue  # breaker open or out of rate budget: never send a request that would be refused
-            attempts += 1
-            result = await self._attempt(spec.id, email, heartbeat)
-            attempt_no = delivery * 100 + attempts
-            if result.outcome is Outcome.ACCEPTED or (
-                    result.outcome is Outcome.AMBIGUOUS and not policy.resend_after_ambiguous):
-                ambiguous = result.outcome is Outcome.AMBIGUOUS
-                await self.redis.set(self._sent_key(task.message_id),
-                                     f"{spec.id}|{result.provider_message_id or ''}", ex=self.sent_marker_ttl_s)
-                await self.events.emit(
-                    task, messages_pb2.MESSAGE_EVENT_TYPE_SENT, event_id=f"{task.message_id}:sent", final=True,
-                    provider=spec.id, provider_message_id=result.provider_message_id or "", attempt=attempt_no,
-                    outcome=_OUTCOME[result.outcome], latency_ms=(result.elapsed_s or 0) * 1000,
-                    reason=result.reason if ambiguous else "",
-                    attributes={"ambiguous": "true"} if ambiguous else None)
-                return Verdict(ack=True)
-            await self.events.emit(
-                task, messages_pb2.MESSAGE_EVENT_TYPE_ATTEMPTED, event_id=f"{task.message_id}:a:{attempt_no}",
-                provider=spec.id, attempt=attempt_no, outcome=_OUTCOME[result.outcome],
-                latency_ms=(result.elapsed_s or 0) * 1000, reason=result.reason)
-            if result.outcome is Outcome.PERMANENT and not result.provider_fault:
-                await self._fail(task, f"rejected by {spec.id}: {result.reason}")
-                return Verdict(ack=True)
-            if result.outcome is Outcome.THROTTLED:
-                retry = result.retry_after_s or 1.0
-                wait_s = retry if wait_s is None else min(wait_s, retry)
-                continue  # not this provider's fault: no exclusion, try the next one now
-            await self.redis.sadd(self._excluded_key(task.message_id), spec.id)
-            await self.redis.expire(self._excluded_key(task.message_id), 7 * 86400)
-            if not policy.failover_now:
-                break
-        return await self._later(task, delivery, policy, wait_s)
-
-    async def _attempt(self, provider_id: str, email: OutboundEmail,
-                       heartbeat: Callable[[], Awaitable[None]]) -> SendResult:
-        adapter = self.adapters.get(provider_id)
-        started = time.perf_counter()
-        beating = asyncio.create_task(_beat(heartbeat))
+    # -- the whole delivery ----------------------------------------------------------------------------------
+    async def deliver(self, batch: Sequence[Incoming]) -> list[Verdict]:
+        """Deliver a batch of emails of one class; returns one verdict per email, once every event is durable."""
+        pending: list[asyncio.Future[object]] = []
+        beating = asyncio.create_task(_beat([i.heartbeat for i in batch], self.heartbeat_s))
         try:
-            result = await adapter.send(email)
-        except MessageTooLarge as exc:
-            result = SendResult(Outcome.PERMANENT, reason=str(exc), provider_fault=True)
-        except ProviderError as exc:
-            result = SendResult(Outcome.PERMANENT, reason=str(exc))
-        except Exception as exc:  # an adapter bug must not lose the email: retry elsewhere
-            log.exception("adapter %s failed", provider_id)
-            result = SendResult(Outcome.RETRYABLE, reason=f"adapter error: {type(exc).__name__}",
-                                provider_fault=True)
+            jobs = await self._claim(batch, pending)
+            active = [job for job in jobs if job.verdict is None]
+            for _round in range(len(self.catalog.providers) + 2):
+                if not active:
+                    break
+                active = await self._round(active, pending)
+            for job in active:  # only when every round asked for another: wait like any retry
+                await self._later(job, job.policy.backoff_s(max(1, job.state.failures)), "no provider left",
+                                  pending)
+            changes = [self._change(job) for job in jobs if job.dirty]
+            await self.states.save(changes, [j.message_id for j in jobs if j.state.leased], self.owner)
+            await self.events.flush(pending)
         finally:
             beating.cancel()
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        ok = result.outcome is Outcome.ACCEPTED
-        counts = result.outcome in (Outcome.ACCEPTED, Outcome.AMBIGUOUS)
-        fault = result.outcome in (Outcome.RETRYABLE, Outcome.AMBIGUOUS) or result.provider_fault
-        await self.health.record(provider_id, ok=ok, latency_ms=elapsed_ms if ok else None,
-                                 counts_toward_quota=counts, provider_fault=fault)
-        return result
+        verdicts = [job.verdict or Verdict(ack=False, retry_in_s=MIN_RETRY_S) for job in jobs]
+        for job, verdict in zip(jobs, verdicts, strict=True):
+            VERDICTS.labels(job.message_class, "ack" if verdict.ack else "retry").inc()
+        return verdicts
 
-    async def _later(self, task: queue_pb2.SendTask, delivery: int, policy: RetryPolicy,
-                     wait_s: float | None) -> Verdict:
-        if delivery >= policy.max_deliveries:
-            await self._fail(task, f"gave up after {delivery} deliveries", dead_letter=True)
-            return Verdict(ack=True)
-        delay = max(wait_s or 0.0, 0.0 if policy.failover_now and wait_s is None else policy.backoff_s(delivery))
-        await self.events.emit(task, messages_pb2.MESSAGE_EVENT_TYPE_DEFERRED,
-                               event_id=f"{task.message_id}:d:{delivery}", attempt=delivery,
-                               reason=f"retry in {delay:.1f}s")
-        return Verdict(ack=False, retry_in_s=delay)
+    # -- step 1 --------------------------------------------------------------------------------------------------
+    async def _claim(self, batch: Sequence[Incoming], pending: list[asyncio.Future[object]]) -> list[Job]:
+        states = await self.states.claim([i.task.message_id for i in batch], self.owner)
+        jobs: list[Job] = []
+        for incoming, state in zip(batch, states, strict=True):
+            message_class = CLASS_NAME.get(incoming.task.message_class, "transactional")
+            job = Job(incoming, message_class, self.policies[message_class], state)
+            jobs.append(job)
+            if not state.leased:
+                job.verdict = Verdict(ack=False, retry_in_s=LEASE_BUSY_RETRY_S)
+            elif state.sent is not None:
+                # Sent by an earlier delivery that died before its ack: announce again (the stream drops it if
+                # the first announcement got through), never send again.
+                await self._sent(job, AttemptFacts(
+                    provider=state.sent.provider, provider_message_id=state.sent.provider_message_id,
+                    attributes={"ambiguous": "true"} if state.sent.ambiguous else {}), pending)
+            elif _age_s(incoming.task) > job.policy.max_age_s:
+                await self._fail(job, f"not sent within {job.policy.max_age_s:.0f}s of acceptance",
+                                 pending, dead_letter=True)
+            else:
+                job.email = outbound_email(incoming.task, self.opener)
+        return jobs
 
-    async def _no_provider(self, task: queue_pb2.SendTask, delivery: int, policy: RetryPolicy,
-                           excluded: Any) -> Verdict:
-        reasons = "; ".join(f"{s.provider_id}: {s.excluded_reason}" for s in excluded) or "no providers configured"
-        too_big = excluded and all("exceeds cap" in s.excluded_reason for s in excluded)
-        if too_big:
-            await self._fail(task, f"no provider takes a message of {task.message_bytes} bytes ({reasons})")
-            return Verdict(ack=True)
-        if delivery >= policy.max_deliveries:
-            await self._fail(task, f"no provider available: {reasons}", dead_letter=True)
-            return Verdict(ack=True)
-        if excluded and all(s.excluded_reason == "failed for this email already" for s in excluded):
-            # Every provider failed once: start a new round rather than give up early.
-            await self.redis.delete(self._excluded_key(task.message_id))
-        delay = max(NO_PROVIDER_RETRY_S, policy.backoff_s(delivery))
-        await self.events.emit(task, messages_pb2.MESSAGE_EVENT_TYPE_DEFERRED,
-                               event_id=f"{task.message_id}:d:{delivery}", attempt=delivery,
-                               reason=f"no provider available ({reasons}); retry in {delay:.1f}s")
-        return Verdict(ack=False, retry_in_s=delay)
+    # -- steps 2 to 6, once ----------------------------------------------------------------------------------------
+    async def _round(self, jobs: list[Job], pending: list[asyncio.Future[object]]) -> list[Job]:
+        chains: dict[Job, list[str]] = {}
+        decisions: dict[tuple[object, ...], RouteDecision] = {}
+        for job in jobs:
+            decision = self._rank(job, decisions)
+            if decision.ranked:
+                chains[job] = [s.provider_id for s in decision.ranked]
+            else:
+                await self._unroutable(job, decision, pending)
+        calls, unplaced = await self._place(chains, pending)
+        for job in unplaced:
+            await self._unavailable(job, pending)
+        if calls:
+            await asyncio.gather(*(self._perform(call) for call in calls))
+            await self._record(calls)
+        again: list[Job] = []
+        for call in calls:
+            for job, result in zip(call.jobs, call.results, strict=True):
+                if await self._conclude(job, call, result, pending):
+                    again.append(job)
+        return again
 
-    async def _fail(self, task: queue_pb2.SendTask, reason: str, *, dead_letter: bool = False) -> None:
+    # -- step 2 --------------------------------------------------------------------------------------------------
+    def _rank(self, job: Job, cache: dict[tuple[object, ...], RouteDecision]) -> RouteDecision:
+        task = job.task
+        excluded = frozenset(job.state.excluded | job.tried)
+        recipients = len(task.to) + len(task.cc) + len(task.bcc)
+        size = -(-max(task.message_bytes, 1) // SIZE_BUCKET_BYTES) * SIZE_BUCKET_BYTES
+        key = (job.message_class, size, recipients, excluded)
+        decision = cache.get(key)
+        if decision is None:
+            facts = EmailFacts(job.message_class, size, recipients, excluded)
+            decision = rank(self.catalog.providers.values(), self.health.snapshots, facts, self.size_caps)
+            cache[key] = decision
+        return decision
+
+    # -- step 3 --------------------------------------------------------------------------------------------------
+    async def _place(self, chains: dict[Job, list[str]],
+                     pending: list[asyncio.Future[object]]) -> tuple[list[Call], list[Job]]:
+        position = dict.fromkeys(chains, 0)
+        calls: list[Call] = []
+        unplaced: list[Job] = []
+        while position:
+            by_provider: dict[str, list[Job]] = {}
+            for job in list(position):
+                index = await self._next_usable(job, chains[job], position[job], pending)
+                if index is None:
+                    del position[job]
+                    if job.verdict is None:
+                        unplaced.append(job)
+                    continue
+                position[job] = index
+                by_provider.setdefault(chains[job][index], []).append(job)
+            proposed = [(pid, group) for pid, jobs in by_provider.items() for group in self._split(pid, jobs)]
+            if not proposed:
+                break
+            permits = await self.health.acquire_many([
+                (pid, _limits(self.catalog.providers[pid]), len(group),
+                 CLASS_PROFILES[group[0].message_class].max_rate_wait_s) for pid, group in proposed])
+            for (pid, group), permit in zip(proposed, permits, strict=True):
+                granted, refused = group[:permit.granted], group[permit.granted:]
+                if granted:
+                    calls.append(Call(pid, granted, permit))
+                    for job in granted:
+                        del position[job]
+                for job in refused:
+                    job.tried.add(pid)
+                    job.last_refusal = f"{pid}: {(permit.refusal or Refusal.QUOTA).value}"
+                    job.hint(permit.wait_s)
+                    position[job] += 1
+        return calls, unplaced
+
+    async def _next_usable(self, job: Job, chain: list[str], start: int,
+                           pending: list[asyncio.Future[object]]) -> int | None:
+        """The first provider from ``start`` on whose adapter accepts the email (None: none does)."""
+        for index in range(start, len(chain)):
+            provider_id = chain[index]
+            if provider_id not in self.catalog.providers:
+                continue
+            problem = self._unfit(job, provider_id)
+            if problem is None:
+                return index
+            if isinstance(problem, InvalidMessage):
+                await self._fail(job, f"cannot be sent: {problem}", pending)
+                return None
+            job.tried.add(provider_id)
+            job.last_refusal = f"{provider_id}: {problem}"
+        return None
+
+    def _unfit(self, job: Job, provider_id: str) -> Exception | None:
+        """Why the provider's adapter would refuse the email before any network call, if it would."""
+        try:
+            adapter = self.adapters.get(provider_id)
+        except (KeyError, AdapterConfigError) as exc:
+            return exc
+        validate = getattr(adapter, "validate", None)
+        if validate is None or job.email is None:
+            return None
+        try:
+            validate(job.email)
+        except ProviderError as exc:
+            return exc
+        return None
+
+    def _split(self, provider_id: str, jobs: list[Job]) -> list[list[Job]]:
+        """Calls for the emails going to one provider: batch calls where the class and the provider allow."""
+        if len(jobs) == 1 or not jobs[0].policy.batch_calls:
+            return [[job] for job in jobs]
+        adapter = self.adapters.get(provider_id)
+        caps = adapter.capabilities
+        batch_key = getattr(adapter, "batch_key", None)
+        if not caps.supports_batch or batch_key is None:
+            return [[job] for job in jobs]
+        spec = self.catalog.providers[provider_id]
+        max_messages = min(caps.max_batch_messages, spec.batch_size or caps.max_batch_messages)
+        max_recipients = min(caps.max_batch_recipients or caps.max_batch_messages * caps.max_recipients_per_message,
+                             spec.batch_size or 1 << 30)
+        unique = bool(getattr(adapter, "unique_recipients_per_batch", True))
+        singles: list[list[Job]] = []
+        open_groups: dict[object, tuple[list[Job], set[str]]] = {}
+        closed: list[list[Job]] = []
+        for job in jobs:
+            assert job.email is not None
+            key = batch_key(job.email)
+            if key is None:
+                singles.append([job])
+                continue
+            addresses = {a.email.lower() for a in job.email.recipients}
+            group, seen = open_groups.get(key, ([], set()))
+            if (len(group) >= max_messages or len(seen) + len(addresses) > max_recipients
+                    or (unique and not seen.isdisjoint(addresses))):
+                if group:
+                    closed.append(group)
+                group, seen = [], set()
+            group.append(job)
+            seen |= addresses
+            open_groups[key] = (group, seen)
+        closed.extend(group for group, _seen in open_groups.values() if group)
+        return [*closed, *singles]
+
+    # -- step 4 --------------------------------------------------------------------------------------------------
+    async def _perform(self, call: Call) -> None:
+        now = time.perf_counter()
+        for job in call.jobs:
+            job.calls += 1
+            if job.failed_at is not None:
+                FALLBACK_DECISION.observe(now - job.failed_at)
+                job.failed_at = None
+        if call.permit.wait_s > 0:
+            await asyncio.sleep(call.permit.wait_s)  # the rate slot booked for this call
+        emails = [job.email for job in call.jobs if job.email is not None]
+        try:
+            adapter: ProviderAdapter = self.adapters.get(call.provider_id)
+            if len(emails) == 1:
+                call.results = [await adapter.send(emails[0])]
+            else:
+                call.results = list(await adapter.send_batch(emails))
+        except (KeyError, ProviderError) as exc:
+            # The provider went away or the email stopped fitting it between placement and the call.
+            call.reached_provider = False
+            call.results = [SendResult(Outcome.PERMANENT, reason=f"not sent: {exc}", provider_fault=True)] * len(
+                emails)
+        except Exception as exc:  # an adapter bug must not lose the email: retry elsewhere
+            log.exception("provider adapter %s failed", call.provider_id)
+            call.results = [SendResult(Outcome.RETRYABLE, reason=f"adapter error: {type(exc).__name__}",
+                                       provider_fault=True)] * len(emails)
+        if call.reached_provider and call.results and call.results[0].elapsed_s is not None:
+            CALL_SECONDS.labels(call.provider_id).observe(call.results[0].elapsed_s)
+
+    # -- step 5 --------------------------------------------------------------------------------------------------
+    async def _record(self, calls: list[Call]) -> None:
+        recorded: list[RecordedCall] = []
+        for call in calls:
+            outcomes = [r.outcome for r in call.results]
+            rejected = sum(1 for r in call.results if r.outcome is Outcome.PERMANENT and not r.provider_fault)
+            if not call.reached_provider:
+                recorded.append(RecordedCall(call.provider_id, CallOutcome.NOT_SENT, probe=call.permit.probe,
+                                             refund_emails=len(call.jobs)))
+            elif all(o is Outcome.THROTTLED for o in outcomes):
+                retry_after = max((r.retry_after_s or 0.0 for r in call.results), default=0.0) or 1.0
+                recorded.append(RecordedCall(call.provider_id, CallOutcome.THROTTLED, probe=call.permit.probe,
+                                             retry_after_s=retry_after, refund_emails=len(call.jobs)))
+            elif Outcome.ACCEPTED in outcomes or rejected:
+                single = call.results[0] if len(call.results) == 1 and outcomes[0] is Outcome.ACCEPTED else None
+                latency = single.elapsed_s * 1000 if single and single.elapsed_s is not None else None
+                recorded.append(RecordedCall(call.provider_id, CallOutcome.SUCCESS, latency, call.permit.probe,
+                                             refund_emails=rejected))
+            else:
+                recorded.append(RecordedCall(call.provider_id, CallOutcome.FAILURE, probe=call.permit.probe))
+        await self.health.record_many(recorded)
+        markers = []
+        for call in calls:
+            for job, result in zip(call.jobs, call.results, strict=True):
+                ATTEMPTS.labels(call.provider_id, result.outcome.value).inc()
+                if result.outcome is Outcome.ACCEPTED or (
+                        result.outcome is Outcome.AMBIGUOUS and job.policy.ambiguous is AmbiguousPolicy.ASSUME_SENT):
+                    job.state.sent = SentMarker(call.provider_id, result.provider_message_id or "",
+                                                ambiguous=result.outcome is Outcome.AMBIGUOUS)
+                    markers.append(StateChange(job.message_id, sent=job.state.sent))
+        # The sent markers are durable before any SENT event is: a crash in between re-announces, never resends.
+        if markers:
+            await self.states.save(markers, [], self.owner)
+
+    # -- step 6 --------------------------------------------------------------------------------------------------
+    async def _conclude(self, job: Job, call: Call, result: SendResult,
+                        pending: list[asyncio.Future[object]]) -> bool:
+        """Settle the email after its call; True when it should try another provider in this delivery."""
+        job.dirty = True
+        job.state.attempts += 1
+        facts = AttemptFacts(provider=call.provider_id, provider_message_id=result.provider_message_id or "",
+                             attempt=job.state.attempts, outcome=result.outcome,
+                             latency_ms=(result.elapsed_s or 0.0) * 1000)
+        policy = job.policy
+        if job.state.sent is not None:  # accepted, or ambiguous and the class does not resend blindly
+            ambiguous = result.outcome is Outcome.AMBIGUOUS
+            if ambiguous:
+                facts = AttemptFacts(facts.provider, facts.provider_message_id, facts.attempt, facts.outcome,
+                                     facts.latency_ms, {"ambiguous": "true"})
+            await self._sent(job, facts, pending, reason=result.reason if ambiguous else "")
+            return False
+        if result.outcome is Outcome.PERMANENT and not result.provider_fault:
+            await self._fail(job, f"rejected by {call.provider_id}: {result.reason}", pending, facts=facts)
+            return False
+        pending.append(await self.events.stage(
+            job.task, messages_pb2.MESSAGE_EVENT_TYPE_ATTEMPTED,
+            event_id=f"{job.message_id}:a:{job.state.attempts}", reason=result.reason, facts=facts))
+        job.tried.add(call.provider_id)
+        if result.outcome is Outcome.THROTTLED:
+            # Not the email's fault and not a failure: the provider is paused for everyone; try elsewhere now.
+            job.hint(policy.throttle_delay_s(result.retry_after_s or 1.0))
+            return True
+        if not call.reached_provider and result.outcome is Outcome.PERMANENT:
+            return True  # never left: another provider at once, no failure counted
+        job.state.excluded.add(call.provider_id)
+        job.state.failures += 1
+        job.failed_at = time.perf_counter()
+        if job.state.failures >= policy.max_failures:
+            await self._fail(job, f"gave up after {job.state.failures} failed attempts; last: "
+                                  f"{call.provider_id}: {result.reason}", pending, dead_letter=True)
+            return False
+        # otp falls over at once; so does the email a failed half-open probe was risked on.
+        if (policy.failover_now and job.calls < policy.max_attempts_per_delivery) or call.permit.probe:
+            return True
+        await self._later(job, policy.backoff_s(job.state.failures), f"{call.provider_id}: {result.reason}",
+                          pending)
+        return False
+
+    # -- when no provider can take the email now -------------------------------------------------------------------
+    async def _unroutable(self, job: Job, decision: RouteDecision, pending: list[asyncio.Future[object]]) -> None:
+        reasons = "; ".join(f"{s.provider_id}: {s.excluded_reason}" for s in decision.excluded)
+        relevant = [s for s in decision.excluded
+                    if s.excluded_reason != "disabled" and not s.excluded_reason.startswith("does not carry")]
+        policy = job.policy
+        if not relevant:
+            await self._later(job, policy.max_delay_s, f"no provider carries {job.message_class} "
+                                                        f"({reasons or 'no providers configured'})", pending)
+            return
+        if all("exceeds cap" in s.excluded_reason for s in relevant):
+            await self._fail(job, f"no provider takes a message of {job.task.message_bytes} bytes ({reasons})",
+                             pending)
+            return
+        failed_before = [s for s in relevant if s.provider_id in job.state.excluded]
+        if failed_before:
+            # Every usable provider failed it once: the next round starts over with all of them, after backoff.
+            job.state.excluded.clear()
+            job.dirty = True
+            delay = policy.backoff_s(max(1, job.state.failures))
+            await self._later(job, max(delay, job.wait_hint_s or 0.0), f"every provider failed it ({reasons})",
+                              pending)
+            return
+        await self._unavailable(job, pending, reasons)
+
+    async def _unavailable(self, job: Job, pending: list[asyncio.Future[object]], reasons: str = "") -> None:
+        """Every provider refused for now (breaker, Retry-After, quota, rate): wait for the soonest to free up."""
+        waits = [job.wait_hint_s or 0.0]
+        for provider_id in self.catalog.providers:
+            health = self.health.snapshot(provider_id)
+            waits.extend(w for w in (health.open_for_s, health.throttled_for_s) if w > 0)
+        soonest = min((w for w in waits if w > 0), default=job.policy.max_delay_s)
+        await self._later(job, min(job.policy.max_delay_s, max(MIN_RETRY_S, soonest)),
+                          f"no provider available now ({reasons or job.last_refusal})", pending)
+
+    # -- outcomes ------------------------------------------------------------------------------------------------
+    async def _sent(self, job: Job, facts: AttemptFacts, pending: list[asyncio.Future[object]], *,
+                    reason: str = "") -> None:
+        pending.append(await self.events.stage(
+            job.task, messages_pb2.MESSAGE_EVENT_TYPE_SENT, event_id=f"{job.message_id}:sent", final=True,
+            reason=reason, facts=facts))
+        job.verdict = ACK
+
+    async def _fail(self, job: Job, reason: str, pending: list[asyncio.Future[object]], *,
+                    dead_letter: bool = False, facts: AttemptFacts | None = None) -> None:
         if dead_letter:
-            await self.events.emit(task, messages_pb2.MESSAGE_EVENT_TYPE_DEAD_LETTERED,
-                                   event_id=f"{task.message_id}:dead", reason=reason)
-        await self.events.emit(task, messages_pb2.MESSAGE_EVENT_TYPE_FAILED, event_id=f"{task.message_id}:failed",
-                               final=True, reason=reason)
+            pending.append(await self.events.stage(
+                job.task, messages_pb2.MESSAGE_EVENT_TYPE_DEAD_LETTERED, event_id=f"{job.message_id}:dead",
+                reason=reason))
+        pending.append(await self.events.stage(
+            job.task, messages_pb2.MESSAGE_EVENT_TYPE_FAILED, event_id=f"{job.message_id}:failed", final=True,
+            reason=reason, facts=facts or AttemptFacts()))
+        job.verdict = ACK
+
+    async def _later(self, job: Job, delay_s: float, reason: str, pending: list[asyncio.Future[object]]) -> None:
+        delay_s = max(MIN_RETRY_S, delay_s)
+        pending.append(await self.events.stage(
+            job.task, messages_pb2.MESSAGE_EVENT_TYPE_DEFERRED,
+            event_id=f"{job.message_id}:d:{job.incoming.delivery}", reason=f"retry in {delay_s:.1f}s: {reason}",
+            facts=AttemptFacts(attempt=job.state.attempts)))
+        job.verdict = Verdict(ack=False, retry_in_s=delay_s)
+
+    @staticmethod
+    def _change(job: Job) -> StateChange:
+        return StateChange(job.message_id, excluded=frozenset(job.state.excluded), failures=job.state.failures,
+                           attempts=job.state.attempts)
 
 
-async def _beat(heartbeat: Callable[[], Awaitable[None]], every_s: float = 10.0) -> None:
-    """Tell JetStream the email is still being worked on (slow sends of large attachments)."""
+def _limits(spec: ProviderSpec) -> ProviderLimits:
+    return ProviderLimits(spec.rate_limit_per_second, spec.daily_quota, spec.monthly_quota)
+
+
+def _age_s(task: queue_pb2.SendTask) -> float:
+    if not task.HasField("accepted_time") or task.accepted_time.seconds == 0:
+        return 0.0
+    return time.time() - (task.accepted_time.seconds + task.accepted_time.nanos / 1e9)
+
+
+async def _beat(heartbeats: list[Callable[[], Awaitable[None]]], every_s: float) -> None:
+    """Tell JetStream the emails are still being worked on (slow sends of large attachments, rate waits)."""
     while True:
         await asyncio.sleep(every_s)
-        try:
-            await heartbeat()
-        except Exception:
-            log.debug("in-progress ack failed", exc_info=True)
-
-
-def new_event_id() -> str:
-    return uuid.uuid4().hex
+        for heartbeat in heartbeats:
+            try:
+                await heartbeat()
+            except Exception:
+                log.debug("in-progress ack failed", exc_info=True)

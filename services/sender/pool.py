@@ -1,4 +1,9 @@
-"""A class pool: one durable JetStream consumer and its own concurrency, so classes never share slots."""
+"""A class pool: one durable JetStream consumer, its own connection and its own concurrency per message class.
+
+Classes never share slots, consumers or connections, so a bulk backlog of any size cannot hold an OTP behind
+it: the OTP consumer always has a fetch outstanding and free slots of its own. Emails are acked (or naked with
+the delivery's computed delay) only after their delivery made its events durable.
+"""
 
 from __future__ import annotations
 
@@ -12,97 +17,143 @@ from nats.js import JetStreamContext
 
 from libs.common.jetstream import Topology, ensure_pull_consumer
 from libs.common.metrics import JETSTREAM_HANDLED
-from services.sender.delivery import Deliverer
+from services.sender.delivery import Deliverer, Incoming, Verdict
 
 log = logging.getLogger(__name__)
 
+ERROR_RETRY_S = 2.0
+"""A delivery that crashed (Redis or NATS trouble) is offered again after this long."""
+LONG_POLL_S = 1.0
+TOP_UP_WAIT_S = 0.005
+
+
+class Slots:
+    """Counts emails in flight against a limit (a semaphore that can take several permits without waiting)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    async def take_one(self) -> None:
+        """Wait for a free slot and take it."""
+        while self.used >= self.capacity:
+            self._freed.clear()
+            await self._freed.wait()
+        self.used += 1
+
+    def take_up_to(self, wanted: int) -> int:
+        """Take as many free slots as there are, up to ``wanted``, without waiting."""
+        taken = max(0, min(wanted, self.capacity - self.used))
+        self.used += taken
+        return taken
+
+    def release(self, count: int) -> None:
+        """Give ``count`` slots back."""
+        self.used -= count
+        self._freed.set()
+
 
 class ClassPool:
-    """Keeps up to ``concurrency`` emails of one class in flight."""
+    """Keeps up to ``concurrency`` emails of one class in flight, fetched from the class's durable consumer."""
 
     def __init__(self, js: JetStreamContext, topology: Topology, message_class: str, deliverer: Deliverer, *,
-                 concurrency: int, ack_wait_s: float) -> None:
+                 concurrency: int, ack_wait_s: float, batch_max: int = 1) -> None:
         self.js = js
         self.topology = topology
         self.message_class = message_class
         self.deliverer = deliverer
         self.concurrency = concurrency
         self.ack_wait_s = ack_wait_s
+        self.batch_max = max(1, batch_max)
+        """Emails one delivery may carry (batch provider calls); 1 delivers each email on its own."""
         self.durable = topology.consumer(f"sender-{message_class}")
-        self._slots = asyncio.Semaphore(concurrency)
+        self.slots = Slots(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def setup(self) -> None:
+        """Declare the class's durable pull consumer."""
         await ensure_pull_consumer(
             self.js, self.topology.send_stream, self.durable, self.topology.send_subject(self.message_class),
             ack_wait_s=self.ack_wait_s, max_ack_pending=self.concurrency * 4)
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, msgs: list[Msg]) -> None:
         try:
-            try:
-                task = queue_pb2.SendTask.FromString(msg.data)
-            except Exception:
-                log.error("dropping an undecodable send task")
-                await msg.term()
+            batch: list[Incoming] = []
+            decoded: list[Msg] = []
+            for msg in msgs:
+                try:
+                    task = queue_pb2.SendTask.FromString(msg.data)
+                except Exception:
+                    log.error("dropping an undecodable send task", extra={"consumer": self.durable})
+                    await msg.term()
+                    continue
+                delivery = msg.metadata.num_delivered if msg.metadata else 1
+                batch.append(Incoming(task, delivery, msg.in_progress))
+                decoded.append(msg)
+            if not batch:
                 return
-            delivery = msg.metadata.num_delivered if msg.metadata else 1
-            verdict = await self.deliverer.deliver(task, delivery, msg.in_progress)
-            if verdict.ack:
-                await msg.ack()
-            else:
-                await msg.nak(delay=verdict.retry_in_s)
-            JETSTREAM_HANDLED.labels(self.durable, "ack" if verdict.ack else "retry").inc()
-        except Exception:
-            # Not acked: JetStream redelivers after ack_wait. Nothing is lost.
-            JETSTREAM_HANDLED.labels(self.durable, "error").inc()
-            log.exception("delivery failed; the email will be redelivered")
+            try:
+                verdicts = await self.deliverer.deliver(batch)
+            except Exception:
+                JETSTREAM_HANDLED.labels(self.durable, "error").inc(len(decoded))
+                log.exception("delivery failed; the emails will be offered again", extra={"consumer": self.durable})
+                verdicts = [Verdict(ack=False, retry_in_s=ERROR_RETRY_S)] * len(decoded)
+            for msg, verdict in zip(decoded, verdicts, strict=True):
+                try:
+                    if verdict.ack:
+                        await msg.ack()
+                    else:
+                        await msg.nak(delay=verdict.retry_in_s)
+                except Exception:  # JetStream redelivers it after ack_wait; the sent marker prevents a resend
+                    log.warning("ack failed", exc_info=True, extra={"consumer": self.durable})
+            acked = sum(1 for v in verdicts if v.ack)
+            JETSTREAM_HANDLED.labels(self.durable, "ack").inc(acked)
+            JETSTREAM_HANDLED.labels(self.durable, "retry").inc(len(verdicts) - acked)
         finally:
-            self._slots.release()
+            self.slots.release(len(msgs))
 
-    def _dispatch(self, msg: Msg) -> None:
-        task = asyncio.create_task(self._handle(msg))
+    def _dispatch(self, msgs: list[Msg]) -> None:
+        task = asyncio.create_task(self._handle(msgs))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _take_free_slots(self, most: int) -> int:
-        taken = 0
-        while taken < most and not self._slots.locked():
-            self._slots._value -= 1
-            taken += 1
-        return taken
-
     async def run(self, stop: asyncio.Event) -> None:
-        """Long-poll for one email and start it at once (latency), then grab whatever else is already queued
-        without waiting (throughput). A plain fetch(n) would hold the first email until n arrived or it timed out."""
+        """Long-poll for one email and start it at once (latency), then take whatever else is already queued
+        without waiting (throughput). A plain fetch(n) on an empty queue would hold the first email until n
+        arrived or it timed out."""
         sub = await self.js.pull_subscribe_bind(durable=self.durable, stream=self.topology.send_stream)
         try:
             while not stop.is_set():
-                await self._slots.acquire()
+                await self.slots.take_one()
                 try:
-                    first = await sub.fetch(1, timeout=1.0)
+                    first = await sub.fetch(1, timeout=LONG_POLL_S)
                 except (TimeoutError, nats.errors.TimeoutError):
-                    self._slots.release()
+                    self.slots.release(1)
                     continue
                 except Exception:
-                    self._slots.release()
-                    log.warning("fetch failed", exc_info=True)
+                    self.slots.release(1)
+                    log.warning("fetch failed", exc_info=True, extra={"consumer": self.durable})
                     await asyncio.sleep(0.2)
                     continue
-                for msg in first:
-                    self._dispatch(msg)
-                extra = self._take_free_slots(min(255, self.concurrency))
+                extra = self.slots.take_up_to(min(255, self.concurrency))
                 more: list[Msg] = []
                 if extra:
                     try:
-                        more = await sub.fetch(extra, timeout=0.002)
+                        more = await sub.fetch(extra, timeout=TOP_UP_WAIT_S)
                     except (TimeoutError, nats.errors.TimeoutError):
                         more = []
                     except Exception:
-                        log.warning("fetch failed", exc_info=True)
-                for _ in range(extra - len(more)):
-                    self._slots.release()
-                for msg in more:
-                    self._dispatch(msg)
+                        log.warning("fetch failed", exc_info=True, extra={"consumer": self.durable})
+                self.slots.release(extra - len(more))
+                msgs = [*first, *more]
+                self.slots.release(1 - len(first))
+                if self.batch_max == 1:
+                    for msg in msgs:
+                        self._dispatch([msg])
+                else:
+                    for start in range(0, len(msgs), self.batch_max):
+                        self._dispatch(msgs[start:start + self.batch_max])
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=30)
         finally:

@@ -1,4 +1,5 @@
-"""The sender process: class pools over JetStream, health-only gRPC (probes), provider catalog and health."""
+"""The sender process: a pool per class over JetStream (each with its own connection), the provider catalog and
+shared health, and a health-only gRPC server (probes)."""
 
 from __future__ import annotations
 
@@ -6,40 +7,54 @@ import asyncio
 from collections.abc import AsyncIterator
 from functools import partial
 
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
-from libs.common.redis import create_redis
 from libs.common.s3 import create_s3_client, stream_object
 from libs.routing.catalog import ProviderCatalog, open_bucket
 from libs.routing.health import HealthBoard
 from services.sender.adapters import AdapterPool
 from services.sender.config import SenderSettings
-from services.sender.delivery import Deliverer, EventPublisher
+from services.sender.delivery import Deliverer
+from services.sender.events import EventPublisher
 from services.sender.policy import POLICIES
 from services.sender.pool import ClassPool
+from services.sender.state import MessageStateStore
 
 
 async def build_app(settings: SenderSettings) -> ServiceApp:
+    """Wire the sender: catalog watch, health refresher and one pool per class served."""
     topology = Topology(settings.namespace)
     nc = await connect(settings.nats_url, "esp-sender")
     js = nc.jetstream()
     await ensure_streams(js, topology)
     catalog = ProviderCatalog(await open_bucket(js, settings.namespace))
-    redis = create_redis(settings.redis_url)
-    health = HealthBoard(redis, settings.namespace, refresh_s=settings.health_refresh_s)
+    redis = _redis(settings.redis_url, settings.redis_max_connections)
+    health = HealthBoard(redis, settings.namespace, settings.breaker_policy(), refresh_s=settings.health_refresh_s)
     adapters = AdapterPool(catalog)
+    states = MessageStateStore(redis, settings.namespace, ttl_s=settings.sent_marker_ttl_s,
+                               lease_s=settings.ack_wait_s)
     s3 = create_s3_client(settings.s3_endpoint, settings.s3_region, settings.s3_access_key, settings.s3_secret_key)
 
     def open_attachment(key: str) -> AsyncIterator[bytes]:
         return stream_object(s3, settings.s3_bucket, key)
 
-    deliverer = Deliverer(catalog=catalog, health=health, adapters=adapters, redis=redis,
-                          events=EventPublisher(js, topology), namespace=settings.namespace, opener=open_attachment,
-                          policies=POLICIES, sent_marker_ttl_s=settings.sent_marker_ttl_s)
-    pools = [ClassPool(js, topology, c, deliverer, concurrency=settings.concurrency(c), ack_wait_s=settings.ack_wait_s)
-             for c in settings.sender_classes]
-    for pool in pools:
+    connections: list[NATS] = [nc]
+    pools: list[ClassPool] = []
+    for message_class in settings.sender_classes:
+        # A connection per class: a bulk fetch of hundreds of emails never queues in front of an OTP's.
+        class_nc = await connect(settings.nats_url, f"esp-sender-{message_class}")
+        connections.append(class_nc)
+        class_js = class_nc.jetstream()
+        deliverer = Deliverer(catalog=catalog, health=health, adapters=adapters, states=states,
+                              events=EventPublisher(class_js, topology), opener=open_attachment, policies=POLICIES,
+                              heartbeat_s=settings.ack_wait_s / 3)
+        pool = ClassPool(class_js, topology, message_class, deliverer, concurrency=settings.concurrency(message_class),
+                         ack_wait_s=settings.ack_wait_s, batch_max=settings.batch_max(message_class))
         await pool.setup()
+        pools.append(pool)
 
     catalog_stop = asyncio.Event()
     catalog_task = asyncio.create_task(catalog.run(catalog_stop))
@@ -53,11 +68,21 @@ async def build_app(settings: SenderSettings) -> ServiceApp:
         catalog_stop.set()
         await catalog_task
         await adapters.aclose()
-        await nc.drain()
+        for connection in reversed(connections):
+            await connection.drain()
         await redis.aclose()
 
     return ServiceApp(name="sender", default_port=50055, tasks=[refresh_health, *[partial(_run, p) for p in pools]],
                       closers=[close_all])
+
+
+def _redis(url: str, max_connections: int) -> aioredis.Redis:
+    """A client whose pool makes callers wait for a free connection instead of failing: hundreds of emails are in
+    flight, each needing Redis for a moment."""
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=10,
+                                                    socket_timeout=5, socket_connect_timeout=5,
+                                                    health_check_interval=30)
+    return aioredis.Redis(connection_pool=pool)
 
 
 async def _run(pool: ClassPool, stop: asyncio.Event) -> None:

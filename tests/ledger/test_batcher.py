@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from itertools import chain
 
 import pytest
 
@@ -26,7 +27,7 @@ class RecordingFlush:
 
 async def test_concurrent_submits_share_one_flush() -> None:
     flush = RecordingFlush()
-    batcher = GroupCommitter(flush, BatchingOptions(max_batch_size=1000, workers=1))
+    batcher = GroupCommitter(flush, BatchingOptions(max_batch_size=1000, workers=1, shards=1))
 
     results = await asyncio.gather(*(batcher.submit(i) for i in range(100)))
     await batcher.close()
@@ -34,18 +35,18 @@ async def test_concurrent_submits_share_one_flush() -> None:
     assert results == [i * 2 for i in range(100)]
     # The first submit starts a flush at once; everything queued meanwhile rides the next one.
     assert len(flush.batches) <= 2
-    assert sorted(sum(flush.batches, [])) == list(range(100))
+    assert sorted(chain.from_iterable(flush.batches)) == list(range(100))
 
 
 async def test_batches_never_exceed_the_maximum_size() -> None:
     flush = RecordingFlush()
-    batcher = GroupCommitter(flush, BatchingOptions(max_batch_size=7, workers=2))
+    batcher = GroupCommitter(flush, BatchingOptions(max_batch_size=7, workers=2, shards=2))
 
     await asyncio.gather(*(batcher.submit(i) for i in range(50)))
     await batcher.close()
 
     assert max(len(batch) for batch in flush.batches) <= 7
-    assert sorted(sum(flush.batches, [])) == list(range(50))
+    assert sorted(chain.from_iterable(flush.batches)) == list(range(50))
 
 
 async def test_a_refused_request_fails_alone() -> None:
@@ -71,7 +72,7 @@ async def test_a_failing_flush_fails_every_request_of_its_batch() -> None:
 
 async def test_close_finishes_queued_requests_then_refuses_new_ones() -> None:
     gate = asyncio.Event()
-    batcher = GroupCommitter(RecordingFlush(gate), BatchingOptions(workers=1))
+    batcher = GroupCommitter(RecordingFlush(gate), BatchingOptions(workers=1, shards=1))
     pending = [asyncio.create_task(batcher.submit(i)) for i in range(5)]
     await asyncio.sleep(0)
 
@@ -87,7 +88,7 @@ async def test_close_finishes_queued_requests_then_refuses_new_ones() -> None:
 
 async def test_a_lingering_worker_collects_requests_that_arrive_during_the_delay() -> None:
     flush = RecordingFlush()
-    batcher = GroupCommitter(flush, BatchingOptions(max_delay_s=0.5, workers=1))
+    batcher = GroupCommitter(flush, BatchingOptions(max_delay_s=0.5, workers=1, shards=1))
 
     async def late(i: int) -> int:
         await asyncio.sleep(0.001)
@@ -97,3 +98,31 @@ async def test_a_lingering_worker_collects_requests_that_arrive_during_the_delay
     await batcher.close()
 
     assert flush.batches == [[0, 1, 2]]
+
+
+async def test_batches_in_flight_at_once_never_share_a_shard_key() -> None:
+    in_flight: set[int] = set()
+    overlaps: list[set[int]] = []
+
+    async def flush(requests: Sequence[tuple[int, int]]) -> list[int | Exception]:
+        keys = {key for key, _ in requests}
+        overlaps.append(keys & in_flight)
+        in_flight.update(keys)
+        await asyncio.sleep(0.001)  # stay in flight while other batches start
+        in_flight.difference_update(keys)
+        return [n for _, n in requests]
+
+    batcher: GroupCommitter[tuple[int, int], int] = GroupCommitter(
+        flush, BatchingOptions(max_batch_size=10, workers=4, shards=4), shard_key=lambda request: request[0]
+    )
+    results = await asyncio.gather(*(batcher.submit((n % 7, n)) for n in range(300)))
+    await batcher.close()
+
+    assert results == list(range(300))
+    assert overlaps and not any(overlaps)
+
+
+def test_invalid_batching_options_are_refused() -> None:
+    for options in (BatchingOptions(max_batch_size=0), BatchingOptions(workers=0), BatchingOptions(shards=0)):
+        with pytest.raises(ValueError):
+            GroupCommitter(RecordingFlush(), options)

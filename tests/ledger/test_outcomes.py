@@ -31,7 +31,9 @@ async def funded(ledger: Ledger) -> Ledger:
     return ledger
 
 
-async def test_the_same_sent_event_delivered_three_times_commits_once(funded: Ledger, pool: AsyncConnectionPool) -> None:
+async def test_the_same_sent_event_delivered_three_times_commits_once(
+    funded: Ledger, pool: AsyncConnectionPool
+) -> None:
     results = [await funded.apply_outcome("e1", "m1", "sent") for _ in range(3)]
 
     assert [(r.result, r.duplicate) for r in results] == [

@@ -81,7 +81,9 @@ async def test_a_tenant_never_topped_up_cannot_reserve(ledger: Ledger) -> None:
     assert refused.value.shortfall == 1
 
 
-async def test_repeating_a_reserve_returns_the_same_hold_and_holds_once(ledger: Ledger, pool: AsyncConnectionPool) -> None:
+async def test_repeating_a_reserve_returns_the_same_hold_and_holds_once(
+    ledger: Ledger, pool: AsyncConnectionPool
+) -> None:
     await ledger.top_up("acme", 10, "t1")
 
     first = await ledger.reserve("acme", "m1", MessageClass.OTP)

@@ -197,9 +197,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.holds_in(HoldState.COMMITTED, HoldState.RELEASED, HoldState.EXPIRED))
     @rule(data=st.data())
     def try_to_resolve_again(self, data: st.DataObject) -> None:
-        hold_id = data.draw(
-            st.sampled_from(self.holds_in(HoldState.COMMITTED, HoldState.RELEASED, HoldState.EXPIRED))
-        )
+        hold_id = data.draw(st.sampled_from(self.holds_in(HoldState.COMMITTED, HoldState.RELEASED, HoldState.EXPIRED)))
         model = self.holds[hold_id]
         try:
             self.run(self.ledger.commit(hold_id, request_id=self.next_id("c")))

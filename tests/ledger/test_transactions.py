@@ -75,7 +75,8 @@ async def test_page_size_is_defaulted_and_capped(pool: AsyncConnectionPool) -> N
 
 
 @pytest.mark.parametrize(
-    "statement", ["UPDATE ledger.entries SET amount = amount + 1", "DELETE FROM ledger.entries", "TRUNCATE ledger.entries"]
+    "statement",
+    ["UPDATE ledger.entries SET amount = amount + 1", "DELETE FROM ledger.entries", "TRUNCATE ledger.entries"],
 )
 async def test_the_journal_is_append_only(ledger: Ledger, pool: AsyncConnectionPool, statement: str) -> None:
     await ledger.top_up("acme", 10, "t1")

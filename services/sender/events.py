@@ -1,0 +1,85 @@
+"""Outcome events on the EVENTS stream, published without waiting one by one and made durable together.
+
+Each delivery stages its events as it goes (an attempt's event does not hold up the fallback to the next
+provider) and ``flush`` waits for JetStream's acks of all of them before the email is acked: an email is only
+acked once its outcome is durable. Event ids are deterministic (``<message>:sent``, ``<message>:a:<n>`` …) and
+travel as ``Nats-Msg-Id``, so re-announcing an outcome after a crash is dropped by the stream's dedupe window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from esp.internal.v1 import queue_pb2
+from esp.v1 import messages_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+from nats.js import JetStreamContext
+
+from libs.common.jetstream import Topology
+from libs.common.metrics import JETSTREAM_PUBLISHED
+from libs.common.telemetry import inject_headers
+from libs.providers.base import Outcome
+
+ATTEMPT_OUTCOME = {Outcome.ACCEPTED: messages_pb2.ATTEMPT_OUTCOME_ACCEPTED,
+                   Outcome.THROTTLED: messages_pb2.ATTEMPT_OUTCOME_THROTTLED,
+                   Outcome.RETRYABLE: messages_pb2.ATTEMPT_OUTCOME_RETRYABLE,
+                   Outcome.PERMANENT: messages_pb2.ATTEMPT_OUTCOME_PERMANENT,
+                   Outcome.AMBIGUOUS: messages_pb2.ATTEMPT_OUTCOME_AMBIGUOUS}
+PUBLISH_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class AttemptFacts:
+    """What an event says about the provider call it reports (empty for events about no call)."""
+
+    provider: str = ""
+    provider_message_id: str = ""
+    attempt: int = 0
+    outcome: Outcome | None = None
+    latency_ms: float = 0.0
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+NO_ATTEMPT = AttemptFacts()
+
+
+class EventPublisher:
+    """Stages message events for one delivery batch; ``flush`` makes them durable."""
+
+    def __init__(self, js: JetStreamContext, topology: Topology) -> None:
+        self.js = js
+        self.topology = topology
+
+    def envelope(self, task: queue_pb2.SendTask, event_type: int, *, event_id: str, final: bool, reason: str,
+                 facts: AttemptFacts) -> queue_pb2.EventEnvelope:
+        """The event as it goes on the stream."""
+        now = Timestamp()
+        now.GetCurrentTime()
+        return queue_pb2.EventEnvelope(
+            tenant_id=task.tenant_id, message_id=task.message_id, final=final, message_class=task.message_class,
+            hold_id=task.message_id,
+            event=messages_pb2.MessageEvent(
+                event_id=event_id, message=f"messages/{task.message_id}", type=event_type, event_time=now,
+                provider=facts.provider, provider_message_id=facts.provider_message_id, reason=reason[:1000],
+                attempt=facts.attempt, outcome=ATTEMPT_OUTCOME[facts.outcome] if facts.outcome else 0,
+                latency_ms=int(facts.latency_ms), attributes=dict(facts.attributes)))
+
+    async def stage(self, task: queue_pb2.SendTask, event_type: int, *, event_id: str, final: bool = False,
+                    reason: str = "", facts: AttemptFacts = NO_ATTEMPT) -> asyncio.Future[object]:
+        """Publish without waiting for the stream's ack; the returned future resolves when it is durable."""
+        envelope = self.envelope(task, event_type, event_id=event_id, final=final, reason=reason, facts=facts)
+        headers = inject_headers({})
+        headers["Nats-Msg-Id"] = event_id
+        subject = self.topology.events_subject(task.tenant_id)
+        future = await self.js.publish_async(subject, envelope.SerializeToString(), headers=headers,
+                                             wait_stall=PUBLISH_TIMEOUT_S)
+        JETSTREAM_PUBLISHED.labels(subject.rsplit(".", 1)[0]).inc()
+        return future
+
+    @staticmethod
+    async def flush(pending: list[asyncio.Future[object]]) -> None:
+        """Wait until every staged event is durable; raises if any was not (the email must then not be acked)."""
+        if pending:
+            await asyncio.wait_for(asyncio.gather(*pending), PUBLISH_TIMEOUT_S)

@@ -1,0 +1,160 @@
+"""Ranking providers for one email: eligibility, class weights and the reasons given for every score."""
+
+from __future__ import annotations
+
+from libs.routing.catalog import ProviderSpec
+from libs.routing.health import HALF_OPEN, OPEN, ProviderHealth
+from libs.routing.scoring import EmailFacts, rank
+
+CAPS = {"postmark": 10_000_000, "sendgrid": 30_000_000}
+SLOW_AND_CHEAP = ProviderSpec("slow-cheap", "sendgrid", "http://x", price_per_email_micros=50)
+FAST_AND_PRICEY = ProviderSpec("fast-pricey", "sendgrid", "http://x", price_per_email_micros=500)
+MEASURED = {"slow-cheap": ProviderHealth(latency_ms_ewma=40, latency_dev_ms=5, samples=50),
+            "fast-pricey": ProviderHealth(latency_ms_ewma=3, latency_dev_ms=1, samples=50)}
+
+
+def email(message_class: str = "bulk", size: int = 20_000, **fields: object) -> EmailFacts:
+    return EmailFacts(message_class, size, **fields)  # type: ignore[arg-type]
+
+
+def order(decision: object) -> list[str]:
+    return [s.provider_id for s in decision.ranked]  # type: ignore[attr-defined]
+
+
+def reason(decision: object, provider_id: str) -> str:
+    return next(s.excluded_reason for s in decision.excluded if s.provider_id == provider_id)  # type: ignore
+
+
+def test_bulk_prefers_the_cheapest_healthy_provider():
+    decision = rank([FAST_AND_PRICEY, SLOW_AND_CHEAP], MEASURED, email("bulk"), CAPS)
+
+    assert order(decision) == ["slow-cheap", "fast-pricey"]
+
+
+def test_otp_prefers_the_fastest_healthy_provider():
+    decision = rank([SLOW_AND_CHEAP, FAST_AND_PRICEY], MEASURED, email("otp"), CAPS)
+
+    assert order(decision) == ["fast-pricey", "slow-cheap"]
+
+
+def test_a_provider_never_measured_is_tried_before_a_measured_slower_one():
+    decision = rank([SLOW_AND_CHEAP, FAST_AND_PRICEY], {"slow-cheap": MEASURED["slow-cheap"]}, email("otp"), CAPS)
+
+    assert order(decision) == ["fast-pricey", "slow-cheap"]
+
+
+def test_an_unhealthy_provider_ranks_below_a_healthy_one_of_the_same_price():
+    a = ProviderSpec("a", "sendgrid", "http://x", price_per_email_micros=100)
+    b = ProviderSpec("b", "sendgrid", "http://x", price_per_email_micros=100)
+    health = {"a": ProviderHealth(latency_ms_ewma=5, error_rate=0.4), "b": ProviderHealth(latency_ms_ewma=5)}
+
+    assert order(rank([a, b], health, email("transactional"), CAPS)) == ["b", "a"]
+
+
+def test_the_manual_weight_scales_the_score():
+    a = ProviderSpec("a", "sendgrid", "http://x", price_per_email_micros=100)
+    b = ProviderSpec("b", "sendgrid", "http://x", price_per_email_micros=100, weight=2.0)
+
+    assert order(rank([a, b], {}, email("bulk"), CAPS)) == ["b", "a"]
+
+
+def test_price_per_megabyte_counts_for_large_emails():
+    per_email = ProviderSpec("per-email", "sendgrid", "http://x", price_per_email_micros=300)
+    per_mb = ProviderSpec("per-mb", "sendgrid", "http://x", price_per_email_micros=100, price_per_mb_micros=100)
+
+    assert order(rank([per_email, per_mb], {}, email("bulk", size=100_000), CAPS))[0] == "per-mb"
+    assert order(rank([per_email, per_mb], {}, email("bulk", size=5_000_000), CAPS))[0] == "per-email"
+
+
+def test_every_ineligible_provider_is_listed_with_its_reason():
+    providers = [
+        ProviderSpec("off", "sendgrid", "http://x", disabled=True),
+        ProviderSpec("otp-only", "sendgrid", "http://x", allowed_classes=("otp",)),
+        ProviderSpec("small", "postmark", "http://x"),
+        ProviderSpec("broken", "sendgrid", "http://x"),
+        ProviderSpec("probing", "sendgrid", "http://x"),
+        ProviderSpec("busy", "sendgrid", "http://x"),
+        ProviderSpec("spent", "sendgrid", "http://x", daily_quota=10),
+        ProviderSpec("month", "sendgrid", "http://x", monthly_quota=10),
+        ProviderSpec("booked", "sendgrid", "http://x", rate_limit_per_second=10),
+        ProviderSpec("failed", "sendgrid", "http://x"),
+    ]
+    health = {"broken": ProviderHealth(breaker=OPEN, open_for_s=3), "probing": ProviderHealth(
+        breaker=HALF_OPEN, probe_in_flight=True), "busy": ProviderHealth(throttled_for_s=2),
+        "spent": ProviderHealth(daily_used=10), "month": ProviderHealth(monthly_used=10),
+        "booked": ProviderHealth(rate_backlog_s=5)}
+
+    decision = rank(providers, health, email("bulk", size=12_000_000, excluded=frozenset({"failed"})), CAPS)
+
+    assert order(decision) == []
+    assert reason(decision, "off") == "disabled"
+    assert reason(decision, "otp-only") == "does not carry bulk"
+    assert "exceeds cap of 10000000" in reason(decision, "small")
+    assert reason(decision, "broken").startswith("circuit breaker open")
+    assert reason(decision, "probing") == "circuit breaker half-open, probe in flight"
+    assert "Retry-After" in reason(decision, "busy")
+    assert reason(decision, "spent") == "daily quota exhausted"
+    assert reason(decision, "month") == "monthly quota exhausted"
+    assert reason(decision, "booked").startswith("rate budget spent")
+    assert reason(decision, "failed") == "failed for this email already"
+
+
+def test_the_registry_size_cap_applies_when_lower_than_the_adapters():
+    capped = ProviderSpec("capped", "sendgrid", "http://x", max_message_bytes=1_000_000)
+
+    decision = rank([capped], {}, email("bulk", size=2_000_000), CAPS)
+
+    assert "exceeds cap of 1000000" in reason(decision, "capped")
+
+
+def test_a_half_open_provider_gets_its_probe_first_for_bulk_and_last_for_otp():
+    recovering = ProviderSpec("recovering", "sendgrid", "http://x", price_per_email_micros=500)
+    healthy = ProviderSpec("healthy", "sendgrid", "http://x", price_per_email_micros=50)
+    health = {"recovering": ProviderHealth(breaker=HALF_OPEN), "healthy": ProviderHealth(latency_ms_ewma=5)}
+
+    bulk = rank([healthy, recovering], health, email("bulk"), CAPS)
+    otp = rank([healthy, recovering], health, email("otp"), CAPS)
+
+    assert order(bulk) == ["recovering", "healthy"] and bulk.ranked[0].probe
+    assert order(otp) == ["healthy", "recovering"]
+
+
+def test_a_cheapest_provider_whose_rate_budget_fills_up_gives_way_to_the_next():
+    cheap = ProviderSpec("cheap", "sendgrid", "http://x", price_per_email_micros=50, rate_limit_per_second=10)
+    next_cheapest = ProviderSpec("next", "sendgrid", "http://x", price_per_email_micros=70)
+
+    idle = rank([cheap, next_cheapest], {}, email("bulk"), CAPS)
+    booked = rank([cheap, next_cheapest], {"cheap": ProviderHealth(rate_backlog_s=1.9)}, email("bulk"), CAPS)
+
+    assert order(idle) == ["cheap", "next"]
+    assert order(booked) == ["next", "cheap"]
+    assert booked.ranked[1].capacity_factor < 0.6
+
+
+def test_a_provider_about_to_run_out_of_quota_gives_way_to_the_next():
+    cheap = ProviderSpec("cheap", "sendgrid", "http://x", price_per_email_micros=50, daily_quota=1000)
+    next_cheapest = ProviderSpec("next", "sendgrid", "http://x", price_per_email_micros=70)
+
+    decision = rank([cheap, next_cheapest], {"cheap": ProviderHealth(daily_used=999)}, email("bulk"), CAPS)
+
+    assert order(decision) == ["next", "cheap"]
+    assert decision.ranked[1].remaining_daily_quota == 1
+
+
+def test_a_provider_outside_the_preferred_region_ranks_after_those_inside():
+    eu = ProviderSpec("eu", "sendgrid", "http://x", price_per_email_micros=100, region="eu")
+    us = ProviderSpec("us", "sendgrid", "http://x", price_per_email_micros=80, region="us")
+
+    assert order(rank([us, eu], {}, email("bulk", region="eu"), CAPS)) == ["eu", "us"]
+
+
+def test_the_breakdown_explains_the_score():
+    decision = rank([FAST_AND_PRICEY, SLOW_AND_CHEAP], MEASURED, email("bulk"), CAPS)
+    cheap, pricey = decision.ranked
+
+    assert cheap.expected_cost_micros == 50 and pricey.expected_cost_micros == 500
+    assert cheap.cost_factor == 1.0 and pricey.cost_factor == 0.1
+    assert pricey.latency_factor == 1.0 and cheap.latency_factor == 3 / 40
+    assert cheap.health_factor == 1.0 and cheap.capacity_factor == 1.0
+    assert cheap.breaker == "closed" and cheap.remaining_daily_quota == float("inf")
+    assert cheap.score > pricey.score

@@ -1,0 +1,260 @@
+"""The mesh for the sender's end-to-end tests: every service as a process, the provider simulator as a process.
+
+``sim_process`` starts ``python -m dev.simulator`` on free ports with personalities of its own (all Postmark
+flavoured: JSON, batch API); ``provider_mesh`` starts the services (tests/e2e helpers) with a short breaker
+cool-down, removes the SMTP provider the e2e seeding adds, and offers the admin, sending and simulator calls
+the tests need. Providers are created per test through the admin API — the registry under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from esp.v1 import common_pb2, messages_pb2, messages_pb2_grpc, providers_pb2, providers_pb2_grpc
+from google.protobuf import field_mask_pb2
+
+from dev import mesh as m
+from dev.simulator.client import SimulatorClient
+from tests.conftest import S3Server
+from tests.e2e.conftest import RunningMesh, build_mesh_config, start_mesh
+
+PERSONALITIES = ("primary", "secondary", "throttled", "paced", "quota-cheap", "quota-spare", "fast", "slow",
+                 "kept", "added", "bulk-cheap", "otp-fast")
+CLASSES = {"otp": common_pb2.MESSAGE_CLASS_OTP, "transactional": common_pb2.MESSAGE_CLASS_TRANSACTIONAL,
+           "bulk": common_pb2.MESSAGE_CLASS_BULK}
+BREAKER_THRESHOLD = 3
+BREAKER_OPEN_S = 1.5
+MESH_ENV = {"ESP_BREAKER_CONSECUTIVE_FAILURES": str(BREAKER_THRESHOLD), "ESP_BREAKER_OPEN_S": str(BREAKER_OPEN_S),
+            "ESP_BREAKER_PROBE_TIMEOUT_S": "5", "ESP_LOG_LEVEL": "WARNING"}
+
+
+def token(personality: str) -> str:
+    return f"{personality}-token"
+
+
+@dataclass
+class SimProcess:
+    """The simulator process and where it listens."""
+
+    http_url: str
+    process: m.Process
+
+    def endpoint(self, personality: str) -> str:
+        return f"{self.http_url}/p/{personality}"
+
+
+@pytest.fixture(scope="session")
+def sim_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimProcess]:
+    """``python -m dev.simulator`` on free loopback ports; stopped at the end of the session."""
+    folder = tmp_path_factory.mktemp("simulator")
+    personalities = folder / "personalities.json"
+    personalities.write_text(json.dumps({"personalities": [
+        {"name": name, "type": "postmark",
+         "credentials": {"server_token": token(name), "webhook_user": "hook", "webhook_password": "hook"}}
+        for name in PERSONALITIES]}))
+    http_port, smtp_port = m.free_port(), m.free_port()
+    process = m.spawn("simulator", [sys.executable, "-m", "dev.simulator", "--http-port", str(http_port),
+                                    "--smtp-port", str(smtp_port), "--personalities", str(personalities),
+                                    "--seed", "7", "--log-cap", "100000"], folder)
+    try:
+        m.wait_port(http_port, 30, process.popen, "simulator")
+    except RuntimeError as exc:
+        process.kill()
+        pytest.fail(f"the simulator did not start: {exc}\n{process.log_tail()}")
+    yield SimProcess(f"http://127.0.0.1:{http_port}", process)
+    process.stop()
+
+
+@dataclass
+class Delivered:
+    """One email as the simulator took it."""
+
+    message_id: str
+    personality: str
+    arrived_at: float
+
+
+@dataclass
+class ProviderMesh:
+    """The running mesh plus the calls the tests make."""
+
+    running: RunningMesh
+    sim: SimProcess
+    created: list[str] = field(default_factory=list)
+    _client: SimulatorClient | None = None
+
+    # -- simulator ------------------------------------------------------------------------------------------------
+    @property
+    def simulator(self) -> SimulatorClient:
+        if self._client is None:
+            self._client = SimulatorClient(self.sim.http_url)
+        return self._client
+
+    async def requests(self, personality: str) -> list[dict[str, Any]]:
+        return await self.simulator.requests(personality)
+
+    async def delivered(self, personalities: Iterable[str] = PERSONALITIES) -> list[Delivered]:
+        """Every email the simulator took for delivery, across ``personalities``."""
+        found = []
+        for record in await self.simulator.requests():
+            if record["personality"] in personalities and record["delivered"]:
+                found.extend(Delivered(msg["esp_message_id"], record["personality"], record["arrived_at"])
+                             for msg in record["messages"] if msg["rejection"] is None)
+        return found
+
+    async def wait_delivered(self, message_ids: Iterable[str], timeout_s: float = 60) -> dict[str, list[Delivered]]:
+        """Where each email went, once every one of them reached the simulator (fails after ``timeout_s``)."""
+        wanted = set(message_ids)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            seen: dict[str, list[Delivered]] = {}
+            for item in await self.delivered():
+                if item.message_id in wanted:
+                    seen.setdefault(item.message_id, []).append(item)
+            if len(seen) == len(wanted):
+                return seen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(wanted) - len(seen)} of {len(wanted)} emails never reached a provider")
+            await asyncio.sleep(0.2)
+
+    # -- admin -----------------------------------------------------------------------------------------------------
+    def _channel(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.running.endpoint)
+
+    async def create_provider(self, personality: str, *, price: int = 100, rate: float = 0.0, daily_quota: int = 0,
+                              classes: Sequence[str] = (), weight: float = 1.0) -> str:
+        """A provider for a simulator personality, through the admin API; removed when the test ends."""
+        provider_id = f"{personality}-{secrets.token_hex(3)}"
+        provider = providers_pb2.Provider(
+            type="postmark", display_name=personality, endpoint=self.sim.endpoint(personality),
+            credentials={"server_token": token(personality)}, price_per_email_micros=price,
+            rate_limit_per_second=rate, daily_quota=daily_quota, allowed_classes=[CLASSES[c] for c in classes],
+            weight=weight, options={"timeout_s": "5"})
+        async with self._channel() as channel:
+            await providers_pb2_grpc.ProviderServiceStub(channel).CreateProvider(
+                providers_pb2.CreateProviderRequest(provider_id=provider_id, provider=provider),
+                metadata=self.running.admin(), timeout=10)
+        self.created.append(provider_id)
+        return provider_id
+
+    async def update_provider(self, provider_id: str, **fields: Any) -> None:
+        async with self._channel() as channel:
+            await providers_pb2_grpc.ProviderServiceStub(channel).UpdateProvider(
+                providers_pb2.UpdateProviderRequest(
+                    provider=providers_pb2.Provider(name=f"providers/{provider_id}", **fields),
+                    update_mask=field_mask_pb2.FieldMask(paths=list(fields))),
+                metadata=self.running.admin(), timeout=10)
+
+    async def delete_provider(self, provider_id: str) -> None:
+        async with self._channel() as channel:
+            await providers_pb2_grpc.ProviderServiceStub(channel).DeleteProvider(
+                providers_pb2.DeleteProviderRequest(name=f"providers/{provider_id}"), metadata=self.running.admin(),
+                timeout=10)
+        if provider_id in self.created:
+            self.created.remove(provider_id)
+
+    async def route(self, message_class: str, message_bytes: int = 2_000) -> providers_pb2.RouteEmailResponse:
+        """The router's ranking and its breakdown."""
+        async with self._channel() as channel:
+            return await providers_pb2_grpc.ProviderServiceStub(channel).RouteEmail(
+                providers_pb2.RouteEmailRequest(message_class=CLASSES[message_class], message_bytes=message_bytes,
+                                                recipient_count=1), metadata=self.running.admin(), timeout=10)
+
+    async def breaker(self, provider_id: str, message_class: str = "transactional") -> str:
+        decision = await self.route(message_class)
+        for score in (*decision.ranked, *decision.excluded):
+            if score.provider == f"providers/{provider_id}":
+                return str(score.breaker_state)
+        raise AssertionError(f"{provider_id} is not in the router's catalog")
+
+    async def wait_for(self, check: Callable[[], Any], timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not await check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} did not happen within {timeout_s}s")
+            await asyncio.sleep(0.1)
+
+    # -- sending ---------------------------------------------------------------------------------------------------
+    async def send(self, message_class: str, *, subject: str = "Hello", to: str = "rcpt@example.net") -> str:
+        """SendEmail through ingest; returns the message id."""
+        async with self._channel() as channel:
+            reply = await messages_pb2_grpc.MessageServiceStub(channel).SendEmail(
+                messages_pb2.SendEmailRequest(
+                    message_class=CLASSES[message_class], subject=subject, text_body="Your code is 123456.",
+                    to=[common_pb2.EmailAddress(email=to)],
+                    **{"from": common_pb2.EmailAddress(email="shop@example.com")}),
+                metadata=self.running.auth(), timeout=10)
+        return str(reply.message.id)
+
+    async def send_many(self, message_class: str, count: int, **fields: Any) -> list[str]:
+        return list(await asyncio.gather(*(self.send(message_class, **fields) for _ in range(count))))
+
+    async def states(self, message_ids: Iterable[str]) -> dict[str, int]:
+        """Each message's state as the status API reports it."""
+        async with self._channel() as channel:
+            stub = messages_pb2_grpc.MessageServiceStub(channel)
+            replies = await asyncio.gather(*(stub.GetMessage(
+                messages_pb2.GetMessageRequest(name=f"messages/{mid}"), metadata=self.running.auth(), timeout=10)
+                for mid in message_ids))
+        return {reply.id: int(reply.state) for reply in replies}
+
+    async def wait_all_sent(self, message_ids: Sequence[str], timeout_s: float = 30) -> None:
+        """Every message reaches state SENT (or a later one) in the status API."""
+        final = {messages_pb2.MESSAGE_STATE_SENT, messages_pb2.MESSAGE_STATE_DELIVERED}
+
+        async def all_sent() -> bool:
+            try:
+                return all(s in final for s in (await self.states(message_ids)).values())
+            except grpc.aio.AioRpcError:
+                return False
+
+        await self.wait_for(all_sent, timeout_s, f"SENT for all {len(message_ids)} emails")
+
+    async def cleanup(self) -> None:
+        for provider_id in list(self.created):
+            await self.delete_provider(provider_id)
+        await self.simulator.reset()
+
+
+@pytest.fixture(scope="session")
+def provider_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_server: S3Server, run_id: str,
+                  smtp_sink: tuple[int, Path], sim_process: SimProcess,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProviderMesh]:
+    """Every service but the REST gateway, as processes, with a short breaker cool-down."""
+    smtp_port, maildir = smtp_sink
+    config = build_mesh_config(new_database(), redis_url, nats_url, s3_server, f"{run_id}snd",
+                               tmp_path_factory.mktemp("sender-mesh-logs"))
+    config.services = tuple(s for s in config.services if s != "gateway")
+    config.extra_env.update(MESH_ENV)
+    running = start_mesh(config, maildir, smtp_port)
+    try:
+        with grpc.insecure_channel(running.endpoint) as channel:
+            # The e2e seeding adds an SMTP provider for every class; these tests choose their own providers.
+            providers_pb2_grpc.ProviderServiceStub(channel).DeleteProvider(
+                providers_pb2.DeleteProviderRequest(name="providers/sink"), metadata=running.admin(), timeout=10)
+    except BaseException:
+        running.mesh.stop()
+        raise
+    yield ProviderMesh(running, sim_process)
+    running.mesh.stop()
+
+
+@pytest.fixture
+async def mesh(provider_mesh: ProviderMesh) -> AsyncIterator[ProviderMesh]:
+    """The session's mesh with a clean simulator; the providers a test creates are deleted after it."""
+    provider_mesh._client = SimulatorClient(provider_mesh.sim.http_url)
+    await provider_mesh.simulator.reset()
+    yield provider_mesh
+    await provider_mesh.cleanup()
+    await provider_mesh.simulator.aclose()
+    provider_mesh._client = None
