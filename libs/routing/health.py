@@ -9,8 +9,9 @@ transition, and every script reads the clock from Redis (``TIME``), so replicas 
   Retry-After, quota and rate budget, checked *and reserved* atomically. Quota is reserved before the call, so
   concurrent senders can never overshoot a provider's quota: routing moves away before the provider refuses.
   The rate limit books the caller a slot in the provider's schedule (GCRA with zero burst: calls are spaced at
-  least ``1/rate`` apart, so no one-second window ever holds more than ``rate`` calls) and returns how long to
-  wait for it; a slot further away than the caller's ``max_wait_s`` is refused as "rate budget spent".
+  least ``1/rate`` apart — ``RATE_SAFETY_MARGIN`` more, so the network jitter between our clock and the
+  provider's never pushes one of its one-second windows over ``rate`` calls) and returns how long to wait for
+  it; a slot further away than the caller's ``max_wait_s`` is refused as "rate budget spent".
 - ``record`` feeds an outcome back: successes close a half-open breaker, failures open it after N in a row or
   when the failure rate over the window passes a threshold (given enough samples); a throttled answer is not a
   failure (the provider is healthy, just busy) but pauses the provider for everyone until Retry-After passes.
@@ -33,6 +34,8 @@ import redis.asyncio as aioredis
 log = logging.getLogger(__name__)
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+RATE_SAFETY_MARGIN = 0.05
+"""Calls are paced this share below a provider's configured rate (≈ 50 ms of slack per one-second window)."""
 
 
 @dataclass(frozen=True)
@@ -405,7 +408,8 @@ class HealthBoard:
     def _acquire_args(self, provider_id: str, limits: ProviderLimits, emails: int,
                       max_wait_s: float) -> tuple[list[str], list[object]]:
         daily, monthly = self.quota_keys(provider_id)
-        interval_us = math.ceil(1_000_000 / limits.rate_per_second) if limits.rate_per_second > 0 else 0
+        interval_us = (math.ceil(1_000_000 * (1 + RATE_SAFETY_MARGIN) / limits.rate_per_second)
+                       if limits.rate_per_second > 0 else 0)
         return ([self.health_key(provider_id), self.rate_key(provider_id), daily, monthly],
                 [interval_us, int(max_wait_s * 1_000_000), max(1, emails), limits.daily_quota,
                  limits.monthly_quota, int(self.policy.probe_timeout_s * 1000), 2 * 86400, 32 * 86400])

@@ -122,6 +122,7 @@ ROUTES: dict[str, dict[str, Route]] = {
     "esp.v1.CreditService": {
         "GetBalance": Route(READ, "ledger"), "ListTransactions": Route(READ, "ledger"),
         "GetPriceBook": Route(READ, "ledger"), "TopUp": Route(PLATFORM_ADMIN, "ledger"),
+        "SetLowBalanceThreshold": Route(ADMIN, "ledger"),
         "UpdatePriceBook": Route(PLATFORM_ADMIN, "ledger"),
     },
     "esp.v1.ProviderService": {

@@ -8,12 +8,16 @@ Model
     transaction under the row's lock, with ``CHECK (available >= 0)`` as the last line of defence.
 
 Concurrency
-    Reserves go through a :class:`~services.ledger.batcher.GroupCommitter`: concurrent calls, for one tenant or
-    many, coalesce into one transaction that locks the batch's balance rows (in tenant order, so batches never
-    deadlock), decides every request in arrival order against the locked balance, and writes all holds, entries
-    and balance changes with a handful of array statements. Several ledger replicas stay correct because the
-    decision is made under the row lock. Resolutions (commit, release, outcome events, expiry) lock the hold rows
-    first, then the balance rows; the sweeper takes due holds with ``SKIP LOCKED`` so replicas share the work.
+    Reserves go through a :class:`~services.ledger.batcher.GroupCommitter`: concurrent calls coalesce into
+    batches (sharded by tenant, so batches in flight at once lock disjoint balance rows), and each batch is one
+    transaction made of a few array statements sent in pipeline mode. A batch is decided optimistically against
+    balances read without a lock; its writes and commit then go to the server together, taking the row locks
+    only there (in tenant order), so no lock waits on this process. ``CHECK (available >= 0)`` catches a
+    concurrent spend; then, and whenever some request does not fit, the batch is redone with the rows locked
+    first, so a refusal always comes from an authoritative balance. Several replicas stay correct because every
+    change is applied under the row lock and checked by the database. Resolutions (commit, release, outcome
+    events, expiry) lock the hold rows first, then the balance rows; the sweeper takes due holds with
+    ``SKIP LOCKED`` so replicas share the work. Deadlocks and racing inserts of one key are retried.
 
 Idempotency
     Reserve is keyed by ``hold_id`` (global), top-up by ``(tenant_id, request_id)``, commit by the hold (a hold
@@ -85,6 +89,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_ID_LENGTH = 200
+# Bounds that keep every amount the ledger computes or stores inside a Postgres bigint.
+MAX_EMAILS_PER_HOLD = 10_000_000
+MAX_ATTACHMENT_BYTES = 2**40
+MAX_UNIT_PRICE = 10**9
+MAX_TOP_UP = 10**15
 
 _HOLD_COLUMNS = (
     "hold_id, tenant_id, message_class, emails, attachment_bytes, price_per_email, price_per_attachment_mb, "
@@ -182,16 +191,6 @@ class _NeedsLock(Exception):
 
 
 @dataclass(frozen=True)
-class _Shape:
-    """What every hold of one kind in a reserve batch shares."""
-
-    number: int
-    """1-based position in the batch's list of shapes."""
-    hold: Hold
-    """What each new hold of this shape looks like, but for its id: price, amount and expiry included."""
-
-
-@dataclass(frozen=True)
 class _NewNotification:
     tenant_id: str
     kind: NotificationKind
@@ -241,7 +240,7 @@ class Ledger:
         low-balance notification when the balance ends at or above the threshold."""
         _require_id("tenant_id", tenant_id)
         _require_id("request_id", request_id)
-        _require_positive("amount", amount)
+        _require_positive("amount", amount, MAX_TOP_UP)
 
         async def work(conn: AsyncConnection) -> Balance:
             await conn.execute(
@@ -378,9 +377,11 @@ class Ledger:
         _require_id("tenant_id", tenant_id)
         _require_id("hold_id", hold_id)
         checked_class = message_class if isinstance(message_class, MessageClass) else _message_class(message_class)
-        _require_positive("emails", emails)
-        if attachment_bytes.__class__ is not int or attachment_bytes < 0:
-            raise InvalidAmount("attachment_bytes", attachment_bytes, "must be a non-negative integer")
+        _require_positive("emails", emails, MAX_EMAILS_PER_HOLD)
+        if attachment_bytes.__class__ is not int or not 0 <= attachment_bytes <= MAX_ATTACHMENT_BYTES:
+            raise InvalidAmount(
+                "attachment_bytes", attachment_bytes, f"must be an integer in [0, {MAX_ATTACHMENT_BYTES}]"
+            )
         if ttl_s is None:
             ttl_s = self._options.default_hold_ttl_s
         elif not 0 < ttl_s <= self._options.max_hold_ttl_s:
@@ -477,36 +478,33 @@ class Ledger:
         locked: bool,
     ) -> None:
         # Requests that hold the same thing (tenant, class, size, TTL) share one "shape": its price, amount and
-        # expiry are computed once and sent once. A batch usually has a handful of shapes, so the statement
-        # carries two values per hold instead of ten.
-        shapes: dict[tuple[str, MessageClass, int, int, float], _Shape] = {}
-        accepted: list[tuple[ReserveRequest, _Shape]] = []
+        # expiry are computed once, and sent once if a hold of it is made. A batch usually has a handful of shapes,
+        # so the statements carry two values per hold instead of ten.
+        templates: dict[tuple[str, MessageClass, int, int, float], Hold] = {}
+        accepted: list[tuple[ReserveRequest, Hold]] = []
         for index in new:  # arrival order: the answers one-by-one reserves would get
             request = requests[index]
             tenant_id = request.tenant_id
-            ttl_s = float(request.ttl_s or 0)
+            ttl_s = float(request.ttl_s or 0)  # resolved by _validated: never None here
             key = (tenant_id, request.message_class, request.emails, request.attachment_bytes, ttl_s)
-            shape = shapes.get(key)
-            if shape is None:
+            template = templates.get(key)
+            if template is None:
                 price = unit_price(books[tenant_id], request.message_class)
-                shape = shapes[key] = _Shape(
-                    number=len(shapes) + 1,
-                    hold=Hold(
-                        hold_id="",
-                        tenant_id=tenant_id,
-                        message_class=request.message_class,
-                        emails=request.emails,
-                        attachment_bytes=request.attachment_bytes,
-                        price=price,
-                        amount=hold_amount(price, request.emails, request.attachment_bytes),
-                        state=HoldState.HELD,
-                        committed_amount=None,
-                        created_at=now,
-                        expires_at=now + timedelta(seconds=ttl_s),
-                        resolved_at=None,
-                    ),
+                template = templates[key] = Hold(
+                    hold_id="",
+                    tenant_id=tenant_id,
+                    message_class=request.message_class,
+                    emails=request.emails,
+                    attachment_bytes=request.attachment_bytes,
+                    price=price,
+                    amount=hold_amount(price, request.emails, request.attachment_bytes),
+                    state=HoldState.HELD,
+                    committed_amount=None,
+                    created_at=now,
+                    expires_at=now + timedelta(seconds=ttl_s),
+                    resolved_at=None,
                 )
-            amount = shape.hold.amount
+            amount = template.amount
             balance = balances.get(tenant_id)
             available = balance.available if balance is not None else 0
             if amount > available:
@@ -518,7 +516,7 @@ class Ledger:
                 balance.available -= amount
                 balance.available_delta -= amount
                 balance.held_delta += amount
-            accepted.append((request, shape))
+            accepted.append((request, template))
         if not accepted:
             return
 
@@ -526,22 +524,27 @@ class Ledger:
         # holds go first, before the balance rows are locked (optimistic case), so the lock covers only the balance
         # update, the journal rows and the commit. Holds go in hold id order, so two batches racing on the same new
         # ids wait for each other rather than deadlock; the loser fails with a unique violation, is retried, and
-        # then finds the winner's hold.
+        # then finds the winner's hold. Only the shapes of holds made are sent, numbered from 1.
+        shapes: dict[int, tuple[int, Hold]] = {}  # id(template) -> (number, template)
+        for _, template in accepted:
+            if id(template) not in shapes:
+                shapes[id(template)] = (len(shapes) + 1, template)
+        made = [template for _, template in shapes.values()]
         hold_ids = [request.hold_id for request, _ in accepted]
-        shape_numbers = [shape.number for _, shape in accepted]
-        shape_tenants = [key[0] for key in shapes]
-        shape_amounts = [shape.hold.amount for shape in shapes.values()]
+        shape_numbers = [shapes[id(template)][0] for _, template in accepted]
+        shape_tenants = [template.tenant_id for template in made]
+        shape_amounts = [template.amount for template in made]
         await conn.execute(
             _INSERT_HOLDS,
             (
                 shape_tenants,
-                [key[1].value for key in shapes],
-                [key[2] for key in shapes],
-                [key[3] for key in shapes],
-                [shape.hold.price.per_email for shape in shapes.values()],
-                [shape.hold.price.per_attachment_mb for shape in shapes.values()],
+                [template.message_class.value for template in made],
+                [template.emails for template in made],
+                [template.attachment_bytes for template in made],
+                [template.price.per_email for template in made],
+                [template.price.per_attachment_mb for template in made],
                 shape_amounts,
-                [shape.hold.expires_at for shape in shapes.values()],
+                [template.expires_at for template in made],
                 hold_ids,
                 shape_numbers,
             ),
@@ -565,10 +568,10 @@ class Ledger:
         )
         await _notify_low_balance_crossings(conn, changed)
 
-        made = {request.hold_id: _copy_with_hold_id(shape.hold, request.hold_id) for request, shape in accepted}
+        holds = {request.hold_id: _copy_with_hold_id(template, request.hold_id) for request, template in accepted}
         for index in new:
             if results[index] is None:
-                results[index] = made[requests[index].hold_id]
+                results[index] = holds[requests[index].hold_id]
 
     # ------------------------------------------------------------------ commit, release, outcomes, expiry
 
@@ -785,9 +788,9 @@ class Ledger:
         self, tenant_id: str, message_class: MessageClass | str, emails: int = 1, attachment_bytes: int = 0
     ) -> int:
         """What a reserve with these arguments would hold right now."""
-        _require_positive("emails", emails)
-        if attachment_bytes < 0:
-            raise InvalidAmount("attachment_bytes", attachment_bytes, "must not be negative")
+        _require_positive("emails", emails, MAX_EMAILS_PER_HOLD)
+        if not 0 <= attachment_bytes <= MAX_ATTACHMENT_BYTES:
+            raise InvalidAmount("attachment_bytes", attachment_bytes, f"must be in [0, {MAX_ATTACHMENT_BYTES}]")
         book = await self.get_price_book(tenant_id)
         return hold_amount(unit_price(book, _message_class(message_class)), emails, attachment_bytes)
 
@@ -1214,14 +1217,14 @@ def _require_id(name: str, value: str) -> None:
         raise InvalidLedgerArgument(name, f"must be a non-empty string of at most {MAX_ID_LENGTH} characters")
 
 
-def _require_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidAmount(name, value, "must be a positive integer")
+def _require_positive(name: str, value: int, maximum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= maximum:
+        raise InvalidAmount(name, value, f"must be an integer in [1, {maximum}]")
 
 
 def _require_price(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidAmount(name, value, "must be a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_UNIT_PRICE:
+        raise InvalidAmount(name, value, f"must be an integer in [0, {MAX_UNIT_PRICE}]")
 
 
 def _message_class(value: MessageClass | str) -> MessageClass:

@@ -83,6 +83,11 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
     async def TopUp(self, request: credits_pb2.TopUpRequest, context: Any) -> credits_pb2.Balance:
         return _balance(await self.ledger.top_up(_tenant(request.tenant), request.amount, request.request_id))
 
+    async def SetLowBalanceThreshold(self, request: credits_pb2.SetLowBalanceThresholdRequest,
+                                     context: Any) -> credits_pb2.Balance:
+        return _balance(await self.ledger.set_low_balance_threshold(_tenant(request.tenant),
+                                                                    request.threshold or None))
+
     async def ListTransactions(self, request: credits_pb2.ListTransactionsRequest,
                                context: Any) -> credits_pb2.ListTransactionsResponse:
         entries, token = await self.ledger.list_transactions(_tenant(request.tenant), request.page_size,

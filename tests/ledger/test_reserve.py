@@ -10,7 +10,7 @@ from psycopg_pool import AsyncConnectionPool
 from libs.common.db import create_pool
 from services.ledger.errors import IdempotencyMismatch, InsufficientCredits, InvalidAmount, InvalidLedgerArgument
 from services.ledger.ledger import Ledger
-from services.ledger.models import Balance, Hold, HoldState, MessageClass, ReserveRequest
+from services.ledger.models import Balance, Hold, HoldState, MessageClass, PriceOverrides, ReserveRequest
 from tests.ledger.books import check_books
 
 
@@ -185,3 +185,25 @@ async def test_reserve_refuses_an_unknown_class_empty_ids_and_a_bad_ttl(ledger: 
     ):
         with pytest.raises(InvalidLedgerArgument):
             await ledger.reserve(*args, **kwargs)
+
+
+async def test_a_reserve_larger_than_any_balance_is_refused_without_failing_its_batch(ledger: Ledger) -> None:
+    await ledger.set_price_overrides("acme", PriceOverrides(bulk_per_email=10**9))
+    await ledger.top_up("acme", 100, "t1")
+
+    huge, small = await ledger.reserve_many(
+        [
+            ReserveRequest("acme", "m1", MessageClass.BULK, emails=10_000_000),  # 10^16 credits
+            ReserveRequest("acme", "m2", MessageClass.OTP),
+        ]
+    )
+
+    assert isinstance(huge, InsufficientCredits) and huge.required == 10**16
+    assert isinstance(small, Hold) and small.amount == 5
+
+
+async def test_reserve_refuses_more_emails_or_bytes_than_a_hold_may_cover(ledger: Ledger) -> None:
+    with pytest.raises(InvalidAmount):
+        await ledger.reserve("acme", "m1", MessageClass.BULK, emails=10_000_001)
+    with pytest.raises(InvalidAmount):
+        await ledger.reserve("acme", "m1", MessageClass.BULK, attachment_bytes=2**40 + 1)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 
-from libs.routing.health import CLOSED, HALF_OPEN, OPEN, HealthBoard, Outcome, ProviderLimits, Refusal
+from libs.routing.health import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    RATE_SAFETY_MARGIN,
+    HealthBoard,
+    Outcome,
+    ProviderLimits,
+    Refusal,
+)
 from tests.routing.conftest import FAST_BREAKER
 
 NO_LIMITS = ProviderLimits()
@@ -165,14 +174,15 @@ async def test_refresh_reads_an_open_breaker_that_cooled_down_as_half_open(board
 
 async def test_rate_limited_calls_are_booked_at_least_one_interval_apart(board: HealthBoard):
     limits = ProviderLimits(rate_per_second=20)
+    interval = (1 + RATE_SAFETY_MARGIN) / 20
     started = time.monotonic()
     waits = [(await board.acquire("p", limits, max_wait_s=1.0)).wait_s for _ in range(5)]
     elapsed = time.monotonic() - started
 
     # The i-th call's slot is i intervals after the first; some of that time has passed by the time it asks.
     for i, wait in enumerate(waits):
-        assert wait >= i * 0.05 - elapsed
-        assert wait <= i * 0.05 + 0.001
+        assert wait >= i * interval - elapsed
+        assert wait <= i * interval + 0.001
     assert waits[0] == 0
 
 

@@ -1,0 +1,148 @@
+"""The ledger service as deployed: gRPC wiring, the JetStream outcome consumer and the notification publisher."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+import nats
+import pytest
+from esp.internal.v1 import queue_pb2
+from esp.v1 import common_pb2, credits_pb2, credits_pb2_grpc, messages_pb2
+
+from libs.common.db import migrate_services
+from libs.common.grpc_server import serve
+from libs.common.jetstream import Topology, publish
+from services.ledger.config import LedgerSettings
+from services.ledger.server import build_app
+from tests.conftest import free_port
+
+ADMIN = (("x-esp-tenant", ""), ("x-esp-scopes", "platform-admin"))
+
+
+@dataclass
+class LedgerService:
+    stub: credits_pb2_grpc.CreditServiceStub
+    js: object
+    topology: Topology
+
+
+@pytest.fixture
+async def ledger_service(new_database: Callable[[], str], nats_url: str, redis_url: str,
+                         run_id: str) -> AsyncIterator[LedgerService]:
+    dsn = new_database()
+    await migrate_services(dsn, ["ledger"])
+    namespace = f"{run_id}led{free_port()}"
+    port = free_port()
+    settings = LedgerSettings(postgres_dsn=dsn, nats_url=nats_url, redis_url=redis_url, namespace=namespace,
+                              grpc_port=port, sweep_interval_s=0.2, shutdown_grace_s=3)
+    ready, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(serve(await build_app(settings), settings, ready=ready, stop=stop))
+    await asyncio.wait_for(ready.wait(), 20)
+    nc = await nats.connect(nats_url)
+    topology = Topology(namespace)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield LedgerService(credits_pb2_grpc.CreditServiceStub(channel), nc.jetstream(), topology)
+    stop.set()
+    await asyncio.wait_for(task, 20)
+    js = nc.jetstream()
+    for name in (topology.send_stream, topology.events_stream):
+        await js.delete_stream(name)
+    await nc.close()
+
+
+async def _balance(service: LedgerService, tenant: str) -> credits_pb2.Balance:
+    return await service.stub.GetBalance(credits_pb2.GetBalanceRequest(tenant=f"tenants/{tenant}"), metadata=ADMIN)
+
+
+async def _eventually(check: Callable[[], object], timeout_s: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        if await check():  # type: ignore[misc]
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def _sent_event(tenant: str, hold_id: str) -> queue_pb2.EventEnvelope:
+    return queue_pb2.EventEnvelope(
+        tenant_id=tenant, message_id=hold_id, hold_id=hold_id, final=True,
+        message_class=common_pb2.MESSAGE_CLASS_TRANSACTIONAL,
+        event=messages_pb2.MessageEvent(event_id=f"{hold_id}:sent", type=messages_pb2.MESSAGE_EVENT_TYPE_SENT))
+
+
+async def test_the_same_sent_event_delivered_three_times_commits_once(ledger_service: LedgerService):
+    await ledger_service.stub.TopUp(credits_pb2.TopUpRequest(tenant="tenants/acme", amount=100, request_id="t1"),
+                                    metadata=ADMIN)
+    hold = await ledger_service.stub.ReserveCredits(credits_pb2.ReserveCreditsRequest(
+        tenant="tenants/acme", hold_id="m-1", message_class=common_pb2.MESSAGE_CLASS_TRANSACTIONAL, email_count=1))
+    envelope = _sent_event("acme", "m-1")
+    # Three deliveries that JetStream's dedupe does not catch (different Nats-Msg-Ids): only the event id is equal.
+    for copy in range(3):
+        await publish(ledger_service.js, ledger_service.topology.events_subject("acme"),
+                      envelope.SerializeToString(), msg_id=f"copy-{copy}")
+
+    async def committed() -> bool:
+        balance = await _balance(ledger_service, "acme")
+        return balance.held == 0 and balance.spent == hold.amount
+
+    await _eventually(committed)
+    await asyncio.sleep(0.5)  # the later copies are consumed too; nothing must change
+    balance = await _balance(ledger_service, "acme")
+    assert (balance.available, balance.held, balance.spent) == (100 - hold.amount, 0, hold.amount)
+
+
+async def test_a_failed_event_releases_the_hold(ledger_service: LedgerService):
+    await ledger_service.stub.TopUp(credits_pb2.TopUpRequest(tenant="tenants/beta", amount=50, request_id="t1"),
+                                    metadata=ADMIN)
+    await ledger_service.stub.ReserveCredits(credits_pb2.ReserveCreditsRequest(
+        tenant="tenants/beta", hold_id="m-2", message_class=common_pb2.MESSAGE_CLASS_BULK))
+    envelope = _sent_event("beta", "m-2")
+    envelope.event.type = messages_pb2.MESSAGE_EVENT_TYPE_FAILED
+    envelope.event.event_id = "m-2:failed"
+    await publish(ledger_service.js, ledger_service.topology.events_subject("beta"), envelope.SerializeToString(),
+                  msg_id="m-2:failed")
+
+    async def released() -> bool:
+        balance = await _balance(ledger_service, "beta")
+        return balance.held == 0 and balance.available == 50
+
+    await _eventually(released)
+    assert (await _balance(ledger_service, "beta")).spent == 0
+
+
+async def test_insufficient_credits_carry_the_shortfall_in_error_info(ledger_service: LedgerService):
+    reply = await ledger_service.stub.BatchReserveCredits(credits_pb2.BatchReserveCreditsRequest(requests=[
+        credits_pb2.ReserveCreditsRequest(tenant="tenants/poor", hold_id="m-3",
+                                          message_class=common_pb2.MESSAGE_CLASS_OTP)]))
+    error = reply.results[0].error
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert error.reason == "INSUFFICIENT_CREDITS"
+    assert int(error.metadata["shortfall"]) > 0
+
+
+async def test_another_tenant_cannot_read_a_balance(ledger_service: LedgerService):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ledger_service.stub.GetBalance(credits_pb2.GetBalanceRequest(tenant="tenants/acme"),
+                                             metadata=(("x-esp-tenant", "intruder"), ("x-esp-scopes", "read")))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_crossing_the_low_balance_threshold_emits_one_account_event(ledger_service: LedgerService):
+    await ledger_service.stub.TopUp(credits_pb2.TopUpRequest(tenant="tenants/low", amount=20, request_id="t1"),
+                                    metadata=ADMIN)
+    await ledger_service.stub.SetLowBalanceThreshold(credits_pb2.SetLowBalanceThresholdRequest(
+        tenant="tenants/low", threshold=15), metadata=ADMIN)
+    for i in range(4):  # the first reserve crosses below 15; the later ones stay below: no new event
+        await ledger_service.stub.ReserveCredits(credits_pb2.ReserveCreditsRequest(
+            tenant="tenants/low", hold_id=f"low-{i}", message_class=common_pb2.MESSAGE_CLASS_OTP))
+    sub = await ledger_service.js.subscribe(ledger_service.topology.account_subject("low"),
+                                            stream=ledger_service.topology.events_stream, ordered_consumer=True)
+    first = await sub.next_msg(timeout=10)
+    event = queue_pb2.AccountEvent.FromString(first.data)
+    assert (event.tenant_id, event.kind) == ("low", "low_balance_crossed")
+    with pytest.raises(nats.errors.TimeoutError):
+        await sub.next_msg(timeout=2)
