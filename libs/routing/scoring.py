@@ -9,7 +9,8 @@ failed for this email — then a weighted score per class:
 - cost     = cheapest eligible expected cost / this provider's (price per email + price per MB * size);
 - latency  = fastest latency / this provider's (otp compares tail estimates, the others means); a provider
   never measured is assumed to be fast, so a new provider gets traffic, and with it a measurement;
-- health   = 1 - failure rate over the breaker's window;
+- health   = 1 - failure rate over the breaker's window, shrunk towards 0 while the window holds few calls
+  (one failure out of one call says little; the breaker, not the score, reacts to a run of failures);
 - capacity = how much of its quota and rate budget is left: 1 while plenty, fading to ½ as the daily quota
   runs out or the rate limiter's schedule fills up to the class's wait limit, so traffic spills over to the
   next provider *before* this one would have to refuse;
@@ -56,6 +57,8 @@ CAPACITY_FLOOR = 0.5
 """The capacity factor of a provider about to run out of quota or rate budget."""
 OUT_OF_REGION = 0.5
 UNLIMITED = float("inf")
+ERROR_PRIOR_CALLS = 10
+"""The failure rate counts as if this many successful calls were added to the window (Bayesian shrinkage)."""
 UNMEASURED_LATENCY_MS = 1.0
 """What a provider never measured is assumed to take: as fast as can be, so it gets traffic and a measurement
 (optimism in the face of uncertainty; one email finds out)."""
@@ -197,7 +200,7 @@ def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth]
     for spec, h, cost, latency in eligible:
         cost_factor = cheapest / cost if cost > 0 else 1.0
         latency_factor = fastest / (latency or UNMEASURED_LATENCY_MS)
-        health_factor = 1.0 - min(1.0, h.error_rate)
+        health_factor = 1.0 - min(1.0, h.error_rate * h.window_samples / (h.window_samples + ERROR_PRIOR_CALLS))
         capacity = _capacity(spec, h, profile)
         region = OUT_OF_REGION if email.region and spec.region and spec.region != email.region else 1.0
         score = (spec.weight * (profile.cost * cost_factor + profile.latency * latency_factor

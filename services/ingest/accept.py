@@ -5,13 +5,13 @@
 3. **join a twin** — a concurrent request with the same request_id in this process: wait for its answer;
 4. **attachments** — the tenant's own attachments (another tenant's look absent: NOT_FOUND);
 5. **size policy** — attach, send as download links, or refuse (tenant setting) when no provider takes the size;
-6. **admit** (Redis, one round trip) — claim the request_id, refuse suppressed recipients, spend a rate token,
-   count the daily quota; all or nothing. A request_id already claimed → wait for that request's answer;
+6. **admit** (Redis, one round trip) — claim the request_id (the claim names the message being created), refuse
+   suppressed recipients, spend a rate token, count the daily quota; all or nothing. A request_id claimed already
+   → the answer is that message, once committed (same request), or ALREADY_EXISTS (different request);
 7. **reserve credits** (ledger; concurrent reserves coalesce into one batch call) — the hold id is the message id;
 8. **commit** (Postgres; concurrent emails share one transaction) — message row + outbox rows (SEND task and
    ACCEPTED event) together. The caller hears "accepted" only after this commit; the outbox publisher (and,
-   after a crash, its reconciling pass) puts the rows on JetStream with ``Nats-Msg-Id`` = message/event id;
-9. **remember** — the request_id's outcome in Redis, the fast path for retries.
+   after a crash, its reconciling pass) puts the rows on JetStream with ``Nats-Msg-Id`` = message/event id.
 
 A refusal at steps 1-6 changes nothing. A refusal after step 6 gives back what was taken (rate token, quota,
 claim; the hold is released). From step 7 on the steps run to their end even when the caller goes away, so a
@@ -173,7 +173,7 @@ class Acceptor:
                 return _repeat(earlier, fingerprint, draft.request_id)
         attachments = await self.attachments.get_many(tenant.id, draft.attachment_ids)
         sizing = self.sizes.decide(draft, attachments, tenant.policy.large_attachment_policy)
-        claim = f"p|{fingerprint.hex()}|{message_id}" if draft.request_id else ""
+        claim = _claim(fingerprint, message_id) if draft.request_id else ""
         for _ in range(ADMISSION_ROUNDS):
             admitted = await self.gate.admit(tenant.id, draft, rate_per_second=tenant.policy.rate_per_second[
                 draft.message_class], daily_quota=tenant.policy.daily_quota, claim=claim)
@@ -223,35 +223,29 @@ class Acceptor:
                 raise Aborted("request_id conflict; retry", reason="REQUEST_IN_PROGRESS", retry_after_s=0.1)
             repeated = _repeat(earlier, fingerprint, draft.request_id)
             await self._remember_quietly(tenant_id, draft.request_id,
-                                         f"d|{earlier.fingerprint.hex()}|{earlier.message.id}")
+                                         _claim(earlier.fingerprint, uuid.UUID(earlier.message.id)))
             return repeated
         self.outbox.notify()
-        if draft.request_id:
-            await self._remember_quietly(tenant_id, draft.request_id, f"d|{fingerprint.hex()}|{message_id}")
         return Accepted(message, created=True)
 
     async def _wait_for_holder(self, tenant_id: str, request_id: str, fingerprint: bytes,
                                holder: bytes) -> Accepted | None:
-        """Another request holds this request_id: its answer once it has one; None when it gave up."""
+        """Another request holds this request_id: its answer once its message is committed; None when that
+        request gave up (the caller then tries the gate again)."""
         wait = self.duplicate_wait
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait.give_up_after_s
         delay = wait.first_delay_s
         value: bytes | None = holder
         while value is not None:
-            state, _, rest = value.decode().partition("|")
-            holder_fingerprint, _, holder_message = rest.partition("|")
+            holder_fingerprint, _, holder_message = value.decode().partition("|")
             if holder_fingerprint != fingerprint.hex():
                 raise request_id_reused(request_id)
-            if state == "d":
-                stored = await self.store.by_id(tenant_id, holder_message)
-                if stored is not None:
-                    return _repeat(stored, fingerprint, request_id)
-                return None  # a claim Postgres knows nothing of (a restored database): the gate decides again
+            # The claim names the message its request is creating: committed means answered.
+            stored = await self.store.by_id(tenant_id, holder_message)
+            if stored is not None:
+                return _repeat(stored, fingerprint, request_id)
             if loop.time() >= deadline:
-                stored = await self.store.by_request_id(tenant_id, request_id)
-                if stored is not None:
-                    return _repeat(stored, fingerprint, request_id)
                 raise Aborted("a request with this request_id is still being processed; retry",
                               reason="REQUEST_IN_PROGRESS", retry_after_s=1.0)
             await asyncio.sleep(delay)
@@ -292,6 +286,11 @@ class Acceptor:
         """Wait for accepts whose callers went away to finish (called at shutdown)."""
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
+
+
+def _claim(fingerprint: bytes, message_id: uuid.UUID) -> str:
+    """What a request_id's Redis key holds: the request's fingerprint and the message it creates (or created)."""
+    return f"{fingerprint.hex()}|{message_id}"
 
 
 def _repeat(stored: StoredMessage, fingerprint: bytes, request_id: str) -> Accepted:

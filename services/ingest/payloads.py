@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from dataclasses import asdict
 from datetime import datetime
 
 from esp.internal.v1 import queue_pb2
@@ -24,11 +23,15 @@ PROTO_TO_CLASS = {v: k for k, v in CLASS_TO_PROTO.items()}
 
 def request_fingerprint(draft: EmailDraft) -> bytes:
     """sha256 of the request's content, request_id excluded: equal requests have equal fingerprints."""
-    content = asdict(draft)
-    content.pop("request_id")
-    content["headers"] = sorted(draft.headers.items())
-    content["metadata"] = sorted(draft.metadata.items())
-    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).digest()
+
+    def boxes(items: tuple[Mailbox, ...]) -> list[list[str]]:
+        return [[b.email, b.name] for b in items]
+
+    content = [draft.message_class, [draft.sender.email, draft.sender.name], boxes(draft.to), boxes(draft.cc),
+               boxes(draft.bcc), boxes(draft.reply_to), draft.subject, draft.text_body, draft.html_body,
+               sorted(draft.headers.items()), list(draft.tags), sorted(draft.metadata.items()),
+               list(draft.attachment_ids)]
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()).digest()
 
 
 def _addresses(boxes: tuple[Mailbox, ...]) -> list[common_pb2.EmailAddress]:

@@ -6,15 +6,18 @@ find the key, and only sha256(secret) is stored (the secret has 192 bits of entr
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import string
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, TypeVar, cast
 
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -29,6 +32,12 @@ from libs.common.errors import (
     Unauthenticated,
 )
 from services.ingest.model import TenantPolicy
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+TOUCH_INTERVAL_S = 60.0
+"""A key's last use is written at most this often per replica: a busy key costs Postgres nothing."""
 
 KEY_PREFIX = "esp_live_"
 SCOPES = ("send", "read", "admin")
@@ -93,6 +102,9 @@ class TenantStore:
         self.admin_token = admin_token
         self._keys: dict[str, tuple[float, bytes, Principal, bool, bool]] = {}
         self._tenants: dict[str, tuple[float, Tenant]] = {}
+        self._loading: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._touched: dict[str, float] = {}
+        self._touching: set[asyncio.Future[None]] = set()
 
     # -- tenants ---------------------------------------------------------------------------------------------
     async def create_tenant(self, tenant_id: str, display_name: str = "", *, daily_quota: int = 0,
@@ -129,9 +141,15 @@ class TenantStore:
         return await self.get_tenant(tenant_id, fresh=True)
 
     async def get_tenant(self, tenant_id: str, *, fresh: bool = False) -> Tenant:
+        """The tenant, from the cache unless it is older than ``cache_ttl_s`` (or ``fresh`` asks for Postgres)."""
         cached = self._tenants.get(tenant_id)
         if cached and not fresh and time.monotonic() - cached[0] < self.cache_ttl_s:
             return cached[1]
+        if fresh:
+            return await self._load_tenant(tenant_id)
+        return await _single_flight(self._loading, ("tenant", tenant_id), lambda: self._load_tenant(tenant_id))
+
+    async def _load_tenant(self, tenant_id: str) -> Tenant:
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute("SELECT * FROM ingest.tenants WHERE id = %s", (tenant_id,))
             row = await cur.fetchone()
@@ -202,23 +220,10 @@ class TenantStore:
         if match is None:
             raise Unauthenticated("malformed API key", reason="INVALID_API_KEY")
         key_id, secret = match.groups()
-        now = time.monotonic()
         cached = self._keys.get(key_id)
-        fresh = cached is None or now - cached[0] >= self.cache_ttl_s
-        if fresh:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(
-                    """SELECT k.secret_sha256, k.tenant_id, k.scopes, k.revoked_at IS NOT NULL, t.disabled
-                       FROM ingest.api_keys k JOIN ingest.tenants t ON t.id = k.tenant_id WHERE k.id = %s""",
-                    (key_id,),
-                )
-                row = await cur.fetchone()
-            if row is None:
-                raise Unauthenticated("unknown API key", reason="INVALID_API_KEY")
-            digest, tenant_id, scopes, revoked, disabled = row
-            cached = (now, bytes(digest), Principal(tenant_id, frozenset(scopes), key_id), bool(revoked),
-                      bool(disabled))
-            self._keys[key_id] = cached
+        if cached is None or time.monotonic() - cached[0] >= self.cache_ttl_s:
+            # Concurrent requests with an expired key share one lookup (no stampede on Postgres).
+            cached = await _single_flight(self._loading, ("key", key_id), lambda: self._load_key(key_id))
         _at, digest, principal, revoked, disabled = cached
         if not hmac.compare_digest(digest, _hash(secret)):
             raise Unauthenticated("unknown API key", reason="INVALID_API_KEY")
@@ -226,14 +231,45 @@ class TenantStore:
             raise Unauthenticated("this API key was revoked", reason="API_KEY_REVOKED")
         if disabled:
             raise PermissionDenied("this tenant is disabled", reason="TENANT_DISABLED")
-        if fresh:
-            await self._touch(key_id)
+        now = time.monotonic()
+        if now - self._touched.get(key_id, -TOUCH_INTERVAL_S) >= TOUCH_INTERVAL_S:
+            self._touched[key_id] = now
+            touch = asyncio.ensure_future(self._touch(key_id))
+            self._touching.add(touch)
+            touch.add_done_callback(self._touching.discard)
         return principal
 
     async def _touch(self, key_id: str) -> None:
-        """Record that the key was used: at most once a minute, so a busy key costs Postgres nothing."""
+        """Record that the key was used (shown in listings as last_used_time)."""
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute("UPDATE ingest.api_keys SET last_used_at = now() WHERE id = %s", (key_id,))
+        except Exception:
+            log.warning("could not record the use of key %s", key_id, exc_info=True)
+
+    async def _load_key(self, key_id: str) -> tuple[float, bytes, Principal, bool, bool]:
         async with self.pool.connection() as conn:
-            await conn.execute(
-                """UPDATE ingest.api_keys SET last_used_at = now()
-                   WHERE id = %s AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')""",
-                (key_id,))
+            cur = await conn.execute(
+                """SELECT k.secret_sha256, k.tenant_id, k.scopes, k.revoked_at IS NOT NULL, t.disabled
+                   FROM ingest.api_keys k JOIN ingest.tenants t ON t.id = k.tenant_id WHERE k.id = %s""",
+                (key_id,),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise Unauthenticated("unknown API key", reason="INVALID_API_KEY")
+        digest, tenant_id, scopes, revoked, disabled = row
+        loaded = (time.monotonic(), bytes(digest), Principal(tenant_id, frozenset(scopes), key_id), bool(revoked),
+                  bool(disabled))
+        self._keys[key_id] = loaded
+        return loaded
+
+
+async def _single_flight(loading: dict[tuple[str, str], asyncio.Future[Any]], key: tuple[str, str],
+                         load: Callable[[], Awaitable[T]]) -> T:
+    """Run ``load`` once for all concurrent callers asking for ``key``."""
+    running = loading.get(key)
+    if running is None:
+        running = asyncio.ensure_future(load())
+        loading[key] = running
+        running.add_done_callback(lambda done: (loading.pop(key, None), done.cancelled() or done.exception()))
+    return cast(T, await asyncio.shield(running))

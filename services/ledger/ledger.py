@@ -550,7 +550,7 @@ class Ledger:
             ),
         )
         changed = sorted(tenant for tenant, b in balances.items() if b.changed)
-        if not locked:
+        if changed and not locked:
             await _query_balances(conn, changed, lock=True)
         await _update_balances(conn, balances)
         debit, credit = ENTRY_ACCOUNTS[EntryKind.RESERVE]

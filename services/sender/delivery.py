@@ -519,10 +519,15 @@ class Deliverer:
 
     async def _unavailable(self, job: Job, pending: list[asyncio.Future[object]], reasons: str = "") -> None:
         """Every provider refused for now (breaker, Retry-After, quota, rate): wait for the soonest to free up."""
+        max_rate_wait = CLASS_PROFILES[job.message_class].max_rate_wait_s
         waits = [job.wait_hint_s or 0.0]
-        for provider_id in self.catalog.providers:
-            health = self.health.snapshot(provider_id)
-            waits.extend(w for w in (health.open_for_s, health.throttled_for_s) if w > 0)
+        for spec in self.catalog.providers.values():
+            if spec.disabled or not spec.carries(job.message_class):
+                continue
+            health = self.health.snapshot(spec.id)
+            rate_wait = health.rate_backlog_s - max_rate_wait if spec.rate_limit_per_second > 0 else 0.0
+            waits.extend((health.open_for_s, health.throttled_for_s, rate_wait))
+        # Quota that runs out today is the one wait with no hint: then the class's longest wait.
         soonest = min((w for w in waits if w > 0), default=job.policy.max_delay_s)
         await self._later(job, min(job.policy.max_delay_s, max(MIN_RETRY_S, soonest)),
                           f"no provider available now ({reasons or job.last_refusal})", pending)

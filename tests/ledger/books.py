@@ -35,7 +35,8 @@ async def check_books(pool: AsyncConnectionPool) -> dict[str, TenantBooks]:
         cur = await conn.execute(
             "SELECT count(*) FROM ledger.entries WHERE amount <= 0 OR debit_account = credit_account"
         )
-        assert (await cur.fetchone())[0] == 0, "an unbalanced journal row exists"
+        unbalanced = await cur.fetchone()
+        assert unbalanced == (0,), "an unbalanced journal row exists"
         assert sum(sum(accounts.values()) for accounts in derived.values()) == 0, "the books do not sum to zero"
 
         books: dict[str, TenantBooks] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from psycopg_pool import AsyncConnectionPool
@@ -54,6 +55,30 @@ async def test_two_replicas_reserving_on_one_tenant_never_overdraw(ledger_dsn: s
         assert sum(isinstance(r, Hold) for r in results) == 300
         assert all(isinstance(r, Hold | InsufficientCredits) for r in results)
         assert await replicas[1].get_balance("acme") == Balance("acme", available=0, held=300, spent=0)
+        await check_books(pools[0])
+    finally:
+        for replica in replicas:
+            await replica.close()
+        for p in pools:
+            await p.close()
+
+
+async def test_two_replicas_making_the_same_holds_at_once_make_each_hold_once(ledger_dsn: str) -> None:
+    pools = [await create_pool(ledger_dsn, min_size=1, max_size=4) for _ in range(2)]
+    replicas = [Ledger(p) for p in pools]
+    try:
+        await replicas[0].top_up("acme", 1000, "t1")
+
+        first, second = await asyncio.gather(
+            *(
+                replica.reserve_many([ReserveRequest("acme", f"m{i}", MessageClass.BULK) for i in range(200)])
+                for replica in replicas
+            )
+        )
+
+        assert first == second
+        assert all(isinstance(hold, Hold) for hold in first)
+        assert await replicas[1].get_balance("acme") == Balance("acme", available=800, held=200, spent=0)
         await check_books(pools[0])
     finally:
         for replica in replicas:
@@ -165,7 +190,7 @@ async def test_reserve_many_with_one_hold_id_twice_holds_once(ledger: Ledger) ->
         ("attachment_bytes", {"attachment_bytes": -1}),
     ],
 )
-async def test_reserve_refuses_negative_or_zero_amounts(ledger: Ledger, field: str, kwargs: dict[str, int]) -> None:
+async def test_reserve_refuses_negative_or_zero_amounts(ledger: Ledger, field: str, kwargs: dict[str, Any]) -> None:
     await ledger.top_up("acme", 100, "t1")
 
     with pytest.raises(InvalidAmount) as refused:
@@ -177,14 +202,14 @@ async def test_reserve_refuses_negative_or_zero_amounts(ledger: Ledger, field: s
 
 
 async def test_reserve_refuses_an_unknown_class_empty_ids_and_a_bad_ttl(ledger: Ledger) -> None:
-    for args, kwargs in (
-        (("acme", "m1", "carrier-pigeon"), {}),
-        (("", "m1", "bulk"), {}),
-        (("acme", "", "bulk"), {}),
-        (("acme", "m1", "bulk"), {"ttl_s": 0}),
+    for tenant_id, hold_id, message_class, ttl_s in (
+        ("acme", "m1", "carrier-pigeon", None),
+        ("", "m1", "bulk", None),
+        ("acme", "", "bulk", None),
+        ("acme", "m1", "bulk", 0.0),
     ):
         with pytest.raises(InvalidLedgerArgument):
-            await ledger.reserve(*args, **kwargs)
+            await ledger.reserve(tenant_id, hold_id, message_class, ttl_s=ttl_s)
 
 
 async def test_a_reserve_larger_than_any_balance_is_refused_without_failing_its_batch(ledger: Ledger) -> None:

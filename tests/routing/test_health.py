@@ -248,4 +248,4 @@ async def test_refresh_reports_latency_error_rate_quota_and_rate_backlog(board: 
     assert 10 < health.latency_ms_ewma < 20 and health.latency_tail_ms > health.latency_ms_ewma
     assert health.error_rate == 1 / 3 and health.window_samples == 3
     assert health.daily_used == 2 and health.monthly_used == 2
-    assert 0.4 < health.rate_backlog_s <= 1.0
+    assert 0.4 < health.rate_backlog_s <= 2 * (1 + RATE_SAFETY_MARGIN) / 2

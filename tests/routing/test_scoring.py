@@ -46,10 +46,21 @@ def test_a_provider_never_measured_is_tried_before_a_measured_slower_one():
 def test_an_unhealthy_provider_ranks_below_a_healthy_one_of_the_same_price():
     a = ProviderSpec("a", "sendgrid", "http://x", price_per_email_micros=100)
     b = ProviderSpec("b", "sendgrid", "http://x", price_per_email_micros=100)
-    health = {"a": ProviderHealth(latency_ms_ewma=5, error_rate=0.4), "b": ProviderHealth(latency_ms_ewma=5)}
+    health = {"a": ProviderHealth(latency_ms_ewma=5, error_rate=0.4, window_samples=50),
+              "b": ProviderHealth(latency_ms_ewma=5)}
 
     assert order(rank([a, b], health, email("transactional"), CAPS)) == ["b", "a"]
 
+
+def test_a_single_failure_among_few_calls_does_not_turn_routing_around():
+    cheap = ProviderSpec("cheap", "sendgrid", "http://x", price_per_email_micros=50)
+    pricey = ProviderSpec("pricey", "sendgrid", "http://x", price_per_email_micros=100)
+    health = {"cheap": ProviderHealth(error_rate=1.0, window_samples=1)}
+
+    decision = rank([pricey, cheap], health, email("transactional"), CAPS)
+
+    assert order(decision) == ["cheap", "pricey"]
+    assert 0.9 < decision.ranked[0].health_factor < 1
 
 def test_the_manual_weight_scales_the_score():
     a = ProviderSpec("a", "sendgrid", "http://x", price_per_email_micros=100)

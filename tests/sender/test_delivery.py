@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from esp.v1 import messages_pb2
 
+from libs.routing.catalog import ProviderSpec
+from libs.routing.health import ProviderLimits
 from services.sender.policy import POLICIES
 from tests.sender.conftest import World, send_task
 
@@ -272,3 +274,20 @@ async def test_slow_sends_keep_telling_jetstream_they_are_in_progress(world: Wor
     await world.deliver(send_task("transactional"))
 
     assert world.heartbeats >= 3
+
+
+async def test_an_email_held_back_by_a_booked_rate_limit_returns_when_a_slot_frees(world: World):
+    spec = await world.add_provider("paced", "postmark-1", rate_limit_per_second=2)
+    for _ in range(6):  # other senders booked the next three seconds
+        await world.health.acquire(spec.id, _limits(spec), max_wait_s=10)
+    task = send_task("transactional")
+
+    [verdict] = await world.deliver(task)
+
+    assert not verdict.ack
+    assert 1 < verdict.retry_in_s < 3  # when its slot is within reach, not the class's longest wait
+    assert await world.delivered_to("postmark-1", task) == 0
+
+
+def _limits(spec: ProviderSpec) -> ProviderLimits:
+    return ProviderLimits(spec.rate_limit_per_second, spec.daily_quota, spec.monthly_quota)
