@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import nats
 import redis
 from esp.v1 import attachments_pb2, attachments_pb2_grpc, common_pb2, messages_pb2, messages_pb2_grpc
@@ -55,6 +56,7 @@ class Target:
     endpoint: str
     key: str
     ingest_pid: int
+    metrics_url: str
 
     @property
     def auth(self) -> tuple[tuple[str, str], ...]:
@@ -127,6 +129,11 @@ def generated(size: int) -> Iterator[bytes]:
         yield ((offset // MIB).to_bytes(8, "big") + block[8:])[:min(MIB, size - offset)]
 
 
+def _reset_peak(pid: int) -> None:
+    """The process' peak RSS (VmHWM) := its current RSS."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def _status(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
@@ -150,7 +157,7 @@ async def upload(target: Target) -> tuple[float, float]:
         stub = attachments_pb2_grpc.AttachmentServiceStub(channel)
         warm = hashlib.sha256(b"".join(generated(16 * MIB))).hexdigest()
         await stub.UploadAttachment(frames(16 * MIB, warm), metadata=target.auth, timeout=120)
-        Path(f"/proc/{target.ingest_pid}/clear_refs").write_text("5")  # peak RSS := current RSS
+        _reset_peak(target.ingest_pid)
         baseline = _status(target.ingest_pid, "VmRSS")
         started = time.perf_counter()
         stored = await stub.UploadAttachment(frames(UPLOAD_BYTES, digest.hexdigest()), metadata=target.auth,
@@ -180,15 +187,18 @@ def running_mesh(log_dir: Path) -> Iterator[Target]:
             log_dir=log_dir, services=("ledger", "ingest"),
             extra_env={"ESP_S3_BUCKET": f"{namespace}-attachments", "ESP_LOG_LEVEL": "WARNING",
                        "ESP_SHUTDOWN_GRACE_S": "3"})
+        metrics_port = m.free_port()
         mesh = m.Mesh(config)
-        mesh.start()
+        for service in config.services:  # ingest's metrics show how well requests batch
+            config.extra_env["ESP_METRICS_PORT"] = str(metrics_port) if service == "ingest" else "0"
+            mesh.start_service(service)
         endpoint = f"127.0.0.1:{config.ports['ingest']}"
         with grpc.insecure_channel(endpoint) as channel:
             seed.ensure_tenant(channel, config.admin_token, "bench")
             key = seed.create_api_key(channel, config.admin_token, "bench")
             seed.top_up(channel, config.admin_token, "bench", 10**12, "bench-credits")
             _unlimited(channel, config.admin_token)
-        yield Target(endpoint, key, mesh.processes["ingest"].popen.pid)
+        yield Target(endpoint, key, mesh.processes["ingest"].popen.pid, f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         if mesh is not None:
             mesh.stop()
@@ -226,6 +236,32 @@ async def _forget(namespace: str) -> None:
     client.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def batch_sizes(target: Target) -> dict[str, tuple[float, float]]:
+    """(requests, batches) so far per batcher of the ingest process, from its Prometheus metrics."""
+    totals: dict[str, list[float]] = {}
+    for line in httpx.get(target.metrics_url, timeout=5).text.splitlines():
+        for suffix, index in (("_sum", 0), ("_count", 1)):
+            if line.startswith(f"esp_ingest_batch_size{suffix}{{"):
+                name = line.split('batcher="', 1)[1].split('"', 1)[0]
+                totals.setdefault(name, [0.0, 0.0])[index] = float(line.rsplit(" ", 1)[1])
+    return {name: (v[0], v[1]) for name, v in totals.items()}
+
+
+def describe_batching(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> str:
+    parts = []
+    for name, (requests, batches) in sorted(after.items()):
+        r0, b0 = before.get(name, (0.0, 0.0))
+        if batches > b0:
+            parts.append(f"{name} {(requests - r0) / (batches - b0):.1f}")
+    return "mean batch: " + ", ".join(parts)
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -241,15 +277,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     results: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="esp-bench-ingest-") as logs, running_mesh(Path(logs)) as target:
+        cpu, batching = cpu_seconds(target.ingest_pid), batch_sizes(target)
         rate, latencies = asyncio.run(concurrent_sends(target, args.duration, args.callers))
-        print(f"SendEmail x{args.callers}: {rate:,.0f}/s", file=sys.stderr)
+        cpu_per_email = (cpu_seconds(target.ingest_pid) - cpu) / (rate * args.duration)
+        print(f"SendEmail x{args.callers}: {rate:,.0f}/s, ingest CPU {cpu_per_email * 1e6:,.0f} µs/email, "
+              f"{describe_batching(batching, batch_sizes(target))}", file=sys.stderr)
         results += [
             {"metric": "ingest.accept_per_s", "value": round(rate), "unit": "1/s"},
             {"metric": "ingest.accept_p50_ms", "value": round(statistics.median(latencies) * 1000, 2), "unit": "ms"},
             {"metric": "ingest.accept_p99_ms", "value": round(_percentile(latencies, 0.99) * 1000, 2), "unit": "ms"},
         ]
+        cpu, batching = cpu_seconds(target.ingest_pid), batch_sizes(target)
         batch_rate = asyncio.run(batched_sends(target, args.duration, args.batch_size, args.batch_callers))
-        print(f"BatchSendEmails of {args.batch_size} x{args.batch_callers}: {batch_rate:,.0f}/s", file=sys.stderr)
+        cpu_per_email = (cpu_seconds(target.ingest_pid) - cpu) / (batch_rate * args.duration)
+        print(f"BatchSendEmails of {args.batch_size} x{args.batch_callers}: {batch_rate:,.0f}/s, ingest CPU "
+              f"{cpu_per_email * 1e6:,.0f} µs/email, {describe_batching(batching, batch_sizes(target))}",
+              file=sys.stderr)
         results.append({"metric": "ingest.batch_accept_per_s", "value": round(batch_rate), "unit": "1/s"})
         if not args.skip_upload:
             mb_per_s, growth = asyncio.run(upload(target))

@@ -70,12 +70,6 @@ class AttachmentLookup(Protocol):
     async def get_many(self, tenant_id: str, attachment_ids: Sequence[str]) -> list[StoredAttachment]: ...
 
 
-class Notifier(Protocol):
-    """The outbox publisher as the accept path sees it."""
-
-    def notify(self) -> None: ...
-
-
 @dataclass(frozen=True)
 class Accepted:
     """The outcome of a send: the message as stored (new, or the first one for a repeated request_id)."""
@@ -105,14 +99,13 @@ class Acceptor:
     """Runs the accept steps for send requests."""
 
     def __init__(self, *, tenants: TenantStore, gate: RedisGate, credits: CreditReserver,
-                 attachments: AttachmentLookup, store: MessageStore, outbox: Notifier, topology: Topology,
+                 attachments: AttachmentLookup, store: MessageStore, topology: Topology,
                  sizes: SizePolicy, duplicate_wait: DuplicateWait | None = None) -> None:
         self.tenants = tenants
         self.gate = gate
         self.credits = credits
         self.attachments = attachments
         self.store = store
-        self.outbox = outbox
         self.topology = topology
         self.sizes = sizes
         self.duplicate_wait = duplicate_wait or DuplicateWait()
@@ -131,6 +124,9 @@ class Acceptor:
     # -- steps -----------------------------------------------------------------------------------------------
     async def _authorise(self, principal: Principal) -> Tenant:
         principal.require("send")
+        if not principal.tenant_id:
+            raise PermissionDenied("sending acts for a tenant: use one of the tenant's API keys",
+                                   reason="TENANT_KEY_REQUIRED")
         tenant = await self.tenants.get_tenant(principal.tenant_id)
         if tenant.policy.disabled:
             raise PermissionDenied("this tenant is disabled", reason="TENANT_DISABLED")
@@ -200,7 +196,7 @@ class Acceptor:
             now = datetime.now(UTC)
             task = build_send_task(message_id, tenant_id, draft, attachments, now,
                                    attachments_as_links=sizing.attachments_as_links)
-            message = message_resource(task, request_id=draft.request_id, credits=credits, created_at=now)
+            message = message_resource(task, request_id=draft.request_id, credits=credits)
             event = accepted_event(task, message, sizing.event_attributes())
             task_bytes = task.SerializeToString()
             inserted = await self.store.insert(NewMessage(
@@ -225,7 +221,6 @@ class Acceptor:
             await self._remember_quietly(tenant_id, draft.request_id,
                                          _claim(earlier.fingerprint, uuid.UUID(earlier.message.id)))
             return repeated
-        self.outbox.notify()
         return Accepted(message, created=True)
 
     async def _wait_for_holder(self, tenant_id: str, request_id: str, fingerprint: bytes,

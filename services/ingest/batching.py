@@ -12,6 +12,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from prometheus_client import Histogram
+
+BATCH_SIZE = Histogram("esp_ingest_batch_size", "Requests handled together in one round trip", ["batcher"],
+                       buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000))
+
 RequestT = TypeVar("RequestT")
 ResultT = TypeVar("ResultT")
 
@@ -26,13 +31,17 @@ class BatcherClosed(RuntimeError):
 class MicroBatcher(Generic[RequestT, ResultT]):
     """Runs ``flush`` on batches of concurrently submitted requests and hands each caller its own result."""
 
-    def __init__(self, flush: FlushFunction[RequestT, ResultT], *, max_batch_size: int = 500,
-                 workers: int = 2) -> None:
+    def __init__(self, flush: FlushFunction[RequestT, ResultT], *, name: str, max_batch_size: int = 500,
+                 workers: int = 1, min_interval_s: float = 0.0) -> None:
         if max_batch_size < 1 or workers < 1:
             raise ValueError("max_batch_size and workers must be at least 1")
         self._flush = flush
+        self._sizes = BATCH_SIZE.labels(name)
         self.max_batch_size = max_batch_size
         self.workers = workers
+        self.min_interval_s = min_interval_s
+        """A worker starts batches at most this often: under load (a batch started less than this ago) it lets
+        requests gather for the rest of the interval; an idle batcher sends a lone request at once."""
         self._queue: deque[tuple[RequestT, asyncio.Future[ResultT]]] = deque()
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -58,18 +67,25 @@ class MicroBatcher(Generic[RequestT, ResultT]):
             self._tasks.clear()
 
     async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_start = -self.min_interval_s
         while True:
             while not self._queue:
                 if self._closing:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            pause = last_start + self.min_interval_s - loop.time()
+            if pause > 0 and len(self._queue) < self.max_batch_size and not self._closing:
+                await asyncio.sleep(pause)
+            last_start = loop.time()
             batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
             if self._queue:
                 self._wakeup.set()  # more waiting: an idle worker starts on them now
             await self._run(batch)
 
     async def _run(self, batch: list[tuple[RequestT, asyncio.Future[ResultT]]]) -> None:
+        self._sizes.observe(len(batch))
         try:
             results = await self._flush([request for request, _ in batch])
             if len(results) != len(batch):

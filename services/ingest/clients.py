@@ -17,11 +17,12 @@ class LedgerCreditReserver:
     """Reserves holds through the ledger; concurrent reserves coalesce into BatchReserveCredits calls, because
     one RPC per email would cap ingest at the RPC rate instead of the ledger's group-commit rate."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float = 5.0, max_batch: int = 500) -> None:
+    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float = 5.0, max_batch: int = 500,
+                 batch_interval_s: float = 0.0) -> None:
         self.stub = credits_pb2_grpc.CreditServiceStub(channel)
         self.timeout_s = timeout_s
         self._batcher: MicroBatcher[credits_pb2.ReserveCreditsRequest, int] = MicroBatcher(
-            self._flush, max_batch_size=max_batch, workers=4)
+            self._flush, name="ledger", max_batch_size=max_batch, workers=2, min_interval_s=batch_interval_s)
 
     async def _flush(self, batch: Sequence[credits_pb2.ReserveCreditsRequest]) -> list[int | Exception]:
         async with domain_errors():

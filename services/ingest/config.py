@@ -29,8 +29,11 @@ class IngestSettings(CommonSettings):
     """Deadline of calls to the ledger and of forwarded RPCs."""
     accept_batch_size: int = 500
     """Most accepted emails committed to Postgres in one transaction (group commit)."""
-    accept_batch_workers: int = 3
+    accept_batch_workers: int = 2
     """Accept transactions in flight at once."""
+    batch_interval_s: float = 0.002
+    """Under load, each batching step (Redis pipeline, ledger call, Postgres commit) starts at most once per this
+    interval per worker, so requests arriving meanwhile share its round trip; an idle step never waits."""
     max_batch_send: int = 500
     """Most emails in one BatchSendEmails call."""
 
@@ -38,3 +41,5 @@ class IngestSettings(CommonSettings):
         check_positive(self, "api_key_cache_s", "default_otp_rate", "default_transactional_rate",
                        "default_bulk_rate", "rate_burst_s", "idempotency_cache_s", "upstream_timeout_s",
                        "accept_batch_size", "accept_batch_workers", "max_batch_send")
+        if not 0 <= self.batch_interval_s <= 1:
+            raise ValueError(f"ESP_BATCH_INTERVAL_S: must be 0 to 1 s, got {self.batch_interval_s}")

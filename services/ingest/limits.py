@@ -111,11 +111,11 @@ class AdmissionTicket:
 class _RedisPipeliner:
     """Concurrent commands go to Redis as one pipeline: one round trip (and one socket read) for all of them."""
 
-    def __init__(self, redis: aioredis.Redis, scripts: Sequence[str]) -> None:
+    def __init__(self, redis: aioredis.Redis, scripts: Sequence[str], *, batch_interval_s: float = 0.0) -> None:
         self.redis = redis
         self.sources = {self.sha(s): s for s in scripts}
-        self._batcher: MicroBatcher[tuple[Any, ...], Any] = MicroBatcher(self._flush, max_batch_size=1000,
-                                                                         workers=2)
+        self._batcher: MicroBatcher[tuple[Any, ...], Any] = MicroBatcher(
+            self._flush, name="redis", max_batch_size=1000, min_interval_s=batch_interval_s)
 
     @staticmethod
     def sha(source: str) -> str:
@@ -150,12 +150,12 @@ class RedisGate:
     """Admits emails (or refuses them with the right error) in one Redis round trip each."""
 
     def __init__(self, redis: aioredis.Redis, namespace: str, defaults: RateDefaults | None = None, *,
-                 claim_ttl_s: int = DAY_S) -> None:
+                 claim_ttl_s: int = DAY_S, batch_interval_s: float = 0.0) -> None:
         self.redis = redis
         self.namespace = namespace
         self.defaults = defaults or RateDefaults()
         self.claim_ttl_s = claim_ttl_s
-        self._pipe = _RedisPipeliner(redis, [_ADMIT, _UNDO])
+        self._pipe = _RedisPipeliner(redis, [_ADMIT, _UNDO], batch_interval_s=batch_interval_s)
         self._admit_sha = self._pipe.sha(_ADMIT)
         self._undo_sha = self._pipe.sha(_UNDO)
 

@@ -1,22 +1,27 @@
-"""Transactional outbox: rows written with the message are published to JetStream after commit.
+"""Transactional outbox: rows committed with each message reach JetStream after the commit, at least once.
 
-The accept path commits message + hold reference + outbox rows together, then wakes the publisher. The publisher
-takes rows with ``FOR UPDATE SKIP LOCKED`` (several replicas share the work), publishes each with its
-``Nats-Msg-Id`` and deletes them in the same transaction. A crash anywhere leaves the rows in place; the next pass
-(of any replica) publishes them again, and JetStream's duplicate window drops a publish that had in fact landed.
+The accept path commits message + outbox rows together, then hands the committed rows to :meth:`OutboxPublisher.
+publish_soon`; the publisher sends them (asynchronous JetStream publishes, acks awaited together) and deletes the
+rows JetStream acknowledged. Whatever is still in the table some seconds later — the replica crashed, NATS was down
+— is picked up by the reconciling pass that every replica runs (``FOR UPDATE SKIP LOCKED``: replicas share the
+work). Each row is published with ``Nats-Msg-Id`` = its message or event id, so JetStream's duplicate window drops
+a publish that had in fact landed before a crash.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from nats.js import JetStreamContext
-from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from libs.common.jetstream import publish
+from libs.common.metrics import JETSTREAM_PUBLISHED
+from services.ingest.pg import autocommit
 
 log = logging.getLogger(__name__)
 
@@ -30,67 +35,116 @@ class OutboxRow:
     payload: bytes
 
 
-async def write_outbox(conn: AsyncConnection, rows: list[OutboxRow]) -> None:
-    """Add rows inside the caller's transaction."""
-    async with conn.cursor() as cur:
-        await cur.executemany(
-            "INSERT INTO ingest.outbox (subject, msg_id, payload) VALUES (%s, %s, %s)",
-            [(r.subject, r.msg_id, r.payload) for r in rows],
-        )
+@dataclass(frozen=True)
+class CommittedRow:
+    """An outbox row as committed (its table id, to delete it once published)."""
+
+    id: int
+    row: OutboxRow
 
 
 class OutboxPublisher:
-    """Publishes outbox rows; woken after each commit, and every ``interval_s`` as the crash reconciler."""
+    """Publishes committed rows at once, and reconciles leftovers every ``interval_s``."""
 
-    def __init__(self, pool: AsyncConnectionPool, js: JetStreamContext, *, batch_size: int = 500,
-                 interval_s: float = 1.0) -> None:
+    def __init__(self, pool: AsyncConnectionPool, js: JetStreamContext, *, batch_size: int = 1000,
+                 interval_s: float = 1.0, reconcile_after_s: float = 5.0, publish_timeout_s: float = 10.0) -> None:
         self.pool = pool
         self.js = js
         self.batch_size = batch_size
         self.interval_s = interval_s
+        self.reconcile_after_s = reconcile_after_s
+        """Rows older than this are taken as left behind (the direct path publishes within milliseconds)."""
+        self.publish_timeout_s = publish_timeout_s
+        self._fresh: deque[CommittedRow] = deque()
         self._wake = asyncio.Event()
 
-    def notify(self) -> None:
-        """Something was committed: publish it now rather than at the next interval."""
+    def publish_soon(self, rows: Sequence[CommittedRow]) -> None:
+        """Rows were just committed: publish them now rather than at the next reconciling pass."""
+        self._fresh.extend(rows)
         self._wake.set()
 
-    async def publish_pending(self) -> int:
-        """One pass: publish up to ``batch_size`` rows; return how many were published."""
+    def notify(self) -> None:
+        """Something may be waiting in the table: look now."""
+        self._wake.set()
+
+    async def publish_fresh(self) -> int:
+        """Publish up to ``batch_size`` just-committed rows; return how many JetStream acknowledged."""
+        batch = [self._fresh.popleft() for _ in range(min(self.batch_size, len(self._fresh)))]
+        if not batch:
+            return 0
+        done = await self._publish(batch)
+        if done:
+            async with autocommit(self.pool) as conn:
+                await conn.execute("DELETE FROM ingest.outbox WHERE id = ANY(%s)", (done,))
+        return len(done)
+
+    async def publish_pending(self, *, min_age_s: float = 0.0) -> int:
+        """One reconciling pass: publish up to ``batch_size`` rows at least ``min_age_s`` old that no other replica
+        is publishing; return how many were published (and deleted)."""
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
-                """SELECT id, subject, msg_id, payload FROM ingest.outbox ORDER BY id LIMIT %s
-                   FOR UPDATE SKIP LOCKED""",
-                (self.batch_size,),
+                """SELECT id, subject, msg_id, payload FROM ingest.outbox
+                   WHERE created_at <= now() - make_interval(secs => %s)
+                   ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED""",
+                (min_age_s, self.batch_size),
             )
-            rows = await cur.fetchall()
+            rows = [CommittedRow(i, OutboxRow(s, m, bytes(p))) for i, s, m, p in await cur.fetchall()]
             if not rows:
                 return 0
-            results = await asyncio.gather(
-                *(publish(self.js, subject, bytes(payload), msg_id=msg_id) for _id, subject, msg_id, payload in rows),
-                return_exceptions=True,
-            )
-            done = [row[0] for row, result in zip(rows, results, strict=True) if not isinstance(result, BaseException)]
-            failed = len(rows) - len(done)
-            if failed:
-                log.warning("outbox: %d of %d publishes failed; they stay for the next pass", failed, len(rows))
+            done = await self._publish(rows)
             if done:
                 await conn.execute("DELETE FROM ingest.outbox WHERE id = ANY(%s)", (done,))
             return len(done)
 
+    async def _publish(self, rows: Sequence[CommittedRow]) -> list[int]:
+        """Publish ``rows`` concurrently; the ids of those JetStream acknowledged."""
+        acks: list[asyncio.Future[Any]] = []
+        try:
+            for committed in rows:
+                acks.append(await self.js.publish_async(committed.row.subject, committed.row.payload,
+                                                        headers={"Nats-Msg-Id": committed.row.msg_id}))
+        except Exception:
+            log.warning("outbox: publishing failed after %d of %d rows; the rest wait for the next pass",
+                        len(acks), len(rows), exc_info=True)
+        if acks:
+            await asyncio.wait(acks, timeout=self.publish_timeout_s)
+        done: list[int] = []
+        for committed, ack in zip(rows, acks, strict=False):
+            if ack.done() and not ack.cancelled() and ack.exception() is None:
+                done.append(committed.id)
+            elif not ack.done():
+                ack.cancel()
+        if len(done) < len(rows):
+            log.warning("outbox: %d of %d publishes unconfirmed; they stay for the next pass",
+                        len(rows) - len(done), len(rows))
+        published = {c.id for c in rows} & set(done)
+        for committed in rows:
+            if committed.id in published:
+                JETSTREAM_PUBLISHED.labels(committed.row.subject.rsplit(".", 1)[0]).inc()
+        return done
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Publish until ``stop``; errors (NATS or Postgres down) are logged and retried."""
+        """Publish until ``stop``: fresh rows as they come, leftovers every ``interval_s``; errors (NATS or
+        Postgres down) are logged and retried."""
+        loop = asyncio.get_running_loop()
+        next_pass = loop.time()
         while not stop.is_set():
-            # Cleared before the pass, so a commit notified during the pass is not missed.
+            # Cleared first, so rows handed over while publishing are not missed.
             self._wake.clear()
             try:
-                published = await self.publish_pending()
+                if self._fresh:
+                    await self.publish_fresh()
+                    continue
+                if loop.time() >= next_pass:
+                    next_pass = loop.time() + self.interval_s
+                    if await self.publish_pending(min_age_s=self.reconcile_after_s) >= self.batch_size:
+                        next_pass = loop.time()  # more left behind: no pause
+                        continue
             except Exception:
                 log.exception("outbox pass failed")
-                published = 0
                 await asyncio.sleep(0.5)
-            if published >= self.batch_size:
-                continue  # more waiting: don't sleep
+                continue
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, next_pass - loop.time()))
             except TimeoutError:
                 pass

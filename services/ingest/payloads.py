@@ -92,9 +92,9 @@ def build_send_task(message_id: uuid.UUID, tenant_id: str, draft: EmailDraft, at
     )
 
 
-def message_resource(task: queue_pb2.SendTask, *, request_id: str, credits: int, created_at: datetime,
+def message_resource(task: queue_pb2.SendTask, *, request_id: str, credits: int,
                      state: int = messages_pb2.MESSAGE_STATE_ACCEPTED) -> messages_pb2.Message:
-    """The public Message for an accepted task."""
+    """The public Message for an accepted task (created when it was accepted)."""
     message = messages_pb2.Message(
         name=f"messages/{task.message_id}",
         id=task.message_id,
@@ -109,8 +109,8 @@ def message_resource(task: queue_pb2.SendTask, *, request_id: str, credits: int,
         attachment_ids=[a.attachment_id for a in task.attachments],
         request_id=request_id,
         credits=credits,
-        create_time=_timestamp(created_at),
-        update_time=_timestamp(created_at),
+        create_time=task.accepted_time,
+        update_time=task.accepted_time,
     )
     getattr(message, "from").CopyFrom(getattr(task, "from"))
     return message

@@ -27,7 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from libs.common import db
 from libs.common.auth import Principal, current_principal
-from libs.common.errors import EspError, FieldViolation, InvalidArgument, NotFound, error_parts
+from libs.common.errors import EspError, FieldViolation, InvalidArgument, NotFound, PermissionDenied, error_parts
 from libs.common.grpc_client import open_channel
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
@@ -82,6 +82,14 @@ def _tenant_id_from(name: str, field: str) -> str:
         raise InvalidArgument(f"{field} must look like tenants/{{id}}",
                               field_violations=[FieldViolation(field, "expected tenants/{id}")])
     return name.removeprefix("tenants/")
+
+
+def _acting_tenant(principal: Principal) -> str:
+    """The tenant a tenant-scoped call acts for: the key's own. The platform admin's token belongs to no tenant."""
+    if not principal.tenant_id:
+        raise PermissionDenied("this call acts for a tenant: use one of the tenant's API keys",
+                               reason="TENANT_KEY_REQUIRED")
+    return principal.tenant_id
 
 
 def _own_tenant(principal: Principal, tenant_id: str) -> None:
@@ -171,18 +179,19 @@ class IngestServicer:
                 yield frame.chunk
 
         stored = await self.attachments.upload(
-            principal.tenant_id, UploadMetadata(m.filename, m.content_type, m.size_bytes, m.sha256, m.request_id),
+            _acting_tenant(principal), UploadMetadata(m.filename, m.content_type, m.size_bytes, m.sha256, m.request_id),
             chunks())
         return _attachment_proto(stored)
 
     async def GetAttachment(self, request: attachments_pb2.GetAttachmentRequest,
                             context: Any) -> attachments_pb2.Attachment:
-        stored = await self.attachments.get(current_principal().tenant_id, request.name.removeprefix("attachments/"))
+        stored = await self.attachments.get(_acting_tenant(current_principal()),
+                                            request.name.removeprefix("attachments/"))
         return _attachment_proto(stored)
 
     async def DeleteAttachment(self, request: attachments_pb2.DeleteAttachmentRequest,
                                context: Any) -> empty_pb2.Empty:
-        await self.attachments.delete(current_principal().tenant_id, request.name.removeprefix("attachments/"))
+        await self.attachments.delete(_acting_tenant(current_principal()), request.name.removeprefix("attachments/"))
         return empty_pb2.Empty()
 
     # -- TenantService -----------------------------------------------------------------------------------------
@@ -308,15 +317,17 @@ async def build_components(settings: IngestSettings) -> IngestComponents:
     channels = {"reports": open_channel(settings.reports_addr), "ledger": open_channel(settings.ledger_addr),
                 "router": open_channel(settings.router_addr)}
     tenants = TenantStore(pool, cache_ttl_s=settings.api_key_cache_s, admin_token=settings.admin_token)
-    credits = LedgerCreditReserver(channels["ledger"], timeout_s=settings.upstream_timeout_s)
+    credits = LedgerCreditReserver(channels["ledger"], timeout_s=settings.upstream_timeout_s,
+                                   batch_interval_s=settings.batch_interval_s)
     outbox = OutboxPublisher(pool, js)
     attachments = AttachmentStore(pool, s3, settings.s3_bucket)
     gate = RedisGate(redis, settings.namespace, RateDefaults(
         settings.default_otp_rate, settings.default_transactional_rate, settings.default_bulk_rate,
-        settings.rate_burst_s), claim_ttl_s=settings.idempotency_cache_s)
-    store = MessageStore(pool, batch_size=settings.accept_batch_size, workers=settings.accept_batch_workers)
+        settings.rate_burst_s), claim_ttl_s=settings.idempotency_cache_s, batch_interval_s=settings.batch_interval_s)
+    store = MessageStore(pool, batch_size=settings.accept_batch_size, workers=settings.accept_batch_workers,
+                         batch_interval_s=settings.batch_interval_s, on_commit=outbox.publish_soon)
     acceptor = Acceptor(tenants=tenants, gate=gate, credits=credits, attachments=attachments, store=store,
-                        outbox=outbox, topology=topology, sizes=SizePolicy(lambda: catalog.providers.values()))
+                        topology=topology, sizes=SizePolicy(lambda: catalog.providers.values()))
     servicer = IngestServicer(acceptor, attachments, tenants, max_batch_send=settings.max_batch_send)
     return IngestComponents(settings, topology, pool, redis, nc, js, s3, channels, tenants, credits, outbox,
                             attachments, gate, store, catalog, acceptor, servicer)

@@ -1,6 +1,8 @@
 """Accepted emails in Postgres: the message row and its outbox rows, committed together, many emails per
 transaction (group commit).
 
+After the commit the outbox rows go to ``on_commit`` (the publisher) to be published at once.
+
 One transaction per email caps Postgres at a few thousand emails a second; concurrent accepts therefore queue
 here and each free worker commits everything queued so far in one transaction of two statements. The unique key
 ``(tenant_id, request_id)`` is the truth of idempotency: a row that loses against it is reported as a conflict
@@ -10,7 +12,7 @@ and its outbox rows are not written.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,8 +21,9 @@ from esp.v1 import messages_pb2
 from psycopg_pool import AsyncConnectionPool
 
 from services.ingest.batching import MicroBatcher
-from services.ingest.outbox import OutboxRow
+from services.ingest.outbox import CommittedRow, OutboxRow
 from services.ingest.payloads import message_resource
+from services.ingest.pg import autocommit
 
 
 @dataclass(frozen=True)
@@ -49,36 +52,51 @@ class StoredMessage:
 class MessageStore:
     """Group-committed inserts and the lookups idempotency needs."""
 
-    def __init__(self, pool: AsyncConnectionPool, *, batch_size: int = 500, workers: int = 3) -> None:
+    def __init__(self, pool: AsyncConnectionPool, *, batch_size: int = 500, workers: int = 2,
+                 batch_interval_s: float = 0.0, on_commit: Callable[[list[CommittedRow]], None] | None = None) -> None:
         self.pool = pool
+        self.on_commit = on_commit
+        """Receives the outbox rows of every commit (the publisher, which sends them at once)."""
         self._batcher: MicroBatcher[NewMessage, bool] = MicroBatcher(
-            self._commit, max_batch_size=batch_size, workers=workers)
+            self._commit, name="postgres", max_batch_size=batch_size, workers=workers, min_interval_s=batch_interval_s)
 
     async def insert(self, message: NewMessage) -> bool:
         """Commit the message and its outbox rows; False (and nothing written) when its request_id is taken."""
         return await self._batcher.submit(message)
 
     async def _commit(self, batch: Sequence[NewMessage]) -> list[bool]:
-        async with self.pool.connection() as conn, conn.transaction():
+        # One statement (messages, then the outbox rows of the messages that were inserted), run in autocommit:
+        # atomic, and one round trip to Postgres for the whole batch.
+        rows = [(m.id, r) for m in batch for r in m.outbox]
+        async with autocommit(self.pool) as conn:
             cur = await conn.execute(
-                """INSERT INTO ingest.messages (id, tenant_id, request_id, request_sha256, message_class, task,
-                       credits, created_at)
-                   SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bytea[], %s::text[], %s::bytea[],
-                                        %s::bigint[], %s::timestamptz[])
-                   ON CONFLICT (tenant_id, request_id) WHERE request_id IS NOT NULL DO NOTHING
-                   RETURNING id""",
+                """WITH new AS (
+                       INSERT INTO ingest.messages (id, tenant_id, request_id, request_sha256, message_class, task,
+                           credits, created_at)
+                       SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bytea[], %s::text[], %s::bytea[],
+                                            %s::bigint[], %s::timestamptz[])
+                       ON CONFLICT (tenant_id, request_id) WHERE request_id IS NOT NULL DO NOTHING
+                       RETURNING id),
+                   queued AS (
+                       INSERT INTO ingest.outbox (subject, msg_id, payload)
+                       SELECT o.subject, o.msg_id, o.payload
+                       FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bytea[]) AS o(message, subject, msg_id,
+                                                                                         payload)
+                       WHERE o.message IN (SELECT id FROM new)
+                       RETURNING id, msg_id)
+                   SELECT NULL::bigint, id::text FROM new UNION ALL SELECT id, msg_id FROM queued""",
                 ([m.id for m in batch], [m.tenant_id for m in batch], [m.request_id or None for m in batch],
                  [m.fingerprint for m in batch], [m.message_class for m in batch], [m.task for m in batch],
-                 [m.credits for m in batch], [m.created_at for m in batch]),
+                 [m.credits for m in batch], [m.created_at for m in batch],
+                 [message for message, _ in rows], [r.subject for _, r in rows], [r.msg_id for _, r in rows],
+                 [r.payload for _, r in rows]),
             )
-            inserted = {row[0] for row in await cur.fetchall()}
-            rows = [r for m in batch if m.id in inserted for r in m.outbox]
-            if rows:
-                await conn.execute(
-                    """INSERT INTO ingest.outbox (subject, msg_id, payload)
-                       SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[])""",
-                    ([r.subject for r in rows], [r.msg_id for r in rows], [r.payload for r in rows]),
-                )
+            result = await cur.fetchall()
+        inserted = {uuid.UUID(key) for row_id, key in result if row_id is None}
+        outbox_ids = {key: row_id for row_id, key in result if row_id is not None}
+        committed = [CommittedRow(outbox_ids[r.msg_id], r) for message, r in rows if message in inserted]
+        if committed and self.on_commit is not None:
+            self.on_commit(committed)
         return [m.id in inserted for m in batch]
 
     async def by_request_id(self, tenant_id: str, request_id: str) -> StoredMessage | None:
@@ -94,17 +112,16 @@ class MessageStore:
         return await self._one("tenant_id = %s AND id = %s", (tenant_id, key))
 
     async def _one(self, where: str, args: tuple[object, ...]) -> StoredMessage | None:
-        async with self.pool.connection() as conn:
+        async with autocommit(self.pool) as conn:
             cur = await conn.execute(
-                f"SELECT request_id, request_sha256, task, credits, created_at FROM ingest.messages WHERE {where}",
+                f"SELECT request_id, request_sha256, task, credits FROM ingest.messages WHERE {where}",
                 args)
             row = await cur.fetchone()
         if row is None:
             return None
-        request_id, fingerprint, task_bytes, credits, created_at = row
+        request_id, fingerprint, task_bytes, credits = row
         task = queue_pb2.SendTask.FromString(bytes(task_bytes))
-        return StoredMessage(bytes(fingerprint), message_resource(task, request_id=request_id or "",
-                                                                  credits=credits, created_at=created_at))
+        return StoredMessage(bytes(fingerprint), message_resource(task, request_id=request_id or "", credits=credits))
 
     async def close(self) -> None:
         await self._batcher.close()

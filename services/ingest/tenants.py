@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import re
 import secrets
 import string
@@ -32,6 +33,7 @@ from libs.common.errors import (
     Unauthenticated,
 )
 from services.ingest.model import TenantPolicy
+from services.ingest.validation import RESERVED_HEADER_PREFIX, RESERVED_HEADERS, header_name_ok
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -77,20 +79,20 @@ def _hash(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
-def _tenant_from_row(row: Mapping[str, object]) -> Tenant:
+def _tenant_from_row(row: Mapping[str, Any]) -> Tenant:
     policy = TenantPolicy(
         tenant_id=str(row["id"]),
         rate_per_second={
-            "otp": float(row["otp_rate_per_second"]),  # type: ignore[arg-type]
-            "transactional": float(row["transactional_rate_per_second"]),  # type: ignore[arg-type]
-            "bulk": float(row["bulk_rate_per_second"]),  # type: ignore[arg-type]
+            "otp": float(row["otp_rate_per_second"]),
+            "transactional": float(row["transactional_rate_per_second"]),
+            "bulk": float(row["bulk_rate_per_second"]),
         },
-        daily_quota=int(row["daily_quota"]),  # type: ignore[call-overload]
+        daily_quota=int(row["daily_quota"]),
         large_attachment_policy=str(row["large_attachment_policy"]),
-        allowed_headers=frozenset(row["allowed_headers"]),  # type: ignore[arg-type]
+        allowed_headers=frozenset(row["allowed_headers"]),
         disabled=bool(row["disabled"]),
     )
-    return Tenant(str(row["id"]), str(row["display_name"]), policy, row["created_at"])  # type: ignore[arg-type]
+    return Tenant(str(row["id"]), str(row["display_name"]), policy, row["created_at"])
 
 
 class TenantStore:
@@ -114,6 +116,9 @@ class TenantStore:
             raise InvalidArgument("bad tenant id", field_violations=[FieldViolation(
                 "tenant_id", "3 to 63 characters: lowercase letters, digits and dashes, starting with a letter")])
         rates = rates or {}
+        _check_policy({"daily_quota": daily_quota, "large_attachment_policy": large_attachment_policy,
+                       "allowed_headers": allowed_headers,
+                       **{f"{c}_rate_per_second": r for c, r in rates.items()}})
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 """INSERT INTO ingest.tenants (id, display_name, daily_quota, otp_rate_per_second,
@@ -130,6 +135,7 @@ class TenantStore:
         allowed = {"display_name", "daily_quota", "otp_rate_per_second", "transactional_rate_per_second",
                    "bulk_rate_per_second", "large_attachment_policy", "allowed_headers", "disabled"}
         sets = {k: v for k, v in changes.items() if k in allowed}
+        _check_policy(sets)
         if sets:
             assignments = ", ".join(f"{k} = %s" for k in sets)
             async with self.pool.connection() as conn:
@@ -262,6 +268,25 @@ class TenantStore:
                   bool(disabled))
         self._keys[key_id] = loaded
         return loaded
+
+
+def _check_policy(fields: Mapping[str, object]) -> None:
+    """Refuse policy values the accept path could not apply (INVALID_ARGUMENT naming each)."""
+    problems: list[FieldViolation] = []
+    for name, value in fields.items():
+        if name.endswith("_rate_per_second") and not (isinstance(value, int | float) and 0 <= value < math.inf):
+            problems.append(FieldViolation(f"tenant.{name}", "a finite number >= 0 (0 = the platform default)"))
+        elif name == "daily_quota" and not (isinstance(value, int) and value >= 0):
+            problems.append(FieldViolation("tenant.daily_quota", "an integer >= 0 (0 = unlimited)"))
+        elif name == "large_attachment_policy" and value not in ("link", "reject"):
+            problems.append(FieldViolation("tenant.large_attachment_policy", "link or reject"))
+        elif name == "allowed_headers":
+            for header in value:  # type: ignore[attr-defined]
+                if not header_name_ok(header) or header.lower() in RESERVED_HEADERS or header.lower().startswith(
+                        RESERVED_HEADER_PREFIX):
+                    problems.append(FieldViolation("tenant.allowed_headers", f"{header!r} cannot be allowed"))
+    if problems:
+        raise InvalidArgument("invalid tenant settings", reason="INVALID_TENANT", field_violations=problems)
 
 
 async def _single_flight(loading: dict[tuple[str, str], asyncio.Future[Any]], key: tuple[str, str],

@@ -14,7 +14,7 @@ import functools
 import re
 from collections.abc import Iterable
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
 from libs.common.errors import FieldViolation, InvalidArgument
 from services.ingest.model import MESSAGE_CLASSES, EmailDraft, Mailbox
@@ -56,10 +56,34 @@ _NO_CONTROL = "line breaks (CR, LF ...), NUL and other control characters are no
 _ID_SHAPE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+def header_name_ok(name: str) -> bool:
+    """True for a syntactically valid header field name (RFC 5322 ftext, 1 to 76 characters)."""
+    return _HEADER_NAME.match(name) is not None
+
+
 def has_control(value: str) -> bool:
     """True when ``value`` holds a line break or another control character: in a header it could end the header
     and start another (header injection)."""
     return _FORBIDDEN.search(value) is not None
+
+
+# The everyday address (ASCII dot-atom, LDH domain labels, alphabetic TLD), checked with one regex instead of the
+# full RFC machinery: anything it does not match (IDN, punycode, odd lengths ...) takes the full check.
+_PLAIN_ADDRESS = re.compile(
+    r"^(?=.{1,64}@)[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@((?:(?!-)(?!..--)[A-Za-z0-9-]{1,63}(?<!-)\.)+[A-Za-z]{2,63})$")
+_SPECIAL_USE = frozenset(SPECIAL_USE_DOMAIN_NAMES)
+
+
+def _plain_address(raw: str) -> str | None:
+    """``raw`` canonicalised when it is an everyday address the full check would accept unchanged; else None."""
+    match = _PLAIN_ADDRESS.match(raw)
+    if match is None or len(raw) > 254:
+        return None
+    domain = match.group(1).lower()
+    if any(domain == name or domain.endswith("." + name) for name in _SPECIAL_USE):
+        return None
+    return f"{raw[:match.start(1)]}{domain}"
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -67,6 +91,9 @@ def normalise_address(raw: str) -> str:
     """The address in canonical form; raises ValueError when malformed. Cached: senders and recipients repeat."""
     if has_control(raw):
         raise ValueError(_NO_CONTROL)
+    plain = _plain_address(raw)
+    if plain is not None:
+        return plain
     try:
         result = validate_email(raw, check_deliverability=False, allow_smtputf8=True)
     except EmailNotValidError as exc:

@@ -16,6 +16,8 @@ class SenderSettings(CommonSettings, BreakerSettings):
     transactional_concurrency: int = 128
     bulk_concurrency: int = 1000
     """Emails in flight at once per class: separate pools, so a bulk backlog never takes OTP's slots."""
+    process_per_class: bool = True
+    """Serving several classes, run each in a worker process of its own so no class can take another's CPU."""
     bulk_batch_max: int = 500
     """Bulk emails one delivery carries: those going to the same provider share its batch API calls."""
     ack_wait_s: float = 60.0

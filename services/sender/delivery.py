@@ -13,14 +13,16 @@ The steps, each a method below:
    calls) must grant it; a refusal moves the email to its next provider at once. Bulk emails going to the same
    provider share batch calls where the provider has a batch API.
 4. ``_perform`` — the provider calls, concurrently (after the booked rate slot, if any).
-5. ``_record`` — health outcomes of the calls and each email's new memory, one round trip each; the sent
-   marker is written before the SENT event is published.
+5. ``_record`` — the calls' outcomes into the shared provider health (one round trip for all calls).
 6. ``_conclude`` — per email, per the class policy (``services.sender.policy``): accepted → SENT; rejected →
    FAILED; throttled → next provider now, or wait the Retry-After; failed → next provider now (otp, probes)
    or backoff; failure budget spent → FAILED + DEAD_LETTERED. Emails to retry now go back to step 2.
 
-Events are staged as they happen and made durable together at the end; only then does the pool ack (or nak
-with the computed delay) the emails. A crash anywhere re-runs the delivery from step 1.
+7. ``_commit`` — each email's new memory (sent marker, failed providers, failure count) and its lease given
+   back, one round trip for the batch; then every event decided along the way is published and made durable
+   together. Only then does the pool ack (or nak with the computed delay) the emails. The marker is written
+   before the SENT event exists, so a crash in between re-announces and never resends; a crash anywhere else
+   re-runs the delivery from step 1.
 """
 
 from __future__ import annotations
@@ -44,11 +46,13 @@ from libs.providers.base import (
     Address,
     Attachment,
     InvalidMessage,
+    MessageTooLarge,
     OutboundEmail,
     Outcome,
     ProviderAdapter,
     ProviderError,
     SendResult,
+    TooManyRecipients,
 )
 from libs.providers.registry import BUILTIN_TYPES, adapter_class
 from libs.routing.catalog import ProviderCatalog, ProviderSpec
@@ -62,7 +66,7 @@ from libs.routing.health import (
 from libs.routing.health import Outcome as CallOutcome
 from libs.routing.scoring import CLASS_PROFILES, EmailFacts, RouteDecision, rank
 from services.sender.adapters import AdapterPool
-from services.sender.events import AttemptFacts, EventPublisher
+from services.sender.events import NO_ATTEMPT, AttemptFacts, EventPublisher
 from services.sender.policy import AmbiguousPolicy, RetryPolicy
 from services.sender.state import MessageState, MessageStateStore, SentMarker, StateChange
 
@@ -107,6 +111,8 @@ class Incoming:
     """JetStream's delivery count (1 the first time)."""
     heartbeat: Callable[[], Awaitable[None]]
     """Tells JetStream the email is still being worked on (in-progress ack)."""
+    trace: Mapping[str, str] = field(default_factory=dict)
+    """The W3C trace context the email was queued with; its events carry it on, so one trace spans the send."""
 
 
 AttachmentOpener = Callable[[str], AsyncIterator[bytes]]
@@ -151,6 +157,9 @@ class Job:
     failed_at: float | None = None
     """When its last failed attempt answered (perf counter), to time the fallback decision."""
     dirty: bool = False
+    """Its memory changed and must be written back."""
+    marked: bool = False
+    """It was sent during this delivery: the sent marker must be written."""
     last_refusal: str = ""
 
     @property
@@ -165,6 +174,21 @@ class Job:
         """Remember the soonest time a refusing provider could take the email."""
         if seconds > 0 and (self.wait_hint_s is None or seconds < self.wait_hint_s):
             self.wait_hint_s = seconds
+
+
+@dataclass(frozen=True)
+class EventIntent:
+    """An event decided during the delivery; all are published together once the email's memory is written."""
+
+    task: queue_pb2.SendTask
+    event_type: int
+    event_id: str
+    final: bool = False
+    reason: str = ""
+    facts: AttemptFacts = NO_ATTEMPT
+
+
+Outbox = list[EventIntent]
 
 
 @dataclass
@@ -199,7 +223,7 @@ class Deliverer:
     # -- the whole delivery ----------------------------------------------------------------------------------
     async def deliver(self, batch: Sequence[Incoming]) -> list[Verdict]:
         """Deliver a batch of emails of one class; returns one verdict per email, once every event is durable."""
-        pending: list[asyncio.Future[object]] = []
+        pending: Outbox = []
         beating = asyncio.create_task(_beat([i.heartbeat for i in batch], self.heartbeat_s))
         try:
             jobs = await self._claim(batch, pending)
@@ -209,11 +233,17 @@ class Deliverer:
                     break
                 active = await self._round(active, pending)
             for job in active:  # only when every round asked for another: wait like any retry
-                await self._later(job, job.policy.backoff_s(max(1, job.state.failures)), "no provider left",
+                self._later(job, job.policy.backoff_s(max(1, job.state.failures)), "no provider left",
                                   pending)
+            # The memory first (sent markers included), then the events: a crash in between re-announces, never
+            # resends. Only once the events are durable does the pool ack.
             changes = [self._change(job) for job in jobs if job.dirty]
-            await self.states.save(changes, [j.message_id for j in jobs if j.state.leased], self.owner)
-            await self.events.flush(pending)
+            await self.states.commit(changes, [j.message_id for j in jobs if j.state.leased], self.owner)
+            trace = {job.message_id: job.incoming.trace for job in jobs}
+            staged = [await self.events.stage(e.task, e.event_type, event_id=e.event_id, final=e.final,
+                                              reason=e.reason, facts=e.facts, trace=trace.get(e.task.message_id))
+                      for e in pending]
+            await self.events.flush(staged)
         finally:
             beating.cancel()
         verdicts = [job.verdict or Verdict(ack=False, retry_in_s=MIN_RETRY_S) for job in jobs]
@@ -222,7 +252,7 @@ class Deliverer:
         return verdicts
 
     # -- step 1 --------------------------------------------------------------------------------------------------
-    async def _claim(self, batch: Sequence[Incoming], pending: list[asyncio.Future[object]]) -> list[Job]:
+    async def _claim(self, batch: Sequence[Incoming], pending: Outbox) -> list[Job]:
         states = await self.states.claim([i.task.message_id for i in batch], self.owner)
         jobs: list[Job] = []
         for incoming, state in zip(batch, states, strict=True):
@@ -234,18 +264,18 @@ class Deliverer:
             elif state.sent is not None:
                 # Sent by an earlier delivery that died before its ack: announce again (the stream drops it if
                 # the first announcement got through), never send again.
-                await self._sent(job, AttemptFacts(
+                self._sent(job, AttemptFacts(
                     provider=state.sent.provider, provider_message_id=state.sent.provider_message_id,
                     attributes={"ambiguous": "true"} if state.sent.ambiguous else {}), pending)
             elif _age_s(incoming.task) > job.policy.max_age_s:
-                await self._fail(job, f"not sent within {job.policy.max_age_s:.0f}s of acceptance",
+                self._fail(job, f"not sent within {job.policy.max_age_s:.0f}s of acceptance",
                                  pending, dead_letter=True)
             else:
                 job.email = outbound_email(incoming.task, self.opener)
         return jobs
 
     # -- steps 2 to 6, once ----------------------------------------------------------------------------------------
-    async def _round(self, jobs: list[Job], pending: list[asyncio.Future[object]]) -> list[Job]:
+    async def _round(self, jobs: list[Job], pending: Outbox) -> list[Job]:
         chains: dict[Job, list[str]] = {}
         decisions: dict[tuple[object, ...], RouteDecision] = {}
         for job in jobs:
@@ -253,17 +283,17 @@ class Deliverer:
             if decision.ranked:
                 chains[job] = [s.provider_id for s in decision.ranked]
             else:
-                await self._unroutable(job, decision, pending)
+                self._unroutable(job, decision, pending)
         calls, unplaced = await self._place(chains, pending)
         for job in unplaced:
-            await self._unavailable(job, pending)
+            self._unavailable(job, pending)
         if calls:
             await asyncio.gather(*(self._perform(call) for call in calls))
             await self._record(calls)
         again: list[Job] = []
         for call in calls:
             for job, result in zip(call.jobs, call.results, strict=True):
-                if await self._conclude(job, call, result, pending):
+                if self._conclude(job, call, result, pending):
                     again.append(job)
         return again
 
@@ -283,7 +313,7 @@ class Deliverer:
 
     # -- step 3 --------------------------------------------------------------------------------------------------
     async def _place(self, chains: dict[Job, list[str]],
-                     pending: list[asyncio.Future[object]]) -> tuple[list[Call], list[Job]]:
+                     pending: Outbox) -> tuple[list[Call], list[Job]]:
         position = dict.fromkeys(chains, 0)
         calls: list[Call] = []
         unplaced: list[Job] = []
@@ -318,7 +348,7 @@ class Deliverer:
         return calls, unplaced
 
     async def _next_usable(self, job: Job, chain: list[str], start: int,
-                           pending: list[asyncio.Future[object]]) -> int | None:
+                           pending: Outbox) -> int | None:
         """The first provider from ``start`` on whose adapter accepts the email (None: none does)."""
         for index in range(start, len(chain)):
             provider_id = chain[index]
@@ -328,25 +358,40 @@ class Deliverer:
             if problem is None:
                 return index
             if isinstance(problem, InvalidMessage):
-                await self._fail(job, f"cannot be sent: {problem}", pending)
+                self._fail(job, f"cannot be sent: {problem}", pending)
                 return None
             job.tried.add(provider_id)
             job.last_refusal = f"{provider_id}: {problem}"
         return None
 
     def _unfit(self, job: Job, provider_id: str) -> Exception | None:
-        """Why the provider's adapter would refuse the email before any network call, if it would."""
+        """Why the provider's adapter would refuse the email before any network call, if it would.
+
+        The adapter's own ``validate`` runs again when it sends (and stays the authority); this is the cheap
+        part of it — recipients, features, and the size ingest measured — so a bulk batch of hundreds is placed
+        without building each email's MIME just to learn its size."""
         try:
             adapter = self.adapters.get(provider_id)
         except (KeyError, AdapterConfigError) as exc:
             return exc
-        validate = getattr(adapter, "validate", None)
-        if validate is None or job.email is None:
+        email = job.email
+        if email is None:
             return None
-        try:
-            validate(job.email)
-        except ProviderError as exc:
-            return exc
+        if not email.recipients:
+            return InvalidMessage(f"email {email.message_id} has no recipients")
+        if email.text is None and email.html is None:
+            return InvalidMessage(f"email {email.message_id} has neither a text nor an HTML body")
+        caps = adapter.capabilities
+        if len(email.recipients) > caps.max_recipients_per_message:
+            return TooManyRecipients(adapter.config.type, len(email.recipients), caps.max_recipients_per_message)
+        if job.task.message_bytes > caps.max_message_bytes:
+            return MessageTooLarge(adapter.config.type, job.task.message_bytes, caps.max_message_bytes)
+        check_features = getattr(adapter, "check_features", None)
+        if check_features is not None:
+            try:
+                check_features(email)
+            except ProviderError as exc:
+                return exc
         return None
 
     def _split(self, provider_id: str, jobs: list[Job]) -> list[list[Job]]:
@@ -435,7 +480,6 @@ class Deliverer:
             else:
                 recorded.append(RecordedCall(call.provider_id, CallOutcome.FAILURE, probe=call.permit.probe))
         await self.health.record_many(recorded)
-        markers = []
         for call in calls:
             for job, result in zip(call.jobs, call.results, strict=True):
                 ATTEMPTS.labels(call.provider_id, result.outcome.value).inc()
@@ -443,14 +487,11 @@ class Deliverer:
                         result.outcome is Outcome.AMBIGUOUS and job.policy.ambiguous is AmbiguousPolicy.ASSUME_SENT):
                     job.state.sent = SentMarker(call.provider_id, result.provider_message_id or "",
                                                 ambiguous=result.outcome is Outcome.AMBIGUOUS)
-                    markers.append(StateChange(job.message_id, sent=job.state.sent))
-        # The sent markers are durable before any SENT event is: a crash in between re-announces, never resends.
-        if markers:
-            await self.states.save(markers, [], self.owner)
+                    job.marked = True
 
     # -- step 6 --------------------------------------------------------------------------------------------------
-    async def _conclude(self, job: Job, call: Call, result: SendResult,
-                        pending: list[asyncio.Future[object]]) -> bool:
+    def _conclude(self, job: Job, call: Call, result: SendResult,
+                        pending: Outbox) -> bool:
         """Settle the email after its call; True when it should try another provider in this delivery."""
         job.dirty = True
         job.state.attempts += 1
@@ -463,12 +504,12 @@ class Deliverer:
             if ambiguous:
                 facts = AttemptFacts(facts.provider, facts.provider_message_id, facts.attempt, facts.outcome,
                                      facts.latency_ms, {"ambiguous": "true"})
-            await self._sent(job, facts, pending, reason=result.reason if ambiguous else "")
+            self._sent(job, facts, pending, reason=result.reason if ambiguous else "")
             return False
         if result.outcome is Outcome.PERMANENT and not result.provider_fault:
-            await self._fail(job, f"rejected by {call.provider_id}: {result.reason}", pending, facts=facts)
+            self._fail(job, f"rejected by {call.provider_id}: {result.reason}", pending, facts=facts)
             return False
-        pending.append(await self.events.stage(
+        pending.append(EventIntent(
             job.task, messages_pb2.MESSAGE_EVENT_TYPE_ATTEMPTED,
             event_id=f"{job.message_id}:a:{job.state.attempts}", reason=result.reason, facts=facts))
         job.tried.add(call.provider_id)
@@ -482,28 +523,28 @@ class Deliverer:
         job.state.failures += 1
         job.failed_at = time.perf_counter()
         if job.state.failures >= policy.max_failures:
-            await self._fail(job, f"gave up after {job.state.failures} failed attempts; last: "
+            self._fail(job, f"gave up after {job.state.failures} failed attempts; last: "
                                   f"{call.provider_id}: {result.reason}", pending, dead_letter=True)
             return False
         # otp falls over at once; so does the email a failed half-open probe was risked on.
         if (policy.failover_now and job.calls < policy.max_attempts_per_delivery) or call.permit.probe:
             return True
-        await self._later(job, policy.backoff_s(job.state.failures), f"{call.provider_id}: {result.reason}",
+        self._later(job, policy.backoff_s(job.state.failures), f"{call.provider_id}: {result.reason}",
                           pending)
         return False
 
     # -- when no provider can take the email now -------------------------------------------------------------------
-    async def _unroutable(self, job: Job, decision: RouteDecision, pending: list[asyncio.Future[object]]) -> None:
+    def _unroutable(self, job: Job, decision: RouteDecision, pending: Outbox) -> None:
         reasons = "; ".join(f"{s.provider_id}: {s.excluded_reason}" for s in decision.excluded)
         relevant = [s for s in decision.excluded
                     if s.excluded_reason != "disabled" and not s.excluded_reason.startswith("does not carry")]
         policy = job.policy
         if not relevant:
-            await self._later(job, policy.max_delay_s, f"no provider carries {job.message_class} "
+            self._later(job, policy.max_delay_s, f"no provider carries {job.message_class} "
                                                         f"({reasons or 'no providers configured'})", pending)
             return
         if all("exceeds cap" in s.excluded_reason for s in relevant):
-            await self._fail(job, f"no provider takes a message of {job.task.message_bytes} bytes ({reasons})",
+            self._fail(job, f"no provider takes a message of {job.task.message_bytes} bytes ({reasons})",
                              pending)
             return
         failed_before = [s for s in relevant if s.provider_id in job.state.excluded]
@@ -512,12 +553,12 @@ class Deliverer:
             job.state.excluded.clear()
             job.dirty = True
             delay = policy.backoff_s(max(1, job.state.failures))
-            await self._later(job, max(delay, job.wait_hint_s or 0.0), f"every provider failed it ({reasons})",
+            self._later(job, max(delay, job.wait_hint_s or 0.0), f"every provider failed it ({reasons})",
                               pending)
             return
-        await self._unavailable(job, pending, reasons)
+        self._unavailable(job, pending, reasons)
 
-    async def _unavailable(self, job: Job, pending: list[asyncio.Future[object]], reasons: str = "") -> None:
+    def _unavailable(self, job: Job, pending: Outbox, reasons: str = "") -> None:
         """Every provider refused for now (breaker, Retry-After, quota, rate): wait for the soonest to free up."""
         max_rate_wait = CLASS_PROFILES[job.message_class].max_rate_wait_s
         waits = [job.wait_hint_s or 0.0]
@@ -529,31 +570,31 @@ class Deliverer:
             waits.extend((health.open_for_s, health.throttled_for_s, rate_wait))
         # Quota that runs out today is the one wait with no hint: then the class's longest wait.
         soonest = min((w for w in waits if w > 0), default=job.policy.max_delay_s)
-        await self._later(job, min(job.policy.max_delay_s, max(MIN_RETRY_S, soonest)),
+        self._later(job, min(job.policy.max_delay_s, max(MIN_RETRY_S, soonest)),
                           f"no provider available now ({reasons or job.last_refusal})", pending)
 
     # -- outcomes ------------------------------------------------------------------------------------------------
-    async def _sent(self, job: Job, facts: AttemptFacts, pending: list[asyncio.Future[object]], *,
+    def _sent(self, job: Job, facts: AttemptFacts, pending: Outbox, *,
                     reason: str = "") -> None:
-        pending.append(await self.events.stage(
+        pending.append(EventIntent(
             job.task, messages_pb2.MESSAGE_EVENT_TYPE_SENT, event_id=f"{job.message_id}:sent", final=True,
             reason=reason, facts=facts))
         job.verdict = ACK
 
-    async def _fail(self, job: Job, reason: str, pending: list[asyncio.Future[object]], *,
+    def _fail(self, job: Job, reason: str, pending: Outbox, *,
                     dead_letter: bool = False, facts: AttemptFacts | None = None) -> None:
         if dead_letter:
-            pending.append(await self.events.stage(
+            pending.append(EventIntent(
                 job.task, messages_pb2.MESSAGE_EVENT_TYPE_DEAD_LETTERED, event_id=f"{job.message_id}:dead",
                 reason=reason))
-        pending.append(await self.events.stage(
+        pending.append(EventIntent(
             job.task, messages_pb2.MESSAGE_EVENT_TYPE_FAILED, event_id=f"{job.message_id}:failed", final=True,
             reason=reason, facts=facts or AttemptFacts()))
         job.verdict = ACK
 
-    async def _later(self, job: Job, delay_s: float, reason: str, pending: list[asyncio.Future[object]]) -> None:
+    def _later(self, job: Job, delay_s: float, reason: str, pending: Outbox) -> None:
         delay_s = max(MIN_RETRY_S, delay_s)
-        pending.append(await self.events.stage(
+        pending.append(EventIntent(
             job.task, messages_pb2.MESSAGE_EVENT_TYPE_DEFERRED,
             event_id=f"{job.message_id}:d:{job.incoming.delivery}", reason=f"retry in {delay_s:.1f}s: {reason}",
             facts=AttemptFacts(attempt=job.state.attempts)))
@@ -561,7 +602,8 @@ class Deliverer:
 
     @staticmethod
     def _change(job: Job) -> StateChange:
-        return StateChange(job.message_id, excluded=frozenset(job.state.excluded), failures=job.state.failures,
+        return StateChange(job.message_id, sent=job.state.sent if job.marked else None,
+                           excluded=frozenset(job.state.excluded), failures=job.state.failures,
                            attempts=job.state.attempts)
 
 

@@ -1,9 +1,9 @@
 """Outcome events on the EVENTS stream, published without waiting one by one and made durable together.
 
-Each delivery stages its events as it goes (an attempt's event does not hold up the fallback to the next
-provider) and ``flush`` waits for JetStream's acks of all of them before the email is acked: an email is only
-acked once its outcome is durable. Event ids are deterministic (``<message>:sent``, ``<message>:a:<n>`` …) and
-travel as ``Nats-Msg-Id``, so re-announcing an outcome after a crash is dropped by the stream's dedupe window.
+A delivery publishes all its events at its end and ``flush`` waits for JetStream's acks of all of them before
+the emails are acked: an email is only acked once its outcome is durable. Event ids are deterministic
+(``<message>:sent``, ``<message>:a:<n>`` …) and travel as ``Nats-Msg-Id``, so re-announcing an outcome after a
+crash is dropped by the stream's dedupe window.
 """
 
 from __future__ import annotations
@@ -67,10 +67,12 @@ class EventPublisher:
                 latency_ms=int(facts.latency_ms), attributes=dict(facts.attributes)))
 
     async def stage(self, task: queue_pb2.SendTask, event_type: int, *, event_id: str, final: bool = False,
-                    reason: str = "", facts: AttemptFacts = NO_ATTEMPT) -> asyncio.Future[object]:
-        """Publish without waiting for the stream's ack; the returned future resolves when it is durable."""
+                    reason: str = "", facts: AttemptFacts = NO_ATTEMPT,
+                    trace: Mapping[str, str] | None = None) -> asyncio.Future[object]:
+        """Publish without waiting for the stream's ack; the returned future resolves when it is durable.
+        ``trace`` is the trace context the email was queued with (else the current span's is used)."""
         envelope = self.envelope(task, event_type, event_id=event_id, final=final, reason=reason, facts=facts)
-        headers = inject_headers({})
+        headers = dict(trace) if trace else inject_headers({})
         headers["Nats-Msg-Id"] = event_id
         subject = self.topology.events_subject(task.tenant_id)
         future = await self.js.publish_async(subject, envelope.SerializeToString(), headers=headers,

@@ -25,6 +25,7 @@ ERROR_RETRY_S = 2.0
 """A delivery that crashed (Redis or NATS trouble) is offered again after this long."""
 LONG_POLL_S = 1.0
 TOP_UP_WAIT_S = 0.005
+TRACE_HEADERS = ("traceparent", "tracestate")
 
 
 class Slots:
@@ -89,7 +90,8 @@ class ClassPool:
                     await msg.term()
                     continue
                 delivery = msg.metadata.num_delivered if msg.metadata else 1
-                batch.append(Incoming(task, delivery, msg.in_progress))
+                trace = {k: v for k, v in (msg.headers or {}).items() if k in TRACE_HEADERS}
+                batch.append(Incoming(task, delivery, msg.in_progress, trace))
                 decoded.append(msg)
             if not batch:
                 return

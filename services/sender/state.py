@@ -4,7 +4,10 @@ Per email, one hash ``<ns>:msg:<id>``: the sent marker (provider and its message
 was already sent is announced again, never sent again), the providers that failed it (excluded from its next
 attempt), its failure count (the retry budget) and its attempt count (event numbering). Next to it a short
 lease ``<ns>:lease:<id>`` that one sender holds while working on the email, so two replicas never send the same
-email at once even if JetStream redelivers it early. All reads for a batch of emails are one round trip.
+email at once even if JetStream redelivers it early.
+
+A delivery touches Redis twice for its whole batch: ``claim`` (take the leases, read the memories) and
+``commit`` (write what changed, give the leases back), each one script call.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class MessageState:
 
 @dataclass(frozen=True)
 class StateChange:
-    """What a delivery learned about one email, written back in one round trip for the batch."""
+    """What a delivery learned about one email."""
 
     message_id: str
     sent: SentMarker | None = None
@@ -59,6 +62,52 @@ class StateChange:
     """The new excluded set (None: unchanged)."""
     failures: int | None = None
     attempts: int | None = None
+
+    def fields(self) -> dict[str, str]:
+        """The hash fields to write."""
+        values: dict[str, str] = {}
+        if self.sent is not None:
+            values["sent"] = self.sent.encode()
+        if self.excluded is not None:
+            values["excluded"] = ",".join(sorted(self.excluded))
+        if self.failures is not None:
+            values["failures"] = str(self.failures)
+        if self.attempts is not None:
+            values["attempts"] = str(self.attempts)
+        return values
+
+
+# KEYS: lease, state for each email. ARGV: owner, lease_ms. Returns {leased (1/0), {field, value, ...}} per email.
+_CLAIM = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  local leased = 1
+  if not redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    if redis.call('GET', KEYS[i]) ~= ARGV[1] then leased = 0 end
+  end
+  out[#out + 1] = leased
+  out[#out + 1] = redis.call('HGETALL', KEYS[i + 1])
+end
+return out
+"""
+
+# KEYS: lease, state for each email. ARGV: owner, ttl_s, then per email: release (1/0), n, n field/value pairs.
+# Only our own lease is given back: after a long stall another sender may hold it by now.
+_COMMIT = """
+local a = 3
+for i = 1, #KEYS, 2 do
+  local release = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  a = a + 2
+  if n > 0 then
+    redis.call('HSET', KEYS[i + 1], unpack(ARGV, a, a + 2 * n - 1))
+    redis.call('EXPIRE', KEYS[i + 1], ARGV[2])
+    a = a + 2 * n
+  end
+  if release == '1' and redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+end
+return 1
+"""
 
 
 class MessageStateStore:
@@ -70,6 +119,8 @@ class MessageStateStore:
         self.namespace = namespace
         self.ttl_s = ttl_s
         self.lease_ms = int(lease_s * 1000)
+        self._claim = redis.register_script(_CLAIM)
+        self._commit = redis.register_script(_COMMIT)
 
     def key(self, message_id: str) -> str:
         """The email's state hash."""
@@ -79,19 +130,19 @@ class MessageStateStore:
         """The email's work lease."""
         return f"{self.namespace}:lease:{message_id}"
 
+    def _keys(self, message_ids: Sequence[str]) -> list[str]:
+        return [k for mid in message_ids for k in (self.lease_key(mid), self.key(mid))]
+
     async def claim(self, message_ids: Sequence[str], owner: str) -> list[MessageState]:
         """Take the lease of each email (when free or already ours) and read its state."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for message_id in message_ids:
-                pipe.set(self.lease_key(message_id), owner, nx=True, px=self.lease_ms)
-                pipe.get(self.lease_key(message_id))
-                pipe.hgetall(self.key(message_id))
-            replies = await pipe.execute()
+        if not message_ids:
+            return []
+        reply = await self._claim(keys=self._keys(message_ids), args=[owner, self.lease_ms])
         states = []
         for i, message_id in enumerate(message_ids):
-            taken, holder, fields = replies[3 * i: 3 * i + 3]
-            state = MessageState(message_id, leased=bool(taken) or holder == owner.encode())
-            values = {k.decode(): v.decode() for k, v in fields.items()}
+            leased, flat = reply[2 * i], reply[2 * i + 1]
+            values = {flat[j].decode(): flat[j + 1].decode() for j in range(0, len(flat), 2)}
+            state = MessageState(message_id, leased=bool(leased))
             if "sent" in values:
                 state.sent = SentMarker.decode(values["sent"])
             state.excluded = {p for p in values.get("excluded", "").split(",") if p}
@@ -100,29 +151,18 @@ class MessageStateStore:
             states.append(state)
         return states
 
-    async def save(self, changes: Sequence[StateChange], released: Sequence[str], owner: str) -> None:
-        """Write the changes and give back the leases of ``released`` emails, in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for change in changes:
-                values: dict[str, str | int] = {}
-                if change.sent is not None:
-                    values["sent"] = change.sent.encode()
-                if change.excluded is not None:
-                    values["excluded"] = ",".join(sorted(change.excluded))
-                if change.failures is not None:
-                    values["failures"] = change.failures
-                if change.attempts is not None:
-                    values["attempts"] = change.attempts
-                if values:
-                    pipe.hset(self.key(change.message_id), mapping=values)
-                    pipe.expire(self.key(change.message_id), self.ttl_s)
-            for message_id in released:
-                # Only our own lease: after a long stall another sender may hold it by now.
-                pipe.eval(_RELEASE_LEASE, 1, self.lease_key(message_id), owner)
-            await pipe.execute()
-
-
-_RELEASE_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+    async def commit(self, changes: Sequence[StateChange], released: Sequence[str], owner: str) -> None:
+        """Write the changes and give back the leases of ``released`` emails, in one script call."""
+        by_id = {c.message_id: c for c in changes}
+        ids = list(dict.fromkeys([*by_id, *released]))
+        if not ids:
+            return
+        let_go = set(released)
+        args: list[str | int] = [owner, self.ttl_s]
+        for message_id in ids:
+            change = by_id.get(message_id)
+            values = change.fields() if change is not None else {}
+            args += ["1" if message_id in let_go else "0", len(values)]
+            for name, value in values.items():
+                args += [name, value]
+        await self._commit(keys=self._keys(ids), args=args)

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 from esp.v1 import common_pb2
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from libs.common.errors import InvalidArgument
@@ -180,3 +180,29 @@ async def test_a_refused_request_changes_nothing(harness: IngestHarness):
     # is still free.
     sent = await harness.send(tenant, send_request(request_id="r-1"))
     assert sent.request_id == "r-1"
+
+
+_ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-."
+_LABEL = st.text(alphabet="abcXYZ019-", min_size=1, max_size=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(local=st.text(alphabet=_ATEXT, min_size=1, max_size=70),
+       labels=st.lists(_LABEL, min_size=1, max_size=4),
+       tld=st.text(alphabet="abcXYZ019-", min_size=1, max_size=6))
+@example(local="first.last+tag", labels=["Mail-1", "example"], tld="COM")
+@example(local="a", labels=["b--c"], tld="com")
+def test_the_fast_path_for_everyday_addresses_agrees_with_the_full_rfc_check(local: str, labels: list[str],
+                                                                          tld: str):
+    from email_validator import EmailNotValidError, validate_email
+
+    from services.ingest.validation import _plain_address
+
+    address = f"{local}@{'.'.join([*labels, tld])}"
+    fast = _plain_address(address)
+    try:
+        full: str | None = validate_email(address, check_deliverability=False, allow_smtputf8=True).normalized
+    except EmailNotValidError:
+        full = None
+    if fast is not None:  # the fast path may pass an address on to the full check, never decide differently
+        assert fast == full

@@ -92,6 +92,8 @@ class ProviderMesh:
     sim: SimProcess
     created: list[str] = field(default_factory=list)
     _client: SimulatorClient | None = None
+    _records: list[dict[str, Any]] = field(default_factory=list)
+    """Requests read from the simulator so far (read incrementally: the log of a big test is large)."""
 
     # -- simulator ------------------------------------------------------------------------------------------------
     @property
@@ -101,12 +103,18 @@ class ProviderMesh:
         return self._client
 
     async def requests(self, personality: str) -> list[dict[str, Any]]:
-        return await self.simulator.requests(personality)
+        return [r for r in await self.all_requests() if r["personality"] == personality]
+
+    async def all_requests(self) -> list[dict[str, Any]]:
+        """Every request the simulator recorded since the test began."""
+        since = self._records[-1]["seq"] if self._records else 0
+        self._records.extend(await self.simulator.requests(since=since))
+        return self._records
 
     async def delivered(self, personalities: Iterable[str] = PERSONALITIES) -> list[Delivered]:
         """Every email the simulator took for delivery, across ``personalities``."""
         found = []
-        for record in await self.simulator.requests():
+        for record in await self.all_requests():
             if record["personality"] in personalities and record["delivered"]:
                 found.extend(Delivered(msg["esp_message_id"], record["personality"], record["arrived_at"])
                              for msg in record["messages"] if msg["rejection"] is None)
@@ -220,10 +228,14 @@ class ProviderMesh:
 
         await self.wait_for(all_sent, timeout_s, f"SENT for all {len(message_ids)} emails")
 
+    async def reset_simulator(self) -> None:
+        await self.simulator.reset()
+        self._records.clear()
+
     async def cleanup(self) -> None:
         for provider_id in list(self.created):
             await self.delete_provider(provider_id)
-        await self.simulator.reset()
+        await self.reset_simulator()
 
 
 @pytest.fixture(scope="session")
@@ -253,7 +265,7 @@ def provider_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str
 async def mesh(provider_mesh: ProviderMesh) -> AsyncIterator[ProviderMesh]:
     """The session's mesh with a clean simulator; the providers a test creates are deleted after it."""
     provider_mesh._client = SimulatorClient(provider_mesh.sim.http_url)
-    await provider_mesh.simulator.reset()
+    await provider_mesh.reset_simulator()
     yield provider_mesh
     await provider_mesh.cleanup()
     await provider_mesh.simulator.aclose()

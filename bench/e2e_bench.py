@@ -1,0 +1,405 @@
+"""End to end through every service on this machine, against the provider simulator (zero latency knobs).
+
+Starts its own mesh (fresh database, its own JetStream namespace and Redis keys, a private S3 and simulator),
+then measures, ``--runs`` times, and prints the medians as JSON lines:
+
+- ``e2e.sends_per_s``: emails per second from accept to provider. Many concurrent clients call ingest's
+  ``BatchSendEmails``; the clock runs from the first call to the simulator's arrival of the last email.
+- ``e2e.otp_p99_ms``: an OTP's accept → provider request (client call start → simulator arrival), p99, with
+  OTPs sent at a steady rate while a bulk backlog drains (``e2e.otp_p50_ms`` alongside).
+- ``sender.fallback_decision_p99_ms``: for OTPs whose first provider failed (HTTP 500 half the time), from the
+  failed answer to the next provider's request arriving (simulator clocks both): the sender's ranking, gate
+  and health bookkeeping between two attempts, plus the HTTP hop.
+- ``sender.sends_per_s`` (baseline): the sender alone draining a bulk backlog published straight onto the SEND
+  stream — what the send side can do when ingest is not in front of it, so the two figures locate the
+  bottleneck.
+
+Run: ``make bench BENCH=e2e`` or ``python -m bench e2e`` (``--emails``, ``--clients``, ``--runs``). Servers:
+Postgres ``ESP_BENCH_POSTGRES_DSN``, Redis ``ESP_BENCH_REDIS_URL``, NATS ``ESP_BENCH_NATS_URL`` (defaults: the
+local ones). Logs of every process: ``.dev/bench-e2e/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import httpx
+import nats
+from esp.internal.v1 import queue_pb2
+from esp.v1 import (
+    common_pb2,
+    messages_pb2,
+    messages_pb2_grpc,
+    providers_pb2,
+    providers_pb2_grpc,
+    tenants_pb2,
+    tenants_pb2_grpc,
+)
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from dev import mesh as m
+from dev import pgtools, seed
+from dev.migrate import SERVICES_WITH_SCHEMAS
+from libs.common.db import migrate_services
+from libs.common.jetstream import Topology
+
+ADMIN_DSN = os.environ.get("ESP_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("ESP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+NATS_URL = os.environ.get("ESP_BENCH_NATS_URL", "nats://127.0.0.1:4222")
+LOG_DIR = m.ROOT / ".dev" / "bench-e2e"
+PERSONALITIES = ("bulk", "transactional", "otp-flaky", "otp-steady")
+TENANT = "bench"
+CLASSES = {"otp": common_pb2.MESSAGE_CLASS_OTP, "transactional": common_pb2.MESSAGE_CLASS_TRANSACTIONAL,
+           "bulk": common_pb2.MESSAGE_CLASS_BULK}
+
+
+@dataclass
+class Environment:
+    """A running mesh, its simulator, and how to reach both."""
+
+    config: m.MeshConfig
+    mesh: m.Mesh
+    simulator_url: str
+    api_key: str
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.config.ports['ingest']}"
+
+    def auth(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),)
+
+    def admin(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.config.admin_token}"),)
+
+
+@contextmanager
+def environment() -> Iterator[Environment]:
+    """Everything up, and down again afterwards whatever happens."""
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    database = pgtools.unique_database_name("esp_bench_e2e")
+    dsn = pgtools.create_database(ADMIN_DSN, database)
+    processes: list[m.Process] = []
+    mesh: m.Mesh | None = None
+    try:
+        s3_port = m.free_port()
+        processes.append(m.start_s3(s3_port, LOG_DIR))
+        simulator_url, simulator = start_simulator()
+        processes.append(simulator)
+        namespace = f"bench{secrets.token_hex(3)}"
+        config = m.MeshConfig(
+            postgres_dsn=dsn, redis_url=REDIS_URL, nats_url=NATS_URL, s3_endpoint=f"http://127.0.0.1:{s3_port}",
+            namespace=namespace, admin_token=secrets.token_hex(16), ports={n: m.free_port() for n in m.GRPC_PORTS},
+            gateway_port=m.free_port(), webhook_port=m.free_port(), log_dir=LOG_DIR,
+            services=tuple(s for s in m.SERVICES if s != "gateway"),
+            extra_env={"ESP_S3_BUCKET": f"{namespace}-attachments", "ESP_LOG_LEVEL": "WARNING",
+                       "ESP_SHUTDOWN_GRACE_S": "3"})
+        asyncio.run(migrate_services(dsn, SERVICES_WITH_SCHEMAS))
+        mesh = m.Mesh(config)
+        mesh.start()
+        with grpc.insecure_channel(f"127.0.0.1:{config.ports['ingest']}") as channel:
+            # Rates far above what one machine can do: the benchmark measures the mesh, not the tenant's limit.
+            tenants_pb2_grpc.TenantServiceStub(channel).CreateTenant(tenants_pb2.CreateTenantRequest(
+                tenant_id=TENANT, tenant=tenants_pb2.Tenant(
+                    display_name=TENANT, otp_rate_per_second=1e6, transactional_rate_per_second=1e6,
+                    bulk_rate_per_second=1e6)), metadata=(("authorization", f"Bearer {config.admin_token}"),),
+                timeout=10)
+            api_key = seed.create_api_key(channel, config.admin_token, TENANT)
+            seed.top_up(channel, config.admin_token, TENANT, 10**12, "bench-credits")
+        yield Environment(config, mesh, simulator_url, api_key)
+    finally:
+        if mesh is not None:
+            mesh.stop()
+        for process in reversed(processes):
+            process.stop()
+        pgtools.drop_database(ADMIN_DSN, database)
+
+
+def start_simulator() -> tuple[str, m.Process]:
+    """The simulator with Postmark-flavoured personalities, zero latency."""
+    personalities = LOG_DIR / "personalities.json"
+    personalities.write_text(json.dumps({"personalities": [
+        {"name": name, "type": "postmark",
+         "credentials": {"server_token": f"{name}-token", "webhook_user": "hook", "webhook_password": "hook"}}
+        for name in PERSONALITIES]}))
+    http_port = m.free_port()
+    process = m.spawn("simulator", [sys.executable, "-m", "dev.simulator", "--http-port", str(http_port),
+                                    "--smtp-port", str(m.free_port()), "--personalities", str(personalities),
+                                    "--seed", "1", "--log-cap", "1000000"], LOG_DIR)
+    m.wait_port(http_port, 30, process.popen, "simulator")
+    return f"http://127.0.0.1:{http_port}", process
+
+
+# -- talking to the mesh and the simulator ------------------------------------------------------------------------
+class Simulator:
+    """Reads the simulator's request log incrementally (it grows large)."""
+
+    def __init__(self, url: str) -> None:
+        self.client = httpx.AsyncClient(base_url=url, timeout=60)
+        self.records: list[dict[str, Any]] = []
+
+    async def reset(self) -> None:
+        (await self.client.post("/_sim/reset")).raise_for_status()
+        self.records.clear()
+
+    async def knobs(self, personality: str, **values: Any) -> None:
+        (await self.client.patch(f"/_sim/personalities/{personality}/knobs", json=values)).raise_for_status()
+
+    async def read(self) -> list[dict[str, Any]]:
+        since = self.records[-1]["seq"] if self.records else 0
+        response = await self.client.get("/_sim/requests", params={"since": since})
+        response.raise_for_status()
+        self.records.extend(response.json())
+        return self.records
+
+    async def arrivals(self, wanted: set[str], timeout_s: float) -> dict[str, float]:
+        """First arrival time of each wanted email at any provider, waiting (bounded) until all have arrived."""
+        deadline = time.monotonic() + timeout_s
+        found: dict[str, float] = {}
+        seen = 0
+        while True:
+            records = await self.read()
+            for record in records[seen:]:
+                if not record["delivered"]:
+                    continue
+                for message in record["messages"]:
+                    mid = message["esp_message_id"]
+                    if mid in wanted and message["rejection"] is None and mid not in found:
+                        found[mid] = record["arrived_at"]
+            seen = len(records)
+            if len(found) == len(wanted):
+                return found
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(found)} of {len(wanted)} emails reached the simulator")
+            await asyncio.sleep(0.5)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def set_providers(env: Environment, providers: dict[str, dict[str, Any]]) -> None:
+    """Make the registry hold exactly ``providers`` (id → fields), then give the replicas time to apply it."""
+    async with grpc.aio.insecure_channel(env.endpoint) as channel:
+        stub = providers_pb2_grpc.ProviderServiceStub(channel)
+        listed = await stub.ListProviders(providers_pb2.ListProvidersRequest(page_size=1000, show_disabled=True),
+                                          metadata=env.admin(), timeout=10)
+        for provider in listed.providers:
+            await stub.DeleteProvider(providers_pb2.DeleteProviderRequest(name=provider.name), metadata=env.admin(),
+                                      timeout=10)
+        for provider_id, fields in providers.items():
+            personality = fields.pop("personality")
+            classes = fields.pop("classes", ())
+            await stub.CreateProvider(providers_pb2.CreateProviderRequest(
+                provider_id=provider_id, provider=providers_pb2.Provider(
+                    type="postmark", endpoint=f"{env.simulator_url}/p/{personality}",
+                    credentials={"server_token": f"{personality}-token"}, options={"timeout_s": "5"},
+                    allowed_classes=[CLASSES[c] for c in classes], **fields)),
+                metadata=env.admin(), timeout=10)
+    await asyncio.sleep(2.5)
+
+
+def send_request(message_class: str, index: int) -> messages_pb2.SendEmailRequest:
+    return messages_pb2.SendEmailRequest(
+        message_class=CLASSES[message_class], subject="Your receipt" if message_class != "otp" else "Your code",
+        text_body="Thank you for your order.", to=[common_pb2.EmailAddress(email=f"customer{index}@example.org")],
+        **{"from": common_pb2.EmailAddress(email="shop@example.com")})
+
+
+# -- the measurements ---------------------------------------------------------------------------------------------
+async def sends_per_s(env: Environment, simulator: Simulator, emails: int, clients: int, batch: int) -> float:
+    """Emails through BatchSendEmails from ``clients`` concurrent callers until all reached the simulator."""
+    await set_providers(env, {"bulk-provider": {"personality": "bulk", "price_per_email_micros": 10}})
+    await simulator.reset()
+    accepted: list[str] = []
+    next_index = 0
+    started = time.time()
+
+    async def client(stub: messages_pb2_grpc.MessageServiceStub) -> None:
+        nonlocal next_index
+        while next_index < emails:
+            first, next_index = next_index, min(emails, next_index + batch)
+            reply = await stub.BatchSendEmails(messages_pb2.BatchSendEmailsRequest(
+                requests=[send_request("bulk", i) for i in range(first, next_index)]), metadata=env.auth(),
+                timeout=60)
+            for result in reply.results:
+                if result.HasField("error"):
+                    raise RuntimeError(f"a send was refused: {result.error}")
+                accepted.append(result.message.id)
+
+    channels = [grpc.aio.insecure_channel(env.endpoint) for _ in range(min(clients, 8))]
+    try:
+        stubs = [messages_pb2_grpc.MessageServiceStub(c) for c in channels]
+        await asyncio.gather(*(client(stubs[i % len(stubs)]) for i in range(clients)))
+    finally:
+        for channel in channels:
+            await channel.close()
+    arrivals = await simulator.arrivals(set(accepted), timeout_s=max(120, emails / 50))
+    return emails / (max(arrivals.values()) - started)
+
+
+async def sender_sends_per_s(env: Environment, simulator: Simulator, emails: int) -> float:
+    """The sender alone: a bulk backlog published straight onto SEND, drained to the simulator."""
+    await set_providers(env, {"bulk-provider": {"personality": "bulk", "price_per_email_micros": 10}})
+    await simulator.reset()
+    tasks = [bulk_task(i) for i in range(emails)]
+    nc = await nats.connect(NATS_URL)
+    try:
+        js = nc.jetstream()
+        subject = Topology(env.config.namespace).send_subject("bulk")
+        published = await publish_all(js, subject, tasks)
+        arrivals = await simulator.arrivals({t.message_id for t in tasks}, timeout_s=max(120, emails / 50))
+    finally:
+        await nc.close()
+    return emails / (max(arrivals.values()) - published)
+
+
+def bulk_task(index: int) -> queue_pb2.SendTask:
+    accepted = Timestamp()
+    accepted.GetCurrentTime()
+    task = queue_pb2.SendTask(
+        message_id=str(uuid.uuid4()), tenant_id=TENANT, message_class=common_pb2.MESSAGE_CLASS_BULK,
+        to=[common_pb2.EmailAddress(email=f"reader{index}@example.org")], subject="Our newsletter",
+        text_body="News.", message_bytes=1_500, accepted_time=accepted)
+    getattr(task, "from").email = "news@example.com"
+    return task
+
+
+async def publish_all(js: Any, subject: str, tasks: Sequence[queue_pb2.SendTask]) -> float:
+    """Publish the backlog; returns when the first email went out (epoch seconds)."""
+    started = time.time()
+    for start in range(0, len(tasks), 2_000):
+        acks = [await js.publish_async(subject, t.SerializeToString(), headers={"Nats-Msg-Id": t.message_id})
+                for t in tasks[start:start + 2_000]]
+        await asyncio.gather(*acks)
+    return started
+
+
+async def otp_latency_ms(env: Environment, simulator: Simulator, backlog: int, otps: int,
+                         otp_rate: float) -> list[float]:
+    """OTPs at a steady rate while a bulk backlog drains: each one's accept → provider request, in ms."""
+    await set_providers(env, {
+        "bulk-provider": {"personality": "bulk", "price_per_email_micros": 10, "classes": ["bulk"]},
+        "otp-provider": {"personality": "otp-steady", "price_per_email_micros": 100, "classes": ["otp"]}})
+    await simulator.reset()
+    nc = await nats.connect(NATS_URL)
+    sent_at: dict[str, float] = {}
+    try:
+        await publish_all(nc.jetstream(), Topology(env.config.namespace).send_subject("bulk"),
+                          [bulk_task(i) for i in range(backlog)])
+        async with grpc.aio.insecure_channel(env.endpoint) as channel:
+            stub = messages_pb2_grpc.MessageServiceStub(channel)
+
+            async def one(index: int) -> None:
+                started = time.time()
+                reply = await stub.SendEmail(send_request("otp", index), metadata=env.auth(), timeout=10)
+                sent_at[reply.message.id] = started
+
+            pending = []
+            for index in range(otps):
+                pending.append(asyncio.create_task(one(index)))
+                await asyncio.sleep(1 / otp_rate)
+            await asyncio.gather(*pending)
+    finally:
+        await nc.close()
+    arrivals = await simulator.arrivals(set(sent_at), timeout_s=120)
+    return [(arrivals[mid] - sent_at[mid]) * 1000 for mid in sent_at]
+
+
+async def fallback_decision_ms(env: Environment, simulator: Simulator, otps: int) -> list[float]:
+    """OTPs to a provider failing half its calls: failed answer → next provider's request, in ms."""
+    await set_providers(env, {
+        "otp-flaky": {"personality": "otp-flaky", "price_per_email_micros": 10, "classes": ["otp"]},
+        "otp-steady": {"personality": "otp-steady", "price_per_email_micros": 100, "classes": ["otp"],
+                       "weight": 0.5}})
+    await simulator.reset()
+    await simulator.knobs("otp-flaky", error_rate=0.5)
+    async with grpc.aio.insecure_channel(env.endpoint) as channel:
+        stub = messages_pb2_grpc.MessageServiceStub(channel)
+        ids = []
+        for index in range(otps):  # one at a time: the decision is measured, not a queue
+            reply = await stub.SendEmail(send_request("otp", index), metadata=env.auth(), timeout=10)
+            ids.append(reply.message.id)
+            await asyncio.sleep(0.02)
+    await simulator.arrivals(set(ids), timeout_s=60)
+    failed_at: dict[str, float] = {}
+    gaps = []
+    for record in await simulator.read():
+        for message in record["messages"]:
+            mid = message["esp_message_id"]
+            if record["result"] == "error":
+                failed_at[mid] = record["received_at"]
+            elif record["delivered"] and mid in failed_at:
+                gaps.append((record["arrived_at"] - failed_at.pop(mid)) * 1000)
+    if not gaps:
+        raise RuntimeError("no OTP fell over: the fallback was not exercised")
+    return gaps
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+async def measure_all(env: Environment, args: argparse.Namespace) -> dict[str, list[float]]:
+    simulator = Simulator(env.simulator_url)
+    samples: dict[str, list[float]] = {}
+
+    def keep(metric: str, value: float) -> None:
+        samples.setdefault(metric, []).append(value)
+        print(f"  {metric}: {value:,.1f}", file=sys.stderr, flush=True)
+
+    try:
+        for run in range(args.runs):
+            print(f"run {run + 1}/{args.runs}", file=sys.stderr, flush=True)
+            keep("e2e.sends_per_s", await sends_per_s(env, simulator, args.emails, args.clients, args.batch))
+            keep("sender.sends_per_s", await sender_sends_per_s(env, simulator, args.emails))
+            latencies = await otp_latency_ms(env, simulator, args.backlog, args.otps, args.otp_rate)
+            keep("e2e.otp_p99_ms", percentile(latencies, 0.99))
+            keep("e2e.otp_p50_ms", percentile(latencies, 0.50))
+            keep("sender.fallback_decision_p99_ms", percentile(await fallback_decision_ms(env, simulator, 200), 0.99))
+    finally:
+        await simulator.aclose()
+    return samples
+
+
+UNITS = {"e2e.sends_per_s": "1/s", "sender.sends_per_s": "1/s", "e2e.otp_p99_ms": "ms", "e2e.otp_p50_ms": "ms",
+         "sender.fallback_decision_p99_ms": "ms"}
+TARGETS = {"e2e.sends_per_s": 1750, "e2e.otp_p99_ms": 50, "sender.fallback_decision_p99_ms": 10}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Start the mesh, measure ``--runs`` times, print the medians as JSON lines, stop everything."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--emails", type=int, default=20_000, help="emails per throughput run")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent BatchSendEmails callers")
+    parser.add_argument("--batch", type=int, default=250, help="emails per BatchSendEmails call")
+    parser.add_argument("--backlog", type=int, default=20_000, help="bulk emails queued while OTPs are timed")
+    parser.add_argument("--otps", type=int, default=200)
+    parser.add_argument("--otp-rate", type=float, default=50.0, help="OTPs per second while the backlog drains")
+    args = parser.parse_args(argv)
+    with environment() as env:
+        samples = asyncio.run(measure_all(env, args))
+    for metric, values in samples.items():
+        line: dict[str, Any] = {"metric": metric, "value": round(statistics.median(values), 1),
+                                "unit": UNITS[metric], "runs": [round(v, 1) for v in values]}
+        if metric in TARGETS:
+            line["target"] = TARGETS[metric]
+        print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
