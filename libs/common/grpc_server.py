@@ -54,6 +54,8 @@ class ServiceApp:
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     """Called after the server stopped, in reverse order (pools, connections)."""
     authenticator: Authenticator | None = None
+    server_options: list[tuple[str, Any]] = field(default_factory=list)
+    """Extra grpc.aio server options (e.g. flow-control windows), after the defaults."""
 
 
 class _Interceptor(grpc.aio.ServerInterceptor):
@@ -63,6 +65,8 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         self.service = service
         self.authenticator = authenticator
         self.tracer = trace.get_tracer("esp.grpc")
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._histograms: dict[str, Any] = {}
 
     async def intercept_service(
         self,
@@ -114,8 +118,16 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         await context.abort_with_status(rpc_status.to_status(error.to_status()))
 
     def _record(self, method: str, started: float, code: str) -> None:
-        GRPC_REQUESTS.labels(self.service, method, code).inc()
-        GRPC_DURATION.labels(self.service, method).observe(time.perf_counter() - started)
+        # Label lookups hash and lock on every call; the children are cached (methods and codes are few).
+        key = (method, code)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = GRPC_REQUESTS.labels(self.service, method, code)
+        histogram = self._histograms.get(method)
+        if histogram is None:
+            histogram = self._histograms[method] = GRPC_DURATION.labels(self.service, method)
+        counter.inc()
+        histogram.observe(time.perf_counter() - started)
 
     def _wrap_unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -180,6 +192,7 @@ async def serve(app: ServiceApp, settings: CommonSettings, *, ready: asyncio.Eve
         options=[
             ("grpc.max_receive_message_length", 8 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
+            *app.server_options,
         ],
     )
     for add, servicer in app.servicers:

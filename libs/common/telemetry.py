@@ -14,7 +14,11 @@ log = logging.getLogger(__name__)
 
 
 def configure_tracing(service: str, otlp_endpoint: str = "") -> None:
-    """Install a tracer provider; spans are exported over OTLP when an endpoint is configured."""
+    """Install a recording tracer provider when spans are exported over OTLP. Without an endpoint the API's
+    no-op provider stays: spans cost next to nothing, and the incoming trace context still propagates (logs and
+    outgoing calls keep the caller's trace id)."""
+    if not otlp_endpoint:
+        return
     provider = TracerProvider(resource=Resource.create({"service.name": f"esp-{service}"}))
     if otlp_endpoint:
         try:

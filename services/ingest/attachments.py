@@ -30,7 +30,7 @@ refused, while streaming, and its multipart upload aborted)."""
 PART_BYTES = 8 * 1024 * 1024
 """S3 multipart part size (S3's minimum is 5 MiB for every part but the last)."""
 PARTS_IN_FLIGHT = 2
-"""Parts uploading at once: two keep S3 busy while the next part fills; memory stays at about
+"""Parts uploading at once: two keep S3 busy while the next part fills; the upload's buffers stay at
 (PARTS_IN_FLIGHT + 1) x PART_BYTES whatever the file size."""
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*(\s*;.*)?$")
@@ -122,13 +122,15 @@ class AttachmentStore:
         """Upload ``chunks`` as parts of ``PART_BYTES``; return the size and the sha256 of what was received."""
         hasher = hashlib.sha256()
         size = 0
-        filling: list[bytes] = []
+        # Bytes are copied into one part-sized buffer as they arrive (no list of chunks joined later: that join
+        # would hold every part twice for a moment).
+        buffer = bytearray(PART_BYTES)
         filled = 0
         parts: list[dict[str, Any]] = []
         part_count = 0
         uploading: set[asyncio.Task[None]] = set()
 
-        async def put_part(number: int, data: bytes) -> None:
+        async def put_part(number: int, data: bytearray) -> None:
             result = await asyncio.get_running_loop().run_in_executor(self._part_uploader, functools.partial(
                 self.s3.upload_part, Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data))
             parts.append({"PartNumber": number, "ETag": result["ETag"]})
@@ -141,13 +143,12 @@ class AttachmentStore:
                     task.result()  # a failed part fails the upload
 
         async def flush() -> None:
-            nonlocal filled, part_count
+            nonlocal buffer, filled, part_count
             # Back-pressure: while the parts in flight are full, stop reading the stream, so gRPC flow control
             # slows the client down instead of the server buffering.
             await wait_for_room(PARTS_IN_FLIGHT - 1)
-            data = b"".join(filling)
-            filling.clear()
-            filled = 0
+            data = buffer if filled == PART_BYTES else buffer[:filled]
+            buffer, filled = bytearray(PART_BYTES), 0
             part_count += 1
             uploading.add(asyncio.create_task(put_part(part_count, data)))
 
@@ -161,11 +162,15 @@ class AttachmentStore:
                         field_violations=[FieldViolation("chunk", f"more than {MAX_ATTACHMENT_BYTES} bytes",
                                                          "ATTACHMENT_TOO_LARGE")])
                 hasher.update(chunk)
-                filling.append(chunk)
-                filled += len(chunk)
-                if filled >= PART_BYTES:
-                    await flush()
-            if filling or part_count == 0:
+                view = memoryview(chunk)
+                while view:
+                    taken = min(len(view), PART_BYTES - filled)
+                    buffer[filled:filled + taken] = view[:taken]
+                    filled += taken
+                    view = view[taken:]
+                    if filled == PART_BYTES:
+                        await flush()
+            if filled or part_count == 0:
                 await flush()
             await wait_for_room(0)
         except BaseException:

@@ -11,13 +11,14 @@ a publish that had in fact landed before a crash.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from psycopg_pool import AsyncConnectionPool
 
 from libs.common.metrics import JETSTREAM_PUBLISHED
@@ -43,13 +44,62 @@ class CommittedRow:
     row: OutboxRow
 
 
+class PublishRejected(Exception):
+    """JetStream answered a publish with an error (or no stream listens on the subject)."""
+
+
+class AckedPublisher:
+    """Publishes to JetStream without waiting for each ack: every message carries its own reply subject and the
+    acks are matched to futures as they arrive. Leaner than a request per message, which at two messages per
+    email would cost more than the rest of the accept path."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self._prefix = ""
+        self._pending: dict[str, asyncio.Future[None]] = {}
+        self._next = 0
+
+    async def publish(self, subject: str, payload: bytes, msg_id: str) -> asyncio.Future[None]:
+        """Send one message (``Nats-Msg-Id`` = ``msg_id``); the future resolves when JetStream has stored it."""
+        if not self._prefix:
+            self._prefix = f"{self.nc.new_inbox()}."
+            await self.nc.subscribe(f"{self._prefix}*", cb=self._on_ack)
+        self._next += 1
+        token = str(self._next)
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending[token] = ack
+        try:
+            await self.nc.publish(subject, payload, reply=self._prefix + token, headers={"Nats-Msg-Id": msg_id})
+        except BaseException:
+            self._pending.pop(token, None)
+            raise
+        return ack
+
+    def forget(self, acks: Sequence[asyncio.Future[None]]) -> None:
+        """Stop waiting for these acks (timed out): a late ack is then ignored."""
+        waiting = set(map(id, acks))
+        for token in [t for t, f in self._pending.items() if id(f) in waiting]:
+            self._pending.pop(token).cancel()
+
+    async def _on_ack(self, msg: Msg) -> None:
+        ack = self._pending.pop(msg.subject[len(self._prefix):], None)
+        if ack is None or ack.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            ack.set_exception(PublishRejected(f"no stream listens on {msg.subject}"))
+        elif b'"error"' in msg.data:  # a PubAck is small JSON; only errors need parsing
+            ack.set_exception(PublishRejected(str(json.loads(msg.data).get("error"))))
+        else:
+            ack.set_result(None)
+
+
 class OutboxPublisher:
     """Publishes committed rows at once, and reconciles leftovers every ``interval_s``."""
 
-    def __init__(self, pool: AsyncConnectionPool, js: JetStreamContext, *, batch_size: int = 1000,
+    def __init__(self, pool: AsyncConnectionPool, nc: NATS, *, batch_size: int = 1000,
                  interval_s: float = 1.0, reconcile_after_s: float = 5.0, publish_timeout_s: float = 10.0) -> None:
         self.pool = pool
-        self.js = js
+        self.publisher = AckedPublisher(nc)
         self.batch_size = batch_size
         self.interval_s = interval_s
         self.reconcile_after_s = reconcile_after_s
@@ -98,11 +148,11 @@ class OutboxPublisher:
 
     async def _publish(self, rows: Sequence[CommittedRow]) -> list[int]:
         """Publish ``rows`` concurrently; the ids of those JetStream acknowledged."""
-        acks: list[asyncio.Future[Any]] = []
+        acks: list[asyncio.Future[None]] = []
         try:
             for committed in rows:
-                acks.append(await self.js.publish_async(committed.row.subject, committed.row.payload,
-                                                        headers={"Nats-Msg-Id": committed.row.msg_id}))
+                acks.append(await self.publisher.publish(committed.row.subject, committed.row.payload,
+                                                         committed.row.msg_id))
         except Exception:
             log.warning("outbox: publishing failed after %d of %d rows; the rest wait for the next pass",
                         len(acks), len(rows), exc_info=True)
@@ -112,8 +162,7 @@ class OutboxPublisher:
         for committed, ack in zip(rows, acks, strict=False):
             if ack.done() and not ack.cancelled() and ack.exception() is None:
                 done.append(committed.id)
-            elif not ack.done():
-                ack.cancel()
+        self.publisher.forget([ack for ack in acks if not ack.done()])
         if len(done) < len(rows):
             log.warning("outbox: %d of %d publishes unconfirmed; they stay for the next pass",
                         len(rows) - len(done), len(rows))

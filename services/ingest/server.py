@@ -319,7 +319,7 @@ async def build_components(settings: IngestSettings) -> IngestComponents:
     tenants = TenantStore(pool, cache_ttl_s=settings.api_key_cache_s, admin_token=settings.admin_token)
     credits = LedgerCreditReserver(channels["ledger"], timeout_s=settings.upstream_timeout_s,
                                    batch_interval_s=settings.batch_interval_s)
-    outbox = OutboxPublisher(pool, js)
+    outbox = OutboxPublisher(pool, nc)
     attachments = AttachmentStore(pool, s3, settings.s3_bucket)
     gate = RedisGate(redis, settings.namespace, RateDefaults(
         settings.default_otp_rate, settings.default_transactional_rate, settings.default_bulk_rate,

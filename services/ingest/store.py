@@ -66,21 +66,22 @@ class MessageStore:
 
     async def _commit(self, batch: Sequence[NewMessage]) -> list[bool]:
         # One statement (messages, then the outbox rows of the messages that were inserted), run in autocommit:
-        # atomic, and one round trip to Postgres for the whole batch.
+        # atomic, and one round trip to Postgres for the whole batch. Arrays go in binary (%b): bytea in text
+        # arrays would be hex-escaped, twice the size and far slower to encode.
         rows = [(m.id, r) for m in batch for r in m.outbox]
         async with autocommit(self.pool) as conn:
             cur = await conn.execute(
                 """WITH new AS (
                        INSERT INTO ingest.messages (id, tenant_id, request_id, request_sha256, message_class, task,
                            credits, created_at)
-                       SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bytea[], %s::text[], %s::bytea[],
-                                            %s::bigint[], %s::timestamptz[])
+                       SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::bytea[], %b::text[], %b::bytea[],
+                                            %b::bigint[], %b::timestamptz[])
                        ON CONFLICT (tenant_id, request_id) WHERE request_id IS NOT NULL DO NOTHING
                        RETURNING id),
                    queued AS (
                        INSERT INTO ingest.outbox (subject, msg_id, payload)
                        SELECT o.subject, o.msg_id, o.payload
-                       FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bytea[]) AS o(message, subject, msg_id,
+                       FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::bytea[]) AS o(message, subject, msg_id,
                                                                                          payload)
                        WHERE o.message IN (SELECT id FROM new)
                        RETURNING id, msg_id)

@@ -87,7 +87,7 @@ CALL_SECONDS = Histogram("esp_sender_provider_call_seconds", "Provider call late
 FALLBACK_DECISION = Histogram(
     "esp_sender_fallback_decision_seconds",
     "From a failed attempt's answer to the next provider call for the same email (same delivery)",
-    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+    buckets=(0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1))
 VERDICTS = Counter("esp_sender_deliveries_total", "Emails handled per delivery, by verdict", ["class", "verdict"])
 
 

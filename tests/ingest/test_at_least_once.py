@@ -113,7 +113,7 @@ async def test_another_replicas_reconciling_pass_publishes_what_a_crashed_replic
     principal = await _tenant(harness, silent_replica)
     for i in range(3):
         await silent_replica.acceptor.send(principal, draft_from_proto(send_request(subject=f"#{i}")))
-    survivor = OutboxPublisher(silent_replica.pool, silent_replica.js, interval_s=0.05)
+    survivor = OutboxPublisher(silent_replica.pool, silent_replica.nc, interval_s=0.05, reconcile_after_s=0)
     stop = asyncio.Event()
     running = asyncio.create_task(survivor.run(stop))  # never notified: only its periodic pass finds the rows
     try:

@@ -97,7 +97,6 @@ async def test_a_150_mib_upload_streams_into_s3_intact_with_bounded_server_memor
         filename="archive.tar", content_type="application/x-tar", sha256=expected), MAX_ATTACHMENT_BYTES)
 
     growth = status_kib(pid, "VmHWM") - baseline
-    print(f"RSS growth {growth / MIB:.1f} MiB")
     assert attachment.size_bytes == MAX_ATTACHMENT_BYTES == 157_286_400
     assert attachment.sha256 == expected
     assert attachment.content_type == "application/x-tar"

@@ -28,8 +28,10 @@ from dev.simulator.client import SimulatorClient
 from tests.conftest import S3Server
 from tests.e2e.conftest import RunningMesh, build_mesh_config, start_mesh
 
-PERSONALITIES = ("primary", "secondary", "throttled", "paced", "quota-cheap", "quota-spare", "fast", "slow",
-                 "kept", "added", "bulk-cheap", "otp-fast")
+PERSONALITIES = {name: "postmark" for name in ("primary", "secondary", "throttled", "paced", "quota-cheap",
+                                               "quota-spare", "fast", "slow", "kept", "added", "otp-fast")}
+# A newsletter goes to Mailgun: 1,000 recipients of the same content per call.
+PERSONALITIES["bulk-cheap"] = "mailgun"
 CLASSES = {"otp": common_pb2.MESSAGE_CLASS_OTP, "transactional": common_pb2.MESSAGE_CLASS_TRANSACTIONAL,
            "bulk": common_pb2.MESSAGE_CLASS_BULK}
 BREAKER_THRESHOLD = 3
@@ -38,8 +40,20 @@ MESH_ENV = {"ESP_BREAKER_CONSECUTIVE_FAILURES": str(BREAKER_THRESHOLD), "ESP_BRE
             "ESP_BREAKER_PROBE_TIMEOUT_S": "5", "ESP_LOG_LEVEL": "WARNING"}
 
 
-def token(personality: str) -> str:
-    return f"{personality}-token"
+def simulator_credentials(personality: str) -> dict[str, str]:
+    """What the simulator's personality expects (and signs its webhooks with)."""
+    if PERSONALITIES[personality] == "mailgun":
+        return {"api_key": f"key-{personality}", "domain": f"{personality}.example.com",
+                "webhook_signing_key": f"{personality}-signing"}
+    return {"server_token": f"{personality}-token", "webhook_user": "hook", "webhook_password": "hook"}
+
+
+def provider_access(personality: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The credentials and options of a provider reaching ``personality``."""
+    secrets_ = simulator_credentials(personality)
+    if PERSONALITIES[personality] == "mailgun":
+        return {"api_key": secrets_["api_key"]}, {"domain": secrets_["domain"]}
+    return {"server_token": secrets_["server_token"]}, {}
 
 
 @dataclass
@@ -59,9 +73,8 @@ def sim_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimProcess
     folder = tmp_path_factory.mktemp("simulator")
     personalities = folder / "personalities.json"
     personalities.write_text(json.dumps({"personalities": [
-        {"name": name, "type": "postmark",
-         "credentials": {"server_token": token(name), "webhook_user": "hook", "webhook_password": "hook"}}
-        for name in PERSONALITIES]}))
+        {"name": name, "type": kind, "credentials": simulator_credentials(name)}
+        for name, kind in PERSONALITIES.items()]}))
     http_port, smtp_port = m.free_port(), m.free_port()
     process = m.spawn("simulator", [sys.executable, "-m", "dev.simulator", "--http-port", str(http_port),
                                     "--smtp-port", str(smtp_port), "--personalities", str(personalities),
@@ -143,11 +156,12 @@ class ProviderMesh:
                               classes: Sequence[str] = (), weight: float = 1.0) -> str:
         """A provider for a simulator personality, through the admin API; removed when the test ends."""
         provider_id = f"{personality}-{secrets.token_hex(3)}"
+        credentials, options = provider_access(personality)
         provider = providers_pb2.Provider(
-            type="postmark", display_name=personality, endpoint=self.sim.endpoint(personality),
-            credentials={"server_token": token(personality)}, price_per_email_micros=price,
-            rate_limit_per_second=rate, daily_quota=daily_quota, allowed_classes=[CLASSES[c] for c in classes],
-            weight=weight, options={"timeout_s": "5"})
+            type=PERSONALITIES[personality], display_name=personality, endpoint=self.sim.endpoint(personality),
+            credentials=credentials, price_per_email_micros=price, rate_limit_per_second=rate,
+            daily_quota=daily_quota, allowed_classes=[CLASSES[c] for c in classes], weight=weight,
+            options={"timeout_s": "5", **options})
         async with self._channel() as channel:
             await providers_pb2_grpc.ProviderServiceStub(channel).CreateProvider(
                 providers_pb2.CreateProviderRequest(provider_id=provider_id, provider=provider),
