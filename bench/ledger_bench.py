@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dev import pgtools
+from libs.common.batching import BatchingOptions
 from libs.common.db import create_pool, migrate_services
-from services.ledger.batcher import BatchingOptions
 from services.ledger.errors import InsufficientCredits
 from services.ledger.ledger import Ledger, LedgerOptions
 from services.ledger.models import MessageClass

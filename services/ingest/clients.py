@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import grpc
 from esp.v1 import credits_pb2, credits_pb2_grpc
 
+from libs.common.batching import BatchingOptions, GroupCommitter
 from libs.common.errors import error_from_parts
 from libs.common.grpc_client import domain_errors
-from services.ingest.batching import MicroBatcher
 from services.ingest.payloads import CLASS_TO_PROTO
 
 
@@ -21,8 +21,9 @@ class LedgerCreditReserver:
                  batch_interval_s: float = 0.0) -> None:
         self.stub = credits_pb2_grpc.CreditServiceStub(channel)
         self.timeout_s = timeout_s
-        self._batcher: MicroBatcher[credits_pb2.ReserveCreditsRequest, int] = MicroBatcher(
-            self._flush, name="ledger", max_batch_size=max_batch, workers=2, min_interval_s=batch_interval_s)
+        self._batcher: GroupCommitter[credits_pb2.ReserveCreditsRequest, int] = GroupCommitter(
+            self._flush, BatchingOptions(max_batch_size=max_batch, workers=2, shards=1,
+                                         min_interval_s=batch_interval_s), name="ingest-ledger")
 
     async def _flush(self, batch: Sequence[credits_pb2.ReserveCreditsRequest]) -> list[int | Exception]:
         async with domain_errors():

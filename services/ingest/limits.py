@@ -18,9 +18,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from libs.common.batching import BatchingOptions, GroupCommitter
 from libs.common.errors import FailedPrecondition, FieldViolation, QuotaViolation, ResourceExhausted
 from libs.common.suppressions import normalise_email, suppression_key
-from services.ingest.batching import MicroBatcher
 from services.ingest.model import EmailDraft
 
 DAY_S = 86_400
@@ -114,8 +114,9 @@ class _RedisPipeliner:
     def __init__(self, redis: aioredis.Redis, scripts: Sequence[str], *, batch_interval_s: float = 0.0) -> None:
         self.redis = redis
         self.sources = {self.sha(s): s for s in scripts}
-        self._batcher: MicroBatcher[tuple[Any, ...], Any] = MicroBatcher(
-            self._flush, name="redis", max_batch_size=1000, min_interval_s=batch_interval_s)
+        self._batcher: GroupCommitter[tuple[Any, ...], Any] = GroupCommitter(
+            self._flush, BatchingOptions(max_batch_size=1000, workers=1, shards=1, min_interval_s=batch_interval_s),
+            name="ingest-redis")
 
     @staticmethod
     def sha(source: str) -> str:

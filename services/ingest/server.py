@@ -347,7 +347,11 @@ def service_app(parts: IngestComponents) -> ServiceApp:
                 names.append(service.full_name)
     return ServiceApp(name="ingest", default_port=50051, generic_handlers=handlers, service_names=names,
                       tasks=[parts.outbox.run, parts.catalog.run], closers=[parts.close],
-                      authenticator=ApiKeyAuthenticator(parts.tenants))
+                      authenticator=ApiKeyAuthenticator(parts.tenants),
+                      # Uploads stream into S3 slower than loopback can deliver; with BDP probing the transport
+                      # grows its receive window and buffers megabytes ahead of us. A fixed window keeps memory
+                      # bounded per upload (the client simply waits).
+                      server_options=[("grpc.http2.bdp_probe", 0)])
 
 
 async def build_app(settings: IngestSettings) -> ServiceApp:

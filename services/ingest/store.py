@@ -20,7 +20,7 @@ from esp.internal.v1 import queue_pb2
 from esp.v1 import messages_pb2
 from psycopg_pool import AsyncConnectionPool
 
-from services.ingest.batching import MicroBatcher
+from libs.common.batching import BatchingOptions, GroupCommitter
 from services.ingest.outbox import CommittedRow, OutboxRow
 from services.ingest.payloads import message_resource
 from services.ingest.pg import autocommit
@@ -57,8 +57,9 @@ class MessageStore:
         self.pool = pool
         self.on_commit = on_commit
         """Receives the outbox rows of every commit (the publisher, which sends them at once)."""
-        self._batcher: MicroBatcher[NewMessage, bool] = MicroBatcher(
-            self._commit, name="postgres", max_batch_size=batch_size, workers=workers, min_interval_s=batch_interval_s)
+        self._batcher: GroupCommitter[NewMessage, bool] = GroupCommitter(
+            self._commit, BatchingOptions(max_batch_size=batch_size, workers=workers, shards=1,
+                                          min_interval_s=batch_interval_s), name="ingest-postgres")
 
     async def insert(self, message: NewMessage) -> bool:
         """Commit the message and its outbox rows; False (and nothing written) when its request_id is taken."""

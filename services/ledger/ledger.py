@@ -50,7 +50,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from services.ledger.batcher import BatchingOptions, GroupCommitter
+from libs.common.batching import BatchingOptions, GroupCommitter
 from services.ledger.errors import (
     HoldAlreadyResolved,
     HoldNotFound,

@@ -9,10 +9,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from libs.common import db
 from libs.common.auth import TrustedHeaderAuthenticator, check_tenant_access
+from libs.common.batching import BatchingOptions
 from libs.common.errors import FieldViolation, InvalidArgument, error_parts
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_pull_consumer, ensure_streams, pull_loop
-from services.ledger.batcher import BatchingOptions
 from services.ledger.config import LedgerSettings
 from services.ledger.errors import LedgerError
 from services.ledger.ledger import Ledger, LedgerOptions

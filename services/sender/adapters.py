@@ -1,6 +1,8 @@
 """One live adapter per provider, rebuilt when its registry entry changes and closed when it goes away.
 
-A retired adapter (its provider changed or was removed) is closed after a grace period, so the sends already
+Adapters are built as soon as the catalog shows a provider (building one costs tens of milliseconds: an HTTP
+client, a TLS context), so the first email a provider gets — often an OTP falling over to it — does not wait
+for that. A retired adapter (its provider changed or was removed) is closed after a grace period, so the sends already
 under way with it finish first; closing the pool closes every adapter at once, retired ones included.
 """
 
@@ -51,6 +53,12 @@ class AdapterPool:
         if current is not None and (spec is None or spec.version != current[0]):
             del self._adapters[provider_id]
             self._retire(current[1])
+        if spec is not None and provider_id not in self._adapters:
+            try:
+                self.get(provider_id)
+            except Exception:  # a broken entry fails again, and is reported, when an email is routed to it
+                log.warning("building the adapter of a new provider failed", exc_info=True,
+                            extra={"provider": provider_id})
 
     def _retire(self, adapter: ProviderAdapter) -> None:
         async def close_later() -> None:

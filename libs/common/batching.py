@@ -1,4 +1,5 @@
-"""Group commit: concurrent calls coalesce into batches that one flush function handles in one transaction.
+"""Group commit: concurrent calls coalesce into batches that one flush function handles in one round trip (one
+transaction, one Redis pipeline, one batch RPC). Used by the ledger (reserves) and by ingest (accepts).
 
 A hot tenant's balance row can take only a few thousand single-row transactions a second; handling a few hundred
 reserves per transaction multiplies that. Batches form by themselves under load: while a worker is busy with one
@@ -17,6 +18,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from prometheus_client import Histogram
+
+BATCH_SIZE = Histogram("esp_batch_size", "Requests handled together in one round trip", ["batcher"],
+                       buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000))
 
 RequestT = TypeVar("RequestT")
 ResultT = TypeVar("ResultT")
@@ -37,6 +43,9 @@ class BatchingOptions:
     """Batches in flight at once (each holds a database connection while it runs)."""
     shards: int = 2
     """Queues the workers are split over, round-robin (at most ``workers`` of them are used)."""
+    min_interval_s: float = 0.0
+    """A worker starts batches at most this often: under load (its last batch started less than this ago) it lets
+    requests gather for the rest of the interval; an idle batcher still sends a lone request at once."""
 
 
 class BatcherClosed(RuntimeError):
@@ -55,8 +64,11 @@ class GroupCommitter(Generic[RequestT, ResultT]):
         flush: FlushFunction[RequestT, ResultT],
         options: BatchingOptions,
         shard_key: Callable[[RequestT], Hashable] | None = None,
+        *,
+        name: str = "default",
     ) -> None:
-        if options.max_batch_size < 1 or options.shards < 1 or options.workers < 1 or options.max_delay_s < 0:
+        if (options.max_batch_size < 1 or options.shards < 1 or options.workers < 1 or options.max_delay_s < 0
+                or options.min_interval_s < 0):
             raise ValueError(f"invalid batching options {options}")
         shards = min(options.shards, options.workers)
         self._flush = flush
@@ -66,6 +78,7 @@ class GroupCommitter(Generic[RequestT, ResultT]):
         self._wakeups = [asyncio.Event() for _ in range(shards)]
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
+        self._sizes = BATCH_SIZE.labels(name)
 
     async def submit(self, request: RequestT) -> ResultT:
         """Queue ``request`` and wait for its result (raises the request's own exception)."""
@@ -94,7 +107,7 @@ class GroupCommitter(Generic[RequestT, ResultT]):
 
     def _enqueue(self, request: RequestT) -> asyncio.Future[ResultT]:
         if self._closing:
-            raise BatcherClosed("the ledger is closed")
+            raise BatcherClosed("the batcher is closed")
         if not self._workers:
             # Started lazily so the batcher can be built outside a running event loop.
             self._workers = [
@@ -112,6 +125,8 @@ class GroupCommitter(Generic[RequestT, ResultT]):
     async def _work(self, shard: int) -> None:
         queue, wakeup = self._queues[shard], self._wakeups[shard]
         max_size = self._options.max_batch_size
+        loop = asyncio.get_running_loop()
+        last_start = float("-inf")
         while True:
             while not queue:
                 if self._closing:
@@ -120,6 +135,10 @@ class GroupCommitter(Generic[RequestT, ResultT]):
                 await wakeup.wait()
             if self._options.max_delay_s > 0 and len(queue) < max_size and not self._closing:
                 await asyncio.sleep(self._options.max_delay_s)
+            pause = last_start + self._options.min_interval_s - loop.time()
+            if pause > 0 and len(queue) < max_size and not self._closing:
+                await asyncio.sleep(pause)
+            last_start = loop.time()
             batch = [queue.popleft() for _ in range(min(max_size, len(queue)))]
             if not batch:
                 continue  # a worker of the same queue took them while this one lingered
@@ -128,6 +147,7 @@ class GroupCommitter(Generic[RequestT, ResultT]):
             await self._run(batch)
 
     async def _run(self, batch: list[tuple[RequestT, asyncio.Future[ResultT]]]) -> None:
+        self._sizes.observe(len(batch))
         try:
             results = await self._flush([request for request, _ in batch])
             if len(results) != len(batch):

@@ -8,7 +8,7 @@ from itertools import chain
 
 import pytest
 
-from services.ledger.batcher import BatcherClosed, BatchingOptions, GroupCommitter
+from libs.common.batching import BatcherClosed, BatchingOptions, GroupCommitter
 
 
 class RecordingFlush:
@@ -126,3 +126,24 @@ def test_invalid_batching_options_are_refused() -> None:
     for options in (BatchingOptions(max_batch_size=0), BatchingOptions(workers=0), BatchingOptions(shards=0)):
         with pytest.raises(ValueError):
             GroupCommitter(RecordingFlush(), options)
+
+
+async def test_under_load_a_minimum_interval_gathers_more_requests_per_flush() -> None:
+    batches: list[list[int]] = []
+
+    async def flush(batch: Sequence[int]) -> list[int | Exception]:
+        batches.append(list(batch))
+        return [n * 2 for n in batch]
+
+    batcher: GroupCommitter[int, int] = GroupCommitter(
+        flush, BatchingOptions(workers=1, shards=1, min_interval_s=0.5), name="test")
+    await batcher.submit(0)  # a flush just started: requests arriving now wait out the interval together
+
+    async def later(n: int) -> int:
+        for _ in range(n):  # arrive on different turns of the event loop
+            await asyncio.sleep(0)
+        return await batcher.submit(n)
+
+    await asyncio.gather(*(later(n) for n in range(1, 6)))
+    assert batches == [[0], [1, 2, 3, 4, 5]]
+    await batcher.close()
