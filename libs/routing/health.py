@@ -295,6 +295,7 @@ redis.call('HSET', h, 'consecutive', consecutive, 'state', state)
 return state
 """
 
+ScriptArg = str | int | float
 _HEALTH_FIELDS = ("state", "open_until", "probe_until", "throttled_until", "lat", "latdev", "samples")
 
 
@@ -406,7 +407,7 @@ class HealthBoard:
 
     # -- the gate ------------------------------------------------------------------------------------------------
     def _acquire_args(self, provider_id: str, limits: ProviderLimits, emails: int,
-                      max_wait_s: float) -> tuple[list[str], list[object]]:
+                      max_wait_s: float) -> tuple[list[str], list[ScriptArg]]:
         daily, monthly = self.quota_keys(provider_id)
         interval_us = (math.ceil(1_000_000 * (1 + RATE_SAFETY_MARGIN) / limits.rate_per_second)
                        if limits.rate_per_second > 0 else 0)
@@ -437,7 +438,7 @@ class HealthBoard:
 
     # -- outcomes ------------------------------------------------------------------------------------------------
     def _record_args(self, outcome: Outcome, latency_ms: float | None, probe: bool,
-                     retry_after_s: float | None) -> list[object]:
+                     retry_after_s: float | None) -> list[ScriptArg]:
         p = self.policy
         return [outcome.value, -1 if latency_ms is None else latency_ms, self.alpha, p.consecutive_failures,
                 p.failure_rate, p.min_samples, p.window_s, int(p.open_s * 1000),

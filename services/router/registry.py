@@ -163,8 +163,8 @@ class ProviderRegistry:
             row = await self._row(conn, provider_id, with_credentials=True)
         if row is None:
             raise NotFound(f"provider {provider_id!r} not found", reason="PROVIDER_NOT_FOUND")
-        updated = replace(self._spec(row), **{k: (tuple(v) if k == "allowed_classes" else v)
-                                              for k, v in changes.items()})
+        changed: dict[str, Any] = {k: (tuple(v) if k == "allowed_classes" else v) for k, v in changes.items()}
+        updated = replace(self._spec(row), **changed)
         if credentials:
             updated = replace(updated, credentials=dict(credentials))
         await _validate(updated)

@@ -1,4 +1,8 @@
-"""The router's gRPC wiring: ProviderService (admin CRUD and RouteEmail) over the registry and the scorer."""
+"""The router's gRPC wiring: ProviderService (admin CRUD and RouteEmail) over the registry and the scorer.
+
+Besides serving, the router repairs the broadcast every ``ESP_REGISTRY_RESYNC_S``: whatever the KV bucket lacks
+compared with Postgres (a change committed while NATS was down) is put again, so every replica converges.
+"""
 
 from __future__ import annotations
 
@@ -134,6 +138,9 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
 
     async def RouteEmail(self, request: providers_pb2.RouteEmailRequest,
                          context: Any) -> providers_pb2.RouteEmailResponse:
+        """The fallback chain for an email as senders compute it (same catalog, fresh health), with each
+        provider's breakdown: expected cost, latency, error rate, breaker, quota and rate budget left, or why it
+        was left out. Senders rank locally (no RPC per email); this answers "why this provider?"."""
         if request.message_class not in _CLASS:
             raise InvalidArgument("message_class is required",
                                   field_violations=[FieldViolation("message_class", "otp, transactional or bulk")])

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from libs.common.settings import CommonSettings, check_positive
 from libs.routing.health import BreakerSettings
+from services.sender.links import DEFAULT_LINK_TTL_S, MAX_LINK_TTL_S
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,10 @@ class SenderSettings(CommonSettings, BreakerSettings):
     """Emails in flight at once per class: separate pools, so a bulk backlog never takes OTP's slots."""
     process_per_class: bool = True
     """Serving several classes, run each in a worker process of its own so no class can take another's CPU."""
+    bulk_worker_niceness: int = 10
+    """The bulk worker process runs this much nicer (lower CPU priority) than the others: on a busy machine a
+    draining campaign yields the CPU to OTPs and transactional mail (a Deployment per class gets the same from
+    its CPU requests)."""
     bulk_batch_max: int = 500
     """Bulk emails one delivery carries: those going to the same provider share its batch API calls."""
     ack_wait_s: float = 60.0
@@ -25,6 +30,8 @@ class SenderSettings(CommonSettings, BreakerSettings):
     health_refresh_s: float = 0.2
     redis_max_connections: int = 64
     """Redis connections shared by every pool; a delivery waits for a free one rather than fail."""
+    attachment_link_ttl_s: int = DEFAULT_LINK_TTL_S
+    """How long the download links of attachments sent as links stay valid (at most 7 days)."""
     sent_marker_ttl_s: int = 7 * 86400
     """How long an email's memory (sent marker, failed providers, failure count) is kept."""
 
@@ -35,6 +42,8 @@ class SenderSettings(CommonSettings, BreakerSettings):
         if bad:
             raise ValueError(f"ESP_SENDER_CLASSES: unknown classes {bad}")
         self.breaker_policy()
+        if not 1 <= self.attachment_link_ttl_s <= MAX_LINK_TTL_S:
+            raise ValueError(f"ESP_ATTACHMENT_LINK_TTL_S: must be 1..{MAX_LINK_TTL_S}")
 
     def concurrency(self, message_class: str) -> int:
         """Emails of ``message_class`` in flight at once."""

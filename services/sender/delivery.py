@@ -35,6 +35,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from esp.internal.v1 import queue_pb2
@@ -67,6 +68,7 @@ from libs.routing.health import Outcome as CallOutcome
 from libs.routing.scoring import CLASS_PROFILES, EmailFacts, RouteDecision, rank
 from services.sender.adapters import AdapterPool
 from services.sender.events import NO_ATTEMPT, AttemptFacts, EventPublisher
+from services.sender.links import LinkedAttachments
 from services.sender.policy import AmbiguousPolicy, RetryPolicy
 from services.sender.state import MessageState, MessageStateStore, SentMarker, StateChange
 
@@ -79,7 +81,9 @@ MIN_RETRY_S = 0.2
 LEASE_BUSY_RETRY_S = 5.0
 """Another sender holds the email: look again after this long (it will normally have acked it by then)."""
 SIZE_BUCKET_BYTES = 4096
-"""Emails whose sizes round up to the same bucket share one ranking within a delivery (bulk batches)."""
+"""Emails whose sizes round up to the same bucket share one ranking within a delivery (bulk batches) ..."""
+SIZE_BUCKET_LIMIT = 1_000_000
+"""... when they are smaller than this; larger ones are ranked by their exact size (caps are 10 MB and up)."""
 
 ATTEMPTS = Counter("esp_sender_attempts_total", "Provider calls per email, by outcome", ["provider", "outcome"])
 CALL_SECONDS = Histogram("esp_sender_provider_call_seconds", "Provider call latency", ["provider"],
@@ -117,6 +121,8 @@ class Incoming:
 
 AttachmentOpener = Callable[[str], AsyncIterator[bytes]]
 """Opens a fresh byte stream of an attachment given its S3 key."""
+AttachmentLinker = Callable[[queue_pb2.SendTask], LinkedAttachments]
+"""Replaces a task's attachments by expiring download links (``services.sender.links.link_attachments``)."""
 
 
 def outbound_email(task: queue_pb2.SendTask, opener: AttachmentOpener) -> OutboundEmail:
@@ -133,7 +139,7 @@ def outbound_email(task: queue_pb2.SendTask, opener: AttachmentOpener) -> Outbou
         tags=tuple(task.tags), metadata=dict(task.metadata),
         attachments=tuple(
             Attachment(filename=a.filename, content_type=a.content_type, size=a.size_bytes,
-                       chunks=(lambda key=a.s3_key: opener(key)))
+                       chunks=partial(opener, a.s3_key))
             for a in task.attachments),
     )
 
@@ -208,13 +214,15 @@ class Deliverer:
 
     def __init__(self, *, catalog: ProviderCatalog, health: HealthBoard, adapters: AdapterPool,
                  states: MessageStateStore, events: EventPublisher, opener: AttachmentOpener,
-                 policies: Mapping[str, RetryPolicy], heartbeat_s: float = 20.0) -> None:
+                 policies: Mapping[str, RetryPolicy], linker: AttachmentLinker | None = None,
+                 heartbeat_s: float = 20.0) -> None:
         self.catalog = catalog
         self.health = health
         self.adapters = adapters
         self.states = states
         self.events = events
         self.opener = opener
+        self.linker = linker
         self.policies = policies
         self.heartbeat_s = heartbeat_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -233,16 +241,16 @@ class Deliverer:
                     break
                 active = await self._round(active, pending)
             for job in active:  # only when every round asked for another: wait like any retry
-                self._later(job, job.policy.backoff_s(max(1, job.state.failures)), "no provider left",
-                                  pending)
+                self._later(job, job.policy.backoff_s(max(1, job.state.failures)), "no provider left", pending)
             # The memory first (sent markers included), then the events: a crash in between re-announces, never
             # resends. Only once the events are durable does the pool ack.
             changes = [self._change(job) for job in jobs if job.dirty]
             await self.states.commit(changes, [j.message_id for j in jobs if j.state.leased], self.owner)
             trace = {job.message_id: job.incoming.trace for job in jobs}
-            staged = [await self.events.stage(e.task, e.event_type, event_id=e.event_id, final=e.final,
-                                              reason=e.reason, facts=e.facts, trace=trace.get(e.task.message_id))
-                      for e in pending]
+            staged: list[asyncio.Future[Any]] = [
+                await self.events.stage(e.task, e.event_type, event_id=e.event_id, final=e.final, reason=e.reason,
+                                        facts=e.facts, trace=trace.get(e.task.message_id))
+                for e in pending]
             await self.events.flush(staged)
         finally:
             beating.cancel()
@@ -268,11 +276,25 @@ class Deliverer:
                     provider=state.sent.provider, provider_message_id=state.sent.provider_message_id,
                     attributes={"ambiguous": "true"} if state.sent.ambiguous else {}), pending)
             elif _age_s(incoming.task) > job.policy.max_age_s:
-                self._fail(job, f"not sent within {job.policy.max_age_s:.0f}s of acceptance",
-                                 pending, dead_letter=True)
+                self._fail(job, f"not sent within {job.policy.max_age_s:.0f}s of acceptance", pending,
+                           dead_letter=True)
             else:
-                job.email = outbound_email(incoming.task, self.opener)
+                job.email = self._outbound(job, pending)
         return jobs
+
+    def _outbound(self, job: Job, pending: Outbox) -> OutboundEmail | None:
+        """The email to send; attachments too large for every provider travel as download links (ingest decided
+        at accept: ``attachments_as_links``), made fresh on each delivery."""
+        task = job.task
+        if task.attachments_as_links and task.attachments:
+            if self.linker is None:
+                self._fail(job, "attachments must be sent as links but this sender cannot sign them", pending)
+                return None
+            linked = self.linker(task)
+            pending.append(EventIntent(task, linked.event_type, linked.event_id,
+                                       facts=AttemptFacts(attributes=linked.event_attributes)))
+            task = linked.task
+        return outbound_email(task, self.opener)
 
     # -- steps 2 to 6, once ----------------------------------------------------------------------------------------
     async def _round(self, jobs: list[Job], pending: Outbox) -> list[Job]:
@@ -302,7 +324,9 @@ class Deliverer:
         task = job.task
         excluded = frozenset(job.state.excluded | job.tried)
         recipients = len(task.to) + len(task.cc) + len(task.bcc)
-        size = -(-max(task.message_bytes, 1) // SIZE_BUCKET_BYTES) * SIZE_BUCKET_BYTES
+        size = task.message_bytes
+        if size <= SIZE_BUCKET_LIMIT:  # far below any cap: rounding up cannot change eligibility
+            size = -(-max(size, 1) // SIZE_BUCKET_BYTES) * SIZE_BUCKET_BYTES
         key = (job.message_class, size, recipients, excluded)
         decision = cache.get(key)
         if decision is None:
@@ -320,7 +344,7 @@ class Deliverer:
         while position:
             by_provider: dict[str, list[Job]] = {}
             for job in list(position):
-                index = await self._next_usable(job, chains[job], position[job], pending)
+                index = self._next_usable(job, chains[job], position[job], pending)
                 if index is None:
                     del position[job]
                     if job.verdict is None:
@@ -347,8 +371,7 @@ class Deliverer:
                     position[job] += 1
         return calls, unplaced
 
-    async def _next_usable(self, job: Job, chain: list[str], start: int,
-                           pending: Outbox) -> int | None:
+    def _next_usable(self, job: Job, chain: list[str], start: int, pending: Outbox) -> int | None:
         """The first provider from ``start`` on whose adapter accepts the email (None: none does)."""
         for index in range(start, len(chain)):
             provider_id = chain[index]

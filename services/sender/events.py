@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from esp.internal.v1 import queue_pb2
 from esp.v1 import messages_pb2
@@ -68,11 +69,11 @@ class EventPublisher:
 
     async def stage(self, task: queue_pb2.SendTask, event_type: int, *, event_id: str, final: bool = False,
                     reason: str = "", facts: AttemptFacts = NO_ATTEMPT,
-                    trace: Mapping[str, str] | None = None) -> asyncio.Future[object]:
+                    trace: Mapping[str, str] | None = None) -> asyncio.Future[Any]:
         """Publish without waiting for the stream's ack; the returned future resolves when it is durable.
         ``trace`` is the trace context the email was queued with (else the current span's is used)."""
         envelope = self.envelope(task, event_type, event_id=event_id, final=final, reason=reason, facts=facts)
-        headers = dict(trace) if trace else inject_headers({})
+        headers = dict(trace) if trace else dict(inject_headers({}))
         headers["Nats-Msg-Id"] = event_id
         subject = self.topology.events_subject(task.tenant_id)
         future = await self.js.publish_async(subject, envelope.SerializeToString(), headers=headers,
@@ -81,7 +82,7 @@ class EventPublisher:
         return future
 
     @staticmethod
-    async def flush(pending: list[asyncio.Future[object]]) -> None:
+    async def flush(pending: list[asyncio.Future[Any]]) -> None:
         """Wait until every staged event is durable; raises if any was not (the email must then not be acked)."""
         if pending:
             await asyncio.wait_for(asyncio.gather(*pending), PUBLISH_TIMEOUT_S)

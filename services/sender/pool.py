@@ -138,6 +138,12 @@ class ClassPool:
                     log.warning("fetch failed", exc_info=True, extra={"consumer": self.durable})
                     await asyncio.sleep(0.2)
                     continue
+                self.slots.release(1 - len(first))  # fetch(1) returns one email; never count on it
+                if self.batch_max == 1:
+                    # Start it now: the top-up below may wait a few milliseconds for nothing.
+                    for msg in first:
+                        self._dispatch([msg])
+                    first = []
                 extra = self.slots.take_up_to(min(255, self.concurrency))
                 more: list[Msg] = []
                 if extra:
@@ -147,9 +153,9 @@ class ClassPool:
                         more = []
                     except Exception:
                         log.warning("fetch failed", exc_info=True, extra={"consumer": self.durable})
+                # nats-py may hand over more than asked (emails already buffered): they take slots too.
                 self.slots.release(extra - len(more))
                 msgs = [*first, *more]
-                self.slots.release(1 - len(first))
                 if self.batch_max == 1:
                     for msg in msgs:
                         self._dispatch([msg])

@@ -13,9 +13,10 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
@@ -29,6 +30,7 @@ from services.sender.adapters import AdapterPool
 from services.sender.config import SenderSettings
 from services.sender.delivery import Deliverer
 from services.sender.events import EventPublisher
+from services.sender.links import link_attachments
 from services.sender.policy import POLICIES
 from services.sender.pool import ClassPool
 from services.sender.state import MessageStateStore
@@ -46,7 +48,7 @@ StopEvent = asyncio.Event
 class SenderParts:
     """The pools of one process: loops to run until stop, and what to close afterwards."""
 
-    tasks: list[Callable[[StopEvent], Awaitable[None]]] = field(default_factory=list)
+    tasks: list[Callable[[StopEvent], Coroutine[Any, Any, None]]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
@@ -85,6 +87,8 @@ async def build_pools(settings: SenderSettings) -> SenderParts:
         class_js = class_nc.jetstream()
         deliverer = Deliverer(catalog=catalog, health=health, adapters=adapters, states=states,
                               events=EventPublisher(class_js, topology), opener=open_attachment, policies=POLICIES,
+                              linker=partial(link_attachments, s3=s3, bucket=settings.s3_bucket,
+                                             ttl_s=settings.attachment_link_ttl_s),
                               heartbeat_s=settings.ack_wait_s / 3)
         pool = ClassPool(class_js, topology, message_class, deliverer, concurrency=settings.concurrency(message_class),
                          ack_wait_s=settings.ack_wait_s, batch_max=settings.batch_max(message_class))

@@ -33,7 +33,7 @@ async def serve(settings: SenderSettings) -> None:
         loop.add_signal_handler(signum, stop.set)
     parts = await build_pools(settings)
     start_metrics_server(settings.metrics_port)
-    tasks = [asyncio.create_task(task(stop)) for task in parts.tasks]
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(task(stop)) for task in parts.tasks]
     tasks.append(asyncio.create_task(_stop_when_orphaned(os.getppid(), stop)))
     _announce_ready()
     log.info("sender worker serving", extra={"classes": settings.sender_classes})
@@ -82,6 +82,8 @@ def main() -> None:
         print(f"esp-sender-worker: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     name = "sender-" + "-".join(settings.sender_classes)
+    if settings.sender_classes == ("bulk",) and settings.bulk_worker_niceness > 0:
+        os.nice(settings.bulk_worker_niceness)
     configure_logging(name, settings.log_level, settings.log_format)
     configure_tracing(name, settings.otel_exporter_otlp_endpoint)
     asyncio.run(serve(settings))

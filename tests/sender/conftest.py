@@ -14,6 +14,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import nats
@@ -27,13 +28,16 @@ from nats.js import JetStreamContext
 
 from dev.simulator import RunningSimulator
 from libs.common.jetstream import Topology, ensure_streams
+from libs.common.s3 import create_s3_client
 from libs.routing.catalog import ProviderCatalog, ProviderSpec, bucket_name, open_bucket
 from libs.routing.health import BreakerPolicy, HealthBoard
 from services.sender.adapters import AdapterPool
 from services.sender.delivery import Deliverer, Incoming, Verdict
 from services.sender.events import EventPublisher
+from services.sender.links import link_attachments
 from services.sender.policy import POLICIES
 from services.sender.state import MessageStateStore
+from tests.conftest import S3Server
 from tests.e2e.conftest import smtp_sink  # noqa: F401 - the mesh fixture needs it
 from tests.providers import conftest as provider_fixtures
 from tests.sender.mesh import mesh, provider_mesh, sim_process  # noqa: F401 - the mesh fixtures
@@ -114,7 +118,8 @@ class World:
 
 
 @pytest.fixture
-async def world(sim: RunningSimulator, redis_url: str, nats_url: str, run_id: str) -> AsyncIterator[World]:
+async def world(sim: RunningSimulator, redis_url: str, nats_url: str, run_id: str,
+                s3_server: S3Server) -> AsyncIterator[World]:
     namespace = f"{run_id}w{secrets.token_hex(3)}"
     nc: NATS = await nats.connect(nats_url)
     js = nc.jetstream()
@@ -133,9 +138,10 @@ async def world(sim: RunningSimulator, redis_url: str, nats_url: str, run_id: st
         raise AssertionError("no attachments in these tests")
         yield b""
 
+    s3 = create_s3_client(s3_server.endpoint, s3_server.region, s3_server.access_key, s3_server.secret_key)
     deliverer = Deliverer(catalog=catalog, health=health, adapters=adapters, states=states,
                           events=EventPublisher(js, topology), opener=no_attachments, policies=POLICIES,
-                          heartbeat_s=0.05)
+                          linker=partial(link_attachments, s3=s3, bucket="attachments"), heartbeat_s=0.05)
     world = World(sim, js, topology, catalog, health, states, deliverer, adapters)
 
     async def collect(msg: Any) -> None:

@@ -291,3 +291,22 @@ async def test_an_email_held_back_by_a_booked_rate_limit_returns_when_a_slot_fre
 
 def _limits(spec: ProviderSpec) -> ProviderLimits:
     return ProviderLimits(spec.rate_limit_per_second, spec.daily_quota, spec.monthly_quota)
+
+
+async def test_attachments_too_large_for_every_provider_travel_as_download_links(world: World):
+    await world.add_provider("pm", "postmark-1")
+    task = send_task("transactional")
+    task.attachments.add(attachment_id="a1", s3_key="acme/a1", filename="holiday.mp4", content_type="video/mp4",
+                         size_bytes=150_000_000)
+    task.attachments_as_links = True
+
+    [verdict] = await world.deliver(task)
+
+    assert verdict.ack
+    [message] = [m for m in await world.sim.client.delivered_messages("postmark-1")
+                 if m["esp_message_id"] == task.message_id]
+    assert message["attachments"] == []
+    assert "holiday.mp4" in message["text"] and "Signature=" in message["text"]
+    events = await world.events_of(task)
+    assert [e.event.type for e in events] == [messages_pb2.MESSAGE_EVENT_TYPE_ATTACHMENTS_LINKED, SENT]
+    assert "Signature" not in str(events[0].event.attributes)  # the links grant access: never in events
