@@ -513,8 +513,7 @@ class Deliverer:
                     job.marked = True
 
     # -- step 6 --------------------------------------------------------------------------------------------------
-    def _conclude(self, job: Job, call: Call, result: SendResult,
-                        pending: Outbox) -> bool:
+    def _conclude(self, job: Job, call: Call, result: SendResult, pending: Outbox) -> bool:
         """Settle the email after its call; True when it should try another provider in this delivery."""
         job.dirty = True
         job.state.attempts += 1
@@ -547,13 +546,12 @@ class Deliverer:
         job.failed_at = time.perf_counter()
         if job.state.failures >= policy.max_failures:
             self._fail(job, f"gave up after {job.state.failures} failed attempts; last: "
-                                  f"{call.provider_id}: {result.reason}", pending, dead_letter=True)
+                            f"{call.provider_id}: {result.reason}", pending, dead_letter=True)
             return False
         # otp falls over at once; so does the email a failed half-open probe was risked on.
         if (policy.failover_now and job.calls < policy.max_attempts_per_delivery) or call.permit.probe:
             return True
-        self._later(job, policy.backoff_s(job.state.failures), f"{call.provider_id}: {result.reason}",
-                          pending)
+        self._later(job, policy.backoff_s(job.state.failures), f"{call.provider_id}: {result.reason}", pending)
         return False
 
     # -- when no provider can take the email now -------------------------------------------------------------------
@@ -563,12 +561,11 @@ class Deliverer:
                     if s.excluded_reason != "disabled" and not s.excluded_reason.startswith("does not carry")]
         policy = job.policy
         if not relevant:
-            self._later(job, policy.max_delay_s, f"no provider carries {job.message_class} "
-                                                        f"({reasons or 'no providers configured'})", pending)
+            self._later(job, policy.max_delay_s,
+                        f"no provider carries {job.message_class} ({reasons or 'no providers configured'})", pending)
             return
         if all("exceeds cap" in s.excluded_reason for s in relevant):
-            self._fail(job, f"no provider takes a message of {job.task.message_bytes} bytes ({reasons})",
-                             pending)
+            self._fail(job, f"no provider takes a message of {job.task.message_bytes} bytes ({reasons})", pending)
             return
         failed_before = [s for s in relevant if s.provider_id in job.state.excluded]
         if failed_before:
@@ -576,8 +573,7 @@ class Deliverer:
             job.state.excluded.clear()
             job.dirty = True
             delay = policy.backoff_s(max(1, job.state.failures))
-            self._later(job, max(delay, job.wait_hint_s or 0.0), f"every provider failed it ({reasons})",
-                              pending)
+            self._later(job, max(delay, job.wait_hint_s or 0.0), f"every provider failed it ({reasons})", pending)
             return
         self._unavailable(job, pending, reasons)
 
@@ -594,18 +590,17 @@ class Deliverer:
         # Quota that runs out today is the one wait with no hint: then the class's longest wait.
         soonest = min((w for w in waits if w > 0), default=job.policy.max_delay_s)
         self._later(job, min(job.policy.max_delay_s, max(MIN_RETRY_S, soonest)),
-                          f"no provider available now ({reasons or job.last_refusal})", pending)
+                    f"no provider available now ({reasons or job.last_refusal})", pending)
 
     # -- outcomes ------------------------------------------------------------------------------------------------
-    def _sent(self, job: Job, facts: AttemptFacts, pending: Outbox, *,
-                    reason: str = "") -> None:
+    def _sent(self, job: Job, facts: AttemptFacts, pending: Outbox, *, reason: str = "") -> None:
         pending.append(EventIntent(
             job.task, messages_pb2.MESSAGE_EVENT_TYPE_SENT, event_id=f"{job.message_id}:sent", final=True,
             reason=reason, facts=facts))
         job.verdict = ACK
 
-    def _fail(self, job: Job, reason: str, pending: Outbox, *,
-                    dead_letter: bool = False, facts: AttemptFacts | None = None) -> None:
+    def _fail(self, job: Job, reason: str, pending: Outbox, *, dead_letter: bool = False,
+              facts: AttemptFacts | None = None) -> None:
         if dead_letter:
             pending.append(EventIntent(
                 job.task, messages_pb2.MESSAGE_EVENT_TYPE_DEAD_LETTERED, event_id=f"{job.message_id}:dead",

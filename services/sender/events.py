@@ -49,9 +49,11 @@ NO_ATTEMPT = AttemptFacts()
 class EventPublisher:
     """Stages message events for one delivery batch; ``flush`` makes them durable."""
 
-    def __init__(self, js: JetStreamContext, topology: Topology) -> None:
+    def __init__(self, js: JetStreamContext, topology: Topology, *, timeout_s: float = PUBLISH_TIMEOUT_S) -> None:
         self.js = js
         self.topology = topology
+        self.timeout_s = timeout_s
+        """How long the stream may take to acknowledge a delivery's events before the delivery counts as failed."""
 
     def envelope(self, task: queue_pb2.SendTask, event_type: int, *, event_id: str, final: bool, reason: str,
                  facts: AttemptFacts) -> queue_pb2.EventEnvelope:
@@ -77,12 +79,11 @@ class EventPublisher:
         headers["Nats-Msg-Id"] = event_id
         subject = self.topology.events_subject(task.tenant_id)
         future = await self.js.publish_async(subject, envelope.SerializeToString(), headers=headers,
-                                             wait_stall=PUBLISH_TIMEOUT_S)
+                                             wait_stall=self.timeout_s)
         JETSTREAM_PUBLISHED.labels(subject.rsplit(".", 1)[0]).inc()
         return future
 
-    @staticmethod
-    async def flush(pending: list[asyncio.Future[Any]]) -> None:
+    async def flush(self, pending: list[asyncio.Future[Any]]) -> None:
         """Wait until every staged event is durable; raises if any was not (the email must then not be acked)."""
         if pending:
-            await asyncio.wait_for(asyncio.gather(*pending), PUBLISH_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.gather(*pending), self.timeout_s)

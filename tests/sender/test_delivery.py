@@ -3,8 +3,10 @@ where, which events say so, and whether the queued email is acked or comes back 
 
 from __future__ import annotations
 
+import pytest
 from esp.v1 import messages_pb2
 
+from libs.common.jetstream import ensure_streams
 from libs.routing.catalog import ProviderSpec
 from libs.routing.health import ProviderLimits
 from services.sender.policy import POLICIES
@@ -310,3 +312,17 @@ async def test_attachments_too_large_for_every_provider_travel_as_download_links
     events = await world.events_of(task)
     assert [e.event.type for e in events] == [messages_pb2.MESSAGE_EVENT_TYPE_ATTACHMENTS_LINKED, SENT]
     assert "Signature" not in str(events[0].event.attributes)  # the links grant access: never in events
+
+
+async def test_an_email_whose_outcome_cannot_be_made_durable_is_not_acked_and_never_resent(world: World):
+    await world.add_provider("pm", "postmark-1")
+    task = send_task("transactional")
+    await world.js.delete_stream(world.topology.events_stream)  # JetStream cannot store the SENT event
+
+    with pytest.raises(Exception):  # noqa: B017 - whichever error: the pool must not ack
+        await world.deliver(task)
+    await ensure_streams(world.js, world.topology)
+    [verdict] = await world.deliver(task, delivery=2)
+
+    assert verdict.ack
+    assert await world.delivered_to("postmark-1", task) == 1
