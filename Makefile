@@ -38,10 +38,12 @@ lint: proto
 	$(BUF) lint
 	$(BUF) format --diff --exit-code proto
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 fmt: $(STAMP)
 	$(BUF) format -w proto
-	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy-fix .
 
 test: proto lint
 	bash scripts/run-tests.sh

@@ -5,9 +5,13 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 
-def create_redis(url: str) -> aioredis.Redis:
-    """An asyncio Redis client with a connection pool."""
-    return aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
+def create_redis(url: str, *, max_connections: int = 200) -> aioredis.Redis:
+    """An asyncio Redis client over a blocking pool: past ``max_connections`` callers wait for a free connection
+    instead of failing with "Too many connections" (redis-py's default pool raises)."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=5, socket_timeout=5, socket_connect_timeout=5,
+        health_check_interval=30)
+    return aioredis.Redis(connection_pool=pool)
 
 
 # GCRA (generic cell rate algorithm) in one round trip. KEYS[1] = the limiter key; ARGV = emission interval in
