@@ -77,11 +77,6 @@ class TrustedHeaderAuthenticator:
         return Principal(tenant_id=metadata.get(TENANT_HEADER, ""), scopes=scopes)
 
 
-def optional_principal() -> Principal | None:
-    """The principal of the RPC, or None for a call from inside the mesh that names nobody."""
-    return _current.get()
-
-
 def check_tenant_access(tenant_id: str) -> None:
     """For tenant-scoped resources: a caller of another tenant gets NOT_FOUND (the resource 'does not exist'
     for them); mesh-internal calls without a principal and the platform admin pass."""
