@@ -12,7 +12,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,32 +20,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from dev import pgtools
+from dev.mesh import free_port, wait_port
+
+__all__ = ["free_port"]  # tests import it from here
 
 ADMIN_DSN = os.environ.get("ESP_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("ESP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 NATS_URL = os.environ.get("ESP_TEST_NATS_URL", "nats://127.0.0.1:4222")
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, *, host: str = "127.0.0.1", timeout_s: float = 20.0,
-                  proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Block until something accepts connections on ``host:port`` or fail."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout_s}s")
 
 
 @pytest.fixture(scope="session")
@@ -145,7 +125,7 @@ def s3_server() -> Iterator[S3Server]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_port(port, proc=proc)
+        wait_port(port, 20, proc, "moto")
     except RuntimeError as exc:
         proc.kill()
         pytest.fail(f"could not start the moto S3 server: {exc}")

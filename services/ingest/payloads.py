@@ -9,8 +9,8 @@ from datetime import datetime
 
 from esp.internal.v1 import queue_pb2
 from esp.v1 import common_pb2, messages_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from libs.common.timestamps import to_timestamp
 from services.ingest.model import EmailDraft, Mailbox, StoredAttachment
 
 CLASS_TO_PROTO = {
@@ -37,11 +37,6 @@ def request_fingerprint(draft: EmailDraft) -> bytes:
 def _addresses(boxes: tuple[Mailbox, ...]) -> list[common_pb2.EmailAddress]:
     return [common_pb2.EmailAddress(email=b.email, name=b.name) for b in boxes]
 
-
-def _timestamp(at: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(at)
-    return ts
 
 
 LINK_BYTES = 2048
@@ -86,7 +81,7 @@ def build_send_task(message_id: uuid.UUID, tenant_id: str, draft: EmailDraft, at
             for a in attachments
         ],
         message_bytes=estimated_message_bytes(draft, attachments, as_links=attachments_as_links),
-        accepted_time=_timestamp(accepted_at),
+        accepted_time=to_timestamp(accepted_at),
         attachments_as_links=attachments_as_links,
         **{"from": common_pb2.EmailAddress(email=draft.sender.email, name=draft.sender.name)},
     )

@@ -20,7 +20,6 @@ from esp.v1 import (
     tenants_pb2,
 )
 from google.protobuf import empty_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from psycopg_pool import AsyncConnectionPool
@@ -33,6 +32,7 @@ from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
 from libs.common.redis import create_redis
 from libs.common.s3 import create_s3_client, ensure_bucket
+from libs.common.timestamps import to_timestamp
 from libs.routing.catalog import ProviderCatalog, open_bucket
 from services.ingest.accept import Acceptor
 from services.ingest.attachments import AttachmentStore, UploadMetadata
@@ -70,12 +70,6 @@ def draft_from_proto(req: messages_pb2.SendEmailRequest) -> EmailDraft:
     )
 
 
-def _ts(value: Any) -> Timestamp:
-    ts = Timestamp()
-    if value is not None:
-        ts.FromDatetime(value)
-    return ts
-
 
 def _tenant_id_from(name: str, field: str) -> str:
     if not name.startswith("tenants/") or name.count("/") != 1:
@@ -107,15 +101,15 @@ def _tenant_proto(t: Tenant) -> tenants_pb2.Tenant:
         large_attachment_policy=(
             tenants_pb2.LARGE_ATTACHMENT_POLICY_REJECT
             if p.large_attachment_policy == "reject" else tenants_pb2.LARGE_ATTACHMENT_POLICY_LINK),
-        allowed_headers=sorted(p.allowed_headers), disabled=p.disabled, create_time=_ts(t.created_at))
+        allowed_headers=sorted(p.allowed_headers), disabled=p.disabled, create_time=to_timestamp(t.created_at))
 
 
 def _key_proto(k: ApiKeyRecord) -> tenants_pb2.ApiKey:
     key = tenants_pb2.ApiKey(
         name=f"tenants/{k.tenant_id}/apiKeys/{k.id}", display_name=k.display_name, prefix=k.prefix,
-        scopes=[_SCOPE_TO_PROTO[s] for s in k.scopes], revoked=k.revoked, create_time=_ts(k.created_at))
+        scopes=[_SCOPE_TO_PROTO[s] for s in k.scopes], revoked=k.revoked, create_time=to_timestamp(k.created_at))
     if k.last_used_at:
-        key.last_used_time.CopyFrom(_ts(k.last_used_at))
+        key.last_used_time.CopyFrom(to_timestamp(k.last_used_at))
     return key
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from esp.v1 import common_pb2, credits_pb2, credits_pb2_grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from libs.common import db
 from libs.common.auth import TrustedHeaderAuthenticator, check_tenant_access
@@ -13,6 +12,7 @@ from libs.common.batching import BatchingOptions
 from libs.common.errors import FieldViolation, InvalidArgument, error_parts
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_pull_consumer, ensure_streams, pull_loop
+from libs.common.timestamps import to_timestamp
 from services.ledger.config import LedgerSettings
 from services.ledger.errors import LedgerError
 from services.ledger.ledger import Ledger, LedgerOptions
@@ -50,12 +50,6 @@ def _class(value: int) -> MessageClass:
     return _CLASS[value]
 
 
-def _ts(value: Any) -> Timestamp:
-    ts = Timestamp()
-    if value is not None:
-        ts.FromDatetime(value)
-    return ts
-
 
 def _balance(b: Balance) -> credits_pb2.Balance:
     return credits_pb2.Balance(tenant=f"tenants/{b.tenant_id}", available=b.available, held=b.held, spent=b.spent,
@@ -65,7 +59,7 @@ def _balance(b: Balance) -> credits_pb2.Balance:
 def _hold(h: Hold) -> credits_pb2.Hold:
     return credits_pb2.Hold(name=f"holds/{h.hold_id}", tenant=f"tenants/{h.tenant_id}", amount=h.amount,
                             committed_amount=h.committed_amount or 0, state=_STATE[h.state],
-                            message_class=_CLASS_BACK[h.message_class], expire_time=_ts(h.expires_at))
+                            message_class=_CLASS_BACK[h.message_class], expire_time=to_timestamp(h.expires_at))
 
 
 def _reserve_request(r: credits_pb2.ReserveCreditsRequest) -> ReserveRequest:
@@ -95,7 +89,7 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
         return credits_pb2.ListTransactionsResponse(
             transactions=[credits_pb2.Transaction(
                 id=str(e.entry_id), kind=str(e.kind), amount=e.amount, hold=f"holds/{e.hold_id}" if e.hold_id else "",
-                request_id=e.request_id or "", create_time=_ts(e.created_at),
+                request_id=e.request_id or "", create_time=to_timestamp(e.created_at),
                 available_after=e.available_after) for e in entries],
             next_page_token=token)
 

@@ -12,7 +12,6 @@ from typing import Any
 
 from esp.v1 import common_pb2, providers_pb2, providers_pb2_grpc
 from google.protobuf import empty_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from libs.common import db
 from libs.common.auth import TrustedHeaderAuthenticator
@@ -20,6 +19,7 @@ from libs.common.errors import FieldViolation, InvalidArgument
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import connect
 from libs.common.redis import create_redis
+from libs.common.timestamps import to_timestamp
 from libs.providers.registry import BUILTIN_TYPES, adapter_class
 from libs.routing.catalog import ProviderCatalog, ProviderSpec, open_bucket
 from libs.routing.health import HealthBoard
@@ -50,11 +50,6 @@ def _id(name: str) -> str:
     return name.removeprefix("providers/")
 
 
-def _ts(value: Any) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
 
 def _spec_values(p: providers_pb2.Provider) -> dict[str, Any]:
     return {
@@ -75,7 +70,8 @@ def _proto(record: ProviderRecord) -> providers_pb2.Provider:
         price_per_mb_micros=s.price_per_mb_micros, max_message_bytes=s.max_message_bytes, batch_size=s.batch_size,
         rate_limit_per_second=s.rate_limit_per_second, daily_quota=s.daily_quota, monthly_quota=s.monthly_quota,
         allowed_classes=[_CLASS_BACK[c] for c in s.allowed_classes], weight=s.weight, disabled=s.disabled,
-        options=dict(s.options), create_time=_ts(record.created_at), update_time=_ts(record.updated_at),
+        options=dict(s.options), create_time=to_timestamp(record.created_at),
+        update_time=to_timestamp(record.updated_at),
         etag=str(s.version))
 
 
