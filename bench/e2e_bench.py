@@ -17,6 +17,10 @@ then measures, ``--runs`` times, and prints the medians as JSON lines:
 - ``sender.sends_per_s`` (baseline): the sender alone draining a bulk backlog published straight onto the SEND
   stream — what the send side can do when ingest is not in front of it, so the two figures locate the
   bottleneck.
+- ``e2e.cpu_ms_per_email.<process>``: CPU milliseconds each process spent per email during the ``e2e.sends_per_s``
+  run (a service with its worker processes, the simulator, the load generator, and the shared Postgres, NATS and
+  Redis servers by process name), so the figure that bounds throughput on two cores is visible, and steadier than
+  throughput on a shared machine. ``sender.cpu_ms_per_email`` is the sender's during ``sender.sends_per_s``.
 
 Run: ``make bench BENCH=e2e`` or ``python -m bench e2e`` (``--emails``, ``--clients``, ``--runs``). Servers:
 Postgres ``ESP_BENCH_POSTGRES_DSN``, Redis ``ESP_BENCH_REDIS_URL``, NATS ``ESP_BENCH_NATS_URL`` (defaults: the
@@ -37,6 +41,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -81,6 +86,7 @@ class Environment:
     api_key: str
     sender_metrics_port: int
     """The sender's Prometheus port; its worker for class i (in ESP_SENDER_CLASSES order) serves on port + 1 + i."""
+    simulator: m.Process
 
     @property
     def endpoint(self) -> str:
@@ -127,7 +133,7 @@ def environment() -> Iterator[Environment]:
                 timeout=10)
             api_key = seed.create_api_key(channel, config.admin_token, TENANT)
             seed.top_up(channel, config.admin_token, TENANT, 10**12, "bench-credits")
-        yield Environment(config, mesh, simulator_url, api_key, metrics_port)
+        yield Environment(config, mesh, simulator_url, api_key, metrics_port, simulator)
     finally:
         if mesh is not None:
             mesh.stop()
@@ -251,6 +257,51 @@ def send_request(message_class: str, index: int) -> messages_pb2.SendEmailReques
         message_class=CLASSES[message_class], subject="Your receipt" if message_class != "otp" else "Your code",
         text_body="Thank you for your order.", to=[common_pb2.EmailAddress(email=f"customer{index}@example.org")],
         **{"from": common_pb2.EmailAddress(email="shop@example.com")})
+
+
+# -- where the CPU goes ---------------------------------------------------------------------------------------------
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SHARED_SERVERS = ("postgres", "nats-server", "redis-server")
+"""Servers that are not children of the benchmark; their CPU is counted by process name (other users of the same
+servers on a shared machine land in these figures too)."""
+
+
+def _proc_table() -> dict[int, tuple[str, int, float]]:
+    """pid → (command name, parent pid, CPU seconds) for every live process."""
+    table: dict[int, tuple[str, int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
+        table[int(entry.name)] = (name, int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS)
+    return table
+
+
+def cpu_seconds(env: Environment) -> dict[str, float]:
+    """CPU seconds so far of each service (with its worker processes), the simulator, and the shared servers."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (_name, parent, _cpu) in table.items():
+        children.setdefault(parent, []).append(pid)
+
+    def tree(pid: int) -> float:
+        return table.get(pid, ("", 0, 0.0))[2] + sum(tree(child) for child in children.get(pid, []))
+
+    totals = {name: tree(process.popen.pid) for name, process in env.mesh.processes.items()}
+    totals["simulator"] = tree(env.simulator.popen.pid)
+    totals["bench-client"] = table[os.getpid()][2]  # the load generator alone (every other process is its child)
+    for server in SHARED_SERVERS:
+        totals[server] = sum(cpu for name, _parent, cpu in table.values() if name == server)
+    return totals
+
+
+def cpu_ms_per_email(before: dict[str, float], after: dict[str, float], emails: int) -> dict[str, float]:
+    return {name: round(1000 * (after[name] - before.get(name, 0.0)) / emails, 3) for name in after}
 
 
 # -- the measurements ---------------------------------------------------------------------------------------------
@@ -427,8 +478,14 @@ async def measure_all(env: Environment, args: argparse.Namespace) -> dict[str, l
     try:
         for run in range(args.runs):
             print(f"run {run + 1}/{args.runs}", file=sys.stderr, flush=True)
+            cpu_before = cpu_seconds(env)
             keep("e2e.sends_per_s", await sends_per_s(env, simulator, args.emails, args.clients, args.batch))
+            await asyncio.sleep(3)  # the events of the last emails (ledger commit, reports) belong to this run
+            for name, value in cpu_ms_per_email(cpu_before, cpu_seconds(env), args.emails).items():
+                keep(f"e2e.cpu_ms_per_email.{name}", value)
+            cpu_before = cpu_seconds(env)
             keep("sender.sends_per_s", await sender_sends_per_s(env, simulator, args.emails))
+            keep("sender.cpu_ms_per_email", cpu_ms_per_email(cpu_before, cpu_seconds(env), args.emails)["sender"])
             latencies = await otp_latency_ms(env, simulator, args.backlog, args.otps, args.otp_rate)
             keep("e2e.otp_p99_ms", percentile(latencies, 0.99))
             keep("e2e.otp_p50_ms", percentile(latencies, 0.50))
@@ -461,8 +518,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     with environment() as env:
         samples = asyncio.run(measure_all(env, args))
     for metric, values in samples.items():
-        line: dict[str, Any] = {"metric": metric, "value": round(statistics.median(values), 1),
-                                "unit": UNITS[metric], "runs": [round(v, 1) for v in values]}
+        digits = 3 if "cpu_ms" in metric else 1
+        line: dict[str, Any] = {"metric": metric, "value": round(statistics.median(values), digits),
+                                "unit": UNITS.get(metric, "ms"), "runs": [round(v, digits) for v in values]}
         if metric in TARGETS:
             line["target"] = TARGETS[metric]
         print(json.dumps(line))

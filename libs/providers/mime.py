@@ -246,6 +246,100 @@ def mime_size(email: OutboundEmail) -> int:
     return build_mime(email, date=datetime(2000, 1, 1, tzinfo=UTC)).size
 
 
+#: Worst-case growth of one UTF-8 byte of header text: RFC 2047 "Q" words write a byte as three characters, and
+#: each encoded word (at most 75 characters) adds 12 characters of delimiters plus folding, so a header made of
+#: many short non-ASCII words can exceed 3x; 8x leaves margin for every such layout.
+_HEADER_EXPANSION = 8
+#: Worst-case growth of body text: quoted-printable writes a byte as ``=XX`` plus a soft break every 76
+#: characters, and a bare CR or LF becomes CRLF; all of it stays under 4x.
+_BODY_EXPANSION = 4
+#: Bytes of a header line beyond its encoded name and value (": ", CRLF, folding of the name).
+_HEADER_LINE_OVERHEAD = 16
+#: The headers a part carries that do not depend on the email (Content-Type with charset, transfer encoding,
+#: MIME-Version, Date), generously.
+_PART_OVERHEAD = 256
+#: The top-level headers that do not depend on the email's strings (Date, MIME-Version, the Message-ID layout).
+_MESSAGE_OVERHEAD = 512
+
+
+def _utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def mime_size_bound(email: OutboundEmail) -> int:
+    """An upper bound of ``mime_size(email)`` computed in microseconds, without rendering anything.
+
+    Building the MIME message costs milliseconds; almost every email is orders of magnitude below any provider's
+    size cap, so the exact size is only worth computing when this bound does not already prove the email fits
+    (``fits_size_cap``). Every header string is counted at its worst-case encoded growth, bodies at
+    quoted-printable's, attachments at their exact base64 size plus their headers' worst case.
+    """
+
+    def header(name: str, value: str) -> int:
+        return _HEADER_EXPANSION * (_utf8_length(name) + _utf8_length(value)) + _HEADER_LINE_OVERHEAD
+
+    def addresses(items: Sequence[Address]) -> int:
+        return sum(header(item.name or "", item.email) + 8 for item in items) + _HEADER_LINE_OVERHEAD
+
+    identifier = _utf8_length(email.message_id)
+    size = _MESSAGE_OVERHEAD + _HEADER_EXPANSION * 3 * identifier  # Message-ID (with the domain), X-ESP-Message-Id
+    size += addresses((email.sender,)) + addresses(email.to) + addresses(email.cc) + addresses(email.bcc)
+    size += addresses(email.reply_to) + header("Subject", email.subject)
+    size += sum(header(name, value) for name, value in email.headers.items())
+    parts = 0
+    for body in (email.text, email.html):
+        if body is not None:
+            size += _BODY_EXPANSION * _utf8_length(body) + _PART_OVERHEAD
+            parts += 1
+    for attachment in email.attachments:
+        size += base64_encoded_size(attachment.size, line_length=BASE64_LINE_CHARS) + _PART_OVERHEAD
+        size += 2 * header("filename", attachment.filename) + header("type", attachment.content_type)
+        size += header("Content-ID", attachment.content_id or "")
+        parts += 1
+    # Up to three multipart containers: each has a Content-Type header and a closing delimiter, and every part
+    # opens with a delimiter line; each carries a boundary derived from the message id.
+    boundary = identifier + 32
+    size += (3 * 2 + parts + 1) * (boundary + _HEADER_LINE_OVERHEAD) + 3 * _PART_OVERHEAD
+    return size
+
+
+#: NUL, and every character ``str.splitlines`` breaks at (the ``email`` package refuses all of them in headers).
+_CONTROL_CHARACTERS = frozenset("\x00\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def check_header_fields(email: OutboundEmail) -> None:
+    """The header problems ``build_mime`` would raise ``InvalidMessage`` for, checked without rendering.
+
+    Reserved names, names outside RFC 5322's printable ASCII, and CR, LF or NUL anywhere (header injection).
+    Address syntax itself is ingest's to validate; here an address only has to be free of line breaks.
+    """
+    for name, value in email.headers.items():
+        if name.lower() in RESERVED_HEADERS:
+            raise InvalidMessage(f"header {name!r} is set by the platform and cannot be overridden")
+        if not name or not name.isascii() or not name.isprintable() or ":" in name or " " in name:
+            raise InvalidMessage(f"invalid header name {name!r} in email {email.message_id}")
+        if not _CONTROL_CHARACTERS.isdisjoint(value):
+            raise InvalidMessage(f"invalid header {name!r} in email {email.message_id}: line break or NUL")
+    texts = [email.subject, email.message_id]
+    for address in (email.sender, *email.to, *email.cc, *email.bcc, *email.reply_to):
+        texts += (address.email, address.name or "")
+    for text in texts:
+        if not _CONTROL_CHARACTERS.isdisjoint(text):
+            raise InvalidMessage(f"invalid header in email {email.message_id}: line break or NUL in {text!r}")
+
+
+def fits_size_cap(email: OutboundEmail, cap: int) -> tuple[bool, int]:
+    """Whether the email's MIME size is at most ``cap``, and the size it was judged by.
+
+    The size is the cheap upper bound when that already fits, the exact ``mime_size`` otherwise.
+    """
+    bound = mime_size_bound(email)
+    if bound <= cap:
+        return True, bound
+    exact = mime_size(email)
+    return exact <= cap, exact
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # HTTP request bodies with streamed attachments (JSON with base64 strings, multipart/form-data)
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,13 +10,14 @@ from datetime import UTC, datetime
 from email import policy
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libs.providers.base import (
     AdapterConfigError,
     Address,
     Attachment,
+    InvalidMessage,
     ProviderConfig,
     UnknownProviderType,
     base64_encoded_size,
@@ -28,7 +29,10 @@ from libs.providers.mime import (
     AttachmentSizeMismatch,
     base64_chunks,
     build_mime,
+    check_header_fields,
+    fits_size_cap,
     mime_size,
+    mime_size_bound,
     streamed_form_data,
     streamed_json,
 )
@@ -70,6 +74,58 @@ async def test_mime_size_is_exactly_what_is_streamed(shape: dict) -> None:
     document = build_mime(message)
 
     assert len(await document.read()) == document.size == mime_size(message)
+
+
+_LINE_BREAKS = "\x00\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # refused in headers (NUL and str.splitlines)
+_header_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=_LINE_BREAKS), max_size=120)
+_names = st.text(st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters=":"), min_size=1,
+                 max_size=20).map(lambda name: f"X-{name}")
+_addresses = st.builds(Address, st.sampled_from(["a@example.com", "bob.smith+tag@sub.example.org"]), _header_text)
+
+
+@settings(deadline=None)  # the exact size renders MIME: slow on a loaded machine, and time is not the point
+@given(
+    subject=_header_text, text=st.none() | st.text(max_size=3000), html=st.none() | st.text(max_size=3000),
+    to=st.lists(_addresses, min_size=1, max_size=4), cc=st.lists(_addresses, max_size=2),
+    headers=st.dictionaries(_names, _header_text, max_size=3),
+    files=st.lists(st.tuples(_header_text, st.integers(0, 5000), st.booleans()), max_size=3),
+)
+def test_the_cheap_size_bound_is_never_below_the_exact_mime_size(
+    subject: str, text: str | None, html: str | None, to: list[Address], cc: list[Address],
+    headers: dict[str, str], files: list[tuple[str, int, bool]],
+) -> None:
+    attachments = tuple(Attachment.from_bytes(name or "f", "application/pdf", b"x" * size,
+                                              content_id=f"c{index}" if inline else None)
+                        for index, (name, size, inline) in enumerate(files))
+    message = new_email(subject=subject, text=text, html=html if text or html else "<p/>", to=tuple(to),
+                        cc=tuple(cc), headers=headers, attachments=attachments)
+
+    assert mime_size_bound(message) >= mime_size(message)
+
+
+def test_a_size_cap_between_the_bound_and_the_exact_size_is_judged_by_the_exact_size() -> None:
+    message = new_email(html="é" * 10_000)
+    exact, bound = mime_size(message), mime_size_bound(message)
+    assert exact < bound
+
+    assert fits_size_cap(message, exact) == (True, exact)
+    assert fits_size_cap(message, exact - 1) == (False, exact)
+    assert fits_size_cap(message, bound) == (True, bound)
+
+
+@pytest.mark.parametrize("fields", [
+    {"headers": {"Subject": "override"}},
+    {"headers": {"X-Evil": "a\r\nBcc: victim@example.com"}},
+    {"headers": {"Bad Name": "x"}},
+    {"subject": "hi\nBcc: victim@example.com"},
+    {"subject": "next line\x85Bcc: victim@example.com"},
+    {"to": (Address("alice@example.org", "Alice\r\nBcc: x@example.com"),)},
+])
+def test_header_problems_are_found_without_rendering_the_message(fields: dict) -> None:
+    message = new_email(**fields)
+
+    with pytest.raises(InvalidMessage):
+        check_header_fields(message)
 
 
 async def test_mime_round_trips_through_a_standard_parser() -> None:
