@@ -247,7 +247,7 @@ class Deliverer:
             changes = [self._change(job) for job in jobs if job.dirty]
             await self.states.commit(changes, [j.message_id for j in jobs if j.state.leased], self.owner)
             trace = {job.message_id: job.incoming.trace for job in jobs}
-            staged: list[asyncio.Future[Any]] = [
+            staged: list[asyncio.Future[None]] = [
                 await self.events.stage(e.task, e.event_type, event_id=e.event_id, final=e.final, reason=e.reason,
                                         facts=e.facts, trace=trace.get(e.task.message_id))
                 for e in pending]

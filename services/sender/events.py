@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from esp.internal.v1 import queue_pb2
 from esp.v1 import messages_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NATS
 
-from libs.common.jetstream import Topology
-from libs.common.metrics import JETSTREAM_PUBLISHED
+from libs.common.jetstream import AckedPublisher, Topology
 from libs.common.telemetry import inject_headers
 from libs.providers.base import Outcome
 
@@ -49,8 +47,8 @@ NO_ATTEMPT = AttemptFacts()
 class EventPublisher:
     """Stages message events for one delivery batch; ``flush`` makes them durable."""
 
-    def __init__(self, js: JetStreamContext, topology: Topology, *, timeout_s: float = PUBLISH_TIMEOUT_S) -> None:
-        self.js = js
+    def __init__(self, nc: NATS, topology: Topology, *, timeout_s: float = PUBLISH_TIMEOUT_S) -> None:
+        self.publisher = AckedPublisher(nc)
         self.topology = topology
         self.timeout_s = timeout_s
         """How long the stream may take to acknowledge a delivery's events before the delivery counts as failed."""
@@ -71,19 +69,20 @@ class EventPublisher:
 
     async def stage(self, task: queue_pb2.SendTask, event_type: int, *, event_id: str, final: bool = False,
                     reason: str = "", facts: AttemptFacts = NO_ATTEMPT,
-                    trace: Mapping[str, str] | None = None) -> asyncio.Future[Any]:
+                    trace: Mapping[str, str] | None = None) -> asyncio.Future[None]:
         """Publish without waiting for the stream's ack; the returned future resolves when it is durable.
         ``trace`` is the trace context the email was queued with (else the current span's is used)."""
         envelope = self.envelope(task, event_type, event_id=event_id, final=final, reason=reason, facts=facts)
         headers = dict(trace) if trace else dict(inject_headers({}))
-        headers["Nats-Msg-Id"] = event_id
-        subject = self.topology.events_subject(task.tenant_id)
-        future = await self.js.publish_async(subject, envelope.SerializeToString(), headers=headers,
-                                             wait_stall=self.timeout_s)
-        JETSTREAM_PUBLISHED.labels(subject.rsplit(".", 1)[0]).inc()
-        return future
+        return await self.publisher.publish(self.topology.events_subject(task.tenant_id),
+                                            envelope.SerializeToString(), event_id, headers)
 
-    async def flush(self, pending: list[asyncio.Future[Any]]) -> None:
+    async def flush(self, pending: list[asyncio.Future[None]]) -> None:
         """Wait until every staged event is durable; raises if any was not (the email must then not be acked)."""
-        if pending:
+        if not pending:
+            return
+        try:
             await asyncio.wait_for(asyncio.gather(*pending), self.timeout_s)
+        except BaseException:
+            self.publisher.forget(pending)
+            raise

@@ -86,7 +86,7 @@ async def build_pools(settings: SenderSettings) -> SenderParts:
         connections.append(class_nc)
         class_js = class_nc.jetstream()
         deliverer = Deliverer(catalog=catalog, health=health, adapters=adapters, states=states,
-                              events=EventPublisher(class_js, topology), opener=open_attachment, policies=POLICIES,
+                              events=EventPublisher(class_nc, topology), opener=open_attachment, policies=POLICIES,
                               linker=partial(link_attachments, s3=s3, bucket=settings.s3_bucket,
                                              ttl_s=settings.attachment_link_ttl_s),
                               heartbeat_s=settings.ack_wait_s / 3)

@@ -140,7 +140,7 @@ async def world(sim: RunningSimulator, redis_url: str, nats_url: str, run_id: st
 
     s3 = create_s3_client(s3_server.endpoint, s3_server.region, s3_server.access_key, s3_server.secret_key)
     deliverer = Deliverer(catalog=catalog, health=health, adapters=adapters, states=states,
-                          events=EventPublisher(js, topology, timeout_s=2), opener=no_attachments, policies=POLICIES,
+                          events=EventPublisher(nc, topology, timeout_s=2), opener=no_attachments, policies=POLICIES,
                           linker=partial(link_attachments, s3=s3, bucket="attachments"), heartbeat_s=0.05)
     world = World(sim, js, topology, catalog, health, states, deliverer, adapters)
 
