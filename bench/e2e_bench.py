@@ -7,7 +7,7 @@ then measures, ``--runs`` times, and prints the medians as JSON lines:
   ``BatchSendEmails``; the clock runs from the first call to the simulator's arrival of the last email.
 - ``e2e.otp_p99_ms``: an OTP's accept → provider request (client call start → simulator arrival), p99, with
   OTPs sent at a steady probe rate (10/s) while a bulk backlog queued on the SEND stream drains
-  (``e2e.otp_p50_ms`` alongside).
+  (``e2e.otp_p50_ms`` alongside; ``e2e.otp_accept_p50_ms``/``p99`` are the SendEmail call's share of it).
 - ``sender.fallback_decision_p99_ms``: for OTPs whose first provider failed (HTTP 500, 30 % of calls), the
   sender's own measure (its ``esp_sender_fallback_decision_seconds`` histogram, read from the OTP worker's
   metrics endpoint; p99 = upper bound of the bucket holding it) from the failed answer to the next provider
@@ -374,14 +374,16 @@ async def publish_all(js: Any, subject: str, tasks: Sequence[queue_pb2.SendTask]
 
 
 async def otp_latency_ms(env: Environment, simulator: Simulator, backlog: int, otps: int,
-                         otp_rate: float) -> list[float]:
-    """OTPs at a steady rate while a bulk backlog drains: each one's accept → provider request, in ms."""
+                         otp_rate: float) -> tuple[list[float], list[float]]:
+    """OTPs at a steady rate while a bulk backlog drains: each one's accept → provider request, in ms, and the
+    part of it spent in the SendEmail call (accepted: committed and on its way to the queue)."""
     await set_providers(env, {
         "bulk-provider": {"personality": "bulk", "price_per_email_micros": 10, "classes": ["bulk"]},
         "otp-provider": {"personality": "otp-steady", "price_per_email_micros": 100, "classes": ["otp"]}})
     await simulator.reset()
     nc = await nats.connect(NATS_URL)
     sent_at: dict[str, float] = {}
+    accept_ms: list[float] = []
     try:
         backlog_tasks = [bulk_task(i) for i in range(backlog)]
         backlog_ids = {t.message_id for t in backlog_tasks}
@@ -392,6 +394,7 @@ async def otp_latency_ms(env: Environment, simulator: Simulator, backlog: int, o
             async def one(index: int) -> None:
                 started = time.time()
                 reply = await stub.SendEmail(send_request("otp", index), metadata=env.auth(), timeout=10)
+                accept_ms.append((time.time() - started) * 1000)
                 sent_at[reply.message.id] = started
 
             pending = []
@@ -404,7 +407,7 @@ async def otp_latency_ms(env: Environment, simulator: Simulator, backlog: int, o
     arrivals = await simulator.arrivals(set(sent_at), timeout_s=120)
     # Let the backlog finish before the next measurement starts on a quiet machine.
     await simulator.arrivals(backlog_ids, timeout_s=max(120, backlog / 50))
-    return [(arrivals[mid] - sent_at[mid]) * 1000 for mid in sent_at]
+    return [(arrivals[mid] - sent_at[mid]) * 1000 for mid in sent_at], accept_ms
 
 
 FALLBACK_HISTOGRAM = "esp_sender_fallback_decision_seconds_bucket"
@@ -486,9 +489,11 @@ async def measure_all(env: Environment, args: argparse.Namespace) -> dict[str, l
             cpu_before = cpu_seconds(env)
             keep("sender.sends_per_s", await sender_sends_per_s(env, simulator, args.emails))
             keep("sender.cpu_ms_per_email", cpu_ms_per_email(cpu_before, cpu_seconds(env), args.emails)["sender"])
-            latencies = await otp_latency_ms(env, simulator, args.backlog, args.otps, args.otp_rate)
+            latencies, accepts = await otp_latency_ms(env, simulator, args.backlog, args.otps, args.otp_rate)
             keep("e2e.otp_p99_ms", percentile(latencies, 0.99))
             keep("e2e.otp_p50_ms", percentile(latencies, 0.50))
+            keep("e2e.otp_accept_p99_ms", percentile(accepts, 0.99))
+            keep("e2e.otp_accept_p50_ms", percentile(accepts, 0.50))
             before = await decision_buckets(env)
             gaps = await fallback_decision_ms(env, simulator, 200)
             keep("sender.fallback_decision_p99_ms", histogram_p99_ms(before, await decision_buckets(env)))

@@ -33,7 +33,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -127,20 +127,23 @@ AttachmentLinker = Callable[[queue_pb2.SendTask], LinkedAttachments]
 
 def outbound_email(task: queue_pb2.SendTask, opener: AttachmentOpener) -> OutboundEmail:
     """The provider-neutral email a queued task describes; attachments stream from S3 when read."""
-    def addresses(items: Iterable[Any]) -> tuple[Address, ...]:
-        return tuple(Address(a.email, a.name) for a in items)
+    # Empty repeated and map fields are skipped rather than converted: this runs for every email of a bulk
+    # backlog, and iterating an empty protobuf container costs as much as a small copy.
+    def addresses(items: Any) -> tuple[Address, ...]:
+        return tuple(Address(a.email, a.name) for a in items) if items else ()
 
     sender = getattr(task, "from")
     return OutboundEmail(
         message_id=task.message_id, tenant_id=task.tenant_id, message_class=CLASS_NAME[task.message_class],
         sender=Address(sender.email, sender.name), to=addresses(task.to), cc=addresses(task.cc),
         bcc=addresses(task.bcc), reply_to=addresses(task.reply_to), subject=task.subject,
-        text=task.text_body or None, html=task.html_body or None, headers=dict(task.headers),
-        tags=tuple(task.tags), metadata=dict(task.metadata),
+        text=task.text_body or None, html=task.html_body or None,
+        headers=dict(task.headers) if task.headers else {}, tags=tuple(task.tags) if task.tags else (),
+        metadata=dict(task.metadata) if task.metadata else {},
         attachments=tuple(
             Attachment(filename=a.filename, content_type=a.content_type, size=a.size_bytes,
                        chunks=partial(opener, a.s3_key))
-            for a in task.attachments),
+            for a in task.attachments) if task.attachments else (),
     )
 
 

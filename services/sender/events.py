@@ -9,12 +9,12 @@ crash is dropped by the stream's dedupe window.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from esp.internal.v1 import queue_pb2
 from esp.v1 import messages_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client as NATS
 
 from libs.common.jetstream import AckedPublisher, Topology
@@ -56,16 +56,30 @@ class EventPublisher:
     def envelope(self, task: queue_pb2.SendTask, event_type: int, *, event_id: str, final: bool, reason: str,
                  facts: AttemptFacts) -> queue_pb2.EventEnvelope:
         """The event as it goes on the stream."""
-        now = Timestamp()
-        now.GetCurrentTime()
-        return queue_pb2.EventEnvelope(
-            tenant_id=task.tenant_id, message_id=task.message_id, final=final, message_class=task.message_class,
-            hold_id=task.message_id,
-            event=messages_pb2.MessageEvent(
-                event_id=event_id, message=f"messages/{task.message_id}", type=event_type, event_time=now,
-                provider=facts.provider, provider_message_id=facts.provider_message_id, reason=reason[:1000],
-                attempt=facts.attempt, outcome=ATTEMPT_OUTCOME[facts.outcome] if facts.outcome else 0,
-                latency_ms=int(facts.latency_ms), attributes=dict(facts.attributes)))
+        # Fields are set one by one and only when not empty: a bulk delivery builds hundreds of these, and
+        # protobuf keyword construction, empty map arguments and Timestamp.GetCurrentTime cost ~5x as much.
+        envelope = queue_pb2.EventEnvelope(tenant_id=task.tenant_id, message_id=task.message_id, final=final,
+                                           message_class=task.message_class, hold_id=task.message_id)
+        event = envelope.event
+        event.event_id = event_id
+        event.message = f"messages/{task.message_id}"
+        event.type = event_type
+        event.event_time.seconds, event.event_time.nanos = divmod(time.time_ns(), 1_000_000_000)
+        if reason:
+            event.reason = reason[:1000]
+        if facts.provider:
+            event.provider = facts.provider
+        if facts.provider_message_id:
+            event.provider_message_id = facts.provider_message_id
+        if facts.attempt:
+            event.attempt = facts.attempt
+        if facts.outcome:
+            event.outcome = ATTEMPT_OUTCOME[facts.outcome]
+        if facts.latency_ms:
+            event.latency_ms = int(facts.latency_ms)
+        if facts.attributes:
+            event.attributes.update(facts.attributes)
+        return envelope
 
     async def stage(self, task: queue_pb2.SendTask, event_type: int, *, event_id: str, final: bool = False,
                     reason: str = "", facts: AttemptFacts = NO_ATTEMPT,
