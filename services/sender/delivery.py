@@ -33,6 +33,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter as Tally
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -258,8 +259,10 @@ class Deliverer:
         finally:
             beating.cancel()
         verdicts = [job.verdict or Verdict(ack=False, retry_in_s=MIN_RETRY_S) for job in jobs]
-        for job, verdict in zip(jobs, verdicts, strict=True):
-            VERDICTS.labels(job.message_class, "ack" if verdict.ack else "retry").inc()
+        counts = Tally((job.message_class, "ack" if verdict.ack else "retry")
+                         for job, verdict in zip(jobs, verdicts, strict=True))
+        for labels, count in counts.items():  # one label lookup per kind, not per email
+            VERDICTS.labels(*labels).inc(count)
         return verdicts
 
     # -- step 1 --------------------------------------------------------------------------------------------------
@@ -506,9 +509,11 @@ class Deliverer:
             else:
                 recorded.append(RecordedCall(call.provider_id, CallOutcome.FAILURE, probe=call.permit.probe))
         await self.health.record_many(recorded)
+        attempts = Tally((call.provider_id, result.outcome.value) for call in calls for result in call.results)
+        for labels, count in attempts.items():
+            ATTEMPTS.labels(*labels).inc(count)
         for call in calls:
             for job, result in zip(call.jobs, call.results, strict=True):
-                ATTEMPTS.labels(call.provider_id, result.outcome.value).inc()
                 if result.outcome is Outcome.ACCEPTED or (
                         result.outcome is Outcome.AMBIGUOUS and job.policy.ambiguous is AmbiguousPolicy.ASSUME_SENT):
                     job.state.sent = SentMarker(call.provider_id, result.provider_message_id or "",
