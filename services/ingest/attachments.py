@@ -79,6 +79,9 @@ class AttachmentStore:
         # Parts upload on threads of their own: each thread gets a malloc arena that keeps freed part buffers,
         # so few threads keep the process small (the default executor would spread parts over many).
         self._part_uploader = ThreadPoolExecutor(max_workers=PARTS_IN_FLIGHT, thread_name_prefix="s3-part")
+        # sha256 runs off the event loop, a part at a time (hashlib releases the GIL on large buffers), so the
+        # next part is received while the last one is hashed; each upload hashes its parts in order.
+        self._part_hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256")
 
     async def upload(self, tenant_id: str, meta: UploadMetadata, chunks: AsyncIterator[bytes]) -> StoredAttachment:
         """Stream ``chunks`` into S3; refuse (and abort the multipart upload) past the size cap or on a bad hash."""
@@ -120,20 +123,32 @@ class AttachmentStore:
     async def _stream_parts(self, key: str, upload_id: str, meta: UploadMetadata,
                             chunks: AsyncIterator[bytes]) -> tuple[int, str]:
         """Upload ``chunks`` as parts of ``PART_BYTES``; return the size and the sha256 of what was received."""
+        loop = asyncio.get_running_loop()
         hasher = hashlib.sha256()
         size = 0
         # Bytes are copied into one part-sized buffer as they arrive (no list of chunks joined later: that join
-        # would hold every part twice for a moment).
-        buffer = bytearray(PART_BYTES)
+        # would hold every part twice for a moment). Buffers are reused once their part is uploaded and hashed:
+        # a fresh 8 MiB buffer is a fresh mapping whose pages cost more to fault in than the copy itself.
+        spare: list[bytearray] = []
+        buffer: bytearray | None = None
         filled = 0
         parts: list[dict[str, Any]] = []
         part_count = 0
         uploading: set[asyncio.Task[None]] = set()
+        hashing: asyncio.Task[None] | None = None  # the latest part's hashing; each waits for the one before
 
-        async def put_part(number: int, data: bytearray) -> None:
-            result = await asyncio.get_running_loop().run_in_executor(self._part_uploader, functools.partial(
+        async def hash_after(previous: asyncio.Task[None] | None, data: bytearray) -> None:
+            if previous is not None:
+                await previous
+            await loop.run_in_executor(self._part_hasher, hasher.update, data)
+
+        async def put_part(number: int, data: bytearray, hashed: asyncio.Task[None]) -> None:
+            result = await loop.run_in_executor(self._part_uploader, functools.partial(
                 self.s3.upload_part, Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data))
             parts.append({"PartNumber": number, "ETag": result["ETag"]})
+            await hashed
+            if len(data) == PART_BYTES:
+                spare.append(data)
 
         async def wait_for_room(limit: int) -> None:
             while len(uploading) > limit:
@@ -143,14 +158,18 @@ class AttachmentStore:
                     task.result()  # a failed part fails the upload
 
         async def flush() -> None:
-            nonlocal buffer, filled, part_count
+            nonlocal buffer, filled, part_count, hashing
             # Back-pressure: while the parts in flight are full, stop reading the stream, so gRPC flow control
             # slows the client down instead of the server buffering.
             await wait_for_room(PARTS_IN_FLIGHT - 1)
-            data = buffer if filled == PART_BYTES else buffer[:filled]
-            buffer, filled = bytearray(PART_BYTES), 0
+            if buffer is None:  # an empty upload: one empty part
+                data = bytearray()
+            else:  # the last part is usually short: it goes as a copy of its own size
+                data = buffer if filled == PART_BYTES else buffer[:filled]
+            buffer, filled = None, 0
             part_count += 1
-            uploading.add(asyncio.create_task(put_part(part_count, data)))
+            hashing = asyncio.create_task(hash_after(hashing, data))
+            uploading.add(asyncio.create_task(put_part(part_count, data, hashing)))
 
         try:
             async for chunk in chunks:
@@ -161,9 +180,10 @@ class AttachmentStore:
                         metadata={"max_bytes": str(MAX_ATTACHMENT_BYTES)},
                         field_violations=[FieldViolation("chunk", f"more than {MAX_ATTACHMENT_BYTES} bytes",
                                                          "ATTACHMENT_TOO_LARGE")])
-                hasher.update(chunk)
                 view = memoryview(chunk)
                 while view:
+                    if buffer is None:
+                        buffer = spare.pop() if spare else bytearray(PART_BYTES)
                     taken = min(len(view), PART_BYTES - filled)
                     buffer[filled:filled + taken] = view[:taken]
                     filled += taken
@@ -176,6 +196,8 @@ class AttachmentStore:
         except BaseException:
             for task in uploading:
                 task.cancel()
+            if hashing is not None:
+                hashing.cancel()
             raise
         digest = hasher.hexdigest()
         if meta.size_bytes and size != meta.size_bytes:

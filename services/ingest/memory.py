@@ -3,7 +3,11 @@
 The code holds at most a few parts (8 MiB each) at a time, but glibc's allocator can make the process look much
 bigger: after the first large buffer is freed it raises its mmap threshold to that buffer's size, so later part
 buffers come from heaps (one per thread) that keep freed memory instead of returning it. Fixing the threshold at
-1 MiB sends every large buffer straight back to the kernel when freed, so RSS follows what is really in use.
+4 MiB sends every part buffer straight back to the kernel when freed, so RSS follows what is really in use.
+
+The threshold sits above the 1 MiB gRPC chunks on purpose: at 1 MiB every chunk's buffers (the received message,
+the bytes handed to us) were fresh mappings, faulted in page by page and unmapped again, which cost the ingest
+process about 0.4 s of CPU per 150 MiB upload (a third of its CPU for the upload); from the heap they are reused.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import logging
 log = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
-LARGE_BUFFER_BYTES = 1024 * 1024
+LARGE_BUFFER_BYTES = 4 * 1024 * 1024
+"""Buffers this large or larger are mmapped: the part buffers, not the gRPC chunks (at most 1 MiB)."""
 
 
 def return_large_buffers_to_the_os(threshold_bytes: int = LARGE_BUFFER_BYTES) -> bool:
