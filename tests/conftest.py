@@ -18,11 +18,17 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, settings
 
 from dev import pgtools
 from dev.mesh import free_port, wait_port
 
 __all__ = ["free_port"]  # tests import it from here
+
+# Property tests check behaviour, not speed: on a busy shared machine an example can take longer than hypothesis'
+# default 200 ms deadline, which would fail a correct test.
+settings.register_profile("esp", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("esp")
 
 ADMIN_DSN = os.environ.get("ESP_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("ESP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
