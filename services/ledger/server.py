@@ -11,7 +11,7 @@ from libs.common.auth import TrustedHeaderAuthenticator, check_tenant_access
 from libs.common.batching import BatchingOptions
 from libs.common.errors import FieldViolation, InvalidArgument, error_parts
 from libs.common.grpc_server import ServiceApp
-from libs.common.jetstream import Topology, connect, ensure_pull_consumer, ensure_streams, pull_loop
+from libs.common.jetstream import Topology, connect, ensure_pull_consumer, ensure_streams
 from libs.common.timestamps import to_timestamp
 from services.ledger.config import LedgerSettings
 from services.ledger.errors import LedgerError
@@ -19,6 +19,7 @@ from services.ledger.ledger import Ledger, LedgerOptions
 from services.ledger.models import Balance, Hold, HoldState, MessageClass, PriceOverrides, ReserveRequest
 from services.ledger.notifications import NotificationPublisher
 from services.ledger.outcomes import OutcomeConsumer
+from services.ledger.pull import lean_pull_loop
 
 _CLASS = {common_pb2.MESSAGE_CLASS_OTP: MessageClass.OTP,
           common_pb2.MESSAGE_CLASS_TRANSACTIONAL: MessageClass.TRANSACTIONAL,
@@ -100,19 +101,38 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
 
     async def BatchReserveCredits(self, request: credits_pb2.BatchReserveCreditsRequest,
                                   context: Any) -> credits_pb2.BatchReserveCreditsResponse:
-        results: list[credits_pb2.BatchReserveCreditsResponse.Result] = []
-        valid: list[tuple[int, ReserveRequest]] = []
+        refused: dict[int, credits_pb2.BatchReserveCreditsResponse.Result] = {}
+        valid: list[ReserveRequest] = []
         for index, item in enumerate(request.requests):
             try:
-                valid.append((index, _reserve_request(item)))
-                results.append(credits_pb2.BatchReserveCreditsResponse.Result())
+                valid.append(_reserve_request(item))
             except InvalidArgument as exc:
-                results.append(_error_result(exc))
-        outcomes = await self.ledger.reserve_many([r for _, r in valid])
-        for (index, _), outcome in zip(valid, outcomes, strict=True):
-            results[index] = (_error_result(outcome) if isinstance(outcome, LedgerError)
-                              else credits_pb2.BatchReserveCreditsResponse.Result(hold=_hold(outcome)))
-        return credits_pb2.BatchReserveCreditsResponse(results=results)
+                refused[index] = _error_result(exc)
+        outcomes = iter(await self.ledger.reserve_many(valid))
+        # One per email: the holds of a batch come in a few shapes (same tenant, class, amount, expiry), so each
+        # shape's message is built once and copied (in C), and only the name is set per hold.
+        shapes: dict[tuple[Any, ...], credits_pb2.Hold] = {}
+        response = credits_pb2.BatchReserveCreditsResponse()
+        results = response.results
+        for index in range(len(request.requests)):
+            result = results.add()
+            error = refused.get(index)
+            if error is not None:
+                result.CopyFrom(error)
+                continue
+            outcome = next(outcomes)
+            if isinstance(outcome, LedgerError):
+                result.CopyFrom(_error_result(outcome))
+                continue
+            key = (outcome.tenant_id, outcome.amount, outcome.committed_amount, outcome.state, outcome.message_class,
+                   outcome.expires_at)
+            shape = shapes.get(key)
+            if shape is None:
+                shape = shapes[key] = _hold(outcome)
+            hold = result.hold
+            hold.CopyFrom(shape)
+            hold.name = "holds/" + outcome.hold_id
+        return response
 
     async def CommitHold(self, request: credits_pb2.CommitHoldRequest, context: Any) -> credits_pb2.Hold:
         return _hold(await self.ledger.commit(_hold_id(request.name), request.amount or None,
@@ -169,8 +189,8 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
     consumer = OutcomeConsumer(ledger)
 
     async def consume(stop: Any) -> None:
-        await pull_loop(js, topology.events_stream, durable, topology.events_wildcard, consumer.handle, stop,
-                        batch=500)
+        await lean_pull_loop(nc, topology.events_stream, durable, consumer.handle, stop, batch=500,
+                             fetch_timeout_s=0.5)
 
     async def sweep(stop: Any) -> None:
         await ledger.run_expiry_sweeper(stop, interval_s=settings.sweep_interval_s)

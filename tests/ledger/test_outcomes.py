@@ -123,3 +123,39 @@ async def test_a_malformed_event_fails_alone(funded: Ledger) -> None:
 
     assert isinstance(bad, InvalidLedgerArgument)
     assert good.result is OutcomeResult.COMMITTED  # type: ignore[union-attr]
+
+
+async def test_one_batch_of_mixed_outcomes_journals_each_step_with_the_balance_after_it(
+    funded: Ledger, pool: AsyncConnectionPool
+) -> None:
+    for hold_id in ("m2", "m3", "m4"):
+        await funded.reserve("acme", hold_id, MessageClass.OTP)  # 5 credits each: available 80, held 20
+
+    results = await funded.apply_outcomes(
+        [
+            OutcomeEvent("e1", "m1", Outcome.FAILED),
+            OutcomeEvent("e2", "m2", Outcome.SENT),
+            OutcomeEvent("e3", "m3", Outcome.FAILED),
+            OutcomeEvent("e4", "m3", Outcome.SENT),  # the hold was released by e3 just before, in this batch
+            OutcomeEvent("e5", "m4", Outcome.SENT),
+        ]
+    )
+
+    assert [r.result for r in results] == [  # type: ignore[union-attr]
+        OutcomeResult.RELEASED,
+        OutcomeResult.COMMITTED,
+        OutcomeResult.RELEASED,
+        OutcomeResult.HOLD_ALREADY_RESOLVED,
+        OutcomeResult.COMMITTED,
+    ]
+    assert await funded.get_balance("acme") == Balance("acme", available=90, held=0, spent=10)
+    entries, _ = await funded.list_transactions("acme")
+    assert [(str(e.kind), e.hold_id, e.available_after) for e in reversed(entries[:4])] == [
+        ("release", "m1", 85),
+        ("commit", "m2", 85),
+        ("release", "m3", 90),
+        ("commit", "m4", 90),
+    ]
+    [unbilled] = await funded.pending_notifications()
+    assert (unbilled.kind, unbilled.payload["hold_id"]) == (NotificationKind.UNBILLED_SEND, "m3")
+    await check_books(pool)

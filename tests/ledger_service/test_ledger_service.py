@@ -146,3 +146,31 @@ async def test_crossing_the_low_balance_threshold_emits_one_account_event(ledger
     assert (event.tenant_id, event.kind) == ("low", "low_balance_crossed")
     with pytest.raises(nats.errors.TimeoutError):
         await sub.next_msg(timeout=2)
+
+
+async def test_a_backlog_larger_than_a_fetch_with_progress_events_between_settles_every_hold(
+        ledger_service: LedgerService):
+    await ledger_service.stub.TopUp(credits_pb2.TopUpRequest(tenant="tenants/busy", amount=10_000, request_id="t1"),
+                                    metadata=ADMIN)
+    hold_ids = [f"busy-{i}" for i in range(700)]
+    reply = await ledger_service.stub.BatchReserveCredits(credits_pb2.BatchReserveCreditsRequest(requests=[
+        credits_pb2.ReserveCreditsRequest(tenant="tenants/busy", hold_id=hold_id,
+                                          message_class=common_pb2.MESSAGE_CLASS_BULK) for hold_id in hold_ids]))
+    assert [r.hold.name for r in reply.results] == [f"holds/{hold_id}" for hold_id in hold_ids]
+    subject = ledger_service.topology.events_subject("busy")
+    for hold_id in hold_ids:  # a non-final event before each final one: the consumer must skip it and go on
+        progress = _sent_event("busy", hold_id)
+        progress.final = False
+        progress.event.type = messages_pb2.MESSAGE_EVENT_TYPE_ATTEMPTED
+        progress.event.event_id = f"{hold_id}:a:1"
+        await publish(ledger_service.js, subject, progress.SerializeToString(), msg_id=progress.event.event_id)
+        await publish(ledger_service.js, subject, _sent_event("busy", hold_id).SerializeToString(),
+                      msg_id=f"{hold_id}:sent")
+
+    async def settled() -> bool:
+        balance = await _balance(ledger_service, "busy")
+        return balance.held == 0
+
+    await _eventually(settled, timeout_s=30)
+    balance = await _balance(ledger_service, "busy")
+    assert (balance.available, balance.spent) == (10_000 - 700, 700)
