@@ -1,7 +1,8 @@
 """NATS JetStream: stream and consumer declarations in code, publishing with trace context, pull loops.
 
 Layout (DESIGN.md): stream SEND (work queue, subjects ``esp.send.<class>``, dedupe window) and stream EVENTS
-(limits, subjects ``esp.events.<tenant>``). A namespace prefixes names so several meshes can share one server.
+(limits, subjects ``esp.events.<tenant>.final`` for final outcomes and ``esp.events.<tenant>.progress`` for every
+other message event, ``esp.account.<tenant>`` for account events). A namespace prefixes names so several meshes can share one server.
 """
 
 from __future__ import annotations
@@ -58,12 +59,20 @@ class Topology:
     def send_subject(self, message_class: str) -> str:
         return self._s(f"esp.send.{message_class}")
 
-    def events_subject(self, tenant_id: str) -> str:
-        return self._s(f"esp.events.{tenant_id}")
+    def events_subject(self, tenant_id: str, *, final: bool = False) -> str:
+        """Where a tenant's message events go: final outcomes (SENT, FAILED: what settles a credit hold) apart
+        from the progress before and after them, so the ledger's consumer receives only what it acts on."""
+        return self._s(f"esp.events.{tenant_id}.{'final' if final else 'progress'}")
 
     @property
     def events_wildcard(self) -> str:
+        """Every message event of every tenant."""
         return self._s("esp.events.>")
+
+    @property
+    def final_events_wildcard(self) -> str:
+        """Final outcomes of every tenant."""
+        return self._s("esp.events.*.final")
 
     def account_subject(self, tenant_id: str) -> str:
         """Account-level events (low balance ...), on the EVENTS stream but outside the message-event subjects."""

@@ -184,8 +184,9 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
     nc = await connect(settings.nats_url, "esp-ledger")
     js = nc.jetstream()
     await ensure_streams(js, topology)
-    durable = topology.consumer("ledger")
-    await ensure_pull_consumer(js, topology.events_stream, durable, topology.events_wildcard, ack_wait_s=30)
+    # Only final outcomes settle holds; they have a subject of their own, so nothing else is fetched here.
+    durable = topology.consumer("ledger-final")
+    await ensure_pull_consumer(js, topology.events_stream, durable, topology.final_events_wildcard, ack_wait_s=30)
     consumer = OutcomeConsumer(ledger)
 
     async def consume(stop: Any) -> None:

@@ -88,7 +88,7 @@ class EventPublisher:
         ``trace`` is the trace context the email was queued with (else the current span's is used)."""
         envelope = self.envelope(task, event_type, event_id=event_id, final=final, reason=reason, facts=facts)
         headers = dict(trace) if trace else dict(inject_headers({}))
-        return await self.publisher.publish(self.topology.events_subject(task.tenant_id),
+        return await self.publisher.publish(self.topology.events_subject(task.tenant_id, final=final),
                                             envelope.SerializeToString(), event_id, headers)
 
     async def flush(self, pending: list[asyncio.Future[None]]) -> None:

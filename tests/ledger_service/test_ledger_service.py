@@ -82,7 +82,7 @@ async def test_the_same_sent_event_delivered_three_times_commits_once(ledger_ser
     envelope = _sent_event("acme", "m-1")
     # Three deliveries that JetStream's dedupe does not catch (different Nats-Msg-Ids): only the event id is equal.
     for copy in range(3):
-        await publish(ledger_service.js, ledger_service.topology.events_subject("acme"),
+        await publish(ledger_service.js, ledger_service.topology.events_subject("acme", final=True),
                       envelope.SerializeToString(), msg_id=f"copy-{copy}")
 
     async def committed() -> bool:
@@ -103,8 +103,8 @@ async def test_a_failed_event_releases_the_hold(ledger_service: LedgerService):
     envelope = _sent_event("beta", "m-2")
     envelope.event.type = messages_pb2.MESSAGE_EVENT_TYPE_FAILED
     envelope.event.event_id = "m-2:failed"
-    await publish(ledger_service.js, ledger_service.topology.events_subject("beta"), envelope.SerializeToString(),
-                  msg_id="m-2:failed")
+    await publish(ledger_service.js, ledger_service.topology.events_subject("beta", final=True),
+                  envelope.SerializeToString(), msg_id="m-2:failed")
 
     async def released() -> bool:
         balance = await _balance(ledger_service, "beta")
@@ -157,15 +157,15 @@ async def test_a_backlog_larger_than_a_fetch_with_progress_events_between_settle
         credits_pb2.ReserveCreditsRequest(tenant="tenants/busy", hold_id=hold_id,
                                           message_class=common_pb2.MESSAGE_CLASS_BULK) for hold_id in hold_ids]))
     assert [r.hold.name for r in reply.results] == [f"holds/{hold_id}" for hold_id in hold_ids]
-    subject = ledger_service.topology.events_subject("busy")
     for hold_id in hold_ids:  # a non-final event before each final one: the consumer must skip it and go on
         progress = _sent_event("busy", hold_id)
         progress.final = False
         progress.event.type = messages_pb2.MESSAGE_EVENT_TYPE_ATTEMPTED
         progress.event.event_id = f"{hold_id}:a:1"
-        await publish(ledger_service.js, subject, progress.SerializeToString(), msg_id=progress.event.event_id)
-        await publish(ledger_service.js, subject, _sent_event("busy", hold_id).SerializeToString(),
-                      msg_id=f"{hold_id}:sent")
+        await publish(ledger_service.js, ledger_service.topology.events_subject("busy"),
+                      progress.SerializeToString(), msg_id=progress.event.event_id)
+        await publish(ledger_service.js, ledger_service.topology.events_subject("busy", final=True),
+                      _sent_event("busy", hold_id).SerializeToString(), msg_id=f"{hold_id}:sent")
 
     async def settled() -> bool:
         balance = await _balance(ledger_service, "busy")
