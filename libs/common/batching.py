@@ -113,7 +113,9 @@ class GroupCommitter(Generic[RequestT, ResultT]):
             self._workers = [
                 asyncio.create_task(self._work(worker % len(self._queues))) for worker in range(self._options.workers)
             ]
-        if self._shard_key is not None:
+        if len(self._queues) == 1:
+            shard = 0
+        elif self._shard_key is not None:
             shard = hash(self._shard_key(request)) % len(self._queues)
         else:
             shard = min(range(len(self._queues)), key=lambda i: len(self._queues[i]))

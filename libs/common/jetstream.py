@@ -2,7 +2,8 @@
 
 Layout (DESIGN.md): stream SEND (work queue, subjects ``esp.send.<class>``, dedupe window) and stream EVENTS
 (limits, subjects ``esp.events.<tenant>.final`` for final outcomes and ``esp.events.<tenant>.progress`` for every
-other message event, ``esp.account.<tenant>`` for account events). A namespace prefixes names so several meshes can share one server.
+other message event, ``esp.account.<tenant>`` for account events). A namespace prefixes names so several meshes
+can share one server.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -214,22 +216,108 @@ class AckedPublisher:
 Handler = Callable[[list[Msg]], Awaitable[None]]
 
 
-async def pull_loop(js: JetStreamContext, stream: str, durable: str, filter_subject: str, handler: Handler,
-                    stop: asyncio.Event, *, batch: int = 100, fetch_timeout_s: float = 0.5) -> None:
-    """Fetch batches from a durable consumer and hand them to ``handler`` until ``stop`` is set.
+JS_API_PREFIX = "$JS.API"
+_HEARTBEAT = "100"
+_ROUTINE_ENDS = frozenset({"404", "408"})
+"""Statuses ending a pull request the ordinary way: nothing pending (no_wait), or the request expired."""
+
+
+class BatchPuller:
+    """Pull requests of one durable consumer, answered into one inbox.
+
+    nats-py's ``PullSubscription.fetch`` waits for each message of a batch through ``asyncio.wait_for`` (a task,
+    a timer and a ``uuid4`` per message); for consumers that see every event of every email that machinery cost
+    as much CPU as the work itself. Here pull requests are plain NATS requests answered into one inbox whose
+    callback only appends the messages to a list:
+
+    - a batch first asks for whatever is pending without waiting (``no_wait``), so a backlog is taken in batches
+      of up to ``batch`` messages;
+    - when nothing is pending it long-polls for a single message, so an idle stream's next message is handled
+      at once.
+
+    A message delivered after its request was given up on (late) is kept for the next batch.
+    """
+
+    def __init__(self, nc: NATS, stream: str, durable: str, *, api_prefix: str = JS_API_PREFIX) -> None:
+        self._nc = nc
+        self._subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._arrived: list[Msg] = []
+        self._wanted = 0
+        self._ended_with = ""
+        self._wakeup = asyncio.Event()
+
+    async def start(self) -> None:
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if msg.reply:  # a stream message (JetStream gives each its ack subject); statuses have none
+            self._arrived.append(msg)
+            if len(self._arrived) >= self._wanted:
+                self._wakeup.set()
+            return
+        status = msg.headers.get("Status", "") if msg.headers else ""
+        if status != _HEARTBEAT:
+            self._ended_with = status or "?"
+            self._wakeup.set()
+
+    async def next_batch(self, batch: int, idle_timeout_s: float) -> list[Msg]:
+        """Up to ``batch`` messages: those pending now, else the first to arrive within ``idle_timeout_s``
+        (else none)."""
+        msgs = await self._request(batch, no_wait=True, timeout_s=5.0)
+        if msgs:
+            return msgs
+        return await self._request(1, no_wait=False, timeout_s=idle_timeout_s)
+
+    async def _request(self, batch: int, *, no_wait: bool, timeout_s: float) -> list[Msg]:
+        if len(self._arrived) < batch:
+            self._wanted = batch
+            self._ended_with = ""
+            self._wakeup.clear()
+            request: dict[str, object] = {"batch": batch - len(self._arrived)}
+            if no_wait:
+                request["no_wait"] = True
+            else:
+                # The server ends the request (408) just before we would stop waiting for it.
+                request["expires"] = max(1, int(timeout_s * 1e9) - 50_000_000)
+            await self._nc.publish(self._subject, json.dumps(request).encode(), reply=self._inbox)
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
+            except TimeoutError:
+                pass
+            if self._ended_with and self._ended_with not in _ROUTINE_ENDS:
+                log.warning("pull request on %s ended with status %s", self._subject, self._ended_with)
+                if not self._arrived:
+                    await asyncio.sleep(0.2)  # e.g. the consumer is being recreated: do not spin
+        msgs, self._arrived = self._arrived[:batch], self._arrived[batch:]
+        return msgs
+
+
+async def pull_loop(nc: NATS, stream: str, durable: str, handler: Handler, stop: asyncio.Event, *,
+                    batch: int = 100, idle_timeout_s: float = 1.0) -> None:
+    """Hand batches of a durable pull consumer's messages to ``handler`` until ``stop`` is set.
 
     The handler acks (or naks) each message itself: acking only after its effect is durable is what makes
     delivery at-least-once. A handler error leaves the batch unacked, so it is redelivered after ``ack_wait``.
     """
-    sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
+    puller = BatchPuller(nc, stream, durable)
+    await puller.start()
     try:
         while not stop.is_set():
             try:
-                msgs = await sub.fetch(batch, timeout=fetch_timeout_s)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+                msgs = await puller.next_batch(batch, idle_timeout_s)
+            except Exception:  # e.g. reconnecting: the request could not be published
+                log.warning("pull request on %s failed", durable, exc_info=True)
                 await asyncio.sleep(0.5)
+                continue
+            if not msgs:
                 continue
             try:
                 await handler(msgs)
@@ -240,6 +328,6 @@ async def pull_loop(js: JetStreamContext, stream: str, durable: str, filter_subj
                 await asyncio.sleep(0.2)
     finally:
         try:
-            await sub.unsubscribe()
+            await puller.stop()
         except Exception:  # the connection may already be closed
             log.debug("unsubscribe failed", exc_info=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, MutableMapping
 
 from opentelemetry import context, propagate, trace
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -30,6 +32,23 @@ def configure_tracing(service: str, otlp_endpoint: str = "") -> None:
         else:
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
     trace.set_tracer_provider(provider)
+
+
+def tracing_enabled() -> bool:
+    """True once a real tracer provider is installed (by :func:`configure_tracing`, or by a test): only then do
+    spans record anything."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
+def carries_trace_context(carrier: Mapping[str, str]) -> bool:
+    """True when ``carrier`` holds a header the global propagator reads (``traceparent``, ``baggage`` ...)."""
+    return any(name in carrier for name in _fields_read_by(propagate.get_global_textmap()))
+
+
+@functools.lru_cache(maxsize=4)
+def _fields_read_by(textmap: TextMapPropagator) -> frozenset[str]:
+    # A composite propagator builds a new set on every ``fields`` access: once per propagator is enough.
+    return frozenset(textmap.fields)
 
 
 def inject_headers(carrier: MutableMapping[str, str]) -> MutableMapping[str, str]:

@@ -30,7 +30,6 @@ import logging
 import uuid
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from esp.v1 import messages_pb2
@@ -42,7 +41,13 @@ from libs.common.jetstream import Topology
 from services.ingest.limits import AdmissionTicket, RedisGate
 from services.ingest.model import EmailDraft, StoredAttachment
 from services.ingest.outbox import OutboxRow
-from services.ingest.payloads import accepted_event, build_send_task, message_resource, request_fingerprint
+from services.ingest.payloads import (
+    accepted_event,
+    accepted_now,
+    build_send_task,
+    message_resource,
+    request_fingerprint,
+)
 from services.ingest.sizing import SizeDecision, SizePolicy
 from services.ingest.store import MessageStore, NewMessage, StoredMessage
 from services.ingest.tenants import Tenant, TenantStore
@@ -186,15 +191,16 @@ class Acceptor:
                       attachments: list[StoredAttachment], sizing: SizeDecision,
                       ticket: AdmissionTicket) -> Accepted:
         """Steps 7-9."""
+        message_key = str(message_id)
         try:
-            credits = await self.credits.reserve(tenant_id, str(message_id), draft.message_class, 1,
+            credits = await self.credits.reserve(tenant_id, message_key, draft.message_class, 1,
                                                  sum(a.size_bytes for a in attachments))
         except BaseException:
             await self._undo_quietly(ticket)
             raise
         try:
-            now = datetime.now(UTC)
-            task = build_send_task(message_id, tenant_id, draft, attachments, now,
+            now, accepted_time = accepted_now()
+            task = build_send_task(message_key, tenant_id, draft, attachments, accepted_time,
                                    attachments_as_links=sizing.attachments_as_links)
             message = message_resource(task, request_id=draft.request_id, credits=credits)
             event = accepted_event(task, message, sizing.event_attributes())
@@ -202,17 +208,17 @@ class Acceptor:
             inserted = await self.store.insert(NewMessage(
                 id=message_id, tenant_id=tenant_id, request_id=draft.request_id, fingerprint=fingerprint,
                 message_class=draft.message_class, task=task_bytes, credits=credits, created_at=now,
-                outbox=(OutboxRow(self.topology.send_subject(draft.message_class), str(message_id), task_bytes),
+                outbox=(OutboxRow(self.topology.send_subject(draft.message_class), message_key, task_bytes),
                         OutboxRow(self.topology.events_subject(tenant_id), event.event.event_id,
                                   event.SerializeToString()))))
         except BaseException as exc:
             # The hold has no message: give the credits back now rather than at the hold's expiry.
-            await self._release_quietly(str(message_id), f"accept failed: {type(exc).__name__}")
+            await self._release_quietly(message_key, f"accept failed: {type(exc).__name__}")
             await self._undo_quietly(ticket)
             raise
         if not inserted:
             # Postgres already has this request_id (Redis had forgotten it): answer as the first time.
-            await self._release_quietly(str(message_id), "duplicate request_id")
+            await self._release_quietly(message_key, "duplicate request_id")
             await self._undo_quietly(ticket)
             earlier = await self.store.by_request_id(tenant_id, draft.request_id)
             if earlier is None:

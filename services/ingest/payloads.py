@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from esp.internal.v1 import queue_pb2
 from esp.v1 import common_pb2, messages_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from libs.common.timestamps import to_timestamp
 from services.ingest.model import EmailDraft, Mailbox, StoredAttachment
@@ -57,8 +59,20 @@ def estimated_message_bytes(draft: EmailDraft, attachments: list[StoredAttachmen
     return 2048 + body * 4 // 3 + carried
 
 
-def build_send_task(message_id: uuid.UUID, tenant_id: str, draft: EmailDraft, attachments: list[StoredAttachment],
-                    accepted_at: datetime, *, attachments_as_links: bool = False) -> queue_pb2.SendTask:
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def accepted_now() -> tuple[datetime, Timestamp]:
+    """The current time as a datetime (for Postgres) and as the equal Timestamp (for the payloads), to the
+    microsecond. Built from one clock reading: ``Timestamp.FromDatetime`` costs several µs of Python per email."""
+    now_us = time.time_ns() // 1000
+    seconds, micros = divmod(now_us, 1_000_000)
+    return _EPOCH + timedelta(microseconds=now_us), Timestamp(seconds=seconds, nanos=micros * 1000)
+
+
+def build_send_task(message_id: uuid.UUID | str, tenant_id: str, draft: EmailDraft,
+                    attachments: list[StoredAttachment], accepted_at: datetime | Timestamp, *,
+                    attachments_as_links: bool = False) -> queue_pb2.SendTask:
     """The SEND stream payload: the whole email, so a sender needs no lookup. ``message_bytes`` is the size the
     providers will see (with links instead of attachments when ``attachments_as_links``)."""
     return queue_pb2.SendTask(
@@ -81,7 +95,7 @@ def build_send_task(message_id: uuid.UUID, tenant_id: str, draft: EmailDraft, at
             for a in attachments
         ],
         message_bytes=estimated_message_bytes(draft, attachments, as_links=attachments_as_links),
-        accepted_time=to_timestamp(accepted_at),
+        accepted_time=accepted_at if isinstance(accepted_at, Timestamp) else to_timestamp(accepted_at),
         attachments_as_links=attachments_as_links,
         **{"from": common_pb2.EmailAddress(email=draft.sender.email, name=draft.sender.name)},
     )

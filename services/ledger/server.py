@@ -11,7 +11,7 @@ from libs.common.auth import TrustedHeaderAuthenticator, check_tenant_access
 from libs.common.batching import BatchingOptions
 from libs.common.errors import FieldViolation, InvalidArgument, error_parts
 from libs.common.grpc_server import ServiceApp
-from libs.common.jetstream import Topology, connect, ensure_pull_consumer, ensure_streams
+from libs.common.jetstream import Topology, connect, ensure_pull_consumer, ensure_streams, pull_loop
 from libs.common.timestamps import to_timestamp
 from services.ledger.config import LedgerSettings
 from services.ledger.errors import LedgerError
@@ -19,7 +19,6 @@ from services.ledger.ledger import Ledger, LedgerOptions
 from services.ledger.models import Balance, Hold, HoldState, MessageClass, PriceOverrides, ReserveRequest
 from services.ledger.notifications import NotificationPublisher
 from services.ledger.outcomes import OutcomeConsumer
-from services.ledger.pull import lean_pull_loop
 
 _CLASS = {common_pb2.MESSAGE_CLASS_OTP: MessageClass.OTP,
           common_pb2.MESSAGE_CLASS_TRANSACTIONAL: MessageClass.TRANSACTIONAL,
@@ -190,8 +189,7 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
     consumer = OutcomeConsumer(ledger)
 
     async def consume(stop: Any) -> None:
-        await lean_pull_loop(nc, topology.events_stream, durable, consumer.handle, stop, batch=500,
-                             fetch_timeout_s=0.5)
+        await pull_loop(nc, topology.events_stream, durable, consumer.handle, stop, batch=500, idle_timeout_s=0.5)
 
     async def sweep(stop: Any) -> None:
         await ledger.run_expiry_sweeper(stop, interval_s=settings.sweep_interval_s)

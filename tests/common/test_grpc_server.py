@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -13,6 +13,10 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from libs.common.auth import TrustedHeaderAuthenticator, current_principal
 from libs.common.errors import FieldViolation, InvalidArgument
@@ -133,3 +137,30 @@ async def test_shutdown_lets_an_in_flight_call_finish(server):
         stop.set()
         reply = await asyncio.wait_for(call, 10)
     assert reply.next_page_token == "done"
+
+
+@pytest.fixture
+def finished_spans() -> Iterator[InMemorySpanExporter]:
+    """Spans recorded from now on (installs an SDK tracer provider if the session has none yet)."""
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()  # a processor cannot be removed; a shut-down exporter drops what it is given
+
+
+async def test_the_server_span_continues_the_callers_trace(server, finished_spans):
+    addr, _, _ = server
+    trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    async with grpc.aio.insecure_channel(addr) as channel:
+        await credits_pb2_grpc.CreditServiceStub(channel).GetBalance(
+            credits_pb2.GetBalanceRequest(), metadata=(("x-esp-tenant", "acme"), ("x-esp-scopes", "read"),
+                                                       ("traceparent", f"00-{trace_id}-{parent_id}-01")))
+    spans = [s for s in finished_spans.get_finished_spans() if s.name == "/esp.v1.CreditService/GetBalance"]
+    assert len(spans) == 1
+    assert spans[0].kind == trace.SpanKind.SERVER
+    assert f"{spans[0].context.trace_id:032x}" == trace_id
+    assert spans[0].parent is not None and f"{spans[0].parent.span_id:016x}" == parent_id

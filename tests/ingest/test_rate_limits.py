@@ -3,9 +3,16 @@ with RetryInfo and QuotaFailure, and nothing spent."""
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+
 import grpc
 from esp.v1 import common_pb2, credits_pb2, tenants_pb2
 
+from libs.common.errors import EspError
+from libs.common.suppressions import suppression_key
+from services.ingest.limits import _ADMIT, AdmissionTicket, _Admitter
+from services.ingest.model import EmailDraft, Mailbox
 from tests.ingest.conftest import IngestHarness, refused, send_request
 
 SLOW = 0.1
@@ -106,3 +113,44 @@ async def test_a_send_refused_for_lack_of_credits_gives_its_rate_token_and_quota
     await harness.credits.TopUp(credits_pb2.TopUpRequest(tenant=tenant.name, amount=1000, request_id="top-up"),
                                 metadata=harness.admin)
     await harness.send(tenant, send_request())  # neither the rate (burst 1) nor the quota (1) was spent
+
+
+async def test_concurrent_emails_decided_in_one_script_call_each_get_their_own_outcome(harness: IngestHarness):
+    # Concurrent admits share one call of the gate's script; each email must see the ones before it in the batch
+    # (quota, rate, request_id claims) and get its own answer.
+    tenant = await harness.new_tenant(daily_quota=2)
+    await harness.parts.redis.sadd(suppression_key(harness.namespace, tenant.id), "blocked@example.net")
+    gate = harness.parts.gate
+
+    def draft(to: str, request_id: str = "") -> EmailDraft:
+        return EmailDraft(message_class="transactional", sender=Mailbox("shop@example.com"), to=(Mailbox(to),),
+                          text_body="hi", request_id=request_id)
+
+    async def admit(email: EmailDraft) -> object:
+        try:
+            return await gate.admit(tenant.id, email, rate_per_second=1000, daily_quota=2,
+                                    claim=f"claim-of-{email.request_id}" if email.request_id else "")
+        except EspError as exc:
+            return exc.reason
+
+    outcomes = await asyncio.gather(admit(draft("Blocked@Example.net")), admit(draft("a@example.net", "same")),
+                                    admit(draft("b@example.net", "same")), admit(draft("c@example.net")),
+                                    admit(draft("d@example.net")))
+    assert outcomes[0] == "SUPPRESSED_RECIPIENT"
+    assert isinstance(outcomes[1], AdmissionTicket)
+    assert outcomes[2] == b"claim-of-same"  # the twin sees the claim its predecessor in the batch just took
+    assert isinstance(outcomes[3], AdmissionTicket)
+    assert outcomes[4] == "DAILY_QUOTA_EXCEEDED"
+    assert await gate.used_today(tenant.id) == 2
+
+
+async def test_the_gate_loads_its_script_again_when_redis_has_forgotten_it(harness: IngestHarness):
+    # A script body Redis has never seen stands for one it forgot (restart, failover): the first call is answered
+    # NOSCRIPT, and the gate loads the script and runs the batch again.
+    admitter = _Admitter(harness.parts.redis, claim_ttl_s=60, script=f"{_ADMIT}\n-- {secrets.token_hex(8)}")
+    keys = tuple(f"{harness.namespace}:noscript:{secrets.token_hex(4)}:{part}" for part in ("idem", "supp", "rl", "q"))
+    try:
+        outcome = await admitter.admit(keys, ("", "1000.000", "0.000", 1, 0, 1, "a@example.net"))
+    finally:
+        await admitter.close()
+    assert outcome == [0, b"1"]
