@@ -11,17 +11,15 @@ a publish that had in fact landed before a crash.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from psycopg_pool import AsyncConnectionPool
 
-from libs.common.metrics import JETSTREAM_PUBLISHED
+from libs.common.jetstream import AckedPublisher
 from services.ingest.pg import autocommit
 
 log = logging.getLogger(__name__)
@@ -42,55 +40,6 @@ class CommittedRow:
 
     id: int
     row: OutboxRow
-
-
-class PublishRejected(Exception):
-    """JetStream answered a publish with an error (or no stream listens on the subject)."""
-
-
-class AckedPublisher:
-    """Publishes to JetStream without waiting for each ack: every message carries its own reply subject and the
-    acks are matched to futures as they arrive. Leaner than a request per message, which at two messages per
-    email would cost more than the rest of the accept path."""
-
-    def __init__(self, nc: NATS) -> None:
-        self.nc = nc
-        self._prefix = ""
-        self._pending: dict[str, asyncio.Future[None]] = {}
-        self._next = 0
-
-    async def publish(self, subject: str, payload: bytes, msg_id: str) -> asyncio.Future[None]:
-        """Send one message (``Nats-Msg-Id`` = ``msg_id``); the future resolves when JetStream has stored it."""
-        if not self._prefix:
-            self._prefix = f"{self.nc.new_inbox()}."
-            await self.nc.subscribe(f"{self._prefix}*", cb=self._on_ack)
-        self._next += 1
-        token = str(self._next)
-        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending[token] = ack
-        try:
-            await self.nc.publish(subject, payload, reply=self._prefix + token, headers={"Nats-Msg-Id": msg_id})
-        except BaseException:
-            self._pending.pop(token, None)
-            raise
-        return ack
-
-    def forget(self, acks: Sequence[asyncio.Future[None]]) -> None:
-        """Stop waiting for these acks (timed out): a late ack is then ignored."""
-        waiting = set(map(id, acks))
-        for token in [t for t, f in self._pending.items() if id(f) in waiting]:
-            self._pending.pop(token).cancel()
-
-    async def _on_ack(self, msg: Msg) -> None:
-        ack = self._pending.pop(msg.subject[len(self._prefix):], None)
-        if ack is None or ack.done():
-            return
-        if msg.headers and msg.headers.get("Status") == "503":
-            ack.set_exception(PublishRejected(f"no stream listens on {msg.subject}"))
-        elif b'"error"' in msg.data:  # a PubAck is small JSON; only errors need parsing
-            ack.set_exception(PublishRejected(str(json.loads(msg.data).get("error"))))
-        else:
-            ack.set_result(None)
 
 
 class OutboxPublisher:
@@ -166,14 +115,6 @@ class OutboxPublisher:
         if len(done) < len(rows):
             log.warning("outbox: %d of %d publishes unconfirmed; they stay for the next pass",
                         len(rows) - len(done), len(rows))
-        published = set(done)
-        per_stream: dict[str, int] = {}
-        for committed in rows:
-            if committed.id in published:
-                stream = committed.row.subject.rsplit(".", 1)[0]
-                per_stream[stream] = per_stream.get(stream, 0) + 1
-        for stream, count in per_stream.items():  # one label lookup per stream, not per row
-            JETSTREAM_PUBLISHED.labels(stream).inc(count)
         return done
 
     async def run(self, stop: asyncio.Event) -> None:
