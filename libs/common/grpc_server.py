@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
 import signal
 import sys
 import time
@@ -304,6 +305,8 @@ def run(name: str, settings_cls: type[S], build: Callable[[S], Awaitable[Service
     except SettingsError as exc:
         print(f"esp-{name}: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
+    if settings.niceness > 0:
+        os.nice(settings.niceness)
     configure_logging(name, settings.log_level, settings.log_format)
     configure_tracing(name, settings.otel_exporter_otlp_endpoint)
 

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 
+from libs.common.grpc_server import event_loop_factory
 from libs.common.logging import configure_logging
 from libs.common.metrics import start_metrics_server
 from libs.common.settings import SettingsError, load_settings
@@ -82,11 +83,13 @@ def main() -> None:
         print(f"esp-sender-worker: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     name = "sender-" + "-".join(settings.sender_classes)
-    if settings.sender_classes == ("bulk",) and settings.bulk_worker_niceness > 0:
-        os.nice(settings.bulk_worker_niceness)
+    niceness = settings.niceness + (settings.bulk_worker_niceness if settings.sender_classes == ("bulk",) else 0)
+    if niceness > 0:
+        os.nice(min(19, niceness))
     configure_logging(name, settings.log_level, settings.log_format)
     configure_tracing(name, settings.otel_exporter_otlp_endpoint)
-    asyncio.run(serve(settings))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(serve(settings))
 
 
 if __name__ == "__main__":
