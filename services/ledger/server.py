@@ -189,7 +189,8 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
     consumer = OutcomeConsumer(ledger)
 
     async def consume(stop: Any) -> None:
-        await pull_loop(nc, topology.events_stream, durable, consumer.handle, stop, batch=500, idle_timeout_s=0.5)
+        await pull_loop(nc, topology.events_stream, durable, consumer.handle, stop, batch=settings.outcome_batch_size,
+                        idle_timeout_s=0.5)
 
     async def sweep(stop: Any) -> None:
         await ledger.run_expiry_sweeper(stop, interval_s=settings.sweep_interval_s)
