@@ -71,6 +71,9 @@ NATS_URL = os.environ.get("ESP_BENCH_NATS_URL", "nats://127.0.0.1:4222")
 LOG_DIR = m.ROOT / ".dev" / "bench-e2e"
 PERSONALITIES = {"bulk": "mailgun", "transactional": "postmark", "otp-flaky": "postmark", "otp-steady": "postmark"}
 """Simulator personality → provider type. Bulk goes to Mailgun: 1,000 recipients of one newsletter per call."""
+SIMULATOR_HOSTS = {"bulk": ("bulk",), "direct": ("transactional", "otp-flaky", "otp-steady")}
+"""Simulator processes → the personalities each serves. Providers are separate companies' servers: one process for
+all of them would make an OTP's arrival wait while the same event loop parses a 1,000-recipient bulk call."""
 TENANT = "bench"
 CLASSES = {"otp": common_pb2.MESSAGE_CLASS_OTP, "transactional": common_pb2.MESSAGE_CLASS_TRANSACTIONAL,
            "bulk": common_pb2.MESSAGE_CLASS_BULK}
@@ -82,11 +85,12 @@ class Environment:
 
     config: m.MeshConfig
     mesh: m.Mesh
-    simulator_url: str
+    simulator_urls: dict[str, str]
+    """Personality → base URL of the simulator process serving it."""
     api_key: str
     sender_metrics_port: int
     """The sender's Prometheus port; its worker for class i (in ESP_SENDER_CLASSES order) serves on port + 1 + i."""
-    simulator: m.Process
+    simulators: list[m.Process]
 
     @property
     def endpoint(self) -> str:
@@ -110,8 +114,13 @@ def environment() -> Iterator[Environment]:
     try:
         s3_port = m.free_port()
         processes.append(m.start_s3(s3_port, LOG_DIR))
-        simulator_url, simulator = start_simulator()
-        processes.append(simulator)
+        simulator_urls: dict[str, str] = {}
+        simulators: list[m.Process] = []
+        for host, served in SIMULATOR_HOSTS.items():
+            url, simulator = start_simulator(host, served)
+            processes.append(simulator)
+            simulators.append(simulator)
+            simulator_urls.update(dict.fromkeys(served, url))
         namespace = f"bench{secrets.token_hex(3)}"
         config = m.MeshConfig(
             postgres_dsn=dsn, redis_url=REDIS_URL, nats_url=NATS_URL, s3_endpoint=f"http://127.0.0.1:{s3_port}",
@@ -133,7 +142,7 @@ def environment() -> Iterator[Environment]:
                 timeout=10)
             api_key = seed.create_api_key(channel, config.admin_token, TENANT)
             seed.top_up(channel, config.admin_token, TENANT, 10**12, "bench-credits")
-        yield Environment(config, mesh, simulator_url, api_key, metrics_port, simulator)
+        yield Environment(config, mesh, simulator_urls, api_key, metrics_port, simulators)
     finally:
         if mesh is not None:
             mesh.stop()
@@ -161,39 +170,47 @@ def _credentials(name: str) -> dict[str, str]:
     return {"server_token": f"{name}-token", "webhook_user": "hook", "webhook_password": "hook"}
 
 
-def start_simulator() -> tuple[str, m.Process]:
-    """The simulator with the benchmark's personalities, zero latency."""
-    personalities = LOG_DIR / "personalities.json"
+def start_simulator(host: str, served: Sequence[str]) -> tuple[str, m.Process]:
+    """A simulator process serving the ``served`` personalities, zero latency."""
+    personalities = LOG_DIR / f"personalities-{host}.json"
     personalities.write_text(json.dumps({"personalities": [
-        {"name": name, "type": kind, "credentials": _credentials(name)} for name, kind in PERSONALITIES.items()]}))
+        {"name": name, "type": PERSONALITIES[name], "credentials": _credentials(name)} for name in served]}))
     http_port = m.free_port()
-    process = m.spawn("simulator", [sys.executable, "-m", "dev.simulator", "--http-port", str(http_port),
+    process = m.spawn(f"simulator-{host}", [sys.executable, "-m", "dev.simulator", "--http-port", str(http_port),
                                     "--smtp-port", str(m.free_port()), "--personalities", str(personalities),
                                     "--seed", "1", "--log-cap", "1000000"], LOG_DIR)
-    m.wait_port(http_port, 30, process.popen, "simulator")
+    m.wait_port(http_port, 30, process.popen, f"simulator-{host}")
     return f"http://127.0.0.1:{http_port}", process
 
 
 # -- talking to the mesh and the simulator ------------------------------------------------------------------------
 class Simulator:
-    """Reads the simulator's request log incrementally (it grows large)."""
+    """The simulator processes' request logs, read incrementally (they grow large) and merged."""
 
-    def __init__(self, url: str) -> None:
-        self.client = httpx.AsyncClient(base_url=url, timeout=60)
+    def __init__(self, urls: dict[str, str]) -> None:
+        self.urls = urls
+        self.clients = {url: httpx.AsyncClient(base_url=url, timeout=60) for url in dict.fromkeys(urls.values())}
         self.records: list[dict[str, Any]] = []
+        self._last_seq = dict.fromkeys(self.clients, 0)
 
     async def reset(self) -> None:
-        (await self.client.post("/_sim/reset")).raise_for_status()
+        for client in self.clients.values():
+            (await client.post("/_sim/reset")).raise_for_status()
         self.records.clear()
+        self._last_seq = dict.fromkeys(self.clients, 0)
 
     async def knobs(self, personality: str, **values: Any) -> None:
-        (await self.client.patch(f"/_sim/personalities/{personality}/knobs", json=values)).raise_for_status()
+        client = self.clients[self.urls[personality]]
+        (await client.patch(f"/_sim/personalities/{personality}/knobs", json=values)).raise_for_status()
 
     async def read(self) -> list[dict[str, Any]]:
-        since = self.records[-1]["seq"] if self.records else 0
-        response = await self.client.get("/_sim/requests", params={"since": since})
-        response.raise_for_status()
-        self.records.extend(response.json())
+        for url, client in self.clients.items():
+            response = await client.get("/_sim/requests", params={"since": self._last_seq[url]})
+            response.raise_for_status()
+            fresh = response.json()
+            if fresh:
+                self._last_seq[url] = fresh[-1]["seq"]
+                self.records.extend(fresh)
         return self.records
 
     async def arrivals(self, wanted: set[str], timeout_s: float) -> dict[str, float]:
@@ -208,7 +225,8 @@ class Simulator:
                     continue
                 for message in record["messages"]:
                     mid = message["esp_message_id"]
-                    if mid in wanted and message["rejection"] is None and mid not in found:
+                    if mid in wanted and message["rejection"] is None and (mid not in found
+                                                                           or record["arrived_at"] < found[mid]):
                         found[mid] = record["arrived_at"]
             seen = len(records)
             if len(found) == len(wanted):
@@ -218,7 +236,8 @@ class Simulator:
             await asyncio.sleep(0.5)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for client in self.clients.values():
+            await client.aclose()
 
 
 async def set_providers(env: Environment, providers: dict[str, dict[str, Any]]) -> None:
@@ -245,7 +264,8 @@ async def set_providers(env: Environment, providers: dict[str, dict[str, Any]]) 
                 credentials, options = {"server_token": secrets_["server_token"]}, {}
             await stub.CreateProvider(providers_pb2.CreateProviderRequest(
                 provider_id=provider_id, provider=providers_pb2.Provider(
-                    type=kind, endpoint=f"{env.simulator_url}/p/{personality}", credentials=credentials,
+                    type=kind, endpoint=f"{env.simulator_urls[personality]}/p/{personality}",
+                    credentials=credentials,
                     options={"timeout_s": "5", **options}, allowed_classes=[CLASSES[c] for c in classes],
                     **fields)),
                 metadata=env.admin(), timeout=10)
@@ -293,7 +313,7 @@ def cpu_seconds(env: Environment) -> dict[str, float]:
         return table.get(pid, ("", 0, 0.0))[2] + sum(tree(child) for child in children.get(pid, []))
 
     totals = {name: tree(process.popen.pid) for name, process in env.mesh.processes.items()}
-    totals["simulator"] = tree(env.simulator.popen.pid)
+    totals["simulator"] = sum(tree(process.popen.pid) for process in env.simulators)
     totals["bench-client"] = table[os.getpid()][2]  # the load generator alone (every other process is its child)
     for server in SHARED_SERVERS:
         totals[server] = sum(cpu for name, _parent, cpu in table.values() if name == server)
@@ -471,7 +491,7 @@ def percentile(values: Sequence[float], share: float) -> float:
 
 
 async def measure_all(env: Environment, args: argparse.Namespace) -> dict[str, list[float]]:
-    simulator = Simulator(env.simulator_url)
+    simulator = Simulator(env.simulator_urls)
     samples: dict[str, list[float]] = {}
 
     def keep(metric: str, value: float) -> None:

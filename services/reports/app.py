@@ -63,8 +63,9 @@ async def build_app(settings: ReportsSettings, *,
                 await close()
         raise
 
-    consumer = EventConsumer(pool, redis, js, topology, ConsumerOptions(
+    consumer = EventConsumer(pool, redis, nc, topology, ConsumerOptions(
         batch_size=settings.consumer_batch_size,
+        linger_s=settings.consumer_linger_s,
         max_ack_pending=settings.consumer_max_ack_pending,
         ack_wait_s=settings.consumer_ack_wait_s,
         parked_sweep_interval_s=settings.parked_sweep_interval_s,

@@ -7,7 +7,7 @@ is the only place the consumer and the receiver touch those messages.
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from esp.internal.v1 import queue_pb2
 from esp.v1 import common_pb2, messages_pb2
@@ -60,8 +60,25 @@ def event_type_name(event_type: EventType) -> str:
 
 
 def timestamp_to_datetime(stamp: Timestamp) -> datetime:
-    """An aware UTC datetime from a protobuf Timestamp."""
-    return stamp.ToDatetime(tzinfo=UTC)
+    """An aware UTC datetime from a protobuf Timestamp (``Timestamp.ToDatetime`` exactly, without its checks)."""
+    return _EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Enum names resolved once: the consumer decodes every event of the stream, and protobuf's Name() lookups and
+# the domain enums' constructors were a visible part of that.
+_EVENT_TYPES: dict[int, EventType] = {
+    value: EventType(name.removeprefix(_EVENT_TYPE_PREFIX).lower())
+    for name, value in messages_pb2.MessageEventType.items() if value != messages_pb2.MESSAGE_EVENT_TYPE_UNSPECIFIED
+}
+_OUTCOMES: dict[int, str] = {
+    value: name.removeprefix(_OUTCOME_PREFIX).lower() for name, value in messages_pb2.AttemptOutcome.items()
+}
+_OUTCOMES[0] = ""
+_CLASS_NAMES: dict[int, str] = {
+    value: name.removeprefix(_CLASS_PREFIX).lower() for name, value in common_pb2.MessageClass.items()
+}
+_CLASS_NAMES[common_pb2.MESSAGE_CLASS_UNSPECIFIED] = ""
 
 
 def decode_envelope(payload: bytes, fallback_event_id: str = "") -> MessageEventRecord:
@@ -81,24 +98,25 @@ def decode_envelope(payload: bytes, fallback_event_id: str = "") -> MessageEvent
     except Exception as exc:  # protobuf raises DecodeError, a bare Exception subclass
         raise UndecodableEvent(f"not an EventEnvelope: {exc}") from exc
     event = envelope.event
-    if not envelope.tenant_id or not envelope.message_id:
+    tenant_id, message_id = envelope.tenant_id, envelope.message_id
+    if not tenant_id or not message_id:
         raise UndecodableEvent("EventEnvelope without tenant_id or message_id")
-    try:
-        type_name = messages_pb2.MessageEventType.Name(event.type)
-    except ValueError as exc:
-        raise UndecodableEvent(f"unknown event type {event.type}") from exc
-    if event.type == messages_pb2.MESSAGE_EVENT_TYPE_UNSPECIFIED:
-        raise UndecodableEvent("EventEnvelope without an event type")
-    event_type = EventType(type_name.removeprefix(_EVENT_TYPE_PREFIX).lower())
+    event_type = _EVENT_TYPES.get(event.type)
+    if event_type is None:
+        if event.type == messages_pb2.MESSAGE_EVENT_TYPE_UNSPECIFIED:
+            raise UndecodableEvent("EventEnvelope without an event type")
+        raise UndecodableEvent(f"unknown event type {event.type}")
     event_id = event.event_id or fallback_event_id or "sha256:" + hashlib.sha256(payload).hexdigest()
-    event_time = timestamp_to_datetime(event.event_time) if event.HasField("event_time") else datetime.now(UTC)
-    message_class = message_class_name(envelope.message_class)
+    message_class = _CLASS_NAMES.get(envelope.message_class, "")
     accepted = None
-    if event_type is EventType.ACCEPTED and envelope.HasField("message"):
-        accepted = _accepted(envelope.message, message_class, event_time)
-        message_class = accepted.message_class or message_class
-    return _record(event, envelope.tenant_id, envelope.message_id, event_id, event_type, event_time,
-                   message_class, accepted)
+    try:
+        event_time = timestamp_to_datetime(event.event_time) if event.HasField("event_time") else datetime.now(UTC)
+        if event_type is EventType.ACCEPTED and envelope.HasField("message"):
+            accepted = _accepted(envelope.message, message_class, event_time)
+            message_class = accepted.message_class or message_class
+    except OverflowError as exc:  # a timestamp outside datetime's range
+        raise UndecodableEvent(f"EventEnvelope with an impossible time: {exc}") from exc
+    return _record(event, tenant_id, message_id, event_id, event_type, event_time, message_class, accepted)
 
 
 def record_from_message_event(event: messages_pb2.MessageEvent, tenant_id: str, message_id: str,
@@ -112,9 +130,7 @@ def record_from_message_event(event: messages_pb2.MessageEvent, tenant_id: str, 
 def _record(event: messages_pb2.MessageEvent, tenant_id: str, message_id: str, event_id: str,
             event_type: EventType, event_time: datetime, message_class: str,
             accepted: AcceptedMessage | None) -> MessageEventRecord:
-    outcome = ""
-    if event.outcome:
-        outcome = messages_pb2.AttemptOutcome.Name(event.outcome).removeprefix(_OUTCOME_PREFIX).lower()
+    attributes = event.attributes
     return MessageEventRecord(
         event_id=event_id,
         tenant_id=tenant_id,
@@ -127,11 +143,11 @@ def _record(event: messages_pb2.MessageEvent, tenant_id: str, message_id: str, e
         recipient=event.recipient,
         reason=event.reason,
         attempt=event.attempt,
-        outcome=outcome,
+        outcome=_OUTCOMES.get(event.outcome) or "",
         latency_ms=event.latency_ms,
         bounce_type=event.bounce_type,
         url=event.url,
-        attributes=dict(event.attributes),
+        attributes=dict(attributes) if attributes else {},
         accepted=accepted,
     )
 
@@ -141,15 +157,16 @@ def _mailbox(address: common_pb2.EmailAddress) -> Mailbox:
 
 
 def _accepted(message: messages_pb2.Message, envelope_class: str, event_time: datetime) -> AcceptedMessage:
+    metadata = message.metadata
     return AcceptedMessage(
-        message_class=message_class_name(message.message_class) or envelope_class,
+        message_class=_CLASS_NAMES.get(message.message_class, "") or envelope_class,
         sender=_mailbox(getattr(message, "from")),
-        to=tuple(_mailbox(a) for a in message.to),
-        cc=tuple(_mailbox(a) for a in message.cc),
-        bcc=tuple(_mailbox(a) for a in message.bcc),
+        to=tuple(map(_mailbox, message.to)),
+        cc=tuple(map(_mailbox, message.cc)) if message.cc else (),
+        bcc=tuple(map(_mailbox, message.bcc)) if message.bcc else (),
         subject=message.subject,
         tags=tuple(message.tags),
-        metadata=dict(message.metadata),
+        metadata=dict(metadata) if metadata else {},
         attachment_ids=tuple(message.attachment_ids),
         request_id=message.request_id,
         credits=message.credits,

@@ -1,15 +1,16 @@
 """The reports domain's values: message states and their order, events, message status, suppressions, stats.
 
-Plain dataclasses and enums, no protobuf types: ``services/reports/server.py`` translates to and from the API.
+Plain records and enums, no protobuf types: ``services/reports/server.py`` translates to and from the API.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Generic, TypeVar
+from types import MappingProxyType
+from typing import Generic, NamedTuple, TypeVar
 
 from libs.common.suppressions import normalise_email  # noqa: F401 - re-exported for reports' modules
 
@@ -76,20 +77,21 @@ STATE_TRANSITIONS: Mapping[EventType, tuple[MessageState, int]] = {
 PLACEHOLDER_STATE = (MessageState.ACCEPTED, 0)
 """State of a message known only from events that do not set one (it was accepted, or nothing would happen)."""
 
+EMPTY_MAPPING: Mapping[str, str] = MappingProxyType({})
+"""The default of mapping fields of the records below (shared, so immutable)."""
+
 # The bounce type that puts the recipient on the tenant's suppression list (soft bounces do not).
 HARD_BOUNCE_TYPE = "hard"
 
 
-@dataclass(frozen=True)
-class Mailbox:
+class Mailbox(NamedTuple):
     """An address with an optional display name."""
 
     email: str
     name: str = ""
 
 
-@dataclass(frozen=True)
-class AcceptedMessage:
+class AcceptedMessage(NamedTuple):
     """The summary of a message as ingest accepted it (carried by the ACCEPTED event)."""
 
     message_class: str
@@ -99,7 +101,7 @@ class AcceptedMessage:
     bcc: tuple[Mailbox, ...] = ()
     subject: str = ""
     tags: tuple[str, ...] = ()
-    metadata: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, str] = EMPTY_MAPPING
     attachment_ids: tuple[str, ...] = ()
     request_id: str = ""
     credits: int = 0
@@ -108,9 +110,9 @@ class AcceptedMessage:
     """When ingest accepted it; the event time is used when absent."""
 
 
-@dataclass(frozen=True)
-class MessageEventRecord:
-    """One event of a message's timeline."""
+class MessageEventRecord(NamedTuple):
+    """One event of a message's timeline (a named tuple, like the two records above: the consumer builds one per
+    stream message, and a frozen dataclass cost several times as much to construct)."""
 
     event_id: str
     """Unique: the dedupe key of at-least-once delivery."""
@@ -131,7 +133,7 @@ class MessageEventRecord:
     bounce_type: str = ""
     """``hard`` or ``soft`` for bounces."""
     url: str = ""
-    attributes: Mapping[str, str] = field(default_factory=dict)
+    attributes: Mapping[str, str] = EMPTY_MAPPING
     accepted: AcceptedMessage | None = None
     """Set on ACCEPTED events only."""
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import psycopg
 from esp.v1 import messages_pb2
-from psycopg.types.json import Jsonb
 
 from services.reports.envelopes import record_from_message_event
 from services.reports.message_index import resolve_message
@@ -113,9 +112,14 @@ async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageE
     unique: dict[str, MessageEventRecord] = {}
     for event in events:
         unique.setdefault(event.event_id, event)
-    fresh = await _insert_timeline(conn, list(unique.values()))
+    async with conn.pipeline():
+        inserted = await _start_timeline_insert(conn, list(unique.values()))
+        parked = await conn.execute(_ANY_PARKED) if _may_claim_parked(unique.values()) else None
+    fresh = await _fresh_events(inserted, unique.values())
     duplicates = len(events) - len(fresh)
-    fresh += await _apply_parked_webhook_events(conn, fresh)
+    if parked is not None and (await parked.fetchone() or (False,))[0]:
+        # Only when something is parked at all: the common batch skips matching on an empty table.
+        fresh += await _apply_parked_webhook_events(conn, list(unique.values()))
     if not fresh:
         return RecordOutcome((), duplicates, {})
 
@@ -126,8 +130,10 @@ async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageE
         if delta is None:
             delta = deltas[key] = _MessageDelta(event.tenant_id, event.message_id, event.event_time, event.event_time)
         delta.add(event)
-    summaries = await _merge_messages(conn, [deltas[k] for k in sorted(deltas)])
-    await _index_provider_ids(conn, fresh)
+    async with conn.pipeline():
+        merged = await _start_merge_messages(conn, [deltas[k] for k in sorted(deltas)])
+        await _index_provider_ids(conn, fresh)
+    summaries = await _summaries(merged)
 
     rollup = StatsRollup()
     for event in fresh:
@@ -145,61 +151,88 @@ async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageE
     return RecordOutcome(tuple(fresh), duplicates, {t: tuple(e) for t, e in suppressed.items()})
 
 
-async def _insert_timeline(conn: psycopg.AsyncConnection,
-                           events: Sequence[MessageEventRecord]) -> list[MessageEventRecord]:
-    """Insert the events; return those that were not recorded before, in the order given."""
+def json_rows(rows: Sequence[object]) -> str:
+    """One JSON document for a ``json_to_recordset`` parameter: a batch's rows travel as one text value that
+    Postgres unpacks, instead of one Python-dumped array per column or one statement per row."""
+    return json.dumps(rows, separators=(",", ":"))
+
+
+_INSERT_TIMELINE = """
+INSERT INTO reports.events (event_id, tenant_id, message_id, event_type, event_time, provider, provider_message_id,
+    recipient, reason, attempt, outcome, latency_ms, bounce_type, url, attributes)
+SELECT e.event_id, e.tenant_id, e.message_id, e.event_type, e.event_time, e.provider, e.provider_message_id,
+    e.recipient, e.reason, e.attempt, e.outcome, e.latency_ms, e.bounce_type, e.url, e.attributes
+FROM json_to_recordset(%s::json) AS e(event_id text, tenant_id text, message_id text, event_type text,
+    event_time timestamptz, provider text, provider_message_id text, recipient text, reason text, attempt integer,
+    outcome text, latency_ms bigint, bounce_type text, url text, attributes jsonb)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
+_ANY_PARKED = "SELECT EXISTS (SELECT FROM reports.unmatched_delivery_events)"
+
+
+def _timeline_row(e: MessageEventRecord) -> dict[str, object]:
+    return {"event_id": e.event_id, "tenant_id": e.tenant_id, "message_id": e.message_id,
+            "event_type": e.event_type, "event_time": e.event_time.isoformat(), "provider": e.provider,
+            "provider_message_id": e.provider_message_id, "recipient": e.recipient, "reason": e.reason,
+            "attempt": e.attempt, "outcome": e.outcome, "latency_ms": e.latency_ms, "bounce_type": e.bounce_type,
+            "url": e.url, "attributes": e.attributes if type(e.attributes) is dict else dict(e.attributes)}
+
+
+async def _start_timeline_insert(conn: psycopg.AsyncConnection,
+                                 events: Sequence[MessageEventRecord]) -> psycopg.AsyncCursor | None:
+    """Queue the insert of ``events`` (in event id order, the lock order); :func:`_fresh_events` reads which
+    were new."""
     if not events:
+        return None
+    ordered = sorted(events, key=_by_event_id)
+    return await conn.execute(_INSERT_TIMELINE, (json_rows([_timeline_row(e) for e in ordered]),))
+
+
+def _by_event_id(event: MessageEventRecord) -> str:
+    return event.event_id
+
+
+async def _fresh_events(cursor: psycopg.AsyncCursor | None,
+                        events: Iterable[MessageEventRecord]) -> list[MessageEventRecord]:
+    """The events the timeline insert behind ``cursor`` recorded now (not before), in the order given."""
+    if cursor is None:
         return []
-    ordered = sorted(events, key=lambda e: e.event_id)
-    cur = await conn.execute(
-        """INSERT INTO reports.events (event_id, tenant_id, message_id, event_type, event_time, provider,
-               provider_message_id, recipient, reason, attempt, outcome, latency_ms, bounce_type, url, attributes)
-           SELECT e.event_id, e.tenant_id, e.message_id, e.event_type, e.event_time, e.provider,
-               e.provider_message_id, e.recipient, e.reason, e.attempt, e.outcome, e.latency_ms, e.bounce_type,
-               e.url, e.attributes::jsonb
-           FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::text[],
-                       %s::text[], %s::text[], %s::integer[], %s::text[], %s::bigint[], %s::text[], %s::text[],
-                       %s::text[])
-               AS e(event_id, tenant_id, message_id, event_type, event_time, provider, provider_message_id,
-                    recipient, reason, attempt, outcome, latency_ms, bounce_type, url, attributes)
-           ON CONFLICT (event_id) DO NOTHING
-           RETURNING event_id""",
-        (
-            [e.event_id for e in ordered],
-            [e.tenant_id for e in ordered],
-            [e.message_id for e in ordered],
-            [e.event_type.value for e in ordered],
-            [e.event_time for e in ordered],
-            [e.provider for e in ordered],
-            [e.provider_message_id for e in ordered],
-            [e.recipient for e in ordered],
-            [e.reason for e in ordered],
-            [e.attempt for e in ordered],
-            [e.outcome for e in ordered],
-            [e.latency_ms for e in ordered],
-            [e.bounce_type for e in ordered],
-            [e.url for e in ordered],
-            [json.dumps(dict(e.attributes)) for e in ordered],
-        ),
-    )
-    inserted = {row[0] for row in await cur.fetchall()}
+    inserted = {row[0] for row in await cursor.fetchall()}
     return [e for e in events if e.event_id in inserted]
 
 
+async def _insert_timeline(conn: psycopg.AsyncConnection,
+                           events: Sequence[MessageEventRecord]) -> list[MessageEventRecord]:
+    """Insert the events; return those that were not recorded before, in the order given."""
+    return await _fresh_events(await _start_timeline_insert(conn, events), events)
+
+
+def _may_claim_parked(events: Iterable[MessageEventRecord]) -> bool:
+    return any(e.event_type is EventType.ACCEPTED or (e.event_type is EventType.SENT and e.provider_message_id)
+               for e in events)
+
+
 async def _apply_parked_webhook_events(conn: psycopg.AsyncConnection,
-                                       fresh: Sequence[MessageEventRecord]) -> list[MessageEventRecord]:
-    """Delivery callbacks parked because their message was unknown, claimed now that a new SENT (provider id)
-    or ACCEPTED (our id) event identifies it; recorded in the timeline and returned as new events."""
-    sent = [e for e in fresh if e.event_type is EventType.SENT and e.provider and e.provider_message_id]
-    accepted = {e.message_id: e for e in fresh if e.event_type is EventType.ACCEPTED}
+                                       events: Sequence[MessageEventRecord]) -> list[MessageEventRecord]:
+    """Delivery callbacks parked because their message was unknown, claimed now that a SENT (provider id) or
+    ACCEPTED (our id) event of this batch identifies it; recorded in the timeline and returned as new events.
+
+    Duplicates of events recorded earlier claim too: they name the same message, and a callback parked after
+    the first copy was recorded would otherwise wait for the sweep."""
+    sent = [e for e in events if e.event_type is EventType.SENT and e.provider and e.provider_message_id]
+    accepted = {e.message_id: e for e in events if e.event_type is EventType.ACCEPTED}
     if not sent and not accepted:
         return []
     cur = await conn.execute(
         """DELETE FROM reports.unmatched_delivery_events
-           WHERE (provider, provider_message_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
-              OR message_id = ANY(%s::text[])
+           WHERE (provider, provider_message_id) IN (
+                     SELECT s.provider, s.provider_message_id
+                     FROM json_to_recordset(%s::json) AS s(provider text, provider_message_id text))
+              OR message_id IN (SELECT json_array_elements_text(%s::json))
            RETURNING event_id, provider, provider_message_id, message_id, event""",
-        ([e.provider for e in sent], [e.provider_message_id for e in sent], list(accepted)),
+        (json_rows([{"provider": e.provider, "provider_message_id": e.provider_message_id} for e in sent]),
+         json_rows(list(accepted))),
     )
     claimed: list[MessageEventRecord] = []
     unclaimed: list[tuple[str, str, str, str, bytes]] = []
@@ -242,14 +275,21 @@ def _owner_by_recipient(candidates: Sequence[MessageEventRecord], recipient: str
     return None
 
 
-_MERGE_MESSAGE = """
+# Summary fields absent from a row (a message whose ACCEPTED event is not in this batch) take the empty values.
+_MERGE_MESSAGES = """
 INSERT INTO reports.messages AS m (tenant_id, message_id, state, state_rank, state_time, accepted_seen,
     message_class, sender, to_addrs, cc_addrs, bcc_addrs, subject, tags, metadata, attachment_ids, request_id,
-    credits, campaign, provider, provider_message_id, attempts, create_time, update_time)
-VALUES (%(tenant_id)s, %(message_id)s, %(state)s, %(state_rank)s, %(state_time)s, %(accepted_seen)s,
-    %(message_class)s, %(sender)s, %(to_addrs)s, %(cc_addrs)s, %(bcc_addrs)s, %(subject)s, %(tags)s, %(metadata)s,
-    %(attachment_ids)s, %(request_id)s, %(credits)s, %(campaign)s, %(provider)s, %(provider_message_id)s,
-    %(attempts)s, %(create_time)s, %(update_time)s)
+    credits, campaign, provider, provider_message_id, provider_from_sent, attempts, create_time, update_time)
+SELECT d.tenant_id, d.message_id, d.state, d.state_rank, d.state_time, d.accepted_seen, d.message_class,
+    coalesce(d.sender, '{}'), coalesce(d.to_addrs, '[]'), coalesce(d.cc_addrs, '[]'), coalesce(d.bcc_addrs, '[]'),
+    coalesce(d.subject, ''), coalesce(d.tags, '{}'), coalesce(d.metadata, '{}'), coalesce(d.attachment_ids, '{}'),
+    coalesce(d.request_id, ''), coalesce(d.credits, 0), coalesce(d.campaign, ''), d.provider, d.provider_message_id,
+    d.provider_from_sent, d.attempts, d.create_time, d.update_time
+FROM json_to_recordset(%s::json) AS d(tenant_id text, message_id text, state text, state_rank smallint,
+    state_time timestamptz, accepted_seen boolean, message_class text, sender jsonb, to_addrs jsonb, cc_addrs jsonb,
+    bcc_addrs jsonb, subject text, tags text[], metadata jsonb, attachment_ids text[], request_id text,
+    credits bigint, campaign text, provider text, provider_message_id text, provider_from_sent boolean,
+    attempts integer, create_time timestamptz, update_time timestamptz)
 ON CONFLICT (tenant_id, message_id) DO UPDATE SET
     state = CASE WHEN excluded.state_rank > m.state_rank THEN excluded.state ELSE m.state END,
     state_time = CASE WHEN excluded.state_rank > m.state_rank THEN excluded.state_time ELSE m.state_time END,
@@ -268,9 +308,10 @@ ON CONFLICT (tenant_id, message_id) DO UPDATE SET
     request_id = CASE WHEN excluded.accepted_seen THEN excluded.request_id ELSE m.request_id END,
     credits = CASE WHEN excluded.accepted_seen THEN excluded.credits ELSE m.credits END,
     campaign = CASE WHEN excluded.accepted_seen THEN excluded.campaign ELSE m.campaign END,
-    provider = CASE WHEN %(provider_from_sent)s OR m.provider = '' THEN excluded.provider ELSE m.provider END,
-    provider_message_id = CASE WHEN %(provider_from_sent)s OR m.provider_message_id = ''
+    provider = CASE WHEN excluded.provider_from_sent OR m.provider = '' THEN excluded.provider ELSE m.provider END,
+    provider_message_id = CASE WHEN excluded.provider_from_sent OR m.provider_message_id = ''
                                THEN excluded.provider_message_id ELSE m.provider_message_id END,
+    provider_from_sent = m.provider_from_sent OR excluded.provider_from_sent,
     attempts = m.attempts + excluded.attempts,
     create_time = CASE WHEN excluded.accepted_seen THEN excluded.create_time
                        WHEN m.accepted_seen THEN m.create_time
@@ -284,50 +325,59 @@ def _mailbox_json(mailbox: Mailbox) -> dict[str, str]:
     return {"email": mailbox.email, "name": mailbox.name}
 
 
-def _merge_parameters(delta: _MessageDelta) -> dict[str, object]:
-    accepted = delta.accepted
+def _merge_row(delta: _MessageDelta) -> dict[str, object]:
     state, rank = (delta.state, delta.state_rank) if delta.state_rank >= 0 else PLACEHOLDER_STATE
-    return {
+    row: dict[str, object] = {
         "tenant_id": delta.tenant_id,
         "message_id": delta.message_id,
-        "state": state.value,
+        "state": state,
         "state_rank": rank,
-        "state_time": delta.state_time or delta.first_time,
-        "accepted_seen": accepted is not None,
+        "state_time": (delta.state_time or delta.first_time).isoformat(),
+        "accepted_seen": False,
         "message_class": delta.message_class,
-        "sender": Jsonb(_mailbox_json(accepted.sender) if accepted else {}),
-        "to_addrs": Jsonb([_mailbox_json(m) for m in accepted.to] if accepted else []),
-        "cc_addrs": Jsonb([_mailbox_json(m) for m in accepted.cc] if accepted else []),
-        "bcc_addrs": Jsonb([_mailbox_json(m) for m in accepted.bcc] if accepted else []),
-        "subject": accepted.subject if accepted else "",
-        "tags": list(accepted.tags) if accepted else [],
-        "metadata": Jsonb(dict(accepted.metadata) if accepted else {}),
-        "attachment_ids": list(accepted.attachment_ids) if accepted else [],
-        "request_id": accepted.request_id if accepted else "",
-        "credits": accepted.credits if accepted else 0,
-        "campaign": accepted.campaign if accepted else "",
         "provider": delta.provider,
         "provider_message_id": delta.provider_message_id,
         "provider_from_sent": delta.provider_from_sent,
         "attempts": delta.attempts,
-        "create_time": (accepted.create_time if accepted and accepted.create_time else delta.first_time),
-        "update_time": delta.last_time,
+        "create_time": delta.first_time.isoformat(),
+        "update_time": delta.last_time.isoformat(),
     }
+    accepted = delta.accepted
+    if accepted is not None:
+        row.update(
+            accepted_seen=True,
+            sender=_mailbox_json(accepted.sender),
+            to_addrs=[_mailbox_json(m) for m in accepted.to],
+            cc_addrs=[_mailbox_json(m) for m in accepted.cc],
+            bcc_addrs=[_mailbox_json(m) for m in accepted.bcc],
+            subject=accepted.subject,
+            tags=accepted.tags,
+            metadata=accepted.metadata if type(accepted.metadata) is dict else dict(accepted.metadata),
+            attachment_ids=accepted.attachment_ids,
+            request_id=accepted.request_id,
+            credits=accepted.credits,
+            campaign=accepted.campaign,
+        )
+        if accepted.create_time:
+            row["create_time"] = accepted.create_time.isoformat()
+    return row
 
 
-async def _merge_messages(conn: psycopg.AsyncConnection,
-                          deltas: Sequence[_MessageDelta]) -> dict[tuple[str, str], tuple[str, tuple[str, ...]]]:
-    """Merge each message's delta into its row (creating a placeholder row if needed); return each message's
-    class and tags after the merge, for the stats."""
-    summaries: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
-    async with conn.cursor() as cur:
-        await cur.executemany(_MERGE_MESSAGE, [_merge_parameters(d) for d in deltas], returning=True)
-        while True:
-            for tenant_id, message_id, message_class, tags in await cur.fetchall():
-                summaries[(tenant_id, message_id)] = (message_class, tuple(tags))
-            if not cur.nextset():
-                break
-    return summaries
+async def _start_merge_messages(conn: psycopg.AsyncConnection,
+                                deltas: Sequence[_MessageDelta]) -> psycopg.AsyncCursor | None:
+    """Queue the merge of each message's delta into its row (creating a placeholder row if needed), in the
+    order given (key order); :func:`_summaries` reads the result."""
+    if not deltas:
+        return None
+    return await conn.execute(_MERGE_MESSAGES, (json_rows([_merge_row(d) for d in deltas]),))
+
+
+async def _summaries(cursor: psycopg.AsyncCursor | None) -> dict[tuple[str, str], tuple[str, tuple[str, ...]]]:
+    """Each merged message's class and tags after the merge, for the stats."""
+    if cursor is None:
+        return {}
+    return {(tenant_id, message_id): (message_class, tuple(tags))
+            for tenant_id, message_id, message_class, tags in await cursor.fetchall()}
 
 
 async def _index_provider_ids(conn: psycopg.AsyncConnection, fresh: Sequence[MessageEventRecord]) -> None:
@@ -340,9 +390,12 @@ async def _index_provider_ids(conn: psycopg.AsyncConnection, fresh: Sequence[Mes
         return
     await conn.execute(
         """INSERT INTO reports.provider_messages (provider, provider_message_id, tenant_id, message_id, recipient)
-           SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[])
+           SELECT p.provider, p.provider_message_id, p.tenant_id, p.message_id, p.recipient
+           FROM json_to_recordset(%s::json) AS p(provider text, provider_message_id text, tenant_id text,
+                                                 message_id text, recipient text)
            ON CONFLICT DO NOTHING""",
-        tuple(list(column) for column in zip(*rows, strict=True)),
+        (json_rows([{"provider": r[0], "provider_message_id": r[1], "tenant_id": r[2], "message_id": r[3],
+                     "recipient": r[4]} for r in rows]),),
     )
 
 

@@ -5,13 +5,16 @@ cannot stay fast. The consumer instead adds each new event to one row per (tenan
 — plus one row per tag of the message — in the same transaction that records the event, so the figures are
 exactly as deduplicated as the timeline. A month of stats for a tenant is then a few thousand rows.
 
-Provider-call latencies (ATTEMPTED events) go into a fixed log-spaced histogram per row: histograms add up
-element-wise across rows (``reports.sum_buckets``) and percentiles are read from the sum, with a relative error
-bounded by the bucket width (25 %).
+Provider-call latencies go into a fixed log-spaced histogram per row: histograms add up element-wise across rows
+(``reports.sum_buckets``) and percentiles are read from the sum, with a relative error bounded by the bucket width
+(25 %). The sender reports each provider call in exactly one event carrying its latency: ATTEMPTED for a call
+that failed and will be retried, SENT for the call that took the message, FAILED for a call the provider
+rejected for good (see :data:`LATENCY_EVENTS`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +48,8 @@ COUNTER_BY_EVENT: dict[EventType, str] = {
     EventType.CLICKED: "clicked",
     EventType.UNSUBSCRIBED: "unsubscribed",
 }
+# Events that report one provider call and its latency (webhook events carry none).
+LATENCY_EVENTS = frozenset({EventType.ATTEMPTED, EventType.SENT, EventType.FAILED})
 COUNTERS = ("accepted", "sent", "delivered", "bounced", "failed", "complained", "opened", "clicked", "unsubscribed")
 
 
@@ -107,12 +112,16 @@ class StatsRollup:
             provider: str, tags: Sequence[str], latency_ms: int) -> None:
         """Count one new event under the all-messages row and under each of the message's tags."""
         counter = COUNTER_BY_EVENT.get(event_type)
-        has_latency = event_type is EventType.ATTEMPTED and latency_ms > 0
+        has_latency = latency_ms > 0 and event_type in LATENCY_EVENTS
         if counter is None and not has_latency:
             return
         hour = event_time.replace(minute=0, second=0, microsecond=0)
-        for tag in ("", *dict.fromkeys(t for t in tags if t)):
-            row = self._rows.setdefault((tenant_id, hour, message_class, provider, tag), _RollupRow())
+        rows = self._rows
+        for tag in ("", *dict.fromkeys(t for t in tags if t)) if tags else ("",):
+            key = (tenant_id, hour, message_class, provider, tag)
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = _RollupRow()
             if counter is not None:
                 row.counters[counter] += 1
             if has_latency:
@@ -130,21 +139,29 @@ class StatsRollup:
         """
         if not self._rows:
             return
-        columns = ", ".join(COUNTERS)
-        updates = ", ".join(f"{c} = s.{c} + excluded.{c}" for c in COUNTERS)
-        placeholders = ", ".join(["%s"] * (5 + len(COUNTERS) + 1))
-        async with conn.cursor() as cur:
-            await cur.executemany(
-                f"""INSERT INTO reports.stats_hourly AS s
-                        (tenant_id, hour, message_class, provider, tag, {columns}, latency_buckets)
-                    VALUES ({placeholders})
-                    ON CONFLICT (tenant_id, hour, message_class, provider, tag) DO UPDATE SET {updates},
-                        latency_buckets = reports.add_buckets(s.latency_buckets, excluded.latency_buckets)""",
-                [
-                    (*key, *(row.counters[c] for c in COUNTERS), row.buckets)
-                    for key, row in sorted(self._rows.items(), key=lambda item: item[0])
-                ],
-            )
+        rows = []
+        for (tenant_id, hour, message_class, provider, tag), row in sorted(self._rows.items(), key=_by_key):
+            rows.append({"tenant_id": tenant_id, "hour": hour.isoformat(), "message_class": message_class,
+                         "provider": provider, "tag": tag, **row.counters, "latency_buckets": row.buckets})
+        await conn.execute(_ADD_ROLLUPS, (json.dumps(rows, separators=(",", ":")),))
+
+
+def _by_key(item: tuple[RollupKey, _RollupRow]) -> RollupKey:
+    return item[0]
+
+
+_ADD_ROLLUPS = f"""
+INSERT INTO reports.stats_hourly AS s (tenant_id, hour, message_class, provider, tag, {", ".join(COUNTERS)},
+    latency_buckets)
+SELECT r.tenant_id, r.hour, r.message_class, r.provider, r.tag, {", ".join(f"r.{c}" for c in COUNTERS)},
+    r.latency_buckets
+FROM json_to_recordset(%s::json) AS r(tenant_id text, hour timestamptz, message_class text, provider text, tag text,
+    {", ".join(f"{c} bigint" for c in COUNTERS)}, latency_buckets bigint[])
+ON CONFLICT (tenant_id, hour, message_class, provider, tag) DO UPDATE SET
+    {", ".join(f"{c} = s.{c} + excluded.{c}" for c in COUNTERS)},
+    latency_buckets = CASE WHEN cardinality(excluded.latency_buckets) = 0 THEN s.latency_buckets
+                           ELSE reports.add_buckets(s.latency_buckets, excluded.latency_buckets) END
+"""
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from esp.internal.v1 import queue_pb2
 from esp.v1 import messages_pb2
 
 from services.reports.envelopes import decode_envelope
+from services.reports.models import MessageEventRecord
 from services.reports.recorder import claim_parked_events, record_events
 from tests.reports.builders import accepted, at, new_id, sender_event, sent
 from tests.reports.conftest import ReportsService
@@ -59,3 +61,34 @@ async def test_the_same_batch_twice_changes_nothing_the_second_time(reports: Rep
     assert len(first.new_events) == 2
     assert first.suppressed == {tenant: ("x@example.com",)}
     assert (second.new_events, second.duplicates, second.suppressed) == ((), 2, {})
+
+
+async def test_a_sent_event_names_the_provider_even_after_a_delivery_report_named_one_in_an_earlier_batch(
+        reports: ReportsService):
+    tenant, message_id = new_id("tenant-"), new_id()
+
+    def event(envelope: queue_pb2.EventEnvelope) -> MessageEventRecord:
+        return decode_envelope(envelope.SerializeToString())
+
+    async def provider() -> tuple[str, str] | None:
+        cur = await conn.execute(
+            "SELECT provider, provider_message_id FROM reports.messages WHERE tenant_id = %s AND message_id = %s",
+            (tenant, message_id))
+        row = await cur.fetchone()
+        return (row[0], row[1]) if row else None
+
+    async with await reports.connect_db() as conn:
+        # Each record_events call is a batch of its own, so each merge meets the row the previous one left.
+        await record_events(conn, [event(sender_event(tenant, message_id, M.MESSAGE_EVENT_TYPE_DELIVERED, at(21, 5),
+                                                      provider="mg-early", provider_message_id="<early@mg>"))])
+        named_by_report = await provider()
+        await record_events(conn, [event(sent(tenant, message_id, at(21, 1), provider="ses-took-it",
+                                              provider_message_id="ses-1"))])
+        named_by_sent = await provider()
+        await record_events(conn, [event(sender_event(tenant, message_id, M.MESSAGE_EVENT_TYPE_CLICKED, at(21, 9),
+                                                      provider="mg-late", provider_message_id="<late@mg>"))])
+        after_a_later_report = await provider()
+
+    assert named_by_report == ("mg-early", "<early@mg>")
+    assert named_by_sent == ("ses-took-it", "ses-1")
+    assert after_a_later_report == ("ses-took-it", "ses-1")

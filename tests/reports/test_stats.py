@@ -1,4 +1,4 @@
-"""GetStats: counts by day, hour, provider, class and tag, with latency percentiles from ATTEMPTED events."""
+"""GetStats: counts by day, hour, provider, class and tag, with latency percentiles of provider calls."""
 
 from __future__ import annotations
 
@@ -173,3 +173,30 @@ def test_percentile_stays_within_a_bucket_of_the_true_value():
 
     assert percentile(buckets, 0.5) == pytest.approx(500, rel=0.25)
     assert percentile(buckets, 0.99) == pytest.approx(990, rel=0.25)
+
+
+async def test_latency_percentiles_count_every_provider_call_including_the_successful_send(reports: ReportsService):
+    # The sender reports each provider call once: ATTEMPTED when it failed and will be retried, SENT when the
+    # provider took the message, FAILED when the provider rejected it for good.
+    tenant, sent_first_time, rejected = new_id("tenant-"), new_id(), new_id()
+    await reports.publish([
+        accepted(tenant, sent_first_time, _t(6, 9)),
+        sender_event(tenant, sent_first_time, M.MESSAGE_EVENT_TYPE_SENT, _t(6, 9, 1), provider="ses-eu",
+                     provider_message_id="l1", attempt=1, outcome=M.ATTEMPT_OUTCOME_ACCEPTED, latency_ms=300,
+                     final=True),
+        accepted(tenant, rejected, _t(6, 9)),
+        attempted(tenant, rejected, _t(6, 9, 1), provider="ses-eu", latency_ms=100,
+                  outcome=M.ATTEMPT_OUTCOME_RETRYABLE),
+        sender_event(tenant, rejected, M.MESSAGE_EVENT_TYPE_FAILED, _t(6, 9, 2), provider="ses-eu", attempt=2,
+                     outcome=M.ATTEMPT_OUTCOME_PERMANENT, latency_ms=3000, reason="550 no such user", final=True),
+    ])
+
+    async def settled() -> reports_pb2.StatsRow | None:
+        total = (await _stats(reports, tenant)).total
+        return total if (total.sent, total.failed) == (1, 1) else None
+
+    total = await eventually(settled, what="the send and the failure counted")
+
+    # Latencies 100, 300 and 3000 ms.
+    assert total.latency_ms_p50 == pytest.approx(300, rel=0.25)
+    assert total.latency_ms_p99 == pytest.approx(3000, rel=0.25)
