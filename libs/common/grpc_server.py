@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import logging
 import os
 import signal
@@ -312,10 +313,30 @@ def run(name: str, settings_cls: type[S], build: Callable[[S], Awaitable[Service
 
     async def main() -> None:
         app = await build(settings)
+        settle_garbage_collector()
         await serve(app, settings)
 
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         runner.run(main())
+
+
+GC_YOUNG_THRESHOLD = 20_000
+"""Allocations between young-generation collections (CPython's default is 700)."""
+
+
+def settle_garbage_collector() -> None:
+    """Once a service is built: move everything alive into the collector's permanent generation and collect the
+    young generation less often.
+
+    Full collections walk every tracked object; with the imports, protobuf descriptors and clients of a service
+    that took 30-80 ms here, a pause that lands on whatever requests are in flight (an OTP's credit hold among
+    them). Frozen start-up objects are never walked again, so a full collection only sees what was allocated
+    since; and a request's garbage is almost all freed by reference counting, so frequent young collections
+    mostly cost CPU."""
+    gc.collect()
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

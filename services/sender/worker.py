@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from libs.common.grpc_server import event_loop_factory
+from libs.common.grpc_server import event_loop_factory, settle_garbage_collector
 from libs.common.logging import configure_logging
 from libs.common.metrics import start_metrics_server
 from libs.common.settings import SettingsError, load_settings
@@ -33,6 +33,7 @@ async def serve(settings: SenderSettings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     parts = await build_pools(settings)
+    settle_garbage_collector()
     start_metrics_server(settings.metrics_port)
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(task(stop)) for task in parts.tasks]
     tasks.append(asyncio.create_task(_stop_when_orphaned(os.getppid(), stop)))
