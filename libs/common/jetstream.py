@@ -168,6 +168,7 @@ class AckedPublisher:
         self._prefix = ""
         self._pending: dict[str, asyncio.Future[None]] = {}
         self._next = 0
+        self._subscribing = asyncio.Lock()
         self._published: dict[str, Any] = {}
         """The publish counter's child per subject prefix (a label lookup per message costs more than the rest)."""
 
@@ -175,8 +176,13 @@ class AckedPublisher:
                       headers: dict[str, str] | None = None) -> asyncio.Future[None]:
         """Send one message (``Nats-Msg-Id`` = ``msg_id``); the future resolves when JetStream has stored it."""
         if not self._prefix:
-            self._prefix = f"{self.nc.new_inbox()}."
-            await self.nc.subscribe(f"{self._prefix}*", cb=self._on_ack)
+            async with self._subscribing:
+                if not self._prefix:
+                    # The prefix is published only once the subscription is on the wire (ahead of any publish
+                    # naming it), so no concurrent first publish can get its ack before anyone listens.
+                    prefix = f"{self.nc.new_inbox()}."
+                    await self.nc.subscribe(f"{prefix}*", cb=self._on_ack)
+                    self._prefix = prefix
         self._next += 1
         token = str(self._next)
         ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import nats
 from esp.internal.v1 import queue_pb2
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
-from libs.common.jetstream import Topology, ensure_pull_consumer
+from libs.common.jetstream import BatchPuller, Topology, ensure_pull_consumer
 from libs.common.metrics import JETSTREAM_HANDLED
 from services.sender.delivery import Deliverer, Incoming, Verdict
 
@@ -24,7 +23,6 @@ log = logging.getLogger(__name__)
 ERROR_RETRY_S = 2.0
 """A delivery that crashed (Redis or NATS trouble) is offered again after this long."""
 LONG_POLL_S = 1.0
-TOP_UP_WAIT_S = 0.005
 TRACE_HEADERS = ("traceparent", "tracestate")
 
 
@@ -58,9 +56,10 @@ class Slots:
 class ClassPool:
     """Keeps up to ``concurrency`` emails of one class in flight, fetched from the class's durable consumer."""
 
-    def __init__(self, js: JetStreamContext, topology: Topology, message_class: str, deliverer: Deliverer, *,
+    def __init__(self, nc: NATS, topology: Topology, message_class: str, deliverer: Deliverer, *,
                  concurrency: int, ack_wait_s: float, batch_max: int = 1) -> None:
-        self.js = js
+        self.nc = nc
+        self.js = nc.jetstream()
         self.topology = topology
         self.message_class = message_class
         self.deliverer = deliverer
@@ -121,51 +120,31 @@ class ClassPool:
         task.add_done_callback(self._tasks.discard)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Long-poll for one email and start it at once (latency), then take whatever else is already queued
-        without waiting (throughput). A plain fetch(n) on an empty queue would hold the first email until n
-        arrived or it timed out."""
-        sub = await self.js.pull_subscribe_bind(durable=self.durable, stream=self.topology.send_stream)
+        """Take whatever is queued, up to the free slots, without waiting (throughput); when nothing is, long-poll
+        for the next email and start it the moment it arrives (latency).
+
+        The pulls are :class:`libs.common.jetstream.BatchPuller`'s: a message JetStream delivers after a pull gave
+        up is kept for the next one, never left unprocessed until ``ack_wait`` redelivers it."""
+        puller = BatchPuller(self.nc, self.topology.send_stream, self.durable)
+        await puller.start()
         try:
             while not stop.is_set():
                 await self.slots.take_one()
+                wanted = 1 + self.slots.take_up_to(min(255, self.concurrency) - 1)
                 try:
-                    first = await sub.fetch(1, timeout=LONG_POLL_S)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    self.slots.release(1)
-                    continue
+                    msgs = await puller.next_batch(wanted, LONG_POLL_S)
                 except Exception:
-                    self.slots.release(1)
+                    self.slots.release(wanted)
                     log.warning("fetch failed", exc_info=True, extra={"consumer": self.durable})
                     await asyncio.sleep(0.2)
                     continue
-                self.slots.release(1 - len(first))  # fetch(1) returns one email; never count on it
-                if self.batch_max == 1:
-                    # Start it now: the top-up below may wait a few milliseconds for nothing.
-                    for msg in first:
-                        self._dispatch([msg])
-                    first = []
-                extra = self.slots.take_up_to(min(255, self.concurrency))
-                more: list[Msg] = []
-                if extra:
-                    try:
-                        more = await sub.fetch(extra, timeout=TOP_UP_WAIT_S)
-                    except (TimeoutError, nats.errors.TimeoutError):
-                        more = []
-                    except Exception:
-                        log.warning("fetch failed", exc_info=True, extra={"consumer": self.durable})
-                # nats-py may hand over more than asked (emails already buffered): they take slots too.
-                self.slots.release(extra - len(more))
-                msgs = [*first, *more]
-                if self.batch_max == 1:
-                    for msg in msgs:
-                        self._dispatch([msg])
-                else:
-                    for start in range(0, len(msgs), self.batch_max):
-                        self._dispatch(msgs[start:start + self.batch_max])
+                self.slots.release(wanted - len(msgs))
+                for start in range(0, len(msgs), self.batch_max):
+                    self._dispatch(msgs[start:start + self.batch_max])
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=30)
         finally:
             try:
-                await sub.unsubscribe()
+                await puller.stop()
             except Exception:
                 log.debug("unsubscribe failed", exc_info=True)

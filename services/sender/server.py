@@ -84,13 +84,12 @@ async def build_pools(settings: SenderSettings) -> SenderParts:
         # A connection per class: a bulk fetch of hundreds of emails never queues in front of an OTP's.
         class_nc = await connect(settings.nats_url, f"esp-sender-{message_class}")
         connections.append(class_nc)
-        class_js = class_nc.jetstream()
         deliverer = Deliverer(catalog=catalog, health=health, adapters=adapters, states=states,
                               events=EventPublisher(class_nc, topology), opener=open_attachment, policies=POLICIES,
                               linker=partial(link_attachments, s3=s3, bucket=settings.s3_bucket,
                                              ttl_s=settings.attachment_link_ttl_s),
                               heartbeat_s=settings.ack_wait_s / 3)
-        pool = ClassPool(class_js, topology, message_class, deliverer, concurrency=settings.concurrency(message_class),
+        pool = ClassPool(class_nc, topology, message_class, deliverer, concurrency=settings.concurrency(message_class),
                          ack_wait_s=settings.ack_wait_s, batch_max=settings.batch_max(message_class))
         await pool.setup()
         pools.append(pool)
