@@ -153,8 +153,11 @@ def environment() -> Iterator[Environment]:
 
 def start_sender(mesh: m.Mesh) -> int:
     """The sender as the mesh would start it, plus a metrics port (its workers take the next ones)."""
+    # Its workers listen on the next ports: none of them may be listening already or be promised to a service
+    # that has not bound it yet (the sender's own gRPC port among them).
+    promised = {*mesh.config.ports.values(), mesh.config.gateway_port, mesh.config.webhook_port}
     metrics_port = m.free_port()
-    while any(m.port_open(metrics_port + i) for i in range(4)):
+    while any(m.port_open(metrics_port + i) or metrics_port + i in promised for i in range(4)):
         metrics_port = m.free_port()
     env = {**mesh.config.env(), "ESP_GRPC_PORT": str(mesh.config.ports["sender"]),
            "ESP_METRICS_PORT": str(metrics_port)}
