@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -26,6 +28,15 @@ _CLASSES = ("otp", "transactional", "bulk")
 _COLUMNS = ("type", "display_name", "endpoint", "region", "price_per_email_micros", "price_per_mb_micros",
             "max_message_bytes", "batch_size", "rate_limit_per_second", "daily_quota", "monthly_quota",
             "allowed_classes", "weight", "disabled", "options")
+
+
+def create_fingerprint(spec: ProviderSpec) -> bytes:
+    """sha256 of everything a create asks for (credentials included): equal requests, equal fingerprints."""
+    content = {f.name: getattr(spec, f.name) for f in fields(ProviderSpec)}
+    content["allowed_classes"] = list(spec.allowed_classes)
+    content["options"] = dict(spec.options)
+    content["credentials"] = dict(spec.credentials)
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).digest()
 
 
 @dataclass(frozen=True)
@@ -120,18 +131,33 @@ class ProviderRegistry:
             log.warning("provider broadcast failed; the repair loop will retry", exc_info=True,
                         extra={"provider": provider_id})
 
-    async def create(self, spec: ProviderSpec) -> ProviderRecord:
+    async def create(self, spec: ProviderSpec, *, request_id: str = "") -> ProviderRecord:
+        """Create ``spec``. With a ``request_id`` (AIP-155) a retry of the same request returns the provider it
+        created; the same id with a different request is refused (ALREADY_EXISTS, ``REQUEST_ID_REUSED``)."""
         await _validate(spec)
+        fingerprint = create_fingerprint(spec) if request_id else None
         async with self.pool.connection() as conn:
             async with conn.transaction():
                 values = [getattr(spec, c) for c in _COLUMNS]
                 values[_COLUMNS.index("allowed_classes")] = list(spec.allowed_classes)
                 values[_COLUMNS.index("options")] = Jsonb(dict(spec.options))
                 cur = await conn.execute(
-                    f"""INSERT INTO router.providers (id, {', '.join(_COLUMNS)})
-                        VALUES (%s, {', '.join(['%s'] * len(_COLUMNS))}) ON CONFLICT (id) DO NOTHING RETURNING id""",
-                    (spec.id, *values))
+                    f"""INSERT INTO router.providers (id, {', '.join(_COLUMNS)}, create_request_id, create_fingerprint)
+                        VALUES (%s, {', '.join(['%s'] * len(_COLUMNS))}, %s, %s)
+                        ON CONFLICT (id) DO NOTHING RETURNING id""",
+                    (spec.id, *values, request_id, fingerprint))
                 if await cur.fetchone() is None:
+                    earlier = await (await conn.execute(
+                        "SELECT create_request_id, create_fingerprint FROM router.providers WHERE id = %s",
+                        (spec.id,))).fetchone()
+                    if request_id and earlier is not None and earlier[0] == request_id:
+                        if bytes(earlier[1] or b"") != fingerprint:
+                            raise AlreadyExists(
+                                "request_id was already used for a different request", reason="REQUEST_ID_REUSED",
+                                metadata={"request_id": request_id},
+                                field_violations=[FieldViolation("request_id", "already used with different content",
+                                                                 "REQUEST_ID_REUSED")])
+                        return await self.get(spec.id)  # a retry of the create that made it: the same answer
                     raise AlreadyExists(f"provider {spec.id!r} exists", reason="PROVIDER_EXISTS")
                 await conn.execute("INSERT INTO router.provider_credentials (provider_id, credentials) VALUES (%s, %s)",
                                    (spec.id, Jsonb(dict(spec.credentials))))

@@ -99,7 +99,7 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
                              context: Any) -> providers_pb2.Provider:
         spec = ProviderSpec(id=request.provider_id, credentials=dict(request.provider.credentials),
                             **_spec_values(request.provider))
-        return _proto(await self.registry.create(spec))
+        return _proto(await self.registry.create(spec, request_id=request.request_id))
 
     async def GetProvider(self, request: providers_pb2.GetProviderRequest, context: Any) -> providers_pb2.Provider:
         return _proto(await self.registry.get(_id(request.name)))

@@ -141,6 +141,31 @@ async def test_a_provider_id_is_taken_only_once(setup: Setup):
         await setup.registry.create(postmark("pm-a"))
 
 
+async def test_a_retried_create_with_its_request_id_returns_the_provider_it_created(setup: Setup):
+    first = await setup.registry.create(postmark("pm-a"), request_id="create-1")
+
+    again = await setup.registry.create(postmark("pm-a"), request_id="create-1")
+
+    assert again.spec == first.spec
+    assert again.created_at == first.created_at
+
+
+async def test_a_request_id_reused_for_a_different_create_is_refused(setup: Setup):
+    await setup.registry.create(postmark("pm-a"), request_id="create-1")
+
+    with pytest.raises(AlreadyExists) as refused:
+        await setup.registry.create(postmark("pm-a", price_per_email_micros=999), request_id="create-1")
+    assert refused.value.reason == "REQUEST_ID_REUSED"
+
+
+async def test_a_create_with_another_request_id_for_a_taken_id_is_refused(setup: Setup):
+    await setup.registry.create(postmark("pm-a"), request_id="create-1")
+
+    with pytest.raises(AlreadyExists) as refused:
+        await setup.registry.create(postmark("pm-a"), request_id="create-2")
+    assert refused.value.reason == "PROVIDER_EXISTS"
+
+
 async def test_an_update_with_a_stale_etag_is_aborted(setup: Setup):
     created = await setup.registry.create(postmark("pm-a"))
     await setup.registry.update("pm-a", {"weight": 2.0})
