@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from esp.v1 import common_pb2, credits_pb2, credits_pb2_grpc
+from nats.js.errors import NotFoundError
 
 from libs.common import db
 from libs.common.auth import TrustedHeaderAuthenticator, check_tenant_access
@@ -186,6 +187,10 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
     # Only final outcomes settle holds; they have a subject of their own, so nothing else is fetched here.
     durable = topology.consumer("ledger-final")
     await ensure_pull_consumer(js, topology.events_stream, durable, topology.final_events_wildcard, ack_wait_s=30)
+    try:  # the consumer of every event that came before it, if an older ledger left it behind
+        await js.delete_consumer(topology.events_stream, topology.consumer("ledger"))
+    except NotFoundError:
+        pass
     consumer = OutcomeConsumer(ledger)
 
     async def consume(stop: Any) -> None:
