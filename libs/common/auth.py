@@ -1,4 +1,4 @@
-"""Who is calling: the principal of the current RPC, set once by the auth interceptor.
+"""Who is calling: the principal of the current RPC, set once per call by the handler wrapper.
 
 The public edge (ingest) authenticates API keys; behind it, services trust the ``x-esp-tenant`` and
 ``x-esp-scopes`` metadata that the edge adds (the mesh network is closed to the outside by NetworkPolicy).

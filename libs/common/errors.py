@@ -1,6 +1,6 @@
 """The domain's exception tree and its one mapping to ``google.rpc.Status`` (AIP-193).
 
-Domain code raises these; the error interceptor in :mod:`libs.common.grpc_server` turns them into a gRPC status
+Domain code raises these; the handler wrapper in :mod:`libs.common.grpc_server` turns them into a gRPC status
 with ``ErrorInfo`` and, where given, ``BadRequest``, ``RetryInfo`` and ``QuotaFailure`` details.
 """
 

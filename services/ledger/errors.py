@@ -1,7 +1,7 @@
 """The ledger's domain errors.
 
 Each derives from :class:`LedgerError` and from the shared :mod:`libs.common.errors` class that fixes its gRPC
-status, so the one error interceptor maps them to ``google.rpc.Status`` with an ``ErrorInfo`` whose ``reason`` and
+status, so the one handler wrapper maps them to ``google.rpc.Status`` with an ``ErrorInfo`` whose ``reason`` and
 ``metadata`` are the attributes set here. The ledger itself never touches gRPC.
 """
 
