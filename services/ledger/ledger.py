@@ -46,7 +46,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -698,13 +698,45 @@ class Ledger:
 
         return await self._transaction(work)
 
-    async def run_expiry_sweeper(self, stop: asyncio.Event, interval_s: float = 1.0, limit: int = 1000) -> None:
+    async def refresh_planner_statistics(self) -> list[str]:
+        """ANALYZE the ledger's tables whose statistics are stale by autovacuum's own rule (more than 50 rows +
+        10 % changed since the last analyze), when the server does not run autovacuum; returns the tables analyzed.
+
+        Without statistics the planner takes a young, fast-growing table for a small one, and the batch lookups by
+        id (``hold_id = ANY(...)``, ``event_id = ANY(...)``) become sequential scans whose cost grows with the
+        table: measured here, 165 scans reading 1.5 M rows for 20,000 settled emails. Where autovacuum runs it
+        keeps the statistics fresh, and this does nothing."""
+        async with self._pool.connection() as conn:
+            await conn.set_autocommit(True)
+            try:
+                setting = await (await conn.execute("SELECT current_setting('autovacuum')")).fetchone()
+                if setting is not None and setting[0] == "on":
+                    return []
+                rows = await (await conn.execute(
+                    """SELECT relname FROM pg_stat_user_tables
+                       WHERE schemaname = 'ledger' AND n_mod_since_analyze > 50 + 0.1 * n_live_tup
+                       ORDER BY relname""")).fetchall()
+                tables = [row[0] for row in rows]
+                for table in tables:
+                    await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier("ledger", table)))
+                return tables
+            finally:
+                await conn.set_autocommit(False)
+
+    async def run_expiry_sweeper(self, stop: asyncio.Event, interval_s: float = 1.0, limit: int = 1000,
+                                 statistics_every_s: float = 5.0) -> None:
         """Expire due holds until ``stop`` is set: back to back while a step finds a full batch, else every
-        ``interval_s``. A failing step is logged and retried at the next interval."""
+        ``interval_s``; every ``statistics_every_s`` also refresh stale planner statistics. A failing step is
+        logged and retried at the next interval."""
+        loop = asyncio.get_running_loop()
+        statistics_due = loop.time()
         while not stop.is_set():
             expired = 0
             try:
                 expired = await self.expire_holds(limit=limit)
+                if loop.time() >= statistics_due:
+                    statistics_due = loop.time() + statistics_every_s
+                    await self.refresh_planner_statistics()
             except (psycopg.Error, OSError):
                 logger.exception("hold expiry sweep failed")
             if expired >= limit:

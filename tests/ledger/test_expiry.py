@@ -104,3 +104,27 @@ async def test_run_expiry_sweeper_stops_when_asked(ledger: Ledger) -> None:
     await asyncio.wait_for(sweeper, timeout=5)
 
     assert (await ledger.get_hold("m1")).state is HoldState.EXPIRED
+
+
+async def test_stale_planner_statistics_are_refreshed_where_the_server_does_not_autovacuum(
+        ledger: Ledger, pool: AsyncConnectionPool) -> None:
+    await ledger.top_up("acme", 10_000, "t1")
+    await asyncio.gather(*(ledger.reserve("acme", f"m{i}", MessageClass.BULK) for i in range(300)))
+    async with pool.connection() as conn:
+        setting = await (await conn.execute("SELECT current_setting('autovacuum')")).fetchone()
+    if setting is not None and setting[0] == "on":
+        assert await ledger.refresh_planner_statistics() == []  # autovacuum's job there
+        return
+
+    analyzed: list[str] = []
+    for _ in range(60):  # the server publishes its table counters within a second or so of each commit
+        analyzed += await ledger.refresh_planner_statistics()
+        if "holds" in analyzed:
+            break
+        await asyncio.sleep(0.25)
+
+    assert "holds" in analyzed
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT reltuples FROM pg_class WHERE oid = 'ledger.holds'::regclass")
+        row = await cur.fetchone()
+    assert row is not None and row[0] >= 300
