@@ -291,11 +291,7 @@ async def serve(app: ServiceApp, settings: CommonSettings, *, ready: asyncio.Eve
     _done, pending = await asyncio.wait(tasks, timeout=settings.shutdown_grace_s) if tasks else (set(), set())
     for task in pending:
         task.cancel()
-    for closer in reversed(app.closers):
-        try:
-            await closer()
-        except Exception:
-            log.exception("error while closing")
+    await run_closers(app.closers)
     log.info("stopped")
 
 
@@ -318,6 +314,15 @@ def run(name: str, settings_cls: type[S], build: Callable[[S], Awaitable[Service
 
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         runner.run(main())
+
+
+async def run_closers(closers: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Release what a service opened, last opened first; one failing closer does not keep the others from running."""
+    for closer in reversed(closers):
+        try:
+            await closer()
+        except Exception:
+            log.exception("error while closing")
 
 
 GC_YOUNG_THRESHOLD = 20_000

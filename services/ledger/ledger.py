@@ -734,11 +734,14 @@ class Ledger:
             expired = 0
             try:
                 expired = await self.expire_holds(limit=limit)
-                if loop.time() >= statistics_due:
-                    statistics_due = loop.time() + statistics_every_s
-                    await self.refresh_planner_statistics()
             except (psycopg.Error, OSError):
                 logger.exception("hold expiry sweep failed")
+            if loop.time() >= statistics_due:
+                statistics_due = loop.time() + statistics_every_s
+                try:
+                    await self.refresh_planner_statistics()
+                except (psycopg.Error, OSError):
+                    logger.exception("refreshing the ledger's planner statistics failed")
             if expired >= limit:
                 continue
             try:

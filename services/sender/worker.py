@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from libs.common.grpc_server import event_loop_factory, settle_garbage_collector
+from libs.common.grpc_server import event_loop_factory, run_closers, settle_garbage_collector
 from libs.common.logging import configure_logging
 from libs.common.metrics import start_metrics_server
 from libs.common.settings import SettingsError, load_settings
@@ -48,11 +48,7 @@ async def serve(settings: SenderSettings) -> None:
     _, pending = await asyncio.wait(tasks, timeout=settings.shutdown_grace_s)
     for task in pending:
         task.cancel()
-    for closer in reversed(parts.closers):
-        try:
-            await closer()
-        except Exception:
-            log.exception("error while closing")
+    await run_closers(parts.closers)
     if failed:
         raise SystemExit(1)
 
