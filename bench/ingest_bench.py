@@ -13,7 +13,7 @@ Prints one JSON line per metric:
   largest of the three).
 
 Uses the Postgres, Redis and NATS servers named by ``ESP_BENCH_POSTGRES_DSN`` / ``ESP_BENCH_REDIS_URL`` /
-``ESP_BENCH_NATS_URL`` (local defaults), a throw-away database and namespace, and a private moto S3 server.
+``ESP_BENCH_NATS_URL`` (local defaults), a throw-away database and namespace, and a private S3 server (rclone).
 Nothing consumes the queued emails: the benchmark measures accepting them.
 
 Run: ``make bench BENCH=ingest`` or ``python -m bench.ingest_bench [--duration 10]``.
@@ -282,7 +282,7 @@ async def _until_idle(pid: int, timeout_s: float, busy_share: float = 0.05, inte
 
 @contextlib.contextmanager
 def running_mesh(log_dir: Path) -> Iterator[Target]:
-    """A database, moto, and the ledger and ingest processes; all removed afterwards."""
+    """A database, an S3 server (rclone), and the ledger and ingest processes; all removed afterwards."""
     namespace = f"bench{secrets.token_hex(3)}"
     name = pgtools.unique_database_name("esp_bench_ingest")
     dsn = pgtools.create_database(ADMIN_DSN, name)

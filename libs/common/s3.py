@@ -24,6 +24,9 @@ def create_s3_client(endpoint: str, region: str, access_key: str, secret_key: st
             # it signs no payload by default either; TLS protects the bytes in flight, and ingest checks the
             # attachment's own sha256 as it streams through.
             s3={"addressing_style": "path", "payload_signing_enabled": False},
+            # SigV4 for pre-signed URLs as well (botocore would otherwise presign with SigV2 query auth, which AWS
+            # no longer accepts in newer regions and S3-compatible servers often refuse).
+            signature_version="s3v4",
             request_checksum_calculation="when_required", response_checksum_validation="when_required",
             retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=32),
     )

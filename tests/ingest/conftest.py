@@ -1,5 +1,5 @@
 """Fixtures of the ingest tests: the ledger, reports and ingest services running in this process (each a real
-``serve()`` on a free loopback port) over real Postgres, Redis, NATS JetStream and S3 (moto).
+``serve()`` on a free loopback port) over real Postgres, Redis, NATS JetStream and S3 (rclone).
 
 One mesh serves the whole session (starting it is the slow part); every test makes its own tenants, so tests do
 not see each other's messages, limits or credits.
