@@ -82,6 +82,24 @@ def load_settings(cls: type[T], env: Mapping[str, str] | None = None, prefix: st
     raise SettingsError(problems)
 
 
+def settings_env(settings: object, prefix: str = "ESP_") -> dict[str, str]:
+    """The ``ESP_*`` variables :func:`load_settings` would read back into ``settings`` (a worker process started
+    by a service gets its parent's settings this way, however the parent got them)."""
+    env: dict[str, str] = {}
+    for field in dataclasses.fields(settings):  # type: ignore[arg-type]
+        value = getattr(settings, field.name)
+        if value is None:
+            text = ""
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = ",".join(str(item) for item in value)
+        else:
+            text = str(value)
+        env[env_name(field.name, prefix)] = text
+    return env
+
+
 def check_positive(instance: object, *names: str) -> None:
     """For ``__post_init__``: each named field must be > 0; all offenders are reported together."""
     bad = [f"{env_name(n)}: must be > 0, got {getattr(instance, n)!r}" for n in names if getattr(instance, n) <= 0]

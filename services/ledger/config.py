@@ -18,10 +18,17 @@ class LedgerSettings(CommonSettings):
     reserve_workers: int = 4
     """Reserve transactions in flight at once."""
     outcome_batch_size: int = 100
-    """Final outcome events settled per transaction. Settling runs on the event loop that also answers reserves
-    (an OTP's accept waits on one), so a batch is kept to a few milliseconds of CPU; a backlog still goes by in
-    full batches, each one transaction."""
+    """Final outcome events settled per transaction: a backlog goes by in full batches, each one transaction, and
+    a batch's row locks are held no longer than a few milliseconds."""
+    settlement_worker: bool = True
+    """Settle outcomes in a worker process of its own (``services.ledger.settlement``) rather than on the event
+    loop that answers reserves, which every accept waits for."""
+    settlement_niceness: int = 10
+    """How much nicer (lower CPU priority) the settlement worker runs than the ledger: on a busy machine a
+    campaign's settlement yields the CPU to the accept path and catches up afterwards."""
 
     def __post_init__(self) -> None:
         check_positive(self, "hold_ttl_s", "sweep_interval_s", "reserve_batch_size", "reserve_workers",
                        "outcome_batch_size")
+        if not 0 <= self.settlement_niceness <= 19:
+            raise ValueError(f"ESP_SETTLEMENT_NICENESS: must be in [0, 19], got {self.settlement_niceness}")

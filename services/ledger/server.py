@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from esp.v1 import common_pb2, credits_pb2, credits_pb2_grpc
@@ -11,15 +12,17 @@ from libs.common import db
 from libs.common.auth import TrustedHeaderAuthenticator, check_tenant_access
 from libs.common.batching import BatchingOptions
 from libs.common.errors import FieldViolation, InvalidArgument, error_parts
-from libs.common.grpc_server import ServiceApp
-from libs.common.jetstream import Topology, connect, ensure_pull_consumer, ensure_streams, pull_loop
+from libs.common.grpc_server import BackgroundTask, ServiceApp
+from libs.common.jetstream import Topology, connect, ensure_streams
+from libs.common.settings import settings_env
 from libs.common.timestamps import to_timestamp
+from libs.common.workers import WorkerSpec, WorkerSupervisor
 from services.ledger.config import LedgerSettings
 from services.ledger.errors import LedgerError
 from services.ledger.ledger import Ledger, LedgerOptions
 from services.ledger.models import Balance, Hold, HoldState, MessageClass, PriceOverrides, ReserveRequest
 from services.ledger.notifications import NotificationPublisher
-from services.ledger.outcomes import OutcomeConsumer
+from services.ledger.settlement import build_settlement
 
 _CLASS = {common_pb2.MESSAGE_CLASS_OTP: MessageClass.OTP,
           common_pb2.MESSAGE_CLASS_TRANSACTIONAL: MessageClass.TRANSACTIONAL,
@@ -184,18 +187,10 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
     nc = await connect(settings.nats_url, "esp-ledger")
     js = nc.jetstream()
     await ensure_streams(js, topology)
-    # Only final outcomes settle holds; they have a subject of their own, so nothing else is fetched here.
-    durable = topology.consumer("ledger-final")
-    await ensure_pull_consumer(js, topology.events_stream, durable, topology.final_events_wildcard, ack_wait_s=30)
-    try:  # the consumer of every event that came before it, if an older ledger left it behind
+    try:  # the consumer of every event that came before ledger-final, if an older ledger left it behind
         await js.delete_consumer(topology.events_stream, topology.consumer("ledger"))
     except NotFoundError:
         pass
-    consumer = OutcomeConsumer(ledger)
-
-    async def consume(stop: Any) -> None:
-        await pull_loop(nc, topology.events_stream, durable, consumer.handle, stop, batch=settings.outcome_batch_size,
-                        idle_timeout_s=0.5)
 
     async def sweep(stop: Any) -> None:
         await ledger.run_expiry_sweeper(stop, interval_s=settings.sweep_interval_s)
@@ -210,8 +205,28 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
         await nc.drain()
         await pool.close()
 
+    tasks: list[BackgroundTask] = [sweep, publish_notifications]
+    closers: list[Callable[[], Awaitable[None]]] = [close_all]
+    # Only final outcomes settle holds (they have a subject of their own), in a worker process of lower CPU priority
+    # unless configured otherwise; see services.ledger.settlement.
+    if settings.settlement_worker:
+        supervisor = await WorkerSupervisor.start(
+            "ledger", [WorkerSpec("ledger-settlement", "services.ledger.settlement", _settlement_env(settings))],
+            grace_s=settings.shutdown_grace_s)
+        tasks.append(supervisor.watch)
+        closers.append(supervisor.stop)
+    else:
+        settlement = await build_settlement(settings)
+        tasks.extend(settlement.tasks)
+        closers.extend(settlement.closers)
     return ServiceApp(
         name="ledger", default_port=50053,
         servicers=[(credits_pb2_grpc.add_CreditServiceServicer_to_server, CreditServicer(ledger))],
         service_names=[credits_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name],
-        tasks=[consume, sweep, publish_notifications], closers=[close_all], authenticator=TrustedHeaderAuthenticator())
+        tasks=tasks, closers=closers, authenticator=TrustedHeaderAuthenticator())
+
+
+def _settlement_env(settings: LedgerSettings) -> dict[str, str]:
+    """The worker's settings are the ledger's, with a metrics port of its own (the next one) if any."""
+    metrics_port = settings.metrics_port + 1 if settings.metrics_port else 0
+    return {**settings_env(settings), "ESP_METRICS_PORT": str(metrics_port)}

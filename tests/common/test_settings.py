@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import pytest
 
-from libs.common.settings import CommonSettings, SettingsError, check_positive, load_settings
+from libs.common.settings import CommonSettings, SettingsError, check_positive, load_settings, settings_env
 
 
 @dataclass(frozen=True)
@@ -48,3 +49,18 @@ def test_settings_are_frozen():
     settings = load_settings(CommonSettings, {})
     with pytest.raises(AttributeError):
         settings.grpc_port = 1  # type: ignore[misc]
+
+
+def test_settings_env_reads_back_into_the_same_settings():
+    settings = Example("x", 8, 0.1 + 0.2, True, ("otp", "bulk"))
+    assert load_settings(Example, settings_env(settings)) == settings
+
+
+@pytest.mark.parametrize("module, name", [
+    ("services.ingest.config", "IngestSettings"), ("services.router.config", "RouterSettings"),
+    ("services.sender.config", "SenderSettings"), ("services.ledger.config", "LedgerSettings"),
+    ("services.reports.config", "ReportsSettings")])
+def test_every_services_settings_survive_the_trip_to_a_worker(module: str, name: str):
+    cls = getattr(importlib.import_module(module), name)
+    settings = load_settings(cls, {"ESP_ADMIN_TOKEN": "a" * 32, "ESP_NAMESPACE": "ns", "ESP_METRICS_PORT": "9100"})
+    assert load_settings(cls, settings_env(settings)) == settings

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import nats
@@ -29,15 +31,16 @@ class LedgerService:
     topology: Topology
 
 
-@pytest.fixture
-async def ledger_service(new_database: Callable[[], str], nats_url: str, redis_url: str,
-                         run_id: str) -> AsyncIterator[LedgerService]:
+@pytest.fixture(params=[True, False], ids=["settlement-worker", "settlement-in-process"])
+async def ledger_service(request: pytest.FixtureRequest, new_database: Callable[[], str], nats_url: str,
+                         redis_url: str, run_id: str) -> AsyncIterator[LedgerService]:
     dsn = new_database()
     await migrate_services(dsn, ["ledger"])
     namespace = f"{run_id}led{free_port()}"
     port = free_port()
     settings = LedgerSettings(postgres_dsn=dsn, nats_url=nats_url, redis_url=redis_url, namespace=namespace,
-                              grpc_port=port, sweep_interval_s=0.2, shutdown_grace_s=3)
+                              grpc_port=port, sweep_interval_s=0.2, shutdown_grace_s=3,
+                              settlement_worker=request.param)
     ready, stop = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(serve(await build_app(settings), settings, ready=ready, stop=stop))
     await asyncio.wait_for(ready.wait(), 20)
@@ -93,6 +96,37 @@ async def test_the_same_sent_event_delivered_three_times_commits_once(ledger_ser
     await asyncio.sleep(0.5)  # the later copies are consumed too; nothing must change
     balance = await _balance(ledger_service, "acme")
     assert (balance.available, balance.held, balance.spent) == (100 - hold.amount, 0, hold.amount)
+
+
+def _settlement_workers(namespace: str) -> list[int]:
+    """Pids of this process's children that run the settlement worker of the ledger serving ``namespace`` (other
+    fixtures of the session may run ledgers of their own)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (int(fields[1]) == os.getpid() and b"services.ledger.settlement" in cmdline
+                and f"ESP_NAMESPACE={namespace}".encode() in environ):
+            found.append(int(stat.parent.name))
+    return found
+
+
+async def test_the_settlement_worker_is_the_ledgers_child_at_lower_cpu_priority(ledger_service: LedgerService,
+                                                                              request: pytest.FixtureRequest):
+    workers = _settlement_workers(ledger_service.topology.namespace)
+    if "settlement-in-process" in request.node.callspec.id:
+        assert workers == []
+        return
+    assert len(workers) == 1
+    assert _niceness(workers[0]) == min(19, os.nice(0) + LedgerSettings().settlement_niceness)
+
+
+def _niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
 async def test_a_failed_event_releases_the_hold(ledger_service: LedgerService):
