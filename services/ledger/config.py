@@ -17,9 +17,10 @@ class LedgerSettings(CommonSettings):
     """Most reserves grouped in one transaction."""
     reserve_workers: int = 4
     """Reserve transactions in flight at once."""
-    outcome_batch_size: int = 100
-    """Final outcome events settled per transaction: a backlog goes by in full batches, each one transaction, and
-    a batch's row locks are held no longer than a few milliseconds."""
+    outcome_batch_size: int = 500
+    """Final outcome events settled per transaction (a backlog goes by in full batches). Larger batches cost less
+    CPU per event; they hold no lock a reserve needs (commits count on the tenant's commit total, not its balance
+    row) and run on the settlement worker's own event loop."""
     settlement_worker: bool = True
     """Settle outcomes in a worker process of its own (``services.ledger.settlement``) rather than on the event
     loop that answers reserves, which every accept waits for."""

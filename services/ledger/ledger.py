@@ -5,7 +5,10 @@ Model
     enters another (top-up: issued -> available; reserve: available -> held; commit: held -> spent, the unused
     part held -> available; release/expiry: held -> available). Each row balances by construction and the table is
     append-only. ``ledger.balances`` keeps each tenant's available/held/spent in step, updated in the same
-    transaction under the row's lock, with ``CHECK (available >= 0)`` as the last line of defence.
+    transaction under the row's lock, with ``CHECK (available >= 0)`` as the last line of defence — except the
+    commits of outcome events (a campaign's settlement, the bulk of all movements), which add to the tenant's
+    ``ledger.commit_totals`` row instead, so settling never holds the row every reserve locks. Held and spent are
+    read from the ``ledger.tenant_balances`` view, which combines the two.
 
 Concurrency
     Reserves go through a :class:`~services.ledger.batcher.GroupCommitter`: concurrent calls coalesce into
@@ -280,7 +283,7 @@ class Ledger:
         _require_id("tenant_id", tenant_id)
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT available, held, spent, low_balance_threshold FROM ledger.balances WHERE tenant_id = %s",
+                "SELECT available, held, spent, low_balance_threshold FROM ledger.tenant_balances WHERE tenant_id = %s",
                 (tenant_id,),
             )
             row = await cur.fetchone()
@@ -901,8 +904,10 @@ class Ledger:
     @staticmethod
     async def _lock_balance(conn: AsyncConnection, tenant_id: str) -> tuple[Balance, bool]:
         cur = await conn.execute(
-            """SELECT available, held, spent, low_balance_threshold, low_balance_armed FROM ledger.balances
-               WHERE tenant_id = %s FOR UPDATE""",
+            """SELECT b.available, b.held - COALESCE(c.committed, 0), b.spent + COALESCE(c.committed, 0),
+                      b.low_balance_threshold, b.low_balance_armed
+               FROM ledger.balances b LEFT JOIN ledger.commit_totals c USING (tenant_id)
+               WHERE b.tenant_id = %s FOR UPDATE OF b""",
             (tenant_id,),
         )
         row = await cur.fetchone()
@@ -1132,7 +1137,8 @@ _RESOLVE_OUTCOME_HOLDS = """
     FROM unnest(%b::text[], %b::text[], %b::text[]) AS r(hold_id, state, event_id)
     WHERE h.hold_id = r.hold_id"""
 # The journal rows of an outcome batch, in event order. Runs after the balance update: each row's available_after
-# is the balance just written minus what the batch's later releases returned.
+# is the balance just written minus what the batch's later releases returned. (A tenant with commits only is not
+# locked: its commits leave available as it is, and the row's value when the statement runs is what they record.)
 _INSERT_OUTCOME_ENTRIES = """
     INSERT INTO ledger.entries (tenant_id, kind, debit_account, credit_account, amount, hold_id, available_after)
     SELECT e.tenant_id, e.kind, CASE WHEN e.kind = %b THEN %b ELSE %b END, CASE WHEN e.kind = %b THEN %b ELSE %b END,
@@ -1144,6 +1150,11 @@ _INSERT_OUTCOME_ENTRIES = """
          AS e(tenant_id, kind, amount, hold_id, position)
     JOIN ledger.balances b USING (tenant_id)
     ORDER BY e.position"""
+# Outcome commits add to the tenant's commit total rather than the balance row that reserves lock (migration 002).
+_ADD_COMMIT_TOTALS = """
+    INSERT INTO ledger.commit_totals AS c (tenant_id, committed)
+    SELECT * FROM unnest(%b::text[], %b::bigint[])
+    ON CONFLICT (tenant_id) DO UPDATE SET committed = c.committed + excluded.committed, updated_at = now()"""
 _INSERT_PROCESSED_EVENTS = """
     INSERT INTO ledger.processed_events (event_id, hold_id, outcome, result)
     SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[])"""
@@ -1172,7 +1183,8 @@ async def _apply_outcomes(conn: AsyncConnection, events: Sequence[OutcomeEvent])
     entry_kinds: list[str] = []
     entry_amounts: list[int] = []
     entry_holds: list[str] = []
-    balances: dict[str, _LockedBalance] = {}
+    balances: dict[str, _LockedBalance] = {}  # releases: back to available, on the balance row
+    committed: dict[str, int] = {}  # commits: held -> spent, on the tenant's commit_totals row
     processed_events: list[str] = []
     processed_holds: list[str] = []
     processed_outcomes: list[str] = []
@@ -1196,15 +1208,15 @@ async def _apply_outcomes(conn: AsyncConnection, events: Sequence[OutcomeEvent])
             state = state_now.get(hold_id) or row[3]
             if state == "held":
                 tenant_id, amount = row[1], row[2]
-                balance = balances.get(tenant_id)
-                if balance is None:
-                    balance = balances[tenant_id] = _LockedBalance(0)
-                balance.held_delta -= amount
                 if outcome is Outcome.SENT:
                     result, kind, state_now[hold_id] = OutcomeResult.COMMITTED, "commit", "committed"
-                    balance.spent_delta += amount
+                    committed[tenant_id] = committed.get(tenant_id, 0) + amount
                 else:
                     result, kind, state_now[hold_id] = OutcomeResult.RELEASED, "release", "released"
+                    balance = balances.get(tenant_id)
+                    if balance is None:
+                        balance = balances[tenant_id] = _LockedBalance(0)
+                    balance.held_delta -= amount
                     balance.available_delta += amount
                 resolved_holds.append(hold_id)
                 resolved_states.append(state_now[hold_id])
@@ -1233,12 +1245,16 @@ async def _apply_outcomes(conn: AsyncConnection, events: Sequence[OutcomeEvent])
         processed_results.append(result.value)
         results.append(OutcomeApplied(event_id, hold_id, outcome, result, duplicate=False))
 
-    # Nothing below waits for a result: the writes reach the server together with the commit. The balance rows
-    # are locked in tenant order (like every other batch), after the holds.
+    # Nothing below waits for a result: the writes reach the server together with the commit. Balance rows (only
+    # for releases) and then commit totals are locked in tenant order (like every other batch), after the holds.
     if resolved_holds:
-        await _query_balances(conn, list(balances), lock=True)
+        if balances:
+            await _query_balances(conn, list(balances), lock=True)
         await conn.execute(_RESOLVE_OUTCOME_HOLDS, (resolved_holds, resolved_states, resolved_by))
         await _update_balances(conn, balances)
+        if committed:
+            tenants = sorted(committed)
+            await conn.execute(_ADD_COMMIT_TOTALS, (tenants, [committed[t] for t in tenants]))
         if entry_holds:
             await conn.execute(
                 _INSERT_OUTCOME_ENTRIES,

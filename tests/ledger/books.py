@@ -29,7 +29,7 @@ async def check_books(pool: AsyncConnectionPool) -> dict[str, TenantBooks]:
     """
     async with pool.connection() as conn:
         derived = await _derived_balances(conn)
-        cur = await conn.execute("SELECT tenant_id, available, held, spent FROM ledger.balances")
+        cur = await conn.execute("SELECT tenant_id, available, held, spent FROM ledger.tenant_balances")
         kept = {row[0]: {"available": row[1], "held": row[2], "spent": row[3]} for row in await cur.fetchall()}
 
         cur = await conn.execute(
@@ -50,7 +50,7 @@ async def check_books(pool: AsyncConnectionPool) -> dict[str, TenantBooks]:
             books[tenant] = TenantBooks(derived=accounts, kept=row)
 
         cur = await conn.execute(
-            """SELECT b.tenant_id, b.held, COALESCE(h.held, 0) FROM ledger.balances b
+            """SELECT b.tenant_id, b.held, COALESCE(h.held, 0) FROM ledger.tenant_balances b
                LEFT JOIN (SELECT tenant_id, sum(amount) AS held FROM ledger.holds WHERE state = 'held'
                           GROUP BY tenant_id) h USING (tenant_id)
                WHERE b.held <> COALESCE(h.held, 0)"""

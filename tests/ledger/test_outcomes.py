@@ -159,3 +159,35 @@ async def test_one_batch_of_mixed_outcomes_journals_each_step_with_the_balance_a
     [unbilled] = await funded.pending_notifications()
     assert (unbilled.kind, unbilled.payload["hold_id"]) == (NotificationKind.UNBILLED_SEND, "m3")
     await check_books(pool)
+
+
+async def test_a_sent_outcome_settles_while_a_reserve_holds_the_balance_row(
+    funded: Ledger, pool: AsyncConnectionPool
+) -> None:
+    # A campaign's settlement must never queue behind (nor hold up) the reserves of the same tenant: commits count
+    # on the tenant's commit total, not on the balance row every reserve locks.
+    async with pool.connection() as blocker, blocker.transaction():
+        await blocker.execute("SELECT 1 FROM ledger.balances WHERE tenant_id = 'acme' FOR UPDATE")
+        applied = await asyncio.wait_for(funded.apply_outcome("e1", "m1", "sent"), 5)
+    assert applied.result is OutcomeResult.COMMITTED
+    assert await funded.get_balance("acme") == Balance("acme", available=95, held=0, spent=5)
+    await check_books(pool)
+
+
+async def test_a_reserve_goes_through_while_a_settlement_holds_the_commit_total(
+    funded: Ledger, pool: AsyncConnectionPool
+) -> None:
+    await funded.apply_outcome("e1", "m1", "sent")  # the tenant now has a commit total row
+    async with pool.connection() as blocker, blocker.transaction():
+        await blocker.execute("SELECT 1 FROM ledger.commit_totals WHERE tenant_id = 'acme' FOR UPDATE")
+        hold = await asyncio.wait_for(funded.reserve("acme", "m2", MessageClass.OTP), 5)
+    assert hold.state is HoldState.HELD
+    assert await funded.get_balance("acme") == Balance("acme", available=90, held=5, spent=5)
+    await check_books(pool)
+
+
+async def test_a_failed_outcome_still_returns_the_credits_to_available(funded: Ledger, pool: AsyncConnectionPool):
+    await funded.reserve("acme", "m2", MessageClass.OTP)
+    await funded.apply_outcomes([OutcomeEvent("e1", "m1", Outcome.SENT), OutcomeEvent("e2", "m2", Outcome.FAILED)])
+    assert await funded.get_balance("acme") == Balance("acme", available=95, held=0, spent=5)
+    await check_books(pool)
