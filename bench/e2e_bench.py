@@ -8,6 +8,12 @@ then measures, ``--runs`` times, and prints the medians as JSON lines:
 - ``e2e.otp_p99_ms``: an OTP's accept → provider request (client call start → simulator arrival), p99, with
   OTPs sent at a steady probe rate (10/s) while a bulk backlog queued on the SEND stream drains
   (``e2e.otp_p50_ms`` alongside; ``e2e.otp_accept_p50_ms``/``p99`` are the SendEmail call's share of it).
+- ``e2e.otp_campaign_p99_ms``: the same OTP probes (same rate and count, ``e2e.otp_campaign_p50_ms`` and
+  ``e2e.otp_campaign_accept_p99_ms`` alongside) while a campaign of the same tenant (``--campaign`` bulk emails)
+  is accepted through ``BatchSendEmails`` and drains, as a customer's campaign really arrives. Unlike the backlog
+  of ``e2e.otp_p99_ms``, its emails hold credit: their reserves lock the tenant's balance row that every OTP's
+  reserve needs while ingest is still accepting the campaign, and the ledger settles their outcomes (the tenant's
+  holds, its commit totals, a release on the balance row) while the probes go on.
 - ``sender.fallback_decision_p99_ms``: for OTPs whose first provider failed (HTTP 500, 30 % of calls), the
   sender's own measure (its ``esp_sender_fallback_decision_seconds`` histogram, read from the OTP worker's
   metrics endpoint; p99 = upper bound of the bucket holding it) from the failed answer to the next provider
@@ -22,9 +28,10 @@ then measures, ``--runs`` times, and prints the medians as JSON lines:
   Redis servers by process name), so the figure that bounds throughput on two cores is visible, and steadier than
   throughput on a shared machine. ``sender.cpu_ms_per_email`` is the sender's during ``sender.sends_per_s``.
 
-Run: ``make bench BENCH=e2e`` or ``python -m bench e2e`` (``--emails``, ``--clients``, ``--runs``). Servers:
-Postgres ``ESP_BENCH_POSTGRES_DSN``, Redis ``ESP_BENCH_REDIS_URL``, NATS ``ESP_BENCH_NATS_URL`` (defaults: the
-local ones). Logs of every process: ``.dev/bench-e2e/``.
+Run: ``make bench BENCH=e2e`` or, to pass options (``--runs``, ``--emails``, ``--clients``, ``--campaign``, ...),
+``python -m bench.e2e_bench`` (``python -m bench`` takes benchmark names only). Servers: Postgres
+``ESP_BENCH_POSTGRES_DSN``, Redis ``ESP_BENCH_REDIS_URL``, NATS ``ESP_BENCH_NATS_URL`` (defaults: the local ones).
+Logs of every process: ``.dev/bench-e2e/``.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ import nats
 from esp.internal.v1 import queue_pb2
 from esp.v1 import (
     common_pb2,
+    credits_pb2,
+    credits_pb2_grpc,
     messages_pb2,
     messages_pb2_grpc,
     providers_pb2,
@@ -146,6 +155,7 @@ def environment() -> Iterator[Environment]:
     finally:
         if mesh is not None:
             mesh.stop()
+            asyncio.run(m.forget_namespace(mesh.config.namespace, NATS_URL, REDIS_URL))
         for process in reversed(processes):
             process.stop()
         pgtools.drop_database(ADMIN_DSN, database)
@@ -332,9 +342,18 @@ async def sends_per_s(env: Environment, simulator: Simulator, emails: int, clien
     """Emails through BatchSendEmails from ``clients`` concurrent callers until all reached the simulator."""
     await set_providers(env, {"bulk-provider": {"personality": "bulk", "price_per_email_micros": 10}})
     await simulator.reset()
+    started = time.time()
+    accepted = await accept_bulk(env, emails, clients, batch)
+    arrivals = await simulator.arrivals(set(accepted), timeout_s=max(120, emails / 50))
+    return emails / (max(arrivals.values()) - started)
+
+
+async def accept_bulk(env: Environment, emails: int, clients: int, batch: int,
+                      first_reply: asyncio.Event | None = None) -> list[str]:
+    """``emails`` bulk emails through BatchSendEmails, ``batch`` a call, from ``clients`` concurrent callers; the
+    accepted message ids. ``first_reply`` is set as soon as one call has returned."""
     accepted: list[str] = []
     next_index = 0
-    started = time.time()
 
     async def client(stub: messages_pb2_grpc.MessageServiceStub) -> None:
         nonlocal next_index
@@ -347,6 +366,8 @@ async def sends_per_s(env: Environment, simulator: Simulator, emails: int, clien
                 if result.HasField("error"):
                     raise RuntimeError(f"a send was refused: {result.error}")
                 accepted.append(result.message.id)
+            if first_reply is not None:
+                first_reply.set()
 
     channels = [grpc.aio.insecure_channel(env.endpoint) for _ in range(min(clients, 8))]
     try:
@@ -355,8 +376,7 @@ async def sends_per_s(env: Environment, simulator: Simulator, emails: int, clien
     finally:
         for channel in channels:
             await channel.close()
-    arrivals = await simulator.arrivals(set(accepted), timeout_s=max(120, emails / 50))
-    return emails / (max(arrivals.values()) - started)
+    return accepted
 
 
 async def sender_sends_per_s(env: Environment, simulator: Simulator, emails: int) -> float:
@@ -396,41 +416,112 @@ async def publish_all(js: Any, subject: str, tasks: Sequence[queue_pb2.SendTask]
     return started
 
 
+def otp_providers() -> dict[str, dict[str, Any]]:
+    """Bulk and OTP on providers of their own, so an OTP never waits behind a bulk call at the provider."""
+    return {"bulk-provider": {"personality": "bulk", "price_per_email_micros": 10, "classes": ["bulk"]},
+            "otp-provider": {"personality": "otp-steady", "price_per_email_micros": 100, "classes": ["otp"]}}
+
+
+async def probe_otps(env: Environment, otps: int, otp_rate: float) -> tuple[dict[str, float], list[float]]:
+    """``otps`` OTPs through SendEmail, ``otp_rate`` a second: each one's call start (epoch seconds) by message id,
+    and each call's duration in ms (accepted: committed and on its way to the queue)."""
+    sent_at: dict[str, float] = {}
+    accept_ms: list[float] = []
+    async with grpc.aio.insecure_channel(env.endpoint) as channel:
+        stub = messages_pb2_grpc.MessageServiceStub(channel)
+
+        async def one(index: int) -> None:
+            started = time.time()
+            reply = await stub.SendEmail(send_request("otp", index), metadata=env.auth(), timeout=10)
+            accept_ms.append((time.time() - started) * 1000)
+            sent_at[reply.message.id] = started
+
+        pending = []
+        for index in range(otps):
+            pending.append(asyncio.create_task(one(index)))
+            await asyncio.sleep(1 / otp_rate)
+        await asyncio.gather(*pending)
+    return sent_at, accept_ms
+
+
 async def otp_latency_ms(env: Environment, simulator: Simulator, backlog: int, otps: int,
                          otp_rate: float) -> tuple[list[float], list[float]]:
     """OTPs at a steady rate while a bulk backlog drains: each one's accept → provider request, in ms, and the
     part of it spent in the SendEmail call (accepted: committed and on its way to the queue)."""
-    await set_providers(env, {
-        "bulk-provider": {"personality": "bulk", "price_per_email_micros": 10, "classes": ["bulk"]},
-        "otp-provider": {"personality": "otp-steady", "price_per_email_micros": 100, "classes": ["otp"]}})
+    await set_providers(env, otp_providers())
     await simulator.reset()
     nc = await nats.connect(NATS_URL)
-    sent_at: dict[str, float] = {}
-    accept_ms: list[float] = []
     try:
         backlog_tasks = [bulk_task(i) for i in range(backlog)]
         backlog_ids = {t.message_id for t in backlog_tasks}
         await publish_all(nc.jetstream(), Topology(env.config.namespace).send_subject("bulk"), backlog_tasks)
-        async with grpc.aio.insecure_channel(env.endpoint) as channel:
-            stub = messages_pb2_grpc.MessageServiceStub(channel)
-
-            async def one(index: int) -> None:
-                started = time.time()
-                reply = await stub.SendEmail(send_request("otp", index), metadata=env.auth(), timeout=10)
-                accept_ms.append((time.time() - started) * 1000)
-                sent_at[reply.message.id] = started
-
-            pending = []
-            for index in range(otps):
-                pending.append(asyncio.create_task(one(index)))
-                await asyncio.sleep(1 / otp_rate)
-            await asyncio.gather(*pending)
+        sent_at, accept_ms = await probe_otps(env, otps, otp_rate)
     finally:
         await nc.close()
     arrivals = await simulator.arrivals(set(sent_at), timeout_s=120)
     # Let the backlog finish before the next measurement starts on a quiet machine.
     await simulator.arrivals(backlog_ids, timeout_s=max(120, backlog / 50))
     return [(arrivals[mid] - sent_at[mid]) * 1000 for mid in sent_at], accept_ms
+
+
+async def otp_latency_during_campaign_ms(env: Environment, simulator: Simulator, campaign: int, otps: int,
+                                         otp_rate: float, clients: int, batch: int) -> tuple[list[float], list[float]]:
+    """What ``otp_latency_ms`` measures, but the bulk load is a campaign of the same tenant accepted through
+    BatchSendEmails (``clients`` callers, ``batch`` a call) rather than published onto SEND: its emails hold
+    credit, so their reserves share the balance row every OTP's reserve locks, and the ledger settles the same
+    tenant's holds while the OTPs go in. The OTPs start once the first campaign call has returned, so the drain
+    is under way; returns when every campaign email reached the simulator and the ledger settled its credit."""
+    await set_providers(env, otp_providers())
+    await simulator.reset()
+    first_reply = asyncio.Event()
+    started = time.time()
+    accepted_at = started
+
+    async def accept_campaign() -> list[str]:
+        nonlocal accepted_at
+        ids = await accept_bulk(env, campaign, clients, batch, first_reply)
+        accepted_at = time.time()
+        return ids
+
+    # A task group: a refused campaign call cancels the probes, and a failed probe the campaign, instead of
+    # either waiting for the other forever.
+    async with asyncio.TaskGroup() as group:
+        acceptance = group.create_task(accept_campaign())
+        await first_reply.wait()
+        sent_at, accept_ms = await probe_otps(env, otps, otp_rate)
+    arrivals = await simulator.arrivals(set(sent_at), timeout_s=120)
+    campaign_arrivals = await simulator.arrivals(set(acceptance.result()), timeout_s=max(120, campaign / 50))
+    drained_at = max(campaign_arrivals.values())
+    await wait_settled(env, timeout_s=max(60, campaign / 100))
+    latencies = {mid: (arrivals[mid] - sent_at[mid]) * 1000 for mid in sent_at}
+    overlapping = sum(1 for at in sent_at.values() if at < drained_at)
+    # Which part of the campaign the probes met decides what the figure means, and a busy machine moves it.
+    print(f"  campaign of {campaign:,}: accepted after {accepted_at - started:.1f} s, at the provider after "
+          f"{drained_at - started:.1f} s, settled by {time.time() - started:.1f} s; {overlapping} of {len(sent_at)} "
+          f"OTPs were sent before its last email arrived", file=sys.stderr, flush=True)
+    for phase, sent_in_phase in (("while it was accepted", lambda at: at < accepted_at),
+                                 ("after it was accepted", lambda at: at >= accepted_at)):
+        phase_ms = [latencies[mid] for mid, at in sent_at.items() if sent_in_phase(at)]
+        if phase_ms:
+            print(f"    OTPs sent {phase}: {len(phase_ms)}, p50 {percentile(phase_ms, 0.5):,.1f} ms, "
+                  f"max {max(phase_ms):,.1f} ms", file=sys.stderr, flush=True)
+    return list(latencies.values()), accept_ms
+
+
+async def wait_settled(env: Environment, timeout_s: float) -> None:
+    """Wait until the tenant holds no credit (the ledger settled every outcome), so the next measurement does not
+    share the machine with a settlement backlog."""
+    started = time.monotonic()
+    async with grpc.aio.insecure_channel(env.endpoint) as channel:
+        stub = credits_pb2_grpc.CreditServiceStub(channel)
+        while True:
+            balance = await stub.GetBalance(credits_pb2.GetBalanceRequest(tenant=f"tenants/{TENANT}"),
+                                            metadata=env.auth(), timeout=10)
+            if balance.held == 0:
+                return
+            if time.monotonic() - started > timeout_s:
+                raise RuntimeError(f"{balance.held} credit units still held {timeout_s:.0f} s after the campaign")
+            await asyncio.sleep(0.5)
 
 
 FALLBACK_HISTOGRAM = "esp_sender_fallback_decision_seconds_bucket"
@@ -517,6 +608,11 @@ async def measure_all(env: Environment, args: argparse.Namespace) -> dict[str, l
             keep("e2e.otp_p50_ms", percentile(latencies, 0.50))
             keep("e2e.otp_accept_p99_ms", percentile(accepts, 0.99))
             keep("e2e.otp_accept_p50_ms", percentile(accepts, 0.50))
+            latencies, accepts = await otp_latency_during_campaign_ms(
+                env, simulator, args.campaign, args.otps, args.otp_rate, args.clients, args.batch)
+            keep("e2e.otp_campaign_p99_ms", percentile(latencies, 0.99))
+            keep("e2e.otp_campaign_p50_ms", percentile(latencies, 0.50))
+            keep("e2e.otp_campaign_accept_p99_ms", percentile(accepts, 0.99))
             before = await decision_buckets(env)
             gaps = await fallback_decision_ms(env, simulator, 200)
             keep("sender.fallback_decision_p99_ms", histogram_p99_ms(before, await decision_buckets(env)))
@@ -542,7 +638,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--otps", type=int, default=100)
     parser.add_argument("--otp-rate", type=float, default=10.0,
                         help="OTPs per second while the backlog drains (a latency probe, not a load)")
+    parser.add_argument("--campaign", type=int, default=10_000,
+                        help="bulk emails of the same tenant accepted through ingest while OTPs are timed")
     args = parser.parse_args(argv)
+    if args.campaign < 1:
+        parser.error("--campaign must be at least 1: the OTPs start once its first batch is accepted")
     with environment() as env:
         samples = asyncio.run(measure_all(env, args))
     for metric, values in samples.items():

@@ -41,8 +41,6 @@ from typing import Any
 
 import grpc
 import httpx
-import nats
-import redis
 from esp.v1 import attachments_pb2, attachments_pb2_grpc, common_pb2, messages_pb2, messages_pb2_grpc
 
 from dev import mesh as m
@@ -315,7 +313,7 @@ def running_mesh(log_dir: Path) -> Iterator[Target]:
             mesh.stop()
         if s3 is not None:
             s3.stop()
-        asyncio.run(_forget(namespace))
+        asyncio.run(m.forget_namespace(namespace, NATS_URL, REDIS_URL))
         pgtools.drop_database(ADMIN_DSN, name)
 
 
@@ -328,23 +326,6 @@ def _unlimited(channel: grpc.Channel, admin_token: str) -> None:
     tenant = stub.GetTenant(tenants_pb2.GetTenantRequest(name="tenants/bench"), metadata=auth)
     tenant.otp_rate_per_second = tenant.transactional_rate_per_second = tenant.bulk_rate_per_second = 1e6
     stub.UpdateTenant(tenants_pb2.UpdateTenantRequest(tenant=tenant), metadata=auth)
-
-
-async def _forget(namespace: str) -> None:
-    nc = await nats.connect(NATS_URL)
-    try:
-        js = nc.jetstream()
-        for stream in (f"{namespace}_SEND", f"{namespace}_EVENTS"):
-            with contextlib.suppress(Exception):
-                await js.delete_stream(stream)
-        with contextlib.suppress(Exception):
-            await js.delete_key_value(f"{namespace}_providers")
-    finally:
-        await nc.close()
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=f"{namespace}*", count=1000):
-        client.delete(key)
-    client.close()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import nats
+import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,3 +313,30 @@ def start_simulator(http_port: int, smtp_port: int, log_dir: Path, timeout_s: fl
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"simulator did not start within {timeout_s}s:\n{proc.log_tail()}")
+
+
+async def forget_namespace(namespace: str, nats_url: str, redis_url: str) -> None:
+    """Remove what a mesh of ``namespace`` left on shared servers: its JetStream streams and provider bucket, and
+    its Redis keys (sent markers live for days; a benchmark leaves tens of thousands)."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        for stream in (f"{namespace}_SEND", f"{namespace}_EVENTS"):
+            with contextlib.suppress(Exception):
+                await js.delete_stream(stream)
+        with contextlib.suppress(Exception):
+            await js.delete_key_value(f"{namespace}_providers")
+    finally:
+        await nc.close()
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"{namespace}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await client.unlink(*batch)
+                batch.clear()
+        if batch:
+            await client.unlink(*batch)
+    finally:
+        await client.aclose()
