@@ -9,6 +9,10 @@ no delay to a lone call unless ``max_delay_s`` asks a worker to linger.
 Requests are spread over ``shards`` queues by a shard key (the ledger uses the tenant), so batches of different
 shards touch disjoint rows and never queue behind each other's row locks. The workers are dealt to the queues
 round-robin; with two or more per queue, the next batch of a shard is prepared while one is in the database.
+
+Requests that must not wait (an OTP's, when the batcher is given an ``urgent`` test) have a lane of their own:
+they never queue behind a campaign's thousands of emails, and ``urgent_workers`` workers that take nothing else
+handle them, so they do not wait for a bulk batch in flight either. Urgent batches never linger.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class BatchingOptions:
     min_interval_s: float = 0.0
     """A worker starts batches at most this often: under load (its last batch started less than this ago) it lets
     requests gather for the rest of the interval; an idle batcher still sends a lone request at once."""
+    urgent_workers: int = 1
+    """Workers of the urgent lane (used only when the batcher is given an ``urgent`` test)."""
 
 
 class BatcherClosed(RuntimeError):
@@ -57,6 +63,7 @@ class GroupCommitter(Generic[RequestT, ResultT]):
 
     ``shard_key`` picks a request's queue; requests with equal keys always share one (so a batch holds all the
     pending requests of its keys). Without it every request goes to the first queue that is idle or shortest.
+    ``urgent`` picks the requests that go to the urgent lane instead.
     """
 
     def __init__(
@@ -65,17 +72,21 @@ class GroupCommitter(Generic[RequestT, ResultT]):
         options: BatchingOptions,
         shard_key: Callable[[RequestT], Hashable] | None = None,
         *,
+        urgent: Callable[[RequestT], bool] | None = None,
         name: str = "default",
     ) -> None:
         if (options.max_batch_size < 1 or options.shards < 1 or options.workers < 1 or options.max_delay_s < 0
-                or options.min_interval_s < 0):
+                or options.min_interval_s < 0 or (urgent is not None and options.urgent_workers < 1)):
             raise ValueError(f"invalid batching options {options}")
         shards = min(options.shards, options.workers)
         self._flush = flush
         self._options = options
         self._shard_key = shard_key
+        self._urgent = urgent
         self._queues: list[deque[tuple[RequestT, asyncio.Future[ResultT]]]] = [deque() for _ in range(shards)]
         self._wakeups = [asyncio.Event() for _ in range(shards)]
+        self._urgent_queue: deque[tuple[RequestT, asyncio.Future[ResultT]]] = deque()
+        self._urgent_wakeup = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
         self._sizes = BATCH_SIZE.labels(name)
@@ -85,9 +96,11 @@ class GroupCommitter(Generic[RequestT, ResultT]):
         future = self._enqueue(request)
         return await future
 
-    async def submit_many(self, requests: Sequence[RequestT]) -> list[ResultT | Exception]:
-        """Queue every request at once; return each one's result or exception, in order."""
-        futures = [self._enqueue(request) for request in requests]
+    async def submit_many(self, requests: Sequence[RequestT], *,
+                          urgent: bool | None = None) -> list[ResultT | Exception]:
+        """Queue every request at once; return each one's result or exception, in order. ``urgent`` puts them all
+        in one lane (so they are handled in order, as one caller's batch expects) instead of asking each one."""
+        futures = [self._enqueue(request, urgent) for request in requests]
         results: list[ResultT | Exception] = []
         for future in futures:
             try:
@@ -99,33 +112,44 @@ class GroupCommitter(Generic[RequestT, ResultT]):
     async def close(self) -> None:
         """Stop taking requests, finish every queued one, then stop the workers."""
         self._closing = True
-        for wakeup in self._wakeups:
+        for wakeup in (*self._wakeups, self._urgent_wakeup):
             wakeup.set()
         if self._workers:
             await asyncio.gather(*self._workers)
             self._workers.clear()
 
-    def _enqueue(self, request: RequestT) -> asyncio.Future[ResultT]:
+    def _enqueue(self, request: RequestT, urgent: bool | None = None) -> asyncio.Future[ResultT]:
         if self._closing:
             raise BatcherClosed("the batcher is closed")
         if not self._workers:
             # Started lazily so the batcher can be built outside a running event loop.
             self._workers = [
-                asyncio.create_task(self._work(worker % len(self._queues))) for worker in range(self._options.workers)
+                asyncio.create_task(self._work(self._queues[worker % len(self._queues)],
+                                               self._wakeups[worker % len(self._queues)], patient=True))
+                for worker in range(self._options.workers)
             ]
+            if self._urgent is not None:
+                self._workers += [asyncio.create_task(self._work(self._urgent_queue, self._urgent_wakeup,
+                                                                 patient=False))
+                                  for _ in range(self._options.urgent_workers)]
+        future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
+        if self._urgent is not None and (self._urgent(request) if urgent is None else urgent):
+            self._urgent_queue.append((request, future))
+            self._urgent_wakeup.set()
+            return future
         if len(self._queues) == 1:
             shard = 0
         elif self._shard_key is not None:
             shard = hash(self._shard_key(request)) % len(self._queues)
         else:
             shard = min(range(len(self._queues)), key=lambda i: len(self._queues[i]))
-        future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
         self._queues[shard].append((request, future))
         self._wakeups[shard].set()
         return future
 
-    async def _work(self, shard: int) -> None:
-        queue, wakeup = self._queues[shard], self._wakeups[shard]
+    async def _work(self, queue: deque[tuple[RequestT, asyncio.Future[ResultT]]], wakeup: asyncio.Event, *,
+                    patient: bool) -> None:
+        """Take batches from ``queue`` until closed; a ``patient`` worker lingers as the options ask."""
         max_size = self._options.max_batch_size
         loop = asyncio.get_running_loop()
         last_start = float("-inf")
@@ -135,10 +159,10 @@ class GroupCommitter(Generic[RequestT, ResultT]):
                     return
                 wakeup.clear()
                 await wakeup.wait()
-            if self._options.max_delay_s > 0 and len(queue) < max_size and not self._closing:
+            if patient and self._options.max_delay_s > 0 and len(queue) < max_size and not self._closing:
                 await asyncio.sleep(self._options.max_delay_s)
             pause = last_start + self._options.min_interval_s - loop.time()
-            if pause > 0 and len(queue) < max_size and not self._closing:
+            if patient and pause > 0 and len(queue) < max_size and not self._closing:
                 await asyncio.sleep(pause)
             last_start = loop.time()
             batch = [queue.popleft() for _ in range(min(max_size, len(queue)))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from esp.v1 import credits_pb2, credits_pb2_grpc
+from esp.v1 import common_pb2, credits_pb2, credits_pb2_grpc
 
 from libs.common.batching import BatchingOptions, GroupCommitter
 from libs.common.errors import error_from_parts
@@ -23,7 +23,8 @@ class LedgerCreditReserver:
         self.timeout_s = timeout_s
         self._batcher: GroupCommitter[credits_pb2.ReserveCreditsRequest, int] = GroupCommitter(
             self._flush, BatchingOptions(max_batch_size=max_batch, workers=2, shards=1,
-                                         min_interval_s=batch_interval_s), name="ingest-ledger")
+                                         min_interval_s=batch_interval_s),
+            urgent=lambda request: request.message_class == common_pb2.MESSAGE_CLASS_OTP, name="ingest-ledger")
 
     async def _flush(self, batch: Sequence[credits_pb2.ReserveCreditsRequest]) -> list[int | Exception]:
         async with domain_errors():

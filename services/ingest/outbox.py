@@ -55,11 +55,13 @@ class OutboxPublisher:
         """Rows older than this are taken as left behind (the direct path publishes within milliseconds)."""
         self.publish_timeout_s = publish_timeout_s
         self._fresh: deque[CommittedRow] = deque()
+        self._urgent: deque[CommittedRow] = deque()
         self._wake = asyncio.Event()
 
-    def publish_soon(self, rows: Sequence[CommittedRow]) -> None:
-        """Rows were just committed: publish them now rather than at the next reconciling pass."""
-        self._fresh.extend(rows)
+    def publish_soon(self, rows: Sequence[CommittedRow], urgent: bool = False) -> None:
+        """Rows were just committed: publish them now rather than at the next reconciling pass. Urgent rows (an
+        OTP's) go before every fresh row not yet published, so they never wait behind a campaign's."""
+        (self._urgent if urgent else self._fresh).extend(rows)
         self._wake.set()
 
     def notify(self) -> None:
@@ -68,7 +70,8 @@ class OutboxPublisher:
 
     async def publish_fresh(self) -> int:
         """Publish up to ``batch_size`` just-committed rows; return how many JetStream acknowledged."""
-        batch = [self._fresh.popleft() for _ in range(min(self.batch_size, len(self._fresh)))]
+        queue = self._urgent or self._fresh
+        batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
         if not batch:
             return 0
         done = await self._publish(batch)
@@ -126,7 +129,7 @@ class OutboxPublisher:
             # Cleared first, so rows handed over while publishing are not missed.
             self._wake.clear()
             try:
-                if self._fresh:
+                if self._urgent or self._fresh:
                     await self.publish_fresh()
                     continue
                 if loop.time() >= next_pass:

@@ -53,13 +53,16 @@ class MessageStore:
     """Group-committed inserts and the lookups idempotency needs."""
 
     def __init__(self, pool: AsyncConnectionPool, *, batch_size: int = 500, workers: int = 2,
-                 batch_interval_s: float = 0.0, on_commit: Callable[[list[CommittedRow]], None] | None = None) -> None:
+                 batch_interval_s: float = 0.0,
+                 on_commit: Callable[[list[CommittedRow], bool], None] | None = None) -> None:
         self.pool = pool
         self.on_commit = on_commit
-        """Receives the outbox rows of every commit (the publisher, which sends them at once)."""
+        """Receives the outbox rows of every commit (the publisher, which sends them at once), and whether they
+        are urgent (the commit was of OTPs only)."""
         self._batcher: GroupCommitter[NewMessage, bool] = GroupCommitter(
             self._commit, BatchingOptions(max_batch_size=batch_size, workers=workers, shards=1,
-                                          min_interval_s=batch_interval_s), name="ingest-postgres")
+                                          min_interval_s=batch_interval_s),
+            urgent=lambda message: message.message_class == "otp", name="ingest-postgres")
 
     async def insert(self, message: NewMessage) -> bool:
         """Commit the message and its outbox rows; False (and nothing written) when its request_id is taken."""
@@ -98,7 +101,7 @@ class MessageStore:
         outbox_ids = {key: row_id for row_id, key in result if row_id is not None}
         committed = [CommittedRow(outbox_ids[r.msg_id], r) for message, r in rows if message in inserted]
         if committed and self.on_commit is not None:
-            self.on_commit(committed)
+            self.on_commit(committed, all(m.message_class == "otp" for m in batch))
         return [m.id in inserted for m in batch]
 
     async def by_request_id(self, tenant_id: str, request_id: str) -> StoredMessage | None:

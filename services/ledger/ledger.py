@@ -226,7 +226,9 @@ class Ledger:
         # Sharded by tenant: concurrent batches lock disjoint balance rows, and one tenant's reserves always
         # coalesce into the same batches.
         self._reserves: GroupCommitter[ReserveRequest, Hold] = GroupCommitter(
-            self._reserve_batch, self._options.reserve_batching, shard_key=lambda request: request.tenant_id
+            self._reserve_batch, self._options.reserve_batching, shard_key=lambda request: request.tenant_id,
+            # An OTP's hold never waits behind a campaign's reserves queued in this process.
+            urgent=lambda request: request.message_class is MessageClass.OTP, name="ledger-reserve",
         )
 
     async def close(self) -> None:
@@ -361,7 +363,10 @@ class Ledger:
                 )
             except LedgerError as exc:
                 results[index] = exc
-        outcomes = await self._reserves.submit_many([request for _, request in valid])
+        # One lane for the whole call, so its requests are decided in order (a hold id repeated in it is held once):
+        # the urgent one when the call is all OTPs (ingest sends its OTPs' holds in calls of their own).
+        urgent = all(request.message_class is MessageClass.OTP for _, request in valid)
+        outcomes = await self._reserves.submit_many([request for _, request in valid], urgent=urgent)
         for (index, _), outcome in zip(valid, outcomes, strict=True):
             if isinstance(outcome, Hold | LedgerError):
                 results[index] = outcome

@@ -147,3 +147,77 @@ async def test_under_load_a_minimum_interval_gathers_more_requests_per_flush() -
     await asyncio.gather(*(later(n) for n in range(1, 6)))
     assert batches == [[0], [1, 2, 3, 4, 5]]
     await batcher.close()
+
+
+class GatedBulkFlush(RecordingFlush):
+    """Batches of ordinary (positive) numbers wait for ``gate``; urgent ones (>= 1000) go through at once."""
+
+    async def __call__(self, requests: Sequence[int]) -> list[int | Exception]:
+        self.batches.append(list(requests))
+        if any(r < 1000 for r in requests) and self.gate is not None:
+            await self.gate.wait()
+        return [r * 2 for r in requests]
+
+
+def _urgent(request: int) -> bool:
+    return request >= 1000
+
+
+async def test_an_urgent_request_does_not_wait_for_a_queued_backlog_or_a_batch_in_flight() -> None:
+    gate = asyncio.Event()
+    flush = GatedBulkFlush(gate)
+    batcher = GroupCommitter(flush, BatchingOptions(max_batch_size=10, workers=1, shards=1), urgent=_urgent)
+
+    campaign = [asyncio.ensure_future(batcher.submit(i)) for i in range(200)]  # one batch in flight, 190 queued
+    await asyncio.sleep(0)
+    assert await asyncio.wait_for(batcher.submit(1001), 1) == 2002
+    assert not any(f.done() for f in campaign)
+
+    gate.set()
+    assert await asyncio.gather(*campaign) == [i * 2 for i in range(200)]
+    await batcher.close()
+
+
+async def test_urgent_batches_carry_only_urgent_requests() -> None:
+    flush = RecordingFlush()
+    batcher = GroupCommitter(flush, BatchingOptions(max_batch_size=50, workers=1, shards=1), urgent=_urgent)
+
+    await asyncio.gather(*(batcher.submit(i) for i in range(100)), *(batcher.submit(1000 + i) for i in range(20)))
+    await batcher.close()
+
+    for batch in flush.batches:
+        assert all(r >= 1000 for r in batch) or all(r < 1000 for r in batch)
+    assert sorted(chain.from_iterable(flush.batches)) == [*range(100), *range(1000, 1020)]
+
+
+async def test_an_urgent_batch_never_lingers() -> None:
+    flush = RecordingFlush()
+    batcher = GroupCommitter(flush, BatchingOptions(max_batch_size=50, workers=1, shards=1, max_delay_s=5,
+                                                    min_interval_s=5), urgent=_urgent)
+
+    assert await asyncio.wait_for(batcher.submit(1001), 1) == 2002
+    await batcher.close()
+
+
+async def test_close_finishes_the_urgent_lane_too() -> None:
+    gate = asyncio.Event()
+    flush = RecordingFlush(gate)
+    batcher = GroupCommitter(flush, BatchingOptions(max_batch_size=5, workers=1, shards=1), urgent=_urgent)
+
+    pending = [asyncio.ensure_future(batcher.submit(1000 + i)) for i in range(12)]
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(batcher.close())
+    gate.set()
+    await closing
+    assert [f.result() for f in pending] == [(1000 + i) * 2 for i in range(12)]
+
+
+async def test_submit_many_can_put_a_whole_call_in_one_lane() -> None:
+    flush = RecordingFlush()
+    batcher = GroupCommitter(flush, BatchingOptions(max_batch_size=50, workers=1, shards=1), urgent=_urgent)
+
+    assert await batcher.submit_many([1, 1001, 2], urgent=False) == [2, 2002, 4]
+    assert await batcher.submit_many([3, 1003], urgent=True) == [6, 2006]
+    await batcher.close()
+
+    assert flush.batches == [[1, 1001, 2], [3, 1003]]  # each call in one batch, in its order
