@@ -46,6 +46,12 @@ class LedgerCreditReserver:
             email_count=emails, attachment_bytes=attachment_bytes)
         return await self._batcher.submit(request)
 
+    async def reserve_many(self, tenant_id: str, holds: Sequence[tuple[str, str]]) -> list[int | Exception]:
+        """Reserve one email without attachments per (hold id, message class): each one's amount or error."""
+        return await self._batcher.submit_many([credits_pb2.ReserveCreditsRequest(
+            tenant=f"tenants/{tenant_id}", hold_id=hold_id, message_class=CLASS_TO_PROTO[message_class],
+            email_count=1) for hold_id, message_class in holds])
+
     async def release(self, hold_id: str, reason: str) -> None:
         async with domain_errors():
             await self.stub.ReleaseHold(credits_pb2.ReleaseHoldRequest(name=f"holds/{hold_id}", reason=reason),

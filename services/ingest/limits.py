@@ -183,9 +183,13 @@ class _Admitter:
             self._flush, BatchingOptions(max_batch_size=1000, workers=1, shards=1, min_interval_s=batch_interval_s),
             urgent=lambda admission: admission[2], name="ingest-redis-admit")
 
-    async def admit(self, keys: tuple[str, ...], args: tuple[str | int, ...], *, urgent: bool = False) -> Any:
-        """One email's outcome: ``keys`` and ``args`` as _ADMIT takes them for one email."""
-        return await self._batcher.submit((keys, args, urgent))
+    async def submit(self, admission: _Admission) -> Any:
+        """One email's outcome: its keys and arguments as _ADMIT takes them for one email."""
+        return await self._batcher.submit(admission)
+
+    async def submit_many(self, admissions: Sequence[_Admission]) -> list[Any]:
+        """Each email's outcome, or the exception that failed its batch."""
+        return await self._batcher.submit_many(admissions)
 
     async def _flush(self, batch: Sequence[_Admission]) -> list[Any]:
         keys: list[str] = []
@@ -260,6 +264,34 @@ class RedisGate:
         with that id is being, or was, accepted). Raises FAILED_PRECONDITION for suppressed recipients and
         RESOURCE_EXHAUSTED (RetryInfo + QuotaFailure) over the rate or the daily quota.
         """
+        ticket, admission = self._admission(tenant_id, draft, rate_per_second, daily_quota, claim, cost)
+        outcome, detail = await self._admitter.submit(admission)
+        return self._verdict(tenant_id, draft, ticket, rate_per_second, daily_quota, outcome, detail)
+
+    async def admit_many(self, tenant_id: str, drafts: Sequence[EmailDraft], *, rate_per_second: float,
+                         daily_quota: int) -> list[AdmissionTicket | Exception]:
+        """``admit`` for many emails of one tenant (a campaign's batch, none with a request_id to claim), in one
+        submission: each email's ticket, or the error that refused it."""
+        tickets_and_admissions = [self._admission(tenant_id, d, rate_per_second, daily_quota, "", 1) for d in drafts]
+        replies = await self._admitter.submit_many([admission for _, admission in tickets_and_admissions])
+        results: list[AdmissionTicket | Exception] = []
+        for draft, (ticket, _), reply in zip(drafts, tickets_and_admissions, replies, strict=True):
+            if isinstance(reply, Exception):
+                results.append(reply)
+                continue
+            try:
+                verdict = self._verdict(tenant_id, draft, ticket, rate_per_second, daily_quota, *reply)
+            except Exception as exc:
+                results.append(exc)
+                continue
+            if not isinstance(verdict, AdmissionTicket):
+                raise AssertionError("an email without a request_id was answered as a claimed request_id")
+            results.append(verdict)
+        return results
+
+    def _admission(self, tenant_id: str, draft: EmailDraft, rate_per_second: float, daily_quota: int, claim: str,
+                   cost: int) -> tuple[AdmissionTicket, _Admission]:
+        """What admitting ``draft`` takes (its ticket) and asks of the admit script (its keys and arguments)."""
         rate = self.rate_of(draft.message_class, rate_per_second)
         interval_us = 1_000_000 / rate
         tolerance_us = interval_us * max(0.0, rate * self.defaults.burst_seconds - 1)
@@ -268,11 +300,15 @@ class RedisGate:
             claim_key=self.claim_key(tenant_id, draft.request_id) if claim else "", claim=claim,
             rate_key=self.rate_key(tenant_id, draft.message_class), counter_key=self.counter_key(tenant_id),
             interval_us=interval_us, cost=cost)
-        outcome, detail = await self._admitter.admit(
+        return ticket, (
             (ticket.claim_key or f"{self.namespace}:idem:-", suppression_key(self.namespace, tenant_id),
              ticket.rate_key, ticket.counter_key),
             (claim, f"{interval_us:.3f}", f"{tolerance_us:.3f}", cost, daily_quota, len(recipients),
-             *(normalise_email(r.email) for r in recipients)), urgent=draft.message_class == "otp")
+             *(normalise_email(r.email) for r in recipients)),
+            draft.message_class == "otp")
+
+    def _verdict(self, tenant_id: str, draft: EmailDraft, ticket: AdmissionTicket, rate_per_second: float,
+                 daily_quota: int, outcome: int, detail: Any) -> AdmissionTicket | bytes:
         if outcome == 0:
             return ticket
         if outcome == 1:
@@ -280,6 +316,7 @@ class RedisGate:
         if outcome == 2:
             raise _suppressed(draft, [int(i) for i in detail])
         if outcome == 3:
+            rate = self.rate_of(draft.message_class, rate_per_second)
             raise _rate_limited(tenant_id, draft.message_class, rate, int(detail) / 1_000_000)
         raise _over_quota(tenant_id, daily_quota, int(detail))
 

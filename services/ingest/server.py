@@ -142,18 +142,18 @@ class IngestServicer:
         if not request.requests or len(request.requests) > self.max_batch_send:
             raise InvalidArgument(f"1 to {self.max_batch_send} emails per batch", field_violations=[
                 FieldViolation("requests", f"1 to {self.max_batch_send} emails")])
-        principal = current_principal()
-
-        async def one(req: messages_pb2.SendEmailRequest) -> messages_pb2.BatchSendEmailsResponse.Result:
-            try:
-                accepted = await self.acceptor.send(principal, draft_from_proto(req))
-            except EspError as exc:
-                code, message, reason, metadata, fields = error_parts(exc)
-                return messages_pb2.BatchSendEmailsResponse.Result(error=common_pb2.BatchError(
-                    code=code, message=message, reason=reason, metadata=metadata, fields=fields))
-            return messages_pb2.BatchSendEmailsResponse.Result(message=accepted.message)
-
-        results = await asyncio.gather(*(one(r) for r in request.requests))
+        outcomes = await self.acceptor.send_many(current_principal(),
+                                                 [draft_from_proto(req) for req in request.requests])
+        results = []
+        for outcome in outcomes:
+            if isinstance(outcome, EspError):
+                code, message, reason, metadata, fields = error_parts(outcome)
+                results.append(messages_pb2.BatchSendEmailsResponse.Result(error=common_pb2.BatchError(
+                    code=code, message=message, reason=reason, metadata=metadata, fields=fields)))
+            elif isinstance(outcome, Exception):
+                raise outcome  # not a refusal of this email: the batch failed (a dependency is down)
+            else:
+                results.append(messages_pb2.BatchSendEmailsResponse.Result(message=outcome.message))
         return messages_pb2.BatchSendEmailsResponse(results=results)
 
     # -- AttachmentService -------------------------------------------------------------------------------------

@@ -68,6 +68,10 @@ class MessageStore:
         """Commit the message and its outbox rows; False (and nothing written) when its request_id is taken."""
         return await self._batcher.submit(message)
 
+    async def insert_many(self, messages: Sequence[NewMessage]) -> list[bool | Exception]:
+        """``insert`` for many messages in one submission: each one's answer, or the error that failed it."""
+        return await self._batcher.submit_many(messages)
+
     async def _commit(self, batch: Sequence[NewMessage]) -> list[bool]:
         # One statement (messages, then the outbox rows of the messages that were inserted), run in autocommit:
         # atomic, and one round trip to Postgres for the whole batch. Arrays go in binary (%b): bytea in text

@@ -150,7 +150,7 @@ async def test_the_gate_loads_its_script_again_when_redis_has_forgotten_it(harne
     admitter = _Admitter(harness.parts.redis, claim_ttl_s=60, script=f"{_ADMIT}\n-- {secrets.token_hex(8)}")
     keys = tuple(f"{harness.namespace}:noscript:{secrets.token_hex(4)}:{part}" for part in ("idem", "supp", "rl", "q"))
     try:
-        outcome = await admitter.admit(keys, ("", "1000.000", "0.000", 1, 0, 1, "a@example.net"))
+        outcome = await admitter.submit((keys, ("", "1000.000", "0.000", 1, 0, 1, "a@example.net"), False))
     finally:
         await admitter.close()
     assert outcome == [0, b"1"]
