@@ -60,8 +60,9 @@ ADMISSION_ROUNDS = 5
 """How often a request retries the gate after the request holding its request_id gave up."""
 ONE_BY_ONE_IN_FLIGHT = 256
 """Emails of batches that take the one-email path (request_id, attachments) being accepted at once."""
-YIELD_EVERY = 50
-"""A batch's CPU-bound steps let the event loop run other work (an OTP's accept) after this many emails."""
+YIELD_EVERY = 10
+"""A batch's CPU-bound steps let the event loop run other work after this many emails (about a millisecond): every
+batch being accepted runs one such slice per turn of the loop, and each step of an OTP's accept waits a turn."""
 
 
 class CreditReserver(Protocol):
@@ -181,6 +182,8 @@ class Acceptor:
         results: list[Accepted | Exception | None] = [None] * len(drafts)
         sizings: dict[int, SizeDecision] = {}
         for index, draft in enumerate(drafts):
+            if index % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
             try:
                 sizings[index] = self.sizes.decide(draft, [], tenant.policy.large_attachment_policy)
             except EspError as exc:

@@ -9,6 +9,7 @@ quota, no claim). An admitted email that is refused later (not enough credits ..
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Sequence
@@ -272,7 +273,11 @@ class RedisGate:
                          daily_quota: int) -> list[AdmissionTicket | Exception]:
         """``admit`` for many emails of one tenant (a campaign's batch, none with a request_id to claim), in one
         submission: each email's ticket, or the error that refused it."""
-        tickets_and_admissions = [self._admission(tenant_id, d, rate_per_second, daily_quota, "", 1) for d in drafts]
+        tickets_and_admissions = []
+        for index, draft in enumerate(drafts):
+            if index % 10 == 9:
+                await asyncio.sleep(0)  # a slice of CPU at a time: an OTP's accept shares the event loop
+            tickets_and_admissions.append(self._admission(tenant_id, draft, rate_per_second, daily_quota, "", 1))
         replies = await self._admitter.submit_many([admission for _, admission in tickets_and_admissions])
         results: list[AdmissionTicket | Exception] = []
         for draft, (ticket, _), reply in zip(drafts, tickets_and_admissions, replies, strict=True):

@@ -34,7 +34,7 @@ from libs.common.redis import create_redis
 from libs.common.s3 import create_s3_client, ensure_bucket
 from libs.common.timestamps import to_timestamp
 from libs.routing.catalog import ProviderCatalog, open_bucket
-from services.ingest.accept import Acceptor
+from services.ingest.accept import YIELD_EVERY, Acceptor
 from services.ingest.attachments import AttachmentStore, UploadMetadata
 from services.ingest.clients import LedgerCreditReserver
 from services.ingest.config import IngestSettings
@@ -142,10 +142,16 @@ class IngestServicer:
         if not request.requests or len(request.requests) > self.max_batch_send:
             raise InvalidArgument(f"1 to {self.max_batch_send} emails per batch", field_violations=[
                 FieldViolation("requests", f"1 to {self.max_batch_send} emails")])
-        outcomes = await self.acceptor.send_many(current_principal(),
-                                                 [draft_from_proto(req) for req in request.requests])
+        drafts = []
+        for index, req in enumerate(request.requests):
+            if index % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # see YIELD_EVERY
+            drafts.append(draft_from_proto(req))
+        outcomes = await self.acceptor.send_many(current_principal(), drafts)
         results = []
-        for outcome in outcomes:
+        for index, outcome in enumerate(outcomes):
+            if index % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
             if isinstance(outcome, EspError):
                 code, message, reason, metadata, fields = error_parts(outcome)
                 results.append(messages_pb2.BatchSendEmailsResponse.Result(error=common_pb2.BatchError(
