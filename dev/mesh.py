@@ -21,6 +21,9 @@ import nats
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from libs.common.jetstream import Topology
+from libs.routing.catalog import bucket_name
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("ledger", "router", "reports", "ingest", "sender", "gateway")
 GRPC_PORTS = {"ingest": 50051, "router": 50052, "ledger": 50053, "reports": 50054, "sender": 50055}
@@ -318,14 +321,15 @@ def start_simulator(http_port: int, smtp_port: int, log_dir: Path, timeout_s: fl
 async def forget_namespace(namespace: str, nats_url: str, redis_url: str) -> None:
     """Remove what a mesh of ``namespace`` left on shared servers: its JetStream streams and provider bucket, and
     its Redis keys (sent markers live for days; a benchmark leaves tens of thousands)."""
+    topology = Topology(namespace)
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
-        for stream in (f"{namespace}_SEND", f"{namespace}_EVENTS"):
+        for stream in (topology.send_stream, topology.events_stream):
             with contextlib.suppress(Exception):
                 await js.delete_stream(stream)
         with contextlib.suppress(Exception):
-            await js.delete_key_value(f"{namespace}_providers")
+            await js.delete_key_value(bucket_name(namespace))
     finally:
         await nc.close()
     client = aioredis.Redis.from_url(redis_url)

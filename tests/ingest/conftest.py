@@ -8,7 +8,6 @@ not see each other's messages, limits or credits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -17,7 +16,6 @@ from typing import Any
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from esp.v1 import (
     attachments_pb2,
     attachments_pb2_grpc,
@@ -31,12 +29,12 @@ from esp.v1 import (
 )
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from nats.js.errors import NotFoundError
 
+from dev.mesh import forget_namespace
 from libs.common.db import migrate_services
 from libs.common.grpc_server import ServiceApp, serve
 from libs.common.settings import CommonSettings
-from libs.routing.catalog import ProviderSpec, bucket_name, open_bucket
+from libs.routing.catalog import ProviderSpec, open_bucket
 from services.ingest.config import IngestSettings
 from services.ingest.server import IngestComponents, build_components, service_app
 from services.ledger.config import LedgerSettings
@@ -298,24 +296,7 @@ async def harness(ingest_settings: IngestSettings, s3_server: S3Server) -> Async
 
 async def _forget_namespace(settings: IngestSettings) -> None:
     """Drop what the session left in the shared servers: streams, the provider bucket, Redis keys."""
-    import nats
-
-    nc = await nats.connect(settings.nats_url)
-    try:
-        js = nc.jetstream()
-        for stream in (f"{settings.namespace}_SEND", f"{settings.namespace}_EVENTS"):
-            with contextlib.suppress(NotFoundError):
-                await js.delete_stream(stream)
-        with contextlib.suppress(Exception):
-            await js.delete_key_value(bucket_name(settings.namespace))
-    finally:
-        await nc.close()
-    redis = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        async for key in redis.scan_iter(match=f"{settings.namespace}*", count=1000):
-            await redis.delete(key)
-    finally:
-        await redis.aclose()
+    await forget_namespace(settings.namespace, settings.nats_url, settings.redis_url)
 
 
 @pytest.fixture
