@@ -213,30 +213,19 @@ class Acceptor:
         for index, amount in zip(admitted_indexes, amounts, strict=True):
             if isinstance(amount, Exception):
                 results[index] = amount
-                await self._undo_quietly(ticket_of[index])
             else:
                 held[index] = amount
+        await asyncio.gather(*(self._undo_quietly(ticket_of[i]) for i in admitted_indexes if i not in held))
         new_messages: list[NewMessage] = []
         resources: list[messages_pb2.Message] = []
         for count, index in enumerate(held):  # (dicts keep insertion order: the order of the batch)
             if count % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
-            draft, message_id = drafts[index], message_ids[index]
-            message_key = str(message_id)
-            now, accepted_time = accepted_now()
-            task = build_send_task(message_key, tenant.id, draft, [], accepted_time,
-                                   attachments_as_links=sizings[index].attachments_as_links)
-            amount = held[index]
-            message = message_resource(task, request_id="", credits=amount)
-            event = accepted_event(task, message, sizings[index].event_attributes())
-            task_bytes = task.SerializeToString()
+            draft = drafts[index]
+            new_message, message = self._new_message(tenant.id, draft, request_fingerprint(draft),
+                                                     message_ids[index], [], sizings[index], held[index])
+            new_messages.append(new_message)
             resources.append(message)
-            new_messages.append(NewMessage(
-                id=message_id, tenant_id=tenant.id, request_id="", fingerprint=request_fingerprint(draft),
-                message_class=draft.message_class, task=task_bytes, credits=amount, created_at=now,
-                outbox=(OutboxRow(self.topology.send_subject(draft.message_class), message_key, task_bytes),
-                        OutboxRow(self.topology.events_subject(tenant.id), event.event.event_id,
-                                  event.SerializeToString()))))
         try:
             stored = await self.store.insert_many(new_messages)
         except BaseException as exc:
@@ -253,11 +242,30 @@ class Acceptor:
             results[index] = error
         return [r if r is not None else Aborted("not accepted; retry", reason="INTERNAL") for r in results]
 
+    def _new_message(self, tenant_id: str, draft: EmailDraft, fingerprint: bytes, message_id: uuid.UUID,
+                     attachments: list[StoredAttachment], sizing: SizeDecision,
+                     credits: int) -> tuple[NewMessage, messages_pb2.Message]:
+        """Step 8's rows for one email (the message with its SEND task and ACCEPTED event for the outbox), and the
+        Message its caller is answered with."""
+        message_key = str(message_id)
+        now, accepted_time = accepted_now()
+        task = build_send_task(message_key, tenant_id, draft, attachments, accepted_time,
+                               attachments_as_links=sizing.attachments_as_links)
+        message = message_resource(task, request_id=draft.request_id, credits=credits)
+        event = accepted_event(task, message, sizing.event_attributes())
+        task_bytes = task.SerializeToString()
+        return NewMessage(
+            id=message_id, tenant_id=tenant_id, request_id=draft.request_id, fingerprint=fingerprint,
+            message_class=draft.message_class, task=task_bytes, credits=credits, created_at=now,
+            outbox=(OutboxRow(self.topology.send_subject(draft.message_class), message_key, task_bytes),
+                    OutboxRow(self.topology.events_subject(tenant_id), event.event.event_id,
+                              event.SerializeToString()))), message
+
     async def _give_back(self, taken: Sequence[tuple[uuid.UUID, AdmissionTicket]], exc: BaseException) -> None:
         """The holds and admission of emails that were not stored go back."""
-        for message_id, ticket in taken:
-            await self._release_quietly(str(message_id), f"accept failed: {type(exc).__name__}")
-            await self._undo_quietly(ticket)
+        reason = f"accept failed: {type(exc).__name__}"
+        await asyncio.gather(*(self._release_quietly(str(message_id), reason) for message_id, _ in taken),
+                             *(self._undo_quietly(ticket) for _, ticket in taken))
 
     # -- steps -----------------------------------------------------------------------------------------------
     async def _authorise(self, principal: Principal) -> Tenant:
@@ -332,18 +340,9 @@ class Acceptor:
             await self._undo_quietly(ticket)
             raise
         try:
-            now, accepted_time = accepted_now()
-            task = build_send_task(message_key, tenant_id, draft, attachments, accepted_time,
-                                   attachments_as_links=sizing.attachments_as_links)
-            message = message_resource(task, request_id=draft.request_id, credits=credits)
-            event = accepted_event(task, message, sizing.event_attributes())
-            task_bytes = task.SerializeToString()
-            inserted = await self.store.insert(NewMessage(
-                id=message_id, tenant_id=tenant_id, request_id=draft.request_id, fingerprint=fingerprint,
-                message_class=draft.message_class, task=task_bytes, credits=credits, created_at=now,
-                outbox=(OutboxRow(self.topology.send_subject(draft.message_class), message_key, task_bytes),
-                        OutboxRow(self.topology.events_subject(tenant_id), event.event.event_id,
-                                  event.SerializeToString()))))
+            new_message, message = self._new_message(tenant_id, draft, fingerprint, message_id, attachments,
+                                                     sizing, credits)
+            inserted = await self.store.insert(new_message)
         except BaseException as exc:
             # The hold has no message: give the credits back now rather than at the hold's expiry.
             await self._release_quietly(message_key, f"accept failed: {type(exc).__name__}")
