@@ -39,7 +39,7 @@ from libs.common.auth import Principal
 from libs.common.errors import Aborted, AlreadyExists, EspError, FieldViolation, PermissionDenied
 from libs.common.jetstream import Topology
 from services.ingest.limits import AdmissionTicket, RedisGate
-from services.ingest.model import EmailDraft, StoredAttachment
+from services.ingest.model import YIELD_EVERY, EmailDraft, StoredAttachment
 from services.ingest.outbox import OutboxRow
 from services.ingest.payloads import (
     accepted_event,
@@ -60,9 +60,6 @@ ADMISSION_ROUNDS = 5
 """How often a request retries the gate after the request holding its request_id gave up."""
 ONE_BY_ONE_IN_FLIGHT = 256
 """Emails of batches that take the one-email path (request_id, attachments) being accepted at once."""
-YIELD_EVERY = 10
-"""A batch's CPU-bound steps let the event loop run other work after this many emails (about a millisecond): every
-batch being accepted runs one such slice per turn of the loop, and each step of an OTP's accept waits a turn."""
 
 
 class CreditReserver(Protocol):

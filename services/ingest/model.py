@@ -6,6 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 MESSAGE_CLASSES = ("otp", "transactional", "bulk")
+YIELD_EVERY = 10
+"""A batch's CPU-bound steps let the event loop run other work after this many emails (about a millisecond): every
+batch being accepted runs one such slice per turn of the loop, and each step of an OTP's accept waits a turn."""
 
 
 @dataclass(frozen=True)

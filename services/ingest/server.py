@@ -34,14 +34,14 @@ from libs.common.redis import create_redis
 from libs.common.s3 import create_s3_client, ensure_bucket
 from libs.common.timestamps import to_timestamp
 from libs.routing.catalog import ProviderCatalog, open_bucket
-from services.ingest.accept import YIELD_EVERY, Acceptor
+from services.ingest.accept import Acceptor
 from services.ingest.attachments import AttachmentStore, UploadMetadata
 from services.ingest.clients import LedgerCreditReserver
 from services.ingest.config import IngestSettings
 from services.ingest.edge import ROUTES, ApiKeyAuthenticator, build_handler
 from services.ingest.limits import RateDefaults, RedisGate
 from services.ingest.memory import return_large_buffers_to_the_os
-from services.ingest.model import EmailDraft, Mailbox
+from services.ingest.model import YIELD_EVERY, EmailDraft, Mailbox
 from services.ingest.outbox import OutboxPublisher
 from services.ingest.payloads import PROTO_TO_CLASS
 from services.ingest.sizing import SizePolicy
