@@ -234,10 +234,16 @@ class _WrappingRegistrar:
         self.server.add_registered_method_handlers(service_name, wrapped)
 
 
+class ServiceFailed(RuntimeError):
+    """A service stopped because one of its background loops failed."""
+
+
 async def serve(app: ServiceApp, settings: CommonSettings, *, ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Serve ``app`` until SIGTERM/SIGINT (or ``stop``), then drain: health NOT_SERVING, stop background loops,
-    let in-flight RPCs finish within the grace period, close resources."""
+    let in-flight RPCs finish within the grace period, close resources. When a background loop failed (a consumer,
+    a worker process that died), the service drains the same way and then raises :class:`ServiceFailed` (``run``
+    exits with status 1), so that the orchestrator sees a failure and not a clean stop."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -281,9 +287,9 @@ async def serve(app: ServiceApp, settings: CommonSettings, *, ready: asyncio.Eve
 
     stop_waiter = asyncio.create_task(stop.wait())
     await asyncio.wait([stop_waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            log.error("background task failed; stopping", exc_info=task.exception())
+    failed = [task for task in tasks if task.done() and not task.cancelled() and task.exception() is not None]
+    for task in failed:
+        log.error("background task failed; stopping", exc_info=task.exception())
     stop.set()
     log.info("draining", extra={"grace_s": settings.shutdown_grace_s})
     await health_servicer.enter_graceful_shutdown()
@@ -293,6 +299,8 @@ async def serve(app: ServiceApp, settings: CommonSettings, *, ready: asyncio.Eve
         task.cancel()
     await run_closers(app.closers)
     log.info("stopped")
+    if failed:
+        raise ServiceFailed(f"{app.name}: a background loop failed") from failed[0].exception()
 
 
 def run(name: str, settings_cls: type[S], build: Callable[[S], Awaitable[ServiceApp]]) -> None:
@@ -313,7 +321,11 @@ def run(name: str, settings_cls: type[S], build: Callable[[S], Awaitable[Service
         await serve(app, settings)
 
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(main())
+        try:
+            runner.run(main())
+        except ServiceFailed as exc:
+            log.error("%s; exiting", exc)
+            raise SystemExit(1) from exc
 
 
 async def run_closers(closers: Sequence[Callable[[], Awaitable[None]]]) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from libs.common.grpc_server import event_loop_factory, run_closers, settle_garbage_collector
+from libs.common.grpc_server import ServiceFailed, event_loop_factory, run_closers, settle_garbage_collector
 from libs.common.logging import configure_logging
 from libs.common.metrics import start_metrics_server
 from libs.common.settings import CommonSettings, SettingsError, load_settings
@@ -160,7 +160,7 @@ async def serve_worker(name: str, build: Callable[[], Awaitable[WorkerParts]], s
         task.cancel()
     await run_closers(parts.closers)
     if failed:
-        raise SystemExit(1)
+        raise ServiceFailed(f"{name}: a worker loop failed") from failed[0].exception()
 
 
 def run_worker(settings_cls: type[S], build: Callable[[S], Awaitable[WorkerParts]], *,
@@ -179,7 +179,11 @@ def run_worker(settings_cls: type[S], build: Callable[[S], Awaitable[WorkerParts
     configure_logging(worker, settings.log_level, settings.log_format)
     configure_tracing(worker, settings.otel_exporter_otlp_endpoint)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(serve_worker(worker, lambda: build(settings), settings))
+        try:
+            runner.run(serve_worker(worker, lambda: build(settings), settings))
+        except ServiceFailed as exc:
+            log.error("%s; exiting", exc)
+            raise SystemExit(1) from exc
 
 
 def _announce_ready() -> None:

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from libs.common.auth import TrustedHeaderAuthenticator, current_principal
 from libs.common.errors import FieldViolation, InvalidArgument
-from libs.common.grpc_server import ServiceApp, serve
+from libs.common.grpc_server import ServiceApp, ServiceFailed, serve
 from libs.common.settings import CommonSettings
 from tests.conftest import free_port
 
@@ -164,3 +164,20 @@ async def test_the_server_span_continues_the_callers_trace(server, finished_span
     assert spans[0].kind == trace.SpanKind.SERVER
     assert f"{spans[0].context.trace_id:032x}" == trace_id
     assert spans[0].parent is not None and f"{spans[0].parent.span_id:016x}" == parent_id
+
+
+async def test_a_failed_background_loop_drains_the_service_and_fails_it():
+    async def consumer(stop: asyncio.Event) -> None:
+        raise RuntimeError("the consumer lost its stream")
+
+    closed = asyncio.Event()
+
+    async def close() -> None:
+        closed.set()
+
+    app = ServiceApp(name="failing", default_port=0, tasks=[consumer], closers=[close],
+                     authenticator=TrustedHeaderAuthenticator())
+    with pytest.raises(ServiceFailed) as failed:
+        await asyncio.wait_for(serve(app, CommonSettings(grpc_port=free_port(), shutdown_grace_s=1)), 20)
+    assert isinstance(failed.value.__cause__, RuntimeError)  # the loop's own error, for the log
+    assert closed.is_set()

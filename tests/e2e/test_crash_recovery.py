@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from esp.v1 import common_pb2, messages_pb2, messages_pb2_grpc
+from esp.v1 import common_pb2, credits_pb2, credits_pb2_grpc, messages_pb2, messages_pb2_grpc
 
 from dev import mesh as m
 from tests.conftest import S3Server
@@ -72,3 +75,45 @@ def test_an_email_committed_while_nats_is_down_is_sent_after_ingest_crashes_and_
     mail = mesh.wait_for_mail(lambda msg: msg["X-ESP-Message-Id"] == message_id, timeout_s=60)
     assert mail["Subject"] == "survives a crash"
 
+
+
+def _balance(mesh: RunningMesh) -> credits_pb2.Balance:
+    with mesh.channel() as channel:
+        return credits_pb2_grpc.CreditServiceStub(channel).GetBalance(
+            credits_pb2.GetBalanceRequest(tenant="tenants/acme"), metadata=mesh.auth(), timeout=10)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_settlement_worker_killed_while_a_campaign_settles_loses_no_credit(crash_mesh: RunningMesh):
+    mesh = crash_mesh
+    before = _balance(mesh)
+    with mesh.channel() as channel:
+        reply = messages_pb2_grpc.MessageServiceStub(channel).BatchSendEmails(messages_pb2.BatchSendEmailsRequest(
+            requests=[messages_pb2.SendEmailRequest(
+                message_class=common_pb2.MESSAGE_CLASS_BULK, subject=f"news {i}", text_body="news",
+                to=[common_pb2.EmailAddress(email=f"reader{i}@example.net")],
+                **{"from": common_pb2.EmailAddress(email="shop@example.com")}) for i in range(200)]),
+            metadata=mesh.auth(), timeout=30)
+    charged = sum(result.message.credits for result in reply.results)
+    assert charged > 0 and all(result.HasField("message") for result in reply.results)
+
+    # Settlement dies in the middle of the campaign (no chance to ack what it was settling) ...
+    ledger = mesh.mesh.processes["ledger"]
+    workers = _children(ledger.popen.pid)
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)
+    # ... which takes the ledger down with it (the orchestrator restarts the whole replica) ...
+    assert ledger.popen.wait(timeout=30) != 0
+    mesh.mesh.start_service("ledger")
+
+    # ... and once it is back every hold is settled, none twice.
+    deadline = time.monotonic() + 60
+    after = _balance(mesh)
+    while time.monotonic() < deadline and not (after.held == before.held and after.spent - before.spent == charged):
+        time.sleep(0.2)
+        after = _balance(mesh)
+    assert (after.spent - before.spent, after.held, before.available - after.available) == (
+        charged, before.held, charged)
