@@ -17,6 +17,12 @@ def suppression_key(namespace: str, tenant_id: str) -> str:
     return f"{namespace}:supp:{tenant_id}"
 
 
+def suppression_index_key(namespace: str) -> str:
+    """The Redis set naming every suppression set written (so a resync finds stale ones without scanning the
+    keyspace of a Redis that other meshes share)."""
+    return f"{namespace}:supp-index"
+
+
 async def suppressed_among(redis: Redis, namespace: str, tenant_id: str, emails: Sequence[str]) -> set[str]:
     """The subset of ``emails`` (as given) that the tenant suppresses, in one round trip (``SMISMEMBER``)."""
     if not emails:

@@ -21,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from libs.common.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
-from libs.common.suppressions import suppressed_among, suppression_key
+from libs.common.suppressions import suppressed_among, suppression_index_key, suppression_key
 from services.reports.models import Page, Suppression, SuppressionReason, normalise_email
 from services.reports.pagination import decode_page_token, encode_page_token, page_size
 
@@ -54,13 +54,15 @@ def validated_email(email: str) -> str:
 async def add_to_redis(redis: Redis, namespace: str, emails_by_tenant: Mapping[str, Iterable[str]]) -> None:
     """``SADD`` normalised addresses to their tenants' sets in one pipeline (idempotent)."""
     pipe = redis.pipeline(transaction=False)
-    queued = 0
+    written: list[str] = []
     for tenant_id, emails in emails_by_tenant.items():
         members = sorted({normalise_email(e) for e in emails})
         for start in range(0, len(members), _REDIS_CHUNK):
             pipe.sadd(suppression_key(namespace, tenant_id), *members[start:start + _REDIS_CHUNK])
-            queued += 1
-    if queued:
+        if members:
+            written.append(suppression_key(namespace, tenant_id))
+    if written:
+        pipe.sadd(suppression_index_key(namespace), *written)
         await pipe.execute()
 
 
@@ -194,16 +196,36 @@ async def resync_redis(pool: AsyncConnectionPool, redis: Redis, namespace: str) 
         for tenant_id, email in await cur2.fetchall():
             catch_up[tenant_id].append(email)
     known = {suppression_key(namespace, t) for t in (*tenants, *catch_up)}
-    stale: list[bytes | str] = []
-    async for key in redis.scan_iter(match=suppression_key(namespace, "*"), count=1000):
-        name = key.decode() if isinstance(key, bytes) else key
-        if name not in known and ":resync:" not in name:
-            stale.append(key)
+    stale = [name for name in await _written_sets(redis, namespace) if name not in known]
     if stale:
         await redis.delete(*stale)
+        await redis.srem(suppression_index_key(namespace), *stale)
+    if known:
+        await redis.sadd(suppression_index_key(namespace), _INDEX_SENTINEL, *known)
+    else:
+        await redis.sadd(suppression_index_key(namespace), _INDEX_SENTINEL)
     await add_to_redis(redis, namespace, catch_up)
     log.info("suppression sets resynced", extra={"tenants": len(tenants), "dropped": len(stale)})
     return len(tenants)
+
+
+_INDEX_SENTINEL = "-"
+"""A member of the index once it is complete (a resync has run since it was introduced)."""
+
+
+async def _written_sets(redis: Redis, namespace: str) -> list[str]:
+    """The names of the suppression sets in Redis: from the index, or — once, before any resync wrote the index —
+    by scanning the keyspace (sets written before the index existed)."""
+    index = suppression_index_key(namespace)
+    members = {m.decode() if isinstance(m, bytes) else m for m in await redis.smembers(index)}
+    if _INDEX_SENTINEL in members:
+        return sorted(members - {_INDEX_SENTINEL})
+    found = set(members)
+    async for key in redis.scan_iter(match=suppression_key(namespace, "*"), count=1000):
+        name = key.decode() if isinstance(key, bytes) else key
+        if ":resync:" not in name:
+            found.add(name)
+    return sorted(found)
 
 
 def _resync_key(namespace: str, tenant_id: str, run: str) -> str:

@@ -6,8 +6,15 @@ import grpc
 import pytest
 from esp.v1 import messages_pb2, reports_pb2
 from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
 
-from services.reports.suppressions import is_suppressed, resync_redis, suppressed_among, suppression_key
+from services.reports.suppressions import (
+    add_to_redis,
+    is_suppressed,
+    resync_redis,
+    suppressed_among,
+    suppression_key,
+)
 from tests.reports.builders import accepted, at, eventually, new_id, sender_event, sent
 from tests.reports.conftest import ReportsService, caller
 
@@ -187,3 +194,26 @@ async def test_resync_rebuilds_redis_sets_from_postgres_and_drops_stale_ones(rep
     members = await reports.redis.smembers(suppression_key(namespace, kept))
     assert {m.decode() for m in members} == {"a@example.com", "b@example.com"}
     assert not await reports.redis.exists(suppression_key(namespace, emptied))
+
+
+async def _scans(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_scan", {}).get("calls", 0))
+
+
+async def test_resync_finds_stale_sets_through_its_index_without_scanning_the_keyspace(reports: ReportsService):
+    namespace = f"{reports.settings.namespace}index"
+    kept, lifted = new_id("tenant-"), new_id("tenant-")
+    async with await reports.connect_db() as conn:
+        await conn.execute("INSERT INTO reports.suppressions (tenant_id, email, reason) VALUES (%s, 'a@example.com',"
+                           " 'manual')", (kept,))
+    async with AsyncConnectionPool(reports.settings.postgres_dsn, min_size=1, max_size=2, open=False) as pool:
+        await resync_redis(pool, reports.redis, namespace)  # the first resync may scan: it writes the index
+        # A suppression written through the mirror whose Postgres row is gone (its removal never reached Redis).
+        await add_to_redis(reports.redis, namespace, {lifted: ["b@example.com"]})
+        scans = await _scans(reports.redis)
+        await resync_redis(pool, reports.redis, namespace)
+
+    assert await _scans(reports.redis) == scans
+    assert not await reports.redis.exists(suppression_key(namespace, lifted))
+    assert await is_suppressed(reports.redis, namespace, kept, "A@example.com")
