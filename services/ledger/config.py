@@ -21,6 +21,9 @@ class LedgerSettings(CommonSettings):
     """Final outcome events settled per transaction (a backlog goes by in full batches). Larger batches cost less
     CPU per event; they hold no lock a reserve needs (commits count on the tenant's commit total, not its balance
     row) and run on the settlement worker's own event loop."""
+    processed_event_retention_s: float = 8 * 86_400.0
+    """How long an applied outcome event's id is kept to recognise a redelivery: longer than the EVENTS stream's
+    retention (7 days), after which no redelivery can happen."""
     settlement_worker: bool = True
     """Settle outcomes in a worker process of its own (``services.ledger.settlement``) rather than on the event
     loop that answers reserves, which every accept waits for."""
@@ -30,6 +33,6 @@ class LedgerSettings(CommonSettings):
 
     def __post_init__(self) -> None:
         check_positive(self, "hold_ttl_s", "sweep_interval_s", "reserve_batch_size", "reserve_workers",
-                       "outcome_batch_size")
+                       "outcome_batch_size", "processed_event_retention_s")
         if not 0 <= self.settlement_niceness <= 19:
             raise ValueError(f"ESP_SETTLEMENT_NICENESS: must be in [0, 19], got {self.settlement_niceness}")

@@ -706,6 +706,24 @@ class Ledger:
 
         return await self._transaction(work)
 
+    async def prune_processed_events(self, older_than_s: float, limit: int = 10_000) -> int:
+        """Forget up to ``limit`` applied outcome events processed more than ``older_than_s`` ago; returns how many.
+        Past the EVENTS stream's retention no redelivery can bring one back, and a late duplicate of a forgotten
+        event still finds its hold resolved (``HOLD_ALREADY_RESOLVED``), so nothing is charged twice."""
+        if older_than_s <= 0 or limit < 1:
+            raise InvalidLedgerArgument("older_than_s", "the age and the limit must be positive")
+
+        async def work(conn: AsyncConnection) -> int:
+            cur = await conn.execute(
+                """DELETE FROM ledger.processed_events WHERE event_id IN (
+                       SELECT event_id FROM ledger.processed_events
+                       WHERE processed_at < now() - make_interval(secs => %s) LIMIT %s)""",
+                (older_than_s, limit),
+            )
+            return cur.rowcount
+
+        return await self._transaction(work)
+
     async def refresh_planner_statistics(self) -> list[str]:
         """ANALYZE the ledger's tables whose statistics are stale by autovacuum's own rule (more than 50 rows +
         10 % changed since the last analyze), when the server does not run autovacuum; returns the tables analyzed.
@@ -732,12 +750,15 @@ class Ledger:
                 await conn.set_autocommit(False)
 
     async def run_expiry_sweeper(self, stop: asyncio.Event, interval_s: float = 1.0, limit: int = 1000,
-                                 statistics_every_s: float = 5.0) -> None:
+                                 statistics_every_s: float = 5.0, processed_event_retention_s: float = 8 * 86_400,
+                                 prune_every_s: float = 60.0) -> None:
         """Expire due holds until ``stop`` is set: back to back while a step finds a full batch, else every
-        ``interval_s``; every ``statistics_every_s`` also refresh stale planner statistics. A failing step is
-        logged and retried at the next interval."""
+        ``interval_s``; every ``statistics_every_s`` also refresh stale planner statistics, and every
+        ``prune_every_s`` forget applied outcome events older than ``processed_event_retention_s``. A failing step
+        is logged and retried at the next interval."""
         loop = asyncio.get_running_loop()
         statistics_due = loop.time()
+        prune_due = loop.time()
         while not stop.is_set():
             expired = 0
             try:
@@ -750,6 +771,14 @@ class Ledger:
                     await self.refresh_planner_statistics()
                 except (psycopg.Error, OSError):
                     logger.exception("refreshing the ledger's planner statistics failed")
+            if loop.time() >= prune_due:
+                prune_due = loop.time() + prune_every_s
+                try:
+                    pruned = step = 10_000  # a backlog goes in steps, each its own short transaction
+                    while pruned >= step and not stop.is_set():
+                        pruned = await self.prune_processed_events(processed_event_retention_s, step)
+                except (psycopg.Error, OSError):
+                    logger.exception("pruning the ledger's processed events failed")
             if expired >= limit:
                 continue
             try:

@@ -193,7 +193,8 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
         pass
 
     async def sweep(stop: Any) -> None:
-        await ledger.run_expiry_sweeper(stop, interval_s=settings.sweep_interval_s)
+        await ledger.run_expiry_sweeper(stop, interval_s=settings.sweep_interval_s,
+                                        processed_event_retention_s=settings.processed_event_retention_s)
 
     notifications = NotificationPublisher(ledger, js, topology)
 

@@ -191,3 +191,43 @@ async def test_a_failed_outcome_still_returns_the_credits_to_available(funded: L
     await funded.apply_outcomes([OutcomeEvent("e1", "m1", Outcome.SENT), OutcomeEvent("e2", "m2", Outcome.FAILED)])
     assert await funded.get_balance("acme") == Balance("acme", available=95, held=0, spent=5)
     await check_books(pool)
+
+
+async def test_applied_events_past_the_retention_are_forgotten_and_a_late_duplicate_still_charges_once(
+    funded: Ledger, pool: AsyncConnectionPool
+) -> None:
+    await funded.reserve("acme", "m2", MessageClass.OTP)
+    await funded.apply_outcomes([OutcomeEvent("e1", "m1", Outcome.SENT), OutcomeEvent("e2", "m2", Outcome.SENT)])
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE ledger.processed_events SET processed_at = now() - interval '9 days' "
+                           "WHERE event_id = 'e1'")
+
+    assert await funded.prune_processed_events(older_than_s=8 * 86_400) == 1
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT event_id FROM ledger.processed_events ORDER BY event_id")
+        assert [row[0] for row in await cur.fetchall()] == ["e2"]
+
+    late = await funded.apply_outcome("e1", "m1", "sent")
+    assert late.result is OutcomeResult.HOLD_ALREADY_RESOLVED
+    assert await funded.get_balance("acme") == Balance("acme", available=90, held=0, spent=10)
+    await check_books(pool)
+
+
+async def test_the_sweeper_forgets_applied_events_past_the_retention(funded: Ledger, pool: AsyncConnectionPool):
+    await funded.apply_outcome("e1", "m1", "sent")
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE ledger.processed_events SET processed_at = now() - interval '2 hours'")
+    stop = asyncio.Event()
+    sweeper = asyncio.create_task(funded.run_expiry_sweeper(stop, interval_s=0.05,
+                                                            processed_event_retention_s=3600))
+    try:
+        for _ in range(100):
+            async with pool.connection() as conn:
+                remaining = await (await conn.execute("SELECT count(*) FROM ledger.processed_events")).fetchone()
+            if remaining == (0,):
+                break
+            await asyncio.sleep(0.05)
+        assert remaining == (0,)
+    finally:
+        stop.set()
+        await sweeper
