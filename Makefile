@@ -8,6 +8,7 @@ GEN := gen
 STAMP := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto')
 BENCH ?=
+BENCH_ARGS ?=
 
 .PHONY: all install proto lint fmt test run bench clean
 
@@ -52,7 +53,7 @@ run: proto
 	$(PY) -m dev.run
 
 bench: proto
-	$(PY) -m bench $(BENCH)
+	$(PY) -m bench $(BENCH) -- $(BENCH_ARGS)
 
 clean:
 	rm -rf $(GEN) .dev .pytest_cache .ruff_cache

@@ -1,4 +1,6 @@
-"""``make bench [BENCH=name]``: run every ``bench/<name>_bench.py`` (or one) and pass its JSON lines through.
+"""``make bench [BENCH=name] [BENCH_ARGS="--runs 5"]``: run every ``bench/<name>_bench.py`` (or the named ones)
+and pass their JSON lines through; ``python -m bench e2e -- --runs 5`` passes everything after ``--`` to each
+benchmark's own options.
 
 Each benchmark module has a ``main()`` that prints its figures as JSON lines
 ``{"metric": "e2e.sends_per_s", "value": 1234.5, "unit": "1/s"}``; a benchmark that fails makes the run fail.
@@ -19,7 +21,11 @@ def available() -> list[str]:
 
 
 def main() -> None:
-    names = sys.argv[1:] or available()
+    args = sys.argv[1:]
+    options: list[str] = []
+    if "--" in args:
+        args, options = args[:args.index("--")], args[args.index("--") + 1:]
+    names = args or available()
     unknown = [n for n in names if n not in available()]
     if unknown:
         sys.exit(f"unknown benchmark(s) {unknown}; available: {', '.join(available())}")
@@ -27,7 +33,7 @@ def main() -> None:
     for name in names:
         print(f"# bench {name}", file=sys.stderr, flush=True)
         # Each benchmark in its own interpreter: no state (event loops, pools, metrics) leaks between them.
-        code = subprocess.call([sys.executable, "-c", f"import bench.{name}_bench as b; b.main()"])
+        code = subprocess.call([sys.executable, "-c", f"import bench.{name}_bench as b; b.main()", *options])
         if code != 0:
             failed.append(name)
     if failed:

@@ -28,8 +28,8 @@ then measures, ``--runs`` times, and prints the medians as JSON lines:
   Redis servers by process name), so the figure that bounds throughput on two cores is visible, and steadier than
   throughput on a shared machine. ``sender.cpu_ms_per_email`` is the sender's during ``sender.sends_per_s``.
 
-Run: ``make bench BENCH=e2e`` or, to pass options (``--runs``, ``--emails``, ``--clients``, ``--campaign``, ...),
-``python -m bench.e2e_bench`` (``python -m bench`` takes benchmark names only). Servers: Postgres
+Run: ``make bench BENCH=e2e``; options (``--runs``, ``--emails``, ``--clients``, ``--campaign``, ...) go in
+``BENCH_ARGS="--runs 5"`` or after ``--`` in ``python -m bench e2e -- --runs 5``. Servers: Postgres
 ``ESP_BENCH_POSTGRES_DSN``, Redis ``ESP_BENCH_REDIS_URL``, NATS ``ESP_BENCH_NATS_URL`` (defaults: the local ones).
 Logs of every process: ``.dev/bench-e2e/``.
 """
