@@ -93,8 +93,16 @@ async def migrate_services(dsn: str, services: Sequence[str]) -> list[Migration]
     return applied
 
 
+SESSION_OPTIONS = "-c jit=off"
+"""Every service connection runs without JIT compilation. Our statements are short (array batches of a few
+hundred rows); when the planner misjudges one as expensive, compiling it costs milliseconds that land on whoever
+waits for that batch (an OTP's credit hold among them). In two alternating pairs of runs here, 500 OTPs each
+while a backlog drained, the accept's p99 went from 35.9 / 34.8 ms to 28.5 / 33.4 ms without JIT."""
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, name: str = "esp") -> AsyncConnectionPool:
     """Open a pool and wait until its first connections are up, so start-up fails fast on a bad DSN."""
-    pool = AsyncConnectionPool(dsn, min_size=min_size, max_size=max_size, name=name, open=False)
+    pool = AsyncConnectionPool(dsn, min_size=min_size, max_size=max_size, name=name, open=False,
+                               kwargs={"options": SESSION_OPTIONS})
     await pool.open(wait=True, timeout=15)
     return pool

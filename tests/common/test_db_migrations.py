@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from libs.common.db import load_migrations, migrate
+from libs.common.db import create_pool, load_migrations, migrate
 
 
 def _write(folder: Path, files: dict[str, str]) -> Path:
@@ -49,3 +49,13 @@ async def test_concurrent_migrators_apply_each_file_once(new_database: Callable[
 def test_a_badly_named_migration_is_refused(tmp_path: Path):
     with pytest.raises(ValueError, match=r"NNN_name\.sql"):
         load_migrations("demo", _write(tmp_path / "m", {"init.sql": "SELECT 1;"}))
+
+
+async def test_service_connections_run_without_jit(new_database: Callable[[], str]):
+    pool = await create_pool(new_database(), min_size=1, max_size=1, name="jit-test")
+    try:
+        async with pool.connection() as conn:
+            row = await (await conn.execute("SHOW jit")).fetchone()
+    finally:
+        await pool.close()
+    assert row == ("off",)
