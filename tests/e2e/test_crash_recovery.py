@@ -53,7 +53,7 @@ def crash_mesh(private_nats: PrivateNats, new_database: Callable[[], str], redis
                                f"{run_id}crash", tmp_path / "mesh-logs")
     running = start_mesh(config, maildir, smtp_port)
     yield running
-    running.mesh.stop()
+    running.stop()
 
 
 def test_an_email_committed_while_nats_is_down_is_sent_after_ingest_crashes_and_restarts(

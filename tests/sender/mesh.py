@@ -272,7 +272,7 @@ def provider_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str
         running.mesh.stop()
         raise
     yield ProviderMesh(running, sim_process)
-    running.mesh.stop()
+    running.stop()
 
 
 @pytest.fixture
