@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from libs.common.grpc_server import ServiceFailed, event_loop_factory, run_closers, settle_garbage_collector
 from libs.common.logging import configure_logging
 from libs.common.metrics import start_metrics_server
-from libs.common.settings import CommonSettings, SettingsError, load_settings
+from libs.common.settings import CommonSettings, SettingsError, load_settings, settings_env
 from libs.common.telemetry import configure_tracing
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,14 @@ class WorkerSpec:
     name: str
     module: str
     env: Mapping[str, str] = field(default_factory=dict)
+
+
+def worker_env(settings: CommonSettings, index: int, **overrides: str) -> dict[str, str]:
+    """A worker's environment: its parent's settings (however the parent got them), ``overrides`` on top, and a
+    metrics port of its own — the ``index``-th after the parent's (from 0) — when the parent serves metrics."""
+    env = {**settings_env(settings), **overrides}
+    env["ESP_METRICS_PORT"] = str(settings.metrics_port + 1 + index if settings.metrics_port else 0)
+    return env
 
 
 class WorkerSupervisor:

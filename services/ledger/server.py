@@ -14,9 +14,8 @@ from libs.common.batching import BatchingOptions
 from libs.common.errors import FieldViolation, InvalidArgument, error_parts
 from libs.common.grpc_server import BackgroundTask, ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
-from libs.common.settings import settings_env
 from libs.common.timestamps import to_timestamp
-from libs.common.workers import WorkerSpec, WorkerSupervisor
+from libs.common.workers import WorkerSpec, WorkerSupervisor, worker_env
 from services.ledger.config import LedgerSettings
 from services.ledger.errors import LedgerError
 from services.ledger.ledger import Ledger, LedgerOptions
@@ -212,7 +211,7 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
     # unless configured otherwise; see services.ledger.settlement.
     if settings.settlement_worker:
         supervisor = await WorkerSupervisor.start(
-            "ledger", [WorkerSpec("ledger-settlement", "services.ledger.settlement", _settlement_env(settings))],
+            "ledger", [WorkerSpec("ledger-settlement", "services.ledger.settlement", worker_env(settings, 0))],
             grace_s=settings.shutdown_grace_s)
         tasks.append(supervisor.watch)
         closers.append(supervisor.stop)
@@ -226,8 +225,3 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
         service_names=[credits_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name],
         tasks=tasks, closers=closers, authenticator=TrustedHeaderAuthenticator())
 
-
-def _settlement_env(settings: LedgerSettings) -> dict[str, str]:
-    """The worker's settings are the ledger's, with a metrics port of its own (the next one) if any."""
-    metrics_port = settings.metrics_port + 1 if settings.metrics_port else 0
-    return {**settings_env(settings), "ESP_METRICS_PORT": str(metrics_port)}

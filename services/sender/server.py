@@ -19,8 +19,7 @@ from nats.aio.client import Client as NATS
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
 from libs.common.s3 import create_s3_client, stream_object
-from libs.common.settings import settings_env
-from libs.common.workers import StopEvent, WorkerParts, WorkerSpec, WorkerSupervisor
+from libs.common.workers import StopEvent, WorkerParts, WorkerSpec, WorkerSupervisor, worker_env
 from libs.routing.catalog import ProviderCatalog, open_bucket
 from libs.routing.health import HealthBoard
 from services.sender.adapters import AdapterPool
@@ -38,18 +37,12 @@ async def build_app(settings: SenderSettings) -> ServiceApp:
     """The sender service: pools in this process, or one worker process per class under it."""
     if settings.process_per_class and len(settings.sender_classes) > 1:
         supervisor = await WorkerSupervisor.start("sender", [
-            WorkerSpec(f"sender-{message_class}", "services.sender.worker", _worker_env(settings, message_class, index))
+            WorkerSpec(f"sender-{message_class}", "services.sender.worker",
+                       worker_env(settings, index, ESP_SENDER_CLASSES=message_class))
             for index, message_class in enumerate(settings.sender_classes)], grace_s=settings.shutdown_grace_s)
         return ServiceApp(name="sender", default_port=50055, tasks=[supervisor.watch], closers=[supervisor.stop])
     parts = await build_pools(settings)
     return ServiceApp(name="sender", default_port=50055, tasks=parts.tasks, closers=parts.closers)
-
-
-def _worker_env(settings: SenderSettings, message_class: str, index: int) -> dict[str, str]:
-    env = {**settings_env(settings), "ESP_SENDER_CLASSES": message_class}
-    if settings.metrics_port:
-        env["ESP_METRICS_PORT"] = str(settings.metrics_port + 1 + index)
-    return env
 
 
 async def build_pools(settings: SenderSettings) -> WorkerParts:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from libs.common.settings import CommonSettings, settings_env
-from libs.common.workers import WorkerSpec, WorkerSupervisor
+from libs.common.workers import WorkerSpec, WorkerSupervisor, worker_env
 
 MODULE = "tests.common.worker_fixture"
 
@@ -84,7 +84,7 @@ async def test_watch_returns_quietly_when_the_service_stops(tmp_path: Path):
 
 PARENT = """
 import asyncio, sys
-from libs.common.workers import WorkerSpec, WorkerSupervisor
+from libs.common.workers import WorkerSpec, WorkerSupervisor, worker_env
 async def main():
     env = dict(arg.split("=", 1) for arg in sys.argv[2:])
     await WorkerSupervisor.start("svc", [WorkerSpec("orphan", sys.argv[1], env)], grace_s=2)
@@ -111,3 +111,12 @@ def test_a_worker_whose_parent_died_stops_by_itself(tmp_path: Path):
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_a_worker_gets_the_parents_settings_and_the_next_metrics_ports():
+    parent = CommonSettings(namespace="ns", metrics_port=9100)
+    assert worker_env(parent, 0)["ESP_METRICS_PORT"] == "9101"
+    assert worker_env(parent, 2, ESP_SENDER_CLASSES="bulk") | {"ESP_METRICS_PORT": "x"} == (
+        settings_env(parent) | {"ESP_SENDER_CLASSES": "bulk", "ESP_METRICS_PORT": "x"})
+    assert worker_env(parent, 2)["ESP_METRICS_PORT"] == "9103"
+    assert worker_env(CommonSettings(metrics_port=0), 1)["ESP_METRICS_PORT"] == "0"  # no metrics: none for it
