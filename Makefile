@@ -53,6 +53,7 @@ run: proto
 	$(PY) -m dev.run
 
 bench: proto
+	bash scripts/bench-tools.sh
 	$(PY) -m bench $(BENCH) -- $(BENCH_ARGS)
 
 clean:

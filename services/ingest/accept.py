@@ -13,6 +13,10 @@
    ACCEPTED event) together. The caller hears "accepted" only after this commit; the outbox publisher (and,
    after a crash, its reconciling pass) puts the rows on JetStream with ``Nats-Msg-Id`` = message/event id.
 
+Emails with neither a request_id nor attachments — most single sends, and a campaign's batches — take steps 5-8
+together: concurrent SendEmail calls of one tenant and class pool into one pass (``_accept_pooled``), a
+BatchSendEmails call's such emails make one pass (``send_many``); each email still gets its own answer or refusal.
+
 A refusal at steps 1-6 changes nothing. A refusal after step 6 gives back what was taken (rate token, quota,
 claim; the hold is released). From step 7 on the steps run to their end even when the caller goes away, so a
 cancelled call can neither lose a committed email nor leak its credits.
@@ -60,6 +64,9 @@ ADMISSION_ROUNDS = 5
 """How often a request retries the gate after the request holding its request_id gave up."""
 ONE_BY_ONE_IN_FLIGHT = 256
 """Emails of batches that take the one-email path (request_id, attachments) being accepted at once."""
+POOLS_IN_FLIGHT = 1
+"""Passes of pooled single sends of one tenant and class running at once; later sends wait for a pass to end, and
+meanwhile pool with the sends that arrive after them (group commit)."""
 
 
 class CreditReserver(Protocol):
@@ -97,6 +104,30 @@ class DuplicateWait:
 
 
 @dataclass
+class _Pool:
+    """Single sends of one tenant and class waiting to be accepted together; ``answers`` in the order of ``drafts``."""
+
+    tenant: Tenant
+    drafts: list[EmailDraft] = field(default_factory=list)
+    answers: list[asyncio.Future[Accepted | Exception]] = field(default_factory=list)
+    started: bool = False
+
+    def answer(self, task: asyncio.Future[list[Accepted | Exception]]) -> None:
+        """Hand each waiting call its email's outcome (or the error that failed the whole pool)."""
+        if task.cancelled():
+            outcomes: list[Accepted | Exception] = [
+                Aborted("not accepted; retry", reason="INTERNAL")] * len(self.answers)
+        elif (error := task.exception()) is not None:
+            outcomes = [error if isinstance(error, Exception) else Aborted("not accepted; retry",
+                                                                            reason="INTERNAL")] * len(self.answers)
+        else:
+            outcomes = task.result()
+        for answer, outcome in zip(self.answers, outcomes, strict=True):
+            if not answer.done():
+                answer.set_result(outcome)
+
+
+@dataclass
 class _Flight:
     """A request being accepted in this process; twins wait on ``answer``."""
 
@@ -121,15 +152,68 @@ class Acceptor:
         self._in_flight: dict[tuple[str, str], _Flight] = {}
         self._running: set[asyncio.Task[Any]] = set()
         self._one_by_one = asyncio.Semaphore(ONE_BY_ONE_IN_FLIGHT)
+        self._pooled: dict[tuple[str, str], _Pool] = {}
+        self._pools_running: dict[tuple[str, str], int] = {}
 
     async def send(self, principal: Principal, draft: EmailDraft) -> Accepted:
         """Accept one email for ``principal``'s tenant (see the module docstring for the steps)."""
         tenant = await self._authorise(principal)
         draft = validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers)
+        if not draft.request_id and not draft.attachment_ids:
+            return await self._accept_pooled(tenant, draft)
         fingerprint = request_fingerprint(draft)
         if not draft.request_id:
             return await self._accept(tenant, draft, fingerprint)
         return await self._accept_once(tenant, draft, fingerprint)
+
+    async def _accept_pooled(self, tenant: Tenant, draft: EmailDraft) -> Accepted:
+        """Steps 5-8 for a single send without request_id or attachments, together with the other such sends of its
+        tenant and class (group commit).
+
+        Concurrent single sends then cost what a batch's emails cost: one submission per step for all of them and
+        one task resuming once per step, instead of a task per email resuming at every step. gRPC hands the calls
+        over one or two per turn of the event loop, so a pool starts at once only while fewer than
+        ``POOLS_IN_FLIGHT`` passes run for its key; otherwise it gathers sends until one of them ends."""
+        key = (tenant.id, draft.message_class)
+        pool = self._pooled.get(key)
+        if pool is None:
+            pool = self._pooled[key] = _Pool(tenant)
+            if self._pools_running.get(key, 0) < POOLS_IN_FLIGHT:
+                self._pools_running[key] = self._pools_running.get(key, 0) + 1
+                pool.started = True
+                asyncio.get_running_loop().call_soon(self._start_pool, key, pool)
+            # else: started by _pool_done when a running pass of its key ends
+        answer: asyncio.Future[Accepted | Exception] = asyncio.get_running_loop().create_future()
+        pool.drafts.append(draft)
+        pool.answers.append(answer)
+        # The pass runs to its end whatever happens to this call; shield keeps a cancelled caller from cancelling
+        # the answer the pass will set.
+        outcome = await asyncio.shield(answer)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _start_pool(self, key: tuple[str, str], pool: _Pool) -> None:
+        """Run ``pool``'s pass (its slot in ``_pools_running`` is already counted)."""
+        if self._pooled.get(key) is pool:
+            del self._pooled[key]
+        task = asyncio.ensure_future(self._accept_together(pool.tenant, pool.drafts))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        task.add_done_callback(pool.answer)
+        task.add_done_callback(lambda _: self._pool_done(key))
+
+    def _pool_done(self, key: tuple[str, str]) -> None:
+        waiting = self._pooled.get(key)
+        if waiting is not None and not waiting.started:
+            waiting.started = True
+            self._start_pool(key, waiting)  # takes over the slot of the pass that ended
+            return
+        running = self._pools_running[key] - 1
+        if running:
+            self._pools_running[key] = running
+        else:
+            del self._pools_running[key]
 
     async def send_many(self, principal: Principal, drafts: Sequence[EmailDraft]) -> list[Accepted | Exception]:
         """Accept a batch (BatchSendEmails): each email's answer or the error that refused it, in order.
