@@ -103,7 +103,7 @@ def email_bytes(i: int, run: str) -> bytes:
 @dataclass(frozen=True)
 class LoadJob:
     """What one load-generating process does: ``callers`` concurrent loops for ``duration_s``, each sending one
-    SendEmail (``batch_size`` 0) or one BatchSendEmails of ``batch_size`` emails at a time."""
+    BatchSendEmails of ``batch_size`` emails at a time."""
 
     endpoint: str
     auth: tuple[tuple[str, str], ...]
@@ -131,23 +131,13 @@ async def _generate(job: LoadJob, ready: Any, go: Any) -> LoadResult:
     counter = iter(range(10**9))
     async with grpc.aio.insecure_channel(job.endpoint, options=[
             ("grpc.max_receive_message_length", 64 * MIB)]) as channel:
-        # Raw bytes both ways: the request is built by email_bytes, and the reply is only checked, not parsed
-        # (a failed call raises). Building and parsing messages would cost the load generator more than a call.
+        # The warm-up call sends raw bytes (email_bytes) and does not parse the reply (a failed call raises)
         send = channel.unary_unary("/esp.v1.MessageService/SendEmail")
         send_batch = messages_pb2_grpc.MessageServiceStub(channel).BatchSendEmails
         await send(email_bytes(next(counter), job.run), metadata=job.auth, timeout=30)  # warm up
         ready.set()
         await asyncio.to_thread(go.wait)
         deadline = time.perf_counter() + job.duration_s
-
-        async def one_at_a_time() -> int:
-            done = 0
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                await send(email_bytes(next(counter), job.run), metadata=job.auth, timeout=30)
-                latencies.append(time.perf_counter() - started)
-                done += 1
-            return done
 
         async def batches() -> int:
             done = 0
@@ -164,8 +154,7 @@ async def _generate(job: LoadJob, ready: Any, go: Any) -> LoadResult:
             return done
 
         cpu, started = _process_cpu_s(), time.perf_counter()
-        loop = batches if job.batch_size else one_at_a_time
-        counts = await asyncio.gather(*(loop() for _ in range(job.callers)))
+        counts = await asyncio.gather(*(batches() for _ in range(job.callers)))
         elapsed = time.perf_counter() - started
         return LoadResult(sum(counts), elapsed, _process_cpu_s() - cpu, latencies)
 
@@ -179,7 +168,7 @@ def _load_process(job: LoadJob, ready: Any, go: Any, out: Any) -> None:
         raise
 
 
-def generate_load(target: Target, duration_s: float, callers: int, *, batch_size: int = 0,
+def generate_load(target: Target, duration_s: float, callers: int, *, batch_size: int,
                   processes: int = 1) -> tuple[float, float, list[float]]:
     """Run ``callers`` concurrent senders split over ``processes`` separate processes (none shares ingest's cores
     more than it must, and none is held back by this process' event loop); all start together. Returns emails

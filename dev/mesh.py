@@ -255,6 +255,8 @@ class MeshConfig:
             "ESP_REPORTS_ADDR": f"127.0.0.1:{self.ports['reports']}",
             "ESP_GATEWAY_PORT": str(self.gateway_port), "ESP_WEBHOOK_PORT": str(self.webhook_port),
             "ESP_DESCRIPTOR_SET": str(ROOT / "gen" / "esp.binpb"),
+            # Every service gets the one postgres_dsn: ingest's commits flush the ledger's holds (ledger config)
+            "ESP_RESERVE_SYNCHRONOUS_COMMIT": "false",
             "ESP_LOG_LEVEL": "INFO", "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}", **self.extra_env,
         }
 

@@ -64,9 +64,10 @@ ADMISSION_ROUNDS = 5
 """How often a request retries the gate after the request holding its request_id gave up."""
 ONE_BY_ONE_IN_FLIGHT = 256
 """Emails of batches that take the one-email path (request_id, attachments) being accepted at once."""
-POOLS_IN_FLIGHT = 1
+POOLS_IN_FLIGHT = {"otp": 16, "transactional": 1, "bulk": 1}
 """Passes of pooled single sends of one tenant and class running at once; later sends wait for a pass to end, and
-meanwhile pool with the sends that arrive after them (group commit)."""
+meanwhile pool with the sends that arrive after them (group commit). An OTP waiting for another OTP's pass would
+add that pass to its latency, so OTPs rarely wait."""
 
 
 class CreditReserver(Protocol):
@@ -178,7 +179,7 @@ class Acceptor:
         pool = self._pooled.get(key)
         if pool is None:
             pool = self._pooled[key] = _Pool(tenant)
-            if self._pools_running.get(key, 0) < POOLS_IN_FLIGHT:
+            if self._pools_running.get(key, 0) < POOLS_IN_FLIGHT.get(draft.message_class, 1):
                 self._pools_running[key] = self._pools_running.get(key, 0) + 1
                 pool.started = True
                 asyncio.get_running_loop().call_soon(self._start_pool, key, pool)

@@ -17,6 +17,13 @@ class LedgerSettings(CommonSettings):
     """Most reserves grouped in one transaction."""
     reserve_workers: int = 4
     """Reserve transactions in flight at once."""
+    reserve_synchronous_commit: bool = True
+    """False: a reserve's commit does not wait for its WAL flush, which takes one of the two flushes (1-3 ms, more
+    while a campaign's settlements write) off every accept's critical path. Safe only when ingest's database is on
+    the same Postgres server as the ledger's: Postgres has one WAL, ingest commits the message after the reserve
+    answered, and that commit's flush makes the earlier hold durable too — so an email is accepted only with a
+    durable hold, and a crash before ingest's commit loses an unanswered hold, never a charge. The dev mesh, the
+    benchmarks and the Helm chart run both on one server and turn it off; keep it on when they are apart."""
     outcome_batch_size: int = 500
     """Final outcome events settled per transaction (a backlog goes by in full batches). Larger batches cost less
     CPU per event; they hold no lock a reserve needs (commits count on the tenant's commit total, not its balance

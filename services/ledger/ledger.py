@@ -149,6 +149,9 @@ class LedgerOptions:
     """Longest TTL a caller may ask for."""
     reserve_batching: BatchingOptions = field(default_factory=BatchingOptions)
     """How concurrent reserves are grouped into transactions."""
+    reserve_synchronous_commit: bool = True
+    """False: a reserve's commit returns before its WAL is flushed (see ``LedgerSettings``: safe only when ingest's
+    database shares the ledger's Postgres server)."""
     max_transaction_attempts: int = 5
     """Attempts of one transaction that hits a deadlock, serialization failure or racing duplicate insert."""
     default_page_size: int = 50
@@ -411,9 +414,11 @@ class Ledger:
         CHECK fired, the batch is redone pessimistically: locks first, then the decision against the locked rows.
         Refusals therefore always come from an authoritative balance.
         """
+        synchronous = self._options.reserve_synchronous_commit
         try:
             return await self._transaction(
-                lambda conn: self._reserve_in_transaction(conn, requests, locked=False), pipeline=True
+                lambda conn: self._reserve_in_transaction(conn, requests, locked=False), pipeline=True,
+                synchronous_commit=synchronous,
             )
         except psycopg.errors.CheckViolation as exc:
             if exc.diag.constraint_name != "balances_available_check":
@@ -421,7 +426,8 @@ class Ledger:
         except _NeedsLock:
             pass
         return await self._transaction(
-            lambda conn: self._reserve_in_transaction(conn, requests, locked=True), pipeline=True
+            lambda conn: self._reserve_in_transaction(conn, requests, locked=True), pipeline=True,
+            synchronous_commit=synchronous,
         )
 
     async def _reserve_in_transaction(
@@ -911,12 +917,14 @@ class Ledger:
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]], *, pipeline: bool = False) -> T:
+    async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]], *, pipeline: bool = False,
+                           synchronous_commit: bool = True) -> T:
         """Run ``work`` in one transaction, again from the start when Postgres aborted it for a deadlock,
         serialization failure or a racing insert of the same key (bounded attempts).
 
         With ``pipeline``, statements whose results ``work`` does not fetch are sent without waiting, together
         with the commit; their errors surface when the pipeline syncs at the end, and abort the transaction.
+        Without ``synchronous_commit`` the commit does not wait for the WAL flush (this transaction only).
         """
         attempts = self._options.max_transaction_attempts
         for attempt in range(1, attempts + 1):
@@ -924,9 +932,13 @@ class Ledger:
                 async with self._pool.connection() as conn:
                     if pipeline:
                         async with conn.pipeline(), conn.transaction():
+                            if not synchronous_commit:
+                                await conn.execute("SET LOCAL synchronous_commit = off")
                             result = await work(conn)
                         return result
                     async with conn.transaction():
+                        if not synchronous_commit:
+                            await conn.execute("SET LOCAL synchronous_commit = off")
                         return await work(conn)
             except _RETRYABLE:
                 if attempt == attempts:

@@ -182,7 +182,8 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
     ledger = Ledger(pool, LedgerOptions(
         default_hold_ttl_s=settings.hold_ttl_s,
         reserve_batching=BatchingOptions(max_batch_size=settings.reserve_batch_size,
-                                         workers=settings.reserve_workers)))
+                                         workers=settings.reserve_workers),
+        reserve_synchronous_commit=settings.reserve_synchronous_commit))
     nc = await connect(settings.nats_url, "esp-ledger")
     js = nc.jetstream()
     await ensure_streams(js, topology)

@@ -10,7 +10,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from libs.common.db import create_pool
 from services.ledger.errors import IdempotencyMismatch, InsufficientCredits, InvalidAmount, InvalidLedgerArgument
-from services.ledger.ledger import Ledger
+from services.ledger.ledger import Ledger, LedgerOptions
 from services.ledger.models import Balance, Hold, HoldState, MessageClass, PriceOverrides, ReserveRequest
 from tests.ledger.books import check_books
 
@@ -232,3 +232,31 @@ async def test_reserve_refuses_more_emails_or_bytes_than_a_hold_may_cover(ledger
         await ledger.reserve("acme", "m1", MessageClass.BULK, emails=10_000_001)
     with pytest.raises(InvalidAmount):
         await ledger.reserve("acme", "m1", MessageClass.BULK, attachment_bytes=2**40 + 1)
+
+
+async def test_a_reserve_without_synchronous_commit_holds_the_same_and_leaves_the_setting_behind(
+    pool: AsyncConnectionPool,
+) -> None:
+    ledger = Ledger(pool, LedgerOptions(reserve_synchronous_commit=False))
+    try:
+        await ledger.top_up("acme", 10, "t1")
+        hold = await ledger.reserve("acme", "m1", MessageClass.TRANSACTIONAL)
+        assert (hold.amount, hold.state) == (3, HoldState.HELD)
+        assert await ledger.get_balance("acme") == Balance("acme", available=7, held=3, spent=0)
+        await check_books(pool)
+        # SET LOCAL: the pooled connections' other transactions still wait for their flush
+        for _ in range(pool.max_size):
+            async with pool.connection() as conn:
+                assert await (await conn.execute("SHOW synchronous_commit")).fetchone() == ("on",)
+    finally:
+        await ledger.close()
+
+
+async def test_a_transaction_without_synchronous_commit_runs_with_it_off(ledger: Ledger) -> None:
+    async def setting(conn: Any) -> str:
+        row = await (await conn.execute("SHOW synchronous_commit")).fetchone()
+        return str(row[0])
+
+    assert await ledger._transaction(setting, pipeline=True, synchronous_commit=False) == "off"
+    assert await ledger._transaction(setting, synchronous_commit=False) == "off"
+    assert await ledger._transaction(setting, pipeline=True) == "on"
