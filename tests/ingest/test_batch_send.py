@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import grpc
+import pytest
 from esp.v1 import common_pb2, messages_pb2
 from google.rpc import code_pb2
 
 from libs.common.suppressions import suppression_key
+from services.ingest.accept import BATCH_PASSES_IN_FLIGHT
 from tests.ingest.conftest import IngestHarness, refused, send_request
 
 
@@ -94,3 +99,29 @@ async def test_a_batch_mixing_request_ids_and_campaign_emails_answers_each_in_or
     assert [r.message.subject for r in reply.results] == ["one", "two", "three", "two"]
     assert reply.results[1].message.id == reply.results[3].message.id
     assert await harness.message_rows(tenant) == 3
+
+
+async def test_batch_calls_beyond_the_passes_in_flight_wait_their_turn_and_are_all_accepted(
+        harness: IngestHarness, monkeypatch: pytest.MonkeyPatch):
+    tenant = await harness.new_tenant()
+    acceptor = harness.parts.acceptor
+    accept_together = acceptor._accept_together
+    running, most = 0, 0
+
+    async def counted(*args: Any) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            return await accept_together(*args)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(acceptor, "_accept_together", counted)
+    calls = [messages_pb2.BatchSendEmailsRequest(requests=[
+        send_request(message_class=common_pb2.MESSAGE_CLASS_BULK, subject=f"call {c} email {i}") for i in range(20)])
+        for c in range(6)]
+    replies = await asyncio.gather(*(harness.messages.BatchSendEmails(call, metadata=tenant.auth) for call in calls))
+    assert all(r.HasField("message") for reply in replies for r in reply.results)
+    assert most == BATCH_PASSES_IN_FLIGHT
+    assert await harness.message_rows(tenant) == 120
