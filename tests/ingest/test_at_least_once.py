@@ -5,7 +5,6 @@ and a publish repeated after a crash is dropped by JetStream's duplicate window.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -13,9 +12,9 @@ from dataclasses import replace
 import pytest
 from esp.internal.v1 import queue_pb2
 from esp.v1 import credits_pb2
-from nats.js.errors import NotFoundError
 from psycopg_pool import AsyncConnectionPool, PoolClosed
 
+from dev.mesh import forget_namespace
 from libs.common.auth import Principal
 from libs.common.db import migrate_services
 from services.ingest.accept import Acceptor
@@ -32,13 +31,12 @@ async def silent_replica(harness: IngestHarness, new_database: Callable[[], str]
     right after each commit. It reserves credits in the harness' ledger."""
     dsn = new_database()
     await migrate_services(dsn, ["ingest"])
-    parts = await build_components(replace(harness.settings, postgres_dsn=dsn, grpc_port=free_port(),
-                                           namespace=f"{harness.namespace}x{secrets.token_hex(3)}"))
+    settings = replace(harness.settings, postgres_dsn=dsn, grpc_port=free_port(),
+                       namespace=f"{harness.namespace}x{secrets.token_hex(3)}")
+    parts = await build_components(settings)
     yield parts
-    for stream in (parts.topology.send_stream, parts.topology.events_stream):
-        with contextlib.suppress(NotFoundError):
-            await parts.js.delete_stream(stream)
     await parts.close()
+    await forget_namespace(settings.namespace, settings.nats_url, settings.redis_url)  # streams, bucket, keys
 
 
 async def _tenant(harness: IngestHarness, replica: IngestComponents) -> Principal:
