@@ -65,6 +65,7 @@ from services.ledger.errors import (
     LedgerError,
 )
 from services.ledger.models import (
+    ATTACHMENT_BILLING_UNIT_BYTES,
     DEFAULT_PRICE_BOOK,
     ENTRY_ACCOUNTS,
     Account,
@@ -228,6 +229,8 @@ class Ledger:
             raise ValueError("max_transaction_attempts must be at least 1")
         # Sharded by tenant: concurrent batches lock disjoint balance rows, and one tenant's reserves always
         # coalesce into the same batches.
+        self._balance_rows: set[str] = set()
+        """Tenants whose balance row exists (rows are never deleted): their reserves may skip reading it."""
         self._reserves: GroupCommitter[ReserveRequest, Hold] = GroupCommitter(
             self._reserve_batch, self._options.reserve_batching, shard_key=lambda request: request.tenant_id,
             # An OTP's hold never waits behind a campaign's reserves queued in this process.
@@ -415,6 +418,19 @@ class Ledger:
         Refusals therefore always come from an authoritative balance.
         """
         synchronous = self._options.reserve_synchronous_commit
+        if len({r.hold_id for r in requests}) == len(requests) and self._balance_rows.issuperset(
+                r.tenant_id for r in requests):
+            try:
+                return await self._reserve_in_one_round_trip(requests)
+            except psycopg.errors.CheckViolation as exc:  # some hold did not fit: decide each against locked rows
+                if exc.diag.constraint_name != "balances_available_check":
+                    raise
+                return await self._transaction(
+                    lambda conn: self._reserve_in_transaction(conn, requests, locked=True), pipeline=True,
+                    synchronous_commit=synchronous,
+                )
+            except _RETRYABLE:  # a hold id held already (a retry), or a race: the reading path sorts it out
+                pass
         try:
             return await self._transaction(
                 lambda conn: self._reserve_in_transaction(conn, requests, locked=False), pipeline=True,
@@ -429,6 +445,47 @@ class Ledger:
             lambda conn: self._reserve_in_transaction(conn, requests, locked=True), pipeline=True,
             synchronous_commit=synchronous,
         )
+
+    async def _reserve_in_one_round_trip(self, requests: Sequence[ReserveRequest]) -> list[Hold | LedgerError]:
+        """The common case in one round trip: new hold ids, tenants whose balance rows exist, and credits enough for
+        all. Nothing is read first: the server prices the holds from the books, the balance update takes their
+        amounts, and every statement goes out with the commit. A hold id that exists already raises
+        UniqueViolation, a hold that does not fit raises the balance CHECK; either rolls the batch back whole and
+        the caller decides it again the reading way."""
+        shapes: dict[tuple[str, MessageClass, int, int, float], int] = {}
+        shape_numbers = []
+        for request in requests:
+            key = (request.tenant_id, request.message_class, request.emails, request.attachment_bytes,
+                   float(request.ttl_s or 0))  # resolved by _validated: never None here
+            shape_numbers.append(shapes.setdefault(key, len(shapes) + 1))
+        hold_ids = [request.hold_id for request in requests]
+        tenants = sorted({request.tenant_id for request in requests})
+        debit, credit = ENTRY_ACCOUNTS[EntryKind.RESERVE]
+        async with self._pool.connection() as conn:
+            async with conn.pipeline(), conn.transaction():
+                if not self._options.reserve_synchronous_commit:
+                    await conn.execute("SET LOCAL synchronous_commit = off")
+                inserted = await conn.execute(_INSERT_PRICED_HOLDS, (
+                    [key[0] for key in shapes], [key[1].value for key in shapes], [key[2] for key in shapes],
+                    [key[3] for key in shapes], [key[4] for key in shapes], ATTACHMENT_BILLING_UNIT_BYTES,
+                    ATTACHMENT_BILLING_UNIT_BYTES, hold_ids, shape_numbers))
+                await _query_balances(conn, tenants, lock=True)
+                await conn.execute(_HOLD_FROM_BALANCES, (hold_ids,))
+                await conn.execute(_INSERT_RESERVE_ENTRIES_OF_HOLDS,
+                                   (hold_ids, EntryKind.RESERVE.value, debit.value, credit.value))
+                await _notify_low_balance_crossings(conn, tenants)
+            rows = {row[0]: row for row in await inserted.fetchall()}
+        if len(rows) != len(requests):
+            raise AssertionError("the default price book is missing")  # every book falls back to it
+        holds: list[Hold | LedgerError] = []
+        for request in requests:
+            _, per_email, per_mb, amount, created_at, expires_at = rows[request.hold_id]
+            holds.append(Hold(
+                hold_id=request.hold_id, tenant_id=request.tenant_id, message_class=request.message_class,
+                emails=request.emails, attachment_bytes=request.attachment_bytes,
+                price=Price(per_email=per_email, per_attachment_mb=per_mb), amount=amount, state=HoldState.HELD,
+                committed_amount=None, created_at=created_at, expires_at=expires_at, resolved_at=None))
+        return holds
 
     async def _reserve_in_transaction(
         self, conn: AsyncConnection, requests: Sequence[ReserveRequest], *, locked: bool
@@ -466,6 +523,7 @@ class Ledger:
                 balances = await _fetch_balances(await _query_balances(conn, new_tenants, lock=True))
             else:
                 balances = await _fetch_balances(balances_cursor)
+            self._balance_rows.update(balances)
             await self._reserve_new(conn, requests, new, results, books, now, balances, locked=locked)
 
         for index, request in enumerate(requests):
@@ -968,6 +1026,54 @@ class Ledger:
 async def _price_books(conn: AsyncConnection, tenants: Sequence[str]) -> tuple[dict[str, PriceBook], datetime]:
     """The effective price book of each tenant, and the transaction's ``now()`` (when its holds are made)."""
     return await _fetch_price_books(await _query_price_books(conn, tenants))
+
+
+# A reserve batch in one statement, priced by the server: the distinct shapes (1-based by position) with each
+# shape's price from the tenant's book (or the default), and per hold its id and shape number. Holds go in hold id
+# order (see _reserve_new). Returns what the caller cannot know without reading: prices, amounts and times.
+_INSERT_PRICED_HOLDS = """
+    WITH shape AS (
+        SELECT s.tenant_id, s.message_class, s.emails, s.attachment_bytes, s.ttl_s, s.shape,
+               COALESCE(CASE s.message_class WHEN 'otp' THEN o.otp_per_email
+                                             WHEN 'transactional' THEN o.transactional_per_email
+                                             ELSE o.bulk_per_email END,
+                        CASE s.message_class WHEN 'otp' THEN d.otp_per_email
+                                             WHEN 'transactional' THEN d.transactional_per_email
+                                             ELSE d.bulk_per_email END) AS per_email,
+               COALESCE(o.per_attachment_mb, d.per_attachment_mb) AS per_mb
+        FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::float8[]) WITH ORDINALITY
+            AS s(tenant_id, message_class, emails, attachment_bytes, ttl_s, shape)
+        JOIN ledger.price_books AS d ON d.tenant_id = '-'
+        LEFT JOIN ledger.price_books AS o ON o.tenant_id = s.tenant_id)
+    INSERT INTO ledger.holds (hold_id, tenant_id, message_class, emails, attachment_bytes, price_per_email,
+                              price_per_attachment_mb, amount, expires_at)
+    SELECT a.hold_id, s.tenant_id, s.message_class, s.emails, s.attachment_bytes, s.per_email, s.per_mb,
+           s.emails * (s.per_email + ((s.attachment_bytes + %b - 1) / %b) * s.per_mb),
+           now() + make_interval(secs => s.ttl_s)
+    FROM unnest(%b::text[], %b::bigint[]) AS a(hold_id, shape) JOIN shape s USING (shape)
+    ORDER BY a.hold_id
+    RETURNING hold_id, price_per_email, price_per_attachment_mb, amount, created_at, expires_at"""
+
+# What the holds just inserted take from their tenants' balances (rows locked by the caller). The balance CHECK
+# (available >= 0) refuses the whole batch when one of them does not fit.
+_HOLD_FROM_BALANCES = """
+    UPDATE ledger.balances AS b
+    SET available = b.available - t.total, held = b.held + t.total, updated_at = now()
+    FROM (SELECT tenant_id, sum(amount) AS total FROM ledger.holds WHERE hold_id = ANY(%b) GROUP BY tenant_id) AS t
+    WHERE b.tenant_id = t.tenant_id AND t.total > 0"""
+
+# _INSERT_RESERVE_ENTRIES for holds just inserted (amounts read back from them), in the order of the hold ids.
+_INSERT_RESERVE_ENTRIES_OF_HOLDS = """
+    WITH accepted AS (
+        SELECT a.hold_id, a.position, h.tenant_id, h.amount
+        FROM unnest(%b::text[]) WITH ORDINALITY AS a(hold_id, position) JOIN ledger.holds h USING (hold_id)
+        WHERE h.amount > 0)
+    INSERT INTO ledger.entries (tenant_id, kind, debit_account, credit_account, amount, hold_id, available_after)
+    SELECT a.tenant_id, %b, %b, %b, a.amount, a.hold_id,
+           b.available + COALESCE(sum(a.amount) OVER (PARTITION BY a.tenant_id ORDER BY a.position
+                                                      ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING), 0)
+    FROM accepted a JOIN ledger.balances b USING (tenant_id)
+    ORDER BY a.position"""
 
 
 async def _query_price_books(conn: AsyncConnection, tenants: Sequence[str]) -> psycopg.AsyncCursor[Any]:
