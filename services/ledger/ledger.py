@@ -159,6 +159,11 @@ class LedgerOptions:
     max_page_size: int = 1000
 
 
+ONE_ROUND_TRIP_MAX_BATCH = 32
+"""Largest reserve batch sent in one round trip (``_reserve_in_one_round_trip``). A small batch — an OTP, a trickle
+of single sends — waits mostly for round trips; a large one costs the server more when it prices the holds and
+reads their amounts back than the round trip it saves (hot-tenant batches of 1,000: ≈ 15 % fewer reserves/s)."""
+
 _OUTCOMES: dict[str, Outcome] = {outcome.value: outcome for outcome in Outcome}
 """An outcome by its value (a member hashes and compares like its value, so it finds itself too)."""
 
@@ -418,8 +423,8 @@ class Ledger:
         Refusals therefore always come from an authoritative balance.
         """
         synchronous = self._options.reserve_synchronous_commit
-        if len({r.hold_id for r in requests}) == len(requests) and self._balance_rows.issuperset(
-                r.tenant_id for r in requests):
+        if (len(requests) <= ONE_ROUND_TRIP_MAX_BATCH and len({r.hold_id for r in requests}) == len(requests)
+                and self._balance_rows.issuperset(r.tenant_id for r in requests)):
             try:
                 return await self._reserve_in_one_round_trip(requests)
             except psycopg.errors.CheckViolation as exc:  # some hold did not fit: decide each against locked rows

@@ -10,7 +10,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from services.ledger.errors import IdempotencyMismatch, InsufficientCredits
-from services.ledger.ledger import Ledger
+from services.ledger.ledger import ONE_ROUND_TRIP_MAX_BATCH, Ledger
 from services.ledger.models import Balance, Hold, HoldState, MessageClass, PriceOverrides, ReserveRequest
 from services.ledger.pricing import hold_amount, unit_price
 from tests.ledger.books import check_books
@@ -103,4 +103,18 @@ async def test_a_tenant_the_ledger_has_not_seen_takes_the_reading_path(
     assert isinstance(refused[0], InsufficientCredits)  # no balance row: nothing to hold from
     assert held.amount == 1
     assert reading_path == [1, 1, 1]  # nobody's: optimistic, then against the locked rows; then acme's
+    await check_books(pool)
+
+
+async def test_a_batch_larger_than_the_one_round_trip_limit_takes_the_reading_path(
+        ledger: Ledger, pool: AsyncConnectionPool, reading_path: list[int]) -> None:
+    await _known_tenant(ledger, "acme", 10**6)
+    reading_path.clear()
+    size = ONE_ROUND_TRIP_MAX_BATCH + 1
+
+    holds = await ledger.reserve_many(
+        [ReserveRequest("acme", f"m{i}", MessageClass.BULK, ttl_s=60.0) for i in range(size)])
+
+    assert reading_path == [size]
+    assert all(isinstance(h, Hold) for h in holds)
     await check_books(pool)
