@@ -65,10 +65,11 @@ ADMISSION_ROUNDS = 5
 ONE_BY_ONE_IN_FLIGHT = 256
 """Emails of batches that take the one-email path (request_id, attachments) being accepted at once."""
 BATCH_PASSES_IN_FLIGHT = 2
-"""BatchSendEmails calls whose emails go through the steps at once (in this process); later calls wait their turn.
-Every pass runs a slice of its CPU-bound work per turn of the event loop, and each step of an OTP accepted
-meanwhile waits a turn: with sixteen campaign calls at once a turn took ~16 ms and an OTP ~0.5 s. Two passes keep
-the steps busy (one computes while the other waits for Redis, the ledger or Postgres)."""
+"""The default of ``IngestSettings.batch_passes_in_flight``: BatchSendEmails calls whose emails go through the steps
+at once (in this process); later calls wait their turn. Every pass runs a slice of its CPU-bound work per turn of
+the event loop, and each step of an OTP accepted meanwhile waits a turn: with sixteen campaign calls at once a turn
+took ~16 ms and an OTP ~0.5 s. Two passes keep the steps busy (one computes while the other waits for Redis, the
+ledger or Postgres)."""
 POOLS_IN_FLIGHT = {"otp": 16, "transactional": 1, "bulk": 1}
 """Passes of pooled single sends of one tenant and class running at once; later sends wait for a pass to end, and
 meanwhile pool with the sends that arrive after them (group commit). An OTP waiting for another OTP's pass would
@@ -146,7 +147,8 @@ class Acceptor:
 
     def __init__(self, *, tenants: TenantStore, gate: RedisGate, credits: CreditReserver,
                  attachments: AttachmentLookup, store: MessageStore, topology: Topology,
-                 sizes: SizePolicy, duplicate_wait: DuplicateWait | None = None) -> None:
+                 sizes: SizePolicy, duplicate_wait: DuplicateWait | None = None,
+                 batch_passes: int = BATCH_PASSES_IN_FLIGHT) -> None:
         self.tenants = tenants
         self.gate = gate
         self.credits = credits
@@ -158,7 +160,7 @@ class Acceptor:
         self._in_flight: dict[tuple[str, str], _Flight] = {}
         self._running: set[asyncio.Task[Any]] = set()
         self._one_by_one = asyncio.Semaphore(ONE_BY_ONE_IN_FLIGHT)
-        self._batch_passes = asyncio.Semaphore(BATCH_PASSES_IN_FLIGHT)
+        self._batch_passes = asyncio.Semaphore(batch_passes)
         self._pooled: dict[tuple[str, str], _Pool] = {}
         self._pools_running: dict[tuple[str, str], int] = {}
 
@@ -229,8 +231,8 @@ class Acceptor:
         batching step gets them in one submission and this one task resumes once per step, instead of a task per
         email resuming at every step. asyncio runs ready tasks first come, first served, so a campaign's thousands
         of tasks made an OTP accepted meanwhile wait seconds between its own steps. The other emails take the
-        one-email path, at most ``ONE_BY_ONE_IN_FLIGHT`` at once over all batches. At most
-        ``BATCH_PASSES_IN_FLIGHT`` calls run at once; the others wait their turn."""
+        one-email path, at most ``ONE_BY_ONE_IN_FLIGHT`` at once over all batches. At most ``batch_passes`` calls
+        run at once; the others wait their turn."""
         async with self._batch_passes:
             return await self._send_many(principal, drafts)
 

@@ -331,7 +331,8 @@ async def build_components(settings: IngestSettings) -> IngestComponents:
     store = MessageStore(pool, batch_size=settings.accept_batch_size, workers=settings.accept_batch_workers,
                          batch_interval_s=settings.batch_interval_s, on_commit=outbox.publish_soon)
     acceptor = Acceptor(tenants=tenants, gate=gate, credits=credits, attachments=attachments, store=store,
-                        topology=topology, sizes=SizePolicy(lambda: catalog.providers.values()))
+                        topology=topology, sizes=SizePolicy(lambda: catalog.providers.values()),
+                        batch_passes=settings.batch_passes_in_flight)
     servicer = IngestServicer(acceptor, attachments, tenants, max_batch_send=settings.max_batch_send)
     return IngestComponents(settings, topology, pool, redis, nc, js, s3, channels, tenants, credits, outbox,
                             attachments, gate, store, catalog, acceptor, servicer)

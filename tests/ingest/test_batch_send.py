@@ -11,7 +11,6 @@ from esp.v1 import common_pb2, messages_pb2
 from google.rpc import code_pb2
 
 from libs.common.suppressions import suppression_key
-from services.ingest.accept import BATCH_PASSES_IN_FLIGHT
 from tests.ingest.conftest import IngestHarness, refused, send_request
 
 
@@ -123,5 +122,5 @@ async def test_batch_calls_beyond_the_passes_in_flight_wait_their_turn_and_are_a
         for c in range(6)]
     replies = await asyncio.gather(*(harness.messages.BatchSendEmails(call, metadata=tenant.auth) for call in calls))
     assert all(r.HasField("message") for reply in replies for r in reply.results)
-    assert most == BATCH_PASSES_IN_FLIGHT
+    assert most == harness.settings.batch_passes_in_flight
     assert await harness.message_rows(tenant) == 120
