@@ -36,7 +36,7 @@ class IngestSettings(CommonSettings):
     interval per worker, so requests arriving meanwhile share its round trip; an idle step never waits."""
     max_batch_send: int = 500
     """Most emails in one BatchSendEmails call."""
-    batch_passes_in_flight: int = 2
+    batch_passes_in_flight: int = 4
     """BatchSendEmails calls whose emails go through the accept steps at once; later calls wait their turn (see
     ``services.ingest.accept.BATCH_PASSES_IN_FLIGHT``). More takes a campaign in faster on an idle machine; fewer
     keeps OTPs accepted meanwhile fast."""
