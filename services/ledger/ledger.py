@@ -124,19 +124,20 @@ _INSERT_HOLDS = """
 
 # The journal rows of a reserve batch, in arrival order. Runs after the balance update: each row's available_after
 # is the balance just written plus what this batch holds after that row.
-_INSERT_RESERVE_ENTRIES = """
-    WITH shape AS (
-        SELECT * FROM unnest(%b::text[], %b::bigint[]) WITH ORDINALITY AS s(tenant_id, amount, shape)),
-    accepted AS (
-        SELECT a.hold_id, a.position, s.tenant_id, s.amount
-        FROM unnest(%b::text[], %b::bigint[]) WITH ORDINALITY AS a(hold_id, shape, position) JOIN shape s USING (shape)
-        WHERE s.amount > 0)
+_RESERVE_ENTRIES_OF_ACCEPTED = """
     INSERT INTO ledger.entries (tenant_id, kind, debit_account, credit_account, amount, hold_id, available_after)
     SELECT a.tenant_id, %b, %b, %b, a.amount, a.hold_id,
            b.available + COALESCE(sum(a.amount) OVER (PARTITION BY a.tenant_id ORDER BY a.position
                                                       ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING), 0)
     FROM accepted a JOIN ledger.balances b USING (tenant_id)
     ORDER BY a.position"""
+_INSERT_RESERVE_ENTRIES = """
+    WITH shape AS (
+        SELECT * FROM unnest(%b::text[], %b::bigint[]) WITH ORDINALITY AS s(tenant_id, amount, shape)),
+    accepted AS (
+        SELECT a.hold_id, a.position, s.tenant_id, s.amount
+        FROM unnest(%b::text[], %b::bigint[]) WITH ORDINALITY AS a(hold_id, shape, position) JOIN shape s USING (shape)
+        WHERE s.amount > 0)""" + _RESERVE_ENTRIES_OF_ACCEPTED
 
 
 @dataclass(frozen=True)
@@ -1072,13 +1073,7 @@ _INSERT_RESERVE_ENTRIES_OF_HOLDS = """
     WITH accepted AS (
         SELECT a.hold_id, a.position, h.tenant_id, h.amount
         FROM unnest(%b::text[]) WITH ORDINALITY AS a(hold_id, position) JOIN ledger.holds h USING (hold_id)
-        WHERE h.amount > 0)
-    INSERT INTO ledger.entries (tenant_id, kind, debit_account, credit_account, amount, hold_id, available_after)
-    SELECT a.tenant_id, %b, %b, %b, a.amount, a.hold_id,
-           b.available + COALESCE(sum(a.amount) OVER (PARTITION BY a.tenant_id ORDER BY a.position
-                                                      ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING), 0)
-    FROM accepted a JOIN ledger.balances b USING (tenant_id)
-    ORDER BY a.position"""
+        WHERE h.amount > 0)""" + _RESERVE_ENTRIES_OF_ACCEPTED
 
 
 async def _query_price_books(conn: AsyncConnection, tenants: Sequence[str]) -> psycopg.AsyncCursor[Any]:
