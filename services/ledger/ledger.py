@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import random
@@ -994,16 +995,11 @@ class Ledger:
         for attempt in range(1, attempts + 1):
             try:
                 async with self._pool.connection() as conn:
-                    if pipeline:
-                        async with conn.pipeline(), conn.transaction():
-                            if not synchronous_commit:
-                                await conn.execute("SET LOCAL synchronous_commit = off")
-                            result = await work(conn)
-                        return result
-                    async with conn.transaction():
+                    async with conn.pipeline() if pipeline else contextlib.nullcontext(), conn.transaction():
                         if not synchronous_commit:
                             await conn.execute("SET LOCAL synchronous_commit = off")
-                        return await work(conn)
+                        result = await work(conn)
+                    return result  # only now: in a pipeline, errors surface when the transaction block syncs
             except _RETRYABLE:
                 if attempt == attempts:
                     raise
