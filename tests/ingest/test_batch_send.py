@@ -118,9 +118,9 @@ async def test_batch_calls_beyond_the_passes_in_flight_wait_their_turn_and_are_a
 
     monkeypatch.setattr(acceptor, "_accept_together", counted)
     calls = [messages_pb2.BatchSendEmailsRequest(requests=[
-        send_request(message_class=common_pb2.MESSAGE_CLASS_BULK, subject=f"call {c} email {i}") for i in range(20)])
+        send_request(message_class=common_pb2.MESSAGE_CLASS_BULK, subject=f"call {c} email {i}") for i in range(100)])
         for c in range(6)]
     replies = await asyncio.gather(*(harness.messages.BatchSendEmails(call, metadata=tenant.auth) for call in calls))
     assert all(r.HasField("message") for reply in replies for r in reply.results)
     assert most == harness.settings.batch_passes_in_flight
-    assert await harness.message_rows(tenant) == 120
+    assert await harness.message_rows(tenant) == 600

@@ -99,6 +99,7 @@ async def test_a_send_whose_caller_goes_away_is_still_accepted_whole(harness: In
     tenant = await harness.new_tenant()
     principal = Principal(tenant.id, frozenset({"send"}))
     acceptor = harness.parts.acceptor
+    await acceptor.tenants.get_tenant(tenant.id)  # cached: each call joins its pool without waiting for Postgres
     calls = [asyncio.ensure_future(acceptor.send(principal, draft_from_proto(send_request(subject=f"s{i}"))))
              for i in range(5)]
     await asyncio.sleep(0)  # the calls have joined their pool
