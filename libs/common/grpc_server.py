@@ -152,6 +152,9 @@ class _Wrapper:
             except grpc.aio.AbortError:
                 code = context.code().name if context.code() else "UNKNOWN"
                 raise
+            except asyncio.CancelledError:  # the caller went away or its deadline passed
+                code = "CANCELLED"
+                raise
             except Exception as exc:
                 code = exc.code.name if isinstance(exc, EspError) else "INTERNAL"
                 await self._fail(context, method, exc)
@@ -177,6 +180,9 @@ class _Wrapper:
                     yield item
             except grpc.aio.AbortError:
                 code = "ABORTED_BY_HANDLER"
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
                 raise
             except Exception as exc:
                 code = exc.code.name if isinstance(exc, EspError) else "INTERNAL"

@@ -17,6 +17,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import REGISTRY
 
 from libs.common.auth import TrustedHeaderAuthenticator, current_principal
 from libs.common.errors import FieldViolation, InvalidArgument
@@ -181,3 +182,24 @@ async def test_a_failed_background_loop_drains_the_service_and_fails_it():
         await asyncio.wait_for(serve(app, CommonSettings(grpc_port=free_port(), shutdown_grace_s=1)), 20)
     assert isinstance(failed.value.__cause__, RuntimeError)  # the loop's own error, for the log
     assert closed.is_set()
+
+
+async def test_a_call_whose_caller_gives_up_is_counted_as_cancelled_not_ok(server):
+    addr, _, _ = server
+
+    def served(code: str) -> float:
+        return REGISTRY.get_sample_value("esp_grpc_requests_total", {
+            "service": "test", "method": "/esp.v1.CreditService/ListTransactions", "code": code}) or 0.0
+
+    cancelled_before, ok_before = served("CANCELLED"), served("OK")
+    async with grpc.aio.insecure_channel(addr) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await credits_pb2_grpc.CreditServiceStub(channel).ListTransactions(
+                credits_pb2.ListTransactionsRequest(), timeout=0.1)  # the handler takes 0.5 s
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(50):  # the server learns of it, cancels the handler, then counts
+        if served("CANCELLED") > cancelled_before:
+            break
+        await asyncio.sleep(0.05)
+    assert served("CANCELLED") == cancelled_before + 1
+    assert served("OK") == ok_before
