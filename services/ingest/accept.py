@@ -102,6 +102,13 @@ class Accepted:
 
 
 @dataclass(frozen=True)
+class Claimed:
+    """An email's request_id is held by another request (its claim, as Redis holds it)."""
+
+    holder: bytes
+
+
+@dataclass(frozen=True)
 class DuplicateWait:
     """How a request waits for another request holding its request_id (in another replica) to finish."""
 
@@ -116,13 +123,13 @@ class _Pool:
 
     tenant: Tenant
     drafts: list[EmailDraft] = field(default_factory=list)
-    answers: list[asyncio.Future[Accepted | Exception]] = field(default_factory=list)
+    answers: list[asyncio.Future[Accepted | Claimed | Exception]] = field(default_factory=list)
     started: bool = False
 
-    def answer(self, task: asyncio.Future[list[Accepted | Exception]]) -> None:
+    def answer(self, task: asyncio.Future[list[Accepted | Claimed | Exception]]) -> None:
         """Hand each waiting call its email's outcome (or the error that failed the whole pool)."""
         if task.cancelled():
-            outcomes: list[Accepted | Exception] = [
+            outcomes: list[Accepted | Claimed | Exception] = [
                 Aborted("not accepted; retry", reason="INTERNAL")] * len(self.answers)
         elif (error := task.exception()) is not None:
             outcomes = [error if isinstance(error, Exception) else Aborted("not accepted; retry",
@@ -169,15 +176,18 @@ class Acceptor:
         tenant = await self._authorise(principal)
         draft = validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers)
         if not draft.request_id and not draft.attachment_ids:
-            return await self._accept_pooled(tenant, draft)
+            accepted = _unclaimed(await self._accept_pooled(tenant, draft))
+            if isinstance(accepted, Exception):
+                raise accepted
+            return accepted
         fingerprint = request_fingerprint(draft)
         if not draft.request_id:
             return await self._accept(tenant, draft, fingerprint)
         return await self._accept_once(tenant, draft, fingerprint)
 
-    async def _accept_pooled(self, tenant: Tenant, draft: EmailDraft) -> Accepted:
-        """Steps 5-8 for a single send without request_id or attachments, together with the other such sends of its
-        tenant and class (group commit).
+    async def _accept_pooled(self, tenant: Tenant, draft: EmailDraft) -> Accepted | Claimed:
+        """Steps 5-8 for a single send without attachments, together with the other such sends of its tenant and
+        class (group commit); ``Claimed`` when another request holds its request_id.
 
         Concurrent single sends then cost what a batch's emails cost: one submission per step for all of them and
         one task resuming once per step, instead of a task per email resuming at every step. gRPC hands the calls
@@ -192,7 +202,7 @@ class Acceptor:
                 pool.started = True
                 asyncio.get_running_loop().call_soon(self._start_pool, key, pool)
             # else: started by _pool_done when a running pass of its key ends
-        answer: asyncio.Future[Accepted | Exception] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[Accepted | Claimed | Exception] = asyncio.get_running_loop().create_future()
         pool.drafts.append(draft)
         pool.answers.append(answer)
         # The pass runs to its end whatever happens to this call; shield keeps a cancelled caller from cancelling
@@ -267,14 +277,19 @@ class Acceptor:
             if together:
                 accepted = await self._run_to_end(self._accept_together(tenant, [d for _, d in together]))
                 for (index, _), outcome in zip(together, accepted, strict=True):
-                    results[index] = outcome
+                    results[index] = _unclaimed(outcome)
         finally:
             await singles
         return [r if r is not None else Aborted("not accepted; retry", reason="INTERNAL") for r in results]
 
-    async def _accept_together(self, tenant: Tenant, drafts: list[EmailDraft]) -> list[Accepted | Exception]:
-        """Steps 5-8 for validated emails without request_id or attachments, each step once for all of them."""
-        results: list[Accepted | Exception | None] = [None] * len(drafts)
+    async def _accept_together(self, tenant: Tenant,
+                               drafts: list[EmailDraft]) -> list[Accepted | Claimed | Exception]:
+        """Steps 5-8 for validated emails without attachments, each step once for all of them. An email whose
+        request_id another request holds is answered ``Claimed`` (its caller waits for that request); one whose
+        request_id Postgres already has, with the first request's answer."""
+        results: list[Accepted | Claimed | Exception | None] = [None] * len(drafts)
+        fingerprints = [request_fingerprint(draft) for draft in drafts]
+        message_ids = [uuid.uuid4() for _ in drafts]
         sizings: dict[int, SizeDecision] = {}
         for index, draft in enumerate(drafts):
             if index % YIELD_EVERY == YIELD_EVERY - 1:
@@ -290,14 +305,16 @@ class Acceptor:
         for message_class, indexes in by_class.items():
             answers = await self.gate.admit_many(
                 tenant.id, [drafts[i] for i in indexes], rate_per_second=tenant.policy.rate_per_second[message_class],
-                daily_quota=tenant.policy.daily_quota)
+                daily_quota=tenant.policy.daily_quota,
+                claims=[_claim(fingerprints[i], message_ids[i]) if drafts[i].request_id else "" for i in indexes])
             for index, answer in zip(indexes, answers, strict=True):
                 if isinstance(answer, AdmissionTicket):
                     ticket_of[index] = answer
+                elif isinstance(answer, bytes):
+                    results[index] = Claimed(answer)
                 else:
                     results[index] = answer
         admitted_indexes = sorted(ticket_of)
-        message_ids = {index: uuid.uuid4() for index in admitted_indexes}
         try:
             amounts = await self.credits.reserve_many(
                 tenant.id, [(str(message_ids[i]), drafts[i].message_class) for i in admitted_indexes])
@@ -316,8 +333,7 @@ class Acceptor:
         for count, index in enumerate(held):  # (dicts keep insertion order: the order of the batch)
             if count % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
-            draft = drafts[index]
-            new_message, message = self._new_message(tenant.id, draft, request_fingerprint(draft),
+            new_message, message = self._new_message(tenant.id, drafts[index], fingerprints[index],
                                                      message_ids[index], [], sizings[index], held[index])
             new_messages.append(new_message)
             resources.append(message)
@@ -329,12 +345,15 @@ class Acceptor:
         for index, message, stored_one in zip(held, resources, stored, strict=True):
             if stored_one is True:
                 results[index] = Accepted(message, created=True)
-                continue
-            # Failed alone (its batch did not), or refused as a duplicate: no request_id here, so not expected.
-            error = stored_one if isinstance(stored_one, Exception) else Aborted("not stored; retry",
-                                                                                  reason="INTERNAL")
-            await self._give_back([(message_ids[index], ticket_of[index])], error)
-            results[index] = error
+            elif stored_one is False:  # Postgres already has this request_id (Redis had forgotten it)
+                try:
+                    results[index] = await self._answer_as_first(tenant.id, drafts[index], fingerprints[index],
+                                                                 str(message_ids[index]), ticket_of[index])
+                except EspError as exc:
+                    results[index] = exc
+            else:  # failed alone (its batch did not)
+                await self._give_back([(message_ids[index], ticket_of[index])], stored_one)
+                results[index] = stored_one
         return [r if r is not None else Aborted("not accepted; retry", reason="INTERNAL") for r in results]
 
     def _new_message(self, tenant_id: str, draft: EmailDraft, fingerprint: bytes, message_id: uuid.UUID,
@@ -401,6 +420,14 @@ class Acceptor:
             del self._in_flight[key]
 
     async def _accept(self, tenant: Tenant, draft: EmailDraft, fingerprint: bytes) -> Accepted:
+        if not draft.attachment_ids:  # a request_id's first try goes with the pool (see _accept_pooled)
+            pooled = await self._accept_pooled(tenant, draft)
+            if isinstance(pooled, Accepted):
+                return pooled
+            earlier_accepted = await self._wait_for_holder(tenant.id, draft.request_id, fingerprint, pooled.holder)
+            if earlier_accepted is not None:
+                return earlier_accepted
+            # the holder gave up: the rounds below try again
         message_id = uuid.uuid4()
         if draft.attachment_ids and draft.request_id:
             # What steps 4-5 check may have changed since a first request (attachment deleted, providers
@@ -443,18 +470,22 @@ class Acceptor:
             await self._release_quietly(message_key, f"accept failed: {type(exc).__name__}")
             await self._undo_quietly(ticket)
             raise
-        if not inserted:
-            # Postgres already has this request_id (Redis had forgotten it): answer as the first time.
-            await self._release_quietly(message_key, "duplicate request_id")
-            await self._undo_quietly(ticket)
-            earlier = await self.store.by_request_id(tenant_id, draft.request_id)
-            if earlier is None:
-                raise Aborted("request_id conflict; retry", reason="REQUEST_IN_PROGRESS", retry_after_s=0.1)
-            repeated = _repeat(earlier, fingerprint, draft.request_id)
-            await self._remember_quietly(tenant_id, draft.request_id,
-                                         _claim(earlier.fingerprint, uuid.UUID(earlier.message.id)))
-            return repeated
+        if not inserted:  # Postgres already has this request_id (Redis had forgotten it)
+            return await self._answer_as_first(tenant_id, draft, fingerprint, message_key, ticket)
         return Accepted(message, created=True)
+
+    async def _answer_as_first(self, tenant_id: str, draft: EmailDraft, fingerprint: bytes, message_key: str,
+                               ticket: AdmissionTicket) -> Accepted:
+        """A request_id Postgres already has: give back what this request took and answer as the first time."""
+        await self._release_quietly(message_key, "duplicate request_id")
+        await self._undo_quietly(ticket)
+        earlier = await self.store.by_request_id(tenant_id, draft.request_id)
+        if earlier is None:
+            raise Aborted("request_id conflict; retry", reason="REQUEST_IN_PROGRESS", retry_after_s=0.1)
+        repeated = _repeat(earlier, fingerprint, draft.request_id)
+        await self._remember_quietly(tenant_id, draft.request_id,
+                                     _claim(earlier.fingerprint, uuid.UUID(earlier.message.id)))
+        return repeated
 
     async def _wait_for_holder(self, tenant_id: str, request_id: str, fingerprint: bytes,
                                holder: bytes) -> Accepted | None:
@@ -525,6 +556,13 @@ def _repeat(stored: StoredMessage, fingerprint: bytes, request_id: str) -> Accep
     if stored.fingerprint != fingerprint:
         raise request_id_reused(request_id)
     return Accepted(stored.message, created=False)
+
+
+def _unclaimed(outcome: Accepted | Claimed | Exception) -> Accepted | Exception:
+    """The outcome of an email without a request_id (nothing to claim, so never ``Claimed``)."""
+    if isinstance(outcome, Claimed):
+        raise AssertionError("an email without a request_id was answered as claimed")
+    return outcome
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:

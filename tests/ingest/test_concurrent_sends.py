@@ -111,3 +111,24 @@ async def test_a_send_whose_caller_goes_away_is_still_accepted_whole(harness: In
     assert len(answered) == 4
     assert await harness.message_rows(tenant) == 5  # the abandoned one too, with its hold
     assert (await harness.balance(tenant)).held == 5 * answered[0].message.credits
+
+
+async def test_concurrent_sends_with_request_ids_are_pooled_too_and_their_retries_answer_the_first(
+        harness: IngestHarness, monkeypatch: pytest.MonkeyPatch):
+    tenant = await harness.new_tenant()
+    acceptor = harness.parts.acceptor
+    accept_together = acceptor._accept_together
+    passes: list[int] = []
+
+    async def counted(tenant_: Any, drafts: Any) -> Any:
+        passes.append(len(drafts))
+        return await accept_together(tenant_, drafts)
+
+    monkeypatch.setattr(acceptor, "_accept_together", counted)
+    requests = [send_request(request_id=f"order-{i}", subject=f"receipt {i}") for i in range(40)]
+    first = await _send_all(harness, tenant.auth, requests)
+    assert [m.request_id for m in first] == [f"order-{i}" for i in range(40)]
+    assert sum(passes) == 40 and len(passes) < 40  # went through the steps in shared passes
+    again = await _send_all(harness, tenant.auth, requests)
+    assert [m.id for m in again] == [m.id for m in first]
+    assert await harness.message_rows(tenant) == 40
