@@ -13,9 +13,10 @@
    ACCEPTED event) together. The caller hears "accepted" only after this commit; the outbox publisher (and,
    after a crash, its reconciling pass) puts the rows on JetStream with ``Nats-Msg-Id`` = message/event id.
 
-Emails with neither a request_id nor attachments — most single sends, and a campaign's batches — take steps 5-8
-together: concurrent SendEmail calls of one tenant and class pool into one pass (``_accept_pooled``), a
-BatchSendEmails call's such emails make one pass (``send_many``); each email still gets its own answer or refusal.
+Emails without attachments take steps 5-8 together: concurrent single sends of one tenant and class pool into one
+pass (``_accept_pooled``; a BatchSendEmails call's emails with a request_id join these pools), a BatchSendEmails
+call's emails without request_id make one pass of their own (``send_many``); each email still gets its own answer
+or refusal, and a request_id another request holds sends its email to step 3's wait as before.
 
 A refusal at steps 1-6 changes nothing. A refusal after step 6 gives back what was taken (rate token, quota,
 claim; the hold is released). From step 7 on the steps run to their end even when the caller goes away, so a
