@@ -177,10 +177,10 @@ class Acceptor:
         tenant = await self._authorise(principal)
         draft = validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers)
         if not draft.request_id and not draft.attachment_ids:
-            accepted = _unclaimed(await self._accept_pooled(tenant, draft))
-            if isinstance(accepted, Exception):
-                raise accepted
-            return accepted
+            pooled = await self._accept_pooled(tenant, draft)
+            if isinstance(pooled, Claimed):
+                raise _claimed_without_request_id()
+            return pooled
         fingerprint = request_fingerprint(draft)
         if not draft.request_id:
             return await self._accept(tenant, draft, fingerprint)
@@ -278,7 +278,9 @@ class Acceptor:
             if together:
                 accepted = await self._run_to_end(self._accept_together(tenant, [d for _, d in together]))
                 for (index, _), outcome in zip(together, accepted, strict=True):
-                    results[index] = _unclaimed(outcome)
+                    if isinstance(outcome, Claimed):
+                        raise _claimed_without_request_id()
+                    results[index] = outcome
         finally:
             await singles
         return [r if r is not None else Aborted("not accepted; retry", reason="INTERNAL") for r in results]
@@ -559,11 +561,9 @@ def _repeat(stored: StoredMessage, fingerprint: bytes, request_id: str) -> Accep
     return Accepted(stored.message, created=False)
 
 
-def _unclaimed(outcome: Accepted | Claimed | Exception) -> Accepted | Exception:
-    """The outcome of an email without a request_id (nothing to claim, so never ``Claimed``)."""
-    if isinstance(outcome, Claimed):
-        raise AssertionError("an email without a request_id was answered as claimed")
-    return outcome
+def _claimed_without_request_id() -> AssertionError:
+    """An email without a request_id has nothing to claim: being answered ``Claimed`` is a bug."""
+    return AssertionError("an email without a request_id was answered as claimed")
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:
