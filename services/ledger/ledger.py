@@ -422,9 +422,13 @@ class Ledger:
         so no lock is held while this process computes or waits for its event loop. The balance CHECK refuses an
         overdraft if a concurrent transaction spent the credits meanwhile. When some request does not fit, or the
         CHECK fired, the batch is redone pessimistically: locks first, then the decision against the locked rows.
-        Refusals therefore always come from an authoritative balance.
+        Refusals therefore always come from an authoritative balance. Before all that, a small batch of new hold
+        ids for tenants seen before tries ``_reserve_in_one_round_trip``, which reads nothing.
         """
-        synchronous = self._options.reserve_synchronous_commit
+        def reading(locked: bool) -> Awaitable[list[Hold | LedgerError]]:
+            return self._transaction(lambda conn: self._reserve_in_transaction(conn, requests, locked=locked),
+                                     pipeline=True, synchronous_commit=self._options.reserve_synchronous_commit)
+
         if (len(requests) <= ONE_ROUND_TRIP_MAX_BATCH and len({r.hold_id for r in requests}) == len(requests)
                 and self._balance_rows.issuperset(r.tenant_id for r in requests)):
             try:
@@ -432,26 +436,17 @@ class Ledger:
             except psycopg.errors.CheckViolation as exc:  # some hold did not fit: decide each against locked rows
                 if exc.diag.constraint_name != "balances_available_check":
                     raise
-                return await self._transaction(
-                    lambda conn: self._reserve_in_transaction(conn, requests, locked=True), pipeline=True,
-                    synchronous_commit=synchronous,
-                )
+                return await reading(locked=True)
             except _RETRYABLE:  # a hold id held already (a retry), or a race: the reading path sorts it out
                 pass
         try:
-            return await self._transaction(
-                lambda conn: self._reserve_in_transaction(conn, requests, locked=False), pipeline=True,
-                synchronous_commit=synchronous,
-            )
+            return await reading(locked=False)
         except psycopg.errors.CheckViolation as exc:
             if exc.diag.constraint_name != "balances_available_check":
                 raise
         except _NeedsLock:
             pass
-        return await self._transaction(
-            lambda conn: self._reserve_in_transaction(conn, requests, locked=True), pipeline=True,
-            synchronous_commit=synchronous,
-        )
+        return await reading(locked=True)
 
     async def _reserve_in_one_round_trip(self, requests: Sequence[ReserveRequest]) -> list[Hold | LedgerError]:
         """The common case in one round trip: new hold ids, tenants whose balance rows exist, and credits enough for
