@@ -64,7 +64,7 @@ T = TypeVar("T")
 ADMISSION_ROUNDS = 5
 """How often a request retries the gate after the request holding its request_id gave up."""
 ONE_BY_ONE_IN_FLIGHT = 256
-"""Emails of batches that take the one-email path (request_id, attachments) being accepted at once."""
+"""Emails of batches accepted one by one (through ``send``: those with a request_id or attachments) at once."""
 BATCH_PASSES_IN_FLIGHT = 4
 """The default of ``IngestSettings.batch_passes_in_flight``: BatchSendEmails calls whose emails go through the steps
 at once (in this process); later calls wait their turn. Every pass runs a slice of its CPU-bound work per turn of
@@ -120,10 +120,12 @@ class DuplicateWait:
 
 @dataclass
 class _Pool:
-    """Single sends of one tenant and class waiting to be accepted together; ``answers`` in the order of ``drafts``."""
+    """Single sends of one tenant and class waiting to be accepted together; ``fingerprints`` and ``answers`` in the
+    order of ``drafts``."""
 
     tenant: Tenant
     drafts: list[EmailDraft] = field(default_factory=list)
+    fingerprints: list[bytes] = field(default_factory=list)
     answers: list[asyncio.Future[Accepted | Claimed | Exception]] = field(default_factory=list)
     started: bool = False
 
@@ -176,17 +178,17 @@ class Acceptor:
         """Accept one email for ``principal``'s tenant (see the module docstring for the steps)."""
         tenant = await self._authorise(principal)
         draft = validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers)
+        fingerprint = request_fingerprint(draft)
         if not draft.request_id and not draft.attachment_ids:
-            pooled = await self._accept_pooled(tenant, draft)
+            pooled = await self._accept_pooled(tenant, draft, fingerprint)
             if isinstance(pooled, Claimed):
                 raise _claimed_without_request_id()
             return pooled
-        fingerprint = request_fingerprint(draft)
         if not draft.request_id:
             return await self._accept(tenant, draft, fingerprint)
         return await self._accept_once(tenant, draft, fingerprint)
 
-    async def _accept_pooled(self, tenant: Tenant, draft: EmailDraft) -> Accepted | Claimed:
+    async def _accept_pooled(self, tenant: Tenant, draft: EmailDraft, fingerprint: bytes) -> Accepted | Claimed:
         """Steps 5-8 for a single send without attachments, together with the other such sends of its tenant and
         class (group commit); ``Claimed`` when another request holds its request_id.
 
@@ -205,6 +207,7 @@ class Acceptor:
             # else: started by _pool_done when a running pass of its key ends
         answer: asyncio.Future[Accepted | Claimed | Exception] = asyncio.get_running_loop().create_future()
         pool.drafts.append(draft)
+        pool.fingerprints.append(fingerprint)
         pool.answers.append(answer)
         # The pass runs to its end whatever happens to this call; shield keeps a cancelled caller from cancelling
         # the answer the pass will set.
@@ -217,7 +220,7 @@ class Acceptor:
         """Run ``pool``'s pass (its slot in ``_pools_running`` is already counted)."""
         if self._pooled.get(key) is pool:
             del self._pooled[key]
-        task = asyncio.ensure_future(self._accept_together(pool.tenant, pool.drafts))
+        task = asyncio.ensure_future(self._accept_together(pool.tenant, pool.drafts, pool.fingerprints))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         task.add_done_callback(pool.answer)
@@ -241,8 +244,9 @@ class Acceptor:
         Emails with neither a request_id nor attachments — a campaign's — go through the steps together: each
         batching step gets them in one submission and this one task resumes once per step, instead of a task per
         email resuming at every step. asyncio runs ready tasks first come, first served, so a campaign's thousands
-        of tasks made an OTP accepted meanwhile wait seconds between its own steps. The other emails take the
-        one-email path, at most ``ONE_BY_ONE_IN_FLIGHT`` at once over all batches. At most ``batch_passes`` calls
+        of tasks made an OTP accepted meanwhile wait seconds between its own steps. The other emails go one by one
+        through ``send`` (those with a request_id and no attachments join its pools), at most
+        ``ONE_BY_ONE_IN_FLIGHT`` at once over all batches. At most ``batch_passes`` calls
         run at once; the others wait their turn."""
         async with self._batch_passes:
             return await self._send_many(principal, drafts)
@@ -276,7 +280,8 @@ class Acceptor:
         singles = asyncio.gather(*(alone(index) for index in one_by_one))
         try:
             if together:
-                accepted = await self._run_to_end(self._accept_together(tenant, [d for _, d in together]))
+                accepted = await self._run_to_end(self._accept_together(
+                    tenant, [d for _, d in together], [request_fingerprint(d) for _, d in together]))
                 for (index, _), outcome in zip(together, accepted, strict=True):
                     if isinstance(outcome, Claimed):
                         raise _claimed_without_request_id()
@@ -285,13 +290,12 @@ class Acceptor:
             await singles
         return [r if r is not None else Aborted("not accepted; retry", reason="INTERNAL") for r in results]
 
-    async def _accept_together(self, tenant: Tenant,
-                               drafts: list[EmailDraft]) -> list[Accepted | Claimed | Exception]:
+    async def _accept_together(self, tenant: Tenant, drafts: list[EmailDraft],
+                               fingerprints: list[bytes]) -> list[Accepted | Claimed | Exception]:
         """Steps 5-8 for validated emails without attachments, each step once for all of them. An email whose
         request_id another request holds is answered ``Claimed`` (its caller waits for that request); one whose
         request_id Postgres already has, with the first request's answer."""
         results: list[Accepted | Claimed | Exception | None] = [None] * len(drafts)
-        fingerprints = [request_fingerprint(draft) for draft in drafts]
         message_ids = [uuid.uuid4() for _ in drafts]
         sizings: dict[int, SizeDecision] = {}
         for index, draft in enumerate(drafts):
@@ -424,7 +428,7 @@ class Acceptor:
 
     async def _accept(self, tenant: Tenant, draft: EmailDraft, fingerprint: bytes) -> Accepted:
         if not draft.attachment_ids:  # a request_id's first try goes with the pool (see _accept_pooled)
-            pooled = await self._accept_pooled(tenant, draft)
+            pooled = await self._accept_pooled(tenant, draft, fingerprint)
             if isinstance(pooled, Accepted):
                 return pooled
             earlier_accepted = await self._wait_for_holder(tenant.id, draft.request_id, fingerprint, pooled.holder)

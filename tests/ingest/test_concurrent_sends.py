@@ -120,9 +120,9 @@ async def test_concurrent_sends_with_request_ids_are_pooled_too_and_their_retrie
     accept_together = acceptor._accept_together
     passes: list[int] = []
 
-    async def counted(tenant_: Any, drafts: Any) -> Any:
+    async def counted(tenant_: Any, drafts: Any, fingerprints: Any) -> Any:
         passes.append(len(drafts))
-        return await accept_together(tenant_, drafts)
+        return await accept_together(tenant_, drafts, fingerprints)
 
     monkeypatch.setattr(acceptor, "_accept_together", counted)
     requests = [send_request(request_id=f"order-{i}", subject=f"receipt {i}") for i in range(40)]
