@@ -34,10 +34,7 @@ import multiprocessing
 import os
 import resource
 import secrets
-import shutil
 import statistics
-import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +48,7 @@ import httpx
 import psycopg
 from esp.v1 import attachments_pb2, attachments_pb2_grpc, common_pb2, messages_pb2, messages_pb2_grpc
 
+from bench.h2load import run_h2load
 from dev import mesh as m
 from dev import pgtools, seed
 from libs.common.db import migrate_services
@@ -227,34 +225,14 @@ def h2load_unary(target: Target, duration_s: float, callers: int,
                  connections: int = 4) -> tuple[float, float, list[float]]:
     """``callers`` concurrent SendEmail calls over ``connections`` HTTP/2 connections for ``duration_s``, by
     h2load. Returns emails accepted per second, h2load's CPU seconds per call, and every call's latency (s)."""
-    h2load = shutil.which("h2load")
-    if h2load is None:
-        raise RuntimeError("h2load is missing: `make bench` installs it (Debian's nghttp2-client)")
     body = messages_pb2.SendEmailRequest.FromString(email_bytes(0, "h2load"))
     body.ClearField("request_id")
     payload = body.SerializeToString()
     with grpc.insecure_channel(target.endpoint) as channel:  # one call first: a refusal shows as an error here
         channel.unary_unary("/esp.v1.MessageService/SendEmail")(payload, metadata=target.auth, timeout=30)
-    with tempfile.TemporaryDirectory(prefix="esp-bench-h2load-") as scratch:
-        body_file, log_file = Path(scratch, "body"), Path(scratch, "log")
-        body_file.write_bytes(b"\0" + struct.pack(">I", len(payload)) + payload)  # gRPC's length-prefixed frame
-        stored_before, outcomes_before = messages_stored(target.dsn), send_email_outcomes(target)
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        started = time.perf_counter()
-        finished = subprocess.run(
-            [h2load, "--duration", f"{duration_s:g}", "--clients", str(connections), "--threads", "1",
-             "--max-concurrent-streams", str(max(1, callers // connections)), "--data", str(body_file),
-             "--header", "content-type: application/grpc", "--header", "te: trailers",
-             "--header", f"authorization: Bearer {target.key}", "--log-file", str(log_file),
-             f"http://{target.endpoint}/esp.v1.MessageService/SendEmail"],
-            capture_output=True, text=True, timeout=duration_s + 120)
-        elapsed = time.perf_counter() - started
-        if finished.returncode != 0:
-            raise RuntimeError(f"h2load failed ({finished.returncode}): {finished.stderr or finished.stdout}")
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        lines = [line.split("\t") for line in log_file.read_text().splitlines() if line]
-    calls = len(lines)
-    http_errors = sum(1 for _, status, _ in lines if status != "200")
+    stored_before, outcomes_before = messages_stored(target.dsn), send_email_outcomes(target)
+    run = run_h2load(target.endpoint, "/esp.v1.MessageService/SendEmail", payload, duration_s=duration_s,
+                     callers=callers, connections=connections, headers=(f"authorization: Bearer {target.key}",))
     refused = {code: n - outcomes_before.get(code, 0.0) for code, n in send_email_outcomes(target).items()
                if code != "OK" and n > outcomes_before.get(code, 0.0)}
     # Calls still in flight when h2load stops are cancelled (ingest counts them CANCELLED) and not logged; ingest
@@ -262,12 +240,11 @@ def h2load_unary(target: Target, duration_s: float, callers: int,
     if refused.get("CANCELLED", 0.0) <= callers:
         refused.pop("CANCELLED", None)
     stored = messages_stored(target.dsn) - stored_before
-    if http_errors or refused or stored < calls:
-        raise RuntimeError(f"of {calls} SendEmail calls {http_errors} got an HTTP error, ingest refused {refused} "
-                           f"and {stored} emails were stored")
-    load_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    if run.http_errors or refused or stored < run.calls:
+        raise RuntimeError(f"of {run.calls} SendEmail calls {run.http_errors} got an HTTP error, ingest refused "
+                           f"{refused} and {stored} emails were stored")
     # h2load's --duration counts from its first connection; in-flight calls then finish, so rate over the whole run
-    return calls / elapsed, load_cpu / max(1, calls), [int(micros) / 1e6 for _, _, micros in lines]
+    return run.calls / run.elapsed_s, run.load_cpu_s / max(1, run.calls), run.latencies_s
 
 
 def generated(size: int) -> Iterator[bytes]:
