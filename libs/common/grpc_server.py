@@ -11,7 +11,6 @@ import asyncio
 import contextvars
 import gc
 import logging
-import os
 import signal
 import sys
 import time
@@ -30,6 +29,7 @@ from libs.common.auth import Authenticator, Principal, reset_principal, set_prin
 from libs.common.errors import EspError, Internal, Unimplemented
 from libs.common.logging import configure_logging
 from libs.common.metrics import GRPC_DURATION, GRPC_REQUESTS, start_metrics_server
+from libs.common.priority import lower_cpu_priority
 from libs.common.settings import CommonSettings, SettingsError, load_settings
 from libs.common.telemetry import carries_trace_context, configure_tracing, extract_context, tracing_enabled
 
@@ -316,8 +316,7 @@ def run(name: str, settings_cls: type[S], build: Callable[[S], Awaitable[Service
     except SettingsError as exc:
         print(f"esp-{name}: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    if settings.niceness > 0:
-        os.nice(settings.niceness)
+    lower_cpu_priority(settings.niceness, own_session=False)
     configure_logging(name, settings.log_level, settings.log_format)
     configure_tracing(name, settings.otel_exporter_otlp_endpoint)
 

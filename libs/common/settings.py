@@ -130,8 +130,9 @@ class CommonSettings:
     shutdown_grace_s: float = 10.0
     """How long in-flight RPCs and messages get to finish after SIGTERM."""
     niceness: int = 0
-    """Added to the process's nice value at start (0-19): on a machine shared by several services, background
-    work (reports' analytics) yields the CPU to the send path. On Kubernetes each service's CPU requests do this."""
+    """Added to the process's nice value at start (0-19), and to its session's when it leads one (autogroup
+    scheduling: ``libs.common.priority``): on a machine shared by several services, background work (reports'
+    analytics) yields the CPU to the send path. On Kubernetes each service's CPU requests do this."""
     s3_endpoint: str = ""
     s3_region: str = "us-east-1"
     s3_bucket: str = "esp-attachments"

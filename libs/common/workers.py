@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from libs.common.grpc_server import ServiceFailed, event_loop_factory, run_closers, settle_garbage_collector
 from libs.common.logging import configure_logging
 from libs.common.metrics import start_metrics_server
+from libs.common.priority import lower_cpu_priority
 from libs.common.settings import CommonSettings, SettingsError, load_settings, settings_env
 from libs.common.telemetry import configure_tracing
 
@@ -180,10 +181,10 @@ def run_worker(settings_cls: type[S], build: Callable[[S], Awaitable[WorkerParts
         print(f"esp-worker: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     worker = name(settings)
-    # The parent's own niceness (settings.niceness) is inherited; only the worker's extra is added here.
-    extra = niceness(settings)
-    if extra > 0:
-        os.nice(min(19, extra))
+    # The parent's own niceness (settings.niceness) is inherited; only the worker's extra is added here, in a
+    # session of the worker's own (see libs.common.priority: a nice worker in its parent's session slows its
+    # siblings).
+    lower_cpu_priority(niceness(settings), own_session=True)
     configure_logging(worker, settings.log_level, settings.log_format)
     configure_tracing(worker, settings.otel_exporter_otlp_endpoint)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:

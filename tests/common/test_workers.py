@@ -57,6 +57,27 @@ async def test_a_worker_runs_its_own_niceness_on_top_of_its_parents(tmp_path: Pa
         await supervisor.stop()
 
 
+async def test_a_nice_worker_leads_a_session_of_its_own_whose_priority_it_lowers(tmp_path: Path):
+    # Under autogroup scheduling a nice value counts only within a session: in its parent's session the worker
+    # would take its CPU from its siblings (libs.common.priority).
+    supervisor = await WorkerSupervisor.start("svc", [_spec(tmp_path, TEST_WORKER_NICENESS="7")], grace_s=2)
+    try:
+        report = _report(tmp_path)
+        assert report["sid"] == report["pid"] != os.getsid(0)
+        if report["autogroup"] is not None:  # Linux with CONFIG_SCHED_AUTOGROUP (this machine and CI)
+            assert str(report["autogroup"]).endswith(f" nice {report['nice']}")
+    finally:
+        await supervisor.stop()
+
+
+async def test_a_worker_at_its_parents_priority_stays_in_its_parents_session(tmp_path: Path):
+    supervisor = await WorkerSupervisor.start("svc", [_spec(tmp_path)], grace_s=2)
+    try:
+        assert _report(tmp_path)["sid"] == os.getsid(0)
+    finally:
+        await supervisor.stop()
+
+
 async def test_a_worker_that_cannot_start_fails_the_start_and_leaves_nothing_running(tmp_path: Path):
     with pytest.raises(RuntimeError, match="the broken worker did not start"):
         await WorkerSupervisor.start("svc", [_spec(tmp_path, "ok"), _spec(tmp_path, "broken", TEST_WORKER_CRASH="1")],
