@@ -71,6 +71,7 @@ from esp.v1 import (
 )
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from bench.workers import run_and_report
 from dev import mesh as m
 from dev import pgtools, seed
 from dev.migrate import SERVICES_WITH_SCHEMAS
@@ -493,11 +494,7 @@ async def _keep_backlog(job: BacklogJob, ready: Any, stop: Any) -> tuple[list[st
 
 def _backlog_process(job: BacklogJob, ready: Any, stop: Any, out: Any) -> None:
     """Body of the backlog keeper's process: (queued message ids, times it found the backlog dry) or the error."""
-    try:
-        out.send(asyncio.run(_keep_backlog(job, ready, stop)))
-    except BaseException as exc:
-        out.send(RuntimeError(f"the backlog keeper failed: {exc!r}"))
-        raise
+    run_and_report(out, "the backlog keeper", _keep_backlog(job, ready, stop))
 
 
 async def otp_latency_ms(env: Environment, simulator: Simulator, backlog: int, otps: int,

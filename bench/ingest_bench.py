@@ -49,6 +49,7 @@ import psycopg
 from esp.v1 import attachments_pb2, attachments_pb2_grpc, common_pb2, messages_pb2, messages_pb2_grpc
 
 from bench.h2load import run_h2load
+from bench.workers import run_and_report
 from dev import mesh as m
 from dev import pgtools, seed
 from libs.common.db import migrate_services
@@ -159,11 +160,7 @@ async def _generate(job: LoadJob, ready: Any, go: Any) -> LoadResult:
 
 def _load_process(job: LoadJob, ready: Any, go: Any, out: Any) -> None:
     """Body of a load-generating process (its own interpreter, event loop and channel)."""
-    try:
-        out.send(asyncio.run(_generate(job, ready, go)))
-    except BaseException as exc:
-        out.send(RuntimeError(f"load generator failed: {exc!r}"))
-        raise
+    run_and_report(out, "load generator", _generate(job, ready, go))
 
 
 def generate_load(target: Target, duration_s: float, callers: int, *, batch_size: int,
