@@ -35,7 +35,10 @@ def lower_cpu_priority(extra: int, *, own_session: bool) -> int:
     if extra <= 0:
         return os.nice(0)
     if own_session and os.getsid(0) != os.getpid():
-        os.setsid()
+        try:
+            os.setsid()
+        except PermissionError:  # a process group leader (started by a shell's job control) cannot: stay
+            log.warning("could not start a session of its own; its nice value counts only within its session")
     niceness = os.nice(min(19, extra))
     if os.getsid(0) == os.getpid() and AUTOGROUP.exists():
         try:
