@@ -71,7 +71,7 @@ from esp.v1 import (
 )
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bench.workers import run_and_report
+from bench.processes import run_and_report
 from dev import mesh as m
 from dev import pgtools, seed
 from dev.migrate import SERVICES_WITH_SCHEMAS

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import grpc
 
 from bench.h2load import run_h2load
+from bench.processes import cpu_seconds
 from dev.mesh import free_port
 
 METHOD = "/esp.v1.MessageService/SendEmail"
@@ -47,10 +46,6 @@ def serve(port: int) -> None:
 
     uvloop.run(_serve(port))
 
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(duration_s: float, callers: int, connections: int) -> tuple[float, float]:

@@ -49,7 +49,7 @@ import psycopg
 from esp.v1 import attachments_pb2, attachments_pb2_grpc, common_pb2, messages_pb2, messages_pb2_grpc
 
 from bench.h2load import run_h2load
-from bench.workers import run_and_report
+from bench.processes import cpu_seconds, run_and_report
 from dev import mesh as m
 from dev import pgtools, seed
 from libs.common.db import migrate_services
@@ -363,11 +363,6 @@ def _unlimited(channel: grpc.Channel, admin_token: str) -> None:
     tenant.otp_rate_per_second = tenant.transactional_rate_per_second = tenant.bulk_rate_per_second = 1e6
     stub.UpdateTenant(tenants_pb2.UpdateTenantRequest(tenant=tenant), metadata=auth)
 
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def batch_sizes(target: Target) -> dict[str, tuple[float, float]]:
