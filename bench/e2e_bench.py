@@ -8,7 +8,13 @@ then measures, ``--runs`` times, and prints the medians as JSON lines:
 - ``e2e.otp_p99_ms``: an OTP's accept → provider request (client call start → simulator arrival), p99
   (nearest rank), over ``--otps`` (300) OTPs sent at a steady probe rate (``--otp-rate``, 50/s) while a bulk
   backlog queued on the SEND stream drains: the backlog is topped up so that it never runs dry while the probes
-  run (``e2e.otp_p50_ms`` alongside; ``e2e.otp_accept_p50_ms``/``p99`` are the SendEmail call's share of it).
+  run (``e2e.otp_p50_ms`` alongside; ``e2e.otp_accept_p50_ms``/``p99`` are the SendEmail call's share of it,
+  ``e2e.otp_after_reply_p99_ms`` the send side's: from the reply to the provider request).
+  What the machine did meanwhile comes alongside: ``e2e.otp_phase_bulk_drain_per_s`` (backlog emails reaching
+  the simulator while the OTPs were timed) and what a wake-up probe saw (a process at nice 0 in a session of its
+  own sleeping 1 ms at a time): ``e2e.otp_phase_wakeup_p999_ms``, its p99.9 lateness, and
+  ``e2e.otp_phase_wakeup_stalls_per_1000``, wake-ups more than 10 ms late per 1,000. The OTPs' p99 follows
+  those stalls (BENCHMARKS.md).
 - ``e2e.otp_campaign_p99_ms``: the same OTP probes (same rate and count, ``e2e.otp_campaign_p50_ms`` and
   ``e2e.otp_campaign_accept_p99_ms`` alongside) while a campaign of the same tenant (``--campaign`` bulk emails)
   is accepted through ``BatchSendEmails`` and drains, as a customer's campaign really arrives. Unlike the backlog
@@ -427,18 +433,18 @@ def otp_providers() -> dict[str, dict[str, Any]]:
             "otp-provider": {"personality": "otp-steady", "price_per_email_micros": 100, "classes": ["otp"]}}
 
 
-async def probe_otps(env: Environment, otps: int, otp_rate: float) -> tuple[dict[str, float], list[float]]:
-    """``otps`` OTPs through SendEmail, ``otp_rate`` a second: each one's call start (epoch seconds) by message id,
-    and each call's duration in ms (accepted: committed and on its way to the queue)."""
+async def probe_otps(env: Environment, otps: int, otp_rate: float) -> tuple[dict[str, float], dict[str, float]]:
+    """``otps`` OTPs through SendEmail, ``otp_rate`` a second: each one's call start (epoch seconds) and each
+    call's duration in ms (accepted: committed and on its way to the queue), by message id."""
     sent_at: dict[str, float] = {}
-    accept_ms: list[float] = []
+    accept_ms: dict[str, float] = {}
     async with grpc.aio.insecure_channel(env.endpoint) as channel:
         stub = messages_pb2_grpc.MessageServiceStub(channel)
 
         async def one(index: int) -> None:
             started = time.time()
             reply = await stub.SendEmail(send_request("otp", index), metadata=env.auth(), timeout=10)
-            accept_ms.append((time.time() - started) * 1000)
+            accept_ms[reply.message.id] = (time.time() - started) * 1000
             sent_at[reply.message.id] = started
 
         pending = []
@@ -497,8 +503,56 @@ def _backlog_process(job: BacklogJob, ready: Any, stop: Any, out: Any) -> None:
     run_and_report(out, "the backlog keeper", _keep_backlog(job, ready, stop))
 
 
+WAKEUP_STALL_MS = 10.0
+
+
+def _oversleep_ms(stop: Any) -> list[float]:
+    """Sleep 1 ms at a time until ``stop``: how late each wake-up came, in ms."""
+    late: list[float] = []
+    while not stop.is_set():
+        started = time.perf_counter()
+        time.sleep(0.001)
+        late.append((time.perf_counter() - started) * 1000 - 1.0)
+    return late
+
+
+async def _probe_wakeups(stop: Any) -> list[float]:
+    os.setsid()  # a session, hence an autogroup, of its own at nice 0: as each mesh service runs
+    return await asyncio.to_thread(_oversleep_ms, stop)
+
+
+def _wakeup_probe_process(stop: Any, out: Any) -> None:
+    """Body of the wake-up probe's process: its oversleeps, or the error."""
+    run_and_report(out, "the wake-up probe", _probe_wakeups(stop))
+
+
+def wakeup_figures(late_ms: Sequence[float]) -> dict[str, float]:
+    """What the wake-up probe saw: p99.9 of the oversleeps and how many in 1,000 came more than
+    ``WAKEUP_STALL_MS`` late."""
+    if not late_ms:
+        raise RuntimeError("the wake-up probe measured nothing")
+    stalls = sum(1 for x in late_ms if x > WAKEUP_STALL_MS)
+    return {"e2e.otp_phase_wakeup_p999_ms": percentile(late_ms, 0.999),
+            "e2e.otp_phase_wakeup_stalls_per_1000": 1000 * stalls / len(late_ms)}
+
+
+@dataclass
+class OtpMeasurement:
+    """One ``otp_latency_ms`` run: the OTPs' figures and what the machine was doing meanwhile."""
+
+    latencies_ms: list[float]
+    """Each OTP's accept → provider request."""
+    accept_ms: list[float]
+    """The SendEmail call's share of it."""
+    after_reply_ms: list[float]
+    """From the SendEmail reply to the provider request: the send side's share (negative when the email was on
+    its way before the reply reached the client)."""
+    context: dict[str, float]
+    """The bulk drain rate while the OTPs were timed, and the wake-up probe's figures."""
+
+
 async def otp_latency_ms(env: Environment, simulator: Simulator, backlog: int, otps: int,
-                         otp_rate: float) -> tuple[list[float], list[float]]:
+                         otp_rate: float) -> OtpMeasurement:
     """OTPs at a steady rate while a bulk backlog drains: each one's accept → provider request, in ms, and the
     part of it spent in the SendEmail call (accepted: committed and on its way to the queue).
 
@@ -506,7 +560,11 @@ async def otp_latency_ms(env: Environment, simulator: Simulator, backlog: int, o
     probes to a quiet machine. A process of its own (so that its publishing never delays a probe's event loop)
     therefore keeps the backlog topped up while the probes run, watching the bulk consumer's pending count, and
     the measurement fails if the backlog ever ran dry: every probe meets a bulk drain at full speed. The
-    simulator's logs, which are large, are read only once the probes are done."""
+    simulator's logs, which are large, are read only once the probes are done.
+
+    Meanwhile a wake-up probe — a process at nice 0 in a session of its own, as each service runs, sleeping 1 ms
+    at a time — records how late the scheduler let it run: on a shared two-core machine the OTPs' tail follows
+    those stalls (BENCHMARKS.md), so every figure comes with the state of the machine it was measured on."""
     await set_providers(env, otp_providers())
     await simulator.reset()
     topology = Topology(env.config.namespace)
@@ -516,30 +574,49 @@ async def otp_latency_ms(env: Environment, simulator: Simulator, backlog: int, o
     ready, stop = context.Event(), context.Event()
     receive, send = context.Pipe(duplex=False)
     keeper = context.Process(target=_backlog_process, args=(job, ready, stop, send), daemon=True)
+    probe_stop = context.Event()
+    probe_receive, probe_send = context.Pipe(duplex=False)
+    waker = context.Process(target=_wakeup_probe_process, args=(probe_stop, probe_send), daemon=True)
     keeper.start()
     try:
         while not await asyncio.to_thread(ready.wait, 1):
             if not keeper.is_alive():
                 raise RuntimeError(f"the backlog keeper exited with code {keeper.exitcode}")
+        waker.start()
         try:
+            window_started = time.time()
             sent_at, accept_ms = await probe_otps(env, otps, otp_rate)
+            window_ended = time.time()
         finally:
             stop.set()
+            probe_stop.set()
         outcome = await asyncio.to_thread(receive.recv)
+        late_ms = await asyncio.to_thread(probe_receive.recv)
     finally:
-        keeper.join(10)
-        if keeper.is_alive():
-            keeper.kill()
-    if isinstance(outcome, Exception):
-        raise outcome
+        for helper in (keeper, waker):
+            if helper.pid is not None:
+                helper.join(10)
+                if helper.is_alive():
+                    helper.kill()
+    for result in (outcome, late_ms):
+        if isinstance(result, Exception):
+            raise result
     queued, ran_dry = outcome
     if ran_dry:
         raise RuntimeError(f"the bulk backlog ran dry {ran_dry} times while OTPs were timed: raise --backlog")
     arrivals = await simulator.arrivals(set(sent_at), timeout_s=120)
     # Let the backlog finish before the next measurement starts on a quiet machine.
     await simulator.arrivals(set(queued), timeout_s=max(120, len(queued) / 50))
+    backlog_ids = set(queued)
+    drained = sum(1 for record in simulator.records if record["delivered"]
+                  and window_started <= record["arrived_at"] <= window_ended
+                  for message in record["messages"] if message["esp_message_id"] in backlog_ids)
+    context_figures = {"e2e.otp_phase_bulk_drain_per_s": drained / (window_ended - window_started),
+                       **wakeup_figures(late_ms)}
     print(f"  {len(sent_at)} OTPs timed while {len(queued):,} bulk emails drained", file=sys.stderr, flush=True)
-    return [(arrivals[mid] - sent_at[mid]) * 1000 for mid in sent_at], accept_ms
+    return OtpMeasurement([(arrivals[mid] - sent_at[mid]) * 1000 for mid in sent_at], list(accept_ms.values()),
+                          [(arrivals[mid] - sent_at[mid]) * 1000 - accept_ms[mid] for mid in sent_at],
+                          context_figures)
 
 
 async def otp_latency_during_campaign_ms(env: Environment, simulator: Simulator, campaign: int, otps: int,
@@ -583,7 +660,7 @@ async def otp_latency_during_campaign_ms(env: Environment, simulator: Simulator,
         if phase_ms:
             print(f"    OTPs sent {phase}: {len(phase_ms)}, p50 {percentile(phase_ms, 0.5):,.1f} ms, "
                   f"max {max(phase_ms):,.1f} ms", file=sys.stderr, flush=True)
-    return list(latencies.values()), accept_ms
+    return list(latencies.values()), list(accept_ms.values())
 
 
 async def wait_settled(env: Environment, timeout_s: float) -> None:
@@ -682,11 +759,14 @@ async def measure_all(env: Environment, args: argparse.Namespace) -> dict[str, l
             cpu_before = cpu_seconds(env)
             keep("sender.sends_per_s", await sender_sends_per_s(env, simulator, args.emails))
             keep("sender.cpu_ms_per_email", cpu_ms_per_email(cpu_before, cpu_seconds(env), args.emails)["sender"])
-            latencies, accepts = await otp_latency_ms(env, simulator, args.backlog, args.otps, args.otp_rate)
-            keep("e2e.otp_p99_ms", percentile(latencies, 0.99))
-            keep("e2e.otp_p50_ms", percentile(latencies, 0.50))
-            keep("e2e.otp_accept_p99_ms", percentile(accepts, 0.99))
-            keep("e2e.otp_accept_p50_ms", percentile(accepts, 0.50))
+            otp = await otp_latency_ms(env, simulator, args.backlog, args.otps, args.otp_rate)
+            keep("e2e.otp_p99_ms", percentile(otp.latencies_ms, 0.99))
+            keep("e2e.otp_p50_ms", percentile(otp.latencies_ms, 0.50))
+            keep("e2e.otp_accept_p99_ms", percentile(otp.accept_ms, 0.99))
+            keep("e2e.otp_accept_p50_ms", percentile(otp.accept_ms, 0.50))
+            keep("e2e.otp_after_reply_p99_ms", percentile(otp.after_reply_ms, 0.99))
+            for metric, value in otp.context.items():
+                keep(metric, value)
             latencies, accepts = await otp_latency_during_campaign_ms(
                 env, simulator, args.campaign, args.otps, args.otp_rate, args.clients, args.batch)
             keep("e2e.otp_campaign_p99_ms", percentile(latencies, 0.99))
@@ -701,7 +781,9 @@ async def measure_all(env: Environment, args: argparse.Namespace) -> dict[str, l
     return samples
 
 
-UNITS = {"e2e.sends_per_s": "1/s", "sender.sends_per_s": "1/s", "e2e.otp_p99_ms": "ms", "e2e.otp_p50_ms": "ms",
+UNITS = {"e2e.sends_per_s": "1/s", "e2e.otp_phase_bulk_drain_per_s": "1/s",
+         "e2e.otp_phase_wakeup_stalls_per_1000": "1", "sender.sends_per_s": "1/s", "e2e.otp_p99_ms": "ms",
+         "e2e.otp_p50_ms": "ms",
          "sender.fallback_decision_p99_ms": "ms", "sender.fallback_gap_at_provider_p99_ms": "ms"}
 TARGETS = {"e2e.sends_per_s": 1750, "e2e.otp_p99_ms": 50, "sender.fallback_decision_p99_ms": 10}
 
