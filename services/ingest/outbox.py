@@ -1,11 +1,12 @@
 """Transactional outbox: rows committed with each message reach JetStream after the commit, at least once.
 
-The accept path commits message + outbox rows together, then hands the committed rows to :meth:`OutboxPublisher.
-publish_soon`; the publisher sends them (asynchronous JetStream publishes, acks awaited together) and deletes the
-rows JetStream acknowledged. Whatever is still in the table some seconds later — the replica crashed, NATS was down
-— is picked up by the reconciling pass that every replica runs (``FOR UPDATE SKIP LOCKED``: replicas share the
-work). Each row is published with ``Nats-Msg-Id`` = its message or event id, so JetStream's duplicate window drops
-a publish that had in fact landed before a crash.
+The accept path commits message + outbox rows together, then hands the committed rows to
+:meth:`OutboxPublisher.publish_soon`; the publisher sends them (asynchronous JetStream publishes, acks awaited
+together, in a task of their own so the next rows go out meanwhile) and deletes the rows JetStream acknowledged.
+Whatever is still in the table some seconds later — the replica crashed, NATS was down — is picked up by the
+reconciling pass that every replica runs (``FOR UPDATE SKIP LOCKED``: replicas share the work). Each row is
+published with ``Nats-Msg-Id`` = its message or event id, so JetStream's duplicate window drops a publish that had
+in fact landed before a crash.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from libs.common.jetstream import AckedPublisher
 from services.ingest.pg import autocommit
 
 log = logging.getLogger(__name__)
+
+BATCHES_AWAITING_ACKS = 8
+"""Published batches whose JetStream acks (and row deletion) ``run`` awaits at once, in tasks of their own: the next
+committed rows — an OTP's — go out without waiting for the previous batch's two round trips."""
 
 
 @dataclass(frozen=True)
@@ -57,15 +62,13 @@ class OutboxPublisher:
         self._fresh: deque[CommittedRow] = deque()
         self._urgent: deque[CommittedRow] = deque()
         self._wake = asyncio.Event()
+        self._confirming: set[asyncio.Task[None]] = set()
+        self._confirm_slots = asyncio.Semaphore(BATCHES_AWAITING_ACKS)
 
     def publish_soon(self, rows: Sequence[CommittedRow], urgent: bool = False) -> None:
         """Rows were just committed: publish them now rather than at the next reconciling pass. Urgent rows (an
         OTP's) go before every fresh row not yet published, so they never wait behind a campaign's."""
         (self._urgent if urgent else self._fresh).extend(rows)
-        self._wake.set()
-
-    def notify(self) -> None:
-        """Something may be waiting in the table: look now."""
         self._wake.set()
 
     async def publish_fresh(self) -> int:
@@ -100,6 +103,10 @@ class OutboxPublisher:
 
     async def _publish(self, rows: Sequence[CommittedRow]) -> list[int]:
         """Publish ``rows`` concurrently; the ids of those JetStream acknowledged."""
+        return await self._confirmed(rows, await self._send(rows))
+
+    async def _send(self, rows: Sequence[CommittedRow]) -> list[asyncio.Future[None]]:
+        """Publish ``rows`` in order without waiting for JetStream: their acks (fewer when publishing failed)."""
         acks: list[asyncio.Future[None]] = []
         try:
             for committed in rows:
@@ -108,6 +115,10 @@ class OutboxPublisher:
         except Exception:
             log.warning("outbox: publishing failed after %d of %d rows; the rest wait for the next pass",
                         len(acks), len(rows), exc_info=True)
+        return acks
+
+    async def _confirmed(self, rows: Sequence[CommittedRow], acks: list[asyncio.Future[None]]) -> list[int]:
+        """Wait (bounded) for the acks of published ``rows``: the ids of those JetStream acknowledged."""
         if acks:
             await asyncio.wait(acks, timeout=self.publish_timeout_s)
         done: list[int] = []
@@ -120,28 +131,67 @@ class OutboxPublisher:
                         len(rows) - len(done), len(rows))
         return done
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Publish until ``stop``: fresh rows as they come, leftovers every ``interval_s``; errors (NATS or
-        Postgres down) are logged and retried."""
-        loop = asyncio.get_running_loop()
-        next_pass = loop.time()
+    async def _hand_over_fresh(self) -> None:
+        """Publish the next just-committed rows (urgent first) and return without waiting for JetStream: a task
+        of their own awaits the acks and deletes the acknowledged rows."""
+        await self._confirm_slots.acquire()
+        queue = self._urgent or self._fresh
+        batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
+        try:
+            acks = await self._send(batch)
+        except BaseException:
+            self._confirm_slots.release()
+            raise
+        task = asyncio.create_task(self._confirm_and_delete(batch, acks))
+        self._confirming.add(task)
+        task.add_done_callback(self._confirming.discard)
+
+    async def _confirm_and_delete(self, rows: Sequence[CommittedRow], acks: list[asyncio.Future[None]]) -> None:
+        try:
+            done = await self._confirmed(rows, acks)
+            if done:
+                async with autocommit(self.pool) as conn:
+                    await conn.execute("DELETE FROM ingest.outbox WHERE id = ANY(%s)", (done,))
+        except Exception:
+            # Published or not, the rows stay in the table: the reconciling pass publishes them again (JetStream's
+            # duplicate window drops what had landed).
+            log.warning("outbox: could not confirm or delete %d published rows", len(rows), exc_info=True)
+        finally:
+            self._confirm_slots.release()
+
+    async def _reconcile(self, stop: asyncio.Event) -> None:
+        """Every ``interval_s``, a reconciling pass (at once again while each finds a full batch)."""
         while not stop.is_set():
-            # Cleared first, so rows handed over while publishing are not missed.
-            self._wake.clear()
             try:
-                if self._urgent or self._fresh:
-                    await self.publish_fresh()
-                    continue
-                if loop.time() >= next_pass:
-                    next_pass = loop.time() + self.interval_s
-                    if await self.publish_pending(min_age_s=self.reconcile_after_s) >= self.batch_size:
-                        next_pass = loop.time()  # more left behind: no pause
-                        continue
+                if await self.publish_pending(min_age_s=self.reconcile_after_s) >= self.batch_size:
+                    continue  # more left behind: no pause
             except Exception:
-                log.exception("outbox pass failed")
-                await asyncio.sleep(0.5)
-                continue
+                log.exception("outbox reconciling pass failed")
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, next_pass - loop.time()))
+                await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
             except TimeoutError:
                 pass
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish until ``stop``: fresh rows as they come, leftovers every ``interval_s`` (a task of its own, so a
+        reconciling pass never delays fresh rows); errors (NATS or Postgres down) are logged and retried."""
+        reconciling = asyncio.create_task(self._reconcile(stop))
+        try:
+            while not stop.is_set():
+                # Cleared first, so rows handed over while publishing are not missed.
+                self._wake.clear()
+                if self._urgent or self._fresh:
+                    try:
+                        await self._hand_over_fresh()
+                    except Exception:
+                        log.exception("outbox publish failed")
+                        await asyncio.sleep(0.5)
+                    continue
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
+                except TimeoutError:
+                    pass
+        finally:
+            if not stop.is_set():  # cancelled rather than stopped
+                reconciling.cancel()
+            await asyncio.gather(reconciling, *self._confirming, return_exceptions=True)

@@ -18,7 +18,7 @@ from dev.mesh import forget_namespace
 from libs.common.auth import Principal
 from libs.common.db import migrate_services
 from services.ingest.accept import Acceptor
-from services.ingest.outbox import OutboxPublisher
+from services.ingest.outbox import CommittedRow, OutboxPublisher, OutboxRow
 from services.ingest.server import IngestComponents, build_components, draft_from_proto
 from services.ingest.store import MessageStore
 from tests.conftest import free_port
@@ -139,3 +139,45 @@ async def test_a_failed_commit_gives_the_credits_and_the_quota_back(harness: Ing
     assert await _held(harness, principal.tenant_id) == 0
     assert await parts.gate.used_today(principal.tenant_id) == 0
     assert await parts.gate.holder(principal.tenant_id, "doomed") is None
+
+
+async def _committed_rows(replica: IngestComponents, message_id: str) -> list[CommittedRow]:
+    async with replica.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id, subject, msg_id, payload FROM ingest.outbox WHERE msg_id LIKE %s ORDER BY id",
+            (f"{message_id}%",))
+        return [CommittedRow(i, OutboxRow(s, m, bytes(p))) for i, s, m, p in await cur.fetchall()]
+
+
+async def test_the_next_email_is_published_while_the_previous_ones_rows_wait_to_be_deleted(
+        harness: IngestHarness, silent_replica: IngestComponents):
+    principal = await _tenant(harness, silent_replica)
+    publisher = OutboxPublisher(silent_replica.pool, silent_replica.nc, reconcile_after_s=3600)
+    first = await silent_replica.acceptor.send(principal, draft_from_proto(send_request(subject="first")))
+    first_rows = await _committed_rows(silent_replica, first.message.id)
+    stop = asyncio.Event()
+    running = asyncio.create_task(publisher.run(stop))
+    try:
+        async with silent_replica.pool.connection() as blocker, blocker.transaction():
+            # The first email's rows are locked: once published, their deletion waits for this transaction.
+            await blocker.execute("SELECT id FROM ingest.outbox WHERE id = ANY(%s) FOR UPDATE",
+                                  ([r.id for r in first_rows],))
+            publisher.publish_soon(first_rows)
+            await _wait_until_queued(silent_replica, 1)
+            second = await silent_replica.acceptor.send(principal, draft_from_proto(send_request(subject="second")))
+            publisher.publish_soon(await _committed_rows(silent_replica, second.message.id), urgent=True)
+            await _wait_until_queued(silent_replica, 2)
+            # ... and the first email's rows are still there: their deletion is still waiting.
+            assert {r.row.msg_id for r in first_rows} <= {m for _, m, _ in await _outbox(silent_replica)}
+    finally:
+        stop.set()
+        await running
+    assert await _outbox(silent_replica) == []
+
+
+async def _wait_until_queued(replica: IngestComponents, count: int) -> None:
+    for _ in range(200):
+        if await _queued(replica) >= count:
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"{await _queued(replica)} emails on the SEND stream after 5 s, expected {count}")
