@@ -71,18 +71,6 @@ class OutboxPublisher:
         (self._urgent if urgent else self._fresh).extend(rows)
         self._wake.set()
 
-    async def publish_fresh(self) -> int:
-        """Publish up to ``batch_size`` just-committed rows; return how many JetStream acknowledged."""
-        queue = self._urgent or self._fresh
-        batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
-        if not batch:
-            return 0
-        done = await self._publish(batch)
-        if done:
-            async with autocommit(self.pool) as conn:
-                await conn.execute("DELETE FROM ingest.outbox WHERE id = ANY(%s)", (done,))
-        return len(done)
-
     async def publish_pending(self, *, min_age_s: float = 0.0) -> int:
         """One reconciling pass: publish up to ``batch_size`` rows at least ``min_age_s`` old that no other replica
         is publishing; return how many were published (and deleted)."""
