@@ -32,6 +32,7 @@ from libs.common.logging import configure_logging
 from libs.common.metrics import start_metrics_server
 from libs.common.priority import lower_cpu_priority
 from libs.common.settings import CommonSettings, SettingsError, load_settings, settings_env
+from libs.common.stopping import pause_unless_stopped
 from libs.common.telemetry import configure_tracing
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,4 @@ async def _stop_when_orphaned(parent_pid: int, stop: StopEvent) -> None:
             log.error("the supervising process is gone; stopping")
             stop.set()
             return
-        try:
-            await asyncio.wait_for(stop.wait(), ORPHAN_CHECK_S)
-        except TimeoutError:
-            pass
+        await pause_unless_stopped(stop, ORPHAN_CHECK_S)

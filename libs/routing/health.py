@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from libs.common.stopping import pause_unless_stopped
+
 log = logging.getLogger(__name__)
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -400,10 +402,7 @@ class HealthBoard:
                 await self.refresh(provider_ids())
             except Exception:
                 log.warning("provider health refresh failed", exc_info=True)
-            try:
-                await asyncio.wait_for(stop.wait(), self.refresh_s)
-            except TimeoutError:
-                pass
+            await pause_unless_stopped(stop, self.refresh_s)
 
     # -- the gate ------------------------------------------------------------------------------------------------
     def _acquire_args(self, provider_id: str, limits: ProviderLimits, emails: int,

@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 from psycopg_pool import AsyncConnectionPool
 
 from libs.common.jetstream import AckedPublisher
+from libs.common.stopping import pause_unless_stopped
 from services.ingest.pg import autocommit
 
 log = logging.getLogger(__name__)
@@ -155,10 +156,7 @@ class OutboxPublisher:
                     continue  # more left behind: no pause
             except Exception:
                 log.exception("outbox reconciling pass failed")
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
-            except TimeoutError:
-                pass
+            await pause_unless_stopped(stop, self.interval_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until ``stop``: fresh rows as they come, leftovers every ``interval_s`` (a task of its own, so a

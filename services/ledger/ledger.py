@@ -55,6 +55,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from libs.common.batching import BatchingOptions, GroupCommitter
+from libs.common.stopping import pause_unless_stopped
 from services.ledger.errors import (
     HoldAlreadyResolved,
     HoldNotFound,
@@ -847,10 +848,7 @@ class Ledger:
                     logger.exception("pruning the ledger's processed events failed")
             if expired >= limit:
                 continue
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval_s)
-            except TimeoutError:
-                pass
+            await pause_unless_stopped(stop, interval_s)
 
     # ------------------------------------------------------------------ journal
 

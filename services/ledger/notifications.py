@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js import JetStreamContext
 
 from libs.common.jetstream import Topology, publish
+from libs.common.stopping import pause_unless_stopped
 from services.ledger.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,4 @@ class NotificationPublisher:
                 published = 0
             if published:
                 continue
-            try:
-                await asyncio.wait_for(stop.wait(), self.interval_s)
-            except TimeoutError:
-                pass
+            await pause_unless_stopped(stop, self.interval_s)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from libs.common.jetstream import Topology, ensure_pull_consumer, pull_loop
+from libs.common.stopping import pause_unless_stopped
 from services.reports.envelopes import UndecodableEvent, decode_envelope
 from services.reports.models import MessageEventRecord
 from services.reports.recorder import RecordOutcome, claim_parked_events, record_events
@@ -131,8 +131,7 @@ class EventConsumer:
     async def sweep_loop(self, stop: asyncio.Event) -> None:
         """Run :meth:`sweep_parked` every ``parked_sweep_interval_s`` until ``stop`` is set."""
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self._options.parked_sweep_interval_s)
+            await pause_unless_stopped(stop, self._options.parked_sweep_interval_s)
             if stop.is_set():
                 return
             try:

@@ -19,6 +19,7 @@ from libs.common.errors import FieldViolation, InvalidArgument
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import connect
 from libs.common.redis import create_redis
+from libs.common.stopping import pause_unless_stopped
 from libs.common.timestamps import to_timestamp
 from libs.providers.registry import BUILTIN_TYPES, adapter_class
 from libs.routing.catalog import ProviderCatalog, ProviderSpec, open_bucket
@@ -172,10 +173,7 @@ async def build_app(settings: RouterSettings) -> ServiceApp:
     async def repair(stop: asyncio.Event) -> None:
         await catalog.wait_loaded(timeout_s=60)
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), settings.registry_resync_s)
-            except TimeoutError:
-                pass
+            await pause_unless_stopped(stop, settings.registry_resync_s)
             if stop.is_set():
                 break
             try:
