@@ -327,7 +327,7 @@ async def forget_namespace(namespace: str, nats_url: str, redis_url: str) -> Non
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
-        for stream in (topology.send_stream, topology.events_stream):
+        for stream in topology.streams:
             with contextlib.suppress(Exception):
                 await js.delete_stream(stream)
         with contextlib.suppress(Exception):

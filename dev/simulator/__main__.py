@@ -1,4 +1,4 @@
-"""``python -m dev.simulator --http-port P --smtp-port Q [--personalities FILE] [--seed N]``.
+"""``python -m dev.simulator --http-port P --smtp-port Q [--personalities FILE] [--seed N] [--niceness N]``.
 
 Prints one JSON line once listening (``{"http_url", "smtp_host", "smtp_port", "personalities"}``) and runs
 until SIGINT/SIGTERM.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dev.simulator.model import default_personalities, load_personalities
 from dev.simulator.runner import run_simulator
+from libs.common.priority import lower_cpu_priority
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,6 +27,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--personalities", type=Path, help="JSON file of personalities (default: built-ins)")
     parser.add_argument("--seed", type=int, help="random seed, for repeatable error/bounce draws")
     parser.add_argument("--log-cap", type=int, default=10_000, help="requests kept per personality")
+    parser.add_argument("--niceness", type=int, default=0, choices=range(20), metavar="0-19",
+                        help="run this much nicer, with its session's autogroup (a benchmark's stand-in for remote "
+                             "servers whose CPU is not the mesh's; default 0)")
     return parser.parse_args(argv)
 
 
@@ -53,6 +57,7 @@ async def serve(arguments: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     arguments = parse_arguments(argv)
+    lower_cpu_priority(arguments.niceness, own_session=True)
     try:
         asyncio.run(serve(arguments))
     except ValueError as exc:  # a bad personalities file

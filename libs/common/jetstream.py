@@ -1,6 +1,7 @@
 """NATS JetStream: stream and consumer declarations in code, publishing with trace context, pull loops.
 
-Layout (DESIGN.md): stream SEND (work queue, subjects ``esp.send.<class>``, dedupe window) and stream EVENTS
+Layout (DESIGN.md): one SEND stream per message class (``SEND_OTP``, ``SEND_TRANSACTIONAL``, ``SEND_BULK``: work
+queues, subject ``esp.send.<class>``, dedupe window) and stream EVENTS
 (limits, subjects ``esp.events.<tenant>.final`` for final outcomes and ``esp.events.<tenant>.progress`` for every
 other message event, ``esp.account.<tenant>`` for account events). A namespace prefixes names so several meshes
 can share one server.
@@ -50,9 +51,25 @@ class Topology:
     def _s(self, subject: str) -> str:
         return f"{self.namespace}.{subject}" if self.namespace else subject
 
+    def send_stream(self, message_class: str) -> str:
+        """The work queue of one message class. Each class has a stream of its own because JetStream serialises
+        the writes of one stream (stores, and the deletions its acks cause): in a single stream every OTP's
+        publish and delivery queued behind a bulk backlog's, and a backlog of any size must not delay OTP."""
+        return self._p(f"SEND_{message_class.upper()}")
+
     @property
-    def send_stream(self) -> str:
+    def legacy_send_stream(self) -> str:
+        """The one work queue of every class that versions before the per-class streams declared."""
         return self._p("SEND")
+
+    @property
+    def send_streams(self) -> tuple[str, ...]:
+        return tuple(self.send_stream(c) for c in MESSAGE_CLASSES)
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """Every stream of the mesh."""
+        return (*self.send_streams, self.events_stream)
 
     @property
     def events_stream(self) -> str:
@@ -98,15 +115,15 @@ async def connect(url: str, name: str) -> NATS:
 
 async def ensure_streams(js: JetStreamContext, topology: Topology, *, events_max_age_s: float = 7 * 86400,
                          duplicate_window_s: float = 120.0) -> None:
-    """Create or update the SEND and EVENTS streams."""
+    """Create or update the SEND streams (one per class) and the EVENTS stream."""
     wanted = [
-        StreamConfig(
-            name=topology.send_stream,
-            subjects=[topology.send_subject(c) for c in MESSAGE_CLASSES],
+        *(StreamConfig(
+            name=topology.send_stream(c),
+            subjects=[topology.send_subject(c)],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             duplicate_window=duplicate_window_s,
-        ),
+        ) for c in MESSAGE_CLASSES),
         StreamConfig(
             name=topology.events_stream,
             subjects=[topology.events_wildcard, topology.account_wildcard],
@@ -116,12 +133,37 @@ async def ensure_streams(js: JetStreamContext, topology: Topology, *, events_max
             duplicate_window=duplicate_window_s,
         ),
     ]
+    await _retire_shared_send_stream(js, topology)
     for config in wanted:
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
             await js.update_stream(config)
         except NotFoundError:
             await js.add_stream(config)
+
+
+class StreamLayoutError(RuntimeError):
+    """The server holds streams of an older layout that cannot be replaced without losing queued email."""
+
+
+async def _retire_shared_send_stream(js: JetStreamContext, topology: Topology) -> None:
+    """Delete the one SEND stream of all classes that earlier versions declared (its subjects would overlap the
+    per-class streams') once it is empty; refuse to start while it still queues email, which an earlier
+    version's senders must deliver first."""
+    legacy = topology.legacy_send_stream
+    try:
+        info = await js.stream_info(legacy)
+    except NotFoundError:
+        return
+    if info.state.messages:
+        raise StreamLayoutError(
+            f"stream {legacy} (one queue for every class, from an earlier version) still holds "
+            f"{info.state.messages} emails: let that version's senders drain it, then start this one")
+    log.warning("deleting the empty stream %s: each class now has a SEND stream of its own", legacy)
+    try:
+        await js.delete_stream(legacy)
+    except NotFoundError:  # another service starting at the same time deleted it first
+        pass
 
 
 async def ensure_pull_consumer(js: JetStreamContext, stream: str, durable: str, filter_subject: str, *,

@@ -15,7 +15,9 @@ elsewhere.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
+import ssl
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -641,6 +643,15 @@ def response_json(response: httpx.Response) -> Any:
         return None
 
 
+@functools.cache
+def provider_tls_context() -> ssl.SSLContext:
+    """The TLS context every provider's HTTP client of this process verifies with (the system's CA bundle, as
+    httpx's default). Building one loads and parses the bundle: about 50 ms of CPU on the event loop that builds
+    an adapter, and the sender builds adapters on its delivery loops whenever a provider is added or changed, so
+    each client building its own stalled every OTP in flight for that long."""
+    return httpx.create_ssl_context()
+
+
 class HttpAdapter(BaseAdapter):
     """Base for providers with an HTTP API: one keep-alive ``httpx.AsyncClient`` per adapter instance.
 
@@ -660,6 +671,7 @@ class HttpAdapter(BaseAdapter):
             timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             transport=transport,
+            verify=provider_tls_context(),
         )
 
     def default_headers(self) -> dict[str, str]:

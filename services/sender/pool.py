@@ -74,8 +74,9 @@ class ClassPool:
     async def setup(self) -> None:
         """Declare the class's durable pull consumer."""
         await ensure_pull_consumer(
-            self.js, self.topology.send_stream, self.durable, self.topology.send_subject(self.message_class),
-            ack_wait_s=self.ack_wait_s, max_ack_pending=self.concurrency * 4)
+            self.js, self.topology.send_stream(self.message_class), self.durable,
+            self.topology.send_subject(self.message_class), ack_wait_s=self.ack_wait_s,
+            max_ack_pending=self.concurrency * 4)
 
     async def _handle(self, msgs: list[Msg]) -> None:
         try:
@@ -125,7 +126,7 @@ class ClassPool:
 
         The pulls are :class:`libs.common.jetstream.BatchPuller`'s: a message JetStream delivers after a pull gave
         up is kept for the next one, never left unprocessed until ``ack_wait`` redelivers it."""
-        puller = BatchPuller(self.nc, self.topology.send_stream, self.durable)
+        puller = BatchPuller(self.nc, self.topology.send_stream(self.message_class), self.durable)
         await puller.start()
         try:
             while not stop.is_set():

@@ -80,7 +80,7 @@ def test_each_sender_class_scales_on_its_jetstream_consumer_lag(renderings: dict
             ]
             [lag] = [trigger for trigger in scaled_object["spec"]["triggers"] if trigger["type"] == "nats-jetstream"]
 
-            assert lag["metadata"]["stream"] == "SEND", name
+            assert lag["metadata"]["stream"] == f"SEND_{sender_class.upper()}", name
             assert lag["metadata"]["consumer"] == f"sender-{sender_class}", name
             assert int(lag["metadata"]["lagThreshold"]) >= 1, name
 

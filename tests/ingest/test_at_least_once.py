@@ -60,7 +60,7 @@ async def _outbox(replica: IngestComponents) -> list[tuple[str, str, bytes]]:
 
 
 async def _queued(replica: IngestComponents) -> int:
-    return (await replica.js.stream_info(replica.topology.send_stream)).state.messages
+    return sum([(await replica.js.stream_info(stream)).state.messages for stream in replica.topology.send_streams])
 
 
 async def test_accepted_means_message_outbox_and_credit_hold_are_committed_before_any_publish(
@@ -85,7 +85,7 @@ async def test_the_publisher_puts_outbox_rows_on_jetstream_under_their_ids_and_c
     assert await silent_replica.outbox.publish_pending() == 2
     assert await _outbox(silent_replica) == []
     assert await _queued(silent_replica) == 1
-    stored = await silent_replica.js.get_last_msg(silent_replica.topology.send_stream,
+    stored = await silent_replica.js.get_last_msg(silent_replica.topology.send_stream("transactional"),
                                                   silent_replica.topology.send_subject("transactional"))
     assert stored.headers is not None and stored.headers["Nats-Msg-Id"] == accepted.message.id
     assert queue_pb2.SendTask.FromString(stored.data).message_id == accepted.message.id

@@ -51,7 +51,7 @@ async def ledger_service(request: pytest.FixtureRequest, new_database: Callable[
     stop.set()
     await asyncio.wait_for(task, 20)
     js = nc.jetstream()
-    for name in (topology.send_stream, topology.events_stream):
+    for name in topology.streams:
         await js.delete_stream(name)
     await nc.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import select
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from dev.simulator import Personality, RunningSimulator, load_personalities, run_simulator
-from libs.providers.base import Address, OutboundEmail, Outcome
+from libs.providers.base import Address, OutboundEmail, Outcome, provider_tls_context
 from libs.providers.events import BounceType, EventKind
 from libs.providers.registry import create_adapter
 from libs.providers.webhooks import InMemoryReplayGuard, WebhookVerifier
@@ -195,6 +196,31 @@ async def test_no_webhooks_without_a_callback_url(sim: RunningSimulator, webhook
     assert await sim.client.webhooks() == []
 
 
+async def test_building_an_adapter_does_not_load_the_ca_bundle_again(sim: RunningSimulator,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Adapters are built on the sender's delivery loops when a provider changes: loading the bundle stalled them.
+    provider_tls_context()
+    loads: list[object] = []
+    original = ssl.SSLContext.load_verify_locations
+
+    def counting(self: ssl.SSLContext, *args: object, **kwargs: object) -> None:
+        loads.append(args or kwargs)
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counting)
+    adapters = [create_adapter(sim.provider_config(name)) for name in ("mailgun-us", "sendgrid-1", "ses-1")]
+    for adapter in adapters:
+        await adapter.aclose()
+    assert loads == []
+
+
+def test_provider_clients_verify_certificates_and_host_names() -> None:
+    context = provider_tls_context()
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    assert context.check_hostname is True
+    assert context.get_ca_certs() or context.cert_store_stats()["x509_ca"] > 0
+
+
 # -- the command line ---------------------------------------------------------------------------------------
 
 
@@ -242,3 +268,29 @@ def test_command_line_rejects_a_bad_personalities_file(tmp_path: Path) -> None:
     assert "non-empty 'personalities' list" in completed.stderr
 
 
+
+
+def test_command_line_runs_nicer_with_its_sessions_autogroup_when_asked() -> None:
+    # A benchmark's stand-in for a remote provider must not take the CPU the mesh it measures would have.
+    http_port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dev.simulator", "--http-port", str(http_port), "--smtp-port", str(free_port()),
+         "--niceness", "7"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        readable, _, _ = select.select([process.stdout], [], [], 30)
+        assert readable, "the simulator printed nothing within 30 s"
+        json.loads(process.stdout.readline())
+        nice = int(Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+        autogroup = Path(f"/proc/{process.pid}/autogroup")
+        group = autogroup.read_text().strip() if autogroup.exists() else None
+    finally:
+        process.terminate()
+        exit_code = process.wait(timeout=10)
+
+    assert nice == 7
+    if group is not None:  # Linux with CONFIG_SCHED_AUTOGROUP (this machine and CI)
+        assert group.endswith(" nice 7")
+    assert exit_code == 0

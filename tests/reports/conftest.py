@@ -126,7 +126,7 @@ async def reports(new_database, redis_url: str, nats_url: str, run_id: str) -> A
         await channel.close()
         js = nc.jetstream()
         topology = Topology(settings.namespace)
-        for stream in (topology.events_stream, topology.send_stream):
+        for stream in topology.streams:
             try:
                 await js.delete_stream(stream)
             except NotFoundError:

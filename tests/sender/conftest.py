@@ -153,7 +153,7 @@ async def world(sim: RunningSimulator, redis_url: str, nats_url: str, run_id: st
     stop.set()
     await watcher
     await adapters.aclose()
-    for stream in (topology.send_stream, topology.events_stream):
+    for stream in topology.streams:
         await js.delete_stream(stream)
     await js.delete_key_value(bucket_name(namespace))
     async for key in redis.scan_iter(match=f"{namespace}:*", count=1000):

@@ -337,7 +337,7 @@ spec:
       metadata:
         natsServerMonitoringEndpoint: {{ $values.nats.monitoringEndpoint | quote }}
         account: {{ $values.nats.account | quote }}
-        stream: SEND
+        stream: SEND_{{ upper .senderClass }}
         consumer: sender-{{ .senderClass }}
         lagThreshold: {{ .settings.autoscaling.lagThreshold | quote }}
         activationLagThreshold: "0"
