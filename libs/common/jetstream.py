@@ -1,7 +1,8 @@
 """NATS JetStream: stream and consumer declarations in code, publishing with trace context, pull loops.
 
-Layout (DESIGN.md): one SEND stream per message class (``SEND_OTP``, ``SEND_TRANSACTIONAL``, ``SEND_BULK``: work
-queues, subject ``esp.send.<class>``, dedupe window) and stream EVENTS
+Layout: one SEND stream per message class (``SEND_OTP``, ``SEND_TRANSACTIONAL``, ``SEND_BULK``: work queues,
+subject ``esp.send.<class>``, dedupe window; DESIGN.md's single SEND stream with the three subjects, split
+because OTPs queued behind bulk in it: BENCHMARKS.md, session 7) and stream EVENTS
 (limits, subjects ``esp.events.<tenant>.final`` for final outcomes and ``esp.events.<tenant>.progress`` for every
 other message event, ``esp.account.<tenant>`` for account events). A namespace prefixes names so several meshes
 can share one server.
