@@ -7,18 +7,20 @@ lease ``<ns>:lease:<id>`` that one sender holds while working on the email, so t
 email at once even if JetStream redelivers it early.
 
 A delivery touches Redis twice for its whole batch: ``claim`` (take the leases, read the memories) and
-``commit`` (write what changed, give the leases back), each one round trip. A batch larger than
-``SCRIPT_CHUNK`` emails goes as several script calls pipelined in that round trip: Redis runs one script at a
-time and nothing else meanwhile, and a bulk batch of 255 in one script held it for 2-3 ms, during which every
-OTP's admission, claim and placement (one short command or script each) waited behind it.
+``commit`` (write what changed, give the leases back), each one script call for up to ``SCRIPT_CHUNK`` emails.
+A larger batch goes as several script calls pipelined together (one round trip after the client's check that the
+script is loaded): Redis runs one script at a time and nothing else meanwhile, and a bulk batch of 255 in one
+script held it for 2-3 ms, during which every OTP's admission, claim and placement waited behind it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 
 @dataclass(frozen=True)
@@ -149,13 +151,8 @@ class MessageStateStore:
         if not message_ids:
             return []
         args: list[str | int] = [owner, self.lease_ms]
-        if len(message_ids) <= SCRIPT_CHUNK:
-            reply = await self._claim(keys=self._keys(message_ids), args=args)
-        else:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for chunk in _chunks(message_ids):
-                    await self._claim(keys=self._keys(chunk), args=args, client=pipe)
-                reply = [item for part in await pipe.execute() for item in part]
+        parts = await self._call_in_chunks(self._claim, message_ids, lambda _chunk: args)
+        reply = [item for part in parts for item in part]
         states = []
         for i, message_id in enumerate(message_ids):
             leased, flat = reply[2 * i], reply[2 * i + 1]
@@ -187,10 +184,16 @@ class MessageStateStore:
                     args += [name, value]
             return args
 
-        if len(ids) <= SCRIPT_CHUNK:
-            await self._commit(keys=self._keys(ids), args=arguments(ids))
-            return
+        await self._call_in_chunks(self._commit, ids, arguments)
+
+    async def _call_in_chunks(self, script: AsyncScript, message_ids: Sequence[str],
+                              arguments: Callable[[Sequence[str]], list[str | int]]) -> list[Any]:
+        """``script`` over the emails, ``SCRIPT_CHUNK`` at a time: one reply per chunk. A single chunk is a plain
+        call (an OTP's delivery: one round trip); several are pipelined."""
+        chunks = _chunks(message_ids)
+        if len(chunks) == 1:
+            return [await script(keys=self._keys(chunks[0]), args=arguments(chunks[0]))]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for chunk in _chunks(ids):
-                await self._commit(keys=self._keys(chunk), args=arguments(chunk), client=pipe)
-            await pipe.execute()
+            for chunk in chunks:
+                await script(keys=self._keys(chunk), args=arguments(chunk), client=pipe)
+            return list(await pipe.execute())
