@@ -19,6 +19,14 @@ class SenderSettings(CommonSettings, BreakerSettings):
     """Emails in flight at once per class: separate pools, so a bulk backlog never takes OTP's slots."""
     process_per_class: bool = True
     """Serving several classes, run each in a worker process of its own so no class can take another's CPU."""
+    bulk_concurrency_while_urgent: int = 100
+    """Bulk emails in flight at once while urgent mail flows (``services.sender.yielding``): a draining campaign
+    leaves the CPU and the shared servers room for OTPs. Equal to ``bulk_concurrency``: bulk never yields."""
+    bulk_yields_to: tuple[str, ...] = ("otp",)
+    """Classes whose deliveries make the bulk pool yield (empty: it never does). Transactional mail flows nearly
+    all the time, so counting it would hold bulk at its lower concurrency for good."""
+    urgent_window_s: float = 1.0
+    """Urgent mail delivered by any replica within this long counts as flowing."""
     bulk_worker_niceness: int = 10
     """The bulk worker process runs this much nicer (lower CPU priority) than the others: on a busy machine a
     draining campaign yields the CPU to OTPs and transactional mail (a Deployment per class gets the same from
@@ -37,10 +45,16 @@ class SenderSettings(CommonSettings, BreakerSettings):
 
     def __post_init__(self) -> None:
         check_positive(self, "otp_concurrency", "transactional_concurrency", "bulk_concurrency", "bulk_batch_max",
-                       "ack_wait_s", "health_refresh_s", "sent_marker_ttl_s", "redis_max_connections")
+                       "ack_wait_s", "health_refresh_s", "sent_marker_ttl_s", "redis_max_connections",
+                       "bulk_concurrency_while_urgent", "urgent_window_s")
         bad = [c for c in self.sender_classes if c not in ("otp", "transactional", "bulk")]
         if bad:
             raise ValueError(f"ESP_SENDER_CLASSES: unknown classes {bad}")
+        bad = [c for c in self.bulk_yields_to if c not in ("otp", "transactional")]
+        if bad:
+            raise ValueError(f"ESP_BULK_YIELDS_TO: only otp and transactional mail can make bulk yield, not {bad}")
+        if self.bulk_concurrency_while_urgent > self.bulk_concurrency:
+            raise ValueError("ESP_BULK_CONCURRENCY_WHILE_URGENT: at most ESP_BULK_CONCURRENCY")
         self.breaker_policy()
         if not 1 <= self.attachment_link_ttl_s <= MAX_LINK_TTL_S:
             raise ValueError(f"ESP_ATTACHMENT_LINK_TTL_S: must be 1..{MAX_LINK_TTL_S}")

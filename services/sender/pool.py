@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from esp.internal.v1 import queue_pb2
 from nats.aio.client import Client as NATS
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 ERROR_RETRY_S = 2.0
 """A delivery that crashed (Redis or NATS trouble) is offered again after this long."""
 LONG_POLL_S = 1.0
+FETCH_MAX = 255
+"""Most emails one pull asks for."""
 TRACE_HEADERS = ("traceparent", "tracestate")
 
 
@@ -52,12 +55,18 @@ class Slots:
         self.used -= count
         self._freed.set()
 
+    def resize(self, capacity: int) -> None:
+        """Allow ``capacity`` emails in flight from now on; when lowered, those in flight above it finish first."""
+        self.capacity = capacity
+        self._freed.set()
+
 
 class ClassPool:
     """Keeps up to ``concurrency`` emails of one class in flight, fetched from the class's durable consumer."""
 
     def __init__(self, nc: NATS, topology: Topology, message_class: str, deliverer: Deliverer, *,
-                 concurrency: int, ack_wait_s: float, batch_max: int = 1) -> None:
+                 concurrency: int, ack_wait_s: float, batch_max: int = 1,
+                 on_delivered: Callable[[], None] | None = None) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.topology = topology
@@ -67,6 +76,8 @@ class ClassPool:
         self.ack_wait_s = ack_wait_s
         self.batch_max = max(1, batch_max)
         """Emails one delivery may carry (batch provider calls); 1 delivers each email on its own."""
+        self.on_delivered = on_delivered
+        """Called after each delivery (urgent pools renew the signal bulk yields to: ``services.sender.yielding``)."""
         self.durable = topology.consumer(f"sender-{message_class}")
         self.slots = Slots(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -109,11 +120,17 @@ class ClassPool:
                         await msg.nak(delay=verdict.retry_in_s)
                 except Exception:  # JetStream redelivers it after ack_wait; the sent marker prevents a resend
                     log.warning("ack failed", exc_info=True, extra={"consumer": self.durable})
+            if self.on_delivered is not None:
+                self.on_delivered()
             acked = sum(1 for v in verdicts if v.ack)
             JETSTREAM_HANDLED.labels(self.durable, "ack").inc(acked)
             JETSTREAM_HANDLED.labels(self.durable, "retry").inc(len(verdicts) - acked)
         finally:
             self.slots.release(len(msgs))
+
+    def resize(self, capacity: int) -> None:
+        """Keep at most ``capacity`` emails in flight from now on (bulk yielding to urgent mail)."""
+        self.slots.resize(capacity)
 
     def _dispatch(self, msgs: list[Msg]) -> None:
         task = asyncio.create_task(self._handle(msgs))
@@ -131,7 +148,7 @@ class ClassPool:
         try:
             while not stop.is_set():
                 await self.slots.take_one()
-                wanted = 1 + self.slots.take_up_to(min(255, self.concurrency) - 1)
+                wanted = 1 + self.slots.take_up_to(min(FETCH_MAX, self.slots.capacity) - 1)
                 try:
                     msgs = await puller.next_batch(wanted, LONG_POLL_S)
                 except Exception:

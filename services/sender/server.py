@@ -31,6 +31,7 @@ from services.sender.links import link_attachments
 from services.sender.policy import POLICIES
 from services.sender.pool import ClassPool
 from services.sender.state import MessageStateStore
+from services.sender.yielding import UrgentTraffic, yield_to_urgent_mail
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
     def open_attachment(key: str) -> AsyncIterator[bytes]:
         return stream_object(s3, settings.s3_bucket, key)
 
+    urgent = UrgentTraffic(redis, settings.namespace, window_s=settings.urgent_window_s)
     connections: list[NATS] = [nc]
     pools: list[ClassPool] = []
     for message_class in settings.sender_classes:
@@ -75,7 +77,8 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
                                              ttl_s=settings.attachment_link_ttl_s),
                               heartbeat_s=settings.ack_wait_s / 3)
         pool = ClassPool(class_nc, topology, message_class, deliverer, concurrency=settings.concurrency(message_class),
-                         ack_wait_s=settings.ack_wait_s, batch_max=settings.batch_max(message_class))
+                         ack_wait_s=settings.ack_wait_s, batch_max=settings.batch_max(message_class),
+                         on_delivered=urgent.note_delivery if message_class in settings.bulk_yields_to else None)
         await pool.setup()
         pools.append(pool)
 
@@ -91,15 +94,22 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
     async def refresh_health(stop: StopEvent) -> None:
         await health.run_refresher(lambda: list(catalog.providers), stop)
 
+    async def bulk_yields(pool: ClassPool, stop: StopEvent) -> None:
+        await yield_to_urgent_mail(pool, urgent, settings.bulk_concurrency_while_urgent, stop)
+
+    yielding = [partial(bulk_yields, p) for p in pools if p.message_class == "bulk" and settings.bulk_yields_to
+                and settings.bulk_concurrency_while_urgent < settings.bulk_concurrency]
+
     async def close_all() -> None:
         catalog_stop.set()
         await catalog_task
+        await urgent.aclose()
         await adapters.aclose()
         for connection in reversed(connections):
             await connection.drain()
         await redis.aclose()
 
-    return WorkerParts(tasks=[refresh_health, *[partial(_run, p) for p in pools]], closers=[close_all])
+    return WorkerParts(tasks=[refresh_health, *yielding, *[partial(_run, p) for p in pools]], closers=[close_all])
 
 
 def _redis(url: str, max_connections: int) -> aioredis.Redis:
