@@ -6,8 +6,8 @@ speed keeps them all busy, and every OTP then waits a little at each of the twen
 (ingest, the ledger and its Postgres backend, JetStream, the OTP worker). So while urgent mail flows, the bulk
 pool lowers its concurrency (``bulk_concurrency_while_urgent``), and restores it once none was delivered for a
 window. Measured on the e2e bench (two cores, every service and server on them, 50 OTPs a second over a bulk
-drain): bulk concurrency 100 instead of 1,000 gave an OTP p99 of 30-40 ms instead of 34-53 ms, for a bulk drain of
-1,440-1,920 emails/s instead of 1,750-2,780 while the OTPs flowed (BENCHMARKS.md, session 8). A campaign alone
+drain), yielding against never yielding, alternately: OTP p99 30-42 ms per set instead of 34-56, for a bulk drain
+of 1,450-1,990 emails/s instead of 1,980-2,710 while the OTPs flowed (BENCHMARKS.md, session 8). A campaign alone
 still drains at full concurrency.
 
 The signal is one Redis key with an expiry, so every replica's bulk pool yields to every replica's urgent mail:
