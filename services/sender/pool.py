@@ -14,6 +14,7 @@ from collections.abc import Callable
 from esp.internal.v1 import queue_pb2
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from prometheus_client import Gauge
 
 from libs.common.jetstream import BatchPuller, Topology, ensure_pull_consumer
 from libs.common.metrics import JETSTREAM_HANDLED
@@ -27,6 +28,7 @@ LONG_POLL_S = 1.0
 FETCH_MAX = 255
 """Most emails one pull asks for."""
 TRACE_HEADERS = ("traceparent", "tracestate")
+POOL_CAPACITY = Gauge("esp_sender_pool_capacity", "Emails a class pool keeps in flight at most now", ["class"])
 
 
 class Slots:
@@ -80,6 +82,7 @@ class ClassPool:
         """Called after each delivery (urgent pools renew the signal bulk yields to: ``services.sender.yielding``)."""
         self.durable = topology.consumer(f"sender-{message_class}")
         self.slots = Slots(concurrency)
+        POOL_CAPACITY.labels(message_class).set(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def setup(self) -> None:
@@ -131,6 +134,7 @@ class ClassPool:
     def resize(self, capacity: int) -> None:
         """Keep at most ``capacity`` emails in flight from now on (bulk yielding to urgent mail)."""
         self.slots.resize(capacity)
+        POOL_CAPACITY.labels(self.message_class).set(capacity)
 
     def _dispatch(self, msgs: list[Msg]) -> None:
         task = asyncio.create_task(self._handle(msgs))

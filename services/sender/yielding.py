@@ -33,7 +33,6 @@ from services.sender.pool import ClassPool
 
 log = logging.getLogger(__name__)
 
-POOL_CAPACITY = Gauge("esp_sender_pool_capacity", "Emails a class pool keeps in flight at most now", ["class"])
 YIELDING = Gauge("esp_sender_bulk_yielding", "1 while the bulk pool runs at its lower concurrency for urgent mail")
 
 
@@ -82,7 +81,6 @@ async def yield_to_urgent_mail(pool: ClassPool, urgent: UrgentTraffic, concurren
     """Keep ``pool`` at ``concurrency_while_urgent`` emails in flight while urgent mail flows, at its full
     concurrency otherwise; looks every ``refresh_s``. When Redis cannot answer, the capacity stays as it was."""
     lowered = False
-    POOL_CAPACITY.labels(pool.message_class).set(pool.concurrency)
     while not stop.is_set():
         try:
             flowing = await urgent.flowing()
@@ -93,7 +91,6 @@ async def yield_to_urgent_mail(pool: ClassPool, urgent: UrgentTraffic, concurren
                 lowered = flowing
                 capacity = min(concurrency_while_urgent, pool.concurrency) if lowered else pool.concurrency
                 pool.resize(capacity)
-                POOL_CAPACITY.labels(pool.message_class).set(capacity)
                 YIELDING.set(1 if lowered else 0)
                 log.info("bulk %s: %d emails in flight at most", "yields to urgent mail" if lowered else "resumes",
                          capacity)
