@@ -126,11 +126,15 @@ class _Pool:
     tenant: Tenant
     drafts: list[EmailDraft] = field(default_factory=list)
     fingerprints: list[bytes] = field(default_factory=list)
-    answers: list[asyncio.Future[Accepted | Claimed | Exception]] = field(default_factory=list)
+    answers: list[asyncio.Future[Accepted | Claimed]] = field(default_factory=list)
     started: bool = False
 
     def answer(self, task: asyncio.Future[list[Accepted | Claimed | Exception]]) -> None:
-        """Hand each waiting call its email's outcome (or the error that failed the whole pool)."""
+        """Hand each waiting call its email's outcome: its message, or the error that refused it or failed the
+        whole pass. Errors go to the calls as their futures' exceptions, not as results each call raises: one
+        error object often stands for many emails (a failed round trip), and raising it again and again would
+        append every caller's frames to the traceback they share, while a future re-raises it with the
+        traceback it was set with."""
         if task.cancelled():
             outcomes: list[Accepted | Claimed | Exception] = [
                 Aborted("not accepted; retry", reason="INTERNAL")] * len(self.answers)
@@ -140,7 +144,11 @@ class _Pool:
         else:
             outcomes = task.result()
         for answer, outcome in zip(self.answers, outcomes, strict=True):
-            if not answer.done():
+            if answer.done():
+                continue
+            if isinstance(outcome, Exception):
+                answer.set_exception(outcome)
+            else:
                 answer.set_result(outcome)
 
 
@@ -205,16 +213,14 @@ class Acceptor:
                 pool.started = True
                 asyncio.get_running_loop().call_soon(self._start_pool, key, pool)
             # else: started by _pool_done when a running pass of its key ends
-        answer: asyncio.Future[Accepted | Claimed | Exception] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[Accepted | Claimed] = asyncio.get_running_loop().create_future()
+        answer.add_done_callback(_consume_exception)  # its caller may have gone away (it re-raises it otherwise)
         pool.drafts.append(draft)
         pool.fingerprints.append(fingerprint)
         pool.answers.append(answer)
         # The pass runs to its end whatever happens to this call; shield keeps a cancelled caller from cancelling
         # the answer the pass will set.
-        outcome = await asyncio.shield(answer)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+        return await asyncio.shield(answer)
 
     def _start_pool(self, key: tuple[str, str], pool: _Pool) -> None:
         """Run ``pool``'s pass (its slot in ``_pools_running`` is already counted)."""

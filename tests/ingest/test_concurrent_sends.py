@@ -4,6 +4,7 @@ all of them), and each caller still gets its own email's answer: its message, or
 from __future__ import annotations
 
 import asyncio
+import traceback
 from typing import Any
 
 import grpc
@@ -93,6 +94,26 @@ async def test_a_failed_commit_of_concurrent_sends_fails_each_and_gives_credits_
     assert all(isinstance(o, PoolClosed) for o in outcomes)
     assert (await harness.balance(tenant)).held == 0
     assert await parts.gate.used_today(tenant.id) == 0
+
+
+async def test_concurrent_sends_failed_by_one_error_each_get_it_without_the_other_callers_frames(
+        harness: IngestHarness):
+    tenant = await harness.new_tenant()
+    parts = harness.parts
+    unreachable = AsyncConnectionPool(harness.settings.postgres_dsn, open=False)  # every use fails
+    acceptor = Acceptor(tenants=parts.tenants, gate=parts.gate, credits=parts.credits, attachments=parts.attachments,
+                        store=MessageStore(unreachable), topology=parts.topology, sizes=parts.acceptor.sizes)
+    principal = Principal(tenant.id, frozenset({"send"}))
+
+    async def frames_of_the_error(index: int) -> int:
+        try:
+            await acceptor.send(principal, draft_from_proto(send_request(subject=f"s{index}")))
+        except PoolClosed as exc:
+            return len(traceback.extract_tb(exc.__traceback__))
+        raise AssertionError("the send was accepted")
+
+    frames = await asyncio.gather(*(frames_of_the_error(i) for i in range(5)))
+    assert len(set(frames)) == 1, frames  # one error for the five (the commit failed); no traceback grew
 
 
 async def test_a_send_whose_caller_goes_away_is_still_accepted_whole(harness: IngestHarness):
