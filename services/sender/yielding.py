@@ -97,3 +97,4 @@ async def yield_to_urgent_mail(pool: ClassPool, urgent: UrgentTraffic, concurren
         await pause_unless_stopped(stop, refresh_s)
     if lowered:
         pool.resize(pool.concurrency)
+        YIELDING.set(0)

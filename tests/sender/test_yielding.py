@@ -104,14 +104,14 @@ def running(*work: Awaitable[None]) -> list[asyncio.Future[None]]:
 
 async def test_urgent_mail_counts_as_flowing_for_one_window_after_a_delivery(redis_client: aioredis.Redis,
                                                                              run_id: str):
-    urgent = urgent_traffic(redis_client, run_id, window_s=0.3)
+    urgent = urgent_traffic(redis_client, run_id, window_s=1.0)
     assert not await urgent.flowing()
 
     urgent.note_delivery()
     await urgent.aclose()  # the renewal runs in the background
 
     assert await urgent.flowing()
-    await asyncio.sleep(0.45)
+    await asyncio.sleep(1.2)
     assert not await urgent.flowing()
 
 
