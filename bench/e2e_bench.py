@@ -177,14 +177,20 @@ def environment() -> Iterator[Environment]:
         pgtools.drop_database(ADMIN_DSN, database)
 
 
+METRICS_PORTS = range(20_000, 32_000, 4)
+"""Where the sender's metrics ports are picked (four in a row): below Linux's ephemeral ports (32768-60999)."""
+
+
 def start_sender(mesh: m.Mesh) -> int:
     """The sender as the mesh would start it, plus a metrics port (its workers take the next ones)."""
     # Its workers listen on the next ports: none of them may be listening already or be promised to a service
     # that has not bound it yet (the sender's own gRPC port among them).
+    # They bind seconds later, once each worker has started, so the ports come from below the kernel's ephemeral
+    # range: there, an outgoing connection of a service already running cannot take one meanwhile (it did).
     promised = {*mesh.config.ports.values(), mesh.config.gateway_port, mesh.config.webhook_port}
-    metrics_port = m.free_port()
+    metrics_port = secrets.choice(METRICS_PORTS)
     while any(m.port_open(metrics_port + i) or metrics_port + i in promised for i in range(4)):
-        metrics_port = m.free_port()
+        metrics_port = secrets.choice(METRICS_PORTS)
     env = {**mesh.config.env(), "ESP_GRPC_PORT": str(mesh.config.ports["sender"]),
            "ESP_METRICS_PORT": str(metrics_port)}
     process = m.spawn("sender", [sys.executable, "-m", "services.sender"], LOG_DIR, env)
