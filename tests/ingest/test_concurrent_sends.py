@@ -81,28 +81,30 @@ async def test_concurrent_sends_beyond_the_credits_refuse_only_the_excess(harnes
     assert await harness.parts.gate.used_today(tenant.id) == 3  # the refused ones gave their quota back
 
 
+def acceptor_whose_commits_fail(harness: IngestHarness) -> Acceptor:
+    """The harness's acceptor, but storing messages through a Postgres pool that is closed: every commit fails."""
+    parts = harness.parts
+    unreachable = AsyncConnectionPool(harness.settings.postgres_dsn, open=False)
+    return Acceptor(tenants=parts.tenants, gate=parts.gate, credits=parts.credits, attachments=parts.attachments,
+                    store=MessageStore(unreachable), topology=parts.topology, sizes=parts.acceptor.sizes)
+
+
 async def test_a_failed_commit_of_concurrent_sends_fails_each_and_gives_credits_and_quota_back(
         harness: IngestHarness):
     tenant = await harness.new_tenant()
-    parts = harness.parts
-    unreachable = AsyncConnectionPool(harness.settings.postgres_dsn, open=False)  # every use fails
-    acceptor = Acceptor(tenants=parts.tenants, gate=parts.gate, credits=parts.credits, attachments=parts.attachments,
-                        store=MessageStore(unreachable), topology=parts.topology, sizes=parts.acceptor.sizes)
+    acceptor = acceptor_whose_commits_fail(harness)
     principal = Principal(tenant.id, frozenset({"send"}))
     outcomes = await asyncio.gather(*(acceptor.send(principal, draft_from_proto(send_request(subject=f"s{i}")))
                                       for i in range(5)), return_exceptions=True)
     assert all(isinstance(o, PoolClosed) for o in outcomes)
     assert (await harness.balance(tenant)).held == 0
-    assert await parts.gate.used_today(tenant.id) == 0
+    assert await harness.parts.gate.used_today(tenant.id) == 0
 
 
 async def test_concurrent_sends_failed_by_one_error_each_get_it_without_the_other_callers_frames(
         harness: IngestHarness):
     tenant = await harness.new_tenant()
-    parts = harness.parts
-    unreachable = AsyncConnectionPool(harness.settings.postgres_dsn, open=False)  # every use fails
-    acceptor = Acceptor(tenants=parts.tenants, gate=parts.gate, credits=parts.credits, attachments=parts.attachments,
-                        store=MessageStore(unreachable), topology=parts.topology, sizes=parts.acceptor.sizes)
+    acceptor = acceptor_whose_commits_fail(harness)
     principal = Principal(tenant.id, frozenset({"send"}))
 
     async def frames_of_the_error(index: int) -> int:
