@@ -21,13 +21,13 @@ from services.ingest.tenants import TenantStore
 
 
 @dataclass(frozen=True)
-class Route:
-    """Who may call a method and who answers it."""
+class EdgeMethod:
+    """Who may call a public method and which service answers it."""
 
     scope: str
     """"send", "read", "admin" (tenant admin) or PLATFORM_ADMIN."""
-    upstream: str | None = None
-    """Name of the channel to forward to; None means ingest answers itself."""
+    owner: str | None = None
+    """The service that answers it (the name of the channel to forward to); None means ingest answers itself."""
 
 
 class ApiKeyAuthenticator:
@@ -47,13 +47,13 @@ class ApiKeyAuthenticator:
         return await self.tenants.authenticate(presented)
 
 
-def _forwarder(method_path: str, route: Route, channel: grpc.aio.Channel, timeout_s: float,
+def _forwarder(method_path: str, method_spec: EdgeMethod, channel: grpc.aio.Channel, timeout_s: float,
                client_streaming: bool) -> grpc.RpcMethodHandler:
     call: Any = (channel.stream_unary(method_path) if client_streaming else channel.unary_unary(method_path))
 
     async def forward(request: Any, context: grpc.aio.ServicerContext) -> bytes:
         principal = current_principal()
-        principal.require(route.scope)
+        principal.require(method_spec.scope)
         metadata = list(principal.as_metadata())
         for key, value in context.invocation_metadata() or ():
             if key == "x-request-id":
@@ -71,12 +71,12 @@ def _forwarder(method_path: str, route: Route, channel: grpc.aio.Channel, timeou
     return grpc.unary_unary_rpc_method_handler(forward)
 
 
-def _local(method: MethodDescriptor, route: Route, impl: Any, message_classes: Mapping[str, Any]) -> Any:
+def _local(method: MethodDescriptor, method_spec: EdgeMethod, impl: Any, message_classes: Mapping[str, Any]) -> Any:
     request_cls = message_classes[method.input_type.full_name]
     response_cls = message_classes[method.output_type.full_name]
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        current_principal().require(route.scope)
+        current_principal().require(method_spec.scope)
         return await impl(request, context)
 
     factory = grpc.stream_unary_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
@@ -84,55 +84,56 @@ def _local(method: MethodDescriptor, route: Route, impl: Any, message_classes: M
                    response_serializer=response_cls.SerializeToString)
 
 
-def build_handler(service: ServiceDescriptor, routes: Mapping[str, Route], local: object,
+def build_handler(service: ServiceDescriptor, methods: Mapping[str, EdgeMethod], local: object,
                   channels: Mapping[str, grpc.aio.Channel], message_classes: Mapping[str, Any],
                   timeout_s: float) -> grpc.GenericRpcHandler:
-    """One generic handler for ``service``: each routed method is answered by ``local`` or forwarded."""
+    """One generic handler for ``service``: each public method is answered by ``local`` or forwarded to the
+    service that owns it."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
-        route = routes.get(method.name)
-        if route is None:
+        method_spec = methods.get(method.name)
+        if method_spec is None:
             continue  # not exposed at the edge: the client gets UNIMPLEMENTED
-        if route.upstream is None:
-            handlers[method.name] = _local(method, route, getattr(local, method.name), message_classes)
+        if method_spec.owner is None:
+            handlers[method.name] = _local(method, method_spec, getattr(local, method.name), message_classes)
         else:
             path = f"/{service.full_name}/{method.name}"
-            handlers[method.name] = _forwarder(path, route, channels[route.upstream], timeout_s,
+            handlers[method.name] = _forwarder(path, method_spec, channels[method_spec.owner], timeout_s,
                                                method.client_streaming)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 READ, SEND, ADMIN = "read", "send", "admin"
 
-ROUTES: dict[str, dict[str, Route]] = {
+EDGE_METHODS: dict[str, dict[str, EdgeMethod]] = {
     "esp.v1.MessageService": {
-        "SendEmail": Route(SEND), "BatchSendEmails": Route(SEND),
-        "GetMessage": Route(READ, "reports"), "ListMessages": Route(READ, "reports"),
-        "ListMessageEvents": Route(READ, "reports"),
+        "SendEmail": EdgeMethod(SEND), "BatchSendEmails": EdgeMethod(SEND),
+        "GetMessage": EdgeMethod(READ, "reports"), "ListMessages": EdgeMethod(READ, "reports"),
+        "ListMessageEvents": EdgeMethod(READ, "reports"),
     },
     "esp.v1.AttachmentService": {
-        "UploadAttachment": Route(SEND), "GetAttachment": Route(READ), "DeleteAttachment": Route(SEND),
+        "UploadAttachment": EdgeMethod(SEND), "GetAttachment": EdgeMethod(READ), "DeleteAttachment": EdgeMethod(SEND),
     },
     "esp.v1.TenantService": {
-        "CreateTenant": Route(PLATFORM_ADMIN), "ListTenants": Route(PLATFORM_ADMIN),
-        "UpdateTenant": Route(PLATFORM_ADMIN), "GetTenant": Route(ADMIN),
-        "CreateApiKey": Route(ADMIN), "ListApiKeys": Route(ADMIN), "RevokeApiKey": Route(ADMIN),
+        "CreateTenant": EdgeMethod(PLATFORM_ADMIN), "ListTenants": EdgeMethod(PLATFORM_ADMIN),
+        "UpdateTenant": EdgeMethod(PLATFORM_ADMIN), "GetTenant": EdgeMethod(ADMIN),
+        "CreateApiKey": EdgeMethod(ADMIN), "ListApiKeys": EdgeMethod(ADMIN), "RevokeApiKey": EdgeMethod(ADMIN),
     },
     # Holds (reserve/commit/release) are internal to the mesh and deliberately not exposed.
     "esp.v1.CreditService": {
-        "GetBalance": Route(READ, "ledger"), "ListTransactions": Route(READ, "ledger"),
-        "GetPriceBook": Route(READ, "ledger"), "TopUp": Route(PLATFORM_ADMIN, "ledger"),
-        "SetLowBalanceThreshold": Route(ADMIN, "ledger"),
-        "UpdatePriceBook": Route(PLATFORM_ADMIN, "ledger"),
+        "GetBalance": EdgeMethod(READ, "ledger"), "ListTransactions": EdgeMethod(READ, "ledger"),
+        "GetPriceBook": EdgeMethod(READ, "ledger"), "TopUp": EdgeMethod(PLATFORM_ADMIN, "ledger"),
+        "SetLowBalanceThreshold": EdgeMethod(ADMIN, "ledger"),
+        "UpdatePriceBook": EdgeMethod(PLATFORM_ADMIN, "ledger"),
     },
     "esp.v1.ProviderService": {
-        name: Route(PLATFORM_ADMIN, "router")
+        name: EdgeMethod(PLATFORM_ADMIN, "router")
         for name in ("CreateProvider", "GetProvider", "ListProviders", "UpdateProvider", "DeleteProvider",
                      "RouteEmail")
     },
-    "esp.v1.StatsService": {"GetStats": Route(READ, "reports")},
+    "esp.v1.StatsService": {"GetStats": EdgeMethod(READ, "reports")},
     "esp.v1.SuppressionService": {
-        "ListSuppressions": Route(READ, "reports"), "GetSuppression": Route(READ, "reports"),
-        "CreateSuppression": Route(ADMIN, "reports"), "DeleteSuppression": Route(ADMIN, "reports"),
+        "ListSuppressions": EdgeMethod(READ, "reports"), "GetSuppression": EdgeMethod(READ, "reports"),
+        "CreateSuppression": EdgeMethod(ADMIN, "reports"), "DeleteSuppression": EdgeMethod(ADMIN, "reports"),
     },
 }

@@ -1,4 +1,4 @@
-"""Ingest's gRPC wiring: protobuf ↔ domain for the RPCs ingest answers, plus the edge routes."""
+"""Ingest's gRPC wiring: protobuf ↔ domain for the RPCs ingest answers, plus the public edge (which service answers each method)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from services.ingest.accept import Acceptor
 from services.ingest.attachments import AttachmentStore, UploadMetadata
 from services.ingest.clients import LedgerCreditReserver
 from services.ingest.config import IngestSettings
-from services.ingest.edge import ROUTES, ApiKeyAuthenticator, build_handler
+from services.ingest.edge import EDGE_METHODS, ApiKeyAuthenticator, build_handler
 from services.ingest.limits import RateDefaults, RedisGate
 from services.ingest.memory import return_large_buffers_to_the_os
 from services.ingest.model import YIELD_EVERY, EmailDraft, Mailbox
@@ -339,15 +339,15 @@ async def build_components(settings: IngestSettings) -> IngestComponents:
 
 
 def service_app(parts: IngestComponents) -> ServiceApp:
-    """The gRPC service over ``parts``: the edge routes, the outbox publisher and the catalog watcher."""
+    """The gRPC service over ``parts``: the public edge methods, the outbox publisher and the catalog watcher."""
     classes = _message_classes()
     handlers: list[grpc.GenericRpcHandler] = []
     names: list[str] = []
     for module in _FILES:
         for service in module.DESCRIPTOR.services_by_name.values():
-            routes = ROUTES.get(service.full_name)
-            if routes:
-                handlers.append(build_handler(service, routes, parts.servicer, parts.channels, classes,
+            methods = EDGE_METHODS.get(service.full_name)
+            if methods:
+                handlers.append(build_handler(service, methods, parts.servicer, parts.channels, classes,
                                               parts.settings.upstream_timeout_s))
                 names.append(service.full_name)
     return ServiceApp(name="ingest", default_port=50051, generic_handlers=handlers, service_names=names,
