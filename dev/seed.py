@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import grpc
 from esp.v1 import (
-    common_pb2,
     credits_pb2,
     credits_pb2_grpc,
     providers_pb2,
@@ -16,8 +15,7 @@ from esp.v1 import (
     tenants_pb2_grpc,
 )
 
-CLASSES = {"otp": common_pb2.MESSAGE_CLASS_OTP, "transactional": common_pb2.MESSAGE_CLASS_TRANSACTIONAL,
-           "bulk": common_pb2.MESSAGE_CLASS_BULK}
+from libs.common.message_classes import MessageClass
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ def ensure_provider(channel: grpc.Channel, admin_token: str, seed: ProviderSeed)
         type=seed.type, display_name=seed.id, endpoint=seed.endpoint, region=seed.region,
         credentials=dict(seed.credentials), options=dict(seed.options),
         price_per_email_micros=seed.price_per_email_micros, rate_limit_per_second=seed.rate_limit_per_second,
-        daily_quota=seed.daily_quota, allowed_classes=[CLASSES[c] for c in seed.allowed_classes], weight=1.0)
+        daily_quota=seed.daily_quota, allowed_classes=[MessageClass(c).proto for c in seed.allowed_classes], weight=1.0)
     try:
         stub.CreateProvider(providers_pb2.CreateProviderRequest(provider_id=seed.id, provider=provider),
                             metadata=_admin(admin_token), timeout=10)

@@ -19,8 +19,8 @@ import grpc
 from esp.v1 import attachments_pb2, attachments_pb2_grpc, common_pb2, messages_pb2, messages_pb2_grpc
 from grpc_status import rpc_status
 
-CLASSES = {"otp": common_pb2.MESSAGE_CLASS_OTP, "transactional": common_pb2.MESSAGE_CLASS_TRANSACTIONAL,
-           "bulk": common_pb2.MESSAGE_CLASS_BULK}
+from libs.common.message_classes import MessageClass
+
 FINAL_STATES = {messages_pb2.MESSAGE_STATE_SENT, messages_pb2.MESSAGE_STATE_DELIVERED,
                 messages_pb2.MESSAGE_STATE_BOUNCED, messages_pb2.MESSAGE_STATE_FAILED,
                 messages_pb2.MESSAGE_STATE_COMPLAINED}
@@ -90,7 +90,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         try:
             attachment_ids = [_upload(channel, metadata, Path(p)) for p in args.attach]
             request = messages_pb2.SendEmailRequest(
-                request_id=args.request_id or "", message_class=CLASSES[args.message_class],
+                request_id=args.request_id or "", message_class=MessageClass(args.message_class).proto,
                 to=[common_pb2.EmailAddress(email=a) for a in args.to], subject=args.subject,
                 text_body=args.text or "", html_body=args.html or "", attachment_ids=attachment_ids,
                 tags=args.tag, **{"from": common_pb2.EmailAddress(email=args.sender)})
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     send.add_argument("--subject", required=True)
     send.add_argument("--text")
     send.add_argument("--html")
-    send.add_argument("--class", dest="message_class", choices=sorted(CLASSES), default="transactional")
+    send.add_argument("--class", dest="message_class", choices=sorted(c.value for c in MessageClass),
+                      default="transactional")
     send.add_argument("--attach", action="append", default=[], metavar="FILE", help="attachment (repeatable)")
     send.add_argument("--tag", action="append", default=[])
     send.add_argument("--request-id", help="idempotency key: retrying with it never sends twice")

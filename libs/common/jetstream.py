@@ -32,13 +32,11 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
+from libs.common.message_classes import MessageClass
 from libs.common.metrics import JETSTREAM_HANDLED, JETSTREAM_PUBLISHED
 from libs.common.telemetry import inject_headers
 
 log = logging.getLogger(__name__)
-
-MESSAGE_CLASSES = ("otp", "transactional", "bulk")
-
 
 @dataclass(frozen=True)
 class Topology:
@@ -65,7 +63,7 @@ class Topology:
 
     @property
     def send_streams(self) -> tuple[str, ...]:
-        return tuple(self.send_stream(c) for c in MESSAGE_CLASSES)
+        return tuple(self.send_stream(c) for c in MessageClass)
 
     @property
     def streams(self) -> tuple[str, ...]:
@@ -124,7 +122,7 @@ async def ensure_streams(js: JetStreamContext, topology: Topology, *, events_max
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             duplicate_window=duplicate_window_s,
-        ) for c in MESSAGE_CLASSES),
+        ) for c in MessageClass),
         StreamConfig(
             name=topology.events_stream,
             subjects=[topology.events_wildcard, topology.account_wildcard],

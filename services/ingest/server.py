@@ -1,4 +1,4 @@
-"""Ingest's gRPC wiring: protobuf ↔ domain for the RPCs ingest answers, plus the public edge (which service answers each method)."""
+"""Ingest's gRPC wiring: protobuf ↔ domain for the RPCs ingest answers, plus the public edge."""
 
 from __future__ import annotations
 

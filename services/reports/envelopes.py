@@ -13,12 +13,12 @@ from esp.internal.v1 import queue_pb2
 from esp.v1 import common_pb2, messages_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from libs.common.message_classes import class_name_of, proto_of
 from libs.providers.events import DeliveryEvent, EventKind
 from services.reports.models import AcceptedMessage, EventType, Mailbox, MessageEventRecord
 
 _EVENT_TYPE_PREFIX = "MESSAGE_EVENT_TYPE_"
 _OUTCOME_PREFIX = "ATTEMPT_OUTCOME_"
-_CLASS_PREFIX = "MESSAGE_CLASS_"
 
 _EVENT_TYPE_BY_KIND: dict[EventKind, EventType] = {
     EventKind.DELIVERED: EventType.DELIVERED,
@@ -34,24 +34,6 @@ _EVENT_TYPE_BY_KIND: dict[EventKind, EventType] = {
 
 class UndecodableEvent(ValueError):
     """A stream message that is not a usable EventEnvelope (it can never succeed: drop it)."""
-
-
-def message_class_name(value: int) -> str:
-    """``otp`` / ``transactional`` / ``bulk`` for a MessageClass value; empty for UNSPECIFIED or unknown."""
-    if value == common_pb2.MESSAGE_CLASS_UNSPECIFIED:
-        return ""
-    try:
-        return common_pb2.MessageClass.Name(value).removeprefix(_CLASS_PREFIX).lower()
-    except ValueError:
-        return ""
-
-
-def message_class_value(name: str) -> int:
-    """The MessageClass value of ``otp`` / ``transactional`` / ``bulk`` (UNSPECIFIED for anything else)."""
-    try:
-        return common_pb2.MessageClass.Value(_CLASS_PREFIX + name.upper()) if name else 0
-    except ValueError:
-        return common_pb2.MESSAGE_CLASS_UNSPECIFIED
 
 
 def event_type_name(event_type: EventType) -> str:
@@ -75,10 +57,6 @@ _OUTCOMES: dict[int, str] = {
     value: name.removeprefix(_OUTCOME_PREFIX).lower() for name, value in messages_pb2.AttemptOutcome.items()
 }
 _OUTCOMES[0] = ""
-_CLASS_NAMES: dict[int, str] = {
-    value: name.removeprefix(_CLASS_PREFIX).lower() for name, value in common_pb2.MessageClass.items()
-}
-_CLASS_NAMES[common_pb2.MESSAGE_CLASS_UNSPECIFIED] = ""
 
 
 def decode_envelope(payload: bytes, fallback_event_id: str = "") -> MessageEventRecord:
@@ -107,7 +85,7 @@ def decode_envelope(payload: bytes, fallback_event_id: str = "") -> MessageEvent
             raise UndecodableEvent("EventEnvelope without an event type")
         raise UndecodableEvent(f"unknown event type {event.type}")
     event_id = event.event_id or fallback_event_id or "sha256:" + hashlib.sha256(payload).hexdigest()
-    message_class = _CLASS_NAMES.get(envelope.message_class, "")
+    message_class = class_name_of(envelope.message_class)
     accepted = None
     try:
         event_time = timestamp_to_datetime(event.event_time) if event.HasField("event_time") else datetime.now(UTC)
@@ -159,7 +137,7 @@ def _mailbox(address: common_pb2.EmailAddress) -> Mailbox:
 def _accepted(message: messages_pb2.Message, envelope_class: str, event_time: datetime) -> AcceptedMessage:
     metadata = message.metadata
     return AcceptedMessage(
-        message_class=_CLASS_NAMES.get(message.message_class, "") or envelope_class,
+        message_class=class_name_of(message.message_class) or envelope_class,
         sender=_mailbox(getattr(message, "from")),
         to=tuple(map(_mailbox, message.to)),
         cc=tuple(map(_mailbox, message.cc)) if message.cc else (),
@@ -216,6 +194,6 @@ def envelope_for(tenant_id: str, message_id: str, message_class: str,
         tenant_id=tenant_id,
         message_id=message_id,
         event=stamped,
-        message_class=message_class_value(message_class),  # type: ignore[arg-type]
+        message_class=proto_of(message_class),
     )
 

@@ -18,7 +18,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from libs.common.auth import current_principal
 from libs.common.errors import EspError, FieldViolation, InvalidArgument
-from services.reports.envelopes import event_type_name, message_class_name, message_class_value
+from libs.common.message_classes import class_name_of, proto_of
+from services.reports.envelopes import event_type_name
 from services.reports.models import (
     Mailbox,
     MessageEventRecord,
@@ -81,7 +82,7 @@ def message_to_proto(message: MessageStatus) -> messages_pb2.Message:
     proto = messages_pb2.Message(
         name=f"messages/{message.message_id}",
         id=message.message_id,
-        message_class=message_class_value(message.message_class),  # type: ignore[arg-type]
+        message_class=proto_of(message.message_class),
         state=messages_pb2.MessageState.Value(f"MESSAGE_STATE_{message.state.value.upper()}"),
         to=[_address(m) for m in message.to],
         cc=[_address(m) for m in message.cc],
@@ -211,7 +212,7 @@ class StatsServicer(reports_pb2_grpc.StatsServiceServicer):
                  else end - DEFAULT_STATS_RANGE)
         report = await self._reader.get(StatsQuery(
             tenant_id=tenant_id, start=start, end=end, group_by=grouping,
-            message_class=message_class_name(request.message_class),
+            message_class=class_name_of(request.message_class),
         ))
         return reports_pb2.GetStatsResponse(rows=[_stats_row(r) for r in report.rows],
                                             total=_stats_row(report.total))

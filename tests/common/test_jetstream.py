@@ -12,13 +12,13 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from libs.common.jetstream import (
-    MESSAGE_CLASSES,
     StreamLayoutError,
     Topology,
     ensure_pull_consumer,
     ensure_streams,
     publish,
 )
+from libs.common.message_classes import MessageClass
 
 
 @pytest.fixture
@@ -44,10 +44,10 @@ async def test_the_same_message_id_is_stored_once(js):
 async def test_each_class_queues_on_a_stream_of_its_own(js):
     # A bulk backlog's stores and deletions never queue an OTP's publish or delivery behind them.
     jsc, topology = js
-    for count, message_class in enumerate(MESSAGE_CLASSES, start=1):
+    for count, message_class in enumerate(MessageClass, start=1):
         for index in range(count):
             await publish(jsc, topology.send_subject(message_class), b"task", msg_id=f"{message_class}-{index}")
-    stored = {c: (await jsc.stream_info(topology.send_stream(c))).state.messages for c in MESSAGE_CLASSES}
+    stored = {c: (await jsc.stream_info(topology.send_stream(c))).state.messages for c in MessageClass}
     assert stored == {"otp": 1, "transactional": 2, "bulk": 3}
 
 
@@ -58,7 +58,7 @@ async def legacy(nats_url: str, run_id: str) -> AsyncIterator[tuple[object, Topo
     topology = Topology(f"{run_id}old")
     jsc = nc.jetstream()
     await jsc.add_stream(StreamConfig(name=topology.legacy_send_stream,
-                                      subjects=[topology.send_subject(c) for c in MESSAGE_CLASSES],
+                                      subjects=[topology.send_subject(c) for c in MessageClass],
                                       retention=RetentionPolicy.WORK_QUEUE))
     yield jsc, topology
     for name in (topology.legacy_send_stream, *topology.streams):
