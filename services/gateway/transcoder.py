@@ -2,9 +2,7 @@
 
 Behaviour follows grpc-gateway v2 (so Envoy's ``grpc_json_transcoder`` could take its place):
 
-- routing: per HTTP method, the first binding whose template matches; a path that only matches under other
-  methods is 405 (``Allow`` lists them, body code 12 UNIMPLEMENTED), anything else 404 (code 5 NOT_FOUND).
-  Among overlapping templates the most literal one wins (grpc-gateway: last registered wins);
+- matching: the request's binding is found by ``binding_matcher`` (404 / 405 as grpc-gateway answers);
 - request: body (``*`` or one field) parsed as proto3 JSON (camelCase or proto names, unknown fields
   ignored), then for PATCH with a ``body`` field and an empty ``update_mask`` the mask is derived from the
   body, then path variables, then query parameters (never for ``body: "*"``);
@@ -36,6 +34,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from services.gateway.binding_matcher import BindingMatcher
 from services.gateway.descriptors import DescriptorSet, HttpBinding
 from services.gateway.errors import GatewayError, StatusMarshaler, retry_after_seconds
 from services.gateway.fields import (
@@ -72,50 +71,6 @@ class TranscoderOptions:
     """Largest upstream response message accepted."""
 
 
-class Router:
-    """Finds the binding of a request from its HTTP method and raw path."""
-
-    def __init__(self, bindings: Iterable[HttpBinding]) -> None:
-        ordered = sorted(
-            enumerate(bindings),
-            key=lambda item: (-item[1].template.literal_count, item[1].template.has_multi_wildcard, item[0]),
-        )
-        self._by_method: dict[str, list[HttpBinding]] = {}
-        for _, binding in ordered:
-            self._by_method.setdefault(binding.http_method, []).append(binding)
-
-    def route(self, http_method: str, raw_path: str) -> tuple[HttpBinding, dict[str, str]]:
-        """The binding and its decoded path variables; raise GatewayError 400/404/405 otherwise."""
-        if not raw_path.startswith("/"):
-            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "Bad Request", http_status=400)
-        components = raw_path[1:].split("/")
-        try:
-            for binding in self._by_method.get(http_method, ()):
-                variables = self._match(binding, components)
-                if variables is not None:
-                    return binding, variables
-            allowed = sorted(
-                method
-                for method, bindings in self._by_method.items()
-                if method != http_method and any(self._match(b, components) is not None for b in bindings)
-            )
-        except UnicodeDecodeError as exc:
-            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid path encoding: {exc}") from exc
-        if allowed:
-            raise GatewayError(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "Method Not Allowed",
-                http_status=405,
-                headers={"allow": ", ".join(allowed)},
-            )
-        raise GatewayError(grpc.StatusCode.NOT_FOUND, "Not Found")
-
-    @staticmethod
-    def _match(binding: HttpBinding, components: Sequence[str]) -> dict[str, str] | None:
-        parts = binding.template.split_verb(components)
-        return None if parts is None else binding.template.match(parts)
-
-
 class Transcoder:
     """An ASGI application that serves every HTTP binding of a descriptor set by calling one gRPC upstream."""
 
@@ -136,7 +91,7 @@ class Transcoder:
                 continue
             served.append(binding)
         self.bindings: tuple[HttpBinding, ...] = tuple(served)
-        self.router = Router(served)
+        self.matcher = BindingMatcher(served)
         self._status_marshaler = StatusMarshaler(
             descriptors.pool, emit_unpopulated=self.options.emit_unpopulated
         )
@@ -168,7 +123,7 @@ class Transcoder:
         """Answer one HTTP request: route it, call the upstream, write JSON (or a Status error)."""
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         try:
-            binding, variables = self.router.route(request.method, _raw_path(request))
+            binding, variables = self.matcher.match(request.method, _raw_path(request))
             metadata = _outgoing_metadata(request, request_id)
             if binding.client_streaming:
                 response, header_metadata = await self._call_client_streaming(
