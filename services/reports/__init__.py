@@ -1,4 +1,5 @@
 """The reports service: message status and timelines, stats, suppression lists, provider delivery webhooks.
 
-Other services import :func:`services.reports.suppressions.is_suppressed` (ingest, at accept).
+Nothing here is imported by other services. The suppression list's Redis mirror, which ingest reads at accept,
+is shared through :mod:`libs.common.suppressions`.
 """

@@ -1,10 +1,11 @@
 """Suppression lists: addresses a tenant never sends to again.
 
 Postgres (``reports.suppressions``) is the truth. Each tenant's list is mirrored in the Redis set
-:func:`suppression_key` so the ingest service can refuse a suppressed recipient with one ``SISMEMBER`` at accept
-(:func:`is_suppressed`). Writes keep the two in step and, when one of them fails half-way, err on the side of
-suppressing: additions reach Redis *before* the Postgres commit, removals only *after* it. A full rebuild from
-Postgres (:func:`resync_redis`) runs at service start.
+``libs.common.suppressions.suppression_key`` so the ingest service can refuse suppressed recipients with one
+``SMISMEMBER`` at accept (``libs.common.suppressions.suppressed_among``; :func:`is_suppressed` asks it of one).
+Writes keep the two in step and, when one of them fails half-way, err on the side of suppressing: additions
+reach Redis *before* the Postgres commit, removals only *after* it. A full rebuild from Postgres
+(:func:`resync_redis`) runs at service start.
 """
 
 from __future__ import annotations
