@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto')
 BENCH ?=
 BENCH_ARGS ?=
+# What `buf breaking` compares the contracts with: the previous commit of main. A branch of several commits
+# checks against where it started: `make lint BUF_AGAINST='.git#ref=<sha>'`.
+BUF_AGAINST ?= .git\#ref=HEAD~1
 
 .PHONY: all install proto lint fmt test run bench clean
 
@@ -38,6 +41,7 @@ proto: $(GEN)/.stamp
 lint: proto
 	$(BUF) lint
 	$(BUF) format --diff --exit-code proto
+	$(BUF) breaking --against '$(BUF_AGAINST)'
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
