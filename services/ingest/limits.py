@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError
 from libs.common.batching import BatchingOptions, GroupCommitter
 from libs.common.errors import FailedPrecondition, FieldViolation, QuotaViolation, ResourceExhausted
 from libs.common.suppressions import normalise_email, suppression_key
-from services.ingest.model import YIELD_EVERY, EmailDraft
+from services.ingest.model import URGENT_CLASSES, YIELD_EVERY, EmailDraft
 
 DAY_S = 86_400
 _COUNTER_TTL_S = DAY_S + 3600
@@ -165,7 +165,7 @@ class _RedisPipeliner:
 
 
 _Admission = tuple[tuple[str, ...], tuple[str | int, ...], bool]
-"""One email's keys and arguments of the admit script, and whether it is urgent (an OTP)."""
+"""One email's keys and arguments of the admit script, and whether it is urgent (its class's policy says so)."""
 
 
 class _Admitter:
@@ -308,7 +308,7 @@ class RedisGate:
              ticket.rate_key, ticket.counter_key),
             (claim, f"{interval_us:.3f}", f"{tolerance_us:.3f}", cost, daily_quota, len(recipients),
              *(normalise_email(r.email) for r in recipients)),
-            draft.message_class == "otp")
+            draft.message_class in URGENT_CLASSES)
 
     def _verdict(self, tenant_id: str, draft: EmailDraft, ticket: AdmissionTicket, rate_per_second: float,
                  daily_quota: int, outcome: int, detail: Any) -> AdmissionTicket | bytes:

@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-MESSAGE_CLASSES = ("otp", "transactional", "bulk")
+from libs.common.message_classes import MessageClass
+
+CLASS_NAMES: frozenset[str] = frozenset(c.value for c in MessageClass)
+"""The names a draft's ``message_class`` may take (``libs.common.message_classes.MessageClass``)."""
+URGENT_CLASSES: frozenset[str] = frozenset(c.value for c in MessageClass if c.policy.urgent)
+"""The classes whose emails take the urgent lane of every batching step on the accept path (``ClassPolicy.urgent``:
+OTP)."""
 YIELD_EVERY = 10
 """A batch's CPU-bound steps let the event loop run other work after this many emails (about a millisecond): every
 batch being accepted runs one such slice per turn of the loop, and each step of an OTP's accept waits a turn."""
@@ -24,6 +30,7 @@ class EmailDraft:
     """A send request in domain terms (no protobuf types)."""
 
     message_class: str
+    """A ``MessageClass`` value (``otp`` / ``transactional`` / ``bulk``) once validated; empty when not given."""
     sender: Mailbox
     to: tuple[Mailbox, ...]
     cc: tuple[Mailbox, ...] = ()

@@ -10,18 +10,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from esp.internal.v1 import queue_pb2
-from esp.v1 import common_pb2, messages_pb2
+from esp.v1 import messages_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from libs.common.message_classes import MessageClass
 from libs.common.timestamps import to_timestamp
 from services.ingest.model import EmailDraft, Mailbox, StoredAttachment
-
-CLASS_TO_PROTO = {
-    "otp": common_pb2.MESSAGE_CLASS_OTP,
-    "transactional": common_pb2.MESSAGE_CLASS_TRANSACTIONAL,
-    "bulk": common_pb2.MESSAGE_CLASS_BULK,
-}
-PROTO_TO_CLASS = {v: k for k, v in CLASS_TO_PROTO.items()}
 
 
 def request_fingerprint(draft: EmailDraft) -> bytes:
@@ -35,9 +29,6 @@ def request_fingerprint(draft: EmailDraft) -> bytes:
                sorted(draft.headers.items()), list(draft.tags), sorted(draft.metadata.items()),
                list(draft.attachment_ids)]
     return hashlib.sha256(json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()).digest()
-
-
-
 
 
 LINK_BYTES = 2048
@@ -87,7 +78,7 @@ def build_send_task(message_id: uuid.UUID | str, tenant_id: str, draft: EmailDra
     """The SEND stream payload: the whole email, so a sender needs no lookup. ``message_bytes`` is the size the
     providers will see (with links instead of attachments when ``attachments_as_links``)."""
     task = queue_pb2.SendTask(
-        message_id=str(message_id), tenant_id=tenant_id, message_class=CLASS_TO_PROTO[draft.message_class],
+        message_id=str(message_id), tenant_id=tenant_id, message_class=MessageClass(draft.message_class).proto,
         subject=draft.subject, text_body=draft.text_body, html_body=draft.html_body,
         message_bytes=estimated_message_bytes(draft, attachments, as_links=attachments_as_links),
         attachments_as_links=attachments_as_links)

@@ -30,6 +30,7 @@ from libs.common.errors import EspError, FieldViolation, InvalidArgument, NotFou
 from libs.common.grpc_client import open_channel
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
+from libs.common.message_classes import class_name_of
 from libs.common.redis import create_redis
 from libs.common.s3 import create_s3_client, ensure_bucket
 from libs.common.timestamps import to_timestamp
@@ -43,7 +44,6 @@ from services.ingest.limits import RateDefaults, RedisGate
 from services.ingest.memory import return_large_buffers_to_the_os
 from services.ingest.model import YIELD_EVERY, EmailDraft, Mailbox
 from services.ingest.outbox import OutboxPublisher
-from services.ingest.payloads import PROTO_TO_CLASS
 from services.ingest.sizing import SizePolicy
 from services.ingest.store import MessageStore
 from services.ingest.tenants import ApiKeyRecord, Tenant, TenantStore
@@ -64,7 +64,7 @@ def draft_from_proto(req: messages_pb2.SendEmailRequest) -> EmailDraft:
     present = {f.name: v for f, v in req.ListFields()}
     sender = present.get("from")
     return EmailDraft(
-        message_class=PROTO_TO_CLASS.get(present.get("message_class", 0), ""),
+        message_class=class_name_of(present.get("message_class", 0)),
         sender=Mailbox(sender.email, sender.name) if sender is not None else Mailbox(""),
         to=_boxes(present.get("to", ())), cc=_boxes(present.get("cc", ())), bcc=_boxes(present.get("bcc", ())),
         reply_to=_boxes(present.get("reply_to", ())), subject=present.get("subject", ""),

@@ -21,6 +21,7 @@ from esp.v1 import messages_pb2
 from psycopg_pool import AsyncConnectionPool
 
 from libs.common.batching import BatchingOptions, GroupCommitter
+from services.ingest.model import URGENT_CLASSES
 from services.ingest.outbox import CommittedRow, OutboxRow
 from services.ingest.payloads import message_resource
 from services.ingest.pg import autocommit
@@ -62,7 +63,7 @@ class MessageStore:
         self._batcher: GroupCommitter[NewMessage, bool] = GroupCommitter(
             self._commit, BatchingOptions(max_batch_size=batch_size, workers=workers, shards=1,
                                           min_interval_s=batch_interval_s),
-            urgent=lambda message: message.message_class == "otp", name="ingest-postgres")
+            urgent=lambda message: message.message_class in URGENT_CLASSES, name="ingest-postgres")
 
     async def insert(self, message: NewMessage) -> bool:
         """Commit the message and its outbox rows; False (and nothing written) when its request_id is taken."""
@@ -105,7 +106,7 @@ class MessageStore:
         outbox_ids = {key: row_id for row_id, key in result if row_id is not None}
         committed = [CommittedRow(outbox_ids[r.msg_id], r) for message, r in rows if message in inserted]
         if committed and self.on_commit is not None:
-            self.on_commit(committed, all(m.message_class == "otp" for m in batch))
+            self.on_commit(committed, all(m.message_class in URGENT_CLASSES for m in batch))
         return [m.id in inserted for m in batch]
 
     async def by_request_id(self, tenant_id: str, request_id: str) -> StoredMessage | None:

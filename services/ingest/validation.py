@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
 from libs.common.errors import FieldViolation, InvalidArgument
-from services.ingest.model import MESSAGE_CLASSES, EmailDraft, Mailbox
+from libs.common.message_classes import MessageClass
+from services.ingest.model import CLASS_NAMES, EmailDraft, Mailbox
 
 MAX_SUBJECT_CHARS = 998
 """RFC 5322's line limit: a longer subject cannot be sent unfolded."""
@@ -146,8 +147,8 @@ def _check_headers(headers: Iterable[tuple[str, str]], extra_allowed: frozenset[
 def validate_draft(draft: EmailDraft, *, extra_allowed_headers: frozenset[str] = frozenset()) -> EmailDraft:
     """Check a draft; return it with addresses normalised, or raise INVALID_ARGUMENT listing every violation."""
     problems: list[FieldViolation] = []
-    if draft.message_class not in MESSAGE_CLASSES:
-        problems.append(FieldViolation("message_class", f"required: one of {', '.join(MESSAGE_CLASSES)}"))
+    if draft.message_class not in CLASS_NAMES:
+        problems.append(FieldViolation("message_class", f"required: one of {', '.join(MessageClass)}"))
     if not draft.sender.email:
         problems.append(FieldViolation("from.email", "required"))
         sender = draft.sender
