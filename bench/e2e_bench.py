@@ -35,6 +35,12 @@ then measures, ``--runs`` times, and prints the medians as JSON lines:
   Redis servers by process name), so the figure that bounds throughput on two cores is visible, and steadier than
   throughput on a shared machine. ``sender.cpu_ms_per_email`` is the sender's during ``sender.sends_per_s``.
 
+Before the first run, with the mesh up and idle, it measures the floors (:mod:`bench.floor`; the Postgres one in
+the benchmark's database) and prints the headline figures against them as ``<metric>_vs_floor``:
+``e2e.sends_per_s`` (Postgres is the largest CPU share per email) against the Postgres floor; ``sender.sends_per_s``
+(no Postgres on its path) and the latencies (``e2e.otp_p99_ms``, ``e2e.otp_campaign_p99_ms``,
+``sender.fallback_decision_p99_ms``) against the gRPC floor.
+
 Run: ``make bench BENCH=e2e``; options (``--runs``, ``--emails``, ``--clients``, ``--campaign``, ...) go in
 ``BENCH_ARGS="--runs 5"`` or after ``--`` in ``python -m bench e2e -- --runs 5``. Servers: Postgres
 ``ESP_BENCH_POSTGRES_DSN``, Redis ``ESP_BENCH_REDIS_URL``, NATS ``ESP_BENCH_NATS_URL`` (defaults: the local ones).
@@ -77,7 +83,8 @@ from esp.v1 import (
 )
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bench.processes import run_and_report
+from bench import floor
+from bench.processes import run_and_report, until_idle
 from dev import mesh as m
 from dev import pgtools, seed
 from dev.migrate import SERVICES_WITH_SCHEMAS
@@ -354,6 +361,12 @@ def cpu_seconds(env: Environment) -> dict[str, float]:
     for server in SHARED_SERVERS:
         totals[server] = sum(cpu for name, _parent, cpu in table.values() if name == server)
     return totals
+
+
+def mesh_cpu_seconds(env: Environment) -> dict[str, float]:
+    """CPU seconds so far of each service (with its worker processes) and the simulator: the mesh's own processes,
+    without the shared servers or this one."""
+    return {name: cpu for name, cpu in cpu_seconds(env).items() if name not in (*SHARED_SERVERS, "bench-client")}
 
 
 def cpu_ms_per_email(before: dict[str, float], after: dict[str, float], emails: int) -> dict[str, float]:
@@ -805,10 +818,19 @@ UNITS = {"e2e.sends_per_s": "1/s", "sender.sends_per_s": "1/s", "e2e.otp_phase_b
          "e2e.otp_phase_wakeup_stalls_per_1000": "1"}
 """Units other than ms."""
 TARGETS = {"e2e.sends_per_s": 1750, "e2e.otp_p99_ms": 50, "sender.fallback_decision_p99_ms": 10}
+HEADLINES: dict[str, floor.FloorName] = {
+    "e2e.sends_per_s": "pg",
+    "sender.sends_per_s": "grpc",
+    "e2e.otp_p99_ms": "grpc",
+    "e2e.otp_campaign_p99_ms": "grpc",
+    "sender.fallback_decision_p99_ms": "grpc",
+}
+"""The figures printed against a floor too, and which (:mod:`bench.floor`)."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Start the mesh, measure ``--runs`` times, print the medians as JSON lines, stop everything."""
+    """Start the mesh, measure the floors, then ``--runs`` times the mesh, print the medians as JSON lines, stop
+    everything."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--emails", type=int, default=10_000, help="emails per throughput run")
@@ -827,14 +849,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.campaign < 1:
         parser.error("--campaign must be at least 1: the OTPs start once its first batch is accepted")
     with environment() as env:
+        waited = asyncio.run(until_idle(lambda: sum(mesh_cpu_seconds(env).values()), timeout_s=30, busy_share=0.1))
+        print(f"mesh idle after {waited:.1f} s", file=sys.stderr, flush=True)
+        yardstick = floor.measure(env.config.postgres_dsn)
         samples = asyncio.run(measure_all(env, args))
+    results: list[dict[str, Any]] = []
     for metric, values in samples.items():
         digits = 3 if "cpu_ms" in metric else 1
         line: dict[str, Any] = {"metric": metric, "value": round(statistics.median(values), digits),
                                 "unit": UNITS.get(metric, "ms"), "runs": [round(v, digits) for v in values]}
         if metric in TARGETS:
             line["target"] = TARGETS[metric]
-        print(json.dumps(line))
+        results.append(line)
+    floor.print_figures(results, yardstick, HEADLINES)
 
 
 if __name__ == "__main__":

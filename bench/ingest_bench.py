@@ -15,6 +15,11 @@ Prints one JSON line per metric:
 - ``attachment.upload_rss_growth_mb``: how much the ingest process' peak RSS grew during an upload (MiB, the
   largest of the three).
 
+Before them, once ingest is idle, it measures the floors (:mod:`bench.floor`; the Postgres one in the benchmark's
+database) and prints its headline figures against them as ``<metric>_vs_floor``: the unary figures and the upload
+against the gRPC floor, ``ingest.batch_accept_per_s`` (Postgres rows, gRPC amortised over 250 emails a call)
+against the Postgres floor.
+
 Uses the Postgres, Redis and NATS servers named by ``ESP_BENCH_POSTGRES_DSN`` / ``ESP_BENCH_REDIS_URL`` /
 ``ESP_BENCH_NATS_URL`` (local defaults), a throw-away database and namespace, and a private S3 server (rclone).
 Nothing consumes the queued emails: the benchmark measures accepting them.
@@ -29,7 +34,6 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import json
 import multiprocessing
 import os
 import resource
@@ -48,8 +52,9 @@ import httpx
 import psycopg
 from esp.v1 import attachments_pb2, attachments_pb2_grpc, common_pb2, messages_pb2, messages_pb2_grpc
 
+from bench import floor
 from bench.h2load import run_h2load
-from bench.processes import cpu_seconds, run_and_report
+from bench.processes import cpu_seconds, run_and_report, until_idle
 from dev import mesh as m
 from dev import pgtools, seed
 from libs.common.db import migrate_services
@@ -59,6 +64,16 @@ REDIS_URL = os.environ.get("ESP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 NATS_URL = os.environ.get("ESP_BENCH_NATS_URL", "nats://127.0.0.1:4222")
 MIB = 1024 * 1024
 UPLOAD_BYTES = 150 * MIB
+
+
+HEADLINES: dict[str, floor.FloorName] = {
+    "ingest.accept_per_s": "grpc",
+    "ingest.accept_p50_ms": "grpc",
+    "ingest.accept_p99_ms": "grpc",
+    "ingest.batch_accept_per_s": "pg",
+    "attachment.upload_mb_per_s": "grpc",
+}
+"""The figures printed against a floor too, and which (:mod:`bench.floor`)."""
 
 
 @dataclass(frozen=True)
@@ -275,7 +290,7 @@ async def upload(target: Target, runs: int = 3) -> tuple[float, float]:
             yield attachments_pb2.UploadAttachmentRequest(chunk=piece)
 
     # The accept measurements leave ingest publishing its outbox for a while; uploading meanwhile would measure that
-    settled_after = await _until_idle(target.ingest_pid, timeout_s=60)
+    settled_after = await until_idle(lambda: cpu_seconds(target.ingest_pid), timeout_s=60)
     print(f"ingest idle after {settled_after:.1f} s; uploading", file=sys.stderr)
     rates: list[float] = []
     growths: list[float] = []
@@ -300,17 +315,6 @@ async def upload(target: Target, runs: int = 3) -> tuple[float, float]:
                   f"{cpu_seconds(target.ingest_pid) - cpu:.2f} s, RSS growth {growths[-1]:.1f} MiB, "
                   f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     return statistics.median(rates), max(growths)
-
-
-async def _until_idle(pid: int, timeout_s: float, busy_share: float = 0.05, interval_s: float = 0.5) -> float:
-    """Wait until the process uses under ``busy_share`` of a core over ``interval_s``; the seconds waited."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout_s:
-        cpu = cpu_seconds(pid)
-        await asyncio.sleep(interval_s)
-        if cpu_seconds(pid) - cpu < busy_share * interval_s:
-            break
-    return time.perf_counter() - started
 
 
 @contextlib.contextmanager
@@ -403,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     results: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="esp-bench-ingest-") as logs, running_mesh(Path(logs)) as target:
+        asyncio.run(until_idle(lambda: cpu_seconds(target.ingest_pid), timeout_s=30))
+        yardstick = floor.measure(target.dsn)
         cpu, batching = cpu_seconds(target.ingest_pid), batch_sizes(target)
         rate, load_cpu, latencies = h2load_unary(target, args.duration, args.callers, args.connections)
         cpu_per_email = (cpu_seconds(target.ingest_pid) - cpu) / (rate * args.duration)
@@ -428,8 +434,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 {"metric": "attachment.upload_mb_per_s", "value": round(mb_per_s, 1), "unit": "MB/s"},
                 {"metric": "attachment.upload_rss_growth_mb", "value": round(growth, 1), "unit": "MiB"},
             ]
-    for result in results:
-        print(json.dumps(result))
+    floor.print_figures(results, yardstick, HEADLINES)
 
 
 if __name__ == "__main__":

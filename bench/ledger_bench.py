@@ -7,6 +7,9 @@ Prints one JSON line per metric, each the median of ``--runs`` runs:
 - ``ledger.single_row_txn_reserve_per_s``: one tenant, one transaction per reserve (batches of one) — the
   baseline that shows what group commit buys.
 
+Before them it measures the floors (:mod:`bench.floor`) in the same database, and prints each figure against the
+Postgres floor as ``<metric>_vs_floor``.
+
 Run: ``python -m bench.ledger_bench`` (admin DSN from ``ESP_BENCH_POSTGRES_DSN``).
 """
 
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -22,6 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bench import floor
 from dev import pgtools
 from libs.common.batching import BatchingOptions
 from libs.common.db import create_pool, migrate_services
@@ -32,6 +35,14 @@ from services.ledger.models import MessageClass
 ADMIN_DSN = os.environ.get("ESP_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 # More than anyone can reserve in a run, so the balance never runs out mid-measurement.
 PLENTY_OF_CREDITS = 10**12
+
+
+HEADLINES: dict[str, floor.FloorName] = {
+    "ledger.hot_tenant_reserve_per_s": "pg",
+    "ledger.many_tenants_reserve_per_s": "pg",
+    "ledger.single_row_txn_reserve_per_s": "pg",
+}
+"""The figures printed against a floor too, and which (:mod:`bench.floor`): reserves are Postgres transactions."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,7 @@ def scenarios(duration_s: float) -> list[Scenario]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Create a database, measure, print JSON lines, drop the database."""
+    """Create a database, measure the floors, then the reserves, print JSON lines, drop the database."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run")
@@ -120,11 +131,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     name = pgtools.unique_database_name("esp_bench_ledger")
     dsn = pgtools.create_database(ADMIN_DSN, name)
     try:
+        yardstick = floor.measure(dsn)
         results = asyncio.run(bench(dsn, scenarios(args.duration), args.runs))
     finally:
         pgtools.drop_database(ADMIN_DSN, name)
-    for result in results:
-        print(json.dumps(result))
+    floor.print_figures(results, yardstick, HEADLINES)
 
 
 if __name__ == "__main__":

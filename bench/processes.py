@@ -1,11 +1,12 @@
-"""Processes a benchmark starts or watches: the body of its helper processes (load generators, the backlog keeper)
-and the CPU time of a process."""
+"""Processes a benchmark starts or watches: the body of its helper processes (load generators, the backlog keeper),
+the CPU time of a process, and waiting until processes are idle."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -24,3 +25,16 @@ def cpu_seconds(pid: int) -> float:
     """CPU time (user + system, all its threads) the process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def until_idle(cpu: Callable[[], float], timeout_s: float, busy_share: float = 0.05,
+                     interval_s: float = 0.5) -> float:
+    """Wait until what ``cpu`` counts (CPU seconds so far of the processes watched) grows by under ``busy_share`` of
+    a core over ``interval_s``, or ``timeout_s`` passed; the seconds waited."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        before = cpu()
+        await asyncio.sleep(interval_s)
+        if cpu() - before < busy_share * interval_s:
+            break
+    return time.perf_counter() - started
