@@ -21,6 +21,11 @@ from grpc_status import rpc_status
 
 from libs.common.message_classes import MessageClass
 
+__all__ = [
+    "connection",
+    "main",
+]
+
 FINAL_STATES = {messages_pb2.MESSAGE_STATE_SENT, messages_pb2.MESSAGE_STATE_DELIVERED,
                 messages_pb2.MESSAGE_STATE_BOUNCED, messages_pb2.MESSAGE_STATE_FAILED,
                 messages_pb2.MESSAGE_STATE_COMPLAINED}

@@ -1,0 +1,34 @@
+"""Plumbing every service shares. Each module is one idea and declares its public names in ``__all__``; a name
+not listed there is private to its module (``mypy --strict`` refuses imports of unlisted names).
+
+The package imports none of its modules: a caller that needs one small piece (the CLI reading the message
+classes, say) must not load grpc, NATS, psycopg and boto3 with it.
+
+Serving and calling
+    ``grpc_server``   ``serve()`` / ``run()`` a ``ServiceApp``: grpc.aio, health, reflection, auth, errors → Status,
+                      tracing, metrics, SIGTERM drain
+    ``grpc_client``   channels between services; a failed call → the same domain error
+    ``auth``          the principal of the current call (tenant, scopes) and the trusted-header authenticator
+    ``errors``        the domain's exception tree (``EspError`` and one subclass per gRPC code) ↔ ``google.rpc.Status``
+    ``workers``       child worker processes of a service, supervised (ready before serving, fatal when they die)
+    ``priority``      lower CPU priority (nice and autogroup) for background processes
+    ``stopping``      how a background loop pauses between rounds
+
+Data and transport
+    ``db``            Postgres pools and per-service SQL migrations
+    ``redis``         the Redis client and shared Lua scripts (GCRA)
+    ``s3``            the S3 client, buckets, streamed reads
+    ``jetstream``     streams and consumers declared in code, publishing, pull loops (``Topology`` names them)
+    ``batching``      group commit: concurrent calls coalesced into one flush
+    ``suppressions``  the suppression list's Redis mirror (written by reports, read by ingest)
+
+Domain facts and settings
+    ``message_classes``  the message classes (otp, transactional, bulk) and every per-class policy
+    ``settings``      frozen settings from ``ESP_*`` variables, every bad key reported at once
+    ``timestamps``    datetimes → protobuf Timestamps
+
+Observability
+    ``logging``       JSON log lines with trace ids
+    ``telemetry``     OpenTelemetry set-up; W3C trace context through gRPC metadata and NATS headers
+    ``metrics``       Prometheus metrics shared by every service
+"""

@@ -13,6 +13,19 @@ from typing import Protocol
 
 from libs.common.errors import PermissionDenied, Unauthenticated
 
+__all__ = [
+    "PLATFORM_ADMIN",
+    "SCOPES_HEADER",
+    "TENANT_HEADER",
+    "Authenticator",
+    "Principal",
+    "TrustedHeaderAuthenticator",
+    "check_tenant_access",
+    "current_principal",
+    "reset_principal",
+    "set_principal",
+]
+
 TENANT_HEADER = "x-esp-tenant"
 SCOPES_HEADER = "x-esp-scopes"
 PLATFORM_ADMIN = "platform-admin"

@@ -25,6 +25,14 @@ from typing import Generic, TypeVar
 
 from prometheus_client import Histogram
 
+__all__ = [
+    "BATCH_SIZE",
+    "BatcherClosed",
+    "BatchingOptions",
+    "FlushFunction",
+    "GroupCommitter",
+]
+
 BATCH_SIZE = Histogram("esp_batch_size", "Requests handled together in one round trip", ["batcher"],
                        buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000))
 

@@ -15,6 +15,16 @@ from pathlib import Path
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+__all__ = [
+    "SESSION_OPTIONS",
+    "Migration",
+    "create_pool",
+    "load_migrations",
+    "migrate",
+    "migrate_services",
+    "service_migrations",
+]
+
 _MIGRATION_NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
 # Arbitrary constant: one advisory lock serialises all migrators of this deployment.
 _MIGRATION_LOCK_ID = 0x45_53_50_4D

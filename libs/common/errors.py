@@ -13,6 +13,27 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+__all__ = [
+    "ERROR_DOMAIN",
+    "Aborted",
+    "AlreadyExists",
+    "EspError",
+    "FailedPrecondition",
+    "FieldViolation",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "QuotaViolation",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "error_from_parts",
+    "error_from_status",
+    "error_parts",
+]
+
 ERROR_DOMAIN = "esp.dev"
 
 

@@ -10,6 +10,13 @@ from grpc_status import rpc_status
 
 from libs.common.errors import EspError, Unavailable, error_from_parts, error_from_status
 
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "domain_errors",
+    "open_channel",
+    "to_domain_error",
+]
+
 CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),

@@ -33,6 +33,18 @@ from libs.common.priority import lower_cpu_priority
 from libs.common.settings import CommonSettings, SettingsError, load_settings
 from libs.common.telemetry import carries_trace_context, configure_tracing, extract_context, tracing_enabled
 
+__all__ = [
+    "BackgroundTask",
+    "ServiceApp",
+    "ServiceFailed",
+    "StopEvent",
+    "event_loop_factory",
+    "run",
+    "run_closers",
+    "serve",
+    "settle_garbage_collector",
+]
+
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=CommonSettings)
 

@@ -36,6 +36,21 @@ from libs.common.message_classes import MessageClass
 from libs.common.metrics import JETSTREAM_HANDLED, JETSTREAM_PUBLISHED
 from libs.common.telemetry import inject_headers
 
+__all__ = [
+    "JS_API_PREFIX",
+    "AckedPublisher",
+    "BatchPuller",
+    "Handler",
+    "PublishRejected",
+    "StreamLayoutError",
+    "Topology",
+    "connect",
+    "ensure_pull_consumer",
+    "ensure_streams",
+    "publish",
+    "pull_loop",
+]
+
 log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)

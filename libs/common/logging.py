@@ -10,6 +10,11 @@ from typing import Any
 
 from opentelemetry import trace
 
+__all__ = [
+    "JsonFormatter",
+    "configure_logging",
+]
+
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 

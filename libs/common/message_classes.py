@@ -38,6 +38,17 @@ from types import MappingProxyType
 
 from esp.v1 import common_pb2
 
+__all__ = [
+    "CLASS_POLICIES",
+    "AmbiguousPolicy",
+    "ClassPolicy",
+    "MessageClass",
+    "RetryPolicy",
+    "RoutingWeights",
+    "class_name_of",
+    "proto_of",
+]
+
 
 class MessageClass(StrEnum):
     """How urgent and how price-sensitive an email is."""

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram, start_http_server
 
+__all__ = [
+    "GRPC_DURATION",
+    "GRPC_REQUESTS",
+    "JETSTREAM_HANDLED",
+    "JETSTREAM_PUBLISHED",
+    "start_metrics_server",
+]
+
 GRPC_REQUESTS = Counter("esp_grpc_requests_total", "gRPC requests served", ["service", "method", "code"])
 GRPC_DURATION = Histogram(
     "esp_grpc_request_duration_seconds",

@@ -22,6 +22,11 @@ import logging
 import os
 from pathlib import Path
 
+__all__ = [
+    "AUTOGROUP",
+    "lower_cpu_priority",
+]
+
 log = logging.getLogger(__name__)
 AUTOGROUP = Path("/proc/self/autogroup")
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
+__all__ = [
+    "GCRA_SCRIPT",
+    "create_redis",
+]
+
 
 def create_redis(url: str, *, max_connections: int = 200) -> aioredis.Redis:
     """An asyncio Redis client over a blocking pool: past ``max_connections`` callers wait for a free connection

@@ -9,6 +9,12 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+__all__ = [
+    "create_s3_client",
+    "ensure_bucket",
+    "stream_object",
+]
+
 
 def create_s3_client(endpoint: str, region: str, access_key: str, secret_key: str) -> Any:
     """A boto3 S3 client; ``endpoint`` empty means AWS itself."""

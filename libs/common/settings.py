@@ -14,6 +14,15 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+__all__ = [
+    "CommonSettings",
+    "SettingsError",
+    "check_positive",
+    "env_name",
+    "load_settings",
+    "settings_env",
+]
+
 T = TypeVar("T")
 
 _TRUE = {"1", "true", "yes", "on"}

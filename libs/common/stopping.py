@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+__all__ = [
+    "pause_unless_stopped",
+]
+
 
 async def pause_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
     """Sleep ``seconds``, or less: return as soon as ``stop`` is set."""

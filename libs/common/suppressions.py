@@ -6,6 +6,13 @@ from collections.abc import Sequence
 
 from redis.asyncio import Redis
 
+__all__ = [
+    "normalise_email",
+    "suppressed_among",
+    "suppression_index_key",
+    "suppression_key",
+]
+
 
 def normalise_email(email: str) -> str:
     """The form addresses are compared in: trimmed and lower-cased."""

@@ -12,6 +12,14 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+__all__ = [
+    "carries_trace_context",
+    "configure_tracing",
+    "extract_context",
+    "inject_headers",
+    "tracing_enabled",
+]
+
 log = logging.getLogger(__name__)
 
 

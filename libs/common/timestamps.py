@@ -6,6 +6,10 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+__all__ = [
+    "to_timestamp",
+]
+
 
 def to_timestamp(value: datetime | None) -> Timestamp:
     """``value`` as a Timestamp; an unset (zero) Timestamp for None."""

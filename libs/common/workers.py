@@ -35,6 +35,18 @@ from libs.common.settings import CommonSettings, SettingsError, load_settings, s
 from libs.common.stopping import pause_unless_stopped
 from libs.common.telemetry import configure_tracing
 
+__all__ = [
+    "READY_FD_VARIABLE",
+    "StopEvent",
+    "WorkerParts",
+    "WorkerSpec",
+    "WorkerSupervisor",
+    "run_worker",
+    "serve_worker",
+    "start_worker",
+    "worker_env",
+]
+
 log = logging.getLogger(__name__)
 
 READY_FD_VARIABLE = "ESP_WORKER_READY_FD"

@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 
-from services.reports.models import normalise_email
+from libs.common.suppressions import normalise_email
 
 
 @dataclass(frozen=True)

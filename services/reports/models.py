@@ -12,8 +12,6 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Generic, NamedTuple, TypeVar
 
-from libs.common.suppressions import normalise_email  # noqa: F401 - re-exported for reports' modules
-
 T = TypeVar("T")
 
 

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 import psycopg
 from esp.v1 import messages_pb2
 
+from libs.common.suppressions import normalise_email
 from services.reports.envelopes import record_from_message_event
 from services.reports.message_index import resolve_message
 from services.reports.models import (
@@ -32,7 +33,6 @@ from services.reports.models import (
     MessageState,
     Suppression,
     SuppressionReason,
-    normalise_email,
 )
 from services.reports.stats import StatsRollup
 from services.reports.suppressions import insert_suppressions

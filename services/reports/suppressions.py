@@ -22,8 +22,8 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from libs.common.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
-from libs.common.suppressions import suppressed_among, suppression_index_key, suppression_key
-from services.reports.models import Page, Suppression, SuppressionReason, normalise_email
+from libs.common.suppressions import normalise_email, suppressed_among, suppression_index_key, suppression_key
+from services.reports.models import Page, Suppression, SuppressionReason
 from services.reports.pagination import decode_page_token, encode_page_token, page_size
 
 log = logging.getLogger(__name__)
