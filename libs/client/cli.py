@@ -140,6 +140,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the ``esp`` command line with ``argv`` (default: the process's arguments); exits with its status."""
     parser = argparse.ArgumentParser(prog="esp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from libs.common.errors import PermissionDenied, Unauthenticated
+from libs.common.errors import NotFound, PermissionDenied, Unauthenticated
 
 __all__ = [
     "PLATFORM_ADMIN",
@@ -42,6 +42,7 @@ class Principal:
 
     @property
     def is_platform_admin(self) -> bool:
+        """Whether the caller is the platform's operator, who acts on every tenant."""
         return PLATFORM_ADMIN in self.scopes
 
     def require(self, scope: str) -> None:
@@ -67,23 +68,28 @@ def current_principal() -> Principal:
 
 
 def set_principal(principal: Principal | None) -> contextvars.Token[Principal | None]:
+    """Make ``principal`` the caller of the RPC being served (the handler wrapper's job, once per call)."""
     return _current.set(principal)
 
 
 def reset_principal(token: contextvars.Token[Principal | None]) -> None:
+    """Restore the caller that ``set_principal`` replaced."""
     _current.reset(token)
 
 
 class Authenticator(Protocol):
     """Turns an RPC's metadata into a principal, or None for methods that need none (health, reflection)."""
 
-    def __call__(self, method: str, metadata: Mapping[str, str]) -> Awaitable[Principal | None]: ...
+    def __call__(self, method: str, metadata: Mapping[str, str]) -> Awaitable[Principal | None]:
+        """The principal calling ``method`` with ``metadata``; raise ``Unauthenticated`` for bad credentials."""
+        ...
 
 
 class TrustedHeaderAuthenticator:
     """For services behind the edge: the principal travels in metadata set by the edge."""
 
     async def __call__(self, method: str, metadata: Mapping[str, str]) -> Principal | None:
+        """The principal the edge put in the metadata; None when the call came without one (mesh-internal)."""
         if TENANT_HEADER not in metadata and SCOPES_HEADER not in metadata:
             return None
         scopes = frozenset(s for s in metadata.get(SCOPES_HEADER, "").split(",") if s)
@@ -93,8 +99,6 @@ class TrustedHeaderAuthenticator:
 def check_tenant_access(tenant_id: str) -> None:
     """For tenant-scoped resources: a caller of another tenant gets NOT_FOUND (the resource 'does not exist'
     for them); mesh-internal calls without a principal and the platform admin pass."""
-    from libs.common.errors import NotFound
-
     principal = _current.get()
     if principal is not None and not principal.is_platform_admin and principal.tenant_id != tenant_id:
         raise NotFound(f"tenant {tenant_id!r} not found", reason="TENANT_NOT_FOUND")

@@ -116,56 +116,78 @@ class EspError(Exception):
 
 
 class InvalidArgument(EspError):
+    """The request itself is wrong (a malformed address, a bad field); ``field_violations`` say where."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
     default_reason = "INVALID_ARGUMENT"
 
 
 class Unauthenticated(EspError):
+    """No credentials, or credentials that name nobody (a missing or unknown API key)."""
+
     code = grpc.StatusCode.UNAUTHENTICATED
     default_reason = "UNAUTHENTICATED"
 
 
 class PermissionDenied(EspError):
+    """The caller is known but its key lacks the scope the method needs."""
+
     code = grpc.StatusCode.PERMISSION_DENIED
     default_reason = "PERMISSION_DENIED"
 
 
 class NotFound(EspError):
+    """No such resource for this caller (another tenant's resources are NOT_FOUND too, so ids leak nothing)."""
+
     code = grpc.StatusCode.NOT_FOUND
     default_reason = "NOT_FOUND"
 
 
 class AlreadyExists(EspError):
+    """The resource to create exists already."""
+
     code = grpc.StatusCode.ALREADY_EXISTS
     default_reason = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(EspError):
+    """The system is not in a state where the request applies (an illegal state transition, no credits)."""
+
     code = grpc.StatusCode.FAILED_PRECONDITION
     default_reason = "FAILED_PRECONDITION"
 
 
 class Aborted(EspError):
+    """A concurrent request conflicted (the same ``request_id`` with a different body, say); retry at a higher level."""
+
     code = grpc.StatusCode.ABORTED
     default_reason = "ABORTED"
 
 
 class ResourceExhausted(EspError):
+    """A rate limit or quota is spent; ``retry_after_s`` and ``quota_violations`` say which and for how long."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RATE_LIMITED"
 
 
 class Unavailable(EspError):
+    """A dependency is down or overloaded for now; safe to retry after ``retry_after_s``."""
+
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
 
 
 class Unimplemented(EspError):
+    """The method is not served here."""
+
     code = grpc.StatusCode.UNIMPLEMENTED
     default_reason = "UNIMPLEMENTED"
 
 
 class Internal(EspError):
+    """A bug: an invariant broke. Never raised for bad input."""
+
     code = grpc.StatusCode.INTERNAL
     default_reason = "INTERNAL"
 

@@ -78,6 +78,7 @@ class Topology:
 
     @property
     def send_streams(self) -> tuple[str, ...]:
+        """The work queue of every message class."""
         return tuple(self.send_stream(c) for c in MessageClass)
 
     @property
@@ -87,9 +88,11 @@ class Topology:
 
     @property
     def events_stream(self) -> str:
+        """The stream of every message and account event (limits retention: read by many consumers)."""
         return self._p("EVENTS")
 
     def send_subject(self, message_class: str) -> str:
+        """Where emails of ``message_class`` are queued for the sender."""
         return self._s(f"esp.send.{message_class}")
 
     def events_subject(self, tenant_id: str, *, final: bool = False) -> str:
@@ -113,9 +116,11 @@ class Topology:
 
     @property
     def account_wildcard(self) -> str:
+        """Account-level events of every tenant."""
         return self._s("esp.account.>")
 
     def consumer(self, name: str) -> str:
+        """The durable consumer name ``name`` in this mesh (JetStream names may not contain dots)."""
         return self._p(name).replace(".", "_")
 
 
@@ -311,10 +316,12 @@ class BatchPuller:
         self._wakeup = asyncio.Event()
 
     async def start(self) -> None:
+        """Subscribe the inbox that every pull request of this puller is answered to."""
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
 
     async def stop(self) -> None:
+        """Unsubscribe the inbox; messages still in flight are redelivered by JetStream after ``ack_wait``."""
         if self._sub is not None:
             sub, self._sub = self._sub, None
             await sub.unsubscribe()
