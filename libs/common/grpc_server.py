@@ -124,7 +124,17 @@ class _Wrapper:
         principal = await self.authenticator(method, metadata) if self.authenticator else None
         return set_principal(principal)
 
-    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+    @staticmethod
+    def _leave(principal_token: contextvars.Token[Principal | None] | None,
+               otel_token: contextvars.Token[otel_context.Context] | None) -> None:
+        """Undo ``_enter_principal`` and ``_enter_trace`` (either may not have happened)."""
+        if principal_token is not None:
+            reset_principal(principal_token)
+        if otel_token is not None:
+            otel_context.detach(otel_token)
+
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+        """Abort the call with the Status ``exc`` stands for (raises ``AbortError``)."""
         if isinstance(exc, EspError):
             error = exc
         elif isinstance(exc, NotImplementedError):  # the generated servicer base of a method not served here
@@ -171,10 +181,7 @@ class _Wrapper:
                 code = exc.code.name if isinstance(exc, EspError) else "INTERNAL"
                 await self._fail(context, method, exc)
             finally:
-                if principal_token is not None:
-                    reset_principal(principal_token)
-                if otel_token is not None:
-                    otel_context.detach(otel_token)
+                self._leave(principal_token, otel_token)
                 self._record(method, started, code)
 
         return wrapped
@@ -200,10 +207,7 @@ class _Wrapper:
                 code = exc.code.name if isinstance(exc, EspError) else "INTERNAL"
                 await self._fail(context, method, exc)
             finally:
-                if principal_token is not None:
-                    reset_principal(principal_token)
-                if otel_token is not None:
-                    otel_context.detach(otel_token)
+                self._leave(principal_token, otel_token)
                 self._record(method, started, code)
 
         return wrapped
