@@ -4,6 +4,8 @@ benchmark's own options.
 
 Each benchmark module has a ``main()`` that prints its figures as JSON lines
 ``{"metric": "e2e.sends_per_s", "value": 1234.5, "unit": "1/s"}``; a benchmark that fails makes the run fail.
+Each (but ``grpc``, which measures the floor itself) also measures a floor in the same run and prints its
+headline figures against it (``bench/floor.py``).
 """
 
 from __future__ import annotations
