@@ -13,14 +13,17 @@
    ACCEPTED event) together. The caller hears "accepted" only after this commit; the outbox publisher (and,
    after a crash, its reconciling pass) puts the rows on JetStream with ``Nats-Msg-Id`` = message/event id.
 
-Emails without attachments take steps 5-8 together: concurrent single sends of one tenant and class pool into one
-pass (``_accept_pooled``; a BatchSendEmails call's emails with a request_id join these pools), a BatchSendEmails
-call's emails without request_id make one pass of their own (``send_many``); each email still gets its own answer
-or refusal, and a request_id another request holds sends its email to step 3's wait as before.
+Steps 5-8 run in passes (``_accept_together``), each step once for all the emails of a pass. A single send is a
+batch of one: concurrent single sends of one tenant and class pool into one pass (``_accept_pooled``, group
+commit; a BatchSendEmails call's emails with a request_id or attachments go through ``send`` and join these pools),
+and a BatchSendEmails call's other emails make one pass of their own (``send_many``). Each email still gets its own
+answer or refusal. One whose request_id another request holds (in another replica) waits for that request's answer,
+and joins a pass again if that request gave up. The emails of an urgent class (``ClassPolicy.urgent``: OTP) take
+the urgent lane of every batching step, so a campaign being accepted never queues them.
 
 A refusal at steps 1-6 changes nothing. A refusal after step 6 gives back what was taken (rate token, quota,
-claim; the hold is released). From step 7 on the steps run to their end even when the caller goes away, so a
-cancelled call can neither lose a committed email nor leak its credits.
+claim; the hold is released). A pass runs to its end even when its callers go away, so a cancelled call can neither
+lose a committed email nor leak its credits.
 
 Idempotency (AIP-155): a request_id is scoped to its tenant. The same id with the same request returns the first
 response (the same message); with a different request it is refused with ALREADY_EXISTS (reason
@@ -43,6 +46,7 @@ from redis.exceptions import RedisError
 from libs.common.auth import Principal
 from libs.common.errors import Aborted, AlreadyExists, EspError, FieldViolation, PermissionDenied
 from libs.common.jetstream import Topology
+from libs.common.message_classes import MessageClass
 from services.ingest.limits import AdmissionTicket, RedisGate
 from services.ingest.model import YIELD_EVERY, EmailDraft, StoredAttachment
 from services.ingest.outbox import OutboxRow
@@ -62,7 +66,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ADMISSION_ROUNDS = 5
-"""How often a request retries the gate after the request holding its request_id gave up."""
+"""How often a request joins a pass again after the request holding its request_id gave up."""
 ONE_BY_ONE_IN_FLIGHT = 256
 """Emails of batches accepted one by one (through ``send``: those with a request_id or attachments) at once."""
 BATCH_PASSES_IN_FLIGHT = 4
@@ -71,19 +75,15 @@ at once (in this process); later calls wait their turn. Every pass runs a slice 
 the event loop, and each step of an OTP accepted meanwhile waits a turn. Sixteen campaign calls of 250 at once, on
 the e2e bench: unlimited, the campaign was in after 5.9-7.1 s and OTPs sent meanwhile had a p99 of 1.0-1.2 s; four
 passes, 7.0-7.5 s and 0.44-0.49 s; two, 9.4-10.7 s and 0.29-0.39 s."""
-POOLS_IN_FLIGHT = {"otp": 16, "transactional": 1, "bulk": 1}
-"""Passes of pooled single sends of one tenant and class running at once; later sends wait for a pass to end, and
-meanwhile pool with the sends that arrive after them (group commit). An OTP waiting for another OTP's pass would
-add that pass to its latency, so OTPs rarely wait."""
 
 
 class CreditReserver(Protocol):
     """The ledger as the accept path sees it."""
 
-    async def reserve(self, tenant_id: str, hold_id: str, message_class: str, emails: int,
-                      attachment_bytes: int) -> int: ...
-
-    async def reserve_many(self, tenant_id: str, holds: Sequence[tuple[str, str]]) -> list[int | Exception]: ...
+    async def reserve_many(self, tenant_id: str, holds: Sequence[tuple[str, str, int]]) -> list[int | Exception]:
+        """Hold credits for one email per (hold id, message class, attachment bytes): each one's amount, or the
+        error that refused it."""
+        ...
 
     async def release(self, hold_id: str, reason: str) -> None: ...
 
@@ -120,12 +120,13 @@ class DuplicateWait:
 
 @dataclass
 class _Pool:
-    """Single sends of one tenant and class waiting to be accepted together; ``fingerprints`` and ``answers`` in the
-    order of ``drafts``."""
+    """Single sends of one tenant and class waiting to be accepted together; ``fingerprints``, ``attachments`` and
+    ``answers`` in the order of ``drafts``."""
 
     tenant: Tenant
     drafts: list[EmailDraft] = field(default_factory=list)
     fingerprints: list[bytes] = field(default_factory=list)
+    attachments: list[list[StoredAttachment]] = field(default_factory=list)
     answers: list[asyncio.Future[Accepted | Claimed]] = field(default_factory=list)
     started: bool = False
 
@@ -187,28 +188,25 @@ class Acceptor:
         tenant = await self._authorise(principal)
         draft = validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers)
         fingerprint = request_fingerprint(draft)
-        if not draft.request_id and not draft.attachment_ids:
-            pooled = await self._accept_pooled(tenant, draft, fingerprint)
-            if isinstance(pooled, Claimed):
-                raise _claimed_without_request_id()
-            return pooled
         if not draft.request_id:
             return await self._accept(tenant, draft, fingerprint)
         return await self._accept_once(tenant, draft, fingerprint)
 
-    async def _accept_pooled(self, tenant: Tenant, draft: EmailDraft, fingerprint: bytes) -> Accepted | Claimed:
-        """Steps 5-8 for a single send without attachments, together with the other such sends of its tenant and
-        class (group commit); ``Claimed`` when another request holds its request_id.
+    async def _accept_pooled(self, tenant: Tenant, draft: EmailDraft, fingerprint: bytes,
+                             attachments: list[StoredAttachment]) -> Accepted | Claimed:
+        """Steps 5-8 for a single send, together with the other single sends of its tenant and class (group
+        commit); ``Claimed`` when another request holds its request_id.
 
         Concurrent single sends then cost what a batch's emails cost: one submission per step for all of them and
         one task resuming once per step, instead of a task per email resuming at every step. gRPC hands the calls
-        over one or two per turn of the event loop, so a pool starts at once only while fewer than
-        ``POOLS_IN_FLIGHT`` passes run for its key; otherwise it gathers sends until one of them ends."""
+        over one or two per turn of the event loop, so a pool starts at once only while fewer than its class's
+        ``accept_passes_in_flight`` passes run for its key; otherwise it gathers sends until one of them ends."""
         key = (tenant.id, draft.message_class)
         pool = self._pooled.get(key)
         if pool is None:
             pool = self._pooled[key] = _Pool(tenant)
-            if self._pools_running.get(key, 0) < POOLS_IN_FLIGHT.get(draft.message_class, 1):
+            passes = MessageClass(draft.message_class).policy.accept_passes_in_flight
+            if self._pools_running.get(key, 0) < passes:
                 self._pools_running[key] = self._pools_running.get(key, 0) + 1
                 pool.started = True
                 asyncio.get_running_loop().call_soon(self._start_pool, key, pool)
@@ -217,6 +215,7 @@ class Acceptor:
         answer.add_done_callback(_consume_exception)  # its caller may have gone away (it re-raises it otherwise)
         pool.drafts.append(draft)
         pool.fingerprints.append(fingerprint)
+        pool.attachments.append(attachments)
         pool.answers.append(answer)
         # The pass runs to its end whatever happens to this call; shield keeps a cancelled caller from cancelling
         # the answer the pass will set.
@@ -226,7 +225,8 @@ class Acceptor:
         """Run ``pool``'s pass (its slot in ``_pools_running`` is already counted)."""
         if self._pooled.get(key) is pool:
             del self._pooled[key]
-        task = asyncio.ensure_future(self._accept_together(pool.tenant, pool.drafts, pool.fingerprints))
+        task = asyncio.ensure_future(self._accept_together(pool.tenant, pool.drafts, pool.fingerprints,
+                                                           pool.attachments))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         task.add_done_callback(pool.answer)
@@ -251,9 +251,8 @@ class Acceptor:
         batching step gets them in one submission and this one task resumes once per step, instead of a task per
         email resuming at every step. asyncio runs ready tasks first come, first served, so a campaign's thousands
         of tasks made an OTP accepted meanwhile wait seconds between its own steps. The other emails go one by one
-        through ``send`` (those with a request_id and no attachments join its pools), at most
-        ``ONE_BY_ONE_IN_FLIGHT`` at once over all batches. At most ``batch_passes`` calls
-        run at once; the others wait their turn."""
+        through ``send`` (and join its pools), at most ``ONE_BY_ONE_IN_FLIGHT`` at once over all batches. At most
+        ``batch_passes`` calls run at once; the others wait their turn."""
         async with self._batch_passes:
             return await self._send_many(principal, drafts)
 
@@ -287,7 +286,8 @@ class Acceptor:
         try:
             if together:
                 accepted = await self._run_to_end(self._accept_together(
-                    tenant, [d for _, d in together], [request_fingerprint(d) for _, d in together]))
+                    tenant, [d for _, d in together], [request_fingerprint(d) for _, d in together],
+                    [[] for _ in together]))
                 for (index, _), outcome in zip(together, accepted, strict=True):
                     if isinstance(outcome, Claimed):
                         raise _claimed_without_request_id()
@@ -296,11 +296,11 @@ class Acceptor:
             await singles
         return [r if r is not None else Aborted("not accepted; retry", reason="INTERNAL") for r in results]
 
-    async def _accept_together(self, tenant: Tenant, drafts: list[EmailDraft],
-                               fingerprints: list[bytes]) -> list[Accepted | Claimed | Exception]:
-        """Steps 5-8 for validated emails without attachments, each step once for all of them. An email whose
-        request_id another request holds is answered ``Claimed`` (its caller waits for that request); one whose
-        request_id Postgres already has, with the first request's answer."""
+    async def _accept_together(self, tenant: Tenant, drafts: list[EmailDraft], fingerprints: list[bytes],
+                               attachments: list[list[StoredAttachment]]) -> list[Accepted | Claimed | Exception]:
+        """Steps 5-8 for validated emails (``attachments[i]``: email i's, as step 4 found them), each step once for
+        all of them. An email whose request_id another request holds is answered ``Claimed`` (its caller waits for
+        that request); one whose request_id Postgres already has, with the first request's answer."""
         results: list[Accepted | Claimed | Exception | None] = [None] * len(drafts)
         message_ids = [uuid.uuid4() for _ in drafts]
         sizings: dict[int, SizeDecision] = {}
@@ -308,7 +308,7 @@ class Acceptor:
             if index % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
             try:
-                sizings[index] = self.sizes.decide(draft, [], tenant.policy.large_attachment_policy)
+                sizings[index] = self.sizes.decide(draft, attachments[index], tenant.policy.large_attachment_policy)
             except EspError as exc:
                 results[index] = exc
         by_class: dict[str, list[int]] = {}
@@ -329,8 +329,9 @@ class Acceptor:
                     results[index] = answer
         admitted_indexes = sorted(ticket_of)
         try:
-            amounts = await self.credits.reserve_many(
-                tenant.id, [(str(message_ids[i]), drafts[i].message_class) for i in admitted_indexes])
+            amounts = await self.credits.reserve_many(tenant.id, [
+                (str(message_ids[i]), drafts[i].message_class, sum(a.size_bytes for a in attachments[i]))
+                for i in admitted_indexes])
         except BaseException:
             await asyncio.gather(*(self._undo_quietly(ticket_of[i]) for i in admitted_indexes))
             raise
@@ -347,7 +348,8 @@ class Acceptor:
             if count % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
             new_message, message = self._new_message(tenant.id, drafts[index], fingerprints[index],
-                                                     message_ids[index], [], sizings[index], held[index])
+                                                     message_ids[index], attachments[index], sizings[index],
+                                                     held[index])
             new_messages.append(new_message)
             resources.append(message)
         try:
@@ -389,7 +391,8 @@ class Acceptor:
                               event.SerializeToString()))), message
 
     async def _give_back(self, taken: Sequence[tuple[uuid.UUID, AdmissionTicket]], exc: BaseException) -> None:
-        """The holds and admission of emails that were not stored go back."""
+        """The holds and admission of emails that were not stored go back: a hold without a message gives its credits
+        back now rather than at its expiry."""
         reason = f"accept failed: {type(exc).__name__}"
         await asyncio.gather(*(self._release_quietly(str(message_id), reason) for message_id, _ in taken),
                              *(self._undo_quietly(ticket) for _, ticket in taken))
@@ -433,59 +436,28 @@ class Acceptor:
             del self._in_flight[key]
 
     async def _accept(self, tenant: Tenant, draft: EmailDraft, fingerprint: bytes) -> Accepted:
-        if not draft.attachment_ids:  # a request_id's first try goes with the pool (see _accept_pooled)
-            pooled = await self._accept_pooled(tenant, draft, fingerprint)
-            if isinstance(pooled, Accepted):
-                return pooled
-            earlier_accepted = await self._wait_for_holder(tenant.id, draft.request_id, fingerprint, pooled.holder)
-            if earlier_accepted is not None:
-                return earlier_accepted
-            # the holder gave up: the rounds below try again
-        message_id = uuid.uuid4()
-        if draft.attachment_ids and draft.request_id:
-            # What steps 4-5 check may have changed since a first request (attachment deleted, providers
-            # changed): a retry must still get the first response, so look for it before checking.
-            earlier = await self.store.by_request_id(tenant.id, draft.request_id)
-            if earlier is not None:
-                return _repeat(earlier, fingerprint, draft.request_id)
-        attachments = await self.attachments.get_many(tenant.id, draft.attachment_ids)
-        sizing = self.sizes.decide(draft, attachments, tenant.policy.large_attachment_policy)
-        claim = _claim(fingerprint, message_id) if draft.request_id else ""
-        for _ in range(ADMISSION_ROUNDS):
-            admitted = await self.gate.admit(tenant.id, draft, rate_per_second=tenant.policy.rate_per_second[
-                draft.message_class], daily_quota=tenant.policy.daily_quota, claim=claim)
-            if isinstance(admitted, AdmissionTicket):
-                return await self._run_to_end(self._commit(tenant.id, draft, fingerprint, message_id, attachments,
-                                                           sizing, admitted))
-            earlier_accepted = await self._wait_for_holder(tenant.id, draft.request_id, fingerprint, admitted)
+        """Step 4, then steps 5-8 as a batch of one in its pool; while another request holds its request_id, that
+        request's answer (and another pass when that request gave up)."""
+        attachments: list[StoredAttachment] = []
+        if draft.attachment_ids:
+            if draft.request_id:
+                # What steps 4-5 check may have changed since a first request (attachment deleted, providers
+                # changed): a retry must still get the first response, so look for it before checking.
+                earlier = await self.store.by_request_id(tenant.id, draft.request_id)
+                if earlier is not None:
+                    return _repeat(earlier, fingerprint, draft.request_id)
+            attachments = await self.attachments.get_many(tenant.id, draft.attachment_ids)
+        for _ in range(1 + ADMISSION_ROUNDS):
+            outcome = await self._accept_pooled(tenant, draft, fingerprint, attachments)
+            if isinstance(outcome, Accepted):
+                return outcome
+            if not draft.request_id:
+                raise _claimed_without_request_id()
+            earlier_accepted = await self._wait_for_holder(tenant.id, draft.request_id, fingerprint, outcome.holder)
             if earlier_accepted is not None:
                 return earlier_accepted
         raise Aborted("a request with this request_id keeps failing elsewhere; retry", reason="REQUEST_IN_PROGRESS",
                       retry_after_s=1.0)
-
-    async def _commit(self, tenant_id: str, draft: EmailDraft, fingerprint: bytes, message_id: uuid.UUID,
-                      attachments: list[StoredAttachment], sizing: SizeDecision,
-                      ticket: AdmissionTicket) -> Accepted:
-        """Steps 7-9."""
-        message_key = str(message_id)
-        try:
-            credits = await self.credits.reserve(tenant_id, message_key, draft.message_class, 1,
-                                                 sum(a.size_bytes for a in attachments))
-        except BaseException:
-            await self._undo_quietly(ticket)
-            raise
-        try:
-            new_message, message = self._new_message(tenant_id, draft, fingerprint, message_id, attachments,
-                                                     sizing, credits)
-            inserted = await self.store.insert(new_message)
-        except BaseException as exc:
-            # The hold has no message: give the credits back now rather than at the hold's expiry.
-            await self._release_quietly(message_key, f"accept failed: {type(exc).__name__}")
-            await self._undo_quietly(ticket)
-            raise
-        if not inserted:  # Postgres already has this request_id (Redis had forgotten it)
-            return await self._answer_as_first(tenant_id, draft, fingerprint, message_key, ticket)
-        return Accepted(message, created=True)
 
     async def _answer_as_first(self, tenant_id: str, draft: EmailDraft, fingerprint: bytes, message_key: str,
                                ticket: AdmissionTicket) -> Accepted:

@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from esp.v1 import common_pb2, credits_pb2, credits_pb2_grpc
+from esp.v1 import credits_pb2, credits_pb2_grpc
 
 from libs.common.batching import BatchingOptions, GroupCommitter
 from libs.common.errors import error_from_parts
 from libs.common.grpc_client import domain_errors
-from services.ingest.payloads import CLASS_TO_PROTO
+from libs.common.message_classes import MessageClass
+from services.ingest.model import URGENT_CLASSES
+
+_URGENT_PROTOS = frozenset(MessageClass(name).proto for name in URGENT_CLASSES)
+"""The ``esp.v1.MessageClass`` values whose reserves take the batcher's urgent lane."""
 
 
 class LedgerCreditReserver:
@@ -24,7 +28,7 @@ class LedgerCreditReserver:
         self._batcher: GroupCommitter[credits_pb2.ReserveCreditsRequest, int] = GroupCommitter(
             self._flush, BatchingOptions(max_batch_size=max_batch, workers=2, shards=1,
                                          min_interval_s=batch_interval_s),
-            urgent=lambda request: request.message_class == common_pb2.MESSAGE_CLASS_OTP, name="ingest-ledger")
+            urgent=lambda request: request.message_class in _URGENT_PROTOS, name="ingest-ledger")
 
     async def _flush(self, batch: Sequence[credits_pb2.ReserveCreditsRequest]) -> list[int | Exception]:
         async with domain_errors():
@@ -39,18 +43,12 @@ class LedgerCreditReserver:
                 results.append(error_from_parts(e.code, e.message, e.reason, dict(e.metadata), list(e.fields)))
         return results
 
-    async def reserve(self, tenant_id: str, hold_id: str, message_class: str, emails: int,
-                      attachment_bytes: int) -> int:
-        request = credits_pb2.ReserveCreditsRequest(
-            tenant=f"tenants/{tenant_id}", hold_id=hold_id, message_class=CLASS_TO_PROTO[message_class],
-            email_count=emails, attachment_bytes=attachment_bytes)
-        return await self._batcher.submit(request)
-
-    async def reserve_many(self, tenant_id: str, holds: Sequence[tuple[str, str]]) -> list[int | Exception]:
-        """Reserve one email without attachments per (hold id, message class): each one's amount or error."""
+    async def reserve_many(self, tenant_id: str, holds: Sequence[tuple[str, str, int]]) -> list[int | Exception]:
+        """Reserve credits for one email per (hold id, message class, attachment bytes): each one's amount or the
+        error that refused it."""
         return await self._batcher.submit_many([credits_pb2.ReserveCreditsRequest(
-            tenant=f"tenants/{tenant_id}", hold_id=hold_id, message_class=CLASS_TO_PROTO[message_class],
-            email_count=1) for hold_id, message_class in holds])
+            tenant=f"tenants/{tenant_id}", hold_id=hold_id, message_class=MessageClass(message_class).proto,
+            email_count=1, attachment_bytes=attachment_bytes) for hold_id, message_class, attachment_bytes in holds])
 
     async def release(self, hold_id: str, reason: str) -> None:
         async with domain_errors():

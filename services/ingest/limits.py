@@ -184,12 +184,9 @@ class _Admitter:
             self._flush, BatchingOptions(max_batch_size=1000, workers=1, shards=1, min_interval_s=batch_interval_s),
             urgent=lambda admission: admission[2], name="ingest-redis-admit")
 
-    async def submit(self, admission: _Admission) -> Any:
-        """One email's outcome: its keys and arguments as _ADMIT takes them for one email."""
-        return await self._batcher.submit(admission)
-
     async def submit_many(self, admissions: Sequence[_Admission]) -> list[Any]:
-        """Each email's outcome, or the exception that failed its batch."""
+        """Each email's outcome (its keys and arguments as _ADMIT takes them for one email), or the exception that
+        failed its batch."""
         return await self._batcher.submit_many(admissions)
 
     async def _flush(self, batch: Sequence[_Admission]) -> list[Any]:
@@ -256,24 +253,16 @@ class RedisGate:
         return tenant_rate if tenant_rate > 0 else self.defaults.for_class(message_class)
 
     # -- the gate --------------------------------------------------------------------------------------------
-    async def admit(self, tenant_id: str, draft: EmailDraft, *, rate_per_second: float, daily_quota: int,
-                    claim: str = "", cost: int = 1) -> AdmissionTicket | bytes:
-        """Admit ``draft``: claim its request_id (when ``claim`` is given), refuse suppressed recipients, spend a
-        rate token and count it towards today's quota — all or nothing.
-
-        Returns the ticket of what was taken, or the value already holding the request_id (an earlier request
-        with that id is being, or was, accepted). Raises FAILED_PRECONDITION for suppressed recipients and
-        RESOURCE_EXHAUSTED (RetryInfo + QuotaFailure) over the rate or the daily quota.
-        """
-        ticket, admission = self._admission(tenant_id, draft, rate_per_second, daily_quota, claim, cost)
-        outcome, detail = await self._admitter.submit(admission)
-        return self._verdict(tenant_id, draft, ticket, rate_per_second, daily_quota, outcome, detail)
-
     async def admit_many(self, tenant_id: str, drafts: Sequence[EmailDraft], *, rate_per_second: float,
                          daily_quota: int, claims: Sequence[str] = ()) -> list[AdmissionTicket | bytes | Exception]:
-        """``admit`` for many emails of one tenant in one submission, ``claims[i]`` (if given; "" for none) the
-        claim of email i's request_id: each email's ticket, the value already holding its request_id, or the error
-        that refused it."""
+        """Admit each of ``drafts`` (emails of one tenant, in one submission, each as if it ran alone after the ones
+        before it): claim its request_id (when ``claims[i]`` is given; "" for none), refuse suppressed recipients,
+        spend a rate token and count it towards today's quota — all or nothing.
+
+        Returns, per email, the ticket of what was taken, the value already holding its request_id (an earlier
+        request with that id is being, or was, accepted), or the error that refused it: FAILED_PRECONDITION for
+        suppressed recipients, RESOURCE_EXHAUSTED (RetryInfo + QuotaFailure) over the rate or the daily quota.
+        """
         tickets_and_admissions = []
         for index, draft in enumerate(drafts):
             if index % YIELD_EVERY == YIELD_EVERY - 1:

@@ -65,12 +65,9 @@ class MessageStore:
                                           min_interval_s=batch_interval_s),
             urgent=lambda message: message.message_class in URGENT_CLASSES, name="ingest-postgres")
 
-    async def insert(self, message: NewMessage) -> bool:
-        """Commit the message and its outbox rows; False (and nothing written) when its request_id is taken."""
-        return await self._batcher.submit(message)
-
     async def insert_many(self, messages: Sequence[NewMessage]) -> list[bool | Exception]:
-        """``insert`` for many messages in one submission: each one's answer, or the error that failed it."""
+        """Commit each message and its outbox rows (in one submission): each one's answer — False (and nothing
+        written) when its request_id is taken — or the error that failed it."""
         return await self._batcher.submit_many(messages)
 
     async def _commit(self, batch: Sequence[NewMessage]) -> list[bool]:

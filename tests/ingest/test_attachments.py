@@ -8,6 +8,7 @@ import hashlib
 from typing import Any
 
 import grpc
+import pytest
 from esp.internal.v1 import queue_pb2
 from esp.v1 import attachments_pb2
 
@@ -117,6 +118,29 @@ async def test_an_email_carries_several_attachments_in_the_order_given(harness: 
         (ids[2], "f2.txt", 6), (ids[0], "f0.txt", 6), (ids[1], "f1.txt", 6)]
     assert all(a.s3_key == f"{tenant.id}/{a.attachment_id}" for a in task.attachments)
     assert not task.attachments_as_links
+
+
+async def test_concurrent_sends_with_attachments_share_passes_and_are_charged_for_the_attachments(
+        harness: IngestHarness, monkeypatch: pytest.MonkeyPatch):
+    # A single send with attachments is a batch of one like any other: it joins its tenant and class's pool.
+    tenant = await harness.new_tenant()
+    attachment = await harness.upload(tenant, b"attached")
+    plain = await harness.send(tenant, send_request(subject="plain"))
+    acceptor = harness.parts.acceptor
+    accept_together = acceptor._accept_together
+    passes: list[int] = []
+
+    async def counted(tenant_: Any, drafts: Any, *args: Any) -> Any:
+        passes.append(len(drafts))
+        return await accept_together(tenant_, drafts, *args)
+
+    monkeypatch.setattr(acceptor, "_accept_together", counted)
+    sent = await asyncio.gather(*(harness.send(tenant, send_request(
+        subject=f"s{i}", attachment_ids=[attachment.id], request_id=f"r{i}" if i % 2 else "")) for i in range(10)))
+    assert sum(passes) == 10 and len(passes) < 10
+    assert all(list(m.attachment_ids) == [attachment.id] for m in sent)
+    assert len({m.credits for m in sent}) == 1 and sent[0].credits > plain.credits  # the attachment's price too
+    assert (await harness.balance(tenant)).held == plain.credits + sum(m.credits for m in sent)
 
 
 async def test_a_deleted_attachment_can_no_longer_be_sent(harness: IngestHarness):

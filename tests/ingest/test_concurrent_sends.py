@@ -143,9 +143,9 @@ async def test_concurrent_sends_with_request_ids_are_pooled_too_and_their_retrie
     accept_together = acceptor._accept_together
     passes: list[int] = []
 
-    async def counted(tenant_: Any, drafts: Any, fingerprints: Any) -> Any:
+    async def counted(tenant_: Any, drafts: Any, *args: Any) -> Any:
         passes.append(len(drafts))
-        return await accept_together(tenant_, drafts, fingerprints)
+        return await accept_together(tenant_, drafts, *args)
 
     monkeypatch.setattr(acceptor, "_accept_together", counted)
     requests = [send_request(request_id=f"order-{i}", subject=f"receipt {i}") for i in range(40)]

@@ -3,7 +3,6 @@ with RetryInfo and QuotaFailure, and nothing spent."""
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 
 import grpc
@@ -115,9 +114,9 @@ async def test_a_send_refused_for_lack_of_credits_gives_its_rate_token_and_quota
     await harness.send(tenant, send_request())  # neither the rate (burst 1) nor the quota (1) was spent
 
 
-async def test_concurrent_emails_decided_in_one_script_call_each_get_their_own_outcome(harness: IngestHarness):
-    # Concurrent admits share one call of the gate's script; each email must see the ones before it in the batch
-    # (quota, rate, request_id claims) and get its own answer.
+async def test_emails_decided_in_one_script_call_each_get_their_own_outcome(harness: IngestHarness):
+    # The emails of one submission (and concurrent ones) share one call of the gate's script; each email must see
+    # the ones before it in the batch (quota, rate, request_id claims) and get its own answer.
     tenant = await harness.new_tenant(daily_quota=2)
     await harness.parts.redis.sadd(suppression_key(harness.namespace, tenant.id), "blocked@example.net")
     gate = harness.parts.gate
@@ -126,16 +125,11 @@ async def test_concurrent_emails_decided_in_one_script_call_each_get_their_own_o
         return EmailDraft(message_class="transactional", sender=Mailbox("shop@example.com"), to=(Mailbox(to),),
                           text_body="hi", request_id=request_id)
 
-    async def admit(email: EmailDraft) -> object:
-        try:
-            return await gate.admit(tenant.id, email, rate_per_second=1000, daily_quota=2,
-                                    claim=f"claim-of-{email.request_id}" if email.request_id else "")
-        except EspError as exc:
-            return exc.reason
-
-    outcomes = await asyncio.gather(admit(draft("Blocked@Example.net")), admit(draft("a@example.net", "same")),
-                                    admit(draft("b@example.net", "same")), admit(draft("c@example.net")),
-                                    admit(draft("d@example.net")))
+    emails = [draft("Blocked@Example.net"), draft("a@example.net", "same"), draft("b@example.net", "same"),
+              draft("c@example.net"), draft("d@example.net")]
+    answers = await gate.admit_many(tenant.id, emails, rate_per_second=1000, daily_quota=2,
+                                    claims=[f"claim-of-{e.request_id}" if e.request_id else "" for e in emails])
+    outcomes = [a.reason if isinstance(a, EspError) else a for a in answers]
     assert outcomes[0] == "SUPPRESSED_RECIPIENT"
     assert isinstance(outcomes[1], AdmissionTicket)
     assert outcomes[2] == b"claim-of-same"  # the twin sees the claim its predecessor in the batch just took
@@ -150,7 +144,7 @@ async def test_the_gate_loads_its_script_again_when_redis_has_forgotten_it(harne
     admitter = _Admitter(harness.parts.redis, claim_ttl_s=60, script=f"{_ADMIT}\n-- {secrets.token_hex(8)}")
     keys = tuple(f"{harness.namespace}:noscript:{secrets.token_hex(4)}:{part}" for part in ("idem", "supp", "rl", "q"))
     try:
-        outcome = await admitter.submit((keys, ("", "1000.000", "0.000", 1, 0, 1, "a@example.net"), False))
+        [outcome] = await admitter.submit_many([(keys, ("", "1000.000", "0.000", 1, 0, 1, "a@example.net"), False)])
     finally:
         await admitter.close()
     assert outcome == [0, b"1"]
