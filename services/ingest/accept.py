@@ -17,9 +17,9 @@ Steps 5-8 run in passes (``_accept_together``), each step once for all the email
 batch of one: concurrent single sends of one tenant and class pool into one pass (``_accept_pooled``, group
 commit; a BatchSendEmails call's emails with a request_id or attachments go through ``send`` and join these pools),
 and a BatchSendEmails call's other emails make one pass of their own (``send_many``). Each email still gets its own
-answer or refusal. One whose request_id another request holds (in another replica) waits for that request's answer,
-and joins a pass again if that request gave up. The emails of an urgent class (``ClassPolicy.urgent``: OTP) take
-the urgent lane of every batching step, so a campaign being accepted never queues them.
+answer or refusal. One whose request_id another request holds waits for that request's answer, and joins a pass
+again if that request gave up. The emails of an urgent class (``ClassPolicy.urgent``: OTP) take the urgent lane of
+every batching step, so a campaign being accepted never queues them.
 
 A refusal at steps 1-6 changes nothing. A refusal after step 6 gives back what was taken (rate token, quota,
 claim; the hold is released). A pass runs to its end even when its callers go away, so a cancelled call can neither
@@ -68,7 +68,7 @@ T = TypeVar("T")
 ADMISSION_ROUNDS = 5
 """How often a request joins a pass again after the request holding its request_id gave up."""
 ONE_BY_ONE_IN_FLIGHT = 256
-"""Emails of batches accepted one by one (through ``send``: those with a request_id or attachments) at once."""
+"""Emails of batches that go through ``send`` (those with a request_id or attachments) at once."""
 BATCH_PASSES_IN_FLIGHT = 4
 """The default of ``IngestSettings.batch_passes_in_flight``: BatchSendEmails calls whose emails go through the steps
 at once (in this process); later calls wait their turn. Every pass runs a slice of its CPU-bound work per turn of
