@@ -12,14 +12,17 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from libs.common.errors import FieldViolation, InvalidArgument
+from services.reports.models import Page
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
 Cursor = list[str]
+T = TypeVar("T")
 
 
 def page_size(requested: int, *, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:
@@ -40,6 +43,15 @@ def encode_page_token(cursor: Cursor, parameters: Sequence[str]) -> str:
     """A token resuming after ``cursor`` for a listing with these ``parameters``."""
     document = json.dumps({"c": cursor, "p": _fingerprint(parameters)}, separators=(",", ":"))
     return base64.urlsafe_b64encode(document.encode()).decode().rstrip("=")
+
+
+def page_of(rows: Sequence[Any], size: int, item: Callable[[Any], T], cursor_of: Callable[[T], Cursor],
+            parameters: Sequence[str]) -> Page[T]:
+    """The page of the first ``size`` rows (the query asked for one more, to learn whether a next page exists);
+    its token resumes after the last item's ``cursor_of``."""
+    items = tuple(item(row) for row in rows[:size])
+    token = encode_page_token(cursor_of(items[-1]), parameters) if len(rows) > size else ""
+    return Page(items, token)
 
 
 def decode_page_token(token: str, parameters: Sequence[str], cursor_length: int) -> Cursor | None:

@@ -11,7 +11,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from libs.common.errors import NotFound
 from services.reports.models import EventType, Mailbox, MessageEventRecord, MessageState, MessageStatus, Page
-from services.reports.pagination import decode_page_token, encode_page_token, page_size
+from services.reports.pagination import decode_page_token, page_of, page_size
 
 _MESSAGE_COLUMNS = """tenant_id, message_id, state, message_class, sender, to_addrs, cc_addrs, bcc_addrs, subject,
     tags, metadata, attachment_ids, request_id, credits, campaign, provider, provider_message_id, attempts,
@@ -65,12 +65,7 @@ class MessageReader:
                 params,
             )
             rows = await cur.fetchall()
-        items = tuple(_message(r) for r in rows[:size])
-        token = ""
-        if len(rows) > size:
-            last = items[-1]
-            token = encode_page_token([last.create_time.isoformat(), last.message_id], parameters)
-        return Page(items, token)
+        return page_of(rows, size, _message, lambda last: [last.create_time.isoformat(), last.message_id], parameters)
 
     async def events(self, tenant_id: str, message_id: str, requested_page_size: int,
                      page_token: str) -> Page[MessageEventRecord]:
@@ -96,12 +91,7 @@ class MessageReader:
                 [*params, size + 1],
             )
             rows = await dict_cur.fetchall()
-        items = tuple(_event(r) for r in rows[:size])
-        token = ""
-        if len(rows) > size:
-            last = items[-1]
-            token = encode_page_token([last.event_time.isoformat(), last.event_id], parameters)
-        return Page(items, token)
+        return page_of(rows, size, _event, lambda last: [last.event_time.isoformat(), last.event_id], parameters)
 
 
 def _not_found(message_id: str) -> NotFound:

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from libs.common.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound
 from libs.common.suppressions import normalise_email, suppressed_among, suppression_index_key, suppression_key
 from services.reports.models import Page, Suppression, SuppressionReason
-from services.reports.pagination import decode_page_token, encode_page_token, page_size
+from services.reports.pagination import decode_page_token, page_of, page_size
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,7 @@ class SuppressionStore:
                 (tenant_id, after, size + 1),
             )
             rows = await cur.fetchall()
-        items = tuple(_suppression(r) for r in rows[:size])
-        token = encode_page_token([items[-1].email], parameters) if len(rows) > size else ""
-        return Page(items, token)
+        return page_of(rows, size, _suppression, lambda last: [last.email], parameters)
 
     async def get(self, tenant_id: str, email: str) -> Suppression:
         """One suppression; NOT_FOUND when the address is not suppressed."""
