@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from libs.providers.base import ProviderConfig
+from libs.providers.model import ProviderConfig
 
 PROVIDER_TYPES = ("mailgun", "sendgrid", "ses", "postmark", "smtp")
 #: Longest text/html excerpt kept per recorded message.

@@ -18,7 +18,7 @@ from dev.simulator.emitter import WebhookEmitter
 from dev.simulator.model import Personality, default_personalities
 from dev.simulator.smtp import self_signed_tls_context, smtp_factory, temporary_tls_directory
 from dev.simulator.state import SimulatorState
-from libs.providers.base import ProviderConfig
+from libs.providers.model import ProviderConfig
 
 
 @dataclass

@@ -1,300 +1,47 @@
-"""The provider adapter interface and the shared send algorithm.
+"""The provider adapter contract and the shared send algorithm.
 
 Every upstream email provider (SMTP relay, Mailgun, SendGrid, Amazon SES, Postmark) sits behind one small
-``ProviderAdapter`` protocol. Following django-anymail's shape, ``BaseAdapter`` owns the algorithm every
-provider shares — validation, the size cap, timing, grouping batches, and turning transport failures into an
-``Outcome`` — while each provider module only builds its payload, sends it and parses the answer.
+``ProviderAdapter`` protocol, and the sender uses nothing else. Following django-anymail's shape, ``BaseAdapter``
+owns the algorithm every provider shares — the checks before any network call, the size cap, planning batch
+calls, timing, and turning transport failures into an ``Outcome`` — while each provider module fills its hooks:
+build its payload, send it, parse the answer (``HttpAdapter`` does the sending for HTTP APIs).
 
-The sender service calls ``send`` / ``send_batch`` and reads ``SendResult.outcome``; it never sees a
-provider's exceptions for ordinary failures (those become ``RETRYABLE`` / ``THROTTLED`` / ``PERMANENT`` /
-``AMBIGUOUS``). Exceptions are raised only for problems found *before* any network call: ``MessageTooLarge``,
-``TooManyRecipients``, ``UnsupportedFeature`` and ``InvalidMessage`` — the router should have routed
-elsewhere.
+The sender asks ``precheck`` whether a provider would take an email, ``plan_batches`` which emails share one
+call, then calls ``send`` / ``send_batch`` and reads ``SendResult.outcome``; it never sees a provider's exceptions
+for ordinary failures (those become ``RETRYABLE`` / ``THROTTLED`` / ``PERMANENT`` / ``AMBIGUOUS``). Exceptions
+(``libs.providers.errors``) are raised only for problems found *before* any network call: ``MessageTooLarge``,
+``TooManyRecipients``, ``UnsupportedFeature`` and ``InvalidMessage`` — the router should have routed elsewhere.
+
+The email model lives in ``libs.providers.model``, the capabilities table in ``libs.providers.capabilities``,
+sizes and MIME in ``libs.providers.mime``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import ssl
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import httpx
 
-if TYPE_CHECKING:
-    from libs.providers.mime import StreamedBody
-
-#: Header carrying our message id on every outgoing email (also used as the idempotency key).
-ESP_MESSAGE_ID_HEADER = "X-ESP-Message-Id"
-#: Metadata key under which our message id travels in provider-side custom data (custom_args, v:, Metadata,
-#: EmailTags), so delivery webhooks can be matched back to our message without the provider id.
-ESP_MESSAGE_ID_KEY = "esp_message_id"
-#: Metadata key carrying the tenant id next to the message id.
-ESP_TENANT_ID_KEY = "esp_tenant_id"
-
-#: Placeholder syntax for per-recipient personalisation in subject/text/html: ``{{ first_name }}``.
-#: Adapters translate it to the provider's native syntax for batch sends, or render it locally.
-PLACEHOLDER_PATTERN = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
-
-
-class Outcome(StrEnum):
-    """What one attempt at a provider achieved, from the sender's point of view."""
-
-    ACCEPTED = "accepted"
-    """The provider took responsibility for the email."""
-    THROTTLED = "throttled"
-    """The provider asked us to slow down; retry later (see ``retry_after_s``), possibly elsewhere."""
-    RETRYABLE = "retryable"
-    """A transient failure where the provider certainly did not accept the email; safe to retry."""
-    PERMANENT = "permanent"
-    """Retrying the same request at this provider will fail again."""
-    AMBIGUOUS = "ambiguous"
-    """The request was sent but no answer came back: the provider may or may not have accepted it."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Values
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Address:
-    """A mailbox: an address and an optional display name (any Unicode)."""
-
-    email: str
-    """The addr-spec, e.g. ``alice@example.com``."""
-    name: str = ""
-    """The display name, e.g. ``Alice Müller``; empty for none."""
-
-    def formatted(self) -> str:
-        """``Name <email>`` with the name quoted when it needs it; Unicode is kept (for JSON/form APIs)."""
-        if not self.name:
-            return self.email
-        if re.search(r'[()<>\[\]:;@\\,."]', self.name):
-            escaped = self.name.replace("\\", "\\\\").replace('"', '\\"')
-            return f'"{escaped}" <{self.email}>'
-        return f"{self.name} <{self.email}>"
-
-
-async def _single_chunk(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
-@dataclass(frozen=True)
-class Attachment:
-    """A file attached to an email; its bytes are streamed, never required to be in memory."""
-
-    filename: str
-    content_type: str
-    size: int
-    """Exact size of the raw (unencoded) bytes; adapters compute encoded sizes and Content-Length from it."""
-    chunks: Callable[[], AsyncIterator[bytes]]
-    """Opens a fresh stream of the bytes (the sender streams from S3); may be called more than once."""
-    content_id: str | None = None
-    """When set the attachment is inline, referenced from HTML as ``cid:<content_id>``."""
-
-    @property
-    def is_inline(self) -> bool:
-        """Whether this attachment is referenced from the HTML body rather than shown as a file."""
-        return self.content_id is not None
-
-    @classmethod
-    def from_bytes(
-        cls, filename: str, content_type: str, data: bytes, *, content_id: str | None = None
-    ) -> Attachment:
-        """An attachment whose bytes are already in memory (small files, tests)."""
-        return cls(filename, content_type, len(data), lambda: _single_chunk(data), content_id)
-
-
-@dataclass(frozen=True)
-class OutboundEmail:
-    """One email as the sender hands it to a provider adapter."""
-
-    message_id: str
-    """Our id (a UUID string): sent as header ``X-ESP-Message-Id`` and used as the idempotency key."""
-    tenant_id: str
-    message_class: str
-    """``otp`` | ``transactional`` | ``bulk``."""
-    sender: Address
-    to: tuple[Address, ...]
-    cc: tuple[Address, ...] = ()
-    bcc: tuple[Address, ...] = ()
-    reply_to: tuple[Address, ...] = ()
-    subject: str = ""
-    text: str | None = None
-    html: str | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-    """Extra headers; must not repeat the standard ones (From, To, Subject …)."""
-    tags: tuple[str, ...] = ()
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    """Custom key/value data that the provider echoes back in its webhooks."""
-    attachments: tuple[Attachment, ...] = ()
-    recipient_variables: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    """Per-recipient values for ``{{ name }}`` placeholders, keyed by recipient address."""
-
-    @property
-    def recipients(self) -> tuple[Address, ...]:
-        """Every envelope recipient: to, cc and bcc."""
-        return (*self.to, *self.cc, *self.bcc)
-
-
-@dataclass(frozen=True)
-class SendResult:
-    """The outcome of one attempt to hand one email to a provider."""
-
-    outcome: Outcome
-    provider_message_id: str | None = None
-    """The provider's id as returned by the send call (Mailgun's keeps its ``<>`` brackets)."""
-    retry_after_s: float | None = None
-    """How long the provider asked us to wait, when it said so."""
-    reason: str = ""
-    """A short human-readable explanation (the provider's own message where there is one)."""
-    status_code: int | None = None
-    """The HTTP status or SMTP reply code, when the provider answered."""
-    provider_fault: bool = False
-    """True when the failure lies with the provider or our account there (bad credentials, unknown domain,
-    quota, outage) rather than with the email: the sender should fail over instead of failing the email."""
-    elapsed_s: float | None = None
-    """Wall time of the attempt, measured by the base class."""
-
-    @property
-    def accepted(self) -> bool:
-        """Whether the provider took the email."""
-        return self.outcome is Outcome.ACCEPTED
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a provider can take; the router routes by these and the adapter enforces them."""
-
-    max_message_bytes: int
-    """Largest message after encoding (MIME/base64), as measured by ``estimated_encoded_size``."""
-    max_recipients_per_message: int
-    """to + cc + bcc of one message."""
-    max_batch_messages: int
-    """How many emails one batch call may carry (1 when there is no batch API)."""
-    supports_batch: bool
-    supports_idempotency_key: bool
-    """Whether the provider itself deduplicates on our message id."""
-    regions: tuple[str, ...]
-    max_tags: int = 100
-    """How many tags one message may carry."""
-    max_batch_recipients: int | None = None
-    """Recipients one batch call may carry in total (None: messages x recipients per message)."""
-    max_batch_bytes: int | None = None
-    """Encoded size one batch call may carry in total (None: no limit beyond the per-message cap)."""
-
-
-@dataclass(frozen=True)
-class ProviderConfig:
-    """One configured provider instance (an account at a provider, in a region)."""
-
-    name: str
-    """Our name for this instance, e.g. ``mailgun-eu``."""
-    type: str
-    """Adapter type: ``smtp`` | ``mailgun`` | ``sendgrid`` | ``ses`` | ``postmark``."""
-    endpoint: str
-    """Base URL for HTTP providers (e.g. ``https://api.mailgun.net``); ``host:port`` for SMTP. SES may leave
-    it empty to use AWS's regional endpoint."""
-    credentials: Mapping[str, str]
-    region: str = ""
-    options: Mapping[str, str] = field(default_factory=dict)
-    """Provider-specific settings as strings (see each adapter's docstring)."""
-    timeout_s: float = 10.0
-    """How long to wait for the provider's answer once the request is sent."""
-    connect_timeout_s: float = 5.0
-    """How long to wait for a connection (a failure here is always safe to retry)."""
-
-    def credential(self, key: str) -> str:
-        """A required credential, or ``AdapterConfigError`` naming it."""
-        value = self.credentials.get(key, "")
-        if not value:
-            raise AdapterConfigError(f"provider {self.name!r} ({self.type}) needs credential {key!r}")
-        return value
-
-    def option(self, key: str, default: str = "") -> str:
-        """An option as a string."""
-        return self.options.get(key, default)
-
-    def option_int(self, key: str, default: int) -> int:
-        """An option parsed as an integer, or ``AdapterConfigError``."""
-        raw = self.options.get(key)
-        if raw is None or raw == "":
-            return default
-        try:
-            return int(raw)
-        except ValueError:
-            raise AdapterConfigError(f"provider {self.name!r}: option {key!r} must be an integer") from None
-
-    def option_bool(self, key: str, default: bool) -> bool:
-        """An option parsed as a boolean (true/false/yes/no/1/0), or ``AdapterConfigError``."""
-        raw = self.options.get(key)
-        if raw is None or raw == "":
-            return default
-        lowered = raw.strip().lower()
-        if lowered in {"1", "true", "yes", "on"}:
-            return True
-        if lowered in {"0", "false", "no", "off"}:
-            return False
-        raise AdapterConfigError(f"provider {self.name!r}: option {key!r} must be a boolean")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Errors (raised only before any network call)
-# ----------------------------------------------------------------------------------------------------
-
-
-class ProviderError(Exception):
-    """Base of every error the provider layer raises."""
-
-
-class AdapterConfigError(ProviderError):
-    """A provider configuration is incomplete or invalid."""
-
-
-class UnknownProviderType(AdapterConfigError):
-    """No adapter is registered under the configured type."""
-
-
-class InvalidMessage(ProviderError):
-    """The email cannot be sent anywhere as it is (no recipients, no body …)."""
-
-
-class UnsupportedFeature(ProviderError):
-    """The email uses something this provider cannot do; route it to another provider."""
-
-    def __init__(self, provider_type: str, feature: str) -> None:
-        super().__init__(f"{provider_type} does not support {feature}")
-        self.provider_type = provider_type
-        self.feature = feature
-
-
-class TooManyRecipients(UnsupportedFeature):
-    """More recipients than one message at this provider may have."""
-
-    def __init__(self, provider_type: str, count: int, limit: int) -> None:
-        super().__init__(provider_type, f"{count} recipients in one message (limit {limit})")
-        self.count = count
-        self.limit = limit
-
-
-class MessageTooLarge(ProviderError):
-    """The encoded message exceeds the provider's cap; raised before any network call."""
-
-    def __init__(self, provider_type: str, size: int, limit: int) -> None:
-        super().__init__(f"message of {size} encoded bytes exceeds the {provider_type} cap of {limit} bytes")
-        self.provider_type = provider_type
-        self.size = size
-        self.limit = limit
-
+from libs.providers.capabilities import Capabilities
+from libs.providers.errors import (
+    AdapterConfigError,
+    InvalidMessage,
+    MessageTooLarge,
+    ProviderError,
+    TooManyRecipients,
+    UnsupportedFeature,
+)
+from libs.providers.mime import StreamedBody, check_header_fields, fits_size_cap, mime_size, mime_size_bound
+from libs.providers.model import OutboundEmail, Outcome, ProviderConfig, SendResult
 
 # ----------------------------------------------------------------------------------------------------
 # The protocol the sender calls
@@ -303,10 +50,22 @@ class MessageTooLarge(ProviderError):
 
 @runtime_checkable
 class ProviderAdapter(Protocol):
-    """What the sender service needs from any provider."""
+    """What the sender service needs from any provider, and all it uses."""
 
     config: ProviderConfig
     capabilities: Capabilities
+
+    def precheck(self, email: OutboundEmail, encoded_size: int) -> ProviderError | None:
+        """Why the provider would refuse ``email`` before any network call (None: it would take it), judging its
+        size by ``encoded_size``, the caller's measure; renders nothing. ``send`` checks again and decides."""
+        ...
+
+    def plan_batches(self, emails: Sequence[OutboundEmail], sizes: Sequence[int] | None = None, *,
+                     max_emails: int = 0) -> list[list[int]]:
+        """The provider calls ``emails`` need: lists of their indexes, each list one call (one email: a single
+        send). ``sizes`` are their encoded sizes when the caller knows them; ``max_emails`` (0: none) lowers the
+        batch limits on emails and recipients per call."""
+        ...
 
     async def send(self, email: OutboundEmail) -> SendResult:
         """Hand one email to the provider."""
@@ -322,95 +81,35 @@ class ProviderAdapter(Protocol):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sizes and personalisation (shared by the router and every adapter)
-# ----------------------------------------------------------------------------------------------------
-
-
-def base64_encoded_size(raw_size: int, *, line_length: int | None = None) -> int:
-    """Bytes of base64 for ``raw_size`` bytes; with ``line_length``, every line ends in CRLF."""
-    encoded = 4 * ((raw_size + 2) // 3)
-    if line_length is None or encoded == 0:
-        return encoded
-    lines = (encoded + line_length - 1) // line_length
-    return encoded + 2 * lines
-
-
-def estimated_encoded_size(email: OutboundEmail) -> int:
-    """The size of the email as a MIME message (headers, bodies, base64 attachments), in bytes.
-
-    Computed without reading any attachment bytes. This is the single measure the router and every adapter
-    compare with ``Capabilities.max_message_bytes``; it is exact for SMTP and SES (which carry this MIME) and
-    an upper bound for JSON providers (whose base64 has no line breaks). It renders the headers and bodies
-    (milliseconds): hot paths first try ``mime.mime_size_bound`` (microseconds) through ``mime.fits_size_cap``.
-    """
-    from libs.providers.mime import mime_size
-
-    return mime_size(email)
-
-
-def personalize(email: OutboundEmail) -> OutboundEmail:
-    """Render ``{{ name }}`` placeholders for an email with a single recipient and recipient variables.
-
-    Emails without recipient variables are returned unchanged. Unknown placeholders are left as they are.
-    """
-    if not email.recipient_variables or len(email.recipients) != 1:
-        return email
-    variables = email.recipient_variables.get(email.recipients[0].email)
-    if variables is None:
-        return email
-
-    def render(template: str | None) -> str | None:
-        if template is None:
-            return None
-        return PLACEHOLDER_PATTERN.sub(lambda match: variables.get(match.group(1), match.group(0)), template)
-
-    return replace(
-        email,
-        subject=render(email.subject) or "",
-        text=render(email.text),
-        html=render(email.html),
-        recipient_variables={},
-    )
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds from an HTTP ``Retry-After`` value (delta-seconds or HTTP date); None if absent or invalid."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
-
-
-# ----------------------------------------------------------------------------------------------------
 # The shared algorithm
 # ----------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _BatchLimits:
+    """What one batch call may carry."""
+
+    emails: int
+    recipients: int
+    bytes: int | None
+    unique_recipients: bool
+
+
 @dataclass
-class _OpenGroup:
-    """A batch being filled while grouping."""
+class _Batch:
+    """A batch call being filled while planning."""
 
     indexes: list[int] = field(default_factory=list)
     addresses: set[str] = field(default_factory=set)
     recipients: int = 0
     size: int = 0
 
-    def fits(self, addresses: set[str], size: int, caps: Capabilities, max_recipients: int, unique: bool) -> bool:
-        if len(self.indexes) >= caps.max_batch_messages or self.recipients + len(addresses) > max_recipients:
+    def fits(self, addresses: set[str], size: int, limits: _BatchLimits) -> bool:
+        if len(self.indexes) >= limits.emails or self.recipients + len(addresses) > limits.recipients:
             return False
-        if caps.max_batch_bytes is not None and self.size + size > caps.max_batch_bytes:
+        if limits.bytes is not None and self.size + size > limits.bytes:
             return False
-        return not unique or self.addresses.isdisjoint(addresses)
+        return not limits.unique_recipients or self.addresses.isdisjoint(addresses)
 
     def add(self, index: int, addresses: set[str], size: int) -> None:
         self.indexes.append(index)
@@ -420,18 +119,17 @@ class _OpenGroup:
 
 
 class BaseAdapter(ABC):
-    """Owns validation, the size cap, timing, batching and failure classification.
+    """Owns the checks before any network call, the size cap, batch planning, timing and failure classification.
 
-    Subclasses set ``type_name`` and ``default_capabilities`` and implement ``_deliver`` (one email) and, when
-    the provider has a batch API, ``_deliver_batch`` + ``batch_key``. ``_classify_exception`` turns the
-    transport's exceptions into results; anything it does not recognise propagates (a bug, not an outcome).
+    Subclasses set ``type_name`` and ``default_capabilities`` (their row of
+    ``libs.providers.capabilities.DEFAULT_CAPABILITIES``) and implement the hooks: ``_deliver`` (one email),
+    ``_classify_exception``, and when the provider has a batch API ``_deliver_batch`` + ``batch_key``;
+    ``check_features`` and ``_capabilities_for`` where the defaults do not fit. ``_classify_exception`` turns
+    the transport's exceptions into results; anything it does not recognise propagates (a bug, not an outcome).
     """
 
     type_name: ClassVar[str] = ""
     default_capabilities: ClassVar[Capabilities]
-    #: Whether one batch call may name each recipient address only once (per-recipient data keyed by address,
-    #: or duplicates refused); providers whose batches are lists of whole messages set this to False.
-    unique_recipients_per_batch: ClassVar[bool] = True
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -474,23 +172,45 @@ class BaseAdapter(ABC):
 
     # -- the algorithm -----------------------------------------------------------------------------------
 
+    def precheck(self, email: OutboundEmail, encoded_size: int) -> ProviderError | None:
+        """Why this provider would refuse ``email`` before any network call, or None (see ``ProviderAdapter``).
+
+        The cheap part of ``validate`` — recipients, bodies, recipient count, the size as ``encoded_size`` says,
+        features — so the sender places a bulk batch of hundreds without building each email's MIME just to learn
+        its size. ``validate`` runs again when the email is sent and stays the authority.
+        """
+        problem = self._shape_problem(email)
+        if problem is None and encoded_size > self.capabilities.max_message_bytes:
+            problem = MessageTooLarge(self.type_name, encoded_size, self.capabilities.max_message_bytes)
+        if problem is None:
+            try:
+                self.check_features(email)
+            except ProviderError as exc:
+                problem = exc
+        return problem
+
     def validate(self, email: OutboundEmail) -> None:
         """Everything checked before any network call; raises a ``ProviderError`` subclass."""
-        if not email.recipients:
-            raise InvalidMessage(f"email {email.message_id} has no recipients")
-        if email.text is None and email.html is None:
-            raise InvalidMessage(f"email {email.message_id} has neither a text nor an HTML body")
-        if len(email.recipients) > self.capabilities.max_recipients_per_message:
-            raise TooManyRecipients(
-                self.type_name, len(email.recipients), self.capabilities.max_recipients_per_message
-            )
+        problem = self._shape_problem(email)
+        if problem is not None:
+            raise problem
         self.check_features(email)
-        from libs.providers.mime import check_header_fields, fits_size_cap
-
-        check_header_fields(email)
+        check_header_fields(email)  # before any size is measured: rendering a bad header would raise
         fits, size = fits_size_cap(email, self.capabilities.max_message_bytes)
         if not fits:
             raise MessageTooLarge(self.type_name, size, self.capabilities.max_message_bytes)
+
+    def _shape_problem(self, email: OutboundEmail) -> ProviderError | None:
+        """No recipients, no body, or more recipients than one message here may have."""
+        if not email.recipients:
+            return InvalidMessage(f"email {email.message_id} has no recipients")
+        if email.text is None and email.html is None:
+            return InvalidMessage(f"email {email.message_id} has neither a text nor an HTML body")
+        if len(email.recipients) > self.capabilities.max_recipients_per_message:
+            return TooManyRecipients(
+                self.type_name, len(email.recipients), self.capabilities.max_recipients_per_message
+            )
+        return None
 
     async def send(self, email: OutboundEmail) -> SendResult:
         """Validate, send, time and classify one email (see ``ProviderAdapter.send``)."""
@@ -498,17 +218,16 @@ class BaseAdapter(ABC):
         return await self._timed(self._deliver(email))
 
     async def send_batch(self, emails: Sequence[OutboundEmail]) -> list[SendResult]:
-        """Validate all, then send compatible groups through the batch API and the rest one by one.
+        """Validate all, then make the calls ``plan_batches`` plans: batch calls for groups, single sends for the rest.
 
         Raises (before any network call) if any email fails validation. Results are in input order.
         """
         for email in emails:
             self.validate(email)
         results: list[SendResult | None] = [None] * len(emails)
-        groups, singles = self._group_for_batch(emails)
         limiter = asyncio.Semaphore(max(1, self._batch_concurrency))
 
-        async def run_group(indexes: list[int]) -> None:
+        async def call(indexes: list[int]) -> None:
             async with limiter:
                 group = [emails[i] for i in indexes]
                 if len(group) == 1:
@@ -519,45 +238,46 @@ class BaseAdapter(ABC):
                 results[index] = result
 
         async with asyncio.TaskGroup() as tasks:
-            for indexes in [*groups, *[[i] for i in singles]]:
-                tasks.create_task(run_group(indexes))
+            for indexes in self.plan_batches(emails):
+                tasks.create_task(call(indexes))
         return [result for result in results if result is not None]
 
-    def _group_for_batch(self, emails: Sequence[OutboundEmail]) -> tuple[list[list[int]], list[int]]:
-        """Split indexes into batch groups (by ``batch_key``, within the batch limits) and single sends.
+    def plan_batches(self, emails: Sequence[OutboundEmail], sizes: Sequence[int] | None = None, *,
+                     max_emails: int = 0) -> list[list[int]]:
+        """The calls for ``emails`` as lists of indexes: the batch groups in the order they were opened, then
+        every email sent on its own.
 
-        Unless ``unique_recipients_per_batch`` is off, a group never holds the same recipient address twice:
-        providers key per-recipient data by address (Mailgun's recipient-variables) or refuse duplicates
-        outright (SendGrid).
+        Emails share a call when ``batch_key`` gives them equal keys, within the capabilities' batch limits and
+        ``max_emails`` (the registry's ``batch_size``: a cap on emails and on recipients per call). Unless
+        ``unique_recipients_per_batch`` is off, a group never holds the same recipient address twice. Bytes count
+        against ``max_batch_bytes`` at ``sizes`` when given, else at the cheap bound, measured exactly only when the
+        bound would close a group early — so the sum never exceeds the limit and rarely costs a MIME build.
         """
-        if not self.capabilities.supports_batch:
-            return [], list(range(len(emails)))
-        from libs.providers.mime import mime_size_bound
-
         caps = self.capabilities
-        max_recipients = caps.max_batch_recipients or caps.max_batch_messages * caps.max_recipients_per_message
-        open_groups: dict[object, _OpenGroup] = {}
-        groups: list[list[int]] = []
-        singles: list[int] = []
+        if not caps.supports_batch:
+            return [[index] for index in range(len(emails))]
+        recipients = caps.max_batch_recipients or caps.max_batch_messages * caps.max_recipients_per_message
+        limits = _BatchLimits(min(caps.max_batch_messages, max_emails or caps.max_batch_messages),
+                              min(recipients, max_emails or recipients), caps.max_batch_bytes,
+                              caps.unique_recipients_per_batch)
+        open_batches: dict[object, _Batch] = {}
+        batches: list[list[int]] = []
+        singles: list[list[int]] = []
         for index, email in enumerate(emails):
             key = self.batch_key(email)
             if key is None:
-                singles.append(index)
+                singles.append([index])
                 continue
             addresses = {address.email.lower() for address in email.recipients}
-            # Sizes count at their cheap upper bound; the exact size is computed only when the bound would
-            # close a group early, so the sum never exceeds the provider's limit and rarely costs a MIME build.
-            size = mime_size_bound(email) if caps.max_batch_bytes is not None else 0
-            group = open_groups.get(key)
-            unique = self.unique_recipients_per_batch
-            if group is not None and size and not group.fits(addresses, size, caps, max_recipients, unique):
-                size = estimated_encoded_size(email)
-            if group is None or not group.fits(addresses, size, caps, max_recipients, unique):
-                group = _OpenGroup()
-                groups.append(group.indexes)
-                open_groups[key] = group
-            group.add(index, addresses, size)
-        return groups, singles
+            size = 0 if limits.bytes is None else sizes[index] if sizes is not None else mime_size_bound(email)
+            batch = open_batches.get(key)
+            if batch is not None and sizes is None and size and not batch.fits(addresses, size, limits):
+                size = mime_size(email)
+            if batch is None or not batch.fits(addresses, size, limits):
+                batch = open_batches[key] = _Batch()
+                batches.append(batch.indexes)
+            batch.add(index, addresses, size)
+        return [*batches, *singles]
 
     async def _timed(self, attempt: Awaitable[SendResult]) -> SendResult:
         started = time.monotonic()
@@ -583,20 +303,28 @@ class BaseAdapter(ABC):
         return [replace(result, elapsed_s=elapsed) for result in results]
 
 
-def unique_addresses(addresses: Iterable[Address]) -> list[Address]:
-    """Addresses with case-insensitive duplicates removed, first occurrence kept."""
-    seen: set[str] = set()
-    unique: list[Address] = []
-    for address in addresses:
-        key = address.email.lower()
-        if key not in seen:
-            seen.add(key)
-            unique.append(address)
-    return unique
-
-
 # ----------------------------------------------------------------------------------------------------
 # HTTP providers
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds from an HTTP ``Retry-After`` value (delta-seconds or HTTP date); None if absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
 # ----------------------------------------------------------------------------------------------------
 
 

@@ -5,6 +5,11 @@ kept as a list of segments — small rendered byte strings plus attachments whos
 bytes stream in — and its exact size is known up front (base64 sizes follow from the raw sizes), which is what
 the size cap and Content-Length need.
 
+Sizes live here too, next to the layout they measure: ``mime_size`` is the one measure every adapter compares with
+``Capabilities.max_message_bytes`` (exact for SMTP and SES, which carry this MIME; an upper bound for JSON
+providers, whose base64 has no line breaks); ``mime_size_bound`` bounds it in microseconds, and
+``fits_size_cap`` uses the bound first and renders only when the bound does not already prove the email fits.
+
 Headers and text bodies are rendered by the standard library's ``email`` package (RFC 2047 encoded words,
 RFC 2231 parameters, quoted-printable bodies, line folding); this module only lays out the multipart tree.
 """
@@ -22,15 +27,8 @@ from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime
 
-from libs.providers.base import (
-    ESP_MESSAGE_ID_HEADER,
-    Address,
-    Attachment,
-    InvalidMessage,
-    OutboundEmail,
-    ProviderError,
-    base64_encoded_size,
-)
+from libs.providers.errors import AttachmentSizeMismatch, InvalidMessage
+from libs.providers.model import ESP_MESSAGE_ID_HEADER, Address, Attachment, OutboundEmail
 
 #: Base64 line length in MIME bodies (RFC 2045): 57 raw bytes become one 76-character line.
 BASE64_LINE_CHARS = 76
@@ -45,8 +43,13 @@ RESERVED_HEADERS = frozenset(
 )
 
 
-class AttachmentSizeMismatch(ProviderError):
-    """An attachment stream yielded a different number of bytes than its declared size."""
+def base64_encoded_size(raw_size: int, *, line_length: int | None = None) -> int:
+    """Bytes of base64 for ``raw_size`` bytes; with ``line_length``, every line ends in CRLF."""
+    encoded = 4 * ((raw_size + 2) // 3)
+    if line_length is None or encoded == 0:
+        return encoded
+    lines = (encoded + line_length - 1) // line_length
+    return encoded + 2 * lines
 
 
 async def base64_chunks(attachment: Attachment, *, line_breaks: bool) -> AsyncIterator[bytes]:

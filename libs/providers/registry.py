@@ -1,57 +1,36 @@
 """Adapter types by name: ``create_adapter(config)`` builds the adapter ``config.type`` names.
 
-Built-in adapters register themselves when their ``libs.providers.<type>.send`` module is imported; the registry
-imports those modules lazily, the first time a lookup needs them, so importing the registry stays cheap and the
-webhook side (reports service) never pulls in boto3 or aiosmtplib.
+The built-in types are the rows of ``libs.providers.capabilities.DEFAULT_CAPABILITIES``; each lives in
+``libs/providers/<type>/send.py``, whose ``ADAPTER`` is its class. The registry imports a type's module the first
+time a lookup needs it, so importing the registry pulls in neither boto3 nor aiosmtplib, and the send modules
+never import the registry: the dependency runs one way.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from typing import TypeVar
 
-from libs.providers.base import BaseAdapter, ProviderAdapter, ProviderConfig, UnknownProviderType
+from libs.providers.base import BaseAdapter, ProviderAdapter
+from libs.providers.capabilities import DEFAULT_CAPABILITIES
+from libs.providers.errors import UnknownProviderType
+from libs.providers.model import ProviderConfig
 
 #: Provider types shipped with the platform, each in ``libs/providers/<type>/send.py``.
-BUILTIN_TYPES: tuple[str, ...] = ("smtp", "mailgun", "sendgrid", "ses", "postmark")
-
-AdapterClass = TypeVar("AdapterClass", bound=type[BaseAdapter])
+BUILTIN_TYPES: tuple[str, ...] = tuple(DEFAULT_CAPABILITIES)
 
 _adapter_classes: dict[str, type[BaseAdapter]] = {}
-_builtins_loaded = False
-
-
-def register(type_name: str) -> Callable[[AdapterClass], AdapterClass]:
-    """Class decorator: make ``create_adapter`` build this class for configs with ``type == type_name``."""
-
-    def decorate(cls: AdapterClass) -> AdapterClass:
-        existing = _adapter_classes.get(type_name)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"adapter type {type_name!r} is already registered by {existing.__qualname__}")
-        _adapter_classes[type_name] = cls
-        return cls
-
-    return decorate
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    for type_name in BUILTIN_TYPES:
-        importlib.import_module(f"libs.providers.{type_name}.send")
-    _builtins_loaded = True
 
 
 def adapter_class(type_name: str) -> type[BaseAdapter]:
-    """The class registered for ``type_name``, or ``UnknownProviderType``."""
-    _load_builtins()
-    try:
-        return _adapter_classes[type_name]
-    except KeyError:
-        known = ", ".join(sorted(_adapter_classes))
-        raise UnknownProviderType(f"no provider adapter of type {type_name!r} (known: {known})") from None
+    """The adapter class of ``type_name``, or ``UnknownProviderType``."""
+    found = _adapter_classes.get(type_name)
+    if found is None:
+        if type_name not in BUILTIN_TYPES:
+            known = ", ".join(sorted(BUILTIN_TYPES))
+            raise UnknownProviderType(f"no provider adapter of type {type_name!r} (known: {known})")
+        module = importlib.import_module(f"libs.providers.{type_name}.send")
+        found = _adapter_classes[type_name] = module.ADAPTER
+    return found
 
 
 def create_adapter(config: ProviderConfig) -> ProviderAdapter:
@@ -60,6 +39,5 @@ def create_adapter(config: ProviderConfig) -> ProviderAdapter:
 
 
 def adapter_types() -> list[str]:
-    """The registered adapter type names, sorted."""
-    _load_builtins()
-    return sorted(_adapter_classes)
+    """The adapter type names, sorted."""
+    return sorted(BUILTIN_TYPES)

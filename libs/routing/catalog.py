@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from libs.providers.base import ProviderConfig
+from libs.providers.model import ProviderConfig
 
 log = logging.getLogger(__name__)
 

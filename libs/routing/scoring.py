@@ -1,8 +1,8 @@
 """Ranking providers for one email: a fallback chain, best first, with the reasons behind every score.
 
-Eligibility first — enabled, carries the class, fits the size, breaker not open (nor its probe under way), no
-Retry-After pause, quota left for the email, rate budget not booked beyond what the class may wait, not already
-failed for this email — then a weighted score per class:
+Eligibility first — enabled, carries the class, fits the size (``libs.providers.capabilities.provider_size_cap``),
+breaker not open (nor its probe under way), no Retry-After pause, quota left for the email, rate budget not booked
+beyond what the class may wait, not already failed for this email — then a weighted score per class:
 
     score = weight * (w_cost·cost + w_latency·latency + w_health·health) * capacity * region
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from libs.providers.capabilities import DEFAULT_SIZE_CAPS, provider_size_cap
 from libs.routing.catalog import ProviderSpec
 from libs.routing.health import HALF_OPEN, OPEN, ProviderHealth
 
@@ -127,16 +128,10 @@ def remaining_quota(spec: ProviderSpec, health: ProviderHealth) -> tuple[float, 
     return daily, monthly
 
 
-def size_cap(spec: ProviderSpec, size_caps: Mapping[str, int]) -> int:
-    """The provider's size cap: the lower of its registry entry and its adapter's own (0 = none known)."""
-    caps = [c for c in (spec.max_message_bytes, size_caps.get(spec.type, 0)) if c > 0]
-    return min(caps) if caps else 0
-
-
 def exclusion_reason(spec: ProviderSpec, health: ProviderHealth, email: EmailFacts, profile: ClassProfile,
                      size_caps: Mapping[str, int]) -> str:
     """Why ``spec`` cannot take ``email`` right now; empty when it can."""
-    cap = size_cap(spec, size_caps)
+    cap = provider_size_cap(spec.type, spec.max_message_bytes, type_caps=size_caps)
     daily, monthly = remaining_quota(spec, health)
     if spec.disabled:
         return "disabled"
@@ -174,8 +169,9 @@ def _capacity(spec: ProviderSpec, health: ProviderHealth, profile: ClassProfile)
 
 
 def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth], email: EmailFacts,
-         size_caps: Mapping[str, int]) -> RouteDecision:
-    """Rank ``providers`` for ``email``. ``size_caps`` maps provider type → the adapter's own size cap."""
+         size_caps: Mapping[str, int] = DEFAULT_SIZE_CAPS) -> RouteDecision:
+    """Rank ``providers`` for ``email``. ``size_caps`` maps provider type → the type's own size cap (the
+    capabilities table unless a test says otherwise)."""
     profile = CLASS_PROFILES[email.message_class]
     megabytes = email.message_bytes / 1_000_000
     eligible: list[tuple[ProviderSpec, ProviderHealth, float, float]] = []

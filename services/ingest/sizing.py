@@ -6,8 +6,8 @@ policy says what happens: ``link`` replaces the attachments by expiring download
 :mod:`services.sender.links`) and tells routing the size of the email with links; ``reject`` refuses the email at
 accept with FAILED_PRECONDITION, before anything is spent.
 
-Caps are computed as routing computes them (:func:`libs.routing.scoring.rank`): the smaller of the provider's own
-``max_message_bytes`` and its adapter type's default cap, whichever are set.
+Caps are computed as routing computes them, by :func:`libs.providers.capabilities.provider_size_cap`: the smaller
+of the provider's own ``max_message_bytes`` and its type's cap in the capabilities table, whichever are set.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from libs.common.errors import FailedPrecondition
-from libs.providers.registry import BUILTIN_TYPES, adapter_class
+from libs.providers.capabilities import DEFAULT_SIZE_CAPS, provider_size_cap
 from libs.routing.catalog import ProviderSpec
 from services.ingest.model import EmailDraft, StoredAttachment
 from services.ingest.payloads import estimated_message_bytes
@@ -44,29 +44,18 @@ class SizeDecision:
                 "largest_provider_cap_bytes": str(self.largest_cap_bytes)}
 
 
-def builtin_size_caps() -> dict[str, int]:
-    """Default cap of each built-in adapter type (encoded bytes)."""
-    return {t: adapter_class(t).default_capabilities.max_message_bytes for t in BUILTIN_TYPES}
-
-
-def provider_cap(spec: ProviderSpec, size_caps: Mapping[str, int]) -> int:
-    """The provider's cap in encoded bytes; 0 means none known."""
-    caps = [c for c in (spec.max_message_bytes, size_caps.get(spec.type, 0)) if c]
-    return min(caps) if caps else 0
-
-
 class SizePolicy:
     """Decides attach / links / reject from the live provider catalog."""
 
     def __init__(self, providers: Callable[[], Iterable[ProviderSpec]],
-                 size_caps: Mapping[str, int] | None = None) -> None:
+                 size_caps: Mapping[str, int] = DEFAULT_SIZE_CAPS) -> None:
         self.providers = providers
-        self.size_caps = dict(builtin_size_caps() if size_caps is None else size_caps)
+        self.size_caps = size_caps
 
     def largest_cap(self, message_class: str) -> int | None:
         """The largest cap of a provider that may carry ``message_class``: 0 when one has no cap, None when no
         provider is eligible (then nothing is decided here: the email waits for a provider like any other)."""
-        caps = [provider_cap(s, self.size_caps) for s in self.providers()
+        caps = [provider_size_cap(s.type, s.max_message_bytes, type_caps=self.size_caps) for s in self.providers()
                 if not s.disabled and s.carries(message_class)]
         if not caps:
             return None

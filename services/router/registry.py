@@ -17,7 +17,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from libs.common.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument, NotFound
-from libs.providers.base import AdapterConfigError
+from libs.providers.errors import AdapterConfigError
 from libs.providers.registry import BUILTIN_TYPES, create_adapter
 from libs.routing.catalog import ProviderSpec, provider_config
 

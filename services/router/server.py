@@ -21,7 +21,6 @@ from libs.common.jetstream import connect
 from libs.common.redis import create_redis
 from libs.common.stopping import pause_unless_stopped
 from libs.common.timestamps import to_timestamp
-from libs.providers.registry import BUILTIN_TYPES, adapter_class
 from libs.routing.catalog import ProviderCatalog, ProviderSpec, open_bucket
 from libs.routing.health import HealthBoard
 from libs.routing.scoring import EmailFacts, ProviderScore, rank
@@ -37,11 +36,6 @@ _CLASS_BACK = {v: k for k, v in _CLASS.items()}
 _MASKABLE = {"type", "display_name", "endpoint", "region", "price_per_email_micros", "price_per_mb_micros",
              "max_message_bytes", "batch_size", "rate_limit_per_second", "daily_quota", "monthly_quota",
              "allowed_classes", "weight", "disabled", "options"}
-
-
-def size_caps() -> dict[str, int]:
-    """Each adapter type's own message size cap."""
-    return {t: adapter_class(t).default_capabilities.max_message_bytes for t in BUILTIN_TYPES}
 
 
 def _id(name: str) -> str:
@@ -94,7 +88,6 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
         self.registry = registry
         self.catalog = catalog
         self.health = health
-        self.caps = size_caps()
 
     async def CreateProvider(self, request: providers_pb2.CreateProviderRequest,
                              context: Any) -> providers_pb2.Provider:
@@ -145,8 +138,7 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
         health = await self.health.refresh(p.id for p in providers)
         decision = rank(providers, health, EmailFacts(
             _CLASS[request.message_class], request.message_bytes, max(1, request.recipient_count),
-            frozenset(e.removeprefix("providers/") for e in request.excluded_providers), request.region),
-            self.caps)
+            frozenset(e.removeprefix("providers/") for e in request.excluded_providers), request.region))
         return providers_pb2.RouteEmailResponse(ranked=[_score(s) for s in decision.ranked],
                                                 excluded=[_score(s) for s in decision.excluded])
 

@@ -43,20 +43,9 @@ from esp.internal.v1 import queue_pb2
 from esp.v1 import common_pb2, messages_pb2
 from prometheus_client import Counter, Histogram
 
-from libs.providers.base import (
-    AdapterConfigError,
-    Address,
-    Attachment,
-    InvalidMessage,
-    MessageTooLarge,
-    OutboundEmail,
-    Outcome,
-    ProviderAdapter,
-    ProviderError,
-    SendResult,
-    TooManyRecipients,
-)
-from libs.providers.registry import BUILTIN_TYPES, adapter_class
+from libs.providers.base import ProviderAdapter
+from libs.providers.errors import AdapterConfigError, InvalidMessage, ProviderError
+from libs.providers.model import Address, Attachment, OutboundEmail, Outcome, SendResult
 from libs.routing.catalog import ProviderCatalog, ProviderSpec
 from libs.routing.health import (
     HealthBoard,
@@ -180,6 +169,11 @@ class Job:
     def message_id(self) -> str:
         return self.incoming.task.message_id
 
+    @property
+    def size(self) -> int:
+        """The email's encoded size as ingest measured it (with links, when its attachments travel as links)."""
+        return self.incoming.task.message_bytes
+
     def hint(self, seconds: float) -> None:
         """Remember the soonest time a refusing provider could take the email."""
         if seconds > 0 and (self.wait_hint_s is None or seconds < self.wait_hint_s):
@@ -230,7 +224,6 @@ class Deliverer:
         self.policies = policies
         self.heartbeat_s = heartbeat_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.size_caps = {t: adapter_class(t).default_capabilities.max_message_bytes for t in BUILTIN_TYPES}
 
     # -- the whole delivery ----------------------------------------------------------------------------------
     async def deliver(self, batch: Sequence[Incoming]) -> list[Verdict]:
@@ -330,14 +323,14 @@ class Deliverer:
         task = job.task
         excluded = frozenset(job.state.excluded | job.tried)
         recipients = len(task.to) + len(task.cc) + len(task.bcc)
-        size = task.message_bytes
+        size = job.size
         if size <= SIZE_BUCKET_LIMIT:  # far below any cap: rounding up cannot change eligibility
             size = -(-max(size, 1) // SIZE_BUCKET_BYTES) * SIZE_BUCKET_BYTES
         key = (job.message_class, size, recipients, excluded)
         decision = cache.get(key)
         if decision is None:
             facts = EmailFacts(job.message_class, size, recipients, excluded)
-            decision = rank(self.catalog.providers.values(), self.health.snapshots, facts, self.size_caps)
+            decision = rank(self.catalog.providers.values(), self.health.snapshots, facts)
             cache[key] = decision
         return decision
 
@@ -394,70 +387,28 @@ class Deliverer:
         return None
 
     def _unfit(self, job: Job, provider_id: str) -> Exception | None:
-        """Why the provider's adapter would refuse the email before any network call, if it would.
-
-        The adapter's own ``validate`` runs again when it sends (and stays the authority); this is the cheap
-        part of it — recipients, features, and the size ingest measured — so a bulk batch of hundreds is placed
-        without building each email's MIME just to learn its size."""
+        """Why the provider's adapter would refuse the email before any network call, if it would: its
+        ``precheck`` at the size ingest measured, so no email's MIME is built just to learn its size."""
         try:
             adapter = self.adapters.get(provider_id)
         except (KeyError, AdapterConfigError) as exc:
             return exc
-        email = job.email
-        if email is None:
+        if job.email is None:
             return None
-        if not email.recipients:
-            return InvalidMessage(f"email {email.message_id} has no recipients")
-        if email.text is None and email.html is None:
-            return InvalidMessage(f"email {email.message_id} has neither a text nor an HTML body")
-        caps = adapter.capabilities
-        if len(email.recipients) > caps.max_recipients_per_message:
-            return TooManyRecipients(adapter.config.type, len(email.recipients), caps.max_recipients_per_message)
-        if job.task.message_bytes > caps.max_message_bytes:
-            return MessageTooLarge(adapter.config.type, job.task.message_bytes, caps.max_message_bytes)
-        check_features = getattr(adapter, "check_features", None)
-        if check_features is not None:
-            try:
-                check_features(email)
-            except ProviderError as exc:
-                return exc
-        return None
+        return adapter.precheck(job.email, job.size)
 
     def _split(self, provider_id: str, jobs: list[Job]) -> list[list[Job]]:
-        """Calls for the emails going to one provider: batch calls where the class and the provider allow."""
+        """Calls for the emails going to one provider: batch calls where the class and the provider allow, within
+        the provider's batch limits and its registry entry's ``batch_size``."""
         if len(jobs) == 1 or not jobs[0].policy.batch_calls:
             return [[job] for job in jobs]
-        adapter = self.adapters.get(provider_id)
-        caps = adapter.capabilities
-        batch_key = getattr(adapter, "batch_key", None)
-        if not caps.supports_batch or batch_key is None:
-            return [[job] for job in jobs]
-        spec = self.catalog.providers[provider_id]
-        max_messages = min(caps.max_batch_messages, spec.batch_size or caps.max_batch_messages)
-        max_recipients = min(caps.max_batch_recipients or caps.max_batch_messages * caps.max_recipients_per_message,
-                             spec.batch_size or 1 << 30)
-        unique = bool(getattr(adapter, "unique_recipients_per_batch", True))
-        singles: list[list[Job]] = []
-        open_groups: dict[object, tuple[list[Job], set[str]]] = {}
-        closed: list[list[Job]] = []
+        emails: list[OutboundEmail] = []
         for job in jobs:
-            assert job.email is not None
-            key = batch_key(job.email)
-            if key is None:
-                singles.append([job])
-                continue
-            addresses = {a.email.lower() for a in job.email.recipients}
-            group, seen = open_groups.get(key, ([], set()))
-            if (len(group) >= max_messages or len(seen) + len(addresses) > max_recipients
-                    or (unique and not seen.isdisjoint(addresses))):
-                if group:
-                    closed.append(group)
-                group, seen = [], set()
-            group.append(job)
-            seen |= addresses
-            open_groups[key] = (group, seen)
-        closed.extend(group for group, _seen in open_groups.values() if group)
-        return [*closed, *singles]
+            assert job.email is not None  # placed emails were built in step 1
+            emails.append(job.email)
+        plan = self.adapters.get(provider_id).plan_batches(
+            emails, [job.size for job in jobs], max_emails=self.catalog.providers[provider_id].batch_size)
+        return [[jobs[index] for index in call] for call in plan]
 
     # -- step 4 --------------------------------------------------------------------------------------------------
     async def _perform(self, call: Call) -> None:

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 
 from libs.common.jetstream import AckedPublisher, Topology
 from libs.common.telemetry import inject_headers
-from libs.providers.base import Outcome
+from libs.providers.model import Outcome
 
 ATTEMPT_OUTCOME = {Outcome.ACCEPTED: messages_pb2.ATTEMPT_OUTCOME_ACCEPTED,
                    Outcome.THROTTLED: messages_pb2.ATTEMPT_OUTCOME_THROTTLED,

@@ -24,7 +24,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from dev.simulator import RunningSimulator, run_simulator
-from libs.providers.base import Address, Attachment, BaseAdapter, OutboundEmail
+from libs.providers.base import BaseAdapter
+from libs.providers.model import Address, Attachment, OutboundEmail
 from libs.providers.registry import create_adapter
 
 #: The simulator personality each adapter type is tested against.

@@ -14,14 +14,9 @@ from typing import Any
 import pytest
 
 from dev.simulator import RunningSimulator
-from libs.providers.base import (
-    Address,
-    Attachment,
-    BaseAdapter,
-    MessageTooLarge,
-    OutboundEmail,
-    Outcome,
-)
+from libs.providers.base import BaseAdapter
+from libs.providers.errors import MessageTooLarge
+from libs.providers.model import Address, Attachment, OutboundEmail, Outcome
 from tests.conftest import free_port
 from tests.providers.conftest import exploding_attachment
 

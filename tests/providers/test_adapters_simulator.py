@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from dev.simulator import Personality, RunningSimulator, load_personalities, run_simulator
-from libs.providers.base import Address, OutboundEmail, Outcome, provider_tls_context
+from libs.providers.base import provider_tls_context
 from libs.providers.events import BounceType, EventKind
+from libs.providers.model import Address, OutboundEmail, Outcome
 from libs.providers.registry import create_adapter
 from libs.providers.webhooks import InMemoryReplayGuard, WebhookVerifier
 from tests.conftest import free_port

@@ -7,14 +7,9 @@ from typing import Any
 import pytest
 
 from dev.simulator import RunningSimulator
-from libs.providers.base import (
-    Address,
-    BaseAdapter,
-    Outcome,
-    SendResult,
-    TooManyRecipients,
-    UnsupportedFeature,
-)
+from libs.providers.base import BaseAdapter
+from libs.providers.errors import TooManyRecipients, UnsupportedFeature
+from libs.providers.model import Address, Outcome, SendResult
 from libs.providers.registry import create_adapter
 from tests.providers.conftest import new_email
 

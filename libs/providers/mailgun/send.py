@@ -21,26 +21,22 @@ from dataclasses import replace
 
 import httpx
 
-from libs.providers.base import (
+from libs.providers.base import HttpAdapter, classify_http_failure, response_json
+from libs.providers.capabilities import DEFAULT_CAPABILITIES
+from libs.providers.errors import AdapterConfigError, UnsupportedFeature
+from libs.providers.mime import streamed_form_data
+from libs.providers.model import (
     ESP_MESSAGE_ID_HEADER,
     ESP_MESSAGE_ID_KEY,
     ESP_TENANT_ID_KEY,
     PLACEHOLDER_PATTERN,
-    AdapterConfigError,
     Attachment,
-    Capabilities,
-    HttpAdapter,
     OutboundEmail,
     Outcome,
     ProviderConfig,
     SendResult,
-    UnsupportedFeature,
-    classify_http_failure,
     personalize,
-    response_json,
 )
-from libs.providers.mime import streamed_form_data
-from libs.providers.registry import register
 
 #: Mailgun's ``o:``/``h:``/``v:``/``t:`` parameters may total at most 16 KB per message.
 MAX_OPTION_BYTES = 16 * 1024
@@ -49,21 +45,11 @@ _RECIPIENT_ID_VARIABLE = f"%recipient.{ESP_MESSAGE_ID_KEY}%"
 FormFields = list[tuple[str, str | tuple[str, Attachment]]]
 
 
-@register("mailgun")
 class MailgunAdapter(HttpAdapter):
     """Mailgun's messages API."""
 
     type_name = "mailgun"
-    default_capabilities = Capabilities(
-        max_message_bytes=25 * 1024 * 1024,
-        max_recipients_per_message=1000,
-        max_batch_messages=1000,
-        supports_batch=True,
-        supports_idempotency_key=False,
-        regions=("us", "eu"),
-        max_tags=3,
-        max_batch_recipients=1000,
-    )
+    default_capabilities = DEFAULT_CAPABILITIES["mailgun"]
 
     def __init__(self, config: ProviderConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._api_key = config.credential("api_key")
@@ -199,3 +185,7 @@ def _check_option_bytes(fields: FormFields) -> None:
     )
     if total > MAX_OPTION_BYTES:
         raise UnsupportedFeature("mailgun", f"{total} bytes of o:/h:/v:/t: parameters (limit {MAX_OPTION_BYTES})")
+
+
+ADAPTER = MailgunAdapter
+"""The adapter class of type ``mailgun``, found by ``libs.providers.registry``."""

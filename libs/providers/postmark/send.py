@@ -19,22 +19,19 @@ from typing import Any
 
 import httpx
 
-from libs.providers.base import (
+from libs.providers.base import HttpAdapter, classify_http_failure, response_json
+from libs.providers.capabilities import DEFAULT_CAPABILITIES
+from libs.providers.mime import streamed_json
+from libs.providers.model import (
     ESP_MESSAGE_ID_HEADER,
     ESP_MESSAGE_ID_KEY,
     ESP_TENANT_ID_KEY,
-    Capabilities,
-    HttpAdapter,
     OutboundEmail,
     Outcome,
     ProviderConfig,
     SendResult,
-    classify_http_failure,
     personalize,
-    response_json,
 )
-from libs.providers.mime import streamed_json
-from libs.providers.registry import register
 
 EMAIL_PATH = "/email"
 BATCH_PATH = "/email/batch"
@@ -58,22 +55,11 @@ def classify_error_code(code: int, message: str, status_code: int) -> SendResult
     )
 
 
-@register("postmark")
 class PostmarkAdapter(HttpAdapter):
     """Postmark's Email API."""
 
     type_name = "postmark"
-    default_capabilities = Capabilities(
-        max_message_bytes=10 * 1000 * 1000,
-        max_recipients_per_message=50,
-        max_batch_messages=500,
-        supports_batch=True,
-        supports_idempotency_key=False,
-        regions=("us",),
-        max_tags=1,
-        max_batch_bytes=50 * 1000 * 1000,
-    )
-    unique_recipients_per_batch = False  # a batch is a list of complete messages
+    default_capabilities = DEFAULT_CAPABILITIES["postmark"]
 
     def __init__(self, config: ProviderConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._token = config.credential("server_token")
@@ -183,3 +169,7 @@ class PostmarkAdapter(HttpAdapter):
                 status_code=status_code,
             )
         return classify_error_code(int(code), str(entry.get("Message", "")), status_code)
+
+
+ADAPTER = PostmarkAdapter
+"""The adapter class of type ``postmark``, found by ``libs.providers.registry``."""

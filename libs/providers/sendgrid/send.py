@@ -18,24 +18,21 @@ from typing import Any
 
 import httpx
 
-from libs.providers.base import (
+from libs.providers.base import HttpAdapter, classify_http_failure, response_json
+from libs.providers.capabilities import DEFAULT_CAPABILITIES
+from libs.providers.mime import streamed_json
+from libs.providers.model import (
     ESP_MESSAGE_ID_HEADER,
     ESP_MESSAGE_ID_KEY,
     ESP_TENANT_ID_KEY,
     PLACEHOLDER_PATTERN,
     Address,
-    Capabilities,
-    HttpAdapter,
     OutboundEmail,
     Outcome,
     ProviderConfig,
     SendResult,
-    classify_http_failure,
-    response_json,
     unique_addresses,
 )
-from libs.providers.mime import streamed_json
-from libs.providers.registry import register
 
 MAIL_SEND_PATH = "/v3/mail/send"
 
@@ -49,22 +46,11 @@ def _normalise_placeholders(value: str) -> str:
     return PLACEHOLDER_PATTERN.sub(lambda match: "{{" + match.group(1) + "}}", value)
 
 
-@register("sendgrid")
 class SendGridAdapter(HttpAdapter):
     """SendGrid's v3 Mail Send API."""
 
     type_name = "sendgrid"
-    default_capabilities = Capabilities(
-        max_message_bytes=30 * 1000 * 1000,
-        max_recipients_per_message=1000,
-        max_batch_messages=1000,
-        supports_batch=True,
-        supports_idempotency_key=False,
-        regions=("global", "eu"),
-        max_tags=10,
-        max_batch_recipients=1000,
-        max_batch_bytes=30 * 1000 * 1000,
-    )
+    default_capabilities = DEFAULT_CAPABILITIES["sendgrid"]
 
     def __init__(self, config: ProviderConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._api_key = config.credential("api_key")
@@ -181,3 +167,7 @@ def _error_messages(response: httpx.Response) -> str:
                 messages.append(f"{error.get('message', '')}{field}")
         return "; ".join(messages)
     return response.text[:200]
+
+
+ADAPTER = SendGridAdapter
+"""The adapter class of type ``sendgrid``, found by ``libs.providers.registry``."""

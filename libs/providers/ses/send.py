@@ -26,21 +26,19 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from libs.providers.base import (
+from libs.providers.base import BaseAdapter
+from libs.providers.capabilities import DEFAULT_CAPABILITIES
+from libs.providers.errors import AdapterConfigError, UnsupportedFeature
+from libs.providers.mime import build_mime
+from libs.providers.model import (
     ESP_MESSAGE_ID_KEY,
     ESP_TENANT_ID_KEY,
-    AdapterConfigError,
-    BaseAdapter,
-    Capabilities,
     OutboundEmail,
     Outcome,
     ProviderConfig,
     SendResult,
-    UnsupportedFeature,
     personalize,
 )
-from libs.providers.mime import build_mime
-from libs.providers.registry import register
 
 #: SES error codes that mean "slow down" (sending rate, daily quota, API request rate).
 THROTTLING_CODES = frozenset(
@@ -84,20 +82,11 @@ def classify_client_error(error: botocore.exceptions.ClientError) -> SendResult:
     return SendResult(Outcome.PERMANENT, reason=reason, status_code=status)
 
 
-@register("ses")
 class SesAdapter(BaseAdapter):
     """Amazon SES through the v2 API."""
 
     type_name = "ses"
-    default_capabilities = Capabilities(
-        max_message_bytes=40 * 1024 * 1024,
-        max_recipients_per_message=50,
-        max_batch_messages=1,
-        supports_batch=False,
-        supports_idempotency_key=False,
-        regions=(),
-        max_tags=40,
-    )
+    default_capabilities = DEFAULT_CAPABILITIES["ses"]
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
@@ -186,3 +175,7 @@ class SesAdapter(BaseAdapter):
         """Close boto3's connection pool and stop the threads."""
         self._client.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+ADAPTER = SesAdapter
+"""The adapter class of type ``ses``, found by ``libs.providers.registry``."""

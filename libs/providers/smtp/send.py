@@ -27,18 +27,11 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from libs.providers.base import (
-    AdapterConfigError,
-    BaseAdapter,
-    Capabilities,
-    OutboundEmail,
-    Outcome,
-    ProviderConfig,
-    SendResult,
-    personalize,
-)
+from libs.providers.base import BaseAdapter
+from libs.providers.capabilities import DEFAULT_CAPABILITIES, Capabilities
+from libs.providers.errors import AdapterConfigError
 from libs.providers.mime import MimeDocument, build_mime
-from libs.providers.registry import register
+from libs.providers.model import OutboundEmail, Outcome, ProviderConfig, SendResult, personalize
 
 #: Reply codes that mean "slow down" rather than "broken" (RFC 5321 421/451/452 and SES's 454 throttling).
 THROTTLE_CODES = frozenset({421, 451, 452, 454})
@@ -195,19 +188,11 @@ class _Session:
         self.reusable = False
 
 
-@register("smtp")
 class SmtpAdapter(BaseAdapter):
     """Sends through any SMTP relay; one transaction per email, sessions pooled."""
 
     type_name = "smtp"
-    default_capabilities = Capabilities(
-        max_message_bytes=25 * 1024 * 1024,
-        max_recipients_per_message=100,
-        max_batch_messages=1,
-        supports_batch=False,
-        supports_idempotency_key=False,
-        regions=(),
-    )
+    default_capabilities = DEFAULT_CAPABILITIES["smtp"]
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
@@ -333,3 +318,7 @@ class SmtpAdapter(BaseAdapter):
     async def aclose(self) -> None:
         """Close pooled sessions."""
         await self._pool.aclose()
+
+
+ADAPTER = SmtpAdapter
+"""The adapter class of type ``smtp``, found by ``libs.providers.registry``."""
