@@ -32,7 +32,7 @@ class LedgerSettings(CommonSettings):
     """How long an applied outcome event's id is kept to recognise a redelivery: longer than the EVENTS stream's
     retention (7 days), after which no redelivery can happen."""
     settlement_worker: bool = True
-    """Settle outcomes in a worker process of its own (``services.ledger.settlement``) rather than on the event
+    """Settle outcomes in a worker process of its own (``services.ledger.settlement_worker``) rather than on the event
     loop that answers reserves, which every accept waits for."""
     settlement_niceness: int = 10
     """How much nicer (lower CPU priority) the settlement worker runs than the ledger: on a busy machine a

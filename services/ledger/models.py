@@ -1,4 +1,6 @@
-"""The ledger's values: what callers pass in and get back. Plain frozen dataclasses, no gRPC or SQL types."""
+"""The ledger's values: what callers pass in and get back. Plain frozen dataclasses, no gRPC or SQL types.
+
+``MessageClass`` is the shared one (:mod:`libs.common.message_classes`); each class has its own price per email."""
 
 from __future__ import annotations
 
@@ -7,19 +9,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from libs.common.message_classes import MessageClass as MessageClass  # re-exported: the ledger's callers use it
+
 ATTACHMENT_BILLING_UNIT_BYTES = 1024 * 1024
 """Attachments are priced per started MiB (1 byte over a MiB costs two units of ``per_attachment_mb``)."""
 
 DEFAULT_PRICE_BOOK = "-"
 """The tenant id of the platform's default price book (``tenants/-`` in the API)."""
-
-
-class MessageClass(StrEnum):
-    """How urgent and how price-sensitive an email is; each class has its own price per email."""
-
-    OTP = "otp"
-    TRANSACTIONAL = "transactional"
-    BULK = "bulk"
 
 
 class HoldState(StrEnum):
@@ -63,8 +59,8 @@ ENTRY_ACCOUNTS: dict[EntryKind, tuple[Account, Account]] = {
 """(debit, credit) account of each entry kind; the database refuses any other pair."""
 
 
-class Outcome(StrEnum):
-    """A message's final outcome as the ledger sees it."""
+class FinalOutcome(StrEnum):
+    """A message's final outcome as the ledger settles it: ``SENT`` commits its hold, ``FAILED`` releases it."""
 
     SENT = "sent"
     FAILED = "failed"
@@ -214,7 +210,7 @@ class OutcomeEvent:
     event_id: str
     """The event's own id: its idempotency key."""
     hold_id: str
-    outcome: Outcome
+    outcome: FinalOutcome
 
 
 @dataclass(frozen=True)
@@ -223,7 +219,7 @@ class OutcomeApplied:
 
     event_id: str
     hold_id: str
-    outcome: Outcome
+    outcome: FinalOutcome
     result: OutcomeResult
     duplicate: bool
 

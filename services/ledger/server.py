@@ -19,14 +19,18 @@ from libs.common.workers import WorkerSpec, WorkerSupervisor, worker_env
 from services.ledger.config import LedgerSettings
 from services.ledger.errors import LedgerError
 from services.ledger.ledger import Ledger, LedgerOptions
-from services.ledger.models import Balance, Hold, HoldState, MessageClass, PriceOverrides, ReserveRequest
-from services.ledger.notifications import NotificationPublisher
-from services.ledger.settlement import build_settlement
+from services.ledger.models import (
+    Balance,
+    Hold,
+    HoldState,
+    MessageClass,
+    PriceBook,
+    PriceOverrides,
+    ReserveRequest,
+)
+from services.ledger.notification_publisher import NotificationPublisher
+from services.ledger.settlement_worker import build_settlement
 
-_CLASS = {common_pb2.MESSAGE_CLASS_OTP: MessageClass.OTP,
-          common_pb2.MESSAGE_CLASS_TRANSACTIONAL: MessageClass.TRANSACTIONAL,
-          common_pb2.MESSAGE_CLASS_BULK: MessageClass.BULK}
-_CLASS_BACK = {v: k for k, v in _CLASS.items()}
 _STATE = {HoldState.HELD: credits_pb2.HOLD_STATE_HELD, HoldState.COMMITTED: credits_pb2.HOLD_STATE_COMMITTED,
           HoldState.RELEASED: credits_pb2.HOLD_STATE_RELEASED, HoldState.EXPIRED: credits_pb2.HOLD_STATE_EXPIRED}
 
@@ -47,11 +51,13 @@ def _hold_id(name: str) -> str:
 
 
 def _class(value: int) -> MessageClass:
-    if value not in _CLASS:
-        raise InvalidArgument("message_class is required",
-                              field_violations=[FieldViolation("message_class", "otp, transactional or bulk")])
-    return _CLASS[value]
-
+    try:
+        return MessageClass.from_proto(value)
+    except ValueError:
+        raise InvalidArgument(
+            "message_class is required",
+            field_violations=[FieldViolation("message_class", "otp, transactional or bulk")],
+        ) from None
 
 
 def _balance(b: Balance) -> credits_pb2.Balance:
@@ -62,7 +68,7 @@ def _balance(b: Balance) -> credits_pb2.Balance:
 def _hold(h: Hold) -> credits_pb2.Hold:
     return credits_pb2.Hold(name=f"holds/{h.hold_id}", tenant=f"tenants/{h.tenant_id}", amount=h.amount,
                             committed_amount=h.committed_amount or 0, state=_STATE[h.state],
-                            message_class=_CLASS_BACK[h.message_class], expire_time=to_timestamp(h.expires_at))
+                            message_class=h.message_class.proto, expire_time=to_timestamp(h.expires_at))
 
 
 def _reserve_request(r: credits_pb2.ReserveCreditsRequest) -> ReserveRequest:
@@ -152,8 +158,6 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
                               context: Any) -> credits_pb2.PriceBook:
         b = request.price_book
         if b.tenant == "tenants/-":
-            from services.ledger.models import PriceBook
-
             book = await self.ledger.set_default_prices(PriceBook(
                 "-", b.otp_per_email, b.transactional_per_email, b.bulk_per_email, b.per_attachment_mb))
         else:
@@ -209,10 +213,10 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
     tasks: list[BackgroundTask] = [sweep, publish_notifications]
     closers: list[Callable[[], Awaitable[None]]] = [close_all]
     # Only final outcomes settle holds (they have a subject of their own), in a worker process of lower CPU priority
-    # unless configured otherwise; see services.ledger.settlement.
+    # unless configured otherwise; see services.ledger.settlement_worker.
     if settings.settlement_worker:
         supervisor = await WorkerSupervisor.start(
-            "ledger", [WorkerSpec("ledger-settlement", "services.ledger.settlement", worker_env(settings, 0))],
+            "ledger", [WorkerSpec("ledger-settlement", "services.ledger.settlement_worker", worker_env(settings, 0))],
             grace_s=settings.shutdown_grace_s)
         tasks.append(supervisor.watch)
         closers.append(supervisor.stop)

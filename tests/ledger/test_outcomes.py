@@ -13,10 +13,10 @@ from services.ledger.errors import IdempotencyMismatch, InvalidLedgerArgument
 from services.ledger.ledger import Ledger
 from services.ledger.models import (
     Balance,
+    FinalOutcome,
     HoldState,
     MessageClass,
     NotificationKind,
-    Outcome,
     OutcomeEvent,
     OutcomeResult,
 )
@@ -46,7 +46,7 @@ async def test_the_same_sent_event_delivered_three_times_commits_once(
 
 
 async def test_a_failed_event_releases_the_hold(funded: Ledger) -> None:
-    applied = await funded.apply_outcome("e1", "m1", Outcome.FAILED)
+    applied = await funded.apply_outcome("e1", "m1", FinalOutcome.FAILED)
 
     assert applied.result is OutcomeResult.RELEASED
     assert (await funded.get_hold("m1")).state is HoldState.RELEASED
@@ -54,7 +54,7 @@ async def test_a_failed_event_releases_the_hold(funded: Ledger) -> None:
 
 
 async def test_one_batch_holding_an_event_three_times_commits_once(funded: Ledger, pool: AsyncConnectionPool) -> None:
-    results = await funded.apply_outcomes([OutcomeEvent("e1", "m1", Outcome.SENT)] * 3)
+    results = await funded.apply_outcomes([OutcomeEvent("e1", "m1", FinalOutcome.SENT)] * 3)
 
     assert [r.duplicate for r in results] == [False, True, True]  # type: ignore[union-attr]
     assert await funded.get_balance("acme") == Balance("acme", available=95, held=0, spent=5)
@@ -119,7 +119,9 @@ async def test_reusing_an_event_id_for_another_outcome_is_an_idempotency_mismatc
 async def test_a_malformed_event_fails_alone(funded: Ledger) -> None:
     await funded.reserve("acme", "m2", MessageClass.OTP)
 
-    bad, good = await funded.apply_outcomes([OutcomeEvent("", "m1", Outcome.SENT), OutcomeEvent("e2", "m2", "sent")])  # type: ignore[arg-type]
+    bad, good = await funded.apply_outcomes(
+        [OutcomeEvent("", "m1", FinalOutcome.SENT), OutcomeEvent("e2", "m2", "sent")]  # type: ignore[arg-type]
+    )
 
     assert isinstance(bad, InvalidLedgerArgument)
     assert good.result is OutcomeResult.COMMITTED  # type: ignore[union-attr]
@@ -133,11 +135,11 @@ async def test_one_batch_of_mixed_outcomes_journals_each_step_with_the_balance_a
 
     results = await funded.apply_outcomes(
         [
-            OutcomeEvent("e1", "m1", Outcome.FAILED),
-            OutcomeEvent("e2", "m2", Outcome.SENT),
-            OutcomeEvent("e3", "m3", Outcome.FAILED),
-            OutcomeEvent("e4", "m3", Outcome.SENT),  # the hold was released by e3 just before, in this batch
-            OutcomeEvent("e5", "m4", Outcome.SENT),
+            OutcomeEvent("e1", "m1", FinalOutcome.FAILED),
+            OutcomeEvent("e2", "m2", FinalOutcome.SENT),
+            OutcomeEvent("e3", "m3", FinalOutcome.FAILED),
+            OutcomeEvent("e4", "m3", FinalOutcome.SENT),  # the hold was released by e3 just before, in this batch
+            OutcomeEvent("e5", "m4", FinalOutcome.SENT),
         ]
     )
 
@@ -188,7 +190,9 @@ async def test_a_reserve_goes_through_while_a_settlement_holds_the_commit_total(
 
 async def test_a_failed_outcome_still_returns_the_credits_to_available(funded: Ledger, pool: AsyncConnectionPool):
     await funded.reserve("acme", "m2", MessageClass.OTP)
-    await funded.apply_outcomes([OutcomeEvent("e1", "m1", Outcome.SENT), OutcomeEvent("e2", "m2", Outcome.FAILED)])
+    await funded.apply_outcomes(
+        [OutcomeEvent("e1", "m1", FinalOutcome.SENT), OutcomeEvent("e2", "m2", FinalOutcome.FAILED)]
+    )
     assert await funded.get_balance("acme") == Balance("acme", available=95, held=0, spent=5)
     await check_books(pool)
 
@@ -197,7 +201,9 @@ async def test_applied_events_past_the_retention_are_forgotten_and_a_late_duplic
     funded: Ledger, pool: AsyncConnectionPool
 ) -> None:
     await funded.reserve("acme", "m2", MessageClass.OTP)
-    await funded.apply_outcomes([OutcomeEvent("e1", "m1", Outcome.SENT), OutcomeEvent("e2", "m2", Outcome.SENT)])
+    await funded.apply_outcomes(
+        [OutcomeEvent("e1", "m1", FinalOutcome.SENT), OutcomeEvent("e2", "m2", FinalOutcome.SENT)]
+    )
     async with pool.connection() as conn:
         await conn.execute("UPDATE ledger.processed_events SET processed_at = now() - interval '9 days' "
                            "WHERE event_id = 'e1'")

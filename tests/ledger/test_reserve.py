@@ -9,6 +9,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from libs.common.db import create_pool
+from services.ledger.database import Database
 from services.ledger.errors import IdempotencyMismatch, InsufficientCredits, InvalidAmount, InvalidLedgerArgument
 from services.ledger.ledger import Ledger, LedgerOptions
 from services.ledger.models import Balance, Hold, HoldState, MessageClass, PriceOverrides, ReserveRequest
@@ -252,11 +253,12 @@ async def test_a_reserve_without_synchronous_commit_holds_the_same_and_leaves_th
         await ledger.close()
 
 
-async def test_a_transaction_without_synchronous_commit_runs_with_it_off(ledger: Ledger) -> None:
+async def test_a_transaction_without_synchronous_commit_runs_with_it_off(pool: AsyncConnectionPool) -> None:
     async def setting(conn: Any) -> str:
         row = await (await conn.execute("SHOW synchronous_commit")).fetchone()
         return str(row[0])
 
-    assert await ledger._transaction(setting, pipeline=True, synchronous_commit=False) == "off"
-    assert await ledger._transaction(setting, synchronous_commit=False) == "off"
-    assert await ledger._transaction(setting, pipeline=True) == "on"
+    db = Database(pool)
+    assert await db.transaction(setting, pipeline=True, synchronous_commit=False) == "off"
+    assert await db.transaction(setting, synchronous_commit=False) == "off"
+    assert await db.transaction(setting, pipeline=True) == "on"

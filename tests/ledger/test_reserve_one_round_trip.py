@@ -10,9 +10,10 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from services.ledger.errors import IdempotencyMismatch, InsufficientCredits
-from services.ledger.ledger import ONE_ROUND_TRIP_MAX_BATCH, Ledger
+from services.ledger.ledger import Ledger
 from services.ledger.models import Balance, Hold, HoldState, MessageClass, PriceOverrides, ReserveRequest
 from services.ledger.pricing import hold_amount, unit_price
+from services.ledger.reserves import ONE_ROUND_TRIP_MAX_BATCH
 from tests.ledger.books import check_books
 
 MIB = 1024 * 1024
@@ -22,13 +23,14 @@ MIB = 1024 * 1024
 def reading_path(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many batches went the reading way (each entry: the batch's size)."""
     calls: list[int] = []
-    original = ledger._reserve_in_transaction
+    reserves = ledger._reserves
+    original = reserves._reserve_in_transaction
 
     async def counted(conn: Any, requests: Any, *, locked: bool) -> Any:
         calls.append(len(requests))
         return await original(conn, requests, locked=locked)
 
-    monkeypatch.setattr(ledger, "_reserve_in_transaction", counted)
+    monkeypatch.setattr(reserves, "_reserve_in_transaction", counted)
     return calls
 
 

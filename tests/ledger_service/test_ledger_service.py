@@ -109,7 +109,7 @@ def _settlement_workers(namespace: str) -> list[int]:
             environ = (stat.parent / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if (int(fields[1]) == os.getpid() and b"services.ledger.settlement" in cmdline
+        if (int(fields[1]) == os.getpid() and b"services.ledger.settlement_worker" in cmdline
                 and f"ESP_NAMESPACE={namespace}".encode() in environ):
             found.append(int(stat.parent.name))
     return found

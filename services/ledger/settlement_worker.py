@@ -1,6 +1,7 @@
-"""``python -m services.ledger.settlement``: the ledger's settlement worker (started by the ledger service; see
-``libs.common.workers``). It consumes final outcome events and settles their holds — sent commits the hold,
-failed releases it — one JetStream batch per transaction.
+"""``python -m services.ledger.settlement_worker``: the ledger's settlement worker (started by the ledger service;
+see ``libs.common.workers``). It consumes final outcome events (:mod:`services.ledger.outcome_consumer`) and
+settles their holds (:mod:`services.ledger.outcomes`) — sent commits the hold, failed releases it — one JetStream
+batch per transaction.
 
 Settling is background work and a campaign brings a burst of it: 10,000 outcomes in a few seconds. In the
 ledger's own process it shared an event loop and a CPU priority with the reserves that every accept waits for;
@@ -15,7 +16,7 @@ from libs.common.jetstream import Topology, connect, ensure_pull_consumer, pull_
 from libs.common.workers import StopEvent, WorkerParts, run_worker
 from services.ledger.config import LedgerSettings
 from services.ledger.ledger import Ledger, LedgerOptions
-from services.ledger.outcomes import OutcomeConsumer
+from services.ledger.outcome_consumer import OutcomeConsumer
 
 
 async def build_settlement(settings: LedgerSettings) -> WorkerParts:
