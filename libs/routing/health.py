@@ -145,8 +145,9 @@ class ProviderLimits:
     monthly_quota: int = 0
 
 
-class Outcome(enum.StrEnum):
-    """What ``record`` is told about a call."""
+class CallHealth(enum.StrEnum):
+    """What one provider call says about the provider's health: what ``record`` is told about a call (not what
+    became of the email, which is ``libs.providers.model.Outcome``)."""
 
     SUCCESS = "ok"
     """The provider answered (accepted, or refused the email itself): it is up."""
@@ -436,14 +437,14 @@ class HealthBoard:
         return permits
 
     # -- outcomes ------------------------------------------------------------------------------------------------
-    def _record_args(self, outcome: Outcome, latency_ms: float | None, probe: bool,
+    def _record_args(self, outcome: CallHealth, latency_ms: float | None, probe: bool,
                      retry_after_s: float | None) -> list[ScriptArg]:
         p = self.policy
         return [outcome.value, -1 if latency_ms is None else latency_ms, self.alpha, p.consecutive_failures,
                 p.failure_rate, p.min_samples, p.window_s, int(p.open_s * 1000),
                 int((retry_after_s if retry_after_s is not None else 1.0) * 1000), 1 if probe else 0]
 
-    async def record(self, provider_id: str, outcome: Outcome, *, latency_ms: float | None = None,
+    async def record(self, provider_id: str, outcome: CallHealth, *, latency_ms: float | None = None,
                      probe: bool = False, retry_after_s: float | None = None, refund_emails: int = 0) -> str:
         """Record one call's outcome; returns the breaker state after it. ``refund_emails`` gives quota back
         for emails the provider certainly did not take (a throttled or never-sent call)."""
@@ -472,7 +473,7 @@ class RecordedCall:
     """One call's outcome, for ``HealthBoard.record_many``."""
 
     provider_id: str
-    outcome: Outcome
+    outcome: CallHealth
     latency_ms: float | None = None
     """Only for successful single-email calls: a batch call's time says little about one email's latency."""
     probe: bool = False

@@ -26,32 +26,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from libs.common.message_classes import MessageClass, RoutingWeights
 from libs.providers.capabilities import DEFAULT_SIZE_CAPS, provider_size_cap
 from libs.routing.catalog import ProviderSpec
 from libs.routing.health import HALF_OPEN, OPEN, ProviderHealth
 
-
-@dataclass(frozen=True)
-class ClassProfile:
-    """How one message class weighs providers (weights need not sum to 1)."""
-
-    cost: float
-    latency: float
-    health: float
-    max_rate_wait_s: float
-    """Longest an email of the class may wait for a rate-limited provider's next slot before routing elsewhere."""
-    latency_by_tail: bool = False
-    """Compare providers by their latency tail rather than their mean (a late OTP is a useless OTP)."""
-    probe_first: bool = True
-    """Send the half-open breaker's probe with this class as soon as it is due (otp: only as a last resort)."""
-
-
-CLASS_PROFILES: Mapping[str, ClassProfile] = {
-    "otp": ClassProfile(cost=0.05, latency=0.6, health=0.35, max_rate_wait_s=0.05, latency_by_tail=True,
-                        probe_first=False),
-    "transactional": ClassProfile(cost=0.3, latency=0.35, health=0.35, max_rate_wait_s=1.0),
-    "bulk": ClassProfile(cost=0.65, latency=0.05, health=0.3, max_rate_wait_s=2.0),
-}
 QUOTA_LOW_SHARE = 0.1
 """Below this share of its daily quota left, a provider's capacity factor starts to fade."""
 CAPACITY_FLOOR = 0.5
@@ -128,7 +107,7 @@ def remaining_quota(spec: ProviderSpec, health: ProviderHealth) -> tuple[float, 
     return daily, monthly
 
 
-def exclusion_reason(spec: ProviderSpec, health: ProviderHealth, email: EmailFacts, profile: ClassProfile,
+def exclusion_reason(spec: ProviderSpec, health: ProviderHealth, email: EmailFacts, profile: RoutingWeights,
                      size_caps: Mapping[str, int]) -> str:
     """Why ``spec`` cannot take ``email`` right now; empty when it can."""
     cap = provider_size_cap(spec.type, spec.max_message_bytes, type_caps=size_caps)
@@ -156,7 +135,7 @@ def exclusion_reason(spec: ProviderSpec, health: ProviderHealth, email: EmailFac
     return ""
 
 
-def _capacity(spec: ProviderSpec, health: ProviderHealth, profile: ClassProfile) -> float:
+def _capacity(spec: ProviderSpec, health: ProviderHealth, profile: RoutingWeights) -> float:
     factor = 1.0
     if spec.daily_quota:
         left_share = max(0.0, spec.daily_quota - health.daily_used) / spec.daily_quota
@@ -172,7 +151,7 @@ def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth]
          size_caps: Mapping[str, int] = DEFAULT_SIZE_CAPS) -> RouteDecision:
     """Rank ``providers`` for ``email``. ``size_caps`` maps provider type → the type's own size cap (the
     capabilities table unless a test says otherwise)."""
-    profile = CLASS_PROFILES[email.message_class]
+    profile = MessageClass(email.message_class).policy.routing
     megabytes = email.message_bytes / 1_000_000
     eligible: list[tuple[ProviderSpec, ProviderHealth, float, float]] = []
     excluded: list[ProviderScore] = []

@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from libs.common.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument, NotFound
+from libs.common.message_classes import MessageClass
 from libs.providers.errors import AdapterConfigError
 from libs.providers.registry import BUILTIN_TYPES, create_adapter
 from libs.routing.catalog import ProviderSpec, provider_config
@@ -24,7 +25,7 @@ from libs.routing.catalog import ProviderSpec, provider_config
 log = logging.getLogger(__name__)
 
 _ID = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
-_CLASSES = ("otp", "transactional", "bulk")
+_CLASSES = frozenset(MessageClass)
 _COLUMNS = ("type", "display_name", "endpoint", "region", "price_per_email_micros", "price_per_mb_micros",
             "max_message_bytes", "batch_size", "rate_limit_per_second", "daily_quota", "monthly_quota",
             "allowed_classes", "weight", "disabled", "options")

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Any
 
-from esp.v1 import common_pb2, providers_pb2, providers_pb2_grpc
+from esp.v1 import providers_pb2, providers_pb2_grpc
 from google.protobuf import empty_pb2
 
 from libs.common import db
@@ -18,6 +19,7 @@ from libs.common.auth import TrustedHeaderAuthenticator
 from libs.common.errors import FieldViolation, InvalidArgument
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import connect
+from libs.common.message_classes import class_name_of, proto_of
 from libs.common.redis import create_redis
 from libs.common.stopping import pause_unless_stopped
 from libs.common.timestamps import to_timestamp
@@ -29,9 +31,6 @@ from services.router.registry import ProviderRecord, ProviderRegistry
 
 log = logging.getLogger(__name__)
 
-_CLASS = {common_pb2.MESSAGE_CLASS_OTP: "otp", common_pb2.MESSAGE_CLASS_TRANSACTIONAL: "transactional",
-          common_pb2.MESSAGE_CLASS_BULK: "bulk"}
-_CLASS_BACK = {v: k for k, v in _CLASS.items()}
 # Proto field → registry column for UpdateProvider's field mask.
 _MASKABLE = {"type", "display_name", "endpoint", "region", "price_per_email_micros", "price_per_mb_micros",
              "max_message_bytes", "batch_size", "rate_limit_per_second", "daily_quota", "monthly_quota",
@@ -46,13 +45,18 @@ def _id(name: str) -> str:
 
 
 
+def _class_names(values: Iterable[int]) -> tuple[str, ...]:
+    """The names of the known classes among ``values`` (unknown ones are dropped)."""
+    return tuple(name for name in map(class_name_of, values) if name)
+
+
 def _spec_values(p: providers_pb2.Provider) -> dict[str, Any]:
     return {
         "type": p.type, "display_name": p.display_name, "endpoint": p.endpoint, "region": p.region,
         "price_per_email_micros": p.price_per_email_micros, "price_per_mb_micros": p.price_per_mb_micros,
         "max_message_bytes": p.max_message_bytes, "batch_size": p.batch_size,
         "rate_limit_per_second": p.rate_limit_per_second, "daily_quota": p.daily_quota,
-        "monthly_quota": p.monthly_quota, "allowed_classes": tuple(_CLASS[c] for c in p.allowed_classes if c in _CLASS),
+        "monthly_quota": p.monthly_quota, "allowed_classes": _class_names(p.allowed_classes),
         "weight": p.weight or 1.0, "disabled": p.disabled, "options": dict(p.options),
     }
 
@@ -64,7 +68,7 @@ def _proto(record: ProviderRecord) -> providers_pb2.Provider:
         credentials_ref=record.credentials_ref, price_per_email_micros=s.price_per_email_micros,
         price_per_mb_micros=s.price_per_mb_micros, max_message_bytes=s.max_message_bytes, batch_size=s.batch_size,
         rate_limit_per_second=s.rate_limit_per_second, daily_quota=s.daily_quota, monthly_quota=s.monthly_quota,
-        allowed_classes=[_CLASS_BACK[c] for c in s.allowed_classes], weight=s.weight, disabled=s.disabled,
+        allowed_classes=[proto_of(c) for c in s.allowed_classes], weight=s.weight, disabled=s.disabled,
         options=dict(s.options), create_time=to_timestamp(record.created_at),
         update_time=to_timestamp(record.updated_at),
         etag=str(s.version))
@@ -131,13 +135,14 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
         """The fallback chain for an email as senders compute it (same catalog, fresh health), with each
         provider's breakdown: expected cost, latency, error rate, breaker, quota and rate budget left, or why it
         was left out. Senders rank locally (no RPC per email); this answers "why this provider?"."""
-        if request.message_class not in _CLASS:
+        message_class = class_name_of(request.message_class)
+        if not message_class:
             raise InvalidArgument("message_class is required",
                                   field_violations=[FieldViolation("message_class", "otp, transactional or bulk")])
         providers = list(self.catalog.providers.values())
         health = await self.health.refresh(p.id for p in providers)
         decision = rank(providers, health, EmailFacts(
-            _CLASS[request.message_class], request.message_bytes, max(1, request.recipient_count),
+            message_class, request.message_bytes, max(1, request.recipient_count),
             frozenset(e.removeprefix("providers/") for e in request.excluded_providers), request.region))
         return providers_pb2.RouteEmailResponse(ranked=[_score(s) for s in decision.ranked],
                                                 excluded=[_score(s) for s in decision.excluded])

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from libs.common.message_classes import MessageClass
 from libs.common.settings import CommonSettings, check_positive
 from libs.routing.health import BreakerSettings
 from services.sender.links import DEFAULT_LINK_TTL_S, MAX_LINK_TTL_S
 
+_CLASSES = frozenset(MessageClass)
+
 
 @dataclass(frozen=True)
 class SenderSettings(CommonSettings, BreakerSettings):
-    sender_classes: tuple[str, ...] = ("otp", "transactional", "bulk")
+    sender_classes: tuple[str, ...] = tuple(c.value for c in MessageClass)
     """Classes this replica serves (one Deployment per class in production)."""
     otp_concurrency: int = 64
     transactional_concurrency: int = 128
@@ -47,10 +50,10 @@ class SenderSettings(CommonSettings, BreakerSettings):
         check_positive(self, "otp_concurrency", "transactional_concurrency", "bulk_concurrency", "bulk_batch_max",
                        "ack_wait_s", "health_refresh_s", "sent_marker_ttl_s", "redis_max_connections",
                        "bulk_concurrency_while_urgent", "urgent_window_s")
-        bad = [c for c in self.sender_classes if c not in ("otp", "transactional", "bulk")]
+        bad = [c for c in self.sender_classes if c not in _CLASSES]
         if bad:
             raise ValueError(f"ESP_SENDER_CLASSES: unknown classes {bad}")
-        bad = [c for c in self.bulk_yields_to if c not in ("otp", "transactional")]
+        bad = [c for c in self.bulk_yields_to if c not in _CLASSES - {MessageClass.BULK}]
         if bad:
             raise ValueError(f"ESP_BULK_YIELDS_TO: only otp and transactional mail can make bulk yield, not {bad}")
         if self.bulk_concurrency_while_urgent > self.bulk_concurrency:
@@ -65,4 +68,4 @@ class SenderSettings(CommonSettings, BreakerSettings):
 
     def batch_max(self, message_class: str) -> int:
         """Emails of ``message_class`` one delivery may carry."""
-        return self.bulk_batch_max if message_class == "bulk" else 1
+        return self.bulk_batch_max if message_class == MessageClass.BULK else 1

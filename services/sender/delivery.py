@@ -8,21 +8,21 @@ The steps, each a method below:
    useful life → FAILED and dead-lettered.
 2. ``_rank`` — the fallback chain for each email from the local catalog and health snapshot (no round trip),
    without the providers that failed it last time or were tried in this delivery.
-3. ``_place`` — walk each email down its chain: the provider's adapter must accept it (size, recipients,
-   features), then ``acquire`` (breaker, Retry-After pause, quota, rate slot — one pipelined round trip for all
-   calls) must grant it; a refusal moves the email to its next provider at once. Bulk emails going to the same
-   provider share batch calls where the provider has a batch API.
+3. ``_place`` — walk each email down its chain: the provider's adapter must accept it (its ``precheck`` at the
+   size ingest measured: recipients, features, size), then ``acquire`` (breaker, Retry-After pause, quota, rate
+   slot — one pipelined round trip for all calls) must grant it; a refusal moves the email to its next provider at
+   once. Bulk emails going to the same provider share the batch calls its adapter plans (``plan_batches``).
 4. ``_perform`` — the provider calls, concurrently (after the booked rate slot, if any).
 5. ``_record`` — the calls' outcomes into the shared provider health (one round trip for all calls).
-6. ``_conclude`` — per email, per the class policy (``services.sender.policy``): accepted → SENT; rejected →
-   FAILED; throttled → next provider now, or wait the Retry-After; failed → next provider now (otp, probes)
-   or backoff; failure budget spent → FAILED + DEAD_LETTERED. Emails to retry now go back to step 2.
-
-7. ``_commit`` — each email's new memory (sent marker, failed providers, failure count) and its lease given
-   back, one round trip for the batch; then every event decided along the way is published and made durable
-   together. Only then does the pool ack (or nak with the computed delay) the emails. The marker is written
-   before the SENT event exists, so a crash in between re-announces and never resends; a crash anywhere else
-   re-runs the delivery from step 1.
+6. ``_conclude`` — per email, per its class's retry policy (``libs.common.message_classes``): accepted → SENT;
+   rejected → FAILED; throttled → next provider now, or wait the Retry-After; failed → next provider now (otp,
+   probes) or backoff; failure budget spent → FAILED + DEAD_LETTERED. Emails to retry now go back to step 2
+   (steps 2 to 6 are one ``_round``).
+7. ``_commit`` — after the last round: each email's new memory (sent marker, failed providers, failure
+   count) and its lease given back, one round trip for the batch; then every event decided along the way is
+   published and made durable together. Only then does ``deliver`` return and the pool ack (or nak with the
+   computed delay) the emails. The marker is written before the SENT event exists, so a crash in between
+   re-announces and never resends; a crash anywhere else re-runs the delivery from step 1.
 """
 
 from __future__ import annotations
@@ -40,32 +40,32 @@ from functools import partial
 from typing import Any
 
 from esp.internal.v1 import queue_pb2
-from esp.v1 import common_pb2, messages_pb2
+from esp.v1 import messages_pb2
 from prometheus_client import Counter, Histogram
 
+from libs.common.message_classes import AmbiguousPolicy, MessageClass, RetryPolicy
 from libs.providers.base import ProviderAdapter
 from libs.providers.errors import AdapterConfigError, InvalidMessage, ProviderError
 from libs.providers.model import Address, Attachment, OutboundEmail, Outcome, SendResult
 from libs.routing.catalog import ProviderCatalog, ProviderSpec
 from libs.routing.health import (
+    CallHealth,
     HealthBoard,
     Permit,
     ProviderLimits,
     RecordedCall,
     Refusal,
 )
-from libs.routing.health import Outcome as CallOutcome
-from libs.routing.scoring import CLASS_PROFILES, EmailFacts, RouteDecision, rank
+from libs.routing.scoring import EmailFacts, RouteDecision, rank
 from services.sender.adapters import AdapterPool
 from services.sender.events import NO_ATTEMPT, AttemptFacts, EventPublisher
 from services.sender.links import LinkedAttachments
-from services.sender.policy import AmbiguousPolicy, RetryPolicy
 from services.sender.state import MessageState, MessageStateStore, SentMarker, StateChange
 
 log = logging.getLogger(__name__)
 
-CLASS_NAME = {common_pb2.MESSAGE_CLASS_OTP: "otp", common_pb2.MESSAGE_CLASS_TRANSACTIONAL: "transactional",
-              common_pb2.MESSAGE_CLASS_BULK: "bulk"}
+RETRY_POLICIES: Mapping[str, RetryPolicy] = {c.value: c.policy.retry for c in MessageClass}
+"""Each class's retry policy as the class table sets it; what the sender service runs with."""
 MIN_RETRY_S = 0.2
 """Shortest nak delay: waiting for a provider to become available is never a busy loop."""
 LEASE_BUSY_RETRY_S = 5.0
@@ -124,7 +124,7 @@ def outbound_email(task: queue_pb2.SendTask, opener: AttachmentOpener) -> Outbou
 
     sender = getattr(task, "from")
     return OutboundEmail(
-        message_id=task.message_id, tenant_id=task.tenant_id, message_class=CLASS_NAME[task.message_class],
+        message_id=task.message_id, tenant_id=task.tenant_id, message_class=MessageClass.from_proto(task.message_class),
         sender=Address(sender.email, sender.name), to=addresses(task.to), cc=addresses(task.cc),
         bcc=addresses(task.bcc), reply_to=addresses(task.reply_to), subject=task.subject,
         text=task.text_body or None, html=task.html_body or None,
@@ -142,7 +142,7 @@ class Job:
     """One email going through this delivery."""
 
     incoming: Incoming
-    message_class: str
+    message_class: MessageClass
     policy: RetryPolicy
     state: MessageState
     email: OutboundEmail | None = None
@@ -239,16 +239,7 @@ class Deliverer:
                 active = await self._round(active, pending)
             for job in active:  # only when every round asked for another: wait like any retry
                 self._later(job, job.policy.backoff_s(max(1, job.state.failures)), "no provider left", pending)
-            # The memory first (sent markers included), then the events: a crash in between re-announces, never
-            # resends. Only once the events are durable does the pool ack.
-            changes = [self._change(job) for job in jobs if job.dirty]
-            await self.states.commit(changes, [j.message_id for j in jobs if j.state.leased], self.owner)
-            trace = {job.message_id: job.incoming.trace for job in jobs}
-            staged: list[asyncio.Future[None]] = [
-                await self.events.stage(e.task, e.event_type, event_id=e.event_id, final=e.final, reason=e.reason,
-                                        facts=e.facts, trace=trace.get(e.task.message_id))
-                for e in pending]
-            await self.events.flush(staged)
+            await self._commit(jobs, pending)
         finally:
             beating.cancel()
         verdicts = [job.verdict or Verdict(ack=False, retry_in_s=MIN_RETRY_S) for job in jobs]
@@ -263,7 +254,7 @@ class Deliverer:
         states = await self.states.claim([i.task.message_id for i in batch], self.owner)
         jobs: list[Job] = []
         for incoming, state in zip(batch, states, strict=True):
-            message_class = CLASS_NAME.get(incoming.task.message_class, "transactional")
+            message_class = _class_of(incoming.task)
             job = Job(incoming, message_class, self.policies[message_class], state)
             jobs.append(job)
             if not state.leased:
@@ -356,7 +347,7 @@ class Deliverer:
                 break
             permits = await self.health.acquire_many([
                 (pid, _limits(self.catalog.providers[pid]), len(group),
-                 CLASS_PROFILES[group[0].message_class].max_rate_wait_s) for pid, group in proposed])
+                 group[0].message_class.policy.routing.max_rate_wait_s) for pid, group in proposed])
             for (pid, group), permit in zip(proposed, permits, strict=True):
                 granted, refused = group[:permit.granted], group[permit.granted:]
                 if granted:
@@ -446,19 +437,19 @@ class Deliverer:
             outcomes = [r.outcome for r in call.results]
             rejected = sum(1 for r in call.results if r.outcome is Outcome.PERMANENT and not r.provider_fault)
             if not call.reached_provider:
-                recorded.append(RecordedCall(call.provider_id, CallOutcome.NOT_SENT, probe=call.permit.probe,
+                recorded.append(RecordedCall(call.provider_id, CallHealth.NOT_SENT, probe=call.permit.probe,
                                              refund_emails=len(call.jobs)))
             elif all(o is Outcome.THROTTLED for o in outcomes):
                 retry_after = max((r.retry_after_s or 0.0 for r in call.results), default=0.0) or 1.0
-                recorded.append(RecordedCall(call.provider_id, CallOutcome.THROTTLED, probe=call.permit.probe,
+                recorded.append(RecordedCall(call.provider_id, CallHealth.THROTTLED, probe=call.permit.probe,
                                              retry_after_s=retry_after, refund_emails=len(call.jobs)))
             elif Outcome.ACCEPTED in outcomes or rejected:
                 single = call.results[0] if len(call.results) == 1 and outcomes[0] is Outcome.ACCEPTED else None
                 latency = single.elapsed_s * 1000 if single and single.elapsed_s is not None else None
-                recorded.append(RecordedCall(call.provider_id, CallOutcome.SUCCESS, latency, call.permit.probe,
+                recorded.append(RecordedCall(call.provider_id, CallHealth.SUCCESS, latency, call.permit.probe,
                                              refund_emails=rejected))
             else:
-                recorded.append(RecordedCall(call.provider_id, CallOutcome.FAILURE, probe=call.permit.probe))
+                recorded.append(RecordedCall(call.provider_id, CallHealth.FAILURE, probe=call.permit.probe))
         await self.health.record_many(recorded)
         attempts = Tally((call.provider_id, result.outcome.value) for call in calls for result in call.results)
         for labels, count in attempts.items():
@@ -513,6 +504,20 @@ class Deliverer:
         self._later(job, policy.backoff_s(job.state.failures), f"{call.provider_id}: {result.reason}", pending)
         return False
 
+    # -- step 7 --------------------------------------------------------------------------------------------------
+    async def _commit(self, jobs: list[Job], pending: Outbox) -> None:
+        """Write every email's memory and give back its lease, then publish the delivery's events durably."""
+        # The memory first (sent markers included), then the events: a crash in between re-announces, never
+        # resends. Only once the events are durable does the pool ack.
+        changes = [self._change(job) for job in jobs if job.dirty]
+        await self.states.commit(changes, [j.message_id for j in jobs if j.state.leased], self.owner)
+        trace = {job.message_id: job.incoming.trace for job in jobs}
+        staged: list[asyncio.Future[None]] = [
+            await self.events.stage(e.task, e.event_type, event_id=e.event_id, final=e.final, reason=e.reason,
+                                    facts=e.facts, trace=trace.get(e.task.message_id))
+            for e in pending]
+        await self.events.flush(staged)
+
     # -- when no provider can take the email now -------------------------------------------------------------------
     def _unroutable(self, job: Job, decision: RouteDecision, pending: Outbox) -> None:
         reasons = "; ".join(f"{s.provider_id}: {s.excluded_reason}" for s in decision.excluded)
@@ -538,7 +543,7 @@ class Deliverer:
 
     def _unavailable(self, job: Job, pending: Outbox, reasons: str = "") -> None:
         """Every provider refused for now (breaker, Retry-After, quota, rate): wait for the soonest to free up."""
-        max_rate_wait = CLASS_PROFILES[job.message_class].max_rate_wait_s
+        max_rate_wait = job.message_class.policy.routing.max_rate_wait_s
         waits = [job.wait_hint_s or 0.0]
         for spec in self.catalog.providers.values():
             if spec.disabled or not spec.carries(job.message_class):
@@ -586,6 +591,14 @@ class Deliverer:
 
 def _limits(spec: ProviderSpec) -> ProviderLimits:
     return ProviderLimits(spec.rate_limit_per_second, spec.daily_quota, spec.monthly_quota)
+
+
+def _class_of(task: queue_pb2.SendTask) -> MessageClass:
+    """The task's class; one without a known class is treated as transactional."""
+    try:
+        return MessageClass.from_proto(task.message_class)
+    except ValueError:
+        return MessageClass.TRANSACTIONAL
 
 
 def _age_s(task: queue_pb2.SendTask) -> float:

@@ -25,10 +25,9 @@ from libs.routing.catalog import ProviderCatalog, open_bucket
 from libs.routing.health import HealthBoard
 from services.sender.adapters import AdapterPool
 from services.sender.config import SenderSettings
-from services.sender.delivery import Deliverer
+from services.sender.delivery import RETRY_POLICIES, Deliverer
 from services.sender.events import EventPublisher
 from services.sender.links import link_attachments
-from services.sender.policy import POLICIES
 from services.sender.pool import ClassPool
 from services.sender.state import MessageStateStore
 from services.sender.yielding import UrgentTraffic, yield_to_urgent_mail
@@ -72,7 +71,8 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
         class_nc = await connect(settings.nats_url, f"esp-sender-{message_class}")
         connections.append(class_nc)
         deliverer = Deliverer(catalog=catalog, health=health, adapters=adapters, states=states,
-                              events=EventPublisher(class_nc, topology), opener=open_attachment, policies=POLICIES,
+                              events=EventPublisher(class_nc, topology), opener=open_attachment,
+                              policies=RETRY_POLICIES,
                               linker=partial(link_attachments, s3=s3, bucket=settings.s3_bucket,
                                              ttl_s=settings.attachment_link_ttl_s),
                               heartbeat_s=settings.ack_wait_s / 3)

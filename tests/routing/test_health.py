@@ -10,8 +10,8 @@ from libs.routing.health import (
     HALF_OPEN,
     OPEN,
     RATE_SAFETY_MARGIN,
+    CallHealth,
     HealthBoard,
-    Outcome,
     ProviderLimits,
     Refusal,
 )
@@ -23,7 +23,7 @@ NO_LIMITS = ProviderLimits()
 async def fail(board: HealthBoard, provider: str, times: int = 1, *, probe: bool = False) -> str:
     state = ""
     for _ in range(times):
-        state = await board.record(provider, Outcome.FAILURE, probe=probe)
+        state = await board.record(provider, CallHealth.FAILURE, probe=probe)
     return state
 
 
@@ -54,7 +54,7 @@ async def test_the_breaker_opens_after_the_consecutive_failure_threshold(board: 
 
 async def test_a_success_resets_the_consecutive_failure_count(board: HealthBoard):
     await fail(board, "p", FAST_BREAKER.consecutive_failures - 1)
-    await board.record("p", Outcome.SUCCESS, latency_ms=5)
+    await board.record("p", CallHealth.SUCCESS, latency_ms=5)
 
     assert await fail(board, "p", FAST_BREAKER.consecutive_failures - 1) == CLOSED
 
@@ -62,8 +62,8 @@ async def test_a_success_resets_the_consecutive_failure_count(board: HealthBoard
 async def test_the_breaker_opens_when_the_failure_rate_over_the_window_passes_its_threshold(board: HealthBoard):
     states = []
     for _ in range(FAST_BREAKER.min_samples // 2):
-        states.append(await board.record("p", Outcome.SUCCESS, latency_ms=5))
-        states.append(await board.record("p", Outcome.FAILURE))
+        states.append(await board.record("p", CallHealth.SUCCESS, latency_ms=5))
+        states.append(await board.record("p", CallHealth.FAILURE))
 
     assert states[:-1] == [CLOSED] * (len(states) - 1)  # never 3 in a row; too few samples until the last
     assert states[-1] == OPEN
@@ -71,13 +71,13 @@ async def test_the_breaker_opens_when_the_failure_rate_over_the_window_passes_it
 
 async def test_throttling_is_not_a_failure(board: HealthBoard):
     for _ in range(FAST_BREAKER.consecutive_failures * 2):
-        await board.record("p", Outcome.THROTTLED, retry_after_s=0.01)
+        await board.record("p", CallHealth.THROTTLED, retry_after_s=0.01)
 
     assert (await board.refresh(["p"]))["p"].breaker == CLOSED
 
 
 async def test_throttling_pauses_the_provider_for_everyone_until_retry_after(board: HealthBoard):
-    await board.record("p", Outcome.THROTTLED, retry_after_s=0.4)
+    await board.record("p", CallHealth.THROTTLED, retry_after_s=0.4)
 
     refused = await board.acquire("p", NO_LIMITS)
     await asyncio.sleep(0.45)
@@ -111,7 +111,7 @@ async def test_a_successful_probe_closes_the_breaker(board: HealthBoard):
     await cooled_down()
     probe = await board.acquire("p", NO_LIMITS)
 
-    state = await board.record("p", Outcome.SUCCESS, latency_ms=3, probe=probe.probe)
+    state = await board.record("p", CallHealth.SUCCESS, latency_ms=3, probe=probe.probe)
 
     assert state == CLOSED
     assert (await board.acquire("p", NO_LIMITS)).allowed
@@ -120,7 +120,7 @@ async def test_a_successful_probe_closes_the_breaker(board: HealthBoard):
 async def test_a_closed_breaker_starts_with_a_clean_window(board: HealthBoard):
     await open_breaker(board, "p")
     await cooled_down()
-    await board.record("p", Outcome.SUCCESS, latency_ms=3, probe=(await board.acquire("p", NO_LIMITS)).probe)
+    await board.record("p", CallHealth.SUCCESS, latency_ms=3, probe=(await board.acquire("p", NO_LIMITS)).probe)
 
     assert (await board.refresh(["p"]))["p"].error_rate == 0
 
@@ -148,7 +148,7 @@ async def test_a_throttled_probe_gives_the_slot_back(board: HealthBoard):
     await open_breaker(board, "p")
     await cooled_down()
     probe = await board.acquire("p", NO_LIMITS)
-    await board.record("p", Outcome.THROTTLED, probe=probe.probe, retry_after_s=0.05)
+    await board.record("p", CallHealth.THROTTLED, probe=probe.probe, retry_after_s=0.05)
     await asyncio.sleep(0.06)
 
     assert (await board.acquire("p", NO_LIMITS)).probe
@@ -157,7 +157,7 @@ async def test_a_throttled_probe_gives_the_slot_back(board: HealthBoard):
 async def test_a_success_of_a_call_started_before_the_breaker_opened_does_not_close_it(board: HealthBoard):
     await open_breaker(board, "p")
 
-    assert await board.record("p", Outcome.SUCCESS, latency_ms=3) == OPEN
+    assert await board.record("p", CallHealth.SUCCESS, latency_ms=3) == OPEN
 
 
 async def test_refresh_reads_an_open_breaker_that_cooled_down_as_half_open(board: HealthBoard):
@@ -230,7 +230,7 @@ async def test_a_throttled_call_gives_its_quota_back(board: HealthBoard):
     limits = ProviderLimits(daily_quota=5)
     assert (await board.acquire("p", limits, emails=5)).granted == 5
 
-    await board.record("p", Outcome.THROTTLED, retry_after_s=0.01, refund_emails=5)
+    await board.record("p", CallHealth.THROTTLED, retry_after_s=0.01, refund_emails=5)
     await asyncio.sleep(0.02)
 
     assert (await board.acquire("p", limits, emails=5)).granted == 5
@@ -240,8 +240,8 @@ async def test_refresh_reports_latency_error_rate_quota_and_rate_backlog(board: 
     limits = ProviderLimits(rate_per_second=2, daily_quota=100)
     for latency in (10, 20):
         await board.acquire("p", limits, max_wait_s=5)
-        await board.record("p", Outcome.SUCCESS, latency_ms=latency)
-    await board.record("p", Outcome.FAILURE)
+        await board.record("p", CallHealth.SUCCESS, latency_ms=latency)
+    await board.record("p", CallHealth.FAILURE)
 
     health = (await board.refresh(["p"]))["p"]
 

@@ -32,10 +32,9 @@ from libs.common.s3 import create_s3_client
 from libs.routing.catalog import ProviderCatalog, ProviderSpec, bucket_name, open_bucket
 from libs.routing.health import BreakerPolicy, HealthBoard
 from services.sender.adapters import AdapterPool
-from services.sender.delivery import Deliverer, Incoming, Verdict
+from services.sender.delivery import RETRY_POLICIES, Deliverer, Incoming, Verdict
 from services.sender.events import EventPublisher
 from services.sender.links import link_attachments
-from services.sender.policy import POLICIES
 from services.sender.state import MessageStateStore
 from tests.conftest import S3Server
 from tests.e2e.conftest import smtp_sink  # noqa: F401 - the mesh fixture needs it
@@ -140,7 +139,8 @@ async def world(sim: RunningSimulator, redis_url: str, nats_url: str, run_id: st
 
     s3 = create_s3_client(s3_server.endpoint, s3_server.region, s3_server.access_key, s3_server.secret_key)
     deliverer = Deliverer(catalog=catalog, health=health, adapters=adapters, states=states,
-                          events=EventPublisher(nc, topology, timeout_s=2), opener=no_attachments, policies=POLICIES,
+                          events=EventPublisher(nc, topology, timeout_s=2), opener=no_attachments,
+                          policies=RETRY_POLICIES,
                           linker=partial(link_attachments, s3=s3, bucket="attachments"), heartbeat_s=0.05)
     world = World(sim, js, topology, catalog, health, states, deliverer, adapters)
 

@@ -7,9 +7,9 @@ import pytest
 from esp.v1 import messages_pb2
 
 from libs.common.jetstream import ensure_streams
+from libs.common.message_classes import MessageClass
 from libs.routing.catalog import ProviderSpec
 from libs.routing.health import ProviderLimits
-from services.sender.policy import POLICIES
 from tests.sender.conftest import World, send_task
 
 SENT = messages_pb2.MESSAGE_EVENT_TYPE_SENT
@@ -65,7 +65,7 @@ async def test_a_retryable_failure_excludes_the_provider_and_backs_off(world: Wo
     [first] = await world.deliver(task)
     [second] = await world.deliver(task, delivery=2)
 
-    assert not first.ack and 0 < first.retry_in_s <= POLICIES["transactional"].base_delay_s
+    assert not first.ack and 0 < first.retry_in_s <= MessageClass.TRANSACTIONAL.policy.retry.base_delay_s
     assert second.ack
     events = await world.events_of(task)
     assert [e.event.type for e in events] == [ATTEMPTED, DEFERRED, SENT]
@@ -76,7 +76,7 @@ async def test_a_retryable_failure_excludes_the_provider_and_backs_off(world: Wo
 
 
 async def test_backoff_ceilings_double_with_each_failure_up_to_the_class_cap():
-    policy = POLICIES["transactional"]
+    policy = MessageClass.TRANSACTIONAL.policy.retry
 
     ceilings = [max(policy.backoff_s(n) for _ in range(300)) for n in (1, 2, 3, 4, 10)]
 
@@ -175,7 +175,7 @@ async def test_an_email_out_of_failures_is_failed_and_dead_lettered(world: World
     await world.add_provider("broken", "postmark-1")
     await world.sim.client.set_knobs("postmark-1", error_rate=1.0)
     task = send_task("transactional")
-    budget = POLICIES["transactional"].max_failures
+    budget = MessageClass.TRANSACTIONAL.policy.retry.max_failures
     await world.states.redis.hset(world.states.key(task.message_id), "failures", budget - 1)
 
     [verdict] = await world.deliver(task)
@@ -187,7 +187,7 @@ async def test_an_email_out_of_failures_is_failed_and_dead_lettered(world: World
 
 async def test_an_email_past_its_useful_life_is_failed_and_dead_lettered_unsent(world: World):
     await world.add_provider("pm", "postmark-1")
-    task = send_task("otp", accepted_s_ago=POLICIES["otp"].max_age_s + 1)
+    task = send_task("otp", accepted_s_ago=MessageClass.OTP.policy.retry.max_age_s + 1)
 
     [verdict] = await world.deliver(task)
 
