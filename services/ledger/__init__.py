@@ -1,0 +1,1 @@
+"""The ledger service: tenants' credits, holds and their journal (front: :mod:`services.ledger.ledger`)."""

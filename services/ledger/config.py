@@ -9,6 +9,8 @@ from libs.common.settings import CommonSettings, check_positive
 
 @dataclass(frozen=True)
 class LedgerSettings(CommonSettings):
+    """The ledger service's settings (``ESP_*`` variables)."""
+
     hold_ttl_s: float = 86_400.0
     """Default life of a hold that is neither committed nor released."""
     sweep_interval_s: float = 1.0

@@ -10,9 +10,11 @@ tests and benchmarks); each of its operations is written, with its SQL, in the m
 :mod:`services.ledger.balances`             top-ups, the low-balance threshold, reading and locking balance rows
 :mod:`services.ledger.journal`              the journal of entries: writing them, listing them by page
 :mod:`services.ledger.price_book`           the price book: default prices, tenant overrides, quotes
+:mod:`services.ledger.pricing`              the arithmetic of pricing a hold
 :mod:`services.ledger.notifications`        the notification outbox
 :mod:`services.ledger.maintenance`          the expiry sweeper, pruning of processed events, planner statistics
 :mod:`services.ledger.database`             running a transaction, retried on deadlocks and racing inserts
+:mod:`services.ledger.validation`           argument checks and the bounds that keep amounts in a bigint
 ==========================================  ==========================================================================
 
 Model

@@ -228,9 +228,10 @@ class NotificationKind(StrEnum):
     """Kinds of rows in the ``ledger.notifications`` outbox."""
 
     LOW_BALANCE_CROSSED = "low_balance_crossed"
-    """Available credits fell below the tenant's threshold; payload: threshold, available."""
+    """Available credits fell below the tenant's threshold; payload: tenant_id, threshold, available."""
     UNBILLED_SEND = "unbilled_send"
-    """A ``sent`` outcome arrived for a hold that had expired or been released; payload: hold_id, state, amount."""
+    """A ``sent`` outcome arrived for a hold that had expired or been released; payload: hold_id, state, amount,
+    event_id."""
 
 
 @dataclass(frozen=True)

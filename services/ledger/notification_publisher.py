@@ -28,6 +28,7 @@ class NotificationPublisher:
         self.interval_s = interval_s
 
     async def publish_pending(self) -> int:
+        """Publish up to 500 unpublished outbox rows and mark them; returns how many."""
         pending = await self.ledger.pending_notifications(limit=500)
         for note in pending:
             when = Timestamp()
@@ -42,6 +43,7 @@ class NotificationPublisher:
         return len(pending)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Publish until ``stop`` is set: back to back while rows are pending, else every ``interval_s``."""
         while not stop.is_set():
             try:
                 published = await self.publish_pending()

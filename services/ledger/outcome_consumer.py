@@ -38,6 +38,7 @@ class OutcomeConsumer:
         self.ledger = ledger
 
     async def handle(self, msgs: list[Msg]) -> None:
+        """Settle the final outcomes among ``msgs`` in one transaction, then ack them all."""
         events: list[OutcomeEvent] = []
         for msg in msgs:
             try:

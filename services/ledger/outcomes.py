@@ -7,9 +7,9 @@ instead of its balance row, so settling never holds the row every reserve locks;
 
 Late outcomes
     A ``sent`` event for a hold that already expired (or was released) charges nothing: the returned credits may
-    already back other holds, so charging could overdraw. The ledger records it as ``hold_expired`` and writes an
-    ``unbilled_send`` notification so the loss is visible; a hold TTL well above the sender's retry horizon keeps
-    this rare.
+    already back other holds, so charging could overdraw. The ledger records it as ``hold_expired`` (or
+    ``hold_already_resolved``) and writes an ``unbilled_send`` notification so the loss is visible; a hold TTL
+    well above the sender's retry horizon keeps this rare.
 """
 
 from __future__ import annotations

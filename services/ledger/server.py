@@ -77,22 +77,28 @@ def _reserve_request(r: credits_pb2.ReserveCreditsRequest) -> ReserveRequest:
 
 
 class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
+    """``esp.v1.CreditService`` over a :class:`Ledger`."""
+
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
     async def GetBalance(self, request: credits_pb2.GetBalanceRequest, context: Any) -> credits_pb2.Balance:
+        """The tenant's balance."""
         return _balance(await self.ledger.get_balance(_tenant(request.tenant)))
 
     async def TopUp(self, request: credits_pb2.TopUpRequest, context: Any) -> credits_pb2.Balance:
+        """Add credits to the tenant's balance, once per request id."""
         return _balance(await self.ledger.top_up(_tenant(request.tenant), request.amount, request.request_id))
 
     async def SetLowBalanceThreshold(self, request: credits_pb2.SetLowBalanceThresholdRequest,
                                      context: Any) -> credits_pb2.Balance:
+        """Set or clear (0) the tenant's low-balance threshold."""
         return _balance(await self.ledger.set_low_balance_threshold(_tenant(request.tenant),
                                                                     request.threshold or None))
 
     async def ListTransactions(self, request: credits_pb2.ListTransactionsRequest,
                                context: Any) -> credits_pb2.ListTransactionsResponse:
+        """The tenant's journal entries, newest first, a page at a time."""
         entries, token = await self.ledger.list_transactions(_tenant(request.tenant), request.page_size,
                                                              request.page_token)
         return credits_pb2.ListTransactionsResponse(
@@ -103,12 +109,14 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
             next_page_token=token)
 
     async def ReserveCredits(self, request: credits_pb2.ReserveCreditsRequest, context: Any) -> credits_pb2.Hold:
+        """Hold the price of a message from the tenant's available credits."""
         r = _reserve_request(request)
         return _hold(await self.ledger.reserve(r.tenant_id, r.hold_id, r.message_class, r.emails,
                                                r.attachment_bytes, r.ttl_s))
 
     async def BatchReserveCredits(self, request: credits_pb2.BatchReserveCreditsRequest,
                                   context: Any) -> credits_pb2.BatchReserveCreditsResponse:
+        """Reserve many holds; each request gets its own hold or error."""
         refused: dict[int, credits_pb2.BatchReserveCreditsResponse.Result] = {}
         valid: list[ReserveRequest] = []
         for index, item in enumerate(request.requests):
@@ -143,19 +151,23 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
         return response
 
     async def CommitHold(self, request: credits_pb2.CommitHoldRequest, context: Any) -> credits_pb2.Hold:
+        """Spend (part of) a hold."""
         return _hold(await self.ledger.commit(_hold_id(request.name), request.amount or None,
                                               request.request_id or None))
 
     async def ReleaseHold(self, request: credits_pb2.ReleaseHoldRequest, context: Any) -> credits_pb2.Hold:
+        """Return a hold's credits."""
         return _hold(await self.ledger.release(_hold_id(request.name), request.reason))
 
     async def GetPriceBook(self, request: credits_pb2.GetPriceBookRequest, context: Any) -> credits_pb2.PriceBook:
+        """The prices in effect for a tenant, or the defaults (``tenants/-``)."""
         book = (await self.ledger.get_price_book() if request.tenant == "tenants/-"
                 else await self.ledger.get_price_book(_tenant(request.tenant)))
         return _price_book(request.tenant, book)
 
     async def UpdatePriceBook(self, request: credits_pb2.UpdatePriceBookRequest,
                               context: Any) -> credits_pb2.PriceBook:
+        """Replace the defaults (``tenants/-``) or a tenant's overrides."""
         b = request.price_book
         if b.tenant == "tenants/-":
             book = await self.ledger.set_default_prices(PriceBook(
@@ -180,6 +192,8 @@ def _error_result(exc: Any) -> credits_pb2.BatchReserveCreditsResponse.Result:
 
 
 async def build_app(settings: LedgerSettings) -> ServiceApp:
+    """The ledger service: the CreditService, the expiry sweeper, the notification publisher, and the settling of
+    outcome events (in a worker process of its own unless ``settlement_worker`` is off)."""
     topology = Topology(settings.namespace)
     pool = await db.create_pool(settings.postgres_dsn, min_size=2, max_size=settings.reserve_workers + 8,
                                 name="ledger")

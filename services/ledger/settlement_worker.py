@@ -43,6 +43,7 @@ async def build_settlement(settings: LedgerSettings) -> WorkerParts:
 
 
 def main() -> None:
+    """Run the settlement worker process (``python -m services.ledger.settlement_worker``)."""
     run_worker(LedgerSettings, build_settlement, name=lambda _settings: "ledger-settlement",
                niceness=lambda settings: settings.settlement_niceness)
 
