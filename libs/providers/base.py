@@ -248,10 +248,11 @@ class BaseAdapter(ABC):
         every email sent on its own.
 
         Emails share a call when ``batch_key`` gives them equal keys, within the capabilities' batch limits and
-        ``max_emails`` (the registry's ``batch_size``: a cap on emails and on recipients per call). Unless
-        ``unique_recipients_per_batch`` is off, a group never holds the same recipient address twice. Bytes count
-        against ``max_batch_bytes`` at ``sizes`` when given, else at the cheap bound, measured exactly only when the
-        bound would close a group early — so the sum never exceeds the limit and rarely costs a MIME build.
+        ``max_emails`` (the registry's ``batch_size``: a cap on emails and on recipients per call). Unless the
+        capabilities turn ``unique_recipients_per_batch`` off, a group never holds the same recipient address
+        twice. Bytes count against ``max_batch_bytes`` at ``sizes`` when given, else at the cheap bound, measured
+        exactly only when the bound would close a group early — so the sum never exceeds the limit and rarely
+        costs a MIME build.
         """
         caps = self.capabilities
         if not caps.supports_batch:
