@@ -12,18 +12,8 @@ Handlers live next to each provider's send code in ``libs/providers/<type>/webho
 ``create_handler(context: HandlerContext) -> WebhookHandler``; they are found by provider type, so adding a
 provider touches one folder.
 
-Exception tree (map to HTTP in the receiver)::
-
-    WebhookError
-    ├── WebhookRejected            request refused, no events produced
-    │   ├── SignatureMissing       no signature / credentials at all
-    │   ├── SignatureInvalid       wrong key, tampered body, bad certificate URL, unexpected topic
-    │   ├── StaleWebhook           signed too long ago (or too far in the future)
-    │   ├── ReplayedWebhook        already accepted once (answer 2xx: the provider must stop retrying)
-    │   └── MalformedWebhook       authentic but not parseable
-    ├── CertificateUnavailable     a signing certificate could not be fetched (transient: retry later)
-    ├── UnsupportedProvider        no webhook handler for this provider type (e.g. smtp)
-    └── WebhookConfigurationError  our own secrets are missing or unusable
+The handlers' contract (what they receive, return and raise, with the exception tree) is
+:mod:`libs.providers.webhook_model`.
 """
 
 from __future__ import annotations
@@ -33,157 +23,22 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol
 
-from libs.providers.events import DeliveryEvent
+from libs.providers.webhook_model import (
+    CertificateFetcher,
+    HandlerContext,
+    ReplayedWebhook,
+    StaleWebhook,
+    UnsupportedProvider,
+    WebhookHandler,
+    WebhookRequest,
+    WebhookResult,
+)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
-
-
-class WebhookError(Exception):
-    """Base class of every error raised while handling a provider webhook."""
-
-
-class WebhookRejected(WebhookError):
-    """The request was refused; no event from it may be used."""
-
-
-class SignatureMissing(WebhookRejected):
-    """The request carries no signature or credentials."""
-
-
-class SignatureInvalid(WebhookRejected):
-    """The signature or credentials do not verify (forged, tampered, wrong key, untrusted certificate)."""
-
-
-class StaleWebhook(WebhookRejected):
-    """The signed timestamp lies outside the freshness window."""
-
-
-class ReplayedWebhook(WebhookRejected):
-    """This exact signed request was accepted before.
-
-    A genuine provider retry of a callback we already accepted also lands here, so receivers should answer
-    2xx (nothing more to do) rather than an error that makes the provider retry again.
-    """
-
-
-class MalformedWebhook(WebhookRejected):
-    """The request is authentic (or could not be checked) but its payload cannot be understood."""
-
-
-class CertificateUnavailable(WebhookError):
-    """A signing certificate could not be fetched; the request was neither accepted nor refused.
-
-    Receivers should answer 5xx so the provider retries later.
-    """
-
-
-class UnsupportedProvider(WebhookError):
-    """There is no webhook handler for this provider type."""
-
-
-class WebhookConfigurationError(WebhookError):
-    """The configured secrets for the provider are missing or unusable (our fault, not the sender's)."""
-
-
-@dataclass(frozen=True)
-class SubscriptionConfirmation:
-    """A verified SNS ``SubscriptionConfirmation``: not an event; the receiver must confirm it.
-
-    Confirm by fetching ``subscribe_url`` (HTTPS GET) or calling SNS ``ConfirmSubscription`` with
-    ``topic_arn`` and ``token``; notifications only flow after that.
-    """
-
-    topic_arn: str
-    """The topic asking for confirmation (already checked against the allow-list)."""
-    subscribe_url: str
-    """URL whose GET confirms the subscription."""
-    token: str
-    """Token for ``ConfirmSubscription``."""
-    message_id: str
-    """SNS message id of the confirmation request."""
-    message: str
-    """SNS's human-readable message."""
-
-
-WebhookResult = list[DeliveryEvent] | SubscriptionConfirmation
-
-
-@dataclass(frozen=True)
-class WebhookRequest:
-    """One inbound webhook HTTP request, as handlers see it."""
-
-    provider_name: str
-    """Configured provider instance the request was addressed to."""
-    secrets: Mapping[str, str]
-    """That provider's webhook secrets (keys documented per handler)."""
-    headers: Mapping[str, str]
-    """Request headers with lower-cased names."""
-    body: bytes
-    """The raw request body, exactly as received."""
-    now: datetime
-    """The time to judge freshness against (aware)."""
-
-    def header(self, name: str) -> str | None:
-        """A request header by case-insensitive name."""
-        return self.headers.get(name.lower())
-
-    def secret(self, key: str) -> str:
-        """A required secret; its absence is a configuration error, not the sender's fault."""
-        value = self.secrets.get(key)
-        if not value:
-            raise WebhookConfigurationError(f"provider {self.provider_name!r} has no webhook secret {key!r}")
-        return value
-
-
-@dataclass(frozen=True)
-class AuthenticatedWebhook:
-    """What a handler learned while authenticating a request."""
-
-    signed_at: datetime
-    """The time the request claims to be from (signed where the provider signs it)."""
-    replay_key: str
-    """Key identifying this exact signed request, for the replay guard."""
-    payload: Any
-    """The parsed payload, handed back to the handler's ``parse``."""
-
-
-@runtime_checkable
-class CertificateFetcher(Protocol):
-    """Fetches a signing certificate (PEM bytes) by URL. The caller validates the URL first."""
-
-    async def fetch(self, url: str) -> bytes:
-        """Return the PEM bytes served at ``url``."""
-        ...
-
-
-@dataclass(frozen=True)
-class HandlerContext:
-    """What a provider handler may need besides the request."""
-
-    certificate_fetcher: CertificateFetcher | None = None
-    """Used by handlers that verify with certificates fetched by URL (SES/SNS)."""
-
-
-class WebhookHandler(Protocol):
-    """One provider's webhook knowledge: how to authenticate a request and how to read it."""
-
-    provider_type: str
-    """The provider type this handler serves."""
-    default_tolerance: timedelta
-    """Default freshness window, either side of now."""
-
-    async def authenticate(self, request: WebhookRequest) -> AuthenticatedWebhook:
-        """Check the signature/credentials; raise a :class:`WebhookRejected` subclass if they fail."""
-        ...
-
-    def parse(self, request: WebhookRequest, authenticated: AuthenticatedWebhook) -> WebhookResult:
-        """Turn an authenticated payload into events; raise :class:`MalformedWebhook` if it can't."""
-        ...
 
 
 HandlerFactory = Callable[[HandlerContext], WebhookHandler]

@@ -14,7 +14,8 @@ from libs.common.db import create_pool, migrate_services
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
 from libs.common.redis import create_redis
-from libs.providers.webhooks import CertificateFetcher, RedisReplayGuard, WebhookVerifier
+from libs.providers.webhook_model import CertificateFetcher
+from libs.providers.webhooks import RedisReplayGuard, WebhookVerifier
 from services.reports.config import DEFAULT_GRPC_PORT, ReportsSettings
 from services.reports.consumer import ConsumerOptions, EventConsumer
 from services.reports.queries import MessageReader

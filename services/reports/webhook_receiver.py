@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from libs.common.jetstream import Topology, publish
 from libs.providers.events import DeliveryEvent
-from libs.providers.webhooks import (
+from libs.providers.webhook_model import (
     CertificateUnavailable,
     MalformedWebhook,
     ReplayedWebhook,
@@ -44,8 +44,8 @@ from libs.providers.webhooks import (
     UnsupportedProvider,
     WebhookConfigurationError,
     WebhookError,
-    WebhookVerifier,
 )
+from libs.providers.webhooks import WebhookVerifier
 from services.reports.envelopes import envelope_for, message_event_from_delivery
 from services.reports.message_index import MessageRef, resolve_message
 

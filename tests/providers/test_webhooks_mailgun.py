@@ -7,15 +7,14 @@ import pytest
 
 from dev.simulator.signing import mailgun_callback, mailgun_event_data, sign_mailgun_payload
 from libs.providers.events import BounceType, DeliveryEvent, EventKind
-from libs.providers.webhooks import (
-    InMemoryReplayGuard,
+from libs.providers.webhook_model import (
     MalformedWebhook,
     ReplayedWebhook,
     SignatureInvalid,
     SignatureMissing,
     StaleWebhook,
-    WebhookVerifier,
 )
+from libs.providers.webhooks import InMemoryReplayGuard, WebhookVerifier
 
 NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
 SIGNING_KEY = "key-7f3c2a1b9d8e4f60a5b4c3d2e1f00918"

@@ -9,14 +9,8 @@ import pytest
 
 from dev.simulator.signing import postmark_callback, sign_postmark_payload
 from libs.providers.events import BounceType, DeliveryEvent, EventKind
-from libs.providers.webhooks import (
-    InMemoryReplayGuard,
-    ReplayedWebhook,
-    SignatureInvalid,
-    SignatureMissing,
-    StaleWebhook,
-    WebhookVerifier,
-)
+from libs.providers.webhook_model import ReplayedWebhook, SignatureInvalid, SignatureMissing, StaleWebhook
+from libs.providers.webhooks import InMemoryReplayGuard, WebhookVerifier
 
 NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
 USER, PASSWORD = "postmark-hook", "s3cr3t-Pa55"

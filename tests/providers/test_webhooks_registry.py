@@ -7,14 +7,8 @@ import pytest
 
 from dev.simulator.signing import generate_sendgrid_key_pair, sign_mailgun_payload, sign_sendgrid_body
 from libs.providers.events import BounceType, DeliveryEvent, EventKind
-from libs.providers.webhooks import (
-    InMemoryReplayGuard,
-    ReplayedWebhook,
-    StaleWebhook,
-    UnsupportedProvider,
-    WebhookConfigurationError,
-    WebhookVerifier,
-)
+from libs.providers.webhook_model import ReplayedWebhook, StaleWebhook, UnsupportedProvider, WebhookConfigurationError
+from libs.providers.webhooks import InMemoryReplayGuard, WebhookVerifier
 
 NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
 SECRETS = {"webhook_signing_key": "key-registry-tests"}

@@ -9,7 +9,8 @@ import pytest
 import redis.asyncio as redis
 
 from dev.simulator.signing import sign_mailgun_payload
-from libs.providers.webhooks import RedisReplayGuard, ReplayedWebhook, WebhookVerifier
+from libs.providers.webhook_model import ReplayedWebhook
+from libs.providers.webhooks import RedisReplayGuard, WebhookVerifier
 
 NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
 SECRETS = {"webhook_signing_key": "key-redis-tests"}

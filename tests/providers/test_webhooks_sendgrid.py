@@ -12,16 +12,15 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from dev.simulator.signing import generate_sendgrid_key_pair, sendgrid_callback, sign_sendgrid_body
 from libs.providers.events import BounceType, DeliveryEvent, EventKind
 from libs.providers.sendgrid.webhook import send_message_id
-from libs.providers.webhooks import (
-    InMemoryReplayGuard,
+from libs.providers.webhook_model import (
     MalformedWebhook,
     ReplayedWebhook,
     SignatureInvalid,
     SignatureMissing,
     StaleWebhook,
     WebhookConfigurationError,
-    WebhookVerifier,
 )
+from libs.providers.webhooks import InMemoryReplayGuard, WebhookVerifier
 
 NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
 KEYS = generate_sendgrid_key_pair()

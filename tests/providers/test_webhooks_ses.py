@@ -22,16 +22,15 @@ from libs.providers.ses.webhook import (
     string_to_sign,
     validate_signing_cert_url,
 )
-from libs.providers.webhooks import (
+from libs.providers.webhook_model import (
     CertificateUnavailable,
-    InMemoryReplayGuard,
     ReplayedWebhook,
     SignatureInvalid,
     SignatureMissing,
     StaleWebhook,
     SubscriptionConfirmation,
-    WebhookVerifier,
 )
+from libs.providers.webhooks import InMemoryReplayGuard, WebhookVerifier
 
 NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
 TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-events"

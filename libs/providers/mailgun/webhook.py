@@ -33,7 +33,7 @@ from libs.providers.events import (
     EventKind,
     utc_from_epoch,
 )
-from libs.providers.webhooks import (
+from libs.providers.webhook_model import (
     AuthenticatedWebhook,
     HandlerContext,
     MalformedWebhook,

@@ -33,7 +33,7 @@ from libs.providers.events import (
     derived_event_id,
     utc_from_iso,
 )
-from libs.providers.webhooks import (
+from libs.providers.webhook_model import (
     AuthenticatedWebhook,
     HandlerContext,
     MalformedWebhook,

@@ -54,7 +54,7 @@ from libs.providers.events import (
     header_value,
     utc_from_iso,
 )
-from libs.providers.webhooks import (
+from libs.providers.webhook_model import (
     AuthenticatedWebhook,
     CertificateFetcher,
     CertificateUnavailable,

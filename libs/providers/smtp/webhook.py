@@ -8,7 +8,7 @@ explicitly instead of accepting requests nobody could have signed.
 
 from __future__ import annotations
 
-from libs.providers.webhooks import HandlerContext, UnsupportedProvider, WebhookHandler
+from libs.providers.webhook_model import HandlerContext, UnsupportedProvider, WebhookHandler
 
 PROVIDER_TYPE = "smtp"
 
