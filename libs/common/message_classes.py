@@ -9,28 +9,12 @@ touches one file.
 ``MessageClass`` is the domain name (a ``StrEnum``: ``"otp"`` is ``MessageClass.OTP``); ``from_proto`` and
 ``proto`` convert to and from ``esp.v1.MessageClass``, the only place where that mapping is written.
 
-Retry semantics (``RetryPolicy``), as the sender applies them:
-
-- A retryable failure (5xx, refused connection, timeout before the request was written, our account refused
-  by the provider) counts against the email's failure budget, excludes that provider from the email's next
-  attempt and is retried after exponential backoff with full jitter: uniform in [0, min(cap, base·2^(n-1))]
-  for the n-th failure, so with the default base the ceilings run 1 s, 2 s, 4 s, 8 s … up to the class's cap.
-  otp does not wait: it falls over to the next ranked provider at once, within the same delivery.
-- A throttled answer (429 + Retry-After) is not the email's failure: the provider is paused for every sender
-  until Retry-After passes, the email tries the next provider at once, and if there is none it waits at least
-  the Retry-After (plus a little jitter so the paused emails do not all return in the same instant).
-- A permanent rejection of the email (invalid address, content refused) fails it: no retry, hold released.
-- Ambiguous (the request went out and no answer came back — the provider may have sent it):
-  ``FAIL_OVER`` (otp) treats it as a failure and sends again elsewhere at once: a rare duplicate code beats a
-  late one. ``ASSUME_SENT`` (transactional, bulk) does not resend blindly: the email is recorded as sent with
-  the attempt's outcome AMBIGUOUS and attribute ``ambiguous=true``; the provider's delivery webhooks (bounce or
-  delivered, through reports) settle what happened.
-- Failure budget exhausted, or the email older than the class's useful life → ``failed`` and dead-lettered.
+How the sender applies a ``RetryPolicy`` (the backoff, the throttle wait, ambiguous attempts) is
+:mod:`services.sender.retries`.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -121,7 +105,7 @@ class AmbiguousPolicy(StrEnum):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How the sender retries one class of email (semantics in the module docstring)."""
+    """How the sender retries one class of email (applied by :mod:`services.sender.retries`)."""
 
     max_failures: int
     """Failed attempts (throttling and unavailable providers do not count) before the email is failed and
@@ -138,15 +122,6 @@ class RetryPolicy:
     """An email not sent this long after it was accepted is failed: a day-old code or receipt helps nobody."""
     batch_calls: bool = False
     """Send emails fetched together in one provider batch call where the provider has a batch API."""
-
-    def backoff_s(self, failures: int, rng: random.Random | None = None) -> float:
-        """Delay before the attempt after the ``failures``-th failure: full jitter under an exponential ceiling."""
-        ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** max(0, failures - 1))
-        return (rng or random).uniform(0, ceiling)
-
-    def throttle_delay_s(self, retry_after_s: float, rng: random.Random | None = None) -> float:
-        """Delay honouring a provider's Retry-After, spread a little so paused emails do not return at once."""
-        return min(self.max_delay_s, retry_after_s * (rng or random).uniform(1.0, 1.2))
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ from libs.routing.scoring import EmailFacts, RouteDecision, rank
 from services.sender.adapters import AdapterPool
 from services.sender.events import NO_ATTEMPT, AttemptFacts, EventPublisher
 from services.sender.links import LinkedAttachments
+from services.sender.retries import backoff_s, throttle_delay_s
 from services.sender.state import MessageState, MessageStateStore, SentMarker, StateChange
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ class Deliverer:
                     break
                 active = await self._round(active, pending)
             for job in active:  # only when every round asked for another: wait like any retry
-                self._later(job, job.policy.backoff_s(max(1, job.state.failures)), "no provider left", pending)
+                self._later(job, backoff_s(job.policy, max(1, job.state.failures)), "no provider left", pending)
             await self._commit(jobs, pending)
         finally:
             beating.cancel()
@@ -487,7 +488,7 @@ class Deliverer:
         job.tried.add(call.provider_id)
         if result.outcome is Outcome.THROTTLED:
             # Not the email's fault and not a failure: the provider is paused for everyone; try elsewhere now.
-            job.hint(policy.throttle_delay_s(result.retry_after_s or 1.0))
+            job.hint(throttle_delay_s(policy, result.retry_after_s or 1.0))
             return True
         if not call.reached_provider and result.outcome is Outcome.PERMANENT:
             return True  # never left: another provider at once, no failure counted
@@ -501,7 +502,7 @@ class Deliverer:
         # otp falls over at once; so does the email a failed half-open probe was risked on.
         if (policy.failover_now and job.calls < policy.max_attempts_per_delivery) or call.permit.probe:
             return True
-        self._later(job, policy.backoff_s(job.state.failures), f"{call.provider_id}: {result.reason}", pending)
+        self._later(job, backoff_s(policy, job.state.failures), f"{call.provider_id}: {result.reason}", pending)
         return False
 
     # -- step 7 --------------------------------------------------------------------------------------------------
@@ -536,7 +537,7 @@ class Deliverer:
             # Every usable provider failed it once: the next round starts over with all of them, after backoff.
             job.state.excluded.clear()
             job.dirty = True
-            delay = policy.backoff_s(max(1, job.state.failures))
+            delay = backoff_s(policy, max(1, job.state.failures))
             self._later(job, max(delay, job.wait_hint_s or 0.0), f"every provider failed it ({reasons})", pending)
             return
         self._unavailable(job, pending, reasons)
