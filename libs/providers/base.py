@@ -43,6 +43,17 @@ from libs.providers.errors import (
 from libs.providers.mime import StreamedBody, check_header_fields, fits_size_cap, mime_size, mime_size_bound
 from libs.providers.model import OutboundEmail, Outcome, ProviderConfig, SendResult
 
+__all__ = [
+    "BaseAdapter",
+    "HttpAdapter",
+    "ProviderAdapter",
+    "classify_http_failure",
+    "classify_httpx_exception",
+    "parse_retry_after",
+    "provider_tls_context",
+    "response_json",
+]
+
 # ----------------------------------------------------------------------------------------------------
 # The protocol the sender calls
 # ----------------------------------------------------------------------------------------------------

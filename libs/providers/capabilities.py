@@ -16,6 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+__all__ = [
+    "DEFAULT_CAPABILITIES",
+    "DEFAULT_SIZE_CAPS",
+    "Capabilities",
+    "provider_size_cap",
+]
+
 
 @dataclass(frozen=True)
 class Capabilities:

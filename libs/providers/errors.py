@@ -18,6 +18,17 @@ take the email) and fails the email on ``InvalidMessage`` (no provider will)::
 
 from __future__ import annotations
 
+__all__ = [
+    "AdapterConfigError",
+    "AttachmentSizeMismatch",
+    "InvalidMessage",
+    "MessageTooLarge",
+    "ProviderError",
+    "TooManyRecipients",
+    "UnknownProviderType",
+    "UnsupportedFeature",
+]
+
 
 class ProviderError(Exception):
     """Base of every error the provider layer raises."""

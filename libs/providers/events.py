@@ -14,6 +14,19 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+__all__ = [
+    "ESP_MESSAGE_ID_HEADER",
+    "ESP_MESSAGE_ID_VARIABLE",
+    "ESP_TENANT_ID_VARIABLE",
+    "BounceType",
+    "DeliveryEvent",
+    "EventKind",
+    "derived_event_id",
+    "header_value",
+    "utc_from_epoch",
+    "utc_from_iso",
+]
+
 #: The header the send side puts our own message id in, and the name of the provider-side custom variable
 #: carrying it (Mailgun ``v:esp_message_id``, SendGrid ``custom_args``, Postmark ``Metadata``,
 #: SES ``EmailTags``).

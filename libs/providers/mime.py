@@ -30,6 +30,22 @@ from email.utils import format_datetime
 from libs.providers.errors import AttachmentSizeMismatch, InvalidMessage
 from libs.providers.model import ESP_MESSAGE_ID_HEADER, Address, Attachment, OutboundEmail
 
+__all__ = [
+    "MimeDocument",
+    "StreamedBody",
+    "StreamedPart",
+    "base64_chunks",
+    "base64_encoded_size",
+    "build_mime",
+    "check_header_fields",
+    "fits_size_cap",
+    "mime_size",
+    "mime_size_bound",
+    "raw_chunks",
+    "streamed_form_data",
+    "streamed_json",
+]
+
 #: Base64 line length in MIME bodies (RFC 2045): 57 raw bytes become one 76-character line.
 BASE64_LINE_CHARS = 76
 _RAW_BYTES_PER_LINE = 57

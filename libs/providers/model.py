@@ -16,6 +16,22 @@ from enum import StrEnum
 
 from libs.providers.errors import AdapterConfigError
 
+__all__ = [
+    "ESP_MESSAGE_ID_HEADER",
+    "ESP_MESSAGE_ID_KEY",
+    "ESP_TENANT_ID_KEY",
+    "PLACEHOLDER_PATTERN",
+    "Address",
+    "Attachment",
+    "OutboundEmail",
+    "Outcome",
+    "ProviderConfig",
+    "SendResult",
+    "content_key",
+    "personalize",
+    "unique_addresses",
+]
+
 #: Header carrying our message id on every outgoing email (also used as the idempotency key).
 ESP_MESSAGE_ID_HEADER = "X-ESP-Message-Id"
 #: Metadata key under which our message id travels in provider-side custom data (custom_args, v:, Metadata,
@@ -226,6 +242,25 @@ def personalize(email: OutboundEmail) -> OutboundEmail:
         text=render(email.text),
         html=render(email.html),
         recipient_variables={},
+    )
+
+
+def content_key(email: OutboundEmail) -> tuple[object, ...]:
+    """Everything but the recipients, the id and the recipient variables: emails with equal keys can share one
+    batch call at providers that personalise per recipient (Mailgun's recipient-variables, SendGrid's
+    personalizations)."""
+    return (
+        email.tenant_id,
+        email.message_class,
+        email.sender,
+        email.reply_to,
+        email.subject,
+        email.text,
+        email.html,
+        tuple(sorted(email.headers.items())),
+        email.tags,
+        tuple(sorted(email.metadata.items())),
+        email.attachments,  # the same Attachment objects (identity of their stream factory counts)
     )
 
 

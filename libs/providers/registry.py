@@ -15,6 +15,13 @@ from libs.providers.capabilities import DEFAULT_CAPABILITIES
 from libs.providers.errors import UnknownProviderType
 from libs.providers.model import ProviderConfig
 
+__all__ = [
+    "BUILTIN_TYPES",
+    "adapter_class",
+    "adapter_types",
+    "create_adapter",
+]
+
 #: Provider types shipped with the platform, each in ``libs/providers/<type>/send.py``.
 BUILTIN_TYPES: tuple[str, ...] = tuple(DEFAULT_CAPABILITIES)
 

@@ -24,6 +24,26 @@ from typing import Any, Protocol, runtime_checkable
 
 from libs.providers.events import DeliveryEvent
 
+__all__ = [
+    "AuthenticatedWebhook",
+    "CertificateFetcher",
+    "CertificateUnavailable",
+    "HandlerContext",
+    "MalformedWebhook",
+    "ReplayedWebhook",
+    "SignatureInvalid",
+    "SignatureMissing",
+    "StaleWebhook",
+    "SubscriptionConfirmation",
+    "UnsupportedProvider",
+    "WebhookConfigurationError",
+    "WebhookError",
+    "WebhookHandler",
+    "WebhookRejected",
+    "WebhookRequest",
+    "WebhookResult",
+]
+
 
 class WebhookError(Exception):
     """Base class of every error raised while handling a provider webhook."""

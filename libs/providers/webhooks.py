@@ -40,6 +40,16 @@ from libs.providers.webhook_model import (
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+__all__ = [
+    "HandlerFactory",
+    "InMemoryReplayGuard",
+    "RedisReplayGuard",
+    "ReplayGuard",
+    "WebhookVerifier",
+    "handler_factory",
+    "register_handler_factory",
+]
+
 
 HandlerFactory = Callable[[HandlerContext], WebhookHandler]
 

@@ -18,6 +18,14 @@ from nats.js.kv import KeyValue
 
 from libs.providers.model import ProviderConfig
 
+__all__ = [
+    "ProviderCatalog",
+    "ProviderSpec",
+    "bucket_name",
+    "open_bucket",
+    "provider_config",
+]
+
 log = logging.getLogger(__name__)
 
 
@@ -105,6 +113,7 @@ class ProviderCatalog:
 
     @property
     def providers(self) -> Mapping[str, ProviderSpec]:
+        """The current providers by id: a snapshot that is replaced, never changed, on every update."""
         return self._providers
 
     def on_change(self, listener: Callable[[str, ProviderSpec | None], None]) -> None:
@@ -112,6 +121,7 @@ class ProviderCatalog:
         self._listeners.append(listener)
 
     async def wait_loaded(self, timeout_s: float = 10.0) -> None:
+        """Wait until the bucket's initial contents are in (``TimeoutError`` after ``timeout_s``)."""
         await asyncio.wait_for(self._loaded.wait(), timeout_s)
 
     def _apply(self, key: str, spec: ProviderSpec | None) -> None:

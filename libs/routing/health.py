@@ -33,6 +33,22 @@ import redis.asyncio as aioredis
 
 from libs.common.stopping import pause_unless_stopped
 
+__all__ = [
+    "CLOSED",
+    "HALF_OPEN",
+    "OPEN",
+    "RATE_SAFETY_MARGIN",
+    "BreakerPolicy",
+    "BreakerSettings",
+    "CallHealth",
+    "HealthBoard",
+    "Permit",
+    "ProviderHealth",
+    "ProviderLimits",
+    "RecordedCall",
+    "Refusal",
+]
+
 log = logging.getLogger(__name__)
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"

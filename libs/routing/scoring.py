@@ -31,6 +31,13 @@ from libs.providers.capabilities import DEFAULT_SIZE_CAPS, provider_size_cap
 from libs.routing.catalog import ProviderSpec
 from libs.routing.health import HALF_OPEN, OPEN, ProviderHealth
 
+__all__ = [
+    "EmailFacts",
+    "ProviderScore",
+    "RouteDecision",
+    "rank",
+]
+
 QUOTA_LOW_SHARE = 0.1
 """Below this share of its daily quota left, a provider's capacity factor starts to fade."""
 CAPACITY_FLOOR = 0.5

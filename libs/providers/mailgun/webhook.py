@@ -43,6 +43,11 @@ from libs.providers.webhook_model import (
     WebhookResult,
 )
 
+__all__ = [
+    "MailgunWebhookHandler",
+    "create_handler",
+]
+
 PROVIDER_TYPE = "mailgun"
 SECRET_SIGNING_KEY = "webhook_signing_key"
 DEFAULT_TOLERANCE = timedelta(minutes=15)

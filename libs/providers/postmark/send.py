@@ -33,6 +33,11 @@ from libs.providers.model import (
     personalize,
 )
 
+__all__ = [
+    "ADAPTER",
+    "PostmarkAdapter",
+]
+
 EMAIL_PATH = "/email"
 BATCH_PATH = "/email/batch"
 

@@ -43,6 +43,11 @@ from libs.providers.webhook_model import (
     WebhookResult,
 )
 
+__all__ = [
+    "PostmarkWebhookHandler",
+    "create_handler",
+]
+
 PROVIDER_TYPE = "postmark"
 SECRET_USER = "webhook_user"
 SECRET_PASSWORD = "webhook_password"

@@ -46,6 +46,12 @@ from libs.providers.webhook_model import (
     WebhookResult,
 )
 
+__all__ = [
+    "SendGridWebhookHandler",
+    "create_handler",
+    "send_message_id",
+]
+
 PROVIDER_TYPE = "sendgrid"
 SECRET_VERIFICATION_KEY = "verification_key"
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"

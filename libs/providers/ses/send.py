@@ -40,6 +40,11 @@ from libs.providers.model import (
     personalize,
 )
 
+__all__ = [
+    "ADAPTER",
+    "SesAdapter",
+]
+
 #: SES error codes that mean "slow down" (sending rate, daily quota, API request rate).
 THROTTLING_CODES = frozenset(
     {"TooManyRequestsException", "ThrottlingException", "Throttling", "LimitExceededException"}

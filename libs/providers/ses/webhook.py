@@ -67,6 +67,15 @@ from libs.providers.webhook_model import (
     WebhookResult,
 )
 
+__all__ = [
+    "HttpxCertificateFetcher",
+    "SesWebhookHandler",
+    "StaticCertificateFetcher",
+    "create_handler",
+    "string_to_sign",
+    "validate_signing_cert_url",
+]
+
 PROVIDER_TYPE = "ses"
 SECRET_TOPIC_ARNS = "topic_arns"
 DEFAULT_TOLERANCE = timedelta(minutes=65)

@@ -33,6 +33,14 @@ from libs.providers.errors import AdapterConfigError
 from libs.providers.mime import MimeDocument, build_mime
 from libs.providers.model import OutboundEmail, Outcome, ProviderConfig, SendResult, personalize
 
+__all__ = [
+    "ADAPTER",
+    "DotStuffer",
+    "SmtpAdapter",
+    "classify_reply",
+    "queue_id_from_reply",
+]
+
 #: Reply codes that mean "slow down" rather than "broken" (RFC 5321 421/451/452 and SES's 454 throttling).
 THROTTLE_CODES = frozenset({421, 451, 452, 454})
 #: Reply codes that mean our credentials or authentication setup are wrong.

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from libs.providers.webhook_model import HandlerContext, UnsupportedProvider, WebhookHandler
 
+__all__ = [
+    "create_handler",
+]
+
 PROVIDER_TYPE = "smtp"
 
 
