@@ -85,13 +85,18 @@ class CreditReserver(Protocol):
         error that refused it."""
         ...
 
-    async def release(self, hold_id: str, reason: str) -> None: ...
+    async def release(self, hold_id: str, reason: str) -> None:
+        """Release the hold of an email refused after its credits were reserved (``reason`` is recorded)."""
+        ...
 
 
 class AttachmentLookup(Protocol):
     """The attachment store as the accept path sees it."""
 
-    async def get_many(self, tenant_id: str, attachment_ids: Sequence[str]) -> list[StoredAttachment]: ...
+    async def get_many(self, tenant_id: str, attachment_ids: Sequence[str]) -> list[StoredAttachment]:
+        """The tenant's attachments, in the order asked; NOT_FOUND naming every id that is unknown or another
+        tenant's."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -243,6 +243,8 @@ class AttachmentStore:
         return [by_id[i] for i in ids]
 
     async def delete(self, tenant_id: str, attachment_id: str) -> None:
+        """Mark the tenant's attachment deleted (its id then answers NOT_FOUND); NOT_FOUND when it is unknown or another
+        tenant's."""
         stored = await self.get(tenant_id, attachment_id)
         async with self.pool.connection() as conn:
             await conn.execute("UPDATE ingest.attachments SET deleted_at = now() WHERE id = %s", (stored.id,))

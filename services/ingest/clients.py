@@ -51,10 +51,12 @@ class LedgerCreditReserver:
             email_count=1, attachment_bytes=attachment_bytes) for hold_id, message_class, attachment_bytes in holds])
 
     async def release(self, hold_id: str, reason: str) -> None:
+        """Release a hold at the ledger (the email was refused after its credits were reserved)."""
         async with domain_errors():
             await self.stub.ReleaseHold(credits_pb2.ReleaseHoldRequest(name=f"holds/{hold_id}", reason=reason),
                                         timeout=self.timeout_s)
 
     async def close(self) -> None:
+        """Flush the reserve calls still waiting and stop batching."""
         await self._batcher.close()
 

@@ -9,6 +9,8 @@ from libs.common.settings import CommonSettings, check_positive
 
 @dataclass(frozen=True)
 class IngestSettings(CommonSettings):
+    """Ingest's settings (``ESP_*`` variables, on top of :class:`CommonSettings`)."""
+
     admin_token: str = ""
     """Bearer token of the platform admin (tenants, providers, top-ups); empty disables admin access."""
     api_key_cache_s: float = 2.0

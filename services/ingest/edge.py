@@ -37,6 +37,8 @@ class ApiKeyAuthenticator:
         self.tenants = tenants
 
     async def __call__(self, method: str, metadata: Mapping[str, str]) -> Principal | None:
+        """The principal of the presented API key or admin token; UNAUTHENTICATED when none is presented or it is
+        malformed, unknown or revoked, PERMISSION_DENIED when its tenant is disabled."""
         presented = metadata.get("x-api-key", "")
         auth = metadata.get("authorization", "")
         if auth.lower().startswith("bearer "):

@@ -240,9 +240,11 @@ class RedisGate:
 
     # -- keys ------------------------------------------------------------------------------------------------
     def claim_key(self, tenant_id: str, request_id: str) -> str:
+        """The Redis key of a request_id's claim (idempotency), scoped to its tenant."""
         return f"{self.namespace}:idem:{tenant_id}:{request_id}"
 
     def rate_key(self, tenant_id: str, message_class: str) -> str:
+        """The Redis key of a tenant's GCRA rate state for one message class."""
         return f"{self.namespace}:rl:{tenant_id}:{message_class}"
 
     def counter_key(self, tenant_id: str, day: str | None = None) -> str:
@@ -250,6 +252,7 @@ class RedisGate:
         return f"{self.namespace}:quota:{tenant_id}:{day or time.strftime('%Y%m%d', time.gmtime())}"
 
     def rate_of(self, message_class: str, tenant_rate: float) -> float:
+        """The rate that applies: the tenant's own when it set one (> 0), else the class's default."""
         return tenant_rate if tenant_rate > 0 else self.defaults.for_class(message_class)
 
     # -- the gate --------------------------------------------------------------------------------------------
@@ -332,6 +335,7 @@ class RedisGate:
         return int(await self._pipe.call("GET", self.counter_key(tenant_id)) or 0)
 
     async def close(self) -> None:
+        """Flush the batched Redis calls still waiting and stop batching."""
         await self._admitter.close()
         await self._pipe.close()
 

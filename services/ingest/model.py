@@ -47,6 +47,7 @@ class EmailDraft:
 
     @property
     def recipients(self) -> tuple[Mailbox, ...]:
+        """Every recipient: ``to``, then ``cc``, then ``bcc``."""
         return self.to + self.cc + self.bcc
 
 

@@ -59,6 +59,7 @@ def _boxes(items: Any) -> tuple[Mailbox, ...]:
 
 
 def draft_from_proto(req: messages_pb2.SendEmailRequest) -> EmailDraft:
+    """The domain draft of a SendEmail request, before validation (unset fields read as their defaults)."""
     # Only the fields the request sets are read: reading an unset repeated or map field still builds an empty
     # container (≈ 2 µs each, and a request has nine of them).
     present = {f.name: v for f, v in req.ListFields()}
@@ -134,11 +135,19 @@ class IngestServicer:
 
     # -- MessageService ----------------------------------------------------------------------------------------
     async def SendEmail(self, request: messages_pb2.SendEmailRequest, context: Any) -> messages_pb2.SendEmailResponse:
+        """Accept one email for the caller's tenant (scope ``send``, a tenant's key); the steps are in
+        :mod:`services.ingest.accept`. Errors: PERMISSION_DENIED (the platform admin's token, a disabled tenant),
+        INVALID_ARGUMENT (every validation problem at once), NOT_FOUND (an attachment that is not the tenant's),
+        FAILED_PRECONDITION (a suppressed recipient, attachments too large under policy reject, credits short),
+        RESOURCE_EXHAUSTED (rate or daily quota), ALREADY_EXISTS (a request_id reused for a different request)."""
         accepted = await self.acceptor.send(current_principal(), draft_from_proto(request))
         return messages_pb2.SendEmailResponse(message=accepted.message)
 
     async def BatchSendEmails(self, request: messages_pb2.BatchSendEmailsRequest,
                               context: Any) -> messages_pb2.BatchSendEmailsResponse:
+        """Accept 1 to ``max_batch_send`` emails for the caller's tenant (scope ``send``). Each email gets its own
+        result: its message, or the error that refused it alone (as SendEmail would raise it); the call itself fails
+        (INVALID_ARGUMENT) for an empty or oversized batch, or as a whole when a dependency fails."""
         if not request.requests or len(request.requests) > self.max_batch_send:
             raise InvalidArgument(f"1 to {self.max_batch_send} emails per batch", field_violations=[
                 FieldViolation("requests", f"1 to {self.max_batch_send} emails")])
@@ -165,6 +174,9 @@ class IngestServicer:
     # -- AttachmentService -------------------------------------------------------------------------------------
     async def UploadAttachment(self, request_iterator: AsyncIterator[attachments_pb2.UploadAttachmentRequest],
                                context: Any) -> attachments_pb2.Attachment:
+        """Stream an attachment into S3 for the caller's tenant (scope ``send``): the first frame carries the metadata
+        and only it, every frame at most 1 MiB of bytes. A retry with the same request_id returns the stored attachment;
+        bad metadata, the size cap, a wrong size or a sha256 mismatch is INVALID_ARGUMENT."""
         principal = current_principal()
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("metadata"):
@@ -189,17 +201,23 @@ class IngestServicer:
 
     async def GetAttachment(self, request: attachments_pb2.GetAttachmentRequest,
                             context: Any) -> attachments_pb2.Attachment:
+        """One of the caller's tenant's attachments (scope ``read``); another tenant's is NOT_FOUND, like an id that
+        does not exist."""
         stored = await self.attachments.get(_acting_tenant(current_principal()),
                                             request.name.removeprefix("attachments/"))
         return _attachment_proto(stored)
 
     async def DeleteAttachment(self, request: attachments_pb2.DeleteAttachmentRequest,
                                context: Any) -> empty_pb2.Empty:
+        """Mark one of the caller's tenant's attachments deleted (scope ``send``): its id answers NOT_FOUND from then
+        on, to reads and to sends naming it. Another tenant's is NOT_FOUND."""
         await self.attachments.delete(_acting_tenant(current_principal()), request.name.removeprefix("attachments/"))
         return empty_pb2.Empty()
 
     # -- TenantService -----------------------------------------------------------------------------------------
     async def CreateTenant(self, request: tenants_pb2.CreateTenantRequest, context: Any) -> tenants_pb2.Tenant:
+        """Create a tenant (platform admin). ALREADY_EXISTS for a taken id; INVALID_ARGUMENT for a bad id or policy
+        (rates, quota, large-attachment policy, allowed headers)."""
         t = request.tenant
         tenant = await self.tenants.create_tenant(
             request.tenant_id, t.display_name, daily_quota=t.daily_quota,
@@ -210,18 +228,26 @@ class IngestServicer:
         return _tenant_proto(tenant)
 
     async def GetTenant(self, request: tenants_pb2.GetTenantRequest, context: Any) -> tenants_pb2.Tenant:
+        """A tenant, read from Postgres (scope ``admin``): a tenant admin sees only its own tenant, any other is
+        NOT_FOUND; the platform admin sees every tenant."""
         tenant_id = _tenant_id_from(request.name, "name")
         _own_tenant(current_principal(), tenant_id)
         return _tenant_proto(await self.tenants.get_tenant(tenant_id, fresh=True))
 
     async def ListTenants(self, request: tenants_pb2.ListTenantsRequest,
                           context: Any) -> tenants_pb2.ListTenantsResponse:
+        """Tenants in id order, a page at a time (platform admin; ``page_size`` 50 by default, at most 1,000; the page
+        token is the last id of a full page)."""
         size = min(request.page_size or 50, 1000)
         tenants = await self.tenants.list_tenants(size, request.page_token)
         token = tenants[-1].id if len(tenants) == size else ""
         return tenants_pb2.ListTenantsResponse(tenants=[_tenant_proto(t) for t in tenants], next_page_token=token)
 
     async def UpdateTenant(self, request: tenants_pb2.UpdateTenantRequest, context: Any) -> tenants_pb2.Tenant:
+        """Replace a tenant's settings with the request's (platform admin): every field is written, there is no field
+        mask, so a field left unset goes back to its zero value (a rate or the quota to 0: the platform default, or
+        unlimited). NOT_FOUND for an unknown tenant, INVALID_ARGUMENT for a bad policy. Other replicas apply it within
+        ``api_key_cache_s``."""
         t = request.tenant
         tenant = await self.tenants.update_tenant(
             _tenant_id_from(t.name, "tenant.name"), display_name=t.display_name, daily_quota=t.daily_quota,
@@ -233,6 +259,9 @@ class IngestServicer:
 
     async def CreateApiKey(self, request: tenants_pb2.CreateApiKeyRequest,
                            context: Any) -> tenants_pb2.CreateApiKeyResponse:
+        """Create an API key for a tenant (scope ``admin``, own tenant only, else NOT_FOUND). The response carries the
+        full key, which is never available again; INVALID_ARGUMENT unless the scopes are one or more of ``send``,
+        ``read``, ``admin``."""
         tenant_id = _tenant_id_from(request.parent, "parent")
         _own_tenant(current_principal(), tenant_id)
         scopes = tuple(_PROTO_TO_SCOPE[s] for s in request.api_key.scopes if s in _PROTO_TO_SCOPE)
@@ -241,6 +270,8 @@ class IngestServicer:
 
     async def ListApiKeys(self, request: tenants_pb2.ListApiKeysRequest,
                           context: Any) -> tenants_pb2.ListApiKeysResponse:
+        """A tenant's API keys in id order, revoked ones included, without secrets (scope ``admin``, own tenant only,
+        else NOT_FOUND; paged like ListTenants)."""
         tenant_id = _tenant_id_from(request.parent, "parent")
         _own_tenant(current_principal(), tenant_id)
         size = min(request.page_size or 50, 1000)
@@ -249,6 +280,8 @@ class IngestServicer:
         return tenants_pb2.ListApiKeysResponse(api_keys=[_key_proto(k) for k in keys], next_page_token=token)
 
     async def RevokeApiKey(self, request: tenants_pb2.RevokeApiKeyRequest, context: Any) -> tenants_pb2.ApiKey:
+        """Revoke an API key (scope ``admin``, own tenant only, else NOT_FOUND; revoking twice keeps the first
+        revocation time). It stops working at once on this replica and within ``api_key_cache_s`` on the others."""
         parts = request.name.split("/")
         if len(parts) != 4 or parts[0] != "tenants" or parts[2] != "apiKeys":
             raise InvalidArgument("name must look like tenants/{tenant}/apiKeys/{key}",

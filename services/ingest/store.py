@@ -131,4 +131,5 @@ class MessageStore:
         return StoredMessage(bytes(fingerprint), message_resource(task, request_id=request_id or "", credits=credits))
 
     async def close(self) -> None:
+        """Flush the group commits still waiting and stop batching."""
         await self._batcher.close()

@@ -62,6 +62,7 @@ class ApiKeyRecord:
 
     @property
     def prefix(self) -> str:
+        """The key's non-secret, recognisable prefix (``esp_live_<key id>``), shown in listings."""
         return KEY_PREFIX + self.id
 
 
@@ -112,6 +113,8 @@ class TenantStore:
     async def create_tenant(self, tenant_id: str, display_name: str = "", *, daily_quota: int = 0,
                             rates: Mapping[str, float] | None = None, large_attachment_policy: str = "link",
                             allowed_headers: tuple[str, ...] = ()) -> Tenant:
+        """Create a tenant with its sending policy; INVALID_ARGUMENT for a bad id or policy, ALREADY_EXISTS when the id
+        is taken."""
         if not _TENANT_ID.match(tenant_id):
             raise InvalidArgument("bad tenant id", field_violations=[FieldViolation(
                 "tenant_id", "3 to 63 characters: lowercase letters, digits and dashes, starting with a letter")])
@@ -132,6 +135,9 @@ class TenantStore:
         return await self.get_tenant(tenant_id, fresh=True)
 
     async def update_tenant(self, tenant_id: str, **changes: object) -> Tenant:
+        """Change the given fields (names that are not tenant fields are ignored) and return the tenant as stored;
+        NOT_FOUND for an unknown tenant, INVALID_ARGUMENT for a bad policy. This replica's cache is dropped; the
+        others see the change within ``cache_ttl_s``."""
         allowed = {"display_name", "daily_quota", "otp_rate_per_second", "transactional_rate_per_second",
                    "bulk_rate_per_second", "large_attachment_policy", "allowed_headers", "disabled"}
         sets = {k: v for k, v in changes.items() if k in allowed}
@@ -166,6 +172,7 @@ class TenantStore:
         return tenant
 
     async def list_tenants(self, limit: int, after: str = "") -> list[Tenant]:
+        """Up to ``limit`` tenants with ids after ``after``, in id order, read from Postgres."""
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute("SELECT * FROM ingest.tenants WHERE id > %s ORDER BY id LIMIT %s", (after, limit))
             return [_tenant_from_row(r) for r in await cur.fetchall()]
@@ -192,12 +199,14 @@ class TenantStore:
         return record, f"{KEY_PREFIX}{key_id}_{secret}"
 
     async def get_key(self, tenant_id: str, key_id: str) -> ApiKeyRecord:
+        """One key of the tenant, without its secret; NOT_FOUND when the tenant has no such key."""
         keys = await self._select_keys("tenant_id = %s AND id = %s", (tenant_id, key_id), 1)
         if not keys:
             raise NotFound(f"API key {key_id!r} not found", reason="API_KEY_NOT_FOUND")
         return keys[0]
 
     async def list_keys(self, tenant_id: str, limit: int, after: str = "") -> list[ApiKeyRecord]:
+        """Up to ``limit`` of the tenant's keys with ids after ``after``, in id order, revoked ones included."""
         return await self._select_keys("tenant_id = %s AND id > %s", (tenant_id, after), limit)
 
     async def _select_keys(self, where: str, args: tuple[object, ...], limit: int) -> list[ApiKeyRecord]:
@@ -210,6 +219,8 @@ class TenantStore:
                              r["revoked_at"] is not None, r["created_at"], r["last_used_at"]) for r in rows]
 
     async def revoke_key(self, tenant_id: str, key_id: str) -> ApiKeyRecord:
+        """Revoke a key (a second revocation keeps the first time) and return it; NOT_FOUND when the tenant has no such
+        key. This replica forgets it at once; the others within ``cache_ttl_s``."""
         async with self.pool.connection() as conn:
             await conn.execute(
                 "UPDATE ingest.api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE tenant_id = %s AND id = %s",

@@ -10,6 +10,8 @@ from libs.routing.health import BreakerSettings
 
 @dataclass(frozen=True)
 class RouterSettings(CommonSettings, BreakerSettings):
+    """The router's settings (``ESP_*`` variables), with the breaker settings every sender shares."""
+
     health_refresh_s: float = 0.2
     """How often provider health is re-read from Redis."""
     registry_resync_s: float = 1.0

@@ -50,6 +50,7 @@ class ProviderRecord:
 
     @property
     def credentials_ref(self) -> str:
+        """Where the credentials are kept (``router.provider_credentials/<id>``), shown instead of them."""
         return f"router.provider_credentials/{self.spec.id}"
 
 
@@ -166,6 +167,7 @@ class ProviderRegistry:
         return await self.get(spec.id)
 
     async def get(self, provider_id: str) -> ProviderRecord:
+        """One provider, without its credentials; NOT_FOUND when there is none."""
         async with self.pool.connection() as conn:
             row = await self._row(conn, provider_id)
         if row is None:
@@ -173,6 +175,8 @@ class ProviderRegistry:
         return ProviderRecord(self._spec(row), row["created_at"], row["updated_at"])
 
     async def list(self, limit: int, after: str = "", *, show_disabled: bool = True) -> list[ProviderRecord]:
+        """Up to ``limit`` providers with ids after ``after``, in id order, without credentials; disabled ones only when
+        ``show_disabled``."""
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 """SELECT *, '{}'::jsonb AS credentials FROM router.providers
@@ -182,6 +186,10 @@ class ProviderRegistry:
 
     async def update(self, provider_id: str, changes: Mapping[str, Any], *, expected_version: int | None = None,
                      credentials: Mapping[str, str] | None = None) -> ProviderRecord:
+        """Apply ``changes`` (column → value) and, when given, replace the credentials; the result is validated as a
+        whole (the adapter is built once) before anything is written, then broadcast. INVALID_ARGUMENT for an unknown
+        column or an invalid result, NOT_FOUND for an unknown provider, ABORTED when ``expected_version`` is given and
+        the stored version differs."""
         unknown = set(changes) - set(_COLUMNS)
         if unknown:
             raise InvalidArgument("unknown fields in update_mask", field_violations=[
@@ -213,6 +221,8 @@ class ProviderRegistry:
         return await self.get(provider_id)
 
     async def delete(self, provider_id: str, *, expected_version: int | None = None) -> None:
+        """Delete a provider and its credentials, then broadcast the removal; NOT_FOUND for an unknown provider, ABORTED
+        when ``expected_version`` is given and the stored version differs."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 """DELETE FROM router.providers WHERE id = %s AND (%s::bigint IS NULL OR version = %s::bigint)

@@ -88,6 +88,12 @@ def _score(s: ProviderScore) -> providers_pb2.ProviderScore:
 
 
 class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
+    """``esp.v1.ProviderService`` over the registry (CRUD), the catalog and shared health (RouteEmail).
+
+    It checks no scope itself: it trusts the principal the edge sends along, and ingest forwards these methods for
+    the platform admin only.
+    """
+
     def __init__(self, registry: ProviderRegistry, catalog: ProviderCatalog, health: HealthBoard) -> None:
         self.registry = registry
         self.catalog = catalog
@@ -95,15 +101,21 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
 
     async def CreateProvider(self, request: providers_pb2.CreateProviderRequest,
                              context: Any) -> providers_pb2.Provider:
+        """Create a provider (``provider_id`` is its id); it reaches every replica through the KV bucket. With a
+        request_id a retry returns the provider it created; INVALID_ARGUMENT for a bad id, field or configuration the
+        adapter refuses, ALREADY_EXISTS for a taken id or a reused request_id."""
         spec = ProviderSpec(id=request.provider_id, credentials=dict(request.provider.credentials),
                             **_spec_values(request.provider))
         return _proto(await self.registry.create(spec, request_id=request.request_id))
 
     async def GetProvider(self, request: providers_pb2.GetProviderRequest, context: Any) -> providers_pb2.Provider:
+        """One provider (``providers/{id}``), without its credentials; NOT_FOUND when there is none."""
         return _proto(await self.registry.get(_id(request.name)))
 
     async def ListProviders(self, request: providers_pb2.ListProvidersRequest,
                             context: Any) -> providers_pb2.ListProvidersResponse:
+        """Providers in id order, a page at a time (``page_size`` 50 by default, at most 1,000; the page token is the
+        last id of a full page); disabled ones only with ``show_disabled``."""
         size = min(request.page_size or 50, 1000)
         records = await self.registry.list(size, request.page_token, show_disabled=request.show_disabled)
         token = records[-1].spec.id if len(records) == size else ""
@@ -111,6 +123,9 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
 
     async def UpdateProvider(self, request: providers_pb2.UpdateProviderRequest,
                              context: Any) -> providers_pb2.Provider:
+        """Update the fields the mask names (no mask: every field but ``type``, and the credentials when some are
+        given). A numeric ``etag`` makes it conditional: ABORTED when the provider changed since. INVALID_ARGUMENT for
+        an unknown mask path or an invalid result, NOT_FOUND for an unknown provider."""
         provider_id = _id(request.provider.name)
         values = _spec_values(request.provider)
         paths = list(request.update_mask.paths) or [k for k in values if k != "type"]
@@ -126,6 +141,8 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
                                                  credentials=credentials))
 
     async def DeleteProvider(self, request: providers_pb2.DeleteProviderRequest, context: Any) -> empty_pb2.Empty:
+        """Delete a provider (conditional on ``etag`` when it is numeric: ABORTED when it changed since); NOT_FOUND when
+        there is none."""
         expected = int(request.etag) if request.etag.isdigit() else None
         await self.registry.delete(_id(request.name), expected_version=expected)
         return empty_pb2.Empty()
@@ -149,6 +166,8 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
 
 
 async def build_app(settings: RouterSettings) -> ServiceApp:
+    """The router service for ``serve()``: registry, catalog and health, the catalog watcher and the broadcast repair
+    loop."""
     pool = await db.create_pool(settings.postgres_dsn, min_size=1, max_size=5, name="router")
     nc = await connect(settings.nats_url, "esp-router")
     js = nc.jetstream()

@@ -14,6 +14,8 @@ _CLASSES = frozenset(MessageClass)
 
 @dataclass(frozen=True)
 class SenderSettings(CommonSettings, BreakerSettings):
+    """The sender's settings (``ESP_*`` variables), with the breaker settings every router shares."""
+
     sender_classes: tuple[str, ...] = tuple(c.value for c in MessageClass)
     """Classes this replica serves (one Deployment per class in production)."""
     otp_concurrency: int = 64

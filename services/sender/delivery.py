@@ -164,10 +164,12 @@ class Job:
 
     @property
     def task(self) -> queue_pb2.SendTask:
+        """The queued send task (as ingest encoded it)."""
         return self.incoming.task
 
     @property
     def message_id(self) -> str:
+        """The email's message id."""
         return self.incoming.task.message_id
 
     @property
