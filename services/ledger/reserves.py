@@ -160,8 +160,8 @@ class Reserves:
         # coalesce into the same batches.
         self._committer: GroupCommitter[ReserveRequest, Hold] = GroupCommitter(
             self._reserve_batch, batching, shard_key=lambda request: request.tenant_id,
-            # An OTP's hold never waits behind a campaign's reserves queued in this process.
-            urgent=lambda request: request.message_class is MessageClass.OTP, name="ledger-reserve",
+            # An urgent class's (OTP's) hold never waits behind a campaign's reserves queued in this process.
+            urgent=lambda request: request.message_class.policy.urgent, name="ledger-reserve",
         )
 
     async def close(self) -> None:
@@ -204,7 +204,7 @@ class Reserves:
                 results[index] = exc
         # One lane for the whole call, so its requests are decided in order (a hold id repeated in it is held once):
         # the urgent one when the call is all OTPs (ingest sends its OTPs' holds in calls of their own).
-        urgent = all(request.message_class is MessageClass.OTP for _, request in valid)
+        urgent = all(request.message_class.policy.urgent for _, request in valid)
         outcomes = await self._committer.submit_many([request for _, request in valid], urgent=urgent)
         for (index, _), outcome in zip(valid, outcomes, strict=True):
             if isinstance(outcome, Hold | LedgerError):
