@@ -27,6 +27,7 @@ __all__ = [
     "Outcome",
     "ProviderConfig",
     "SendResult",
+    "content_key",
     "personalize",
     "unique_addresses",
 ]
@@ -241,6 +242,25 @@ def personalize(email: OutboundEmail) -> OutboundEmail:
         text=render(email.text),
         html=render(email.html),
         recipient_variables={},
+    )
+
+
+def content_key(email: OutboundEmail) -> tuple[object, ...]:
+    """Everything but the recipients, the id and the recipient variables: emails with equal keys can share one
+    batch call at providers that personalise per recipient (Mailgun's recipient-variables, SendGrid's
+    personalizations)."""
+    return (
+        email.tenant_id,
+        email.message_class,
+        email.sender,
+        email.reply_to,
+        email.subject,
+        email.text,
+        email.html,
+        tuple(sorted(email.headers.items())),
+        email.tags,
+        tuple(sorted(email.metadata.items())),
+        email.attachments,  # the same Attachment objects (identity of their stream factory counts)
     )
 
 

@@ -35,6 +35,7 @@ from libs.providers.model import (
     Outcome,
     ProviderConfig,
     SendResult,
+    content_key,
     personalize,
 )
 
@@ -122,7 +123,7 @@ class MailgunAdapter(HttpAdapter):
         """Emails that differ only in their single ``to`` recipient, id and variables share one call."""
         if len(email.to) != 1 or email.cc or email.bcc:
             return None
-        return _content_key(email)
+        return content_key(email)
 
     def build_batch_request(self, emails: Sequence[OutboundEmail]) -> httpx.Request:
         """One call, one ``to`` per email, per-recipient values in ``recipient-variables``."""
@@ -163,23 +164,6 @@ class MailgunAdapter(HttpAdapter):
     def parse_batch_response(self, emails: Sequence[OutboundEmail], response: httpx.Response) -> list[SendResult]:
         """The call's one result applies to every email in it."""
         return [self.parse_response(emails[0], response)] * len(emails)
-
-
-def _content_key(email: OutboundEmail) -> tuple[object, ...]:
-    """What must be identical for emails to share one batch call."""
-    return (
-        email.tenant_id,
-        email.message_class,
-        email.sender,
-        email.reply_to,
-        email.subject,
-        email.text,
-        email.html,
-        tuple(sorted(email.headers.items())),
-        email.tags,
-        tuple(sorted(email.metadata.items())),
-        email.attachments,  # the same Attachment objects (identity of their stream factory counts)
-    )
 
 
 def _check_option_bytes(fields: FormFields) -> None:

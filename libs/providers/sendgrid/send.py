@@ -31,6 +31,7 @@ from libs.providers.model import (
     Outcome,
     ProviderConfig,
     SendResult,
+    content_key,
     unique_addresses,
 )
 
@@ -124,19 +125,7 @@ class SendGridAdapter(HttpAdapter):
 
     def batch_key(self, email: OutboundEmail) -> object | None:
         """Emails with the same content (recipients, ids and variables may differ) share one request."""
-        return (
-            email.tenant_id,
-            email.message_class,
-            email.sender,
-            email.reply_to,
-            email.subject,
-            email.text,
-            email.html,
-            tuple(sorted(email.headers.items())),
-            email.tags,
-            tuple(sorted(email.metadata.items())),
-            email.attachments,
-        )
+        return content_key(email)
 
     def build_batch_request(self, emails: Sequence[OutboundEmail]) -> httpx.Request:
         """One personalization per email."""
