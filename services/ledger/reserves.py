@@ -487,23 +487,18 @@ def _copy_with_hold_id(template: Hold, hold_id: str) -> Hold:
     return hold
 
 
+def _what_is_held(reserve: Hold | ReserveRequest) -> tuple[str, MessageClass, int, int]:
+    """What a repeated reserve must repeat (the TTL is not compared: a default may change between tries)."""
+    return reserve.tenant_id, reserve.message_class, reserve.emails, reserve.attachment_bytes
+
+
 def _same_request(a: ReserveRequest, b: ReserveRequest) -> bool:
-    return (a.tenant_id, a.message_class, a.emails, a.attachment_bytes) == (
-        b.tenant_id,
-        b.message_class,
-        b.emails,
-        b.attachment_bytes,
-    )
+    return _what_is_held(a) == _what_is_held(b)
 
 
 def _same_reserve(hold: Hold, request: ReserveRequest) -> bool:
-    """A retry of the reserve that made ``hold`` (the TTL is not compared: a default may change between tries)."""
-    return (hold.tenant_id, hold.message_class, hold.emails, hold.attachment_bytes) == (
-        request.tenant_id,
-        request.message_class,
-        request.emails,
-        request.attachment_bytes,
-    )
+    """A retry of the reserve that made ``hold``."""
+    return _what_is_held(hold) == _what_is_held(request)
 
 
 def _reserve_mismatch(request: ReserveRequest, hold: Hold) -> IdempotencyMismatch:
