@@ -60,7 +60,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -686,8 +686,9 @@ async def otp_latency_during_campaign_ms(env: Environment, simulator: Simulator,
     print(f"  campaign of {campaign:,}: accepted after {accepted_at - started:.1f} s, at the provider after "
           f"{drained_at - started:.1f} s, settled by {time.time() - started:.1f} s; {overlapping} of {len(sent_at)} "
           f"OTPs were sent before its last email arrived", file=sys.stderr, flush=True)
-    for phase, sent_in_phase in (("while it was accepted", lambda at: at < accepted_at),
-                                 ("after it was accepted", lambda at: at >= accepted_at)):
+    phases: tuple[tuple[str, Callable[[float], bool]], ...] = (
+        ("while it was accepted", lambda at: at < accepted_at), ("after it was accepted", lambda at: at >= accepted_at))
+    for phase, sent_in_phase in phases:
         phase_ms = [latencies[mid] for mid, at in sent_at.items() if sent_in_phase(at)]
         if phase_ms:
             print(f"    OTPs sent {phase}: {len(phase_ms)}, p50 {percentile(phase_ms, 0.5):,.1f} ms, "

@@ -109,9 +109,10 @@ _SHARED = messages_pb2.SendEmailRequest(
 def email_bytes(i: int, run: str) -> bytes:
     """``email(i, run)`` serialised, cheaply: the fields all emails share are serialised once and this email's own
     fields appended (a parser merges concatenated messages), so the load generator spends its CPU on calls."""
-    return _SHARED + messages_pb2.SendEmailRequest(
+    serialized: bytes = _SHARED + messages_pb2.SendEmailRequest(
         request_id=f"{run}-{i}", to=[common_pb2.EmailAddress(email=f"user{i % 5000}@example.net", name="Bench User")],
         metadata={"order": str(i)}).SerializeToString()
+    return serialized
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import nats
@@ -302,7 +303,8 @@ class Mesh:
             self.stop()
 
 
-def start_simulator(http_port: int, smtp_port: int, log_dir: Path, timeout_s: float = 30) -> tuple[Process, dict]:
+def start_simulator(http_port: int, smtp_port: int, log_dir: Path,
+                    timeout_s: float = 30) -> tuple[Process, dict[str, Any]]:
     """The provider simulator; returns its process and its self-description (first JSON line it prints)."""
     import json
 

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 import grpc
 import psycopg
@@ -28,7 +29,7 @@ from libs.common.db import migrate_services
 
 DEV = m.ROOT / ".dev"
 DATABASE = "esp"
-SIMULATOR: dict[str, dict] = {}
+SIMULATOR: dict[str, dict[str, Any]] = {}
 # Simulated providers: dearer and slower than the local sink, so demo mail lands in .dev/mail while the
 # simulator's providers stand by as fallbacks (and can be made preferred by changing prices or weights).
 SIMULATED_PRICES = {"mailgun-us": 80, "mailgun-eu": 85, "sendgrid-1": 90, "ses-1": 60, "postmark-1": 120, "smtp-1": 150}

@@ -44,7 +44,7 @@ def ensure_tenant(channel: grpc.Channel, admin_token: str, tenant_id: str, displ
         stub.CreateTenant(tenants_pb2.CreateTenantRequest(tenant_id=tenant_id, tenant=tenants_pb2.Tenant(
             display_name=display_name or tenant_id)), metadata=_admin(admin_token), timeout=10)
     except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.ALREADY_EXISTS:  # type: ignore[attr-defined]
+        if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
             raise
 
 
@@ -78,7 +78,7 @@ def ensure_provider(channel: grpc.Channel, admin_token: str, seed: ProviderSeed)
         stub.CreateProvider(providers_pb2.CreateProviderRequest(provider_id=seed.id, provider=provider),
                             metadata=_admin(admin_token), timeout=10)
     except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.ALREADY_EXISTS:  # type: ignore[attr-defined]
+        if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
             raise
         provider.name = f"providers/{seed.id}"
         stub.UpdateProvider(providers_pb2.UpdateProviderRequest(provider=provider), metadata=_admin(admin_token),

@@ -52,8 +52,8 @@ def connection() -> tuple[str, str]:
 
 
 def _describe(exc: grpc.RpcError) -> str:
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    lines = [f"{exc.code().name}: {exc.details()}"]  # type: ignore[attr-defined]
+    status = rpc_status.from_call(exc)
+    lines = [f"{exc.code().name}: {exc.details()}"]
     if status is not None:
         from google.rpc import error_details_pb2
 
@@ -118,7 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             try:
                 message = stub.GetMessage(messages_pb2.GetMessageRequest(name=name), metadata=metadata, timeout=10)
             except grpc.RpcError as exc:
-                if not (args.wait and exc.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+                if not (args.wait and exc.code() == grpc.StatusCode.NOT_FOUND
                         and time.monotonic() < deadline):
                     print(_describe(exc), file=sys.stderr)
                     return 1

@@ -84,7 +84,7 @@ class EspError(Exception):
 
         def add(message: object) -> None:
             packed = any_pb2.Any()
-            packed.Pack(message)  # type: ignore[arg-type]
+            packed.Pack(message)
             details.append(packed)
 
         add(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata))

@@ -31,7 +31,7 @@ def open_channel(addr: str) -> grpc.aio.Channel:
 
 def to_domain_error(exc: grpc.aio.AioRpcError) -> EspError:
     """The domain error a failed call reports, with its details, so it can be re-raised to our own caller."""
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    status = rpc_status.from_call(exc)
     if status is not None:
         return error_from_status(status)
     if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

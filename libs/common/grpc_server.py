@@ -229,7 +229,7 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):
         handler = self.inner.service(handler_call_details)
         if handler is None:
             return None
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
             cached = self._wrapped[method] = (handler, self.wrapper.handler(method, handler))

@@ -32,7 +32,7 @@ def configure_tracing(service: str, otlp_endpoint: str = "") -> None:
     provider = TracerProvider(resource=Resource.create({"service.name": f"esp-{service}"}))
     if otlp_endpoint:
         try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
                 OTLPSpanExporter,
             )
         except ImportError:

@@ -46,7 +46,8 @@ class HttpBinding:
     @property
     def service_name(self) -> str:
         """Fully-qualified service name, e.g. ``esp.v1.MessageService``."""
-        return self.method.containing_service.full_name
+        name: str = self.method.containing_service.full_name
+        return name
 
     @property
     def grpc_path(self) -> str:
@@ -77,7 +78,8 @@ class DescriptorSet:
 
     def message_class(self, descriptor: Descriptor) -> type[Message]:
         """The (cached) dynamic message class for a descriptor of this pool."""
-        return message_factory.GetMessageClass(descriptor)
+        message_class: type[Message] = message_factory.GetMessageClass(descriptor)
+        return message_class
 
     def comment(self, key: str) -> str:
         """The leading comment of an element (see ``comments``), or ``""``."""

@@ -117,11 +117,12 @@ class StatusMarshaler:
     def _detail(self, detail: any_pb2.Any) -> dict[str, Any]:
         for pool in self._pools:
             try:
-                return json_format.MessageToDict(
+                as_dict: dict[str, Any] = json_format.MessageToDict(
                     detail,
                     descriptor_pool=pool,
                     always_print_fields_with_no_presence=self._emit_unpopulated,
                 )
+                return as_dict
             except (TypeError, KeyError, json_format.Error):
                 continue
         # Neither pool knows the type: keep it opaque rather than fail the whole error response.
@@ -133,6 +134,6 @@ def retry_after_seconds(error: GatewayError) -> int | None:
     for detail in error.details:
         if detail.type_url.endswith("/google.rpc.RetryInfo") or detail.type_url == _RETRY_INFO_TYPE:
             info = error_details_pb2.RetryInfo.FromString(detail.value)
-            delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+            delay: float = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
             return max(0, math.ceil(delay))
     return None

@@ -223,18 +223,18 @@ def _set_message_from_text(target: Message, text: str) -> None:
     name = target.DESCRIPTOR.full_name
     try:
         if name in ("google.protobuf.Timestamp", "google.protobuf.Duration"):
-            target.FromJsonString(text)  # type: ignore[attr-defined]  # well-known-type mixin
+            target.FromJsonString(text)  # well-known-type mixin
             return
     except ValueError as exc:
         raise FieldValueError(str(exc)) from exc
     if name == "google.protobuf.FieldMask":
         # grpc-gateway takes comma-separated paths and replaces any mask already set (e.g. one derived from a
         # PATCH body); camelCase paths are turned into proto (snake_case) paths.
-        del target.paths[:]  # type: ignore[attr-defined]
-        target.paths.extend(_snake_path(path) for path in text.split(",") if path)  # type: ignore[attr-defined]
+        del target.paths[:]
+        target.paths.extend(_snake_path(path) for path in text.split(",") if path)
         return
     if name in _WRAPPERS:
-        target.value = _parse_scalar(target.DESCRIPTOR.fields_by_name["value"], text)  # type: ignore[attr-defined]
+        target.value = _parse_scalar(target.DESCRIPTOR.fields_by_name["value"], text)
         return
     raise FieldValueError(f"{name} cannot be set from a URL")
 

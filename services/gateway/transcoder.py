@@ -291,7 +291,7 @@ class Transcoder:
             return
         if mask_field.message_type.full_name != "google.protobuf.FieldMask":
             return
-        mask = message.update_mask  # type: ignore[attr-defined]  # dynamic message class
+        mask = message.update_mask  # dynamic message class
         if not mask.paths:
             mask.paths.extend(field_mask_from_body(body_json, body_field.message_type))
 
@@ -304,7 +304,8 @@ class Transcoder:
 
 
 def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
+    serialized: bytes = message.SerializeToString()
+    return serialized
 
 
 def _dump(value: Any) -> bytes:

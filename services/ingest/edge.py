@@ -63,8 +63,9 @@ def _forwarder(method_path: str, method_spec: EdgeMethod, channel: grpc.aio.Chan
         metadata.extend(inject_headers({}).items())
         remaining = context.time_remaining()
         try:
-            return await call(request, metadata=metadata,
-                              timeout=min(timeout_s, remaining) if remaining else timeout_s)
+            response: bytes = await call(request, metadata=metadata,
+                                         timeout=min(timeout_s, remaining) if remaining else timeout_s)
+            return response
         except grpc.aio.AioRpcError as exc:
             raise to_domain_error(exc) from exc
 

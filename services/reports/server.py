@@ -232,7 +232,7 @@ def suppression_to_proto(suppression: Suppression) -> reports_pb2.Suppression:
     return reports_pb2.Suppression(
         name=f"suppressions/{suppression.email}",
         email=suppression.email,
-        reason=_REASONS_TO_PROTO[suppression.reason],  # type: ignore[arg-type]
+        reason=_REASONS_TO_PROTO[suppression.reason],
         note=suppression.note,
         create_time=_timestamp(suppression.create_time),
     )

@@ -109,7 +109,8 @@ class ProviderRegistry:
                 f"""SELECT p.*, {'c.credentials' if with_credentials else "'{}'::jsonb AS credentials"}
                     FROM router.providers p LEFT JOIN router.provider_credentials c ON c.provider_id = p.id
                     WHERE p.id = %s""", (provider_id,))
-            return await cur.fetchone()
+            row: dict[str, Any] | None = await cur.fetchone()
+            return row
 
     @staticmethod
     def _spec(row: Mapping[str, Any]) -> ProviderSpec:

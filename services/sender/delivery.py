@@ -170,12 +170,14 @@ class Job:
     @property
     def message_id(self) -> str:
         """The email's message id."""
-        return self.incoming.task.message_id
+        message_id: str = self.incoming.task.message_id
+        return message_id
 
     @property
     def size(self) -> int:
         """The email's encoded size as ingest measured it (with links, when its attachments travel as links)."""
-        return self.incoming.task.message_bytes
+        size: int = self.incoming.task.message_bytes
+        return size
 
     def hint(self, seconds: float) -> None:
         """Remember the soonest time a refusing provider could take the email."""
@@ -607,7 +609,8 @@ def _class_of(task: queue_pb2.SendTask) -> MessageClass:
 def _age_s(task: queue_pb2.SendTask) -> float:
     if not task.HasField("accepted_time") or task.accepted_time.seconds == 0:
         return 0.0
-    return time.time() - (task.accepted_time.seconds + task.accepted_time.nanos / 1e9)
+    accepted_at: float = task.accepted_time.seconds + task.accepted_time.nanos / 1e9
+    return time.time() - accepted_at
 
 
 async def _beat(heartbeats: list[Callable[[], Awaitable[None]]], every_s: float) -> None:
