@@ -1,5 +1,6 @@
 """Plumbing every service shares. Each module is one idea and declares its public names in ``__all__``; a name
-not listed there is private to its module (``mypy --strict`` refuses imports of unlisted names).
+not listed there is private to its module (``tests/common/test_public_surfaces.py`` fails on an import of one from
+``libs``, ``services``, ``dev`` or ``bench``).
 
 The package imports none of its modules: a caller that needs one small piece (the CLI reading the message
 classes, say) must not load grpc, NATS, psycopg and boto3 with it.
