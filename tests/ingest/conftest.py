@@ -192,6 +192,19 @@ async def _frames(frames: list[Any]) -> AsyncIterator[Any]:
         yield frame
 
 
+def count_passes(acceptor: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every accept pass the acceptor runs from now on (its ``_accept_together`` calls), in order."""
+    accept_together = acceptor._accept_together
+    passes: list[int] = []
+
+    async def counted(tenant: Any, drafts: Any, *args: Any) -> Any:
+        passes.append(len(drafts))
+        return await accept_together(tenant, drafts, *args)
+
+    monkeypatch.setattr(acceptor, "_accept_together", counted)
+    return passes
+
+
 def send_request(**overrides: Any) -> messages_pb2.SendEmailRequest:
     """A valid transactional email; ``overrides`` replace fields."""
     fields: dict[str, Any] = {

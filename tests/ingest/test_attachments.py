@@ -12,7 +12,7 @@ import pytest
 from esp.internal.v1 import queue_pb2
 from esp.v1 import attachments_pb2
 
-from tests.ingest.conftest import IngestHarness, TenantHandle, _frames, refused, send_request
+from tests.ingest.conftest import IngestHarness, TenantHandle, _frames, count_passes, refused, send_request
 
 
 async def _s3(harness: IngestHarness, method: str, **kwargs: Any) -> Any:
@@ -126,15 +126,7 @@ async def test_concurrent_sends_with_attachments_share_passes_and_are_charged_fo
     tenant = await harness.new_tenant()
     attachment = await harness.upload(tenant, b"attached")
     plain = await harness.send(tenant, send_request(subject="plain"))
-    acceptor = harness.parts.acceptor
-    accept_together = acceptor._accept_together
-    passes: list[int] = []
-
-    async def counted(tenant_: Any, drafts: Any, *args: Any) -> Any:
-        passes.append(len(drafts))
-        return await accept_together(tenant_, drafts, *args)
-
-    monkeypatch.setattr(acceptor, "_accept_together", counted)
+    passes = count_passes(harness.parts.acceptor, monkeypatch)
     sent = await asyncio.gather(*(harness.send(tenant, send_request(
         subject=f"s{i}", attachment_ids=[attachment.id], request_id=f"r{i}" if i % 2 else "")) for i in range(10)))
     assert sum(passes) == 10 and len(passes) < 10

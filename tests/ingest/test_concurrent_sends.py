@@ -18,7 +18,7 @@ from libs.common.suppressions import suppression_key
 from services.ingest.accept import Acceptor
 from services.ingest.server import draft_from_proto
 from services.ingest.store import MessageStore
-from tests.ingest.conftest import IngestHarness, RpcFailure, failure, send_request
+from tests.ingest.conftest import IngestHarness, RpcFailure, count_passes, failure, send_request
 
 
 def _admissions() -> tuple[float, float]:
@@ -139,15 +139,7 @@ async def test_a_send_whose_caller_goes_away_is_still_accepted_whole(harness: In
 async def test_concurrent_sends_with_request_ids_are_pooled_too_and_their_retries_answer_the_first(
         harness: IngestHarness, monkeypatch: pytest.MonkeyPatch):
     tenant = await harness.new_tenant()
-    acceptor = harness.parts.acceptor
-    accept_together = acceptor._accept_together
-    passes: list[int] = []
-
-    async def counted(tenant_: Any, drafts: Any, *args: Any) -> Any:
-        passes.append(len(drafts))
-        return await accept_together(tenant_, drafts, *args)
-
-    monkeypatch.setattr(acceptor, "_accept_together", counted)
+    passes = count_passes(harness.parts.acceptor, monkeypatch)
     requests = [send_request(request_id=f"order-{i}", subject=f"receipt {i}") for i in range(40)]
     first = await _send_all(harness, tenant.auth, requests)
     assert [m.request_id for m in first] == [f"order-{i}" for i in range(40)]
