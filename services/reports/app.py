@@ -1,10 +1,11 @@
-"""Assembles the reports service: Postgres, Redis, NATS, the EVENTS consumer, the webhook HTTP server and the
-gRPC servicers, as one :class:`~libs.common.grpc_server.ServiceApp`."""
+"""Assembles the reports service: Postgres, Redis, NATS, the EVENTS consumer, the public HTTP server (provider
+webhooks, one-click unsubscribe) and the gRPC servicers, as one :class:`~libs.common.grpc_server.ServiceApp`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 
 from esp.v1 import messages_pb2, messages_pb2_grpc, reports_pb2, reports_pb2_grpc
@@ -18,6 +19,7 @@ from libs.providers.webhook_model import CertificateFetcher
 from libs.providers.webhooks import RedisReplayGuard, WebhookVerifier
 from services.reports.config import DEFAULT_GRPC_PORT, ReportsSettings
 from services.reports.consumer import ConsumerOptions, EventConsumer
+from services.reports.one_click import OneClickUnsubscriber, unsubscribe_routes
 from services.reports.queries import MessageReader
 from services.reports.server import MessageReadServicer, StatsServicer, SuppressionServicer
 from services.reports.stats import StatsReader
@@ -31,6 +33,8 @@ from services.reports.webhook_receiver import (
 )
 
 SERVICE_NAME = "reports"
+
+log = logging.getLogger(__name__)
 
 
 async def build_app(settings: ReportsSettings, *,
@@ -76,7 +80,11 @@ async def build_app(settings: ReportsSettings, *,
         pool, js, topology, WebhookVerifier(replay_guard, certificate_fetcher=certificate_fetcher),
         WebhookSecretsStore(pool, ttl_s=settings.webhook_secrets_cache_s), confirmer=confirmer,
     )
-    webhook_app = receiver.asgi_app()
+    suppressions = SuppressionStore(pool, redis, settings.namespace)
+    unsubscribe_tokens = settings.unsubscribe_tokens()
+    if unsubscribe_tokens is None:
+        log.warning("ESP_UNSUBSCRIBE_KEYS is not set: every one-click unsubscribe link answers 404")
+    webhook_app = receiver.asgi_app(unsubscribe_routes(OneClickUnsubscriber(unsubscribe_tokens, suppressions)))
 
     async def webhook_server(stop: asyncio.Event) -> None:
         await serve_http(webhook_app, settings.webhook_host, settings.webhook_port, stop)
@@ -88,7 +96,7 @@ async def build_app(settings: ReportsSettings, *,
             (messages_pb2_grpc.add_MessageServiceServicer_to_server, MessageReadServicer(MessageReader(pool))),
             (reports_pb2_grpc.add_StatsServiceServicer_to_server, StatsServicer(StatsReader(pool))),
             (reports_pb2_grpc.add_SuppressionServiceServicer_to_server,
-             SuppressionServicer(SuppressionStore(pool, redis, settings.namespace))),
+             SuppressionServicer(suppressions)),
         ],
         service_names=[
             messages_pb2.DESCRIPTOR.services_by_name["MessageService"].full_name,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from libs.common.settings import CommonSettings, check_positive
+from libs.common.unsubscribe import UnsubscribeTokens
 
 DEFAULT_GRPC_PORT = 50054
 
@@ -38,9 +39,24 @@ class ReportsSettings(CommonSettings):
     """Apply the reports schema migrations at start (serialised by an advisory lock across replicas)."""
     resync_suppressions_on_start: bool = True
     """Rebuild the Redis suppression sets from Postgres at start."""
+    unsubscribe_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Keys of one-click unsubscribe tokens, ``<id>:<base64url 64-byte key>`` separated by commas
+    (``libs.common.unsubscribe.new_key_entry`` makes one): every one verifies, the first signs. Rotate by putting
+    the new key first and keeping the old ones while mail signed with them may still be clicked. A secret: never
+    in a ConfigMap or a log. Empty: ``/u/{token}`` answers 404 to everything (a warning at start says so)."""
 
     def __post_init__(self) -> None:
         check_positive(self, "consumer_batch_size", "consumer_max_ack_pending", "consumer_ack_wait_s",
                        "parked_sweep_interval_s", "webhook_secrets_cache_s")
         if self.consumer_max_ack_pending < self.consumer_batch_size:
             raise ValueError("ESP_CONSUMER_MAX_ACK_PENDING must be >= ESP_CONSUMER_BATCH_SIZE")
+        self.unsubscribe_tokens()  # fail at start on a malformed key, not at the first click
+
+    def unsubscribe_tokens(self) -> UnsubscribeTokens | None:
+        """The signer/verifier of unsubscribe tokens, or None when no key is configured."""
+        if not self.unsubscribe_keys:
+            return None
+        try:
+            return UnsubscribeTokens.from_entries(self.unsubscribe_keys)
+        except ValueError as exc:
+            raise ValueError(f"ESP_UNSUBSCRIBE_KEYS: {exc}") from None

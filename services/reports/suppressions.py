@@ -145,6 +145,16 @@ class SuppressionStore:
             await add_to_redis(self._redis, self._namespace, {tenant_id: [normalised]})
         return _suppression(row)
 
+    async def ensure(self, tenant_id: str, email: str, reason: SuppressionReason, note: str = "") -> bool:
+        """Suppress an address unless it already is (an existing suppression keeps its first reason); True when
+        it was new. Idempotent, for requests that may be repeated (one-click unsubscribe): the Redis mirror gets
+        the address either way, before the commit, so a mirror that had lost it is repaired too."""
+        normalised = validated_email(email)
+        async with self._pool.connection() as conn, conn.transaction():
+            added = await insert_suppressions(conn, [Suppression(tenant_id, normalised, reason, note)])
+            await add_to_redis(self._redis, self._namespace, {tenant_id: [normalised]})
+        return added > 0
+
     async def delete(self, tenant_id: str, email: str) -> None:
         """Lift a suppression; NOT_FOUND when the address is not suppressed."""
         normalised = normalise_email(email)

@@ -29,7 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from libs.common.jetstream import Topology, publish
 from libs.providers.events import DeliveryEvent
@@ -217,8 +217,9 @@ class WebhookReceiver:
         log.info("parked delivery events of unknown messages", extra={"provider": provider_name,
                                                                        "events": len(unmatched)})
 
-    def asgi_app(self) -> Starlette:
-        """The HTTP application: ``POST /webhooks/{provider_name}`` and ``GET /healthz``."""
+    def asgi_app(self, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+        """The HTTP application: ``POST /webhooks/{provider_name}``, ``GET /healthz`` and ``extra_routes`` (the
+        other public HTTP endpoints reports serves on the same port, e.g. one-click unsubscribe)."""
 
         async def webhook(request: Request) -> Response:
             provider_name = request.path_params["provider_name"]
@@ -239,6 +240,7 @@ class WebhookReceiver:
         return Starlette(routes=[
             Route("/webhooks/{provider_name}", webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
+            *extra_routes,
         ])
 
 

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from dev.simulator.signing import SnsSigningCertificate, generate_sns_certificate
 from libs.common.grpc_server import serve
 from libs.common.jetstream import Topology, connect, publish
+from libs.common.unsubscribe import new_key_entry
 from libs.providers.ses.webhook import StaticCertificateFetcher
 from services.reports.app import build_app
 from services.reports.config import ReportsSettings
@@ -94,6 +95,8 @@ async def reports(new_database, redis_url: str, nats_url: str, run_id: str) -> A
         postgres_dsn=new_database(), redis_url=redis_url, nats_url=nats_url, namespace=f"{run_id}rep",
         grpc_port=free_port(), webhook_port=free_port(), parked_sweep_interval_s=1.0, log_format="text",
         shutdown_grace_s=2.0,
+        # Two keys, as during a rotation: the first signs, both verify (tests/reports/test_unsubscribe.py).
+        unsubscribe_keys=(new_key_entry(2), new_key_entry(1)),
     )
     confirmations: list[tuple[str, object]] = []
 
