@@ -162,6 +162,10 @@ DEV_S3_SECRET_KEY = "esp-dev-s3-secret-key-for-loopback-only"
 """The local S3 server's credentials. It checks SigV4 signatures, so the services (``MeshConfig``) and tests must
 sign with these; it refuses very short keys as unknown."""
 
+DEV_UNSUBSCRIBE_KEYS = "1:f-Cxwd9-XCTKJf_-3RWJlB7PKQbXWLP54JqNeUd51WVGSciDwfpEhdcTiPxzik6-nt75PJYfa8xQ17EazvxBiQ"
+"""The local mesh's one-click unsubscribe key (``ESP_UNSUBSCRIBE_KEYS``), fixed so that links in mail sent by one
+``make run`` still work after a restart. Loopback only: a deployment makes its own (``new_key_entry``)."""
+
 
 def _rclone_binary() -> str:
     binary = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
@@ -243,13 +247,14 @@ class MeshConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     s3_access_key: str = DEV_S3_ACCESS_KEY
     s3_secret_key: str = DEV_S3_SECRET_KEY
+    unsubscribe_keys: str = DEV_UNSUBSCRIBE_KEYS
 
     def env(self) -> dict[str, str]:
         return {
             "ESP_POSTGRES_DSN": self.postgres_dsn, "ESP_REDIS_URL": self.redis_url, "ESP_NATS_URL": self.nats_url,
             "ESP_NAMESPACE": self.namespace, "ESP_S3_ENDPOINT": self.s3_endpoint,
             "ESP_S3_ACCESS_KEY": self.s3_access_key, "ESP_S3_SECRET_KEY": self.s3_secret_key,
-            "ESP_ADMIN_TOKEN": self.admin_token,
+            "ESP_ADMIN_TOKEN": self.admin_token, "ESP_UNSUBSCRIBE_KEYS": self.unsubscribe_keys,
             "ESP_INGEST_ADDR": f"127.0.0.1:{self.ports['ingest']}",
             "ESP_ROUTER_ADDR": f"127.0.0.1:{self.ports['router']}",
             "ESP_LEDGER_ADDR": f"127.0.0.1:{self.ports['ledger']}",

@@ -14,6 +14,7 @@ A component context is a dict:
   postgres     bool: gets ESP_POSTGRES_DSN from the Postgres Secret
   s3           bool: gets AWS keys from the optional S3 Secret
   secretEnv    name of a Secret whose every key becomes an environment variable, or ""
+  secretKeyEnv list of {name, secret, key}: one variable from one key of a Secret (optional)
   extraEnv     list of {name, value}
   senderClass  "otp" | "transactional" | "bulk" | ""
   grace        terminationGracePeriodSeconds
@@ -187,6 +188,13 @@ spec:
             {{- range .extraEnv }}
             - name: {{ .name }}
               value: {{ .value | quote }}
+            {{- end }}
+            {{- range .secretKeyEnv }}
+            - name: {{ .name }}
+              valueFrom:
+                secretKeyRef:
+                  name: {{ .secret }}
+                  key: {{ .key }}
             {{- end }}
             {{- if .postgres }}
             - name: ESP_POSTGRES_DSN
