@@ -27,6 +27,7 @@ Domain facts and settings
     ``message_classes``  the message classes (otp, transactional, bulk) and every per-class policy
     ``settings``      frozen settings from ``ESP_*`` variables, every bad key reported at once
     ``timestamps``    datetimes → protobuf Timestamps
+    ``unsubscribe``   one-click unsubscribe (RFC 8058): signed, opaque per-recipient tokens and the two headers
 
 Observability
     ``logging``       JSON log lines with trace ids
