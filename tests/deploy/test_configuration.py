@@ -24,7 +24,8 @@ ADDRESSES = {
     "ESP_LEDGER_ADDR": "ledger",
     "ESP_REPORTS_ADDR": "reports",
 }
-SECRET_LOOKING_NAME = re.compile(r"(DSN|PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL|SIGNING)", re.IGNORECASE)
+SECRET_LOOKING_NAME = re.compile(r"(DSN|PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL|SIGNING|UNSUBSCRIBE_KEYS)",
+                                 re.IGNORECASE)
 CREDENTIALS_IN_URL = re.compile(r"://[^/@\s]+:[^/@\s]+@")
 USES_POSTGRES = ("ingest", "router", "ledger", "reports", "sender-otp", "sender-transactional", "sender-bulk")
 
