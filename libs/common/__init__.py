@@ -24,6 +24,7 @@ Data and transport
     ``suppressions``  the suppression list's Redis mirror (written by reports, read by ingest)
 
 Domain facts and settings
+    ``addresses``     what a recipient address and display name may be, and the canonical address (ingest, campaigns)
     ``message_classes``  the message classes (otp, transactional, bulk) and every per-class policy
     ``settings``      frozen settings from ``ESP_*`` variables, every bad key reported at once
     ``timestamps``    datetimes → protobuf Timestamps

@@ -20,9 +20,9 @@ from typing import Any
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from libs.common.addresses import has_control
 from libs.common.errors import FieldViolation, InvalidArgument, NotFound
 from services.ingest.model import StoredAttachment
-from services.ingest.validation import has_control
 
 MAX_ATTACHMENT_BYTES = 150 * 1024 * 1024
 """The largest attachment accepted: "150 MB" read as 150 MiB = 157,286,400 bytes, exactly (one byte more is

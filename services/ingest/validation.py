@@ -4,18 +4,16 @@ Validation is pure (no I/O): a refused request has changed nothing. A valid requ
 addresses in canonical form (domain lower-cased and Unicode-normalised), so equal requests look equal to the
 idempotency fingerprint and to the suppression list.
 
-Addresses: RFC 5322 ``addr-spec`` in dot-atom form, internationalised (RFC 6531/6532: UTF-8 local parts, IDN
-domains) included. Quoted local parts, IP-literal domains and dotless domains are refused, as the providers do.
+What an address and a display name may be is ``libs.common.addresses``' one definition, which campaign recipients
+share.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable
 
-from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
-
+from libs.common.addresses import NO_CONTROL, check_mailbox, has_control
 from libs.common.errors import FieldViolation, InvalidArgument
 from libs.common.message_classes import MessageClass
 from services.ingest.model import CLASS_NAMES, EmailDraft, Mailbox
@@ -31,7 +29,6 @@ MAX_TAG_CHARS = 128
 MAX_METADATA_PAIRS = 20
 MAX_METADATA_BYTES = 4096
 MAX_ATTACHMENTS = 10
-MAX_NAME_CHARS = 256
 MAX_HEADERS = 50
 MAX_HEADER_VALUE_CHARS = 998
 MAX_REQUEST_ID_CHARS = 128
@@ -50,10 +47,6 @@ RESERVED_HEADERS = frozenset({
 tenant's allow-list says (they have their own request fields, or must not be forged)."""
 RESERVED_HEADER_PREFIX = "x-esp-"
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext: printable US-ASCII except ':'
-# CR, LF, NUL, the other C0 controls (tab aside), DEL, NEL and the Unicode line/paragraph separators: any of them in
-# a header may end it and start another — in SMTP, or in a MIME library that splits lines its own way.
-_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
-_NO_CONTROL = "line breaks (CR, LF ...), NUL and other control characters are not allowed"
 _ID_SHAPE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -62,62 +55,13 @@ def header_name_ok(name: str) -> bool:
     return _HEADER_NAME.match(name) is not None
 
 
-def has_control(value: str) -> bool:
-    """True when ``value`` holds a line break or another control character: in a header it could end the header
-    and start another (header injection)."""
-    return _FORBIDDEN.search(value) is not None
-
-
-# The everyday address (ASCII dot-atom, LDH domain labels, alphabetic TLD), checked with one regex instead of the
-# full RFC machinery: anything it does not match (IDN, punycode, odd lengths ...) takes the full check.
-_PLAIN_ADDRESS = re.compile(
-    r"^(?=.{1,64}@)[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@((?:(?!-)(?!..--)[A-Za-z0-9-]{1,63}(?<!-)\.)+[A-Za-z]{2,63})$")
-_SPECIAL_USE = frozenset(SPECIAL_USE_DOMAIN_NAMES)
-
-
-def _plain_address(raw: str) -> str | None:
-    """``raw`` canonicalised when it is an everyday address the full check would accept unchanged; else None."""
-    match = _PLAIN_ADDRESS.match(raw)
-    if match is None or len(raw) > 254:
-        return None
-    domain = match.group(1).lower()
-    if any(domain == name or domain.endswith("." + name) for name in _SPECIAL_USE):
-        return None
-    return f"{raw[:match.start(1)]}{domain}"
-
-
-@functools.lru_cache(maxsize=65_536)
-def normalise_address(raw: str) -> str:
-    """The address in canonical form; raises ValueError when malformed. Cached: senders and recipients repeat."""
-    if has_control(raw):
-        raise ValueError(_NO_CONTROL)
-    plain = _plain_address(raw)
-    if plain is not None:
-        return plain
-    try:
-        result = validate_email(raw, check_deliverability=False, allow_smtputf8=True)
-    except EmailNotValidError as exc:
-        raise ValueError(str(exc)) from exc
-    return str(result.normalized)
-
-
 def _check_mailboxes(field: str, boxes: Iterable[Mailbox], out: list[FieldViolation]) -> tuple[Mailbox, ...]:
     normalised: list[Mailbox] = []
     for i, box in enumerate(boxes):
-        where = f"{field}[{i}]"
-        if has_control(box.name):
-            out.append(FieldViolation(f"{where}.name", _NO_CONTROL, "HEADER_INJECTION"))
-        elif len(box.name) > MAX_NAME_CHARS:
-            out.append(FieldViolation(f"{where}.name", f"longer than {MAX_NAME_CHARS} characters"))
-        if has_control(box.email):
-            out.append(FieldViolation(f"{where}.email", _NO_CONTROL, "HEADER_INJECTION"))
-            continue
-        try:
-            normalised.append(Mailbox(normalise_address(box.email), box.name))
-        except ValueError as exc:
-            out.append(FieldViolation(f"{where}.email", f"{box.email!r} is not a valid address: {exc}",
-                                      "MALFORMED_ADDRESS"))
+        email, problems = check_mailbox(box.email, box.name)
+        out.extend(FieldViolation(f"{field}[{i}].{p.part}", p.description, p.reason) for p in problems)
+        if email is not None:
+            normalised.append(Mailbox(email, box.name))
     return tuple(normalised)
 
 
@@ -137,7 +81,7 @@ def _check_headers(headers: Iterable[tuple[str, str]], extra_allowed: frozenset[
             out.append(FieldViolation(where, "header not on the allow-list (X-* and "
                                       + ", ".join(sorted(allowed)) + ")", "HEADER_NOT_ALLOWED"))
         if has_control(value):
-            out.append(FieldViolation(where, _NO_CONTROL + " in header values", "HEADER_INJECTION"))
+            out.append(FieldViolation(where, NO_CONTROL + " in header values", "HEADER_INJECTION"))
         elif len(value) > MAX_HEADER_VALUE_CHARS:
             out.append(FieldViolation(where, f"value longer than {MAX_HEADER_VALUE_CHARS} characters"))
     if count > MAX_HEADERS:
@@ -165,7 +109,7 @@ def validate_draft(draft: EmailDraft, *, extra_allowed_headers: frozenset[str] =
         problems.append(FieldViolation("to", f"at most {MAX_RECIPIENTS} recipients (to+cc+bcc) per message; "
                                              "use a campaign for more", "TOO_MANY_RECIPIENTS"))
     if has_control(draft.subject):
-        problems.append(FieldViolation("subject", _NO_CONTROL, "HEADER_INJECTION"))
+        problems.append(FieldViolation("subject", NO_CONTROL, "HEADER_INJECTION"))
     if len(draft.subject) > MAX_SUBJECT_CHARS:
         problems.append(FieldViolation("subject", f"longer than {MAX_SUBJECT_CHARS} characters", "TOO_LONG"))
     if not draft.text_body and not draft.html_body:
@@ -188,7 +132,7 @@ def validate_draft(draft: EmailDraft, *, extra_allowed_headers: frozenset[str] =
         problems.append(FieldViolation("metadata", f"larger than {MAX_METADATA_BYTES} bytes"))
     for key, value in draft.metadata.items():
         if has_control(key) or has_control(value):
-            problems.append(FieldViolation(f"metadata[{key!r}]", _NO_CONTROL,
+            problems.append(FieldViolation(f"metadata[{key!r}]", NO_CONTROL,
                                            "HEADER_INJECTION"))
     if len(draft.attachment_ids) > MAX_ATTACHMENTS:
         problems.append(FieldViolation("attachment_ids", f"at most {MAX_ATTACHMENTS} attachments"))

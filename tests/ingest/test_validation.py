@@ -196,7 +196,7 @@ def test_the_fast_path_for_everyday_addresses_agrees_with_the_full_rfc_check(loc
                                                                           tld: str):
     from email_validator import EmailNotValidError, validate_email
 
-    from services.ingest.validation import _plain_address
+    from libs.common.addresses import _plain_address
 
     address = f"{local}@{'.'.join([*labels, tld])}"
     fast = _plain_address(address)
