@@ -69,6 +69,7 @@ from typing import TypeAlias
 
 from minijinja import Environment, TemplateError
 
+from libs.common.addresses import has_control
 from libs.common.errors import FieldViolation, InvalidArgument
 from services.ingest.validation import MAX_BODY_BYTES, MAX_SUBJECT_CHARS
 
@@ -165,10 +166,6 @@ _STATEMENT = re.compile(r"\{%[-+]?\s*([A-Za-z_]+)\s*([A-Za-z_][A-Za-z0-9_]*)?")
 _FILTER_USE = re.compile(r"\|\s*([A-Za-z_][A-Za-z0-9_]*)")
 _TEST_USE = re.compile(r"\bis\s+(?:not\s+)?([A-Za-z_][A-Za-z0-9_]*)")
 _IN_TEMPLATE = re.compile(r" \(in [^)]*\)$")  # the engine's "(in name:line)": we give line and column
-# CR, LF, NUL, the other C0 controls (tab aside), DEL, NEL and the Unicode line/paragraph separators: any of them in
-# a header may end it and start another. The same set as ingest's subject check; a shared definition is being moved
-# to libs.common.addresses (``has_control``) alongside this module and should replace this one once it lands.
-_HEADER_BREAK = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 _NOT_SELF_CONTAINED = frozenset({"include", "import", "from", "extends"})
 _MAX_VALUE_DEPTH = 32
 _INVALID = object()
@@ -314,7 +311,7 @@ class Template:
                 raise
             return RenderFailure(FailureReason.RENDER_ERROR, f"template engine failure: {error}", self.field)
         if self.kind is TemplateKind.SUBJECT:
-            if _HEADER_BREAK.search(rendered) is not None:
+            if has_control(rendered):  # the set ingest refuses in a subject: it could end the header
                 return RenderFailure(FailureReason.HEADER_INJECTION, "the rendered subject holds a line break (CR, "
                                      "LF ...), NUL or another control character", self.field)
             if len(rendered) > MAX_SUBJECT_CHARS:
