@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+from libs.common.errors import InvalidArgument
 from libs.common.unsubscribe import MAX_TOKEN_LENGTH, InvalidUnsubscribeToken, UnsubscribeTarget, UnsubscribeTokens
 from services.reports.models import SuppressionReason
 from services.reports.suppressions import SuppressionStore
@@ -93,7 +94,8 @@ def unsubscribe_routes(unsubscriber: OneClickUnsubscriber) -> list[Route]:
             return _not_found()
         UNSUBSCRIBES.labels("page").inc()
         address = html.escape(masked(target.email))
-        return _page("Unsubscribe", f"""<p>Stop receiving these emails at <b>{address}</b>?</p>
+        # Honest while suppressions are tenant-wide: it stops every email from this sender, not one list.
+        return _page("Unsubscribe", f"""<p>Stop receiving email from this sender at <b>{address}</b>?</p>
 <form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">
 <button type="submit">Unsubscribe</button></form>""")
 
@@ -106,10 +108,15 @@ def unsubscribe_routes(unsubscriber: OneClickUnsubscriber) -> list[Route]:
             received += len(chunk)
             if received > MAX_BODY_BYTES:
                 UNSUBSCRIBES.labels("too_large").inc()
-                return Response("request body too large", status_code=413, media_type="text/plain")
+                return Response("request body too large", status_code=413, media_type="text/plain",
+                                headers=_PAGE_HEADERS)
         try:
             added = await unsubscriber.unsubscribe(token)
         except InvalidUnsubscribeToken:
+            return _not_found()
+        except InvalidArgument as exc:  # refused for good (the store rejects the address): a retry cannot help
+            log.warning("one-click unsubscribe refused", extra={"reason": exc.reason})
+            UNSUBSCRIBES.labels("refused").inc()
             return _not_found()
         except Exception:
             log.exception("one-click unsubscribe failed; the client may retry")
@@ -117,7 +124,8 @@ def unsubscribe_routes(unsubscriber: OneClickUnsubscriber) -> list[Route]:
             return Response("temporarily unavailable, please try again", status_code=503, media_type="text/plain",
                             headers={"Retry-After": "30", **_PAGE_HEADERS})
         UNSUBSCRIBES.labels("unsubscribed" if added else "already").inc()
-        return _page("Unsubscribed", "<p>You have been unsubscribed. You will not receive these emails again.</p>")
+        return _page("Unsubscribed", "<p>You have been unsubscribed. You will not receive email from this sender "
+                                     "again.</p>")
 
     return [
         Route("/u/{token}", confirm_page, methods=["GET"]),
