@@ -26,6 +26,7 @@ Data and transport
 Domain facts and settings
     ``addresses``     what a recipient address and display name may be, and the canonical address (ingest, campaigns)
     ``message_classes``  the message classes (otp, transactional, bulk) and every per-class policy
+    ``content_limits``   the subject and body limits every email keeps, sent or rendered from a template
     ``settings``      frozen settings from ``ESP_*`` variables, every bad key reported at once
     ``timestamps``    datetimes → protobuf Timestamps
     ``unsubscribe``   one-click unsubscribe (RFC 8058): signed, opaque per-recipient tokens and the two headers

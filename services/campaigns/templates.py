@@ -70,8 +70,8 @@ from typing import TypeAlias
 from minijinja import Environment, TemplateError
 
 from libs.common.addresses import has_control
+from libs.common.content_limits import MAX_BODY_BYTES, MAX_SUBJECT_CHARS
 from libs.common.errors import FieldViolation, InvalidArgument
-from services.ingest.validation import MAX_BODY_BYTES, MAX_SUBJECT_CHARS
 
 __all__ = [
     "DEFAULT_FUEL",

@@ -14,14 +14,11 @@ import re
 from collections.abc import Iterable
 
 from libs.common.addresses import NO_CONTROL, check_mailbox, has_control
+from libs.common.content_limits import MAX_BODY_BYTES, MAX_SUBJECT_CHARS
 from libs.common.errors import FieldViolation, InvalidArgument
 from libs.common.message_classes import MessageClass
 from services.ingest.model import CLASS_NAMES, EmailDraft, Mailbox
 
-MAX_SUBJECT_CHARS = 998
-"""RFC 5322's line limit: a longer subject cannot be sent unfolded."""
-MAX_BODY_BYTES = 5 * 1024 * 1024
-"""Per body part (UTF-8): Postmark's cap, the strictest of the providers."""
 MAX_RECIPIENTS = 50
 """to + cc + bcc per message: SES's and Postmark's cap; larger audiences go through campaigns."""
 MAX_TAGS = 10

@@ -1,5 +1,5 @@
 """The shared libraries import each other without cycles: every module of ``libs/`` can be read, and loaded, after
-the modules it names, never halfway through one of them."""
+the modules it names, never halfway through one of them. And services share code only through ``libs``."""
 
 from __future__ import annotations
 
@@ -82,3 +82,17 @@ def test_no_import_cycle_in_libs() -> None:
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_service_imports_another_service() -> None:
+    services = LIBS.parent / "services"
+    crossings = []
+    for path in services.rglob("*.py"):
+        own = path.relative_to(services).parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                     else [])
+            crossings += [f"{path.relative_to(services)} imports {name}" for name in names
+                          if name.startswith("services.") and name.split(".")[1] != own]
+    assert crossings == []
