@@ -125,7 +125,7 @@ def outbound_email(task: queue_pb2.SendTask, opener: AttachmentOpener) -> Outbou
 
     sender = getattr(task, "from")
     return OutboundEmail(
-        message_id=task.message_id, tenant_id=task.tenant_id, message_class=MessageClass.from_proto(task.message_class),
+        message_id=task.message_id, tenant_id=task.tenant_id, message_class=_class_of(task),
         sender=Address(sender.email, sender.name), to=addresses(task.to), cc=addresses(task.cc),
         bcc=addresses(task.bcc), reply_to=addresses(task.reply_to), subject=task.subject,
         text=task.text_body or None, html=task.html_body or None,
