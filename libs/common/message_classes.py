@@ -154,6 +154,10 @@ class ClassPolicy:
     """Router and sender: how providers are ranked for the class."""
     retry: RetryPolicy
     """Sender: retries, fallback and the useful life of the class."""
+    honours_unsubscribes: bool
+    """Ingest: an address suppressed because its owner unsubscribed is refused for this class. True for bulk only:
+    an unsubscribe stops marketing, never an OTP code or a password reset; hard bounces, complaints and manual
+    suppressions refuse every class (``libs.common.suppressions.suppression_key_for_class``)."""
 
 
 CLASS_POLICIES: Mapping[MessageClass, ClassPolicy] = MappingProxyType({
@@ -164,12 +168,14 @@ CLASS_POLICIES: Mapping[MessageClass, ClassPolicy] = MappingProxyType({
                                probe_first=False),
         retry=RetryPolicy(max_failures=6, base_delay_s=0.25, max_delay_s=2.0, failover_now=True,
                           max_attempts_per_delivery=3, ambiguous=AmbiguousPolicy.FAIL_OVER, max_age_s=600),
+        honours_unsubscribes=False,
     ),
     MessageClass.TRANSACTIONAL: ClassPolicy(
         urgent=False,
         accept_passes_in_flight=1,
         routing=RoutingWeights(cost=0.3, latency=0.35, health=0.35, max_rate_wait_s=1.0),
         retry=RetryPolicy(max_failures=10, base_delay_s=1.0, max_delay_s=60.0, max_age_s=86400),
+        honours_unsubscribes=False,
     ),
     MessageClass.BULK: ClassPolicy(
         urgent=False,
@@ -177,6 +183,7 @@ CLASS_POLICIES: Mapping[MessageClass, ClassPolicy] = MappingProxyType({
         routing=RoutingWeights(cost=0.65, latency=0.05, health=0.3, max_rate_wait_s=2.0),
         retry=RetryPolicy(max_failures=12, base_delay_s=1.0, max_delay_s=300.0, max_age_s=3 * 86400,
                           batch_calls=True),
+        honours_unsubscribes=True,
     ),
 })
 """The policy of every class; ``MessageClass.policy`` reads it."""

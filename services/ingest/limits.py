@@ -22,7 +22,8 @@ from redis.exceptions import NoScriptError
 
 from libs.common.batching import BatchingOptions, GroupCommitter
 from libs.common.errors import FailedPrecondition, FieldViolation, QuotaViolation, ResourceExhausted
-from libs.common.suppressions import normalise_email, suppression_key
+from libs.common.message_classes import MessageClass
+from libs.common.suppressions import normalise_email, suppression_key_for_class
 from services.ingest.model import URGENT_CLASSES, YIELD_EVERY, EmailDraft
 
 DAY_S = 86_400
@@ -47,7 +48,8 @@ class RateDefaults:
 
 
 # Admits a batch of emails, in order, as if each ran alone (one script call reads and encodes far cheaper than a
-# pipeline of one call per email). KEYS, 4 per email: idempotency claim, suppression set, rate (GCRA theoretical
+# pipeline of one call per email). KEYS, 4 per email: idempotency claim, suppression set (the one of the email's
+# class: libs.common.suppressions.suppression_key_for_class), rate (GCRA theoretical
 # arrival time, µs), daily counter. ARGV: 1 claim TTL s, 2 counter TTL s, then per email: claim value ('' = the
 # request has no request_id), emission interval µs, burst tolerance µs, cost, daily quota (0 = none), n, and its n
 # recipients (normalised).
@@ -296,7 +298,9 @@ class RedisGate:
             rate_key=self.rate_key(tenant_id, draft.message_class), counter_key=self.counter_key(tenant_id),
             interval_us=interval_us, cost=cost)
         return ticket, (
-            (ticket.claim_key or f"{self.namespace}:idem:-", suppression_key(self.namespace, tenant_id),
+            # The suppression set of the draft's class: bulk honours unsubscribes, otp and transactional do not.
+            (ticket.claim_key or f"{self.namespace}:idem:-",
+             suppression_key_for_class(self.namespace, tenant_id, MessageClass(draft.message_class)),
              ticket.rate_key, ticket.counter_key),
             (claim, f"{interval_us:.3f}", f"{tolerance_us:.3f}", cost, daily_quota, len(recipients),
              *(normalise_email(r.email) for r in recipients)),

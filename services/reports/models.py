@@ -54,6 +54,12 @@ class SuppressionReason(StrEnum):
     UNSUBSCRIBE = "unsubscribe"
     MANUAL = "manual"
 
+    @property
+    def stops_every_class(self) -> bool:
+        """Whether a suppression for this reason refuses every class of email. An unsubscribe stops bulk mail
+        only (``ClassPolicy.honours_unsubscribes``); hard bounces, complaints and manual suppressions stop all."""
+        return self is not SuppressionReason.UNSUBSCRIBE
+
 
 # The state an event moves a message to, with its rank. A message only moves to a higher rank, so events may
 # arrive in any order and any number of times: a late DEFERRED after SENT changes nothing, DELIVERED after

@@ -3,7 +3,9 @@
 ``POST /u/{token}`` — what Gmail, Yahoo and other mail clients send (body ``List-Unsubscribe=One-Click``, no
 cookies, no redirects followed) — verifies the token (``libs.common.unsubscribe``) and adds a tenant suppression
 with reason ``unsubscribe`` through :class:`~services.reports.suppressions.SuppressionStore`, which writes the
-Redis mirror ingest reads before the Postgres commit: the next send to the address is refused. Repeating it
+Redis mirror ingest reads before the Postgres commit: the next bulk (marketing) email to the address is refused.
+OTP codes and transactional mail (receipts, password resets) still reach it: an unsubscribe stops bulk mail only
+(``ClassPolicy.honours_unsubscribes``). Repeating it
 changes nothing and answers 200 again. Any POST counts: link scanners and prefetchers only GET.
 
 ``GET /u/{token}`` shows a confirmation page whose button POSTs to the same URL; a GET never unsubscribes.
@@ -46,7 +48,7 @@ _PAGE_HEADERS = {
 
 
 class OneClickUnsubscriber:
-    """Turns a verified unsubscribe token into a tenant suppression."""
+    """Turns a verified unsubscribe token into a tenant suppression that stops the tenant's bulk mail."""
 
     def __init__(self, tokens: UnsubscribeTokens | None, store: SuppressionStore) -> None:
         """``tokens`` is None when no key is configured: every token is then refused."""
@@ -60,9 +62,11 @@ class OneClickUnsubscriber:
         return self._tokens.verify(token)
 
     async def unsubscribe(self, token: str) -> bool:
-        """Suppress the token's recipient for its tenant; True when the address was not suppressed before.
+        """Suppress the token's recipient for its tenant's bulk mail; True when the address was not suppressed
+        before.
 
-        The suppression is tenant-wide. A topic, when the token names one, is kept in the note only: scoping a
+        The suppression covers all of the tenant's bulk (marketing) mail, not one list, and leaves OTP and
+        transactional mail alone. A topic, when the token names one, is kept in the note only: scoping a
         suppression to a topic needs the suppression list (and its Redis mirror) to key by topic.
         """
         target = self.target(token)
@@ -94,8 +98,9 @@ def unsubscribe_routes(unsubscriber: OneClickUnsubscriber) -> list[Route]:
             return _not_found()
         UNSUBSCRIBES.labels("page").inc()
         address = html.escape(masked(target.email))
-        # Honest while suppressions are tenant-wide: it stops every email from this sender, not one list.
-        return _page("Unsubscribe", f"""<p>Stop receiving email from this sender at <b>{address}</b>?</p>
+        # Honest about the scope: all of the sender's marketing mail (not one list), never its account mail.
+        return _page("Unsubscribe", f"""<p>Stop receiving marketing email from this sender at <b>{address}</b>?</p>
+<p>You will still receive account email you need, such as sign-in codes, receipts and password resets.</p>
 <form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">
 <button type="submit">Unsubscribe</button></form>""")
 
@@ -124,8 +129,9 @@ def unsubscribe_routes(unsubscriber: OneClickUnsubscriber) -> list[Route]:
             return Response("temporarily unavailable, please try again", status_code=503, media_type="text/plain",
                             headers={"Retry-After": "30", **_PAGE_HEADERS})
         UNSUBSCRIBES.labels("unsubscribed" if added else "already").inc()
-        return _page("Unsubscribed", "<p>You have been unsubscribed. You will not receive email from this sender "
-                                     "again.</p>")
+        return _page("Unsubscribed", "<p>You have been unsubscribed. You will not receive marketing email from "
+                                     "this sender again. Account email you need, such as sign-in codes, receipts "
+                                     "and password resets, will still reach you.</p>")
 
     return [
         Route("/u/{token}", confirm_page, methods=["GET"]),

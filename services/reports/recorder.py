@@ -11,7 +11,6 @@ Every multi-row write goes in key order so that concurrent consumer replicas tak
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -57,8 +56,8 @@ class RecordOutcome:
     new_events: tuple[MessageEventRecord, ...]
     """Events recorded now (duplicates of earlier events left out), including parked webhook events matched now."""
     duplicates: int
-    suppressed: Mapping[str, tuple[str, ...]]
-    """Addresses to suppress by tenant, from the new events (for the Redis mirror)."""
+    suppressed: tuple[Suppression, ...]
+    """Suppressions from the new events, with their reasons (for the Redis sets: ``add_to_redis``)."""
 
 
 @dataclass
@@ -121,7 +120,7 @@ async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageE
         # Only when something is parked at all: the common batch skips matching on an empty table.
         fresh += await _apply_parked_webhook_events(conn, list(unique.values()))
     if not fresh:
-        return RecordOutcome((), duplicates, {})
+        return RecordOutcome((), duplicates, ())
 
     deltas: dict[tuple[str, str], _MessageDelta] = {}
     for event in fresh:
@@ -144,11 +143,10 @@ async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageE
     await rollup.write(conn)
 
     suppressions = _suppressions_from(fresh)
+    # A hard bounce or complaint replaces an earlier unsubscribe of the address (insert_suppressions), and the
+    # Redis sets get each event's own reason: the address then refuses every class, not bulk only.
     await insert_suppressions(conn, suppressions)
-    suppressed: dict[str, list[str]] = defaultdict(list)
-    for suppression in suppressions:
-        suppressed[suppression.tenant_id].append(suppression.email)
-    return RecordOutcome(tuple(fresh), duplicates, {t: tuple(e) for t, e in suppressed.items()})
+    return RecordOutcome(tuple(fresh), duplicates, tuple(suppressions))
 
 
 def json_rows(rows: Sequence[object]) -> str:

@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed
 
 from libs.common.auth import Principal
 from libs.common.batching import BATCH_SIZE
-from libs.common.suppressions import suppression_key
+from libs.common.suppressions import suppression_key_for_every_class
 from services.ingest.accept import Acceptor
 from services.ingest.server import draft_from_proto
 from services.ingest.store import MessageStore
@@ -57,7 +57,7 @@ async def test_concurrent_sends_are_accepted_together_and_each_caller_gets_its_o
 
 async def test_a_suppressed_recipient_among_concurrent_sends_is_refused_alone(harness: IngestHarness):
     tenant = await harness.new_tenant()
-    await harness.parts.redis.sadd(suppression_key(harness.namespace, tenant.id), "blocked@example.net")
+    await harness.parts.redis.sadd(suppression_key_for_every_class(harness.namespace, tenant.id), "blocked@example.net")
     addresses = ["a@example.net", "b@example.net", "Blocked@Example.net", "c@example.net"]
     outcomes = await _send_all(harness, tenant.auth, [
         send_request(to=[common_pb2.EmailAddress(email=address)]) for address in addresses])

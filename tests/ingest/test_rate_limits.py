@@ -9,7 +9,7 @@ import grpc
 from esp.v1 import common_pb2, credits_pb2, tenants_pb2
 
 from libs.common.errors import EspError
-from libs.common.suppressions import suppression_key
+from libs.common.suppressions import suppression_key_for_every_class
 from services.ingest.limits import _ADMIT, AdmissionTicket, _Admitter
 from services.ingest.model import EmailDraft, Mailbox
 from tests.ingest.conftest import IngestHarness, refused, send_request
@@ -118,7 +118,7 @@ async def test_emails_decided_in_one_script_call_each_get_their_own_outcome(harn
     # The emails of one submission (and concurrent ones) share one call of the gate's script; each email must see
     # the ones before it in the batch (quota, rate, request_id claims) and get its own answer.
     tenant = await harness.new_tenant(daily_quota=2)
-    await harness.parts.redis.sadd(suppression_key(harness.namespace, tenant.id), "blocked@example.net")
+    await harness.parts.redis.sadd(suppression_key_for_every_class(harness.namespace, tenant.id), "blocked@example.net")
     gate = harness.parts.gate
 
     def draft(to: str, request_id: str = "") -> EmailDraft:

@@ -8,11 +8,15 @@ from esp.v1 import common_pb2, reports_pb2, reports_pb2_grpc
 from tests.ingest.conftest import IngestHarness, TenantHandle, refused, send_request
 
 
-async def _suppress(harness: IngestHarness, tenant: TenantHandle, email: str) -> None:
+async def _suppress(harness: IngestHarness, tenant: TenantHandle, email: str,
+                    reason: reports_pb2.SuppressionReason.ValueType = reports_pb2.SUPPRESSION_REASON_MANUAL) -> None:
     """Suppress ``email`` through the public API (the reports service mirrors the list into Redis)."""
     await reports_pb2_grpc.SuppressionServiceStub(harness.channel).CreateSuppression(
         reports_pb2.CreateSuppressionRequest(suppression=reports_pb2.Suppression(
-            email=email, reason=reports_pb2.SUPPRESSION_REASON_MANUAL)), metadata=tenant.auth)
+            email=email, reason=reason)), metadata=tenant.auth)
+
+
+_CLASSES = (common_pb2.MESSAGE_CLASS_OTP, common_pb2.MESSAGE_CLASS_TRANSACTIONAL, common_pb2.MESSAGE_CLASS_BULK)
 
 
 async def test_a_send_to_a_suppressed_address_is_refused_and_costs_nothing(harness: IngestHarness):
@@ -63,3 +67,33 @@ async def test_a_lifted_suppression_lets_the_address_receive_again(harness: Inge
         reports_pb2.DeleteSuppressionRequest(name="suppressions/back@example.net"), metadata=tenant.auth)
     sent = await harness.send(tenant, send_request(to=[common_pb2.EmailAddress(email="back@example.net")]))
     assert sent.id
+
+
+async def test_an_unsubscribed_address_is_refused_bulk_mail(harness: IngestHarness):
+    tenant = await harness.new_tenant()
+    await _suppress(harness, tenant, "reader@example.net", reports_pb2.SUPPRESSION_REASON_UNSUBSCRIBE)
+    failed = await refused(harness.messages.SendEmail(send_request(
+        message_class=common_pb2.MESSAGE_CLASS_BULK, to=[common_pb2.EmailAddress(email="reader@example.net")]),
+        metadata=tenant.auth))
+    assert failed.info.reason == "SUPPRESSED_RECIPIENT"
+
+
+async def test_an_unsubscribed_address_still_receives_otp_and_transactional_mail(harness: IngestHarness):
+    tenant = await harness.new_tenant()
+    await _suppress(harness, tenant, "reader@example.net", reports_pb2.SUPPRESSION_REASON_UNSUBSCRIBE)
+    for message_class in (common_pb2.MESSAGE_CLASS_OTP, common_pb2.MESSAGE_CLASS_TRANSACTIONAL):
+        sent = await harness.send(tenant, send_request(
+            message_class=message_class, to=[common_pb2.EmailAddress(email="Reader@Example.net")]))
+        assert sent.id
+
+
+async def test_a_hard_bounced_or_manually_suppressed_address_is_refused_every_class(harness: IngestHarness):
+    tenant = await harness.new_tenant()
+    await _suppress(harness, tenant, "bounced@example.net", reports_pb2.SUPPRESSION_REASON_HARD_BOUNCE)
+    await _suppress(harness, tenant, "manual@example.net", reports_pb2.SUPPRESSION_REASON_MANUAL)
+    for address in ("bounced@example.net", "manual@example.net"):
+        for message_class in _CLASSES:
+            failed = await refused(harness.messages.SendEmail(send_request(
+                message_class=message_class, to=[common_pb2.EmailAddress(email=address)]), metadata=tenant.auth))
+            assert failed.info.reason == "SUPPRESSED_RECIPIENT", (address, message_class)
+    assert await harness.message_rows(tenant) == 0

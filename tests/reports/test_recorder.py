@@ -8,7 +8,7 @@ from esp.internal.v1 import queue_pb2
 from esp.v1 import messages_pb2
 
 from services.reports.envelopes import decode_envelope
-from services.reports.models import MessageEventRecord
+from services.reports.models import MessageEventRecord, SuppressionReason
 from services.reports.recorder import claim_parked_events, record_events
 from tests.reports.builders import accepted, at, new_id, sender_event, sent
 from tests.reports.conftest import ReportsService
@@ -59,8 +59,9 @@ async def test_the_same_batch_twice_changes_nothing_the_second_time(reports: Rep
         second = await record_events(conn, batch)
 
     assert len(first.new_events) == 2
-    assert first.suppressed == {tenant: ("x@example.com",)}
-    assert (second.new_events, second.duplicates, second.suppressed) == ((), 2, {})
+    assert [(s.tenant_id, s.email, s.reason) for s in first.suppressed] == [
+        (tenant, "x@example.com", SuppressionReason.COMPLAINT)]
+    assert (second.new_events, second.duplicates, second.suppressed) == ((), 2, ())
 
 
 async def test_a_sent_event_names_the_provider_even_after_a_delivery_report_named_one_in_an_earlier_batch(

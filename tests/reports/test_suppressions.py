@@ -8,6 +8,9 @@ from esp.v1 import messages_pb2, reports_pb2
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
+from libs.common.message_classes import MessageClass
+from libs.common.suppressions import suppression_key_for_every_class
+from services.reports.models import Suppression, SuppressionReason
 from services.reports.suppressions import (
     add_to_redis,
     is_suppressed,
@@ -210,10 +213,93 @@ async def test_resync_finds_stale_sets_through_its_index_without_scanning_the_ke
     async with AsyncConnectionPool(reports.settings.postgres_dsn, min_size=1, max_size=2, open=False) as pool:
         await resync_redis(pool, reports.redis, namespace)  # the first resync may scan: it writes the index
         # A suppression written through the mirror whose Postgres row is gone (its removal never reached Redis).
-        await add_to_redis(reports.redis, namespace, {lifted: ["b@example.com"]})
+        await add_to_redis(reports.redis, namespace, [Suppression(lifted, "b@example.com", SuppressionReason.MANUAL)])
         scans = await _scans(reports.redis)
         await resync_redis(pool, reports.redis, namespace)
 
     assert await _scans(reports.redis) == scans
     assert not await reports.redis.exists(suppression_key(namespace, lifted))
+    assert not await reports.redis.exists(suppression_key_for_every_class(namespace, lifted))
     assert await is_suppressed(reports.redis, namespace, kept, "A@example.com")
+
+
+async def _members(redis: Redis, key: str) -> set[str]:
+    return {m.decode() for m in await redis.smembers(key)}
+
+
+async def _sets_holding(reports: ReportsService, tenant: str, email: str, namespace: str = "") -> set[str]:
+    """Which of the tenant's two Redis sets hold ``email``: "all" (bulk checks it), "every_class" (all classes)."""
+    namespace = namespace or reports.settings.namespace
+    held = set()
+    if email in await _members(reports.redis, suppression_key(namespace, tenant)):
+        held.add("all")
+    if email in await _members(reports.redis, suppression_key_for_every_class(namespace, tenant)):
+        held.add("every_class")
+    return held
+
+
+async def _create(reports: ReportsService, tenant: str, email: str, reason: R.SuppressionReason.ValueType) -> None:
+    await reports.suppressions.CreateSuppression(
+        R.CreateSuppressionRequest(suppression=R.Suppression(email=email, reason=reason)), metadata=caller(tenant))
+
+
+async def test_an_unsubscribe_suppression_goes_only_to_the_set_bulk_mail_checks(reports: ReportsService):
+    tenant = new_id("tenant-")
+    await _create(reports, tenant, "reader@example.com", R.SUPPRESSION_REASON_UNSUBSCRIBE)
+
+    assert await _sets_holding(reports, tenant, "reader@example.com") == {"all"}
+
+
+async def test_a_manual_suppression_goes_to_both_redis_sets(reports: ReportsService):
+    tenant = new_id("tenant-")
+    await _create(reports, tenant, "blocked@example.com", R.SUPPRESSION_REASON_MANUAL)
+
+    assert await _sets_holding(reports, tenant, "blocked@example.com") == {"all", "every_class"}
+
+
+async def test_deleting_a_suppression_removes_it_from_both_redis_sets(reports: ReportsService):
+    tenant = new_id("tenant-")
+    await _create(reports, tenant, "back@example.com", R.SUPPRESSION_REASON_MANUAL)
+
+    await reports.suppressions.DeleteSuppression(R.DeleteSuppressionRequest(name="suppressions/back@example.com"),
+                                                 metadata=caller(tenant))
+
+    assert await _sets_holding(reports, tenant, "back@example.com") == set()
+
+
+async def test_resync_rebuilds_both_sets_leaving_unsubscribes_out_of_the_one_for_every_class(
+        reports: ReportsService):
+    namespace = f"{reports.settings.namespace}classes"
+    tenant, unsubscribed_only = new_id("tenant-"), new_id("tenant-")
+    async with await reports.connect_db() as conn:
+        await conn.execute(
+            "INSERT INTO reports.suppressions (tenant_id, email, reason) VALUES (%s, 'a@example.com', 'manual'),"
+            " (%s, 'u@example.com', 'unsubscribe'), (%s, 'v@example.com', 'unsubscribe')",
+            (tenant, tenant, unsubscribed_only))
+    # Redis drifted: the every-class sets hold addresses Postgres does not suppress for every class.
+    await reports.redis.sadd(suppression_key_for_every_class(namespace, tenant), "u@example.com")
+    await reports.redis.sadd(suppression_key_for_every_class(namespace, unsubscribed_only), "v@example.com")
+
+    async with AsyncConnectionPool(reports.settings.postgres_dsn, min_size=1, max_size=2, open=False) as pool:
+        await resync_redis(pool, reports.redis, namespace)
+
+    assert await _members(reports.redis, suppression_key(namespace, tenant)) == {"a@example.com", "u@example.com"}
+    assert await _members(reports.redis, suppression_key_for_every_class(namespace, tenant)) == {"a@example.com"}
+    assert await _members(reports.redis, suppression_key(namespace, unsubscribed_only)) == {"v@example.com"}
+    assert not await reports.redis.exists(suppression_key_for_every_class(namespace, unsubscribed_only))
+
+
+async def test_a_hard_bounce_after_an_unsubscribe_suppresses_the_address_for_every_class(reports: ReportsService):
+    tenant = new_id("tenant-")
+    await _create(reports, tenant, "reader@example.com", R.SUPPRESSION_REASON_UNSUBSCRIBE)
+
+    await _delivery_report(reports, tenant, M.MESSAGE_EVENT_TYPE_BOUNCED, "reader@example.com", bounce_type="hard")
+
+    async def hard_bounced() -> reports_pb2.Suppression | None:
+        found = await _suppression(reports, tenant, "reader@example.com")
+        return found if found is not None and found.reason == R.SUPPRESSION_REASON_HARD_BOUNCE else None
+
+    await eventually(hard_bounced, what="the suppression's reason to become hard_bounce")
+    assert await _sets_holding(reports, tenant, "reader@example.com") == {"all", "every_class"}
+    assert await suppressed_among(reports.redis, reports.settings.namespace, tenant, ["reader@example.com"],
+                                  MessageClass.OTP) == {"reader@example.com"}

@@ -7,6 +7,7 @@ import base64
 import httpx
 import pytest
 
+from libs.common.message_classes import MessageClass
 from libs.common.settings import SettingsError, load_settings
 from libs.common.suppressions import suppressed_among
 from libs.common.unsubscribe import UnsubscribeTarget, UnsubscribeTokens, new_key_entry
@@ -51,6 +52,18 @@ async def test_a_one_click_post_as_a_mail_client_sends_it_suppresses_the_recipie
     assert response.status_code == 200
     assert [reason for reason, _ in await _suppression_rows(reports, target)] == ["unsubscribe"]
     assert await _mirrored(reports, target)
+
+
+async def test_a_one_click_post_leaves_otp_and_transactional_mail_admissible(reports: ReportsService):
+    target = _target()
+
+    await _request(reports, "POST", _token(reports, target), **ONE_CLICK)
+
+    namespace, emails = reports.settings.namespace, [target.email]
+    assert await suppressed_among(reports.redis, namespace, target.tenant_id, emails, MessageClass.BULK) == {
+        target.email}
+    for message_class in (MessageClass.OTP, MessageClass.TRANSACTIONAL):
+        assert not await suppressed_among(reports.redis, namespace, target.tenant_id, emails, message_class)
 
 
 async def test_a_repeated_one_click_post_answers_200_and_leaves_one_suppression(reports: ReportsService):
