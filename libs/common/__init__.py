@@ -22,6 +22,7 @@ Data and transport
     ``jetstream``     streams and consumers declared in code, publishing, pull loops (``Topology`` names them)
     ``batching``      group commit: concurrent calls coalesced into one flush
     ``suppressions``  the suppression list's Redis mirror (written by reports, read by ingest)
+    ``campaign_halts``  paused and cancelled campaigns' Redis mirror (written by campaigns, read by senders)
 
 Domain facts and settings
     ``addresses``     what a recipient address and display name may be, and the canonical address (ingest, campaigns)

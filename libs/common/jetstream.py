@@ -84,12 +84,27 @@ class Topology:
     @property
     def streams(self) -> tuple[str, ...]:
         """Every stream of the mesh."""
-        return (*self.send_streams, self.events_stream)
+        return (*self.send_streams, self.events_stream, self.held_stream)
 
     @property
     def events_stream(self) -> str:
         """The stream of every message and account event (limits retention: read by many consumers)."""
         return self._p("EVENTS")
+
+    @property
+    def held_stream(self) -> str:
+        """Where senders park the queued emails of paused campaigns (a work queue, one subject per campaign) until
+        the campaign is resumed or cancelled and they go back to their SEND stream."""
+        return self._p("CAMPAIGN_HELD")
+
+    def held_subject(self, campaign_id: str) -> str:
+        """The parked emails of one campaign."""
+        return self._s(f"esp.held.{campaign_id}")
+
+    @property
+    def held_wildcard(self) -> str:
+        """The parked emails of every campaign."""
+        return self._s("esp.held.*")
 
     def send_subject(self, message_class: str) -> str:
         """Where emails of ``message_class`` are queued for the sender."""
@@ -134,7 +149,7 @@ async def connect(url: str, name: str) -> NATS:
 
 async def ensure_streams(js: JetStreamContext, topology: Topology, *, events_max_age_s: float = 7 * 86400,
                          duplicate_window_s: float = 120.0) -> None:
-    """Create or update the SEND streams (one per class) and the EVENTS stream."""
+    """Create or update the SEND streams (one per class), the EVENTS stream and the held campaign emails' stream."""
     wanted = [
         *(StreamConfig(
             name=topology.send_stream(c),
@@ -149,6 +164,13 @@ async def ensure_streams(js: JetStreamContext, topology: Topology, *, events_max
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=events_max_age_s,
+            duplicate_window=duplicate_window_s,
+        ),
+        StreamConfig(
+            name=topology.held_stream,
+            subjects=[topology.held_wildcard],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
             duplicate_window=duplicate_window_s,
         ),
     ]
