@@ -21,6 +21,7 @@ Data and transport
     ``s3``            the S3 client, buckets, streamed reads
     ``jetstream``     streams and consumers declared in code, publishing, pull loops (``Topology`` names them)
     ``batching``      group commit: concurrent calls coalesced into one flush
+    ``outbox``        the transactional outbox's publisher: committed rows reach JetStream at least once
     ``suppressions``  the suppression list's Redis mirror (written by reports, read by ingest)
     ``campaign_halts``  paused and cancelled campaigns' Redis mirror (written by campaigns, read by senders)
 

@@ -8,16 +8,19 @@ each file exactly once.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 __all__ = [
     "SESSION_OPTIONS",
     "Migration",
+    "autocommit",
     "create_pool",
     "load_migrations",
     "migrate",
@@ -116,3 +119,15 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, name: 
                                kwargs={"options": SESSION_OPTIONS})
     await pool.open(wait=True, timeout=15)
     return pool
+
+
+@asynccontextmanager
+async def autocommit(pool: AsyncConnectionPool) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection in autocommit mode: a lone statement is atomic by itself and costs one round trip
+    instead of three (BEGIN, statement, COMMIT). The connection goes back to the pool in its usual mode."""
+    async with pool.connection() as conn:
+        await conn.set_autocommit(True)
+        try:
+            yield conn
+        finally:
+            await conn.set_autocommit(False)

@@ -47,9 +47,9 @@ from libs.common.auth import Principal
 from libs.common.errors import Aborted, AlreadyExists, EspError, FieldViolation, PermissionDenied
 from libs.common.jetstream import Topology
 from libs.common.message_classes import MessageClass
+from libs.common.outbox import OutboxRow
 from services.ingest.limits import AdmissionTicket, RedisGate
 from services.ingest.model import YIELD_EVERY, EmailDraft, StoredAttachment
-from services.ingest.outbox import OutboxRow
 from services.ingest.payloads import (
     accepted_event,
     accepted_now,

@@ -21,10 +21,10 @@ from esp.v1 import messages_pb2
 from psycopg_pool import AsyncConnectionPool
 
 from libs.common.batching import BatchingOptions, GroupCommitter
+from libs.common.db import autocommit
+from libs.common.outbox import CommittedRow, OutboxRow
 from services.ingest.model import URGENT_CLASSES
-from services.ingest.outbox import CommittedRow, OutboxRow
 from services.ingest.payloads import message_resource
-from services.ingest.pg import autocommit
 
 
 @dataclass(frozen=True)

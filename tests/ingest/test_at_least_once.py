@@ -17,8 +17,8 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed
 from dev.mesh import forget_namespace
 from libs.common.auth import Principal
 from libs.common.db import migrate_services
+from libs.common.outbox import CommittedRow, OutboxPublisher, OutboxRow
 from services.ingest.accept import Acceptor
-from services.ingest.outbox import CommittedRow, OutboxPublisher, OutboxRow
 from services.ingest.server import IngestComponents, build_components, draft_from_proto
 from services.ingest.store import MessageStore
 from tests.conftest import free_port
@@ -111,7 +111,8 @@ async def test_another_replicas_reconciling_pass_publishes_what_a_crashed_replic
     principal = await _tenant(harness, silent_replica)
     for i in range(3):
         await silent_replica.acceptor.send(principal, draft_from_proto(send_request(subject=f"#{i}")))
-    survivor = OutboxPublisher(silent_replica.pool, silent_replica.nc, interval_s=0.05, reconcile_after_s=0)
+    survivor = OutboxPublisher(silent_replica.pool, silent_replica.nc, "ingest.outbox", interval_s=0.05,
+                               reconcile_after_s=0)
     stop = asyncio.Event()
     running = asyncio.create_task(survivor.run(stop))  # never notified: only its periodic pass finds the rows
     try:
@@ -152,7 +153,7 @@ async def _committed_rows(replica: IngestComponents, message_id: str) -> list[Co
 async def test_the_next_email_is_published_while_the_previous_ones_rows_wait_to_be_deleted(
         harness: IngestHarness, silent_replica: IngestComponents):
     principal = await _tenant(harness, silent_replica)
-    publisher = OutboxPublisher(silent_replica.pool, silent_replica.nc, reconcile_after_s=3600)
+    publisher = OutboxPublisher(silent_replica.pool, silent_replica.nc, "ingest.outbox", reconcile_after_s=3600)
     first = await silent_replica.acceptor.send(principal, draft_from_proto(send_request(subject="first")))
     first_rows = await _committed_rows(silent_replica, first.message.id)
     stop = asyncio.Event()

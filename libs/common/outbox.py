@@ -1,6 +1,7 @@
-"""Transactional outbox: rows committed with each message reach JetStream after the commit, at least once.
+"""Transactional outbox: rows committed with a change reach JetStream after the commit, at least once.
 
-The accept path commits message + outbox rows together, then hands the committed rows to
+A service commits its change and its outbox rows together (ingest: a message; campaigns: a chunk of a campaign),
+then hands the committed rows to
 :meth:`OutboxPublisher.publish_soon`; the publisher sends them (asynchronous JetStream publishes, acks awaited
 together, in a task of their own so the next rows go out meanwhile) and deletes the rows JetStream acknowledged.
 Whatever is still in the table some seconds later — the replica crashed, NATS was down — is picked up by the
@@ -20,9 +21,11 @@ from dataclasses import dataclass
 from nats.aio.client import Client as NATS
 from psycopg_pool import AsyncConnectionPool
 
+from libs.common.db import autocommit
 from libs.common.jetstream import AckedPublisher
 from libs.common.stopping import pause_unless_stopped
-from services.ingest.pg import autocommit
+
+__all__ = ["CommittedRow", "OutboxPublisher", "OutboxRow"]
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +54,12 @@ class CommittedRow:
 class OutboxPublisher:
     """Publishes committed rows at once, and reconciles leftovers every ``interval_s``."""
 
-    def __init__(self, pool: AsyncConnectionPool, nc: NATS, *, batch_size: int = 1000,
+    def __init__(self, pool: AsyncConnectionPool, nc: NATS, table: str, *, batch_size: int = 1000,
                  interval_s: float = 1.0, reconcile_after_s: float = 5.0, publish_timeout_s: float = 10.0) -> None:
         self.pool = pool
+        self.table = table
+        """The outbox table, schema-qualified (``ingest.outbox``): columns id, subject, msg_id, payload,
+        created_at."""
         self.publisher = AckedPublisher(nc)
         self.batch_size = batch_size
         self.interval_s = interval_s
@@ -77,7 +83,7 @@ class OutboxPublisher:
         is publishing; return how many were published (and deleted)."""
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
-                """SELECT id, subject, msg_id, payload FROM ingest.outbox
+                f"""SELECT id, subject, msg_id, payload FROM {self.table}
                    WHERE created_at <= now() - make_interval(secs => %s)
                    ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED""",
                 (min_age_s, self.batch_size),
@@ -87,7 +93,7 @@ class OutboxPublisher:
                 return 0
             done = await self._publish(rows)
             if done:
-                await conn.execute("DELETE FROM ingest.outbox WHERE id = ANY(%s)", (done,))
+                await conn.execute(f"DELETE FROM {self.table} WHERE id = ANY(%s)", (done,))
             return len(done)
 
     async def _publish(self, rows: Sequence[CommittedRow]) -> list[int]:
@@ -140,7 +146,7 @@ class OutboxPublisher:
             done = await self._confirmed(rows, acks)
             if done:
                 async with autocommit(self.pool) as conn:
-                    await conn.execute("DELETE FROM ingest.outbox WHERE id = ANY(%s)", (done,))
+                    await conn.execute(f"DELETE FROM {self.table} WHERE id = ANY(%s)", (done,))
         except Exception:
             # Published or not, the rows stay in the table: the reconciling pass publishes them again (JetStream's
             # duplicate window drops what had landed).
