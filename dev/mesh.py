@@ -26,8 +26,9 @@ from libs.common.jetstream import Topology
 from libs.routing.catalog import bucket_name
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVICES = ("ledger", "router", "reports", "ingest", "sender", "gateway")
-GRPC_PORTS = {"ingest": 50051, "router": 50052, "ledger": 50053, "reports": 50054, "sender": 50055}
+SERVICES = ("ledger", "router", "reports", "campaigns", "ingest", "sender", "gateway")
+GRPC_PORTS = {"ingest": 50051, "router": 50052, "ledger": 50053, "reports": 50054, "sender": 50055,
+              "campaigns": 50056}
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -259,6 +260,9 @@ class MeshConfig:
             "ESP_ROUTER_ADDR": f"127.0.0.1:{self.ports['router']}",
             "ESP_LEDGER_ADDR": f"127.0.0.1:{self.ports['ledger']}",
             "ESP_REPORTS_ADDR": f"127.0.0.1:{self.ports['reports']}",
+            "ESP_CAMPAIGNS_ADDR": f"127.0.0.1:{self.ports['campaigns']}",
+            # Reports serves one-click unsubscribe (/u/<token>) on its webhook port; http is allowed on loopback.
+            "ESP_PUBLIC_BASE_URL": f"http://127.0.0.1:{self.webhook_port}",
             "ESP_GATEWAY_PORT": str(self.gateway_port), "ESP_WEBHOOK_PORT": str(self.webhook_port),
             "ESP_DESCRIPTOR_SET": str(ROOT / "gen" / "esp.binpb"),
             # Every service gets the one postgres_dsn: ingest's commits flush the ledger's holds (ledger config)

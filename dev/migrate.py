@@ -8,7 +8,7 @@ import sys
 
 from libs.common.db import migrate_services
 
-SERVICES_WITH_SCHEMAS = ("ingest", "ledger", "router", "reports")
+SERVICES_WITH_SCHEMAS = ("ingest", "ledger", "router", "reports", "campaigns")
 
 
 def main() -> None:

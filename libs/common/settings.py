@@ -151,3 +151,4 @@ class CommonSettings:
     router_addr: str = "127.0.0.1:50052"
     ledger_addr: str = "127.0.0.1:50053"
     reports_addr: str = "127.0.0.1:50054"
+    campaigns_addr: str = "127.0.0.1:50056"

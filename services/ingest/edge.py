@@ -135,6 +135,12 @@ EDGE_METHODS: dict[str, dict[str, EdgeMethod]] = {
                      "RouteEmail")
     },
     "esp.v1.StatsService": {"GetStats": EdgeMethod(READ, "reports")},
+    "esp.v1.CampaignService": {
+        **{name: EdgeMethod(SEND, "campaigns")
+           for name in ("CreateCampaign", "AddCampaignRecipients", "ImportCampaignRecipients", "StartCampaign",
+                        "PauseCampaign", "ResumeCampaign", "CancelCampaign")},
+        "GetCampaign": EdgeMethod(READ, "campaigns"), "ListCampaigns": EdgeMethod(READ, "campaigns"),
+    },
     "esp.v1.SuppressionService": {
         "ListSuppressions": EdgeMethod(READ, "reports"), "GetSuppression": EdgeMethod(READ, "reports"),
         "CreateSuppression": EdgeMethod(ADMIN, "reports"), "DeleteSuppression": EdgeMethod(ADMIN, "reports"),

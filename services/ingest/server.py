@@ -31,6 +31,7 @@ from libs.common.grpc_client import open_channel
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
 from libs.common.message_classes import class_name_of
+from libs.common.outbox import OutboxPublisher
 from libs.common.redis import create_redis
 from libs.common.s3 import create_s3_client, ensure_bucket
 from libs.common.timestamps import to_timestamp
@@ -43,7 +44,6 @@ from services.ingest.edge import EDGE_METHODS, ApiKeyAuthenticator, build_handle
 from services.ingest.limits import RateDefaults, RedisGate
 from services.ingest.memory import return_large_buffers_to_the_os
 from services.ingest.model import YIELD_EVERY, EmailDraft, Mailbox
-from services.ingest.outbox import OutboxPublisher
 from services.ingest.sizing import SizePolicy
 from services.ingest.store import MessageStore
 from services.ingest.tenants import ApiKeyRecord, Tenant, TenantStore
@@ -352,11 +352,11 @@ async def build_components(settings: IngestSettings) -> IngestComponents:
     s3 = create_s3_client(settings.s3_endpoint, settings.s3_region, settings.s3_access_key, settings.s3_secret_key)
     await asyncio.to_thread(ensure_bucket, s3, settings.s3_bucket)
     channels = {"reports": open_channel(settings.reports_addr), "ledger": open_channel(settings.ledger_addr),
-                "router": open_channel(settings.router_addr)}
+                "router": open_channel(settings.router_addr), "campaigns": open_channel(settings.campaigns_addr)}
     tenants = TenantStore(pool, cache_ttl_s=settings.api_key_cache_s, admin_token=settings.admin_token)
     credits = LedgerCreditReserver(channels["ledger"], timeout_s=settings.upstream_timeout_s,
                                    batch_interval_s=settings.batch_interval_s)
-    outbox = OutboxPublisher(pool, nc)
+    outbox = OutboxPublisher(pool, nc, "ingest.outbox")
     attachments = AttachmentStore(pool, s3, settings.s3_bucket)
     gate = RedisGate(redis, settings.namespace, RateDefaults(
         settings.default_otp_rate, settings.default_transactional_rate, settings.default_bulk_rate,

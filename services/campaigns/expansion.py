@@ -1,0 +1,343 @@
+"""Expansion: a running campaign's recipients become queued emails, one chunk per transaction.
+
+A chunk: lock the campaign row → read the next ``chunk_size`` recipients behind the cursor → drop suppressed
+addresses (one Redis round trip) → render each recipient's subject and bodies → hold credits for the rest (one
+ledger call per 500; the hold id is the message id) → one transaction writes the outbox rows (the SendTask and
+the ACCEPTED event of every queued email), the counters and the cursor past the chunk → publish.
+
+Why a SIGKILL is harmless: the cursor moves in the same transaction as the outbox rows, so a chunk is either
+wholly queued with the cursor past it or not at all. The message id is derived from (campaign, row), so a chunk
+replayed after a crash re-uses the holds it had reserved (reserving an id again is a no-op) and JetStream's
+duplicate window drops a publish that had landed; a hold left behind by a chunk that never committed expires.
+
+Credits running out stops the chunk at the first refused email: the emails before it are queued, the cursor stops
+there, and the campaign pauses with ``INSUFFICIENT_CREDITS``. The expander tries again every few seconds and
+resumes it by itself once a chunk's credits can be held (after a top-up).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from esp.internal.v1 import queue_pb2
+from esp.v1 import messages_pb2
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from libs.common.errors import EspError, FailedPrecondition
+from libs.common.jetstream import Topology
+from libs.common.message_classes import MessageClass
+from libs.common.outbox import CommittedRow, OutboxRow
+from libs.common.suppressions import suppressed_among
+from libs.common.timestamps import to_timestamp
+from libs.common.unsubscribe import UnsubscribeTarget, UnsubscribeTokens, list_unsubscribe_headers, unsubscribe_url
+from services.campaigns.model import CampaignSpec, Mailbox, PauseReason
+from services.campaigns.templates import CampaignTemplates, MissingVariablePolicy, RenderedContent, RenderFailure
+
+__all__ = ["CAMPAIGN_MESSAGE_NAMESPACE", "ChunkResult", "CreditHolds", "Expansion", "UnsubscribeLinks",
+           "campaign_message_id", "compile_spec"]
+
+log = logging.getLogger(__name__)
+
+CAMPAIGN_MESSAGE_NAMESPACE = uuid.UUID("5b0e6a8e-4f47-4c3e-9d0c-6b1f3c2a9e71")
+"""uuid5 namespace of campaign message ids."""
+CREDIT_RETRY_S = 5.0
+"""How often a campaign paused for lack of credits tries its next chunk again."""
+TEMPLATE_CACHE = 64
+"""Compiled campaigns kept per process."""
+
+
+def campaign_message_id(campaign_id: str, row_number: int) -> str:
+    """The message id of a campaign's recipient: the same on every replay of its chunk."""
+    return str(uuid.uuid5(CAMPAIGN_MESSAGE_NAMESPACE, f"{campaign_id}:{row_number}"))
+
+
+def compile_spec(spec: CampaignSpec, *, field_prefix: str = "campaign.") -> CampaignTemplates:
+    """The campaign's templates, compiled (INVALID_ARGUMENT with line and column for a syntax error)."""
+    return CampaignTemplates.compile(
+        subject=spec.subject, text=spec.text_body or None, html=spec.html_body or None,
+        defaults=spec.default_variables, on_missing=MissingVariablePolicy(spec.missing_variable_policy),
+        field_prefix=field_prefix)
+
+
+class CreditHolds(Protocol):
+    """The ledger as expansion sees it."""
+
+    async def reserve(self, tenant_id: str, message_class: MessageClass, holds: Sequence[tuple[str, int]],
+                      ttl_s: int) -> list[int | Exception]:
+        """Hold credits for each (hold id, attachment bytes): its amount or the error that refused it."""
+        ...
+
+    async def release(self, hold_id: str, reason: str) -> None:
+        """Give a hold back."""
+        ...
+
+
+@dataclass(frozen=True)
+class UnsubscribeLinks:
+    """How one-click unsubscribe links are made: the tokens' keys and the public base URL reports serves."""
+
+    tokens: UnsubscribeTokens
+    base_url: str
+
+    def url(self, tenant_id: str, campaign_id: str, email: str) -> str:
+        """The recipient's signed one-click URL."""
+        return unsubscribe_url(self.base_url, self.tokens.sign(UnsubscribeTarget(tenant_id, email, campaign_id)))
+
+
+@dataclass(frozen=True)
+class _Attachment:
+    attachment_id: str
+    s3_key: str
+    filename: str
+    content_type: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What one chunk did."""
+
+    campaign_id: str
+    queued: int
+    suppressed: int
+    render_failed: int
+    paused_for_credits: bool = False
+
+
+def _address(field: Any, box: Mailbox) -> None:
+    field.email = box.email
+    if box.name:
+        field.name = box.name
+
+
+class Expansion:
+    """Expands running campaigns, one chunk per call of :meth:`expand_next`."""
+
+    def __init__(self, pool: AsyncConnectionPool, redis: Redis, holds: CreditHolds, topology: Topology, *,
+                 namespace: str, on_commit: Any, unsubscribe: UnsubscribeLinks | None, chunk_size: int = 500,
+                 hold_ttl_s: int = 7 * 86_400) -> None:
+        self.pool = pool
+        self.redis = redis
+        self.holds = holds
+        self.topology = topology
+        self.namespace = namespace
+        self.on_commit = on_commit
+        """Receives the committed outbox rows (the outbox publisher's ``publish_soon``)."""
+        self.unsubscribe = unsubscribe
+        self.chunk_size = chunk_size
+        self.hold_ttl_s = hold_ttl_s
+        self._templates: OrderedDict[str, CampaignTemplates] = OrderedDict()
+
+    def _compiled(self, campaign_id: str, spec: CampaignSpec) -> CampaignTemplates:
+        templates = self._templates.get(campaign_id)
+        if templates is None:
+            templates = compile_spec(spec)
+            self._templates[campaign_id] = templates
+            while len(self._templates) > TEMPLATE_CACHE:
+                self._templates.popitem(last=False)
+        else:
+            self._templates.move_to_end(campaign_id)
+        return templates
+
+    async def expand_next(self) -> ChunkResult | None:
+        """Expand one chunk of the campaign that waited longest; None when no campaign has work now."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(
+                """SELECT id, tenant_id, spec, state, next_row, last_row FROM campaigns.campaigns
+                   WHERE (state = 'running' OR (state = 'paused' AND pause_reason = 'insufficient_credits'))
+                     AND next_row <= last_row AND (not_before IS NULL OR not_before <= now())
+                   ORDER BY updated_at LIMIT 1 FOR UPDATE SKIP LOCKED""")
+            campaign = await cur.fetchone()
+            if campaign is None:
+                return None
+            result, committed = await self._expand(conn, campaign)
+        if committed:
+            self.on_commit(committed)  # committed: publish now rather than at the outbox's next pass
+        return result
+
+    async def _expand(self, conn: AsyncConnection[Any],
+                      campaign: dict[str, Any]) -> tuple[ChunkResult, list[CommittedRow]]:
+        campaign_id, tenant_id = campaign["id"], campaign["tenant_id"]
+        spec = CampaignSpec.from_json(campaign["spec"])
+        message_class = MessageClass(spec.message_class)
+        limit = self.chunk_size
+        if spec.send_rate > 0:
+            limit = max(1, min(limit, math.ceil(spec.send_rate)))
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            """SELECT row_number, email, name, variables FROM campaigns.recipients
+               WHERE campaign_id = %s AND row_number >= %s ORDER BY row_number LIMIT %s""",
+            (campaign_id, campaign["next_row"], limit))
+        rows = await cur.fetchall()
+        if not rows:  # only dropped duplicates were left behind the cursor
+            await conn.execute("UPDATE campaigns.campaigns SET next_row = last_row + 1, updated_at = now() "
+                               "WHERE id = %s", (campaign_id,))
+            return ChunkResult(campaign_id, 0, 0, 0), []
+        suppressed = await suppressed_among(self.redis, self.namespace, tenant_id, [r["email"] for r in rows],
+                                            message_class)
+        templates = self._compiled(campaign_id, spec)
+        attachments = await self._attachments(conn, tenant_id, spec.attachment_ids)
+        attachment_bytes = sum(a.size_bytes for a in attachments)
+        one_click = (self.unsubscribe is not None and spec.one_click_unsubscribe
+                     and message_class is MessageClass.BULK)
+        to_queue: list[tuple[dict[str, Any], RenderedContent, dict[str, str]]] = []
+        failures: list[tuple[int, RenderFailure]] = []
+        for row in rows:
+            if row["email"] in suppressed:
+                continue
+            url = headers = None
+            if one_click:
+                assert self.unsubscribe is not None
+                url = self.unsubscribe.url(tenant_id, campaign_id, row["email"])
+                headers = list_unsubscribe_headers(url, spec.unsubscribe_mailto)
+            rendered = templates.render(row["variables"] or {}, unsubscribe_url=url)
+            if isinstance(rendered, RenderFailure):
+                failures.append((row["row_number"], rendered))
+                continue
+            to_queue.append((row, rendered, headers or {}))
+        # Credits: one hold per email; stop at the first refusal.
+        results = await self.holds.reserve(
+            tenant_id, message_class,
+            [(campaign_message_id(campaign_id, r["row_number"]), attachment_bytes) for r, _, _ in to_queue],
+            self.hold_ttl_s)
+        held = len(results)
+        refusal: EspError | None = None
+        for i, result in enumerate(results):
+            if isinstance(result, Exception):
+                held = i
+                refusal = result if isinstance(result, EspError) else None
+                if not isinstance(result, FailedPrecondition):
+                    raise result  # the ledger is unwell: the chunk is retried, nothing was written
+                break
+        for i in range(held + 1, len(results)):
+            if not isinstance(results[i], Exception):  # held after an earlier refusal: not queued in this chunk
+                await self.holds.release(campaign_message_id(campaign_id, to_queue[i][0]["row_number"]),
+                                         "campaign chunk stopped at a refused hold")
+        queued = to_queue[:held]
+        stop_row = to_queue[held][0]["row_number"] if held < len(to_queue) else None
+        # Everything before the stop row is done: queued, suppressed or failed to render.
+        done_rows = [r for r in rows if stop_row is None or r["row_number"] < stop_row]
+        done_numbers = {r["row_number"] for r in done_rows}
+        n_suppressed = sum(1 for r in done_rows if r["email"] in suppressed)
+        n_failed = sum(1 for row_number, _ in failures if row_number in done_numbers)
+        amounts = [r for r in results[:held] if not isinstance(r, Exception)]
+        committed = await self._queue(conn, campaign_id, tenant_id, spec, message_class, queued, attachments, amounts)
+        next_row = stop_row if stop_row is not None else rows[-1]["row_number"] + 1
+        sets = ["next_row = %s", "expanded = expanded + %s", "queued = queued + %s", "suppressed = suppressed + %s",
+                "render_failed = render_failed + %s", "updated_at = now()"]
+        args: list[Any] = [next_row, len(done_rows), len(queued), n_suppressed, n_failed]
+        now = datetime.now(UTC)
+        if refusal is not None:
+            log.info("campaign %s paused: credits refused (%s)", campaign_id, refusal.reason)
+            sets += ["state = 'paused'", "pause_reason = %s", "not_before = %s"]
+            args += [PauseReason.INSUFFICIENT_CREDITS.value, now + timedelta(seconds=CREDIT_RETRY_S)]
+        else:
+            if campaign["state"] == "paused":  # credits are back: resume by itself
+                sets += ["state = 'running'", "pause_reason = ''"]
+            if spec.send_rate > 0:
+                sets.append("not_before = %s")
+                args.append(now + timedelta(seconds=len(rows) / spec.send_rate))
+        await conn.execute(f"UPDATE campaigns.campaigns SET {', '.join(sets)} WHERE id = %s", (*args, campaign_id))
+        return ChunkResult(campaign_id, len(queued), n_suppressed, n_failed,
+                           paused_for_credits=refusal is not None), committed
+
+    async def _attachments(self, conn: AsyncConnection[Any], tenant_id: str,
+                           attachment_ids: Sequence[str]) -> list[_Attachment]:
+        # The attachment catalog is ingest's table; campaigns only read it (the ids were checked at create).
+        if not attachment_ids:
+            return []
+        cur = await conn.execute(
+            """SELECT id, s3_key, filename, content_type, size_bytes FROM ingest.attachments
+               WHERE tenant_id = %s AND id = ANY(%s)""", (tenant_id, list(attachment_ids)))
+        found = {r[0]: _Attachment(*r) for r in await cur.fetchall()}
+        return [found[a] for a in attachment_ids if a in found]
+
+    async def _queue(self, conn: AsyncConnection[Any], campaign_id: str, tenant_id: str, spec: CampaignSpec,
+                     message_class: MessageClass,
+                     queued: Sequence[tuple[dict[str, Any], RenderedContent, dict[str, str]]],
+                     attachments: Sequence[_Attachment], credits: Sequence[int]) -> list[CommittedRow]:
+        if not queued:
+            return []
+        now_ts = to_timestamp(datetime.now(UTC))
+        send_subject = self.topology.send_subject(message_class.value)
+        events_subject = self.topology.events_subject(tenant_id)
+        subjects: list[str] = []
+        msg_ids: list[str] = []
+        payloads: list[bytes] = []
+        for (row, content, headers), amount in zip(queued, credits, strict=True):
+            message_id = campaign_message_id(campaign_id, row["row_number"])
+            task = self._send_task(message_id, tenant_id, campaign_id, spec, message_class, row, content, headers,
+                                   attachments, now_ts)
+            message = self._message(task, campaign_id, amount)
+            event = queue_pb2.EventEnvelope(tenant_id=tenant_id, message_id=message_id,
+                                            message_class=task.message_class, hold_id=message_id)
+            event.message.CopyFrom(message)
+            event.event.event_id = f"{message_id}:accepted"
+            event.event.message = message.name
+            event.event.type = messages_pb2.MESSAGE_EVENT_TYPE_ACCEPTED
+            event.event.event_time.CopyFrom(now_ts)
+            subjects += [send_subject, events_subject]
+            msg_ids += [message_id, event.event.event_id]
+            payloads += [task.SerializeToString(), event.SerializeToString()]
+        cur = await conn.execute(
+            """INSERT INTO campaigns.outbox (subject, msg_id, payload)
+               SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[]) RETURNING id, msg_id""",
+            (subjects, msg_ids, payloads))
+        ids = {msg_id: row_id for row_id, msg_id in await cur.fetchall()}
+        return [CommittedRow(ids[m], OutboxRow(s, m, p)) for s, m, p in zip(subjects, msg_ids, payloads, strict=True)]
+
+    @staticmethod
+    def _send_task(message_id: str, tenant_id: str, campaign_id: str, spec: CampaignSpec,
+                   message_class: MessageClass, row: dict[str, Any], content: RenderedContent,
+                   headers: dict[str, str], attachments: Sequence[_Attachment],
+                   accepted: Any) -> queue_pb2.SendTask:
+        task = queue_pb2.SendTask(message_id=message_id, tenant_id=tenant_id, message_class=message_class.proto,
+                                  subject=content.subject, text_body=content.text or "",
+                                  html_body=content.html or "", campaign_id=campaign_id)
+        _address(getattr(task, "from"), spec.sender)
+        _address(task.to.add(), Mailbox(row["email"], row["name"]))
+        for box in spec.reply_to:
+            _address(task.reply_to.add(), box)
+        if spec.headers or headers:
+            task.headers.update({**spec.headers, **headers})
+        if spec.tags:
+            task.tags.extend(spec.tags)
+        if spec.metadata:
+            task.metadata.update(spec.metadata)
+        body = len(task.subject.encode()) + len(task.text_body.encode()) + len(task.html_body.encode())
+        carried = 0
+        for a in attachments:
+            task.attachments.add(attachment_id=a.attachment_id, s3_key=a.s3_key, filename=a.filename,
+                                 content_type=a.content_type, size_bytes=a.size_bytes)
+            carried += (a.size_bytes + 2) // 3 * 4 * 78 // 76
+        task.message_bytes = 2048 + body * 4 // 3 + carried
+        task.accepted_time.CopyFrom(accepted)
+        return task
+
+    @staticmethod
+    def _message(task: queue_pb2.SendTask, campaign_id: str, credits: int) -> messages_pb2.Message:
+        message = messages_pb2.Message(name=f"messages/{task.message_id}", id=task.message_id,
+                                       message_class=task.message_class, state=messages_pb2.MESSAGE_STATE_ACCEPTED,
+                                       subject=task.subject, credits=credits, campaign=f"campaigns/{campaign_id}")
+        getattr(message, "from").CopyFrom(getattr(task, "from"))
+        message.to.extend(task.to)
+        if task.tags:
+            message.tags.extend(task.tags)
+        if task.metadata:
+            message.metadata.update(task.metadata)
+        if task.attachments:
+            message.attachment_ids.extend(a.attachment_id for a in task.attachments)
+        message.create_time.CopyFrom(task.accepted_time)
+        message.update_time.CopyFrom(task.accepted_time)
+        return message
