@@ -26,11 +26,14 @@ from libs.common.stopping import pause_unless_stopped
 from services.reports.envelopes import UndecodableEvent, decode_envelope
 from services.reports.models import MessageEventRecord
 from services.reports.recorder import RecordOutcome, claim_parked_events, record_events
+from services.reports.stats import forget_early_counts
 from services.reports.suppressions import add_to_redis
 
 log = logging.getLogger(__name__)
 
 CONSUMER_NAME = "reports"
+EARLY_COUNTS_RETENTION = timedelta(days=7)
+"""How long stats counts made before their message's ACCEPTED event wait for it (``stats.forget_early_counts``)."""
 
 EVENTS_RECORDED = Counter(
     "esp_reports_events_recorded_total", "Message events recorded by the reports consumer", ["event_type"]
@@ -118,8 +121,10 @@ class EventConsumer:
             await msg.ack()
 
     async def sweep_parked(self) -> int:
-        """Apply parked webhook events whose message is known by now; returns how many were applied."""
+        """Apply parked webhook events whose message is known by now; returns how many were applied. Also drops
+        stats counts that waited too long for their message's ACCEPTED event."""
         async with self._pool.connection() as conn, conn.transaction():
+            await forget_early_counts(conn, EARLY_COUNTS_RETENTION)
             claimed = await claim_parked_events(conn, min_age=timedelta(seconds=self._options.parked_sweep_interval_s))
             if not claimed:
                 return 0

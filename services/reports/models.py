@@ -25,6 +25,7 @@ class MessageState(StrEnum):
     BOUNCED = "bounced"
     FAILED = "failed"
     COMPLAINED = "complained"
+    CANCELLED = "cancelled"
 
 
 class EventType(StrEnum):
@@ -44,6 +45,7 @@ class EventType(StrEnum):
     REJECTED = "rejected"
     ATTACHMENTS_LINKED = "attachments_linked"
     DEAD_LETTERED = "dead_lettered"
+    CANCELLED = "cancelled"
 
 
 class SuppressionReason(StrEnum):
@@ -65,19 +67,27 @@ class SuppressionReason(StrEnum):
 # arrive in any order and any number of times: a late DEFERRED after SENT changes nothing, DELIVERED after
 # SENT wins, a BOUNCED (possibly asynchronous, after DELIVERED) or COMPLAINED outranks DELIVERED. A provider's
 # REJECTED comes after it had taken the message (SENT), so it outranks SENT; the sender's own FAILED does not,
-# because a SENT for the same message means a later attempt did go out. Events absent here (ATTEMPTED,
-# OPENED, CLICKED, UNSUBSCRIBED, ATTACHMENTS_LINKED) add to the timeline without changing the state.
+# because a SENT for the same message means a later attempt did go out. CANCELLED (a cancelled campaign's email
+# dropped before any provider had it) is final like the sender's FAILED and shares its rank: below SENT, whose
+# provider did have the email, and with no free rank between FAILED and SENT (ranks are stored; renumbering would
+# rewrite every message row). At that rank FAILED wins whichever came first (``YIELDING_STATES``): an email
+# that failed for good is cancelled only by a redelivery of its task after the failure. Events absent here
+# (ATTEMPTED, OPENED, CLICKED, UNSUBSCRIBED, ATTACHMENTS_LINKED) add to the timeline without changing the state.
 STATE_TRANSITIONS: Mapping[EventType, tuple[MessageState, int]] = {
     EventType.ACCEPTED: (MessageState.ACCEPTED, 0),
     EventType.DEFERRED: (MessageState.DEFERRED, 1),
     EventType.FAILED: (MessageState.FAILED, 2),
     EventType.DEAD_LETTERED: (MessageState.FAILED, 2),
+    EventType.CANCELLED: (MessageState.CANCELLED, 2),
     EventType.SENT: (MessageState.SENT, 3),
     EventType.REJECTED: (MessageState.FAILED, 4),
     EventType.DELIVERED: (MessageState.DELIVERED, 5),
     EventType.BOUNCED: (MessageState.BOUNCED, 6),
     EventType.COMPLAINED: (MessageState.COMPLAINED, 7),
 }
+YIELDING_STATES = frozenset({MessageState.CANCELLED})
+"""States that give way to another state of the same rank, whatever the order of their events (the recorder's
+merge in SQL says the same)."""
 PLACEHOLDER_STATE = (MessageState.ACCEPTED, 0)
 """State of a message known only from events that do not set one (it was accepted, or nothing would happen)."""
 

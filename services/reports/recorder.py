@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import psycopg
 from esp.v1 import messages_pb2
@@ -25,6 +26,7 @@ from services.reports.models import (
     HARD_BOUNCE_TYPE,
     PLACEHOLDER_STATE,
     STATE_TRANSITIONS,
+    YIELDING_STATES,
     AcceptedMessage,
     EventType,
     Mailbox,
@@ -33,7 +35,7 @@ from services.reports.models import (
     Suppression,
     SuppressionReason,
 )
-from services.reports.stats import StatsRollup
+from services.reports.stats import StatsRollup, campaign_id_of, claimed_early, start_claim_early
 from services.reports.suppressions import insert_suppressions
 
 # Events whose provider is the one that took the message (SENT), and delivery reports that name it too: these
@@ -88,9 +90,7 @@ class _MessageDelta:
         transition = STATE_TRANSITIONS.get(event.event_type)
         if transition is not None:
             state, rank = transition
-            # Equal ranks: the later event wins (its time becomes the state time).
-            later = self.state_time is not None and event.event_time > self.state_time
-            if rank > self.state_rank or (rank == self.state_rank and later):
+            if rank > self.state_rank or (rank == self.state_rank and self._wins_tie(state, event.event_time)):
                 self.state, self.state_rank, self.state_time = state, rank, event.event_time
         if event.event_type is EventType.ATTEMPTED:
             self.attempts += 1
@@ -104,6 +104,13 @@ class _MessageDelta:
         if event.accepted is not None:
             self.accepted = event.accepted
             self.message_class = event.accepted.message_class or self.message_class
+
+    def _wins_tie(self, state: MessageState, event_time: datetime) -> bool:
+        """Whether ``state`` replaces the current state of the same rank: a yielding state gives way to the
+        other (``models.YIELDING_STATES``), otherwise the later event wins (its time becomes the state time)."""
+        if (self.state in YIELDING_STATES) != (state in YIELDING_STATES):
+            return self.state in YIELDING_STATES
+        return self.state_time is not None and event_time > self.state_time
 
 
 async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageEventRecord]) -> RecordOutcome:
@@ -132,14 +139,20 @@ async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageE
     async with conn.pipeline():
         merged = await _start_merge_messages(conn, [deltas[k] for k in sorted(deltas)])
         await _index_provider_ids(conn, fresh)
+        # After the merge, which waited for any transaction still holding these messages' rows.
+        early = await start_claim_early(conn, (k for k, d in deltas.items() if d.accepted is not None))
     summaries = await _summaries(merged)
 
     rollup = StatsRollup()
     for event in fresh:
-        message_class, tags = summaries.get((event.tenant_id, event.message_id), (event.message_class, ()))
-        rollup.add(tenant_id=event.tenant_id, event_type=event.event_type, event_time=event.event_time,
-                   message_class=event.message_class or message_class, provider=event.provider, tags=tags,
-                   latency_ms=event.latency_ms)
+        summary = summaries.get((event.tenant_id, event.message_id)) or _Summary(event.message_class, (), "", True)
+        rollup.add(tenant_id=event.tenant_id, message_id=event.message_id, event_type=event.event_type,
+                   event_time=event.event_time, message_class=event.message_class or summary.message_class,
+                   provider=event.provider, tags=summary.tags, campaign_id=campaign_id_of(summary.campaign),
+                   latency_ms=event.latency_ms, accepted_seen=summary.accepted_seen)
+    for counted in await claimed_early(early):
+        summary = summaries[(counted.tenant_id, counted.message_id)]
+        rollup.attribute_early(counted, campaign_id=campaign_id_of(summary.campaign), tags=summary.tags)
     await rollup.write(conn)
 
     suppressions = _suppressions_from(fresh)
@@ -273,6 +286,13 @@ def _owner_by_recipient(candidates: Sequence[MessageEventRecord], recipient: str
     return None
 
 
+# Whether the delta's state replaces the row's: a higher rank, or the same rank held by a state that yields
+# (models.YIELDING_STATES; the same rule as _MessageDelta._wins_tie, except that between two rows of one state
+# the recorded one stays).
+_YIELDING = ", ".join(sorted(f"'{state.value}'" for state in YIELDING_STATES))
+_REPLACES_STATE = (f"(excluded.state_rank > m.state_rank OR (excluded.state_rank = m.state_rank"
+                   f" AND m.state IN ({_YIELDING}) AND excluded.state NOT IN ({_YIELDING})))")
+
 # Summary fields absent from a row (a message whose ACCEPTED event is not in this batch) take the empty values.
 _MERGE_MESSAGES = """
 INSERT INTO reports.messages AS m (tenant_id, message_id, state, state_rank, state_time, accepted_seen,
@@ -289,8 +309,8 @@ FROM json_to_recordset(%s::json) AS d(tenant_id text, message_id text, state tex
     credits bigint, campaign text, provider text, provider_message_id text, provider_from_sent boolean,
     attempts integer, create_time timestamptz, update_time timestamptz)
 ON CONFLICT (tenant_id, message_id) DO UPDATE SET
-    state = CASE WHEN excluded.state_rank > m.state_rank THEN excluded.state ELSE m.state END,
-    state_time = CASE WHEN excluded.state_rank > m.state_rank THEN excluded.state_time ELSE m.state_time END,
+    state = CASE WHEN REPLACES_STATE THEN excluded.state ELSE m.state END,
+    state_time = CASE WHEN REPLACES_STATE THEN excluded.state_time ELSE m.state_time END,
     state_rank = GREATEST(m.state_rank, excluded.state_rank),
     accepted_seen = m.accepted_seen OR excluded.accepted_seen,
     message_class = CASE WHEN excluded.message_class <> '' AND (excluded.accepted_seen OR m.message_class = '')
@@ -315,8 +335,8 @@ ON CONFLICT (tenant_id, message_id) DO UPDATE SET
                        WHEN m.accepted_seen THEN m.create_time
                        ELSE LEAST(m.create_time, excluded.create_time) END,
     update_time = GREATEST(m.update_time, excluded.update_time)
-RETURNING tenant_id, message_id, message_class, tags
-"""
+RETURNING tenant_id, message_id, message_class, tags, campaign, accepted_seen
+""".replace("REPLACES_STATE", _REPLACES_STATE)
 
 
 def _mailbox_json(mailbox: Mailbox) -> dict[str, str]:
@@ -370,12 +390,22 @@ async def _start_merge_messages(conn: psycopg.AsyncConnection,
     return await conn.execute(_MERGE_MESSAGES, (json_rows([_merge_row(d) for d in deltas]),))
 
 
-async def _summaries(cursor: psycopg.AsyncCursor | None) -> dict[tuple[str, str], tuple[str, tuple[str, ...]]]:
-    """Each merged message's class and tags after the merge, for the stats."""
+class _Summary(NamedTuple):
+    """What the stats need of a merged message row."""
+
+    message_class: str
+    tags: tuple[str, ...]
+    campaign: str
+    accepted_seen: bool
+
+
+async def _summaries(cursor: psycopg.AsyncCursor | None) -> dict[tuple[str, str], _Summary]:
+    """Each merged message's class, tags and campaign after the merge, and whether its ACCEPTED event is
+    recorded (without it, campaign and tags are not known yet), for the stats."""
     if cursor is None:
         return {}
-    return {(tenant_id, message_id): (message_class, tuple(tags))
-            for tenant_id, message_id, message_class, tags in await cursor.fetchall()}
+    return {(tenant_id, message_id): _Summary(message_class, tuple(tags), campaign, accepted_seen)
+            for tenant_id, message_id, message_class, tags, campaign, accepted_seen in await cursor.fetchall()}
 
 
 async def _index_provider_ids(conn: psycopg.AsyncConnection, fresh: Sequence[MessageEventRecord]) -> None:

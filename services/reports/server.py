@@ -29,7 +29,7 @@ from services.reports.models import (
     SuppressionReason,
 )
 from services.reports.queries import MessageReader
-from services.reports.stats import StatsFigures, StatsGrouping, StatsQuery, StatsReader
+from services.reports.stats import MAX_RANGE, StatsFigures, StatsGrouping, StatsQuery, StatsReader
 from services.reports.suppressions import SuppressionStore
 
 READ_SCOPE = "read"
@@ -182,6 +182,7 @@ _GROUPINGS: dict[int, StatsGrouping] = {
     reports_pb2.STATS_GROUPING_PROVIDER: StatsGrouping.PROVIDER,
     reports_pb2.STATS_GROUPING_MESSAGE_CLASS: StatsGrouping.MESSAGE_CLASS,
     reports_pb2.STATS_GROUPING_TAG: StatsGrouping.TAG,
+    reports_pb2.STATS_GROUPING_CAMPAIGN: StatsGrouping.CAMPAIGN,
 }
 
 
@@ -189,8 +190,8 @@ def _stats_row(figures: StatsFigures) -> reports_pb2.StatsRow:
     return reports_pb2.StatsRow(
         key=figures.key, accepted=figures.accepted, sent=figures.sent, delivered=figures.delivered,
         bounced=figures.bounced, failed=figures.failed, complained=figures.complained, opened=figures.opened,
-        clicked=figures.clicked, unsubscribed=figures.unsubscribed, latency_ms_p50=figures.latency_ms_p50,
-        latency_ms_p99=figures.latency_ms_p99,
+        clicked=figures.clicked, unsubscribed=figures.unsubscribed, cancelled=figures.cancelled,
+        latency_ms_p50=figures.latency_ms_p50, latency_ms_p99=figures.latency_ms_p99,
     )
 
 
@@ -202,17 +203,22 @@ class StatsServicer(reports_pb2_grpc.StatsServiceServicer):
 
     async def GetStats(self, request: reports_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext) -> reports_pb2.GetStatsResponse:
-        """Counts and latency percentiles over a time range (default: the last day), grouped as asked."""
+        """Counts and latency percentiles over a time range, grouped as asked.
+
+        The range defaults to the last day, or for one campaign's figures to the longest range allowed
+        (``MAX_RANGE``), so that a campaign's totals need no start time: they read only its own rows.
+        """
         tenant_id = _tenant(READ_SCOPE)
         grouping = _GROUPINGS.get(request.group_by)
         if grouping is None:
             raise InvalidArgument("unknown group_by", field_violations=[FieldViolation("group_by", "unknown")])
+        campaign_id = _resource_id(request.campaign, "campaigns", "campaign") if request.campaign else ""
         end = request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else datetime.now(UTC)
         start = (request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time")
-                 else end - DEFAULT_STATS_RANGE)
+                 else end - (MAX_RANGE if campaign_id else DEFAULT_STATS_RANGE))
         report = await self._reader.get(StatsQuery(
             tenant_id=tenant_id, start=start, end=end, group_by=grouping,
-            message_class=class_name_of(request.message_class),
+            message_class=class_name_of(request.message_class), campaign_id=campaign_id,
         ))
         return reports_pb2.GetStatsResponse(rows=[_stats_row(r) for r in report.rows],
                                             total=_stats_row(report.total))

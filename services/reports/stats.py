@@ -1,9 +1,17 @@
 """Delivery statistics: hourly rollups written by the event consumer, read by ``StatsService.GetStats``.
 
 Why rollups: at 150 M messages a day the events table grows by ~600 M rows a day; counting them per query
-cannot stay fast. The consumer instead adds each new event to one row per (tenant, hour, class, provider)
-— plus one row per tag of the message — in the same transaction that records the event, so the figures are
-exactly as deduplicated as the timeline. A month of stats for a tenant is then a few thousand rows.
+cannot stay fast. The consumer instead adds each new event to one row per (tenant, hour, class, provider,
+campaign) — plus one row per tag of the message — in the same transaction that records the event, so the figures
+are exactly as deduplicated as the timeline. A month of stats for a tenant is then a few thousand rows. Messages
+of no campaign share campaign id '', so the campaign dimension adds rows only per campaign sending in an hour, and
+a campaign's figures are its own rows (``stats_hourly_by_campaign``), read without touching any message row.
+
+The campaign and tags of a message come with its ACCEPTED event. Events recorded before it (the stream does
+not promise order) are counted under no campaign and no tag, and remembered per message in
+``reports.stats_before_accept``; the batch that records the ACCEPTED event moves them to the message's campaign
+and adds them under its tags (:meth:`StatsRollup.attribute_early`), so a campaign's figures are exact whatever
+the order.
 
 Provider-call latencies go into a fixed log-spaced histogram per row: histograms add up element-wise across rows
 (``reports.sum_buckets``) and percentiles are read from the sum, with a relative error bounded by the bucket width
@@ -16,10 +24,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import NamedTuple
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -47,10 +56,14 @@ COUNTER_BY_EVENT: dict[EventType, str] = {
     EventType.OPENED: "opened",
     EventType.CLICKED: "clicked",
     EventType.UNSUBSCRIBED: "unsubscribed",
+    EventType.CANCELLED: "cancelled",
 }
 # Events that report one provider call and its latency (webhook events carry none).
 LATENCY_EVENTS = frozenset({EventType.ATTEMPTED, EventType.SENT, EventType.FAILED})
-COUNTERS = ("accepted", "sent", "delivered", "bounced", "failed", "complained", "opened", "clicked", "unsubscribed")
+COUNTERS = ("accepted", "sent", "delivered", "bounced", "failed", "complained", "opened", "clicked", "unsubscribed",
+            "cancelled")
+CAMPAIGN_PREFIX = "campaigns/"
+"""A campaign's resource name is ``campaigns/{id}``; the rollups keep the id."""
 
 
 class StatsGrouping(StrEnum):
@@ -62,6 +75,7 @@ class StatsGrouping(StrEnum):
     PROVIDER = "provider"
     MESSAGE_CLASS = "message_class"
     TAG = "tag"
+    CAMPAIGN = "campaign"
 
 
 def bucket_index(latency_ms: float) -> int:
@@ -92,14 +106,50 @@ def percentile(buckets: Sequence[int], quantile: float) -> float:
     return BUCKET_GROWTH ** (BUCKET_COUNT - 2)
 
 
+def campaign_id_of(campaign: str) -> str:
+    """The id of a campaign named ``campaigns/{id}`` (a message's ``campaign``); '' for a message of none."""
+    return campaign.removeprefix(CAMPAIGN_PREFIX)
+
+
 @dataclass
 class _RollupRow:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     buckets: list[int] = field(default_factory=list)
 
+    def count(self, counter: str | None, bucket: int | None) -> None:
+        if counter is not None:
+            self.counters[counter] += 1
+        if bucket is not None:
+            if not self.buckets:
+                self.buckets = [0] * BUCKET_COUNT
+            self.buckets[bucket] += 1
 
-RollupKey = tuple[str, datetime, str, str, str]
-"""(tenant, hour, message class, provider, tag)."""
+    def add(self, counters: Mapping[str, int], buckets: Sequence[int], sign: int) -> None:
+        for name, value in counters.items():
+            self.counters[name] += sign * value
+        if buckets:
+            if not self.buckets:
+                self.buckets = [0] * BUCKET_COUNT
+            for index, value in enumerate(buckets[:BUCKET_COUNT]):
+                self.buckets[index] += sign * value
+
+
+RollupKey = tuple[str, datetime, str, str, str, str]
+"""(tenant, hour, message class, provider, tag, campaign id)."""
+EarlyKey = tuple[str, str, datetime, str, str]
+"""(tenant, message id, hour, message class, provider)."""
+
+
+class EarlyCount(NamedTuple):
+    """What one message's events recorded before its ACCEPTED event added to one row of no campaign and no tag."""
+
+    tenant_id: str
+    message_id: str
+    hour: datetime
+    message_class: str
+    provider: str
+    counters: Mapping[str, int]
+    buckets: Sequence[int]
 
 
 class StatsRollup:
@@ -107,61 +157,148 @@ class StatsRollup:
 
     def __init__(self) -> None:
         self._rows: dict[RollupKey, _RollupRow] = {}
+        self._early: dict[EarlyKey, _RollupRow] = {}
 
-    def add(self, *, tenant_id: str, event_type: EventType, event_time: datetime, message_class: str,
-            provider: str, tags: Sequence[str], latency_ms: int) -> None:
-        """Count one new event under the all-messages row and under each of the message's tags."""
+    def add(self, *, tenant_id: str, message_id: str, event_type: EventType, event_time: datetime,
+            message_class: str, provider: str, tags: Sequence[str], campaign_id: str, latency_ms: int,
+            accepted_seen: bool) -> None:
+        """Count one new event under its campaign's row and under each of the message's tags.
+
+        ``accepted_seen`` False (the message's ACCEPTED event is not recorded yet, so its campaign and tags are
+        not known) also remembers the count for :meth:`attribute_early`.
+        """
         counter = COUNTER_BY_EVENT.get(event_type)
-        has_latency = latency_ms > 0 and event_type in LATENCY_EVENTS
-        if counter is None and not has_latency:
+        bucket = bucket_index(latency_ms) if latency_ms > 0 and event_type in LATENCY_EVENTS else None
+        if counter is None and bucket is None:
             return
         hour = event_time.replace(minute=0, second=0, microsecond=0)
         rows = self._rows
         for tag in ("", *dict.fromkeys(t for t in tags if t)) if tags else ("",):
-            key = (tenant_id, hour, message_class, provider, tag)
+            key = (tenant_id, hour, message_class, provider, tag, campaign_id)
             row = rows.get(key)
             if row is None:
                 row = rows[key] = _RollupRow()
-            if counter is not None:
-                row.counters[counter] += 1
-            if has_latency:
-                if not row.buckets:
-                    row.buckets = [0] * BUCKET_COUNT
-                row.buckets[bucket_index(latency_ms)] += 1
+            row.count(counter, bucket)
+        if not accepted_seen:
+            early_key = (tenant_id, message_id, hour, message_class, provider)
+            early = self._early.get(early_key)
+            if early is None:
+                early = self._early[early_key] = _RollupRow()
+            early.count(counter, bucket)
+
+    def attribute_early(self, early: EarlyCount, *, campaign_id: str, tags: Sequence[str]) -> None:
+        """Move counts made before the message's ACCEPTED event from the row of no campaign to its campaign's,
+        and add them under each of its tags (they were counted under none)."""
+        targets = [("", campaign_id)] if campaign_id else []
+        targets += [(tag, campaign_id) for tag in dict.fromkeys(t for t in tags if t)]
+        if not targets:
+            return
+        base = (early.tenant_id, early.hour, early.message_class, early.provider)
+        if campaign_id:
+            self._row((*base, "", "")).add(early.counters, early.buckets, -1)
+        for tag, campaign in targets:
+            self._row((*base, tag, campaign)).add(early.counters, early.buckets, 1)
+
+    def _row(self, key: RollupKey) -> _RollupRow:
+        row = self._rows.get(key)
+        if row is None:
+            row = self._rows[key] = _RollupRow()
+        return row
 
     def __len__(self) -> int:
         return len(self._rows)
 
     async def write(self, conn: psycopg.AsyncConnection) -> None:
-        """Add the increments to ``reports.stats_hourly`` (in the caller's transaction).
+        """Add the increments to ``reports.stats_hourly``, and the counts made before their message's ACCEPTED
+        event to ``reports.stats_before_accept`` (in the caller's transaction).
 
         Rows are written in key order so that concurrent consumers lock them in the same order (no deadlocks).
         """
-        if not self._rows:
-            return
-        rows = []
-        for (tenant_id, hour, message_class, provider, tag), row in sorted(self._rows.items(), key=_by_key):
-            rows.append({"tenant_id": tenant_id, "hour": hour.isoformat(), "message_class": message_class,
-                         "provider": provider, "tag": tag, **row.counters, "latency_buckets": row.buckets})
-        await conn.execute(_ADD_ROLLUPS, (json.dumps(rows, separators=(",", ":")),))
+        if self._rows:
+            rows = [{"tenant_id": tenant_id, "hour": hour.isoformat(), "message_class": message_class,
+                     "provider": provider, "tag": tag, "campaign_id": campaign_id, **row.counters,
+                     "latency_buckets": row.buckets}
+                    for (tenant_id, hour, message_class, provider, tag, campaign_id), row
+                    in sorted(self._rows.items(), key=_by_key)]
+            await conn.execute(_ADD_ROLLUPS, (json.dumps(rows, separators=(",", ":")),))
+        if self._early:
+            early = [{"tenant_id": tenant_id, "message_id": message_id, "hour": hour.isoformat(),
+                      "message_class": message_class, "provider": provider, **row.counters,
+                      "latency_buckets": row.buckets}
+                     for (tenant_id, message_id, hour, message_class, provider), row
+                     in sorted(self._early.items(), key=_by_early_key)]
+            await conn.execute(_ADD_EARLY, (json.dumps(early, separators=(",", ":")),))
 
 
 def _by_key(item: tuple[RollupKey, _RollupRow]) -> RollupKey:
     return item[0]
 
 
-_ADD_ROLLUPS = f"""
-INSERT INTO reports.stats_hourly AS s (tenant_id, hour, message_class, provider, tag, {", ".join(COUNTERS)},
-    latency_buckets)
-SELECT r.tenant_id, r.hour, r.message_class, r.provider, r.tag, {", ".join(f"r.{c}" for c in COUNTERS)},
-    r.latency_buckets
-FROM json_to_recordset(%s::json) AS r(tenant_id text, hour timestamptz, message_class text, provider text, tag text,
+def _by_early_key(item: tuple[EarlyKey, _RollupRow]) -> EarlyKey:
+    return item[0]
+
+
+def _upsert(table: str, key_columns: Sequence[tuple[str, str]]) -> str:
+    """Add rows of counters and histograms to ``table`` (one JSON recordset parameter)."""
+    keys = ", ".join(name for name, _ in key_columns)
+    return f"""
+INSERT INTO {table} AS s ({keys}, {", ".join(COUNTERS)}, latency_buckets)
+SELECT {", ".join(f"r.{name}" for name, _ in key_columns)}, {", ".join(f"r.{c}" for c in COUNTERS)}, r.latency_buckets
+FROM json_to_recordset(%s::json) AS r({", ".join(f"{name} {kind}" for name, kind in key_columns)},
     {", ".join(f"{c} bigint" for c in COUNTERS)}, latency_buckets bigint[])
-ON CONFLICT (tenant_id, hour, message_class, provider, tag) DO UPDATE SET
+ON CONFLICT ({keys}) DO UPDATE SET
     {", ".join(f"{c} = s.{c} + excluded.{c}" for c in COUNTERS)},
     latency_buckets = CASE WHEN cardinality(excluded.latency_buckets) = 0 THEN s.latency_buckets
                            ELSE reports.add_buckets(s.latency_buckets, excluded.latency_buckets) END
 """
+
+
+_ADD_ROLLUPS = _upsert("reports.stats_hourly", (
+    ("tenant_id", "text"), ("hour", "timestamptz"), ("message_class", "text"), ("provider", "text"),
+    ("tag", "text"), ("campaign_id", "text"),
+))
+_ADD_EARLY = _upsert("reports.stats_before_accept", (
+    ("tenant_id", "text"), ("message_id", "text"), ("hour", "timestamptz"), ("message_class", "text"),
+    ("provider", "text"),
+))
+_CLAIM_EARLY = f"""
+DELETE FROM reports.stats_before_accept AS b
+USING json_to_recordset(%s::json) AS k(tenant_id text, message_id text)
+WHERE b.tenant_id = k.tenant_id AND b.message_id = k.message_id
+RETURNING b.tenant_id, b.message_id, b.hour, b.message_class, b.provider, {", ".join(f"b.{c}" for c in COUNTERS)},
+    b.latency_buckets
+"""
+
+
+async def start_claim_early(conn: psycopg.AsyncConnection,
+                            messages: Iterable[tuple[str, str]]) -> psycopg.AsyncCursor | None:
+    """Queue taking out the counts made before the ACCEPTED event of these (tenant, message) pairs, recorded
+    now; :func:`claimed_early` reads them.
+
+    Queue it after the merge of these messages' rows: a transaction that counted one of their events before
+    the ACCEPTED event holds that message's row until it commits, so its counts are visible by then."""
+    keys = sorted(set(messages))
+    if not keys:
+        return None
+    rows = [{"tenant_id": tenant_id, "message_id": message_id} for tenant_id, message_id in keys]
+    return await conn.execute(_CLAIM_EARLY, (json.dumps(rows, separators=(",", ":")),))
+
+
+async def claimed_early(cursor: psycopg.AsyncCursor | None) -> list[EarlyCount]:
+    """The counts :func:`start_claim_early` took out."""
+    if cursor is None:
+        return []
+    claimed = []
+    for tenant_id, message_id, hour, message_class, provider, *counts, buckets in await cursor.fetchall():
+        claimed.append(EarlyCount(tenant_id, message_id, hour, message_class, provider,
+                                  dict(zip(COUNTERS, counts, strict=True)), list(buckets or [])))
+    return claimed
+
+
+async def forget_early_counts(conn: psycopg.AsyncConnection, older_than: timedelta) -> None:
+    """Drop counts waiting longer than ``older_than`` for an ACCEPTED event (it will not come: ingest publishes
+    it from its outbox within seconds), so the table stays as small as the reordering it covers."""
+    await conn.execute("DELETE FROM reports.stats_before_accept WHERE recorded_at < now() - %s", (older_than,))
 
 
 @dataclass(frozen=True)
@@ -174,6 +311,8 @@ class StatsQuery:
     group_by: StatsGrouping = StatsGrouping.NONE
     message_class: str = ""
     """Only this class when set."""
+    campaign_id: str = ""
+    """Only this campaign's messages when set."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +329,7 @@ class StatsFigures:
     opened: int = 0
     clicked: int = 0
     unsubscribed: int = 0
+    cancelled: int = 0
     latency_ms_p50: float = 0.0
     latency_ms_p99: float = 0.0
 
@@ -208,6 +348,12 @@ _GROUP_EXPRESSIONS: dict[StatsGrouping, str] = {
     StatsGrouping.PROVIDER: "provider",
     StatsGrouping.MESSAGE_CLASS: "message_class",
     StatsGrouping.TAG: "tag",
+    StatsGrouping.CAMPAIGN: f"'{CAMPAIGN_PREFIX}' || campaign_id",
+}
+# Each grouping reads the rows of no tag (tag = '' counts every message once), except TAG, which reads the others.
+_ROW_FILTERS: dict[StatsGrouping, str] = {
+    StatsGrouping.TAG: "tag <> ''",
+    StatsGrouping.CAMPAIGN: "tag = '' AND campaign_id <> ''",
 }
 
 
@@ -230,6 +376,11 @@ class StatsReader:
         if query.message_class:
             filters += " AND message_class = %s"
             params.append(query.message_class)
+        if query.campaign_id:
+            # "<> ''" spelled out: a generic plan (psycopg prepares a statement run often) cannot derive it from
+            # "= %s", and without it the partial index stats_hourly_by_campaign is out of reach.
+            filters += " AND campaign_id = %s AND campaign_id <> ''"
+            params.append(query.campaign_id)
         sums = ", ".join(f"sum({c})::bigint" for c in COUNTERS) + ", reports.sum_buckets(latency_buckets)"
         async with self._pool.connection() as conn:
             cur = await conn.execute(f"SELECT '', {sums} FROM reports.stats_hourly WHERE {filters} AND tag = ''",
@@ -238,10 +389,10 @@ class StatsReader:
             rows: list[tuple[object, ...]] = []
             if query.group_by is not StatsGrouping.NONE:
                 expression = _GROUP_EXPRESSIONS[query.group_by]
-                tag_filter = "tag <> ''" if query.group_by is StatsGrouping.TAG else "tag = ''"
+                row_filter = _ROW_FILTERS.get(query.group_by, "tag = ''")
                 cur = await conn.execute(
                     f"""SELECT {expression} AS key, {sums} FROM reports.stats_hourly
-                        WHERE {filters} AND {tag_filter} GROUP BY key ORDER BY key""",
+                        WHERE {filters} AND {row_filter} GROUP BY key ORDER BY key""",
                     params,
                 )
                 rows = list(await cur.fetchall())

@@ -38,14 +38,14 @@ def _event(event_type: int, when: datetime, **fields: object) -> messages_pb2.Me
 
 def accepted(tenant: str, message_id: str, when: datetime, *, message_class: str = "transactional",
              to: Sequence[str] = ("alice@example.com",), tags: Sequence[str] = (), subject: str = "Hello",
-             credits: int = 3, event_id: str | None = None) -> queue_pb2.EventEnvelope:
-    """The ACCEPTED event ingest publishes, with the message as accepted."""
+             credits: int = 3, event_id: str | None = None, campaign: str = "") -> queue_pb2.EventEnvelope:
+    """The ACCEPTED event ingest publishes, with the message as accepted (``campaign``: "campaigns/{id}")."""
     message = messages_pb2.Message(
         name=f"messages/{message_id}", id=message_id, message_class=CLASSES[message_class],
         state=messages_pb2.MESSAGE_STATE_ACCEPTED,
         to=[common_pb2.EmailAddress(email=a, name=a.split("@")[0].title()) for a in to],
         subject=subject, tags=list(tags), metadata={"order": "42"}, request_id=f"req-{message_id}",
-        credits=credits,
+        credits=credits, campaign=campaign,
     )
     getattr(message, "from").CopyFrom(common_pb2.EmailAddress(email="shop@example.net", name="Shop"))
     message.create_time.FromDatetime(when)

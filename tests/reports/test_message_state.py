@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import grpc
 import pytest
+from esp.internal.v1 import queue_pb2
 from esp.v1 import messages_pb2
 
 from tests.reports.builders import accepted, at, attempted, eventually, new_id, sender_event, sent
@@ -112,6 +115,70 @@ async def test_a_bounce_or_complaint_after_delivery_wins(reports: ReportsService
     ])
 
     await _message_in_state(reports, tenant, message_id, state)
+
+
+def _cancelled(tenant: str, message_id: str, when: datetime) -> queue_pb2.EventEnvelope:
+    """The sender dropping a cancelled campaign's email before any provider had it."""
+    return sender_event(tenant, message_id, M.MESSAGE_EVENT_TYPE_CANCELLED, when, message_class="bulk",
+                        reason="campaign cancelled", final=True)
+
+
+async def test_a_cancelled_event_puts_the_message_in_state_cancelled_and_in_its_timeline(reports: ReportsService):
+    tenant, message_id = new_id("tenant-"), new_id()
+    await reports.publish([
+        accepted(tenant, message_id, at(16), message_class="bulk", campaign="campaigns/c-16"),
+        _cancelled(tenant, message_id, at(16, 5)),
+    ])
+
+    message = await _message_in_state(reports, tenant, message_id, M.MESSAGE_STATE_CANCELLED)
+
+    assert message.campaign == "campaigns/c-16"
+    timeline = await _timeline(reports, tenant, message_id)
+    assert [M.MessageEventType.Name(e.type) for e in timeline] == [
+        "MESSAGE_EVENT_TYPE_ACCEPTED", "MESSAGE_EVENT_TYPE_CANCELLED"]
+    assert timeline[-1].reason == "campaign cancelled"
+
+
+@pytest.mark.parametrize("outcome_type, state", [
+    (M.MESSAGE_EVENT_TYPE_SENT, M.MESSAGE_STATE_SENT),
+    (M.MESSAGE_EVENT_TYPE_DELIVERED, M.MESSAGE_STATE_DELIVERED),
+    (M.MESSAGE_EVENT_TYPE_BOUNCED, M.MESSAGE_STATE_BOUNCED),
+    (M.MESSAGE_EVENT_TYPE_COMPLAINED, M.MESSAGE_STATE_COMPLAINED),
+])
+async def test_a_late_cancelled_does_not_move_a_message_a_provider_had_back(reports: ReportsService,
+                                                                            outcome_type: int, state: int):
+    tenant, message_id = new_id("tenant-"), new_id()
+    await reports.publish([
+        accepted(tenant, message_id, at(17), message_class="bulk", campaign="campaigns/c-17"),
+        sender_event(tenant, message_id, outcome_type, at(17, 0, 1), message_class="bulk", provider="ses-eu",
+                     provider_message_id="ses-17", recipient="alice@example.com"),
+    ])
+    await _message_in_state(reports, tenant, message_id, state)
+
+    late = _cancelled(tenant, message_id, at(17, 5))
+    await reports.publish([late])
+    await eventually(lambda: _has_event(reports, tenant, message_id, late.event.event_id), what="late CANCELLED")
+
+    message = await _message(reports, tenant, message_id)
+    assert message is not None and message.state == state
+
+
+@pytest.mark.parametrize("cancelled_first", [True, False])
+async def test_failed_outranks_cancelled_whichever_is_recorded_first(reports: ReportsService, cancelled_first: bool):
+    tenant, message_id = new_id("tenant-"), new_id()
+    failed = sender_event(tenant, message_id, M.MESSAGE_EVENT_TYPE_FAILED, at(18, 2), message_class="bulk",
+                          reason="550 no such user", final=True)
+    cancelled = _cancelled(tenant, message_id, at(18, 1 if cancelled_first else 3))
+    first, second = (cancelled, failed) if cancelled_first else (failed, cancelled)
+    await reports.publish([accepted(tenant, message_id, at(18), message_class="bulk", campaign="campaigns/c-18"),
+                           first])
+    await eventually(lambda: _has_event(reports, tenant, message_id, first.event.event_id), what="first outcome")
+
+    await reports.publish([second])
+    await eventually(lambda: _has_event(reports, tenant, message_id, second.event.event_id), what="second outcome")
+
+    message = await _message(reports, tenant, message_id)
+    assert message is not None and message.state == M.MESSAGE_STATE_FAILED
 
 
 async def test_events_before_accepted_create_a_placeholder_that_accepted_fills_in(reports: ReportsService):

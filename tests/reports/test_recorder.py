@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from esp.internal.v1 import queue_pb2
 from esp.v1 import messages_pb2
 
@@ -93,3 +94,22 @@ async def test_a_sent_event_names_the_provider_even_after_a_delivery_report_name
     assert named_by_report == ("mg-early", "<early@mg>")
     assert named_by_sent == ("ses-took-it", "ses-1")
     assert after_a_later_report == ("ses-took-it", "ses-1")
+
+
+@pytest.mark.parametrize("cancelled_minute", [1, 3])
+async def test_failed_outranks_cancelled_within_one_batch_whichever_happened_later(reports: ReportsService,
+                                                                                    cancelled_minute: int):
+    tenant, message_id = new_id("tenant-"), new_id()
+    batch = [decode_envelope(e.SerializeToString()) for e in (
+        accepted(tenant, message_id, at(22), message_class="bulk"),
+        sender_event(tenant, message_id, M.MESSAGE_EVENT_TYPE_FAILED, at(22, 2), message_class="bulk", final=True),
+        sender_event(tenant, message_id, M.MESSAGE_EVENT_TYPE_CANCELLED, at(22, cancelled_minute),
+                     message_class="bulk", final=True),
+    )]
+    async with await reports.connect_db() as conn:
+        await record_events(conn, batch)
+        cur = await conn.execute("SELECT state FROM reports.messages WHERE tenant_id = %s AND message_id = %s",
+                                 (tenant, message_id))
+        state = (await cur.fetchone() or ("",))[0]
+
+    assert state == "failed"
