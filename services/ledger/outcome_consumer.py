@@ -1,6 +1,7 @@
 """The settlement worker's consumer of final outcome events: it turns each JetStream batch into ledger outcome events
-(sent → commit the hold, failed for good → release it) and settles them with one :meth:`Ledger.apply_outcomes
-<services.ledger.ledger.Ledger.apply_outcomes>` call (the settling itself is :mod:`services.ledger.outcomes`)."""
+(sent → commit the hold, failed for good or cancelled → release it) and settles them with one
+:meth:`Ledger.apply_outcomes <services.ledger.ledger.Ledger.apply_outcomes>` call (the settling itself is
+:mod:`services.ledger.outcomes`)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ _OUTCOME_OF = {
     messages_pb2.MESSAGE_EVENT_TYPE_SENT: FinalOutcome.SENT,
     messages_pb2.MESSAGE_EVENT_TYPE_FAILED: FinalOutcome.FAILED,
     messages_pb2.MESSAGE_EVENT_TYPE_DEAD_LETTERED: FinalOutcome.FAILED,
+    # Dropped before any provider had it (its campaign was cancelled): nothing was sent, the hold is released.
+    messages_pb2.MESSAGE_EVENT_TYPE_CANCELLED: FinalOutcome.FAILED,
 }
 
 
 def outcome_of(envelope: queue_pb2.EventEnvelope) -> OutcomeEvent | None:
-    """The ledger-relevant outcome an event carries, if any (only final sent/failed events move credits)."""
+    """The ledger-relevant outcome an event carries, if any (only final sent, failed and cancelled events move
+    credits)."""
     outcome = _OUTCOME_OF.get(envelope.event.type)
     if outcome is None or not envelope.final:
         return None

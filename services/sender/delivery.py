@@ -5,14 +5,20 @@ The steps, each a method below:
 1. ``_claim`` — lease each email and read its memory (one Redis round trip for the batch). Another sender
    holds it → leave it to that sender. Already sent (sent marker) → announce SENT again (same event id, so the
    stream drops the duplicate) and ack: a redelivered email is never sent twice. Older than its class's
-   useful life → FAILED and dead-lettered.
+   useful life → FAILED and dead-lettered (unless its campaign is halted: see step 2).
 2. ``_rank`` — the fallback chain for each email from the local catalog and health snapshot (no round trip),
-   without the providers that failed it last time or were tried in this delivery.
+   without the providers that failed it last time or were tried in this delivery. Before it (and in step 1),
+   an email whose campaign is halted (the in-process snapshot of ``services.sender.halts``) leaves the delivery:
+   cancelled → final CANCELLED and ack; paused → parked on the campaign's held subject and acked once the park
+   is durable.
+   After it, ``_drop_suppressed`` looks up every recipient of the ranked emails on the suppression list again
+   (one round trip, ``services.sender.suppressions``): one suppressed since the email was queued → FAILED.
 3. ``_place`` — walk each email down its chain: the provider's adapter must accept it (its ``precheck`` at the
    size ingest measured: recipients, features, size), then ``acquire`` (breaker, Retry-After pause, quota, rate
    slot — one pipelined round trip for all calls) must grant it; a refusal moves the email to its next provider at
    once. Bulk emails going to the same provider share the batch calls its adapter plans (``plan_batches``).
-4. ``_perform`` — the provider calls, concurrently (after the booked rate slot, if any).
+4. ``_perform`` — the provider calls, concurrently (after the booked rate slot, if any). Right before each
+   call the halts are looked at again, so a campaign halted during the rate wait reaches no provider either.
 5. ``_record`` — the calls' outcomes into the shared provider health (one round trip for all calls).
 6. ``_conclude`` — per email, per its class's retry policy (``libs.common.message_classes``): accepted → SENT;
    rejected → FAILED; throttled → next provider now, or wait the Retry-After; failed → next provider now (otp,
@@ -20,9 +26,10 @@ The steps, each a method below:
    (steps 2 to 6 are one ``_round``).
 7. ``_commit`` — after the last round: each email's new memory (sent marker, failed providers, failure
    count) and its lease given back, one round trip for the batch; then every event decided along the way is
-   published and made durable together. Only then does ``deliver`` return and the pool ack (or nak with the
-   computed delay) the emails. The marker is written before the SENT event exists, so a crash in between
-   re-announces and never resends; a crash anywhere else re-runs the delivery from step 1.
+   published and made durable together, and the paused campaigns' emails parked on the held stream. Only then
+   does ``deliver`` return and the pool ack (or nak with the computed delay) the emails; a park the held stream
+   did not acknowledge is naked, never acked. The marker is written before the SENT event exists, so a crash in
+   between re-announces and never resends; a crash anywhere else re-runs the delivery from step 1.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from esp.internal.v1 import queue_pb2
 from esp.v1 import messages_pb2
 from prometheus_client import Counter, Histogram
 
+from libs.common.campaign_halts import Halt
 from libs.common.message_classes import AmbiguousPolicy, MessageClass, RetryPolicy
 from libs.providers.base import ProviderAdapter
 from libs.providers.errors import AdapterConfigError, InvalidMessage, ProviderError
@@ -59,9 +67,11 @@ from libs.routing.health import (
 from libs.routing.scoring import EmailFacts, RouteDecision, rank
 from services.sender.adapters import AdapterPool
 from services.sender.events import NO_ATTEMPT, AttemptFacts, EventPublisher
+from services.sender.halts import CampaignHalts, held_msg_id
 from services.sender.links import LinkedAttachments
 from services.sender.retries import backoff_s, throttle_delay_s
 from services.sender.state import MessageState, MessageStateStore, SentMarker, StateChange
+from services.sender.suppressions import Recipients, SuppressionCheck
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +94,13 @@ FALLBACK_DECISION = Histogram(
     "From a failed attempt's answer to the next provider call for the same email (same delivery)",
     buckets=(0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1))
 VERDICTS = Counter("esp_sender_deliveries_total", "Emails handled per delivery, by verdict", ["class", "verdict"])
+WITHHELD = Counter("esp_sender_withheld_total", "Emails kept from every provider just before the call, by why",
+                   ["class", "why"])
+PARK_RETRY_S = 2.0
+"""An email whose park on the held stream was not acknowledged is offered again after this long."""
+SUPPRESSED_CODE = "SUPPRESSED"
+"""The ``reason_code`` attribute of the FAILED event of an email whose recipient was suppressed after it was
+queued."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +125,10 @@ class Incoming:
     """Tells JetStream the email is still being worked on (in-progress ack)."""
     trace: Mapping[str, str] = field(default_factory=dict)
     """The W3C trace context the email was queued with; its events carry it on, so one trace spans the send."""
+    sequence: int = 0
+    """Its sequence in the SEND stream (0: unknown, the delivery count stands in): names its park, if parked."""
+    payload: bytes = b""
+    """The task as queued (empty: ``task`` encoded again); a parked email is parked as it was queued."""
 
 
 AttachmentOpener = Callable[[str], AsyncIterator[bytes]]
@@ -161,6 +182,8 @@ class Job:
     marked: bool = False
     """It was sent during this delivery: the sent marker must be written."""
     last_refusal: str = ""
+    parked: bool = False
+    """Its campaign is paused: it goes to the held stream, and is acked only once it is there."""
 
     @property
     def task(self) -> queue_pb2.SendTask:
@@ -210,6 +233,8 @@ class Call:
     results: list[SendResult] = field(default_factory=list)
     reached_provider: bool = True
     """False when the call failed before any network I/O (its quota is given back)."""
+    withheld: int = 0
+    """Emails taken out of the call after their permit was granted (campaign halted): their quota is given back."""
 
 
 class Deliverer:
@@ -218,7 +243,8 @@ class Deliverer:
     def __init__(self, *, catalog: ProviderCatalog, health: HealthBoard, adapters: AdapterPool,
                  states: MessageStateStore, events: EventPublisher, opener: AttachmentOpener,
                  policies: Mapping[str, RetryPolicy], linker: AttachmentLinker | None = None,
-                 heartbeat_s: float = 20.0) -> None:
+                 heartbeat_s: float = 20.0, halts: CampaignHalts | None = None,
+                 suppressions: SuppressionCheck | None = None) -> None:
         self.catalog = catalog
         self.health = health
         self.adapters = adapters
@@ -228,6 +254,10 @@ class Deliverer:
         self.linker = linker
         self.policies = policies
         self.heartbeat_s = heartbeat_s
+        self.halts = halts
+        """Halted campaigns (None: none are ever halted)."""
+        self.suppressions = suppressions
+        """The suppression re-check before the call (None: only accept's check)."""
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # -- the whole delivery ----------------------------------------------------------------------------------
@@ -270,6 +300,8 @@ class Deliverer:
                 self._sent(job, AttemptFacts(
                     provider=state.sent.provider, provider_message_id=state.sent.provider_message_id,
                     attributes={"ambiguous": "true"} if state.sent.ambiguous else {}), pending)
+            elif self._halted(job, pending):
+                pass  # a halted campaign's email is cancelled or parked, however long it waited
             elif _age_s(incoming.task) > job.policy.max_age_s:
                 self._fail(job, f"not sent within {job.policy.max_age_s:.0f}s of acceptance", pending,
                            dead_letter=True)
@@ -296,16 +328,21 @@ class Deliverer:
         chains: dict[Job, list[str]] = {}
         decisions: dict[tuple[object, ...], RouteDecision] = {}
         for job in jobs:
+            # A halted campaign's backlog leaves before it books any quota or rate slot (a paused campaign's
+            # emails are parked at full speed, never at the provider's rate).
+            if self._halted(job, pending):
+                continue
             decision = self._rank(job, decisions)
             if decision.ranked:
                 chains[job] = [s.provider_id for s in decision.ranked]
             else:
                 self._unroutable(job, decision, pending)
+        await self._drop_suppressed(chains, pending)
         calls, unplaced = await self._place(chains, pending)
         for job in unplaced:
             self._unavailable(job, pending)
         if calls:
-            await asyncio.gather(*(self._perform(call) for call in calls))
+            await asyncio.gather(*(self._perform(call, pending) for call in calls))
             await self._record(calls)
         again: list[Job] = []
         for call in calls:
@@ -329,6 +366,39 @@ class Deliverer:
             decision = rank(self.catalog.providers.values(), self.health.snapshots, facts)
             cache[key] = decision
         return decision
+
+    def _halted(self, job: Job, pending: Outbox) -> bool:
+        """Take the email out of the delivery if its campaign is halted: cancelled → final CANCELLED (its hold is
+        released), paused → parked (``_commit``). True when it was taken out."""
+        halt = self.halts.of(job.task.campaign_id) if self.halts is not None else None
+        if halt is None:
+            return False
+        if halt is Halt.CANCELLED:
+            pending.append(EventIntent(
+                job.task, messages_pb2.MESSAGE_EVENT_TYPE_CANCELLED, event_id=f"{job.message_id}:cancelled",
+                final=True, reason="campaign cancelled"))
+        else:
+            job.parked = True  # acked only once the park is durable: _commit takes the ack back if it is not
+        job.verdict = ACK
+        WITHHELD.labels(job.message_class, halt.value).inc()
+        return True
+
+    async def _drop_suppressed(self, chains: dict[Job, list[str]], pending: Outbox) -> None:
+        """Fail the emails with a recipient suppressed since they were queued (every email in one round trip)."""
+        if self.suppressions is None or not chains:
+            return
+        jobs = list(chains)
+        found = await self.suppressions.suppressed([
+            Recipients(job.task.tenant_id, job.message_class, _recipients(job.task)) for job in jobs])
+        for job, addresses in zip(jobs, found, strict=True):
+            if not addresses:
+                continue
+            del chains[job]
+            self._fail(job, f"suppressed: {', '.join(addresses)} joined the suppression list after the email was "
+                            f"accepted", pending,
+                       facts=AttemptFacts(attributes={"reason_code": SUPPRESSED_CODE,
+                                                      "suppressed_recipients": ", ".join(addresses)}))
+            WITHHELD.labels(job.message_class, "suppressed").inc()
 
     # -- step 3 --------------------------------------------------------------------------------------------------
     async def _place(self, chains: dict[Job, list[str]],
@@ -407,7 +477,7 @@ class Deliverer:
         return [[jobs[index] for index in call] for call in plan]
 
     # -- step 4 --------------------------------------------------------------------------------------------------
-    async def _perform(self, call: Call) -> None:
+    async def _perform(self, call: Call, pending: Outbox) -> None:
         now = time.perf_counter()
         for job in call.jobs:
             job.calls += 1
@@ -416,6 +486,15 @@ class Deliverer:
                 job.failed_at = None
         if call.permit.wait_s > 0:
             await asyncio.sleep(call.permit.wait_s)  # the rate slot booked for this call
+        # The last look before the provider has the emails: a campaign halted since the round began (during the
+        # rate wait, say) must not reach it either. Each email of a batch call on its own; the others go on.
+        going = [job for job in call.jobs if not self._halted(job, pending)]
+        if len(going) < len(call.jobs):
+            call.withheld += len(call.jobs) - len(going)
+            call.jobs = going
+            if not going:
+                call.reached_provider = False
+                return
         emails = [job.email for job in call.jobs if job.email is not None]
         try:
             adapter: ProviderAdapter = self.adapters.get(call.provider_id)
@@ -443,18 +522,19 @@ class Deliverer:
             rejected = sum(1 for r in call.results if r.outcome is Outcome.PERMANENT and not r.provider_fault)
             if not call.reached_provider:
                 recorded.append(RecordedCall(call.provider_id, CallHealth.NOT_SENT, probe=call.permit.probe,
-                                             refund_emails=len(call.jobs)))
+                                             refund_emails=len(call.jobs) + call.withheld))
             elif all(o is Outcome.THROTTLED for o in outcomes):
                 retry_after = max((r.retry_after_s or 0.0 for r in call.results), default=0.0) or 1.0
                 recorded.append(RecordedCall(call.provider_id, CallHealth.THROTTLED, probe=call.permit.probe,
-                                             retry_after_s=retry_after, refund_emails=len(call.jobs)))
+                                             retry_after_s=retry_after, refund_emails=len(call.jobs) + call.withheld))
             elif Outcome.ACCEPTED in outcomes or rejected:
                 single = call.results[0] if len(call.results) == 1 and outcomes[0] is Outcome.ACCEPTED else None
                 latency = single.elapsed_s * 1000 if single and single.elapsed_s is not None else None
                 recorded.append(RecordedCall(call.provider_id, CallHealth.SUCCESS, latency, call.permit.probe,
-                                             refund_emails=rejected))
+                                             refund_emails=rejected + call.withheld))
             else:
-                recorded.append(RecordedCall(call.provider_id, CallHealth.FAILURE, probe=call.permit.probe))
+                recorded.append(RecordedCall(call.provider_id, CallHealth.FAILURE, probe=call.permit.probe,
+                                             refund_emails=call.withheld))
         await self.health.record_many(recorded)
         attempts = Tally((call.provider_id, result.outcome.value) for call in calls for result in call.results)
         for labels, count in attempts.items():
@@ -521,7 +601,47 @@ class Deliverer:
             await self.events.stage(e.task, e.event_type, event_id=e.event_id, final=e.final, reason=e.reason,
                                     facts=e.facts, trace=trace.get(e.task.message_id))
             for e in pending]
-        await self.events.flush(staged)
+        parks = [(job, await self._park(job)) for job in jobs if job.parked]
+        try:
+            await self.events.flush(staged)
+        except BaseException:
+            self.events.publisher.forget([ack for _, ack in parks if ack is not None])
+            raise
+        await self._parked(parks)
+
+    async def _park(self, job: Job) -> asyncio.Future[None] | None:
+        """Publish the email, as it was queued, to its paused campaign's held subject (the ack awaited in
+        ``_parked``); None when it could not even be sent."""
+        incoming = job.incoming
+        payload = incoming.payload or incoming.task.SerializeToString()
+        msg_id = held_msg_id(job.message_id, incoming.sequence or incoming.delivery)
+        try:
+            return await self.events.publisher.publish(self.events.topology.held_subject(job.task.campaign_id),
+                                                       payload, msg_id, dict(incoming.trace) or None)
+        except Exception:
+            log.warning("could not park an email of paused campaign %s", job.task.campaign_id, exc_info=True)
+            return None
+
+    async def _parked(self, parks: list[tuple[Job, asyncio.Future[None] | None]]) -> None:
+        """Wait for the held stream to store the parked emails; one it did not is not acked but offered again
+        (at least once: a parked email is only acked once its park is durable)."""
+        acks = [ack for _, ack in parks if ack is not None]
+        if not acks:
+            outcomes: list[BaseException | None] = []
+        else:
+            try:
+                outcomes = await asyncio.wait_for(asyncio.gather(*acks, return_exceptions=True),
+                                                  self.events.timeout_s)
+            except TimeoutError:
+                self.events.publisher.forget(acks)
+                outcomes = [TimeoutError()] * len(acks)
+        durable = iter(outcomes)
+        for job, ack in parks:
+            problem = next(durable) if ack is not None else RuntimeError("not published")
+            if problem is not None:
+                log.warning("the held stream did not take an email of paused campaign %s: %s; it will be offered "
+                            "again", job.task.campaign_id, problem)
+                job.verdict = Verdict(ack=False, retry_in_s=PARK_RETRY_S)
 
     # -- when no provider can take the email now -------------------------------------------------------------------
     def _unroutable(self, job: Job, decision: RouteDecision, pending: Outbox) -> None:
@@ -604,6 +724,10 @@ def _class_of(task: queue_pb2.SendTask) -> MessageClass:
         return MessageClass.from_proto(task.message_class)
     except ValueError:
         return MessageClass.TRANSACTIONAL
+
+
+def _recipients(task: queue_pb2.SendTask) -> list[str]:
+    return [a.email for addresses in (task.to, task.cc, task.bcc) for a in addresses]
 
 
 def _age_s(task: queue_pb2.SendTask) -> float:

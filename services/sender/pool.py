@@ -103,9 +103,11 @@ class ClassPool:
                     log.error("dropping an undecodable send task", extra={"consumer": self.durable})
                     await msg.term()
                     continue
-                delivery = msg.metadata.num_delivered if msg.metadata else 1
+                metadata = msg.metadata
+                delivery = metadata.num_delivered if metadata else 1
+                sequence = metadata.sequence.stream if metadata else 0
                 trace = {k: v for k, v in (msg.headers or {}).items() if k in TRACE_HEADERS}
-                batch.append(Incoming(task, delivery, msg.in_progress, trace))
+                batch.append(Incoming(task, delivery, msg.in_progress, trace, sequence, msg.data))
                 decoded.append(msg)
             if not batch:
                 return

@@ -27,9 +27,11 @@ from services.sender.adapters import AdapterPool
 from services.sender.config import SenderSettings
 from services.sender.delivery import RETRY_POLICIES, Deliverer
 from services.sender.events import EventPublisher
+from services.sender.halts import CampaignHalts
 from services.sender.links import link_attachments
 from services.sender.pool import ClassPool
 from services.sender.state import MessageStateStore
+from services.sender.suppressions import SuppressionCheck
 from services.sender.yielding import UrgentTraffic, yield_to_urgent_mail
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,8 @@ async def build_app(settings: SenderSettings) -> ServiceApp:
 
 
 async def build_pools(settings: SenderSettings) -> WorkerParts:
-    """Catalog watch, health refresher and one pool per class served, wired to the shared servers."""
+    """Catalog watch, health and halted-campaign refreshers and one pool per class served, wired to the shared
+    servers."""
     topology = Topology(settings.namespace)
     nc = await connect(settings.nats_url, "esp-sender")
     js = nc.jetstream()
@@ -58,6 +61,9 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
     adapters = AdapterPool(catalog)
     states = MessageStateStore(redis, settings.namespace, ttl_s=settings.sent_marker_ttl_s,
                                lease_s=settings.ack_wait_s)
+    # Halts and suppressions live under the namespace the sender's other Redis keys use.
+    halts = CampaignHalts(redis, settings.namespace)
+    suppressions = SuppressionCheck(redis, settings.namespace)
     s3 = create_s3_client(settings.s3_endpoint, settings.s3_region, settings.s3_access_key, settings.s3_secret_key)
 
     def open_attachment(key: str) -> AsyncIterator[bytes]:
@@ -75,7 +81,7 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
                               policies=RETRY_POLICIES,
                               linker=partial(link_attachments, s3=s3, bucket=settings.s3_bucket,
                                              ttl_s=settings.attachment_link_ttl_s),
-                              heartbeat_s=settings.ack_wait_s / 3)
+                              heartbeat_s=settings.ack_wait_s / 3, halts=halts, suppressions=suppressions)
         pool = ClassPool(class_nc, topology, message_class, deliverer, concurrency=settings.concurrency(message_class),
                          ack_wait_s=settings.ack_wait_s, batch_max=settings.batch_max(message_class),
                          on_delivered=urgent.note_delivery if message_class in settings.bulk_yields_to else None)
@@ -86,6 +92,10 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
     catalog_task = asyncio.create_task(catalog.run(catalog_stop))
     await catalog.wait_loaded()
     await health.refresh(catalog.providers)
+    try:  # a restarted sender knows the halts before its first delivery
+        await halts.refresh()
+    except Exception:
+        log.warning("could not read the halted campaigns at start; the refresher keeps trying", exc_info=True)
 
     # httpx imports its event-loop backend (through httpcore and anyio) on its first request: some 40 ms of CPU
     # that the first OTP after a start would wait for. An anyio checkpoint imports it now.
@@ -109,7 +119,8 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
             await connection.drain()
         await redis.aclose()
 
-    return WorkerParts(tasks=[refresh_health, *yielding, *[partial(_run, p) for p in pools]], closers=[close_all])
+    return WorkerParts(tasks=[refresh_health, halts.run, *yielding, *[partial(_run, p) for p in pools]],
+                       closers=[close_all])
 
 
 def _redis(url: str, max_connections: int) -> aioredis.Redis:
