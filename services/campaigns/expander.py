@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from esp.internal.v1 import queue_pb2
 from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -38,6 +39,7 @@ from libs.common.jetstream import AckedPublisher, Topology, connect, ensure_stre
 from libs.common.outbox import OutboxPublisher
 from libs.common.redis import create_redis
 from libs.common.stopping import pause_unless_stopped
+from libs.common.timestamps import to_timestamp
 from libs.common.unsubscribe import UnsubscribeTokens
 from libs.common.workers import StopEvent, WorkerParts, run_worker
 from services.campaigns.clients import LedgerHolds, ReportsStats
@@ -205,7 +207,7 @@ class Expander:
                 except NatsTimeoutError:
                     break
                 send_subject = self.topology.send_subject(message_class)
-                acks = [await self.publisher.publish(send_subject, msg.data,
+                acks = [await self.publisher.publish(send_subject, _requeued(msg.data),
                                                      f"unparked.{campaign_id}.{msg.metadata.sequence.stream}")
                         for msg in msgs]
                 await asyncio.gather(*acks)
@@ -239,6 +241,15 @@ class Expander:
                     completed.append(campaign_id)
                     log.info("campaign %s completed", campaign_id)
         return completed
+
+
+def _requeued(payload: bytes) -> bytes:
+    """A parked task as it goes back to the send stream: queued anew now, so a pause longer than the class's
+    maximum age does not make the sender give its emails up as too old."""
+    task = queue_pb2.SendTask.FromString(payload)
+    task.accepted_time.CopyFrom(to_timestamp(datetime.now(UTC)))
+    requeued: bytes = task.SerializeToString()
+    return requeued
 
 
 def unsubscribe_links(settings: CampaignsSettings) -> UnsubscribeLinks | None:

@@ -197,3 +197,12 @@ def campaign_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str
     yield running
     running.mesh.stop()
     asyncio.run(m.forget_namespace(namespace, nats_url, redis_url))
+
+
+def bulk_price(running: CampaignMesh, key: str) -> int:
+    """What one bulk email costs the tenant of ``key``."""
+    with grpc.insecure_channel(running.endpoint) as channel:
+        book = credits_pb2_grpc.CreditServiceStub(channel).GetPriceBook(
+            credits_pb2.GetPriceBookRequest(tenant=f"tenants/{running.tenant_of(key)}"), metadata=running.auth(key),
+            timeout=10)
+    return int(book.bulk_per_email)
