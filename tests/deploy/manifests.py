@@ -38,6 +38,7 @@ GRPC_PORTS: Mapping[str, int] = {
     "ledger": 50053,
     "reports": 50054,
     **{f"sender-{sender_class}": 50055 for sender_class in SENDER_CLASSES},
+    "campaigns": 50056,
 }
 COMPONENTS = (*GRPC_PORTS, "gateway")
 PUBLIC_PORTS = frozenset({("ingest", 50051), ("gateway", 8080), ("reports", 8081)})
@@ -278,6 +279,30 @@ def ingress_reachability(rendering: Rendering) -> set[tuple[str, str, int | str]
             ports: list[int | str] = [port["port"] for port in rule.get("ports", [])] or ["*"]
             reachable.update((component, scope, port) for component in selected for scope in scopes for port in ports)
     return reachable
+
+
+def mesh_callers(rendering: Rendering) -> dict[tuple[str, int | str], set[str]]:
+    """For every (component, port) a ``mesh`` rule of :func:`ingress_reachability` opens, the components whose pods
+    the rule's pod selectors admit."""
+    deployments = rendering.of_kind("Deployment")
+    callers: dict[tuple[str, int | str], set[str]] = {}
+    for policy in rendering.of_kind("NetworkPolicy"):
+        selector = match_labels(policy["spec"]["podSelector"])
+        selected = [component_of(d) for d in deployments if matches(selector, pod_labels(d))]
+        for rule in policy["spec"].get("ingress", []):
+            peers = [peer for peer in rule.get("from", []) if peer_scope(peer) == "mesh"]
+            admitted = {
+                component_of(d)
+                for peer in peers
+                for d in deployments
+                if matches(match_labels(peer["podSelector"]), pod_labels(d))
+            }
+            ports: list[int | str] = [port["port"] for port in rule.get("ports", [])] or ["*"]
+            for component in selected:
+                for port in ports:
+                    if peers:
+                        callers.setdefault((component, port), set()).update(admitted)
+    return callers
 
 
 def default_deny_covers(rendering: Rendering, deployment: Mapping[str, Any]) -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 
-from tests.deploy.manifests import GRPC_PORTS, Rendering, component_of, environment, pod_spec, workloads
+from dev.migrate import SERVICES_WITH_SCHEMAS
+from tests.deploy.manifests import GRPC_PORTS, REPO_ROOT, Rendering, component_of, environment, pod_spec, workloads
 
 SHARED_SETTINGS = (
     "ESP_NATS_URL",
@@ -16,6 +17,8 @@ SHARED_SETTINGS = (
     "ESP_ROUTER_ADDR",
     "ESP_LEDGER_ADDR",
     "ESP_REPORTS_ADDR",
+    "ESP_CAMPAIGNS_ADDR",
+    "ESP_PUBLIC_BASE_URL",
     "ESP_LOG_LEVEL",
 )
 ADDRESSES = {
@@ -23,11 +26,25 @@ ADDRESSES = {
     "ESP_ROUTER_ADDR": "router",
     "ESP_LEDGER_ADDR": "ledger",
     "ESP_REPORTS_ADDR": "reports",
+    "ESP_CAMPAIGNS_ADDR": "campaigns",
 }
-SECRET_LOOKING_NAME = re.compile(r"(DSN|PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL|SIGNING|UNSUBSCRIBE_KEYS)",
-                                 re.IGNORECASE)
+SECRET_LOOKING_NAME = re.compile(
+    r"(DSN|PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL|SIGNING|UNSUBSCRIBE_KEYS)", re.IGNORECASE
+)
 CREDENTIALS_IN_URL = re.compile(r"://[^/@\s]+:[^/@\s]+@")
-USES_POSTGRES = ("ingest", "router", "ledger", "reports", "sender-otp", "sender-transactional", "sender-bulk")
+USES_POSTGRES = (
+    "ingest",
+    "router",
+    "ledger",
+    "reports",
+    "campaigns",
+    "sender-otp",
+    "sender-transactional",
+    "sender-bulk",
+)
+USES_S3 = ("ingest", "campaigns", "sender-otp", "sender-transactional", "sender-bulk")
+USES_UNSUBSCRIBE_KEYS = ("reports", "campaigns")
+HTTPS_URL = re.compile(r"^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^\s?#]*)?$")
 
 
 def service_containers(rendering: Rendering):
@@ -115,3 +132,44 @@ def test_service_addresses_point_at_services_serving_that_grpc_port(rendering: R
         assert host in services, variable
         assert component_of(services[host]) == component, variable
         assert int(port) in {p["port"] for p in services[host]["spec"]["ports"] if p["name"] == "grpc"}, variable
+
+
+def test_s3_keys_come_from_the_optional_s3_secret_for_every_service_that_uses_s3(rendering: Rendering):
+    """Optional, so pods with workload identity (IRSA, GKE WI) start without the Secret."""
+    for component, container in service_containers(rendering):
+        variables = environment(rendering, container)
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            if component in USES_S3:
+                reference = variables[name]["valueFrom"]["secretKeyRef"]
+                assert "s3" in reference["name"] and reference.get("optional") is True, (component, name)
+            else:
+                assert name not in variables, (component, name)
+
+
+def test_reports_and_campaigns_share_one_required_unsubscribe_key_secret(rendering: Rendering):
+    """Campaigns signs the one-click tokens reports verifies: with different keys every link would answer 404."""
+    references = {}
+    for component, container in service_containers(rendering):
+        variable = environment(rendering, container).get("ESP_UNSUBSCRIBE_KEYS")
+        if component in USES_UNSUBSCRIBE_KEYS:
+            reference = variable["valueFrom"]["secretKeyRef"]
+            assert reference.get("optional") is not True, component
+            references[component] = (reference["name"], reference["key"])
+        else:
+            assert variable is None, component
+
+    assert len(set(references.values())) == 1
+
+
+def test_the_public_base_url_is_https_or_unset(rendering: Rendering):
+    """RFC 8058 one-click links must be https; empty makes campaigns refuse one-click campaigns instead."""
+    for component, container in service_containers(rendering):
+        url = environment(rendering, container)["ESP_PUBLIC_BASE_URL"]["value"]
+        assert url == "" or HTTPS_URL.match(url), (component, url)
+
+
+def test_the_migrations_job_migrates_every_service_that_owns_a_schema():
+    """The Job runs dev.migrate: each services/<name>/migrations must be in its list, or the schema never exists."""
+    owners = {path.parent.name for path in (REPO_ROOT / "services").glob("*/migrations") if path.is_dir()}
+
+    assert owners == set(SERVICES_WITH_SCHEMAS)

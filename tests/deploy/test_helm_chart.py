@@ -59,7 +59,15 @@ def test_chart_lints_without_errors_or_warnings(values_file):
 def test_the_chart_has_one_template_per_service():
     templates = {path.name for path in (CHART_DIR / "templates").iterdir()}
 
-    assert {"ingest.yaml", "router.yaml", "ledger.yaml", "reports.yaml", "gateway.yaml", "sender.yaml"} <= templates
+    assert {
+        "ingest.yaml",
+        "router.yaml",
+        "ledger.yaml",
+        "reports.yaml",
+        "campaigns.yaml",
+        "gateway.yaml",
+        "sender.yaml",
+    } <= templates
     assert {"_helpers.tpl", "NOTES.txt", "migrations.yaml", "config.yaml"} <= templates
 
 
@@ -79,8 +87,17 @@ def test_shipped_values_satisfy_the_values_schema(values_file):
         {"nats": {"url": "tls://nats-0:4222,tls://nats-1:4222"}},
         {"redis": {"url": "rediss://redis.example.internal:6380/2"}},
         {"ingest": {"resources": {"requests": {"cpu": 0.5}}}},
+        {"publicBaseUrl": "https://mail.example.com:8443/esp"},
     ],
-    ids=["s3-endpoint", "pdb-percentage", "prerelease-tag", "nats-tls-cluster", "redis-tls", "numeric-cpu"],
+    ids=[
+        "s3-endpoint",
+        "pdb-percentage",
+        "prerelease-tag",
+        "nats-tls-cluster",
+        "redis-tls",
+        "numeric-cpu",
+        "public-base-url-with-port-and-path",
+    ],
 )
 def test_reasonable_overrides_satisfy_the_values_schema(overrides):
     assert list(schema_validator().iter_errors(merged_values(overrides))) == []
@@ -115,6 +132,11 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
         "/sender/classes/otp/autoscaling/lagThreshold",
     ),
     "enabled-not-boolean": ({"gateway": {"enabled": "yes"}}, "/gateway/enabled"),
+    "public-base-url-not-https": ({"publicBaseUrl": "http://esp.example.com"}, "/publicBaseUrl"),
+    "campaigns-cpu-target-above-100": (
+        {"campaigns": {"autoscaling": {"targetCPUUtilizationPercentage": 101}}},
+        "/campaigns/autoscaling/targetCPUUtilizationPercentage",
+    ),
 }
 
 
@@ -232,6 +254,32 @@ def test_the_default_deny_policy_selects_only_this_releases_pods():
     [deny] = [p for p in rendering.of_kind("NetworkPolicy") if not p["spec"].get("ingress")]
 
     assert deny["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "mail"
+
+
+def test_a_disabled_campaigns_service_renders_nothing_of_its_own():
+    rendering = render_helm("no-campaigns", {"campaigns": {"enabled": False}})
+
+    assert [
+        r["kind"] for r in rendering.resources if r["metadata"]["labels"].get("app.kubernetes.io/name") == "campaigns"
+    ] == []
+
+
+def test_ingest_is_told_where_campaigns_is_and_campaigns_the_public_base_url():
+    rendering = render_helm("campaigns", {"publicBaseUrl": "https://mail.example.com"}, release="mail")
+    config = rendering.named("ConfigMap", "mail-config")["data"]
+
+    assert config["ESP_CAMPAIGNS_ADDR"] == "mail-campaigns:50056"
+    assert rendering.named("Service", "mail-campaigns")["spec"]["ports"][0]["port"] == 50056
+    assert config["ESP_PUBLIC_BASE_URL"] == "https://mail.example.com"
+
+
+def test_notes_warn_when_one_click_unsubscribe_has_no_public_base_url():
+    unset = render_helm_templates()["esp-mesh/templates/NOTES.txt"]
+    set_ = render_helm_templates({"publicBaseUrl": "https://mail.example.com"})["esp-mesh/templates/NOTES.txt"]
+
+    assert "publicBaseUrl is empty" in unset
+    assert "publicBaseUrl is empty" not in set_
+    assert "https://mail.example.com/u/<token>" in set_
 
 
 def test_notes_name_the_public_endpoints_and_the_secrets_to_create():

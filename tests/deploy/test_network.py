@@ -1,5 +1,6 @@
 """Only ingest (gRPC), gateway (HTTP) and the reports webhook receiver are reachable from outside; internal
-gRPC is open to the mesh's own pods, metrics to the monitoring namespace, and everything else is denied."""
+gRPC is open to the mesh's own pods (campaigns' to ingest alone), metrics to the monitoring namespace, and
+everything else is denied."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from tests.deploy.manifests import (
     container_port,
     default_deny_covers,
     ingress_reachability,
+    mesh_callers,
     pod_spec,
 )
 
@@ -41,7 +43,20 @@ def test_the_monitoring_namespace_reaches_only_the_metrics_port(rendering: Rende
 def test_mesh_pods_reach_exactly_the_internal_grpc_ports(rendering: Rendering):
     mesh = {(component, port) for component, scope, port in ingress_reachability(rendering) if scope == "mesh"}
 
-    assert mesh == {("router", 50052), ("ledger", 50053), ("reports", 50054)}
+    assert mesh == {("router", 50052), ("ledger", 50053), ("reports", 50054), ("campaigns", 50056)}
+
+
+def test_campaigns_is_reachable_from_ingest_alone(rendering: Rendering):
+    """Every CampaignService call comes through the edge, which authenticates it; campaigns trusts the caller
+    metadata ingest adds, so no other pod may reach it."""
+    assert mesh_callers(rendering)[("campaigns", 50056)] == {"ingest"}
+
+
+def test_the_other_internal_grpc_ports_admit_every_mesh_component(rendering: Rendering):
+    everyone = {component_of(d) for d in rendering.of_kind("Deployment")}
+
+    for port in (("router", 50052), ("ledger", 50053), ("reports", 50054)):
+        assert mesh_callers(rendering)[port] == everyone, port
 
 
 def test_senders_accept_no_connections_but_scrapes(rendering: Rendering):

@@ -9,7 +9,8 @@ A component context is a dict:
   module       Python module the container runs, e.g. "services.ingest"
   settings     the component's values (resources, autoscaling, podDisruptionBudget)
   ports        list of dicts {name, port, grpc (bool), exposure}; exposure is "public" (anyone), "mesh" (the
-               release's own pods) or "none" (kubelet probes only); metrics 9464 is added to every pod
+               release's own pods), "callers" (only the release's components named in the port's "callers"
+               list) or "none" (kubelet probes only); metrics 9464 is added to every pod
   service      bool: gets a ClusterIP Service for its ports
   postgres     bool: gets ESP_POSTGRES_DSN from the Postgres Secret
   s3           bool: gets AWS keys from the optional S3 Secret
@@ -371,13 +372,16 @@ spec:
       {{- include "esp.selectorLabels" . | nindent 6 }}
 {{- end }}
 
-{{/* Opens a component's public ports to everyone, its other gRPC ports to the mesh, metrics to Prometheus. */}}
+{{/* Opens a component's public ports to everyone, its other gRPC ports to the mesh (or to the components named
+as their callers), metrics to Prometheus. */}}
 {{- define "esp.networkPolicy" -}}
 {{- $public := list -}}
 {{- $internal := list -}}
+{{- $restricted := list -}}
 {{- range .ports -}}
 {{- if eq .exposure "public" }}{{ $public = append $public .port }}{{ end -}}
 {{- if eq .exposure "mesh" }}{{ $internal = append $internal .port }}{{ end -}}
+{{- if eq .exposure "callers" }}{{ $restricted = append $restricted . }}{{ end -}}
 {{- end -}}
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -410,6 +414,19 @@ spec:
         - port: {{ . }}
           protocol: TCP
         {{- end }}
+    {{- end }}
+    {{- range $restricted }}
+    - from:
+        {{- range .callers }}
+        - podSelector:
+            matchLabels:
+              app.kubernetes.io/name: {{ . }}
+              app.kubernetes.io/part-of: esp-mesh
+              app.kubernetes.io/instance: {{ $.root.Release.Name }}
+        {{- end }}
+      ports:
+        - port: {{ .port }}
+          protocol: TCP
     {{- end }}
     - from:
         - namespaceSelector:
