@@ -312,13 +312,13 @@ class Mesh:
             self.stop()
 
 
-def start_simulator(http_port: int, smtp_port: int, log_dir: Path,
-                    timeout_s: float = 30) -> tuple[Process, dict[str, Any]]:
+def start_simulator(http_port: int, smtp_port: int, log_dir: Path, timeout_s: float = 30,
+                    extra_args: Sequence[str] = ()) -> tuple[Process, dict[str, Any]]:
     """The provider simulator; returns its process and its self-description (first JSON line it prints)."""
     import json
 
     proc = spawn("simulator", [sys.executable, "-m", "dev.simulator", "--http-port", str(http_port),
-                               "--smtp-port", str(smtp_port)], log_dir)
+                               "--smtp-port", str(smtp_port), *extra_args], log_dir)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from libs.common.settings import CommonSettings, check_positive
 
@@ -37,3 +38,9 @@ class CampaignsSettings(CommonSettings):
 
     def __post_init__(self) -> None:
         check_positive(self, "chunk_size", "poll_interval_s", "hold_ttl_s", "unpark_window_s", "max_import_bytes")
+        if self.public_base_url:
+            parts = urlsplit(self.public_base_url)
+            loopback = parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost")
+            if parts.scheme != "https" and not loopback:
+                raise ValueError("ESP_PUBLIC_BASE_URL: one-click unsubscribe links must be https (RFC 8058), "
+                                 f"got {self.public_base_url!r}")

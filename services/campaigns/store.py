@@ -202,7 +202,7 @@ class CampaignStore:
                 cur = await conn.execute(
                     """INSERT INTO campaigns.recipients (campaign_id, row_number, email, name, variables)
                        SELECT %s, row_number, email, name, variables FROM incoming_recipients ORDER BY row_number
-                       ON CONFLICT (campaign_id, email) DO NOTHING""", (campaign_id,))
+                       ON CONFLICT (campaign_id, lower(email)) DO NOTHING""", (campaign_id,))
                 added = cur.rowcount
             await conn.execute(
                 """UPDATE campaigns.campaigns SET last_row = last_row + %s, recipients = recipients + %s,

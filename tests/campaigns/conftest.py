@@ -87,7 +87,7 @@ class CampaignMesh:
         found: list[dict[str, Any]] = []
         since = 0
         while True:
-            records = self.sim("/_sim/requests", since=since, limit=5000)
+            records = self.sim("/_sim/requests", since=since)  # (limit= would keep the newest, not the first)
             if not records:
                 return found
             since = records[-1]["seq"]
@@ -102,7 +102,7 @@ class CampaignMesh:
         found: list[dict[str, Any]] = []
         since = 0
         while True:
-            records = self.sim("/_sim/requests", since=since, limit=5000)
+            records = self.sim("/_sim/requests", since=since)
             if not records:
                 return found
             since = records[-1]["seq"]
@@ -159,7 +159,8 @@ def progress(stub: campaigns_pb2_grpc.CampaignServiceStub, auth: Sequence[tuple[
 def start_campaign_mesh(database: str, redis_url: str, nats_url: str, s3: S3Server, namespace: str,
                         log_dir: Path, extra_env: dict[str, str] | None = None) -> CampaignMesh:
     sim_http = m.free_port()
-    sim_proc, description = m.start_simulator(sim_http, m.free_port(), log_dir)
+    # The request log must hold every request of a test's campaigns (the default keeps the last 5,000).
+    sim_proc, description = m.start_simulator(sim_http, m.free_port(), log_dir, extra_args=("--log-cap", "1000000"))
     config = m.MeshConfig(
         postgres_dsn=database, redis_url=redis_url, nats_url=nats_url, s3_endpoint=s3.endpoint, namespace=namespace,
         admin_token=secrets.token_hex(16), ports={name: m.free_port() for name in m.GRPC_PORTS},

@@ -45,8 +45,9 @@ CREATE TABLE campaigns.recipients (
     variables jsonb,
     PRIMARY KEY (campaign_id, row_number)
 );
--- Duplicates within a campaign are dropped on insert.
-CREATE UNIQUE INDEX recipients_campaign_email ON campaigns.recipients (campaign_id, email);
+-- Duplicates within a campaign are dropped on insert; addresses differing only in case are one recipient (as the
+-- suppression list sees them).
+CREATE UNIQUE INDEX recipients_campaign_email ON campaigns.recipients (campaign_id, lower(email));
 
 CREATE TABLE campaigns.transitions (
     campaign_id text NOT NULL,
