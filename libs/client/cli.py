@@ -1,4 +1,4 @@
-"""``esp``: send an email and follow its status from the command line.
+"""``esp``: send an email and follow its status, and run campaigns (``esp campaign ...``), from the command line.
 
 Connection settings come from ``.dev/demo.env`` when run inside the repository (written by ``make run``), and from
 the ``ESP_ENDPOINT`` / ``ESP_API_KEY`` environment variables otherwise (the environment wins over the file).
@@ -7,18 +7,15 @@ the ``ESP_ENDPOINT`` / ``ESP_API_KEY`` environment variables otherwise (the envi
 from __future__ import annotations
 
 import argparse
-import hashlib
-import mimetypes
-import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-from esp.v1 import attachments_pb2, attachments_pb2_grpc, common_pb2, messages_pb2, messages_pb2_grpc
-from grpc_status import rpc_status
+from esp.v1 import common_pb2, messages_pb2, messages_pb2_grpc
 
+from libs.client.campaigns import add_commands as add_campaign_commands
+from libs.client.rpc import auth_metadata, connection, describe_error, upload_attachment
 from libs.common.message_classes import MessageClass
 
 __all__ = [
@@ -29,71 +26,14 @@ __all__ = [
 FINAL_STATES = {messages_pb2.MESSAGE_STATE_SENT, messages_pb2.MESSAGE_STATE_DELIVERED,
                 messages_pb2.MESSAGE_STATE_BOUNCED, messages_pb2.MESSAGE_STATE_FAILED,
                 messages_pb2.MESSAGE_STATE_COMPLAINED}
-CHUNK = 1024 * 1024
-
-
-def _demo_env() -> dict[str, str]:
-    for folder in (Path.cwd(), *Path.cwd().parents):
-        candidate = folder / ".dev" / "demo.env"
-        if candidate.is_file():
-            pairs = (line.split("=", 1) for line in candidate.read_text().splitlines() if "=" in line)
-            return {k.strip(): v.strip() for k, v in pairs}
-    return {}
-
-
-def connection() -> tuple[str, str]:
-    """(endpoint, api key): the environment first, then .dev/demo.env."""
-    file_values = _demo_env()
-    endpoint = os.environ.get("ESP_ENDPOINT") or file_values.get("ESP_ENDPOINT", "")
-    api_key = os.environ.get("ESP_API_KEY") or file_values.get("ESP_API_KEY", "")
-    if not endpoint or not api_key:
-        sys.exit("esp: set ESP_ENDPOINT and ESP_API_KEY (or run `make run` in the repository first)")
-    return endpoint, api_key
-
-
-def _describe(exc: grpc.RpcError) -> str:
-    status = rpc_status.from_call(exc)
-    lines = [f"{exc.code().name}: {exc.details()}"]
-    if status is not None:
-        from google.rpc import error_details_pb2
-
-        for detail in status.details:
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                lines += [f"  {v.field}: {v.description}" for v in bad.field_violations]
-            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                extra = ", ".join(f"{k}={v}" for k, v in sorted(info.metadata.items()))
-                lines.append(f"  reason: {info.reason}" + (f" ({extra})" if extra else ""))
-    return "\n".join(lines)
-
-
-def _upload(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...], path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(block)
-
-    def frames() -> Iterator[attachments_pb2.UploadAttachmentRequest]:
-        yield attachments_pb2.UploadAttachmentRequest(metadata=attachments_pb2.AttachmentMetadata(
-            filename=path.name, content_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
-            size_bytes=path.stat().st_size, sha256=digest.hexdigest()))
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(CHUNK), b""):
-                yield attachments_pb2.UploadAttachmentRequest(chunk=block)
-
-    stub = attachments_pb2_grpc.AttachmentServiceStub(channel)
-    return str(stub.UploadAttachment(frames(), metadata=metadata, timeout=600).id)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
     endpoint, api_key = connection()
-    metadata = (("authorization", f"Bearer {api_key}"),)
+    metadata = auth_metadata(api_key)
     with grpc.insecure_channel(endpoint) as channel:
         try:
-            attachment_ids = [_upload(channel, metadata, Path(p)) for p in args.attach]
+            attachment_ids = [upload_attachment(channel, metadata, Path(p)) for p in args.attach]
             request = messages_pb2.SendEmailRequest(
                 request_id=args.request_id or "", message_class=MessageClass(args.message_class).proto,
                 to=[common_pb2.EmailAddress(email=a) for a in args.to], subject=args.subject,
@@ -101,7 +41,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                 tags=args.tag, **{"from": common_pb2.EmailAddress(email=args.sender)})
             reply = messages_pb2_grpc.MessageServiceStub(channel).SendEmail(request, metadata=metadata, timeout=30)
         except grpc.RpcError as exc:
-            print(_describe(exc), file=sys.stderr)
+            print(describe_error(exc), file=sys.stderr)
             return 1
     print(reply.message.id)
     return 0
@@ -109,7 +49,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     endpoint, api_key = connection()
-    metadata = (("authorization", f"Bearer {api_key}"),)
+    metadata = auth_metadata(api_key)
     name = args.id if args.id.startswith("messages/") else f"messages/{args.id}"
     deadline = time.monotonic() + args.timeout
     with grpc.insecure_channel(endpoint) as channel:
@@ -120,7 +60,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             except grpc.RpcError as exc:
                 if not (args.wait and exc.code() == grpc.StatusCode.NOT_FOUND
                         and time.monotonic() < deadline):
-                    print(_describe(exc), file=sys.stderr)
+                    print(describe_error(exc), file=sys.stderr)
                     return 1
                 time.sleep(0.2)
                 continue
@@ -161,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     status.add_argument("--wait", action="store_true", help="wait until the message is sent or failed")
     status.add_argument("--timeout", type=float, default=60.0, help="seconds to wait at most (with --wait)")
     status.set_defaults(run=cmd_status)
+    add_campaign_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "send" and not (args.text or args.html):
         parser.error("send needs --text or --html")
