@@ -62,9 +62,11 @@ def _forwarder(method_path: str, method_spec: EdgeMethod, channel: grpc.aio.Chan
                 metadata.append((key, value))
         metadata.extend(inject_headers({}).items())
         remaining = context.time_remaining()
+        # A client-streaming call (an attachment, a million recipients) lasts as long as the client streams: its own
+        # deadline bounds it, not the upstream timeout meant for a unary call.
+        timeout = remaining if client_streaming else (min(timeout_s, remaining) if remaining else timeout_s)
         try:
-            response: bytes = await call(request, metadata=metadata,
-                                         timeout=min(timeout_s, remaining) if remaining else timeout_s)
+            response: bytes = await call(request, metadata=metadata, timeout=timeout)
             return response
         except grpc.aio.AioRpcError as exc:
             raise to_domain_error(exc) from exc
