@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -137,3 +137,17 @@ def retry_after_seconds(error: GatewayError) -> int | None:
             delay: float = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
             return max(0, math.ceil(delay))
     return None
+
+
+def bad_request(message: str, violations: Iterable[tuple[str, str]]) -> GatewayError:
+    """INVALID_ARGUMENT with a ``google.rpc.BadRequest`` detail of ``(field, description)`` violations."""
+    detail = any_pb2.Any()
+    detail.Pack(
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=where, description=text)
+                for where, text in violations
+            ]
+        )
+    )
+    return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message, details=[detail])

@@ -11,7 +11,10 @@ Choices (see docs/REST.md):
   in their JSON forms), one component per message or enum named by its full proto name;
 - descriptions come from the proto comments kept in the descriptor set's source info;
 - ``google.api.field_behavior`` becomes ``required``, ``readOnly`` (OUTPUT_ONLY) or ``writeOnly``
-  (INPUT_ONLY).
+  (INPUT_ONLY);
+- a client-streaming RPC with a plain body (``plain_bodies``) lists it beside NDJSON (``text/csv``,
+  ``application/octet-stream``, ``multipart/form-data``...), so generators that cannot stream NDJSON
+  (openapi-python-client skips an operation whose every body type is unknown to it) still make an operation.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 from services.gateway.descriptors import DescriptorSet, HttpBinding
 from services.gateway.fields import is_map
 from services.gateway.path_template import SegmentKind
+from services.gateway.plain_bodies import PlainBody, plain_bodies
 
 OPENAPI_VERSION = "3.0.3"
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
@@ -99,13 +103,14 @@ def build_openapi(
 ) -> dict[str, Any]:
     """The OpenAPI 3.0 document of every HTTP binding the transcoder serves."""
     schemas = _Schemas(descriptors)
+    plain = plain_bodies(descriptors)
     paths: dict[str, dict[str, Any]] = {}
     tags: dict[str, dict[str, Any]] = {}
     for binding in descriptors.bindings:
         if binding.server_streaming:
             continue  # not served over HTTP (see Transcoder)
         path, path_parameters = _openapi_path(binding)
-        operation = _operation(binding, path_parameters, schemas, descriptors)
+        operation = _operation(binding, path_parameters, schemas, descriptors, plain.get(binding.method.full_name))
         item = paths.setdefault(path, {})
         verb = binding.http_method.lower()
         if verb in item:
@@ -149,6 +154,7 @@ def _operation(
     path_parameters: list[dict[str, Any]],
     schemas: _Schemas,
     descriptors: DescriptorSet,
+    plain: PlainBody | None = None,
 ) -> dict[str, Any]:
     method = binding.method
     comment = descriptors.comment(method.full_name)
@@ -165,10 +171,15 @@ def _operation(
         if binding.body:
             excluded.append((binding.body,))
         parameters.extend(_query_parameters(method.input_type, excluded, schemas, descriptors))
+    if plain is not None and plain.query_message is not None:
+        for parameter in _query_parameters(plain.query_message, [], schemas, descriptors):
+            doc = parameter.get("description", "")
+            parameter["description"] = f"{doc}\n\n{plain.query_note}" if doc else plain.query_note
+            parameters.append(parameter)
     if parameters:
         operation["parameters"] = parameters
     if binding.body:
-        operation["requestBody"] = _request_body(binding, schemas)
+        operation["requestBody"] = _request_body(binding, schemas, plain)
     operation["responses"] = {
         "200": {
             "description": "A successful response.",
@@ -182,7 +193,7 @@ def _operation(
     return operation
 
 
-def _request_body(binding: HttpBinding, schemas: _Schemas) -> dict[str, Any]:
+def _request_body(binding: HttpBinding, schemas: _Schemas, plain: PlainBody | None = None) -> dict[str, Any]:
     request_type = binding.method.input_type
     if binding.body == "*":
         # Fields already bound by the path are not repeated in the body.
@@ -196,11 +207,16 @@ def _request_body(binding: HttpBinding, schemas: _Schemas) -> dict[str, Any]:
     else:
         schema = schemas.field_schema(request_type.fields_by_name[binding.body])
     if binding.client_streaming:
+        description = (
+            f"A stream of {request_type.full_name} messages, one JSON object per line "
+            "(newline-delimited JSON), forwarded as they arrive."
+        )
+        if plain is None:
+            return {"required": True, "description": description, "content": {NDJSON_MEDIA_TYPE: {"schema": schema}}}
         return {
             "required": True,
-            "description": f"A stream of {request_type.full_name} messages, one JSON object per line "
-            "(newline-delimited JSON), forwarded as they arrive.",
-            "content": {NDJSON_MEDIA_TYPE: {"schema": schema}},
+            "description": f"{description}\n\n{plain.description}",
+            "content": plain.media_types(schema),
         }
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 

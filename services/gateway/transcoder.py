@@ -7,7 +7,8 @@ Behaviour follows grpc-gateway v2 (so Envoy's ``grpc_json_transcoder`` could tak
   ignored), then for PATCH with a ``body`` field and an empty ``update_mask`` the mask is derived from the
   body, then path variables, then query parameters (never for ``body: "*"``);
 - client-streaming RPCs take a newline-delimited JSON stream of request messages, forwarded frame by frame as
-  the bytes arrive; path variables go into the first frame;
+  the bytes arrive; path variables go into the first frame. Two of them also take a plain body (a CSV or JSON Lines
+  recipient list, a raw or multipart file), cut into frames as it streams in by ``plain_bodies``;
 - response: proto3 JSON (camelCase, int64 as strings, enum names), unpopulated fields omitted by default;
   upstream header metadata comes back as ``Grpc-Metadata-<key>`` headers; of the request headers only
   credentials, ``X-Request-Id`` and trace context go upstream (see ``_outgoing_metadata``);
@@ -21,7 +22,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -35,6 +36,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from services.gateway.binding_matcher import BindingMatcher
+from services.gateway.body_streams import ndjson_lines
 from services.gateway.descriptors import DescriptorSet, HttpBinding
 from services.gateway.errors import GatewayError, StatusMarshaler, retry_after_seconds
 from services.gateway.fields import (
@@ -43,6 +45,7 @@ from services.gateway.fields import (
     populate_query_parameters,
     set_path_variable,
 )
+from services.gateway.plain_bodies import BodyStream, PlainBody, plain_bodies
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +95,10 @@ class Transcoder:
             served.append(binding)
         self.bindings: tuple[HttpBinding, ...] = tuple(served)
         self.matcher = BindingMatcher(served)
+        self.plain_bodies: dict[str, PlainBody] = plain_bodies(
+            descriptors, max_frame_bytes=self.options.max_frame_bytes
+        )
+        """Alternative bodies of client-streaming RPCs, by full method name."""
         self._status_marshaler = StatusMarshaler(
             descriptors.pool, emit_unpopulated=self.options.emit_unpopulated
         )
@@ -227,14 +234,23 @@ class Transcoder:
     ) -> tuple[Message, Sequence[tuple[str, Any]]]:
         request_type = self.descriptors.message_class(binding.method.input_type)
         response_type = self.descriptors.message_class(binding.method.output_type)
+
+        async def ndjson_frames(lines: AsyncIterator[bytes]) -> AsyncGenerator[Message, None]:
+            async for line in lines:
+                frame = request_type()
+                self._parse_into(frame, _decode_json(line))
+                yield frame
+
+        plain = self.plain_bodies.get(binding.method.full_name)
+        body: BodyStream | None = plain.open(request, ndjson_frames) if plain is not None else None
+        if body is None:
+            body = BodyStream(ndjson_frames(ndjson_lines(request.stream(), self.options.max_frame_bytes)))
         call = self.channel().stream_unary(
             binding.grpc_path, request_serializer=_serialize, response_deserializer=response_type.FromString
         )(metadata=metadata, timeout=_timeout(request, self.options.stream_timeout_s))
         first = True
         try:
-            async for line in _ndjson_lines(request.stream(), self.options.max_frame_bytes):
-                frame = request_type()
-                self._parse_into(frame, _decode_json(line))
+            async for frame in body.frames:
                 if first:
                     self._apply_variables(frame, variables)
                     first = False
@@ -245,11 +261,16 @@ class Transcoder:
         except (GatewayError, ClientDisconnect):
             call.cancel()
             raise
+        finally:
+            await body.frames.aclose()
         try:
             response = await call
-            return response, tuple(await call.initial_metadata() or ())
+            metadata_back = tuple(await call.initial_metadata() or ())
         except grpc.aio.AioRpcError as exc:
             raise _upstream_error(exc) from exc
+        if body.finish is not None:
+            body.finish(response)
+        return response, metadata_back
 
     async def _read_body(self, request: Request) -> bytes:
         body = bytearray()
@@ -381,25 +402,3 @@ def _upstream_error(error: grpc.aio.AioRpcError) -> GatewayError:
 
 def _header_safe(text: str) -> str:
     return text.encode("ascii", errors="replace").decode("ascii").replace("\r", " ").replace("\n", " ")
-
-
-async def _ndjson_lines(chunks: AsyncIterator[bytes], max_line_bytes: int) -> AsyncIterator[bytes]:
-    """Non-blank lines of a streamed body, yielded as soon as each is complete; a line longer than
-    ``max_line_bytes`` is refused so a missing newline cannot make the gateway buffer the whole upload."""
-    buffer = bytearray()
-    scanned = 0
-    async for chunk in chunks:
-        buffer += chunk
-        while (newline := buffer.find(b"\n", scanned)) >= 0:
-            line = bytes(buffer[:newline])
-            del buffer[: newline + 1]
-            scanned = 0
-            if line.strip():
-                yield line
-        scanned = len(buffer)
-        if len(buffer) > max_line_bytes:
-            raise GatewayError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"a streamed request frame exceeds {max_line_bytes} bytes"
-            )
-    if bytes(buffer).strip():
-        yield bytes(buffer)

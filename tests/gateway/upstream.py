@@ -37,6 +37,8 @@ class Recorder:
     metadata: dict[str, dict[str, str]] = field(default_factory=dict)
     time_remaining: dict[str, float | None] = field(default_factory=dict)
     first_upload_frame: asyncio.Event = field(default_factory=asyncio.Event)
+    first_recipients_frame: asyncio.Event = field(default_factory=asyncio.Event)
+    upload_chunk_sizes: list[int] = field(default_factory=list)
 
     def record(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         self.requests[method] = request
@@ -104,6 +106,7 @@ class AttachmentServiceDouble(attachments_pb2_grpc.AttachmentServiceServicer):
         digest = hashlib.sha256()
         size = 0
         frames = 0
+        self.recorder.upload_chunk_sizes = []
         async for frame in request_iterator:
             frames += 1
             if frames == 1:
@@ -116,6 +119,7 @@ class AttachmentServiceDouble(attachments_pb2_grpc.AttachmentServiceServicer):
                 continue
             digest.update(frame.chunk)
             size += len(frame.chunk)
+            self.recorder.upload_chunk_sizes.append(len(frame.chunk))
         self.recorder.record("UploadAttachment", metadata, context)
         assert metadata is not None
         return attachments_pb2.Attachment(
@@ -144,11 +148,25 @@ class CampaignServiceDouble(campaigns_pb2_grpc.CampaignServiceServicer):
         return campaign
 
     async def AddCampaignRecipients(self, request_iterator, context):
-        frames = [frame async for frame in request_iterator]
+        """Numbers recipients 1, 2, 3... in stream order and refuses addresses without "@", as the campaigns
+        service numbers and reports rows."""
+        frames = []
+        response = campaigns_pb2.AddCampaignRecipientsResponse()
+        row = 0
+        async for frame in request_iterator:
+            frames.append(frame)
+            self.recorder.first_recipients_frame.set()
+            for recipient in frame.recipients:
+                row += 1
+                email = recipient.address.email.strip()
+                if "@" in email:
+                    response.added_count += 1
+                    continue
+                response.rejected_count += 1
+                reason = "MISSING_EMAIL: no email address" if not email else "INVALID_ADDRESS: no @"
+                response.errors.add(row=row, address=email, reason=reason)
         self.recorder.record("AddCampaignRecipients", frames, context)
-        return campaigns_pb2.AddCampaignRecipientsResponse(
-            added_count=sum(len(frame.recipients) for frame in frames)
-        )
+        return response
 
 
 class ProviderServiceDouble(providers_pb2_grpc.ProviderServiceServicer):
