@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,8 +31,7 @@ class LedgerHolds:
     async def reserve(self, tenant_id: str, message_class: MessageClass, holds: Sequence[tuple[str, int]],
                       ttl_s: int) -> list[int | Exception]:
         """Hold credits for each (hold id, attachment bytes): its amount, or the error that refused it."""
-        results: list[int | Exception] = []
-        for start in range(0, len(holds), RESERVES_PER_CALL):
+        async def reserve_slice(start: int) -> list[int | Exception]:
             requests = [credits_pb2.ReserveCreditsRequest(
                 tenant=f"tenants/{tenant_id}", hold_id=hold_id, message_class=message_class.proto, email_count=1,
                 attachment_bytes=attachment_bytes, ttl_seconds=ttl_s)
@@ -39,13 +39,19 @@ class LedgerHolds:
             async with domain_errors():
                 reply = await self.stub.BatchReserveCredits(
                     credits_pb2.BatchReserveCreditsRequest(requests=requests), timeout=self.timeout_s)
+            results: list[int | Exception] = []
             for result in reply.results:
                 if result.HasField("hold"):
                     results.append(result.hold.amount)
                 else:
                     e = result.error
                     results.append(error_from_parts(e.code, e.message, e.reason, dict(e.metadata), list(e.fields)))
-        return results
+            return results
+
+        # The slices go at once (the ledger group-commits them); when credits run out mid-way a later slice may be
+        # held while an earlier one was refused: the caller keeps the prefix before the first refusal.
+        slices = await asyncio.gather(*(reserve_slice(s) for s in range(0, len(holds), RESERVES_PER_CALL)))
+        return [result for results in slices for result in results]
 
     async def release(self, hold_id: str, reason: str) -> None:
         """Give a hold's credits back (an email that will not be queued after all)."""

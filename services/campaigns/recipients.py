@@ -12,9 +12,10 @@ Formats
     (doubled) and line breaks; a UTF-8 byte order mark and CRLF or LF line ends are accepted. A quote inside an
     unquoted field is taken literally, as Python's ``csv`` module and spreadsheets do.
 
-    JSON Lines: one object a line, ``{"email": ..., "name": ..., "variables": {...}}``. A variable is a string, or a
-    number or boolean written out as JSON writes it (``12``, ``0.5``, ``true``); ``null`` leaves the variable out
-    (the template's missing-variable policy applies); an array or object refuses the row.
+    JSON Lines: one object a line, ``{"email": ..., "name": ..., "variables": {...}}``, or flat: every key beside
+    ``email`` and ``name`` is a variable (the ``variables`` object wins over a flat key of the same name). A
+    variable is a string, or a number or boolean written out as JSON writes it (``12``, ``0.5``, ``true``); ``null``
+    leaves the variable out (the template's missing-variable policy applies); an array or object refuses the row.
 
 Row numbers
     1-based and counted as a spreadsheet shows them: in CSV **the header is row 1 and the first recipient row 2**; a
@@ -524,11 +525,6 @@ def _jsonl_row(row_number: int, text: str, limits: RecipientLimits) -> Recipient
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
         return RowError(row_number, f"{kind} where an object {{\"email\": ...}} was expected",
                         RowErrorKind.NOT_AN_OBJECT)
-    unknown = value.keys() - _JSON_FIELDS
-    if unknown:
-        return RowError(row_number, f"unknown field(s) {', '.join(_shown(k) for k in sorted(unknown)[:5])}: a line "
-                                    "holds email, name and variables (per-recipient values go in variables)",
-                        RowErrorKind.UNKNOWN_FIELD)
     email = value.get("email")
     if email is None or email == "":
         return RowError(row_number, "no email address", RowErrorKind.MISSING_EMAIL)
@@ -539,11 +535,12 @@ def _jsonl_row(row_number: int, text: str, limits: RecipientLimits) -> Recipient
         name = ""
     elif not isinstance(name, str):
         return RowError(row_number, "name must be a string", RowErrorKind.INVALID_NAME)
-    raw = value.get("variables")
-    if raw is None:
-        raw = {}
-    elif not isinstance(raw, dict):
+    nested = value.get("variables")
+    if nested is not None and not isinstance(nested, dict):
         return RowError(row_number, "variables must be an object", RowErrorKind.BAD_VARIABLE)
+    # Flat keys beside email and name are variables too (as a CSV's columns are); the "variables" object wins.
+    raw = {key: item for key, item in value.items() if key not in _JSON_FIELDS}
+    raw.update(nested or {})
     if len(raw) > limits.max_variables:  # before converting any of them
         return RowError(row_number, f"{len(raw)} variables; at most {limits.max_variables}",
                         RowErrorKind.TOO_MANY_VARIABLES)

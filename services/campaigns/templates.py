@@ -418,15 +418,15 @@ class CampaignTemplates:
                 field_prefix: str = "", fuel: int = DEFAULT_FUEL) -> CampaignTemplates:
         """Compile a campaign's templates, reporting every problem at once.
 
-        Fields are named ``{field_prefix}subject``, ``…text``, ``…html`` and ``…defaults.<name>`` (pass
-        ``field_prefix="campaign."`` for ``campaign.subject``). Raises :class:`~libs.common.errors.InvalidArgument`
-        with one field violation per problem: a template that does not compile, a default that is not JSON-like
-        data or that names a reserved variable.
+        Fields are named as in the Campaign message: ``{field_prefix}subject``, ``…text_body``, ``…html_body`` and
+        ``…default_variables.<name>`` (pass ``field_prefix="campaign."`` for ``campaign.subject``). Raises
+        :class:`~libs.common.errors.InvalidArgument` with one field violation per problem: a template that does not
+        compile, a default that is not JSON-like data or that names a reserved variable.
         """
         problems: list[FieldViolation] = []
         clean_defaults: dict[str, Value] = {}
         for name, value in (defaults or {}).items():
-            field = f"{field_prefix}defaults.{name}"
+            field = f"{field_prefix}default_variables.{name}"
             if name in RESERVED_VARIABLES:
                 problems.append(FieldViolation(field, f"`{name}` is reserved: the platform sets it per recipient",
                                                "RESERVED_VARIABLE"))
@@ -438,12 +438,13 @@ class CampaignTemplates:
                 continue
             clean_defaults[name] = cleaned  # type: ignore[assignment]  # _clean_value returns JSON-like data
         parts: dict[str, Template | None] = {}
-        for part, source, kind in (("subject", subject, TemplateKind.SUBJECT), ("text", text, TemplateKind.TEXT),
-                                   ("html", html, TemplateKind.HTML)):
+        for part, field_name, source, kind in (("subject", "subject", subject, TemplateKind.SUBJECT),
+                                               ("text", "text_body", text, TemplateKind.TEXT),
+                                               ("html", "html_body", html, TemplateKind.HTML)):
             if source is None:
                 parts[part] = None
                 continue
-            compiled = _compile(source, f"{field_prefix}{part}", kind, on_missing, fuel)
+            compiled = _compile(source, f"{field_prefix}{field_name}", kind, on_missing, fuel)
             if isinstance(compiled, Template):
                 parts[part] = compiled
             else:
@@ -505,6 +506,10 @@ class CampaignTemplates:
         context = self.context(variables, unsubscribe_url=unsubscribe_url)
         if isinstance(context, RenderFailure):
             return context
+        return self.render_context(context)
+
+    def render_context(self, context: Mapping[str, Value]) -> RenderedContent | RenderFailure:
+        """Render one recipient from the values :meth:`context` gave."""
         subject = self.subject.render(context)
         if isinstance(subject, RenderFailure):
             return subject

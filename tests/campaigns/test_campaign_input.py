@@ -36,7 +36,7 @@ def test_a_template_syntax_error_is_refused_with_its_line_and_column(campaign_me
             "syntax", text_body="Hello\n{% if vip %}gold")), metadata=campaign_mesh.auth(), timeout=10)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     _, bad = _details(refused.value)
-    violation = next(v for v in bad.field_violations if v.field == "campaign.text")
+    violation = next(v for v in bad.field_violations if v.field == "campaign.text_body")
     assert "line 2" in violation.description
 
 

@@ -203,7 +203,7 @@ def test_json_lines_give_recipients_with_numbers_and_booleans_as_text_and_null_l
     ('{"name": "Nobody"}', RowErrorKind.MISSING_EMAIL),
     ('{"email": 42}', RowErrorKind.INVALID_ADDRESS),
     ('{"email": "x@@example.com"}', RowErrorKind.INVALID_ADDRESS),
-    ('{"email": "x@example.com", "first_name": "X"}', RowErrorKind.UNKNOWN_FIELD),
+    ('{"email": "x@example.com", "first_name": {"a": 1}}', RowErrorKind.BAD_VARIABLE),
     ('{"email": "x@example.com", "variables": {"address": {"city": "Paris"}}}', RowErrorKind.BAD_VARIABLE),
     ('{"email": "x@example.com", "variables": {"tags": ["a"]}}', RowErrorKind.BAD_VARIABLE),
     ('{"email": "x@example.com", "variables": ["a"]}', RowErrorKind.BAD_VARIABLE),
@@ -352,3 +352,9 @@ def test_a_list_uploaded_to_s3_parses_from_the_streamed_object(s3_server: S3Serv
     batches = asyncio.run(parse())
     assert [len(b.recipients) for b in batches] == [200, 200, 100]
     assert batches[-1].recipients[-1] == Recipient(500, "u499@example.com", "", {"i": "499"})
+
+
+async def test_flat_json_keys_beside_email_and_name_are_variables() -> None:
+    lines = b'{"email": "x@example.com", "first_name": "X", "code": 7, "variables": {"code": "8"}}\n'
+    batches = [b async for b in parse_recipients(body_chunks(lines), "jsonl")]
+    assert batches[0].recipients[0].variables == {"first_name": "X", "code": "8"}

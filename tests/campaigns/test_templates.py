@@ -89,7 +89,7 @@ def test_syntax_error_is_invalid_argument_with_field_line_and_column():
     error = refusal(subject="Hello", text="Line one\n  {{ first_name + }}", field_prefix="campaign.")
     assert error.reason == "INVALID_TEMPLATE"
     [violation] = error.field_violations
-    assert violation.field == "campaign.text"
+    assert violation.field == "campaign.text_body"
     assert violation.reason == "TEMPLATE_SYNTAX"
     assert "line 2, column 19" in violation.description  # at the `}}` that ends it too soon
 
@@ -104,14 +104,14 @@ def test_syntax_error_column_counts_characters_not_bytes():
 def test_every_bad_template_is_reported_at_once():
     error = refusal(subject="{{ a", html="{% for %}", defaults={UNSUBSCRIBE_URL: "x"}, field_prefix="campaign.")
     assert {v.field for v in error.field_violations} == {
-        "campaign.subject", "campaign.html", f"campaign.defaults.{UNSUBSCRIBE_URL}"}
+        "campaign.subject", "campaign.html_body", f"campaign.default_variables.{UNSUBSCRIBE_URL}"}
 
 
 def test_unknown_filter_or_test_is_refused_at_compile_time():
     error = refusal(subject="{{ name|shout }}", text="{% if x is vip %}{% endif %}\n{{ '|shout' }}")
     assert [(v.field, v.reason, v.description) for v in error.field_violations] == [
         ("subject", "UNKNOWN_FILTER", "line 1, column 9: unknown filter `shout`"),
-        ("text", "UNKNOWN_TEST", "line 1, column 12: unknown test `vip`"),
+        ("text_body", "UNKNOWN_TEST", "line 1, column 12: unknown test `vip`"),
     ]
 
 
@@ -126,7 +126,7 @@ def test_missing_variable_fails_the_recipient_by_default_naming_it():
     assert campaign.on_missing is MissingVariablePolicy.FAIL
     failure = failed(campaign.render({"first_name": "Ann"}))
     assert (failure.reason, failure.field, failure.variable) == (
-        FailureReason.MISSING_VARIABLE, "campaign.html", "last_name")
+        FailureReason.MISSING_VARIABLE, "campaign.html_body", "last_name")
     assert "last_name" in failure.message
 
 
@@ -196,7 +196,8 @@ def test_python_objects_as_values_fail_the_recipient():
 
 def test_python_objects_as_defaults_are_refused():
     error = refusal(subject="s", defaults={"f": print}, field_prefix="campaign.")
-    assert [(v.field, v.reason) for v in error.field_violations] == [("campaign.defaults.f", "INVALID_VARIABLE")]
+    assert [(v.field, v.reason) for v in error.field_violations] == [
+        ("campaign.default_variables.f", "INVALID_VARIABLE")]
 
 
 @pytest.mark.parametrize("source", [
@@ -210,7 +211,7 @@ def test_runaway_template_fails_the_recipient_instead_of_hanging(source):
     campaign = CampaignTemplates.compile(subject="s", html=source)
     failure = failed(campaign.render({}))
     assert failure.reason in (FailureReason.TOO_COMPLEX, FailureReason.RENDER_ERROR)
-    assert failure.field == "html"
+    assert failure.field == "html_body"
 
 
 @pytest.mark.parametrize("name", ["\r\nBcc: victim@example.com", "line\nbreak", "nul\x00"])
@@ -285,4 +286,4 @@ def test_unsubscribe_url_is_reserved_for_defaults():
     assert UNSUBSCRIBE_URL in RESERVED_VARIABLES
     error = refusal(subject="s", defaults={UNSUBSCRIBE_URL: "https://x.example/"}, field_prefix="campaign.")
     assert [(v.field, v.reason) for v in error.field_violations] == [
-        (f"campaign.defaults.{UNSUBSCRIBE_URL}", "RESERVED_VARIABLE")]
+        (f"campaign.default_variables.{UNSUBSCRIBE_URL}", "RESERVED_VARIABLE")]
