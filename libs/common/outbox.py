@@ -8,6 +8,13 @@ Whatever is still in the table some seconds later — the replica crashed, NATS 
 reconciling pass that every replica runs (``FOR UPDATE SKIP LOCKED``: replicas share the work). Each row is
 published with ``Nats-Msg-Id`` = its message or event id, so JetStream's duplicate window drops a publish that had
 in fact landed before a crash.
+
+A publisher made with ``scheduled=True`` also holds rows back until a time of their own (ingest's scheduled
+sends): a row committed with ``deliver_after`` set skips the direct path and stays in the table (column
+``deliver_after``; tables without it, such as the campaigns outbox, keep the default) until a due pass, every
+``due_interval_s``, finds it due and publishes it like a reconciling pass would. Until then deleting the row
+withdraws it: a scheduled row is only ever published by a pass holding its row lock, and deleted in the same
+transaction.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from nats.aio.client import Client as NATS
 from psycopg_pool import AsyncConnectionPool
@@ -41,6 +49,8 @@ class OutboxRow:
     subject: str
     msg_id: str
     payload: bytes
+    deliver_after: datetime | None = None
+    """Publish it no earlier than this (only for a publisher made with ``scheduled=True``); None: at once."""
 
 
 @dataclass(frozen=True)
@@ -52,14 +62,20 @@ class CommittedRow:
 
 
 class OutboxPublisher:
-    """Publishes committed rows at once, and reconciles leftovers every ``interval_s``."""
+    """Publishes committed rows at once, and reconciles leftovers every ``interval_s``; with ``scheduled``, publishes
+    the rows held back until their ``deliver_after`` too, within ``due_interval_s`` of it."""
 
     def __init__(self, pool: AsyncConnectionPool, nc: NATS, table: str, *, batch_size: int = 1000,
-                 interval_s: float = 1.0, reconcile_after_s: float = 5.0, publish_timeout_s: float = 10.0) -> None:
+                 interval_s: float = 1.0, reconcile_after_s: float = 5.0, publish_timeout_s: float = 10.0,
+                 scheduled: bool = False, due_interval_s: float = 0.2) -> None:
         self.pool = pool
         self.table = table
         """The outbox table, schema-qualified (``ingest.outbox``): columns id, subject, msg_id, payload,
-        created_at."""
+        created_at, and deliver_after when ``scheduled``."""
+        self.scheduled = scheduled
+        """The table has a ``deliver_after`` column: rows may be held back until then (see the module docstring)."""
+        self.due_interval_s = due_interval_s
+        """How often the due pass looks for rows that came due: the most a scheduled row is late, when idle."""
         self.publisher = AckedPublisher(nc)
         self.batch_size = batch_size
         self.interval_s = interval_s
@@ -75,19 +91,38 @@ class OutboxPublisher:
     def publish_soon(self, rows: Sequence[CommittedRow], urgent: bool = False) -> None:
         """Rows were just committed: publish them now rather than at the next reconciling pass. Urgent rows (an
         OTP's) go before every fresh row not yet published, so they never wait behind a campaign's."""
-        (self._urgent if urgent else self._fresh).extend(rows)
-        self._wake.set()
+        now = [row for row in rows if row.row.deliver_after is None]
+        if now:
+            (self._urgent if urgent else self._fresh).extend(now)
+            self._wake.set()
 
     async def publish_pending(self, *, min_age_s: float = 0.0) -> int:
         """One reconciling pass: publish up to ``batch_size`` rows at least ``min_age_s`` old that no other replica
-        is publishing; return how many were published (and deleted)."""
+        is publishing; return how many were published (and deleted). Rows held back until a time of their own are
+        the due pass's (``publish_due``)."""
+        unscheduled = "AND deliver_after IS NULL" if self.scheduled else ""
+        return await self._publish_locked(
+            f"""SELECT id, subject, msg_id, payload FROM {self.table}
+               WHERE created_at <= now() - make_interval(secs => %s) {unscheduled}
+               ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED""",
+            (min_age_s, self.batch_size))
+
+    async def publish_due(self) -> int:
+        """One due pass: publish up to ``batch_size`` held-back rows whose ``deliver_after`` has come (earliest
+        first) that no other replica is publishing; return how many were published (and deleted)."""
+        if not self.scheduled:
+            return 0
+        return await self._publish_locked(
+            f"""SELECT id, subject, msg_id, payload FROM {self.table}
+               WHERE deliver_after IS NOT NULL AND deliver_after <= now()
+               ORDER BY deliver_after LIMIT %s FOR UPDATE SKIP LOCKED""",
+            (self.batch_size,))
+
+    async def _publish_locked(self, select: str, args: tuple[object, ...]) -> int:
+        """Lock the rows ``select`` finds, publish them and delete those JetStream acknowledged, in one transaction:
+        until it ends, nobody else publishes or deletes them."""
         async with self.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(
-                f"""SELECT id, subject, msg_id, payload FROM {self.table}
-                   WHERE created_at <= now() - make_interval(secs => %s)
-                   ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED""",
-                (min_age_s, self.batch_size),
-            )
+            cur = await conn.execute(select, args)
             rows = [CommittedRow(i, OutboxRow(s, m, bytes(p))) for i, s, m, p in await cur.fetchall()]
             if not rows:
                 return 0
@@ -164,10 +199,23 @@ class OutboxPublisher:
                 log.exception("outbox reconciling pass failed")
             await pause_unless_stopped(stop, self.interval_s)
 
+    async def _release_due(self, stop: asyncio.Event) -> None:
+        """Every ``due_interval_s``, a due pass (at once again while each finds a full batch). Cheap when nothing is
+        due: one index probe (``deliver_after`` is indexed where set)."""
+        while not stop.is_set():
+            try:
+                if await self.publish_due() >= self.batch_size:
+                    continue
+            except Exception:
+                log.exception("outbox due pass failed")
+            await pause_unless_stopped(stop, self.due_interval_s)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until ``stop``: fresh rows as they come, leftovers every ``interval_s`` (a task of its own, so a
         reconciling pass never delays fresh rows); errors (NATS or Postgres down) are logged and retried."""
-        reconciling = asyncio.create_task(self._reconcile(stop))
+        passes = [asyncio.create_task(self._reconcile(stop))]
+        if self.scheduled:
+            passes.append(asyncio.create_task(self._release_due(stop)))
         try:
             while not stop.is_set():
                 # Cleared first, so rows handed over while publishing are not missed.
@@ -185,5 +233,6 @@ class OutboxPublisher:
                     pass
         finally:
             if not stop.is_set():  # cancelled rather than stopped
-                reconciling.cancel()
-            await asyncio.gather(reconciling, *self._confirming, return_exceptions=True)
+                for task in passes:
+                    task.cancel()
+            await asyncio.gather(*passes, *self._confirming, return_exceptions=True)

@@ -9,9 +9,13 @@
    suppressed recipients, spend a rate token, count the daily quota; all or nothing. A request_id claimed already
    → the answer is that message, once committed (same request), or ALREADY_EXISTS (different request);
 7. **reserve credits** (ledger; concurrent reserves coalesce into one batch call) — the hold id is the message id;
+   an email whose ``send_time`` is ahead holds them until then and a day more;
 8. **commit** (Postgres; concurrent emails share one transaction) — message row + outbox rows (SEND task and
    ACCEPTED event) together. The caller hears "accepted" only after this commit; the outbox publisher (and,
    after a crash, its reconciling pass) puts the rows on JetStream with ``Nats-Msg-Id`` = message/event id.
+   A scheduled email (``send_time`` ahead: state SCHEDULED) has its ACCEPTED event published at once and its
+   SEND task held in the outbox (``deliver_after``) until the publisher's due pass finds it due; until then
+   ``CancelMessage`` withdraws it (``services.ingest.cancel``).
 
 Steps 5-8 run in passes (``_accept_together``), each step once for all the emails of a pass. A single send is a
 batch of one: concurrent single sends of one tenant and class pool into one pass (``_accept_pooled``, group
@@ -35,9 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from esp.v1 import messages_pb2
@@ -48,19 +54,21 @@ from libs.common.errors import Aborted, AlreadyExists, EspError, FieldViolation,
 from libs.common.jetstream import Topology
 from libs.common.message_classes import MessageClass
 from libs.common.outbox import OutboxRow
+from libs.common.timestamps import to_timestamp
 from services.ingest.limits import AdmissionTicket, RedisGate
-from services.ingest.model import YIELD_EVERY, EmailDraft, StoredAttachment
+from services.ingest.model import YIELD_EVERY, EmailDraft, HoldRequest, StoredAttachment
 from services.ingest.payloads import (
     accepted_event,
     accepted_now,
     build_send_task,
     message_resource,
+    queued_task,
     request_fingerprint,
 )
 from services.ingest.sizing import SizeDecision, SizePolicy
 from services.ingest.store import MessageStore, NewMessage, StoredMessage
 from services.ingest.tenants import Tenant, TenantStore
-from services.ingest.validation import validate_draft
+from services.ingest.validation import MAX_SEND_AHEAD_S, validate_draft
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,14 +83,16 @@ at once (in this process); later calls wait their turn. Every pass runs a slice 
 the event loop, and each step of an OTP accepted meanwhile waits a turn. Sixteen campaign calls of 250 at once, on
 the e2e bench: unlimited, the campaign was in after 5.9-7.1 s and OTPs sent meanwhile had a p99 of 1.0-1.2 s; four
 passes, 7.0-7.5 s and 0.44-0.49 s; two, 9.4-10.7 s and 0.29-0.39 s."""
+HOLD_TTL_AFTER_SEND_S = 86_400.0
+"""The default of ``IngestSettings.hold_ttl_after_send_s``: how long a scheduled email's hold outlives its send
+time (the ledger's default life of a hold, which covers a send's retries)."""
 
 
 class CreditReserver(Protocol):
     """The ledger as the accept path sees it."""
 
-    async def reserve_many(self, tenant_id: str, holds: Sequence[tuple[str, str, int]]) -> list[int | Exception]:
-        """Hold credits for one email per (hold id, message class, attachment bytes): each one's amount, or the
-        error that refused it."""
+    async def reserve_many(self, tenant_id: str, holds: Sequence[HoldRequest]) -> list[int | Exception]:
+        """Hold credits for one email per hold: each one's amount, or the error that refused it."""
         ...
 
     async def release(self, hold_id: str, reason: str) -> None:
@@ -172,7 +182,8 @@ class Acceptor:
     def __init__(self, *, tenants: TenantStore, gate: RedisGate, credits: CreditReserver,
                  attachments: AttachmentLookup, store: MessageStore, topology: Topology,
                  sizes: SizePolicy, duplicate_wait: DuplicateWait | None = None,
-                 batch_passes: int = BATCH_PASSES_IN_FLIGHT) -> None:
+                 batch_passes: int = BATCH_PASSES_IN_FLIGHT, max_send_ahead_s: float = MAX_SEND_AHEAD_S,
+                 hold_ttl_after_send_s: float = HOLD_TTL_AFTER_SEND_S) -> None:
         self.tenants = tenants
         self.gate = gate
         self.credits = credits
@@ -181,6 +192,8 @@ class Acceptor:
         self.topology = topology
         self.sizes = sizes
         self.duplicate_wait = duplicate_wait or DuplicateWait()
+        self.max_send_ahead_s = max_send_ahead_s
+        self.hold_ttl_after_send_s = hold_ttl_after_send_s
         self._in_flight: dict[tuple[str, str], _Flight] = {}
         self._running: set[asyncio.Task[Any]] = set()
         self._one_by_one = asyncio.Semaphore(ONE_BY_ONE_IN_FLIGHT)
@@ -191,7 +204,8 @@ class Acceptor:
     async def send(self, principal: Principal, draft: EmailDraft) -> Accepted:
         """Accept one email for ``principal``'s tenant (see the module docstring for the steps)."""
         tenant = await self._authorise(principal)
-        draft = validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers)
+        draft = validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers,
+                               max_send_ahead_s=self.max_send_ahead_s)
         fingerprint = request_fingerprint(draft)
         if not draft.request_id:
             return await self._accept(tenant, draft, fingerprint)
@@ -276,7 +290,8 @@ class Acceptor:
                 one_by_one.append(index)
                 continue
             try:
-                together.append((index, validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers)))
+                together.append((index, validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers,
+                                                       max_send_ahead_s=self.max_send_ahead_s)))
             except EspError as exc:
                 results[index] = exc
 
@@ -308,6 +323,9 @@ class Acceptor:
         that request); one whose request_id Postgres already has, with the first request's answer."""
         results: list[Accepted | Claimed | Exception | None] = [None] * len(drafts)
         message_ids = [uuid.uuid4() for _ in drafts]
+        now = datetime.now(UTC)
+        # Decided once: a send_time that passes while the pass runs still holds the email back (for a few ms).
+        send_at = {i: d.send_time for i, d in enumerate(drafts) if d.send_time is not None and d.send_time > now}
         sizings: dict[int, SizeDecision] = {}
         for index, draft in enumerate(drafts):
             if index % YIELD_EVERY == YIELD_EVERY - 1:
@@ -335,7 +353,8 @@ class Acceptor:
         admitted_indexes = sorted(ticket_of)
         try:
             amounts = await self.credits.reserve_many(tenant.id, [
-                (str(message_ids[i]), drafts[i].message_class, sum(a.size_bytes for a in attachments[i]))
+                HoldRequest(str(message_ids[i]), drafts[i].message_class, sum(a.size_bytes for a in attachments[i]),
+                            self._hold_ttl_s(send_at.get(i), now))
                 for i in admitted_indexes])
         except BaseException:
             await asyncio.gather(*(self._undo_quietly(ticket_of[i]) for i in admitted_indexes))
@@ -354,7 +373,7 @@ class Acceptor:
                 await asyncio.sleep(0)
             new_message, message = self._new_message(tenant.id, drafts[index], fingerprints[index],
                                                      message_ids[index], attachments[index], sizings[index],
-                                                     held[index])
+                                                     held[index], send_at.get(index))
             new_messages.append(new_message)
             resources.append(message)
         try:
@@ -376,22 +395,33 @@ class Acceptor:
                 results[index] = stored_one
         return [r if r is not None else Aborted("not accepted; retry", reason="INTERNAL") for r in results]
 
+    def _hold_ttl_s(self, send_at: datetime | None, now: datetime) -> int:
+        """Step 7: how long an email's hold lives: the ledger's default (0) for an email sent at once; until its send
+        time and ``hold_ttl_after_send_s`` more for a scheduled one."""
+        if send_at is None:
+            return 0
+        return math.ceil((send_at - now).total_seconds() + self.hold_ttl_after_send_s)
+
     def _new_message(self, tenant_id: str, draft: EmailDraft, fingerprint: bytes, message_id: uuid.UUID,
-                     attachments: list[StoredAttachment], sizing: SizeDecision,
-                     credits: int) -> tuple[NewMessage, messages_pb2.Message]:
+                     attachments: list[StoredAttachment], sizing: SizeDecision, credits: int,
+                     send_at: datetime | None = None) -> tuple[NewMessage, messages_pb2.Message]:
         """Step 8's rows for one email (the message with its SEND task and ACCEPTED event for the outbox), and the
-        Message its caller is answered with."""
+        Message its caller is answered with. With ``send_at`` (its send_time, ahead), the SEND task is held in the
+        outbox until then."""
         message_key = str(message_id)
         now, accepted_time = accepted_now()
         task = build_send_task(message_key, tenant_id, draft, attachments, accepted_time,
                                attachments_as_links=sizing.attachments_as_links)
-        message = message_resource(task, request_id=draft.request_id, credits=credits)
+        send_time = to_timestamp(send_at) if send_at is not None else None
+        message = message_resource(task, request_id=draft.request_id, credits=credits, send_time=send_time)
         event = accepted_event(task, message, sizing.event_attributes())
         task_bytes = task.SerializeToString()
+        queued = task_bytes if send_time is None else queued_task(task, send_time)
         return NewMessage(
             id=message_id, tenant_id=tenant_id, request_id=draft.request_id, fingerprint=fingerprint,
-            message_class=draft.message_class, task=task_bytes, credits=credits, created_at=now,
-            outbox=(OutboxRow(self.topology.send_subject(draft.message_class), message_key, task_bytes),
+            message_class=draft.message_class, task=task_bytes, credits=credits, created_at=now, send_time=send_at,
+            outbox=(OutboxRow(self.topology.send_subject(draft.message_class), message_key, queued,
+                              deliver_after=send_at),
                     OutboxRow(self.topology.events_subject(tenant_id), event.event.event_id,
                               event.SerializeToString()))), message
 

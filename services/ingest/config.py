@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from libs.common.settings import CommonSettings, check_positive
+from services.ingest.accept import HOLD_TTL_AFTER_SEND_S
+from services.ingest.validation import MAX_SEND_AHEAD_S
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,17 @@ class IngestSettings(CommonSettings):
     """BatchSendEmails calls whose emails go through the accept steps at once; later calls wait their turn (see
     ``services.ingest.accept.BATCH_PASSES_IN_FLIGHT``). More takes a campaign in faster on an idle machine; fewer
     keeps OTPs accepted meanwhile fast."""
+    max_send_ahead_s: float = MAX_SEND_AHEAD_S
+    """How far ahead a SendEmailRequest.send_time may be (29 days). A scheduled email's credit hold lives until its
+    send time plus ``hold_ttl_after_send_s``, and the ledger grants holds of at most 30 days: raise its
+    ``LedgerOptions.max_hold_ttl_s`` before raising this past 29 days."""
+    hold_ttl_after_send_s: float = HOLD_TTL_AFTER_SEND_S
+    """How long a scheduled email's credit hold outlives its send time (a day: the ledger's default hold life)."""
 
     def __post_init__(self) -> None:
         check_positive(self, "api_key_cache_s", "default_otp_rate", "default_transactional_rate",
                        "default_bulk_rate", "rate_burst_s", "idempotency_cache_s", "upstream_timeout_s",
-                       "accept_batch_size", "accept_batch_workers", "max_batch_send", "batch_passes_in_flight")
+                       "accept_batch_size", "accept_batch_workers", "max_batch_send", "batch_passes_in_flight",
+                       "max_send_ahead_s", "hold_ttl_after_send_s")
         if not 0 <= self.batch_interval_s <= 1:
             raise ValueError(f"ESP_BATCH_INTERVAL_S: must be 0 to 1 s, got {self.batch_interval_s}")

@@ -112,7 +112,7 @@ READ, SEND, ADMIN = "read", "send", "admin"
 
 EDGE_METHODS: dict[str, dict[str, EdgeMethod]] = {
     "esp.v1.MessageService": {
-        "SendEmail": EdgeMethod(SEND), "BatchSendEmails": EdgeMethod(SEND),
+        "SendEmail": EdgeMethod(SEND), "BatchSendEmails": EdgeMethod(SEND), "CancelMessage": EdgeMethod(SEND),
         "GetMessage": EdgeMethod(READ, "reports"), "ListMessages": EdgeMethod(READ, "reports"),
         "ListMessageEvents": EdgeMethod(READ, "reports"),
     },

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import NamedTuple
 
 from libs.common.message_classes import MessageClass
 
@@ -44,11 +46,26 @@ class EmailDraft:
     metadata: Mapping[str, str] = field(default_factory=dict)
     attachment_ids: tuple[str, ...] = ()
     request_id: str = ""
+    send_time: datetime | None = None
+    """When to hand it to a sender (aware); None: at once. Kept as the request gave it, past times included, so a
+    retry after that time still has the first request's fingerprint: the accept path decides whether it is ahead."""
 
     @property
     def recipients(self) -> tuple[Mailbox, ...]:
         """Every recipient: ``to``, then ``cc``, then ``bcc``."""
         return self.to + self.cc + self.bcc
+
+
+class HoldRequest(NamedTuple):
+    """Credits to hold for one email at the ledger."""
+
+    hold_id: str
+    """The message id."""
+    message_class: str
+    attachment_bytes: int = 0
+    ttl_s: int = 0
+    """How long the hold lives unless committed or released; 0: the ledger's default (a day). A scheduled email's
+    lives until its send time and that long again."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from libs.common.message_classes import MessageClass
 from libs.common.timestamps import to_timestamp
 from services.ingest.model import EmailDraft, Mailbox, StoredAttachment
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 def request_fingerprint(draft: EmailDraft) -> bytes:
     """sha256 of the request's content, request_id excluded: equal requests have equal fingerprints."""
@@ -24,10 +26,12 @@ def request_fingerprint(draft: EmailDraft) -> bytes:
     def boxes(items: tuple[Mailbox, ...]) -> list[list[str]]:
         return [[b.email, b.name] for b in items]
 
-    content = [draft.message_class, [draft.sender.email, draft.sender.name], boxes(draft.to), boxes(draft.cc),
-               boxes(draft.bcc), boxes(draft.reply_to), draft.subject, draft.text_body, draft.html_body,
-               sorted(draft.headers.items()), list(draft.tags), sorted(draft.metadata.items()),
-               list(draft.attachment_ids)]
+    content: list[object] = [
+        draft.message_class, [draft.sender.email, draft.sender.name], boxes(draft.to), boxes(draft.cc),
+        boxes(draft.bcc), boxes(draft.reply_to), draft.subject, draft.text_body, draft.html_body,
+        sorted(draft.headers.items()), list(draft.tags), sorted(draft.metadata.items()), list(draft.attachment_ids)]
+    if draft.send_time is not None:  # only then: requests without one keep the fingerprints they always had
+        content.append((draft.send_time - _EPOCH) // timedelta(microseconds=1))
     return hashlib.sha256(json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()).digest()
 
 
@@ -47,9 +51,6 @@ def estimated_message_bytes(draft: EmailDraft, attachments: list[StoredAttachmen
     else:
         carried = sum((a.size_bytes + 2) // 3 * 4 * 78 // 76 for a in attachments)
     return 2048 + body * 4 // 3 + carried
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def accepted_now() -> tuple[datetime, Timestamp]:
@@ -103,9 +104,25 @@ def build_send_task(message_id: uuid.UUID | str, tenant_id: str, draft: EmailDra
     return task
 
 
+def queued_task(task: queue_pb2.SendTask, send_time: Timestamp) -> bytes:
+    """The SEND stream payload of a scheduled email: its task with ``accepted_time`` = its send time. The sender
+    counts a class's useful life (``RetryPolicy.max_age_s``: ten minutes for an OTP) from ``accepted_time``; a
+    scheduled email's starts when it is handed over, not when it was accepted days before. (The stored task keeps
+    the true acceptance time.)"""
+    queued = queue_pb2.SendTask()
+    queued.CopyFrom(task)
+    queued.accepted_time.CopyFrom(send_time)
+    payload: bytes = queued.SerializeToString()
+    return payload
+
+
 def message_resource(task: queue_pb2.SendTask, *, request_id: str, credits: int,
-                     state: int = messages_pb2.MESSAGE_STATE_ACCEPTED) -> messages_pb2.Message:
-    """The public Message for an accepted task (created when it was accepted)."""
+                     state: int = messages_pb2.MESSAGE_STATE_ACCEPTED,
+                     send_time: Timestamp | None = None) -> messages_pb2.Message:
+    """The public Message for an accepted task (created when it was accepted); with a ``send_time``, a scheduled
+    one (state SCHEDULED unless ``state`` says otherwise)."""
+    if send_time is not None and state == messages_pb2.MESSAGE_STATE_ACCEPTED:
+        state = messages_pb2.MESSAGE_STATE_SCHEDULED
     message = messages_pb2.Message(name=f"messages/{task.message_id}", id=task.message_id,
                                    message_class=task.message_class, state=state, subject=task.subject,
                                    credits=credits)
@@ -126,6 +143,8 @@ def message_resource(task: queue_pb2.SendTask, *, request_id: str, credits: int,
         message.request_id = request_id
     message.create_time.CopyFrom(task.accepted_time)
     message.update_time.CopyFrom(task.accepted_time)
+    if send_time is not None:
+        message.send_time.CopyFrom(send_time)
     return message
 
 
@@ -143,4 +162,19 @@ def accepted_event(task: queue_pb2.SendTask, message: messages_pb2.Message,
     event.event_time.CopyFrom(message.create_time)
     if attributes:
         event.attributes.update(attributes)
+    return envelope
+
+
+def cancelled_event(task: queue_pb2.SendTask, reason: str) -> queue_pb2.EventEnvelope:
+    """The final CANCELLED event of a message withdrawn before any sender had it: reports records the state, the
+    ledger releases the hold. Its id is the one a sender gives the CANCELLED event of a message it drops, so the
+    stream keeps one whichever comes."""
+    envelope = queue_pb2.EventEnvelope(tenant_id=task.tenant_id, message_id=task.message_id, final=True,
+                                       message_class=task.message_class, hold_id=task.message_id)
+    event = envelope.event
+    event.event_id = f"{task.message_id}:cancelled"
+    event.message = f"messages/{task.message_id}"
+    event.type = messages_pb2.MESSAGE_EVENT_TYPE_CANCELLED
+    event.reason = reason
+    event.event_time.seconds, event.event_time.nanos = divmod(time.time_ns(), 1_000_000_000)
     return envelope

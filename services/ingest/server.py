@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -20,6 +21,7 @@ from esp.v1 import (
     tenants_pb2,
 )
 from google.protobuf import empty_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from psycopg_pool import AsyncConnectionPool
@@ -38,7 +40,8 @@ from libs.common.timestamps import to_timestamp
 from libs.routing.catalog import ProviderCatalog, open_bucket
 from services.ingest.accept import Acceptor
 from services.ingest.attachments import AttachmentStore, UploadMetadata
-from services.ingest.clients import LedgerCreditReserver
+from services.ingest.cancel import Canceller
+from services.ingest.clients import LedgerCreditReserver, ReportsMessageStates
 from services.ingest.config import IngestSettings
 from services.ingest.edge import EDGE_METHODS, ApiKeyAuthenticator, build_handler
 from services.ingest.limits import RateDefaults, RedisGate
@@ -58,8 +61,22 @@ def _boxes(items: Any) -> tuple[Mailbox, ...]:
     return tuple(Mailbox(a.email, a.name) for a in items)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TIMESTAMP_SECONDS = range(-62_135_596_800, 253_402_300_800)
+"""What a Timestamp's seconds may be: 0001-01-01 to 9999-12-31 (google/protobuf/timestamp.proto)."""
+
+
+def _send_time(stamp: Timestamp) -> datetime:
+    """A request's send_time as a datetime; INVALID_ARGUMENT for a Timestamp no valid one could be."""
+    if stamp.seconds not in _TIMESTAMP_SECONDS or not 0 <= stamp.nanos < 1_000_000_000:
+        raise InvalidArgument("send_time is not a valid timestamp", reason="INVALID_EMAIL_REQUEST", field_violations=[
+            FieldViolation("send_time", "not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0 to 999,999,999)")])
+    return _EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
+
+
 def draft_from_proto(req: messages_pb2.SendEmailRequest) -> EmailDraft:
-    """The domain draft of a SendEmail request, before validation (unset fields read as their defaults)."""
+    """The domain draft of a SendEmail request, before validation (unset fields read as their defaults);
+    INVALID_ARGUMENT for a send_time that is no valid Timestamp."""
     # Only the fields the request sets are read: reading an unset repeated or map field still builds an empty
     # container (≈ 2 µs each, and a request has nine of them).
     present = {f.name: v for f, v in req.ListFields()}
@@ -73,6 +90,7 @@ def draft_from_proto(req: messages_pb2.SendEmailRequest) -> EmailDraft:
         headers=dict(present.get("headers", {})), tags=tuple(present.get("tags", ())),
         metadata=dict(present.get("metadata", {})), attachment_ids=tuple(present.get("attachment_ids", ())),
         request_id=present.get("request_id", ""),
+        send_time=_send_time(present["send_time"]) if "send_time" in present else None,
     )
 
 
@@ -126,12 +144,13 @@ def _attachment_proto(a: Any) -> attachments_pb2.Attachment:
 class IngestServicer:
     """The RPCs ingest answers itself (methods named as in the protos)."""
 
-    def __init__(self, acceptor: Acceptor, attachments: AttachmentStore, tenants: TenantStore, *,
-                 max_batch_send: int = 500) -> None:
+    def __init__(self, acceptor: Acceptor, canceller: Canceller, attachments: AttachmentStore, tenants: TenantStore,
+                 *, max_batch_send: int = 500) -> None:
         self.acceptor = acceptor
         self.attachments = attachments
         self.tenants = tenants
         self.max_batch_send = max_batch_send
+        self.canceller = canceller
 
     # -- MessageService ----------------------------------------------------------------------------------------
     async def SendEmail(self, request: messages_pb2.SendEmailRequest, context: Any) -> messages_pb2.SendEmailResponse:
@@ -139,9 +158,16 @@ class IngestServicer:
         :mod:`services.ingest.accept`. Errors: PERMISSION_DENIED (the platform admin's token, a disabled tenant),
         INVALID_ARGUMENT (every validation problem at once), NOT_FOUND (an attachment that is not the tenant's),
         FAILED_PRECONDITION (a suppressed recipient, attachments too large under policy reject, credits short),
-        RESOURCE_EXHAUSTED (rate or daily quota), ALREADY_EXISTS (a request_id reused for a different request)."""
+        RESOURCE_EXHAUSTED (rate or daily quota), ALREADY_EXISTS (a request_id reused for a different request).
+        With a send_time ahead, the message is SCHEDULED: handed to a sender at that time."""
         accepted = await self.acceptor.send(current_principal(), draft_from_proto(request))
         return messages_pb2.SendEmailResponse(message=accepted.message)
+
+    async def CancelMessage(self, request: messages_pb2.CancelMessageRequest, context: Any) -> messages_pb2.Message:
+        """Cancel one of the caller's tenant's messages until a provider has it (scope ``send``; the steps are in
+        :mod:`services.ingest.cancel`). Errors: NOT_FOUND (no such message, or another tenant's),
+        FAILED_PRECONDITION (sent, failed or cancelled already; ErrorInfo metadata ``state``)."""
+        return await self.canceller.cancel(current_principal(), request.name, request.request_id)
 
     async def BatchSendEmails(self, request: messages_pb2.BatchSendEmailsRequest,
                               context: Any) -> messages_pb2.BatchSendEmailsResponse:
@@ -151,12 +177,17 @@ class IngestServicer:
         if not request.requests or len(request.requests) > self.max_batch_send:
             raise InvalidArgument(f"1 to {self.max_batch_send} emails per batch", field_violations=[
                 FieldViolation("requests", f"1 to {self.max_batch_send} emails")])
-        drafts = []
+        drafts: list[EmailDraft] = []
+        unreadable: dict[int, EspError] = {}  # index -> why its request could not even be read
         for index, req in enumerate(request.requests):
             if index % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # see YIELD_EVERY
-            drafts.append(draft_from_proto(req))
-        outcomes = await self.acceptor.send_many(current_principal(), drafts)
+            try:
+                drafts.append(draft_from_proto(req))
+            except EspError as exc:
+                unreadable[index] = exc
+        accepted = iter(await self.acceptor.send_many(current_principal(), drafts))
+        outcomes = [unreadable[i] if i in unreadable else next(accepted) for i in range(len(request.requests))]
         results = []
         for index, outcome in enumerate(outcomes):
             if index % YIELD_EVERY == YIELD_EVERY - 1:
@@ -356,7 +387,7 @@ async def build_components(settings: IngestSettings) -> IngestComponents:
     tenants = TenantStore(pool, cache_ttl_s=settings.api_key_cache_s, admin_token=settings.admin_token)
     credits = LedgerCreditReserver(channels["ledger"], timeout_s=settings.upstream_timeout_s,
                                    batch_interval_s=settings.batch_interval_s)
-    outbox = OutboxPublisher(pool, nc, "ingest.outbox")
+    outbox = OutboxPublisher(pool, nc, "ingest.outbox", scheduled=True)
     attachments = AttachmentStore(pool, s3, settings.s3_bucket)
     gate = RedisGate(redis, settings.namespace, RateDefaults(
         settings.default_otp_rate, settings.default_transactional_rate, settings.default_bulk_rate,
@@ -365,8 +396,11 @@ async def build_components(settings: IngestSettings) -> IngestComponents:
                          batch_interval_s=settings.batch_interval_s, on_commit=outbox.publish_soon)
     acceptor = Acceptor(tenants=tenants, gate=gate, credits=credits, attachments=attachments, store=store,
                         topology=topology, sizes=SizePolicy(lambda: catalog.providers.values()),
-                        batch_passes=settings.batch_passes_in_flight)
-    servicer = IngestServicer(acceptor, attachments, tenants, max_batch_send=settings.max_batch_send)
+                        batch_passes=settings.batch_passes_in_flight, max_send_ahead_s=settings.max_send_ahead_s,
+                        hold_ttl_after_send_s=settings.hold_ttl_after_send_s)
+    canceller = Canceller(store=store, redis=redis, topology=topology,
+                          states=ReportsMessageStates(channels["reports"], timeout_s=settings.upstream_timeout_s))
+    servicer = IngestServicer(acceptor, canceller, attachments, tenants, max_batch_send=settings.max_batch_send)
     return IngestComponents(settings, topology, pool, redis, nc, js, s3, channels, tenants, credits, outbox,
                             attachments, gate, store, catalog, acceptor, servicer)
 

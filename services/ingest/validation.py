@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 
 from libs.common.addresses import NO_CONTROL, check_mailbox, has_control
 from libs.common.content_limits import MAX_BODY_BYTES, MAX_SUBJECT_CHARS
@@ -29,6 +30,10 @@ MAX_ATTACHMENTS = 10
 MAX_HEADERS = 50
 MAX_HEADER_VALUE_CHARS = 998
 MAX_REQUEST_ID_CHARS = 128
+MAX_SEND_AHEAD_S = 29 * 86_400.0
+"""The default of ``IngestSettings.max_send_ahead_s``: how far ahead a send_time may be. A scheduled email's
+credit hold must outlive its send time by the usual hold life (a day), and the ledger grants holds of at most
+30 days (``LedgerOptions.max_hold_ttl_s``)."""
 
 ALLOWED_HEADERS = frozenset({
     "list-unsubscribe", "list-unsubscribe-post", "list-id", "in-reply-to", "references", "precedence",
@@ -85,8 +90,10 @@ def _check_headers(headers: Iterable[tuple[str, str]], extra_allowed: frozenset[
         out.append(FieldViolation("headers", f"at most {MAX_HEADERS} custom headers"))
 
 
-def validate_draft(draft: EmailDraft, *, extra_allowed_headers: frozenset[str] = frozenset()) -> EmailDraft:
-    """Check a draft; return it with addresses normalised, or raise INVALID_ARGUMENT listing every violation."""
+def validate_draft(draft: EmailDraft, *, extra_allowed_headers: frozenset[str] = frozenset(),
+                   max_send_ahead_s: float = MAX_SEND_AHEAD_S, now: datetime | None = None) -> EmailDraft:
+    """Check a draft; return it with addresses normalised, or raise INVALID_ARGUMENT listing every violation.
+    ``now`` (the clock by default) is what ``send_time`` is compared with: at most ``max_send_ahead_s`` ahead."""
     problems: list[FieldViolation] = []
     if draft.message_class not in CLASS_NAMES:
         problems.append(FieldViolation("message_class", f"required: one of {', '.join(MessageClass)}"))
@@ -143,6 +150,9 @@ def validate_draft(draft: EmailDraft, *, extra_allowed_headers: frozenset[str] =
         seen.add(bare)
     if draft.request_id and (len(draft.request_id) > MAX_REQUEST_ID_CHARS or has_control(draft.request_id)):
         problems.append(FieldViolation("request_id", f"1 to {MAX_REQUEST_ID_CHARS} characters, no CR/LF/NUL"))
+    if draft.send_time is not None and draft.send_time - (now or datetime.now(UTC)) > timedelta(
+            seconds=max_send_ahead_s):
+        problems.append(FieldViolation("send_time", f"at most {_days(max_send_ahead_s)} ahead", "SEND_TIME_TOO_FAR"))
     if problems:
         raise InvalidArgument(f"the request has {len(problems)} invalid field(s)", reason="INVALID_EMAIL_REQUEST",
                               field_violations=problems)
@@ -151,4 +161,8 @@ def validate_draft(draft: EmailDraft, *, extra_allowed_headers: frozenset[str] =
         subject=draft.subject, text_body=draft.text_body, html_body=draft.html_body, headers=draft.headers,
         tags=draft.tags, metadata=draft.metadata,
         attachment_ids=tuple(a.removeprefix("attachments/") for a in draft.attachment_ids),
-        request_id=draft.request_id)
+        request_id=draft.request_id, send_time=draft.send_time)
+
+
+def _days(seconds: float) -> str:
+    return f"{seconds / 86_400:g} days" if seconds >= 86_400 else f"{seconds:g} seconds"

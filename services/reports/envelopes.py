@@ -150,6 +150,7 @@ def _accepted(message: messages_pb2.Message, envelope_class: str, event_time: da
         credits=message.credits,
         campaign=message.campaign,
         create_time=timestamp_to_datetime(message.create_time) if message.HasField("create_time") else event_time,
+        send_time=timestamp_to_datetime(message.send_time) if message.HasField("send_time") else None,
     )
 
 

@@ -26,6 +26,7 @@ class MessageState(StrEnum):
     FAILED = "failed"
     COMPLAINED = "complained"
     CANCELLED = "cancelled"
+    SCHEDULED = "scheduled"
 
 
 class EventType(StrEnum):
@@ -88,6 +89,9 @@ STATE_TRANSITIONS: Mapping[EventType, tuple[MessageState, int]] = {
 YIELDING_STATES = frozenset({MessageState.CANCELLED})
 """States that give way to another state of the same rank, whatever the order of their events (the recorder's
 merge in SQL says the same)."""
+SCHEDULED_STATE = (MessageState.SCHEDULED, 0)
+"""What the ACCEPTED event of a message with a send_time ahead moves it to: ACCEPTED's rank, so every later event
+(the sender's DEFERRED, SENT, FAILED, CANCELLED ...) outranks it, and it never replaces a state recorded before."""
 PLACEHOLDER_STATE = (MessageState.ACCEPTED, 0)
 """State of a message known only from events that do not set one (it was accepted, or nothing would happen)."""
 
@@ -122,6 +126,8 @@ class AcceptedMessage(NamedTuple):
     campaign: str = ""
     create_time: datetime | None = None
     """When ingest accepted it; the event time is used when absent."""
+    send_time: datetime | None = None
+    """When it is handed to a sender, for a message accepted with a send_time ahead (state SCHEDULED)."""
 
 
 class MessageEventRecord(NamedTuple):
@@ -178,6 +184,8 @@ class MessageStatus:
     update_time: datetime
     accepted_seen: bool
     """False while the ACCEPTED event has not arrived: the summary fields are still empty."""
+    send_time: datetime | None = None
+    """When a scheduled message is handed to a sender (None: at once)."""
 
 
 @dataclass(frozen=True)

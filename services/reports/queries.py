@@ -15,7 +15,7 @@ from services.reports.pagination import decode_page_token, page_of, page_size
 
 _MESSAGE_COLUMNS = """tenant_id, message_id, state, message_class, sender, to_addrs, cc_addrs, bcc_addrs, subject,
     tags, metadata, attachment_ids, request_id, credits, campaign, provider, provider_message_id, attempts,
-    create_time, update_time, accepted_seen"""
+    create_time, update_time, accepted_seen, send_time"""
 _EVENT_COLUMNS = """event_id, tenant_id, message_id, event_type, event_time, provider, provider_message_id,
     recipient, reason, attempt, outcome, latency_ms, bounce_type, url, attributes"""
 
@@ -126,6 +126,7 @@ def _message(row: Mapping[str, Any]) -> MessageStatus:
         create_time=row["create_time"],
         update_time=row["update_time"],
         accepted_seen=row["accepted_seen"],
+        send_time=row["send_time"],
     )
 
 

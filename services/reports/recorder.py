@@ -25,6 +25,7 @@ from services.reports.message_index import resolve_message
 from services.reports.models import (
     HARD_BOUNCE_TYPE,
     PLACEHOLDER_STATE,
+    SCHEDULED_STATE,
     STATE_TRANSITIONS,
     YIELDING_STATES,
     AcceptedMessage,
@@ -88,6 +89,8 @@ class _MessageDelta:
         self.last_time = max(self.last_time, event.event_time)
         self.message_class = self.message_class or event.message_class
         transition = STATE_TRANSITIONS.get(event.event_type)
+        if event.accepted is not None and event.accepted.send_time is not None:
+            transition = SCHEDULED_STATE
         if transition is not None:
             state, rank = transition
             if rank > self.state_rank or (rank == self.state_rank and self._wins_tie(state, event.event_time)):
@@ -297,17 +300,17 @@ _REPLACES_STATE = (f"(excluded.state_rank > m.state_rank OR (excluded.state_rank
 _MERGE_MESSAGES = """
 INSERT INTO reports.messages AS m (tenant_id, message_id, state, state_rank, state_time, accepted_seen,
     message_class, sender, to_addrs, cc_addrs, bcc_addrs, subject, tags, metadata, attachment_ids, request_id,
-    credits, campaign, provider, provider_message_id, provider_from_sent, attempts, create_time, update_time)
+    credits, campaign, provider, provider_message_id, provider_from_sent, attempts, create_time, update_time, send_time)
 SELECT d.tenant_id, d.message_id, d.state, d.state_rank, d.state_time, d.accepted_seen, d.message_class,
     coalesce(d.sender, '{}'), coalesce(d.to_addrs, '[]'), coalesce(d.cc_addrs, '[]'), coalesce(d.bcc_addrs, '[]'),
     coalesce(d.subject, ''), coalesce(d.tags, '{}'), coalesce(d.metadata, '{}'), coalesce(d.attachment_ids, '{}'),
     coalesce(d.request_id, ''), coalesce(d.credits, 0), coalesce(d.campaign, ''), d.provider, d.provider_message_id,
-    d.provider_from_sent, d.attempts, d.create_time, d.update_time
+    d.provider_from_sent, d.attempts, d.create_time, d.update_time, d.send_time
 FROM json_to_recordset(%s::json) AS d(tenant_id text, message_id text, state text, state_rank smallint,
     state_time timestamptz, accepted_seen boolean, message_class text, sender jsonb, to_addrs jsonb, cc_addrs jsonb,
     bcc_addrs jsonb, subject text, tags text[], metadata jsonb, attachment_ids text[], request_id text,
     credits bigint, campaign text, provider text, provider_message_id text, provider_from_sent boolean,
-    attempts integer, create_time timestamptz, update_time timestamptz)
+    attempts integer, create_time timestamptz, update_time timestamptz, send_time timestamptz)
 ON CONFLICT (tenant_id, message_id) DO UPDATE SET
     state = CASE WHEN REPLACES_STATE THEN excluded.state ELSE m.state END,
     state_time = CASE WHEN REPLACES_STATE THEN excluded.state_time ELSE m.state_time END,
@@ -326,6 +329,7 @@ ON CONFLICT (tenant_id, message_id) DO UPDATE SET
     request_id = CASE WHEN excluded.accepted_seen THEN excluded.request_id ELSE m.request_id END,
     credits = CASE WHEN excluded.accepted_seen THEN excluded.credits ELSE m.credits END,
     campaign = CASE WHEN excluded.accepted_seen THEN excluded.campaign ELSE m.campaign END,
+    send_time = CASE WHEN excluded.accepted_seen THEN excluded.send_time ELSE m.send_time END,
     provider = CASE WHEN excluded.provider_from_sent OR m.provider = '' THEN excluded.provider ELSE m.provider END,
     provider_message_id = CASE WHEN excluded.provider_from_sent OR m.provider_message_id = ''
                                THEN excluded.provider_message_id ELSE m.provider_message_id END,
@@ -378,6 +382,8 @@ def _merge_row(delta: _MessageDelta) -> dict[str, object]:
         )
         if accepted.create_time:
             row["create_time"] = accepted.create_time.isoformat()
+        if accepted.send_time:
+            row["send_time"] = accepted.send_time.isoformat()
     return row
 
 

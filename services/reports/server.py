@@ -100,6 +100,8 @@ def message_to_proto(message: MessageStatus) -> messages_pb2.Message:
         update_time=_timestamp(message.update_time),
         campaign=message.campaign,
     )
+    if message.send_time is not None:
+        proto.send_time.CopyFrom(_timestamp(message.send_time))
     if message.sender.email:
         getattr(proto, "from").CopyFrom(_address(message.sender))
     return proto

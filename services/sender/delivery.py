@@ -5,12 +5,12 @@ The steps, each a method below:
 1. ``_claim`` — lease each email and read its memory (one Redis round trip for the batch). Another sender
    holds it → leave it to that sender. Already sent (sent marker) → announce SENT again (same event id, so the
    stream drops the duplicate) and ack: a redelivered email is never sent twice. Older than its class's
-   useful life → FAILED and dead-lettered (unless its campaign is halted: see step 2).
+   useful life → FAILED and dead-lettered (unless it or its campaign is halted: see step 2).
 2. ``_rank`` — the fallback chain for each email from the local catalog and health snapshot (no round trip),
    without the providers that failed it last time or were tried in this delivery. Before it (and in step 1),
-   an email whose campaign is halted (the in-process snapshot of ``services.sender.halts``) leaves the delivery:
-   cancelled → final CANCELLED and ack; paused → parked on the campaign's held subject and acked once the park
-   is durable.
+   an email cancelled itself or whose campaign is halted (the in-process snapshot of ``services.sender.halts``)
+   leaves the delivery: cancelled → final CANCELLED and ack; paused → parked on the campaign's held subject and
+   acked once the park is durable.
    After it, ``_drop_suppressed`` looks up every recipient of the ranked emails on the suppression list again
    (one round trip, ``services.sender.suppressions``): one suppressed since the email was queued → FAILED.
 3. ``_place`` — walk each email down its chain: the provider's adapter must accept it (its ``precheck`` at the
@@ -18,7 +18,8 @@ The steps, each a method below:
    slot — one pipelined round trip for all calls) must grant it; a refusal moves the email to its next provider at
    once. Bulk emails going to the same provider share the batch calls its adapter plans (``plan_batches``).
 4. ``_perform`` — the provider calls, concurrently (after the booked rate slot, if any). Right before each
-   call the halts are looked at again, so a campaign halted during the rate wait reaches no provider either.
+   call the halts are looked at again, so an email or campaign halted during the rate wait reaches no provider
+   either.
 5. ``_record`` — the calls' outcomes into the shared provider health (one round trip for all calls).
 6. ``_conclude`` — per email, per its class's retry policy (``libs.common.message_classes``): accepted → SENT;
    rejected → FAILED; throttled → next provider now, or wait the Retry-After; failed → next provider now (otp,
@@ -145,9 +146,10 @@ def outbound_email(task: queue_pb2.SendTask, opener: AttachmentOpener) -> Outbou
         return tuple(Address(a.email, a.name) for a in items) if items else ()
 
     sender = getattr(task, "from")
+    to = addresses(task.to)
     return OutboundEmail(
         message_id=task.message_id, tenant_id=task.tenant_id, message_class=_class_of(task),
-        sender=Address(sender.email, sender.name), to=addresses(task.to), cc=addresses(task.cc),
+        sender=Address(sender.email, sender.name), to=to, cc=addresses(task.cc),
         bcc=addresses(task.bcc), reply_to=addresses(task.reply_to), subject=task.subject,
         text=task.text_body or None, html=task.html_body or None,
         headers=dict(task.headers) if task.headers else {}, tags=tuple(task.tags) if task.tags else (),
@@ -156,6 +158,10 @@ def outbound_email(task: queue_pb2.SendTask, opener: AttachmentOpener) -> Outbou
             Attachment(filename=a.filename, content_type=a.content_type, size=a.size_bytes,
                        chunks=partial(opener, a.s3_key))
             for a in task.attachments) if task.attachments else (),
+        # The values of the placeholders left in the content, for its single `to`: a batching provider substitutes
+        # them, so a campaign's emails share one call; the others are rendered before the call (`personalize`).
+        recipient_variables={to[0].email: dict(task.recipient_variables)}
+        if task.recipient_variables and len(to) == 1 else {},
     )
 
 
@@ -234,7 +240,8 @@ class Call:
     reached_provider: bool = True
     """False when the call failed before any network I/O (its quota is given back)."""
     withheld: int = 0
-    """Emails taken out of the call after their permit was granted (campaign halted): their quota is given back."""
+    """Emails taken out of the call after their permit was granted (cancelled, or campaign halted): their quota is
+    given back."""
 
 
 class Deliverer:
@@ -255,7 +262,7 @@ class Deliverer:
         self.policies = policies
         self.heartbeat_s = heartbeat_s
         self.halts = halts
-        """Halted campaigns (None: none are ever halted)."""
+        """Halted campaigns and cancelled messages (None: none are ever halted)."""
         self.suppressions = suppressions
         """The suppression re-check before the call (None: only accept's check)."""
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -301,7 +308,7 @@ class Deliverer:
                     provider=state.sent.provider, provider_message_id=state.sent.provider_message_id,
                     attributes={"ambiguous": "true"} if state.sent.ambiguous else {}), pending)
             elif self._halted(job, pending):
-                pass  # a halted campaign's email is cancelled or parked, however long it waited
+                pass  # a cancelled email, or a halted campaign's, is cancelled or parked, however long it waited
             elif _age_s(incoming.task) > job.policy.max_age_s:
                 self._fail(job, f"not sent within {job.policy.max_age_s:.0f}s of acceptance", pending,
                            dead_letter=True)
@@ -368,20 +375,34 @@ class Deliverer:
         return decision
 
     def _halted(self, job: Job, pending: Outbox) -> bool:
-        """Take the email out of the delivery if its campaign is halted: cancelled → final CANCELLED (its hold is
-        released), paused → parked (``_commit``). True when it was taken out."""
-        halt = self.halts.of(job.task.campaign_id) if self.halts is not None else None
+        """Take the email out of the delivery if it was cancelled (``CancelMessage``) or its campaign is halted:
+        cancelled → final CANCELLED (its hold is released), paused → parked (``_commit``). True when it was taken
+        out."""
+        if self.halts is None:
+            return False
+        if self.halts.message_cancelled(job.message_id):
+            self._cancelled(job, "message cancelled", pending)
+            WITHHELD.labels(job.message_class, "message_cancelled").inc()
+            return True
+        halt = self.halts.of(job.task.campaign_id)
         if halt is None:
             return False
         if halt is Halt.CANCELLED:
-            pending.append(EventIntent(
-                job.task, messages_pb2.MESSAGE_EVENT_TYPE_CANCELLED, event_id=f"{job.message_id}:cancelled",
-                final=True, reason="campaign cancelled"))
+            self._cancelled(job, "campaign cancelled", pending)
         else:
             job.parked = True  # acked only once the park is durable: _commit takes the ack back if it is not
-        job.verdict = ACK
+            job.verdict = ACK
         WITHHELD.labels(job.message_class, halt.value).inc()
         return True
+
+    @staticmethod
+    def _cancelled(job: Job, reason: str, pending: Outbox) -> None:
+        """Drop the email for good: a final CANCELLED event (the same id ingest gives it when it withdraws a scheduled
+        email, so the stream keeps one), then ack."""
+        pending.append(EventIntent(
+            job.task, messages_pb2.MESSAGE_EVENT_TYPE_CANCELLED, event_id=f"{job.message_id}:cancelled",
+            final=True, reason=reason))
+        job.verdict = ACK
 
     async def _drop_suppressed(self, chains: dict[Job, list[str]], pending: Outbox) -> None:
         """Fail the emails with a recipient suppressed since they were queued (every email in one round trip)."""
@@ -731,6 +752,8 @@ def _recipients(task: queue_pb2.SendTask) -> list[str]:
 
 
 def _age_s(task: queue_pb2.SendTask) -> float:
+    """Seconds since the email was accepted; a scheduled email's task carries its send time as ``accepted_time``
+    (``services.ingest.payloads.queued_task``), so its useful life counts from then."""
     if not task.HasField("accepted_time") or task.accepted_time.seconds == 0:
         return 0.0
     accepted_at: float = task.accepted_time.seconds + task.accepted_time.nanos / 1e9

@@ -1,8 +1,10 @@
-"""The halted campaigns as this sender process last read them: a snapshot refreshed in the background.
+"""The halted campaigns and cancelled messages as this sender process last read them: a snapshot refreshed in the
+background.
 
-The campaigns service mirrors each paused or cancelled campaign into one Redis hash
-(``libs.common.campaign_halts``); a delivery checks an email's campaign against this in-process copy just before
-the provider call, so honouring a pause costs no round trip per email. The copy is read every ``REFRESH_S``: a
+The campaigns service mirrors each paused or cancelled campaign into one Redis hash, and ingest each message
+cancelled after its SEND task was queued into a sorted set (``libs.common.campaign_halts``); a delivery checks an
+email's campaign and its own id against this in-process copy just before the provider call, so honouring a pause
+or a cancellation costs no round trip per email. The copy is read every ``REFRESH_S``: a
 pause reaches every replica within that. When Redis cannot answer, the last copy stays in force (a halt is never
 forgotten because Redis blinked) and the trouble is logged at most once a ``LOG_EVERY_S``.
 """
@@ -16,7 +18,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from prometheus_client import Gauge
 
-from libs.common.campaign_halts import REFRESH_S, Halt, read_halts
+from libs.common.campaign_halts import REFRESH_S, Halt, read_snapshot
 from libs.common.stopping import pause_unless_stopped
 from libs.common.workers import StopEvent
 
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 LOG_EVERY_S = 60.0
 """While refreshes keep failing, one warning this often (a refresh runs five times a second)."""
 HALTED = Gauge("esp_sender_halted_campaigns", "Halted campaigns in this sender's snapshot")
+CANCELLED_MESSAGES = Gauge("esp_sender_cancelled_messages", "Cancelled messages in this sender's snapshot")
 
 
 def held_msg_id(message_id: str, sequence: int) -> str:
@@ -35,7 +38,8 @@ def held_msg_id(message_id: str, sequence: int) -> str:
 
 
 class CampaignHalts:
-    """Which campaigns are paused or cancelled, as read from Redis at most ``refresh_s`` ago."""
+    """Which campaigns are paused or cancelled, and which messages cancelled, as read from Redis at most
+    ``refresh_s`` ago."""
 
     def __init__(self, redis: aioredis.Redis, namespace: str, *, refresh_s: float = REFRESH_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -44,6 +48,8 @@ class CampaignHalts:
         self.refresh_s = refresh_s
         self.snapshot: dict[str, Halt] = {}
         """Campaign id → why its emails must not reach a provider; only halted campaigns are in it."""
+        self.cancelled_messages: frozenset[str] = frozenset()
+        """Ids of messages cancelled after they were queued: they must not reach a provider."""
         self._clock = clock
         self._failing_since: float | None = None
         self._logged_at = -float("inf")
@@ -52,10 +58,16 @@ class CampaignHalts:
         """The campaign's halt, if it is halted (emails without a campaign never are)."""
         return self.snapshot.get(campaign_id) if campaign_id else None
 
+    def message_cancelled(self, message_id: str) -> bool:
+        """Whether the message itself was cancelled (``CancelMessage``)."""
+        return message_id in self.cancelled_messages
+
     async def refresh(self) -> None:
-        """Read the hash once; raises on Redis trouble (the snapshot is then unchanged)."""
-        self.snapshot = await read_halts(self.redis, namespace=self.namespace)
+        """Read the halts once (one round trip); raises on Redis trouble (the snapshot is then unchanged)."""
+        read = await read_snapshot(self.redis, namespace=self.namespace)
+        self.snapshot, self.cancelled_messages = read.campaigns, read.messages
         HALTED.set(len(self.snapshot))
+        CANCELLED_MESSAGES.set(len(self.cancelled_messages))
 
     async def run(self, stop: StopEvent) -> None:
         """Refresh every ``refresh_s`` until ``stop``; an error keeps the last snapshot and is logged, rate-limited."""
