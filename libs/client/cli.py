@@ -25,7 +25,7 @@ __all__ = [
 
 FINAL_STATES = {messages_pb2.MESSAGE_STATE_SENT, messages_pb2.MESSAGE_STATE_DELIVERED,
                 messages_pb2.MESSAGE_STATE_BOUNCED, messages_pb2.MESSAGE_STATE_FAILED,
-                messages_pb2.MESSAGE_STATE_COMPLAINED}
+                messages_pb2.MESSAGE_STATE_COMPLAINED, messages_pb2.MESSAGE_STATE_CANCELLED}
 
 
 def cmd_send(args: argparse.Namespace) -> int:

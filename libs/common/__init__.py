@@ -23,7 +23,7 @@ Data and transport
     ``batching``      group commit: concurrent calls coalesced into one flush
     ``outbox``        the transactional outbox's publisher: committed rows reach JetStream at least once
     ``suppressions``  the suppression list's Redis mirror (written by reports, read by ingest)
-    ``campaign_halts``  paused and cancelled campaigns' Redis mirror (written by campaigns, read by senders)
+    ``campaign_halts``  paused and cancelled campaigns, and cancelled messages, as senders see them (Redis)
 
 Domain facts and settings
     ``addresses``     what a recipient address and display name may be, and the canonical address (ingest, campaigns)
