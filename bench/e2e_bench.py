@@ -676,7 +676,10 @@ async def run_campaign(env: Environment, recipients: int, started: asyncio.Event
                                                     variables={"first_name": f"M{i}", "code": f"{i:06d}"})
                     for i in range(first, min(first + 500, recipients))])
 
-        adding = asyncio.create_task(stub.AddCampaignRecipients(frames(), metadata=env.auth(), timeout=600))
+        async def add() -> campaigns_pb2.AddCampaignRecipientsResponse:
+            return await stub.AddCampaignRecipients(frames(), metadata=env.auth(), timeout=600)
+
+        adding = asyncio.create_task(add())
         request = campaigns_pb2.GetCampaignRequest(name=created.name)
         while (await stub.GetCampaign(request, metadata=env.auth(), timeout=10)).progress.recipients == 0:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
