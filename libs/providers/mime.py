@@ -28,7 +28,15 @@ from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime
 
 from libs.providers.errors import AttachmentSizeMismatch, InvalidMessage
-from libs.providers.model import ESP_MESSAGE_ID_HEADER, Address, Attachment, OutboundEmail
+from libs.providers.model import (
+    ESP_MESSAGE_ID_HEADER,
+    PLACEHOLDER_PATTERN,
+    Address,
+    Attachment,
+    OutboundEmail,
+    personalize,
+    recipient_values,
+)
 
 __all__ = [
     "MimeDocument",
@@ -261,8 +269,9 @@ def _merge_bytes(segments: list[bytes | Attachment]) -> list[bytes | Attachment]
 
 
 def mime_size(email: OutboundEmail) -> int:
-    """The exact size ``build_mime(email)`` would have (the Date header has a fixed width)."""
-    return build_mime(email, date=datetime(2000, 1, 1, tzinfo=UTC)).size
+    """The exact size of the email's MIME as it is sent: ``build_mime`` of it rendered with its recipient's values
+    (``personalize``; the Date header has a fixed width)."""
+    return build_mime(personalize(email), date=datetime(2000, 1, 1, tzinfo=UTC)).size
 
 
 #: Worst-case growth of one UTF-8 byte of header text: RFC 2047 "Q" words write a byte as three characters, and
@@ -319,7 +328,24 @@ def mime_size_bound(email: OutboundEmail) -> int:
     # opens with a delimiter line; each carries a boundary derived from the message id.
     boundary = identifier + 32
     size += (3 * 2 + parts + 1) * (boundary + _HEADER_LINE_OVERHEAD) + 3 * _PART_OVERHEAD
-    return size
+    return size + _placeholder_growth(email)
+
+
+def _placeholder_growth(email: OutboundEmail) -> int:
+    """How much rendering the recipient's values can add at most: each placeholder's value, grown as a header's or
+    a body's bytes grow (a regex pass per text, a few microseconds for 10 KB of HTML)."""
+    values = recipient_values(email)
+    if not values:
+        return 0
+
+    def added(text: str) -> int:
+        if "{" not in text:
+            return 0
+        return sum(_utf8_length(values.get(name, "")) for name in PLACEHOLDER_PATTERN.findall(text))
+
+    headers = added(email.subject) + sum(added(value) for value in email.headers.values())
+    bodies = sum(added(body) for body in (email.text, email.html) if body is not None)
+    return _HEADER_EXPANSION * headers + _BODY_EXPANSION * bodies
 
 
 #: NUL, and every character ``str.splitlines`` breaks at (the ``email`` package refuses all of them in headers).
@@ -329,8 +355,10 @@ _CONTROL_CHARACTERS = frozenset("\x00\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 def check_header_fields(email: OutboundEmail) -> None:
     """The header problems ``build_mime`` would raise ``InvalidMessage`` for, checked without rendering.
 
-    Reserved names, names outside RFC 5322's printable ASCII, and CR, LF or NUL anywhere (header injection).
-    Address syntax itself is ingest's to validate; here an address only has to be free of line breaks.
+    Reserved names, names outside RFC 5322's printable ASCII, and CR, LF or NUL anywhere (header injection), also
+    in a recipient's value for a placeholder of the subject or a header value (it would be rendered into the header
+    here, or substituted by the provider). Address syntax itself is ingest's to validate; here an address only has
+    to be free of line breaks.
     """
     for name, value in email.headers.items():
         if name.lower() in RESERVED_HEADERS:
@@ -345,6 +373,13 @@ def check_header_fields(email: OutboundEmail) -> None:
     for text in texts:
         if not _CONTROL_CHARACTERS.isdisjoint(text):
             raise InvalidMessage(f"invalid header in email {email.message_id}: line break or NUL in {text!r}")
+    values = recipient_values(email)
+    if values:
+        for template in (email.subject, *email.headers.values()):
+            for match in PLACEHOLDER_PATTERN.finditer(template):
+                if not _CONTROL_CHARACTERS.isdisjoint(values.get(match.group(1), "")):
+                    raise InvalidMessage(f"invalid header in email {email.message_id}: line break or NUL in the "
+                                         f"value of {match.group(0)}")
 
 
 def fits_size_cap(email: OutboundEmail, cap: int) -> tuple[bool, int]:

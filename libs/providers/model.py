@@ -29,6 +29,9 @@ __all__ = [
     "SendResult",
     "content_key",
     "personalize",
+    "placeholder_literals",
+    "recipient_values",
+    "render_placeholders",
     "unique_addresses",
 ]
 
@@ -40,8 +43,8 @@ ESP_MESSAGE_ID_KEY = "esp_message_id"
 #: Metadata key carrying the tenant id next to the message id.
 ESP_TENANT_ID_KEY = "esp_tenant_id"
 
-#: Placeholder syntax for per-recipient personalisation in subject/text/html: ``{{ first_name }}``.
-#: Adapters translate it to the provider's native syntax for batch sends, or render it locally.
+#: Placeholder syntax for per-recipient personalisation in the subject, the text and HTML bodies and header values:
+#: ``{{ first_name }}``. Adapters translate it to the provider's native syntax for batch sends, or render it locally.
 PLACEHOLDER_PATTERN = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
 
 
@@ -133,7 +136,9 @@ class OutboundEmail:
     """Custom key/value data that the provider echoes back in its webhooks."""
     attachments: tuple[Attachment, ...] = ()
     recipient_variables: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    """Per-recipient values for ``{{ name }}`` placeholders, keyed by recipient address."""
+    """Values of the ``{{ name }}`` placeholders in the subject, the bodies and header values, keyed by recipient
+    address (the sender sets them for an email with a single ``to``). Values are final text: nobody escapes them
+    (the HTML body's are HTML-escaped already where it needs it). A placeholder without a value stays as written."""
 
     @property
     def recipients(self) -> tuple[Address, ...]:
@@ -220,29 +225,57 @@ class ProviderConfig:
         raise AdapterConfigError(f"provider {self.name!r}: option {key!r} must be a boolean")
 
 
+def render_placeholders(template: str, variables: Mapping[str, str]) -> str:
+    """``template`` with each ``{{ name }}`` replaced by its value; placeholders without one stay as written."""
+    if "{" not in template:  # a one-character test is a memchr; "{{" would cost more than the regex pass
+        return template
+    return PLACEHOLDER_PATTERN.sub(lambda match: variables.get(match.group(1), match.group(0)), template)
+
+
+def recipient_values(email: OutboundEmail) -> Mapping[str, str]:
+    """The values the email's placeholders are rendered with: its single ``to`` recipient's (none for an email
+    with several ``to`` recipients or no variables)."""
+    if not email.recipient_variables or len(email.to) != 1:
+        return {}
+    return email.recipient_variables.get(email.to[0].email, {})
+
+
 def personalize(email: OutboundEmail) -> OutboundEmail:
-    """Render ``{{ name }}`` placeholders for an email with a single recipient and recipient variables.
+    """Render ``{{ name }}`` placeholders in the subject, bodies and header values with the values of the email's
+    single ``to`` recipient, for providers (or calls) that send the email as it is.
 
-    Emails without recipient variables are returned unchanged. Unknown placeholders are left as they are.
+    The message is one document, so its cc and bcc recipients see what the ``to`` recipient sees. Emails without
+    recipient variables, or without exactly one ``to``, are returned unchanged. Unknown placeholders are left as they
+    are.
     """
-    if not email.recipient_variables or len(email.recipients) != 1:
+    variables = recipient_values(email)
+    if not variables:
         return email
-    variables = email.recipient_variables.get(email.recipients[0].email)
-    if variables is None:
-        return email
-
-    def render(template: str | None) -> str | None:
-        if template is None:
-            return None
-        return PLACEHOLDER_PATTERN.sub(lambda match: variables.get(match.group(1), match.group(0)), template)
-
     return replace(
         email,
-        subject=render(email.subject) or "",
-        text=render(email.text),
-        html=render(email.html),
+        subject=render_placeholders(email.subject, variables),
+        text=None if email.text is None else render_placeholders(email.text, variables),
+        html=None if email.html is None else render_placeholders(email.html, variables),
+        headers={name: render_placeholders(value, variables) for name, value in email.headers.items()},
         recipient_variables={},
     )
+
+
+def placeholder_literals(email: OutboundEmail, *, headers: bool = True) -> dict[str, str]:
+    """Every placeholder name in the subject, bodies and (unless ``headers`` is False) header values, each with its
+    text as first written (``{"name": "{{ name }}"}``).
+
+    A batch adapter sends each recipient a value for every name here, the literal where the recipient has none,
+    so an unknown placeholder reads as written at every provider, as ``personalize`` leaves it (in its first
+    spelling, where the content spells it several ways: ``{{ name }}``, ``{{name}}``), and a recipient's
+    variables that no placeholder uses are not sent at all.
+    """
+    literals: dict[str, str] = {}
+    for text in (email.subject, email.text, email.html, *(email.headers.values() if headers else ())):
+        if text and "{" in text:
+            for match in PLACEHOLDER_PATTERN.finditer(text):
+                literals.setdefault(match.group(1), match.group(0))
+    return literals
 
 
 def content_key(email: OutboundEmail) -> tuple[object, ...]:

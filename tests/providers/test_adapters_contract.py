@@ -159,6 +159,73 @@ async def test_batch_gives_one_personalised_result_per_email(
         assert message["esp_message_id"] == email.message_id
 
 
+def header(message: dict[str, Any], name: str) -> str | None:
+    """A delivered message's header, by case-insensitive name."""
+    return next((value for key, value in message["headers"].items() if key.lower() == name.lower()), None)
+
+
+def campaign_email(email_factory: Callable[..., OutboundEmail], address: str, **values: str) -> OutboundEmail:
+    """One email of a campaign sent unrendered: the same content for everyone, the recipient's own values."""
+    return email_factory(
+        message_class="bulk",
+        to=(Address(address),),
+        subject="Hello {{ name }}",
+        text="Hi {{name}}, our sale starts today.",
+        html="<p>Hi {{ name }}</p>",
+        headers={"List-Unsubscribe": "<https://esp.example/u/{{ token }}>",
+                 "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"},
+        recipient_variables={address: values},
+    )
+
+
+async def test_batch_gives_each_recipient_its_own_header_values(
+    sim: RunningSimulator, personality: str, make_adapter: Callable[..., BaseAdapter],
+    email_factory: Callable[..., OutboundEmail],
+) -> None:
+    tokens = {"ann@example.org": "t-ann", "ben@example.org": "t-ben", "cat@example.org": "t-cat"}
+    emails = [campaign_email(email_factory, address, name=address[:3], token=token)
+              for address, token in tokens.items()]
+
+    results = await make_adapter().send_batch(emails)
+
+    assert [r.outcome for r in results] == [Outcome.ACCEPTED] * 3, results
+    delivered = {m["to"][0]: m for m in await sim.client.delivered_messages(personality)}
+    for address, token in tokens.items():
+        assert header(delivered[address], "List-Unsubscribe") == f"<https://esp.example/u/{token}>"
+        assert header(delivered[address], "List-Unsubscribe-Post") == "List-Unsubscribe=One-Click"
+        assert delivered[address]["subject"] == f"Hello {address[:3]}"
+
+
+async def test_a_single_send_renders_placeholders_in_header_values(
+    sim: RunningSimulator, personality: str, make_adapter: Callable[..., BaseAdapter],
+    email_factory: Callable[..., OutboundEmail],
+) -> None:
+    email = campaign_email(email_factory, "ann@example.org", name="Ann", token="t-ann")
+
+    result = await make_adapter().send(email)
+
+    assert result.outcome is Outcome.ACCEPTED, result
+    received = await only_delivered(sim, personality)
+    assert header(received, "List-Unsubscribe") == "<https://esp.example/u/t-ann>"
+    assert (received["subject"], received["text"].strip()) == ("Hello Ann", "Hi Ann, our sale starts today.")
+
+
+async def test_a_placeholder_without_a_value_reads_as_written(
+    sim: RunningSimulator, personality: str, make_adapter: Callable[..., BaseAdapter],
+    email_factory: Callable[..., OutboundEmail],
+) -> None:
+    emails = [campaign_email(email_factory, "ann@example.org", name="Ann", token="t-ann"),
+              campaign_email(email_factory, "ben@example.org", token="t-ben")]
+
+    results = await make_adapter().send_batch(emails)
+
+    assert [r.outcome for r in results] == [Outcome.ACCEPTED] * 2, results
+    delivered = {m["to"][0]: m for m in await sim.client.delivered_messages(personality)}
+    assert delivered["ann@example.org"]["subject"] == "Hello Ann"
+    assert delivered["ben@example.org"]["subject"] == "Hello {{ name }}"
+    assert delivered["ben@example.org"]["html"].strip() == "<p>Hi {{ name }}</p>"
+
+
 #: What a server error (error_rate = 1) looks like per provider: HTTP 500, SMTP 450.
 SERVER_ERROR_STATUS = {"mailgun": 500, "sendgrid": 500, "ses": 500, "postmark": 500, "smtp": 450}
 

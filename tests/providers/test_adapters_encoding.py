@@ -94,6 +94,23 @@ def test_the_cheap_size_bound_is_never_below_the_exact_mime_size(
     assert mime_size_bound(message) >= mime_size(message)
 
 
+@pytest.mark.parametrize("value", ["é" * 200, "x" * 2000, "🎉 " * 100, ""])
+def test_the_cheap_size_bound_counts_what_the_recipients_values_add(value: str) -> None:
+    message = new_email(
+        to=(Address("alice@example.org"),), subject="{{ name }}" * 10, text="Dear {{name}}. " * 50,
+        html="<p>{{ name }}</p>" * 50, headers={"List-Unsubscribe": "<https://u.example/{{ name }}>"},
+        recipient_variables={"alice@example.org": {"name": value, "unused": "y"}})
+
+    assert mime_size_bound(message) >= mime_size(message)
+
+
+def test_the_exact_size_is_the_size_of_the_email_as_rendered() -> None:
+    message = new_email(to=(Address("alice@example.org"),), subject="Hi {{ name }}", html="<p>{{ name }}</p>",
+                        recipient_variables={"alice@example.org": {"name": "Alice " * 50}})
+
+    assert mime_size(message) == build_mime(personalize(message)).size > build_mime(message).size
+
+
 def test_a_size_cap_between_the_bound_and_the_exact_size_is_judged_by_the_exact_size() -> None:
     message = new_email(html="é" * 10_000)
     exact, bound = mime_size(message), mime_size_bound(message)
@@ -117,6 +134,22 @@ def test_header_problems_are_found_without_rendering_the_message(fields: dict) -
 
     with pytest.raises(InvalidMessage):
         check_header_fields(message)
+
+
+@pytest.mark.parametrize("fields", [{"subject": "Hi {{ name }}"}, {"headers": {"X-Greeting": "Hi {{name}}"}}])
+def test_a_line_break_in_a_value_substituted_into_a_header_is_refused(fields: dict) -> None:
+    message = new_email(to=(Address("alice@example.org"),), **fields,
+                        recipient_variables={"alice@example.org": {"name": "Al\r\nBcc: victim@example.com"}})
+
+    with pytest.raises(InvalidMessage):
+        check_header_fields(message)
+
+
+def test_a_line_break_in_a_value_used_only_in_the_bodies_is_fine() -> None:
+    message = new_email(to=(Address("alice@example.org"),), text="Dear {{ name }}", html=None,
+                        recipient_variables={"alice@example.org": {"name": "Alice\nand Bob"}})
+
+    check_header_fields(message)
 
 
 async def test_mime_round_trips_through_a_standard_parser() -> None:
@@ -243,6 +276,35 @@ def test_personalize_renders_placeholders_for_the_single_recipient() -> None:
 
     assert (rendered.subject, rendered.text) == ("Hi Ann", "Ann owes 5 € {{unknown}}")
     assert rendered.recipient_variables == {}
+
+
+def test_personalize_renders_placeholders_in_header_values() -> None:
+    message = new_email(
+        to=(Address("ann@example.org"),), headers={"List-Unsubscribe": "<https://u.example/{{ token }}>", "X-A": "b"},
+        recipient_variables={"ann@example.org": {"token": "t1"}},
+    )
+
+    rendered = personalize(message)
+
+    assert rendered.headers == {"List-Unsubscribe": "<https://u.example/t1>", "X-A": "b"}
+
+
+def test_personalize_renders_the_to_recipients_values_for_cc_and_bcc_alike() -> None:
+    message = new_email(
+        to=(Address("ann@example.org"),), cc=(Address("boss@example.org"),), subject="Hi {{ name }}",
+        recipient_variables={"ann@example.org": {"name": "Ann"}},
+    )
+
+    assert personalize(message).subject == "Hi Ann"
+
+
+def test_personalize_leaves_an_email_with_several_to_recipients_as_it_is() -> None:
+    message = new_email(
+        to=(Address("ann@example.org"), Address("ben@example.org")), subject="Hi {{ name }}",
+        recipient_variables={"ann@example.org": {"name": "Ann"}},
+    )
+
+    assert personalize(message) == message
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from libs.providers.base import ProviderAdapter
 from libs.providers.capabilities import DEFAULT_CAPABILITIES, provider_size_cap
 from libs.providers.errors import InvalidMessage, MessageTooLarge, TooManyRecipients, UnsupportedFeature
-from libs.providers.model import Address, ProviderConfig
+from libs.providers.model import Address, OutboundEmail, ProviderConfig
 from libs.providers.registry import BUILTIN_TYPES, adapter_class, create_adapter
 from tests.providers.conftest import exploding_attachment, new_email
 
@@ -113,6 +114,29 @@ async def test_emails_without_a_batch_key_go_on_their_own_after_the_groups(adapt
               new_email(to=to("d@example.org"))]
 
     assert adapter("mailgun").plan_batches(emails) == [[1, 2], [0]]
+
+
+def campaign(count: int) -> list[OutboundEmail]:
+    """``count`` emails of one campaign sent unrendered: equal content, each recipient's own values."""
+    return [
+        new_email(message_class="bulk", to=to(f"r{i}@example.org"), subject="Hi {{ name }}", html="<p>{{ name }}</p>",
+                  headers={"List-Unsubscribe": "<https://u.example/{{ token }}>"},
+                  recipient_variables={f"r{i}@example.org": {"name": f"R{i}", "token": f"t{i}"}})
+        for i in range(count)
+    ]
+
+
+async def test_a_thousand_emails_of_one_campaign_plan_into_one_mailgun_call(adapter: Any) -> None:
+    emails = campaign(1000)
+
+    assert adapter("mailgun").plan_batches(emails) == [list(range(1000))]
+
+
+async def test_sendgrid_sends_an_email_whose_values_could_overflow_its_substitutions_on_its_own(adapter: Any) -> None:
+    emails = campaign(3)
+    emails[1] = replace(emails[1], recipient_variables={"r1@example.org": {"name": "n" * 10_000, "token": "t1"}})
+
+    assert adapter("sendgrid").plan_batches(emails) == [[0, 2], [1]]
 
 
 # -- the capabilities table -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 from dev.simulator import Personality, RunningSimulator, load_personalities, run_simulator
 from libs.providers.base import provider_tls_context
 from libs.providers.events import BounceType, EventKind
+from libs.providers.mime import streamed_form_data
 from libs.providers.model import Address, OutboundEmail, Outcome
 from libs.providers.registry import create_adapter
 from libs.providers.webhooks import InMemoryReplayGuard, WebhookVerifier
@@ -195,6 +196,76 @@ async def test_no_webhooks_without_a_callback_url(sim: RunningSimulator, webhook
 
     assert (await sim.client.stats())["webhooks_pending"] == 0
     assert await sim.client.webhooks() == []
+
+
+# -- how the dialects personalise batch sends --------------------------------------------------------------------
+
+
+async def test_mailgun_substitutes_each_recipients_variables_in_subject_bodies_and_headers(
+    sim: RunningSimulator,
+) -> None:
+    config = sim.provider_config("mailgun-us")
+    form = streamed_form_data([
+        ("from", "shop@example.com"), ("to", "ann@example.org"), ("to", "ben@example.org"),
+        ("subject", "Hi %recipient.name%"), ("text", "Dear %recipient.name%"), ("html", "<p>%recipient.name%</p>"),
+        ("h:List-Unsubscribe", "<https://u.example/%recipient.token%>"),
+        ("recipient-variables", json.dumps({"ann@example.org": {"name": "Ann", "token": "t-ann"},
+                                            "ben@example.org": {"name": "Ben"}})),
+    ])
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{config.endpoint}/v3/{config.options['domain']}/messages", content=await form.read(),
+            auth=("api", config.credentials["api_key"]), headers={"content-type": form.content_type})
+
+    assert response.status_code == 200, response.text
+    delivered = {m["to"][0]: m for m in await sim.client.delivered_messages("mailgun-us")}
+    assert (delivered["ann@example.org"]["subject"], delivered["ann@example.org"]["text"],
+            delivered["ann@example.org"]["html"]) == ("Hi Ann", "Dear Ann", "<p>Ann</p>")
+    assert delivered["ann@example.org"]["headers"]["List-Unsubscribe"] == "<https://u.example/t-ann>"
+    # A variable the recipient has no value for stays as written.
+    assert delivered["ben@example.org"]["headers"]["List-Unsubscribe"] == "<https://u.example/%recipient.token%>"
+
+
+async def post_sendgrid(sim: RunningSimulator, payload: dict[str, object]) -> httpx.Response:
+    config = sim.provider_config("sendgrid-1")
+    async with httpx.AsyncClient() as client:
+        return await client.post(f"{config.endpoint}/v3/mail/send", json=payload, headers={
+            "authorization": f"Bearer {config.credentials['api_key']}", "accept": "application/json"})
+
+
+async def test_sendgrid_substitutes_in_subject_bodies_and_custom_args_but_not_in_headers(
+    sim: RunningSimulator,
+) -> None:
+    response = await post_sendgrid(sim, {
+        "personalizations": [
+            {"to": [{"email": "ann@example.org"}], "substitutions": {"-name-": "Ann"},
+             "headers": {"X-Own": "-name-"}},
+            {"to": [{"email": "ben@example.org"}], "substitutions": {"-name-": "Ben"}},
+        ],
+        "from": {"email": "shop@example.com"}, "subject": "Hi -name-", "headers": {"X-Shared": "-name-"},
+        "content": [{"type": "text/plain", "value": "Dear -name-"}, {"type": "text/html", "value": "<p>-name-</p>"}],
+        "custom_args": {"greeting": "-name-"},
+    })
+
+    assert response.status_code == 202, response.text
+    delivered = {m["to"][0]: m for m in await sim.client.delivered_messages("sendgrid-1")}
+    ann = delivered["ann@example.org"]
+    assert (ann["subject"], ann["text"], ann["html"], ann["metadata"]["greeting"]) == (
+        "Hi Ann", "Dear Ann", "<p>Ann</p>", "Ann")
+    assert (ann["headers"]["X-Own"], ann["headers"]["X-Shared"]) == ("-name-", "-name-")
+    assert delivered["ben@example.org"]["subject"] == "Hi Ben"
+
+
+async def test_sendgrid_takes_a_substituted_value_as_final_text(sim: RunningSimulator) -> None:
+    response = await post_sendgrid(sim, {
+        "personalizations": [{"to": [{"email": "ann@example.org"}], "substitutions": {"-a-": "-b-", "-b-": "B"}}],
+        "from": {"email": "shop@example.com"}, "subject": "-a- and -b-",
+        "content": [{"type": "text/plain", "value": "x"}],
+    })
+
+    assert response.status_code == 202, response.text
+    [message] = await sim.client.delivered_messages("sendgrid-1")
+    assert message["subject"] == "-b- and B"
 
 
 async def test_building_an_adapter_does_not_load_the_ca_bundle_again(sim: RunningSimulator,

@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import httpx
 import pytest
 
 from dev.simulator import RunningSimulator
+from dev.simulator.parsing import parse_form_data
 from libs.providers.base import BaseAdapter
 from libs.providers.errors import TooManyRecipients, UnsupportedFeature
-from libs.providers.model import Address, Outcome, SendResult
+from libs.providers.model import Address, OutboundEmail, Outcome, SendResult
 from libs.providers.registry import create_adapter
 from tests.providers.conftest import new_email
+
+
+def campaign(count: int) -> list[OutboundEmail]:
+    """``count`` emails of one campaign sent unrendered: equal content and headers, each recipient's own values."""
+    return [
+        new_email(message_class="bulk", to=(Address(f"r{i}@example.org"),), subject="Hi {{ name }}",
+                  text="Dear {{name}}", html="<p>Dear {{ name }}</p>",
+                  headers={"List-Unsubscribe": "<https://u.example/{{ token }}>"},
+                  recipient_variables={f"r{i}@example.org": {"name": f"R{i}", "token": f"t{i}", "unused": "x"}})
+        for i in range(count)
+    ]
+
+
+async def form_fields(request: httpx.Request) -> dict[str, list[str]]:
+    """A multipart request's text fields, by name."""
+    fields: dict[str, list[str]] = {}
+    for name, value in parse_form_data(await request.aread(), request.headers["content-type"]):
+        if isinstance(value, str):
+            fields.setdefault(name, []).append(value)
+    return fields
 
 
 def adapter_for(sim: RunningSimulator, personality: str, **overrides: Any) -> BaseAdapter:
@@ -86,6 +109,39 @@ async def test_mailgun_batch_is_one_call_whose_id_every_email_shares(sim: Runnin
     assert all(len(m["to"]) == 1 for m in delivered)
 
 
+async def test_mailgun_batch_carries_each_recipients_values_and_translates_header_placeholders(
+    sim: RunningSimulator,
+) -> None:
+    emails = campaign(1000)
+    adapter = adapter_for(sim, "mailgun-us")
+    try:
+        fields = await form_fields(adapter.build_batch_request(emails))
+    finally:
+        await adapter.aclose()
+
+    assert (fields["subject"], fields["text"], fields["html"]) == (
+        ["Hi %recipient.name%"], ["Dear %recipient.name%"], ["<p>Dear %recipient.name%</p>"])
+    assert fields["h:List-Unsubscribe"] == ["<https://u.example/%recipient.token%>"]
+    assert len(fields["to"]) == 1000
+    variables = json.loads(fields["recipient-variables"][0])
+    assert variables["r7@example.org"] == {"name": "R7", "token": "t7", "esp_message_id": emails[7].message_id}
+
+
+async def test_mailgun_batch_delivers_each_recipient_its_own_values_in_one_call(sim: RunningSimulator) -> None:
+    adapter = adapter_for(sim, "mailgun-us")
+    try:
+        results = await adapter.send_batch(campaign(1000))
+    finally:
+        await adapter.aclose()
+
+    assert {r.outcome for r in results} == {Outcome.ACCEPTED}
+    assert len(await sim.client.requests("mailgun-us")) == 1
+    delivered = {m["to"][0]: m for m in await sim.client.delivered_messages("mailgun-us")}
+    assert len(delivered) == 1000
+    assert delivered["r7@example.org"]["subject"] == "Hi R7"
+    assert delivered["r7@example.org"]["headers"]["List-Unsubscribe"] == "<https://u.example/t7>"
+
+
 # -- SendGrid --------------------------------------------------------------------------------------------------
 
 
@@ -125,6 +181,34 @@ async def test_sendgrid_batch_never_repeats_an_address_within_one_request(sim: R
 async def test_sendgrid_refuses_an_eleventh_category_before_sending(sim: RunningSimulator) -> None:
     with pytest.raises(UnsupportedFeature):
         await send_one(sim, "sendgrid-1", email=new_email(tags=tuple(f"t{i}" for i in range(11))))
+
+
+async def test_sendgrid_batch_renders_header_placeholders_into_each_personalization(sim: RunningSimulator) -> None:
+    emails = campaign(3)
+    adapter = adapter_for(sim, "sendgrid-1")
+    try:
+        payload = json.loads(await adapter.build_batch_request(emails).aread())
+    finally:
+        await adapter.aclose()
+
+    # SendGrid substitutes in the subject and bodies only: a header is rendered here, per recipient.
+    assert "List-Unsubscribe" not in payload.get("headers", {})
+    assert (payload["subject"], payload["content"][1]["value"]) == ("Hi {{name}}", "<p>Dear {{name}}</p>")
+    second = payload["personalizations"][1]
+    assert second["headers"]["List-Unsubscribe"] == "<https://u.example/t1>"
+    assert second["substitutions"] == {"{{name}}": "R1"}
+
+
+async def test_sendgrid_single_send_is_rendered_before_the_call(sim: RunningSimulator) -> None:
+    [email] = campaign(1)
+    adapter = adapter_for(sim, "sendgrid-1")
+    try:
+        payload = json.loads(await adapter.build_request(email).aread())
+    finally:
+        await adapter.aclose()
+
+    assert (payload["subject"], payload["headers"]["List-Unsubscribe"]) == ("Hi R0", "<https://u.example/t0>")
+    assert "substitutions" not in payload["personalizations"][0]
 
 
 # -- Amazon SES ------------------------------------------------------------------------------------------------

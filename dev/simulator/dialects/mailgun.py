@@ -58,7 +58,9 @@ class MailgunDialect(Dialect):
     def parse(
         self, personality: Personality, operation: str, path: str, request: Request, body: bytes
     ) -> Parsed:
-        """Form fields → messages; one message per recipient when ``recipient-variables`` is given."""
+        """Form fields → messages; one message per recipient when ``recipient-variables`` is given, its
+        ``%recipient.name%`` variables substituted in the subject, the bodies, the ``h:`` headers and the ``v:``
+        variables (one left as written where the recipient has no such value)."""
         match = _PATH.match(path)
         domain = match.group("domain") if match else ""
         if domain != personality.credentials["domain"]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -28,6 +30,16 @@ def _errors(status: int, message: str, field: str | None = None, **headers: str)
 
 def _invalid(message: str, field: str | None) -> Rejected:
     return Rejected(_errors(400, message, field), f"{field}: {message}" if field else message)
+
+
+def _substituter(table: dict[str, str]) -> Callable[[str], str]:
+    """Replace each substitution tag by its value where SendGrid substitutes: the subject, the bodies and the custom
+    args (unique arguments), never headers. One pass over the text as sent: a value is final text, not searched for
+    tags again."""
+    if not table:
+        return lambda value: value
+    tags = re.compile("|".join(re.escape(tag) for tag in sorted(table, key=len, reverse=True)))
+    return lambda value: tags.sub(lambda match: table[match.group(0)], value)
 
 
 class SendGridDialect(Dialect):
@@ -118,17 +130,13 @@ class SendGridDialect(Dialect):
                 raise _invalid("The subject is required. You can get around this requirement if you use a "
                                "template with a subject defined or if every personalization has a subject "
                                "defined.", "subject")
-            substitutions = {str(k): str(v) for k, v in (personalization.get("substitutions") or {}).items()}
-
-            def render(value: str | None, table: dict[str, str] = substitutions) -> str | None:
-                if value is None:
-                    return None
-                for tag, replacement in table.items():
-                    value = value.replace(tag, replacement)
-                return value
-
+            render = _substituter({str(k): str(v) for k, v in (personalization.get("substitutions") or {}).items()})
+            # A personalization's headers override the message's; substitutions never apply to headers.
             headers = {**(payload.get("headers") or {}), **(personalization.get("headers") or {})}
-            custom_args = {**(payload.get("custom_args") or {}), **(personalization.get("custom_args") or {})}
+            custom_args = {
+                str(k): render(str(v))
+                for k, v in {**(payload.get("custom_args") or {}), **(personalization.get("custom_args") or {})}.items()
+            }
             esp_id = next((v for k, v in headers.items() if k.lower() == "x-esp-message-id"), None)
             categories = payload.get("categories") or []
             messages.append(
@@ -139,13 +147,13 @@ class SendGridDialect(Dialect):
                     to_names=[str(e.get("name", "")) for e in lists["to"]],
                     cc=[str(e["email"]) for e in lists["cc"]],
                     bcc=[str(e["email"]) for e in lists["bcc"]],
-                    subject=render(str(subject or "")) or "",
-                    text=render(text),
-                    html=render(html),
+                    subject=render(str(subject or "")),
+                    text=None if text is None else render(text),
+                    html=None if html is None else render(html),
                     headers={str(k): str(v) for k, v in headers.items()},
                     esp_message_id=esp_id or custom_args.get("esp_message_id"),
                     tags=[str(c) for c in (categories if isinstance(categories, list) else [categories])],
-                    metadata={str(k): str(v) for k, v in custom_args.items()},
+                    metadata=custom_args,
                     attachments=attachments,
                 )
             )

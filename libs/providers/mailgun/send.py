@@ -7,10 +7,12 @@ Configuration (``ProviderConfig``):
     region: ``us`` or ``eu`` (reported in the capabilities).
 
 Batch sends carry up to 1,000 recipients in one call, one ``to`` per email, personalised with
-``recipient-variables`` (``{{ name }}`` placeholders become ``%recipient.name%``); our message id travels per
-recipient as ``h:X-ESP-Message-Id`` and ``v:esp_message_id``, both filled from the recipient variables. Every
-email of a batch gets the same Mailgun id. Inline images are sent as ``inline`` parts named after their content
-id, because Mailgun references inline parts as ``cid:<filename>``.
+``recipient-variables``: ``{{ name }}`` placeholders become ``%recipient.name%`` in the subject, the bodies and the
+``h:`` header values alike, since Mailgun substitutes recipient variables in custom headers too (our message id
+travels per recipient that way, as ``h:X-ESP-Message-Id`` and ``v:esp_message_id``). Each recipient gets a value
+for every placeholder of the content, the placeholder as first written where it has none, so an unknown one reads
+as written (``placeholder_literals``). Every email of a batch gets the same Mailgun id. Inline images are sent as
+``inline`` parts named after their content id, because Mailgun references inline parts as ``cid:<filename>``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from libs.providers.model import (
     SendResult,
     content_key,
     personalize,
+    placeholder_literals,
 )
 
 __all__ = [
@@ -96,7 +99,7 @@ class MailgunAdapter(HttpAdapter):
             fields.append(("html", content(email.html)))
         if email.reply_to:
             fields.append(("h:Reply-To", ", ".join(a.formatted() for a in email.reply_to)))
-        fields.extend((f"h:{name}", value) for name, value in email.headers.items())
+        fields.extend((f"h:{name}", content(value)) for name, value in email.headers.items())
         fields.extend(("o:tag", tag) for tag in email.tags)
         fields.append((f"v:{ESP_TENANT_ID_KEY}", email.tenant_id))
         fields.extend((f"v:{key}", value) for key, value in email.metadata.items())
@@ -128,11 +131,13 @@ class MailgunAdapter(HttpAdapter):
     def build_batch_request(self, emails: Sequence[OutboundEmail]) -> httpx.Request:
         """One call, one ``to`` per email, per-recipient values in ``recipient-variables``."""
         fields = self._common_fields(emails[0], placeholders=True)
+        literals = placeholder_literals(emails[0])  # the same content for every email of the batch
         variables: dict[str, dict[str, str]] = {}
         for email in emails:
             recipient = email.to[0]
             fields.append(("to", recipient.formatted()))
-            own = dict(email.recipient_variables.get(recipient.email, {}))
+            values = email.recipient_variables.get(recipient.email, {})
+            own = {name: values.get(name, literal) for name, literal in literals.items()}
             own[ESP_MESSAGE_ID_KEY] = email.message_id
             variables[recipient.email] = own
         fields.append((f"h:{ESP_MESSAGE_ID_HEADER}", _RECIPIENT_ID_VARIABLE))

@@ -5,10 +5,15 @@ Configuration (``ProviderConfig``):
     credentials: ``api_key`` (``Authorization: Bearer <key>``).
     options: ``sandbox`` = ``true`` sets ``mail_settings.sandbox_mode`` (validated, never delivered; 200).
 
-Every email becomes one entry of ``personalizations`` carrying its recipients, ``X-ESP-Message-Id`` header,
-``custom_args`` (our message and tenant ids, echoed in every webhook event) and ``substitutions`` for its
-``{{ name }}`` placeholders, so a batch is one request of up to 1,000 personalizations / recipients with one
-``X-Message-Id`` shared by all its emails (webhooks then tell recipients apart by ``sg_message_id``).
+Every email becomes one entry of ``personalizations`` carrying its recipients, ``X-ESP-Message-Id`` header and
+``custom_args`` (our message and tenant ids, echoed in every webhook event), so a batch is one request of up to 1,000
+personalizations / recipients with one ``X-Message-Id`` shared by all its emails (webhooks then tell recipients
+apart by ``sg_message_id``). In a batch, each personalization's ``substitutions`` hold its recipient's values for the
+``{{ name }}`` placeholders of the subject and bodies, the placeholder as first written where it has none, so an
+unknown one reads as written (``placeholder_literals``). SendGrid does not substitute in headers, so a header value
+holding placeholders is rendered here for each recipient and travels in its personalization's ``headers`` instead of
+the message's. An email sent on its own is rendered here (``personalize``) and carries no substitutions; so is an
+email whose values could exceed SendGrid's cap on one personalization's substitutions, which is never batched.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ from libs.providers.model import (
     ProviderConfig,
     SendResult,
     content_key,
+    personalize,
+    placeholder_literals,
+    recipient_values,
+    render_placeholders,
     unique_addresses,
 )
 
@@ -41,6 +50,9 @@ __all__ = [
 ]
 
 MAIL_SEND_PATH = "/v3/mail/send"
+#: What one personalization's substitutions may hold, tags and values: SendGrid's substitution-tags page says 50,000
+#: bytes, older v3 Mail Send references 10,000; the lower figure is kept, as an email above it only loses batching.
+MAX_SUBSTITUTION_BYTES = 10_000
 
 
 def _address(address: Address) -> dict[str, str]:
@@ -50,6 +62,10 @@ def _address(address: Address) -> dict[str, str]:
 def _normalise_placeholders(value: str) -> str:
     """``{{ name }}`` → ``{{name}}``, the exact tag the substitutions are keyed by."""
     return PLACEHOLDER_PATTERN.sub(lambda match: "{{" + match.group(1) + "}}", value)
+
+
+def _unchanged(value: str) -> str:
+    return value
 
 
 class SendGridAdapter(HttpAdapter):
@@ -69,38 +85,51 @@ class SendGridAdapter(HttpAdapter):
 
     # -- building --------------------------------------------------------------------------------------------
 
-    def _personalization(self, email: OutboundEmail) -> dict[str, Any]:
+    def _personalization(self, email: OutboundEmail, literals: dict[str, str],
+                         rendered_headers: Sequence[str]) -> dict[str, Any]:
         personalization: dict[str, Any] = {"to": [_address(a) for a in unique_addresses(email.to)]}
         if email.cc:
             personalization["cc"] = [_address(a) for a in email.cc]
         if email.bcc:
             personalization["bcc"] = [_address(a) for a in email.bcc]
-        personalization["headers"] = {ESP_MESSAGE_ID_HEADER: email.message_id}
+        values = recipient_values(email)
+        personalization["headers"] = {
+            **{name: render_placeholders(email.headers[name], values) for name in rendered_headers},
+            ESP_MESSAGE_ID_HEADER: email.message_id,
+        }
         personalization["custom_args"] = {ESP_MESSAGE_ID_KEY: email.message_id}
-        variables = email.recipient_variables.get(email.to[0].email) if email.to else None
-        if variables:
-            personalization["substitutions"] = {"{{" + key + "}}": value for key, value in variables.items()}
+        if literals:
+            personalization["substitutions"] = {
+                "{{" + name + "}}": values.get(name, literal) for name, literal in literals.items()
+            }
         return personalization
 
-    def _payload(self, emails: Sequence[OutboundEmail]) -> dict[str, Any]:
+    def _payload(self, emails: Sequence[OutboundEmail], *, substitute: bool) -> dict[str, Any]:
+        """The request for emails of equal content; with ``substitute`` their placeholders are filled in by
+        SendGrid (subject, bodies) or here per personalization (header values), else sent as they are."""
         first = emails[0]
+        literals = placeholder_literals(first, headers=False) if substitute else {}
+        content_of = _normalise_placeholders if literals else _unchanged
+        rendered_headers = [name for name, value in first.headers.items()
+                            if substitute and PLACEHOLDER_PATTERN.search(value)]
         payload: dict[str, Any] = {
-            "personalizations": [self._personalization(email) for email in emails],
+            "personalizations": [self._personalization(email, literals, rendered_headers) for email in emails],
             "from": _address(first.sender),
-            "subject": _normalise_placeholders(first.subject),
+            "subject": content_of(first.subject),
         }
         content = []
         if first.text is not None:
-            content.append({"type": "text/plain", "value": _normalise_placeholders(first.text)})
+            content.append({"type": "text/plain", "value": content_of(first.text)})
         if first.html is not None:
-            content.append({"type": "text/html", "value": _normalise_placeholders(first.html)})
+            content.append({"type": "text/html", "value": content_of(first.html)})
         payload["content"] = content
         if len(first.reply_to) == 1:
             payload["reply_to"] = _address(first.reply_to[0])
         elif first.reply_to:
             payload["reply_to_list"] = [_address(a) for a in first.reply_to]
-        if first.headers:
-            payload["headers"] = dict(first.headers)
+        headers = {name: value for name, value in first.headers.items() if name not in rendered_headers}
+        if headers:
+            payload["headers"] = headers
         if first.tags:
             payload["categories"] = list(first.tags)
         payload["custom_args"] = {**first.metadata, ESP_TENANT_ID_KEY: first.tenant_id}
@@ -120,16 +149,23 @@ class SendGridAdapter(HttpAdapter):
         return payload
 
     def build_request(self, email: OutboundEmail) -> httpx.Request:
-        """One personalization."""
-        return self.streamed_request("POST", MAIL_SEND_PATH, streamed_json(self._payload([email])))
+        """One personalization, the email rendered here."""
+        payload = self._payload([personalize(email)], substitute=False)
+        return self.streamed_request("POST", MAIL_SEND_PATH, streamed_json(payload))
 
     def batch_key(self, email: OutboundEmail) -> object | None:
-        """Emails with the same content (recipients, ids and variables may differ) share one request."""
+        """Emails with the same content (recipients, ids and variables may differ) share one request, unless the
+        email's values could exceed what one personalization's substitutions may hold."""
+        values = recipient_values(email)
+        # Counted over all its values, used or not: a bound that needs no look at the content.
+        if values and sum(len(name.encode()) + 4 + len(value.encode()) for name, value in values.items()) \
+                > MAX_SUBSTITUTION_BYTES:
+            return None
         return content_key(email)
 
     def build_batch_request(self, emails: Sequence[OutboundEmail]) -> httpx.Request:
-        """One personalization per email."""
-        return self.streamed_request("POST", MAIL_SEND_PATH, streamed_json(self._payload(emails)))
+        """One personalization per email, each with its recipient's substitutions and rendered header values."""
+        return self.streamed_request("POST", MAIL_SEND_PATH, streamed_json(self._payload(emails, substitute=True)))
 
     # -- parsing ---------------------------------------------------------------------------------------------
 
