@@ -363,7 +363,8 @@ class Expansion:
             task.tags.extend(spec.tags)
         if spec.metadata:
             task.metadata.update(spec.metadata)
-        body = len(task.subject.encode()) + len(task.text_body.encode()) + len(task.html_body.encode())
+        # The size providers will see: the rendered email's, even when it travels unrendered.
+        body = len(content.subject.encode()) + len((content.text or "").encode()) + len((content.html or "").encode())
         carried = 0
         for a in attachments:
             task.attachments.add(attachment_id=a.attachment_id, s3_key=a.s3_key, filename=a.filename,
