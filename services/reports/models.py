@@ -59,8 +59,9 @@ class SuppressionReason(StrEnum):
 
     @property
     def stops_every_class(self) -> bool:
-        """Whether a suppression for this reason refuses every class of email. An unsubscribe stops bulk mail
-        only (``ClassPolicy.honours_unsubscribes``); hard bounces, complaints and manual suppressions stop all."""
+        """Whether a suppression of every topic for this reason refuses every class of email. An unsubscribe stops
+        bulk mail only (``ClassPolicy.honours_unsubscribes``); hard bounces, complaints and manual suppressions stop
+        all. A topic-scoped suppression stops bulk mail of its topic only, whatever its reason."""
         return self is not SuppressionReason.UNSUBSCRIBE
 
 
@@ -199,6 +200,9 @@ class Suppression:
     note: str = ""
     create_time: datetime | None = None
     source_message_id: str = ""
+    topic: str = ""
+    """The topic (list) it is scoped to, lower-cased; empty for every topic. A topic-scoped suppression stops only
+    bulk mail of that topic (``libs.common.suppressions.suppression_keys_for``)."""
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,12 @@
 ``POST /u/{token}`` — what Gmail, Yahoo and other mail clients send (body ``List-Unsubscribe=One-Click``, no
 cookies, no redirects followed) — verifies the token (``libs.common.unsubscribe``) and adds a tenant suppression
 with reason ``unsubscribe`` through :class:`~services.reports.suppressions.SuppressionStore`, which writes the
-Redis mirror ingest reads before the Postgres commit: the next bulk (marketing) email to the address is refused.
-OTP codes and transactional mail (receipts, password resets) still reach it: an unsubscribe stops bulk mail only
-(``ClassPolicy.honours_unsubscribes``). Repeating it
-changes nothing and answers 200 again. Any POST counts: link scanners and prefetchers only GET.
+Redis mirror ingest, campaign expansion and the senders read before the Postgres commit: the next bulk (marketing)
+email to the address is refused. When the token names a topic (the campaign's ``unsubscribe_policy.topic``), the
+suppression is scoped to it: the recipient leaves that topic (``weekly-deals``) and keeps the tenant's other bulk
+mail (``product-updates``). OTP codes and transactional mail (receipts, password resets) still reach it either way:
+an unsubscribe stops bulk mail only (``ClassPolicy.honours_unsubscribes``). Repeating it changes nothing and
+answers 200 again. Any POST counts: link scanners and prefetchers only GET.
 
 ``GET /u/{token}`` shows a confirmation page whose button POSTs to the same URL; a GET never unsubscribes.
 
@@ -25,6 +27,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from libs.common.errors import InvalidArgument
+from libs.common.suppressions import is_topic, normalise_topic
 from libs.common.unsubscribe import MAX_TOKEN_LENGTH, InvalidUnsubscribeToken, UnsubscribeTarget, UnsubscribeTokens
 from services.reports.models import SuppressionReason
 from services.reports.suppressions import SuppressionStore
@@ -48,7 +51,8 @@ _PAGE_HEADERS = {
 
 
 class OneClickUnsubscriber:
-    """Turns a verified unsubscribe token into a tenant suppression that stops the tenant's bulk mail."""
+    """Turns a verified unsubscribe token into a tenant suppression that stops the tenant's bulk mail, of the
+    token's topic when it names one."""
 
     def __init__(self, tokens: UnsubscribeTokens | None, store: SuppressionStore) -> None:
         """``tokens`` is None when no key is configured: every token is then refused."""
@@ -62,19 +66,35 @@ class OneClickUnsubscriber:
         return self._tokens.verify(token)
 
     async def unsubscribe(self, token: str) -> bool:
-        """Suppress the token's recipient for its tenant's bulk mail; True when the address was not suppressed
-        before.
+        """Suppress the token's recipient (:meth:`suppress`); :class:`InvalidUnsubscribeToken` when it is not
+        ours."""
+        return await self.suppress(self.target(token))
 
-        The suppression covers all of the tenant's bulk (marketing) mail, not one list, and leaves OTP and
-        transactional mail alone. A topic, when the token names one, is kept in the note only: scoping a
-        suppression to a topic needs the suppression list (and its Redis mirror) to key by topic.
+    async def suppress(self, target: UnsubscribeTarget) -> bool:
+        """Suppress ``target``'s recipient for its tenant's bulk mail; True when the address was not suppressed
+        (for that scope) before.
+
+        The suppression is scoped to the token's topic when it names one (:func:`topic_of`), else it covers all of
+        the tenant's bulk (marketing) mail; either way it leaves OTP and transactional mail alone.
         """
-        target = self.target(token)
+        topic = topic_of(target)
+        if target.topic and not topic:
+            log.warning("unsubscribe token names no valid topic; suppressing for every topic",
+                        extra={"tenant_id": target.tenant_id, "campaign_id": target.campaign_id})
         added = await self._store.ensure(target.tenant_id, target.email, SuppressionReason.UNSUBSCRIBE,
-                                         note=suppression_note(target))
+                                         note=suppression_note(target), topic=topic)
         log.info("one-click unsubscribe", extra={"tenant_id": target.tenant_id, "campaign_id": target.campaign_id,
-                                                 "topic": target.topic, "new": added})
+                                                 "topic": topic, "new": added})
         return added
+
+
+def topic_of(target: UnsubscribeTarget) -> str:
+    """The topic the suppression of ``target`` is scoped to: the token's, normalised; empty (every topic) when it
+    names none, or one that cannot be a topic (``libs.common.suppressions.is_topic``; campaigns validate theirs, so
+    only a token signed elsewhere has one). Then the recipient leaves everything: broader than asked, never
+    narrower, and never refused."""
+    topic = normalise_topic(target.topic)
+    return topic if is_topic(topic) else ""
 
 
 def suppression_note(target: UnsubscribeTarget) -> str:
@@ -98,9 +118,12 @@ def unsubscribe_routes(unsubscriber: OneClickUnsubscriber) -> list[Route]:
             return _not_found()
         UNSUBSCRIBES.labels("page").inc()
         address = html.escape(masked(target.email))
-        # Honest about the scope: all of the sender's marketing mail (not one list), never its account mail.
-        return _page("Unsubscribe", f"""<p>Stop receiving marketing email from this sender at <b>{address}</b>?</p>
-<p>You will still receive account email you need, such as sign-in codes, receipts and password resets.</p>
+        # Honest about the scope: one topic, or all of the sender's marketing mail; never its account mail.
+        topic = topic_of(target)
+        what = f"<b>{html.escape(topic)}</b> email" if topic else "marketing email"
+        keeps = "the sender's other email, and account email" if topic else "account email"
+        return _page("Unsubscribe", f"""<p>Stop receiving {what} from this sender at <b>{address}</b>?</p>
+<p>You will still receive {keeps} you need, such as sign-in codes, receipts and password resets.</p>
 <form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">
 <button type="submit">Unsubscribe</button></form>""")
 
@@ -116,7 +139,8 @@ def unsubscribe_routes(unsubscriber: OneClickUnsubscriber) -> list[Route]:
                 return Response("request body too large", status_code=413, media_type="text/plain",
                                 headers=_PAGE_HEADERS)
         try:
-            added = await unsubscriber.unsubscribe(token)
+            target = unsubscriber.target(token)
+            added = await unsubscriber.suppress(target)
         except InvalidUnsubscribeToken:
             return _not_found()
         except InvalidArgument as exc:  # refused for good (the store rejects the address): a retry cannot help
@@ -129,6 +153,10 @@ def unsubscribe_routes(unsubscriber: OneClickUnsubscriber) -> list[Route]:
             return Response("temporarily unavailable, please try again", status_code=503, media_type="text/plain",
                             headers={"Retry-After": "30", **_PAGE_HEADERS})
         UNSUBSCRIBES.labels("unsubscribed" if added else "already").inc()
+        if topic := topic_of(target):
+            return _page("Unsubscribed", f"<p>You have been unsubscribed from <b>{html.escape(topic)}</b>. The "
+                                         "sender's other email, and account email you need, such as sign-in codes, "
+                                         "receipts and password resets, will still reach you.</p>")
         return _page("Unsubscribed", "<p>You have been unsubscribed. You will not receive marketing email from "
                                      "this sender again. Account email you need, such as sign-in codes, receipts "
                                      "and password resets, will still reach you.</p>")

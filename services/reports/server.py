@@ -30,7 +30,7 @@ from services.reports.models import (
 )
 from services.reports.queries import MessageReader
 from services.reports.stats import MAX_RANGE, StatsFigures, StatsGrouping, StatsQuery, StatsReader
-from services.reports.suppressions import SuppressionStore
+from services.reports.suppressions import SuppressionStore, split_suppression_id, suppression_id
 
 READ_SCOPE = "read"
 """Scope needed to read messages, events, stats and suppressions."""
@@ -236,13 +236,15 @@ _REASONS_FROM_PROTO = {value: reason for reason, value in _REASONS_TO_PROTO.item
 
 
 def suppression_to_proto(suppression: Suppression) -> reports_pb2.Suppression:
-    """The API view of a suppression."""
+    """The API view of a suppression: ``suppressions/{email}`` for every topic, ``suppressions/{email}~{topic}``
+    for one."""
     return reports_pb2.Suppression(
-        name=f"suppressions/{suppression.email}",
+        name=f"suppressions/{suppression_id(suppression.email, suppression.topic)}",
         email=suppression.email,
         reason=_REASONS_TO_PROTO[suppression.reason],
         note=suppression.note,
         create_time=_timestamp(suppression.create_time),
+        topic=suppression.topic,
     )
 
 
@@ -254,32 +256,35 @@ class SuppressionServicer(reports_pb2_grpc.SuppressionServiceServicer):
 
     async def ListSuppressions(self, request: reports_pb2.ListSuppressionsRequest,
                                context: grpc.aio.ServicerContext) -> reports_pb2.ListSuppressionsResponse:
-        """The tenant's suppressed addresses in address order."""
+        """The tenant's suppressions in address order (an address's one for every topic before its topics'); only
+        those of ``topic`` when it is given."""
         tenant_id = _tenant(READ_SCOPE)
-        page = await self._store.list(tenant_id, request.page_size, request.page_token)
+        page = await self._store.list(tenant_id, request.page_size, request.page_token, request.topic)
         return reports_pb2.ListSuppressionsResponse(
             suppressions=[suppression_to_proto(s) for s in page.items], next_page_token=page.next_page_token
         )
 
     async def GetSuppression(self, request: reports_pb2.GetSuppressionRequest,
                              context: grpc.aio.ServicerContext) -> reports_pb2.Suppression:
-        """One suppressed address."""
+        """One suppression, for every topic (``suppressions/{email}``) or one (``suppressions/{email}~{topic}``)."""
         tenant_id = _tenant(READ_SCOPE)
-        return suppression_to_proto(await self._store.get(tenant_id,
-                                                          _resource_id(request.name, "suppressions", "name")))
+        email, topic = split_suppression_id(_resource_id(request.name, "suppressions", "name"))
+        return suppression_to_proto(await self._store.get(tenant_id, email, topic))
 
     async def CreateSuppression(self, request: reports_pb2.CreateSuppressionRequest,
                                 context: grpc.aio.ServicerContext) -> reports_pb2.Suppression:
-        """Suppress an address (reason MANUAL unless given)."""
+        """Suppress an address (reason MANUAL unless given), for every topic or for ``suppression.topic`` only."""
         tenant_id = _tenant(MANAGE_SUPPRESSIONS_SCOPE)
         given = request.suppression
         reason = _REASONS_FROM_PROTO.get(given.reason, SuppressionReason.MANUAL)
-        created = await self._store.create(tenant_id, given.email, reason, given.note)
+        created = await self._store.create(tenant_id, given.email, reason, given.note, given.topic)
         return suppression_to_proto(created)
 
     async def DeleteSuppression(self, request: reports_pb2.DeleteSuppressionRequest,
                                 context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
-        """Lift a suppression."""
+        """Lift a suppression: ``suppressions/{email}`` the one for every topic, ``suppressions/{email}~{topic}``
+        the one scoped to that topic (each leaves the other)."""
         tenant_id = _tenant(MANAGE_SUPPRESSIONS_SCOPE)
-        await self._store.delete(tenant_id, _resource_id(request.name, "suppressions", "name"))
+        email, topic = split_suppression_id(_resource_id(request.name, "suppressions", "name"))
+        await self._store.delete(tenant_id, email, topic)
         return empty_pb2.Empty()

@@ -410,7 +410,7 @@ class Deliverer:
             return
         jobs = list(chains)
         found = await self.suppressions.suppressed([
-            Recipients(job.task.tenant_id, job.message_class, _recipients(job.task)) for job in jobs])
+            Recipients(job.task.tenant_id, job.message_class, _recipients(job.task), job.task.topic) for job in jobs])
         for job, addresses in zip(jobs, found, strict=True):
             if not addresses:
                 continue

@@ -9,7 +9,12 @@ import pytest
 
 from libs.common.message_classes import MessageClass
 from libs.common.settings import SettingsError, load_settings
-from libs.common.suppressions import suppressed_among
+from libs.common.suppressions import (
+    suppressed_among,
+    suppression_key,
+    suppression_key_for_every_class,
+    suppression_key_for_topic,
+)
 from libs.common.unsubscribe import UnsubscribeTarget, UnsubscribeTokens, new_key_entry
 from services.reports.config import ReportsSettings
 from tests.reports.builders import new_id
@@ -187,3 +192,58 @@ def test_the_settings_repr_does_not_show_the_keys():
     key = new_key_entry(1)
 
     assert key.partition(":")[2] not in repr(load_settings(ReportsSettings, {"ESP_UNSUBSCRIBE_KEYS": key}))
+
+
+async def test_a_one_click_post_with_a_topic_suppresses_only_that_topic(reports: ReportsService):
+    target = _target(campaign_id="cmp-7", topic="weekly-deals")
+
+    response = await _request(reports, "POST", _token(reports, target), **ONE_CLICK)
+
+    assert response.status_code == 200
+    namespace, emails = reports.settings.namespace, [target.email]
+    assert await suppressed_among(reports.redis, namespace, target.tenant_id, emails, MessageClass.BULK,
+                                  topic="weekly-deals") == {target.email}
+    assert not await suppressed_among(reports.redis, namespace, target.tenant_id, emails, MessageClass.BULK,
+                                      topic="product-updates")
+    assert not await suppressed_among(reports.redis, namespace, target.tenant_id, emails, MessageClass.BULK)
+    for message_class in (MessageClass.OTP, MessageClass.TRANSACTIONAL):
+        assert not await suppressed_among(reports.redis, namespace, target.tenant_id, emails, message_class,
+                                          topic="weekly-deals")
+
+
+async def test_a_one_click_post_with_a_topic_records_a_topic_scoped_unsubscribe(reports: ReportsService):
+    target = _target(topic="Weekly-Deals")
+
+    await _request(reports, "POST", _token(reports, target), **ONE_CLICK)
+
+    async with await reports.connect_db() as conn:
+        cur = await conn.execute("SELECT reason, topic FROM reports.suppressions WHERE tenant_id = %s AND email = %s",
+                                 (target.tenant_id, target.email.lower()))
+        assert await cur.fetchall() == [("unsubscribe", "weekly-deals")]
+
+
+async def test_a_one_click_post_with_a_topic_puts_the_address_in_the_topics_redis_set_only(reports: ReportsService):
+    target = _target(topic="weekly-deals")
+
+    await _request(reports, "POST", _token(reports, target), **ONE_CLICK)
+
+    namespace, email = reports.settings.namespace, target.email.lower()
+    assert await reports.redis.sismember(suppression_key_for_topic(namespace, target.tenant_id, "weekly-deals"), email)
+    assert not await reports.redis.sismember(suppression_key(namespace, target.tenant_id), email)
+    assert not await reports.redis.sismember(suppression_key_for_every_class(namespace, target.tenant_id), email)
+
+
+async def test_the_confirmation_page_of_a_topic_names_the_topic(reports: ReportsService):
+    response = await _request(reports, "GET", _token(reports, _target(topic="weekly-deals")))
+
+    assert "Stop receiving <b>weekly-deals</b> email" in response.text
+
+
+async def test_a_token_whose_topic_cannot_be_a_topic_unsubscribes_from_every_topic(reports: ReportsService):
+    target = _target(topic="not a topic~")
+
+    response = await _request(reports, "POST", _token(reports, target), **ONE_CLICK)
+
+    assert response.status_code == 200
+    assert await suppressed_among(reports.redis, reports.settings.namespace, target.tenant_id, [target.email],
+                                  MessageClass.BULK) == {target.email}

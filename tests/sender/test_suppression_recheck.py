@@ -8,10 +8,11 @@ from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
+from esp.internal.v1 import queue_pb2
 from esp.v1 import messages_pb2
 
 from libs.common.message_classes import MessageClass
-from libs.common.suppressions import suppression_key, suppression_key_for_every_class
+from libs.common.suppressions import suppression_key, suppression_key_for_every_class, suppression_key_for_topic
 from services.sender.suppressions import Recipients, SuppressionCheck
 from tests.sender.conftest import World, send_task
 
@@ -66,6 +67,63 @@ async def test_an_unsubscribe_stops_bulk_mail_but_not_a_transactional_email(worl
     assert await world.event_types(receipt) == [SENT]
 
 
+async def suppress_for_topic(world: World, address: str, topic: str) -> None:
+    """Suppress ``address`` for tenant acme's ``topic`` only, as reports does for a topic's one-click unsubscribe."""
+    await world.states.redis.sadd(suppression_key_for_topic(world.states.namespace, "acme", topic), address)
+
+
+def of_topic(task: queue_pb2.SendTask, topic: str) -> queue_pb2.SendTask:
+    """``task`` as a campaign with an unsubscribe topic queues it."""
+    task.topic = topic
+    return task
+
+
+async def test_a_topic_suppression_stops_bulk_mail_of_that_topic_and_sends_bulk_mail_of_another(
+        world: World, check: SuppressionCheck):
+    await world.add_provider("pm", "postmark-1")
+    deals = of_topic(send_task("bulk", to="reader@example.org"), "weekly-deals")
+    updates = of_topic(send_task("bulk", to="reader@example.org"), "product-updates")
+    await suppress_for_topic(world, "reader@example.org", "weekly-deals")
+
+    await world.deliver(deals)
+    await world.deliver(updates)
+
+    assert await world.event_types(deals) == [FAILED]
+    assert await world.event_types(updates) == [SENT]
+
+
+async def test_a_topic_suppression_does_not_stop_bulk_mail_of_no_topic(world: World, check: SuppressionCheck):
+    await world.add_provider("pm", "postmark-1")
+    newsletter = send_task("bulk", to="reader@example.org")
+    await suppress_for_topic(world, "reader@example.org", "weekly-deals")
+
+    await world.deliver(newsletter)
+
+    assert await world.event_types(newsletter) == [SENT]
+
+
+@pytest.mark.parametrize("message_class", ["otp", "transactional"])
+async def test_a_topic_suppression_never_stops_otp_or_transactional_mail(world: World, check: SuppressionCheck,
+                                                                         message_class: str):
+    await world.add_provider("pm", "postmark-1")
+    email = of_topic(send_task(message_class, to="reader@example.org"), "weekly-deals")
+    await suppress_for_topic(world, "reader@example.org", "weekly-deals")
+
+    await world.deliver(email)
+
+    assert await world.event_types(email) == [SENT]
+
+
+async def test_an_unsubscribe_from_every_topic_stops_bulk_mail_of_a_topic(world: World, check: SuppressionCheck):
+    await world.add_provider("pm", "postmark-1")
+    deals = of_topic(send_task("bulk", to="reader@example.org"), "weekly-deals")
+    await suppress(world, "reader@example.org", unsubscribed=True)
+
+    await world.deliver(deals)
+
+    assert await world.event_types(deals) == [FAILED]
+
+
 class RoundTrips:
     """A Redis client that only pipelines, counting the pipelines sent and the commands in them."""
 
@@ -96,6 +154,19 @@ async def test_every_email_of_a_delivery_is_checked_in_one_round_trip(world: Wor
 
     assert found == [[], ["b@example.org"], [], ["B@example.org"]]
     assert redis.sent == [["SMISMEMBER", "SMISMEMBER"]]  # one round trip: a command per set, not per email
+
+
+async def test_a_delivery_with_a_topic_is_checked_against_the_topic_in_the_same_round_trip(world: World):
+    redis = RoundTrips(world.states.redis)
+    await suppress_for_topic(world, "b@example.org", "weekly-deals")
+    check = SuppressionCheck(cast(aioredis.Redis, redis), world.states.namespace)
+    emails = [Recipients("acme", MessageClass.BULK, [f"{name}@example.org"], "weekly-deals") for name in "abc"]
+    emails.append(Recipients("acme", MessageClass.BULK, ["b@example.org"], "product-updates"))
+
+    found = await check.suppressed(emails)
+
+    assert found == [[], ["b@example.org"], [], []]
+    assert redis.sent == [["SMISMEMBER", "SMISMEMBER", "SMISMEMBER"]]  # every topic's set, each topic's: one trip
 
 
 async def test_when_redis_cannot_answer_the_email_is_sent_anyway(world: World):
