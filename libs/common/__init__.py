@@ -22,6 +22,7 @@ Data and transport
     ``jetstream``     streams and consumers declared in code, publishing, pull loops (``Topology`` names them)
     ``batching``      group commit: concurrent calls coalesced into one flush
     ``outbox``        the transactional outbox's publisher: committed rows reach JetStream at least once
+    ``queued_messages``  a queued email's public summary and its ACCEPTED event (ingest, campaigns)
     ``suppressions``  the suppression list's Redis mirror (written by reports, read by ingest)
     ``campaign_halts``  paused and cancelled campaigns, and cancelled messages, as senders see them (Redis)
 

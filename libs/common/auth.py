@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from libs.common.errors import NotFound, PermissionDenied, Unauthenticated
+from libs.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 
 __all__ = [
     "PLATFORM_ADMIN",
@@ -22,6 +22,7 @@ __all__ = [
     "TrustedHeaderAuthenticator",
     "check_tenant_access",
     "current_principal",
+    "current_tenant",
     "reset_principal",
     "set_principal",
 ]
@@ -65,6 +66,16 @@ def current_principal() -> Principal:
     if principal is None:
         raise Unauthenticated("no credentials", reason="MISSING_CREDENTIALS")
     return principal
+
+
+def current_tenant(scope: str) -> str:
+    """The calling tenant, once its principal is known to hold ``scope``; INVALID_ARGUMENT for a caller without a
+    tenant (the platform admin calling a tenant's method without naming one)."""
+    principal = current_principal()
+    principal.require(scope)
+    if not principal.tenant_id:
+        raise InvalidArgument("this call needs a tenant (x-esp-tenant)", reason="TENANT_REQUIRED")
+    return principal.tenant_id
 
 
 def set_principal(principal: Principal | None) -> contextvars.Token[Principal | None]:

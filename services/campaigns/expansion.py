@@ -27,7 +27,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from esp.internal.v1 import queue_pb2
-from esp.v1 import messages_pb2
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -37,6 +36,7 @@ from libs.common.errors import EspError, FailedPrecondition
 from libs.common.jetstream import Topology
 from libs.common.message_classes import MessageClass
 from libs.common.outbox import CommittedRow, OutboxRow
+from libs.common.queued_messages import accepted_event, message_resource
 from libs.common.suppressions import suppressed_among
 from libs.common.timestamps import to_timestamp
 from libs.common.unsubscribe import UnsubscribeTarget, UnsubscribeTokens, list_unsubscribe_headers, unsubscribe_url
@@ -310,14 +310,8 @@ class Expansion:
         for ready, amount in zip(queued, credits, strict=True):
             message_id = campaign_message_id(campaign_id, ready.row["row_number"])
             task = self._send_task(message_id, tenant_id, campaign_id, spec, message_class, ready, attachments, now_ts)
-            message = self._message(task, campaign_id, amount, ready.content.subject)
-            event = queue_pb2.EventEnvelope(tenant_id=tenant_id, message_id=message_id,
-                                            message_class=task.message_class, hold_id=message_id)
-            event.message.CopyFrom(message)
-            event.event.event_id = f"{message_id}:accepted"
-            event.event.message = message.name
-            event.event.type = messages_pb2.MESSAGE_EVENT_TYPE_ACCEPTED
-            event.event.event_time.CopyFrom(now_ts)
+            message = message_resource(task, credits=amount, campaign_id=campaign_id, subject=ready.content.subject)
+            event = accepted_event(task, message)
             subjects += [send_subject, events_subject]
             msg_ids += [message_id, event.event.event_id]
             payloads += [task.SerializeToString(), event.SerializeToString()]
@@ -373,20 +367,3 @@ class Expansion:
         task.message_bytes = 2048 + body * 4 // 3 + carried
         task.accepted_time.CopyFrom(accepted)
         return task
-
-    @staticmethod
-    def _message(task: queue_pb2.SendTask, campaign_id: str, credits: int, subject: str) -> messages_pb2.Message:
-        message = messages_pb2.Message(name=f"messages/{task.message_id}", id=task.message_id,
-                                       message_class=task.message_class, state=messages_pb2.MESSAGE_STATE_ACCEPTED,
-                                       subject=subject, credits=credits, campaign=f"campaigns/{campaign_id}")
-        getattr(message, "from").CopyFrom(getattr(task, "from"))
-        message.to.extend(task.to)
-        if task.tags:
-            message.tags.extend(task.tags)
-        if task.metadata:
-            message.metadata.update(task.metadata)
-        if task.attachments:
-            message.attachment_ids.extend(a.attachment_id for a in task.attachments)
-        message.create_time.CopyFrom(task.accepted_time)
-        message.update_time.CopyFrom(task.accepted_time)
-        return message

@@ -22,7 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from libs.common import db
-from libs.common.auth import TrustedHeaderAuthenticator, current_principal
+from libs.common.auth import TrustedHeaderAuthenticator, current_tenant
 from libs.common.campaign_halts import Halt, clear_halt, set_halt
 from libs.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from libs.common.grpc_client import open_channel
@@ -64,14 +64,6 @@ _REASONS = {
     PauseReason.INSUFFICIENT_CREDITS: campaigns_pb2.PAUSE_REASON_INSUFFICIENT_CREDITS,
     PauseReason.SEND_WINDOW_CLOSED: campaigns_pb2.PAUSE_REASON_SEND_WINDOW_CLOSED,
 }
-
-
-def _tenant(scope: str) -> str:
-    principal = current_principal()
-    principal.require(scope)
-    if not principal.tenant_id:
-        raise InvalidArgument("this call needs a tenant (x-esp-tenant)", reason="TENANT_REQUIRED")
-    return principal.tenant_id
 
 
 def _campaign_id(name: str, field: str = "name") -> str:
@@ -207,7 +199,7 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
     async def CreateCampaign(self, request: campaigns_pb2.CreateCampaignRequest,
                              context: grpc.aio.ServicerContext) -> campaigns_pb2.Campaign:
         """A new draft (templates compiled now: a syntax error is INVALID_ARGUMENT with line and column)."""
-        tenant_id = _tenant(SEND)
+        tenant_id = current_tenant(SEND)
         if not request.HasField("campaign"):
             raise InvalidArgument("campaign is required", field_violations=[FieldViolation("campaign", "required")])
         spec = spec_from_proto(request.campaign)
@@ -233,13 +225,13 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
     async def GetCampaign(self, request: campaigns_pb2.GetCampaignRequest,
                           context: grpc.aio.ServicerContext) -> campaigns_pb2.Campaign:
         """The campaign with its progress."""
-        tenant_id = _tenant(READ)
+        tenant_id = current_tenant(READ)
         return await self._proto(await self.store.get(tenant_id, _campaign_id(request.name)))
 
     async def ListCampaigns(self, request: campaigns_pb2.ListCampaignsRequest,
                             context: grpc.aio.ServicerContext) -> campaigns_pb2.ListCampaignsResponse:
         """A page of the tenant's campaigns, newest first, optionally in one state."""
-        tenant_id = _tenant(READ)
+        tenant_id = current_tenant(READ)
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative",
                                   field_violations=[FieldViolation("page_size", "0 or more")])
@@ -263,7 +255,7 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
     async def AddCampaignRecipients(self, request_iterator: AsyncIterator[campaigns_pb2.AddCampaignRecipientsRequest],
                                     context: grpc.aio.ServicerContext) -> campaigns_pb2.AddCampaignRecipientsResponse:
         """Recipients streamed in frames, inserted a thousand at a time (never all in memory)."""
-        tenant_id = _tenant(SEND)
+        tenant_id = current_tenant(SEND)
         upload = _Upload()
         campaign_id = ""
         message_class = MessageClass.BULK
@@ -300,7 +292,7 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
                                        context: grpc.aio.ServicerContext
                                        ) -> campaigns_pb2.AddCampaignRecipientsResponse:
         """Recipients read from an uploaded CSV or JSON Lines object, streamed from S3."""
-        tenant_id = _tenant(SEND)
+        tenant_id = current_tenant(SEND)
         campaign_id = _campaign_id(request.campaign, "campaign")
         record = await self.store.get(tenant_id, campaign_id)
         attachment_id = request.attachment_id.removeprefix("attachments/")
@@ -328,7 +320,7 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
 
     async def _transition(self, name: str, action: Action, request_id: str,
                           halt: Callable[[str], Awaitable[None]] | None) -> campaigns_pb2.Campaign:
-        tenant_id = _tenant(SEND)
+        tenant_id = current_tenant(SEND)
         campaign_id = _campaign_id(name)
         record, _ = await self.store.transition(tenant_id, campaign_id, action, request_id)
         if halt is not None:
@@ -340,7 +332,7 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
     async def StartCampaign(self, request: campaigns_pb2.StartCampaignRequest,
                             context: grpc.aio.ServicerContext) -> campaigns_pb2.Campaign:
         """Draft → scheduled or running; refused without recipients or without credits."""
-        tenant_id = _tenant(SEND)
+        tenant_id = current_tenant(SEND)
         record = await self.store.get(tenant_id, _campaign_id(request.name))
         if record.state is CampaignState.DRAFT:
             if record.counts.get("recipients", 0) == 0:

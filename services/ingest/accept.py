@@ -54,14 +54,13 @@ from libs.common.errors import Aborted, AlreadyExists, EspError, FieldViolation,
 from libs.common.jetstream import Topology
 from libs.common.message_classes import MessageClass
 from libs.common.outbox import OutboxRow
+from libs.common.queued_messages import accepted_event, message_resource
 from libs.common.timestamps import to_timestamp
 from services.ingest.limits import AdmissionTicket, RedisGate
 from services.ingest.model import YIELD_EVERY, EmailDraft, HoldRequest, StoredAttachment
 from services.ingest.payloads import (
-    accepted_event,
     accepted_now,
     build_send_task,
-    message_resource,
     queued_task,
     request_fingerprint,
 )

@@ -116,55 +116,6 @@ def queued_task(task: queue_pb2.SendTask, send_time: Timestamp) -> bytes:
     return payload
 
 
-def message_resource(task: queue_pb2.SendTask, *, request_id: str, credits: int,
-                     state: int = messages_pb2.MESSAGE_STATE_ACCEPTED,
-                     send_time: Timestamp | None = None) -> messages_pb2.Message:
-    """The public Message for an accepted task (created when it was accepted); with a ``send_time``, a scheduled
-    one (state SCHEDULED unless ``state`` says otherwise)."""
-    if send_time is not None and state == messages_pb2.MESSAGE_STATE_ACCEPTED:
-        state = messages_pb2.MESSAGE_STATE_SCHEDULED
-    message = messages_pb2.Message(name=f"messages/{task.message_id}", id=task.message_id,
-                                   message_class=task.message_class, state=state, subject=task.subject,
-                                   credits=credits)
-    getattr(message, "from").CopyFrom(getattr(task, "from"))
-    if task.to:
-        message.to.extend(task.to)
-    if task.cc:
-        message.cc.extend(task.cc)
-    if task.bcc:
-        message.bcc.extend(task.bcc)
-    if task.tags:
-        message.tags.extend(task.tags)
-    if task.metadata:
-        message.metadata.update(task.metadata)
-    if task.attachments:
-        message.attachment_ids.extend(a.attachment_id for a in task.attachments)
-    if request_id:
-        message.request_id = request_id
-    message.create_time.CopyFrom(task.accepted_time)
-    message.update_time.CopyFrom(task.accepted_time)
-    if send_time is not None:
-        message.send_time.CopyFrom(send_time)
-    return message
-
-
-def accepted_event(task: queue_pb2.SendTask, message: messages_pb2.Message,
-                   attributes: dict[str, str] | None = None) -> queue_pb2.EventEnvelope:
-    """The ACCEPTED event, carrying the message summary for the status store (and, in ``attributes``, decisions
-    taken at accept, such as attachments sent as links)."""
-    envelope = queue_pb2.EventEnvelope(tenant_id=task.tenant_id, message_id=task.message_id,
-                                       message_class=task.message_class, hold_id=task.message_id)
-    envelope.message.CopyFrom(message)
-    event = envelope.event
-    event.event_id = f"{task.message_id}:accepted"
-    event.message = message.name
-    event.type = messages_pb2.MESSAGE_EVENT_TYPE_ACCEPTED
-    event.event_time.CopyFrom(message.create_time)
-    if attributes:
-        event.attributes.update(attributes)
-    return envelope
-
-
 def cancelled_event(task: queue_pb2.SendTask, reason: str) -> queue_pb2.EventEnvelope:
     """The final CANCELLED event of a message withdrawn before any sender had it: reports records the state, the
     ledger releases the hold. Its id is the one a sender gives the CANCELLED event of a message it drops, so the

@@ -26,9 +26,9 @@ from psycopg_pool import AsyncConnectionPool
 from libs.common.batching import BatchingOptions, GroupCommitter
 from libs.common.db import autocommit
 from libs.common.outbox import CommittedRow, OutboxRow
+from libs.common.queued_messages import message_resource
 from libs.common.timestamps import to_timestamp
 from services.ingest.model import URGENT_CLASSES
-from services.ingest.payloads import message_resource
 
 _CANCELLED = messages_pb2.MESSAGE_STATE_CANCELLED
 

@@ -16,7 +16,7 @@ from esp.v1 import common_pb2, messages_pb2, messages_pb2_grpc, reports_pb2, rep
 from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from libs.common.auth import current_principal
+from libs.common.auth import current_tenant
 from libs.common.errors import EspError, FieldViolation, InvalidArgument
 from libs.common.message_classes import class_name_of, proto_of
 from services.reports.envelopes import event_type_name
@@ -44,15 +44,6 @@ class Unimplemented(EspError):
 
     code = grpc.StatusCode.UNIMPLEMENTED
     default_reason = "UNIMPLEMENTED"
-
-
-def _tenant(scope: str) -> str:
-    """The calling tenant, once it is known to hold ``scope``."""
-    principal = current_principal()
-    principal.require(scope)
-    if not principal.tenant_id:
-        raise InvalidArgument("this call needs a tenant (x-esp-tenant)", reason="TENANT_REQUIRED")
-    return principal.tenant_id
 
 
 def _resource_id(name: str, collection: str, field: str) -> str:
@@ -146,14 +137,14 @@ class MessageReadServicer(messages_pb2_grpc.MessageServiceServicer):
     async def GetMessage(self, request: messages_pb2.GetMessageRequest,
                          context: grpc.aio.ServicerContext) -> messages_pb2.Message:
         """One message of the caller's tenant."""
-        tenant_id = _tenant(READ_SCOPE)
+        tenant_id = current_tenant(READ_SCOPE)
         message = await self._reader.get(tenant_id, _resource_id(request.name, "messages", "name"))
         return message_to_proto(message)
 
     async def ListMessages(self, request: messages_pb2.ListMessagesRequest,
                            context: grpc.aio.ServicerContext) -> messages_pb2.ListMessagesResponse:
         """The caller's messages, newest first."""
-        tenant_id = _tenant(READ_SCOPE)
+        tenant_id = current_tenant(READ_SCOPE)
         state = None
         if request.state != messages_pb2.MESSAGE_STATE_UNSPECIFIED:
             try:
@@ -169,7 +160,7 @@ class MessageReadServicer(messages_pb2_grpc.MessageServiceServicer):
     async def ListMessageEvents(self, request: messages_pb2.ListMessageEventsRequest,
                                 context: grpc.aio.ServicerContext) -> messages_pb2.ListMessageEventsResponse:
         """A message's timeline, oldest first."""
-        tenant_id = _tenant(READ_SCOPE)
+        tenant_id = current_tenant(READ_SCOPE)
         message_id = _resource_id(request.parent, "messages", "parent")
         page = await self._reader.events(tenant_id, message_id, request.page_size, request.page_token)
         return messages_pb2.ListMessageEventsResponse(
@@ -210,7 +201,7 @@ class StatsServicer(reports_pb2_grpc.StatsServiceServicer):
         The range defaults to the last day, or for one campaign's figures to the longest range allowed
         (``MAX_RANGE``), so that a campaign's totals need no start time: they read only its own rows.
         """
-        tenant_id = _tenant(READ_SCOPE)
+        tenant_id = current_tenant(READ_SCOPE)
         grouping = _GROUPINGS.get(request.group_by)
         if grouping is None:
             raise InvalidArgument("unknown group_by", field_violations=[FieldViolation("group_by", "unknown")])
@@ -258,7 +249,7 @@ class SuppressionServicer(reports_pb2_grpc.SuppressionServiceServicer):
                                context: grpc.aio.ServicerContext) -> reports_pb2.ListSuppressionsResponse:
         """The tenant's suppressions in address order (an address's one for every topic before its topics'); only
         those of ``topic`` when it is given."""
-        tenant_id = _tenant(READ_SCOPE)
+        tenant_id = current_tenant(READ_SCOPE)
         page = await self._store.list(tenant_id, request.page_size, request.page_token, request.topic)
         return reports_pb2.ListSuppressionsResponse(
             suppressions=[suppression_to_proto(s) for s in page.items], next_page_token=page.next_page_token
@@ -267,14 +258,14 @@ class SuppressionServicer(reports_pb2_grpc.SuppressionServiceServicer):
     async def GetSuppression(self, request: reports_pb2.GetSuppressionRequest,
                              context: grpc.aio.ServicerContext) -> reports_pb2.Suppression:
         """One suppression, for every topic (``suppressions/{email}``) or one (``suppressions/{email}~{topic}``)."""
-        tenant_id = _tenant(READ_SCOPE)
+        tenant_id = current_tenant(READ_SCOPE)
         email, topic = split_suppression_id(_resource_id(request.name, "suppressions", "name"))
         return suppression_to_proto(await self._store.get(tenant_id, email, topic))
 
     async def CreateSuppression(self, request: reports_pb2.CreateSuppressionRequest,
                                 context: grpc.aio.ServicerContext) -> reports_pb2.Suppression:
         """Suppress an address (reason MANUAL unless given), for every topic or for ``suppression.topic`` only."""
-        tenant_id = _tenant(MANAGE_SUPPRESSIONS_SCOPE)
+        tenant_id = current_tenant(MANAGE_SUPPRESSIONS_SCOPE)
         given = request.suppression
         reason = _REASONS_FROM_PROTO.get(given.reason, SuppressionReason.MANUAL)
         created = await self._store.create(tenant_id, given.email, reason, given.note, given.topic)
@@ -284,7 +275,7 @@ class SuppressionServicer(reports_pb2_grpc.SuppressionServiceServicer):
                                 context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         """Lift a suppression: ``suppressions/{email}`` the one for every topic, ``suppressions/{email}~{topic}``
         the one scoped to that topic (each leaves the other)."""
-        tenant_id = _tenant(MANAGE_SUPPRESSIONS_SCOPE)
+        tenant_id = current_tenant(MANAGE_SUPPRESSIONS_SCOPE)
         email, topic = split_suppression_id(_resource_id(request.name, "suppressions", "name"))
         await self._store.delete(tenant_id, email, topic)
         return empty_pb2.Empty()
