@@ -90,9 +90,10 @@ class UnsubscribeLinks:
     tokens: UnsubscribeTokens
     base_url: str
 
-    def url(self, tenant_id: str, campaign_id: str, email: str) -> str:
-        """The recipient's signed one-click URL."""
-        return unsubscribe_url(self.base_url, self.tokens.sign(UnsubscribeTarget(tenant_id, email, campaign_id)))
+    def url(self, tenant_id: str, campaign_id: str, email: str, topic: str = "") -> str:
+        """The recipient's signed one-click URL (leaving ``topic``, or all the tenant's bulk mail)."""
+        return unsubscribe_url(self.base_url, self.tokens.sign(UnsubscribeTarget(tenant_id, email, campaign_id,
+                                                                                 topic)))
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ class Expansion:
                                "WHERE id = %s", (campaign_id,))
             return ChunkResult(campaign_id, 0, 0, 0), []
         suppressed = await suppressed_among(self.redis, self.namespace, tenant_id, [r["email"] for r in rows],
-                                            message_class)
+                                            message_class, spec.unsubscribe_topic)
         templates = self._compiled(campaign_id, spec)
         attachments = await self._attachments(conn, tenant_id, spec.attachment_ids)
         attachment_bytes = sum(a.size_bytes for a in attachments)
@@ -226,7 +227,7 @@ class Expansion:
             headers: dict[str, str] = {}
             if one_click:
                 assert self.unsubscribe is not None
-                url = self.unsubscribe.url(tenant_id, campaign_id, row["email"])
+                url = self.unsubscribe.url(tenant_id, campaign_id, row["email"], spec.unsubscribe_topic)
                 headers = list_unsubscribe_headers(url, spec.unsubscribe_mailto)
             context = templates.context(row["variables"] or {}, unsubscribe_url=url)
             rendered = context if isinstance(context, RenderFailure) else templates.render_context(context)
@@ -335,7 +336,8 @@ class Expansion:
         content, headers, row = ready.content, ready.headers, ready.row
         task = queue_pb2.SendTask(message_id=message_id, tenant_id=tenant_id, message_class=message_class.proto,
                                   subject=content.subject, text_body=content.text or "",
-                                  html_body=content.html or "", campaign_id=campaign_id)
+                                  html_body=content.html or "", campaign_id=campaign_id,
+                                  topic=spec.unsubscribe_topic)
         if ready.substitution is not None and ready.values is not None:
             # Unrendered: the provider (or the sender) fills the placeholders in, and the campaign's emails can
             # share a batch call. The message's summary (ACCEPTED event) keeps the rendered subject.

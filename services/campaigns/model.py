@@ -134,6 +134,8 @@ class CampaignSpec:
     send_window: SendWindow | None = None
     one_click_unsubscribe: bool = True
     unsubscribe_mailto: str = ""
+    unsubscribe_topic: str = ""
+    """The list a one-click unsubscribe leaves ("" = all the tenant's bulk mail)."""
 
     def to_json(self) -> str:
         """The spec as stored."""
@@ -155,7 +157,8 @@ class CampaignSpec:
             missing_variable_policy=data["missing_variable_policy"], message_class=data["message_class"],
             send_time=datetime.fromisoformat(send_time) if send_time else None, send_rate=data["send_rate"],
             send_window=SendWindow(**window) if window else None,
-            one_click_unsubscribe=data["one_click_unsubscribe"], unsubscribe_mailto=data["unsubscribe_mailto"])
+            one_click_unsubscribe=data["one_click_unsubscribe"], unsubscribe_mailto=data["unsubscribe_mailto"],
+            unsubscribe_topic=data.get("unsubscribe_topic", ""))
 
     def fingerprint(self) -> bytes:
         """sha256 of the spec: a repeated create with the same request_id must ask for the same campaign."""

@@ -13,6 +13,7 @@ from esp.v1 import campaigns_pb2, common_pb2
 from libs.common.addresses import check_mailbox, has_control
 from libs.common.errors import FieldViolation, InvalidArgument
 from libs.common.message_classes import MessageClass
+from libs.common.suppressions import is_topic, normalise_topic
 from services.campaigns.expansion import compile_spec
 from services.campaigns.model import CampaignSpec, Mailbox, SendWindow
 from services.campaigns.templates import MissingVariablePolicy
@@ -60,6 +61,10 @@ def spec_from_proto(c: campaigns_pb2.Campaign) -> CampaignSpec:
         problems.append(FieldViolation(
             "campaign.unsubscribe.mode", "bulk mail carries one-click unsubscribe (RFC 8058; Gmail and Yahoo "
             "require it of bulk senders)", "UNSUBSCRIBE_REQUIRED"))
+    topic = normalise_topic(c.unsubscribe.topic)
+    if topic and not is_topic(topic):
+        problems.append(FieldViolation("campaign.unsubscribe.topic", "1-64 characters of a-z, 0-9, '.', '_' and '-', "
+                                       "starting with a letter or digit", "INVALID_TOPIC"))
     mailto = c.unsubscribe.mailto
     if mailto:
         address, found = check_mailbox(mailto.removeprefix("mailto:"))
@@ -102,7 +107,7 @@ def spec_from_proto(c: campaigns_pb2.Campaign) -> CampaignSpec:
         message_class=message_class.value,
         send_time=c.send_time.ToDatetime(tzinfo=UTC) if c.HasField("send_time") else None,
         send_rate=c.send_rate if math.isfinite(c.send_rate) else 0.0, send_window=window,
-        one_click_unsubscribe=one_click, unsubscribe_mailto=mailto)
+        one_click_unsubscribe=one_click, unsubscribe_mailto=mailto, unsubscribe_topic=topic)
     if c.subject:
         try:
             compile_spec(spec)

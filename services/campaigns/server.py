@@ -134,7 +134,8 @@ def campaign_to_proto(record: CampaignRecord, progress: Progress) -> campaigns_p
                                                         end_minute=s.send_window.end_minute,
                                                         time_zone=s.send_window.time_zone))
     mode = campaigns_pb2.UNSUBSCRIBE_MODE_ONE_CLICK if s.one_click_unsubscribe else campaigns_pb2.UNSUBSCRIBE_MODE_NONE
-    c.unsubscribe.CopyFrom(campaigns_pb2.UnsubscribePolicy(mode=mode, mailto=s.unsubscribe_mailto))
+    c.unsubscribe.CopyFrom(campaigns_pb2.UnsubscribePolicy(mode=mode, mailto=s.unsubscribe_mailto,
+                                                           topic=s.unsubscribe_topic))
     p = progress
     c.progress.CopyFrom(campaigns_pb2.CampaignProgress(
         recipients=p.recipients, duplicates=p.duplicates, invalid=p.invalid, pending=p.pending, queued=p.queued,
@@ -242,14 +243,14 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
         campaigns = await asyncio.gather(*(self._proto(r) for r in records))
         return campaigns_pb2.ListCampaignsResponse(campaigns=campaigns, next_page_token=token)
 
-    async def _add(self, tenant_id: str, campaign_id: str, message_class: MessageClass, upload: _Upload,
-                   recipients: list[Recipient], invalid: int) -> None:
+    async def _add(self, tenant_id: str, campaign_id: str, message_class: MessageClass, topic: str,
+                   upload: _Upload, recipients: list[Recipient], invalid: int) -> None:
         added = await self.store.add_recipients(tenant_id, campaign_id, recipients, invalid=invalid)
         upload.added += added.added
         upload.duplicates += added.duplicates
         if recipients:
             suppressed = await suppressed_among(self.redis, self.namespace, tenant_id,
-                                                [r.email for r in recipients], message_class)
+                                                [r.email for r in recipients], message_class, topic)
             upload.suppressed += len(suppressed)
 
     async def AddCampaignRecipients(self, request_iterator: AsyncIterator[campaigns_pb2.AddCampaignRecipientsRequest],
@@ -259,6 +260,7 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
         upload = _Upload()
         campaign_id = ""
         message_class = MessageClass.BULK
+        topic = ""
         batch: list[Recipient] = []
         invalid = 0
         row = 0
@@ -267,6 +269,7 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
                 campaign_id = _campaign_id(frame.campaign, "campaign")
                 record = await self.store.get(tenant_id, campaign_id)
                 message_class = MessageClass(record.spec.message_class)
+                topic = record.spec.unsubscribe_topic
             elif frame.campaign and frame.campaign != f"campaigns/{campaign_id}":
                 raise InvalidArgument("every frame must name the same campaign",
                                       field_violations=[FieldViolation("campaign", "differs from the first frame")])
@@ -279,13 +282,13 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
                 else:
                     batch.append(checked)
                 if len(batch) + invalid >= INSERT_BATCH:
-                    await self._add(tenant_id, campaign_id, message_class, upload, batch, invalid)
+                    await self._add(tenant_id, campaign_id, message_class, topic, upload, batch, invalid)
                     batch, invalid = [], 0
         if not campaign_id:
             raise InvalidArgument("the first frame must name the campaign",
                                   field_violations=[FieldViolation("campaign", "required")])
         if batch or invalid:
-            await self._add(tenant_id, campaign_id, message_class, upload, batch, invalid)
+            await self._add(tenant_id, campaign_id, message_class, topic, upload, batch, invalid)
         return upload.response()
 
     async def ImportCampaignRecipients(self, request: campaigns_pb2.ImportCampaignRecipientsRequest,
@@ -310,11 +313,12 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
         fmt = _format(request.format, filename, content_type)
         upload = _Upload()
         message_class = MessageClass(record.spec.message_class)
+        topic = record.spec.unsubscribe_topic
         async for batch in parse_recipients(stream_object(self.s3, self.bucket, s3_key), fmt,
                                             batch_size=INSERT_BATCH):
             for error in batch.errors:
                 upload.reject(error)
-            await self._add(tenant_id, campaign_id, message_class, upload, list(batch.recipients),
+            await self._add(tenant_id, campaign_id, message_class, topic, upload, list(batch.recipients),
                             len(batch.errors))
         return upload.response()
 

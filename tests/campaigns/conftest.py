@@ -144,9 +144,10 @@ def recipients_frames(name: str, count: int, *, start: int = 0, per_frame: int =
 
 
 def create_and_fill(stub: campaigns_pb2_grpc.CampaignServiceStub, auth: Sequence[tuple[str, str]],
-                    c: campaigns_pb2.Campaign, count: int) -> campaigns_pb2.Campaign:
+                    c: campaigns_pb2.Campaign, count: int, domain: str = "example.org") -> campaigns_pb2.Campaign:
     created = stub.CreateCampaign(campaigns_pb2.CreateCampaignRequest(campaign=c), metadata=auth, timeout=10)
-    added = stub.AddCampaignRecipients(recipients_frames(created.name, count), metadata=auth, timeout=120)
+    added = stub.AddCampaignRecipients(recipients_frames(created.name, count, domain=domain), metadata=auth,
+                                       timeout=120)
     assert added.added_count == count, added
     return created
 

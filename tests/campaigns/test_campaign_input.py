@@ -181,3 +181,32 @@ def test_a_one_click_unsubscribe_stops_the_rest_of_the_campaign_to_that_address(
         assert last not in delivered
         assert len(delivered) == 39
         assert done.progress.suppressed + done.progress.failed == 1
+
+
+def test_a_topic_unsubscribe_stops_that_topic_only(campaign_mesh: CampaignMesh) -> None:
+    channel, stub = campaign_mesh.campaigns()
+    auth = campaign_mesh.auth()
+    tokens = UnsubscribeTokens.from_entries([DEV_UNSUBSCRIBE_KEYS])
+    base = f"http://127.0.0.1:{campaign_mesh.config.webhook_port}"
+    with channel:
+        deals = campaign("topic-deals")
+        deals.unsubscribe.topic = "weekly-deals"
+        news = campaign("topic-news")
+        news.unsubscribe.topic = "product-news"
+        first = create_and_fill(stub, auth, deals, 3, domain="topic.example.org")
+        assert _one_click(unsubscribe_url(base, tokens.sign(UnsubscribeTarget(
+            campaign_mesh.tenant, "r0@topic.example.org", first.id, "weekly-deals")))).status_code == 200
+        second = create_and_fill(stub, auth, news, 3, domain="topic.example.org")
+        for created in (first, second):
+            stub.StartCampaign(campaigns_pb2.StartCampaignRequest(name=created.name), metadata=auth, timeout=10)
+        for created in (first, second):
+            wait_until(lambda c=created: progress(stub, auth, c.name).state ==
+                       campaigns_pb2.CAMPAIGN_STATE_COMPLETED, 30, "completed")
+        assert sorted(m["to"][0] for m in campaign_mesh.delivered("topic-deals")) == ["r1@topic.example.org",
+                                                                                       "r2@topic.example.org"]
+        assert progress(stub, auth, first.name).progress.suppressed == 1
+        news_mail = campaign_mesh.delivered("topic-news")
+        assert len(news_mail) == 3
+        # Each email's own link leaves its campaign's topic.
+        token = news_mail[0]["headers"]["List-Unsubscribe"].strip("<>").rsplit("/", 1)[1]
+        assert tokens.verify(token).topic == "product-news"
