@@ -224,7 +224,7 @@ class Expander:
         """Running campaigns with every recipient expanded and every queued email final are completed."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                """SELECT id, tenant_id, queued FROM campaigns.campaigns
+                """SELECT id, tenant_id, queued + render_failed FROM campaigns.campaigns
                    WHERE state = 'running' AND next_row > last_row""")
             candidates = await cur.fetchall()
         completed: list[str] = []
@@ -235,7 +235,8 @@ class Expander:
             async with db.autocommit(self.pool) as conn:
                 cur = await conn.execute(
                     """UPDATE campaigns.campaigns SET state = 'completed', ended_at = now(), updated_at = now()
-                       WHERE id = %s AND state = 'running' AND next_row > last_row AND queued <= %s RETURNING id""",
+                       WHERE id = %s AND state = 'running' AND next_row > last_row
+                         AND queued + render_failed <= %s RETURNING id""",
                     (campaign_id, stats.final))
                 if await cur.fetchone() is not None:
                     completed.append(campaign_id)

@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from esp.internal.v1 import queue_pb2
+from esp.v1 import messages_pb2
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -128,6 +129,37 @@ class ChunkResult:
     paused_for_credits: bool = False
 
 
+def _render_failure_events(message_id: str, tenant_id: str, campaign_id: str, spec: CampaignSpec,
+                           message_class: MessageClass, row: dict[str, Any], failure: RenderFailure,
+                           at: Any) -> tuple[queue_pb2.EventEnvelope, queue_pb2.EventEnvelope]:
+    """The ACCEPTED and final FAILED events of a recipient whose email could not be rendered: it holds no credit
+    (the ledger finds no hold to release) and reports shows it failed, with the reason."""
+    task = queue_pb2.SendTask(message_id=message_id, tenant_id=tenant_id, message_class=message_class.proto,
+                              subject=spec.subject, campaign_id=campaign_id)
+    _address(getattr(task, "from"), spec.sender)
+    _address(task.to.add(), Mailbox(row["email"], row["name"]))
+    if spec.tags:
+        task.tags.extend(spec.tags)
+    if spec.metadata:
+        task.metadata.update(spec.metadata)
+    task.accepted_time.CopyFrom(at)
+    accepted = accepted_event(task, message_resource(task, credits=0, campaign_id=campaign_id))
+    failed = queue_pb2.EventEnvelope(tenant_id=tenant_id, message_id=message_id, final=True,
+                                     message_class=task.message_class, hold_id=message_id)
+    event = failed.event
+    event.event_id = f"{message_id}:failed"
+    event.message = f"messages/{message_id}"
+    event.type = messages_pb2.MESSAGE_EVENT_TYPE_FAILED
+    event.reason = f"{failure.reason.value}: {failure.message}"
+    event.event_time.CopyFrom(at)
+    event.attributes["reason_code"] = failure.reason.value
+    if failure.field:
+        event.attributes["field"] = failure.field
+    if failure.variable:
+        event.attributes["variable"] = failure.variable
+    return accepted, failed
+
+
 def _address(field: Any, box: Mailbox) -> None:
     field.email = box.email
     if box.name:
@@ -219,7 +251,7 @@ class Expansion:
                      and message_class is MessageClass.BULK)
         substitution = self._substitution(campaign_id, templates)
         to_queue: list[_Ready] = []
-        failures: list[tuple[int, RenderFailure]] = []
+        failures: list[tuple[dict[str, Any], RenderFailure]] = []
         for row in rows:
             if row["email"] in suppressed:
                 continue
@@ -232,7 +264,7 @@ class Expansion:
             context = templates.context(row["variables"] or {}, unsubscribe_url=url)
             rendered = context if isinstance(context, RenderFailure) else templates.render_context(context)
             if isinstance(rendered, RenderFailure):
-                failures.append((row["row_number"], rendered))
+                failures.append((row, rendered))
                 continue
             values = None
             if substitution is not None:
@@ -263,13 +295,14 @@ class Expansion:
         done_rows = [r for r in rows if stop_row is None or r["row_number"] < stop_row]
         done_numbers = {r["row_number"] for r in done_rows}
         n_suppressed = sum(1 for r in done_rows if r["email"] in suppressed)
-        n_failed = sum(1 for row_number, _ in failures if row_number in done_numbers)
+        failed = [(row, failure) for row, failure in failures if row["row_number"] in done_numbers]
         amounts = [r for r in results[:held] if not isinstance(r, Exception)]
-        committed = await self._queue(conn, campaign_id, tenant_id, spec, message_class, queued, attachments, amounts)
+        committed = await self._queue(conn, campaign_id, tenant_id, spec, message_class, queued, attachments, amounts,
+                                      failed)
         next_row = stop_row if stop_row is not None else rows[-1]["row_number"] + 1
         sets = ["next_row = %s", "expanded = expanded + %s", "queued = queued + %s", "suppressed = suppressed + %s",
                 "render_failed = render_failed + %s", "updated_at = now()"]
-        args: list[Any] = [next_row, len(done_rows), len(queued), n_suppressed, n_failed]
+        args: list[Any] = [next_row, len(done_rows), len(queued), n_suppressed, len(failed)]
         now = datetime.now(UTC)
         if refusal is not None:
             log.info("campaign %s paused: credits refused (%s)", campaign_id, refusal.reason)
@@ -282,7 +315,7 @@ class Expansion:
                 sets.append("not_before = %s")
                 args.append(now + timedelta(seconds=len(rows) / spec.send_rate))
         await conn.execute(f"UPDATE campaigns.campaigns SET {', '.join(sets)} WHERE id = %s", (*args, campaign_id))
-        return ChunkResult(campaign_id, len(queued), n_suppressed, n_failed,
+        return ChunkResult(campaign_id, len(queued), n_suppressed, len(failed),
                            paused_for_credits=refusal is not None), committed
 
     async def _attachments(self, conn: AsyncConnection[Any], tenant_id: str,
@@ -299,8 +332,9 @@ class Expansion:
     async def _queue(self, conn: AsyncConnection[Any], campaign_id: str, tenant_id: str, spec: CampaignSpec,
                      message_class: MessageClass,
                      queued: Sequence[_Ready],
-                     attachments: Sequence[_Attachment], credits: Sequence[int]) -> list[CommittedRow]:
-        if not queued:
+                     attachments: Sequence[_Attachment], credits: Sequence[int],
+                     failed: Sequence[tuple[dict[str, Any], RenderFailure]]) -> list[CommittedRow]:
+        if not queued and not failed:
             return []
         now_ts = to_timestamp(datetime.now(UTC))
         send_subject = self.topology.send_subject(message_class.value)
@@ -316,6 +350,13 @@ class Expansion:
             subjects += [send_subject, events_subject]
             msg_ids += [message_id, event.event.event_id]
             payloads += [task.SerializeToString(), event.SerializeToString()]
+        for row, failure in failed:
+            # Not queued: a message the customer can find (GetMessage, ListMessages) failed with its reason.
+            for envelope in _render_failure_events(campaign_message_id(campaign_id, row["row_number"]), tenant_id,
+                                                   campaign_id, spec, message_class, row, failure, now_ts):
+                subjects.append(self.topology.events_subject(tenant_id, final=envelope.final))
+                msg_ids.append(envelope.event.event_id)
+                payloads.append(envelope.SerializeToString())
         # Ids taken first, then one binary COPY: adapting the payloads as array parameters cost more than all the
         # rendering (psycopg's array dumper, in Python).
         cur = await conn.execute("SELECT nextval('campaigns.outbox_id_seq') FROM generate_series(1, %s)",
@@ -324,8 +365,8 @@ class Expansion:
         async with conn.cursor().copy(
                 "COPY campaigns.outbox (id, subject, msg_id, payload) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(["int8", "text", "text", "bytea"])
-            for row in zip(ids, subjects, msg_ids, payloads, strict=True):
-                await copy.write_row(row)
+            for record in zip(ids, subjects, msg_ids, payloads, strict=True):
+                await copy.write_row(record)
         return [CommittedRow(i, OutboxRow(s, m, p)) for i, s, m, p in zip(ids, subjects, msg_ids, payloads,
                                                                             strict=True)]
 

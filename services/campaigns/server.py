@@ -100,7 +100,8 @@ class RateMeter:
 def progress_of(record: CampaignRecord, stats: CampaignStats, rate: float) -> Progress:
     """A campaign's progress: its own counts plus reports' counts of its emails."""
     counts = record.counts
-    queued = max(0, counts.get("queued", 0) - stats.final)
+    # Render failures are messages too (failed at expansion, with a FAILED event): reports counts them as final.
+    queued = max(0, counts.get("queued", 0) + counts.get("render_failed", 0) - stats.final)
     pending = record.pending if record.state is not CampaignState.CANCELLED else 0
     eta = None
     if record.state is CampaignState.RUNNING and rate > 0:
@@ -109,7 +110,7 @@ def progress_of(record: CampaignRecord, stats: CampaignStats, rate: float) -> Pr
         recipients=counts.get("recipients", 0), duplicates=counts.get("duplicates", 0),
         invalid=counts.get("invalid", 0), pending=pending, queued=queued, sent=stats.sent,
         delivered=stats.delivered, bounced=stats.bounced, complained=stats.complained,
-        failed=counts.get("render_failed", 0) + stats.failed, suppressed=counts.get("suppressed", 0),
+        failed=stats.failed, suppressed=counts.get("suppressed", 0),
         cancelled=counts.get("cancelled", 0) + stats.cancelled, send_rate=rate, estimated_end_time=eta)
 
 
@@ -194,7 +195,7 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
 
     async def _proto(self, record: CampaignRecord) -> campaigns_pb2.Campaign:
         stats = (await self.stats.of_campaign(record.tenant_id, record.id)
-                 if record.counts.get("queued", 0) else CampaignStats())
+                 if record.counts.get("queued", 0) or record.counts.get("render_failed", 0) else CampaignStats())
         return campaign_to_proto(record, progress_of(record, stats, self.rates.rate(record.id, stats.sent)))
 
     async def CreateCampaign(self, request: campaigns_pb2.CreateCampaignRequest,

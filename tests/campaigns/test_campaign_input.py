@@ -8,11 +8,19 @@ from collections.abc import Iterator
 import grpc
 import httpx
 import pytest
-from esp.v1 import attachments_pb2, attachments_pb2_grpc, campaigns_pb2, common_pb2
+from esp.v1 import (
+    attachments_pb2,
+    attachments_pb2_grpc,
+    campaigns_pb2,
+    common_pb2,
+    messages_pb2,
+    messages_pb2_grpc,
+)
 from google.rpc import error_details_pb2, status_pb2
 
 from dev.mesh import DEV_UNSUBSCRIBE_KEYS
 from libs.common.unsubscribe import UnsubscribeTarget, UnsubscribeTokens, unsubscribe_url
+from services.campaigns.expansion import campaign_message_id
 from tests.campaigns.conftest import CampaignMesh, campaign, create_and_fill, progress, wait_until
 
 
@@ -112,6 +120,15 @@ def test_a_recipient_missing_a_variable_fails_alone(campaign_mesh: CampaignMesh)
                           campaigns_pb2.CAMPAIGN_STATE_COMPLETED and c, 30, "completed")
         assert (done.progress.sent, done.progress.failed) == (1, 1)
         assert [m["to"][0] for m in campaign_mesh.delivered("missing-var")] == ["full@example.org"]
+        # The failed recipient is a message the customer can look up, with the reason.
+        failed_id = campaign_message_id(created.id, 2)
+        message = messages_pb2_grpc.MessageServiceStub(channel).GetMessage(
+            messages_pb2.GetMessageRequest(name=f"messages/{failed_id}"), metadata=auth, timeout=10)
+        assert message.state == messages_pb2.MESSAGE_STATE_FAILED
+        assert message.campaign == created.name
+        events = messages_pb2_grpc.MessageServiceStub(channel).ListMessageEvents(
+            messages_pb2.ListMessageEventsRequest(parent=message.name), metadata=auth, timeout=10).events
+        assert any("MISSING_VARIABLE" in e.reason and "code" in e.reason for e in events)
 
 
 def test_another_tenants_campaign_is_not_found(campaign_mesh: CampaignMesh) -> None:
