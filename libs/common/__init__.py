@@ -21,6 +21,8 @@ Data and transport
     ``s3``            the S3 client, buckets, streamed reads
     ``jetstream``     streams and consumers declared in code, publishing, pull loops (``Topology`` names them)
     ``batching``      group commit: concurrent calls coalesced into one flush
+    ``byte_records``  a byte stream cut into records (lines; CSV records whose quoted fields span lines), in bounded
+                      memory whatever the chunk boundaries
     ``outbox``        the transactional outbox's publisher: committed rows reach JetStream at least once
     ``queued_messages``  a queued email's public summary and its ACCEPTED event (ingest, campaigns)
     ``suppressions``  the suppression list's Redis mirror (written by reports, read by ingest)
@@ -30,6 +32,8 @@ Domain facts and settings
     ``addresses``     what a recipient address and display name may be, and the canonical address (ingest, campaigns)
     ``message_classes``  the message classes (otp, transactional, bulk) and every per-class policy
     ``content_limits``   the subject and body limits every email keeps, sent or rendered from a template
+    ``recipient_lists``  a recipient list's rows (CSV, JSON Lines) as written, or why one cannot be read; row numbers
+                         (campaigns' import, the gateway's plain bodies, the CLI)
     ``settings``      frozen settings from ``ESP_*`` variables, every bad key reported at once
     ``timestamps``    datetimes → protobuf Timestamps
     ``unsubscribe``   one-click unsubscribe (RFC 8058): signed, opaque per-recipient tokens and the two headers

@@ -6,28 +6,17 @@ in the same check, so a recipient refused by one is refused by all — and by in
 are checked by ``libs.common.addresses``, the one definition a send request uses too (after trimming the spaces and
 tabs a spreadsheet cell may carry around them).
 
-Formats
-    CSV (RFC 4180) with a header row. The column named ``email`` (any case) is required, ``name`` is optional, and
-    every other column is a per-recipient variable named after its header. Quoted fields may hold commas, quotes
-    (doubled) and line breaks; a UTF-8 byte order mark and CRLF or LF line ends are accepted. A quote inside an
-    unquoted field is taken literally, as Python's ``csv`` module and spreadsheets do.
-
-    JSON Lines: one object a line, ``{"email": ..., "name": ..., "variables": {...}}``, or flat: every key beside
-    ``email`` and ``name`` is a variable (the ``variables`` object wins over a flat key of the same name). A
-    variable is a string, or a number or boolean written out as JSON writes it (``12``, ``0.5``, ``true``); ``null``
-    leaves the variable out (the template's missing-variable policy applies); an array or object refuses the row.
-
-Row numbers
-    1-based and counted as a spreadsheet shows them: in CSV **the header is row 1 and the first recipient row 2**; a
-    record whose quoted field spans several physical lines is one row. In JSON Lines the first line is row 1. Blank
-    lines are skipped without an error, but keep their number, so a reported row number is where the customer's
-    editor shows that row. Each :class:`RecipientBatch` says how many blank rows it skipped, so recipients + errors
-    + blank rows = every row read.
+Formats and row numbers
+    As ``libs.common.recipient_lists`` reads them (the gateway's plain bodies and the CLI read lists the same way):
+    CSV with a header row (``email``, ``name``, every other column a variable) or JSON Lines (nested or flat
+    variables); in CSV **the header is row 1 and the first recipient row 2**, a multi-line record is one row, blank
+    lines keep their number. Each :class:`RecipientBatch` says how many blank rows it skipped, so recipients +
+    errors + blank rows = every row read.
 
 Bounded memory
-    The stream is split into rows at the byte level as chunks arrive (a chunk may end anywhere: inside a quoted
-    field, a ``\\r\\n`` or a multi-byte character), and rows are handed on in batches of at most ``batch_size`` rows
-    and about ``RecipientLimits.max_batch_bytes`` bytes. What is held at once is one chunk, one row in progress (at most
+    The stream is cut into rows at the byte level as chunks arrive (``libs.common.byte_records``: a chunk may end
+    anywhere), and rows are handed on in batches of at most ``batch_size`` rows and about
+    ``RecipientLimits.max_batch_bytes`` bytes. What is held at once is one chunk, one row in progress (at most
     ``max_row_bytes``: a longer row is skipped to its end and reported, never buffered) and one batch — never the
     list. Rows are decoded one by one, so invalid UTF-8 costs only the row it is in. Measured: 200,000 CSV rows
     (5 columns) peak at about 1.5 MiB of traced memory with 64 KiB chunks, 7.5 MiB with S3's 1 MiB chunks; the parsed
@@ -47,51 +36,45 @@ Not done here
     key per campaign and address; the tenant's suppression list): a set of the addresses seen would grow with the
     list, which is what this module must not do.
 
-A malformed CSV header (no ``email`` column, a repeated or empty column name, too many variables) fails the whole
-import with ``InvalidArgument`` before any row is yielded. Anything wrong with one row is a :class:`RowError` for
-that row, and the rows after it proceed.
+A malformed CSV header (no ``email`` column, a repeated or empty column name, a variable name over its limit, too
+many variables) fails the whole import with ``InvalidArgument`` before any row is yielded. Anything wrong with one
+row is a ``RowError`` for that row, and the rows after it proceed.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import re
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 
 from libs.common.addresses import check_mailbox, has_control
+from libs.common.byte_records import RecordSplitter, records
 from libs.common.errors import FieldViolation, InvalidArgument
+from libs.common.recipient_lists import (
+    CELL_PADDING,
+    MAX_ROW_BYTES,
+    RecipientFormat,
+    RowError,
+    RowErrorKind,
+    RowReader,
+    shown,
+)
 
 __all__ = [
     "DEFAULT_LIMITS",
     "Recipient",
     "RecipientBatch",
-    "RecipientFormat",
     "RecipientLimits",
-    "RowError",
-    "RowErrorKind",
     "body_chunks",
     "parse_recipients",
     "validate_recipient",
 ]
 
 
-class RecipientFormat(StrEnum):
-    """The formats a recipient list may be uploaded in."""
-
-    CSV = "csv"
-    """RFC 4180 CSV with a header row."""
-    JSONL = "jsonl"
-    """JSON Lines: one object a line."""
-
-
 @dataclass(frozen=True, slots=True)
 class RecipientLimits:
     """Caps on one recipient, so that no row can take unbounded memory or time."""
 
-    max_row_bytes: int = 64 * 1024
+    max_row_bytes: int = MAX_ROW_BYTES
     """One row as uploaded (CSV record or JSON line, quotes and line ends included); for a recipient streamed one by
     one, the characters of its address, name, variable names and values together."""
     max_variables: int = 100
@@ -115,25 +98,6 @@ DEFAULT_LIMITS = RecipientLimits()
 """The limits an import runs with unless told otherwise."""
 
 
-class RowErrorKind(StrEnum):
-    """Why a row was refused, as a machine-readable code (the reason text says it for people)."""
-
-    MISSING_EMAIL = "MISSING_EMAIL"
-    INVALID_ADDRESS = "INVALID_ADDRESS"
-    INVALID_NAME = "INVALID_NAME"
-    WRONG_COLUMN_COUNT = "WRONG_COLUMN_COUNT"
-    MALFORMED_CSV = "MALFORMED_CSV"
-    INVALID_UTF8 = "INVALID_UTF8"
-    MALFORMED_JSON = "MALFORMED_JSON"
-    NOT_AN_OBJECT = "NOT_AN_OBJECT"
-    UNKNOWN_FIELD = "UNKNOWN_FIELD"
-    BAD_VARIABLE = "BAD_VARIABLE"
-    """A variable of the wrong type (array, object), an empty or malformed name, or a NUL in its value."""
-    TOO_MANY_VARIABLES = "TOO_MANY_VARIABLES"
-    TOO_LONG = "TOO_LONG"
-    """The row, a variable name or a variable value is over its limit."""
-
-
 @dataclass(frozen=True, slots=True)
 class Recipient:
     """A valid recipient: the address in canonical form, the display name and the template variables."""
@@ -143,15 +107,6 @@ class Recipient:
     email: str
     name: str
     variables: Mapping[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class RowError:
-    """A refused row: where it is, why (for people) and which kind of problem (for code)."""
-
-    row_number: int
-    reason: str
-    kind: RowErrorKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,18 +122,12 @@ class RecipientBatch:
     resume after it."""
 
 
-_JSON_FIELDS = frozenset({"email", "name", "variables"})
-_PADDING = " \t"
-"""Trimmed from around an address and a name (a spreadsheet cell's stray padding). Only these: a line break around
-an address stays, and is refused as ingest refuses it."""
-
-
 def _problems(email: str, name: str, variables: Mapping[str, str], limits: RecipientLimits,
               *, check_names: bool) -> tuple[str, str, list[tuple[RowErrorKind, str]]]:
     """The canonical address and name and every problem of one recipient (the shared check of every path)."""
     problems: list[tuple[RowErrorKind, str]] = []
-    email = email.strip(_PADDING)
-    name = name.strip(_PADDING)
+    email = email.strip(CELL_PADDING)
+    name = name.strip(CELL_PADDING)
     canonical = ""
     checked, mailbox_problems = check_mailbox(email, name, cached=False)  # a list's addresses do not repeat
     if not email:
@@ -200,10 +149,10 @@ def _problems(email: str, name: str, variables: Mapping[str, str], limits: Recip
             if name_problem is not None:
                 problems.append(name_problem)
         if len(value) > limits.max_variable_value_chars:
-            problems.append((RowErrorKind.TOO_LONG, f"variable {_shown(key)}: value longer than "
+            problems.append((RowErrorKind.TOO_LONG, f"variable {shown(key)}: value longer than "
                                                     f"{limits.max_variable_value_chars} characters"))
         elif "\x00" in value:
-            problems.append((RowErrorKind.BAD_VARIABLE, f"variable {_shown(key)}: NUL is not allowed in a value"))
+            problems.append((RowErrorKind.BAD_VARIABLE, f"variable {shown(key)}: NUL is not allowed in a value"))
     if size > limits.max_row_bytes:
         problems.append((RowErrorKind.TOO_LONG, f"longer than {limits.max_row_bytes} characters in all"))
     return canonical, name, problems
@@ -213,16 +162,11 @@ def _variable_name_problem(key: str, limits: RecipientLimits) -> tuple[RowErrorK
     if not key.strip():
         return RowErrorKind.BAD_VARIABLE, "a variable has an empty name"
     if len(key) > limits.max_variable_name_chars:
-        return RowErrorKind.TOO_LONG, (f"variable {_shown(key)}: name longer than {limits.max_variable_name_chars} "
+        return RowErrorKind.TOO_LONG, (f"variable {shown(key)}: name longer than {limits.max_variable_name_chars} "
                                        "characters")
     if has_control(key):
-        return RowErrorKind.BAD_VARIABLE, f"variable {_shown(key)}: control characters are not allowed in a name"
+        return RowErrorKind.BAD_VARIABLE, f"variable {shown(key)}: control characters are not allowed in a name"
     return None
-
-
-def _shown(text: str, limit: int = 60) -> str:
-    """``text`` quoted for an error message, cut short when long (a reason never repeats a whole oversized value)."""
-    return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
 def _row(row_number: int, email: str, name: str, variables: Mapping[str, str], limits: RecipientLimits,
@@ -237,7 +181,7 @@ def validate_recipient(row_number: int, email: str, name: str = "", variables: M
                        limits: RecipientLimits = DEFAULT_LIMITS) -> Recipient | RowError:
     """One recipient already parsed (a ``CampaignRecipient`` of the client-streaming RPC, translated by the server)
     checked exactly as a CSV or JSON Lines row is: a :class:`Recipient` with the canonical address, or a
-    :class:`RowError` naming every problem. ``row_number`` is the recipient's 1-based position in the stream.
+    ``RowError`` naming every problem. ``row_number`` is the recipient's 1-based position in the stream.
     Spaces and tabs around the address and the name are trimmed."""
     return _row(row_number, email, name, dict(variables or {}), limits)
 
@@ -248,318 +192,6 @@ async def body_chunks(body: bytes, chunk_bytes: int = 1024 * 1024) -> AsyncItera
         yield body[start:start + chunk_bytes]
 
 
-# -- splitting a byte stream into rows -------------------------------------------------------------------------------
-# Rows are split on bytes, before decoding: '"', ',' and '\n' are ASCII, and in UTF-8 an ASCII byte never occurs inside
-# a multi-byte character, so a split is exact whatever the text, and a row's invalid UTF-8 stays that row's problem.
-_QUOTE = 0x22
-_COMMA = 0x2C
-_NEWLINE_OR_QUOTE = re.compile(b'[\n"]')
-_BOM = b"\xef\xbb\xbf"
-
-
-class _Oversize:
-    """A row longer than the limit: skipped to its end, only its length kept."""
-
-    __slots__ = ("size",)
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-
-class _Unterminated:
-    """The last row of a CSV ended inside a quoted field."""
-
-    __slots__ = ()
-
-
-_Record = bytes | _Oversize | _Unterminated
-
-
-class _RowSplitter:
-    """Cuts a stream of chunks into rows (records), ``\\n`` ends a row; in CSV, not inside a quoted field.
-
-    The CSV states are Python's ``csv`` reader's, followed only as far as quotes decide where a record ends: a quote
-    opens a quoted field only at the start of a field; inside one, ``""`` is a quote and a lone ``"`` closes it.
-    """
-
-    def __init__(self, max_row_bytes: int, *, csv_quotes: bool) -> None:
-        self._max = max_row_bytes
-        self._csv = csv_quotes
-        self._parts: list[bytes] = []  # the row in progress, from earlier chunks
-        self._size = 0  # its length so far (counted on even when it is over the limit and no longer kept)
-        self._in_quotes = False
-        self._quote_pending = False  # in quotes, the last chunk ended on '"': closing, or the first of '""'?
-        self._last_byte = -1  # the row in progress' last byte (for "is this quote at the start of a field")
-
-    def feed(self, chunk: bytes) -> list[_Record]:
-        """The rows that ``chunk`` completes, in order."""
-        out: list[_Record] = []
-        start = 0  # where the row in progress starts in this chunk
-        pos = 0
-        end = len(chunk)
-        while pos < end:
-            if self._quote_pending:
-                self._quote_pending = False
-                if chunk[pos] == _QUOTE:
-                    pos += 1
-                    continue
-                self._in_quotes = False
-            if self._in_quotes:
-                quote = chunk.find(b'"', pos)
-                if quote < 0:
-                    pos = end
-                elif quote + 1 == end:
-                    self._quote_pending = True
-                    pos = end
-                elif chunk[quote + 1] == _QUOTE:
-                    pos = quote + 2
-                else:
-                    self._in_quotes = False
-                    pos = quote + 1
-                continue
-            if not self._csv:
-                newline = chunk.find(b"\n", pos)
-                if newline < 0:
-                    break
-                hit = newline
-            else:
-                match = _NEWLINE_OR_QUOTE.search(chunk, pos)
-                if match is None:
-                    break
-                hit = match.start()
-                if chunk[hit] == _QUOTE:
-                    if hit > start:
-                        at_field_start = chunk[hit - 1] == _COMMA
-                    else:  # the row's first byte in this chunk: the row's start, or after its last byte so far
-                        at_field_start = self._size == 0 or self._last_byte == _COMMA
-                    self._in_quotes = at_field_start
-                    pos = hit + 1
-                    continue
-            out.append(self._finish(chunk, start, hit))
-            start = pos = hit + 1
-        if start < end:
-            self._keep(chunk, start, end)
-        return out
-
-    def close(self) -> _Record | None:
-        """The last row when the stream does not end with a line end (None when nothing is left)."""
-        if self._size == 0:
-            return None
-        unterminated = self._in_quotes and not self._quote_pending
-        record = self._finish(b"", 0, 0)
-        return _Unterminated() if unterminated and not isinstance(record, _Oversize) else record
-
-    def _keep(self, chunk: bytes, start: int, end: int) -> None:
-        self._size += end - start
-        self._last_byte = chunk[end - 1]
-        if self._size <= self._max:
-            self._parts.append(chunk[start:end])
-        elif self._parts:
-            self._parts.clear()  # over the limit: only its length is counted from now on
-
-    def _finish(self, chunk: bytes, start: int, end: int) -> _Record:
-        size = self._size + end - start
-        record: _Record
-        if size > self._max:
-            record = _Oversize(size)
-        elif self._parts:
-            self._parts.append(chunk[start:end])
-            record = b"".join(self._parts)
-        else:
-            record = chunk[start:end]
-        self._parts.clear()
-        self._size = 0
-        self._in_quotes = self._quote_pending = False
-        self._last_byte = -1
-        return record
-
-
-async def _records(chunks: AsyncIterable[bytes], splitter: _RowSplitter) -> AsyncIterator[list[_Record]]:
-    """The stream's rows, a chunk's worth at a time, with a leading byte order mark removed."""
-    head = b""
-    started = False
-    async for chunk in chunks:
-        if not started:
-            head += chunk
-            if len(head) < len(_BOM) and _BOM.startswith(head):
-                continue  # too short to tell whether a BOM starts the stream
-            chunk = head.removeprefix(_BOM)
-            started = True
-        if chunk:
-            yield splitter.feed(chunk)
-    if not started:
-        yield splitter.feed(head)
-    last = splitter.close()
-    if last is not None:
-        yield [last]
-
-
-# -- decoding rows ---------------------------------------------------------------------------------------------------
-def _decode(row_number: int, record: bytes) -> str | RowError:
-    try:
-        return record.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return RowError(row_number, f"not valid UTF-8 (byte 0x{record[exc.start]:02x} at offset {exc.start}); "
-                                    "save the file as UTF-8", RowErrorKind.INVALID_UTF8)
-
-
-def _record_error(row_number: int, record: _Oversize | _Unterminated, limits: RecipientLimits) -> RowError:
-    if isinstance(record, _Oversize):
-        return RowError(row_number, f"row of {record.size} bytes; at most {limits.max_row_bytes}",
-                        RowErrorKind.TOO_LONG)
-    return RowError(row_number, "the file ends inside a quoted field (a quote is not closed)",
-                    RowErrorKind.MALFORMED_CSV)
-
-
-@dataclass(frozen=True, slots=True)
-class _CsvColumns:
-    """What the header says each column is."""
-
-    count: int
-    email: int
-    name: int | None
-    variables: tuple[tuple[int, str], ...]
-
-
-def _csv_fields(text: str) -> list[str]:
-    """One CSV record's fields (raises ``csv.Error``)."""
-    return next(csv.reader((text,)), [])
-
-
-def _csv_header(record: _Record | None, limits: RecipientLimits) -> _CsvColumns:
-    """The columns, or ``InvalidArgument`` listing every problem of the header."""
-    def refuse(*violations: FieldViolation) -> InvalidArgument:
-        return InvalidArgument("the recipient list's CSV header is not usable", reason="MALFORMED_RECIPIENT_HEADER",
-                               field_violations=violations)
-
-    if record is None:
-        raise refuse(FieldViolation("header", "the file is empty: a CSV header row naming an 'email' column is "
-                                              "required"))
-    if not isinstance(record, bytes):
-        raise refuse(FieldViolation("header", _record_error(1, record, limits).reason))
-    text = _decode(1, record.removesuffix(b"\r"))
-    if isinstance(text, RowError):
-        raise refuse(FieldViolation("header", text.reason))
-    try:
-        names = [name.strip() for name in _csv_fields(text)]
-    except csv.Error as exc:
-        raise refuse(FieldViolation("header", f"not valid CSV: {exc}")) from exc
-    problems: list[FieldViolation] = []
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        where = f"header[{i}]"
-        folded = name.casefold()
-        if not name:
-            problems.append(FieldViolation(where, f"column {i + 1} has no name"))
-        elif folded in seen:
-            problems.append(FieldViolation(where, f"column {i + 1} {_shown(name)} repeats column {seen[folded] + 1} "
-                                                  "(names are compared ignoring case)", "DUPLICATE_COLUMN"))
-        else:
-            seen[folded] = i
-            if folded not in ("email", "name"):
-                problem = _variable_name_problem(name, limits)
-                if problem is not None:
-                    problems.append(FieldViolation(where, problem[1]))
-    if "email" not in seen:
-        problems.append(FieldViolation("header", "no 'email' column (the header has "
-                                                 f"{', '.join(_shown(n) for n in names[:20])})", "MISSING_EMAIL"))
-    variables = tuple((i, name) for i, name in enumerate(names) if name.casefold() not in ("email", "name"))
-    if len(variables) > limits.max_variables:
-        problems.append(FieldViolation("header", f"{len(variables)} variable columns; at most "
-                                                 f"{limits.max_variables}", "TOO_MANY_VARIABLES"))
-    if problems:
-        raise refuse(*problems)
-    return _CsvColumns(len(names), seen["email"], seen.get("name"), variables)
-
-
-def _csv_row(row_number: int, record: bytes, columns: _CsvColumns, limits: RecipientLimits) -> Recipient | RowError:
-    text = _decode(row_number, record)
-    if isinstance(text, RowError):
-        return text
-    try:
-        fields = _csv_fields(text)
-    except csv.Error as exc:
-        return RowError(row_number, f"not valid CSV: {exc}", RowErrorKind.MALFORMED_CSV)
-    if len(fields) != columns.count:
-        return RowError(row_number, f"{len(fields)} columns where the header has {columns.count}",
-                        RowErrorKind.WRONG_COLUMN_COUNT)
-    name = fields[columns.name] if columns.name is not None else ""
-    variables = {key: fields[i] for i, key in columns.variables}
-    return _row(row_number, fields[columns.email], name, variables, limits, check_names=False)
-
-
-def _refuse_constant(constant: str) -> float:
-    raise ValueError(f"{constant} is not a JSON number")
-
-
-def _variable_text(value: object) -> str | None:
-    """A JSON variable's value as text: None for null; raises TypeError for an array or object."""
-    if isinstance(value, str):
-        return value
-    if value is None:
-        return None
-    if isinstance(value, bool | int | float):
-        return json.dumps(value)
-    raise TypeError(f"{'an array' if isinstance(value, list) else 'an object'}")
-
-
-def _encodable(email: str, name: str, variables: Mapping[str, str]) -> bool:
-    """False when a string holds a lone surrogate (only a JSON ``\\ud800`` escape can make one): no UTF-8 text,
-    and so no Postgres text, can hold it."""
-    try:
-        for text in (email, name, *variables, *variables.values()):
-            text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _jsonl_row(row_number: int, text: str, limits: RecipientLimits) -> Recipient | RowError:
-    try:
-        value = json.loads(text, parse_constant=_refuse_constant)
-    except json.JSONDecodeError as exc:
-        return RowError(row_number, f"not valid JSON: {exc.msg} at column {exc.colno}", RowErrorKind.MALFORMED_JSON)
-    except (ValueError, RecursionError) as exc:
-        return RowError(row_number, f"not valid JSON: {exc or 'nested too deeply'}", RowErrorKind.MALFORMED_JSON)
-    if not isinstance(value, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
-        return RowError(row_number, f"{kind} where an object {{\"email\": ...}} was expected",
-                        RowErrorKind.NOT_AN_OBJECT)
-    email = value.get("email")
-    if email is None or email == "":
-        return RowError(row_number, "no email address", RowErrorKind.MISSING_EMAIL)
-    if not isinstance(email, str):
-        return RowError(row_number, "email must be a string", RowErrorKind.INVALID_ADDRESS)
-    name = value.get("name")
-    if name is None:
-        name = ""
-    elif not isinstance(name, str):
-        return RowError(row_number, "name must be a string", RowErrorKind.INVALID_NAME)
-    nested = value.get("variables")
-    if nested is not None and not isinstance(nested, dict):
-        return RowError(row_number, "variables must be an object", RowErrorKind.BAD_VARIABLE)
-    # Flat keys beside email and name are variables too (as a CSV's columns are); the "variables" object wins.
-    raw = {key: item for key, item in value.items() if key not in _JSON_FIELDS}
-    raw.update(nested or {})
-    if len(raw) > limits.max_variables:  # before converting any of them
-        return RowError(row_number, f"{len(raw)} variables; at most {limits.max_variables}",
-                        RowErrorKind.TOO_MANY_VARIABLES)
-    variables: dict[str, str] = {}
-    for key, item in raw.items():
-        try:
-            rendered = _variable_text(item)
-        except TypeError as exc:
-            return RowError(row_number, f"variable {_shown(key)} is {exc}; a value is a string, number or boolean",
-                            RowErrorKind.BAD_VARIABLE)
-        if rendered is not None:
-            variables[key] = rendered
-    if "\\u" in text and not _encodable(email, name, variables):
-        return RowError(row_number, "a \\u escape encodes half of a surrogate pair, which is no character",
-                        RowErrorKind.MALFORMED_JSON)
-    return _row(row_number, email, name, variables, limits)
-
-
-# -- the import ------------------------------------------------------------------------------------------------------
 async def parse_recipients(chunks: AsyncIterable[bytes], fmt: RecipientFormat | str, *, batch_size: int = 1000,
                            limits: RecipientLimits = DEFAULT_LIMITS) -> AsyncIterator[RecipientBatch]:
     """Parse a recipient list (CSV with a header row, or JSON Lines) from ``chunks``, yielding batches of rows.
@@ -579,47 +211,40 @@ async def parse_recipients(chunks: AsyncIterable[bytes], fmt: RecipientFormat | 
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, not {batch_size}")
     is_csv = fmt is RecipientFormat.CSV
-    splitter = _RowSplitter(limits.max_row_bytes, csv_quotes=is_csv)
-    columns: _CsvColumns | None = None
-    row_number = 0
+
+    def header_name_problem(name: str) -> str | None:
+        problem = _variable_name_problem(name, limits)
+        return None if problem is None else problem[1]
+
+    reader = RowReader(fmt, max_row_bytes=limits.max_row_bytes, variable_name_problem=header_name_problem,
+                       max_variables=limits.max_variables)
     recipients: list[Recipient] = []
     errors: list[RowError] = []
-    blank = 0
+    blank_before = 0  # blank rows counted before this batch
     batch_bytes = 0
 
     def batch() -> RecipientBatch:
-        nonlocal recipients, errors, blank, batch_bytes
-        done = RecipientBatch(tuple(recipients), tuple(errors), blank, row_number)
-        recipients, errors, blank, batch_bytes = [], [], 0, 0
+        nonlocal recipients, errors, blank_before, batch_bytes
+        done = RecipientBatch(tuple(recipients), tuple(errors), reader.blank_rows - blank_before, reader.row_number)
+        recipients, errors, blank_before, batch_bytes = [], [], reader.blank_rows, 0
         return done
 
-    async for records in _records(chunks, splitter):
-        for record in records:
-            row_number += 1
-            if is_csv and columns is None:
-                columns = _csv_header(record, limits)
-                continue
-            if isinstance(record, bytes):
-                batch_bytes += len(record)
-                if record.endswith(b"\r"):
-                    record = record[:-1]
-                if not record or (not is_csv and not record.strip()):
-                    blank += 1
-                    continue
-                if columns is not None:
-                    item = _csv_row(row_number, record, columns, limits)
-                else:
-                    text = _decode(row_number, record)
-                    item = text if isinstance(text, RowError) else _jsonl_row(row_number, text, limits)
-            else:
-                item = _record_error(row_number, record, limits)
-            if isinstance(item, Recipient):
-                recipients.append(item)
-            else:
-                errors.append(item)
-            if len(recipients) + len(errors) >= batch_size or batch_bytes >= limits.max_batch_bytes:
-                yield batch()
-    if is_csv and columns is None:
-        _csv_header(None, limits)  # raises: no header row at all
-    if recipients or errors or blank:
+    splitter = RecordSplitter(limits.max_row_bytes, csv_quotes=is_csv)
+    async for record in records(chunks, splitter, strip_bom=True):
+        row = reader.read(record)
+        if isinstance(record, bytes) and not (is_csv and reader.row_number == 1):  # the header is in no batch
+            batch_bytes += len(record)
+        if row is None:
+            continue
+        # A CSV's variable names were judged once, in its header.
+        item = row if isinstance(row, RowError) else _row(*row, limits, check_names=not is_csv)
+        if isinstance(item, Recipient):
+            recipients.append(item)
+        else:
+            errors.append(item)
+        if len(recipients) + len(errors) >= batch_size or batch_bytes >= limits.max_batch_bytes:
+            yield batch()
+    reader.close()
+    if recipients or errors or reader.blank_rows > blank_before:
         yield batch()
+

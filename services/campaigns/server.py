@@ -28,6 +28,7 @@ from libs.common.errors import FailedPrecondition, FieldViolation, InvalidArgume
 from libs.common.grpc_client import open_channel
 from libs.common.grpc_server import BackgroundTask, ServiceApp
 from libs.common.message_classes import MessageClass
+from libs.common.recipient_lists import RecipientFormat, RowError
 from libs.common.redis import create_redis
 from libs.common.s3 import create_s3_client, stream_object
 from libs.common.suppressions import suppressed_among
@@ -37,7 +38,7 @@ from services.campaigns.clients import CampaignStats, LedgerHolds, ReportsStats
 from services.campaigns.config import CampaignsSettings
 from services.campaigns.expander import build_expander
 from services.campaigns.model import Action, CampaignRecord, CampaignState, PauseReason, Progress
-from services.campaigns.recipients import Recipient, RecipientFormat, RowError, parse_recipients, validate_recipient
+from services.campaigns.recipients import Recipient, parse_recipients, validate_recipient
 from services.campaigns.requests import spec_from_proto
 from services.campaigns.store import CampaignStore
 

@@ -1,165 +1,20 @@
-"""Reading request bodies as they stream in, in bounded memory: records (NDJSON lines, CSV records) and the parts of a
+"""Reading request bodies as they stream in, in bounded memory: NDJSON lines and the parts of a
 ``multipart/form-data`` body.
 
-Nothing here holds a body: a record in progress is kept up to a limit (past it, only its length is counted and the
-record is reported as :class:`Oversize` once it ends), and a multipart part is handed on in the pieces it arrives in.
+Nothing here holds a body: lines are cut by ``libs.common.byte_records`` (a line in progress is kept up to a limit,
+and refused past it), and a multipart part is handed on in the pieces it arrives in.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.message import Message as MimeHeaders
 
 import grpc
 
+from libs.common.byte_records import Oversize, RecordSplitter
 from services.gateway.errors import GatewayError
-
-_QUOTE = 0x22
-_COMMA = 0x2C
-_NEWLINE_OR_QUOTE = re.compile(b'[\n"]')
-UTF8_BOM = b"\xef\xbb\xbf"
-
-
-@dataclass(frozen=True, slots=True)
-class Oversize:
-    """A record longer than the limit: skipped to its end, only its length kept."""
-
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class Unterminated:
-    """The body ended inside a quoted CSV field."""
-
-
-Record = bytes | Oversize | Unterminated
-
-
-class RecordSplitter:
-    """Cuts a stream of chunks into records: ``\\n`` ends one (the ``\\r`` of a CRLF stays on it); with
-    ``csv_quotes``, not inside a quoted field.
-
-    CSV quoting as Python's ``csv`` reader reads it: a quote opens a quoted field only at the start of a field (a
-    quote inside an unquoted field is literal); inside one, ``""`` is a quote and a lone ``"`` closes it. A chunk may
-    end anywhere, a ``""`` pair included.
-    """
-
-    def __init__(self, max_record_bytes: int, *, csv_quotes: bool = False) -> None:
-        self.max_record_bytes = max_record_bytes
-        """Past this length a record is no longer kept (may be changed between records)."""
-        self._csv = csv_quotes
-        self._parts: list[bytes] = []  # the record in progress, from earlier chunks (dropped once over the limit)
-        self._size = 0  # its length so far, counted on past the limit
-        self._in_quotes = False
-        self._quote_pending = False  # inside quotes, the last chunk ended on '"': a close, or the first of '""'?
-        self._last_byte = -1  # the record in progress' last byte so far (-1: nothing yet)
-
-    @property
-    def pending_bytes(self) -> int:
-        """Bytes of the record in progress (not yet ended by a newline)."""
-        return self._size
-
-    def feed(self, chunk: bytes) -> list[Record]:
-        """The records that ``chunk`` ends, in order."""
-        out: list[Record] = []
-        start = pos = 0
-        end = len(chunk)
-        while pos < end:
-            if self._quote_pending:
-                self._quote_pending = False
-                if chunk[pos] == _QUOTE:
-                    pos += 1  # '""' split by the chunk boundary: a quote, still inside the field
-                    continue
-                self._in_quotes = False  # the '"' before the boundary closed the field
-            if self._in_quotes:
-                quote = chunk.find(b'"', pos)
-                if quote < 0:
-                    pos = end
-                elif quote + 1 == end:
-                    self._quote_pending = True
-                    pos = end
-                elif chunk[quote + 1] == _QUOTE:
-                    pos = quote + 2
-                else:
-                    self._in_quotes = False
-                    pos = quote + 1
-                continue
-            if self._csv:
-                match = _NEWLINE_OR_QUOTE.search(chunk, pos)
-                if match is None:
-                    break
-                hit = match.start()
-                if chunk[hit] == _QUOTE:
-                    previous = chunk[hit - 1] if hit > start else self._last_byte
-                    self._in_quotes = previous in (-1, _COMMA)
-                    pos = hit + 1
-                    continue
-            else:
-                hit = chunk.find(b"\n", pos)
-                if hit < 0:
-                    break
-            out.append(self._finish(chunk, start, hit))
-            start = pos = hit + 1
-        if start < end:
-            self._keep(chunk, start, end)
-        return out
-
-    def close(self) -> Record | None:
-        """The last record when the body does not end with a newline (None when nothing is left)."""
-        if self._size == 0:
-            return None
-        unterminated = self._in_quotes and not self._quote_pending
-        record = self._finish(b"", 0, 0)
-        return Unterminated() if unterminated and not isinstance(record, Oversize) else record
-
-    def _keep(self, chunk: bytes, start: int, end: int) -> None:
-        self._size += end - start
-        self._last_byte = chunk[end - 1]
-        if self._size <= self.max_record_bytes:
-            self._parts.append(chunk[start:end])
-        elif self._parts:
-            self._parts.clear()
-
-    def _finish(self, chunk: bytes, start: int, end: int) -> Record:
-        size = self._size + end - start
-        record: Record
-        if size > self.max_record_bytes:
-            record = Oversize(size)
-        elif self._parts:
-            self._parts.append(chunk[start:end])
-            record = b"".join(self._parts)
-        else:
-            record = chunk[start:end]
-        self._parts.clear()
-        self._size = 0
-        self._in_quotes = self._quote_pending = False
-        self._last_byte = -1
-        return record
-
-
-async def records(
-    chunks: AsyncIterator[bytes], splitter: RecordSplitter, *, strip_bom: bool = False
-) -> AsyncIterator[Record]:
-    """Every record of a streamed body cut by ``splitter``, blank ones included (callers number rows), each as soon
-    as it has ended; with ``strip_bom``, a UTF-8 byte order mark starting the body is dropped."""
-    head = b""
-    started = not strip_bom
-    async for chunk in chunks:
-        if not started:
-            head += chunk
-            if len(head) < len(UTF8_BOM) and UTF8_BOM.startswith(head):
-                continue  # too short yet to tell whether a byte order mark starts the body
-            chunk, started = head.removeprefix(UTF8_BOM), True
-        for record in splitter.feed(chunk):
-            yield record
-    if not started:
-        for record in splitter.feed(head.removeprefix(UTF8_BOM)):
-            yield record
-    last = splitter.close()
-    if last is not None:
-        yield last
 
 
 async def ndjson_lines(chunks: AsyncIterator[bytes], max_line_bytes: int) -> AsyncIterator[bytes]:

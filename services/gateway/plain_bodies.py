@@ -39,18 +39,13 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from google.protobuf.message import Message
 from starlette.requests import Request
 
-from services.gateway.body_streams import (
-    MultipartReader,
-    Record,
-    RecordSplitter,
-    disposition_filename,
-    media_type,
-    records,
-)
+from libs.common.byte_records import Record, RecordSplitter, records
+from libs.common.recipient_lists import MAX_ROW_BYTES
+from services.gateway.body_streams import MultipartReader, disposition_filename, media_type
 from services.gateway.descriptors import DescriptorSet
 from services.gateway.errors import GatewayError, bad_request
 from services.gateway.fields import FieldValueError, find_field, is_map, populate_query_parameters
-from services.gateway.recipient_rows import MAX_ROW_BYTES, Row, RowNumbers, csv_rows, jsonl_rows
+from services.gateway.recipient_rows import Row, RowNumbers, csv_rows, jsonl_rows
 
 logger = logging.getLogger(__name__)
 

@@ -14,13 +14,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from libs.common.errors import InvalidArgument
+from libs.common.recipient_lists import RowError, RowErrorKind
 from libs.common.s3 import create_s3_client, ensure_bucket, stream_object
 from services.campaigns.recipients import (
     DEFAULT_LIMITS,
     Recipient,
     RecipientBatch,
-    RowError,
-    RowErrorKind,
     body_chunks,
     parse_recipients,
     validate_recipient,

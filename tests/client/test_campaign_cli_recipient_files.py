@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.client.recipient_files import FileFormat, RecipientFileError, RecipientReader, RowNumbers
+from libs.client.recipient_files import FileFormat, RecipientFileError, RecipientReader
 
 
 def _reader(path: Path, fmt: FileFormat = FileFormat.CSV) -> RecipientReader:
@@ -90,13 +90,6 @@ def test_a_jsonl_line_that_is_not_an_object_is_refused_with_its_line_number(tmp_
     sent = [r.address.email for f in reader.frames() for r in f.recipients]
     assert sent == ["a@example.org"]
     assert [p.row for p in reader.problems] == [3, 4]
-
-
-def test_stream_positions_map_back_to_file_rows_around_skipped_rows() -> None:
-    numbers = RowNumbers()
-    for position, row in enumerate([2, 3, 5, 6, 7, 10], start=1):  # rows 4, 8 and 9 were not sent
-        numbers.record(position, row)
-    assert [numbers.row_of(p) for p in range(1, 7)] == [2, 3, 5, 6, 7, 10]
 
 
 def test_a_large_list_is_read_in_bounded_memory(tmp_path: Path) -> None:

@@ -1,28 +1,10 @@
-"""Reading bodies as they stream: records (NDJSON lines, CSV records) and multipart/form-data parts, whatever the
-chunk boundaries."""
-
-import random
+"""Reading bodies as they stream: NDJSON lines and multipart/form-data parts, whatever the chunk boundaries (records
+themselves are cut by ``libs.common.byte_records``: tests/common/test_byte_records.py)."""
 
 import pytest
 
-from services.gateway.body_streams import (
-    MultipartReader,
-    Oversize,
-    RecordSplitter,
-    Unterminated,
-    ndjson_lines,
-    records,
-)
+from services.gateway.body_streams import MultipartReader, ndjson_lines
 from services.gateway.errors import GatewayError
-
-CSV = (
-    b'email,name,note\r\n'
-    b'a@example.com,"Ada, Countess","said ""hi""\nthen left"\r\n'
-    b'\r\n'
-    b'b@example.com,Bob,"a ""quoted"" word"\n'
-    b'c@example.com,C\xc3\xa9"cile,plain\n'
-    b'd@example.com,"",""'
-)
 
 
 async def chunked(data: bytes, cuts: list[int]):
@@ -30,55 +12,6 @@ async def chunked(data: bytes, cuts: list[int]):
     for cut in [*sorted(cuts), len(data)]:
         yield data[previous:cut]
         previous = cut
-
-
-async def all_records(data: bytes, cuts: list[int], *, limit: int = 1024, csv_quotes: bool = True,
-                      strip_bom: bool = False):
-    splitter = RecordSplitter(limit, csv_quotes=csv_quotes)
-    return [record async for record in records(chunked(data, cuts), splitter, strip_bom=strip_bom)]
-
-
-async def test_csv_records_end_at_newlines_outside_quoted_fields():
-    assert await all_records(CSV, []) == [
-        b"email,name,note\r",
-        b'a@example.com,"Ada, Countess","said ""hi""\nthen left"\r',
-        b"\r",
-        b'b@example.com,Bob,"a ""quoted"" word"',
-        b'c@example.com,C\xc3\xa9"cile,plain',  # a quote inside an unquoted field is literal
-        b'd@example.com,"",""',
-    ]
-
-
-async def test_every_split_of_the_body_gives_the_same_records():
-    whole = await all_records(CSV, [])
-    for cut in range(len(CSV) + 1):
-        assert await all_records(CSV, [cut]) == whole, cut
-    generator = random.Random(7)
-    for _ in range(200):
-        cuts = generator.sample(range(len(CSV) + 1), generator.randint(2, 12))
-        assert await all_records(CSV, cuts) == whole, cuts
-
-
-async def test_a_byte_order_mark_is_dropped_even_when_split():
-    body = b"\xef\xbb\xbfemail\na@example.com\n"
-    for cut in range(5):
-        assert await all_records(body, [cut], strip_bom=True) == [b"email", b"a@example.com"]
-
-
-async def test_a_record_over_the_limit_is_reported_with_its_size_and_the_next_one_is_whole():
-    body = b"short\n" + b"x" * 5000 + b"\nnext\n"
-
-    found = await all_records(body, list(range(0, len(body), 64)), limit=100)
-
-    assert found == [b"short", Oversize(5000), b"next"]
-
-
-async def test_a_quote_left_open_at_the_end_is_an_unterminated_record():
-    assert await all_records(b'email\n"a@example.com,x\n', []) == [b"email", Unterminated()]
-
-
-async def test_without_csv_quotes_only_newlines_end_records():
-    assert await all_records(b'{"a": "x\\"\n"}\n{}', [], csv_quotes=False) == [b'{"a": "x\\"', b'"}', b"{}"]
 
 
 async def test_an_ndjson_line_over_the_limit_is_refused_before_the_body_ends():
