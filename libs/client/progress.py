@@ -1,7 +1,6 @@
-"""The live progress bar of ``esp campaign status --watch``: rich's when rich is installed, else tqdm's, else a
-plain line (rewritten in place on a terminal, one line per change otherwise, so a log or a pipe stays readable).
-
-Neither rich nor tqdm is a dependency of the mesh; the plain line needs nothing.
+"""The live progress bar of ``esp campaign status --watch``: on a terminal, rich's (a dependency of the mesh),
+else tqdm's, else a plain line rewritten in place; into a pipe or a log, one plain line per change, so it stays
+readable.
 """
 
 from __future__ import annotations
@@ -116,7 +115,9 @@ class _PlainView:
 
 
 def open_view(out: TextIO) -> ProgressView:
-    """The best view this installation can show on ``out``."""
+    """The best view this installation can show on ``out``: a bar on a terminal, lines elsewhere."""
+    if not out.isatty():
+        return _PlainView(out)
     makers: list[Callable[[TextIO], ProgressView]] = [_RichView, _TqdmView]
     for make in makers:
         try:

@@ -289,7 +289,7 @@ def test_list_shows_only_the_campaigns_in_the_state_asked_for(esp: Esp, tmp_path
 
 def test_status_watch_exits_when_the_campaign_completes(
         esp: Esp, campaign_mesh: CampaignMesh, tmp_path: Path) -> None:  # noqa: F811
-    name = _filled(esp, tmp_path, "cli-watch", 10, "--rate", "4")
+    name = _filled(esp, tmp_path, "cli-watch", 10, "--rate", "2")
     esp("campaign", "start", name)
     env = {**os.environ, "ESP_ENDPOINT": campaign_mesh.endpoint, "ESP_API_KEY": campaign_mesh.api_key,
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")])}
