@@ -43,6 +43,7 @@ __all__ = [
     "WorkerSupervisor",
     "run_worker",
     "serve_worker",
+    "start_or_inline",
     "start_worker",
     "worker_env",
 ]
@@ -128,6 +129,17 @@ class WorkerSupervisor:
                 log.warning("worker did not stop in time; killing it", extra={"worker": name})
                 process.kill()
                 await process.wait()
+
+
+async def start_or_inline(service: str, spec: WorkerSpec, build: Callable[[], Awaitable[WorkerParts]], *,
+                          in_process: bool, grace_s: float) -> WorkerParts:
+    """A service's background worker as the service runs it: the process ``spec`` names, supervised (its parts are
+    the watch, fatal when the worker dies, and its stop), or, with ``in_process``, ``build``'s parts run in the
+    service's own process (tests, small set-ups)."""
+    if in_process:
+        return await build()
+    supervisor = await WorkerSupervisor.start(service, [spec], grace_s=grace_s)
+    return WorkerParts(tasks=[supervisor.watch], closers=[supervisor.stop])
 
 
 async def start_worker(spec: WorkerSpec, timeout_s: float = WORKER_START_TIMEOUT_S) -> asyncio.subprocess.Process:

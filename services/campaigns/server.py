@@ -33,7 +33,7 @@ from libs.common.redis import create_redis
 from libs.common.s3 import create_s3_client, stream_object
 from libs.common.suppressions import suppressed_among
 from libs.common.timestamps import to_timestamp
-from libs.common.workers import WorkerSpec, WorkerSupervisor, worker_env
+from libs.common.workers import WorkerSpec, start_or_inline, worker_env
 from services.campaigns.clients import CampaignStats, LedgerHolds, ReportsStats
 from services.campaigns.config import CampaignsSettings
 from services.campaigns.expander import build_expander
@@ -403,16 +403,11 @@ async def build_app(settings: CampaignsSettings) -> ServiceApp:
 
     tasks: list[BackgroundTask] = []
     closers: list[Callable[[], Awaitable[None]]] = [close_all]
-    if settings.expander_worker:
-        supervisor = await WorkerSupervisor.start(
-            "campaigns", [WorkerSpec("campaigns-expander", "services.campaigns.expander", worker_env(settings, 0))],
-            grace_s=settings.shutdown_grace_s)
-        tasks.append(supervisor.watch)
-        closers.append(supervisor.stop)
-    else:
-        expander = await build_expander(settings)
-        tasks.extend(expander.tasks)
-        closers.extend(expander.closers)
+    expander = await start_or_inline(
+        "campaigns", WorkerSpec("campaigns-expander", "services.campaigns.expander", worker_env(settings, 0)),
+        lambda: build_expander(settings), in_process=not settings.expander_worker, grace_s=settings.shutdown_grace_s)
+    tasks.extend(expander.tasks)
+    closers.extend(expander.closers)
     return ServiceApp(
         name="campaigns", default_port=50056,
         servicers=[(campaigns_pb2_grpc.add_CampaignServiceServicer_to_server, servicer)],

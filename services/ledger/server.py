@@ -15,7 +15,7 @@ from libs.common.errors import FieldViolation, InvalidArgument, error_parts
 from libs.common.grpc_server import BackgroundTask, ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
 from libs.common.timestamps import to_timestamp
-from libs.common.workers import WorkerSpec, WorkerSupervisor, worker_env
+from libs.common.workers import WorkerSpec, start_or_inline, worker_env
 from services.ledger.config import LedgerSettings
 from services.ledger.errors import LedgerError
 from services.ledger.ledger import Ledger, LedgerOptions
@@ -228,16 +228,12 @@ async def build_app(settings: LedgerSettings) -> ServiceApp:
     closers: list[Callable[[], Awaitable[None]]] = [close_all]
     # Only final outcomes settle holds (they have a subject of their own), in a worker process of lower CPU priority
     # unless configured otherwise; see services.ledger.settlement_worker.
-    if settings.settlement_worker:
-        supervisor = await WorkerSupervisor.start(
-            "ledger", [WorkerSpec("ledger-settlement", "services.ledger.settlement_worker", worker_env(settings, 0))],
-            grace_s=settings.shutdown_grace_s)
-        tasks.append(supervisor.watch)
-        closers.append(supervisor.stop)
-    else:
-        settlement = await build_settlement(settings)
-        tasks.extend(settlement.tasks)
-        closers.extend(settlement.closers)
+    settlement = await start_or_inline(
+        "ledger", WorkerSpec("ledger-settlement", "services.ledger.settlement_worker", worker_env(settings, 0)),
+        lambda: build_settlement(settings), in_process=not settings.settlement_worker,
+        grace_s=settings.shutdown_grace_s)
+    tasks.extend(settlement.tasks)
+    closers.extend(settlement.closers)
     return ServiceApp(
         name="ledger", default_port=50053,
         servicers=[(credits_pb2_grpc.add_CreditServiceServicer_to_server, CreditServicer(ledger))],
