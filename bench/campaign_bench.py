@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -319,14 +318,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"mesh idle after {waited:.1f} s", file=sys.stderr, flush=True)
         yardstick = floor.measure(env.config.postgres_dsn)
         samples = asyncio.run(measure_all(env, args))
-    results: list[dict[str, Any]] = []
-    for metric, values in samples.items():
-        line: dict[str, Any] = {"metric": metric, "value": round(statistics.median(values), 1),
-                                "unit": UNITS.get(metric, "ms"), "runs": [round(v, 1) for v in values]}
-        if metric in TARGETS:
-            line["target"] = TARGETS[metric]
-        results.append(line)
-    floor.print_figures(results, yardstick, HEADLINES)
+    floor.print_figures(floor.median_figures(samples, UNITS, TARGETS), yardstick, HEADLINES)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,6 @@ import math
 import multiprocessing
 import os
 import secrets
-import statistics
 import sys
 import time
 import uuid
@@ -892,14 +891,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"mesh idle after {waited:.1f} s", file=sys.stderr, flush=True)
         yardstick = floor.measure(env.config.postgres_dsn)
         samples = asyncio.run(measure_all(env, args))
-    results: list[dict[str, Any]] = []
-    for metric, values in samples.items():
-        digits = 3 if "cpu_ms" in metric else 1
-        line: dict[str, Any] = {"metric": metric, "value": round(statistics.median(values), digits),
-                                "unit": UNITS.get(metric, "ms"), "runs": [round(v, digits) for v in values]}
-        if metric in TARGETS:
-            line["target"] = TARGETS[metric]
-        results.append(line)
+    results = floor.median_figures(samples, UNITS, TARGETS,
+                                   digits={metric: 3 for metric in samples if "cpu_ms" in metric})
     floor.print_figures(results, yardstick, HEADLINES)
 
 

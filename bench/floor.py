@@ -204,6 +204,21 @@ def against(results: Iterable[Mapping[str, Any]], floor: Floor,
     return lines
 
 
+def median_figures(samples: Mapping[str, Sequence[float]], units: Mapping[str, str],
+                   targets: Mapping[str, float], *, digits: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
+    """One figure per metric: the median of its runs (listed), its unit (``ms`` unless ``units`` says otherwise)
+    and its target when it has one; rounded to one decimal unless ``digits`` gives the metric more."""
+    figures: list[dict[str, Any]] = []
+    for metric, values in samples.items():
+        places = (digits or {}).get(metric, 1)
+        line: dict[str, Any] = {"metric": metric, "value": round(statistics.median(values), places),
+                                "unit": units.get(metric, "ms"), "runs": [round(v, places) for v in values]}
+        if metric in targets:
+            line["target"] = targets[metric]
+        figures.append(line)
+    return figures
+
+
 def print_figures(results: Sequence[Mapping[str, Any]], floor: Floor, headlines: Mapping[str, FloorName]) -> None:
     """Print the benchmark's figures, then the floors, then the headlines against them, as JSON lines."""
     for line in [*results, *floor.figures(), *against(results, floor, headlines)]:
