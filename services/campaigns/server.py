@@ -170,7 +170,7 @@ class _Upload:
         self.rejected += 1
         if len(self.errors) < MAX_ERRORS_SHOWN:
             self.errors.append(campaigns_pb2.RecipientError(row=error.row_number, address=address,
-                                                            reason=f"{error.kind.value}: {error.reason}"))
+                                                            reason=str(error)))
 
     def response(self) -> campaigns_pb2.AddCampaignRecipientsResponse:
         return campaigns_pb2.AddCampaignRecipientsResponse(

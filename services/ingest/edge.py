@@ -28,6 +28,9 @@ class EdgeMethod:
     """"send", "read", "admin" (tenant admin) or PLATFORM_ADMIN."""
     owner: str | None = None
     """The service that answers it (the name of the channel to forward to); None means ingest answers itself."""
+    lasts_as_its_work: bool = False
+    """Forwarded with the client's own deadline, not the upstream timeout of a unary call: a call that takes as long
+    as the work it does (an import of a million recipients). Client-streaming calls always are."""
 
 
 class ApiKeyAuthenticator:
@@ -64,7 +67,10 @@ def _forwarder(method_path: str, method_spec: EdgeMethod, channel: grpc.aio.Chan
         remaining = context.time_remaining()
         # A client-streaming call (an attachment, a million recipients) lasts as long as the client streams: its own
         # deadline bounds it, not the upstream timeout meant for a unary call.
-        timeout = remaining if client_streaming else (min(timeout_s, remaining) if remaining else timeout_s)
+        if client_streaming or method_spec.lasts_as_its_work:
+            timeout = remaining
+        else:
+            timeout = min(timeout_s, remaining) if remaining else timeout_s
         try:
             response: bytes = await call(request, metadata=metadata, timeout=timeout)
             return response
@@ -139,8 +145,9 @@ EDGE_METHODS: dict[str, dict[str, EdgeMethod]] = {
     "esp.v1.StatsService": {"GetStats": EdgeMethod(READ, "reports")},
     "esp.v1.CampaignService": {
         **{name: EdgeMethod(SEND, "campaigns")
-           for name in ("CreateCampaign", "AddCampaignRecipients", "ImportCampaignRecipients", "StartCampaign",
-                        "PauseCampaign", "ResumeCampaign", "CancelCampaign")},
+           for name in ("CreateCampaign", "AddCampaignRecipients", "StartCampaign", "PauseCampaign",
+                        "ResumeCampaign", "CancelCampaign")},
+        "ImportCampaignRecipients": EdgeMethod(SEND, "campaigns", lasts_as_its_work=True),
         "GetCampaign": EdgeMethod(READ, "campaigns"), "ListCampaigns": EdgeMethod(READ, "campaigns"),
     },
     "esp.v1.SuppressionService": {
