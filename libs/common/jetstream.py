@@ -134,6 +134,17 @@ class Topology:
         """Account-level events of every tenant."""
         return self._s("esp.account.>")
 
+    def notify_subject(self, tenant_id: str) -> str:
+        """Where the reports service publishes a tenant's message events as recorded (``RecordedEvents``: with
+        their per-message sequence, tags and metadata), for the webhook dispatcher; on the EVENTS stream, outside
+        the subjects the recorder itself consumes."""
+        return self._s(f"esp.notify.{tenant_id}")
+
+    @property
+    def notify_wildcard(self) -> str:
+        """Recorded message events of every tenant."""
+        return self._s("esp.notify.*")
+
     def consumer(self, name: str) -> str:
         """The durable consumer name ``name`` in this mesh (JetStream names may not contain dots)."""
         return self._p(name).replace(".", "_")
@@ -160,7 +171,7 @@ async def ensure_streams(js: JetStreamContext, topology: Topology, *, events_max
         ) for c in MessageClass),
         StreamConfig(
             name=topology.events_stream,
-            subjects=[topology.events_wildcard, topology.account_wildcard],
+            subjects=[topology.events_wildcard, topology.account_wildcard, topology.notify_wildcard],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=events_max_age_s,
