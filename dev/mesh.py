@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from libs.common.jetstream import Topology
+from libs.common.secret_box import generate_key_setting
 from libs.routing.catalog import bucket_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,6 +250,9 @@ class MeshConfig:
     s3_access_key: str = DEV_S3_ACCESS_KEY
     s3_secret_key: str = DEV_S3_SECRET_KEY
     unsubscribe_keys: str = DEV_UNSUBSCRIBE_KEYS
+    secrets_keys: str = field(default_factory=lambda: generate_key_setting("dev"), repr=False)
+    """``ESP_SECRETS_KEYS`` of every service: a fresh key-encryption key per mesh, so a test's sealed credentials
+    open only in its own mesh (``make run`` keeps one in ``.dev/`` instead: its Postgres outlives a run)."""
 
     def env(self) -> dict[str, str]:
         return {
@@ -256,6 +260,7 @@ class MeshConfig:
             "ESP_NAMESPACE": self.namespace, "ESP_S3_ENDPOINT": self.s3_endpoint,
             "ESP_S3_ACCESS_KEY": self.s3_access_key, "ESP_S3_SECRET_KEY": self.s3_secret_key,
             "ESP_ADMIN_TOKEN": self.admin_token, "ESP_UNSUBSCRIBE_KEYS": self.unsubscribe_keys,
+            "ESP_SECRETS_KEYS": self.secrets_keys,
             "ESP_INGEST_ADDR": f"127.0.0.1:{self.ports['ingest']}",
             "ESP_ROUTER_ADDR": f"127.0.0.1:{self.ports['router']}",
             "ESP_LEDGER_ADDR": f"127.0.0.1:{self.ports['ledger']}",

@@ -26,6 +26,7 @@ from dev import mesh as m
 from dev import pgtools, seed
 from dev.migrate import SERVICES_WITH_SCHEMAS
 from libs.common.db import migrate_services
+from libs.common.secret_box import generate_key_setting
 
 DEV = m.ROOT / ".dev"
 DATABASE = "esp"
@@ -78,7 +79,20 @@ def ensure_dependencies(started: list[m.Process]) -> m.MeshConfig:
         postgres_dsn=pgtools.with_database(admin_dsn, DATABASE), redis_url=f"redis://127.0.0.1:{redis_port}/0",
         nats_url=f"nats://127.0.0.1:{nats_port}", s3_endpoint=f"http://127.0.0.1:{s3_port}",
         gateway_port=_port("ESP_DEV_GATEWAY_PORT", 8080), log_dir=logs,
-        admin_token=os.environ.get("ESP_ADMIN_TOKEN", "dev-admin-token"))
+        admin_token=os.environ.get("ESP_ADMIN_TOKEN", "dev-admin-token"), secrets_keys=dev_secrets_keys())
+
+
+def dev_secrets_keys() -> str:
+    """The local mesh's ``ESP_SECRETS_KEYS``: ``$ESP_SECRETS_KEYS`` when set, else a key generated on the first run
+    and kept in ``.dev/secrets-keys`` (mode 0600), since the providers' credentials sealed with it stay in .dev/pg
+    from one run to the next. Loopback only: a deployment makes its own (``generate_key_setting``)."""
+    if os.environ.get("ESP_SECRETS_KEYS"):
+        return os.environ["ESP_SECRETS_KEYS"]
+    path = DEV / "secrets-keys"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(generate_key_setting("dev") + "\n")
+    return path.read_text().strip()
 
 
 def seed_demo(config: m.MeshConfig) -> str:

@@ -31,10 +31,12 @@ Data and transport
 Domain facts and settings
     ``addresses``     what a recipient address and display name may be, and the canonical address (ingest, campaigns)
     ``message_classes``  the message classes (otp, transactional, bulk) and every per-class policy
+    ``event_types``   the event types customers see (webhooks, events API) and what each is made from
     ``content_limits``   the subject and body limits every email keeps, sent or rendered from a template
     ``recipient_lists``  a recipient list's rows (CSV, JSON Lines) as written, or why one cannot be read; row numbers
                          (campaigns' import, the gateway's plain bodies, the CLI)
     ``settings``      frozen settings from ``ESP_*`` variables, every bad key reported at once
+    ``secret_box``    secrets sealed at rest (envelope AES-GCM under ``ESP_SECRETS_KEYS``), bound to where they live
     ``timestamps``    datetimes → protobuf Timestamps
     ``unsubscribe``   one-click unsubscribe (RFC 8058): signed, opaque per-recipient tokens and the two headers
 

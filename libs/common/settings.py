@@ -147,6 +147,11 @@ class CommonSettings:
     s3_bucket: str = "esp-attachments"
     s3_access_key: str = ""
     s3_secret_key: str = ""
+    secrets_keys: str = dataclasses.field(default="", repr=False)
+    """Key-encryption keys of the secrets sealed at rest (provider credentials, provider webhook signing secrets),
+    ``<key id>:<base64 32 bytes>`` separated by commas (``libs.common.secret_box.generate_key_setting`` makes one):
+    the first seals, every one opens (rotate by putting a new key first). A secret: from a Kubernetes Secret, never
+    a ConfigMap or a log. Read by the router (seals), the senders and reports (open the catalog's sealed values)."""
     ingest_addr: str = "127.0.0.1:50051"
     router_addr: str = "127.0.0.1:50052"
     ledger_addr: str = "127.0.0.1:50053"
