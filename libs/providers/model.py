@@ -164,6 +164,11 @@ class SendResult:
     quota, outage) rather than with the email: the sender should fail over instead of failing the email."""
     elapsed_s: float | None = None
     """Wall time of the attempt, measured by the base class."""
+    refused_recipients: Mapping[str, str] = field(default_factory=dict)
+    """On an accepted result, the recipients the provider refused while it took the email for the others (an SMTP
+    relay refusing some RCPTs), each with the provider's reason (``"550 5.1.1 no such user"``): the email went to
+    every other recipient and to none of these. Empty when every recipient was taken; an email refused for every
+    recipient is not accepted at all."""
 
     @property
     def accepted(self) -> bool:

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
 import httpx
 import pytest
 
 from dev.simulator import RunningSimulator
 from dev.simulator.parsing import parse_form_data
+from dev.smtp_sink import serve as serve_smtp_sink
 from libs.providers.base import BaseAdapter
 from libs.providers.errors import TooManyRecipients, UnsupportedFeature
 from libs.providers.model import Address, OutboundEmail, Outcome, SendResult
 from libs.providers.registry import create_adapter
+from libs.providers.ses.send import classify_client_error
+from tests.conftest import free_port
 from tests.providers.conftest import new_email
 
 
@@ -249,6 +256,28 @@ async def test_ses_refuses_tags_it_cannot_carry_before_sending(sim: RunningSimul
         await send_one(sim, "ses-1", email=new_email(tags=("spring sale!",)))
 
 
+async def test_ses_unverified_sender_identity_is_permanent_and_the_providers_fault(sim: RunningSimulator) -> None:
+    email = new_email(sender=Address("unverified-shop@example.com"))
+
+    result = await send_one(sim, "ses-1", email=email)
+
+    assert (result.outcome, result.status_code, result.provider_fault) == (Outcome.PERMANENT, 400, True)
+    assert result.reason.startswith("MessageRejected: Email address is not verified.")
+    assert await sim.client.delivered_messages("ses-1") == []
+
+
+def test_ses_message_rejected_for_its_content_is_the_emails_fault() -> None:
+    # What botocore raises for SES's 400 MessageRejected about the content (the simulator's answer for the identity
+    # case above comes through the same class).
+    error = botocore.exceptions.ClientError(
+        {"Error": {"Code": "MessageRejected", "Message": "Illegal header 'X-Bad Header'."},
+         "ResponseMetadata": {"HTTPStatusCode": 400}}, "SendEmail")
+
+    result = classify_client_error(error)
+
+    assert (result.outcome, result.status_code, result.provider_fault) == (Outcome.PERMANENT, 400, False)
+
+
 # -- Postmark --------------------------------------------------------------------------------------------------
 
 
@@ -321,15 +350,34 @@ async def test_smtp_keeps_lines_that_start_with_a_dot(sim: RunningSimulator) -> 
     assert delivered[0]["text"].replace("\r\n", "\n").rstrip("\n") == text
 
 
-async def test_smtp_accepts_when_only_some_recipients_are_refused(sim: RunningSimulator) -> None:
-    email = new_email(to=(Address("alice@example.org"), Address("nobody@no-dot")))
+async def test_smtp_accepts_for_the_other_recipients_and_names_each_refused_one(sim: RunningSimulator) -> None:
+    email = new_email(to=(Address("alice@example.org"), Address("nobody@no-dot")), cc=(Address("carol@dot-less"),))
 
     result = await send_one(sim, "smtp-1", email=email)
 
-    assert result.outcome is Outcome.ACCEPTED
-    assert "nobody@no-dot" in result.reason
+    assert result.outcome is Outcome.ACCEPTED, result
+    assert result.refused_recipients == {
+        "nobody@no-dot": "553 5.1.3 The recipient address is not a valid RFC 5321 address",
+        "carol@dot-less": "553 5.1.3 The recipient address is not a valid RFC 5321 address",
+    }
     delivered = await sim.client.delivered_messages("smtp-1")
     assert delivered[0]["recipients"] == ["alice@example.org"]
+
+
+async def test_smtp_accepted_for_every_recipient_names_none_refused(sim: RunningSimulator) -> None:
+    result = await send_one(sim, "smtp-1", email=new_email(to=(Address("alice@example.org"),)))
+
+    assert result.outcome is Outcome.ACCEPTED, result
+    assert result.refused_recipients == {}
+
+
+async def test_smtp_refused_for_every_recipient_is_permanent_and_the_emails_fault(sim: RunningSimulator) -> None:
+    email = new_email(to=(Address("nobody@no-dot"), Address("carol@dot-less")))
+
+    result = await send_one(sim, "smtp-1", email=email)
+
+    assert (result.outcome, result.status_code, result.provider_fault) == (Outcome.PERMANENT, 553, False)
+    assert await sim.client.delivered_messages("smtp-1") == []
 
 
 async def test_smtp_reuses_one_session_for_consecutive_emails(sim: RunningSimulator) -> None:
@@ -342,3 +390,45 @@ async def test_smtp_reuses_one_session_for_consecutive_emails(sim: RunningSimula
     assert [r.outcome for r in results] == [Outcome.ACCEPTED] * 3
     peers = {record["request_headers"]["peer"] for record in await sim.client.requests("smtp-1")}
     assert len(peers) == 1
+
+
+@pytest.fixture
+async def plain_relay(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """A real SMTP relay that offers neither STARTTLS nor AUTH (``dev.smtp_sink``): its endpoint and its maildir."""
+    port, maildir, stop = free_port(), tmp_path / "mail", asyncio.Event()
+    relay = asyncio.create_task(serve_smtp_sink("127.0.0.1", port, maildir, stop))
+    for _ in range(200):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.01)
+            continue
+        writer.close()
+        break
+    yield f"127.0.0.1:{port}", maildir
+    stop.set()
+    await relay
+
+
+async def test_smtp_relay_without_starttls_is_permanent_and_the_providers_fault(
+    sim: RunningSimulator, plain_relay: tuple[str, Path],
+) -> None:
+    endpoint, maildir = plain_relay
+
+    result = await send_one(sim, "smtp-1", endpoint=endpoint, credentials={}, options={"tls": "starttls"})
+
+    assert (result.outcome, result.provider_fault) == (Outcome.PERMANENT, True), result
+    assert "STARTTLS" in result.reason
+    assert list(maildir.glob("*.eml")) == []  # nothing went in clear text
+
+
+async def test_smtp_relay_without_auth_for_our_credentials_is_permanent_and_the_providers_fault(
+    sim: RunningSimulator, plain_relay: tuple[str, Path],
+) -> None:
+    endpoint, maildir = plain_relay
+
+    result = await send_one(sim, "smtp-1", endpoint=endpoint, options={"tls": "none"})
+
+    assert (result.outcome, result.provider_fault) == (Outcome.PERMANENT, True), result
+    assert "AUTH" in result.reason
+    assert list(maildir.glob("*.eml")) == []

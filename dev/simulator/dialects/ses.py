@@ -3,6 +3,8 @@
 boto3 pointed here with ``endpoint_url=<simulator>/p/<personality>`` works unchanged: the signature is checked
 for real (access key, credential scope — date, region, service ``ses`` — and the HMAC over the canonical
 request), and errors come back the way botocore parses them (``x-amzn-ErrorType`` header + ``message``).
+A sender whose local part starts with ``unverified`` is an identity the account has not verified: 400
+``MessageRejected``, in SES's words.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from dev.simulator.parsing import is_valid_address, parse_mime
 
 MAX_MESSAGE_BYTES = 40 * 1024 * 1024
 MAX_RECIPIENTS = 50
+#: Senders whose local part starts with this are identities the account has not verified: MessageRejected.
+UNVERIFIED_PREFIX = "unverified"
 _AUTHORIZATION = re.compile(
     r"^AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request,"
     r"\s*SignedHeaders=(?P<signed>[^,]+),\s*Signature=(?P<signature>[0-9a-f]{64})$"
@@ -164,6 +168,11 @@ class SesDialect(Dialect):
         for address in [message.sender, *message.recipients]:
             if not is_valid_address(address):
                 raise Rejected(aws_error(400, "BadRequestException", f"Illegal address: {address}"), "bad address")
+        if message.sender.lower().startswith(UNVERIFIED_PREFIX):
+            region = (personality.region or "us-east-1").upper()
+            raise Rejected(aws_error(400, "MessageRejected", "Email address is not verified. The following identities "
+                                                             f"failed the check in region {region}: {message.sender}"),
+                           "unverified identity")
         tags = {str(t.get("Name")): str(t.get("Value")) for t in payload.get("EmailTags") or []}
         message.metadata = tags
         message.esp_message_id = message.esp_message_id or tags.get("esp_message_id")

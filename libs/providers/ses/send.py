@@ -8,6 +8,11 @@ Configuration (``ProviderConfig``):
     options: ``configuration_set`` (``ConfigurationSetName``, needed for event publishing unless the identity
     has a default set), ``threads`` (boto3 calls in flight, default 16).
 
+Errors: throttling codes are throttled; account, identity and credential codes are permanent and the provider's
+fault, and so is ``MessageRejected`` when it says an identity is not verified (the sender's address or domain, or
+in the sandbox a recipient): that is our account at SES, not the email, which another provider would send. Any
+other ``MessageRejected`` (content SES refuses) fails the email; 5xx is retryable.
+
 boto3 is synchronous, so calls run in a private thread pool; botocore's own retries are off because the sender
 owns retries. Raw content needs the whole MIME message in memory (≤ 40 MB, and botocore base64-encodes it into
 the JSON body: two copies); SES has no streaming upload. Tags become ``EmailTags`` (so they come back in every
@@ -68,6 +73,9 @@ ACCOUNT_CODES = frozenset(
         "ExpiredTokenException",
     }
 )
+#: What SES says in a ``MessageRejected`` about an identity (sender, domain, or recipient in the sandbox) that is not
+#: verified in the region: "Email address is not verified. The following identities failed the check in region …".
+_UNVERIFIED_IDENTITY = re.compile(r"\bnot verified\b", re.IGNORECASE)
 #: EmailTags names and values: ASCII letters, digits, ``_`` and ``-``, at most 256 characters.
 _TAG_TEXT = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 
@@ -80,7 +88,7 @@ def classify_client_error(error: botocore.exceptions.ClientError) -> SendResult:
     reason = f"{code}: {message}"
     if code in THROTTLING_CODES:
         return SendResult(Outcome.THROTTLED, reason=reason, status_code=status, provider_fault=True)
-    if code in ACCOUNT_CODES:
+    if code in ACCOUNT_CODES or (code == "MessageRejected" and _UNVERIFIED_IDENTITY.search(message)):
         return SendResult(Outcome.PERMANENT, reason=reason, status_code=status, provider_fault=True)
     if isinstance(status, int) and status >= 500:
         return SendResult(Outcome.RETRYABLE, reason=reason, status_code=status, provider_fault=True)

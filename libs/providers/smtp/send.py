@@ -14,6 +14,12 @@ Configuration (``ProviderConfig``):
 Reply codes: 2xx accepted; 421/451/452/454 (closing, local error, storage, "Throttling failure") throttled;
 other 4xx retryable; 5xx permanent (530/534/535/538 as a provider fault: our credentials). A timeout or a
 dropped connection after the final ``.`` was written is ambiguous — the relay may have queued the message.
+
+A relay that does not offer what the configuration needs — STARTTLS under ``tls=starttls``, AUTH when credentials
+are given — is a permanent fault of the provider: no retry can succeed, and no byte of the email (nor the
+password) is sent. A transaction where the relay refused some recipients at RCPT and took the email for the
+others is accepted with those recipients in ``SendResult.refused_recipients``, each with the relay's reply; one
+where it refused every recipient is judged by the mildest refusal, as if it were the email's.
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ THROTTLE_CODES = frozenset({421, 451, 452, 454})
 #: Reply codes that mean our credentials or authentication setup are wrong.
 AUTH_FAILURE_CODES = frozenset({530, 534, 535, 538})
 _QUEUED_AS = re.compile(r"queued as\s+<?([^\s>]+)>?", re.IGNORECASE)
+
+
+class _MissingExtension(aiosmtplib.SMTPException):
+    """The relay does not offer an extension the provider's configuration needs (STARTTLS, AUTH)."""
 
 
 def classify_reply(code: int, message: str) -> SendResult:
@@ -139,16 +149,28 @@ class _ConnectionPool:
         client = aiosmtplib.SMTP(
             hostname=settings.host,
             port=settings.port,
-            username=settings.username,
-            password=settings.password,
             local_hostname=settings.local_hostname,
             timeout=self._timeout_s,
             use_tls=settings.tls_mode == "implicit",
-            start_tls=settings.tls_mode == "starttls",
+            start_tls=False,  # upgraded below, where a relay that does not offer it is told from a broken one
             validate_certs=settings.validate_certs,
             tls_context=tls_context,
         )
         await client.connect(timeout=self._connect_timeout_s)
+        try:
+            if settings.tls_mode == "starttls":
+                await client.ehlo()
+                if not client.supports_extension("starttls"):
+                    raise _MissingExtension("the relay does not offer STARTTLS (option tls=starttls)")
+                await client.starttls()
+            if settings.username is not None:
+                await client.ehlo()  # again after STARTTLS: the relay may offer AUTH only over TLS
+                if not client.supports_extension("auth"):
+                    raise _MissingExtension("the relay does not offer AUTH (credentials are configured)")
+                await client.login(settings.username, settings.password or "")
+        except BaseException:
+            client.close()
+            raise
         return client
 
     @asynccontextmanager
@@ -286,14 +308,11 @@ class SmtpAdapter(BaseAdapter):
         if reply.code != 250:
             return classify_reply(reply.code, reply.message)
         session.reusable = True
-        reason = ""
-        if refused:
-            reason = "refused recipients: " + ", ".join(f"{rcpt} ({code})" for rcpt, code, _ in refused)
         return SendResult(
             Outcome.ACCEPTED,
             provider_message_id=queue_id_from_reply(reply.message),
             status_code=reply.code,
-            reason=reason,
+            refused_recipients={rcpt: f"{code} {message}".strip() for rcpt, code, message in refused},
         )
 
     async def _reset(self, session: _Session) -> None:
@@ -310,7 +329,7 @@ class SmtpAdapter(BaseAdapter):
                 Outcome.PERMANENT, reason=f"authentication failed: {exc}", status_code=exc.code,
                 provider_fault=True,
             )
-        if isinstance(exc, aiosmtplib.SMTPNotSupported):
+        if isinstance(exc, aiosmtplib.SMTPNotSupported | _MissingExtension):
             return SendResult(Outcome.PERMANENT, reason=str(exc), provider_fault=True)
         if isinstance(exc, aiosmtplib.SMTPResponseException):
             # Replies outside MAIL/RCPT/DATA (the greeting, EHLO, STARTTLS): the relay's state, not the email's.
