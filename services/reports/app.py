@@ -8,20 +8,23 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from esp.v1 import messages_pb2, messages_pb2_grpc, reports_pb2, reports_pb2_grpc
+from esp.v1 import events_pb2, events_pb2_grpc, messages_pb2, messages_pb2_grpc, reports_pb2, reports_pb2_grpc
 
 from libs.common.auth import TrustedHeaderAuthenticator
 from libs.common.db import create_pool, migrate_services
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
+from libs.common.outbox import OutboxPublisher
 from libs.common.redis import create_redis
 from libs.providers.webhook_model import CertificateFetcher
 from libs.providers.webhooks import RedisReplayGuard, WebhookVerifier
 from services.reports.config import DEFAULT_GRPC_PORT, ReportsSettings
 from services.reports.consumer import ConsumerOptions, EventConsumer
+from services.reports.customer_events import OUTBOX_TABLE
+from services.reports.event_listing import EventReader
 from services.reports.one_click import OneClickUnsubscriber, unsubscribe_routes
 from services.reports.queries import MessageReader
-from services.reports.server import MessageReadServicer, StatsServicer, SuppressionServicer
+from services.reports.server import EventServicer, MessageReadServicer, StatsServicer, SuppressionServicer
 from services.reports.stats import StatsReader
 from services.reports.suppressions import SuppressionStore, resync_redis
 from services.reports.webhook_receiver import (
@@ -68,7 +71,8 @@ async def build_app(settings: ReportsSettings, *,
                 await close()
         raise
 
-    consumer = EventConsumer(pool, redis, nc, topology, ConsumerOptions(
+    notifications = OutboxPublisher(pool, nc, OUTBOX_TABLE)
+    consumer = EventConsumer(pool, redis, nc, topology, notifications, ConsumerOptions(
         batch_size=settings.consumer_batch_size,
         linger_s=settings.consumer_linger_s,
         max_ack_pending=settings.consumer_max_ack_pending,
@@ -97,13 +101,15 @@ async def build_app(settings: ReportsSettings, *,
             (reports_pb2_grpc.add_StatsServiceServicer_to_server, StatsServicer(StatsReader(pool))),
             (reports_pb2_grpc.add_SuppressionServiceServicer_to_server,
              SuppressionServicer(suppressions)),
+            (events_pb2_grpc.add_EventServiceServicer_to_server, EventServicer(EventReader(pool))),
         ],
         service_names=[
             messages_pb2.DESCRIPTOR.services_by_name["MessageService"].full_name,
             reports_pb2.DESCRIPTOR.services_by_name["StatsService"].full_name,
             reports_pb2.DESCRIPTOR.services_by_name["SuppressionService"].full_name,
+            events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
         ],
-        tasks=[consumer.run, consumer.sweep_loop, webhook_server],
+        tasks=[consumer.run, consumer.sweep_loop, notifications.run, webhook_server],
         closers=closers,
         authenticator=TrustedHeaderAuthenticator(),
     )

@@ -3,7 +3,9 @@
 A batch is acked only after its transaction committed (at-least-once); a failure leaves it unacked, so JetStream
 redelivers it after ``ack_wait`` and the dedupe on ``event_id`` makes the retry harmless. Suppressions found in a
 batch reach Redis before the commit: if the commit then fails, the redelivered batch writes them to Postgres
-again, so the mirror never lags behind the truth.
+again, so the mirror never lags behind the truth. The batch's customer events (numbered per message) are queued in
+the reports outbox in the same transaction and published to ``esp.notify.<tenant>`` after the commit, for the
+webhook dispatcher.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from libs.common.jetstream import Topology, ensure_pull_consumer, pull_loop
+from libs.common.outbox import OutboxPublisher
 from libs.common.stopping import pause_unless_stopped
+from services.reports.customer_events import queue_recorded_events
 from services.reports.envelopes import UndecodableEvent, decode_envelope
 from services.reports.models import MessageEventRecord
 from services.reports.recorder import RecordOutcome, claim_parked_events, record_events
@@ -63,8 +67,9 @@ class EventConsumer:
     """Turns EVENTS stream messages into timeline rows, message state, stats and suppressions."""
 
     def __init__(self, pool: AsyncConnectionPool, redis: Redis, nc: NATS, topology: Topology,
-                 options: ConsumerOptions | None = None) -> None:
+                 notifications: OutboxPublisher, options: ConsumerOptions | None = None) -> None:
         self._pool = pool
+        self._notifications = notifications
         self._redis = redis
         self._nc = nc
         self._js: JetStreamContext = nc.jetstream()
@@ -131,6 +136,8 @@ class EventConsumer:
             outcome = await record_events(conn, claimed)
             if outcome.suppressed:
                 await add_to_redis(self._redis, self._topology.namespace, outcome.suppressed)
+            queued = await queue_recorded_events(conn, self._topology, outcome.recorded)
+        self._notifications.publish_soon(queued)
         return len(outcome.new_events)
 
     async def sweep_loop(self, stop: asyncio.Event) -> None:
@@ -152,6 +159,8 @@ class EventConsumer:
             outcome = await record_events(conn, records)
             if outcome.suppressed:
                 await add_to_redis(self._redis, self._topology.namespace, outcome.suppressed)
+            queued = await queue_recorded_events(conn, self._topology, outcome.recorded)
+        self._notifications.publish_soon(queued)
         for event_type, count in collections.Counter(e.event_type for e in outcome.new_events).items():
             EVENTS_RECORDED.labels(event_type.value).inc(count)
         if outcome.duplicates:

@@ -5,6 +5,8 @@ Events arrive at least once and in any order. Each step is written so that the r
 either: an event counts only if its ``event_id`` was not recorded before (the timeline insert says which ones
 are new), and the message row is merged in SQL by state rank (``models.STATE_TRANSITIONS``) so a late event
 never moves a message backwards and two consumers updating the same message concurrently cannot lose an update.
+The merge also numbers each message's new events (``messages.event_seq``, under the row lock the merge takes), so
+the sequence customers see follows the order events were recorded in, whichever replica recorded them.
 Every multi-row write goes in key order so that concurrent consumer replicas take row locks in the same order.
 """
 
@@ -23,6 +25,7 @@ from libs.common.suppressions import normalise_email
 from services.reports.envelopes import record_from_message_event
 from services.reports.message_index import resolve_message
 from services.reports.models import (
+    EMPTY_MAPPING,
     HARD_BOUNCE_TYPE,
     PLACEHOLDER_STATE,
     SCHEDULED_STATE,
@@ -52,6 +55,20 @@ _SUPPRESSING_EVENTS: Mapping[EventType, SuppressionReason] = {
 _MAX_NOTE = 500
 
 
+class RecordedEvent(NamedTuple):
+    """A new event as customers see it: numbered within its message, with what its message row says."""
+
+    event: MessageEventRecord
+    sequence: int
+    """1, 2, 3 … per message, in the order events were recorded (ties within a batch: event time, then type)."""
+    message_class: str
+    tags: tuple[str, ...]
+    metadata: Mapping[str, str]
+    campaign: str
+    first_recipient: str
+    """The message's first To address (for events that name no recipient of their own)."""
+
+
 @dataclass(frozen=True)
 class RecordOutcome:
     """What a batch changed."""
@@ -61,6 +78,8 @@ class RecordOutcome:
     duplicates: int
     suppressed: tuple[Suppression, ...]
     """Suppressions from the new events, with their reasons (for the Redis sets: ``add_to_redis``)."""
+    recorded: tuple[RecordedEvent, ...] = ()
+    """The new events with their sequence numbers and message summaries, in sequence order per message."""
 
 
 @dataclass
@@ -145,10 +164,12 @@ async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageE
         # After the merge, which waited for any transaction still holding these messages' rows.
         early = await start_claim_early(conn, (k for k, d in deltas.items() if d.accepted is not None))
     summaries = await _summaries(merged)
+    recorded = _numbered(deltas, summaries)
+    await _store_sequences(conn, recorded)
 
     rollup = StatsRollup()
     for event in fresh:
-        summary = summaries.get((event.tenant_id, event.message_id)) or _Summary(event.message_class, (), "", True)
+        summary = summaries.get((event.tenant_id, event.message_id)) or _NO_SUMMARY
         rollup.add(tenant_id=event.tenant_id, message_id=event.message_id, event_type=event.event_type,
                    event_time=event.event_time, message_class=event.message_class or summary.message_class,
                    provider=event.provider, tags=summary.tags, campaign_id=campaign_id_of(summary.campaign),
@@ -162,7 +183,40 @@ async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageE
     # A hard bounce or complaint replaces an earlier unsubscribe of the address (insert_suppressions), and the
     # Redis sets get each event's own reason: the address then refuses every class, not bulk only.
     await insert_suppressions(conn, suppressions)
-    return RecordOutcome(tuple(fresh), duplicates, tuple(suppressions))
+    return RecordOutcome(tuple(fresh), duplicates, tuple(suppressions), recorded)
+
+
+_TYPE_ORDER = {event_type: position for position, event_type in enumerate(EventType)}
+"""Between events of one message with the same time, the lifecycle's order (accepted before sent before
+delivered), which ``EventType`` is declared in."""
+
+
+def _numbered(deltas: Mapping[tuple[str, str], _MessageDelta],
+              summaries: Mapping[tuple[str, str], _Summary]) -> tuple[RecordedEvent, ...]:
+    """Each message's new events numbered after those recorded before: the merge returned the message's last
+    number (``event_seq``) with its new events counted in."""
+    recorded: list[RecordedEvent] = []
+    for key in sorted(deltas):
+        delta, summary = deltas[key], summaries.get(key, _NO_SUMMARY)
+        first = summary.last_sequence - len(delta.events) + 1
+        ordered = sorted(delta.events, key=lambda e: (e.event_time, _TYPE_ORDER[e.event_type], e.event_id))
+        recorded.extend(
+            RecordedEvent(event, first + offset, event.message_class or summary.message_class, summary.tags,
+                          summary.metadata, summary.campaign, summary.first_recipient)
+            for offset, event in enumerate(ordered))
+    return tuple(recorded)
+
+
+async def _store_sequences(conn: psycopg.AsyncConnection, recorded: Sequence[RecordedEvent]) -> None:
+    """Write each new timeline row's sequence (the rows were inserted by this transaction, before the merge
+    numbered them; ``seq`` is in no index, so the update can stay on the row's page)."""
+    if not recorded:
+        return
+    await conn.execute(
+        """UPDATE reports.events e SET seq = s.seq
+           FROM json_to_recordset(%s::json) AS s(event_id text, seq integer) WHERE e.event_id = s.event_id""",
+        (json_rows([{"event_id": r.event.event_id, "seq": r.sequence}
+                    for r in sorted(recorded, key=lambda r: r.event.event_id)]),))
 
 
 def json_rows(rows: Sequence[object]) -> str:
@@ -300,17 +354,18 @@ _REPLACES_STATE = (f"(excluded.state_rank > m.state_rank OR (excluded.state_rank
 _MERGE_MESSAGES = """
 INSERT INTO reports.messages AS m (tenant_id, message_id, state, state_rank, state_time, accepted_seen,
     message_class, sender, to_addrs, cc_addrs, bcc_addrs, subject, tags, metadata, attachment_ids, request_id,
-    credits, campaign, provider, provider_message_id, provider_from_sent, attempts, create_time, update_time, send_time)
+    credits, campaign, provider, provider_message_id, provider_from_sent, attempts, create_time, update_time, send_time,
+    event_seq)
 SELECT d.tenant_id, d.message_id, d.state, d.state_rank, d.state_time, d.accepted_seen, d.message_class,
     coalesce(d.sender, '{}'), coalesce(d.to_addrs, '[]'), coalesce(d.cc_addrs, '[]'), coalesce(d.bcc_addrs, '[]'),
     coalesce(d.subject, ''), coalesce(d.tags, '{}'), coalesce(d.metadata, '{}'), coalesce(d.attachment_ids, '{}'),
     coalesce(d.request_id, ''), coalesce(d.credits, 0), coalesce(d.campaign, ''), d.provider, d.provider_message_id,
-    d.provider_from_sent, d.attempts, d.create_time, d.update_time, d.send_time
+    d.provider_from_sent, d.attempts, d.create_time, d.update_time, d.send_time, d.event_seq
 FROM json_to_recordset(%s::json) AS d(tenant_id text, message_id text, state text, state_rank smallint,
     state_time timestamptz, accepted_seen boolean, message_class text, sender jsonb, to_addrs jsonb, cc_addrs jsonb,
     bcc_addrs jsonb, subject text, tags text[], metadata jsonb, attachment_ids text[], request_id text,
     credits bigint, campaign text, provider text, provider_message_id text, provider_from_sent boolean,
-    attempts integer, create_time timestamptz, update_time timestamptz, send_time timestamptz)
+    attempts integer, create_time timestamptz, update_time timestamptz, send_time timestamptz, event_seq integer)
 ON CONFLICT (tenant_id, message_id) DO UPDATE SET
     state = CASE WHEN REPLACES_STATE THEN excluded.state ELSE m.state END,
     state_time = CASE WHEN REPLACES_STATE THEN excluded.state_time ELSE m.state_time END,
@@ -338,8 +393,10 @@ ON CONFLICT (tenant_id, message_id) DO UPDATE SET
     create_time = CASE WHEN excluded.accepted_seen THEN excluded.create_time
                        WHEN m.accepted_seen THEN m.create_time
                        ELSE LEAST(m.create_time, excluded.create_time) END,
-    update_time = GREATEST(m.update_time, excluded.update_time)
-RETURNING tenant_id, message_id, message_class, tags, campaign, accepted_seen
+    update_time = GREATEST(m.update_time, excluded.update_time),
+    event_seq = m.event_seq + excluded.event_seq
+RETURNING tenant_id, message_id, message_class, tags, campaign, accepted_seen, event_seq, metadata,
+    coalesce(to_addrs->0->>'email', '')
 """.replace("REPLACES_STATE", _REPLACES_STATE)
 
 
@@ -363,6 +420,7 @@ def _merge_row(delta: _MessageDelta) -> dict[str, object]:
         "attempts": delta.attempts,
         "create_time": delta.first_time.isoformat(),
         "update_time": delta.last_time.isoformat(),
+        "event_seq": len(delta.events),
     }
     accepted = delta.accepted
     if accepted is not None:
@@ -397,21 +455,29 @@ async def _start_merge_messages(conn: psycopg.AsyncConnection,
 
 
 class _Summary(NamedTuple):
-    """What the stats need of a merged message row."""
+    """What the stats and the recorded events need of a merged message row."""
 
     message_class: str
     tags: tuple[str, ...]
     campaign: str
     accepted_seen: bool
+    last_sequence: int = 0
+    metadata: Mapping[str, str] = EMPTY_MAPPING
+    first_recipient: str = ""
+
+
+_NO_SUMMARY = _Summary("", (), "", True)
 
 
 async def _summaries(cursor: psycopg.AsyncCursor | None) -> dict[tuple[str, str], _Summary]:
-    """Each merged message's class, tags and campaign after the merge, and whether its ACCEPTED event is
-    recorded (without it, campaign and tags are not known yet), for the stats."""
+    """Each merged message's class, tags, campaign, metadata and last event number after the merge, and whether
+    its ACCEPTED event is recorded (without it, campaign, tags and metadata are not known yet)."""
     if cursor is None:
         return {}
-    return {(tenant_id, message_id): _Summary(message_class, tuple(tags), campaign, accepted_seen)
-            for tenant_id, message_id, message_class, tags, campaign, accepted_seen in await cursor.fetchall()}
+    return {(tenant_id, message_id): _Summary(message_class, tuple(tags), campaign, accepted_seen, event_seq,
+                                              metadata or EMPTY_MAPPING, first_recipient)
+            for (tenant_id, message_id, message_class, tags, campaign, accepted_seen, event_seq, metadata,
+                 first_recipient) in await cursor.fetchall()}
 
 
 async def _index_provider_ids(conn: psycopg.AsyncConnection, fresh: Sequence[MessageEventRecord]) -> None:

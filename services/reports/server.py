@@ -12,14 +12,24 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
-from esp.v1 import common_pb2, messages_pb2, messages_pb2_grpc, reports_pb2, reports_pb2_grpc
+from esp.v1 import (
+    common_pb2,
+    events_pb2,
+    events_pb2_grpc,
+    messages_pb2,
+    messages_pb2_grpc,
+    reports_pb2,
+    reports_pb2_grpc,
+)
 from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from libs.common.auth import current_tenant
 from libs.common.errors import EspError, FieldViolation, InvalidArgument
 from libs.common.message_classes import class_name_of, proto_of
+from services.reports.customer_events import customer_event
 from services.reports.envelopes import event_type_name
+from services.reports.event_listing import EventFilter, EventReader
 from services.reports.models import (
     Mailbox,
     MessageEventRecord,
@@ -279,3 +289,26 @@ class SuppressionServicer(reports_pb2_grpc.SuppressionServiceServicer):
         email, topic = split_suppression_id(_resource_id(request.name, "suppressions", "name"))
         await self._store.delete(tenant_id, email, topic)
         return empty_pb2.Empty()
+
+
+class EventServicer(events_pb2_grpc.EventServiceServicer):
+    """The events API: what webhooks push, to pull."""
+
+    def __init__(self, reader: EventReader) -> None:
+        self._reader = reader
+
+    async def ListEvents(self, request: events_pb2.ListEventsRequest,
+                         context: grpc.aio.ServicerContext) -> events_pb2.ListEventsResponse:
+        """The caller's message events, oldest first."""
+        tenant_id = current_tenant(READ_SCOPE)
+        query = EventFilter(
+            types=tuple(request.types),
+            message_id=_resource_id(request.message, "messages", "message") if request.message else "",
+            recipient=request.recipient, tag=request.tag,
+            campaign=f"campaigns/{_resource_id(request.campaign, 'campaigns', 'campaign')}" if request.campaign else "",
+            start_time=request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None,
+            end_time=request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None,
+        )
+        page = await self._reader.list(tenant_id, query, request.page_size, request.page_token)
+        return events_pb2.ListEventsResponse(
+            events=[customer_event(**e._asdict()) for e in page.items], next_page_token=page.next_page_token)
