@@ -21,10 +21,11 @@ The steps, each a method below:
    call the halts are looked at again, so an email or campaign halted during the rate wait reaches no provider
    either.
 5. ``_record`` — the calls' outcomes into the shared provider health (one round trip for all calls).
-6. ``_conclude`` — per email, per its class's retry policy (``libs.common.message_classes``): accepted → SENT;
-   rejected → FAILED; throttled → next provider now, or wait the Retry-After; failed → next provider now (otp,
-   probes) or backoff; failure budget spent → FAILED + DEAD_LETTERED. Emails to retry now go back to step 2
-   (steps 2 to 6 are one ``_round``).
+6. ``_conclude`` — per email, per its class's retry policy (``libs.common.message_classes``): accepted → SENT,
+   and one REJECTED per recipient the provider refused while it took the email for the others (the event names
+   the recipient; the email is not sent again for them); rejected → FAILED; throttled → next provider now, or
+   wait the Retry-After; failed → next provider now (otp, probes) or backoff; failure budget spent → FAILED +
+   DEAD_LETTERED. Emails to retry now go back to step 2 (steps 2 to 6 are one ``_round``).
 7. ``_commit`` — after the last round: each email's new memory (sent marker, failed providers, failure
    count) and its lease given back, one round trip for the batch; then every event decided along the way is
    published and made durable together, and the paused campaigns' emails parked on the held stream. Only then
@@ -102,6 +103,9 @@ PARK_RETRY_S = 2.0
 SUPPRESSED_CODE = "SUPPRESSED"
 """The ``reason_code`` attribute of the FAILED event of an email whose recipient was suppressed after it was
 queued."""
+RECIPIENT_REFUSED_CODE = "RECIPIENT_REFUSED"
+"""The ``reason_code`` attribute of the REJECTED event of a recipient the provider refused when it took the email
+for the others (an SMTP relay refusing an RCPT)."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,8 @@ class EventIntent:
     final: bool = False
     reason: str = ""
     facts: AttemptFacts = NO_ATTEMPT
+    recipient: str = ""
+    """The one recipient the event is about; empty for the whole email."""
 
 
 Outbox = list[EventIntent]
@@ -583,6 +589,7 @@ class Deliverer:
                 facts = AttemptFacts(facts.provider, facts.provider_message_id, facts.attempt, facts.outcome,
                                      facts.latency_ms, {"ambiguous": "true"})
             self._sent(job, facts, pending, reason=result.reason if ambiguous else "")
+            self._refused(job, facts, result.refused_recipients, pending)
             return False
         if result.outcome is Outcome.PERMANENT and not result.provider_fault:
             self._fail(job, f"rejected by {call.provider_id}: {result.reason}", pending, facts=facts)
@@ -620,7 +627,7 @@ class Deliverer:
         trace = {job.message_id: job.incoming.trace for job in jobs}
         staged: list[asyncio.Future[None]] = [
             await self.events.stage(e.task, e.event_type, event_id=e.event_id, final=e.final, reason=e.reason,
-                                    facts=e.facts, trace=trace.get(e.task.message_id))
+                                    facts=e.facts, recipient=e.recipient, trace=trace.get(e.task.message_id))
             for e in pending]
         parks = [(job, await self._park(job)) for job in jobs if job.parked]
         try:
@@ -708,6 +715,18 @@ class Deliverer:
             job.task, messages_pb2.MESSAGE_EVENT_TYPE_SENT, event_id=f"{job.message_id}:sent", final=True,
             reason=reason, facts=facts))
         job.verdict = ACK
+
+    @staticmethod
+    def _refused(job: Job, sent: AttemptFacts, refused: Mapping[str, str], pending: Outbox) -> None:
+        """One REJECTED event per recipient the provider refused while it took the email for the others: the email
+        is SENT, to everyone but them. Not final (the email's outcome is its SENT, which settles its credits) and
+        never retried: sending again would repeat the email to the recipients who have it."""
+        for recipient, reason in refused.items():
+            pending.append(EventIntent(
+                job.task, messages_pb2.MESSAGE_EVENT_TYPE_REJECTED,
+                event_id=f"{job.message_id}:rejected:{recipient.lower()}", reason=reason, recipient=recipient,
+                facts=AttemptFacts(provider=sent.provider, provider_message_id=sent.provider_message_id,
+                                   attempt=sent.attempt, attributes={"reason_code": RECIPIENT_REFUSED_CODE})))
 
     def _fail(self, job: Job, reason: str, pending: Outbox, *, dead_letter: bool = False,
               facts: AttemptFacts | None = None) -> None:

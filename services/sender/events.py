@@ -2,8 +2,8 @@
 
 A delivery publishes all its events at its end and ``flush`` waits for JetStream's acks of all of them before
 the emails are acked: an email is only acked once its outcome is durable. Event ids are deterministic
-(``<message>:sent``, ``<message>:a:<n>`` …) and travel as ``Nats-Msg-Id``, so re-announcing an outcome after a
-crash is dropped by the stream's dedupe window.
+(``<message>:sent``, ``<message>:a:<n>``, ``<message>:rejected:<recipient>`` …) and travel as ``Nats-Msg-Id``,
+so re-announcing an outcome after a crash is dropped by the stream's dedupe window.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ class EventPublisher:
         """How long the stream may take to acknowledge a delivery's events before the delivery counts as failed."""
 
     def envelope(self, task: queue_pb2.SendTask, event_type: int, *, event_id: str, final: bool, reason: str,
-                 facts: AttemptFacts) -> queue_pb2.EventEnvelope:
-        """The event as it goes on the stream."""
+                 facts: AttemptFacts, recipient: str = "") -> queue_pb2.EventEnvelope:
+        """The event as it goes on the stream; ``recipient`` for an event about one recipient only."""
         # Fields are set one by one and only when not empty: a bulk delivery builds hundreds of these, and
         # protobuf keyword construction, empty map arguments and Timestamp.GetCurrentTime cost ~5x as much.
         envelope = queue_pb2.EventEnvelope(tenant_id=task.tenant_id, message_id=task.message_id, final=final,
@@ -67,6 +67,8 @@ class EventPublisher:
         event.event_time.seconds, event.event_time.nanos = divmod(time.time_ns(), 1_000_000_000)
         if reason:
             event.reason = reason[:1000]
+        if recipient:
+            event.recipient = recipient
         if facts.provider:
             event.provider = facts.provider
         if facts.provider_message_id:
@@ -82,11 +84,12 @@ class EventPublisher:
         return envelope
 
     async def stage(self, task: queue_pb2.SendTask, event_type: int, *, event_id: str, final: bool = False,
-                    reason: str = "", facts: AttemptFacts = NO_ATTEMPT,
+                    reason: str = "", facts: AttemptFacts = NO_ATTEMPT, recipient: str = "",
                     trace: Mapping[str, str] | None = None) -> asyncio.Future[None]:
         """Publish without waiting for the stream's ack; the returned future resolves when it is durable.
         ``trace`` is the trace context the email was queued with (else the current span's is used)."""
-        envelope = self.envelope(task, event_type, event_id=event_id, final=final, reason=reason, facts=facts)
+        envelope = self.envelope(task, event_type, event_id=event_id, final=final, reason=reason, facts=facts,
+                                 recipient=recipient)
         headers = dict(trace) if trace else dict(inject_headers({}))
         return await self.publisher.publish(self.topology.events_subject(task.tenant_id, final=final),
                                             envelope.SerializeToString(), event_id, headers)

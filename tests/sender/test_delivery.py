@@ -140,6 +140,24 @@ async def test_a_permanent_rejection_fails_the_email_without_retry(world: World)
     assert await world.delivered_to("sendgrid-1", task) == 0
 
 
+async def test_an_email_from_an_identity_ses_has_not_verified_goes_elsewhere_and_counts_against_ses(world: World):
+    await world.add_provider("ses", "ses-1", price_per_email_micros=10)
+    await world.add_provider("spare", "postmark-1", price_per_email_micros=500)
+    task = send_task("otp")
+    getattr(task, "from").email = "unverified-shop@example.com"
+
+    [verdict] = await world.deliver(task)
+
+    assert verdict.ack
+    attempted, sent = await world.events_of(task)
+    assert (attempted.event.type, attempted.event.provider) == (ATTEMPTED, "ses")
+    assert attempted.event.outcome == messages_pb2.ATTEMPT_OUTCOME_PERMANENT
+    assert "not verified" in attempted.event.reason
+    assert (sent.event.type, sent.event.provider) == (SENT, "spare")
+    await world.health.refresh(world.catalog.providers)
+    assert world.health.snapshot("ses").error_rate == 1.0
+
+
 async def test_an_ambiguous_otp_is_sent_again_elsewhere_at_once(world: World):
     await world.add_provider("hangs", "postmark-1", options={"timeout_s": "0.3"})
     await world.add_provider("spare", "sendgrid-1", price_per_email_micros=500)
