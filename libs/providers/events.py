@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.utils import getaddresses
 from enum import StrEnum
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "BounceType",
     "DeliveryEvent",
     "EventKind",
+    "addresses_in",
     "derived_event_id",
     "header_value",
     "utc_from_epoch",
@@ -134,3 +136,8 @@ def header_value(headers: Iterable[Mapping[str, Any]], name: str) -> str | None:
             value = header.get("value")
             return str(value) if value is not None else None
     return None
+
+
+def addresses_in(header: str) -> list[str]:
+    """The addresses an address header names (``"Alice" <a@example.com>, b@example.org`` → both addresses)."""
+    return [address for _name, address in getaddresses([header]) if "@" in address]

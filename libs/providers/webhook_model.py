@@ -1,6 +1,12 @@
 """What a provider's webhook handler receives, returns and raises: the contract between
 :mod:`libs.providers.webhooks` (the verifier, which owns the steps) and each ``libs/providers/<type>/webhook.py``.
 
+Handlers are tolerant: providers' real payloads leave out fields their examples show (ids, timestamps,
+recipients), so a handler falls back where the provider documents another source (a header, the envelope's
+time, the signed time) and refuses only what it cannot read at all. One unreadable item inside a readable
+body (a SendGrid batch, a Mailgun ``event-data`` without an event name) is a :class:`MalformedItem` returned
+beside the good events, never a reason to refuse the others.
+
 Exception tree (map to HTTP in the receiver)::
 
     WebhookError
@@ -9,7 +15,7 @@ Exception tree (map to HTTP in the receiver)::
     │   ├── SignatureInvalid       wrong key, tampered body, bad certificate URL, unexpected topic
     │   ├── StaleWebhook           signed too long ago (or too far in the future)
     │   ├── ReplayedWebhook        already accepted once (answer 2xx: the provider must stop retrying)
-    │   └── MalformedWebhook       authentic but not parseable
+    │   └── MalformedWebhook       the body cannot be read at all (``authentic`` says whether it was verified)
     ├── CertificateUnavailable     a signing certificate could not be fetched (transient: retry later)
     ├── UnsupportedProvider        no webhook handler for this provider type (e.g. smtp)
     └── WebhookConfigurationError  our own secrets are missing or unusable
@@ -18,7 +24,7 @@ Exception tree (map to HTTP in the receiver)::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
@@ -29,7 +35,10 @@ __all__ = [
     "CertificateFetcher",
     "CertificateUnavailable",
     "HandlerContext",
+    "MalformedItem",
     "MalformedWebhook",
+    "ParseResult",
+    "ParsedWebhook",
     "ReplayedWebhook",
     "SignatureInvalid",
     "SignatureMissing",
@@ -74,7 +83,17 @@ class ReplayedWebhook(WebhookRejected):
 
 
 class MalformedWebhook(WebhookRejected):
-    """The request is authentic (or could not be checked) but its payload cannot be understood."""
+    """The request's body cannot be read at all (not JSON, not the provider's shape).
+
+    ``authentic`` is True when the request was verified before the body turned out unreadable (the provider
+    really sent it: worth keeping for inspection), False when the body could not even be checked (anyone may
+    have sent it).
+    """
+
+    def __init__(self, message: str, *, authentic: bool = False) -> None:
+        """A refusal for ``message``; ``authentic`` as the class says."""
+        super().__init__(message)
+        self.authentic = authentic
 
 
 class CertificateUnavailable(WebhookError):
@@ -112,7 +131,32 @@ class SubscriptionConfirmation:
     """SNS's human-readable message."""
 
 
+@dataclass(frozen=True)
+class MalformedItem:
+    """One item of an authentic callback that could not be turned into an event, kept as received."""
+
+    raw: Any
+    """The item as received (parsed JSON), for inspection."""
+    reason: str
+    """Why it could not be read."""
+    index: int | None = None
+    """Its position in a batched body (SendGrid), None for a body of one item."""
+
+
+@dataclass(frozen=True)
+class ParsedWebhook:
+    """What an authentic callback said: its events, and the items that could not be read."""
+
+    events: list[DeliveryEvent]
+    """The normalised events (possibly empty: providers also report things we do not track)."""
+    malformed: list[MalformedItem] = field(default_factory=list)
+    """Items that could not be read; the good events are still used."""
+
+
 WebhookResult = list[DeliveryEvent] | SubscriptionConfirmation
+"""What :meth:`~libs.providers.webhooks.WebhookVerifier.verify_and_parse` returns: the good events only."""
+ParseResult = ParsedWebhook | SubscriptionConfirmation
+"""What a handler's ``parse`` (and :meth:`~libs.providers.webhooks.WebhookVerifier.verify`) returns."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +227,9 @@ class WebhookHandler(Protocol):
         """Check the signature/credentials; raise a :class:`WebhookRejected` subclass if they fail."""
         ...
 
-    def parse(self, request: WebhookRequest, authenticated: AuthenticatedWebhook) -> WebhookResult:
-        """Turn an authenticated payload into events; raise :class:`MalformedWebhook` if it can't."""
+    def parse(self, request: WebhookRequest, authenticated: AuthenticatedWebhook) -> ParseResult:
+        """Turn an authenticated payload into events and unreadable items.
+
+        Raise :class:`MalformedWebhook` only when nothing in the body can be read.
+        """
         ...

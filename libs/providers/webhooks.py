@@ -1,12 +1,18 @@
 """Verify and parse providers' delivery webhooks into :class:`~libs.providers.events.DeliveryEvent` values.
 
-The entry point is :meth:`WebhookVerifier.verify_and_parse`. Every request goes through the same steps:
+The entry point is :meth:`WebhookVerifier.verify` (:meth:`WebhookVerifier.verify_and_parse` when only the good
+events matter). Every request goes through the same steps:
 
 1. the provider's handler **authenticates** it (signature or credentials; where the provider signs the raw
    bytes this happens before any JSON parsing) and reports when it was signed and a replay key;
 2. the signing time must lie within the provider's **freshness window** (either side of ``now``);
-3. the payload is **parsed** into normalised events (or an SNS subscription confirmation);
+3. the payload is **parsed** into normalised events (or an SNS subscription confirmation), beside the items
+   that could not be read (kept, not fatal: one bad item in a batch never costs the good ones);
 4. the replay key is recorded in a :class:`ReplayGuard`; a key seen before is rejected.
+
+Only steps 1, 2 and 4 refuse a request for what it is (forged, stale, replayed); step 3 refuses it
+(:class:`~libs.providers.webhook_model.MalformedWebhook`, marked authentic) only when nothing in the body can
+be read.
 
 Handlers live next to each provider's send code in ``libs/providers/<type>/webhook.py`` and expose
 ``create_handler(context: HandlerContext) -> WebhookHandler``; they are found by provider type, so adding a
@@ -19,6 +25,7 @@ The handlers' contract (what they receive, return and raise, with the exception 
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import re
 import time
@@ -29,6 +36,9 @@ from typing import TYPE_CHECKING, Protocol
 from libs.providers.webhook_model import (
     CertificateFetcher,
     HandlerContext,
+    MalformedWebhook,
+    ParsedWebhook,
+    ParseResult,
     ReplayedWebhook,
     StaleWebhook,
     UnsupportedProvider,
@@ -50,6 +60,8 @@ __all__ = [
     "register_handler_factory",
 ]
 
+
+log = logging.getLogger(__name__)
 
 HandlerFactory = Callable[[HandlerContext], WebhookHandler]
 
@@ -189,7 +201,7 @@ class WebhookVerifier:
         """The freshness window applied to a provider type."""
         return self._tolerances.get(provider_type) or self.handler(provider_type).default_tolerance
 
-    async def verify_and_parse(
+    async def verify(
         self,
         provider_type: str,
         secrets: Mapping[str, str],
@@ -198,8 +210,8 @@ class WebhookVerifier:
         now: datetime | None = None,
         *,
         provider_name: str | None = None,
-    ) -> WebhookResult:
-        """Authenticate a webhook request and return its normalised events.
+    ) -> ParseResult:
+        """Authenticate a webhook request and return its events and the items that could not be read.
 
         Args:
             provider_type: ``mailgun``, ``sendgrid``, ``ses`` or ``postmark``.
@@ -210,11 +222,13 @@ class WebhookVerifier:
             provider_name: the configured provider instance; defaults to ``provider_type``.
 
         Returns:
-            The events (possibly empty: providers also report things we do not track), or, for SNS,
-            a :class:`SubscriptionConfirmation` the receiver must confirm.
+            A :class:`~libs.providers.webhook_model.ParsedWebhook` (events possibly empty: providers also
+            report things we do not track; unreadable items beside them), or, for SNS, a
+            :class:`~libs.providers.webhook_model.SubscriptionConfirmation` the receiver must confirm.
 
         Raises:
-            WebhookRejected: (a subclass) the request must not be trusted; nothing was recorded.
+            WebhookRejected: (a subclass) the request must not be trusted, or (``MalformedWebhook``) nothing
+                in it can be read; nothing was recorded.
             UnsupportedProvider: the provider type has no webhooks.
             WebhookConfigurationError: the secrets are incomplete.
         """
@@ -228,13 +242,40 @@ class WebhookVerifier:
                 f"signed at {authenticated.signed_at.isoformat()}, {skew.total_seconds():.0f}s from now "
                 f"(window {tolerance.total_seconds():.0f}s)"
             )
-        result = handler.parse(request, authenticated)
+        try:
+            result = handler.parse(request, authenticated)
+        except MalformedWebhook as exc:
+            # Authentication passed, so whatever parse cannot read, the provider really sent.
+            raise MalformedWebhook(str(exc), authentic=True) from exc
         # Remember the key for as long as this request would still pass the freshness check, no longer.
         remaining = authenticated.signed_at + tolerance - request.now
         ttl_s = max(1, math.ceil(remaining.total_seconds()) + 1)
         if await self._replay_guard.seen(f"{provider_type}:{authenticated.replay_key}", ttl_s):
             raise ReplayedWebhook(f"{provider_type} webhook already accepted")
         return result
+
+    async def verify_and_parse(
+        self,
+        provider_type: str,
+        secrets: Mapping[str, str],
+        headers: Mapping[str, str],
+        body: bytes,
+        now: datetime | None = None,
+        *,
+        provider_name: str | None = None,
+    ) -> WebhookResult:
+        """Like :meth:`verify`, returning the good events only (unreadable items are logged, then dropped).
+
+        For callers that keep nothing for inspection (tests, the simulator's checks); the receiver uses
+        :meth:`verify` and stores the unreadable items.
+        """
+        result = await self.verify(provider_type, secrets, headers, body, now, provider_name=provider_name)
+        if not isinstance(result, ParsedWebhook):
+            return result
+        for item in result.malformed:
+            log.warning("dropping an unreadable webhook item", extra={"provider_type": provider_type,
+                                                                     "reason": item.reason, "index": item.index})
+        return list(result.events)
 
     async def release(
         self,

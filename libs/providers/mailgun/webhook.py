@@ -7,7 +7,21 @@ Mailgun posts one JSON event per request: ``{"signature": {"timestamp", "token",
 {...}}``. The signature is lowercase hex HMAC-SHA256(signing key, ``timestamp + token``); it does not cover
 ``event-data``, which is why the token is also a replay key. For subaccount domains Mailgun adds a
 ``parent-signature`` made with the primary account's key; either signature verifying is enough, so one key
-can be configured per account. Legacy form-encoded webhooks are not supported (the JSON ones replaced them).
+can be configured per account. Legacy form-encoded webhooks are not supported: Mailgun made them read-only in
+April 2023 and retired them in October 2023 (help.mailgun.com, "Legacy Webhooks").
+
+Mailgun guarantees only ``event`` and ``timestamp`` in an event; everything else may be missing, so:
+
+* the recipient is ``recipient``, else (a ``rejected`` event has none: Mailgun refused the whole request) every
+  address of the ``To`` header in ``message.headers``, else ``message.recipients``, else ``envelope.targets``;
+  a ``rejected`` event yields one event per such address;
+* an event without ``id`` (older events have none) gets one derived from its content, stable across retries;
+* an event without ``timestamp`` happened when it was signed;
+* a ``failed`` event without ``severity`` is temporary when its SMTP code is 4xx, permanent otherwise.
+
+An ``event-data`` that still cannot be read (no event name, nobody it is about, nothing to match it by) is a
+:class:`~libs.providers.webhook_model.MalformedItem`: kept for inspection and answered 2xx, since Mailgun's
+retries would carry the same payload.
 
 Freshness window: 15 minutes either side of now, by default. Mailgun's documentation recommends checking the
 timestamp without giving a number; receivers with a 5-minute window report rejecting genuine webhooks that
@@ -22,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from libs.providers.events import (
@@ -31,16 +45,20 @@ from libs.providers.events import (
     BounceType,
     DeliveryEvent,
     EventKind,
+    addresses_in,
+    derived_event_id,
     utc_from_epoch,
 )
 from libs.providers.webhook_model import (
     AuthenticatedWebhook,
     HandlerContext,
+    MalformedItem,
     MalformedWebhook,
+    ParsedWebhook,
+    ParseResult,
     SignatureInvalid,
     SignatureMissing,
     WebhookRequest,
-    WebhookResult,
 )
 
 __all__ = [
@@ -102,29 +120,35 @@ class MailgunWebhookHandler:
         try:
             signed_at = utc_from_epoch(float(timestamp))
         except (ValueError, OverflowError) as exc:
-            raise MalformedWebhook(f"mailgun signature timestamp is not a number: {timestamp!r}") from exc
+            raise MalformedWebhook(
+                f"mailgun signature timestamp is not a number: {timestamp!r}", authentic=True
+            ) from exc
         return AuthenticatedWebhook(signed_at=signed_at, replay_key=f"token:{token}", payload=payload)
 
-    def parse(self, request: WebhookRequest, authenticated: AuthenticatedWebhook) -> WebhookResult:
-        """Turn ``event-data`` into at most one event (``accepted`` and unknown events yield none)."""
+    def parse(self, request: WebhookRequest, authenticated: AuthenticatedWebhook) -> ParseResult:
+        """Turn ``event-data`` into events (``accepted`` and unknown events yield none)."""
         event_data = authenticated.payload.get("event-data")
         if not isinstance(event_data, dict):
             raise MalformedWebhook("mailgun webhook has no event-data object")
         try:
-            event = _event(request.provider_name, event_data)
+            events = _events(request.provider_name, event_data, authenticated.signed_at)
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise MalformedWebhook(f"mailgun event-data is incomplete: {exc!r}") from exc
-        return [event] if event is not None else []
+            return ParsedWebhook([], [MalformedItem(event_data, f"mailgun event-data unreadable: {exc}")])
+        return ParsedWebhook(events)
 
 
-def _event(provider_name: str, data: dict[str, Any]) -> DeliveryEvent | None:
-    name = data["event"]
-    reason = data.get("reason") or None
+def _events(provider_name: str, data: dict[str, Any], signed_at: datetime) -> list[DeliveryEvent]:
+    name = data.get("event")
+    if not isinstance(name, str) or not name:
+        raise ValueError("no event name")
+    reason = _text(data.get("reason"))
+    diagnostic: str | None = None
     bounce_type: BounceType | None = None
+    delivery_status = _mapping(data.get("delivery-status"))
     if name in _SIMPLE_KINDS:
         kind = _SIMPLE_KINDS[name]
     elif name == "failed":
-        if data.get("severity") == "temporary":
+        if _severity(data, delivery_status) == "temporary":
             kind = EventKind.DEFERRED
         elif reason in _SUPPRESSION_REASONS:
             kind = EventKind.REJECTED
@@ -132,32 +156,86 @@ def _event(provider_name: str, data: dict[str, Any]) -> DeliveryEvent | None:
             kind = EventKind.BOUNCED
             bounce_type = BounceType.SOFT if reason in _SOFT_PERMANENT_REASONS else BounceType.HARD
     else:
+        return []
+    if kind is EventKind.REJECTED and name == "rejected":
+        reject = _mapping(data.get("reject"))
+        reason = _text(reject.get("reason")) or reason
+        diagnostic = _text(reject.get("description"))
+    diagnostic = diagnostic or _text(delivery_status.get("description")) or _text(delivery_status.get("message"))
+    message = _mapping(data.get("message"))
+    headers = _mapping(message.get("headers"))
+    header_message_id = _text(headers.get("message-id"))
+    user_variables = _mapping(data.get("user-variables"))
+    our_id = _text(user_variables.get(ESP_MESSAGE_ID_VARIABLE))
+    recipients = _recipients(data, message, headers)
+    if not recipients:
+        if not (header_message_id or our_id):
+            raise ValueError("names no recipient and no message id")
+        recipients = [""]  # still about a message we can find; the receiver may know its only recipient
+    raw_timestamp = data.get("timestamp")
+    occurred_at = utc_from_epoch(float(raw_timestamp)) if raw_timestamp is not None else signed_at
+    url = _text(data.get("url")) if kind is EventKind.CLICKED else None
+    provider_id = data.get("id")
+    events = []
+    for recipient in recipients:
+        if provider_id and len(recipients) == 1:
+            event_id = str(provider_id)
+        else:
+            parts = [provider_id or "", name, header_message_id or "", our_id or "", recipient,
+                     raw_timestamp if raw_timestamp is not None else signed_at.isoformat(), reason or "", url or ""]
+            event_id = derived_event_id(PROVIDER_TYPE, parts)
+        events.append(
+            DeliveryEvent(
+                kind=kind,
+                provider_type=PROVIDER_TYPE,
+                provider_name=provider_name,
+                recipient=recipient,
+                occurred_at=occurred_at,
+                event_id=event_id,
+                # The send API returns the id in angle brackets; webhooks drop them. Put them back to match.
+                provider_message_id=f"<{header_message_id.strip('<>')}>" if header_message_id else None,
+                message_id=our_id,
+                tenant_id=_text(user_variables.get(ESP_TENANT_ID_VARIABLE)),
+                bounce_type=bounce_type,
+                reason=reason,
+                diagnostic=diagnostic,
+                url=url,
+                raw=data,
+            )
+        )
+    return events
+
+
+def _recipients(data: dict[str, Any], message: dict[str, Any], headers: dict[str, Any]) -> list[str]:
+    recipient = _text(data.get("recipient"))
+    if recipient:
+        return [recipient]
+    found = addresses_in(_text(headers.get("to")) or "")
+    if not found:
+        listed = message.get("recipients")
+        found = [str(item) for item in listed if item] if isinstance(listed, list) else []
+    if not found:
+        found = addresses_in(_text(_mapping(data.get("envelope")).get("targets")) or "")
+    return list(dict.fromkeys(found))
+
+
+def _severity(data: dict[str, Any], delivery_status: dict[str, Any]) -> str:
+    severity = _text(data.get("severity"))
+    if severity:
+        return severity.lower()
+    code = str(delivery_status.get("code") or "")
+    return "temporary" if code.startswith("4") else "permanent"
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any) -> str | None:
+    if value is None or isinstance(value, dict | list):
         return None
-    message = data.get("message") or {}
-    headers = message.get("headers") or {}
-    header_message_id = headers.get("message-id")
-    user_variables = data.get("user-variables") or {}
-    our_id = user_variables.get(ESP_MESSAGE_ID_VARIABLE)
-    tenant_id = user_variables.get(ESP_TENANT_ID_VARIABLE)
-    delivery_status = data.get("delivery-status") or {}
-    diagnostic = delivery_status.get("description") or delivery_status.get("message") or None
-    return DeliveryEvent(
-        kind=kind,
-        provider_type=PROVIDER_TYPE,
-        provider_name=provider_name,
-        recipient=str(data["recipient"]),
-        occurred_at=utc_from_epoch(float(data["timestamp"])),
-        event_id=str(data["id"]),
-        # The send API returns the id in angle brackets; webhooks drop them. Put them back to match.
-        provider_message_id=f"<{header_message_id}>" if header_message_id else None,
-        message_id=str(our_id) if our_id else None,
-        tenant_id=str(tenant_id) if tenant_id else None,
-        bounce_type=bounce_type,
-        reason=reason,
-        diagnostic=diagnostic,
-        url=data.get("url") if kind is EventKind.CLICKED else None,
-        raw=data,
-    )
+    text = str(value).strip()
+    return text or None
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

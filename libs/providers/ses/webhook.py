@@ -22,7 +22,20 @@ at most 3,600 s (a hard SNS limit), plus 5 minutes of clock skew. Replay key: th
 
 ``Message`` is parsed in both forms: event publishing (``eventType``: Send, Reject, Bounce, Complaint,
 Delivery, Open, Click, Rendering Failure, DeliveryDelay, Subscription) and identity notifications
-(``notificationType``: Bounce, Complaint, Delivery).
+(``notificationType``: Bounce, Complaint, Delivery). SES reserves the right to add fields and real records
+leave out some the examples show, so the parser tolerates what it can do without:
+
+* an event object without its own ``timestamp`` happened when SNS published it (the envelope's signed
+  ``Timestamp``), else when the email was sent (``mail.timestamp``); Reject, Rendering Failure and Send are
+  dated by ``mail.timestamp``, which is theirs;
+* a bounce, complaint, delivery or delay without its recipient list is about every ``mail.destination``;
+  a recipient given as a bare address string is read like one given as ``{"emailAddress": ...}``;
+* a bounce without ``bounceType`` is ``Undetermined`` (soft: it must not suppress the address);
+* without ``mail.messageId`` the event is matched by our own message id (tags or header).
+
+A ``Message`` that is JSON but still cannot be read is a :class:`~libs.providers.webhook_model.MalformedItem`
+(kept for inspection, answered 2xx: SNS would retry the same document); one that is not JSON at all refuses
+the request as malformed.
 """
 
 from __future__ import annotations
@@ -59,12 +72,14 @@ from libs.providers.webhook_model import (
     CertificateFetcher,
     CertificateUnavailable,
     HandlerContext,
+    MalformedItem,
     MalformedWebhook,
+    ParsedWebhook,
+    ParseResult,
     SignatureInvalid,
     SignatureMissing,
     SubscriptionConfirmation,
     WebhookRequest,
-    WebhookResult,
 )
 
 __all__ = [
@@ -252,7 +267,7 @@ class SesWebhookHandler:
             signed_at=signed_at, replay_key=f"sns:{document['MessageId']}", payload=document
         )
 
-    def parse(self, request: WebhookRequest, authenticated: AuthenticatedWebhook) -> WebhookResult:
+    def parse(self, request: WebhookRequest, authenticated: AuthenticatedWebhook) -> ParseResult:
         """A confirmation, or the SES events inside a notification's ``Message``."""
         document: dict[str, Any] = authenticated.payload
         message_type = document["Type"]
@@ -265,12 +280,12 @@ class SesWebhookHandler:
                 message=document["Message"],
             )
         if message_type == UNSUBSCRIBE_CONFIRMATION:
-            return []
+            return ParsedWebhook([])
         message = _json_object(document["Message"].encode(), "SNS Message")
         try:
-            return _events(request.provider_name, message)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise MalformedWebhook(f"SES event is incomplete: {exc!r}") from exc
+            return ParsedWebhook(_events(request.provider_name, message, str(document["Timestamp"])))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            return ParsedWebhook([], [MalformedItem(message, f"SES event unreadable: {exc!r}")])
 
     async def _certificate(self, url: str) -> x509.Certificate:
         certificate = self._certificates.get(url)
@@ -288,104 +303,104 @@ class SesWebhookHandler:
         return certificate
 
 
-def _events(provider_name: str, message: dict[str, Any]) -> list[DeliveryEvent]:
+def _events(provider_name: str, message: dict[str, Any], published_at: str) -> list[DeliveryEvent]:
     event_type = message.get("eventType") or message.get("notificationType")
-    mail = message["mail"]
-    common = _Common(provider_name, message, mail)
+    common = _Common(provider_name, message, published_at)
     match event_type:
         case "Delivery":
-            delivery = message["delivery"]
+            delivery = common.section("delivery")
             return [
                 common.event(
                     EventKind.DELIVERED,
                     recipient,
-                    delivery["timestamp"],
+                    common.time_of(delivery),
                     diagnostic=delivery.get("smtpResponse"),
                 )
-                for recipient in delivery["recipients"]
+                for recipient in common.recipients(delivery.get("recipients"))
             ]
         case "Bounce":
-            bounce = message["bounce"]
+            bounce = common.section("bounce")
+            kind_of_bounce = str(bounce.get("bounceType") or "Undetermined")
             # Only Permanent says the address is bad; Transient and Undetermined must not suppress it.
-            bounce_type = BounceType.HARD if bounce["bounceType"] == "Permanent" else BounceType.SOFT
-            reason = f"{bounce['bounceType']}/{bounce.get('bounceSubType', '')}".rstrip("/")
+            bounce_type = BounceType.HARD if kind_of_bounce == "Permanent" else BounceType.SOFT
+            reason = f"{kind_of_bounce}/{bounce.get('bounceSubType') or ''}".rstrip("/")
             return [
                 common.event(
                     EventKind.BOUNCED,
-                    recipient["emailAddress"],
-                    bounce["timestamp"],
+                    recipient,
+                    common.time_of(bounce),
                     bounce_type=bounce_type,
                     reason=reason,
-                    diagnostic=recipient.get("diagnosticCode") or recipient.get("status"),
+                    diagnostic=details.get("diagnosticCode") or details.get("status"),
                     identity=bounce.get("feedbackId"),
                 )
-                for recipient in bounce["bouncedRecipients"]
+                for recipient, details in common.recipients_with_details(bounce.get("bouncedRecipients"))
             ]
         case "Complaint":
-            complaint = message["complaint"]
+            complaint = common.section("complaint")
             return [
                 common.event(
                     EventKind.COMPLAINED,
-                    recipient["emailAddress"],
-                    complaint["timestamp"],
+                    recipient,
+                    common.time_of(complaint),
                     reason=complaint.get("complaintFeedbackType"),
                     identity=complaint.get("feedbackId"),
                 )
-                for recipient in complaint["complainedRecipients"]
+                for recipient in common.recipients(complaint.get("complainedRecipients"))
             ]
         case "DeliveryDelay":
-            delay = message["deliveryDelay"]
+            delay = common.section("deliveryDelay")
             return [
                 common.event(
                     EventKind.DEFERRED,
-                    recipient["emailAddress"],
-                    delay["timestamp"],
+                    recipient,
+                    common.time_of(delay),
                     reason=delay.get("delayType"),
-                    diagnostic=recipient.get("diagnosticCode") or recipient.get("status"),
+                    diagnostic=details.get("diagnosticCode") or details.get("status"),
                 )
-                for recipient in delay["delayedRecipients"]
+                for recipient, details in common.recipients_with_details(delay.get("delayedRecipients"))
             ]
         case "Reject":
+            reject = common.section("reject")
             return [
-                common.event(
-                    EventKind.REJECTED, recipient, mail["timestamp"], reason=message["reject"].get("reason")
-                )
-                for recipient in mail["destination"]
+                common.event(EventKind.REJECTED, recipient, common.sent_at(), reason=reject.get("reason"))
+                for recipient in common.recipients(None)
             ]
-        case "Rendering Failure":
-            failure = message["failure"]
+        case "Rendering Failure" | "RenderingFailure":
+            failure = common.section("failure")
             return [
                 common.event(
                     EventKind.REJECTED,
                     recipient,
-                    mail["timestamp"],
+                    common.sent_at(),
                     reason="Rendering Failure",
                     diagnostic=failure.get("errorMessage"),
                 )
-                for recipient in mail["destination"]
+                for recipient in common.recipients(None)
             ]
         case "Open":
-            opened = message["open"]
-            return [common.event(EventKind.OPENED, common.engagement_recipient(), opened["timestamp"])]
+            opened = common.section("open")
+            return [common.event(EventKind.OPENED, common.engagement_recipient(), common.time_of(opened))]
         case "Click":
-            click = message["click"]
+            click = common.section("click")
             return [
                 common.event(
                     EventKind.CLICKED,
                     common.engagement_recipient(),
-                    click["timestamp"],
+                    common.time_of(click),
                     url=click.get("link"),
                 )
             ]
         case "Subscription":
-            subscription = message["subscription"]
-            if not _opted_out(subscription.get("newTopicPreferences") or {}):
+            subscription = common.section("subscription")
+            preferences = subscription.get("newTopicPreferences")
+            if not _opted_out(preferences if isinstance(preferences, dict) else {}):
                 return []
             return [
                 common.event(
                     EventKind.UNSUBSCRIBED,
                     common.engagement_recipient(),
-                    subscription["timestamp"],
+                    common.time_of(subscription),
                     reason=subscription.get("contactList"),
                 )
             ]
@@ -402,25 +417,67 @@ def _opted_out(preferences: Mapping[str, Any]) -> bool:
 
 
 class _Common:
-    """What every event from one SES message shares."""
+    """What every event from one SES message shares, and its fallbacks for what a record leaves out."""
 
-    def __init__(self, provider_name: str, message: dict[str, Any], mail: dict[str, Any]) -> None:
+    def __init__(self, provider_name: str, message: dict[str, Any], published_at: str) -> None:
         self.provider_name = provider_name
         self.message = message
-        self.mail = mail
+        self.published_at = published_at
+        mail = message.get("mail")
+        self.mail: dict[str, Any] = mail if isinstance(mail, dict) else {}
         self.event_type = str(message.get("eventType") or message.get("notificationType"))
-        tags = mail.get("tags") or {}
+        tags = self.mail.get("tags")
+        tags = tags if isinstance(tags, dict) else {}
         tagged = tags.get(ESP_MESSAGE_ID_VARIABLE) or []
+        headers = self.mail.get("headers")
         self.message_id = (
-            tagged[0] if tagged else header_value(mail.get("headers") or [], ESP_MESSAGE_ID_HEADER)
+            tagged[0] if tagged else header_value(headers if isinstance(headers, list) else [],
+                                                  ESP_MESSAGE_ID_HEADER)
         )
         tenant_tagged = tags.get(ESP_TENANT_ID_VARIABLE) or []
         self.tenant_id = tenant_tagged[0] if tenant_tagged else None
+        provider_message_id = self.mail.get("messageId")
+        self.provider_message_id = str(provider_message_id) if provider_message_id else None
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The event's own object (``bounce``, ``delivery`` ...), empty when the record leaves it out."""
+        section = self.message.get(name)
+        return section if isinstance(section, dict) else {}
+
+    def sent_at(self) -> str:
+        """When the email was sent (``mail.timestamp``), else when SNS published the event."""
+        return str(self.mail.get("timestamp") or self.published_at)
+
+    def time_of(self, section: Mapping[str, Any]) -> str:
+        """The event's own time, else when SNS published it, else when the email was sent."""
+        return str(section.get("timestamp") or self.published_at or self.mail.get("timestamp"))
+
+    def destination(self) -> list[str]:
+        destination = self.mail.get("destination")
+        return [str(address) for address in destination if address] if isinstance(destination, list) else []
+
+    def recipients_with_details(self, listed: Any) -> list[tuple[str, dict[str, Any]]]:
+        """Each recipient an event lists (objects with ``emailAddress``, or bare addresses), else every
+        destination of the email; raises when there is nobody the event is about."""
+        found: list[tuple[str, dict[str, Any]]] = []
+        for entry in listed if isinstance(listed, list) else []:
+            if isinstance(entry, dict) and entry.get("emailAddress"):
+                found.append((str(entry["emailAddress"]), entry))
+            elif isinstance(entry, str) and entry:
+                found.append((entry, {}))
+        if not found:
+            found = [(address, {}) for address in self.destination()]
+        if not found:
+            raise ValueError(f"{self.event_type} event names no recipient and its mail no destination")
+        return found
+
+    def recipients(self, listed: Any) -> list[str]:
+        return [recipient for recipient, _details in self.recipients_with_details(listed)]
 
     def engagement_recipient(self) -> str:
         # Open, Click and Subscription events do not say which recipient acted; with one destination (how
         # we send) it is that one, otherwise all destinations are reported together.
-        return ", ".join(self.mail["destination"])
+        return ", ".join(self.destination())
 
     def event(
         self,
@@ -435,8 +492,11 @@ class _Common:
         identity: str | None = None,
     ) -> DeliveryEvent:
         occurred_at: datetime = utc_from_iso(timestamp)
+        if not (recipient or self.provider_message_id or self.message_id):
+            raise ValueError(f"{self.event_type} event names no recipient and no message")
         # Content-derived ids dedupe SES's own duplicate publications as well as SNS retries.
-        id_parts = [identity or self.mail["messageId"], self.event_type, recipient, timestamp, url or ""]
+        id_parts = [identity or self.provider_message_id or self.message_id, self.event_type, recipient,
+                    timestamp, url or ""]
         return DeliveryEvent(
             kind=kind,
             provider_type=PROVIDER_TYPE,
@@ -444,7 +504,7 @@ class _Common:
             recipient=recipient,
             occurred_at=occurred_at,
             event_id=derived_event_id(PROVIDER_TYPE, id_parts),
-            provider_message_id=self.mail["messageId"],
+            provider_message_id=self.provider_message_id,
             message_id=self.message_id,
             tenant_id=self.tenant_id,
             bounce_type=bounce_type,
