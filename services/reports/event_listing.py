@@ -102,8 +102,10 @@ class EventReader:
             sql += " AND e.message_id = %s"
             args.append(query.message_id)
         if query.recipient:
-            sql += """ AND (lower(e.recipient) = %s OR EXISTS (
-                SELECT FROM jsonb_array_elements(m.to_addrs) AS t WHERE lower(t->>'email') = %s))"""
+            # An event about one recipient matches that recipient only; a whole-message event (no recipient of
+            # its own) matches any To address of its message.
+            sql += """ AND CASE WHEN e.recipient <> '' THEN lower(e.recipient) = %s ELSE EXISTS (
+                SELECT FROM jsonb_array_elements(m.to_addrs) AS t WHERE lower(t->>'email') = %s) END"""
             args += [normalise_email(query.recipient)] * 2
         if query.tag:
             sql += " AND %s = ANY(m.tags)"
