@@ -113,34 +113,30 @@ def seed_demo(config: m.MeshConfig) -> str:
 
 
 def seed_simulated_providers(config: m.MeshConfig) -> None:
-    """One provider per simulator personality, with its webhooks pointed at the reports receiver."""
+    """One provider per simulator personality, with its webhooks pointed at the reports receiver and their signing
+    secrets set through the admin RPC (the router seals them; reports reads them from the provider catalog)."""
     import httpx
-    from psycopg.types.json import Jsonb
 
     from dev.simulator.model import default_personalities
 
     description = SIMULATOR["description"]
     http_url = description["http_url"]
     endpoint = f"127.0.0.1:{config.ports['ingest']}"
-    with grpc.insecure_channel(endpoint) as channel, httpx.Client(base_url=http_url, timeout=10) as sim, \
-            psycopg.connect(config.postgres_dsn, autocommit=True) as conn:
+    with grpc.insecure_channel(endpoint) as channel, httpx.Client(base_url=http_url, timeout=10) as sim:
         for personality in default_personalities():
             provider = personality.provider_config(http_url, description["smtp_host"], description["smtp_port"])
-            seed.ensure_provider(channel, config.admin_token, seed.ProviderSeed(
-                id=personality.name, type=personality.type, endpoint=provider.endpoint,
-                credentials=dict(provider.credentials), options=dict(provider.options), region=provider.region,
-                price_per_email_micros=SIMULATED_PRICES.get(personality.name, 100)))
             knobs: dict[str, object] = {"latency_ms": 40, "jitter_ms": 40}
+            webhook_secrets: dict[str, str] = {}
             # SES callbacks are signed with a certificate the simulator serves over plain HTTP on loopback, which
             # the SNS verifier (rightly) refuses: SES webhooks are exercised by the webhook tests instead.
             if personality.type not in ("smtp", "ses"):
                 knobs["webhook_url"] = f"http://127.0.0.1:{config.webhook_port}/webhooks/{personality.name}"
-                secrets = sim.get(f"/_sim/personalities/{personality.name}").json()["webhooks"]["receiver_secrets"]
-                conn.execute(
-                    """INSERT INTO reports.provider_webhook_secrets (provider_name, provider_type, secrets)
-                       VALUES (%s, %s, %s) ON CONFLICT (provider_name) DO UPDATE
-                       SET provider_type = excluded.provider_type, secrets = excluded.secrets""",
-                    (personality.name, personality.type, Jsonb(secrets)))
+                webhook_secrets = sim.get(f"/_sim/personalities/{personality.name}").json()["webhooks"][
+                    "receiver_secrets"]
+            seed.ensure_provider(channel, config.admin_token, seed.ProviderSeed(
+                id=personality.name, type=personality.type, endpoint=provider.endpoint,
+                credentials=dict(provider.credentials), options=dict(provider.options), region=provider.region,
+                price_per_email_micros=SIMULATED_PRICES.get(personality.name, 100), webhook_secrets=webhook_secrets))
             sim.patch(f"/_sim/personalities/{personality.name}/knobs", json=knobs).raise_for_status()
 
 

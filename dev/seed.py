@@ -32,6 +32,8 @@ class ProviderSeed:
     daily_quota: int = 0
     allowed_classes: Sequence[str] = ()
     region: str = ""
+    webhook_secrets: Mapping[str, str] = field(default_factory=dict)
+    """What verifies the provider's delivery webhooks (write-only, sealed by the router)."""
 
 
 def _admin(token: str) -> tuple[tuple[str, str], ...]:
@@ -71,7 +73,7 @@ def ensure_provider(channel: grpc.Channel, admin_token: str, seed: ProviderSeed)
     stub = providers_pb2_grpc.ProviderServiceStub(channel)
     provider = providers_pb2.Provider(
         type=seed.type, display_name=seed.id, endpoint=seed.endpoint, region=seed.region,
-        credentials=dict(seed.credentials), options=dict(seed.options),
+        credentials=dict(seed.credentials), webhook_secrets=dict(seed.webhook_secrets), options=dict(seed.options),
         price_per_email_micros=seed.price_per_email_micros, rate_limit_per_second=seed.rate_limit_per_second,
         daily_quota=seed.daily_quota, allowed_classes=[MessageClass(c).proto for c in seed.allowed_classes], weight=1.0)
     try:

@@ -41,6 +41,7 @@ __all__ = [
     "SecretBox",
     "SecretUnreadable",
     "generate_key_setting",
+    "optional_secret_box",
 ]
 
 KEY_BYTES = 32
@@ -162,6 +163,17 @@ def generate_key_setting(key_id: str = "k1") -> str:
     if not _KEY_ID.fullmatch(key_id):
         raise ValueError("key ids are 1-64 characters of A-Z a-z 0-9 _ . -")
     return f"{key_id}:" + base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode("ascii")
+
+
+def optional_secret_box(keys: str) -> SecretBox | None:
+    """The box of an ``ESP_SECRETS_KEYS`` value, or None when it is empty (a service that only reads sealed values
+    where it can); ValueError prefixed with the setting's name when it is malformed."""
+    if not keys.strip():
+        return None
+    try:
+        return SecretBox.from_setting(keys)
+    except ValueError as exc:
+        raise ValueError(f"ESP_SECRETS_KEYS: {exc}") from None
 
 
 def _split_header(sealed: bytes, context: str) -> tuple[bytes, bytes]:

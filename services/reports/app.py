@@ -16,6 +16,7 @@ from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
 from libs.common.outbox import OutboxPublisher
 from libs.common.redis import create_redis
+from libs.common.secret_box import optional_secret_box
 from libs.providers.webhook_model import CertificateFetcher
 from libs.providers.webhooks import RedisReplayGuard, WebhookVerifier
 from services.reports.config import DEFAULT_GRPC_PORT, ReportsSettings
@@ -23,6 +24,7 @@ from services.reports.consumer import ConsumerOptions, EventConsumer
 from services.reports.customer_events import OUTBOX_TABLE
 from services.reports.event_listing import EventReader
 from services.reports.one_click import OneClickUnsubscriber, unsubscribe_routes
+from services.reports.provider_secrets import open_provider_webhook_secrets
 from services.reports.queries import MessageReader
 from services.reports.server import EventServicer, MessageReadServicer, StatsServicer, SuppressionServicer
 from services.reports.stats import StatsReader
@@ -30,7 +32,6 @@ from services.reports.suppressions import SuppressionStore, resync_redis
 from services.reports.webhook_receiver import (
     SubscriptionConfirmer,
     WebhookReceiver,
-    WebhookSecretsStore,
     log_subscription_confirmation,
     serve_http,
 )
@@ -65,6 +66,8 @@ async def build_app(settings: ReportsSettings, *,
         await ensure_streams(js, topology)
         if settings.resync_suppressions_on_start:
             await resync_redis(pool, redis, settings.namespace)
+        secrets = optional_secret_box(settings.secrets_keys)
+        webhook_secrets = await open_provider_webhook_secrets(js, settings.namespace, secrets)
     except BaseException:
         for close in reversed(closers):
             with contextlib.suppress(Exception):
@@ -82,8 +85,10 @@ async def build_app(settings: ReportsSettings, *,
     replay_guard = RedisReplayGuard(redis, key_prefix=f"{settings.namespace or 'esp'}:webhook-replay:")
     receiver = WebhookReceiver(
         pool, js, topology, WebhookVerifier(replay_guard, certificate_fetcher=certificate_fetcher),
-        WebhookSecretsStore(pool, ttl_s=settings.webhook_secrets_cache_s), confirmer=confirmer,
+        webhook_secrets, confirmer=confirmer,
     )
+    if secrets is None:
+        log.warning("ESP_SECRETS_KEYS is not set: webhooks of providers with sealed secrets answer 500")
     suppressions = SuppressionStore(pool, redis, settings.namespace)
     unsubscribe_tokens = settings.unsubscribe_tokens()
     if unsubscribe_tokens is None:
@@ -109,7 +114,7 @@ async def build_app(settings: ReportsSettings, *,
             reports_pb2.DESCRIPTOR.services_by_name["SuppressionService"].full_name,
             events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
         ],
-        tasks=[consumer.run, consumer.sweep_loop, notifications.run, webhook_server],
+        tasks=[consumer.run, consumer.sweep_loop, notifications.run, webhook_server, webhook_secrets.run],
         closers=closers,
         authenticator=TrustedHeaderAuthenticator(),
     )

@@ -2,6 +2,10 @@
 
 Besides serving, the router repairs the broadcast every ``ESP_REGISTRY_RESYNC_S``: whatever the KV bucket lacks
 compared with Postgres (a change committed while NATS was down) is put again, so every replica converges.
+
+The router needs ``ESP_SECRETS_KEYS``: it seals the providers' credentials and webhook secrets (write-only fields,
+never returned: the admin view shows ``credentials_ref`` and ``webhook_secret_names`` instead) before they reach
+Postgres or the KV bucket, and at start it seals what an earlier version left in plain text.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import connect
 from libs.common.message_classes import class_name_of, proto_of
 from libs.common.redis import create_redis
+from libs.common.secret_box import optional_secret_box
+from libs.common.settings import SettingsError
 from libs.common.stopping import pause_unless_stopped
 from libs.common.timestamps import to_timestamp
 from libs.routing.catalog import ProviderCatalog, ProviderSpec, open_bucket
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 _MASKABLE = {"type", "display_name", "endpoint", "region", "price_per_email_micros", "price_per_mb_micros",
              "max_message_bytes", "batch_size", "rate_limit_per_second", "daily_quota", "monthly_quota",
              "allowed_classes", "weight", "disabled", "options"}
+_SECRET_PATHS = {"credentials", "webhook_secrets"}
 
 
 def _id(name: str) -> str:
@@ -71,7 +78,7 @@ def _proto(record: ProviderRecord) -> providers_pb2.Provider:
         allowed_classes=[proto_of(c) for c in s.allowed_classes], weight=s.weight, disabled=s.disabled,
         options=dict(s.options), create_time=to_timestamp(record.created_at),
         update_time=to_timestamp(record.updated_at),
-        etag=str(s.version))
+        etag=str(s.version), webhook_secret_names=list(record.webhook_secret_names))
 
 
 UNLIMITED_AS_NUMBER = 1e18
@@ -105,7 +112,7 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
         request_id a retry returns the provider it created; INVALID_ARGUMENT for a bad id, field or configuration the
         adapter refuses, ALREADY_EXISTS for a taken id or a reused request_id."""
         spec = ProviderSpec(id=request.provider_id, credentials=dict(request.provider.credentials),
-                            **_spec_values(request.provider))
+                            webhook_secrets=dict(request.provider.webhook_secrets), **_spec_values(request.provider))
         return _proto(await self.registry.create(spec, request_id=request.request_id))
 
     async def GetProvider(self, request: providers_pb2.GetProviderRequest, context: Any) -> providers_pb2.Provider:
@@ -123,13 +130,14 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
 
     async def UpdateProvider(self, request: providers_pb2.UpdateProviderRequest,
                              context: Any) -> providers_pb2.Provider:
-        """Update the fields the mask names (no mask: every field but ``type``, and the credentials when some are
-        given). A numeric ``etag`` makes it conditional: ABORTED when the provider changed since. INVALID_ARGUMENT for
-        an unknown mask path or an invalid result, NOT_FOUND for an unknown provider."""
+        """Update the fields the mask names (no mask: every field but ``type``, and the credentials and the webhook
+        secrets when some are given; secrets are replaced whole, never merged). A numeric ``etag`` makes it
+        conditional: ABORTED when the provider changed since. INVALID_ARGUMENT for an unknown mask path or an invalid
+        result, NOT_FOUND for an unknown provider."""
         provider_id = _id(request.provider.name)
         values = _spec_values(request.provider)
         paths = list(request.update_mask.paths) or [k for k in values if k != "type"]
-        unknown = [p for p in paths if p not in _MASKABLE and p != "credentials"]
+        unknown = [p for p in paths if p not in _MASKABLE and p not in _SECRET_PATHS]
         if unknown:
             raise InvalidArgument("unknown update_mask paths",
                                   field_violations=[FieldViolation("update_mask", f"cannot update {unknown}")])
@@ -137,8 +145,10 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
         expected = int(request.provider.etag) if request.provider.etag.isdigit() else None
         credentials = dict(request.provider.credentials) if "credentials" in paths or (
             not request.update_mask.paths and request.provider.credentials) else None
+        webhook_secrets = dict(request.provider.webhook_secrets) if "webhook_secrets" in paths or (
+            not request.update_mask.paths and request.provider.webhook_secrets) else None
         return _proto(await self.registry.update(provider_id, changes, expected_version=expected,
-                                                 credentials=credentials))
+                                                 credentials=credentials, webhook_secrets=webhook_secrets))
 
     async def DeleteProvider(self, request: providers_pb2.DeleteProviderRequest, context: Any) -> empty_pb2.Empty:
         """Delete a provider (conditional on ``etag`` when it is numeric: ABORTED when it changed since); NOT_FOUND when
@@ -168,13 +178,17 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
 async def build_app(settings: RouterSettings) -> ServiceApp:
     """The router service for ``serve()``: registry, catalog and health, the catalog watcher and the broadcast repair
     loop."""
+    secrets = optional_secret_box(settings.secrets_keys)
+    if secrets is None:
+        raise SettingsError(["ESP_SECRETS_KEYS: required by the router (it seals the providers' secrets)"])
     pool = await db.create_pool(settings.postgres_dsn, min_size=1, max_size=5, name="router")
     nc = await connect(settings.nats_url, "esp-router")
     js = nc.jetstream()
     kv = await open_bucket(js, settings.namespace)
-    registry = ProviderRegistry(pool, kv)
+    registry = ProviderRegistry(pool, kv, secrets)
+    await registry.seal_stored_secrets()
     await registry.resync()
-    catalog = ProviderCatalog(kv)
+    catalog = ProviderCatalog(kv, secrets)
     redis = create_redis(settings.redis_url)
     health = HealthBoard(redis, settings.namespace, settings.breaker_policy(), refresh_s=settings.health_refresh_s)
 

@@ -4,6 +4,9 @@ Adapters are built as soon as the catalog shows a provider (building one costs t
 client, a TLS context), so the first email a provider gets — often an OTP falling over to it — does not wait
 for that. A retired adapter (its provider changed or was removed) is closed after a grace period, so the sends already
 under way with it finish first; closing the pool closes every adapter at once, retired ones included.
+
+The catalog opens each provider's sealed credentials with ``ESP_SECRETS_KEYS``; a provider whose credentials it
+could not open gets no adapter (``AdapterConfigError`` naming the setting, never the secret).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import logging
 
 from libs.providers.base import ProviderAdapter
+from libs.providers.errors import AdapterConfigError
 from libs.providers.registry import create_adapter
 from libs.routing.catalog import ProviderCatalog, ProviderSpec, provider_config
 
@@ -37,6 +41,9 @@ class AdapterPool:
         current = self._adapters.get(provider_id)
         if current is not None and current[0] == spec.version:
             return current[1]
+        if spec.sealed_credentials and not spec.credentials:
+            raise AdapterConfigError(f"provider {provider_id}: its credentials are sealed and ESP_SECRETS_KEYS does "
+                                     "not open them (unset, or without the key that sealed them)")
         adapter = create_adapter(provider_config(spec))
         self._adapters[provider_id] = (spec.version, adapter)
         if current is not None:

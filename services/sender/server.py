@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
 from libs.common.s3 import create_s3_client, stream_object
+from libs.common.secret_box import optional_secret_box
 from libs.common.workers import StopEvent, WorkerParts, WorkerSpec, WorkerSupervisor, worker_env
 from libs.routing.catalog import ProviderCatalog, open_bucket
 from libs.routing.health import HealthBoard
@@ -55,7 +56,7 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
     nc = await connect(settings.nats_url, "esp-sender")
     js = nc.jetstream()
     await ensure_streams(js, topology)
-    catalog = ProviderCatalog(await open_bucket(js, settings.namespace))
+    catalog = ProviderCatalog(await open_bucket(js, settings.namespace), optional_secret_box(settings.secrets_keys))
     redis = _redis(settings.redis_url, settings.redis_max_connections)
     health = HealthBoard(redis, settings.namespace, settings.breaker_policy(), refresh_s=settings.health_refresh_s)
     adapters = AdapterPool(catalog)

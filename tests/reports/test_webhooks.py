@@ -9,10 +9,10 @@ import grpc
 import httpx
 import pytest
 from esp.v1 import messages_pb2, reports_pb2
-from psycopg.types.json import Jsonb
 
 from dev.simulator.signing import mailgun_callback, sign_mailgun_payload, sns_subscription_confirmation
 from libs.providers.events import BounceType, DeliveryEvent, EventKind
+from libs.routing.catalog import ProviderSpec, open_bucket
 from services.reports.suppressions import is_suppressed
 from tests.reports.builders import accepted, at, eventually, new_id, sent
 from tests.reports.conftest import ReportsService, caller
@@ -21,14 +21,24 @@ M, R = messages_pb2, reports_pb2
 SIGNING_KEY = "key-reports-tests-0123456789abcdef"
 
 
+async def configure_webhooks(reports: ReportsService, name: str, provider_type: str, secrets: dict[str, str]) -> None:
+    """Put a provider instance with these webhook secrets in the provider catalog, as the router does after an admin
+    RPC (sealing aside: tests/reports/test_provider_secrets.py and tests/e2e cover it), and wait until reports has
+    it (its webhook endpoint stops answering 404)."""
+    kv = await open_bucket(reports.js, reports.settings.namespace)
+    await kv.put(name, ProviderSpec(name, provider_type, "http://127.0.0.1:9", webhook_secrets=secrets).to_json())
+
+    async def known() -> bool:
+        return (await _post(reports, name, {}, b"{}")).status_code != 404
+
+    await eventually(known, what=f"reports knows {name}")
+
+
 @pytest.fixture(scope="module")
 async def mailgun(reports: ReportsService) -> str:
     """A Mailgun provider instance with its webhook signing key configured; returns its name."""
     name = f"mailgun-{new_id()[:8]}"
-    async with await reports.connect_db() as conn:
-        await conn.execute(
-            "INSERT INTO reports.provider_webhook_secrets (provider_name, provider_type, secrets) VALUES (%s, %s, %s)",
-            (name, "mailgun", Jsonb({"webhook_signing_key": SIGNING_KEY})))
+    await configure_webhooks(reports, name, "mailgun", {"webhook_signing_key": SIGNING_KEY})
     return name
 
 
@@ -216,10 +226,7 @@ async def test_a_callback_carrying_our_message_id_finds_the_message_without_the_
 
 async def test_an_sns_subscription_confirmation_is_handed_to_the_confirmer(reports: ReportsService):
     name, topic = f"ses-{new_id()[:8]}", "arn:aws:sns:us-east-1:123456789012:esp-events"
-    async with await reports.connect_db() as conn:
-        await conn.execute(
-            "INSERT INTO reports.provider_webhook_secrets (provider_name, provider_type, secrets) VALUES (%s, %s, %s)",
-            (name, "ses", Jsonb({"topic_arns": topic})))
+    await configure_webhooks(reports, name, "ses", {"topic_arns": topic})
     request = sns_subscription_confirmation(reports.sns_certificate.private_key_pem, reports.sns_cert_url, topic)
 
     response = await _post(reports, name, request.headers, request.body)

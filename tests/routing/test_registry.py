@@ -1,4 +1,5 @@
-"""The provider registry: Postgres is the truth, a JetStream KV bucket broadcasts every change to each replica."""
+"""The provider registry: Postgres is the truth, a JetStream KV bucket broadcasts every change to each replica; the
+providers' secrets are sealed in both (ESP_SECRETS_KEYS) and opened only by the replicas holding the key."""
 
 from __future__ import annotations
 
@@ -8,15 +9,22 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import nats
+import psycopg
 import pytest
+from esp.v1 import providers_pb2
+from google.protobuf import field_mask_pb2
 from nats.js import JetStreamContext
+from psycopg.types.json import Jsonb
 
 from libs.common.db import create_pool, migrate_services
-from libs.common.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
+from libs.common.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from libs.common.secret_box import SecretBox, generate_key_setting
 from libs.routing.catalog import ProviderCatalog, ProviderSpec, bucket_name, open_bucket
 from services.router.registry import ProviderRegistry
+from services.router.server import ProviderServicer
 
 SECRET = {"server_token": "very-secret-token"}
+WEBHOOK_SECRETS = {"webhook_user": "hook-user-b7c1", "webhook_password": "hook-password-9f2e"}
 
 
 def postmark(provider_id: str, **fields: object) -> ProviderSpec:
@@ -47,6 +55,9 @@ class Setup:
     registry: ProviderRegistry
     replicas: Replicas
     js: JetStreamContext
+    keys: str
+    """The ESP_SECRETS_KEYS the registry and the replicas share."""
+    dsn: str
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +77,14 @@ async def setup(router_database: str, nats_url: str, run_id: str) -> AsyncIterat
     js = nc.jetstream()
     namespace = f"{run_id}reg{secrets.token_hex(3)}"
     kv = await open_bucket(js, namespace)
+    keys = generate_key_setting("test")
+    box = SecretBox.from_setting(keys)
     stop = asyncio.Event()
-    catalogs = [ProviderCatalog(await open_bucket(js, namespace)) for _ in range(2)]
+    catalogs = [ProviderCatalog(await open_bucket(js, namespace), box) for _ in range(2)]
     watchers = [asyncio.create_task(c.run(stop)) for c in catalogs]
     for catalog in catalogs:
         await catalog.wait_loaded()
-    yield Setup(ProviderRegistry(pool, kv), Replicas(*catalogs), js)
+    yield Setup(ProviderRegistry(pool, kv, box), Replicas(*catalogs), js, keys, router_database)
     stop.set()
     await asyncio.gather(*watchers)
     await js.delete_key_value(bucket_name(namespace))
@@ -204,3 +217,154 @@ async def test_repair_rebroadcasts_what_a_lost_broadcast_missed(setup: Setup):
     assert fixed == 2
     await setup.replicas.wait_until(lambda c: "pm-a" in c.providers and "ghost" not in c.providers)
     assert await setup.registry.repair(setup.replicas.first.providers) == 0
+
+
+# -- secrets sealed at rest ------------------------------------------------------------------------------------------
+async def _raw_postgres(dsn: str) -> str:
+    """Every router row, every column, as text: what someone reading the database would see."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        rows = await (await conn.execute(
+            """SELECT row_to_json(p)::text, coalesce(row_to_json(c)::text, ''),
+                      coalesce(encode(c.sealed_credentials, 'escape'), ''),
+                      coalesce(encode(c.sealed_webhook_secrets, 'escape'), '')
+               FROM router.providers p LEFT JOIN router.provider_credentials c ON c.provider_id = p.id""")).fetchall()
+    return "\n".join(" ".join(row) for row in rows)
+
+
+async def _raw_bucket(setup: Setup) -> bytes:
+    """Every value of the KV bucket as stored."""
+    kv = setup.registry.kv
+    values = [(await kv.get(key)).value or b"" for key in await kv.keys()]
+    return b"\n".join(values)
+
+
+def _plain_secrets() -> list[str]:
+    return [*SECRET.values(), *WEBHOOK_SECRETS.values()]
+
+
+async def test_no_secret_is_in_postgres_or_the_bucket_in_plain_text_yet_every_replica_has_them(setup: Setup):
+    await setup.registry.create(postmark("pm-a", webhook_secrets=WEBHOOK_SECRETS))
+    await setup.registry.update("pm-a", {}, credentials={"server_token": "rotated-token-4a4a"})
+    await setup.replicas.wait_until(lambda c: c.providers.get("pm-a", postmark("x")).credentials
+                                    == {"server_token": "rotated-token-4a4a"})
+
+    database, bucket = await _raw_postgres(setup.dsn), await _raw_bucket(setup)
+
+    for secret in [*_plain_secrets(), "rotated-token-4a4a"]:
+        assert secret not in database
+        assert secret.encode() not in bucket
+    assert b"sealed_credentials" in bucket and b"sealed_webhook_secrets" in bucket
+    assert setup.replicas.first.providers["pm-a"].webhook_secrets == WEBHOOK_SECRETS
+    assert "rotated-token" not in repr(setup.replicas.first.providers["pm-a"])
+
+
+async def test_webhook_secrets_are_set_replaced_and_removed_and_only_their_names_are_shown(setup: Setup):
+    created = await setup.registry.create(postmark("pm-a"))
+    assert created.webhook_secret_names == ()
+
+    updated = await setup.registry.update("pm-a", {}, webhook_secrets=WEBHOOK_SECRETS)
+
+    assert updated.webhook_secret_names == ("webhook_password", "webhook_user")
+    assert updated.spec.webhook_secrets == {} and updated.spec.credentials == {}
+    await setup.replicas.wait_until(lambda c: c.providers["pm-a"].webhook_secrets == WEBHOOK_SECRETS)
+    assert setup.replicas.second.providers["pm-a"].credentials == SECRET  # untouched by the webhook update
+
+    await setup.registry.update("pm-a", {"weight": 2.0})  # no secrets given: they stay
+    await setup.replicas.wait_until(lambda c: c.providers["pm-a"].weight == 2.0)
+    assert setup.replicas.first.providers["pm-a"].webhook_secrets == WEBHOOK_SECRETS
+
+    removed = await setup.registry.update("pm-a", {}, webhook_secrets={})
+
+    assert removed.webhook_secret_names == ()
+    await setup.replicas.wait_until(lambda c: c.providers["pm-a"].webhook_secrets == {})
+
+
+async def test_plain_credentials_an_earlier_version_stored_are_sealed_at_start(setup: Setup):
+    async with await psycopg.AsyncConnection.connect(setup.dsn, autocommit=True) as conn:
+        await conn.execute("""INSERT INTO router.providers (id, type, endpoint) VALUES ('pm-old', 'postmark',
+                              'http://127.0.0.1:9/p/x')""")
+        await conn.execute("INSERT INTO router.provider_credentials (provider_id, credentials) VALUES (%s, %s)",
+                           ("pm-old", Jsonb(SECRET)))
+
+    assert await setup.registry.seal_stored_secrets() == 1
+    await setup.registry.resync()
+
+    assert SECRET["server_token"] not in await _raw_postgres(setup.dsn)
+    await setup.replicas.wait_until(lambda c: c.providers.get("pm-old", postmark("x")).credentials == SECRET)
+    assert SECRET["server_token"].encode() not in await _raw_bucket(setup)
+    assert await setup.registry.seal_stored_secrets() == 0  # once is enough
+
+
+async def test_a_new_key_reseals_what_the_old_one_sealed(setup: Setup):
+    await setup.registry.create(postmark("pm-a", webhook_secrets=WEBHOOK_SECRETS))
+    rotated_keys = f"{generate_key_setting('next')},{setup.keys}"
+    rotated = ProviderRegistry(setup.registry.pool, setup.registry.kv, SecretBox.from_setting(rotated_keys))
+
+    assert await rotated.seal_stored_secrets() == 1
+    await rotated.resync()
+
+    async with await psycopg.AsyncConnection.connect(setup.dsn) as conn:
+        sealed = await (await conn.execute(
+            "SELECT sealed_credentials, sealed_webhook_secrets FROM router.provider_credentials")).fetchone()
+    assert sealed is not None
+    assert {rotated.secrets.sealed_key_id(bytes(value)) for value in sealed} == {"next"}
+    next_only = ProviderRegistry(setup.registry.pool, setup.registry.kv,
+                                 SecretBox.from_setting(rotated_keys.partition(",")[0]))
+    assert (await next_only._wanted())[0]["pm-a"].webhook_secrets == WEBHOOK_SECRETS
+
+
+async def test_a_catalog_without_the_key_sees_the_provider_but_not_its_secrets(setup: Setup):
+    await setup.registry.create(postmark("pm-a", webhook_secrets=WEBHOOK_SECRETS))
+    stop = asyncio.Event()
+    keyless = ProviderCatalog(setup.registry.kv)
+    watcher = asyncio.create_task(keyless.run(stop))
+    try:
+        await keyless.wait_loaded()
+        spec = keyless.providers["pm-a"]
+        assert spec.price_per_email_micros == 100
+        assert spec.credentials == {} and spec.webhook_secrets == {} and spec.secrets_unopened
+    finally:
+        stop.set()
+        await watcher
+
+
+async def test_sealed_credentials_moved_to_another_provider_do_not_open_there(setup: Setup):
+    await setup.registry.create(postmark("pm-a"))
+    await setup.registry.create(postmark("pm-b", credentials={"server_token": "b-token"}))
+    async with await psycopg.AsyncConnection.connect(setup.dsn, autocommit=True) as conn:
+        await conn.execute("""UPDATE router.provider_credentials c SET sealed_credentials = a.sealed_credentials
+                              FROM router.provider_credentials a
+                              WHERE a.provider_id = 'pm-a' AND c.provider_id = 'pm-b'""")
+
+    wanted, unreadable = await setup.registry._wanted()
+
+    assert unreadable == {"pm-b"} and "pm-a" in wanted
+    with pytest.raises(FailedPrecondition):
+        await setup.registry.update("pm-b", {"weight": 2.0})
+    await setup.registry.update("pm-b", {}, credentials={"server_token": "b-token-2"})  # new ones repair it
+    assert "pm-b" in (await setup.registry._wanted())[0]
+
+
+async def test_the_admin_rpcs_take_webhook_secrets_and_never_echo_a_secret(setup: Setup):
+    servicer = ProviderServicer(setup.registry, setup.replicas.first, health=None)  # type: ignore[arg-type]
+    provider = providers_pb2.Provider(type="postmark", endpoint="http://127.0.0.1:9/p/x", credentials=SECRET,
+                                      webhook_secrets=WEBHOOK_SECRETS, price_per_email_micros=100)
+
+    created = await servicer.CreateProvider(
+        providers_pb2.CreateProviderRequest(provider_id="pm-rpc", provider=provider), None)
+    updated = await servicer.UpdateProvider(providers_pb2.UpdateProviderRequest(
+        provider=providers_pb2.Provider(name="providers/pm-rpc", webhook_secrets={"webhook_user": "u2",
+                                                                                  "webhook_password": "p2-secret"}),
+        update_mask=field_mask_pb2.FieldMask(paths=["webhook_secrets"])), None)
+    fetched = await servicer.GetProvider(providers_pb2.GetProviderRequest(name="providers/pm-rpc"), None)
+    listed = await servicer.ListProviders(providers_pb2.ListProvidersRequest(), None)
+
+    for answer in (created, updated, fetched, *listed.providers):
+        assert not answer.credentials and not answer.webhook_secrets
+        assert answer.credentials_ref == "router.provider_credentials/pm-rpc"
+        assert list(answer.webhook_secret_names) == ["webhook_password", "webhook_user"]
+        for secret in [*_plain_secrets(), "p2-secret"]:
+            assert secret.encode() not in answer.SerializeToString()
+    await setup.replicas.wait_until(lambda c: c.providers.get("pm-rpc", postmark("x")).webhook_secrets
+                                    == {"webhook_user": "u2", "webhook_password": "p2-secret"})
+    assert setup.replicas.first.providers["pm-rpc"].price_per_email_micros == 100  # the mask left the rest alone
