@@ -27,9 +27,9 @@ from libs.common.secret_box import generate_key_setting
 from libs.routing.catalog import bucket_name
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVICES = ("ledger", "router", "reports", "campaigns", "ingest", "sender", "gateway")
+SERVICES = ("ledger", "router", "reports", "campaigns", "webhooks", "ingest", "sender", "gateway")
 GRPC_PORTS = {"ingest": 50051, "router": 50052, "ledger": 50053, "reports": 50054, "sender": 50055,
-              "campaigns": 50056}
+              "campaigns": 50056, "webhooks": 50057}
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -266,6 +266,9 @@ class MeshConfig:
             "ESP_LEDGER_ADDR": f"127.0.0.1:{self.ports['ledger']}",
             "ESP_REPORTS_ADDR": f"127.0.0.1:{self.ports['reports']}",
             "ESP_CAMPAIGNS_ADDR": f"127.0.0.1:{self.ports['campaigns']}",
+            "ESP_WEBHOOKS_ADDR": f"127.0.0.1:{self.ports['webhooks']}",
+            # Local receivers (loopback, plain http) may take webhooks in the dev mesh; production refuses them.
+            "ESP_WEBHOOK_ALLOW_INTERNAL": "true",
             # Reports serves one-click unsubscribe (/u/<token>) on its webhook port; http is allowed on loopback.
             "ESP_PUBLIC_BASE_URL": f"http://127.0.0.1:{self.webhook_port}",
             "ESP_GATEWAY_PORT": str(self.gateway_port), "ESP_WEBHOOK_PORT": str(self.webhook_port),

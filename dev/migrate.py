@@ -8,7 +8,7 @@ import sys
 
 from libs.common.db import migrate_services
 
-SERVICES_WITH_SCHEMAS = ("ingest", "ledger", "router", "reports", "campaigns")
+SERVICES_WITH_SCHEMAS = ("ingest", "ledger", "router", "reports", "campaigns", "webhooks")
 
 
 def main() -> None:

@@ -157,3 +157,4 @@ class CommonSettings:
     ledger_addr: str = "127.0.0.1:50053"
     reports_addr: str = "127.0.0.1:50054"
     campaigns_addr: str = "127.0.0.1:50056"
+    webhooks_addr: str = "127.0.0.1:50057"

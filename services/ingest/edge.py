@@ -150,6 +150,14 @@ EDGE_METHODS: dict[str, dict[str, EdgeMethod]] = {
         "ImportCampaignRecipients": EdgeMethod(SEND, "campaigns", lasts_as_its_work=True),
         "GetCampaign": EdgeMethod(READ, "campaigns"), "ListCampaigns": EdgeMethod(READ, "campaigns"),
     },
+    "esp.v1.WebhookService": {
+        **{name: EdgeMethod(ADMIN, "webhooks")
+           for name in ("CreateWebhookEndpoint", "UpdateWebhookEndpoint", "DeleteWebhookEndpoint",
+                        "RotateWebhookSecret", "ReplayWebhookEvents", "SendTestWebhookEvent")},
+        **{name: EdgeMethod(READ, "webhooks")
+           for name in ("GetWebhookEndpoint", "ListWebhookEndpoints", "ListWebhookAttempts")},
+    },
+    "esp.v1.EventService": {"ListEvents": EdgeMethod(READ, "reports")},
     "esp.v1.SuppressionService": {
         "ListSuppressions": EdgeMethod(READ, "reports"), "GetSuppression": EdgeMethod(READ, "reports"),
         "CreateSuppression": EdgeMethod(ADMIN, "reports"), "DeleteSuppression": EdgeMethod(ADMIN, "reports"),

@@ -15,10 +15,12 @@ from esp.v1 import (
     campaigns_pb2,
     common_pb2,
     credits_pb2,
+    events_pb2,
     messages_pb2,
     providers_pb2,
     reports_pb2,
     tenants_pb2,
+    webhooks_pb2,
 )
 from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -51,7 +53,8 @@ from services.ingest.sizing import SizePolicy
 from services.ingest.store import MessageStore
 from services.ingest.tenants import ApiKeyRecord, Tenant, TenantStore
 
-_FILES = (messages_pb2, attachments_pb2, tenants_pb2, credits_pb2, providers_pb2, reports_pb2, campaigns_pb2)
+_FILES = (messages_pb2, attachments_pb2, tenants_pb2, credits_pb2, providers_pb2, reports_pb2, campaigns_pb2,
+          webhooks_pb2, events_pb2)
 _SCOPE_TO_PROTO = {"send": tenants_pb2.API_KEY_SCOPE_SEND, "read": tenants_pb2.API_KEY_SCOPE_READ,
                    "admin": tenants_pb2.API_KEY_SCOPE_ADMIN}
 _PROTO_TO_SCOPE = {v: k for k, v in _SCOPE_TO_PROTO.items()}
@@ -383,7 +386,8 @@ async def build_components(settings: IngestSettings) -> IngestComponents:
     s3 = create_s3_client(settings.s3_endpoint, settings.s3_region, settings.s3_access_key, settings.s3_secret_key)
     await asyncio.to_thread(ensure_bucket, s3, settings.s3_bucket)
     channels = {"reports": open_channel(settings.reports_addr), "ledger": open_channel(settings.ledger_addr),
-                "router": open_channel(settings.router_addr), "campaigns": open_channel(settings.campaigns_addr)}
+                "router": open_channel(settings.router_addr), "campaigns": open_channel(settings.campaigns_addr),
+                "webhooks": open_channel(settings.webhooks_addr)}
     tenants = TenantStore(pool, cache_ttl_s=settings.api_key_cache_s, admin_token=settings.admin_token)
     credits = LedgerCreditReserver(channels["ledger"], timeout_s=settings.upstream_timeout_s,
                                    batch_interval_s=settings.batch_interval_s)
