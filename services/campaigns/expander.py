@@ -13,6 +13,9 @@ get the CPU first. Besides expanding, every ``poll_interval_s`` the expander:
   (senders then send them, or drop them as cancelled);
 - completes running campaigns whose every email reached a final outcome (reports' counts).
 
+A pause (window closed) or a completion writes its notification for the customer (``notifications``) to the
+campaigns outbox in the transaction of the transition.
+
 Several expanders may run: each chunk and each campaign row is taken with ``FOR UPDATE SKIP LOCKED``.
 """
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,7 +39,7 @@ from libs.common import db
 from libs.common.campaign_halts import Halt, clear_halt, read_halts, set_halt
 from libs.common.grpc_client import open_channel
 from libs.common.jetstream import AckedPublisher, Topology, connect, ensure_streams
-from libs.common.outbox import OutboxPublisher
+from libs.common.outbox import CommittedRow, OutboxPublisher
 from libs.common.redis import create_redis
 from libs.common.stopping import pause_unless_stopped
 from libs.common.timestamps import to_timestamp
@@ -46,6 +49,7 @@ from services.campaigns.clients import LedgerHolds, ReportsStats
 from services.campaigns.config import CampaignsSettings
 from services.campaigns.expansion import Expansion, UnsubscribeLinks
 from services.campaigns.model import CampaignSpec, PauseReason
+from services.campaigns.notifications import completed_event, paused_event, queue_event
 
 __all__ = ["CANCELLED_HALT_KEPT_S", "Expander", "build_expander", "main"]
 
@@ -63,7 +67,8 @@ class Expander:
 
     def __init__(self, pool: AsyncConnectionPool, redis: Redis, nc: NATS, topology: Topology,
                  expansion: Expansion, stats: ReportsStats, *, namespace: str, poll_interval_s: float,
-                 unpark_window_s: float) -> None:
+                 unpark_window_s: float,
+                 on_commit: Callable[[Sequence[CommittedRow]], None] = lambda rows: None) -> None:
         self.pool = pool
         self.redis = redis
         self.nc = nc
@@ -75,6 +80,9 @@ class Expander:
         self.poll_interval_s = poll_interval_s
         self.unpark_window_s = unpark_window_s
         self.publisher = AckedPublisher(nc)
+        self.on_commit = on_commit
+        """Receives the outbox rows (campaign notifications) a duty committed: the outbox publisher's
+        ``publish_soon``."""
 
     async def run(self, stop: StopEvent) -> None:
         """Expand while there is work, and run the duties above between chunks, until ``stop``."""
@@ -132,14 +140,21 @@ class Expander:
             assert window is not None
             is_open = window.is_open(now)
             if state == "running" and not is_open:
-                async with db.autocommit(self.pool) as conn:
+                notices: list[CommittedRow] = []
+                async with self.pool.connection() as conn, conn.transaction():
                     cur = await conn.execute(
-                        """UPDATE campaigns.campaigns SET state = 'paused', pause_reason = %s, updated_at = now()
-                           WHERE id = %s AND state = 'running' RETURNING id""",
+                        """UPDATE campaigns.campaigns SET state = 'paused', pause_reason = %s, updated_at = now(),
+                               pauses = pauses + 1
+                           WHERE id = %s AND state = 'running' RETURNING tenant_id, pauses""",
                         (PauseReason.SEND_WINDOW_CLOSED.value, campaign_id))
-                    if await cur.fetchone() is not None:
-                        await set_halt(self.redis, campaign_id, Halt.PAUSED, namespace=self.namespace)
-                        log.info("campaign %s paused: its send window closed", campaign_id)
+                    paused = await cur.fetchone()
+                    if paused is not None:
+                        notices.append(await queue_event(conn, paused_event(
+                            self.topology, paused[0], campaign_id, PauseReason.SEND_WINDOW_CLOSED, paused[1], at=now)))
+                if notices:
+                    self.on_commit(notices)
+                    await set_halt(self.redis, campaign_id, Halt.PAUSED, namespace=self.namespace)
+                    log.info("campaign %s paused: its send window closed", campaign_id)
             elif state == "paused" and is_open:
                 async with db.autocommit(self.pool) as conn:
                     cur = await conn.execute(
@@ -232,15 +247,25 @@ class Expander:
             stats = await self.stats.of_campaign(tenant_id, campaign_id)
             if stats.final < queued:
                 continue
-            async with db.autocommit(self.pool) as conn:
+            notices: list[CommittedRow] = []
+            async with self.pool.connection() as conn, conn.transaction():
                 cur = await conn.execute(
                     """UPDATE campaigns.campaigns SET state = 'completed', ended_at = now(), updated_at = now()
                        WHERE id = %s AND state = 'running' AND next_row > last_row
-                         AND queued + render_failed <= %s RETURNING id""",
+                         AND queued + render_failed <= %s RETURNING recipients, suppressed, ended_at""",
                     (campaign_id, stats.final))
-                if await cur.fetchone() is not None:
-                    completed.append(campaign_id)
-                    log.info("campaign %s completed", campaign_id)
+                done = await cur.fetchone()
+                if done is not None:
+                    recipients, suppressed, ended_at = done
+                    counts = {"recipients": recipients, "sent": stats.sent, "delivered": stats.delivered,
+                              "bounced": stats.bounced, "complained": stats.complained, "failed": stats.failed,
+                              "cancelled": stats.cancelled, "suppressed": suppressed}
+                    notices.append(await queue_event(conn, completed_event(self.topology, tenant_id, campaign_id,
+                                                                           counts, at=ended_at)))
+            if notices:
+                self.on_commit(notices)
+                completed.append(campaign_id)
+                log.info("campaign %s completed", campaign_id)
         return completed
 
 
@@ -273,7 +298,8 @@ async def build_expander(settings: CampaignsSettings) -> WorkerParts:
                           on_commit=outbox.publish_soon, unsubscribe=unsubscribe_links(settings),
                           chunk_size=settings.chunk_size, hold_ttl_s=settings.hold_ttl_s)
     expander = Expander(pool, redis, nc, topology, expansion, ReportsStats(reports), namespace=settings.namespace,
-                        poll_interval_s=settings.poll_interval_s, unpark_window_s=settings.unpark_window_s)
+                        poll_interval_s=settings.poll_interval_s, unpark_window_s=settings.unpark_window_s,
+                        on_commit=outbox.publish_soon)
 
     async def close_all() -> None:
         await ledger.close()

@@ -42,6 +42,7 @@ from libs.common.suppressions import suppressed_among
 from libs.common.timestamps import to_timestamp
 from libs.common.unsubscribe import UnsubscribeTarget, UnsubscribeTokens, list_unsubscribe_headers, unsubscribe_url
 from services.campaigns.model import CampaignSpec, Mailbox, PauseReason
+from services.campaigns.notifications import paused_event, queue_event
 from services.campaigns.substitution import UNSUBSCRIBE_PLACEHOLDER, Substitution
 from services.campaigns.templates import CampaignTemplates, MissingVariablePolicy, RenderedContent, RenderFailure
 
@@ -304,17 +305,25 @@ class Expansion:
                 "render_failed = render_failed + %s", "updated_at = now()"]
         args: list[Any] = [next_row, len(done_rows), len(queued), n_suppressed, len(failed)]
         now = datetime.now(UTC)
+        newly_paused = refusal is not None and campaign["state"] == "running"
         if refusal is not None:
             log.info("campaign %s paused: credits refused (%s)", campaign_id, refusal.reason)
             sets += ["state = 'paused'", "pause_reason = %s", "not_before = %s"]
             args += [PauseReason.INSUFFICIENT_CREDITS.value, now + timedelta(seconds=CREDIT_RETRY_S)]
+            if newly_paused:  # not when a campaign paused for credits already is refused again
+                sets.append("pauses = pauses + 1")
         else:
             if campaign["state"] == "paused":  # credits are back: resume by itself
                 sets += ["state = 'running'", "pause_reason = ''"]
             if spec.send_rate > 0:
                 sets.append("not_before = %s")
                 args.append(now + timedelta(seconds=len(rows) / spec.send_rate))
-        await conn.execute(f"UPDATE campaigns.campaigns SET {', '.join(sets)} WHERE id = %s", (*args, campaign_id))
+        updated = await conn.execute(
+            f"UPDATE campaigns.campaigns SET {', '.join(sets)} WHERE id = %s RETURNING pauses", (*args, campaign_id))
+        if newly_paused:
+            pauses = (await updated.fetchone() or (0,))[0]
+            committed.append(await queue_event(conn, paused_event(
+                self.topology, tenant_id, campaign_id, PauseReason.INSUFFICIENT_CREDITS, pauses, at=now)))
         return ChunkResult(campaign_id, len(queued), n_suppressed, len(failed),
                            paused_for_credits=refusal is not None), committed
 

@@ -27,7 +27,9 @@ from libs.common.campaign_halts import Halt, clear_halt, set_halt
 from libs.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from libs.common.grpc_client import open_channel
 from libs.common.grpc_server import BackgroundTask, ServiceApp
+from libs.common.jetstream import Topology, connect
 from libs.common.message_classes import MessageClass
+from libs.common.outbox import OutboxPublisher
 from libs.common.recipient_lists import RecipientFormat, RowError
 from libs.common.redis import create_redis
 from libs.common.s3 import create_s3_client, stream_object
@@ -389,8 +391,13 @@ async def build_app(settings: CampaignsSettings) -> ServiceApp:
     redis = create_redis(settings.redis_url)
     ledger, reports = open_channel(settings.ledger_addr), open_channel(settings.reports_addr)
     s3 = create_s3_client(settings.s3_endpoint, settings.s3_region, settings.s3_access_key, settings.s3_secret_key)
+    # Transitions write their notifications (campaign_paused) to the campaigns outbox: published from here after
+    # each commit; rows left behind are taken by this publisher's or the expander's reconciling pass.
+    nc = await connect(settings.nats_url, "esp-campaigns")
+    outbox = OutboxPublisher(pool, nc, "campaigns.outbox")
     servicer = CampaignServicer(
-        CampaignStore(pool, unpark_window_s=settings.unpark_window_s), redis, LedgerHolds(ledger),
+        CampaignStore(pool, Topology(settings.namespace), unpark_window_s=settings.unpark_window_s,
+                      on_commit=outbox.publish_soon), redis, LedgerHolds(ledger),
         ReportsStats(reports), s3, settings.s3_bucket, namespace=settings.namespace,
         one_click_ready=bool(settings.public_base_url and settings.unsubscribe_keys),
         max_import_bytes=settings.max_import_bytes)
@@ -398,10 +405,11 @@ async def build_app(settings: CampaignsSettings) -> ServiceApp:
     async def close_all() -> None:
         await ledger.close()
         await reports.close()
+        await nc.drain()
         await redis.aclose()
         await pool.close()
 
-    tasks: list[BackgroundTask] = []
+    tasks: list[BackgroundTask] = [outbox.run]
     closers: list[Callable[[], Awaitable[None]]] = [close_all]
     expander = await start_or_inline(
         "campaigns", WorkerSpec("campaigns-expander", "services.campaigns.expander", worker_env(settings, 0)),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, MutableSequence, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +20,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from libs.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from libs.common.jetstream import Topology
+from libs.common.outbox import CommittedRow
 from services.campaigns.model import (
     Action,
     CampaignRecord,
@@ -28,6 +30,7 @@ from services.campaigns.model import (
     PauseReason,
     next_state,
 )
+from services.campaigns.notifications import paused_event, queue_event
 from services.campaigns.recipients import Recipient
 
 __all__ = ["ADDABLE_STATES", "AddedRecipients", "CampaignStore"]
@@ -61,9 +64,13 @@ class AddedRecipients:
 class CampaignStore:
     """The campaigns schema, as the RPCs use it (the expander has its own statements)."""
 
-    def __init__(self, pool: AsyncConnectionPool, *, unpark_window_s: float = 30.0) -> None:
+    def __init__(self, pool: AsyncConnectionPool, topology: Topology, *, unpark_window_s: float = 30.0,
+                 on_commit: Callable[[Sequence[CommittedRow]], None] = lambda rows: None) -> None:
         self.pool = pool
+        self.topology = topology
         self.unpark_window_s = unpark_window_s
+        self.on_commit = on_commit
+        """Receives the outbox rows a transition committed (the outbox publisher's ``publish_soon``)."""
 
     async def create(self, campaign_id: str, tenant_id: str, request_id: str, spec: CampaignSpec) -> CampaignRecord:
         """Store a new draft; a repeated ``request_id`` answers the campaign it created (the same spec) or
@@ -137,45 +144,66 @@ class CampaignStore:
     async def transition(self, tenant_id: str, campaign_id: str, action: Action, request_id: str, *,
                          reason: PauseReason = PauseReason.BY_CUSTOMER) -> tuple[CampaignRecord, bool]:
         """Apply ``action``; the campaign afterwards and whether this call changed it (False: a repeat of an earlier
-        request_id). FAILED_PRECONDITION (the current state in its metadata) when the action does not apply."""
+        request_id). FAILED_PRECONDITION (the current state in its metadata) when the action does not apply.
+
+        A campaign that becomes paused (or stays paused for another reason) gets its ``campaign_paused`` event
+        written to the outbox in the same transaction, and published after the commit."""
+        notices: list[CommittedRow] = []
         async with self.pool.connection() as conn, conn.transaction():
-            record = await self._get(conn, tenant_id, campaign_id, lock=True)
-            if request_id:
-                cur = await conn.execute(
-                    "SELECT action FROM campaigns.transitions WHERE campaign_id = %s AND request_id = %s",
-                    (campaign_id, request_id))
-                seen = await cur.fetchone()
-                if seen is not None:
-                    if seen[0] != action.value:
-                        raise AlreadyExists(f"request_id was used to {seen[0]} this campaign",
-                                            reason="REQUEST_ID_REUSED")
-                    return record, False
-            now = datetime.now(UTC)
-            send_time = record.spec.send_time
-            target = next_state(action, record.state, send_time_ahead=send_time is not None and send_time > now)
-            sets = ["state = %s", "updated_at = now()", "pause_reason = %s"]
-            args: list[Any] = [target.value, reason.value if target is CampaignState.PAUSED else ""]
-            if target is CampaignState.RUNNING:
-                sets.append("started_at = coalesce(started_at, now())")
-            if action in (Action.RESUME, Action.CANCEL) and record.state in (CampaignState.PAUSED,
-                                                                             CampaignState.RUNNING):
-                # Senders parked what they had of it while paused: the expander puts those back in the send stream
-                # (to be sent, or dropped as cancelled by the senders).
-                sets.append("unpark_until = %s")
-                args.append(now + timedelta(seconds=self.unpark_window_s))
-            if target is CampaignState.CANCELLED:
-                # Rows not yet expanded are dropped here: they never had a hold or a message.
-                sets += ["cancelled = cancelled + (SELECT count(*) FROM campaigns.recipients"
-                         " WHERE campaign_id = %s AND row_number >= next_row)",
-                         "next_row = last_row + 1", "ended_at = now()"]
-                args.append(campaign_id)
-            await conn.execute(f"UPDATE campaigns.campaigns SET {', '.join(sets)} WHERE id = %s",
-                               (*args, campaign_id))
-            if request_id:
-                await conn.execute(
-                    "INSERT INTO campaigns.transitions (campaign_id, request_id, action) VALUES (%s, %s, %s)",
-                    (campaign_id, request_id, action.value))
-            return await self._get(conn, tenant_id, campaign_id), True
+            record, changed = await self._transition(conn, tenant_id, campaign_id, action, request_id, reason,
+                                                     notices)
+        self.on_commit(notices)
+        return record, changed
+
+    async def _transition(self, conn: AsyncConnection[Any], tenant_id: str, campaign_id: str, action: Action,
+                          request_id: str, reason: PauseReason,
+                          notices: MutableSequence[CommittedRow]) -> tuple[CampaignRecord, bool]:
+        record = await self._get(conn, tenant_id, campaign_id, lock=True)
+        if request_id:
+            cur = await conn.execute(
+                "SELECT action FROM campaigns.transitions WHERE campaign_id = %s AND request_id = %s",
+                (campaign_id, request_id))
+            seen = await cur.fetchone()
+            if seen is not None:
+                if seen[0] != action.value:
+                    raise AlreadyExists(f"request_id was used to {seen[0]} this campaign",
+                                        reason="REQUEST_ID_REUSED")
+                return record, False
+        now = datetime.now(UTC)
+        send_time = record.spec.send_time
+        target = next_state(action, record.state, send_time_ahead=send_time is not None and send_time > now)
+        sets = ["state = %s", "updated_at = now()", "pause_reason = %s"]
+        args: list[Any] = [target.value, reason.value if target is CampaignState.PAUSED else ""]
+        if target is CampaignState.RUNNING:
+            sets.append("started_at = coalesce(started_at, now())")
+        if action in (Action.RESUME, Action.CANCEL) and record.state in (CampaignState.PAUSED,
+                                                                         CampaignState.RUNNING):
+            # Senders parked what they had of it while paused: the expander puts those back in the send stream
+            # (to be sent, or dropped as cancelled by the senders).
+            sets.append("unpark_until = %s")
+            args.append(now + timedelta(seconds=self.unpark_window_s))
+        # Pausing a campaign paused already for the same reason tells the customer nothing new.
+        newly_paused = target is CampaignState.PAUSED and (record.state, record.pause_reason) != (target, reason)
+        if newly_paused:
+            sets.append("pauses = pauses + 1")
+        if target is CampaignState.CANCELLED:
+            # Rows not yet expanded are dropped here: they never had a hold or a message.
+            sets += ["cancelled = cancelled + (SELECT count(*) FROM campaigns.recipients"
+                     " WHERE campaign_id = %s AND row_number >= next_row)",
+                     "next_row = last_row + 1", "ended_at = now()"]
+            args.append(campaign_id)
+        cur = await conn.execute(f"UPDATE campaigns.campaigns SET {', '.join(sets)} WHERE id = %s RETURNING pauses",
+                                 (*args, campaign_id))
+        updated = await cur.fetchone()
+        assert updated is not None  # the row is locked
+        if newly_paused:
+            notices.append(await queue_event(conn, paused_event(self.topology, tenant_id, campaign_id, reason,
+                                                                updated[0], at=now)))
+        if request_id:
+            await conn.execute(
+                "INSERT INTO campaigns.transitions (campaign_id, request_id, action) VALUES (%s, %s, %s)",
+                (campaign_id, request_id, action.value))
+        return await self._get(conn, tenant_id, campaign_id), True
 
     async def add_recipients(self, tenant_id: str, campaign_id: str, recipients: Sequence[Recipient], *,
                              invalid: int = 0) -> AddedRecipients:
