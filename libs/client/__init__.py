@@ -5,6 +5,8 @@ API key come from) in ``__all__``. The modules behind it:
 
 - ``cli``: the parser, ``esp send`` and ``esp status``.
 - ``campaigns``: ``esp campaign create|add-recipients|start|pause|resume|cancel|status|list``.
+- ``webhooks``: ``esp webhook create|list|get|update|delete|rotate|test|replay|log``.
+- ``events``: ``esp events list``.
 - ``recipient_files``: a CSV or JSON Lines recipient list read row by row into ``AddCampaignRecipients`` frames.
 - ``progress``: the live progress bar of ``esp campaign status --watch`` (rich, else tqdm, else a plain line).
 - ``rpc``: what every command shares: endpoint and API key, error messages, the attachment upload.

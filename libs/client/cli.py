@@ -1,4 +1,5 @@
-"""``esp``: send an email and follow its status, and run campaigns (``esp campaign ...``), from the command line.
+"""``esp``: send an email and follow its status, run campaigns (``esp campaign ...``), manage webhook endpoints and
+read their delivery log (``esp webhook ...``) and list events (``esp events list``), from the command line.
 
 Connection settings come from ``.dev/demo.env`` when run inside the repository (written by ``make run``), and from
 the ``ESP_ENDPOINT`` / ``ESP_API_KEY`` environment variables otherwise (the environment wins over the file).
@@ -15,7 +16,9 @@ import grpc
 from esp.v1 import common_pb2, messages_pb2, messages_pb2_grpc
 
 from libs.client.campaigns import add_commands as add_campaign_commands
+from libs.client.events import add_commands as add_event_commands
 from libs.client.rpc import auth_metadata, connection, describe_error, upload_attachment
+from libs.client.webhooks import add_commands as add_webhook_commands
 from libs.common.message_classes import MessageClass
 
 __all__ = [
@@ -102,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     status.add_argument("--timeout", type=float, default=60.0, help="seconds to wait at most (with --wait)")
     status.set_defaults(run=cmd_status)
     add_campaign_commands(sub)
+    add_webhook_commands(sub)
+    add_event_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "send" and not (args.text or args.html):
         parser.error("send needs --text or --html")
