@@ -9,15 +9,26 @@ and answer 200. The consumer then applies those events like any other. A refused
 
 Events whose message is not known yet (its SENT or ACCEPTED event is still queued behind the consumer) are
 parked in ``reports.unmatched_delivery_events`` and applied by the consumer once that event is recorded.
+
+What a provider really sends is not always readable, and a refused callback is lost once the provider stops
+retrying. So only forged, stale and replayed requests are refused for what they are. An authentic body that
+cannot be read at all is refused (400) and kept in ``reports.rejected_webhook_items`` for inspection; an item
+of an authentic body that cannot be read (one event of a SendGrid batch) is kept there too, while the body's
+good events are published and the provider is answered 200, so it does not re-send the good ones. An event
+that names no recipient (a Postmark ``Unsubscribe`` bounce has no ``Email``) gets its message's recipient when
+the message had only one, so its suppression is not lost either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any, Protocol
 
 import uvicorn
@@ -55,8 +66,15 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 
 WEBHOOKS_RECEIVED = Counter("esp_reports_webhooks_total", "Provider webhook requests by outcome",
                             ["provider", "result"])
+WEBHOOK_UNREADABLE = Counter("esp_reports_webhook_unreadable_total",
+                              "Unreadable provider webhook payloads kept for inspection", ["provider", "scope"])
 WEBHOOK_EVENTS = Counter("esp_reports_webhook_events_total", "Events received in provider webhooks",
                          ["provider", "matched"])
+
+REJECTED_ITEMS_RETENTION = timedelta(days=30)
+"""How long an unreadable payload is kept after it was last received (``reports.rejected_webhook_items``)."""
+_RETENTION_SWEEP_ROWS = 100
+"""Expired rows deleted each time a payload is kept (more than arrive, so the table cannot outgrow retention)."""
 
 # How each refusal is answered. A replay is answered 200: the provider already got its callback through.
 _REFUSALS: Sequence[tuple[type[WebhookError], int, str]] = (
@@ -134,16 +152,25 @@ class WebhookReceiver:
         if config is None:
             return WebhookReply(404, "unknown_provider", f"no webhooks configured for {provider_name!r}")
         try:
-            result = await self._verifier.verify_and_parse(
+            result = await self._verifier.verify(
                 config.provider_type, config.secrets, headers, body, provider_name=provider_name
             )
+        except MalformedWebhook as exc:
+            if exc.authentic:
+                await self._keep_unreadable_body(config, body, str(exc))
+            return _refusal(exc)
         except WebhookError as exc:
             return _refusal(exc)
         if isinstance(result, SubscriptionConfirmation):
             await self._confirmer(provider_name, result)
             return WebhookReply(200, "subscription_confirmation")
         try:
-            await self._deliver(provider_name, result)
+            await self._deliver(provider_name, result.events)
+            if result.malformed:
+                await self._keep(config, "item", [
+                    (item.index, item.reason, json.dumps(item.raw, ensure_ascii=False).encode())
+                    for item in result.malformed
+                ])
         except Exception:
             log.exception("could not process a verified webhook; asking the provider to retry",
                           extra={"provider": provider_name})
@@ -152,12 +179,60 @@ class WebhookReceiver:
                 await self._verifier.release(config.provider_type, config.secrets, headers, body,
                                              provider_name=provider_name)
             return WebhookReply(503, "unavailable", "try again later")
+        if result.malformed:
+            return WebhookReply(200, "accepted_with_unreadable_items",
+                                f"{len(result.malformed)} unreadable item(s) kept for inspection")
         return WebhookReply(200, "accepted")
+
+    async def _keep_unreadable_body(self, config: ProviderWebhookConfig, body: bytes, reason: str) -> None:
+        """Keep an authentic body nobody can read. Best effort: the request is refused either way, so the provider
+        retries it and a later attempt keeps it if this one could not."""
+        try:
+            await self._keep(config, "body", [(None, reason, body)])
+        except Exception:
+            log.exception("could not keep an unreadable webhook body", extra={"provider": config.provider_name})
+
+    async def _keep(self, config: ProviderWebhookConfig, scope: str,
+                    payloads: Sequence[tuple[int | None, str, bytes]]) -> None:
+        """Store unreadable payloads (index in the batch, reason, exact bytes) for inspection; a payload kept before
+        counts up instead of adding a row. Expired rows go in the same transaction."""
+        by_digest: dict[bytes, tuple[int | None, str, bytes]] = {}
+        for index, reason, payload in payloads:
+            by_digest.setdefault(hashlib.sha256(payload).digest(), (index, reason, payload))
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                """INSERT INTO reports.rejected_webhook_items
+                       (provider, provider_type, scope, item_index, reason, payload, payload_sha256)
+                   SELECT %s, %s, %s, i, r, p, d
+                   FROM unnest(%s::integer[], %s::text[], %s::bytea[], %s::bytea[]) AS u(i, r, p, d)
+                   ON CONFLICT (provider, payload_sha256) DO UPDATE
+                       SET last_received_at = now(), reason = excluded.reason,
+                           times_received = reports.rejected_webhook_items.times_received + 1""",
+                (
+                    config.provider_name, config.provider_type, scope,
+                    [index for index, _, _ in by_digest.values()],
+                    [reason for _, reason, _ in by_digest.values()],
+                    [payload for _, _, payload in by_digest.values()],
+                    list(by_digest),
+                ),
+            )
+            await conn.execute(
+                """DELETE FROM reports.rejected_webhook_items WHERE id IN (
+                       SELECT id FROM reports.rejected_webhook_items WHERE last_received_at < now() - %s
+                       ORDER BY last_received_at LIMIT %s)""",
+                (REJECTED_ITEMS_RETENTION, _RETENTION_SWEEP_ROWS),
+            )
+        WEBHOOK_UNREADABLE.labels(config.provider_name, scope).inc(len(payloads))
+        log.warning("kept unreadable webhook payloads for inspection",
+                    extra={"provider": config.provider_name, "scope": scope,
+                           "reasons": [reason for _, reason, _ in payloads][:10]})
 
     async def _deliver(self, provider_name: str, events: Sequence[DeliveryEvent]) -> None:
         unmatched: list[tuple[DeliveryEvent, messages_pb2.MessageEvent]] = []
         for event in events:
             ref = await self._resolve(provider_name, event)
+            if ref is not None and not event.recipient:
+                event = await self._with_only_recipient(event, ref)
             message_event = message_event_from_delivery(provider_name, event, ref.message_id if ref else "")
             WEBHOOK_EVENTS.labels(provider_name, "yes" if ref else "no").inc()
             if ref is None:
@@ -173,6 +248,21 @@ class WebhookReceiver:
         async with self._pool.connection() as conn:
             return await resolve_message(conn, provider_name, event.provider_message_id or "", event.recipient,
                                          event.message_id or "", event.tenant_id or "")
+
+    async def _with_only_recipient(self, event: DeliveryEvent, ref: MessageRef) -> DeliveryEvent:
+        """``event`` naming its message's recipient when the callback named none and the message had one only."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                """SELECT to_addrs || cc_addrs || bcc_addrs FROM reports.messages
+                   WHERE tenant_id = %s AND message_id = %s""",
+                (ref.tenant_id, ref.message_id),
+            )
+            row = await cur.fetchone()
+        mailboxes = row[0] if row is not None and isinstance(row[0], list) else []
+        addresses = {str(box.get("email", "")).strip().lower() for box in mailboxes if isinstance(box, dict)} - {""}
+        if len(addresses) != 1:
+            return event
+        return replace(event, recipient=addresses.pop())
 
     async def _park(self, provider_name: str,
                     unmatched: Sequence[tuple[DeliveryEvent, messages_pb2.MessageEvent]]) -> None:
