@@ -102,10 +102,12 @@ def _endpoint(row: Mapping[str, Any]) -> Endpoint:
 class EndpointStore:
     """The tenant-facing operations on endpoints; every one confined to the caller's tenant."""
 
-    def __init__(self, pool: AsyncConnectionPool, box: SecretBox, policy: DestinationPolicy) -> None:
+    def __init__(self, pool: AsyncConnectionPool, box: SecretBox, policy: DestinationPolicy,
+                 keys: SigningKeys | None = None) -> None:
         self._pool = pool
         self._box = box
         self._policy = policy
+        self._keys = keys
 
     async def create(self, tenant_id: str, spec: EndpointSpec, request_id: str = "") -> Endpoint:
         """A new endpoint with a fresh secret (returned this once). The same ``request_id`` again returns the
@@ -196,6 +198,8 @@ class EndpointStore:
             await conn.execute("INSERT INTO webhooks.endpoint_secrets (endpoint_id, sealed) VALUES (%s, %s)",
                                (endpoint_id, self._box.seal(secret.encode(), context=_secret_context(endpoint_id))))
             await conn.execute("UPDATE webhooks.endpoints SET update_time = now() WHERE id = %s", (endpoint_id,))
+        if self._keys is not None:
+            self._keys.forget(endpoint_id)
         return replace(await self.get(tenant_id, endpoint_id), signing_secret=secret)
 
 
@@ -208,6 +212,11 @@ class SigningKeys:
         self._box = box
         self._ttl_s = ttl_s
         self._cache: dict[str, tuple[float, list[bytes]]] = {}
+
+    def forget(self, endpoint_id: str) -> None:
+        """Drop the cached keys of ``endpoint_id`` (rotated in this process: in effect at once here; other
+        replicas see it within ``ttl_s``)."""
+        self._cache.pop(endpoint_id, None)
 
     async def of(self, endpoint_id: str) -> Sequence[bytes]:
         """The active keys of ``endpoint_id``."""

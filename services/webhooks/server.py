@@ -239,9 +239,10 @@ async def build_app(settings: WebhooksSettings) -> ServiceApp:
     closers.insert(0, transport.close)
     reports = open_channel(settings.reports_addr)
     closers.insert(0, reports.close)
-    dispatcher = Dispatcher(pool, transport, SigningKeys(pool, box), settings)
+    keys = SigningKeys(pool, box)
+    dispatcher = Dispatcher(pool, transport, keys, settings)
     intake = EventIntake(pool, nc, topology, batch=settings.webhook_consumer_batch, on_queued=dispatcher.wake)
-    servicer = WebhookServicer(EndpointStore(pool, box, policy), AttemptLog(pool), pool,
+    servicer = WebhookServicer(EndpointStore(pool, box, policy, keys), AttemptLog(pool), pool,
                                events_pb2_grpc.EventServiceStub(reports), dispatcher.wake)
 
     async def retention(stop: asyncio.Event) -> None:

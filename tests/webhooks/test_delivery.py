@@ -116,3 +116,140 @@ def test_an_unknown_event_type_in_a_filter_is_invalid(webhook_mesh: CampaignMesh
         create_endpoint(webhook_mesh, key, receiver.url + path, event_types=["message.teleported"])
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "message.teleported" in (raised.value.details() or "")
+
+
+def _endpoint_call(mesh: CampaignMesh, key: str, method: str, request: Any) -> Any:
+    channel, stub = _stub(mesh)
+    with channel:
+        return getattr(stub, method)(request, metadata=mesh.auth(key), timeout=30)
+
+
+def test_410_gone_disables_the_endpoint_and_tells_the_tenants_other_endpoints(
+        webhook_mesh: CampaignMesh, receiver: Receiver) -> None:
+    _, key, path = fresh(webhook_mesh)
+    receiver.script(path, default=Answer(410))
+    gone = create_endpoint(webhook_mesh, key, receiver.url + path, event_types=["message.accepted"])
+    watcher = create_endpoint(webhook_mesh, key, receiver.url + path + "/watcher",
+                              event_types=["webhook_endpoint.disabled"])
+    send_email(webhook_mesh, key)
+    notice = wait_until(lambda: receiver.received(path + "/watcher"), 20, "the endpoint-disabled notice")
+    document = verified(watcher.signing_secret, notice[0])
+    assert document["type"] == "webhook_endpoint.disabled"
+    assert document["data"]["attributes"]["webhook_endpoint"] == gone.name
+    after = _endpoint_call(webhook_mesh, key, "GetWebhookEndpoint",
+                           webhooks_pb2.GetWebhookEndpointRequest(name=gone.name))
+    assert not after.enabled and "410" in after.disabled_reason
+    assert len(receiver.received(path)) == 1
+
+
+def test_429_with_retry_after_waits_as_long_as_the_receiver_asked(
+        webhook_mesh: CampaignMesh, receiver: Receiver) -> None:
+    _, key, path = fresh(webhook_mesh)
+    receiver.script(path, Answer(429, headers={"Retry-After": "3"}))
+    create_endpoint(webhook_mesh, key, receiver.url + path, event_types=["message.accepted"])
+    send_email(webhook_mesh, key)
+    tries = wait_until(lambda: len(receiver.received(path)) >= 2 and receiver.received(path), 20, "the retry")
+    # The schedule alone would have retried after 1 s.
+    assert tries[1].time - tries[0].time >= 2.9
+
+
+def test_after_a_rotation_deliveries_verify_with_the_old_and_the_new_secret_until_the_overlap_ends(
+        webhook_mesh: CampaignMesh, receiver: Receiver) -> None:
+    _, key, path = fresh(webhook_mesh)
+    endpoint = create_endpoint(webhook_mesh, key, receiver.url + path, event_types=["test"])
+    rotated = _endpoint_call(webhook_mesh, key, "RotateWebhookSecret", webhooks_pb2.RotateWebhookSecretRequest(
+        name=endpoint.name, overlap={"seconds": 3600}))
+    assert rotated.signing_secret and rotated.signing_secret != endpoint.signing_secret
+    _endpoint_call(webhook_mesh, key, "SendTestWebhookEvent",
+                   webhooks_pb2.SendTestWebhookEventRequest(name=endpoint.name))
+    during = wait_until(lambda: receiver.received(path), 20, "the test event")[0]
+    assert len(during.headers["webhook-signature"].split(" ")) == 2
+    assert verified(endpoint.signing_secret, during)["type"] == "test"
+    assert verified(rotated.signing_secret, during)["type"] == "test"
+
+    ended = _endpoint_call(webhook_mesh, key, "RotateWebhookSecret", webhooks_pb2.RotateWebhookSecretRequest(
+        name=endpoint.name, overlap={"seconds": 0}))
+    _endpoint_call(webhook_mesh, key, "SendTestWebhookEvent",
+                   webhooks_pb2.SendTestWebhookEventRequest(name=endpoint.name))
+    after = wait_until(lambda: receiver.received(path)[1:], 20, "the second test event")[0]
+    assert verified(ended.signing_secret, after)["type"] == "test"
+    with pytest.raises(Exception, match="signature"):
+        verified(rotated.signing_secret, after)
+
+
+def test_a_replay_delivers_a_messages_events_again_with_their_original_webhook_ids(
+        webhook_mesh: CampaignMesh, receiver: Receiver) -> None:
+    _, key, path = fresh(webhook_mesh)
+    endpoint = create_endpoint(webhook_mesh, key, receiver.url + path, event_types=["message.accepted",
+                                                                                   "message.sent"])
+    message_id = send_email(webhook_mesh, key)
+    first = wait_until(lambda: len(receiver.received(path)) >= 2 and receiver.received(path), 20, "the events")
+    replayed = _endpoint_call(webhook_mesh, key, "ReplayWebhookEvents", webhooks_pb2.ReplayWebhookEventsRequest(
+        name=endpoint.name, message=f"messages/{message_id}"))
+    assert replayed.queued_events == 2
+    again = wait_until(lambda: len(receiver.received(path)) >= 4 and receiver.received(path)[2:], 20, "the replay")
+    assert {r.headers["webhook-id"] for r in again} == {r.headers["webhook-id"] for r in first}
+
+
+def test_a_batching_endpoint_gets_each_event_once_in_batches(webhook_mesh: CampaignMesh, receiver: Receiver) -> None:
+    _, key, path = fresh(webhook_mesh)
+    endpoint = create_endpoint(webhook_mesh, key, receiver.url + path, max_batch_size=50,
+                               event_types=["message.accepted", "message.sent"])
+    with grpc.insecure_channel(webhook_mesh.endpoint) as channel:
+        messages_pb2_grpc.MessageServiceStub(channel).BatchSendEmails(messages_pb2.BatchSendEmailsRequest(
+            requests=[messages_pb2.SendEmailRequest(
+                message_class=common_pb2.MESSAGE_CLASS_BULK, subject=f"n{i}", text_body="n",
+                to=[common_pb2.EmailAddress(email=f"r{i}@example.net")],
+                **{"from": common_pb2.EmailAddress(email="shop@example.com")}) for i in range(20)]),
+            metadata=webhook_mesh.auth(key), timeout=30)
+
+    def events() -> list[dict[str, Any]]:
+        return [e for r in receiver.received(path) for e in verified(endpoint.signing_secret, r)["data"]]
+
+    wait_until(lambda: len(events()) >= 40, 30, "40 events")
+    assert all(json.loads(r.body)["type"] == "batch" for r in receiver.received(path))
+    assert len(receiver.received(path)) < 40
+    names = [e["data"]["name"] for e in events()]
+    assert len(names) == len(set(names)) == 40
+
+
+def test_a_dead_endpoint_does_not_delay_a_healthy_one(webhook_mesh: CampaignMesh, receiver: Receiver) -> None:
+    _, key, path = fresh(webhook_mesh)
+    for i in range(3):  # each answers only after the 2 s timeout: every attempt to them times out
+        receiver.script(f"{path}/dead{i}", default=Answer(delay_s=10))
+        create_endpoint(webhook_mesh, key, f"{receiver.url}{path}/dead{i}", event_types=["message.accepted"])
+    create_endpoint(webhook_mesh, key, receiver.url + path, event_types=["message.accepted"])
+    for _ in range(12):
+        send_email(webhook_mesh, key)
+    # Twelve events to each dead endpoint keep its lane busy for several timeouts; the healthy one gets all twelve
+    # meanwhile.
+    wait_until(lambda: len(receiver.received(path)) >= 12, 10, "the healthy endpoint's twelve events")
+
+
+def test_a_receiver_sending_an_endless_body_costs_one_short_attempt(
+        webhook_mesh: CampaignMesh, receiver: Receiver) -> None:
+    _, key, path = fresh(webhook_mesh)
+    receiver.script(path, default=Answer(endless_body=True))
+    endpoint = create_endpoint(webhook_mesh, key, receiver.url + path, event_types=["test"])
+    _endpoint_call(webhook_mesh, key, "SendTestWebhookEvent",
+                   webhooks_pb2.SendTestWebhookEventRequest(name=endpoint.name))
+    attempts = wait_until(lambda: _endpoint_call(webhook_mesh, key, "ListWebhookAttempts",
+                                                 webhooks_pb2.ListWebhookAttemptsRequest(parent=endpoint.name)
+                                                 ).attempts, 20, "the attempt")
+    assert attempts[0].success and len(attempts[0].response_excerpt) <= 1024
+
+
+def test_killing_the_dispatcher_mid_schedule_loses_nothing_and_keeps_the_webhook_id(
+        webhook_mesh: CampaignMesh, receiver: Receiver) -> None:
+    _, key, path = fresh(webhook_mesh)
+    receiver.script(path, default=Answer(500))
+    endpoint = create_endpoint(webhook_mesh, key, receiver.url + path, event_types=["message.accepted"])
+    send_email(webhook_mesh, key)
+    failed = wait_until(lambda: receiver.received(path), 20, "a first, failed try")
+    webhook_mesh.mesh.processes["webhooks"].kill()
+    receiver.script(path, default=Answer(200))
+    webhook_mesh.mesh.start_service("webhooks")
+    wait_until(lambda: any(a.success for a in _endpoint_call(
+        webhook_mesh, key, "ListWebhookAttempts", webhooks_pb2.ListWebhookAttemptsRequest(parent=endpoint.name)
+    ).attempts), 30, "a successful try after the restart")
+    assert {r.headers["webhook-id"] for r in receiver.received(path)} == {failed[0].headers["webhook-id"]}
