@@ -289,7 +289,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     def run(stub: webhooks_pb2_grpc.WebhookServiceStub, metadata: Metadata) -> int:
         replayed = stub.ReplayWebhookEvents(request, metadata=metadata, timeout=120)
-        print(f"queued {replayed.queued_events} events to {request.name}")
+        count = replayed.queued_events
+        print(f"queued {count} event{'' if count == 1 else 's'} to {request.name}")
         return 0
 
     return _call(run)
