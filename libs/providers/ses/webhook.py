@@ -262,7 +262,9 @@ class SesWebhookHandler:
         try:
             signed_at = utc_from_iso(str(document["Timestamp"]))
         except ValueError as exc:
-            raise MalformedWebhook(f"SNS Timestamp is not ISO 8601: {document['Timestamp']!r}") from exc
+            raise MalformedWebhook(
+                f"SNS Timestamp is not ISO 8601: {document['Timestamp']!r}", authentic=True
+            ) from exc
         return AuthenticatedWebhook(
             signed_at=signed_at, replay_key=f"sns:{document['MessageId']}", payload=document
         )
