@@ -506,3 +506,11 @@ async def test_unreadable_items_are_dropped_by_verify_and_parse_which_returns_th
     events = await verifier().verify_and_parse("sendgrid", SENDGRID_SECRETS, callback.headers, callback.body, NOW)
 
     assert [e.recipient for e in events] == ["john.doe@sendgrid.com"]
+
+
+async def test_a_body_that_cannot_be_read_before_it_is_verified_is_not_taken_for_authentic():
+    # Mailgun's signature travels inside the JSON body: a body that is not JSON cannot be checked at all.
+    with pytest.raises(MalformedWebhook) as refused:
+        await verifier().verify("mailgun", MAILGUN_SECRETS, {"Content-Type": "application/json"}, b"{oops", NOW)
+
+    assert not refused.value.authentic
