@@ -39,6 +39,7 @@ GRPC_PORTS: Mapping[str, int] = {
     "reports": 50054,
     **{f"sender-{sender_class}": 50055 for sender_class in SENDER_CLASSES},
     "campaigns": 50056,
+    "webhooks": 50057,
 }
 COMPONENTS = (*GRPC_PORTS, "gateway")
 PUBLIC_PORTS = frozenset({("ingest", 50051), ("gateway", 8080), ("reports", 8081)})
@@ -303,6 +304,18 @@ def mesh_callers(rendering: Rendering) -> dict[tuple[str, int | str], set[str]]:
                     if peers:
                         callers.setdefault((component, port), set()).update(admitted)
     return callers
+
+
+def egress_rules(rendering: Rendering, deployment: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The egress rules the NetworkPolicies selecting ``deployment``'s pods allow, or None when none restricts its
+    egress (no policy lists ``Egress`` in its policyTypes: everything is allowed)."""
+    rules: list[dict[str, Any]] | None = None
+    for policy in rendering.of_kind("NetworkPolicy"):
+        if "Egress" in policy["spec"].get("policyTypes", []) and matches(
+            match_labels(policy["spec"]["podSelector"]), pod_labels(deployment)
+        ):
+            rules = (rules or []) + list(policy["spec"].get("egress", []))
+    return rules
 
 
 def default_deny_covers(rendering: Rendering, deployment: Mapping[str, Any]) -> bool:

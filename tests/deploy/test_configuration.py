@@ -18,6 +18,7 @@ SHARED_SETTINGS = (
     "ESP_LEDGER_ADDR",
     "ESP_REPORTS_ADDR",
     "ESP_CAMPAIGNS_ADDR",
+    "ESP_WEBHOOKS_ADDR",
     "ESP_PUBLIC_BASE_URL",
     "ESP_LOG_LEVEL",
 )
@@ -27,6 +28,7 @@ ADDRESSES = {
     "ESP_LEDGER_ADDR": "ledger",
     "ESP_REPORTS_ADDR": "reports",
     "ESP_CAMPAIGNS_ADDR": "campaigns",
+    "ESP_WEBHOOKS_ADDR": "webhooks",
 }
 SECRET_LOOKING_NAME = re.compile(
     r"(DSN|PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL|SIGNING|UNSUBSCRIBE_KEYS)", re.IGNORECASE
@@ -38,6 +40,7 @@ USES_POSTGRES = (
     "ledger",
     "reports",
     "campaigns",
+    "webhooks",
     "sender-otp",
     "sender-transactional",
     "sender-bulk",
@@ -144,6 +147,22 @@ def test_reports_and_campaigns_share_one_required_unsubscribe_key_secret(renderi
             assert variable is None, component
 
     assert len(set(references.values())) == 1
+
+
+def test_webhooks_gets_the_required_secrets_keys_from_the_secret_every_other_reader_uses(rendering: Rendering):
+    """Endpoints' signing secrets are sealed under ESP_SECRETS_KEYS and webhooks refuses to start without them;
+    every service reading the variable reads it from one Secret key, so one rotation covers them all."""
+    references = {}
+    for component, container in service_containers(rendering):
+        variable = environment(rendering, container).get("ESP_SECRETS_KEYS")
+        if variable is not None:
+            reference = variable["valueFrom"]["secretKeyRef"]
+            references[component] = (reference["name"], reference["key"])
+            if component == "webhooks":
+                assert reference.get("optional") is not True
+
+    assert "webhooks" in references
+    assert len(set(references.values())) == 1, references
 
 
 def test_the_public_base_url_is_https_or_unset(rendering: Rendering):

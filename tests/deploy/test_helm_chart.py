@@ -65,6 +65,7 @@ def test_the_chart_has_one_template_per_service():
         "ledger.yaml",
         "reports.yaml",
         "campaigns.yaml",
+        "webhooks.yaml",
         "gateway.yaml",
         "sender.yaml",
     } <= templates
@@ -133,6 +134,10 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "enabled-not-boolean": ({"gateway": {"enabled": "yes"}}, "/gateway/enabled"),
     "public-base-url-not-https": ({"publicBaseUrl": "http://esp.example.com"}, "/publicBaseUrl"),
+    "webhooks-zero-max-replicas": (
+        {"webhooks": {"autoscaling": {"maxReplicas": 0}}},
+        "/webhooks/autoscaling/maxReplicas",
+    ),
     "campaigns-cpu-target-above-100": (
         {"campaigns": {"autoscaling": {"targetCPUUtilizationPercentage": 101}}},
         "/campaigns/autoscaling/targetCPUUtilizationPercentage",
@@ -271,6 +276,41 @@ def test_ingest_is_told_where_campaigns_is_and_campaigns_the_public_base_url():
     assert config["ESP_CAMPAIGNS_ADDR"] == "mail-campaigns:50056"
     assert rendering.named("Service", "mail-campaigns")["spec"]["ports"][0]["port"] == 50056
     assert config["ESP_PUBLIC_BASE_URL"] == "https://mail.example.com"
+
+
+def test_a_disabled_webhooks_service_renders_nothing_of_its_own():
+    rendering = render_helm("no-webhooks", {"webhooks": {"enabled": False}})
+
+    assert [
+        r["kind"] for r in rendering.resources if r["metadata"]["labels"].get("app.kubernetes.io/name") == "webhooks"
+    ] == []
+
+
+def test_ingest_is_told_where_webhooks_is():
+    rendering = render_helm("webhooks", release="mail")
+
+    assert rendering.named("ConfigMap", "mail-config")["data"]["ESP_WEBHOOKS_ADDR"] == "mail-webhooks:50057"
+    assert rendering.named("Service", "mail-webhooks")["spec"]["ports"][0]["port"] == 50057
+
+
+def webhooks_egress_ports(values: dict[str, Any]) -> set[int]:
+    [policy] = [p for p in render_helm("egress", values).of_kind("NetworkPolicy") if component_of(p) == "webhooks"]
+    return {port["port"] for rule in policy["spec"]["egress"] for port in rule.get("ports", [])}
+
+
+def test_webhooks_egress_follows_the_nats_and_otlp_endpoints():
+    """NetworkPolicies take no host names: the ports of nats.url and of the OTLP endpoint are opened instead."""
+    default = webhooks_egress_ports({})
+    custom = webhooks_egress_ports(
+        {
+            "nats": {"url": "tls://nats-0.example.internal:7422,tls://nats-1.example.internal:7422"},
+            "otelExporterOtlpEndpoint": "http://otel.observability:14317",
+        }
+    )
+
+    assert default == {443, 50054, 5432, 4222, 53}
+    assert custom == {443, 50054, 5432, 7422, 53, 14317}
+    assert 4317 in webhooks_egress_ports({"otelExporterOtlpEndpoint": "http://otel.observability"})
 
 
 def test_notes_warn_when_one_click_unsubscribe_has_no_public_base_url():

@@ -17,6 +17,8 @@ A component context is a dict:
   secretEnv    name of a Secret whose every key becomes an environment variable, or ""
   secretKeyEnv list of {name, secret, key}: one variable from one key of a Secret (optional)
   extraEnv     list of {name, value}
+  egress       NetworkPolicy egress rules as YAML text, or absent: egress stays open (only webhooks, which calls
+               customers' URLs, restricts it)
   senderClass  "otp" | "transactional" | "bulk" | ""
   grace        terminationGracePeriodSeconds
 */}}
@@ -395,6 +397,9 @@ spec:
       {{- include "esp.selectorLabels" . | nindent 6 }}
   policyTypes:
     - Ingress
+    {{- if .egress }}
+    - Egress
+    {{- end }}
   ingress:
     {{- with $public }}
     - ports:
@@ -435,6 +440,10 @@ spec:
       ports:
         - port: {{ include "esp.metricsPort" . }}
           protocol: TCP
+  {{- with .egress }}
+  egress:
+    {{- . | nindent 4 }}
+  {{- end }}
 {{- end }}
 
 {{/* Everything one component needs: ServiceAccount, Deployment, Service, autoscaler, PDB, NetworkPolicy. */}}
