@@ -158,7 +158,10 @@ def progress(stub: campaigns_pb2_grpc.CampaignServiceStub, auth: Sequence[tuple[
 
 
 def start_campaign_mesh(database: str, redis_url: str, nats_url: str, s3: S3Server, namespace: str,
-                        log_dir: Path, extra_env: dict[str, str] | None = None) -> CampaignMesh:
+                        log_dir: Path, extra_env: dict[str, str] | None = None,
+                        provider_webhooks: bool = False) -> CampaignMesh:
+    """The mesh; with ``provider_webhooks``, the simulated provider also posts its signed delivery webhooks to
+    reports (secrets set through the admin RPC), so messages reach ``delivered``."""
     sim_http = m.free_port()
     # The request log must hold every request of a test's campaigns (the default keeps the last 5,000).
     sim_proc, description = m.start_simulator(sim_http, m.free_port(), log_dir, extra_args=("--log-cap", "1000000"))
@@ -175,15 +178,22 @@ def start_campaign_mesh(database: str, redis_url: str, nats_url: str, s3: S3Serv
         http_url = description["http_url"]
         personality = next(p for p in default_personalities() if p.name == PROVIDER)
         provider = personality.provider_config(http_url, description["smtp_host"], description["smtp_port"])
+        knobs: dict[str, object] = {"latency_ms": 0, "jitter_ms": 0}
+        webhook_secrets: dict[str, str] = {}
+        if provider_webhooks:
+            knobs.update(webhook_url=f"http://127.0.0.1:{config.webhook_port}/webhooks/{PROVIDER}",
+                         webhook_delay_ms=0, webhook_jitter_ms=0)
+            webhook_secrets = httpx.get(f"{http_url}/_sim/personalities/{PROVIDER}", timeout=10).json()["webhooks"][
+                "receiver_secrets"]
         with grpc.insecure_channel(f"127.0.0.1:{config.ports['ingest']}") as channel:
             seed.ensure_tenant(channel, config.admin_token, "acme")
             api_key = seed.create_api_key(channel, config.admin_token, "acme")
             seed.top_up(channel, config.admin_token, "acme", 10_000_000, "acme-initial")
             seed.ensure_provider(channel, config.admin_token, seed.ProviderSeed(
                 id=PROVIDER, type=personality.type, endpoint=provider.endpoint,
-                credentials=dict(provider.credentials), options=dict(provider.options)))
-        httpx.patch(f"{http_url}/_sim/personalities/{PROVIDER}/knobs", json={"latency_ms": 0, "jitter_ms": 0},
-                    timeout=10).raise_for_status()
+                credentials=dict(provider.credentials), options=dict(provider.options),
+                webhook_secrets=webhook_secrets))
+        httpx.patch(f"{http_url}/_sim/personalities/{PROVIDER}/knobs", json=knobs, timeout=10).raise_for_status()
     except BaseException:
         mesh.stop()
         raise

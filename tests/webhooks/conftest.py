@@ -24,7 +24,8 @@ def webhook_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str,
     running = start_campaign_mesh(
         new_database(), redis_url, nats_url, s3_server, namespace, tmp_path_factory.mktemp("webhook-mesh-logs"),
         extra_env={"ESP_WEBHOOK_RETRY_SCHEDULE_S": RETRY_SCHEDULE, "ESP_WEBHOOK_RETRY_JITTER": "0",
-                   "ESP_WEBHOOK_TIMEOUT_S": "2", "ESP_WEBHOOK_DISABLE_AFTER_S": "3600"})
+                   "ESP_WEBHOOK_TIMEOUT_S": "2", "ESP_WEBHOOK_DISABLE_AFTER_S": "3600"},
+        provider_webhooks=True)
     yield running
     running.mesh.stop()
     asyncio.run(m.forget_namespace(namespace, nats_url, redis_url))

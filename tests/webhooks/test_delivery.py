@@ -48,7 +48,7 @@ def fresh(mesh: CampaignMesh) -> tuple[str, str, str]:
     return tenant, key, f"/{tenant}/{secrets.token_hex(3)}"
 
 
-def test_an_email_produces_signed_accepted_and_sent_webhooks_in_sequence_order(
+def test_an_email_produces_signed_accepted_sent_and_delivered_webhooks_in_sequence_order(
         webhook_mesh: CampaignMesh, receiver: Receiver) -> None:
     _, key, path = fresh(webhook_mesh)
     endpoint = create_endpoint(webhook_mesh, key, receiver.url + path)
@@ -58,11 +58,12 @@ def test_an_email_produces_signed_accepted_and_sent_webhooks_in_sequence_order(
     def types() -> list[str]:
         return [json.loads(r.body)["type"] for r in receiver.received(path)]
 
-    wait_until(lambda: {"message.accepted", "message.sent"} <= set(types()), 20, "accepted and sent webhooks")
+    wanted = {"message.accepted", "message.sent", "message.delivered"}
+    wait_until(lambda: wanted <= set(types()), 30, "accepted, sent and delivered webhooks")
     documents = [verified(endpoint.signing_secret, r) for r in receiver.received(path)]
     mine = [d for d in documents if d["data"]["message"] == f"messages/{message_id}"]
     sequences = {d["type"]: int(d["data"]["sequence"]) for d in mine}
-    assert sequences["message.accepted"] < sequences["message.sent"]
+    assert sequences["message.accepted"] < sequences["message.sent"] < sequences["message.delivered"]
     accepted = next(d for d in mine if d["type"] == "message.accepted")["data"]
     assert accepted["metadata"] == {"order": "o-1"} and accepted["tags"] == ["receipts"]
     assert accepted["recipient"] == "rcpt@example.net"
