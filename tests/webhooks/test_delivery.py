@@ -254,3 +254,40 @@ def test_killing_the_dispatcher_mid_schedule_loses_nothing_and_keeps_the_webhook
         webhook_mesh, key, "ListWebhookAttempts", webhooks_pb2.ListWebhookAttemptsRequest(parent=endpoint.name)
     ).attempts), 30, "a successful try after the restart")
     assert {r.headers["webhook-id"] for r in receiver.received(path)} == {failed[0].headers["webhook-id"]}
+
+
+def test_crossing_the_low_balance_threshold_is_pushed_as_an_account_event(
+        webhook_mesh: CampaignMesh, receiver: Receiver) -> None:
+    from esp.v1 import credits_pb2, credits_pb2_grpc
+
+    tenant, key, path = fresh(webhook_mesh)
+    endpoint = create_endpoint(webhook_mesh, key, receiver.url + path, event_types=["account.low_balance"])
+    with grpc.insecure_channel(webhook_mesh.endpoint) as channel:
+        credits_pb2_grpc.CreditServiceStub(channel).SetLowBalanceThreshold(credits_pb2.SetLowBalanceThresholdRequest(
+            tenant=f"tenants/{tenant}", threshold=999_999_999), metadata=webhook_mesh.auth(key), timeout=10)
+    send_email(webhook_mesh, key)
+    notice = wait_until(lambda: receiver.received(path), 20, "the low-balance notice")
+    document = verified(endpoint.signing_secret, notice[0])
+    assert document["type"] == "account.low_balance"
+    assert document["data"]["attributes"]["threshold"] == "999999999"
+
+
+def test_an_endpoint_failing_for_longer_than_the_limit_is_disabled_and_the_tenant_told(
+        webhook_mesh: CampaignMesh, receiver: Receiver) -> None:
+    import psycopg
+
+    _, key, path = fresh(webhook_mesh)
+    receiver.script(path, default=Answer(500))
+    failing = create_endpoint(webhook_mesh, key, receiver.url + path, event_types=["message.accepted"])
+    watcher = create_endpoint(webhook_mesh, key, receiver.url + path + "/watcher",
+                              event_types=["webhook_endpoint.disabled"])
+    # As if it had failed for a day more than the mesh's limit (ESP_WEBHOOK_DISABLE_AFTER_S, an hour here).
+    with psycopg.connect(webhook_mesh.config.postgres_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE webhooks.endpoints SET failing_since = now() - interval '25 hours' WHERE id = %s",
+                     (failing.name.removeprefix("webhookEndpoints/"),))
+    send_email(webhook_mesh, key)
+    notice = wait_until(lambda: receiver.received(path + "/watcher"), 20, "the endpoint-disabled notice")
+    assert verified(watcher.signing_secret, notice[0])["data"]["attributes"]["webhook_endpoint"] == failing.name
+    after = _endpoint_call(webhook_mesh, key, "GetWebhookEndpoint",
+                           webhooks_pb2.GetWebhookEndpointRequest(name=failing.name))
+    assert not after.enabled and "failing since" in after.disabled_reason
