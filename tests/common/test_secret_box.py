@@ -7,7 +7,7 @@ import base64
 
 import pytest
 
-from libs.common.secret_box import KEY_BYTES, SecretBox, SecretUnreadable, generate_key_setting
+from libs.common.secret_box import KEY_BYTES, SecretBox, SecretUnreadable, generate_key_setting, optional_secret_box
 from libs.common.settings import CommonSettings, load_settings
 
 CONTEXT = "router.provider_credentials/ses-eu"
@@ -130,3 +130,10 @@ def test_generated_settings_are_fresh_and_well_formed() -> None:
     assert first != second and first.startswith("dev:")
     with pytest.raises(ValueError):
         generate_key_setting("no spaces")
+
+
+def test_an_empty_setting_is_no_box_and_a_bad_one_names_the_variable() -> None:
+    assert optional_secret_box("") is None and optional_secret_box("  ") is None
+    assert isinstance(optional_secret_box(generate_key_setting()), SecretBox)
+    with pytest.raises(ValueError, match=r"^ESP_SECRETS_KEYS: entry 1"):
+        optional_secret_box("k1:c2hvcnQ=")

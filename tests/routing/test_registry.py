@@ -19,9 +19,11 @@ from psycopg.types.json import Jsonb
 from libs.common.db import create_pool, migrate_services
 from libs.common.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from libs.common.secret_box import SecretBox, generate_key_setting
+from libs.common.settings import SettingsError
 from libs.routing.catalog import ProviderCatalog, ProviderSpec, bucket_name, open_bucket
+from services.router.config import RouterSettings
 from services.router.registry import ProviderRegistry
-from services.router.server import ProviderServicer
+from services.router.server import ProviderServicer, build_app
 
 SECRET = {"server_token": "very-secret-token"}
 WEBHOOK_SECRETS = {"webhook_user": "hook-user-b7c1", "webhook_password": "hook-password-9f2e"}
@@ -368,3 +370,8 @@ async def test_the_admin_rpcs_take_webhook_secrets_and_never_echo_a_secret(setup
     await setup.replicas.wait_until(lambda c: c.providers.get("pm-rpc", postmark("x")).webhook_secrets
                                     == {"webhook_user": "u2", "webhook_password": "p2-secret"})
     assert setup.replicas.first.providers["pm-rpc"].price_per_email_micros == 100  # the mask left the rest alone
+
+
+async def test_the_router_refuses_to_start_without_esp_secrets_keys():
+    with pytest.raises(SettingsError, match="ESP_SECRETS_KEYS"):
+        await build_app(RouterSettings(secrets_keys=""))
