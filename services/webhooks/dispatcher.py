@@ -196,9 +196,12 @@ class Dispatcher:
                        finish_time = CASE WHEN %s <> 'pending' THEN now() END WHERE id = %s""",
                 (state, next_time, state, delivery.id))
             if result.success:
+                # Once a second at most per endpoint: a busy endpoint's row is not rewritten per delivery.
                 await conn.execute(
                     """UPDATE webhooks.endpoints SET last_success_time = now(), failing_since = NULL
-                       WHERE id = %s""", (delivery.endpoint_id,))
+                       WHERE id = %s AND (failing_since IS NOT NULL OR last_success_time IS NULL
+                                          OR last_success_time < now() - interval '1 second')""",
+                    (delivery.endpoint_id,))
                 return
             if next_time is not None:
                 # The endpoint's breaker: its other due deliveries wait as long as this one.

@@ -177,11 +177,13 @@ class EndpointStore:
 
     async def delete(self, tenant_id: str, endpoint_id: str) -> None:
         """Delete an endpoint, its secrets, queue and log."""
-        async with self._pool.connection() as conn:
+        async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute("DELETE FROM webhooks.endpoints WHERE tenant_id = %s AND id = %s",
                                      (tenant_id, endpoint_id))
             if cur.rowcount == 0:
                 raise NotFound(f"webhookEndpoints/{endpoint_id} not found")
+            for table in ("deliveries", "batched_events", "attempts"):
+                await conn.execute(f"DELETE FROM webhooks.{table} WHERE endpoint_id = %s", (endpoint_id,))
 
     async def rotate(self, tenant_id: str, endpoint_id: str, overlap: timedelta | None) -> Endpoint:
         """A new secret (returned this once); the previous ones sign until ``overlap`` from now."""

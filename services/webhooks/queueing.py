@@ -72,6 +72,29 @@ async def routes_of(conn: psycopg.AsyncConnection, tenant_ids: Iterable[str]) ->
     return routes
 
 
+class _Documents:
+    """Each event's JSON made once, however many endpoints receive it."""
+
+    def __init__(self) -> None:
+        self._documents: dict[str, bytes] = {}
+
+    def _document(self, event: events_pb2.Event) -> bytes:
+        document = self._documents.get(event.name)
+        if document is None:
+            document = self._documents[event.name] = _dumps(event_document(event))
+        return document
+
+    def body(self, event: events_pb2.Event) -> bytes:
+        """The body of a delivery of ``event`` alone."""
+        return self._document(event)
+
+    def batch_body(self, events: Sequence[events_pb2.Event]) -> bytes:
+        """The body of a batch (as :func:`batch_body`), from the events' documents."""
+        stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        return b'{"type":"batch","timestamp":"' + stamp.encode() + b'","data":[' + b",".join(
+            self._document(e) for e in events) + b"]}"
+
+
 @dataclass
 class _Rows:
     endpoint_ids: list[str]
@@ -108,6 +131,7 @@ async def queue_events(conn: psycopg.AsyncConnection, routes: Mapping[str, Seque
         forced: deliver even while the endpoint is disabled (a test event).
     """
     rows = _Rows([], [], [], [], [], [], [])
+    documents = _Documents()
     for tenant_id, tenant_events in events.items():
         for route in routes.get(tenant_id, ()):
             wanted = [e for e in tenant_events if route.wants(e)]
@@ -116,16 +140,16 @@ async def queue_events(conn: psycopg.AsyncConnection, routes: Mapping[str, Seque
             if route.max_batch_size <= 1:
                 for event in wanted:
                     webhook_id = f"msg_{event_id_of(event)}"
-                    rows.add(route, webhook_id, replay_key + webhook_id, (event.type,),
-                             _dumps(event_document(event)), forced)
+                    rows.add(route, webhook_id, replay_key + webhook_id, (event.type,), documents.body(event),
+                             forced)
                 continue
             if not replay_key:
                 wanted = await _not_yet_batched(conn, route.endpoint_id, wanted)
             for start in range(0, len(wanted), route.max_batch_size):
                 chunk = wanted[start:start + route.max_batch_size]
                 webhook_id = f"msg_batch_{event_id_of(chunk[0])}"
-                rows.add(route, webhook_id, replay_key + webhook_id, (e.type for e in chunk), batch_body(chunk),
-                         forced)
+                rows.add(route, webhook_id, replay_key + webhook_id, (e.type for e in chunk),
+                         documents.batch_body(chunk), forced)
     if not rows.endpoint_ids:
         return 0
     cur = await conn.execute(

@@ -4,7 +4,9 @@ httpcore rather than httpx: its network backend is the one place every connectio
 on the addresses actually connected to (the name is resolved here, each address checked, then connected by IP;
 TLS still verifies the certificate against the host name). Redirects are never followed (httpcore does not), at
 most ``excerpt_bytes`` of the response are read (a 50 MB body costs nothing), and the whole attempt is bounded
-by one timeout (a receiver that never answers or never closes costs that, once).
+by one timeout (a receiver that never answers or never closes costs that, once). Each origin (scheme, host,
+port) has a connection pool of its own: a pool looks over all of its connections whenever a request starts or
+ends, so hundreds hanging on a dead receiver would otherwise slow every request to a healthy one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpcore
 
@@ -23,6 +26,7 @@ from services.webhooks.destinations import DestinationPolicy, RefusedDestination
 __all__ = ["AttemptResult", "WebhookTransport"]
 
 USER_AGENT = b"esp-mesh-webhooks/1"
+IDLE_POOL_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -81,10 +85,32 @@ class WebhookTransport:
         self._timeout_s = timeout_s
         self._excerpt_bytes = excerpt_bytes
         self._policy = policy
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context or ssl.create_default_context(), max_connections=max_connections,
-            max_keepalive_connections=max_connections, keepalive_expiry=30.0,
-            network_backend=_CheckedBackend(policy))
+        self._max_connections = max_connections
+        self._ssl_context = ssl_context or ssl.create_default_context()
+        self._backend = _CheckedBackend(policy)
+        self._pools: dict[tuple[str, str, int | None], tuple[httpcore.AsyncConnectionPool, float]] = {}
+
+    def _pool(self, url: str) -> httpcore.AsyncConnectionPool:
+        """The origin's pool (made on first use; pools unused for ``IDLE_POOL_S`` are closed on the way)."""
+        parts = urlsplit(url)
+        origin = (parts.scheme, parts.hostname or "", parts.port)
+        now = time.monotonic()
+        found = self._pools.get(origin)
+        if found is None:
+            if len(self._pools) >= 64:
+                self._close_idle(now)
+            pool = httpcore.AsyncConnectionPool(
+                ssl_context=self._ssl_context, max_connections=self._max_connections,
+                max_keepalive_connections=16, keepalive_expiry=30.0, network_backend=self._backend)
+        else:
+            pool = found[0]
+        self._pools[origin] = (pool, now)
+        return pool
+
+    def _close_idle(self, now: float) -> None:
+        for origin, (pool, used) in list(self._pools.items()):
+            if now - used > IDLE_POOL_S and not pool.connections:
+                del self._pools[origin]
 
     async def post(self, url: str, headers: Sequence[tuple[str, str]], body: bytes) -> AttemptResult:
         """POST ``body`` to ``url``; never raises for what the receiver or the network does."""
@@ -114,7 +140,7 @@ class WebhookTransport:
                     "pool": self._timeout_s}
         request_headers = [(b"content-type", b"application/json"), (b"user-agent", USER_AGENT),
                            *((k.encode(), v.encode()) for k, v in headers)]
-        async with self._pool.stream("POST", url, headers=request_headers, content=body,
+        async with self._pool(url).stream("POST", url, headers=request_headers, content=body,
                                      extensions={"timeout": timeouts}) as response:
             excerpt = bytearray()
             async for chunk in response.aiter_stream():
@@ -130,4 +156,7 @@ class WebhookTransport:
 
     async def close(self) -> None:
         """Close every pooled connection."""
-        await self._pool.aclose()
+        pools = [pool for pool, _ in self._pools.values()]
+        self._pools.clear()
+        for pool in pools:
+            await pool.aclose()

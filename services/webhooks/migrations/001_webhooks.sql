@@ -33,12 +33,16 @@ CREATE TABLE webhooks.endpoint_secrets (
     PRIMARY KEY (endpoint_id, secret_id)
 );
 
+-- The queue's tables name their endpoint without a foreign key: a key check per inserted row would read (and
+-- share-lock) the endpoint's row for every event, the row the dispatcher updates. EndpointStore.delete removes
+-- an endpoint's rows from each.
+
 -- One HTTP message to send: its body is fixed when it is queued (a retry sends the same bytes under a fresh
 -- timestamp and signature). dedupe_key makes queueing idempotent: the event consumer's key is the webhook-id, a
 -- replay's carries its request.
 CREATE TABLE webhooks.deliveries (
     id bigserial PRIMARY KEY,
-    endpoint_id text NOT NULL REFERENCES webhooks.endpoints (id) ON DELETE CASCADE,
+    endpoint_id text NOT NULL,
     tenant_id text NOT NULL,
     webhook_id text NOT NULL,
     dedupe_key text NOT NULL,
@@ -61,7 +65,7 @@ CREATE INDEX deliveries_by_endpoint ON webhooks.deliveries (endpoint_id, state);
 -- Which events a batched delivery carries, so an event redelivered by JetStream joins no second batch (and so is
 -- never sent under a new webhook-id).
 CREATE TABLE webhooks.batched_events (
-    endpoint_id text NOT NULL REFERENCES webhooks.endpoints (id) ON DELETE CASCADE,
+    endpoint_id text NOT NULL,
     event_id text NOT NULL,
     create_time timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (endpoint_id, event_id)
@@ -70,7 +74,7 @@ CREATE TABLE webhooks.batched_events (
 -- The delivery log: every HTTP attempt.
 CREATE TABLE webhooks.attempts (
     id bigserial PRIMARY KEY,
-    endpoint_id text NOT NULL REFERENCES webhooks.endpoints (id) ON DELETE CASCADE,
+    endpoint_id text NOT NULL,
     delivery_id bigint NOT NULL,
     webhook_id text NOT NULL,
     attempt integer NOT NULL,
