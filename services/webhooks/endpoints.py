@@ -182,7 +182,7 @@ class EndpointStore:
                                      (tenant_id, endpoint_id))
             if cur.rowcount == 0:
                 raise NotFound(f"webhookEndpoints/{endpoint_id} not found")
-            for table in ("deliveries", "batched_events", "attempts"):
+            for table in ("deliveries", "attempts"):
                 await conn.execute(f"DELETE FROM webhooks.{table} WHERE endpoint_id = %s", (endpoint_id,))
 
     async def rotate(self, tenant_id: str, endpoint_id: str, overlap: timedelta | None) -> Endpoint:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
 from collections.abc import Callable
 
 from esp.internal.v1 import queue_pb2
@@ -68,7 +67,7 @@ class EventIntake:
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         """Queue one fetched batch's deliveries, then ack it."""
-        events: dict[str, list[events_pb2.Event]] = defaultdict(list)
+        groups: list[tuple[str, list[events_pb2.Event]]] = []
         for msg in msgs:
             try:
                 tenant_id, decoded = self._decode(msg)
@@ -76,11 +75,12 @@ class EventIntake:
                 log.error("dropping an undecodable event", extra={"subject": msg.subject})
                 await msg.term()
                 continue
-            events[tenant_id].extend(decoded)
-        if events:
+            if decoded:
+                groups.append((tenant_id, decoded))
+        if groups:
             async with self._pool.connection() as conn, conn.transaction():
-                routes = await routes_of(conn, events)
-                queued = await queue_events(conn, routes, events) if routes else 0
+                routes = await routes_of(conn, (tenant_id for tenant_id, _ in groups))
+                queued = await queue_events(conn, routes, groups) if routes else 0
             if queued:
                 DELIVERIES_QUEUED.labels("events").inc(queued)
                 self._on_queued()

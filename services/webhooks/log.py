@@ -46,10 +46,8 @@ class AttemptLog:
 
 
 async def retention_pass(pool: AsyncConnectionPool, keep: timedelta) -> None:
-    """Drop attempts, finished deliveries and batch memberships older than ``keep`` (a batch membership only has
-    to outlive the EVENTS stream's retention, which is shorter)."""
+    """Drop attempts and finished deliveries older than ``keep``."""
     async with pool.connection() as conn:
         await conn.execute("DELETE FROM webhooks.attempts WHERE attempt_time < now() - %s", (keep,))
         await conn.execute("DELETE FROM webhooks.deliveries WHERE state <> 'pending' AND finish_time < now() - %s",
                            (keep,))
-        await conn.execute("DELETE FROM webhooks.batched_events WHERE create_time < now() - %s", (keep,))

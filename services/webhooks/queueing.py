@@ -3,8 +3,8 @@
 A delivery's body is fixed when it is queued, and so is its ``webhook-id``: ``msg_<event id>`` for one event,
 ``msg_batch_<first event id>`` for a batch, so a retry, a restart or a replay presents the receiver with the id it
 may already have seen. Queueing is idempotent: an event handed over twice (JetStream redelivers after a crash)
-finds its delivery queued (``dedupe_key``) or, for batching endpoints, itself already batched
-(``webhooks.batched_events``).
+finds its delivery queued (``dedupe_key``). That holds for batches too because a batch never spans two groups of
+events (two stream messages): a redelivered message is cut into the same batches, under the same ids.
 """
 
 from __future__ import annotations
@@ -118,21 +118,22 @@ class _Rows:
 
 
 async def queue_events(conn: psycopg.AsyncConnection, routes: Mapping[str, Sequence[Route]],
-                       events: Mapping[str, Sequence[events_pb2.Event]], *, replay_key: str = "",
+                       groups: Sequence[tuple[str, Sequence[events_pb2.Event]]], *, replay_key: str = "",
                        forced: bool = False) -> int:
-    """Queue each tenant's ``events`` to its endpoints that want them, in the caller's transaction; return how many
-    deliveries were queued now.
+    """Queue the events of each group to its tenant's endpoints that want them, in the caller's transaction;
+    return how many deliveries were queued now.
 
     Args:
         routes: tenant → endpoints.
-        events: tenant → events, in the order to deliver them.
+        groups: (tenant, events in the order to deliver them): what arrived together, e.g. one stream message. A
+            batch takes events of one group only, so the same group always yields the same batches.
         replay_key: for a replay (or a test event): makes each delivery new even though its webhook-id was sent
             before; batching endpoints then batch the replayed events among themselves.
         forced: deliver even while the endpoint is disabled (a test event).
     """
     rows = _Rows([], [], [], [], [], [], [])
     documents = _Documents()
-    for tenant_id, tenant_events in events.items():
+    for tenant_id, tenant_events in groups:
         for route in routes.get(tenant_id, ()):
             wanted = [e for e in tenant_events if route.wants(e)]
             if not wanted:
@@ -143,8 +144,6 @@ async def queue_events(conn: psycopg.AsyncConnection, routes: Mapping[str, Seque
                     rows.add(route, webhook_id, replay_key + webhook_id, (event.type,), documents.body(event),
                              forced)
                 continue
-            if not replay_key:
-                wanted = await _not_yet_batched(conn, route.endpoint_id, wanted)
             for start in range(0, len(wanted), route.max_batch_size):
                 chunk = wanted[start:start + route.max_batch_size]
                 webhook_id = f"msg_batch_{event_id_of(chunk[0])}"
@@ -162,14 +161,3 @@ async def queue_events(conn: psycopg.AsyncConnection, routes: Mapping[str, Seque
         (rows.endpoint_ids, rows.tenant_ids, rows.webhook_ids, rows.dedupe_keys, rows.event_types, rows.bodies,
          rows.forced))
     return cur.rowcount
-
-
-async def _not_yet_batched(conn: psycopg.AsyncConnection, endpoint_id: str,
-                           events: Sequence[events_pb2.Event]) -> list[events_pb2.Event]:
-    """The events that no batch of this endpoint carries yet, now marked as batched (in order)."""
-    ids = [event_id_of(e) for e in events]
-    cur = await conn.execute(
-        """INSERT INTO webhooks.batched_events (endpoint_id, event_id)
-           SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING RETURNING event_id""", (endpoint_id, ids))
-    fresh = {row[0] for row in await cur.fetchall()}
-    return [e for e in events if event_id_of(e) in fresh]

@@ -187,7 +187,7 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
             async with domain_errors():
                 page = await self._events.ListEvents(query, metadata=metadata, timeout=30)
             async with self._pool.connection() as conn, conn.transaction():
-                queued += await queue_events(conn, {tenant_id: [route]}, {tenant_id: list(page.events)},
+                queued += await queue_events(conn, {tenant_id: [route]}, [(tenant_id, list(page.events))],
                                              replay_key=replay_key)
             if not page.next_page_token:
                 break
@@ -206,7 +206,7 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
                                  attributes={"webhook_endpoint": f"{_PREFIX}{endpoint.id}"})
         route = Route(endpoint.id, tenant_id, frozenset(), frozenset(), 1)
         async with self._pool.connection() as conn, conn.transaction():
-            await queue_events(conn, {tenant_id: [route]}, {tenant_id: [event]}, replay_key="test:", forced=True)
+            await queue_events(conn, {tenant_id: [route]}, [(tenant_id, [event])], replay_key="test:", forced=True)
         self._wake()
         return webhooks_pb2.SendTestWebhookEventResponse(webhook_id=f"msg_{event.name.removeprefix('events/')}")
 
@@ -235,7 +235,7 @@ async def build_app(settings: WebhooksSettings) -> ServiceApp:
         raise
     policy = DestinationPolicy(allow_internal=settings.webhook_allow_internal)
     transport = WebhookTransport(policy, timeout_s=settings.webhook_timeout_s,
-                                 max_connections=settings.webhook_concurrency)
+                                 max_connections=settings.webhook_endpoint_concurrency)
     closers.insert(0, transport.close)
     reports = open_channel(settings.reports_addr)
     closers.insert(0, reports.close)

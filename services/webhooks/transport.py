@@ -4,9 +4,10 @@ httpcore rather than httpx: its network backend is the one place every connectio
 on the addresses actually connected to (the name is resolved here, each address checked, then connected by IP;
 TLS still verifies the certificate against the host name). Redirects are never followed (httpcore does not), at
 most ``excerpt_bytes`` of the response are read (a 50 MB body costs nothing), and the whole attempt is bounded
-by one timeout (a receiver that never answers or never closes costs that, once). Each origin (scheme, host,
-port) has a connection pool of its own: a pool looks over all of its connections whenever a request starts or
-ends, so hundreds hanging on a dead receiver would otherwise slow every request to a healthy one.
+by one timeout (a receiver that never answers or never closes costs that, once). Each endpoint has a connection
+pool of its own, as small as its lane: a pool looks over all of its connections whenever a request starts or ends,
+so hundreds hanging on dead receivers would otherwise slow every request to a healthy one (even a shared origin's
+endpoints get a pool each: a few connections more, never a quadratic scan).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class AttemptResult:
     retry_after: str = ""
     refused: bool = False
     """The destination is refused (SSRF rule): no connection was made."""
+    unreachable: bool = False
+    """No connection could be made or no answer came in time (not a transient hiccup on a reused connection)."""
 
     @property
     def success(self) -> bool:
@@ -88,32 +91,34 @@ class WebhookTransport:
         self._max_connections = max_connections
         self._ssl_context = ssl_context or ssl.create_default_context()
         self._backend = _CheckedBackend(policy)
-        self._pools: dict[tuple[str, str, int | None], tuple[httpcore.AsyncConnectionPool, float]] = {}
+        self._pools: dict[str, tuple[httpcore.AsyncConnectionPool, float]] = {}
 
-    def _pool(self, url: str) -> httpcore.AsyncConnectionPool:
-        """The origin's pool (made on first use; pools unused for ``IDLE_POOL_S`` are closed on the way)."""
-        parts = urlsplit(url)
-        origin = (parts.scheme, parts.hostname or "", parts.port)
+    def _pool(self, key: str) -> httpcore.AsyncConnectionPool:
+        """The pool of ``key`` (an endpoint), made on first use; pools unused for ``IDLE_POOL_S`` are dropped on the
+        way."""
         now = time.monotonic()
-        found = self._pools.get(origin)
+        found = self._pools.get(key)
         if found is None:
-            if len(self._pools) >= 64:
+            if len(self._pools) >= 256:
                 self._close_idle(now)
             pool = httpcore.AsyncConnectionPool(
                 ssl_context=self._ssl_context, max_connections=self._max_connections,
-                max_keepalive_connections=16, keepalive_expiry=30.0, network_backend=self._backend)
+                max_keepalive_connections=self._max_connections, keepalive_expiry=30.0,
+                network_backend=self._backend)
         else:
             pool = found[0]
-        self._pools[origin] = (pool, now)
+        self._pools[key] = (pool, now)
         return pool
 
     def _close_idle(self, now: float) -> None:
-        for origin, (pool, used) in list(self._pools.items()):
+        for key, (pool, used) in list(self._pools.items()):
             if now - used > IDLE_POOL_S and not pool.connections:
-                del self._pools[origin]
+                del self._pools[key]
 
-    async def post(self, url: str, headers: Sequence[tuple[str, str]], body: bytes) -> AttemptResult:
-        """POST ``body`` to ``url``; never raises for what the receiver or the network does."""
+    async def post(self, url: str, headers: Sequence[tuple[str, str]], body: bytes, *,
+                   pool_key: str = "") -> AttemptResult:
+        """POST ``body`` to ``url`` through the connections of ``pool_key`` (the endpoint; default: the URL's
+        origin); never raises for what the receiver or the network does."""
         started = time.monotonic()
 
         def elapsed() -> int:
@@ -122,25 +127,26 @@ class WebhookTransport:
         try:
             self._policy.check_url(url)
             async with asyncio.timeout(self._timeout_s):
-                return await self._exchange(url, headers, body, elapsed)
+                return await self._exchange(url, headers, body, elapsed, pool_key or _origin(url))
         except RefusedDestination as exc:
-            return AttemptResult(0, elapsed(), error=f"refused destination: {exc}", refused=True)
+            return AttemptResult(0, elapsed(), error=f"refused destination: {exc}", refused=True, unreachable=True)
         except TimeoutError:
-            return AttemptResult(0, elapsed(), error=f"timed out after {self._timeout_s:g}s")
+            return AttemptResult(0, elapsed(), error=f"timed out after {self._timeout_s:g}s", unreachable=True)
         except ssl.SSLError as exc:
             return AttemptResult(0, elapsed(), error=f"TLS: {exc}")
         except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-            return AttemptResult(0, elapsed(), error=f"connection failed: {exc or type(exc).__name__}")
+            return AttemptResult(0, elapsed(), error=f"connection failed: {exc or type(exc).__name__}",
+                                 unreachable=True)
         except (httpcore.ProtocolError, httpcore.NetworkError, httpcore.TimeoutException, OSError) as exc:
             return AttemptResult(0, elapsed(), error=f"{type(exc).__name__}: {exc}")
 
     async def _exchange(self, url: str, headers: Sequence[tuple[str, str]], body: bytes,
-                        elapsed: Any) -> AttemptResult:
+                        elapsed: Any, pool_key: str) -> AttemptResult:
         timeouts = {"connect": self._timeout_s, "read": self._timeout_s, "write": self._timeout_s,
                     "pool": self._timeout_s}
         request_headers = [(b"content-type", b"application/json"), (b"user-agent", USER_AGENT),
                            *((k.encode(), v.encode()) for k, v in headers)]
-        async with self._pool(url).stream("POST", url, headers=request_headers, content=body,
+        async with self._pool(pool_key).stream("POST", url, headers=request_headers, content=body,
                                      extensions={"timeout": timeouts}) as response:
             excerpt = bytearray()
             async for chunk in response.aiter_stream():
@@ -160,3 +166,8 @@ class WebhookTransport:
         self._pools.clear()
         for pool in pools:
             await pool.aclose()
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port}"

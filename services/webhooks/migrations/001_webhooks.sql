@@ -62,15 +62,6 @@ CREATE TABLE webhooks.deliveries (
 CREATE INDEX deliveries_due ON webhooks.deliveries (next_attempt_time) WHERE state = 'pending';
 CREATE INDEX deliveries_by_endpoint ON webhooks.deliveries (endpoint_id, state);
 
--- Which events a batched delivery carries, so an event redelivered by JetStream joins no second batch (and so is
--- never sent under a new webhook-id).
-CREATE TABLE webhooks.batched_events (
-    endpoint_id text NOT NULL,
-    event_id text NOT NULL,
-    create_time timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (endpoint_id, event_id)
-);
-
 -- The delivery log: every HTTP attempt.
 CREATE TABLE webhooks.attempts (
     id bigserial PRIMARY KEY,
