@@ -22,6 +22,11 @@ Why this shape:
   simplicity: values are small).
 - **The context is associated data**: ``seal(..., context="router.provider_credentials/ses-eu")`` opens only with
   the same context, so a ciphertext copied onto another row (or another provider) does not open there.
+- **Fingerprints are keyed**: :meth:`SecretBox.fingerprint` is an HMAC-SHA256 under a key derived (HKDF) from a
+  KEK, so a stored fingerprint of something holding a secret (a create request's credentials) cannot be checked
+  offline against guessed values. It names the KEK it was made with, so it still verifies after a rotation while
+  that key is listed; once the key is dropped it no longer verifies (:meth:`SecretBox.fingerprint_matches` says
+  False), which the caller must treat as "different", never as "same".
 - **Nothing leaks in errors**: :class:`SecretUnreadable` never says whether the key, the context or the bytes were
   wrong, and :meth:`SecretBox.from_setting` never quotes key material.
 """
@@ -30,11 +35,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import re
 import secrets
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
     "KEY_BYTES",
@@ -77,6 +86,7 @@ class SecretBox:
             if len(key) != KEY_BYTES:
                 raise ValueError(f"key {key_id!r}: must be {KEY_BYTES} bytes")
         self._keks = {key_id: AESGCM(key) for key_id, key in keys.items()}
+        self._fingerprint_keys = {key_id: _fingerprint_key(key_id, key) for key_id, key in keys.items()}
         self._active = active_key_id
 
     def __repr__(self) -> str:
@@ -157,6 +167,36 @@ class SecretBox:
         """Whether ``sealed`` was sealed by a key other than the active one (re-seal it to finish a rotation)."""
         return self.sealed_key_id(sealed) != self._active
 
+    def fingerprint(self, data: bytes, *, context: str) -> bytes:
+        """A keyed digest of ``data`` for ``context``: equal inputs, equal fingerprints under the same key, and
+        nothing a guess of ``data`` can be checked against without a KEK.
+
+        Format, under the active key (compare with :meth:`fingerprint_matches`, which uses the key it names)::
+
+            0x01 | len(key id) | key id | HMAC-SHA256(HKDF(KEK, label | key id), len(context) | context | data)
+        """
+        return self._fingerprint_with(self._active, data, context)
+
+    def fingerprint_matches(self, fingerprint: bytes, data: bytes, *, context: str) -> bool:
+        """Whether ``fingerprint`` is :meth:`fingerprint` of ``data`` for ``context`` under any configured key
+        (the one it names). False, never an error, for one made by a key no longer configured, an unkeyed or
+        malformed value, or different data: the caller must treat "cannot tell" as "different"."""
+        try:
+            key_id, _ = _split_header(fingerprint, context)
+        except SecretUnreadable:
+            return False
+        name = key_id.decode("ascii")
+        if name not in self._fingerprint_keys:
+            return False
+        return hmac.compare_digest(fingerprint, self._fingerprint_with(name, data, context))
+
+    def _fingerprint_with(self, key_id: str, data: bytes, context: str) -> bytes:
+        encoded_id = key_id.encode("ascii")
+        encoded_context = context.encode()
+        message = b"".join((len(encoded_context).to_bytes(4, "big"), encoded_context, data))
+        mac = hmac.new(self._fingerprint_keys[key_id], message, hashlib.sha256)
+        return b"".join((bytes((_VERSION, len(encoded_id))), encoded_id, mac.digest()))
+
 
 def generate_key_setting(key_id: str = "k1") -> str:
     """A fresh random key as an ``ESP_SECRETS_KEYS`` entry ``<id>:<base64 32 bytes>`` (dev mesh, tests)."""
@@ -184,6 +224,13 @@ def _split_header(sealed: bytes, context: str) -> tuple[bytes, bytes]:
     if length == 0 or len(key_id) != length or not key_id.isascii() or not _KEY_ID.fullmatch(key_id.decode()):
         raise SecretUnreadable(context)
     return key_id, sealed[2 + length:]
+
+
+def _fingerprint_key(key_id: str, key: bytes) -> bytes:
+    """The HMAC key of fingerprints made under one KEK: never the KEK itself, so a fingerprint says nothing
+    about what it seals."""
+    info = b"\x00".join((_LABEL, b"fingerprint", key_id.encode("ascii")))
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(key)
 
 
 def _wrap_aad(key_id: bytes, context: str) -> bytes:

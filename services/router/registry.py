@@ -8,7 +8,6 @@ credentials are kept and the names of the webhook secrets, never a value.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -48,14 +47,32 @@ _MAX_SECRETS = 20
 _MAX_SECRET_CHARS = 16_384
 
 
-def create_fingerprint(spec: ProviderSpec) -> bytes:
-    """sha256 of everything a create asks for (secrets included): equal requests, equal fingerprints."""
+def create_request(spec: ProviderSpec) -> bytes:
+    """Everything a create asks for (secrets included) as canonical JSON: equal requests, equal bytes. Never stored
+    as it is nor as a plain hash (a weak password could be guessed offline): only its keyed
+    :func:`create_fingerprint`."""
     content = {f.name: getattr(spec, f.name) for f in fields(ProviderSpec) if f.compare}
     content["allowed_classes"] = list(spec.allowed_classes)
     content["options"] = dict(spec.options)
     content["credentials"] = dict(spec.credentials)
     content["webhook_secrets"] = dict(spec.webhook_secrets)
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).digest()
+    return json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+
+
+def create_fingerprint_context(provider_id: str) -> str:
+    """The ``SecretBox`` context of a provider's create fingerprint."""
+    return f"router.providers.create/{provider_id}"
+
+
+def create_fingerprint(spec: ProviderSpec, box: SecretBox) -> bytes:
+    """What ``router.providers.create_fingerprint`` keeps of a create with a request_id: an HMAC-SHA256 of
+    :func:`create_request` under a key derived from the active KEK (:meth:`SecretBox.fingerprint`)."""
+    return box.fingerprint(create_request(spec), context=create_fingerprint_context(spec.id))
+
+
+_UNKEYED_FINGERPRINT_BYTES = 32
+"""An earlier version stored a plain sha256 (32 bytes) of the create request; keyed fingerprints are longer (a
+header naming the key, then the HMAC)."""
 
 
 @dataclass(frozen=True)
@@ -184,9 +201,15 @@ class ProviderRegistry:
 
     async def create(self, spec: ProviderSpec, *, request_id: str = "") -> ProviderRecord:
         """Create ``spec``. With a ``request_id`` (AIP-155) a retry of the same request returns the provider it
-        created; the same id with a different request is refused (ALREADY_EXISTS, ``REQUEST_ID_REUSED``)."""
+        created; the same id with a different request is refused (ALREADY_EXISTS, ``REQUEST_ID_REUSED``).
+
+        The request is recognised by its keyed fingerprint (:func:`create_fingerprint`), which names the KEK that
+        made it: a retry after a key rotation is still recognised while that key is in ``ESP_SECRETS_KEYS``. Once
+        it is dropped (or for a fingerprint an earlier version stored unkeyed, cleared at start) the retry cannot be
+        told from a different request and is refused as ``REQUEST_ID_REUSED``: never a second provider (the id is
+        the primary key), at worst a conflict the client resolves with a GET."""
         await _validate(spec)
-        fingerprint = create_fingerprint(spec) if request_id else None
+        fingerprint = create_fingerprint(spec, self.secrets) if request_id else None
         async with self.pool.connection() as conn:
             async with conn.transaction():
                 values = [getattr(spec, c) for c in _COLUMNS]
@@ -202,7 +225,9 @@ class ProviderRegistry:
                         "SELECT create_request_id, create_fingerprint FROM router.providers WHERE id = %s",
                         (spec.id,))).fetchone()
                     if request_id and earlier is not None and earlier[0] == request_id:
-                        if bytes(earlier[1] or b"") != fingerprint:
+                        if not (earlier[1] and self.secrets.fingerprint_matches(
+                                bytes(earlier[1]), create_request(spec),
+                                context=create_fingerprint_context(spec.id))):
                             raise AlreadyExists(
                                 "request_id was already used for a different request", reason="REQUEST_ID_REUSED",
                                 metadata={"request_id": request_id},
@@ -314,7 +339,8 @@ class ProviderRegistry:
 
     async def seal_stored_secrets(self) -> int:
         """At start: seal the plain credentials earlier versions stored (emptying the plain column), and re-seal
-        with the active key whatever an older key of ``ESP_SECRETS_KEYS`` sealed (finishing a key rotation).
+        with the active key whatever an older key of ``ESP_SECRETS_KEYS`` sealed (finishing a key rotation), and
+        clear the unkeyed create fingerprints (a plain sha256 of a request, credentials included) they kept.
         Rows are locked while they are rewritten, so replicas starting together do each row once. Returns the
         number of rows rewritten; a row whose secrets do not open is logged (id only) and left as it is."""
         rewritten = 0
@@ -347,8 +373,14 @@ class ProviderRegistry:
                            SET credentials = '{}', sealed_credentials = %s, sealed_webhook_secrets = %s
                            WHERE provider_id = %s""", (sealed_credentials, sealed_webhooks, provider_id))
                     rewritten += 1
+            cleared = await conn.execute(
+                """UPDATE router.providers SET create_fingerprint = NULL
+                   WHERE length(create_fingerprint) = %s""", (_UNKEYED_FINGERPRINT_BYTES,))
         if rewritten:
             log.warning("provider secrets sealed with the active key", extra={"providers": rewritten})
+        if cleared.rowcount:
+            log.warning("unkeyed create fingerprints an earlier version stored were cleared (a retry of those creates "
+                        "is refused as REQUEST_ID_REUSED)", extra={"providers": cleared.rowcount})
         return rewritten
 
     async def _wanted(self) -> tuple[dict[str, ProviderSpec], set[str]]:

@@ -4,6 +4,7 @@ errors that never quote key material."""
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import pytest
 
@@ -137,3 +138,36 @@ def test_an_empty_setting_is_no_box_and_a_bad_one_names_the_variable() -> None:
     assert isinstance(optional_secret_box(generate_key_setting()), SecretBox)
     with pytest.raises(ValueError, match=r"^ESP_SECRETS_KEYS: entry 1"):
         optional_secret_box("k1:c2hvcnQ=")
+
+
+def test_a_fingerprint_is_stable_for_equal_data_and_keyed() -> None:
+    setting = generate_key_setting("fp")
+    box, same_key = SecretBox.from_setting(setting), SecretBox.from_setting(setting)
+
+    fingerprint = box.fingerprint(b"password=hunter2", context=CONTEXT)
+
+    assert fingerprint == same_key.fingerprint(b"password=hunter2", context=CONTEXT)
+    assert same_key.fingerprint_matches(fingerprint, b"password=hunter2", context=CONTEXT)
+    assert not box.fingerprint_matches(fingerprint, b"password=hunter3", context=CONTEXT)
+    assert not box.fingerprint_matches(fingerprint, b"password=hunter2", context="router.providers.create/other")
+    assert hashlib.sha256(b"password=hunter2").digest() not in fingerprint
+    another = SecretBox.from_setting(generate_key_setting("fp"))  # same id, other key: cannot tell, so "no"
+    assert not another.fingerprint_matches(fingerprint, b"password=hunter2", context=CONTEXT)
+
+
+def test_a_fingerprint_verifies_after_a_rotation_while_its_key_is_listed() -> None:
+    old, new = generate_key_setting("old"), generate_key_setting("new")
+    before = SecretBox.from_setting(old).fingerprint(b"request", context=CONTEXT)
+
+    rotated = SecretBox.from_setting(f"{new},{old}")
+
+    assert rotated.fingerprint_matches(before, b"request", context=CONTEXT)
+    assert rotated.fingerprint(b"request", context=CONTEXT) != before  # new ones are made with the active key
+    assert not SecretBox.from_setting(new).fingerprint_matches(before, b"request", context=CONTEXT)
+
+
+@pytest.mark.parametrize("fingerprint", [b"", b"\x01", b"\x01\x02k1", b"\x00" * 32, b"\x01\x02fp" + b"\x00" * 32])
+def test_a_malformed_or_unkeyed_fingerprint_never_matches(fingerprint: bytes) -> None:
+    box = SecretBox.from_setting(generate_key_setting("fp"))
+
+    assert not box.fingerprint_matches(fingerprint, b"request", context=CONTEXT)

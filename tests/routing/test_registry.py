@@ -4,9 +4,11 @@ providers' secrets are sealed in both (ESP_SECRETS_KEYS) and opened only by the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import secrets
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import nats
 import psycopg
@@ -22,7 +24,7 @@ from libs.common.secret_box import SecretBox, generate_key_setting
 from libs.common.settings import SettingsError
 from libs.routing.catalog import ProviderCatalog, ProviderSpec, bucket_name, open_bucket
 from services.router.config import RouterSettings
-from services.router.registry import ProviderRegistry
+from services.router.registry import ProviderRegistry, create_request
 from services.router.server import ProviderServicer, build_app
 
 SECRET = {"server_token": "very-secret-token"}
@@ -179,6 +181,101 @@ async def test_a_create_with_another_request_id_for_a_taken_id_is_refused(setup:
     with pytest.raises(AlreadyExists) as refused:
         await setup.registry.create(postmark("pm-a"), request_id="create-2")
     assert refused.value.reason == "PROVIDER_EXISTS"
+
+
+SMTP_PASSWORD = "summer2024"
+"""A weak password: one a plain hash of the create request would give away to a dictionary attack."""
+
+
+def smtp(provider_id: str, password: str = SMTP_PASSWORD) -> ProviderSpec:
+    return ProviderSpec(provider_id, type="smtp", endpoint="127.0.0.1:2525",
+                        credentials={"username": "relay", "password": password}, webhook_secrets=WEBHOOK_SECRETS)
+
+
+def _plain_create_request(spec: ProviderSpec) -> bytes:
+    """The create request as canonical JSON, built here rather than by the registry: what an offline guesser of the
+    password would hash."""
+    content: dict[str, object] = {f.name: getattr(spec, f.name) for f in fields(ProviderSpec) if f.compare}
+    content.update(allowed_classes=list(spec.allowed_classes), options=dict(spec.options),
+                   credentials=dict(spec.credentials), webhook_secrets=dict(spec.webhook_secrets))
+    return json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+
+
+async def _stored_fingerprint(dsn: str, provider_id: str) -> bytes | None:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        row = await (await conn.execute("SELECT create_fingerprint FROM router.providers WHERE id = %s",
+                                        (provider_id,))).fetchone()
+    assert row is not None
+    return None if row[0] is None else bytes(row[0])
+
+
+async def test_a_retried_create_with_credentials_returns_the_same_provider(setup: Setup):
+    first = await setup.registry.create(smtp("smtp-a"), request_id="create-smtp")
+
+    again = await setup.registry.create(smtp("smtp-a"), request_id="create-smtp")
+
+    assert again.spec == first.spec and again.created_at == first.created_at
+    assert [r.spec.id for r in await setup.registry.list(10)] == ["smtp-a"]
+
+
+async def test_a_retry_with_other_credentials_under_the_same_request_id_is_refused(setup: Setup):
+    await setup.registry.create(smtp("smtp-a"), request_id="create-smtp")
+
+    with pytest.raises(AlreadyExists) as refused:
+        await setup.registry.create(smtp("smtp-a", password="winter2024"), request_id="create-smtp")
+    assert refused.value.reason == "REQUEST_ID_REUSED"
+
+
+async def test_the_create_fingerprint_is_keyed_not_a_plain_hash_of_the_request(setup: Setup):
+    spec = smtp("smtp-a")
+    await setup.registry.create(spec, request_id="create-smtp")
+
+    stored = await _stored_fingerprint(setup.dsn, "smtp-a")
+    database = await _raw_postgres(setup.dsn)
+
+    assert stored is not None
+    assert _plain_create_request(spec) == create_request(spec)  # the bytes a guesser would hash ...
+    unkeyed = hashlib.sha256(_plain_create_request(spec)).digest()
+    assert unkeyed not in stored and unkeyed.hex() not in database  # ... are not what is kept
+    assert SMTP_PASSWORD not in database
+    assert stored != SecretBox.from_setting(generate_key_setting("test")).fingerprint(
+        create_request(spec), context="router.providers.create/smtp-a")  # it takes our key, not just the key id
+
+
+async def test_a_retry_across_a_key_rotation_is_recognised_while_the_old_key_is_listed(setup: Setup):
+    first = await setup.registry.create(smtp("smtp-a"), request_id="create-smtp")
+    rotated_keys = f"{generate_key_setting('next')},{setup.keys}"
+    rotated = ProviderRegistry(setup.registry.pool, setup.registry.kv, SecretBox.from_setting(rotated_keys))
+    await rotated.seal_stored_secrets()
+
+    again = await rotated.create(smtp("smtp-a"), request_id="create-smtp")
+
+    assert again.created_at == first.created_at
+    # With the old key gone the retry cannot be told from another request: refused, never a second provider.
+    next_only = ProviderRegistry(setup.registry.pool, setup.registry.kv,
+                                 SecretBox.from_setting(rotated_keys.partition(",")[0]))
+    with pytest.raises(AlreadyExists) as refused:
+        await next_only.create(smtp("smtp-a"), request_id="create-smtp")
+    assert refused.value.reason == "REQUEST_ID_REUSED"
+    assert [r.spec.id for r in await setup.registry.list(10)] == ["smtp-a"]
+
+
+async def test_an_unkeyed_fingerprint_an_earlier_version_stored_is_cleared_at_start(setup: Setup):
+    spec = smtp("smtp-old")
+    await setup.registry.create(spec, request_id="create-old")
+    async with await psycopg.AsyncConnection.connect(setup.dsn, autocommit=True) as conn:
+        await conn.execute("UPDATE router.providers SET create_fingerprint = %s WHERE id = 'smtp-old'",
+                           (hashlib.sha256(_plain_create_request(spec)).digest(),))
+    await setup.registry.create(smtp("smtp-new"), request_id="create-new")
+
+    await setup.registry.seal_stored_secrets()
+
+    assert await _stored_fingerprint(setup.dsn, "smtp-old") is None
+    assert await _stored_fingerprint(setup.dsn, "smtp-new") is not None  # a keyed one stays
+    with pytest.raises(AlreadyExists) as refused:
+        await setup.registry.create(spec, request_id="create-old")
+    assert refused.value.reason == "REQUEST_ID_REUSED"
+    assert (await setup.registry.create(smtp("smtp-new"), request_id="create-new")).spec.id == "smtp-new"
 
 
 async def test_an_update_with_a_stale_etag_is_aborted(setup: Setup):
