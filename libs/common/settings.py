@@ -146,7 +146,7 @@ class CommonSettings:
     s3_region: str = "us-east-1"
     s3_bucket: str = "esp-attachments"
     s3_access_key: str = ""
-    s3_secret_key: str = ""
+    s3_secret_key: str = dataclasses.field(default="", repr=False)
     secrets_keys: str = dataclasses.field(default="", repr=False)
     """Key-encryption keys of the secrets sealed at rest (provider credentials, provider webhook signing secrets),
     ``<key id>:<base64 32 bytes>`` separated by commas (``libs.common.secret_box.generate_key_setting`` makes one):

@@ -187,7 +187,8 @@ class ProviderConfig:
     endpoint: str
     """Base URL for HTTP providers (e.g. ``https://api.mailgun.net``); ``host:port`` for SMTP. SES may leave
     it empty to use AWS's regional endpoint."""
-    credentials: Mapping[str, str]
+    credentials: Mapping[str, str] = field(repr=False)
+    """Secrets (API keys, passwords): kept out of ``repr`` so a logged config never shows them."""
     region: str = ""
     options: Mapping[str, str] = field(default_factory=dict)
     """Provider-specific settings as strings (see each adapter's docstring)."""

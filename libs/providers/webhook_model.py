@@ -165,8 +165,8 @@ class WebhookRequest:
 
     provider_name: str
     """Configured provider instance the request was addressed to."""
-    secrets: Mapping[str, str]
-    """That provider's webhook secrets (keys documented per handler)."""
+    secrets: Mapping[str, str] = field(repr=False)
+    """That provider's webhook secrets (keys documented per handler); kept out of ``repr``."""
     headers: Mapping[str, str]
     """Request headers with lower-cased names."""
     body: bytes

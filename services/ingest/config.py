@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from libs.common.settings import CommonSettings, check_positive
 from services.ingest.accept import HOLD_TTL_AFTER_SEND_S
@@ -13,7 +13,7 @@ from services.ingest.validation import MAX_SEND_AHEAD_S
 class IngestSettings(CommonSettings):
     """Ingest's settings (``ESP_*`` variables, on top of :class:`CommonSettings`)."""
 
-    admin_token: str = ""
+    admin_token: str = field(default="", repr=False)
     """Bearer token of the platform admin (tenants, providers, top-ups); empty disables admin access."""
     api_key_cache_s: float = 2.0
     """How long a checked key (and a tenant's policy) is trusted without asking Postgres: a revoked key stops

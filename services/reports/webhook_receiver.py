@@ -97,6 +97,11 @@ class ProviderWebhookConfig:
     provider_type: str
     """``mailgun``, ``sendgrid``, ``ses``, ``postmark``."""
     secrets: Mapping[str, str]
+    """The webhook secrets themselves: ``repr`` names their keys only, so a logged config never shows them."""
+
+    def __repr__(self) -> str:
+        return (f"ProviderWebhookConfig(provider_name={self.provider_name!r}, provider_type={self.provider_type!r}, "
+                f"secrets=<{', '.join(sorted(self.secrets))}>)")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import re
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiosmtplib
 
@@ -102,7 +102,7 @@ class SmtpSettings:
     host: str
     port: int
     username: str | None
-    password: str | None
+    password: str | None = field(repr=False)
     tls_mode: str
     validate_certs: bool
     pool_size: int
