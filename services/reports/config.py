@@ -30,8 +30,6 @@ class ReportsSettings(CommonSettings):
     """Redelivery delay of a batch that was fetched but not acked."""
     parked_sweep_interval_s: float = 30.0
     """How often webhook events that arrived before their message was known are matched again."""
-    webhook_secrets_cache_s: float = 30.0
-    """How long provider webhook secrets are cached (a rotated secret takes effect within this delay)."""
     niceness: int = 10
     """Reports is background work (timelines, analytics): on a machine shared with the send path it yields the
     CPU, so an OTP is not kept waiting while a campaign's events are recorded. 0 to run at normal priority."""
@@ -47,7 +45,7 @@ class ReportsSettings(CommonSettings):
 
     def __post_init__(self) -> None:
         check_positive(self, "consumer_batch_size", "consumer_max_ack_pending", "consumer_ack_wait_s",
-                       "parked_sweep_interval_s", "webhook_secrets_cache_s")
+                       "parked_sweep_interval_s")
         if self.consumer_max_ack_pending < self.consumer_batch_size:
             raise ValueError("ESP_CONSUMER_MAX_ACK_PENDING must be >= ESP_CONSUMER_BATCH_SIZE")
         self.unsubscribe_tokens()  # fail at start on a malformed key, not at the first click
