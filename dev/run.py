@@ -31,9 +31,12 @@ from libs.common.secret_box import generate_key_setting
 DEV = m.ROOT / ".dev"
 DATABASE = "esp"
 SIMULATOR: dict[str, dict[str, Any]] = {}
-# Simulated providers: dearer and slower than the local sink, so demo mail lands in .dev/mail while the
-# simulator's providers stand by as fallbacks (and can be made preferred by changing prices or weights).
-SIMULATED_PRICES = {"mailgun-us": 80, "mailgun-eu": 85, "sendgrid-1": 90, "ses-1": 60, "postmark-1": 120, "smtp-1": 150}
+# Simulated providers: dearer and slower than the local sink, so transactional demo mail lands in .dev/mail while
+# the simulator's providers stand by as fallbacks (and can be made preferred by changing prices or weights). The
+# sink takes transactional mail only: OTP and bulk mail go to the cheapest simulated provider whose delivery
+# webhooks reach reports (mailgun-us; SES callbacks are not wired up in the dev mesh, see below), so they reach
+# "delivered" and a webhook endpoint sees the whole accepted → sent → delivered chain.
+SIMULATED_PRICES = {"mailgun-us": 80, "mailgun-eu": 85, "sendgrid-1": 90, "ses-1": 95, "postmark-1": 120, "smtp-1": 150}
 
 
 def _port(name: str, default: int) -> int:
@@ -104,7 +107,7 @@ def seed_demo(config: m.MeshConfig) -> str:
         seed.top_up(channel, config.admin_token, "demo", 1_000_000, "demo-initial-credits")
         seed.ensure_provider(channel, config.admin_token, seed.ProviderSeed(
             id="smtp-sink", type="smtp", endpoint=f"127.0.0.1:{smtp_port}", options={"tls": "none"},
-            price_per_email_micros=50))
+            price_per_email_micros=50, allowed_classes=("transactional",)))
     seed_simulated_providers(config)
     env_file = DEV / "demo.env"
     env_file.write_text(f"ESP_ENDPOINT={endpoint}\nESP_API_KEY={api_key}\n"
@@ -172,6 +175,13 @@ or with curl through the REST facade:
   curl -s http://127.0.0.1:{config.gateway_port}/v1/messages:send -H "Authorization: Bearer {api_key}" \\
        -d '{{"messageClass":"MESSAGE_CLASS_TRANSACTIONAL","from":{{"email":"demo@example.com"}},
             "to":[{{"email":"you@example.com"}}],"subject":"Hello","textBody":"First email"}}'
+
+Delivery reports pushed to a URL of yours (signed per Standard Webhooks; plain http on loopback is allowed here):
+  .venv/bin/esp webhook create http://127.0.0.1:9000/hook     # prints the endpoint and its signing secret
+  .venv/bin/esp send --class bulk --to you@example.com --from demo@example.com --subject Hi --text "Hi"
+  .venv/bin/esp webhook log <endpoint> --follow              # accepted, sent, delivered (bulk/OTP mail goes
+                                                               # through the simulated Mailgun, which reports it)
+  .venv/bin/esp events list                                  # the same events, pulled
 """, flush=True)
         while not stop.is_set():
             for name, proc in services.processes.items():
