@@ -109,6 +109,10 @@ class ReplayGuard(Protocol):
         """Drop ``key`` (used when a request was accepted but could not be processed)."""
         ...
 
+    async def hold(self, key: str, ttl_s: int) -> None:
+        """Keep ``key`` recorded for ``ttl_s`` seconds from now, recorded before or not."""
+        ...
+
 
 class InMemoryReplayGuard:
     """A per-process :class:`ReplayGuard` for tests and single-process development."""
@@ -134,6 +138,11 @@ class InMemoryReplayGuard:
     async def forget(self, key: str) -> None:
         """Drop ``key``."""
         self._expiry_by_key.pop(key, None)
+
+    async def hold(self, key: str, ttl_s: int) -> None:
+        """Keep ``key`` for ``ttl_s`` seconds from now."""
+        self._expiry_by_key.pop(key, None)
+        self._expiry_by_key[key] = self._clock() + max(1, ttl_s)
 
     def _evict(self, now: float) -> None:
         expired = [key for key, expiry in self._expiry_by_key.items() if expiry <= now]
@@ -161,6 +170,10 @@ class RedisReplayGuard:
     async def forget(self, key: str) -> None:
         """Drop ``key``."""
         await self._redis.delete(self._key_prefix + key)
+
+    async def hold(self, key: str, ttl_s: int) -> None:
+        """Keep ``key`` for ``ttl_s`` seconds from now."""
+        await self._redis.set(self._key_prefix + key, b"1", ex=max(1, ttl_s))
 
 
 class WebhookVerifier:
@@ -210,6 +223,7 @@ class WebhookVerifier:
         now: datetime | None = None,
         *,
         provider_name: str | None = None,
+        pending_s: int | None = None,
     ) -> ParseResult:
         """Authenticate a webhook request and return its events and the items that could not be read.
 
@@ -220,6 +234,9 @@ class WebhookVerifier:
             body: the raw request body, unmodified.
             now: the current time (aware); defaults to the wall clock.
             provider_name: the configured provider instance; defaults to ``provider_type``.
+            pending_s: record the replay key for at most this long, until :meth:`confirm` keeps it for the whole
+                freshness window once the events are safe: a receiver that dies in between has the provider's
+                retry accepted (None: record it for the whole window now).
 
         Returns:
             A :class:`~libs.providers.webhook_model.ParsedWebhook` (events possibly empty: providers also
@@ -250,6 +267,8 @@ class WebhookVerifier:
         # Remember the key for as long as this request would still pass the freshness check, no longer.
         remaining = authenticated.signed_at + tolerance - request.now
         ttl_s = max(1, math.ceil(remaining.total_seconds()) + 1)
+        if pending_s is not None:
+            ttl_s = min(ttl_s, max(1, pending_s))
         if await self._replay_guard.seen(f"{provider_type}:{authenticated.replay_key}", ttl_s):
             raise ReplayedWebhook(f"{provider_type} webhook already accepted")
         return result
@@ -276,6 +295,25 @@ class WebhookVerifier:
             log.warning("dropping an unreadable webhook item", extra={"provider_type": provider_type,
                                                                      "reason": item.reason, "index": item.index})
         return list(result.events)
+
+    async def confirm(
+        self,
+        provider_type: str,
+        secrets: Mapping[str, str],
+        headers: Mapping[str, str],
+        body: bytes,
+        now: datetime | None = None,
+        *,
+        provider_name: str | None = None,
+    ) -> None:
+        """Keep an accepted request's replay key for the rest of its freshness window (after :meth:`verify` with
+        ``pending_s``, once its events are published)."""
+        handler = self.handler(provider_type)
+        request = _request(provider_type, secrets, headers, body, now, provider_name)
+        authenticated = await handler.authenticate(request)
+        remaining = authenticated.signed_at + self.tolerance(provider_type) - request.now
+        await self._replay_guard.hold(f"{provider_type}:{authenticated.replay_key}",
+                                      max(1, math.ceil(remaining.total_seconds()) + 1))
 
     async def release(
         self,

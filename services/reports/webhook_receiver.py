@@ -62,6 +62,10 @@ from services.reports.message_index import MessageRef, resolve_message
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+PENDING_REPLAY_KEY_S = 10
+"""How long a verified request's replay key is held before its events are published: a receiver killed in between
+leaves no key for longer than this, so the provider's retry is accepted (its events are deduplicated downstream
+by their ids); once published, the key is kept for the whole freshness window."""
 """Largest callback accepted (SendGrid batches many events per POST)."""
 
 WEBHOOKS_RECEIVED = Counter("esp_reports_webhooks_total", "Provider webhook requests by outcome",
@@ -158,7 +162,8 @@ class WebhookReceiver:
             return WebhookReply(404, "unknown_provider", f"no webhooks configured for {provider_name!r}")
         try:
             result = await self._verifier.verify(
-                config.provider_type, config.secrets, headers, body, provider_name=provider_name
+                config.provider_type, config.secrets, headers, body, provider_name=provider_name,
+                pending_s=PENDING_REPLAY_KEY_S,
             )
         except MalformedWebhook as exc:
             if exc.authentic:
@@ -176,6 +181,10 @@ class WebhookReceiver:
                     (item.index, item.reason, json.dumps(item.raw, ensure_ascii=False).encode())
                     for item in result.malformed
                 ])
+            # Published: from now on a copy of this request is a replay. (A receiver that died before this line
+            # recorded the key for PENDING_REPLAY_KEY_S only, so the provider's retry is accepted.)
+            await self._verifier.confirm(config.provider_type, config.secrets, headers, body,
+                                         provider_name=provider_name)
         except Exception:
             log.exception("could not process a verified webhook; asking the provider to retry",
                           extra={"provider": provider_name})

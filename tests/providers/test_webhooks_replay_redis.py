@@ -89,3 +89,25 @@ async def test_two_receiver_replicas_share_replay_protection(redis_client, prefi
 
 def extract_token(body: bytes) -> str:
     return json.loads(body)["signature"]["token"]
+
+
+def _callback(event_id: str) -> object:
+    return sign_mailgun_payload({"id": event_id, "event": "delivered", "timestamp": NOW.timestamp(),
+                                 "recipient": "a@example.com", "message": {"headers": {"message-id": "p@mg"}}},
+                                SECRETS["webhook_signing_key"], timestamp=int(NOW.timestamp()))
+
+
+async def test_a_pending_key_is_held_only_briefly_until_confirmed(redis_client, prefix):
+    verifier = WebhookVerifier(RedisReplayGuard(redis_client, key_prefix=prefix))
+    callback = _callback("e-pending")
+    key = f"{prefix}mailgun:token:{extract_token(callback.body)}"
+
+    await verifier.verify("mailgun", SECRETS, callback.headers, callback.body, NOW, pending_s=10)
+    # A receiver killed now, before publishing, leaves a key that expires in seconds, not in the 15 minutes
+    # of the freshness window: the provider's retry is accepted.
+    assert 0 < await redis_client.ttl(key) <= 10
+
+    await verifier.confirm("mailgun", SECRETS, callback.headers, callback.body, NOW)
+    assert 10 < await redis_client.ttl(key) <= 15 * 60 + 1
+    with pytest.raises(ReplayedWebhook):
+        await verifier.verify("mailgun", SECRETS, callback.headers, callback.body, NOW, pending_s=10)
