@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from libs.common.settings import CommonSettings, check_positive
@@ -22,8 +23,9 @@ class WebhooksSettings(CommonSettings):
     """Whole-attempt limit (connect, send, response head and the read of its first KiB): a receiver that never
     answers or never closes costs one slot this long."""
     webhook_retry_schedule_s: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
-    """Delay before each try, from the previous one (the first from queueing): about 27 hours in all; after the
-    last, the delivery fails."""
+    """When each try is due, in seconds after the first (at once, when queued): 5 s, 5 min, 30 min, 2 h, 5 h, 10 h,
+    14 h, 20 h and 24 h later, as Standard Webhooks suggests; each gap is jittered. After the last, the delivery
+    fails."""
     webhook_retry_jitter: float = 0.1
     """Each delay varies by up to this fraction either way, so endpoints recovering together are not hit at once."""
     webhook_endpoint_concurrency: int = 4
@@ -45,7 +47,8 @@ class WebhooksSettings(CommonSettings):
         check_positive(self, "webhook_timeout_s", "webhook_endpoint_concurrency", "webhook_concurrency",
                        "webhook_disable_after_s", "webhook_poll_interval_s", "webhook_max_retry_after_s",
                        "webhook_consumer_batch", "webhook_log_retention_days")
-        if not self.webhook_retry_schedule_s or any(d < 0 for d in self.webhook_retry_schedule_s):
-            raise ValueError("ESP_WEBHOOK_RETRY_SCHEDULE_S: at least one delay, none negative")
+        schedule = self.webhook_retry_schedule_s
+        if not schedule or schedule[0] != 0 or any(b < a for a, b in itertools.pairwise(schedule)):
+            raise ValueError("ESP_WEBHOOK_RETRY_SCHEDULE_S: offsets from the first try, from 0, never decreasing")
         if not 0 <= self.webhook_retry_jitter < 1:
             raise ValueError("ESP_WEBHOOK_RETRY_JITTER must be in [0, 1)")

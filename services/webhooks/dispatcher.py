@@ -31,7 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 from libs.common.stopping import pause_unless_stopped
 from services.webhooks.config import WebhooksSettings
 from services.webhooks.endpoints import SigningKeys
-from services.webhooks.outcomes import Claimed, Outcome, OutcomeRecorder
+from services.webhooks.outcomes import Claimed, DeliveryOutcome, OutcomeRecorder
 from services.webhooks.schedule import next_delay, retry_after_s
 from services.webhooks.signing import signature_header
 from services.webhooks.transport import AttemptResult, WebhookTransport
@@ -212,9 +212,9 @@ class Dispatcher:
                           self._settings.webhook_retry_jitter)
 
     def _outcome(self, delivery: Claimed, result: AttemptResult, released: tuple[int, ...],
-                 tripped: bool) -> Outcome:
+                 tripped: bool) -> DeliveryOutcome:
         now = datetime.now(UTC)
         gone = result.status_code == 410
         delay = None if result.success or gone else self._retry_delay(delivery, result)
-        return Outcome(delivery, result, now, now + timedelta(seconds=delay) if delay is not None else None,
+        return DeliveryOutcome(delivery, result, now, now + timedelta(seconds=delay) if delay is not None else None,
                        released, tripped)

@@ -24,7 +24,7 @@ from libs.common.event_types import ENDPOINT_DISABLED
 from services.webhooks.queueing import queue_events, routes_of
 from services.webhooks.transport import AttemptResult
 
-__all__ = ["Claimed", "Outcome", "OutcomeRecorder"]
+__all__ = ["Claimed", "DeliveryOutcome", "OutcomeRecorder"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Claimed:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class DeliveryOutcome:
     """How one attempt ended and what follows."""
 
     delivery: Claimed
@@ -80,10 +80,10 @@ class OutcomeRecorder:
         self._disable_after = disable_after
         self._probe_window = probe_window
         """How much longer than the failed delivery the endpoint's others wait: the next probe's attempt time."""
-        self._committer: GroupCommitter[Outcome, None] = GroupCommitter(
+        self._committer: GroupCommitter[DeliveryOutcome, None] = GroupCommitter(
             self._flush, BatchingOptions(max_batch_size=500, workers=1, shards=1), name="webhook-outcomes")
 
-    async def record(self, outcome: Outcome) -> None:
+    async def record(self, outcome: DeliveryOutcome) -> None:
         """Write ``outcome`` (with whatever else ended meanwhile)."""
         await self._committer.submit(outcome)
 
@@ -91,12 +91,12 @@ class OutcomeRecorder:
         """Write what is queued, then stop."""
         await self._committer.close()
 
-    async def _flush(self, outcomes: Sequence[Outcome]) -> Sequence[Exception | None]:
+    async def _flush(self, outcomes: Sequence[DeliveryOutcome]) -> Sequence[Exception | None]:
         async with self._pool.connection() as conn, conn.transaction():
             await self._write(conn, outcomes)
         return [None] * len(outcomes)
 
-    async def _write(self, conn: psycopg.AsyncConnection, outcomes: Sequence[Outcome]) -> None:
+    async def _write(self, conn: psycopg.AsyncConnection, outcomes: Sequence[DeliveryOutcome]) -> None:
         await conn.execute(
             """INSERT INTO webhooks.attempts (endpoint_id, delivery_id, webhook_id, attempt, attempt_time,
                    status_code, latency_ms, response_excerpt, error, success, event_types, next_attempt_time)

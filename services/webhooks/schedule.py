@@ -12,11 +12,11 @@ __all__ = ["next_delay", "retry_after_s"]
 
 def next_delay(schedule: Sequence[float], attempts_made: int, jitter: float,
                rng: random.Random | None = None) -> float | None:
-    """Seconds until the next try after ``attempts_made`` tries (``schedule[attempts_made]``, jittered), or None
-    when the schedule is exhausted."""
+    """Seconds from try ``attempts_made`` to the next, or None when the schedule is exhausted. ``schedule`` holds
+    each try's offset from the first; the gap between two consecutive offsets is jittered."""
     if attempts_made >= len(schedule):
         return None
-    base = schedule[attempts_made]
+    base = schedule[attempts_made] - (schedule[attempts_made - 1] if attempts_made else 0)
     spread = base * jitter
     return max(0.0, base + (rng or random).uniform(-spread, spread))
 

@@ -50,7 +50,8 @@ CREATE TABLE webhooks.deliveries (
     body bytea NOT NULL,
     attempts integer NOT NULL DEFAULT 0,
     -- pending: waiting for next_attempt_time (also the lease of an attempt in flight); delivered; failed (tries
-    -- exhausted, endpoint gone or disabled).
+    -- exhausted, or the endpoint answered 410 Gone). A disabled endpoint's deliveries stay pending, unclaimed, until
+    -- it is enabled again.
     state text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'failed')),
     next_attempt_time timestamptz NOT NULL DEFAULT now(),
     -- A test event: sent even while the endpoint is disabled.
