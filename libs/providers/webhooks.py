@@ -308,12 +308,18 @@ class WebhookVerifier:
     ) -> None:
         """Keep an accepted request's replay key for the rest of its freshness window (after :meth:`verify` with
         ``pending_s``, once its events are published)."""
-        handler = self.handler(provider_type)
+        key, ttl_s = await self._replay_key(provider_type, secrets, headers, body, now, provider_name)
+        await self._replay_guard.hold(key, ttl_s)
+
+    async def _replay_key(self, provider_type: str, secrets: Mapping[str, str], headers: Mapping[str, str],
+                          body: bytes, now: datetime | None, provider_name: str | None) -> tuple[str, int]:
+        """A genuine request's replay key, and how long it stays fresh (authenticated again: only the request
+        itself can move its own key)."""
         request = _request(provider_type, secrets, headers, body, now, provider_name)
-        authenticated = await handler.authenticate(request)
+        authenticated = await self.handler(provider_type).authenticate(request)
         remaining = authenticated.signed_at + self.tolerance(provider_type) - request.now
-        await self._replay_guard.hold(f"{provider_type}:{authenticated.replay_key}",
-                                      max(1, math.ceil(remaining.total_seconds()) + 1))
+        return (f"{provider_type}:{authenticated.replay_key}",
+                max(1, math.ceil(remaining.total_seconds()) + 1))
 
     async def release(
         self,
@@ -331,10 +337,8 @@ class WebhookVerifier:
         answers with an error so the provider retries). The request is authenticated again first, so only a
         genuine request can clear its own key.
         """
-        handler = self.handler(provider_type)
-        request = _request(provider_type, secrets, headers, body, now, provider_name)
-        authenticated = await handler.authenticate(request)
-        await self._replay_guard.forget(f"{provider_type}:{authenticated.replay_key}")
+        key, _ = await self._replay_key(provider_type, secrets, headers, body, now, provider_name)
+        await self._replay_guard.forget(key)
 
 
 def _request(
