@@ -310,9 +310,11 @@ class Deliverer:
             elif state.sent is not None:
                 # Sent by an earlier delivery that died before its ack: announce again (the stream drops it if
                 # the first announcement got through), never send again.
-                self._sent(job, AttemptFacts(
+                facts = AttemptFacts(
                     provider=state.sent.provider, provider_message_id=state.sent.provider_message_id,
-                    attributes={"ambiguous": "true"} if state.sent.ambiguous else {}), pending)
+                    attributes={"ambiguous": "true"} if state.sent.ambiguous else {})
+                self._sent(job, facts, pending)
+                self._refused(job, facts, state.sent.refused, pending)
             elif self._halted(job, pending):
                 pass  # a cancelled email, or a halted campaign's, is cancelled or parked, however long it waited
             elif _age_s(incoming.task) > job.policy.max_age_s:
@@ -571,7 +573,8 @@ class Deliverer:
                 if result.outcome is Outcome.ACCEPTED or (
                         result.outcome is Outcome.AMBIGUOUS and job.policy.ambiguous is AmbiguousPolicy.ASSUME_SENT):
                     job.state.sent = SentMarker(call.provider_id, result.provider_message_id or "",
-                                                ambiguous=result.outcome is Outcome.AMBIGUOUS)
+                                                ambiguous=result.outcome is Outcome.AMBIGUOUS,
+                                                refused=dict(result.refused_recipients))
                     job.marked = True
 
     # -- step 6 --------------------------------------------------------------------------------------------------

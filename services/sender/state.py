@@ -15,33 +15,44 @@ script held it for 2-3 ms, during which every OTP's admission, claim and placeme
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+_REFUSED_SEPARATOR = "\x1f"
+
 
 @dataclass(frozen=True)
 class SentMarker:
-    """Proof that an email was handed to a provider."""
+    """Proof that an email was handed to a provider, with the recipients it refused meanwhile (so a delivery that
+    died before announcing them announces them again, as it does the SENT)."""
 
     provider: str
     provider_message_id: str
     ambiguous: bool = False
+    refused: Mapping[str, str] = field(default_factory=dict)
+    """Recipient → the provider's reason, for recipients refused while the others were taken."""
 
     def encode(self) -> str:
         """The hash field's value."""
-        return f"{self.provider}|{self.provider_message_id}|{int(self.ambiguous)}"
+        value = f"{self.provider}|{self.provider_message_id}|{int(self.ambiguous)}"
+        if self.refused:
+            value += _REFUSED_SEPARATOR + json.dumps(dict(self.refused), separators=(",", ":"))
+        return value
 
     @classmethod
     def decode(cls, raw: str) -> SentMarker:
         """A marker from its field value."""
+        raw, _, refused_json = raw.partition(_REFUSED_SEPARATOR)
+        refused = {str(k): str(v) for k, v in json.loads(refused_json).items()} if refused_json else {}
         parts = raw.split("|")
         if len(parts) < 3:  # written without the ambiguity flag
-            return cls(parts[0], parts[1] if len(parts) > 1 else "")
-        return cls(parts[0], "|".join(parts[1:-1]), parts[-1] == "1")
+            return cls(parts[0], parts[1] if len(parts) > 1 else "", refused=refused)
+        return cls(parts[0], "|".join(parts[1:-1]), parts[-1] == "1", refused)
 
 
 @dataclass

@@ -103,3 +103,16 @@ async def test_a_single_email_takes_one_script_call_each_way(redis_client: aiore
 
     calls = await script_calls(redis_client, run_id, claim_and_commit)
     assert calls == [[store.lease_key(mid), store.key(mid)]] * 2
+
+
+def test_a_sent_marker_keeps_the_recipients_the_provider_refused() -> None:
+    marker = SentMarker("relay", "<id|with|bars@relay>", refused={"nobody@no-dot": "553 5.1.3 not valid"})
+
+    again = SentMarker.decode(marker.encode())
+
+    # A delivery that died after recording the marker announces these REJECTED events again, as it does SENT.
+    assert again == marker
+
+
+def test_a_sent_marker_written_before_refusals_were_kept_still_reads() -> None:
+    assert SentMarker.decode("relay|<id@relay>|0") == SentMarker("relay", "<id@relay>")
