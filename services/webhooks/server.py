@@ -116,10 +116,11 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
 
     async def UpdateWebhookEndpoint(self, request: webhooks_pb2.UpdateWebhookEndpointRequest,
                                     context: grpc.aio.ServicerContext) -> webhooks_pb2.WebhookEndpoint:
-        """Change the fields in the mask (every updatable field given when the mask is empty)."""
+        """Change the fields in the mask; with no mask, the fields the request sets (a value other than the
+        default: clearing a filter list takes a mask naming it)."""
         tenant_id = current_tenant(ADMIN)
         given = request.webhook_endpoint
-        paths = list(request.update_mask.paths) or [f for f in UPDATABLE if f != "enabled" or given.HasField(f)]
+        paths = list(request.update_mask.paths) or [f for f in UPDATABLE if _is_set(given, f)]
         unknown = [p for p in paths if p not in UPDATABLE]
         if unknown:
             raise InvalidArgument(f"cannot update {', '.join(unknown)}",
@@ -209,6 +210,13 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
             await queue_events(conn, {tenant_id: [route]}, [(tenant_id, [event])], replay_key="test:", forced=True)
         self._wake()
         return webhooks_pb2.SendTestWebhookEventResponse(webhook_id=f"msg_{event.name.removeprefix('events/')}")
+
+
+def _is_set(message: webhooks_pb2.WebhookEndpoint, name: str) -> bool:
+    """Whether ``name`` holds a value in ``message`` (``enabled`` has presence; the others, a non-default)."""
+    if name == "enabled":
+        return bool(message.HasField("enabled"))
+    return bool(getattr(message, name))
 
 
 def _route(endpoint: Endpoint) -> Route:

@@ -291,3 +291,15 @@ def test_an_endpoint_failing_for_longer_than_the_limit_is_disabled_and_the_tenan
     after = _endpoint_call(webhook_mesh, key, "GetWebhookEndpoint",
                            webhooks_pb2.GetWebhookEndpointRequest(name=failing.name))
     assert not after.enabled and "failing since" in after.disabled_reason
+
+
+def test_an_update_without_a_mask_changes_only_the_fields_it_sets(
+        webhook_mesh: CampaignMesh, receiver: Receiver) -> None:
+    _, key, path = fresh(webhook_mesh)
+    endpoint = create_endpoint(webhook_mesh, key, receiver.url + path, event_types=["message.sent"])
+
+    updated = _endpoint_call(webhook_mesh, key, "UpdateWebhookEndpoint", webhooks_pb2.UpdateWebhookEndpointRequest(
+        webhook_endpoint=webhooks_pb2.WebhookEndpoint(name=endpoint.name, description="renamed")))
+
+    assert (updated.description, updated.url, list(updated.event_types), updated.enabled) == (
+        "renamed", endpoint.url, ["message.sent"], True)
