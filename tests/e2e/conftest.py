@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from esp.v1 import messages_pb2, messages_pb2_grpc
 
 from dev import mesh as m
 from dev import seed
@@ -54,6 +55,23 @@ class RunningMesh:
 
     def admin(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.config.admin_token}"),)
+
+    def wait_state(self, name: str, state: int, timeout_s: float = 30) -> messages_pb2.Message:
+        """The message once it is in ``state``; AssertionError naming the last state seen after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        last: messages_pb2.Message | None = None
+        with self.channel() as channel:
+            stub = messages_pb2_grpc.MessageServiceStub(channel)
+            while time.monotonic() < deadline:
+                try:
+                    last = stub.GetMessage(messages_pb2.GetMessageRequest(name=name), metadata=self.auth(), timeout=5)
+                    if last.state == state:
+                        return last
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+                time.sleep(0.1)
+        raise AssertionError(f"{name} did not reach state {state} in {timeout_s}s; last seen: {last}")
 
     def delivered(self) -> list[EmailMessage]:
         return [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)  # type: ignore[misc]

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import nats
 import psycopg
@@ -59,23 +58,6 @@ async def _raw_bucket(nats_url: str, namespace: str) -> bytes:
         await nc.close()
 
 
-def _wait_state(mesh: RunningMesh, name: str, state: int, timeout_s: float = 30) -> messages_pb2.Message:
-    deadline = time.monotonic() + timeout_s
-    last: messages_pb2.Message | None = None
-    with mesh.channel() as channel:
-        stub = messages_pb2_grpc.MessageServiceStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                last = stub.GetMessage(messages_pb2.GetMessageRequest(name=name), metadata=mesh.auth(), timeout=5)
-                if last.state == state:
-                    return last
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-                    raise
-            time.sleep(0.1)
-    raise AssertionError(f"{name} did not reach state {state} in {timeout_s}s; last seen: {last}")
-
-
 def _set_disabled(stub: providers_pb2_grpc.ProviderServiceStub, mesh: RunningMesh, provider: str,
                   disabled: bool) -> None:
     stub.UpdateProvider(providers_pb2.UpdateProviderRequest(
@@ -120,7 +102,7 @@ def test_webhook_secrets_set_by_the_admin_rpc_verify_the_simulators_webhooks_and
 
             # The sender opened the sealed credentials (the simulator refuses a wrong API key) and reports opened
             # the sealed signing key (it refuses an unsigned or wrongly signed callback): DELIVERED.
-            delivered = _wait_state(mesh, reply.message.name, messages_pb2.MESSAGE_STATE_DELIVERED)
+            delivered = mesh.wait_state(reply.message.name, messages_pb2.MESSAGE_STATE_DELIVERED)
             assert delivered.provider == PROVIDER
             log = httpx.get(f"{http_url}/_sim/webhooks", params={"personality": PROVIDER}, timeout=10).json()
             ours = [entry for entry in log if entry["provider_message_id"] == delivered.provider_message_id]

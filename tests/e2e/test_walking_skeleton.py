@@ -55,23 +55,6 @@ def _balance(mesh: RunningMesh, tenant: str = "acme") -> credits_pb2.Balance:
             credits_pb2.GetBalanceRequest(tenant=f"tenants/{tenant}"), metadata=mesh.auth(), timeout=10)
 
 
-def _wait_state(mesh: RunningMesh, name: str, state: int, timeout_s: float = 30) -> messages_pb2.Message:
-    deadline = time.monotonic() + timeout_s
-    last: messages_pb2.Message | None = None
-    with mesh.channel() as channel:
-        stub = messages_pb2_grpc.MessageServiceStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                last = stub.GetMessage(messages_pb2.GetMessageRequest(name=name), metadata=mesh.auth(), timeout=5)
-                if last.state == state:
-                    return last
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-                    raise
-            time.sleep(0.1)
-    raise AssertionError(f"{name} did not reach state {state} in {timeout_s}s; last seen: {last}")
-
-
 def test_an_email_with_an_attachment_reaches_the_smtp_sink_and_moves_the_balance(running_mesh: RunningMesh):
     mesh = running_mesh
     before = _balance(mesh)
@@ -99,7 +82,7 @@ def test_an_email_with_an_attachment_reaches_the_smtp_sink_and_moves_the_balance
     attached = [p for p in mail.iter_attachments() if p.get_filename() == "invoice.pdf"]
     assert len(attached) == 1 and attached[0].get_content() == payload
 
-    sent = _wait_state(mesh, f"messages/{message_id}", messages_pb2.MESSAGE_STATE_SENT)
+    sent = mesh.wait_state(f"messages/{message_id}", messages_pb2.MESSAGE_STATE_SENT)
     assert sent.provider == "sink"
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -119,7 +102,7 @@ def test_status_lists_the_accepted_and_sent_events(running_mesh: RunningMesh):
         stub = messages_pb2_grpc.MessageServiceStub(channel)
         reply = stub.SendEmail(_send_request(message_class=common_pb2.MESSAGE_CLASS_OTP, subject="Code 1234"),
                                metadata=mesh.auth(), timeout=10)
-        _wait_state(mesh, reply.message.name, messages_pb2.MESSAGE_STATE_SENT)
+        mesh.wait_state(reply.message.name, messages_pb2.MESSAGE_STATE_SENT)
         events = stub.ListMessageEvents(messages_pb2.ListMessageEventsRequest(parent=reply.message.name),
                                         metadata=mesh.auth(), timeout=10).events
     types = [e.type for e in events]

@@ -10,7 +10,7 @@ import grpc
 import psycopg
 import pytest
 from esp.internal.v1 import queue_pb2
-from esp.v1 import messages_pb2_grpc, reports_pb2_grpc
+from esp.v1 import messages_pb2, messages_pb2_grpc, reports_pb2_grpc
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -24,6 +24,7 @@ from libs.providers.ses.webhook import StaticCertificateFetcher
 from services.reports.app import build_app
 from services.reports.config import ReportsSettings
 from tests.conftest import free_port
+from tests.reports.builders import eventually
 
 SNS_CERT_URL = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-reports-tests.pem"
 
@@ -71,6 +72,26 @@ class ReportsService:
 def caller(tenant: str, scopes: str = "read,send,admin") -> tuple[tuple[str, str], ...]:
     """gRPC metadata the ingest edge adds for an authenticated caller."""
     return (("x-esp-tenant", tenant), ("x-esp-scopes", scopes))
+
+
+async def message_state(reports: ReportsService, tenant: str, message_id: str) -> int | None:
+    """The message's state as GetMessage shows it, None while reports does not know it."""
+    try:
+        message = await reports.messages.GetMessage(messages_pb2.GetMessageRequest(name=f"messages/{message_id}"),
+                                                    metadata=caller(tenant))
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+    return int(message.state)
+
+
+async def wait_for_state(reports: ReportsService, tenant: str, message_id: str, state: int) -> None:
+    """Wait until the message is in ``state``."""
+    async def reached() -> bool:
+        return await message_state(reports, tenant, message_id) == state
+
+    await eventually(reached, what=messages_pb2.MessageState.Name(state))
 
 
 async def _wait_listening(port: int, timeout_s: float = 20.0) -> None:

@@ -21,7 +21,7 @@ from libs.common.db import create_pool
 from libs.providers.webhooks import RedisReplayGuard, WebhookVerifier
 from services.reports.webhook_receiver import ProviderWebhookConfig, WebhookReceiver
 from tests.reports.builders import accepted, at, eventually, new_id, sent
-from tests.reports.conftest import ReportsService, caller
+from tests.reports.conftest import ReportsService, caller, wait_for_state
 
 M, R = messages_pb2, reports_pb2
 SENDGRID_KEYS = generate_sendgrid_key_pair()
@@ -76,26 +76,8 @@ async def _message_sent_through(reports: ReportsService, provider: str, provider
         accepted(tenant, message_id, at(16), to=(to,)),
         sent(tenant, message_id, at(16, 0, 2), provider=provider, provider_message_id=provider_message_id),
     ])
-    await _wait_state(reports, tenant, message_id, M.MESSAGE_STATE_SENT)
+    await wait_for_state(reports, tenant, message_id, M.MESSAGE_STATE_SENT)
     return tenant, message_id
-
-
-async def _state(reports: ReportsService, tenant: str, message_id: str) -> int | None:
-    try:
-        message = await reports.messages.GetMessage(M.GetMessageRequest(name=f"messages/{message_id}"),
-                                                    metadata=caller(tenant))
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.NOT_FOUND:
-            return None
-        raise
-    return message.state
-
-
-async def _wait_state(reports: ReportsService, tenant: str, message_id: str, state: int) -> None:
-    async def reached() -> bool:
-        return await _state(reports, tenant, message_id) == state
-
-    await eventually(reached, what=M.MessageState.Name(state))
 
 
 async def _kept(pool: AsyncConnectionPool, provider: str) -> list[tuple[str, int | None, str, bytes, int]]:
@@ -126,7 +108,7 @@ async def test_a_batch_with_one_unreadable_item_delivers_the_others_and_keeps_th
 
     assert response.status_code == 200
     assert response.json()["result"] == "accepted_with_unreadable_items"
-    await _wait_state(reports, tenant, message_id, M.MESSAGE_STATE_DELIVERED)
+    await wait_for_state(reports, tenant, message_id, M.MESSAGE_STATE_DELIVERED)
     ((index, reason, payload),) = [(index, reason, payload) for scope, index, reason, payload, _
                                    in await _kept(pool, SENDGRID) if scope == "item"]
     assert (index, json.loads(payload)) == (1, unreadable)
@@ -161,7 +143,7 @@ async def test_a_dropped_event_with_a_filter_id_finds_its_message_by_our_own_id(
         reports: ReportsService, webhooks: httpx.AsyncClient):
     tenant, message_id = new_id("tenant-"), new_id()
     await reports.publish([accepted(tenant, message_id, at(17), to=("invalid@invalid",))])
-    await _wait_state(reports, tenant, message_id, M.MESSAGE_STATE_ACCEPTED)
+    await wait_for_state(reports, tenant, message_id, M.MESSAGE_STATE_ACCEPTED)
     dropped = {"email": "invalid@invalid", "timestamp": 1772443790, "event": "dropped", "reason": "Invalid",
                "sg_event_id": new_id(), "sg_message_id": "filter0093p1las1.9128.5717FB8127.0",
                "esp_message_id": message_id, "esp_tenant_id": tenant}

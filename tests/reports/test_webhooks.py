@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
-import grpc
 import httpx
 import pytest
 from esp.v1 import messages_pb2, reports_pb2
@@ -15,7 +14,7 @@ from libs.providers.events import BounceType, DeliveryEvent, EventKind
 from libs.routing.catalog import ProviderSpec, open_bucket
 from services.reports.suppressions import is_suppressed
 from tests.reports.builders import accepted, at, eventually, new_id, sent
-from tests.reports.conftest import ReportsService, caller
+from tests.reports.conftest import ReportsService, caller, message_state, wait_for_state
 
 M, R = messages_pb2, reports_pb2
 SIGNING_KEY = "key-reports-tests-0123456789abcdef"
@@ -62,26 +61,8 @@ async def _sent_message(reports: ReportsService, provider: str) -> tuple[str, st
         accepted(tenant, message_id, at(16)),
         sent(tenant, message_id, at(16, 0, 2), provider=provider, provider_message_id=provider_message_id),
     ])
-    await _wait_state(reports, tenant, message_id, M.MESSAGE_STATE_SENT)
+    await wait_for_state(reports, tenant, message_id, M.MESSAGE_STATE_SENT)
     return tenant, message_id, provider_message_id
-
-
-async def _state(reports: ReportsService, tenant: str, message_id: str) -> int | None:
-    try:
-        message = await reports.messages.GetMessage(M.GetMessageRequest(name=f"messages/{message_id}"),
-                                                    metadata=caller(tenant))
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.NOT_FOUND:
-            return None
-        raise
-    return message.state
-
-
-async def _wait_state(reports: ReportsService, tenant: str, message_id: str, state: int) -> None:
-    async def reached() -> bool:
-        return await _state(reports, tenant, message_id) == state
-
-    await eventually(reached, what=M.MessageState.Name(state))
 
 
 async def _events_of(reports: ReportsService, tenant: str, message_id: str) -> list[messages_pb2.MessageEvent]:
@@ -104,7 +85,7 @@ async def test_a_signed_mailgun_delivered_callback_marks_the_message_delivered(r
     response = await _post(reports, mailgun, callback.headers, callback.body)
 
     assert response.status_code == 200
-    await _wait_state(reports, tenant, message_id, M.MESSAGE_STATE_DELIVERED)
+    await wait_for_state(reports, tenant, message_id, M.MESSAGE_STATE_DELIVERED)
     delivered = (await _events_of(reports, tenant, message_id))[-1]
     assert delivered.type == M.MESSAGE_EVENT_TYPE_DELIVERED
     assert delivered.provider == mailgun
@@ -121,7 +102,7 @@ async def test_a_forged_callback_is_refused_and_changes_nothing(reports: Reports
 
     assert response.status_code == 401
     assert await _published_on(reports, tenant) == published_before
-    assert await _state(reports, tenant, message_id) == M.MESSAGE_STATE_SENT
+    assert await message_state(reports, tenant, message_id) == M.MESSAGE_STATE_SENT
 
 
 async def test_a_callback_with_a_tampered_signature_block_is_refused(reports: ReportsService, mailgun: str):
@@ -163,7 +144,7 @@ async def test_a_replayed_callback_is_acknowledged_but_recorded_once(reports: Re
     again = await _post(reports, mailgun, callback.headers, callback.body)
     marker = mailgun_callback(_mailgun_event(mailgun, provider_message_id), SIGNING_KEY)
     await _post(reports, mailgun, marker.headers, marker.body)
-    await _wait_state(reports, tenant, message_id, M.MESSAGE_STATE_DELIVERED)
+    await wait_for_state(reports, tenant, message_id, M.MESSAGE_STATE_DELIVERED)
 
     assert (first.status_code, again.status_code) == (200, 200)
     opened = [e for e in await _events_of(reports, tenant, message_id) if e.type == M.MESSAGE_EVENT_TYPE_OPENED]
@@ -187,7 +168,7 @@ async def test_a_hard_bounce_callback_suppresses_the_recipient(reports: ReportsS
     response = await _post(reports, mailgun, callback.headers, callback.body)
 
     assert response.status_code == 200
-    await _wait_state(reports, tenant, message_id, M.MESSAGE_STATE_BOUNCED)
+    await wait_for_state(reports, tenant, message_id, M.MESSAGE_STATE_BOUNCED)
     assert await is_suppressed(reports.redis, reports.settings.namespace, tenant, "gone@example.com")
     suppression = await reports.suppressions.GetSuppression(
         R.GetSuppressionRequest(name="suppressions/gone@example.com"), metadata=caller(tenant))
@@ -207,21 +188,21 @@ async def test_a_callback_that_beats_its_sent_event_is_applied_once_the_message_
         sent(tenant, message_id, at(17, 0, 2), provider=mailgun, provider_message_id=provider_message_id),
     ])
 
-    await _wait_state(reports, tenant, message_id, M.MESSAGE_STATE_DELIVERED)
+    await wait_for_state(reports, tenant, message_id, M.MESSAGE_STATE_DELIVERED)
 
 
 async def test_a_callback_carrying_our_message_id_finds_the_message_without_the_provider_id(
         reports: ReportsService, mailgun: str):
     tenant, message_id = new_id("tenant-"), new_id()
     await reports.publish([accepted(tenant, message_id, at(18))])
-    await _wait_state(reports, tenant, message_id, M.MESSAGE_STATE_ACCEPTED)
+    await wait_for_state(reports, tenant, message_id, M.MESSAGE_STATE_ACCEPTED)
     callback = mailgun_callback(_mailgun_event(mailgun, f"<{new_id()}@mg.example>", message_id=message_id,
                                                tenant_id=tenant), SIGNING_KEY)
 
     response = await _post(reports, mailgun, callback.headers, callback.body)
 
     assert response.status_code == 200
-    await _wait_state(reports, tenant, message_id, M.MESSAGE_STATE_DELIVERED)
+    await wait_for_state(reports, tenant, message_id, M.MESSAGE_STATE_DELIVERED)
 
 
 async def test_an_sns_subscription_confirmation_is_handed_to_the_confirmer(reports: ReportsService):
