@@ -7,53 +7,29 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from esp.v1 import campaigns_pb2, common_pb2
 
-from libs.client.cli import main
 from tests.campaigns.conftest import (
     CampaignMesh,
     campaign_mesh,  # noqa: F401
     progress,
     wait_until,
 )
+from tests.client.cli import Esp, Run, cli_runner
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-@dataclass(frozen=True)
-class Run:
-    """What one ``esp`` command line did."""
-
-    code: int
-    out: str
-    err: str
-
-
-Esp = Callable[..., Run]
 
 
 @pytest.fixture
 def esp(campaign_mesh: CampaignMesh, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> Esp:
     """``esp("campaign", "list")`` runs ``esp campaign list`` against the mesh as its tenant."""
-    monkeypatch.setenv("ESP_ENDPOINT", campaign_mesh.endpoint)
-    monkeypatch.setenv("ESP_API_KEY", campaign_mesh.api_key)
-
-    def run(*argv: str) -> Run:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exited:
-            main(list(argv))
-        captured = capsys.readouterr()
-        code = exited.value.code
-        return Run(code if isinstance(code, int) else 1, captured.out, captured.err)
-
-    return run
+    return cli_runner(campaign_mesh.endpoint, campaign_mesh.api_key, monkeypatch, capsys)
 
 
 def _files(tmp_path: Path) -> dict[str, Path]:

@@ -12,7 +12,6 @@ import secrets
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from standardwebhooks import Webhook
 
 from libs.client.cli import main
 from tests.campaigns.conftest import CampaignMesh, wait_until
+from tests.client.cli import Esp, cli_runner
 from tests.webhooks.conftest import receiver, webhook_mesh
 from tests.webhooks.receiver import Answer, Receiver
 
@@ -30,17 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ATTEMPT = re.compile(r"(?P<time>\S+Z)  (?P<id>msg_\S+)  #(?P<attempt>\d+)  (?P<outcome>.+?)  (?P<latency>\d+)ms  "
                      r"(?P<types>\S+)(?:  \(retry at \S+\))?")
 
-
-@dataclass(frozen=True)
-class Run:
-    """What one ``esp`` command line did."""
-
-    code: int
-    out: str
-    err: str
-
-
-Esp = Callable[..., Run]
 
 
 @dataclass(frozen=True)
@@ -63,18 +52,7 @@ def tenant(webhook_mesh: CampaignMesh, receiver: Receiver) -> Tenant:
 def esp(webhook_mesh: CampaignMesh, tenant: Tenant, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> Esp:
     """``esp("webhook", "list")`` runs ``esp webhook list`` against the mesh as the tenant."""
-    monkeypatch.setenv("ESP_ENDPOINT", webhook_mesh.endpoint)
-    monkeypatch.setenv("ESP_API_KEY", tenant.key)
-
-    def run(*argv: str) -> Run:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exited:
-            main(list(argv))
-        captured = capsys.readouterr()
-        code = exited.value.code
-        return Run(code if isinstance(code, int) else 1, captured.out, captured.err)
-
-    return run
+    return cli_runner(webhook_mesh.endpoint, tenant.key, monkeypatch, capsys)
 
 
 def _field(out: str, label: str) -> str:
