@@ -6,7 +6,7 @@ Customers talk to one endpoint. Ingest answers the sending RPCs itself and forwa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,10 +53,8 @@ class ApiKeyAuthenticator:
 
 
 def _forwarder(method_path: str, method_spec: EdgeMethod, channel: grpc.aio.Channel, timeout_s: float,
-               client_streaming: bool) -> grpc.RpcMethodHandler:
-    call: Any = (channel.stream_unary(method_path) if client_streaming else channel.unary_unary(method_path))
-
-    async def forward(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+               method: MethodDescriptor) -> grpc.RpcMethodHandler:
+    def upstream_call(context: grpc.aio.ServicerContext) -> tuple[list[tuple[str, str]], float | None]:
         principal = current_principal()
         principal.require(method_spec.scope)
         metadata = list(principal.as_metadata())
@@ -65,19 +63,36 @@ def _forwarder(method_path: str, method_spec: EdgeMethod, channel: grpc.aio.Chan
                 metadata.append((key, value))
         metadata.extend(inject_headers({}).items())
         remaining = context.time_remaining()
-        # A client-streaming call (an attachment, a million recipients) lasts as long as the client streams: its own
-        # deadline bounds it, not the upstream timeout meant for a unary call.
-        if client_streaming or method_spec.lasts_as_its_work:
-            timeout = remaining
-        else:
-            timeout = min(timeout_s, remaining) if remaining else timeout_s
+        # A streaming call (an attachment, a million recipients, an export) lasts as long as its stream: the client's
+        # own deadline bounds it, not the upstream timeout meant for a unary call.
+        if method.client_streaming or method.server_streaming or method_spec.lasts_as_its_work:
+            return metadata, remaining
+        return metadata, (min(timeout_s, remaining) if remaining else timeout_s)
+
+    if method.server_streaming:
+        stream_call = channel.unary_stream(method_path)
+
+        async def forward_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            metadata, timeout = upstream_call(context)
+            try:
+                async for response in stream_call(request, metadata=metadata, timeout=timeout):
+                    yield response
+            except grpc.aio.AioRpcError as exc:
+                raise to_domain_error(exc) from exc
+
+        return grpc.unary_stream_rpc_method_handler(forward_stream)
+
+    call: Any = channel.stream_unary(method_path) if method.client_streaming else channel.unary_unary(method_path)
+
+    async def forward(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+        metadata, timeout = upstream_call(context)
         try:
             response: bytes = await call(request, metadata=metadata, timeout=timeout)
             return response
         except grpc.aio.AioRpcError as exc:
             raise to_domain_error(exc) from exc
 
-    if client_streaming:
+    if method.client_streaming:
         return grpc.stream_unary_rpc_method_handler(forward)
     return grpc.unary_unary_rpc_method_handler(forward)
 
@@ -109,8 +124,7 @@ def build_handler(service: ServiceDescriptor, methods: Mapping[str, EdgeMethod],
             handlers[method.name] = _local(method, method_spec, getattr(local, method.name), message_classes)
         else:
             path = f"/{service.full_name}/{method.name}"
-            handlers[method.name] = _forwarder(path, method_spec, channels[method_spec.owner], timeout_s,
-                                               method.client_streaming)
+            handlers[method.name] = _forwarder(path, method_spec, channels[method_spec.owner], timeout_s, method)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
@@ -142,7 +156,10 @@ EDGE_METHODS: dict[str, dict[str, EdgeMethod]] = {
         for name in ("CreateProvider", "GetProvider", "ListProviders", "UpdateProvider", "DeleteProvider",
                      "RouteEmail")
     },
-    "esp.v1.StatsService": {"GetStats": EdgeMethod(READ, "reports")},
+    "esp.v1.StatsService": {
+        "GetStats": EdgeMethod(READ, "reports"), "ExportStats": EdgeMethod(READ, "reports"),
+        "CompareProviders": EdgeMethod(PLATFORM_ADMIN, "reports"),
+    },
     "esp.v1.CampaignService": {
         **{name: EdgeMethod(SEND, "campaigns")
            for name in ("CreateCampaign", "AddCampaignRecipients", "StartCampaign", "PauseCampaign",
@@ -157,7 +174,7 @@ EDGE_METHODS: dict[str, dict[str, EdgeMethod]] = {
         **{name: EdgeMethod(READ, "webhooks")
            for name in ("GetWebhookEndpoint", "ListWebhookEndpoints", "ListWebhookAttempts")},
     },
-    "esp.v1.EventService": {"ListEvents": EdgeMethod(READ, "reports")},
+    "esp.v1.EventService": {"ListEvents": EdgeMethod(READ, "reports"), "ExportEvents": EdgeMethod(READ, "reports")},
     "esp.v1.SuppressionService": {
         "ListSuppressions": EdgeMethod(READ, "reports"), "GetSuppression": EdgeMethod(READ, "reports"),
         "CreateSuppression": EdgeMethod(ADMIN, "reports"), "DeleteSuppression": EdgeMethod(ADMIN, "reports"),
