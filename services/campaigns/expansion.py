@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from esp.internal.v1 import queue_pb2
 from esp.v1 import messages_pb2
+from prometheus_client import Counter
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -57,6 +58,8 @@ CREDIT_RETRY_S = 5.0
 """How often a campaign paused for lack of credits tries its next chunk again."""
 TEMPLATE_CACHE = 64
 """Compiled campaigns kept per process."""
+QUEUED = Counter("esp_campaigns_queued_total", "Campaign emails queued for sending (held and in the outbox), by class",
+                 ["class"])
 
 
 def campaign_message_id(campaign_id: str, row_number: int) -> str:
@@ -128,6 +131,8 @@ class ChunkResult:
     suppressed: int
     render_failed: int
     paused_for_credits: bool = False
+    message_class: str = ""
+    """The class of the campaign's emails (empty when the chunk queued none)."""
 
 
 def _render_failure_events(message_id: str, tenant_id: str, campaign_id: str, spec: CampaignSpec,
@@ -221,6 +226,8 @@ class Expansion:
             if campaign is None:
                 return None
             result, committed = await self._expand(conn, campaign)
+        if result.queued:  # counted once the transaction committed them
+            QUEUED.labels(result.message_class).inc(result.queued)
         if committed:
             self.on_commit(committed)  # committed: publish now rather than at the outbox's next pass
         return result
@@ -325,7 +332,7 @@ class Expansion:
             committed.append(await queue_event(conn, paused_event(
                 self.topology, tenant_id, campaign_id, PauseReason.INSUFFICIENT_CREDITS, pauses, at=now)))
         return ChunkResult(campaign_id, len(queued), n_suppressed, len(failed),
-                           paused_for_credits=refusal is not None), committed
+                           paused_for_credits=refusal is not None, message_class=message_class), committed
 
     async def _attachments(self, conn: AsyncConnection[Any], tenant_id: str,
                            attachment_ids: Sequence[str]) -> list[_Attachment]:

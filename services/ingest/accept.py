@@ -47,6 +47,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from esp.v1 import messages_pb2
+from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from libs.common.auth import Principal
@@ -71,6 +72,9 @@ from services.ingest.validation import MAX_SEND_AHEAD_S, validate_draft
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+ACCEPTED = Counter("esp_ingest_accepted_total", "Emails accepted through the API (stored with their outbox rows), "
+                   "by class; a campaign's emails are counted by esp_campaigns_queued_total", ["class"])
 
 ADMISSION_ROUNDS = 5
 """How often a request joins a pass again after the request holding its request_id gave up."""
@@ -380,9 +384,11 @@ class Acceptor:
         except BaseException as exc:
             await self._give_back([(message_ids[i], ticket_of[i]) for i in held], exc)
             raise
+        created: dict[str, int] = {}
         for index, message, stored_one in zip(held, resources, stored, strict=True):
             if stored_one is True:
                 results[index] = Accepted(message, created=True)
+                created[drafts[index].message_class] = created.get(drafts[index].message_class, 0) + 1
             elif stored_one is False:  # Postgres already has this request_id (Redis had forgotten it)
                 try:
                     results[index] = await self._answer_as_first(tenant.id, drafts[index], fingerprints[index],
@@ -392,6 +398,8 @@ class Acceptor:
             else:  # failed alone (its batch did not)
                 await self._give_back([(message_ids[index], ticket_of[index])], stored_one)
                 results[index] = stored_one
+        for message_class, count in created.items():  # one label lookup per class, not per email
+            ACCEPTED.labels(message_class).inc(count)
         return [r if r is not None else Aborted("not accepted; retry", reason="INTERNAL") for r in results]
 
     def _hold_ttl_s(self, send_at: datetime | None, now: datetime) -> int:

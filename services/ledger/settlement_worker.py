@@ -12,6 +12,7 @@ the CPU first and settling catches up afterwards.
 from __future__ import annotations
 
 from libs.common import db
+from libs.common.consumer_lag import watch_consumer_lag
 from libs.common.jetstream import Topology, connect, ensure_pull_consumer, pull_loop
 from libs.common.workers import StopEvent, WorkerParts, run_worker
 from services.ledger.config import LedgerSettings
@@ -34,12 +35,15 @@ async def build_settlement(settings: LedgerSettings) -> WorkerParts:
         await pull_loop(nc, topology.events_stream, durable, consumer.handle, stop, batch=settings.outcome_batch_size,
                         idle_timeout_s=0.5)
 
+    async def report_lag(stop: StopEvent) -> None:
+        await watch_consumer_lag(nc.jetstream(), [(topology.events_stream, durable)], stop)
+
     async def close_all() -> None:
         await ledger.close()
         await nc.drain()
         await pool.close()
 
-    return WorkerParts(tasks=[consume], closers=[close_all])
+    return WorkerParts(tasks=[consume, report_lag], closers=[close_all])
 
 
 def main() -> None:

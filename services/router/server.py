@@ -33,6 +33,7 @@ from libs.routing.catalog import ProviderCatalog, ProviderSpec, open_bucket
 from libs.routing.health import HealthBoard
 from libs.routing.scoring import EmailFacts, ProviderScore, rank
 from services.router.config import RouterSettings
+from services.router.provider_metrics import ProviderGauges
 from services.router.registry import ProviderRecord, ProviderRegistry
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,10 @@ async def build_app(settings: RouterSettings) -> ServiceApp:
     async def watch(stop: asyncio.Event) -> None:
         await catalog.run(stop)
 
+    async def export_health(stop: asyncio.Event) -> None:
+        await catalog.wait_loaded(timeout_s=60)
+        await ProviderGauges(health, lambda: catalog.providers).run(stop)
+
     async def repair(stop: asyncio.Event) -> None:
         await catalog.wait_loaded(timeout_s=60)
         while not stop.is_set():
@@ -216,4 +221,4 @@ async def build_app(settings: RouterSettings) -> ServiceApp:
         servicers=[(providers_pb2_grpc.add_ProviderServiceServicer_to_server,
                     ProviderServicer(registry, catalog, health))],
         service_names=[providers_pb2.DESCRIPTOR.services_by_name["ProviderService"].full_name],
-        tasks=[watch, repair], closers=[close_all], authenticator=TrustedHeaderAuthenticator())
+        tasks=[watch, repair, export_health], closers=[close_all], authenticator=TrustedHeaderAuthenticator())

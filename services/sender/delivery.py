@@ -95,6 +95,10 @@ FALLBACK_DECISION = Histogram(
     "esp_sender_fallback_decision_seconds",
     "From a failed attempt's answer to the next provider call for the same email (same delivery)",
     buckets=(0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1))
+ACCEPT_TO_SENT = Histogram(
+    "esp_sender_accept_to_sent_seconds",
+    "From the email's acceptance (a scheduled one's send time) to the provider accepting it, by class",
+    ["class"], buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600))
 VERDICTS = Counter("esp_sender_deliveries_total", "Emails handled per delivery, by verdict", ["class", "verdict"])
 WITHHELD = Counter("esp_sender_withheld_total", "Emails kept from every provider just before the call, by why",
                    ["class", "why"])
@@ -588,6 +592,8 @@ class Deliverer:
         policy = job.policy
         if job.state.sent is not None:  # accepted, or ambiguous and the class does not resend blindly
             ambiguous = result.outcome is Outcome.AMBIGUOUS
+            if job.task.HasField("accepted_time") and job.task.accepted_time.seconds:  # the OTP latency objective
+                ACCEPT_TO_SENT.labels(job.message_class).observe(max(0.0, _age_s(job.task)))
             if ambiguous:
                 facts = AttemptFacts(facts.provider, facts.provider_message_id, facts.attempt, facts.outcome,
                                      facts.latency_ms, {"ambiguous": "true"})

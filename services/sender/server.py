@@ -17,6 +17,7 @@ import anyio.lowlevel
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
+from libs.common.consumer_lag import watch_consumer_lag
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
 from libs.common.s3 import create_s3_client, stream_object
@@ -105,6 +106,9 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
     async def refresh_health(stop: StopEvent) -> None:
         await health.run_refresher(lambda: list(catalog.providers), stop)
 
+    async def report_lag(stop: StopEvent) -> None:
+        await watch_consumer_lag(js, [(topology.send_stream(p.message_class), p.durable) for p in pools], stop)
+
     async def bulk_yields(pool: ClassPool, stop: StopEvent) -> None:
         await yield_to_urgent_mail(pool, urgent, settings.bulk_concurrency_while_urgent, stop)
 
@@ -120,7 +124,7 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
             await connection.drain()
         await redis.aclose()
 
-    return WorkerParts(tasks=[refresh_health, halts.run, *yielding, *[partial(_run, p) for p in pools]],
+    return WorkerParts(tasks=[refresh_health, report_lag, halts.run, *yielding, *[partial(_run, p) for p in pools]],
                        closers=[close_all])
 
 

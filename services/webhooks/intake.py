@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
+from libs.common.consumer_lag import watch_consumer_lag
 from libs.common.event_types import ACCOUNT_EVENT_TYPES
 from libs.common.jetstream import Topology, ensure_pull_consumer, pull_loop
 from services.webhooks.queueing import queue_events, routes_of
@@ -60,10 +61,11 @@ class EventIntake:
                      (self._topology.consumer("webhooks-account"), self._topology.account_wildcard))
         for durable, subject in consumers:
             await self._ensure(durable, subject)
-        await asyncio.gather(*(
-            pull_loop(self._nc, self._topology.events_stream, durable, self.handle_batch, stop, batch=self._batch,
-                      idle_timeout_s=0.5)
-            for durable, _ in consumers))
+        await asyncio.gather(
+            *(pull_loop(self._nc, self._topology.events_stream, durable, self.handle_batch, stop, batch=self._batch,
+                        idle_timeout_s=0.5)
+              for durable, _ in consumers),
+            watch_consumer_lag(self._nc.jetstream(), [(self._topology.events_stream, d) for d, _ in consumers], stop))
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         """Queue one fetched batch's deliveries, then ack it."""

@@ -28,6 +28,7 @@ from libs.common.jetstream import Topology, connect, ensure_streams
 from libs.common.secret_box import SecretBox
 from libs.common.stopping import pause_unless_stopped
 from libs.common.timestamps import to_timestamp
+from services.webhooks.backlog import watch_backlog
 from services.webhooks.config import DEFAULT_GRPC_PORT, WebhooksSettings
 from services.webhooks.destinations import DestinationPolicy
 from services.webhooks.dispatcher import Dispatcher
@@ -253,6 +254,9 @@ async def build_app(settings: WebhooksSettings) -> ServiceApp:
     servicer = WebhookServicer(EndpointStore(pool, box, policy, keys), AttemptLog(pool), pool,
                                events_pb2_grpc.EventServiceStub(reports), dispatcher.wake)
 
+    async def backlog(stop: asyncio.Event) -> None:
+        await watch_backlog(pool, stop)
+
     async def retention(stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
@@ -265,5 +269,5 @@ async def build_app(settings: WebhooksSettings) -> ServiceApp:
         name="webhooks", default_port=DEFAULT_GRPC_PORT,
         servicers=[(webhooks_pb2_grpc.add_WebhookServiceServicer_to_server, servicer)],
         service_names=[webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name],
-        tasks=[intake.run, dispatcher.run, retention], closers=closers,
+        tasks=[intake.run, dispatcher.run, retention, backlog], closers=closers,
         authenticator=TrustedHeaderAuthenticator())
