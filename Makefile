@@ -13,7 +13,7 @@ BENCH_ARGS ?=
 # checks against where it started: `make lint BUF_AGAINST='.git#ref=<sha>'`.
 BUF_AGAINST ?= .git\#ref=HEAD~1
 
-.PHONY: all install proto lint fmt test run bench clean
+.PHONY: all install proto lint fmt test run bench clean browser-tools vendor-charts
 
 all: test
 
@@ -50,8 +50,16 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy-fix .
 
-test: proto lint
+test: proto lint browser-tools
 	bash scripts/run-tests.sh
+
+# Headless Chromium and chromedriver for the dashboard's browser test (Debian packages, installed when missing).
+browser-tools:
+	bash scripts/browser-tools.sh
+
+# Fetch the dashboard's chart library from the npm registry again and check it against the sha256s in VENDORED.md.
+vendor-charts:
+	bash services/gateway/dashboard/vendor-charts.sh
 
 run: proto
 	$(PY) -m dev.run

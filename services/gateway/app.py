@@ -1,4 +1,5 @@
-"""The gateway's ASGI application: the transcoder, ``GET /openapi.json`` and ``GET /healthz``."""
+"""The gateway's ASGI application: the transcoder, ``GET /openapi.json``, ``GET /healthz`` and the dashboard
+(``GET /dashboard``, see ``services/gateway/dashboard``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from services.gateway.dashboard import dashboard_routes
 from services.gateway.descriptors import load_descriptor_set
 from services.gateway.openapi import build_openapi
 from services.gateway.transcoder import JSON_MEDIA_TYPE, Transcoder, TranscoderOptions
@@ -46,10 +48,11 @@ def create_app(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
+            *dashboard_routes(),
         ],
         lifespan=lifespan,
     )
-    # Everything that is not one of the two routes above is an API call for the transcoder to route, so it
+    # Everything that is not one of the routes above is an API call for the transcoder to route, so it
     # answers 404/405 with a Status body; slash-redirects would invent routes the contracts do not have.
     app.router.default = transcoder
     app.router.redirect_slashes = False
