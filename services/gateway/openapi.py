@@ -14,7 +14,11 @@ Choices (see docs/REST.md):
   (INPUT_ONLY);
 - a client-streaming RPC with a plain body (``plain_bodies``) lists it beside NDJSON (``text/csv``,
   ``application/octet-stream``, ``multipart/form-data``...), so generators that cannot stream NDJSON
-  (openapi-python-client skips an operation whose every body type is unknown to it) still make an operation.
+  (openapi-python-client skips an operation whose every body type is unknown to it) still make an operation;
+- a server-streaming ``google.api.HttpBody`` RPC (a CSV export) answers raw bytes of the type its first message
+  names, which descriptors cannot tell. Our exports are documented as ``text/csv`` (``STREAMED_MEDIA_TYPES``, the
+  type their contracts promise) so that readers and generators see a concrete download; any other such RPC as
+  ``*/*`` with a description saying where the type comes from, which stays true for any descriptor set.
 """
 
 from __future__ import annotations
@@ -29,12 +33,24 @@ from services.gateway.descriptors import DescriptorSet, HttpBinding
 from services.gateway.fields import is_map
 from services.gateway.path_template import SegmentKind
 from services.gateway.plain_bodies import PlainBody, plain_bodies
+from services.gateway.transcoder import serves_streamed_body
 
 OPENAPI_VERSION = "3.0.3"
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 _STATUS_SCHEMA = "google.rpc.Status"
 _ANY_SCHEMA = "google.protobuf.Any"
 _MAX_QUERY_DEPTH = 4
+STREAMED_MEDIA_TYPES: dict[str, str] = {
+    "esp.v1.EventService.ExportEvents": "text/csv",
+    "esp.v1.StatsService.ExportStats": "text/csv",
+}
+"""The media type each server-streaming HttpBody RPC of ours sends (its contract says CSV)."""
+_STREAMED_NOTE = (
+    "The body is streamed (chunked) as it is produced, of any size. Its Content-Type is the one the first "
+    "message of the stream names. An error before the first byte is a google.rpc.Status with its HTTP status; "
+    "an error after it cuts the response off without its final chunk, so an incomplete download is never taken "
+    "for a whole one."
+)
 
 _SCALARS: dict[int, dict[str, Any]] = {
     FieldDescriptor.TYPE_DOUBLE: {"type": "number", "format": "double"},
@@ -107,7 +123,7 @@ def build_openapi(
     paths: dict[str, dict[str, Any]] = {}
     tags: dict[str, dict[str, Any]] = {}
     for binding in descriptors.bindings:
-        if binding.server_streaming:
+        if binding.server_streaming and not serves_streamed_body(binding):
             continue  # not served over HTTP (see Transcoder)
         path, path_parameters = _openapi_path(binding)
         operation = _operation(binding, path_parameters, schemas, descriptors, plain.get(binding.method.full_name))
@@ -180,17 +196,36 @@ def _operation(
         operation["parameters"] = parameters
     if binding.body:
         operation["requestBody"] = _request_body(binding, schemas, plain)
-    operation["responses"] = {
-        "200": {
+    if binding.server_streaming:
+        success = _streamed_response(binding)
+    else:
+        success = {
             "description": "A successful response.",
             "content": {"application/json": {"schema": _response_schema(binding, schemas)}},
-        },
+        }
+    operation["responses"] = {
+        "200": success,
         "default": {
             "description": "An error: a google.rpc.Status with its details.",
             "content": {"application/json": {"schema": schemas.status_ref()}},
         },
     }
     return operation
+
+
+def _streamed_response(binding: HttpBinding) -> dict[str, Any]:
+    """The 200 response of a server-streaming HttpBody RPC: raw bytes, streamed."""
+    media_type = STREAMED_MEDIA_TYPES.get(binding.method.full_name, "*/*")
+    return {
+        "description": _STREAMED_NOTE,
+        "headers": {
+            "Content-Disposition": {
+                "description": "`attachment; filename=...` when the service names the download.",
+                "schema": {"type": "string"},
+            }
+        },
+        "content": {media_type: {"schema": {"type": "string", "format": "binary"}}},
+    }
 
 
 def _request_body(binding: HttpBinding, schemas: _Schemas, plain: PlainBody | None = None) -> dict[str, Any]:

@@ -12,12 +12,18 @@ Behaviour follows grpc-gateway v2 (so Envoy's ``grpc_json_transcoder`` could tak
 - response: proto3 JSON (camelCase, int64 as strings, enum names), unpopulated fields omitted by default;
   upstream header metadata comes back as ``Grpc-Metadata-<key>`` headers; of the request headers only
   credentials, ``X-Request-Id`` and trace context go upstream (see ``_outgoing_metadata``);
+- server-streaming RPCs whose response is ``google.api.HttpBody`` (CSV exports) are streamed as grpc-gateway
+  streams HttpBody: Content-Type from the first message, each message's ``data`` written as it arrives (chunked,
+  never buffered whole). An upstream error before the first message is the usual Status JSON; after it, bytes
+  have been sent with a 200, so the response is cut off without its terminating chunk (the client sees an
+  incomplete body, never a clean end). Other server-streaming RPCs are not served;
 - errors: ``google.rpc.Status`` JSON with details from ``grpc-status-details-bin``, HTTP status per
   ``HTTPStatusFromCode``; ``Retry-After`` from ``RetryInfo`` on 429/503; ``WWW-Authenticate`` on 401.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -50,6 +56,7 @@ from services.gateway.plain_bodies import BodyStream, PlainBody, plain_bodies
 logger = logging.getLogger(__name__)
 
 JSON_MEDIA_TYPE = "application/json"
+HTTP_BODY_TYPE = "google.api.HttpBody"
 _GRPC_TIMEOUT = re.compile(r"^([0-9]{1,8})([HMSmun])$")
 _TIMEOUT_UNIT_SECONDS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 # Request headers forwarded to the upstream as metadata of the same (lower-case) name.
@@ -63,7 +70,7 @@ class TranscoderOptions:
     default_timeout_s: float = 30.0
     """Deadline (sent as ``grpc-timeout``) of unary calls when the client sends no ``Grpc-Timeout`` header."""
     stream_timeout_s: float = 900.0
-    """Deadline for client-streaming calls (uploads of up to 150 MB over slow links)."""
+    """Deadline for streaming calls (uploads of up to 150 MB over slow links, CSV exports of any size)."""
     emit_unpopulated: bool = False
     """Write fields holding default values (grpc-gateway's ``EmitUnpopulated``)."""
     max_body_bytes: int = 64 * 1024 * 1024
@@ -88,7 +95,7 @@ class Transcoder:
         self.options = options or TranscoderOptions()
         served: list[HttpBinding] = []
         for binding in descriptors.bindings:
-            if binding.server_streaming:
+            if binding.server_streaming and not serves_streamed_body(binding):
                 # grpc-gateway streams these as {"result": ...} lines; nothing in our contracts needs it yet.
                 logger.warning("not serving server-streaming RPC %s over HTTP", binding.method.full_name)
                 continue
@@ -132,6 +139,11 @@ class Transcoder:
         try:
             binding, variables = self.matcher.match(request.method, _raw_path(request))
             metadata = _outgoing_metadata(request, request_id)
+            if binding.server_streaming:
+                message = self.build_request(
+                    binding, variables, request.query_params.multi_items(), await self._read_body(request)
+                )
+                return await self._call_server_streaming(request, request_id, binding, message, metadata)
             if binding.client_streaming:
                 response, header_metadata = await self._call_client_streaming(
                     request, binding, variables, metadata
@@ -224,6 +236,37 @@ class Transcoder:
             return response, tuple(await call.initial_metadata() or ())
         except grpc.aio.AioRpcError as exc:
             raise _upstream_error(exc) from exc
+
+    async def _call_server_streaming(
+        self,
+        request: Request,
+        request_id: str,
+        binding: HttpBinding,
+        message: Message,
+        metadata: list[tuple[str, str]],
+    ) -> Response:
+        """Start a server-streaming HttpBody call and answer with its first message's content type, once that
+        message is in: until then any failure is still a proper Status response."""
+        response_type = self.descriptors.message_class(binding.method.output_type)
+        call = self.channel().unary_stream(
+            binding.grpc_path, request_serializer=_serialize, response_deserializer=response_type.FromString
+        )(message, metadata=metadata, timeout=_timeout(request, self.options.stream_timeout_s))
+        try:
+            first = await call.read()
+            header_metadata = tuple(await call.initial_metadata() or ())
+        except grpc.aio.AioRpcError as exc:
+            raise _upstream_error(exc) from exc
+        except BaseException:
+            call.cancel()
+            raise
+        headers = {"x-request-id": request_id, **_response_headers(header_metadata)}
+        disposition = _content_disposition(header_metadata)
+        if disposition:
+            headers["content-disposition"] = disposition
+        if first is grpc.aio.EOF:
+            # No message at all: an empty 200 (grpc-gateway writes no Content-Type either, knowing none).
+            return Response(b"", headers=headers)
+        return StreamedBody(call, first, headers, binding.method.full_name)
 
     async def _call_client_streaming(
         self,
@@ -322,6 +365,95 @@ class Transcoder:
             always_print_fields_with_no_presence=self.options.emit_unpopulated,
             descriptor_pool=self.descriptors.pool,
         )
+
+
+def serves_streamed_body(binding: HttpBinding) -> bool:
+    """Whether a server-streaming binding is served: its response is ``google.api.HttpBody`` (whose bytes make
+    the HTTP body) and its request is not a stream (bidirectional streams are not served)."""
+    return (
+        binding.server_streaming
+        and not binding.client_streaming
+        and binding.method.output_type.full_name == HTTP_BODY_TYPE
+    )
+
+
+class UpstreamStreamBroken(Exception):
+    """The upstream failed after part of a streamed body was sent: raised out of the ASGI app so the server
+    closes the connection without the terminating chunk, which is how HTTP/1.1 says "incomplete"."""
+
+
+class StreamedBody(Response):
+    """The HTTP response of a server-streaming HttpBody call: each message's ``data`` written as it arrives.
+
+    Not Starlette's ``StreamingResponse``: that one (ASGI spec < 2.4, as uvicorn speaks) cancels the sending task
+    on a disconnect without closing the upstream call deterministically, and ends the body cleanly whatever the
+    iterator raised. Here a disconnect cancels the gRPC call at once, ``send`` awaits the server's flow control
+    (so a slow client slows the upstream instead of filling memory), and an upstream error ends the connection
+    without a final chunk.
+    """
+
+    def __init__(self, call: Any, first: Message, headers: dict[str, str], method: str) -> None:
+        super().__init__(status_code=200, headers=headers)
+        # The length is not known (Starlette would say 0 for the empty initial body); the content type is the
+        # upstream's, verbatim (Starlette would append a charset to a text/* type).
+        self.raw_headers = [
+            (key, value) for key, value in self.raw_headers if key not in (b"content-length", b"content-type")
+        ]
+        content_type = str(getattr(first, "content_type", ""))
+        if content_type and _metadata_value_ok(content_type):
+            self.raw_headers.append((b"content-type", content_type.encode("latin-1")))
+        self._call = call
+        self._first = first
+        self._method = method
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send the head and the first message's bytes, then each message's until the stream ends."""
+        disconnected = asyncio.Event()
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+            self._call.cancel()
+
+        watcher = asyncio.create_task(watch_disconnect())
+        sent = 0
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            message: Any = self._first
+            while message is not grpc.aio.EOF:
+                data = bytes(getattr(message, "data", b""))
+                if data:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    sent += len(data)
+                message = await self._call.read()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except grpc.aio.AioRpcError as exc:
+            if disconnected.is_set():
+                logger.info("client left %s after %d bytes", self._method, sent)
+                return
+            logger.error(
+                "upstream %s failed after %d bytes were sent (%s: %s): cutting the response off",
+                self._method, sent, exc.code().name, exc.details(),
+            )
+            raise UpstreamStreamBroken(f"{self._method}: {exc.code().name}: {exc.details()}") from exc
+        except asyncio.CancelledError:
+            if disconnected.is_set():
+                # call.read() raises CancelledError once the watcher cancelled the call: the client is gone.
+                logger.info("client left %s after %d bytes", self._method, sent)
+                return
+            raise
+        finally:
+            watcher.cancel()
+            self._call.cancel()
+
+
+def _content_disposition(metadata: Sequence[tuple[str, Any]]) -> str:
+    """The ``content-disposition`` header metadata an upstream sets on a download (safe to repeat as a header)."""
+    for key, value in metadata:
+        if key == "content-disposition" and isinstance(value, str) and _metadata_value_ok(value):
+            return value
+    return ""
 
 
 def _serialize(message: Message) -> bytes:
