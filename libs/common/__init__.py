@@ -30,6 +30,8 @@ Data and transport
 
 Domain facts and settings
     ``addresses``     what a recipient address and display name may be, and the canonical address (ingest, campaigns)
+    ``mailbox_providers``  a recipient's mailbox provider (gmail, yahoo, outlook, apple, other): well-known domains,
+                           else MX records looked up in the background (reports' analytics)
     ``message_classes``  the message classes (otp, transactional, bulk) and every per-class policy
     ``event_types``   the event types customers see (webhooks, events API) and what each is made from
     ``content_limits``   the subject and body limits every email keeps, sent or rendered from a template
