@@ -1,4 +1,5 @@
-"""``esp events list``: the tenant's message events, oldest first, as webhooks deliver them (``EventService``).
+"""``esp events list``: the tenant's message events, oldest first, as webhooks deliver them (``EventService``);
+``esp events export``: a range of them as CSV (``exports.py``).
 
 Errors from the mesh are printed as ``esp send`` prints them and exit with status 1; arguments the CLI itself cannot
 use exit with status 2.
@@ -13,6 +14,7 @@ from datetime import UTC
 import grpc
 from esp.v1 import events_pb2, events_pb2_grpc
 
+from libs.client.exports import add_event_export
 from libs.client.rpc import auth_metadata, connection, describe_error
 from libs.client.webhooks import instant
 
@@ -88,3 +90,4 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     listing.add_argument("--until", type=instant, metavar="TIME", help="before: ISO 8601, or a duration ago")
     listing.add_argument("--limit", type=_positive, default=100, help="at most this many (default 100)")
     listing.set_defaults(run=cmd_list)
+    add_event_export(commands)
