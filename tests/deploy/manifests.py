@@ -27,6 +27,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
 CHART_DIR = REPO_ROOT / "helm" / "esp-mesh"
 KEDA_SCHEMA_PATH = Path(__file__).with_name("schemas") / "keda-scaledobject-v1alpha1.json"
+CUSTOM_SCHEMA_PATHS: Mapping[str, Path] = {
+    "keda.sh/v1alpha1": KEDA_SCHEMA_PATH,
+    "monitoring.coreos.com/v1": Path(__file__).with_name("schemas") / "prometheusrule-v1.json",
+}
+"""This suite's schemas of the custom resources the manifests use, by apiVersion (one kind each)."""
 
 # The oldest Kubernetes the chart admits (Chart.yaml kubeVersion) and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
@@ -141,8 +146,8 @@ def load_values_file(name: str) -> dict[str, Any]:
 
 
 @functools.cache
-def _keda_validator() -> jsonschema.protocols.Validator:
-    schema = json.loads(KEDA_SCHEMA_PATH.read_text(encoding="utf-8"))
+def _custom_validator(path: Path) -> jsonschema.protocols.Validator:
+    schema = json.loads(path.read_text(encoding="utf-8"))
     validator_class = jsonschema.validators.validator_for(schema)
     validator_class.check_schema(schema)
     validator: jsonschema.protocols.Validator = validator_class(schema)
@@ -153,14 +158,16 @@ def schema_errors(resource: Mapping[str, Any], kubernetes_version: str) -> list[
     """Why ``resource`` is not a valid object for ``kubernetes_version`` (empty when it is).
 
     Built-in kinds are checked against the Kubernetes OpenAPI schemas bundled with kubernetes-validate,
-    in strict mode (unknown fields are errors); KEDA ScaledObjects against this suite's schema. A kind
-    with no schema is itself an error: nothing passes unvalidated.
+    in strict mode (unknown fields are errors); KEDA ScaledObjects and Prometheus Operator PrometheusRules
+    against this suite's schemas (:data:`CUSTOM_SCHEMA_PATHS`). A kind with no schema is itself an error:
+    nothing passes unvalidated.
     """
     where = f"{resource.get('kind')}/{resource.get('metadata', {}).get('name')}"
-    if resource.get("apiVersion") == "keda.sh/v1alpha1":
+    custom = CUSTOM_SCHEMA_PATHS.get(str(resource.get("apiVersion")))
+    if custom is not None:
         return [
             f"{where}: {'/'.join(map(str, error.absolute_path))}: {error.message}"
-            for error in _keda_validator().iter_errors(dict(resource))
+            for error in _custom_validator(custom).iter_errors(dict(resource))
         ]
     try:
         kubernetes_validate.validate(dict(resource), kubernetes_version, strict=True)
