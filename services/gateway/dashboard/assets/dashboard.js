@@ -1,5 +1,6 @@
 // The dashboard: asks for a key, finds whether it is a tenant's API key or the platform admin token, then draws
-// the figures of the REST API of this origin and refreshes them every 15 s (`?refresh=N` for N seconds).
+// the figures of the REST API of this origin and refreshes them every 15 s. The address may choose the first range
+// and the refresh period (`?range=1h&refresh=5`); it never carries the key.
 //
 // What was drawn last is in `window.__dashboard` (the numbers each chart and table holds), for tests and for
 // anyone curious in the browser's console.
@@ -252,7 +253,8 @@ function drawLatencyTable(total) {
 }
 
 function providerRows(stats) {
-  return stats.rows.map((r) => ({
+  // Accepted mail has no provider yet: its row (provider "") holds only what happened before one was chosen.
+  return stats.rows.filter((r) => r.dimensions.provider).map((r) => ({
     provider: r.dimensions.provider || r.key,
     sent: r.sent,
     delivered: r.delivered,
@@ -270,7 +272,7 @@ function drawCost(rows) {
     header.push("provider cost", "provider cost / 1,000 delivered");
   }
   fillTable($("cost-table"), header, rows.map((r) => {
-    const cells = [r.provider || "(none)", fmtInt(r.sent), fmtInt(r.delivered), fmtInt(r.creditsCharged),
+    const cells = [r.provider, fmtInt(r.sent), fmtInt(r.delivered), fmtInt(r.creditsCharged),
       fmtNum(r.creditsPerThousandDelivered)];
     if (platform) {
       cells.push(fmtMicros(r.providerCostMicros), fmtMicros(r.providerCostMicrosPerThousandDelivered));
@@ -345,8 +347,9 @@ function drawCampaigns(campaigns) {
 }
 
 function campaignStatRows(stats) {
-  return stats.rows.map((r) => ({
-    campaign: r.dimensions.campaign || r.key, tenant: tenantName(r.dimensions.tenant || ""),
+  // Mail of no campaign comes as a row with an empty campaign: not a campaign.
+  return stats.rows.filter((r) => r.dimensions.campaign).map((r) => ({
+    campaign: r.dimensions.campaign, tenant: tenantName(r.dimensions.tenant || ""),
     accepted: r.accepted, sent: r.sent, delivered: r.delivered, bounced: r.bounced, complained: r.complained,
     failed: r.failed,
   }));
@@ -525,6 +528,10 @@ function signOut(message) {
 }
 
 function start() {
+  const range = new URLSearchParams(window.location.search).get("range");
+  if (range && RANGES[range]) {
+    $("range-select").value = range;
+  }
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const key = $("key-input").value.trim();
