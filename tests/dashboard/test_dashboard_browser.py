@@ -336,6 +336,14 @@ def test_the_dashboard_draws_each_keys_own_figures(dashboard_mesh: CampaignMesh,
         (campaign_name, "tenants/acme", 3, 3)]
     _screenshot(browser, artifacts / "dashboard-platform.png")
 
+    # Every range the selector offers is a query the API accepts, with a bucket it allows.
+    for value, bucket in (("24h", "hour"), ("7d", "hour"), ("30d", "day")):
+        Select(browser.find_element(By.ID, "range-select")).select_by_value(value)
+        ranged = _wait_snapshot(browser, f"the range {value}", lambda s, v=value: s["range"] == v)
+        assert ranged["query"]["bucket"] == bucket
+        assert {name: ranged["total"][name] for name in acme_sent} == _counts(everyone)
+        assert sum(_series(ranged, "volume")["accepted"]) == everyone.accepted
+
     # The tenant picker narrows every panel to one tenant.
     Select(browser.find_element(By.ID, "tenant-select")).select_by_value(f"tenants/{other_tenant}")
     picked = _wait_snapshot(browser, "the other tenant alone", lambda s: s["tenant"] == f"tenants/{other_tenant}")

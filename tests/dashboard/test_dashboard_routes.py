@@ -57,7 +57,8 @@ async def test_every_asset_the_page_and_scripts_name_is_served_with_its_content_
     for path in named:
         response = await client.get(path)
         assert response.status_code == 200, path
-        expected = "text/javascript; charset=utf-8" if path.endswith(".js") else "text/css; charset=utf-8"
+        expected = {"js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8",
+                    "svg": "image/svg+xml"}[path.rsplit(".", 1)[1]]
         assert response.headers["content-type"] == expected, path
         assert response.headers["x-content-type-options"] == "nosniff"
         if "/vendor/" in path:
