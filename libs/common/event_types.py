@@ -18,6 +18,9 @@ __all__ = [
     "ENDPOINT_DISABLED",
     "EVENT_TYPES",
     "MESSAGE_EVENT_TYPES",
+    "REASON_CODE_ATTRIBUTE",
+    "RECIPIENT_REFUSED_REASON_CODE",
+    "SUPPRESSED_REASON_CODE",
     "TEST_EVENT",
     "unknown_event_types",
 ]
@@ -31,6 +34,14 @@ MESSAGE_EVENT_TYPES: Mapping[int, str] = MappingProxyType({
     for name, number in messages_pb2.MessageEventType.items() if number not in _INTERNAL_MESSAGE_EVENTS
 })
 """``esp.v1.MessageEventType`` value → customer event type, for every type a customer sees."""
+
+REASON_CODE_ATTRIBUTE = "reason_code"
+"""The message event attribute that says, in a word, why a sender failed or rejected an email."""
+SUPPRESSED_REASON_CODE = "SUPPRESSED"
+"""``reason_code`` of the FAILED event of an email whose recipient was suppressed after it was queued."""
+RECIPIENT_REFUSED_REASON_CODE = "RECIPIENT_REFUSED"
+"""``reason_code`` of the REJECTED event of a recipient the provider refused when it took the email for the others
+(an SMTP relay refusing an RCPT)."""
 
 ACCOUNT_EVENT_TYPES: Mapping[str, str] = MappingProxyType({
     "low_balance_crossed": "account.low_balance",

@@ -125,6 +125,10 @@ class ProviderSpec:
         """Whether the provider may carry emails of ``message_class``."""
         return not self.allowed_classes or message_class in self.allowed_classes
 
+    def price_micros(self, message_bytes: int) -> float:
+        """What the provider charges for one email of ``message_bytes`` (price per email + price per MB)."""
+        return self.price_per_email_micros + self.price_per_mb_micros * message_bytes / 1_000_000
+
 
 DEFAULT_TIMEOUT_S = 10.0
 

@@ -159,12 +159,11 @@ def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth]
     """Rank ``providers`` for ``email``. ``size_caps`` maps provider type → the type's own size cap (the
     capabilities table unless a test says otherwise)."""
     profile = MessageClass(email.message_class).policy.routing
-    megabytes = email.message_bytes / 1_000_000
     eligible: list[tuple[ProviderSpec, ProviderHealth, float, float]] = []
     excluded: list[ProviderScore] = []
     for spec in providers:
         h = health.get(spec.id, ProviderHealth())
-        cost = spec.price_per_email_micros + spec.price_per_mb_micros * megabytes
+        cost = spec.price_micros(email.message_bytes)
         latency = h.latency_tail_ms if profile.latency_by_tail else h.latency_ms_ewma
         reason = exclusion_reason(spec, h, email, profile, size_caps)
         if reason:

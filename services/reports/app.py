@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 from esp.v1 import events_pb2, events_pb2_grpc, messages_pb2, messages_pb2_grpc, reports_pb2, reports_pb2_grpc
 
@@ -14,18 +15,24 @@ from libs.common.auth import TrustedHeaderAuthenticator
 from libs.common.db import create_pool, migrate_services
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
+from libs.common.mailbox_providers import MAILBOX_ENV_PREFIX, MailboxClassifier, MailboxProviderSettings
 from libs.common.outbox import OutboxPublisher
 from libs.common.redis import create_redis
 from libs.common.secret_box import optional_secret_box
+from libs.common.settings import load_settings
 from libs.providers.webhook_model import CertificateFetcher
 from libs.providers.webhooks import RedisReplayGuard, WebhookVerifier
+from libs.routing.catalog import ProviderCatalog, open_bucket
+from libs.routing.health import HealthBoard
 from services.reports.config import DEFAULT_GRPC_PORT, ReportsSettings
 from services.reports.consumer import ConsumerOptions, EventConsumer
 from services.reports.customer_events import OUTBOX_TABLE
 from services.reports.event_listing import EventReader
 from services.reports.one_click import OneClickUnsubscriber, unsubscribe_routes
-from services.reports.provider_secrets import open_provider_webhook_secrets
+from services.reports.provider_comparison import ProviderComparer
+from services.reports.provider_secrets import ProviderWebhookSecrets
 from services.reports.queries import MessageReader
+from services.reports.retention import RetentionWorker
 from services.reports.server import EventServicer, MessageReadServicer, StatsServicer, SuppressionServicer
 from services.reports.stats import StatsReader
 from services.reports.suppressions import SuppressionStore, resync_redis
@@ -67,7 +74,11 @@ async def build_app(settings: ReportsSettings, *,
         if settings.resync_suppressions_on_start:
             await resync_redis(pool, redis, settings.namespace)
         secrets = optional_secret_box(settings.secrets_keys)
-        webhook_secrets = await open_provider_webhook_secrets(js, settings.namespace, secrets)
+        catalog = ProviderCatalog(await open_bucket(js, settings.namespace), secrets)
+        webhook_secrets = ProviderWebhookSecrets(catalog)
+        mailboxes = MailboxClassifier(load_settings(MailboxProviderSettings, prefix=MAILBOX_ENV_PREFIX))
+        await mailboxes.start()
+        closers.append(mailboxes.aclose)
     except BaseException:
         for close in reversed(closers):
             with contextlib.suppress(Exception):
@@ -81,7 +92,7 @@ async def build_app(settings: ReportsSettings, *,
         max_ack_pending=settings.consumer_max_ack_pending,
         ack_wait_s=settings.consumer_ack_wait_s,
         parked_sweep_interval_s=settings.parked_sweep_interval_s,
-    ))
+    ), mailbox_provider_of=mailboxes.classify)
     replay_guard = RedisReplayGuard(redis, key_prefix=f"{settings.namespace or 'esp'}:webhook-replay:")
     receiver = WebhookReceiver(
         pool, js, topology, WebhookVerifier(replay_guard, certificate_fetcher=certificate_fetcher),
@@ -93,6 +104,8 @@ async def build_app(settings: ReportsSettings, *,
     unsubscribe_tokens = settings.unsubscribe_tokens()
     if unsubscribe_tokens is None:
         log.warning("ESP_UNSUBSCRIBE_KEYS is not set: every one-click unsubscribe link answers 404")
+    stats = StatsReader(pool, minute_retention=timedelta(days=settings.minute_rollup_retention_days))
+    retention = RetentionWorker(pool, settings.retention(), interval_s=settings.partition_interval_s)
     webhook_app = receiver.asgi_app(unsubscribe_routes(OneClickUnsubscriber(unsubscribe_tokens, suppressions)))
 
     async def webhook_server(stop: asyncio.Event) -> None:
@@ -103,7 +116,8 @@ async def build_app(settings: ReportsSettings, *,
         default_port=DEFAULT_GRPC_PORT,
         servicers=[
             (messages_pb2_grpc.add_MessageServiceServicer_to_server, MessageReadServicer(MessageReader(pool))),
-            (reports_pb2_grpc.add_StatsServiceServicer_to_server, StatsServicer(StatsReader(pool))),
+            (reports_pb2_grpc.add_StatsServiceServicer_to_server, StatsServicer(stats, ProviderComparer(
+                stats, catalog, HealthBoard(redis, settings.namespace)))),
             (reports_pb2_grpc.add_SuppressionServiceServicer_to_server,
              SuppressionServicer(suppressions)),
             (events_pb2_grpc.add_EventServiceServicer_to_server, EventServicer(EventReader(pool))),
@@ -114,7 +128,8 @@ async def build_app(settings: ReportsSettings, *,
             reports_pb2.DESCRIPTOR.services_by_name["SuppressionService"].full_name,
             events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
         ],
-        tasks=[consumer.run, consumer.sweep_loop, notifications.run, webhook_server, webhook_secrets.run],
+        tasks=[consumer.run, consumer.sweep_loop, notifications.run, webhook_server, webhook_secrets.run,
+               retention.run],
         closers=closers,
         authenticator=TrustedHeaderAuthenticator(),
     )

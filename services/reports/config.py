@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from libs.common.settings import CommonSettings, check_positive
 from libs.common.unsubscribe import UnsubscribeTokens
+from services.reports.retention import RetentionPolicy
 
 DEFAULT_GRPC_PORT = 50054
 
@@ -37,6 +39,16 @@ class ReportsSettings(CommonSettings):
     """Apply the reports schema migrations at start (serialised by an advisory lock across replicas)."""
     resync_suppressions_on_start: bool = True
     """Rebuild the Redis suppression sets from Postgres at start."""
+    event_retention_days: int = 30
+    """How long the event timeline is kept (whole days are dropped: ``reports.events`` is partitioned by day). The
+    events API, exports and replays reach this far back."""
+    minute_rollup_retention_days: int = 3
+    """How long per-minute figures are kept (minute buckets are refused for older ranges)."""
+    hour_rollup_retention_days: int = 400
+    day_rollup_retention_days: int = 1100
+    """Hourly and daily figures: stats over longer ranges read the daily rows."""
+    partition_interval_s: float = 3600.0
+    """How often day partitions are made ahead and expired ones dropped."""
     unsubscribe_keys: tuple[str, ...] = field(default=(), repr=False)
     """Keys of one-click unsubscribe tokens, ``<id>:<base64url 64-byte key>`` separated by commas
     (``libs.common.unsubscribe.new_key_entry`` makes one): every one verifies, the first signs. Rotate by putting
@@ -45,10 +57,18 @@ class ReportsSettings(CommonSettings):
 
     def __post_init__(self) -> None:
         check_positive(self, "consumer_batch_size", "consumer_max_ack_pending", "consumer_ack_wait_s",
-                       "parked_sweep_interval_s")
+                       "parked_sweep_interval_s", "event_retention_days", "minute_rollup_retention_days",
+                       "hour_rollup_retention_days", "day_rollup_retention_days", "partition_interval_s")
         if self.consumer_max_ack_pending < self.consumer_batch_size:
             raise ValueError("ESP_CONSUMER_MAX_ACK_PENDING must be >= ESP_CONSUMER_BATCH_SIZE")
         self.unsubscribe_tokens()  # fail at start on a malformed key, not at the first click
+
+    def retention(self) -> RetentionPolicy:
+        """How long each kind of row is kept."""
+        return RetentionPolicy(events=timedelta(days=self.event_retention_days),
+                               minute_rollups=timedelta(days=self.minute_rollup_retention_days),
+                               hour_rollups=timedelta(days=self.hour_rollup_retention_days),
+                               day_rollups=timedelta(days=self.day_rollup_retention_days))
 
     def unsubscribe_tokens(self) -> UnsubscribeTokens | None:
         """The signer/verifier of unsubscribe tokens, or None when no key is configured."""

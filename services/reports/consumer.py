@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,14 +31,14 @@ from services.reports.customer_events import queue_recorded_events
 from services.reports.envelopes import UndecodableEvent, decode_envelope
 from services.reports.models import MessageEventRecord
 from services.reports.recorder import RecordOutcome, claim_parked_events, record_events
-from services.reports.stats import forget_early_counts
+from services.reports.rollups import forget_early_counts
 from services.reports.suppressions import add_to_redis
 
 log = logging.getLogger(__name__)
 
 CONSUMER_NAME = "reports"
 EARLY_COUNTS_RETENTION = timedelta(days=7)
-"""How long stats counts made before their message's ACCEPTED event wait for it (``stats.forget_early_counts``)."""
+"""How long stats counts made before their message's ACCEPTED event wait for it (``rollups.forget_early_counts``)."""
 
 EVENTS_RECORDED = Counter(
     "esp_reports_events_recorded_total", "Message events recorded by the reports consumer", ["event_type"]
@@ -67,8 +68,12 @@ class EventConsumer:
     """Turns EVENTS stream messages into timeline rows, message state, stats and suppressions."""
 
     def __init__(self, pool: AsyncConnectionPool, redis: Redis, nc: NATS, topology: Topology,
-                 notifications: OutboxPublisher, options: ConsumerOptions | None = None) -> None:
+                 notifications: OutboxPublisher, options: ConsumerOptions | None = None, *,
+                 mailbox_provider_of: Callable[[str], str] | None = None) -> None:
+        """``mailbox_provider_of`` maps a recipient to its mailbox provider for the rollups (default: well-known
+        domains only, see ``record_events``)."""
         self._pool = pool
+        self._record_options = {"mailbox_provider_of": mailbox_provider_of} if mailbox_provider_of else {}
         self._notifications = notifications
         self._redis = redis
         self._nc = nc
@@ -133,7 +138,7 @@ class EventConsumer:
             claimed = await claim_parked_events(conn, min_age=timedelta(seconds=self._options.parked_sweep_interval_s))
             if not claimed:
                 return 0
-            outcome = await record_events(conn, claimed)
+            outcome = await record_events(conn, claimed, **self._record_options)
             if outcome.suppressed:
                 await add_to_redis(self._redis, self._topology.namespace, outcome.suppressed)
             queued = await queue_recorded_events(conn, self._topology, outcome.recorded)
@@ -156,7 +161,7 @@ class EventConsumer:
     async def record(self, records: list[MessageEventRecord]) -> RecordOutcome:
         """Record decoded events in one transaction (Redis suppression mirror updated before the commit)."""
         async with self._pool.connection() as conn, conn.transaction():
-            outcome = await record_events(conn, records)
+            outcome = await record_events(conn, records, **self._record_options)
             if outcome.suppressed:
                 await add_to_redis(self._redis, self._topology.namespace, outcome.suppressed)
             queued = await queue_recorded_events(conn, self._topology, outcome.recorded)

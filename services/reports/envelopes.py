@@ -94,7 +94,10 @@ def decode_envelope(payload: bytes, fallback_event_id: str = "") -> MessageEvent
             message_class = accepted.message_class or message_class
     except OverflowError as exc:  # a timestamp outside datetime's range
         raise UndecodableEvent(f"EventEnvelope with an impossible time: {exc}") from exc
-    return _record(event, tenant_id, message_id, event_id, event_type, event_time, message_class, accepted)
+    record = _record(event, tenant_id, message_id, event_id, event_type, event_time, message_class, accepted)
+    if envelope.provider_cost_micros:
+        record = record._replace(provider_cost_micros=envelope.provider_cost_micros)
+    return record
 
 
 def record_from_message_event(event: messages_pb2.MessageEvent, tenant_id: str, message_id: str,

@@ -157,6 +157,8 @@ class MessageEventRecord(NamedTuple):
     attributes: Mapping[str, str] = EMPTY_MAPPING
     accepted: AcceptedMessage | None = None
     """Set on ACCEPTED events only."""
+    provider_cost_micros: int = 0
+    """On SENT events: what the provider charges for the email, at its price when it was sent."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ Every multi-row write goes in key order so that concurrent consumer replicas tak
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -21,6 +21,7 @@ from typing import NamedTuple
 import psycopg
 from esp.v1 import messages_pb2
 
+from libs.common.mailbox_providers import MAILBOX_PROVIDERS, mailbox_provider_of_domain
 from libs.common.suppressions import normalise_email
 from services.reports.envelopes import record_from_message_event
 from services.reports.message_index import resolve_message
@@ -39,7 +40,7 @@ from services.reports.models import (
     Suppression,
     SuppressionReason,
 )
-from services.reports.stats import StatsRollup, campaign_id_of, claimed_early, start_claim_early
+from services.reports.rollups import MessageFacts, StatsRollup, campaign_id_of, claimed_early, start_claim_early
 from services.reports.suppressions import insert_suppressions
 
 # Events whose provider is the one that took the message (SENT), and delivery reports that name it too: these
@@ -135,8 +136,20 @@ class _MessageDelta:
         return self.state_time is not None and event_time > self.state_time
 
 
-async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageEventRecord]) -> RecordOutcome:
-    """Record ``events`` in the caller's transaction; return what was new."""
+_OTHER_MAILBOXES = MAILBOX_PROVIDERS[-1]
+"""Where a recipient of no well-known mailbox provider is counted."""
+
+
+def _by_domain_only(address: str) -> str:
+    return mailbox_provider_of_domain(address.rpartition("@")[2]) or _OTHER_MAILBOXES
+
+
+async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageEventRecord], *,
+                        mailbox_provider_of: Callable[[str], str] = _by_domain_only) -> RecordOutcome:
+    """Record ``events`` in the caller's transaction; return what was new.
+
+    ``mailbox_provider_of`` maps a message's first recipient to its mailbox provider (gmail, yahoo …) for the
+    rollups; the default knows the well-known domains only (the service passes its MX-aware classifier)."""
     unique: dict[str, MessageEventRecord] = {}
     for event in events:
         unique.setdefault(event.event_id, event)
@@ -168,15 +181,11 @@ async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageE
     await _store_sequences(conn, recorded)
 
     rollup = StatsRollup()
+    facts = {key: _message_facts(summary, mailbox_provider_of) for key, summary in summaries.items()}
     for event in fresh:
-        summary = summaries.get((event.tenant_id, event.message_id)) or _NO_SUMMARY
-        rollup.add(tenant_id=event.tenant_id, message_id=event.message_id, event_type=event.event_type,
-                   event_time=event.event_time, message_class=event.message_class or summary.message_class,
-                   provider=event.provider, tags=summary.tags, campaign_id=campaign_id_of(summary.campaign),
-                   latency_ms=event.latency_ms, accepted_seen=summary.accepted_seen)
+        rollup.add(event, facts.get((event.tenant_id, event.message_id)) or _NO_FACTS)
     for counted in await claimed_early(early):
-        summary = summaries[(counted.tenant_id, counted.message_id)]
-        rollup.attribute_early(counted, campaign_id=campaign_id_of(summary.campaign), tags=summary.tags)
+        rollup.attribute_early(counted, facts[(counted.tenant_id, counted.message_id)])
     await rollup.write(conn)
 
     suppressions = _suppressions_from(fresh)
@@ -214,8 +223,9 @@ async def _store_sequences(conn: psycopg.AsyncConnection, recorded: Sequence[Rec
         return
     await conn.execute(
         """UPDATE reports.events e SET seq = s.seq
-           FROM json_to_recordset(%s::json) AS s(event_id text, seq integer) WHERE e.event_id = s.event_id""",
-        (json_rows([{"event_id": r.event.event_id, "seq": r.sequence}
+           FROM json_to_recordset(%s::json) AS s(event_id text, event_time timestamptz, seq integer)
+           WHERE e.event_id = s.event_id AND e.event_time = s.event_time""",
+        (json_rows([{"event_id": r.event.event_id, "event_time": r.event.event_time.isoformat(), "seq": r.sequence}
                     for r in sorted(recorded, key=lambda r: r.event.event_id)]),))
 
 
@@ -233,7 +243,7 @@ SELECT e.event_id, e.tenant_id, e.message_id, e.event_type, e.event_time, e.prov
 FROM json_to_recordset(%s::json) AS e(event_id text, tenant_id text, message_id text, event_type text,
     event_time timestamptz, provider text, provider_message_id text, recipient text, reason text, attempt integer,
     outcome text, latency_ms bigint, bounce_type text, url text, attributes jsonb)
-ON CONFLICT (event_id) DO NOTHING
+ON CONFLICT (event_id, event_time) DO NOTHING
 RETURNING event_id
 """
 _ANY_PARKED = "SELECT EXISTS (SELECT FROM reports.unmatched_delivery_events)"
@@ -396,7 +406,7 @@ ON CONFLICT (tenant_id, message_id) DO UPDATE SET
     update_time = GREATEST(m.update_time, excluded.update_time),
     event_seq = m.event_seq + excluded.event_seq
 RETURNING tenant_id, message_id, message_class, tags, campaign, accepted_seen, event_seq, metadata,
-    coalesce(to_addrs->0->>'email', '')
+    coalesce(to_addrs->0->>'email', ''), credits, GREATEST(create_time, send_time)
 """.replace("REPLACES_STATE", _REPLACES_STATE)
 
 
@@ -464,6 +474,9 @@ class _Summary(NamedTuple):
     last_sequence: int = 0
     metadata: Mapping[str, str] = EMPTY_MAPPING
     first_recipient: str = ""
+    credits: int = 0
+    accept_time: datetime | None = None
+    """Accepted, or for a scheduled message due (the later of the two)."""
 
 
 _NO_SUMMARY = _Summary("", (), "", True)
@@ -475,9 +488,20 @@ async def _summaries(cursor: psycopg.AsyncCursor | None) -> dict[tuple[str, str]
     if cursor is None:
         return {}
     return {(tenant_id, message_id): _Summary(message_class, tuple(tags), campaign, accepted_seen, event_seq,
-                                              metadata or EMPTY_MAPPING, first_recipient)
+                                              metadata or EMPTY_MAPPING, first_recipient, credits, accept_time)
             for (tenant_id, message_id, message_class, tags, campaign, accepted_seen, event_seq, metadata,
-                 first_recipient) in await cursor.fetchall()}
+                 first_recipient, credits, accept_time) in await cursor.fetchall()}
+
+
+_NO_FACTS = MessageFacts("", (), "", "", 0, None, True)
+
+
+def _message_facts(summary: _Summary, mailbox_provider_of: Callable[[str], str]) -> MessageFacts:
+    """What the rollups need of a merged message row."""
+    if not summary.accepted_seen:
+        return MessageFacts(summary.message_class, (), "", "", 0, None, False)
+    return MessageFacts(summary.message_class, summary.tags, campaign_id_of(summary.campaign),
+                        mailbox_provider_of(summary.first_recipient), summary.credits, summary.accept_time, True)
 
 
 async def _index_provider_ids(conn: psycopg.AsyncConnection, fresh: Sequence[MessageEventRecord]) -> None:

@@ -8,7 +8,7 @@ metadata; every call is confined to the caller's tenant.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,13 +26,13 @@ from google.api.httpbody_pb2 import HttpBody
 from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from libs.common.auth import current_tenant
-from libs.common.errors import EspError, FieldViolation, InvalidArgument
+from libs.common.auth import current_principal, current_tenant
+from libs.common.errors import EspError, FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from libs.common.message_classes import class_name_of, proto_of
 from services.reports.customer_events import customer_event
 from services.reports.envelopes import event_type_name
 from services.reports.event_listing import EventFilter, EventReader
-from services.reports.exports import CSV_CONTENT_TYPE, events_csv, export_filename
+from services.reports.exports import CSV_CONTENT_TYPE, csv_chunks, events_csv, export_filename, neutralise
 from services.reports.models import (
     Mailbox,
     MessageEventRecord,
@@ -41,8 +41,19 @@ from services.reports.models import (
     Suppression,
     SuppressionReason,
 )
+from services.reports.provider_comparison import ProviderComparer
 from services.reports.queries import MessageReader
-from services.reports.stats import MAX_RANGE, StatsFigures, StatsGrouping, StatsQuery, StatsReader
+from services.reports.rollups import Resolution
+from services.reports.stats import (
+    COMPLAINT_RATE_CRITICAL,
+    COMPLAINT_RATE_WARNING,
+    MAX_RANGE,
+    METRICS,
+    ComplaintRateStatus,
+    StatsFigures,
+    StatsQuery,
+    StatsReader,
+)
 from services.reports.suppressions import SuppressionStore, split_suppression_id, suppression_id
 
 READ_SCOPE = "read"
@@ -181,53 +192,154 @@ class MessageReadServicer(messages_pb2_grpc.MessageServiceServicer):
         )
 
 
-_GROUPINGS: dict[int, StatsGrouping] = {
-    reports_pb2.STATS_GROUPING_UNSPECIFIED: StatsGrouping.NONE,
-    reports_pb2.STATS_GROUPING_DAY: StatsGrouping.DAY,
-    reports_pb2.STATS_GROUPING_HOUR: StatsGrouping.HOUR,
-    reports_pb2.STATS_GROUPING_PROVIDER: StatsGrouping.PROVIDER,
-    reports_pb2.STATS_GROUPING_MESSAGE_CLASS: StatsGrouping.MESSAGE_CLASS,
-    reports_pb2.STATS_GROUPING_TAG: StatsGrouping.TAG,
-    reports_pb2.STATS_GROUPING_CAMPAIGN: StatsGrouping.CAMPAIGN,
+# The first API's single grouping → (dimension, bucket).
+_GROUPINGS: dict[int, tuple[str | None, Resolution | None]] = {
+    reports_pb2.STATS_GROUPING_UNSPECIFIED: (None, None),
+    reports_pb2.STATS_GROUPING_DAY: (None, Resolution.DAY),
+    reports_pb2.STATS_GROUPING_HOUR: (None, Resolution.HOUR),
+    reports_pb2.STATS_GROUPING_PROVIDER: ("provider", None),
+    reports_pb2.STATS_GROUPING_MESSAGE_CLASS: ("message_class", None),
+    reports_pb2.STATS_GROUPING_TAG: ("tag", None),
+    reports_pb2.STATS_GROUPING_CAMPAIGN: ("campaign", None),
 }
+_COMPLAINT_STATUSES = {
+    ComplaintRateStatus.OK: reports_pb2.COMPLAINT_RATE_STATUS_OK,
+    ComplaintRateStatus.WARNING: reports_pb2.COMPLAINT_RATE_STATUS_WARNING,
+    ComplaintRateStatus.CRITICAL: reports_pb2.COMPLAINT_RATE_STATUS_CRITICAL,
+}
+_COUNT_FIELDS = ("accepted", "sent", "delivered", "deferred", "bounced", "bounced_hard", "bounced_soft", "failed",
+                 "complained", "opened", "clicked", "unsubscribed", "cancelled", "suppressed", "provider_calls",
+                 "provider_errors", "provider_throttled", "credits_charged", "provider_cost_micros")
+_RATE_FIELDS = ("delivery_rate", "bounce_rate", "complaint_rate", "provider_error_rate", "provider_throttle_rate",
+                "credits_per_delivered", "credits_per_thousand_delivered", "provider_cost_micros_per_delivered",
+                "provider_cost_micros_per_thousand_delivered")
+_LATENCY_FIELDS = ("send_latency", "delivery_latency", "provider_call_latency")
 
 
-def _stats_row(figures: StatsFigures) -> reports_pb2.StatsRow:
-    return reports_pb2.StatsRow(
-        key=figures.key, accepted=figures.accepted, sent=figures.sent, delivered=figures.delivered,
-        bounced=figures.bounced, failed=figures.failed, complained=figures.complained, opened=figures.opened,
-        clicked=figures.clicked, unsubscribed=figures.unsubscribed, cancelled=figures.cancelled,
-        latency_ms_p50=figures.latency_ms_p50, latency_ms_p99=figures.latency_ms_p99,
-    )
+def _latency(figures: StatsFigures, name: str) -> reports_pb2.LatencyPercentiles:
+    value = figures.latency(name)
+    return reports_pb2.LatencyPercentiles(p50_ms=value.p50_ms, p95_ms=value.p95_ms, p99_ms=value.p99_ms,
+                                          count=value.count)
+
+
+def _stats_row(figures: StatsFigures, metrics: Sequence[str], key: str | None = None) -> reports_pb2.StatsRow:
+    """The API view of one group: the metrics asked for set, the others left at zero."""
+    row = reports_pb2.StatsRow(key=figures.key if key is None else key, dimensions=figures.dimensions)
+    wanted = set(metrics)
+    for name in _COUNT_FIELDS:
+        if name in wanted:
+            setattr(row, name, figures.count(name))
+    for name in _RATE_FIELDS:
+        if name in wanted:
+            setattr(row, name, figures.rate(name))
+    if "complaint_rate" in wanted:
+        row.complaint_rate_status = _COMPLAINT_STATUSES[figures.complaint_rate_status()]
+    for name in _LATENCY_FIELDS:
+        if name in wanted:
+            getattr(row, name).CopyFrom(_latency(figures, name))
+    if "provider_call_latency" in wanted:
+        row.latency_ms_p50, row.latency_ms_p99 = row.provider_call_latency.p50_ms, row.provider_call_latency.p99_ms
+    return row
+
+
+def _range(request: Any, *, default_length: timedelta) -> tuple[datetime, datetime]:
+    end = request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else datetime.now(UTC)
+    start = (request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time")
+             else end - default_length)
+    return start, end
 
 
 class StatsServicer(reports_pb2_grpc.StatsServiceServicer):
     """StatsService."""
 
-    def __init__(self, reader: StatsReader) -> None:
+    def __init__(self, reader: StatsReader, comparer: ProviderComparer) -> None:
         self._reader = reader
+        self._comparer = comparer
 
-    async def GetStats(self, request: reports_pb2.GetStatsRequest,
-                       context: grpc.aio.ServicerContext) -> reports_pb2.GetStatsResponse:
-        """Counts and latency percentiles over a time range, grouped as asked.
+    def _query(self, request: reports_pb2.GetStatsRequest) -> StatsQuery:
+        """The domain query of a request, confined to the caller's tenant (platform admins: any or all).
 
         The range defaults to the last day, or for one campaign's figures to the longest range allowed
         (``MAX_RANGE``), so that a campaign's totals need no start time: they read only its own rows.
         """
-        tenant_id = current_tenant(READ_SCOPE)
+        principal = current_principal()
+        principal.require(READ_SCOPE)
+        tenant_id = principal.tenant_id
+        if request.tenant:
+            named = _resource_id(request.tenant, "tenants", "tenant")
+            if not principal.is_platform_admin and named != tenant_id:
+                raise NotFound(f"tenant {named!r} not found", reason="TENANT_NOT_FOUND")
+            tenant_id = named
+        elif principal.is_platform_admin:
+            tenant_id = ""  # every tenant: the platform view
         grouping = _GROUPINGS.get(request.group_by)
         if grouping is None:
             raise InvalidArgument("unknown group_by", field_violations=[FieldViolation("group_by", "unknown")])
+        dimension, bucket = grouping
+        if (dimension or bucket) and (request.dimensions or request.bucket):
+            raise InvalidArgument("group_by cannot be combined with dimensions or bucket",
+                                  field_violations=[FieldViolation("group_by", "use dimensions and bucket instead")])
+        if request.bucket:
+            try:
+                bucket = Resolution(request.bucket)
+            except ValueError:
+                raise InvalidArgument(
+                    f"unknown bucket {request.bucket!r}; known: {', '.join(r.value for r in Resolution)}",
+                    field_violations=[FieldViolation("bucket", "minute, hour, day or empty")]) from None
         campaign_id = _resource_id(request.campaign, "campaigns", "campaign") if request.campaign else ""
-        end = request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else datetime.now(UTC)
-        start = (request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time")
-                 else end - (MAX_RANGE if campaign_id else DEFAULT_STATS_RANGE))
-        report = await self._reader.get(StatsQuery(
-            tenant_id=tenant_id, start=start, end=end, group_by=grouping,
+        start, end = _range(request, default_length=MAX_RANGE if campaign_id else DEFAULT_STATS_RANGE)
+        return StatsQuery(
+            tenant_id=tenant_id, start=start, end=end,
+            dimensions=(dimension,) if dimension else tuple(request.dimensions), bucket=bucket,
+            metrics=tuple(request.metrics), platform_admin=principal.is_platform_admin,
             message_class=class_name_of(request.message_class), campaign_id=campaign_id,
-        ))
-        return reports_pb2.GetStatsResponse(rows=[_stats_row(r) for r in report.rows],
-                                            total=_stats_row(report.total))
+            provider=request.provider, tag=request.tag, mailbox_provider=request.mailbox_provider,
+        )
+
+    async def GetStats(self, request: reports_pb2.GetStatsRequest,
+                       context: grpc.aio.ServicerContext) -> reports_pb2.GetStatsResponse:
+        """Figures over a time range, cut by the dimensions and bucket asked for."""
+        report = await self._reader.get(self._query(request))
+        rows = report.rows
+        if request.group_by == reports_pb2.STATS_GROUPING_CAMPAIGN:
+            rows = tuple(r for r in rows if r.dimensions["campaign"])  # the first API left out mail of no campaign
+        day_keys = request.group_by == reports_pb2.STATS_GROUPING_DAY  # the first API keyed days as YYYY-MM-DD
+        return reports_pb2.GetStatsResponse(
+            rows=[_stats_row(r, report.metrics, r.key[:10] if day_keys else None) for r in rows],
+            total=_stats_row(report.total, report.metrics),
+            dimensions=report.dimensions, metrics=report.metrics,
+            complaint_rate_warning=COMPLAINT_RATE_WARNING, complaint_rate_critical=COMPLAINT_RATE_CRITICAL,
+        )
+
+    async def ExportStats(self, request: reports_pb2.ExportStatsRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[HttpBody]:
+        """GetStats' rows as CSV."""
+        query = self._query(request.query)
+        report = await self._reader.get(query)  # every check passed before the first byte goes out
+        filename = export_filename("stats", query.start, query.end)
+        await context.send_initial_metadata((("content-disposition", f'attachment; filename="{filename}"'),))
+        rows = ([neutralise(cell) if isinstance(cell, str) else cell for cell in row] for row in report.table_rows())
+        async for chunk in csv_chunks(report.table_header(), rows):
+            yield HttpBody(content_type=CSV_CONTENT_TYPE, data=chunk)
+
+    async def CompareProviders(self, request: reports_pb2.CompareProvidersRequest,
+                               context: grpc.aio.ServicerContext) -> reports_pb2.CompareProvidersResponse:
+        """Every provider's figures over the range and its health now (platform admins only)."""
+        principal = current_principal()
+        if not principal.is_platform_admin:
+            raise PermissionDenied("provider comparison is for platform admins", reason="PLATFORM_ADMIN_ONLY")
+        start, end = _range(request, default_length=DEFAULT_STATS_RANGE)
+        standings = await self._comparer.compare(start, end, class_name_of(request.message_class))
+        metrics = tuple(METRICS)
+        return reports_pb2.CompareProvidersResponse(providers=[
+            reports_pb2.ProviderComparison(
+                provider=s.provider, provider_type=s.provider_type, enabled=s.enabled,
+                figures=_stats_row(s.figures, metrics), breaker_state=s.breaker_state,
+                daily_quota_used=s.daily_quota_used, daily_quota_limit=s.daily_quota_limit,
+                monthly_quota_used=s.monthly_quota_used, monthly_quota_limit=s.monthly_quota_limit,
+                price_per_email_micros=s.price_per_email_micros,
+            ) for s in standings
+        ])
 
 
 _REASONS_TO_PROTO: dict[SuppressionReason, int] = {

@@ -44,7 +44,7 @@ import time
 import uuid
 from collections import Counter as Tally
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -53,6 +53,7 @@ from esp.v1 import messages_pb2
 from prometheus_client import Counter, Histogram
 
 from libs.common.campaign_halts import Halt
+from libs.common.event_types import REASON_CODE_ATTRIBUTE, RECIPIENT_REFUSED_REASON_CODE, SUPPRESSED_REASON_CODE
 from libs.common.message_classes import AmbiguousPolicy, MessageClass, RetryPolicy
 from libs.providers.base import ProviderAdapter
 from libs.providers.errors import AdapterConfigError, InvalidMessage, ProviderError
@@ -104,12 +105,6 @@ WITHHELD = Counter("esp_sender_withheld_total", "Emails kept from every provider
                    ["class", "why"])
 PARK_RETRY_S = 2.0
 """An email whose park on the held stream was not acknowledged is offered again after this long."""
-SUPPRESSED_CODE = "SUPPRESSED"
-"""The ``reason_code`` attribute of the FAILED event of an email whose recipient was suppressed after it was
-queued."""
-RECIPIENT_REFUSED_CODE = "RECIPIENT_REFUSED"
-"""The ``reason_code`` attribute of the REJECTED event of a recipient the provider refused when it took the email
-for the others (an SMTP relay refusing an RCPT)."""
 
 
 @dataclass(frozen=True)
@@ -429,7 +424,7 @@ class Deliverer:
             del chains[job]
             self._fail(job, f"suppressed: {', '.join(addresses)} joined the suppression list after the email was "
                             f"accepted", pending,
-                       facts=AttemptFacts(attributes={"reason_code": SUPPRESSED_CODE,
+                       facts=AttemptFacts(attributes={REASON_CODE_ATTRIBUTE: SUPPRESSED_REASON_CODE,
                                                       "suppressed_recipients": ", ".join(addresses)}))
             WITHHELD.labels(job.message_class, "suppressed").inc()
 
@@ -720,6 +715,9 @@ class Deliverer:
 
     # -- outcomes ------------------------------------------------------------------------------------------------
     def _sent(self, job: Job, facts: AttemptFacts, pending: Outbox, *, reason: str = "") -> None:
+        spec = self.catalog.providers.get(facts.provider)
+        if spec is not None:  # the price when the email was sent: analytics' provider cost
+            facts = replace(facts, provider_cost_micros=round(spec.price_micros(job.task.message_bytes)))
         pending.append(EventIntent(
             job.task, messages_pb2.MESSAGE_EVENT_TYPE_SENT, event_id=f"{job.message_id}:sent", final=True,
             reason=reason, facts=facts))
@@ -735,7 +733,8 @@ class Deliverer:
                 job.task, messages_pb2.MESSAGE_EVENT_TYPE_REJECTED,
                 event_id=f"{job.message_id}:rejected:{recipient.lower()}", reason=reason, recipient=recipient,
                 facts=AttemptFacts(provider=sent.provider, provider_message_id=sent.provider_message_id,
-                                   attempt=sent.attempt, attributes={"reason_code": RECIPIENT_REFUSED_CODE})))
+                                   attempt=sent.attempt,
+                                   attributes={REASON_CODE_ATTRIBUTE: RECIPIENT_REFUSED_REASON_CODE})))
 
     def _fail(self, job: Job, reason: str, pending: Outbox, *, dead_letter: bool = False,
               facts: AttemptFacts | None = None) -> None:

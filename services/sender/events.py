@@ -39,6 +39,8 @@ class AttemptFacts:
     outcome: Outcome | None = None
     latency_ms: float = 0.0
     attributes: Mapping[str, str] = field(default_factory=dict)
+    provider_cost_micros: int = 0
+    """On SENT: the provider's price for the email when it was sent (for cost analytics)."""
 
 
 NO_ATTEMPT = AttemptFacts()
@@ -81,6 +83,8 @@ class EventPublisher:
             event.latency_ms = int(facts.latency_ms)
         if facts.attributes:
             event.attributes.update(facts.attributes)
+        if facts.provider_cost_micros:
+            envelope.provider_cost_micros = facts.provider_cost_micros
         return envelope
 
     async def stage(self, task: queue_pb2.SendTask, event_type: int, *, event_id: str, final: bool = False,

@@ -116,6 +116,9 @@ async def reports(new_database, redis_url: str, nats_url: str, run_id: str) -> A
         postgres_dsn=new_database(), redis_url=redis_url, nats_url=nats_url, namespace=f"{run_id}rep",
         grpc_port=free_port(), webhook_port=free_port(), parked_sweep_interval_s=1.0, log_format="text",
         shutdown_grace_s=2.0,
+        # The tests' events happened in 2024: keep them all (retention is tested on its own).
+        event_retention_days=10_000, minute_rollup_retention_days=10_000, hour_rollup_retention_days=10_000,
+        day_rollup_retention_days=10_000,
         # Two keys, as during a rotation: the first signs, both verify (tests/reports/test_unsubscribe.py).
         unsubscribe_keys=(new_key_entry(2), new_key_entry(1)),
     )

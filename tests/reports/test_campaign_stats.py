@@ -200,11 +200,11 @@ async def test_a_campaigns_messages_add_no_rows_of_no_campaign_and_other_message
         reports: ReportsService, campaigns: CampaignTenant):
     async with await reports.connect_db() as conn:
         cur = await conn.execute(
-            """SELECT provider, campaign_id, accepted FROM reports.stats_hourly
+            """SELECT provider, campaign_id, accepted FROM reports.rollup_hour
                WHERE tenant_id = %s AND tag = '' AND message_class = 'transactional'""", (campaigns.tenant,))
         of_no_campaign = await cur.fetchall()
         cur = await conn.execute(
-            """SELECT count(*) FROM reports.stats_hourly
+            """SELECT count(*) FROM reports.rollup_hour
                WHERE tenant_id = %s AND tag = '' AND message_class = 'bulk' AND campaign_id = ''""",
             (campaigns.tenant,))
         bulk_of_no_campaign = (await cur.fetchone() or (None,))[0]

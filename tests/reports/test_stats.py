@@ -8,7 +8,7 @@ import pytest
 from esp.v1 import common_pb2, messages_pb2, reports_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.reports.stats import BUCKET_COUNT, bucket_index, percentile
+from services.reports.latency_histograms import BUCKET_COUNT, bucket_index, percentile
 from tests.reports.builders import accepted, attempted, eventually, new_id, sender_event, sent
 from tests.reports.conftest import ReportsService, caller
 

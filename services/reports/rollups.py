@@ -1,0 +1,426 @@
+"""What each batch of new events adds to the rollups: counters, cost sums and latency histograms per minute, hour and
+day, keyed by every dimension stats group by.
+
+Why rollups: at 150 M messages a day the events table grows by ~600 M rows a day; counting them per query cannot
+stay fast. The consumer adds each new event to its rows in the transaction that records the event, so the figures
+are exactly as deduplicated as the timeline (an event counts only when its timeline insert was new) and a
+redelivered event never counts twice. A row's key is (tenant, bucket, message class, provider, mailbox provider,
+tag, campaign id). ``tag = ''`` is the row of all messages; a message with tags is counted once more under each of
+them, so grouping by tag reads only tagged rows and every other grouping only untagged ones. The same increments go
+to three tables: ``rollup_minute`` (short ranges, kept for days), ``rollup_hour`` and ``rollup_day`` (months); a
+query reads the coarsest rows that tile its range (stats.py).
+
+The campaign, tags, recipient (for the mailbox provider), credits and accept time of a message come with its
+ACCEPTED event. Events recorded before it (the stream does not promise order) are counted under no campaign, no tag
+and no mailbox provider, and remembered per message in ``reports.rollup_before_accept`` with the times of SENT and
+DELIVERED events; the batch that records the ACCEPTED event moves the counts to the message's rows, adds them under
+its tags, and only then counts what needed the message: the credits charged and the accept → sent / delivered
+latencies (:meth:`StatsRollup.attribute_early`).
+
+What each event adds (``_increments``): ACCEPTED, SENT, DELIVERED, DEFERRED, COMPLAINED, OPENED, CLICKED,
+UNSUBSCRIBED and CANCELLED their own counter; BOUNCED ``bounced_hard`` or ``bounced_soft`` (a bounce of unknown
+type counts soft); FAILED and REJECTED ``failed``, except a FAILED event for a recipient found suppressed right
+before the call, which counts ``suppressed``. Every provider call is reported in exactly one event carrying its
+latency (ATTEMPTED for a call that failed and is retried, SENT for the call that took the message, FAILED for a
+call the provider refused for good): those with a provider count ``provider_calls``, ATTEMPTED ones also
+``provider_throttled`` (a 429-style answer) or ``provider_errors``, FAILED ones ``provider_errors``. SENT adds the
+message's credits (what the ledger charges when a provider takes the email) and the provider's price at send time
+(the sender puts it on the event). DEAD_LETTERED is not counted: the sender follows it with FAILED.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import NamedTuple
+
+import psycopg
+
+from libs.common.event_types import REASON_CODE_ATTRIBUTE, SUPPRESSED_REASON_CODE
+from services.reports.latency_histograms import BUCKET_COUNT, bucket_index
+from services.reports.models import EventType, MessageEventRecord
+
+__all__ = [
+    "COUNTERS",
+    "HISTOGRAMS",
+    "EarlyCount",
+    "MessageFacts",
+    "Resolution",
+    "StatsRollup",
+    "campaign_id_of",
+    "claimed_early",
+    "forget_early_counts",
+    "start_claim_early",
+]
+
+COUNTERS = ("accepted", "sent", "delivered", "deferred", "bounced_hard", "bounced_soft", "failed", "complained",
+            "opened", "clicked", "unsubscribed", "cancelled", "suppressed", "provider_calls", "provider_errors",
+            "provider_throttled", "credits_charged", "provider_cost_micros")
+"""Summed columns of a rollup row."""
+HISTOGRAMS = ("call_latency", "send_latency", "delivery_latency")
+"""Latency histograms of a rollup row: one provider call, accept → sent, accept → delivered."""
+_EARLY_COUNTERS = tuple(c for c in COUNTERS if c != "credits_charged")
+"""What is counted of an event recorded before its message's ACCEPTED event (credits need the message)."""
+
+_OWN_COUNTER: Mapping[EventType, str] = {
+    EventType.ACCEPTED: "accepted",
+    EventType.SENT: "sent",
+    EventType.DELIVERED: "delivered",
+    EventType.DEFERRED: "deferred",
+    EventType.REJECTED: "failed",
+    EventType.COMPLAINED: "complained",
+    EventType.OPENED: "opened",
+    EventType.CLICKED: "clicked",
+    EventType.UNSUBSCRIBED: "unsubscribed",
+    EventType.CANCELLED: "cancelled",
+}
+_CALL_EVENTS = frozenset({EventType.ATTEMPTED, EventType.SENT, EventType.FAILED})
+_THROTTLED_OUTCOME = "throttled"
+_HARD_BOUNCE = "hard"
+CAMPAIGN_PREFIX = "campaigns/"
+"""A campaign's resource name is ``campaigns/{id}``; the rollups keep the id."""
+
+
+def campaign_id_of(campaign: str) -> str:
+    """The id of a campaign named ``campaigns/{id}`` (a message's ``campaign``); '' for a message of none."""
+    return campaign.removeprefix(CAMPAIGN_PREFIX)
+
+
+class Resolution(StrEnum):
+    """The time buckets rollups are kept in, finest first."""
+
+    MINUTE = "minute"
+    HOUR = "hour"
+    DAY = "day"
+
+    @property
+    def table(self) -> str:
+        """The rollup table of this resolution."""
+        return f"reports.rollup_{self.value}"
+
+    @property
+    def step(self) -> timedelta:
+        """The length of one bucket."""
+        return _STEPS[self]
+
+    def floor(self, moment: datetime) -> datetime:
+        """The start of the bucket holding ``moment`` (an aware UTC datetime)."""
+        if self is Resolution.MINUTE:
+            return moment.replace(second=0, microsecond=0)
+        if self is Resolution.HOUR:
+            return moment.replace(minute=0, second=0, microsecond=0)
+        return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+_STEPS = {Resolution.MINUTE: timedelta(minutes=1), Resolution.HOUR: timedelta(hours=1),
+          Resolution.DAY: timedelta(days=1)}
+
+
+class MessageFacts(NamedTuple):
+    """What a message row says that the rollups need (known once its ACCEPTED event is recorded)."""
+
+    message_class: str
+    tags: tuple[str, ...]
+    campaign_id: str
+    mailbox_provider: str
+    credits: int
+    accept_time: datetime | None
+    """When the message was accepted, or for a scheduled one when it was due (latencies start there)."""
+    accepted_seen: bool
+
+
+@dataclass
+class _Row:
+    counters: dict[str, int] = field(default_factory=dict)
+    histograms: dict[str, list[int]] = field(default_factory=dict)
+
+    def count(self, counter: str, amount: int = 1) -> None:
+        self.counters[counter] = self.counters.get(counter, 0) + amount
+
+    def sample(self, histogram: str, latency_ms: float) -> None:
+        buckets = self.histograms.get(histogram)
+        if buckets is None:
+            buckets = self.histograms[histogram] = [0] * BUCKET_COUNT
+        buckets[bucket_index(latency_ms)] += 1
+
+    def add(self, counters: Mapping[str, int], histograms: Mapping[str, Sequence[int]], sign: int = 1) -> None:
+        for name, value in counters.items():
+            if value:
+                self.count(name, sign * value)
+        for name, values in histograms.items():
+            if not any(values):
+                continue
+            buckets = self.histograms.get(name)
+            if buckets is None:
+                buckets = self.histograms[name] = [0] * BUCKET_COUNT
+            for index, value in enumerate(values[:BUCKET_COUNT]):
+                buckets[index] += sign * value
+
+    def as_json(self) -> dict[str, object]:
+        return {**self.counters, **self.histograms}
+
+
+@dataclass
+class _EarlyRow(_Row):
+    sent_times: list[str] = field(default_factory=list)
+    delivered_times: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, object]:
+        return {**super().as_json(), "sent_times": self.sent_times, "delivered_times": self.delivered_times}
+
+
+RollupKey = tuple[str, datetime, str, str, str, str, str]
+"""(tenant, minute, message class, provider, mailbox provider, tag, campaign id)."""
+EarlyKey = tuple[str, str, datetime, str, str]
+"""(tenant, message id, minute, message class, provider)."""
+_KEY_COLUMNS = ("tenant_id", "bucket", "message_class", "provider", "mailbox_provider", "tag", "campaign_id")
+_EARLY_KEY_COLUMNS = ("tenant_id", "message_id", "bucket", "message_class", "provider")
+
+
+class EarlyCount(NamedTuple):
+    """What one message's events recorded before its ACCEPTED event added to its row of no campaign, no tag and
+    no mailbox provider, with the times of its SENT and DELIVERED events."""
+
+    tenant_id: str
+    message_id: str
+    bucket: datetime
+    message_class: str
+    provider: str
+    counters: Mapping[str, int]
+    call_latency: Sequence[int]
+    sent_times: Sequence[datetime]
+    delivered_times: Sequence[datetime]
+
+
+def _increments(event: MessageEventRecord) -> list[str]:
+    """The counters one event adds 1 to (cost and credits aside)."""
+    event_type = event.event_type
+    counters: list[str] = []
+    own = _OWN_COUNTER.get(event_type)
+    if own is not None:
+        counters.append(own)
+    elif event_type is EventType.BOUNCED:
+        counters.append("bounced_hard" if event.bounce_type == _HARD_BOUNCE else "bounced_soft")
+    elif event_type is EventType.FAILED:
+        suppressed = event.attributes.get(REASON_CODE_ATTRIBUTE) == SUPPRESSED_REASON_CODE
+        counters.append("suppressed" if suppressed else "failed")
+    if event_type in _CALL_EVENTS and event.provider:
+        counters.append("provider_calls")
+        if event_type is EventType.ATTEMPTED:
+            counters.append("provider_throttled" if event.outcome == _THROTTLED_OUTCOME else "provider_errors")
+        elif event_type is EventType.FAILED:
+            counters.append("provider_errors")
+    return counters
+
+
+def _since_ms(moment: datetime, start: datetime) -> float:
+    return max(0.0, (moment - start).total_seconds() * 1000)
+
+
+class StatsRollup:
+    """The increments one batch of new events makes to the rollup rows."""
+
+    def __init__(self) -> None:
+        self._rows: dict[RollupKey, _Row] = {}
+        self._early: dict[EarlyKey, _EarlyRow] = {}
+
+    def _row(self, key: RollupKey) -> _Row:
+        row = self._rows.get(key)
+        if row is None:
+            row = self._rows[key] = _Row()
+        return row
+
+    def _rows_of(self, tenant_id: str, minute: datetime, message_class: str, provider: str,
+                 facts: MessageFacts) -> list[_Row]:
+        """The message's row of all messages and its row under each of its tags."""
+        base = (tenant_id, minute, message_class, provider, facts.mailbox_provider)
+        tags = dict.fromkeys(t for t in facts.tags if t)
+        return [self._row((*base, tag, facts.campaign_id)) for tag in ("", *tags)]
+
+    def add(self, event: MessageEventRecord, facts: MessageFacts) -> None:
+        """Count one new event under the message's rows; before its ACCEPTED event, under the row of no campaign,
+        tag or mailbox provider, remembered for :meth:`attribute_early`."""
+        counters = _increments(event)
+        call_latency = event.latency_ms if event.latency_ms > 0 and event.event_type in _CALL_EVENTS else 0
+        if not counters and not call_latency:
+            return
+        minute = event.event_time.replace(second=0, microsecond=0)
+        message_class = event.message_class or facts.message_class
+        if facts.accepted_seen:
+            rows = self._rows_of(event.tenant_id, minute, message_class, event.provider, facts)
+        else:
+            rows = [self._row((event.tenant_id, minute, message_class, event.provider, "", "", ""))]
+        for row in rows:
+            for counter in counters:
+                row.count(counter)
+            if event.provider_cost_micros:
+                row.count("provider_cost_micros", event.provider_cost_micros)
+            if call_latency:
+                row.sample("call_latency", call_latency)
+            if facts.accepted_seen:
+                self._count_message_facts(row, event.event_type, event.event_time, 1, facts)
+        if not facts.accepted_seen:
+            key = (event.tenant_id, event.message_id, minute, message_class, event.provider)
+            early = self._early.get(key)
+            if early is None:
+                early = self._early[key] = _EarlyRow()
+            for counter in counters:
+                early.count(counter)
+            if event.provider_cost_micros:
+                early.count("provider_cost_micros", event.provider_cost_micros)
+            if call_latency:
+                early.sample("call_latency", call_latency)
+            if event.event_type is EventType.SENT:
+                early.sent_times.append(event.event_time.isoformat())
+            elif event.event_type is EventType.DELIVERED:
+                early.delivered_times.append(event.event_time.isoformat())
+
+    @staticmethod
+    def _count_message_facts(row: _Row, event_type: EventType, event_time: datetime, times: int,
+                             facts: MessageFacts) -> None:
+        """What needs the message: credits charged when it was sent, and latencies from its accept time."""
+        if event_type is EventType.SENT:
+            if facts.credits:
+                row.count("credits_charged", facts.credits * times)
+            if facts.accept_time is not None:
+                row.sample("send_latency", _since_ms(event_time, facts.accept_time))
+        elif event_type is EventType.DELIVERED and facts.accept_time is not None:
+            row.sample("delivery_latency", _since_ms(event_time, facts.accept_time))
+
+    def attribute_early(self, early: EarlyCount, facts: MessageFacts) -> None:
+        """Move counts made before the message's ACCEPTED event from its row of no campaign, tag and mailbox
+        provider to its own rows, and count what needed the message."""
+        base = (early.tenant_id, early.bucket, early.message_class, early.provider)
+        histograms = {"call_latency": early.call_latency}
+        targets = self._rows_of(early.tenant_id, early.bucket, early.message_class, early.provider, facts)
+        unattributed = self._row((*base, "", "", ""))
+        if targets[0] is not unattributed:
+            unattributed.add(early.counters, histograms, -1)
+            targets[0].add(early.counters, histograms)
+        for row in targets[1:]:
+            row.add(early.counters, histograms)
+        for row in targets:
+            for sent_time in early.sent_times:
+                self._count_message_facts(row, EventType.SENT, sent_time, 1, facts)
+            for delivered_time in early.delivered_times:
+                self._count_message_facts(row, EventType.DELIVERED, delivered_time, 1, facts)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def rows_at(self, resolution: Resolution) -> dict[RollupKey, _Row]:
+        """The increments folded into ``resolution``'s buckets."""
+        if resolution is Resolution.MINUTE:
+            return self._rows
+        folded: dict[RollupKey, _Row] = {}
+        for (tenant_id, minute, message_class, provider, mailbox_provider, tag, campaign_id), row in self._rows.items():
+            key = (tenant_id, resolution.floor(minute), message_class, provider, mailbox_provider, tag, campaign_id)
+            target = folded.get(key)
+            if target is None:
+                target = folded[key] = _Row()
+            target.add(row.counters, row.histograms)
+        return folded
+
+    async def write(self, conn: psycopg.AsyncConnection) -> None:
+        """Add the increments to the three rollup tables and the counts made before their message's ACCEPTED event
+        to ``reports.rollup_before_accept`` (in the caller's transaction).
+
+        Rows are written in key order so that concurrent consumers lock them in the same order (no deadlocks).
+        """
+        if self._rows:
+            async with conn.pipeline():
+                for resolution in Resolution:
+                    rows = [{**dict(zip(_KEY_COLUMNS, (k[0], k[1].isoformat(), *k[2:]), strict=True)), **row.as_json()}
+                            for k, row in sorted(self.rows_at(resolution).items(), key=_by_key)]
+                    await conn.execute(_ADD_ROLLUPS[resolution], (json.dumps(rows, separators=(",", ":")),))
+        if self._early:
+            early = [{**dict(zip(_EARLY_KEY_COLUMNS, (k[0], k[1], k[2].isoformat(), *k[3:]), strict=True)),
+                      **row.as_json()}
+                     for k, row in sorted(self._early.items(), key=_by_early_key)]
+            await conn.execute(_ADD_EARLY, (json.dumps(early, separators=(",", ":")),))
+
+
+def _by_key(item: tuple[RollupKey, _Row]) -> RollupKey:
+    return item[0]
+
+
+def _by_early_key(item: tuple[EarlyKey, _EarlyRow]) -> EarlyKey:
+    return item[0]
+
+
+def _merge_histogram(name: str) -> str:
+    return (f"{name} = CASE WHEN cardinality(excluded.{name}) = 0 THEN s.{name}"
+            f" ELSE reports.add_buckets(s.{name}, excluded.{name}) END")
+
+
+def _upsert(table: str, key_columns: Sequence[tuple[str, str]], counters: Sequence[str],
+            histograms: Sequence[str], appended: Sequence[str] = ()) -> str:
+    """Add rows of counters and histograms to ``table`` (one JSON recordset parameter); ``appended`` array
+    columns are concatenated."""
+    keys = [name for name, _ in key_columns]
+    values = [*counters, *histograms, *appended]
+    declared = ", ".join([*(f"{name} {kind}" for name, kind in key_columns), *(f"{c} bigint" for c in counters),
+                          *(f"{h} bigint[]" for h in histograms), *(f"{a} timestamptz[]" for a in appended)])
+    selected = ", ".join([*(f"r.{k}" for k in keys), *(f"coalesce(r.{c}, 0)" for c in counters),
+                          *(f"coalesce(r.{h}, '{{}}')" for h in histograms),
+                          *(f"coalesce(r.{a}, '{{}}')" for a in appended)])
+    updates = ", ".join([*(f"{c} = s.{c} + excluded.{c}" for c in counters), *map(_merge_histogram, histograms),
+                         *(f"{a} = s.{a} || excluded.{a}" for a in appended)])
+    return f"""
+INSERT INTO {table} AS s ({", ".join([*keys, *values])})
+SELECT {selected}
+FROM json_to_recordset(%s::json) AS r({declared})
+ON CONFLICT ({", ".join(keys)}) DO UPDATE SET {updates}
+"""
+
+
+_ROLLUP_KEYS = (("tenant_id", "text"), ("bucket", "timestamptz"), ("message_class", "text"), ("provider", "text"),
+                ("mailbox_provider", "text"), ("tag", "text"), ("campaign_id", "text"))
+_ADD_ROLLUPS = {resolution: _upsert(resolution.table, _ROLLUP_KEYS, COUNTERS, HISTOGRAMS) for resolution in Resolution}
+_ADD_EARLY = _upsert("reports.rollup_before_accept", (
+    ("tenant_id", "text"), ("message_id", "text"), ("bucket", "timestamptz"), ("message_class", "text"),
+    ("provider", "text"),
+), _EARLY_COUNTERS, ("call_latency",), ("sent_times", "delivered_times"))
+_CLAIM_EARLY = f"""
+DELETE FROM reports.rollup_before_accept AS b
+USING json_to_recordset(%s::json) AS k(tenant_id text, message_id text)
+WHERE b.tenant_id = k.tenant_id AND b.message_id = k.message_id
+RETURNING b.tenant_id, b.message_id, b.bucket, b.message_class, b.provider,
+    {", ".join(f"b.{c}" for c in _EARLY_COUNTERS)}, b.call_latency, b.sent_times, b.delivered_times
+"""
+
+
+async def start_claim_early(conn: psycopg.AsyncConnection,
+                            messages: Iterable[tuple[str, str]]) -> psycopg.AsyncCursor | None:
+    """Queue taking out the counts made before the ACCEPTED event of these (tenant, message) pairs, recorded
+    now; :func:`claimed_early` reads them.
+
+    Queue it after the merge of these messages' rows: a transaction that counted one of their events before
+    the ACCEPTED event holds that message's row until it commits, so its counts are visible by then."""
+    keys = sorted(set(messages))
+    if not keys:
+        return None
+    rows = [{"tenant_id": tenant_id, "message_id": message_id} for tenant_id, message_id in keys]
+    return await conn.execute(_CLAIM_EARLY, (json.dumps(rows, separators=(",", ":")),))
+
+
+async def claimed_early(cursor: psycopg.AsyncCursor | None) -> list[EarlyCount]:
+    """The counts :func:`start_claim_early` took out."""
+    if cursor is None:
+        return []
+    claimed = []
+    for tenant_id, message_id, bucket, message_class, provider, *rest in await cursor.fetchall():
+        counts, (call_latency, sent_times, delivered_times) = rest[:-3], rest[-3:]
+        claimed.append(EarlyCount(tenant_id, message_id, bucket, message_class, provider,
+                                  dict(zip(_EARLY_COUNTERS, counts, strict=True)), list(call_latency or []),
+                                  list(sent_times or []), list(delivered_times or [])))
+    return claimed
+
+
+async def forget_early_counts(conn: psycopg.AsyncConnection, older_than: timedelta) -> None:
+    """Drop counts waiting longer than ``older_than`` for an ACCEPTED event (it will not come: ingest publishes
+    it from its outbox within seconds), so the table stays as small as the reordering it covers."""
+    await conn.execute("DELETE FROM reports.rollup_before_accept WHERE recorded_at < now() - %s", (older_than,))
