@@ -31,6 +31,7 @@ const state = {
   tenant: "",        // platform view: "tenants/{id}" picked, or "" for every tenant
   timer: 0,
   refreshing: false,
+  again: false,      // something changed during a refresh: another one follows it at once
   refreshCount: 0,
   generation: 0,     // bumped on sign-out, so answers for an old key are dropped
 };
@@ -385,10 +386,16 @@ function describe(error) {
 
 async function refresh() {
   window.clearTimeout(state.timer);
-  if (!state.key || state.refreshing) {
+  if (!state.key) {
+    return;
+  }
+  if (state.refreshing) {
+    // A range, a tenant or a key chosen while figures are on their way: fetch again once they are in.
+    state.again = true;
     return;
   }
   state.refreshing = true;
+  state.again = false;
   document.body.dataset.state = "loading";
   const generation = state.generation;
   const query = currentQuery();
@@ -415,7 +422,9 @@ async function refresh() {
     }
   } finally {
     state.refreshing = false;
-    if (generation === state.generation && state.key) {
+    if (state.key && state.again) {
+      refresh();
+    } else if (state.key && generation === state.generation) {
       state.timer = window.setTimeout(refresh, refreshSeconds() * 1000);
     }
   }
