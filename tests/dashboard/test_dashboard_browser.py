@@ -225,8 +225,9 @@ def _approx(value: float) -> Any:
 
 # ---- the test --------------------------------------------------------------------------------------------------
 
-def test_the_dashboard_draws_each_keys_own_figures(dashboard_mesh: CampaignMesh, browser: webdriver.Chrome,
+def test_the_dashboard_draws_each_keys_own_figures(browser: webdriver.Chrome, dashboard_mesh: CampaignMesh,
                                                    artifacts: Path) -> None:
+    # (The browser first: without Chromium the test fails at once, before a mesh is started for nothing.)
     mesh = dashboard_mesh
     other_tenant, other_key = mesh.new_tenant(1_000_000)
     acme_sent, other_sent, campaign_name = _send_everything(mesh, other_key)
