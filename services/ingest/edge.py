@@ -52,6 +52,10 @@ class ApiKeyAuthenticator:
         return await self.tenants.authenticate(presented)
 
 
+_PASSED_ON_METADATA = frozenset({"content-disposition"})
+"""Initial metadata of a streamed answer that the edge passes on to the client."""
+
+
 def _forwarder(method_path: str, method_spec: EdgeMethod, channel: grpc.aio.Channel, timeout_s: float,
                method: MethodDescriptor) -> grpc.RpcMethodHandler:
     def upstream_call(context: grpc.aio.ServicerContext) -> tuple[list[tuple[str, str]], float | None]:
@@ -75,7 +79,12 @@ def _forwarder(method_path: str, method_spec: EdgeMethod, channel: grpc.aio.Chan
         async def forward_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             metadata, timeout = upstream_call(context)
             try:
-                async for response in stream_call(request, metadata=metadata, timeout=timeout):
+                call = stream_call(request, metadata=metadata, timeout=timeout)
+                # What the upstream says before its first message (a download's content-disposition) goes on.
+                passed_on = [(k, v) for k, v in (await call.initial_metadata() or ()) if k in _PASSED_ON_METADATA]
+                if passed_on:
+                    await context.send_initial_metadata(passed_on)
+                async for response in call:
                     yield response
             except grpc.aio.AioRpcError as exc:
                 raise to_domain_error(exc) from exc

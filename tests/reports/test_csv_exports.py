@@ -314,6 +314,8 @@ def test_the_rest_export_streams_the_same_csv(gateway: httpx.Client, recorded: R
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"] == "text/csv; charset=utf-8"
         assert response.headers["transfer-encoding"] == "chunked"
+        # Named by reports, passed on by the edge and the gateway: what a browser saves the download as.
+        assert response.headers["content-disposition"].startswith('attachment; filename="events-')
         chunks += response.iter_raw()
     assert len(chunks) > 1
     assert _rows(b"".join(chunks)) == whole_export[1]
