@@ -117,3 +117,26 @@ def test_stats_export_writes_the_figures(esp: Esp, recorded: tuple[str, datetime
     assert header == ["bucket", "provider", "sent", "accepted"]
     assert sum(int(row[2]) for row in rows) == MESSAGES
     assert {row[1] for row in rows if int(row[2])} == {"ses"}
+
+
+def test_stats_show_prints_a_row_per_group_and_the_total(esp: Esp, recorded: tuple[str, datetime, list[str]]) -> None:
+    _, start, _ = recorded
+
+    run = esp("stats", "show", "--start", _iso(start), "--end", _iso(start + timedelta(days=1)),
+              "--dimension", "provider", "--metric", "sent", "--metric", "send_latency")
+
+    assert run.code == 0, run.err
+    header, *rows = [line.split() for line in run.out.splitlines()]
+    assert header == ["provider", "sent", "send_latency", "p50/p95/p99", "ms"]
+    by_provider = {row[0]: row[1:] for row in rows}
+    assert by_provider["ses"][0] == str(MESSAGES)
+    assert by_provider["total"][0] == str(MESSAGES)
+    p50, p95, p99 = (float(v) for v in by_provider["ses"][1].split("/"))
+    assert 5_000 / 1.25 <= p50 <= p95 <= p99 <= 5_000 * 1.25  # every email was sent 5 s after it was accepted
+
+
+def test_stats_show_refuses_an_unknown_dimension_naming_it(esp: Esp, recorded: tuple[str, datetime, list[str]]) -> None:
+    run = esp("stats", "show", "--dimension", "colour")
+
+    assert run.code == 1
+    assert "colour" in run.err
