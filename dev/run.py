@@ -182,6 +182,12 @@ Delivery reports pushed to a URL of yours (signed per Standard Webhooks; plain h
   .venv/bin/esp webhook log <endpoint> --follow              # accepted, sent, delivered (bulk/OTP mail goes
                                                                # through the simulated Mailgun, which reports it)
   .venv/bin/esp events list                                  # the same events, pulled
+
+Analytics:
+  http://127.0.0.1:{config.gateway_port}/dashboard      the dashboard (paste the demo API key, or the admin
+                                                  token {config.admin_token} for the platform view)
+  .venv/bin/esp stats show --dimension provider --dimension mailbox_provider
+  .venv/bin/esp stats export --start 1d --end 0s --bucket hour -o stats.csv
 """, flush=True)
         while not stop.is_set():
             for name, proc in services.processes.items():
