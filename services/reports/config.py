@@ -30,8 +30,9 @@ class ReportsSettings(CommonSettings):
     """Unacked EVENTS messages the reports consumer may hold (must exceed the batch size)."""
     consumer_ack_wait_s: float = 30.0
     """Redelivery delay of a batch that was fetched but not acked."""
-    parked_sweep_interval_s: float = 30.0
-    """How often webhook events that arrived before their message was known are matched again."""
+    parked_sweep_interval_s: float = 5.0
+    """How often webhook events that arrived before their message was known are matched again (those parked while
+    their SENT event was being recorded wait for this sweep: a delivery report late by up to twice this)."""
     niceness: int = 10
     """Reports is background work (timelines, analytics): on a machine shared with the send path it yields the
     CPU, so an OTP is not kept waiting while a campaign's events are recorded. 0 to run at normal priority."""

@@ -24,6 +24,7 @@ from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
+from libs.common.consumer_lag import watch_consumer_lag
 from libs.common.jetstream import Topology, ensure_pull_consumer, pull_loop
 from libs.common.outbox import OutboxPublisher
 from libs.common.stopping import pause_unless_stopped
@@ -58,7 +59,7 @@ class ConsumerOptions:
     """Unacked messages JetStream lets this consumer hold (across replicas)."""
     ack_wait_s: float = 30.0
     """How long a fetched, unacked batch waits before redelivery."""
-    parked_sweep_interval_s: float = 30.0
+    parked_sweep_interval_s: float = 5.0
     """How often parked webhook events (message unknown when they came) are matched again."""
     linger_s: float = 0.05
     """After a small batch taken from a busy stream, how long to let the next one gather before fetching it."""
@@ -98,6 +99,11 @@ class EventConsumer:
         await self.ensure()
         await pull_loop(self._nc, self._topology.events_stream, self.durable_name, self._handle_and_linger, stop,
                         batch=self._options.batch_size)
+
+    async def report_lag(self, stop: asyncio.Event) -> None:
+        """Export the consumer's backlog (``esp_jetstream_consumer_pending``) until ``stop`` (a service task): the
+        platform's consumer-lag alert covers reports like every other consumer."""
+        await watch_consumer_lag(self._js, [(self._topology.events_stream, self.durable_name)], stop)
 
     async def _handle_and_linger(self, msgs: list[Msg]) -> None:
         """Record a batch; after a small one from a busy stream, wait a moment so the next batch is larger.
