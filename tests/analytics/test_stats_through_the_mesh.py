@@ -275,10 +275,15 @@ def test_the_slow_providers_call_latency_stands_above_the_others(analytics_mesh:
     rows = rows_by_key(get_stats(analytics_mesh, settled, dimensions=["provider"], metrics=["provider_call_latency"]))
     slow = rows[(SLOW_PROVIDER,)].provider_call_latency
 
+    # The simulator held every call to the slow provider for its latency knob ...
+    assert min(e.latency_ms for email in settled.emails if email.provider == SLOW_PROVIDER
+               for e in email.events if e.type == M.MESSAGE_EVENT_TYPE_SENT) >= SLOW_LATENCY_MS
+    # ... and the stats show it: its median call is slower than the knob allows for (the sketch's error) and
+    # several times the others' (which answer at once; the margin leaves room for a busy machine).
     assert slow.p50_ms >= SLOW_LATENCY_MS * 0.8
     for name in PROVIDERS:
         if name != SLOW_PROVIDER:
-            assert slow.p50_ms > rows[(name,)].provider_call_latency.p99_ms * 2, name
+            assert slow.p50_ms > rows[(name,)].provider_call_latency.p50_ms * 3, name
     assert rows[(SLOW_PROVIDER,)].latency_ms_p50 == slow.p50_ms  # the first API's fields tell the same
 
 
