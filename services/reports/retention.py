@@ -26,6 +26,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from libs.common.stopping import pause_unless_stopped
+from services.reports.rollups import ROLLUP_TABLES, Resolution
 
 __all__ = ["PARTITIONED_TABLES", "PartitionedTable", "RetentionPolicy", "RetentionWorker"]
 
@@ -116,10 +117,12 @@ class RetentionWorker:
                     log.info("made day partitions", extra={"table": table.name, "partitions": made})
                 await self._drop_expired(conn, table, today)
             async with conn.transaction():
-                for rollups, keep in (("rollup_hour", self._policy.hour_rollups),
-                                      ("rollup_day", self._policy.day_rollups)):
-                    await conn.execute(f"DELETE FROM reports.{rollups} WHERE bucket < %s",
-                                       (_midnight(today) - keep,))
+                for rollups in ROLLUP_TABLES:
+                    if rollups.resolution is not Resolution.MINUTE:  # minutes go by whole partitions, above
+                        keep = self._policy.hour_rollups if rollups.resolution is Resolution.HOUR else (
+                            self._policy.day_rollups)
+                        await conn.execute(sql.SQL("DELETE FROM {} WHERE bucket < %s").format(
+                            sql.Identifier(*rollups.name.split("."))), (_midnight(today) - keep,))
 
     async def _drop_expired(self, conn: psycopg.AsyncConnection, table: PartitionedTable, today: date) -> None:
         """Drop the day partitions wholly older than the table's retention, and such rows of its default."""

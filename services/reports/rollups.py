@@ -47,9 +47,11 @@ from services.reports.models import EventType, MessageEventRecord
 __all__ = [
     "COUNTERS",
     "HISTOGRAMS",
+    "ROLLUP_TABLES",
     "EarlyCount",
     "MessageFacts",
     "Resolution",
+    "RollupTable",
     "StatsRollup",
     "campaign_id_of",
     "claimed_early",
@@ -99,7 +101,7 @@ class Resolution(StrEnum):
 
     @property
     def table(self) -> str:
-        """The rollup table of this resolution."""
+        """The full-key rollup table of this resolution."""
         return f"reports.rollup_{self.value}"
 
     @property
@@ -118,6 +120,44 @@ class Resolution(StrEnum):
 
 _STEPS = {Resolution.MINUTE: timedelta(minutes=1), Resolution.HOUR: timedelta(hours=1),
           Resolution.DAY: timedelta(days=1)}
+
+
+_KEY_DIMENSIONS = ("tenant_id", "message_class", "provider", "mailbox_provider", "tag", "campaign_id")
+"""A rollup key's columns besides its bucket, in :data:`RollupKey` order."""
+
+
+@dataclass(frozen=True)
+class RollupTable:
+    """One rollup table: its resolution and the key columns (besides ``bucket``) it keeps.
+
+    The full-key tables hold every row, tag rows included; the narrower ones hold the row of all messages only,
+    summed over the columns they leave out, so a query that groups and filters by none of those reads far fewer
+    rows (``stats.py`` picks the narrowest table that has what a query needs)."""
+
+    name: str
+    resolution: Resolution
+    keys: tuple[str, ...]
+
+    @property
+    def has_tag_rows(self) -> bool:
+        """Whether rows per tag are kept (the full-key tables)."""
+        return "tag" in self.keys
+
+    def has(self, columns: Iterable[str]) -> bool:
+        """Whether every one of ``columns`` is a key column of this table."""
+        return all(column in self.keys for column in columns)
+
+
+ROLLUP_TABLES = (
+    RollupTable("reports.rollup_minute", Resolution.MINUTE, _KEY_DIMENSIONS),
+    RollupTable("reports.rollup_hour", Resolution.HOUR, _KEY_DIMENSIONS),
+    RollupTable("reports.rollup_day", Resolution.DAY, _KEY_DIMENSIONS),
+    RollupTable("reports.rollup_hour_by_provider", Resolution.HOUR, ("tenant_id", "message_class", "provider")),
+    RollupTable("reports.rollup_day_by_provider", Resolution.DAY, ("tenant_id", "message_class", "provider")),
+    RollupTable("reports.rollup_hour_platform", Resolution.HOUR, ("message_class", "provider")),
+    RollupTable("reports.rollup_day_platform", Resolution.DAY, ("message_class", "provider")),
+)
+"""Every rollup table, each written with the same increments."""
 
 
 class MessageFacts(NamedTuple):
@@ -199,7 +239,6 @@ RollupKey = tuple[str, datetime, str, str, str, str, str]
 """(tenant, minute, message class, provider, mailbox provider, tag, campaign id)."""
 EarlyKey = tuple[str, str, datetime, str, str]
 """(tenant, message id, minute, message class, provider)."""
-_KEY_COLUMNS = ("tenant_id", "bucket", "message_class", "provider", "mailbox_provider", "tag", "campaign_id")
 _EARLY_KEY_COLUMNS = ("tenant_id", "message_id", "bucket", "message_class", "provider")
 
 
@@ -339,32 +378,36 @@ class StatsRollup:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def rows_at(self, resolution: Resolution) -> dict[RollupKey, _Row]:
-        """The increments folded into ``resolution``'s buckets."""
-        if resolution is Resolution.MINUTE:
-            return self._rows
-        folded: dict[RollupKey, _Row] = {}
-        for (tenant_id, minute, message_class, provider, mailbox_provider, tag, campaign_id), row in self._rows.items():
-            key = (tenant_id, resolution.floor(minute), message_class, provider, mailbox_provider, tag, campaign_id)
-            target = folded.get(key)
+    def rows_for(self, table: RollupTable) -> dict[tuple[object, ...], _Row]:
+        """The increments folded into ``table``'s rows: keys ``(bucket, *table.keys)``."""
+        positions = [1 + _KEY_DIMENSIONS.index(k) if k != "tenant_id" else 0 for k in table.keys]
+        floor = table.resolution.floor
+        folded: dict[tuple[object, ...], _Row] = {}
+        for key, row in self._rows.items():
+            if not table.has_tag_rows and key[5]:
+                continue  # a tag row: narrower tables keep the row of all messages only
+            target_key = (floor(key[1]), *(key[p] for p in positions))
+            target = folded.get(target_key)
             if target is None:
-                folded[key] = row.copy()
+                folded[target_key] = row.copy()
             else:
                 target.add(row.counters, row.histograms)
         return folded
 
     async def write(self, conn: psycopg.AsyncConnection) -> None:
-        """Add the increments to the three rollup tables and the counts made before their message's ACCEPTED event
-        to ``reports.rollup_before_accept`` (in the caller's transaction).
+        """Add the increments to every rollup table and the counts made before their message's ACCEPTED event to
+        ``reports.rollup_before_accept`` (in the caller's transaction).
 
         Rows are written in key order so that concurrent consumers lock them in the same order (no deadlocks).
         """
         if self._rows:
             async with conn.pipeline():
-                for resolution in Resolution:
-                    rows = [{**dict(zip(_KEY_COLUMNS, (k[0], k[1].isoformat(), *k[2:]), strict=True)), **row.as_json()}
-                            for k, row in sorted(self.rows_at(resolution).items(), key=_by_key)]
-                    await conn.execute(_ADD_ROLLUPS[resolution], (json.dumps(rows, separators=(",", ":")),))
+                for table in ROLLUP_TABLES:
+                    columns = ("bucket", *table.keys)
+                    rows = [{**dict(zip(columns, (k[0].isoformat(), *k[1:]), strict=True)),  # type: ignore[attr-defined]
+                             **row.as_json()}
+                            for k, row in sorted(self.rows_for(table).items(), key=_by_table_key)]
+                    await conn.execute(_ADD_ROLLUPS[table.name], (json.dumps(rows, separators=(",", ":")),))
         if self._early:
             early = [{**dict(zip(_EARLY_KEY_COLUMNS, (k[0], k[1], k[2].isoformat(), *k[3:]), strict=True)),
                       **row.as_json()}
@@ -372,8 +415,9 @@ class StatsRollup:
             await conn.execute(_ADD_EARLY, (json.dumps(early, separators=(",", ":")),))
 
 
-def _by_key(item: tuple[RollupKey, _Row]) -> RollupKey:
-    return item[0]
+def _by_table_key(item: tuple[tuple[object, ...], _Row]) -> tuple[str, ...]:
+    bucket, *rest = item[0]
+    return (bucket.isoformat(), *map(str, rest))  # type: ignore[attr-defined]
 
 
 def _by_early_key(item: tuple[EarlyKey, _EarlyRow]) -> EarlyKey:
@@ -406,9 +450,8 @@ ON CONFLICT ({", ".join(keys)}) DO UPDATE SET {updates}
 """
 
 
-_ROLLUP_KEYS = (("tenant_id", "text"), ("bucket", "timestamptz"), ("message_class", "text"), ("provider", "text"),
-                ("mailbox_provider", "text"), ("tag", "text"), ("campaign_id", "text"))
-_ADD_ROLLUPS = {resolution: _upsert(resolution.table, _ROLLUP_KEYS, COUNTERS, HISTOGRAMS) for resolution in Resolution}
+_ADD_ROLLUPS = {table.name: _upsert(table.name, (("bucket", "timestamptz"), *((k, "text") for k in table.keys)),
+                                    COUNTERS, HISTOGRAMS) for table in ROLLUP_TABLES}
 _ADD_EARLY = _upsert("reports.rollup_before_accept", (
     ("tenant_id", "text"), ("message_id", "text"), ("bucket", "timestamptz"), ("message_class", "text"),
     ("provider", "text"),

@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from libs.common.errors import FieldViolation, InvalidArgument, PermissionDenied, ResourceExhausted
 from services.reports.latency_histograms import BUCKET_COUNT, Percentiles, percentiles
-from services.reports.rollups import CAMPAIGN_PREFIX, COUNTERS, HISTOGRAMS, Resolution
+from services.reports.rollups import CAMPAIGN_PREFIX, COUNTERS, HISTOGRAMS, ROLLUP_TABLES, Resolution, RollupTable
 
 __all__ = [
     "COMPLAINT_RATE_CRITICAL",
@@ -398,23 +398,43 @@ class StatsReader:
 
     def _rollup_rows(self, query: StatsQuery, columns: Sequence[str]) -> tuple[str, list[Any]]:
         """The UNION ALL of the tiles' rows, with key columns ``k_*``, and its parameters."""
-        filters, filter_params = _filters(query)
+        needed = _needed_columns(query, columns)
         parts: list[str] = []
         params: list[Any] = []
         bucket_key = [f"date_trunc('{query.bucket.value}', bucket, 'UTC') AS k_bucket"] if query.bucket else []
         selected = ", ".join([*bucket_key, *(f"{_KEY_EXPRESSIONS.get(c, c)} AS k_{c}" for c in columns), *COUNTERS,
                               *HISTOGRAMS])
         for resolution, low, high in tiles(query.start, query.end, _LEVELS[query.bucket], self.minutes_kept_since()):
-            parts.append(f"SELECT {selected} FROM {resolution.table} WHERE bucket >= %s AND bucket < %s{filters}")
+            table = narrowest_table(resolution, needed)
+            filters, filter_params = _filters(query, table)
+            parts.append(f"SELECT {selected} FROM {table.name} WHERE bucket >= %s AND bucket < %s{filters}")
             params += [low, high, *filter_params]
         return " UNION ALL ".join(parts), params
+
+
+def _needed_columns(query: StatsQuery, columns: Sequence[str]) -> set[str]:
+    """The rollup key columns a query groups or filters by."""
+    needed = set(columns)
+    for column, value in (("tenant_id", query.tenant_id), ("message_class", query.message_class),
+                          ("provider", query.provider), ("mailbox_provider", query.mailbox_provider),
+                          ("campaign_id", query.campaign_id), ("tag", query.tag)):
+        if value:
+            needed.add(column)
+    return needed
+
+
+def narrowest_table(resolution: Resolution, columns: set[str]) -> RollupTable:
+    """The rollup table of ``resolution`` with the fewest key columns that has every one of ``columns``."""
+    return min((t for t in ROLLUP_TABLES if t.resolution is resolution and t.has(columns)),
+               key=lambda table: len(table.keys))
 
 
 _KEY_EXPRESSIONS = {"campaign_id": f"CASE WHEN campaign_id = '' THEN '' ELSE '{CAMPAIGN_PREFIX}' || campaign_id END"}
 """Key columns shown otherwise than stored: a campaign by its resource name."""
 
 
-def _filters(query: StatsQuery) -> tuple[str, list[Any]]:
+def _filters(query: StatsQuery, table: RollupTable) -> tuple[str, list[Any]]:
+    """The WHERE clauses of ``query`` on ``table`` (which has every column they name)."""
     clauses: list[str] = []
     params: list[Any] = []
     if query.tenant_id:
@@ -435,8 +455,8 @@ def _filters(query: StatsQuery) -> tuple[str, list[Any]]:
         params.append(query.tag)
     elif "tag" in query.dimensions:
         clauses.append("tag <> ''")
-    else:
-        clauses.append("tag = ''")  # the row of all messages: each message once
+    elif table.has_tag_rows:
+        clauses.append("tag = ''")  # the row of all messages: each message once (narrower tables hold only it)
     return "".join(f" AND {c}" for c in clauses), params
 
 

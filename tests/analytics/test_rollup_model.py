@@ -23,12 +23,13 @@ from services.reports.latency_histograms import bucket_index
 from services.reports.models import AcceptedMessage, EventType, Mailbox, MessageEventRecord
 from services.reports.recorder import record_events
 from services.reports.retention import EVENTS, ROLLUP_MINUTE, RetentionPolicy, RetentionWorker, partition_days
-from services.reports.rollups import COUNTERS, Resolution
+from services.reports.rollups import COUNTERS, ROLLUP_TABLES, Resolution
 from services.reports.stats import (
     COMPLAINT_RATE_CRITICAL,
     COMPLAINT_RATE_WARNING,
     ComplaintRateStatus,
     StatsFigures,
+    narrowest_table,
     tiles,
 )
 
@@ -223,6 +224,48 @@ async def test_the_minute_hour_and_day_tables_agree(conn: psycopg.AsyncConnectio
             folded[coarse.floor(minute)] = folded.get(coarse.floor(minute), 0) + total
         assert folded == per_bucket[coarse]
     assert len(per_bucket[Resolution.DAY]) == 2
+
+
+async def test_the_narrower_tables_hold_the_full_tables_rows_of_all_messages_summed(
+        conn: psycopg.AsyncConnection) -> None:
+    tenant = _id("tenant")
+    for number, to in enumerate(("a@gmail.com", "b@yahoo.com", "c@example.org", "d@gmail.com")):
+        message_id, moment = _id("msg"), T0 + timedelta(minutes=7 * number)
+        await record(conn, accepted(tenant, message_id, moment, to=to, tags=("x", "y") if number % 2 else (),
+                                    campaign="campaigns/spring" if number < 2 else ""),
+                     event(tenant, message_id, EventType.SENT, moment + timedelta(seconds=3), provider="ses-1",
+                           latency_ms=20 + number, provider_cost_micros=90),
+                     event(tenant, message_id, EventType.DELIVERED, moment + timedelta(seconds=9), provider="ses-1"))
+
+    summed = ", ".join([*(f"sum({c})::bigint" for c in COUNTERS),
+                        *(f"reports.sum_buckets({h})" for h in ("call_latency", "send_latency", "delivery_latency"))])
+    for resolution in (Resolution.HOUR, Resolution.DAY):
+        narrow = {t.keys: t.name for t in ROLLUP_TABLES if t.resolution is resolution and not t.has_tag_rows}
+        cur = await conn.execute(f"SELECT bucket, message_class, provider, {summed} FROM {resolution.table} "
+                                 "WHERE tenant_id = %s AND tag = '' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3", (tenant,))
+        full = await cur.fetchall()
+        cur = await conn.execute(f"SELECT bucket, message_class, provider, {summed} "
+                                 f"FROM {narrow[('tenant_id', 'message_class', 'provider')]} "
+                                 "WHERE tenant_id = %s GROUP BY 1, 2, 3 ORDER BY 1, 2, 3", (tenant,))
+        assert await cur.fetchall() == full
+        assert sum(row[3 + COUNTERS.index("delivered")] for row in full) == 4
+    cur = await conn.execute("SELECT sum(delivered) FROM reports.rollup_day_platform")
+    platform = (await cur.fetchone() or (0,))[0]
+    cur = await conn.execute("SELECT sum(delivered) FROM reports.rollup_day WHERE tag = ''")
+    assert platform == (await cur.fetchone() or (0,))[0]
+
+
+@pytest.mark.parametrize(("resolution", "columns", "table"), [
+    (Resolution.DAY, {"tenant_id", "provider"}, "reports.rollup_day_by_provider"),
+    (Resolution.DAY, {"provider", "message_class"}, "reports.rollup_day_platform"),
+    (Resolution.HOUR, {"tenant_id", "mailbox_provider"}, "reports.rollup_hour"),
+    (Resolution.DAY, {"tenant_id", "tag"}, "reports.rollup_day"),
+    (Resolution.DAY, {"tenant_id", "campaign_id"}, "reports.rollup_day"),
+    (Resolution.MINUTE, {"tenant_id", "provider"}, "reports.rollup_minute"),
+])
+def test_a_query_reads_the_narrowest_table_with_every_column_it_needs(resolution: Resolution, columns: set[str],
+                                                                      table: str) -> None:
+    assert narrowest_table(resolution, columns).name == table
 
 
 # -- complaint-rate status -----------------------------------------------------------------------------------------
