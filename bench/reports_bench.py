@@ -487,14 +487,15 @@ async def _write(conn: psycopg.AsyncConnection, rollup: StatsRollup, minutes_sin
     consumer writes them, retention drops their partitions days later). Returns the rows written."""
     written = 0
     async with conn.transaction(), conn.pipeline():
-        for resolution in Resolution:
-            rows = rollup.rows_at(resolution)
-            payload = [{**dict(zip(rollups._KEY_COLUMNS, (k[0], k[1].isoformat(), *k[2:]), strict=True)),
+        for table in rollups.ROLLUP_TABLES:
+            rows = rollup.rows_for(table)
+            columns = ("bucket", *table.keys)
+            payload = [{**dict(zip(columns, (k[0].isoformat(), *k[1:]), strict=True)),  # type: ignore[attr-defined]
                         **row.as_json()}
-                       for k, row in sorted(rows.items(), key=rollups._by_key)
-                       if resolution is not Resolution.MINUTE or k[1] >= minutes_since]
+                       for k, row in sorted(rows.items(), key=rollups._by_table_key)
+                       if table.resolution is not Resolution.MINUTE or k[0] >= minutes_since]  # type: ignore[operator]
             if payload:
-                await conn.execute(rollups._ADD_ROLLUPS[resolution], (json.dumps(payload, separators=(",", ":")),))
+                await conn.execute(rollups._ADD_ROLLUPS[table.name], (json.dumps(payload, separators=(",", ":")),))
                 written += len(payload)
     return written
 

@@ -88,6 +88,7 @@ async def build_app(settings: ReportsSettings, *,
     notifications = OutboxPublisher(pool, nc, OUTBOX_TABLE)
     consumer = EventConsumer(pool, redis, nc, topology, notifications, ConsumerOptions(
         batch_size=settings.consumer_batch_size,
+        batches_in_flight=settings.consumer_batches_in_flight,
         linger_s=settings.consumer_linger_s,
         max_ack_pending=settings.consumer_max_ack_pending,
         ack_wait_s=settings.consumer_ack_wait_s,

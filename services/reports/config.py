@@ -26,6 +26,8 @@ class ReportsSettings(CommonSettings):
     consumer_linger_s: float = 0.0
     """After a small batch from a busy stream, how long the consumer lets the next one gather (0: never waits).
     Off by default: no benefit has been measured yet, and it would delay status updates."""
+    consumer_batches_in_flight: int = 2
+    """Batches the consumer records at once (each its own transaction), so Python and Postgres work side by side."""
     consumer_max_ack_pending: int = 5000
     """Unacked EVENTS messages the reports consumer may hold (must exceed the batch size)."""
     consumer_ack_wait_s: float = 30.0
@@ -57,11 +59,13 @@ class ReportsSettings(CommonSettings):
     in a ConfigMap or a log. Empty: ``/u/{token}`` answers 404 to everything (a warning at start says so)."""
 
     def __post_init__(self) -> None:
-        check_positive(self, "consumer_batch_size", "consumer_max_ack_pending", "consumer_ack_wait_s",
-                       "parked_sweep_interval_s", "event_retention_days", "minute_rollup_retention_days",
-                       "hour_rollup_retention_days", "day_rollup_retention_days", "partition_interval_s")
-        if self.consumer_max_ack_pending < self.consumer_batch_size:
-            raise ValueError("ESP_CONSUMER_MAX_ACK_PENDING must be >= ESP_CONSUMER_BATCH_SIZE")
+        check_positive(self, "consumer_batch_size", "consumer_batches_in_flight", "consumer_max_ack_pending",
+                       "consumer_ack_wait_s", "parked_sweep_interval_s", "event_retention_days",
+                       "minute_rollup_retention_days", "hour_rollup_retention_days", "day_rollup_retention_days",
+                       "partition_interval_s")
+        if self.consumer_max_ack_pending < self.consumer_batch_size * self.consumer_batches_in_flight:
+            raise ValueError("ESP_CONSUMER_MAX_ACK_PENDING must be >= ESP_CONSUMER_BATCH_SIZE x "
+                             "ESP_CONSUMER_BATCHES_IN_FLIGHT")
         self.unsubscribe_tokens()  # fail at start on a malformed key, not at the first click
 
     def retention(self) -> RetentionPolicy:

@@ -63,6 +63,10 @@ class ConsumerOptions:
     """How often parked webhook events (message unknown when they came) are matched again."""
     linger_s: float = 0.05
     """After a small batch taken from a busy stream, how long to let the next one gather before fetching it."""
+    batches_in_flight: int = 2
+    """Batches recorded at once, each in its own transaction: while one waits for Postgres, the next is decoded and
+    sent (with one, Python and Postgres take turns). Safe because every statement takes its row locks in key order,
+    as concurrent replicas already require."""
 
 
 class EventConsumer:
@@ -97,8 +101,10 @@ class EventConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set (a ``ServiceApp`` background task)."""
         await self.ensure()
-        await pull_loop(self._nc, self._topology.events_stream, self.durable_name, self._handle_and_linger, stop,
-                        batch=self._options.batch_size)
+        await asyncio.gather(*(
+            pull_loop(self._nc, self._topology.events_stream, self.durable_name, self._handle_and_linger, stop,
+                      batch=self._options.batch_size)
+            for _ in range(self._options.batches_in_flight)))
 
     async def report_lag(self, stop: asyncio.Event) -> None:
         """Export the consumer's backlog (``esp_jetstream_consumer_pending``) until ``stop`` (a service task): the

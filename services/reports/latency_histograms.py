@@ -62,4 +62,6 @@ class Percentiles:
 
 def percentiles(buckets: Sequence[int]) -> Percentiles:
     """The p50, p95 and p99 of a histogram."""
+    if not any(buckets):
+        return Percentiles()
     return Percentiles(percentile(buckets, 0.50), percentile(buckets, 0.95), percentile(buckets, 0.99), sum(buckets))

@@ -4,7 +4,8 @@ A query names a time range, the dimensions to group by (provider, message class,
 and for platform admins tenant), an optional time bucket (minute, hour, day) and the metrics it wants. It is
 answered from the coarsest rollup rows that tile its range (:func:`tiles`): whole days from ``rollup_day``, the
 hours at the range's edges from ``rollup_hour``, the minutes at their edges from ``rollup_minute`` while minutes are
-kept; the finest rows used are rounded outward (a range starting at 10:00:30 includes the minute of 10:00). So a
+kept (over ranges of at most two days: longer ones stop at hours); the finest rows used are rounded outward (a
+range starting at 10:00:30 includes the minute of 10:00, or over a month the hour of 10:00). So a
 30-day query reads ~30 rows per group instead of ~43,000 minute rows, whatever its edges.
 
 Limits keep every query fast (never a query that times out): a range of at most ``MAX_RANGE``, a bucket no finer
@@ -52,6 +53,9 @@ MAX_BUCKETS: Mapping[Resolution, int] = {Resolution.MINUTE: 24 * 60, Resolution.
 """Most buckets one query may return per group: minutes over a day, hours over a month, days over MAX_RANGE."""
 MAX_GROUPS = 50_000
 """Most rows one query may return; more means the dimensions are too fine for the range."""
+MINUTE_EDGES_UP_TO = timedelta(days=2)
+"""Ranges longer than this have their edges rounded out to whole hours, not minutes: a minute at the edge of a
+month is noise, and the minute rows of an edge hour (full-key only) cost more to read than the month's day rows."""
 STATEMENT_TIMEOUT = "15s"
 COMPLAINT_RATE_WARNING = 0.001
 """Gmail's bulk-sender guidance: keep the spam rate below 0.1 %."""
@@ -379,21 +383,25 @@ class StatsReader:
                 f"more than {MAX_GROUPS} groups: use fewer dimensions, a coarser bucket or a shorter range",
                 field_violations=[FieldViolation("dimensions", f"at most {MAX_GROUPS} groups per query")])
         if query.needs_histograms and found:
-            sums = ", ".join(f"sum(h.{h})::bigint" for h in HISTOGRAMS)
+            # Each row's histograms unnest to buckets 1..its longest (trailing empty buckets are not stored), so a
+            # group's bucket numbers are 1..n without gaps and array_agg in bucket order rebuilds its histograms.
+            inner_keys = ", ".join([*keys, "h.i"])
+            sums = ", ".join(f"coalesce(sum(h.{h}), 0)::bigint AS {h}" for h in HISTOGRAMS)
             cur = await conn.execute(
-                f"""WITH r AS ({rollup})
-                    SELECT {", ".join([*keys, "h.i"])}, {sums}
-                    FROM r CROSS JOIN LATERAL unnest({", ".join(f"r.{h}" for h in HISTOGRAMS)})
-                        WITH ORDINALITY AS h({", ".join(HISTOGRAMS)}, i)
-                    GROUP BY {", ".join([*keys, "h.i"])}""",
+                f"""WITH r AS ({rollup}),
+                    b AS (SELECT {inner_keys}, {sums}
+                          FROM r CROSS JOIN LATERAL unnest({", ".join(f"r.{h}" for h in HISTOGRAMS)})
+                              WITH ORDINALITY AS h({", ".join(HISTOGRAMS)}, i)
+                          GROUP BY {inner_keys})
+                    SELECT {", ".join([*keys, *(f"array_agg({h} ORDER BY i)" for h in HISTOGRAMS)])}
+                    FROM b GROUP BY {group}""",
                 params)
             for row in await cur.fetchall():
                 key = tuple(_key_text(v) for v in row[:len(keys)])
-                index = int(row[len(keys)]) - 1
                 histograms = found[key][1]
-                for name, value in zip(HISTOGRAMS, row[len(keys) + 1:], strict=True):
-                    if value and index < BUCKET_COUNT:
-                        histograms.setdefault(name, [0] * BUCKET_COUNT)[index] += int(value)
+                for name, values in zip(HISTOGRAMS, row[len(keys):], strict=True):
+                    if values and any(values):  # None: no group at all had a histogram (an aggregate of nothing)
+                        histograms[name] = list(values[:BUCKET_COUNT])
         return found
 
     def _rollup_rows(self, query: StatsQuery, columns: Sequence[str]) -> tuple[str, list[Any]]:
@@ -404,7 +412,10 @@ class StatsReader:
         bucket_key = [f"date_trunc('{query.bucket.value}', bucket, 'UTC') AS k_bucket"] if query.bucket else []
         selected = ", ".join([*bucket_key, *(f"{_KEY_EXPRESSIONS.get(c, c)} AS k_{c}" for c in columns), *COUNTERS,
                               *HISTOGRAMS])
-        for resolution, low, high in tiles(query.start, query.end, _LEVELS[query.bucket], self.minutes_kept_since()):
+        levels = _LEVELS[query.bucket]
+        if query.bucket is not Resolution.MINUTE and query.end - query.start > MINUTE_EDGES_UP_TO:
+            levels = tuple(level for level in levels if level is not Resolution.MINUTE)
+        for resolution, low, high in tiles(query.start, query.end, levels, self.minutes_kept_since()):
             table = narrowest_table(resolution, needed)
             filters, filter_params = _filters(query, table)
             parts.append(f"SELECT {selected} FROM {table.name} WHERE bucket >= %s AND bucket < %s{filters}")
