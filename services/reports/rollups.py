@@ -178,15 +178,6 @@ class _Row:
     counters: dict[str, int] = field(default_factory=dict)
     histograms: dict[str, list[int]] = field(default_factory=dict)
 
-    def count(self, counter: str, amount: int = 1) -> None:
-        self.counters[counter] = self.counters.get(counter, 0) + amount
-
-    def sample(self, histogram: str, latency_ms: float) -> None:
-        buckets = self.histograms.get(histogram)
-        if buckets is None:
-            buckets = self.histograms[histogram] = [0] * BUCKET_COUNT
-        buckets[bucket_index(latency_ms)] += 1
-
     def apply(self, amounts: Sequence[tuple[str, int]], samples: Sequence[tuple[str, int]]) -> None:
         """Add each ``(counter, amount)`` and one latency to each ``(histogram, bucket index)``."""
         own = self.counters
@@ -294,12 +285,12 @@ def _since_ms(moment: datetime, start: datetime) -> float:
 
 
 def _message_fact_counts(amounts: list[tuple[str, int]], samples: list[tuple[str, int]], event_type: EventType,
-                         event_time: datetime, times: int, facts: MessageFacts) -> None:
-    """Append what needs the message: credits charged (``times`` over) when it was sent, and the latency from its
-    accept time to the send or the delivery."""
+                         event_time: datetime, facts: MessageFacts) -> None:
+    """Append what needs the message: credits charged when it was sent, and the latency from its accept time to the
+    send or the delivery."""
     if event_type is EventType.SENT:
         if facts.credits:
-            amounts.append(("credits_charged", facts.credits * times))
+            amounts.append(("credits_charged", facts.credits))
         if facts.accept_time is not None:
             samples.append(("send_latency", bucket_index(_since_ms(event_time, facts.accept_time))))
     elif event_type is EventType.DELIVERED and facts.accept_time is not None:
@@ -345,7 +336,7 @@ class StatsRollup:
             amounts.append(("provider_cost_micros", event.provider_cost_micros))
         samples = [("call_latency", bucket_index(call_latency))] if call_latency else []
         if facts.accepted_seen:
-            _message_fact_counts(amounts, samples, event.event_type, event.event_time, 1, facts)
+            _message_fact_counts(amounts, samples, event.event_type, event.event_time, facts)
         for row in rows:
             row.apply(amounts, samples)
         if not facts.accepted_seen:
@@ -360,12 +351,11 @@ class StatsRollup:
                 early.delivered_times.append(event.event_time.isoformat())
 
     @staticmethod
-    def _count_message_facts(row: _Row, event_type: EventType, event_time: datetime, times: int,
-                             facts: MessageFacts) -> None:
+    def _count_message_facts(row: _Row, event_type: EventType, event_time: datetime, facts: MessageFacts) -> None:
         """What needs the message: credits charged when it was sent, and latencies from its accept time."""
         amounts: list[tuple[str, int]] = []
         samples: list[tuple[str, int]] = []
-        _message_fact_counts(amounts, samples, event_type, event_time, times, facts)
+        _message_fact_counts(amounts, samples, event_type, event_time, facts)
         row.apply(amounts, samples)
 
     def attribute_early(self, early: EarlyCount, facts: MessageFacts) -> None:
@@ -382,9 +372,9 @@ class StatsRollup:
             row.add(early.counters, histograms)
         for row in targets:
             for sent_time in early.sent_times:
-                self._count_message_facts(row, EventType.SENT, sent_time, 1, facts)
+                self._count_message_facts(row, EventType.SENT, sent_time, facts)
             for delivered_time in early.delivered_times:
-                self._count_message_facts(row, EventType.DELIVERED, delivered_time, 1, facts)
+                self._count_message_facts(row, EventType.DELIVERED, delivered_time, facts)
 
     def __len__(self) -> int:
         return len(self._rows)
