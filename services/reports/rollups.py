@@ -7,8 +7,10 @@ are exactly as deduplicated as the timeline (an event counts only when its timel
 redelivered event never counts twice. A row's key is (tenant, bucket, message class, provider, mailbox provider,
 tag, campaign id). ``tag = ''`` is the row of all messages; a message with tags is counted once more under each of
 them, so grouping by tag reads only tagged rows and every other grouping only untagged ones. The same increments go
-to three tables: ``rollup_minute`` (short ranges, kept for days), ``rollup_hour`` and ``rollup_day`` (months); a
-query reads the coarsest rows that tile its range (stats.py).
+to every table of :data:`ROLLUP_TABLES`: ``rollup_minute`` (short ranges, kept for days), ``rollup_hour`` and
+``rollup_day`` (months) with the full key, and hour and day tables keyed by fewer columns (per tenant, class and
+provider; per class and provider for the platform) holding the row of all messages only; a query reads the coarsest
+rows that tile its range, each from the narrowest table with the columns it needs (stats.py).
 
 The campaign, tags, recipient (for the mailbox provider), credits and accept time of a message come with its
 ACCEPTED event. Events recorded before it (the stream does not promise order) are counted under no campaign, no tag

@@ -2,8 +2,9 @@
 
 A query names a time range, the dimensions to group by (provider, message class, tag, campaign, mailbox provider,
 and for platform admins tenant), an optional time bucket (minute, hour, day) and the metrics it wants. It is
-answered from the coarsest rollup rows that tile its range (:func:`tiles`): whole days from ``rollup_day``, the
-hours at the range's edges from ``rollup_hour``, the minutes at their edges from ``rollup_minute`` while minutes are
+answered from the coarsest rollup rows that tile its range (:func:`tiles`), each tile from the narrowest table that
+has the columns the query needs (:func:`narrowest_table`): whole days from the day rows, the
+hours at the range's edges from the hour rows, the minutes at their edges from ``rollup_minute`` while minutes are
 kept (over ranges of at most two days: longer ones stop at hours); the finest rows used are rounded outward (a
 range starting at 10:00:30 includes the minute of 10:00, or over a month the hour of 10:00). So a
 30-day query reads ~30 rows per group instead of ~43,000 minute rows, whatever its edges.
