@@ -51,7 +51,7 @@ def create_app(state: SimulatorState, emitter: WebhookEmitter) -> Starlette:
     """The ASGI application."""
 
     async def provider_endpoint(request: Request) -> Response:
-        arrived_at = time.time()
+        arrived_at, arrived = time.time(), time.monotonic()
         name = request.path_params["personality"]
         path = "/" + request.path_params["path"]
         try:
@@ -80,7 +80,7 @@ def create_app(state: SimulatorState, emitter: WebhookEmitter) -> Starlette:
         if refusal is not None:
             return answer(refusal, "unauthorized")
         knobs = state.knobs(name)
-        if not state.admit_rate(name):
+        if not state.admit_rate(name, arrived):
             return answer(dialect.throttled(knobs.retry_after_s), "throttled")
         try:
             parsed = dialect.parse(personality, operation, path, request, body)

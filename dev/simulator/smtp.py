@@ -13,6 +13,7 @@ import logging
 import secrets
 import ssl
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -108,11 +109,12 @@ class SimulatorSmtpHandler:
                           mail_options: list[str]) -> str:
         """Outage and throttling are decided when a transaction starts."""
         name = str(session.auth_data)
+        arrived = time.monotonic()
         await self._state.delay(name)
         if self._state.in_outage(name):
             self._record(session, "MAIL", 421, "outage")
             return "421 4.3.2 Service not available, try again later"
-        if not self._state.admit_rate(name):
+        if not self._state.admit_rate(name, arrived):
             self._record(session, "MAIL", 454, "throttled")
             return "454 4.7.0 Throttling failure: Maximum sending rate exceeded."
         envelope.mail_from = address

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import random
@@ -29,7 +30,7 @@ class SimulatorState:
         self._seq = itertools.count(1)
         self._knobs: dict[str, Knobs] = {}
         self._outage_until: dict[str, float] = {}
-        self._recent_requests: dict[str, deque[float]] = {}
+        self._recent_requests: dict[str, list[float]] = {}
         self._quota_day: dict[str, str] = {}
         self._quota_used: dict[str, int] = {}
         self._records: dict[str, deque[RequestRecord]] = {}
@@ -75,7 +76,7 @@ class SimulatorState:
             if not keep_knobs or name not in self._knobs:
                 self._knobs[name] = Knobs.from_mapping({}, base=personality.knobs)
                 self._outage_until.pop(name, None)
-            self._recent_requests[name] = deque()
+            self._recent_requests[name] = []
             self._quota_used[name] = 0
             self._records[name] = deque(maxlen=self.log_cap)
         self._dropped_records = 0
@@ -97,18 +98,22 @@ class SimulatorState:
         until = self._outage_until.get(name)
         return until is not None and time.monotonic() < until
 
-    def admit_rate(self, name: str) -> bool:
-        """Count one request against ``throttle_rps`` (a one-second sliding window); False = throttle it."""
+    def admit_rate(self, name: str, arrived: float | None = None) -> bool:
+        """Count one request against ``throttle_rps`` (a one-second sliding window); False = throttle it.
+
+        ``arrived`` is the request's ``time.monotonic()`` when it reached the simulator, before its body was read
+        and the latency knob slept: a provider's edge counts arrivals, and on a busy machine the time a request is
+        looked at can bunch requests that arrived well spaced (a client pacing itself to the rate then sees 429s it
+        did not cause)."""
         limit = self.knobs(name).throttle_rps
         if limit is None:
             return True
-        now = time.monotonic()
-        window = self._recent_requests[name]
-        while window and window[0] <= now - 1.0:
-            window.popleft()
-        if len(window) >= limit:
+        at = time.monotonic() if arrived is None else arrived
+        window = self._recent_requests[name]  # sorted arrival times
+        del window[:bisect.bisect_right(window, at - 1.0)]
+        if bisect.bisect_right(window, at) >= limit:  # arrivals in (at - 1 s, at]
             return False
-        window.append(now)
+        bisect.insort(window, at)
         return True
 
     def consume_quota(self, name: str, messages: int) -> bool:
