@@ -65,7 +65,6 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -88,7 +87,7 @@ from esp.v1 import (
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench import floor
-from bench.processes import run_and_report, until_idle
+from bench.processes import SHARED_SERVERS, cpu_snapshot, run_and_report, until_idle
 from dev import mesh as m
 from dev import pgtools, seed
 from dev.migrate import SERVICES_WITH_SCHEMAS
@@ -327,43 +326,15 @@ def send_request(message_class: str, index: int) -> messages_pb2.SendEmailReques
 
 
 # -- where the CPU goes ---------------------------------------------------------------------------------------------
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-SHARED_SERVERS = ("postgres", "nats-server", "redis-server")
-"""Servers that are not children of the benchmark; their CPU is counted by process name (other users of the same
-servers on a shared machine land in these figures too)."""
-
-
-def _proc_table() -> dict[int, tuple[str, int, float]]:
-    """pid → (command name, parent pid, CPU seconds) for every live process."""
-    table: dict[int, tuple[str, int, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "stat").read_text()
-        except OSError:
-            continue
-        name = raw[raw.index("(") + 1 : raw.rindex(")")]
-        fields = raw[raw.rindex(")") + 2 :].split()
-        table[int(entry.name)] = (name, int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS)
-    return table
-
-
 def cpu_seconds(env: Environment) -> dict[str, float]:
     """CPU seconds so far of each service (with its worker processes), the simulator, and the shared servers."""
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, (_name, parent, _cpu) in table.items():
-        children.setdefault(parent, []).append(pid)
-
-    def tree(pid: int) -> float:
-        return table.get(pid, ("", 0, 0.0))[2] + sum(tree(child) for child in children.get(pid, []))
-
-    totals = {name: tree(process.popen.pid) for name, process in env.mesh.processes.items()}
-    totals["simulator"] = sum(tree(process.popen.pid) for process in env.simulators)
-    totals["bench-client"] = table[os.getpid()][2]  # the load generator alone (every other process is its child)
+    snapshot = cpu_snapshot()
+    totals = {name: snapshot.tree(process.popen.pid) for name, process in env.mesh.processes.items()}
+    totals["simulator"] = sum(snapshot.tree(process.popen.pid) for process in env.simulators)
+    # The load generator alone (every other process is its child).
+    totals["bench-client"] = snapshot.processes[os.getpid()][2]
     for server in SHARED_SERVERS:
-        totals[server] = sum(cpu for name, _parent, cpu in table.values() if name == server)
+        totals[server] = snapshot.named(server)
     return totals
 
 

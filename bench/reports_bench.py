@@ -54,7 +54,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from multiprocessing import get_context
-from pathlib import Path
 from typing import Any
 
 import nats
@@ -63,6 +62,7 @@ from esp.internal.v1 import queue_pb2
 from esp.v1 import common_pb2, messages_pb2
 
 from bench import floor
+from bench.processes import SHARED_SERVERS, cpu_snapshot
 from dev import mesh as m
 from dev import pgtools
 from libs.common.db import SESSION_OPTIONS, create_pool, migrate_services
@@ -79,7 +79,6 @@ ADMIN_DSN = os.environ.get("ESP_BENCH_POSTGRES_DSN", "postgresql://postgres@127.
 NATS_URL = os.environ.get("ESP_BENCH_NATS_URL", "nats://127.0.0.1:4222")
 REDIS_URL = os.environ.get("ESP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 LOG_DIR = m.ROOT / ".dev" / "bench-reports"
-SHARED_SERVERS = ("postgres", "nats-server", "redis-server")
 MINUTE_RETENTION_DAYS = 3
 """``ReportsSettings.minute_rollup_retention_days``' default: the days whose minute rows are loaded."""
 
@@ -317,37 +316,12 @@ def backlog(topology: Topology, events: int, seed: int) -> Backlog:
 
 
 # -- CPU ------------------------------------------------------------------------------------------------------------
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_table() -> dict[int, tuple[str, int, float]]:
-    table: dict[int, tuple[str, int, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2:].split()
-        table[int(entry.name)] = (raw[raw.index("(") + 1:raw.rindex(")")], int(fields[1]),
-                                  (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS)
-    return table
-
-
 def cpu(service_pid: int) -> dict[str, float]:
     """CPU seconds so far of the service (with any children), this process and the shared servers (by name)."""
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, (_name, parent, _cpu) in table.items():
-        children.setdefault(parent, []).append(pid)
-
-    def tree(pid: int) -> float:
-        return table.get(pid, ("", 0, 0.0))[2] + sum(tree(child) for child in children.get(pid, []))
-
-    totals = {"reports": tree(service_pid), "bench-client": table[os.getpid()][2]}
+    snapshot = cpu_snapshot()
+    totals = {"reports": snapshot.tree(service_pid), "bench-client": snapshot.processes[os.getpid()][2]}
     for server in SHARED_SERVERS:
-        totals[server] = sum(seconds for name, _parent, seconds in table.values() if name == server)
+        totals[server] = snapshot.named(server)
     return totals
 
 
