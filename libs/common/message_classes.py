@@ -137,6 +137,9 @@ class RoutingWeights:
     """Compare providers by their latency tail rather than their mean (a late OTP is a useless OTP)."""
     probe_first: bool = True
     """Send the half-open breaker's probe with this class as soon as it is due (otp: only as a last resort)."""
+    latency_objective_s: float = 0.0
+    """The class's objective for the p99 from acceptance to a provider accepting the email (0: none). Alerting
+    (``EspOtpLatencyHigh``) and the routing lab's oracle hold the class to it."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,7 @@ CLASS_POLICIES: Mapping[MessageClass, ClassPolicy] = MappingProxyType({
         urgent=True,
         accept_passes_in_flight=16,
         routing=RoutingWeights(cost=0.05, latency=0.6, health=0.35, max_rate_wait_s=0.05, latency_by_tail=True,
-                               probe_first=False),
+                               probe_first=False, latency_objective_s=1.0),
         retry=RetryPolicy(max_failures=6, base_delay_s=0.25, max_delay_s=2.0, failover_now=True,
                           max_attempts_per_delivery=3, ambiguous=AmbiguousPolicy.FAIL_OVER, max_age_s=600),
         honours_unsubscribes=False,
@@ -173,7 +176,7 @@ CLASS_POLICIES: Mapping[MessageClass, ClassPolicy] = MappingProxyType({
     MessageClass.TRANSACTIONAL: ClassPolicy(
         urgent=False,
         accept_passes_in_flight=1,
-        routing=RoutingWeights(cost=0.3, latency=0.35, health=0.35, max_rate_wait_s=1.0),
+        routing=RoutingWeights(cost=0.3, latency=0.35, health=0.35, max_rate_wait_s=1.0, latency_objective_s=10.0),
         retry=RetryPolicy(max_failures=10, base_delay_s=1.0, max_delay_s=60.0, max_age_s=86400),
         honours_unsubscribes=False,
     ),

@@ -17,6 +17,10 @@ transition, and every script reads the clock from Redis (``TIME``), so replicas 
   failure (the provider is healthy, just busy) but pauses the provider for everyone until Retry-After passes.
 - ``refresh`` reads every provider's state in one pipelined round trip; routing ranks from that snapshot, which
   each process refreshes a few times a second, so a routing decision itself costs no round trip.
+
+The board talks to a ``HealthStore``: Redis in production, or the routing lab's in-memory Redis
+(``libs.routing.memory_redis``), which runs the same scripts on a simulated clock; ``clock`` names the UTC day and
+month of the quota counters, so it must be the clock the store's ``TIME`` reads.
 """
 
 from __future__ import annotations
@@ -28,8 +32,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-
-import redis.asyncio as aioredis
+from typing import Any, Protocol
 
 from libs.common.stopping import pause_unless_stopped
 
@@ -42,6 +45,7 @@ __all__ = [
     "BreakerSettings",
     "CallHealth",
     "HealthBoard",
+    "HealthStore",
     "Permit",
     "ProviderHealth",
     "ProviderLimits",
@@ -315,15 +319,28 @@ return state
 """
 
 ScriptArg = str | int | float
+
+
+class HealthStore(Protocol):
+    """What the board needs of its store: scripts and non-transactional pipelines, as ``redis.asyncio.Redis`` has
+    them."""
+
+    def register_script(self, script: str) -> Any:
+        """A callable script: ``await script(keys=..., args=..., client=pipeline)`` queues it in the pipeline."""
+
+    def pipeline(self, transaction: bool = True) -> Any:
+        """An ``async with`` pipeline with ``time``, ``get``, ``hmget``, ``decrby`` and ``execute``."""
+
 _HEALTH_FIELDS = ("state", "open_until", "probe_until", "throttled_until", "lat", "latdev", "samples")
 
 
 class HealthBoard:
     """Reads and writes the shared provider state of one mesh (``namespace`` prefixes every key)."""
 
-    def __init__(self, redis: aioredis.Redis, namespace: str, policy: BreakerPolicy | None = None,
-                 *, alpha: float = 0.2, refresh_s: float = 0.2) -> None:
+    def __init__(self, redis: HealthStore, namespace: str, policy: BreakerPolicy | None = None,
+                 *, alpha: float = 0.2, refresh_s: float = 0.2, clock: Callable[[], float] = time.time) -> None:
         self.redis = redis
+        self.clock = clock
         self.namespace = namespace
         self.policy = policy or BreakerPolicy()
         self.alpha = alpha
@@ -343,7 +360,7 @@ class HealthBoard:
 
     def quota_keys(self, provider_id: str) -> tuple[str, str]:
         """Today's and this month's quota counters (UTC)."""
-        now = time.gmtime()
+        now = time.gmtime(self.clock())
         return (f"{self.namespace}:pq:{provider_id}:d:{time.strftime('%Y%m%d', now)}",
                 f"{self.namespace}:pq:{provider_id}:m:{time.strftime('%Y%m', now)}")
 

@@ -54,25 +54,28 @@ from prometheus_client import Counter, Histogram
 
 from libs.common.campaign_halts import Halt
 from libs.common.event_types import REASON_CODE_ATTRIBUTE, RECIPIENT_REFUSED_REASON_CODE, SUPPRESSED_REASON_CODE
-from libs.common.message_classes import AmbiguousPolicy, MessageClass, RetryPolicy
+from libs.common.message_classes import MessageClass, RetryPolicy
 from libs.providers.base import ProviderAdapter
 from libs.providers.errors import AdapterConfigError, InvalidMessage, ProviderError
 from libs.providers.model import Address, Attachment, OutboundEmail, Outcome, SendResult
 from libs.routing.catalog import ProviderCatalog, ProviderSpec
-from libs.routing.health import (
-    CallHealth,
-    HealthBoard,
-    Permit,
-    ProviderLimits,
-    RecordedCall,
-    Refusal,
-)
+from libs.routing.health import HealthBoard, Permit, ProviderLimits, Refusal
 from libs.routing.scoring import EmailFacts, RouteDecision, rank
 from services.sender.adapters import AdapterPool
 from services.sender.events import NO_ATTEMPT, AttemptFacts, EventPublisher
 from services.sender.halts import CampaignHalts, held_msg_id
 from services.sender.links import LinkedAttachments
-from services.sender.retries import backoff_s, throttle_delay_s
+from services.sender.outcomes import (
+    MIN_RETRY_S,
+    Next,
+    Unroutable,
+    after_attempt,
+    recorded_call,
+    sent,
+    unavailable_delay_s,
+    unroutable,
+)
+from services.sender.retries import backoff_s
 from services.sender.state import MessageState, MessageStateStore, SentMarker, StateChange
 from services.sender.suppressions import Recipients, SuppressionCheck
 
@@ -80,8 +83,6 @@ log = logging.getLogger(__name__)
 
 RETRY_POLICIES: Mapping[str, RetryPolicy] = {c.value: c.policy.retry for c in MessageClass}
 """Each class's retry policy as the class table sets it; what the sender service runs with."""
-MIN_RETRY_S = 0.2
-"""Shortest nak delay: waiting for a provider to become available is never a busy loop."""
 LEASE_BUSY_RETRY_S = 5.0
 """Another sender holds the email: look again after this long (it will normally have acked it by then)."""
 SIZE_BUCKET_BYTES = 4096
@@ -544,33 +545,16 @@ class Deliverer:
 
     # -- step 5 --------------------------------------------------------------------------------------------------
     async def _record(self, calls: list[Call]) -> None:
-        recorded: list[RecordedCall] = []
-        for call in calls:
-            outcomes = [r.outcome for r in call.results]
-            rejected = sum(1 for r in call.results if r.outcome is Outcome.PERMANENT and not r.provider_fault)
-            if not call.reached_provider:
-                recorded.append(RecordedCall(call.provider_id, CallHealth.NOT_SENT, probe=call.permit.probe,
-                                             refund_emails=len(call.jobs) + call.withheld))
-            elif all(o is Outcome.THROTTLED for o in outcomes):
-                retry_after = max((r.retry_after_s or 0.0 for r in call.results), default=0.0) or 1.0
-                recorded.append(RecordedCall(call.provider_id, CallHealth.THROTTLED, probe=call.permit.probe,
-                                             retry_after_s=retry_after, refund_emails=len(call.jobs) + call.withheld))
-            elif Outcome.ACCEPTED in outcomes or rejected:
-                single = call.results[0] if len(call.results) == 1 and outcomes[0] is Outcome.ACCEPTED else None
-                latency = single.elapsed_s * 1000 if single and single.elapsed_s is not None else None
-                recorded.append(RecordedCall(call.provider_id, CallHealth.SUCCESS, latency, call.permit.probe,
-                                             refund_emails=rejected + call.withheld))
-            else:
-                recorded.append(RecordedCall(call.provider_id, CallHealth.FAILURE, probe=call.permit.probe,
-                                             refund_emails=call.withheld))
-        await self.health.record_many(recorded)
+        await self.health.record_many([
+            recorded_call(call.provider_id, call.results, emails=len(call.jobs), probe=call.permit.probe,
+                          reached_provider=call.reached_provider, withheld=call.withheld)
+            for call in calls])
         attempts = Tally((call.provider_id, result.outcome.value) for call in calls for result in call.results)
         for labels, count in attempts.items():
             ATTEMPTS.labels(*labels).inc(count)
         for call in calls:
             for job, result in zip(call.jobs, call.results, strict=True):
-                if result.outcome is Outcome.ACCEPTED or (
-                        result.outcome is Outcome.AMBIGUOUS and job.policy.ambiguous is AmbiguousPolicy.ASSUME_SENT):
+                if sent(job.policy, result):
                     job.state.sent = SentMarker(call.provider_id, result.provider_message_id or "",
                                                 ambiguous=result.outcome is Outcome.AMBIGUOUS,
                                                 refused=dict(result.refused_recipients))
@@ -595,30 +579,27 @@ class Deliverer:
             self._sent(job, facts, pending, reason=result.reason if ambiguous else "")
             self._refused(job, facts, result.refused_recipients, pending)
             return False
-        if result.outcome is Outcome.PERMANENT and not result.provider_fault:
+        verdict = after_attempt(policy, result, failures=job.state.failures, calls=job.calls,
+                                probe=call.permit.probe, reached_provider=call.reached_provider)
+        if verdict.next is Next.REJECTED:
             self._fail(job, f"rejected by {call.provider_id}: {result.reason}", pending, facts=facts)
             return False
         pending.append(EventIntent(
             job.task, messages_pb2.MESSAGE_EVENT_TYPE_ATTEMPTED,
             event_id=f"{job.message_id}:a:{job.state.attempts}", reason=result.reason, facts=facts))
         job.tried.add(call.provider_id)
-        if result.outcome is Outcome.THROTTLED:
-            # Not the email's fault and not a failure: the provider is paused for everyone; try elsewhere now.
-            job.hint(throttle_delay_s(policy, result.retry_after_s or 1.0))
-            return True
-        if not call.reached_provider and result.outcome is Outcome.PERMANENT:
-            return True  # never left: another provider at once, no failure counted
-        job.state.excluded.add(call.provider_id)
-        job.state.failures += 1
-        job.failed_at = time.perf_counter()
-        if job.state.failures >= policy.max_failures:
+        job.hint(verdict.wait_hint_s)
+        if verdict.failure:
+            job.state.excluded.add(call.provider_id)
+            job.state.failures += 1
+            job.failed_at = time.perf_counter()
+        if verdict.next is Next.GIVE_UP:
             self._fail(job, f"gave up after {job.state.failures} failed attempts; last: "
                             f"{call.provider_id}: {result.reason}", pending, dead_letter=True)
             return False
-        # otp falls over at once; so does the email a failed half-open probe was risked on.
-        if (policy.failover_now and job.calls < policy.max_attempts_per_delivery) or call.permit.probe:
+        if verdict.next is Next.OTHER_PROVIDER_NOW:
             return True
-        self._later(job, backoff_s(policy, job.state.failures), f"{call.provider_id}: {result.reason}", pending)
+        self._later(job, verdict.delay_s, f"{call.provider_id}: {result.reason}", pending)
         return False
 
     # -- step 7 --------------------------------------------------------------------------------------------------
@@ -678,40 +659,27 @@ class Deliverer:
     # -- when no provider can take the email now -------------------------------------------------------------------
     def _unroutable(self, job: Job, decision: RouteDecision, pending: Outbox) -> None:
         reasons = "; ".join(f"{s.provider_id}: {s.excluded_reason}" for s in decision.excluded)
-        relevant = [s for s in decision.excluded
-                    if s.excluded_reason != "disabled" and not s.excluded_reason.startswith("does not carry")]
         policy = job.policy
-        if not relevant:
+        why = unroutable(decision, job.state.excluded)
+        if why is Unroutable.NO_CARRIER:
             self._later(job, policy.max_delay_s,
                         f"no provider carries {job.message_class} ({reasons or 'no providers configured'})", pending)
-            return
-        if all("exceeds cap" in s.excluded_reason for s in relevant):
+        elif why is Unroutable.TOO_LARGE:
             self._fail(job, f"no provider takes a message of {job.task.message_bytes} bytes ({reasons})", pending)
-            return
-        failed_before = [s for s in relevant if s.provider_id in job.state.excluded]
-        if failed_before:
+        elif why is Unroutable.ALL_FAILED:
             # Every usable provider failed it once: the next round starts over with all of them, after backoff.
             job.state.excluded.clear()
             job.dirty = True
             delay = backoff_s(policy, max(1, job.state.failures))
             self._later(job, max(delay, job.wait_hint_s or 0.0), f"every provider failed it ({reasons})", pending)
-            return
-        self._unavailable(job, pending, reasons)
+        else:
+            self._unavailable(job, pending, reasons)
 
     def _unavailable(self, job: Job, pending: Outbox, reasons: str = "") -> None:
         """Every provider refused for now (breaker, Retry-After, quota, rate): wait for the soonest to free up."""
-        max_rate_wait = job.message_class.policy.routing.max_rate_wait_s
-        waits = [job.wait_hint_s or 0.0]
-        for spec in self.catalog.providers.values():
-            if spec.disabled or not spec.carries(job.message_class):
-                continue
-            health = self.health.snapshot(spec.id)
-            rate_wait = health.rate_backlog_s - max_rate_wait if spec.rate_limit_per_second > 0 else 0.0
-            waits.extend((health.open_for_s, health.throttled_for_s, rate_wait))
-        # Quota that runs out today is the one wait with no hint: then the class's longest wait.
-        soonest = min((w for w in waits if w > 0), default=job.policy.max_delay_s)
-        self._later(job, min(job.policy.max_delay_s, max(MIN_RETRY_S, soonest)),
-                    f"no provider available now ({reasons or job.last_refusal})", pending)
+        delay = unavailable_delay_s(job.policy, job.message_class, self.catalog.providers.values(),
+                                    self.health.snapshots, job.wait_hint_s)
+        self._later(job, delay, f"no provider available now ({reasons or job.last_refusal})", pending)
 
     # -- outcomes ------------------------------------------------------------------------------------------------
     def _sent(self, job: Job, facts: AttemptFacts, pending: Outbox, *, reason: str = "") -> None:
