@@ -25,15 +25,15 @@ is *available* unless an ``outage`` covers it or a brown-out fails every call th
 
 *Eligibility.* ``(g, p)`` is eligible when ``p`` carries the class (``SimProvider.classes``, empty: all), the
 group's largest email is within ``provider_size_cap(p.type, p.max_message_bytes)`` (0: no cap), and ``p`` is
-available for some of the window. For OTPs also: ``p``'s p99 latency (``latency.p99_ms``, times the largest
-``latency_factor`` of the brown-outs active) is within ``MessageClass.OTP.policy.routing.latency_objective_s``
+available for some of the window. For OTPs also: ``p``'s p99 latency (``latency.p99_ms``, times the
+``latency_factor`` of every brown-out active) is within ``MessageClass.OTP.policy.routing.latency_objective_s``
 for some available part of the window. An OTP cannot wait, so where that *fast* part is not the whole window, the
 OTPs sent via ``p`` in the window are at most those that arrived during it (counted from the arrival times).
 
-*Error rates.* A provider with error rate ``e`` (its ``error_rate``; while brown-outs are active, the largest of
-their ``error_rate`` instead) makes ``1 / (1 - e)`` calls per delivered email. A window's calls per email are the
-average of that over its available seconds (sends are spread over the available part). Failed calls cost nothing,
-but they count against rate limits and quotas.
+*Error rates.* A provider with error rate ``e`` (the largest of its ``error_rate`` and those of the brown-outs
+active, as ``market.Market`` fails calls) makes ``1 / (1 - e)`` calls per delivered email. A window's calls per
+email are the average of that over its available seconds (sends are spread over the available part). Failed calls
+cost nothing, but they count against rate limits and quotas.
 
 *Rate limits.* Calls to ``p`` in a window ``<=`` the integral of its rate over the window's available seconds:
 ``rate_limit_per_second`` (0: unlimited), or during a ``throttle`` the lower of that and the event's
@@ -215,7 +215,7 @@ def _window_state(scenario: Scenario, provider: SimProvider, w: int, objective_m
         length = b - a
         active = [e for e in events if e.active((a + b) / 2)]
         brownouts = [e for e in active if e.kind == "brownout"]
-        error = max(e.error_rate for e in brownouts) if brownouts else provider.error_rate
+        error = max([provider.error_rate, *(e.error_rate for e in brownouts)])
         if any(e.kind == "outage" for e in active) or error >= 1:
             continue
         rates = [e.rate_per_second for e in active if e.kind == "throttle"]
@@ -227,7 +227,7 @@ def _window_state(scenario: Scenario, provider: SimProvider, w: int, objective_m
         email_price, mb_price = _price(provider, events, (a + b) / 2)
         price_email += email_price * length
         price_mb += mb_price * length
-        factor = max((e.latency_factor for e in brownouts), default=1.0)
+        factor = math.prod(e.latency_factor for e in brownouts)
         if provider.latency.p99_ms * factor <= objective_ms or objective_ms <= 0:
             fast.append((a, b))
     if available <= 0:
