@@ -1,20 +1,34 @@
-"""Ranking providers for one email: a fallback chain, best first, with the reasons behind every score.
+"""Ranking providers for one email: a fallback chain, best first, with the reasons behind every rank.
 
 Eligibility first — enabled, carries the class, fits the size (``libs.providers.capabilities.provider_size_cap``),
 breaker not open (nor its probe under way), no Retry-After pause, quota left for the email, rate budget not booked
-beyond what the class may wait, not already failed for this email — then a weighted score per class:
+beyond what the class may wait, not already failed for this email.
+
+Then the order: **the cheapest provider that meets the class's quality floor** (least cost with a quality floor,
+the "cost subsidy" framing of Sinha et al., AISTATS 2021), and after those the ones that miss it, best score first.
+A provider meets the floor when
+
+- its latency p99 estimate (mean + 4 mean deviations; a provider never measured is assumed fast, so it gets
+  traffic and with it a measurement) is within the class's latency objective (``RoutingWeights.latency_objective_s``;
+  otp 1 s, transactional 10 s, bulk none), so a silent brown-out (slow, not failing) loses the urgent classes as
+  soon as the estimate moves;
+- its health is at least ``HEALTH_FLOOR``: 1 - failure rate over the breaker's window, shrunk towards 0 while the
+  window holds few calls (one failure out of one call says little; the breaker, not the rank, reacts to a run of
+  failures);
+- it is in the email's preferred region, if one is asked for (a preference, not a filter).
+
+Among those, cheaper first: price per email + price per MB * size, divided by the manual ``weight``. The routing
+lab (``libs.routing_sim``, ``docs/ROUTING.md``) measured this order against a weighted score of cost, latency and
+health, which sent otp and transactional mail to the fastest (and dearest) provider whatever the objective: the
+score remains as the order among the providers that miss the floor, with each class's weights:
 
     score = weight * (w_cost·cost + w_latency·latency + w_health·health) * capacity * region
 
-- cost     = cheapest eligible expected cost / this provider's (price per email + price per MB * size);
-- latency  = fastest latency / this provider's (otp compares tail estimates, the others means); a provider
-  never measured is assumed to be fast, so a new provider gets traffic, and with it a measurement;
-- health   = 1 - failure rate over the breaker's window, shrunk towards 0 while the window holds few calls
-  (one failure out of one call says little; the breaker, not the score, reacts to a run of failures);
+- cost     = cheapest eligible expected cost / this provider's;
+- latency  = fastest latency / this provider's (otp compares tail estimates, the others means);
 - capacity = how much of its quota and rate budget is left: 1 while plenty, fading to ½ as the daily quota
-  runs out or the rate limiter's schedule fills up to the class's wait limit, so traffic spills over to the
-  next provider *before* this one would have to refuse;
-- region   = ½ for a provider outside the requested region (a preference, not a filter).
+  runs out or the rate limiter's schedule fills up to the class's wait limit;
+- region   = ½ for a provider outside the requested region.
 
 A half-open provider (breaker cooled down, probe slot free) goes first for transactional and bulk, so recovery
 is noticed at once — the probe risks one email, which falls over at once if it fails — and last for otp, which
@@ -32,9 +46,12 @@ from libs.routing.catalog import ProviderSpec
 from libs.routing.health import HALF_OPEN, OPEN, ProviderHealth
 
 __all__ = [
+    "HEALTH_FLOOR",
+    "TAIL_DEVIATIONS",
     "EmailFacts",
     "ProviderScore",
     "RouteDecision",
+    "latency_p99_estimate_ms",
     "rank",
 ]
 
@@ -46,6 +63,11 @@ OUT_OF_REGION = 0.5
 UNLIMITED = float("inf")
 ERROR_PRIOR_CALLS = 10
 """The failure rate counts as if this many successful calls were added to the window (Bayesian shrinkage)."""
+HEALTH_FLOOR = 0.9
+"""Below this health factor a provider misses every class's quality floor."""
+TAIL_DEVIATIONS = 4.0
+"""The latency p99 estimate is the mean plus this many mean deviations: for the lognormal-shaped latencies
+providers show (p99 two to six times the median), within about a fifth of the true p99, erring high."""
 UNMEASURED_LATENCY_MS = 1.0
 """What a provider never measured is assumed to take: as fast as can be, so it gets traffic and a measurement
 (optimism in the face of uncertainty; one email finds out)."""
@@ -90,6 +112,8 @@ class ProviderScore:
     probe: bool = False
     """Half-open: the next email sent here is the breaker's probe."""
     excluded_reason: str = ""
+    below_floor: str = ""
+    """Why the provider misses the class's quality floor (empty: it meets it, and ranks by cost)."""
 
     @property
     def rate_budget_per_second(self) -> float:
@@ -154,6 +178,24 @@ def _capacity(spec: ProviderSpec, health: ProviderHealth, profile: RoutingWeight
     return factor
 
 
+def latency_p99_estimate_ms(health: ProviderHealth) -> float:
+    """The provider's latency p99 as routing estimates it (0 when never measured)."""
+    return health.latency_ms_ewma + TAIL_DEVIATIONS * health.latency_dev_ms if health.measured else 0.0
+
+
+def _below_floor(health: ProviderHealth, health_factor: float, region: float, profile: RoutingWeights) -> str:
+    """Why a provider misses the class's quality floor; empty when it meets it."""
+    objective_ms = profile.latency_objective_s * 1000
+    p99 = latency_p99_estimate_ms(health)
+    if objective_ms and p99 > objective_ms:
+        return f"latency p99 estimate {p99:.0f} ms above the class objective of {objective_ms:.0f} ms"
+    if health_factor < HEALTH_FLOOR:
+        return f"health {health_factor:.2f} below {HEALTH_FLOOR}"
+    if region < 1:
+        return "outside the preferred region"
+    return ""
+
+
 def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth], email: EmailFacts,
          size_caps: Mapping[str, int] = DEFAULT_SIZE_CAPS) -> RouteDecision:
     """Rank ``providers`` for ``email``. ``size_caps`` maps provider type → the type's own size cap (the
@@ -178,6 +220,7 @@ def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth]
     cheapest = min(cost for _, _, cost, _ in eligible)
     fastest = min((latency or UNMEASURED_LATENCY_MS) for _, _, _, latency in eligible)
     ranked: list[ProviderScore] = []
+    weights: dict[str, float] = {}
     for spec, h, cost, latency in eligible:
         cost_factor = cheapest / cost if cost > 0 else 1.0
         latency_factor = fastest / (latency or UNMEASURED_LATENCY_MS)
@@ -190,14 +233,19 @@ def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth]
         ranked.append(ProviderScore(
             spec.id, spec.type, round(score, 6), cost, latency, h.error_rate, h.breaker, daily, monthly,
             spec.rate_limit_per_second, h.rate_backlog_s, round(cost_factor, 6), round(latency_factor, 6),
-            round(health_factor, 6), round(capacity, 6), region, probe=h.breaker == HALF_OPEN))
+            round(health_factor, 6), round(capacity, 6), region, probe=h.breaker == HALF_OPEN,
+            below_floor=_below_floor(h, health_factor, region, profile)))
+        weights[spec.id] = spec.weight if spec.weight > 0 else 1.0
 
-    def order(s: ProviderScore) -> tuple[int, float, float, str]:
-        # Probes first (transactional, bulk) or last (otp); then by score, cheaper first on a tie.
+    def order(s: ProviderScore) -> tuple[int, int, float, float, str]:
+        # Probes first (transactional, bulk) or last (otp); then the providers meeting the floor, cheapest first;
+        # then the others by score.
         group = 1
         if s.probe:
             group = 0 if profile.probe_first else 2
-        return group, -s.score, s.expected_cost_micros, s.provider_id
+        if not s.below_floor:
+            return group, 0, s.expected_cost_micros / weights[s.provider_id], -s.score, s.provider_id
+        return group, 1, -s.score, s.expected_cost_micros, s.provider_id
 
     ranked.sort(key=order)
     return RouteDecision(tuple(ranked), tuple(excluded))

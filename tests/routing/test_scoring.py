@@ -31,16 +31,33 @@ def test_bulk_prefers_the_cheapest_healthy_provider():
     assert order(decision) == ["slow-cheap", "fast-pricey"]
 
 
-def test_otp_prefers_the_fastest_healthy_provider():
-    decision = rank([SLOW_AND_CHEAP, FAST_AND_PRICEY], MEASURED, email("otp"), CAPS)
+def test_otp_prefers_the_cheapest_provider_within_its_latency_objective():
+    decision = rank([FAST_AND_PRICEY, SLOW_AND_CHEAP], MEASURED, email("otp"), CAPS)
+
+    assert order(decision) == ["slow-cheap", "fast-pricey"]
+
+
+def test_otp_leaves_a_cheaper_provider_whose_latency_misses_the_objective():
+    browned_out = {**MEASURED, "slow-cheap": ProviderHealth(latency_ms_ewma=700, latency_dev_ms=150, samples=50)}
+
+    decision = rank([SLOW_AND_CHEAP, FAST_AND_PRICEY], browned_out, email("otp"), CAPS)
 
     assert order(decision) == ["fast-pricey", "slow-cheap"]
+    assert "above the class objective of 1000 ms" in decision.ranked[1].below_floor
 
 
-def test_a_provider_never_measured_is_tried_before_a_measured_slower_one():
-    decision = rank([SLOW_AND_CHEAP, FAST_AND_PRICEY], {"slow-cheap": MEASURED["slow-cheap"]}, email("otp"), CAPS)
+def test_transactional_keeps_a_slow_provider_that_is_within_its_own_objective():
+    browned_out = {**MEASURED, "slow-cheap": ProviderHealth(latency_ms_ewma=700, latency_dev_ms=150, samples=50)}
 
-    assert order(decision) == ["fast-pricey", "slow-cheap"]
+    assert order(rank([FAST_AND_PRICEY, SLOW_AND_CHEAP], browned_out, email("transactional"), CAPS))[0] == "slow-cheap"
+
+
+def test_a_provider_never_measured_counts_as_within_the_objective():
+    slow = {"fast-pricey": ProviderHealth(latency_ms_ewma=900, latency_dev_ms=200, samples=50)}
+
+    decision = rank([FAST_AND_PRICEY, SLOW_AND_CHEAP], slow, email("otp"), CAPS)
+
+    assert order(decision) == ["slow-cheap", "fast-pricey"]
 
 
 def test_an_unhealthy_provider_ranks_below_a_healthy_one_of_the_same_price():
@@ -130,26 +147,27 @@ def test_a_half_open_provider_gets_its_probe_first_for_bulk_and_last_for_otp():
     assert order(otp) == ["healthy", "recovering"]
 
 
-def test_a_cheapest_provider_whose_rate_budget_fills_up_gives_way_to_the_next():
+def test_a_cheapest_provider_keeps_its_rank_until_its_rate_budget_for_the_class_is_spent():
     cheap = ProviderSpec("cheap", "sendgrid", "http://x", price_per_email_micros=50, rate_limit_per_second=10)
     next_cheapest = ProviderSpec("next", "sendgrid", "http://x", price_per_email_micros=70)
 
-    idle = rank([cheap, next_cheapest], {}, email("bulk"), CAPS)
     booked = rank([cheap, next_cheapest], {"cheap": ProviderHealth(rate_backlog_s=1.9)}, email("bulk"), CAPS)
+    spent = rank([cheap, next_cheapest], {"cheap": ProviderHealth(rate_backlog_s=2.1)}, email("bulk"), CAPS)
 
-    assert order(idle) == ["cheap", "next"]
-    assert order(booked) == ["next", "cheap"]
-    assert booked.ranked[1].capacity_factor < 0.6
+    assert order(booked) == ["cheap", "next"]
+    assert booked.ranked[0].capacity_factor < 0.6  # the breakdown still shows how full its schedule is
+    assert order(spent) == ["next"] and reason(spent, "cheap").startswith("rate budget spent")
 
 
-def test_a_provider_about_to_run_out_of_quota_gives_way_to_the_next():
+def test_a_cheapest_provider_is_used_to_the_last_email_of_its_quota():
     cheap = ProviderSpec("cheap", "sendgrid", "http://x", price_per_email_micros=50, daily_quota=1000)
     next_cheapest = ProviderSpec("next", "sendgrid", "http://x", price_per_email_micros=70)
 
-    decision = rank([cheap, next_cheapest], {"cheap": ProviderHealth(daily_used=999)}, email("bulk"), CAPS)
+    last = rank([cheap, next_cheapest], {"cheap": ProviderHealth(daily_used=999)}, email("bulk"), CAPS)
+    gone = rank([cheap, next_cheapest], {"cheap": ProviderHealth(daily_used=1000)}, email("bulk"), CAPS)
 
-    assert order(decision) == ["next", "cheap"]
-    assert decision.ranked[1].remaining_daily_quota == 1
+    assert order(last) == ["cheap", "next"] and last.ranked[0].remaining_daily_quota == 1
+    assert order(gone) == ["next"] and reason(gone, "cheap") == "daily quota exhausted"
 
 
 def test_a_provider_outside_the_preferred_region_ranks_after_those_inside():
