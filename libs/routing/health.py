@@ -56,6 +56,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+Z99 = 2.3263478740408408
+"""The standard normal's 99th percentile."""
+TAIL_PRIOR_VAR = 0.25
+"""The log-latency variance assumed after a provider's first measured call (a p99 about three times the first
+latency), until more calls teach better."""
 RATE_SAFETY_MARGIN = 0.05
 """Calls are paced this share below a provider's configured rate (≈ 50 ms of slack per one-second window)."""
 
@@ -113,6 +118,19 @@ class ProviderHealth:
     monthly_used: int = 0
     rate_backlog_s: float = 0.0
     """How far ahead the rate limiter's schedule is booked: a new call would wait this long."""
+
+    latency_log_mean: float = 0.0
+    """Mean of the log of the latency in ms (weighted with ``HealthBoard.tail_alpha``, slower than the mean)."""
+    latency_log_var: float = 0.0
+    """Variance of the log of the latency (weighted the same way)."""
+
+    @property
+    def latency_p99_ms(self) -> float:
+        """The latency's 99th percentile, reading latencies as lognormal (as provider latencies are: a long right
+        tail); 0 when never measured."""
+        if not self.measured:
+            return 0.0
+        return math.exp(self.latency_log_mean + Z99 * math.sqrt(max(0.0, self.latency_log_var)))
 
     @property
     def latency_tail_ms(self) -> float:
@@ -237,7 +255,8 @@ return {granted, wait, probe, 'ok'}
 """
 
 # KEYS: health hash. ARGV: kind (ok | fail | throttle | release), latency_ms (-1 = none), alpha,
-# consecutive_threshold, rate_threshold, min_samples, window_s, open_ms, throttle_ms, was_probe (1/0).
+# consecutive_threshold, rate_threshold, min_samples, window_s, open_ms, throttle_ms, was_probe (1/0), tail_alpha,
+# tail_prior_var.
 # The window is a ring of window_s slots "w<sec mod window>" = "<sec>:<ok>:<fail>", so it never grows.
 _RECORD = """
 local h = KEYS[1]
@@ -296,7 +315,19 @@ if kind == 'ok' then
       lat = lat + alpha * err
       dev = dev + alpha * (math.abs(err) - dev)
     end
-    redis.call('HSET', h, 'lat', lat, 'latdev', dev)
+    local ln = math.log(math.max(latency, 0.01))
+    local lm = tonumber(redis.call('HGET', h, 'lnlat') or 'none')
+    local lv
+    if lm == nil then
+      lm = ln
+      lv = tonumber(ARGV[12])
+    else
+      local beta = tonumber(ARGV[11])
+      local d = ln - lm
+      lv = (1 - beta) * (tonumber(redis.call('HGET', h, 'lnvar') or '0') + beta * d * d)
+      lm = lm + beta * d
+    end
+    redis.call('HSET', h, 'lat', lat, 'latdev', dev, 'lnlat', lm, 'lnvar', lv)
   end
   if state == 'half_open' then
     state = 'closed'
@@ -331,15 +362,20 @@ class HealthStore(Protocol):
     def pipeline(self, transaction: bool = True) -> Any:
         """An ``async with`` pipeline with ``time``, ``get``, ``hmget``, ``decrby`` and ``execute``."""
 
-_HEALTH_FIELDS = ("state", "open_until", "probe_until", "throttled_until", "lat", "latdev", "samples")
+_HEALTH_FIELDS = ("state", "open_until", "probe_until", "throttled_until", "lat", "latdev", "samples", "lnlat",
+                  "lnvar")
 
 
 class HealthBoard:
     """Reads and writes the shared provider state of one mesh (``namespace`` prefixes every key)."""
 
     def __init__(self, redis: HealthStore, namespace: str, policy: BreakerPolicy | None = None,
-                 *, alpha: float = 0.2, refresh_s: float = 0.2, clock: Callable[[], float] = time.time) -> None:
+                 *, alpha: float = 0.2, tail_alpha: float = 0.01, refresh_s: float = 0.2,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``alpha`` weighs a new latency into the mean and deviation (quick to follow), ``tail_alpha`` into the
+        lognormal fit behind ``latency_p99_ms`` (steadier: a tail needs many calls to show)."""
         self.redis = redis
+        self.tail_alpha = tail_alpha
         self.clock = clock
         self.namespace = namespace
         self.policy = policy or BreakerPolicy()
@@ -400,7 +436,7 @@ class HealthBoard:
         fields, daily, monthly, tat = replies
         assert isinstance(fields, list)
         breaker = fields[0].decode() if isinstance(fields[0], bytes) else CLOSED
-        open_until, probe_until, throttled_until, latency, latdev, samples = (
+        open_until, probe_until, throttled_until, latency, latdev, samples, log_mean, log_var = (
             _float(v) for v in fields[1:len(_HEALTH_FIELDS)])
         now_ms = now_us / 1000
         now_s = now_us // 1_000_000
@@ -426,7 +462,8 @@ class HealthBoard:
             throttled_for_s=max(0.0, (throttled_until - now_ms) / 1000),
             latency_ms_ewma=latency if latency > 0 else 0.0, latency_dev_ms=latdev,
             error_rate=failed / (ok + failed) if ok + failed else 0.0, window_samples=ok + failed,
-            samples=int(samples), daily_used=int(_float(daily)), monthly_used=int(_float(monthly)),
+            samples=int(samples), latency_log_mean=log_mean, latency_log_var=log_var,
+            daily_used=int(_float(daily)), monthly_used=int(_float(monthly)),
             rate_backlog_s=max(0.0, (_float(tat) - now_us) / 1_000_000))
 
     async def run_refresher(self, provider_ids: Callable[[], Iterable[str]], stop: asyncio.Event) -> None:
@@ -475,7 +512,8 @@ class HealthBoard:
         p = self.policy
         return [outcome.value, -1 if latency_ms is None else latency_ms, self.alpha, p.consecutive_failures,
                 p.failure_rate, p.min_samples, p.window_s, int(p.open_s * 1000),
-                int((retry_after_s if retry_after_s is not None else 1.0) * 1000), 1 if probe else 0]
+                int((retry_after_s if retry_after_s is not None else 1.0) * 1000), 1 if probe else 0,
+                self.tail_alpha, TAIL_PRIOR_VAR]
 
     async def record(self, provider_id: str, outcome: CallHealth, *, latency_ms: float | None = None,
                      probe: bool = False, retry_after_s: float | None = None, refund_emails: int = 0) -> str:

@@ -8,7 +8,8 @@ embeds) with a ``redis.call`` that serves the handful of commands those scripts 
 the injected clock, so a simulated day needs no real time and is the same for the same inputs.
 
 It implements only what the board uses, with Redis's conversions where the scripts can see them: numbers given to
-``redis.call`` become strings as Redis's Lua makes them (``tostring``), a missing value reads as ``false``, a number
+``redis.call`` become strings as Redis makes them (integers as digits, others to 17 significant digits), a missing
+value reads as ``false``, a number
 returned from a script becomes an integer (truncated), ``false`` becomes nil and a table stops at its first nil.
 ``tests/routing/test_memory_redis.py`` runs the same sequence of board calls against a real Redis and this store
 and compares every answer.
@@ -27,10 +28,17 @@ __all__ = ["MemoryRedis"]
 _SHIM = """
 local dispatch = ...
 redis = {}
+local function argument(v)
+  if type(v) == 'number' then
+    if v == math.floor(v) and v > -2^53 and v < 2^53 then return string.format('%d', v) end
+    return string.format('%.17g', v)
+  end
+  return tostring(v)
+end
 redis.call = function(...)
   local n = select('#', ...)
   local args = {}
-  for i = 1, n do args[i] = tostring((select(i, ...))) end
+  for i = 1, n do args[i] = argument((select(i, ...))) end
   return dispatch(args, n)
 end
 """

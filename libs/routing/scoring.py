@@ -8,10 +8,10 @@ Then the order: **the cheapest provider that meets the class's quality floor** (
 the "cost subsidy" framing of Sinha et al., AISTATS 2021), and after those the ones that miss it, best score first.
 A provider meets the floor when
 
-- its latency p99 estimate (mean + 4 mean deviations; a provider never measured is assumed fast, so it gets
-  traffic and with it a measurement) is within the class's latency objective (``RoutingWeights.latency_objective_s``;
-  otp 1 s, transactional 10 s, bulk none), so a silent brown-out (slow, not failing) loses the urgent classes as
-  soon as the estimate moves;
+- its latency p99 estimate (``ProviderHealth.latency_p99_ms``, a lognormal fit; a provider never measured is
+  assumed fast, so it gets traffic and with it a measurement) is within the class's latency objective
+  (``RoutingWeights.latency_objective_s``: otp 1 s, transactional 10 s, bulk none), so a silent brown-out (slow,
+  not failing) loses the urgent classes as soon as the estimate moves;
 - its health is at least ``HEALTH_FLOOR``: 1 - failure rate over the breaker's window, shrunk towards 0 while the
   window holds few calls (one failure out of one call says little; the breaker, not the rank, reacts to a run of
   failures);
@@ -47,11 +47,9 @@ from libs.routing.health import HALF_OPEN, OPEN, ProviderHealth
 
 __all__ = [
     "HEALTH_FLOOR",
-    "TAIL_DEVIATIONS",
     "EmailFacts",
     "ProviderScore",
     "RouteDecision",
-    "latency_p99_estimate_ms",
     "rank",
 ]
 
@@ -65,9 +63,6 @@ ERROR_PRIOR_CALLS = 10
 """The failure rate counts as if this many successful calls were added to the window (Bayesian shrinkage)."""
 HEALTH_FLOOR = 0.9
 """Below this health factor a provider misses every class's quality floor."""
-TAIL_DEVIATIONS = 4.0
-"""The latency p99 estimate is the mean plus this many mean deviations: for the lognormal-shaped latencies
-providers show (p99 two to six times the median), within about a fifth of the true p99, erring high."""
 UNMEASURED_LATENCY_MS = 1.0
 """What a provider never measured is assumed to take: as fast as can be, so it gets traffic and a measurement
 (optimism in the face of uncertainty; one email finds out)."""
@@ -178,15 +173,10 @@ def _capacity(spec: ProviderSpec, health: ProviderHealth, profile: RoutingWeight
     return factor
 
 
-def latency_p99_estimate_ms(health: ProviderHealth) -> float:
-    """The provider's latency p99 as routing estimates it (0 when never measured)."""
-    return health.latency_ms_ewma + TAIL_DEVIATIONS * health.latency_dev_ms if health.measured else 0.0
-
-
 def _below_floor(health: ProviderHealth, health_factor: float, region: float, profile: RoutingWeights) -> str:
     """Why a provider misses the class's quality floor; empty when it meets it."""
     objective_ms = profile.latency_objective_s * 1000
-    p99 = latency_p99_estimate_ms(health)
+    p99 = health.latency_p99_ms
     if objective_ms and p99 > objective_ms:
         return f"latency p99 estimate {p99:.0f} ms above the class objective of {objective_ms:.0f} ms"
     if health_factor < HEALTH_FLOOR:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from libs.routing.catalog import ProviderSpec
 from libs.routing.health import HALF_OPEN, OPEN, ProviderHealth
 from libs.routing.scoring import EmailFacts, rank
@@ -9,8 +11,13 @@ from libs.routing.scoring import EmailFacts, rank
 CAPS = {"postmark": 10_000_000, "sendgrid": 30_000_000}
 SLOW_AND_CHEAP = ProviderSpec("slow-cheap", "sendgrid", "http://x", price_per_email_micros=50)
 FAST_AND_PRICEY = ProviderSpec("fast-pricey", "sendgrid", "http://x", price_per_email_micros=500)
-MEASURED = {"slow-cheap": ProviderHealth(latency_ms_ewma=40, latency_dev_ms=5, samples=50),
-            "fast-pricey": ProviderHealth(latency_ms_ewma=3, latency_dev_ms=1, samples=50)}
+MEASURED = {"slow-cheap": ProviderHealth(latency_ms_ewma=40, latency_dev_ms=5, samples=50,
+                                         latency_log_mean=math.log(40), latency_log_var=0.04),
+            "fast-pricey": ProviderHealth(latency_ms_ewma=3, latency_dev_ms=1, samples=50,
+                                          latency_log_mean=math.log(3), latency_log_var=0.04)}
+BROWNED_OUT = ProviderHealth(latency_ms_ewma=700, latency_dev_ms=150, samples=50, latency_log_mean=math.log(700),
+                             latency_log_var=0.25)
+"""A p99 of about 2.2 s: beyond otp's objective (1 s), within transactional's (10 s)."""
 
 
 def email(message_class: str = "bulk", size: int = 20_000, **fields: object) -> EmailFacts:
@@ -38,7 +45,7 @@ def test_otp_prefers_the_cheapest_provider_within_its_latency_objective():
 
 
 def test_otp_leaves_a_cheaper_provider_whose_latency_misses_the_objective():
-    browned_out = {**MEASURED, "slow-cheap": ProviderHealth(latency_ms_ewma=700, latency_dev_ms=150, samples=50)}
+    browned_out = {**MEASURED, "slow-cheap": BROWNED_OUT}
 
     decision = rank([SLOW_AND_CHEAP, FAST_AND_PRICEY], browned_out, email("otp"), CAPS)
 
@@ -47,17 +54,16 @@ def test_otp_leaves_a_cheaper_provider_whose_latency_misses_the_objective():
 
 
 def test_transactional_keeps_a_slow_provider_that_is_within_its_own_objective():
-    browned_out = {**MEASURED, "slow-cheap": ProviderHealth(latency_ms_ewma=700, latency_dev_ms=150, samples=50)}
+    browned_out = {**MEASURED, "slow-cheap": BROWNED_OUT}
 
     assert order(rank([FAST_AND_PRICEY, SLOW_AND_CHEAP], browned_out, email("transactional"), CAPS))[0] == "slow-cheap"
 
 
 def test_a_provider_never_measured_counts_as_within_the_objective():
-    slow = {"fast-pricey": ProviderHealth(latency_ms_ewma=900, latency_dev_ms=200, samples=50)}
+    decision = rank([SLOW_AND_CHEAP, FAST_AND_PRICEY], {"slow-cheap": BROWNED_OUT}, email("otp"), CAPS)
 
-    decision = rank([FAST_AND_PRICEY, SLOW_AND_CHEAP], slow, email("otp"), CAPS)
-
-    assert order(decision) == ["slow-cheap", "fast-pricey"]
+    assert order(decision) == ["fast-pricey", "slow-cheap"]
+    assert decision.ranked[0].below_floor == ""
 
 
 def test_an_unhealthy_provider_ranks_below_a_healthy_one_of_the_same_price():
