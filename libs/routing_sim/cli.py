@@ -1,0 +1,170 @@
+"""``esp-routing``: the routing lab from a terminal.
+
+    esp-routing simulate --scenario FILE [--policy NAME ...] [--report PATH.html] [--seed N]
+    esp-routing scenarios
+
+``simulate`` runs one scenario's day under the production ranking and the baselines (``--policy`` picks some;
+production always runs, as every target is about it) and solves the hindsight oracle over the same emails, then
+prints the comparison table and production's targets, and writes the self-contained HTML report (by default
+``routing-report-<scenario>.html`` in the current directory). ``--scenario`` takes a file, or the name of a
+scenario that ships with the package. ``scenarios`` lists the shipped ones.
+
+Exit status: 0 when the day was simulated (whether or not production met its targets: that is a finding, not a
+failure), 2 for a scenario file that cannot be simulated (its field named on stderr, no traceback) or when the
+lab's packages are missing, 1 when the report cannot be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from libs.routing_sim import policies, scenario
+from libs.routing_sim.scenario import ScenarioError
+
+if TYPE_CHECKING:
+    from libs.routing_sim.comparison import Comparison
+
+__all__ = ["LAB_EXTRA", "main"]
+
+LAB_EXTRA = "pip install 'esp-mesh[lab]'"
+"""How to install what the lab needs beyond the services' own packages."""
+LAB_PACKAGES = ("lupa", "numpy", "scipy")
+"""The ``lab`` extra's packages: the health board's Lua, the traffic draw, the oracle's solver."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``esp-routing`` with ``argv`` (the process's arguments by default); return the exit status."""
+    args = _parser().parse_args(argv)
+    if args.command == "scenarios":
+        return _scenarios()
+    return _simulate(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esp-routing", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    simulate = commands.add_parser("simulate", help="compare the routing policies and the oracle on one day")
+    simulate.add_argument("--scenario", required=True, metavar="FILE",
+                          help="a scenario TOML file, or the name of a shipped scenario")
+    simulate.add_argument("--policy", action="append", choices=policies.POLICIES, metavar="NAME",
+                          help=f"a policy to run, repeatable (default: all of {', '.join(policies.POLICIES)}; "
+                               "production always runs)")
+    simulate.add_argument("--report", type=Path, metavar="PATH.html",
+                          help="where to write the HTML report (default: routing-report-<scenario>.html)")
+    simulate.add_argument("--seed", type=_seed, metavar="N", help="draw the day with this seed, not the scenario's")
+    commands.add_parser("scenarios", help="list the scenarios that ship with the package")
+    return parser
+
+
+def _seed(text: str) -> int:
+    # numpy's PCG64 takes no negative seed; say so at the argument rather than with a traceback later.
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
+    return value
+
+
+def _scenarios() -> int:
+    status = 0
+    for path in scenario.shipped():
+        try:
+            day = scenario.load(path)
+        except ScenarioError as exc:
+            print(f"esp-routing: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        print(f"{path.stem}\n    {_printable(day.description) or '(no description)'}")
+    return status
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    try:
+        day = scenario.load(_scenario_path(args.scenario))
+    except ScenarioError as exc:
+        print(f"esp-routing: {exc}", file=sys.stderr)
+        return 2
+    if args.seed is not None:
+        day = dataclasses.replace(day, seed=args.seed)
+    try:
+        # The lab's packages are imported only now, so that a missing one is told as such, not as a traceback.
+        from libs.routing_sim.comparison import compare
+        from libs.routing_sim.report import comparison_table, write_report
+    except ImportError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in LAB_PACKAGES:
+            raise
+        print(f"esp-routing: the routing lab needs {missing!r}: {LAB_EXTRA}", file=sys.stderr)
+        return 2
+
+    def progress(name: str, wall_s: float) -> None:
+        print(f"  {name}: {wall_s:.1f} s", file=sys.stderr, flush=True)
+
+    print(f"simulating {_printable(day.name)} ({day.traffic.emails:,} emails, seed {day.seed})", file=sys.stderr)
+    result = asyncio.run(compare(day, args.policy or policies.POLICIES, progress=progress))
+    print(comparison_table(day, result.results, result.oracle))
+    print(_targets(result))
+    report_path = args.report or Path(f"routing-report-{_file_name(day.name)}.html")
+    try:
+        written = write_report(report_path, day, result.results, result.oracle)
+    except OSError as exc:
+        print(f"esp-routing: cannot write the report to {report_path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"report: {written.resolve()}")
+    return 0
+
+
+def _scenario_path(argument: str) -> Path:
+    """The file ``argument`` names, or the shipped scenario of that name when there is no such file."""
+    path = Path(argument)
+    if not path.exists():
+        for shipped in scenario.shipped():
+            if argument in (shipped.stem, shipped.name):
+                return shipped
+    return path
+
+
+def _targets(result: Comparison) -> str:
+    """Production's figures against the issue's targets, one line each."""
+    from libs.routing_sim import comparison
+
+    bounds = {
+        "cost_vs_oracle": f"<= {comparison.MAX_COST_VS_ORACLE:g}",
+        "delivered_ratio": f">= {comparison.MIN_DELIVERED_RATIO:g}",
+        "otp_p99_ms": f"<= {comparison.otp_objective_ms():g}",
+        "cost_vs_round_robin": "< 1",
+        "delivered_vs_cheapest_first": ">= 1",
+    }
+    met = result.meets_targets()
+    lines = ["targets (production):"]
+    for name in comparison.TARGETS:
+        value: float = getattr(result, name)
+        figure = "-" if math.isnan(value) else f"{value:.6g}"
+        verdict = ("met" if met[name] else "MISSED") if name in met else "not run (its baseline was not simulated)"
+        lines.append(f"  {name:<29} {figure:>10}  {bounds[name]:<9} {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def _file_name(name: str) -> str:
+    """A scenario's name as part of a file name: it is user input, so no separators, dots first or odd bytes."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "scenario"
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: a scenario's description must not drive the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
