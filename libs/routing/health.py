@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 Z99 = 2.3263478740408408
 """The standard normal's 99th percentile."""
+FAST_TAIL_DEVIATIONS = 4.0
+"""The quick p99 bound: mean plus this many mean deviations (errs high for lognormal latencies)."""
 TAIL_PRIOR_VAR = 0.25
 """The log-latency variance assumed after a provider's first measured call (a p99 about three times the first
 latency), until more calls teach better."""
@@ -126,11 +128,14 @@ class ProviderHealth:
 
     @property
     def latency_p99_ms(self) -> float:
-        """The latency's 99th percentile, reading latencies as lognormal (as provider latencies are: a long right
-        tail); 0 when never measured."""
+        """The latency's 99th percentile as routing estimates it (0 when never measured): the lower of a lognormal
+        fit (steady: provider latencies have a long right tail) and the quick mean plus ``FAST_TAIL_DEVIATIONS``
+        deviations (noisy, but it follows a provider that recovers within a few calls, where the fit would take a
+        few hundred)."""
         if not self.measured:
             return 0.0
-        return math.exp(self.latency_log_mean + Z99 * math.sqrt(max(0.0, self.latency_log_var)))
+        fitted = math.exp(self.latency_log_mean + Z99 * math.sqrt(max(0.0, self.latency_log_var)))
+        return min(fitted, self.latency_ms_ewma + FAST_TAIL_DEVIATIONS * self.latency_dev_ms)
 
     @property
     def latency_tail_ms(self) -> float:
