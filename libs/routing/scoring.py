@@ -109,6 +109,8 @@ class ProviderScore:
     excluded_reason: str = ""
     below_floor: str = ""
     """Why the provider misses the class's quality floor (empty: it meets it, and ranks by cost)."""
+    latency_p99_ms: float = 0.0
+    """The latency p99 estimate the floor was judged by (0 when never measured)."""
 
     @property
     def rate_budget_per_second(self) -> float:
@@ -202,7 +204,8 @@ def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth]
             daily, monthly = remaining_quota(spec, h)
             excluded.append(ProviderScore(
                 spec.id, spec.type, 0.0, cost, latency, h.error_rate, h.breaker, daily, monthly,
-                spec.rate_limit_per_second, h.rate_backlog_s, excluded_reason=reason))
+                spec.rate_limit_per_second, h.rate_backlog_s, excluded_reason=reason,
+                latency_p99_ms=h.latency_p99_ms))
         else:
             eligible.append((spec, h, cost, latency))
     if not eligible:
@@ -224,7 +227,7 @@ def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth]
             spec.id, spec.type, round(score, 6), cost, latency, h.error_rate, h.breaker, daily, monthly,
             spec.rate_limit_per_second, h.rate_backlog_s, round(cost_factor, 6), round(latency_factor, 6),
             round(health_factor, 6), round(capacity, 6), region, probe=h.breaker == HALF_OPEN,
-            below_floor=_below_floor(h, health_factor, region, profile)))
+            below_floor=_below_floor(h, health_factor, region, profile), latency_p99_ms=h.latency_p99_ms))
         weights[spec.id] = spec.weight if spec.weight > 0 else 1.0
 
     def order(s: ProviderScore) -> tuple[int, int, float, float, str]:

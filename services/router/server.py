@@ -92,7 +92,8 @@ def _score(s: ProviderScore) -> providers_pb2.ProviderScore:
         expected_cost_micros=s.expected_cost_micros, latency_ms_ewma=s.latency_ms, error_rate=s.error_rate,
         breaker_state=s.breaker, remaining_daily_quota=min(s.remaining_daily_quota, UNLIMITED_AS_NUMBER),
         rate_budget_per_second=min(s.rate_budget_per_second, UNLIMITED_AS_NUMBER),
-        excluded_reason=s.excluded_reason)
+        excluded_reason=s.excluded_reason, below_floor_reason=s.below_floor,
+        latency_p99_estimate_ms=s.latency_p99_ms)
 
 
 class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):

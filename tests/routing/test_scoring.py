@@ -51,6 +51,7 @@ def test_otp_leaves_a_cheaper_provider_whose_latency_misses_the_objective():
 
     assert order(decision) == ["fast-pricey", "slow-cheap"]
     assert "above the class objective of 1000 ms" in decision.ranked[1].below_floor
+    assert decision.ranked[1].latency_p99_ms > 1000 and decision.ranked[0].below_floor == ""
 
 
 def test_transactional_keeps_a_slow_provider_that_is_within_its_own_objective():
