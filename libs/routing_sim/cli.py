@@ -1,6 +1,7 @@
 """``esp-routing``: the routing lab from a terminal.
 
-    esp-routing simulate --scenario FILE [--policy NAME ...] [--report PATH.html] [--seed N]
+    esp-routing simulate --scenario FILE [--traffic EVENTS.csv] [--policy NAME ...] [--report PATH.html]
+                         [--seed N]
     esp-routing scenarios
 
 ``simulate`` runs one scenario's day under the production ranking and the baselines (``--policy`` picks some;
@@ -9,9 +10,16 @@ prints the comparison table and production's targets, and writes the self-contai
 ``routing-report-<scenario>.html`` in the current directory). ``--scenario`` takes a file, or the name of a
 scenario that ships with the package. ``scenarios`` lists the shipped ones.
 
+``--traffic`` replays a recorded day instead of the scenario's own traffic: the messages of an events export
+(``esp events export``, a CSV) on the scenario's market — "what if we add provider X at this price?" asked of real
+traffic (``libs.routing_sim.replay``: the earliest message's UTC day, each message at its acceptance, sizes drawn
+from the scenario's size models). A line before the table says how many messages were replayed from which day, and
+how many were dropped (after that day) or had no known class.
+
 Exit status: 0 when the day was simulated (whether or not production met its targets: that is a finding, not a
-failure), 2 for a scenario file that cannot be simulated (its field named on stderr, no traceback) or when the
-lab's packages are missing, 1 when the report cannot be written.
+failure), 2 for a scenario file that cannot be simulated (its field named on stderr, no traceback), for a traffic
+file that is not an events export (its row and column named) or when the lab's packages are missing, 1 when the
+report cannot be written.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from libs.routing_sim.scenario import ScenarioError
 
 if TYPE_CHECKING:
     from libs.routing_sim.comparison import Comparison
+    from libs.routing_sim.replay import RecordedTraffic
+    from libs.routing_sim.traffic import Arrival
 
 __all__ = ["LAB_EXTRA", "main"]
 
@@ -55,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="compare the routing policies and the oracle on one day")
     simulate.add_argument("--scenario", required=True, metavar="FILE",
                           help="a scenario TOML file, or the name of a shipped scenario")
+    simulate.add_argument("--traffic", type=Path, metavar="EVENTS.csv",
+                          help="replay the messages of this events export (esp events export) instead of the "
+                               "scenario's traffic")
     simulate.add_argument("--policy", action="append", choices=policies.POLICIES, metavar="NAME",
                           help=f"a policy to run, repeatable (default: all of {', '.join(policies.POLICIES)}; "
                                "production always runs)")
@@ -99,6 +112,7 @@ def _simulate(args: argparse.Namespace) -> int:
         day = dataclasses.replace(day, seed=args.seed)
     try:
         # The lab's packages are imported only now, so that a missing one is told as such, not as a traceback.
+        from libs.routing_sim import replay
         from libs.routing_sim.comparison import compare
         from libs.routing_sim.report import comparison_table, write_report
     except ImportError as exc:
@@ -107,12 +121,26 @@ def _simulate(args: argparse.Namespace) -> int:
             raise
         print(f"esp-routing: the routing lab needs {missing!r}: {LAB_EXTRA}", file=sys.stderr)
         return 2
+    emails: list[Arrival] | None = None  # None: the scenario's own traffic, drawn by compare
+    replayed = ""
+    if args.traffic is not None:
+        try:
+            recorded = replay.recorded_arrivals(args.traffic, day)
+        except ScenarioError as exc:
+            print(f"esp-routing: {_printable(str(exc))}", file=sys.stderr)
+            return 2
+        # The report's summary and the OTP target then describe the replayed day, not the scenario's own traffic.
+        day = replay.recorded_day(day, recorded)
+        emails = recorded.arrivals
+        replayed = _replayed(args.traffic, recorded)
 
     def progress(name: str, wall_s: float) -> None:
         print(f"  {name}: {wall_s:.1f} s", file=sys.stderr, flush=True)
 
     print(f"simulating {_printable(day.name)} ({day.traffic.emails:,} emails, seed {day.seed})", file=sys.stderr)
-    result = asyncio.run(compare(day, args.policy or policies.POLICIES, progress=progress))
+    result = asyncio.run(compare(day, args.policy or policies.POLICIES, emails=emails, progress=progress))
+    if replayed:
+        print(replayed)
     print(comparison_table(day, result.results, result.oracle))
     print(_targets(result))
     report_path = args.report or Path(f"routing-report-{_file_name(day.name)}.html")
@@ -133,6 +161,16 @@ def _scenario_path(argument: str) -> Path:
             if argument in (shipped.stem, shipped.name):
                 return shipped
     return path
+
+
+def _replayed(path: Path, recorded: RecordedTraffic) -> str:
+    """The line saying what a replay took from the traffic file: how many messages of which day, and what not."""
+    line = (f"replayed {recorded.messages:,} recorded messages of {recorded.day:%Y-%m-%d} (UTC, the first at "
+            f"{recorded.first_event:%H:%M:%S}) from {_printable(str(path))}; dropped {recorded.dropped_outside_day:,} "
+            "after that day")
+    if recorded.unknown_class:
+        line += f"; {recorded.unknown_class:,} without a known class replayed as transactional"
+    return line
 
 
 def _targets(result: Comparison) -> str:
