@@ -163,6 +163,17 @@ def _get(mesh: AnalyticsMesh, label: str, message_id: str) -> messages_pb2.Messa
                                     timeout=10)
 
 
+def _taken_by_a_provider(mesh: AnalyticsMesh, label: str, message_id: str) -> bool:
+    """Whether a provider has taken the email; False while reports has not yet recorded it at all (its read model
+    learns of an accepted email from the event stream, a moment after the send call answered)."""
+    try:
+        return _get(mesh, label, message_id).state in _SENT_OR_LATER
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return False
+        raise
+
+
 def _timeline(mesh: AnalyticsMesh, label: str, message_id: str) -> list[messages_pb2.MessageEvent]:
     reply = mesh.messages.ListMessageEvents(M.ListMessageEventsRequest(parent=f"messages/{message_id}",
                                                                        page_size=100),
@@ -185,7 +196,7 @@ def _send_phase(mesh: AnalyticsMesh, emails: Sequence[PlannedEmail]) -> list[tup
             client.close()
     for email, message_id in sent:
         try:
-            _poll(lambda e=email, i=message_id: _get(mesh, e.tenant, i).state in _SENT_OR_LATER,  # type: ignore[misc]
+            _poll(lambda e=email, i=message_id: _taken_by_a_provider(mesh, e.tenant, i),  # type: ignore[misc]
                   f"{email.recipient} ({message_id}) taken by a provider")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{_describe(mesh, email.tenant, message_id)}") from None

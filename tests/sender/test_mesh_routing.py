@@ -28,25 +28,43 @@ async def test_bulk_goes_to_the_cheapest_healthy_provider(mesh: ProviderMesh):
     assert Counter(d[0].personality for d in where.values()) == {"slow": 20}
 
 
-async def test_otp_goes_to_the_fastest_healthy_provider(mesh: ProviderMesh):
+async def test_otp_leaves_a_cheaper_provider_too_slow_for_its_latency_objective(mesh: ProviderMesh):
     fast = await mesh.create_provider("fast", price=500)
-    await mesh.create_provider("slow", price=50)
-    await mesh.simulator.set_knobs("slow", latency_ms=40)
+    slow = await mesh.create_provider("slow", price=50)
+    await mesh.simulator.set_knobs("slow", latency_ms=1500)  # otp's objective is a p99 of 1 s
     await asyncio.sleep(APPLIED_WITHIN_S)
 
     # One at a time: each choice sees the latency the previous ones measured.
     sent = []
-    for _ in range(12):
+    for _ in range(8):
         message_id = await mesh.send("otp")
         await mesh.wait_delivered([message_id])
         sent.append(message_id)
 
     where = await mesh.wait_delivered(sent)
-    # A provider never measured is tried once (that is how it gets measured); after that the fast one wins.
-    assert [where[m][0].personality for m in sent[2:]] == ["fast"] * 10
+    # A provider never measured counts as fast and is tried once (that is how it gets measured); after that only
+    # the provider within the objective gets otp, dearer as it is.
+    assert [where[m][0].personality for m in sent[2:]] == ["fast"] * 6
     decision = await mesh.route("otp")
-    assert decision.ranked[0].provider == f"providers/{fast}"
-    assert decision.ranked[0].latency_ms_ewma < decision.ranked[1].latency_ms_ewma
+    assert [s.provider for s in decision.ranked] == [f"providers/{fast}", f"providers/{slow}"]
+    assert "above the class objective of 1000 ms" in decision.ranked[1].below_floor_reason
+    assert decision.ranked[1].latency_p99_estimate_ms > 1000 and decision.ranked[0].below_floor_reason == ""
+
+
+async def test_otp_takes_the_cheapest_provider_within_its_latency_objective(mesh: ProviderMesh):
+    await mesh.create_provider("fast", price=500)
+    await mesh.create_provider("slow", price=50)
+    await mesh.simulator.set_knobs("slow", latency_ms=40)
+    await asyncio.sleep(APPLIED_WITHIN_S)
+
+    sent = []
+    for _ in range(6):
+        message_id = await mesh.send("otp")
+        await mesh.wait_delivered([message_id])
+        sent.append(message_id)
+
+    where = await mesh.wait_delivered(sent)
+    assert [where[m][0].personality for m in sent[2:]] == ["slow"] * 4
 
 
 async def test_a_provider_added_at_runtime_receives_traffic_and_a_removed_one_none(mesh: ProviderMesh):
