@@ -13,7 +13,7 @@ What is read, one message at a time:
 - **Class.** The ``class`` column (the message's class, the same on each of its rows). A message without a known
   class is replayed as transactional (and counted): the class the platform gives a message that names none.
 - **Size.** The export has no sizes, so they are drawn from the scenario's size model of each class by
-  ``traffic.py``'s own draw (``traffic._sizes``, reused as it is: lognormal bodies, attachments for the model's
+  ``traffic.py``'s own draw (``traffic.draw_sizes``, reused as it is: lognormal bodies, attachments for the model's
   share, attachments as links when too large for every provider), with a generator seeded by the scenario's seed —
   the same file on the same scenario replays the same day.
 
@@ -40,7 +40,7 @@ import numpy as np
 from libs.common.message_classes import MessageClass
 from libs.providers.capabilities import provider_size_cap
 from libs.routing_sim.scenario import Scenario, ScenarioError
-from libs.routing_sim.traffic import Arrival, _sizes
+from libs.routing_sim.traffic import Arrival, draw_sizes
 
 __all__ = ["ACCEPTED", "REQUIRED_COLUMNS", "RecordedTraffic", "cell_value", "recorded_arrivals", "recorded_day"]
 
@@ -162,7 +162,7 @@ def _drawn_sizes(scenario: Scenario, counts: Mapping[str, int]) -> dict[str, lis
     rng = np.random.Generator(np.random.PCG64(scenario.seed))
     largest = max(provider_size_cap(p.type, p.max_message_bytes) for p in scenario.providers)
     # Classes in a fixed order, so the draws do not depend on which class the file happens to name first.
-    return {c: _sizes(rng, scenario.traffic.sizes[c], counts.get(c, 0), largest) for c in _CLASSES}
+    return {c: draw_sizes(rng, scenario.traffic.sizes[c], counts.get(c, 0), largest) for c in _CLASSES}
 
 
 def _events(path: Path) -> Iterator[tuple[str, bool, int, int]]:

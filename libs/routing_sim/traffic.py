@@ -16,7 +16,7 @@ from libs.common.message_classes import MessageClass
 from libs.providers.capabilities import provider_size_cap
 from libs.routing_sim.scenario import Scenario, SizeModel, Traffic
 
-__all__ = ["Arrival", "arrivals", "rate_per_second"]
+__all__ = ["Arrival", "arrivals", "draw_sizes", "rate_per_second"]
 
 MINUTE_S = 60.0
 
@@ -62,7 +62,7 @@ def arrivals(scenario: Scenario) -> list[Arrival]:
                       for i in range(burst.recipients))
     emails.sort(key=lambda e: e[0])
     largest = max(provider_size_cap(p.type, p.max_message_bytes) for p in scenario.providers)
-    sizes = {c: _sizes(rng, traffic.sizes[c], sum(1 for _, k in emails if k == c), largest) for c in classes}
+    sizes = {c: draw_sizes(rng, traffic.sizes[c], sum(1 for _, k in emails if k == c), largest) for c in classes}
     taken = dict.fromkeys(classes, 0)
     result = []
     for index, (at_s, message_class) in enumerate(emails):
@@ -72,7 +72,9 @@ def arrivals(scenario: Scenario) -> list[Arrival]:
     return result
 
 
-def _sizes(rng: np.random.Generator, model: SizeModel, count: int, largest_cap: int) -> list[int]:
+def draw_sizes(rng: np.random.Generator, model: SizeModel, count: int, largest_cap: int) -> list[int]:
+    """``count`` encoded sizes of one class's ``model``; above ``largest_cap`` (the largest provider cap of the market)
+    an email carries its attachments as links, so only its body counts."""
     body = np.clip(rng.lognormal(np.log(model.median_bytes), model.sigma, count), 200, model.max_bytes)
     total = body
     if model.attachment_share > 0 and model.attachment_median_bytes > 0:
