@@ -120,6 +120,9 @@ class ProviderHealth:
     monthly_used: int = 0
     rate_backlog_s: float = 0.0
     """How far ahead the rate limiter's schedule is booked: a new call would wait this long."""
+    day_share: float = 0.0
+    """Share of the quota day (UTC) gone by at the snapshot, by the store's clock: what routing paces a daily quota
+    against."""
 
     latency_log_mean: float = 0.0
     """Mean of the log of the latency in ms (weighted with ``HealthBoard.tail_alpha``, slower than the mean)."""
@@ -469,7 +472,8 @@ class HealthBoard:
             error_rate=failed / (ok + failed) if ok + failed else 0.0, window_samples=ok + failed,
             samples=int(samples), latency_log_mean=log_mean, latency_log_var=log_var,
             daily_used=int(_float(daily)), monthly_used=int(_float(monthly)),
-            rate_backlog_s=max(0.0, (_float(tat) - now_us) / 1_000_000))
+            rate_backlog_s=max(0.0, (_float(tat) - now_us) / 1_000_000),
+            day_share=(now_us / 1_000_000 % 86400) / 86400)
 
     async def run_refresher(self, provider_ids: Callable[[], Iterable[str]], stop: asyncio.Event) -> None:
         """Refresh the snapshot every ``refresh_s`` until ``stop``; Redis trouble keeps the last snapshot."""

@@ -13,11 +13,14 @@ A provider meets the floor when
   (``RoutingWeights.latency_objective_s``: otp 1 s, transactional 10 s, bulk none), so a silent brown-out (slow,
   not failing) loses the urgent classes as soon as the estimate moves;
 - its health is at least ``HEALTH_FLOOR``: 1 - failure rate over the breaker's window, shrunk towards 0 while the
-  window holds few calls (one failure out of one call says little; the breaker, not the rank, reacts to a run of
-  failures);
+  window holds few calls, and judged once it holds ``HEALTH_FLOOR_MIN_CALLS`` (the breaker, not the rank, reacts to
+  a run of failures);
 - it is in the email's preferred region, if one is asked for (a preference, not a filter).
 
-Among those, cheaper first: price per email + price per MB * size, divided by the manual ``weight``. The routing
+Among those, cheaper first: price per email + price per MB * size, divided by the manual ``weight``, and doubled
+(``QUOTA_PACE_PENALTY``) for a provider that has spent more of its daily quota than the share of the day gone by:
+a cheap quota is then paced over the day, kept for the hours when the alternative is dear instead of burnt by
+noon, and still beats every provider more than twice its price. The routing
 lab (``libs.routing_sim``, ``docs/ROUTING.md``) measured this order against a weighted score of cost, latency and
 health, which sent otp and transactional mail to the fastest (and dearest) provider whatever the objective: the
 score remains as the order among the providers that miss the floor, with each class's weights:
@@ -47,6 +50,10 @@ from libs.routing.health import HALF_OPEN, OPEN, ProviderHealth
 
 __all__ = [
     "HEALTH_FLOOR",
+    "HEALTH_FLOOR_MIN_CALLS",
+    "QUOTA_PACE_PENALTY",
+    "QUOTA_PACE_SLACK",
+    "RATE_BUDGET_SPENT",
     "EmailFacts",
     "ProviderScore",
     "RouteDecision",
@@ -61,8 +68,20 @@ OUT_OF_REGION = 0.5
 UNLIMITED = float("inf")
 ERROR_PRIOR_CALLS = 10
 """The failure rate counts as if this many successful calls were added to the window (Bayesian shrinkage)."""
+QUOTA_PACE_SLACK = 0.05
+"""A provider may run this share of its daily quota ahead of the day's pace before it counts as ahead ..."""
+QUOTA_PACE_PENALTY = 2.0
+"""... and then ranks as if it cost this many times its price: a cheap quota spent by mid-afternoon leaves the
+evening to dear providers, so while ahead of pace it gives way to a provider up to this much dearer, and still
+beats the dearer ones."""
+RATE_BUDGET_SPENT = "rate budget spent"
+"""How the exclusion reason of a provider whose rate schedule is booked beyond the class's wait begins."""
 HEALTH_FLOOR = 0.9
-"""Below this health factor a provider misses every class's quality floor."""
+"""Below this health factor a provider misses every class's quality floor ..."""
+HEALTH_FLOOR_MIN_CALLS = 10
+"""... once the breaker's window holds this many calls: a run of failures in a few calls is the breaker's to judge
+(it opens after its consecutive failures), a sustained failure rate the floor's (a brown-out failing a third of
+its calls)."""
 UNMEASURED_LATENCY_MS = 1.0
 """What a provider never measured is assumed to take: as fast as can be, so it gets traffic and a measurement
 (optimism in the face of uncertainty; one email finds out)."""
@@ -111,6 +130,9 @@ class ProviderScore:
     """Why the provider misses the class's quality floor (empty: it meets it, and ranks by cost)."""
     latency_p99_ms: float = 0.0
     """The latency p99 estimate the floor was judged by (0 when never measured)."""
+    ahead_of_quota_pace: bool = False
+    """It has spent more of its daily quota than the share of the day gone by (plus ``QUOTA_PACE_SLACK``): it ranks
+    as ``QUOTA_PACE_PENALTY`` times dearer."""
 
     @property
     def rate_budget_per_second(self) -> float:
@@ -159,7 +181,7 @@ def exclusion_reason(spec: ProviderSpec, health: ProviderHealth, email: EmailFac
     if monthly < 1:
         return "monthly quota exhausted"
     if spec.rate_limit_per_second > 0 and health.rate_backlog_s > profile.max_rate_wait_s:
-        return f"rate budget spent (booked {health.rate_backlog_s:.2f}s ahead)"
+        return f"{RATE_BUDGET_SPENT} (booked {health.rate_backlog_s:.2f}s ahead)"
     return ""
 
 
@@ -175,13 +197,20 @@ def _capacity(spec: ProviderSpec, health: ProviderHealth, profile: RoutingWeight
     return factor
 
 
+def _ahead_of_quota_pace(spec: ProviderSpec, health: ProviderHealth) -> bool:
+    """Whether the provider has spent its daily quota faster than the day goes by."""
+    if not spec.daily_quota:
+        return False
+    return health.daily_used > spec.daily_quota * min(1.0, health.day_share + QUOTA_PACE_SLACK)
+
+
 def _below_floor(health: ProviderHealth, health_factor: float, region: float, profile: RoutingWeights) -> str:
     """Why a provider misses the class's quality floor; empty when it meets it."""
     objective_ms = profile.latency_objective_s * 1000
     p99 = health.latency_p99_ms
     if objective_ms and p99 > objective_ms:
         return f"latency p99 estimate {p99:.0f} ms above the class objective of {objective_ms:.0f} ms"
-    if health_factor < HEALTH_FLOOR:
+    if health.window_samples >= HEALTH_FLOOR_MIN_CALLS and health_factor < HEALTH_FLOOR:
         return f"health {health_factor:.2f} below {HEALTH_FLOOR}"
     if region < 1:
         return "outside the preferred region"
@@ -227,7 +256,8 @@ def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth]
             spec.id, spec.type, round(score, 6), cost, latency, h.error_rate, h.breaker, daily, monthly,
             spec.rate_limit_per_second, h.rate_backlog_s, round(cost_factor, 6), round(latency_factor, 6),
             round(health_factor, 6), round(capacity, 6), region, probe=h.breaker == HALF_OPEN,
-            below_floor=_below_floor(h, health_factor, region, profile), latency_p99_ms=h.latency_p99_ms))
+            below_floor=_below_floor(h, health_factor, region, profile), latency_p99_ms=h.latency_p99_ms,
+            ahead_of_quota_pace=_ahead_of_quota_pace(spec, h)))
         weights[spec.id] = spec.weight if spec.weight > 0 else 1.0
 
     def order(s: ProviderScore) -> tuple[int, int, float, float, str]:
@@ -237,7 +267,8 @@ def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth]
         if s.probe:
             group = 0 if profile.probe_first else 2
         if not s.below_floor:
-            return group, 0, s.expected_cost_micros / weights[s.provider_id], -s.score, s.provider_id
+            pace = QUOTA_PACE_PENALTY if s.ahead_of_quota_pace else 1.0
+            return group, 0, s.expected_cost_micros * pace / weights[s.provider_id], -s.score, s.provider_id
         return group, 1, -s.score, s.expected_cost_micros, s.provider_id
 
     ranked.sort(key=order)

@@ -7,8 +7,9 @@ What is production code here, called as the sender calls it (``services.sender.d
   every ``acquire_many`` before a call and every ``record_many`` after it, refreshing its snapshot every
   ``refresh_s`` of simulated time; its store is ``libs.routing.memory_redis.MemoryRedis`` on the simulated clock;
 - ``services.sender.outcomes`` turns each call into the health record (``recorded_call``) and decides what
-  becomes of the email (``after_attempt``: sent, rejected, next provider now, backoff, give up), and what an email
-  no provider takes now does (``unroutable``, ``unavailable_delay_s``), with the class's ``RetryPolicy``.
+  becomes of the email (``after_attempt``: sent, rejected, next provider now, backoff, give up), what an email
+  no provider takes now does (``unroutable``, ``unavailable_delay_s``), and when a bulk email waits in the queue
+  for a cheap provider's rate budget (``waits_for_cheaper``, ``paced_delay_s``), with the class's ``RetryPolicy``.
 
 What is simulated: the providers (``market``), the clock, and the queue between deliveries (an email waiting for
 a retry comes back after its delay, as JetStream redelivers a nak). One email per call (no batch calls), so a
@@ -32,7 +33,7 @@ import numpy as np
 from libs.common.message_classes import MessageClass, RetryPolicy
 from libs.providers.model import SendResult
 from libs.routing.catalog import ProviderSpec
-from libs.routing.health import BreakerPolicy, HealthBoard, Permit, ProviderLimits
+from libs.routing.health import BreakerPolicy, HealthBoard, Permit, ProviderLimits, Refusal
 from libs.routing.memory_redis import MemoryRedis
 from libs.routing.scoring import EmailFacts, RouteDecision, rank
 from libs.routing_sim.market import Market, catalog_entry
@@ -40,7 +41,17 @@ from libs.routing_sim.policies import RoutingPolicy
 from libs.routing_sim.results import PolicyResult, WindowFigures
 from libs.routing_sim.scenario import Scenario
 from libs.routing_sim.traffic import Arrival
-from services.sender.outcomes import Next, Unroutable, after_attempt, recorded_call, unavailable_delay_s, unroutable
+from services.sender.outcomes import (
+    Next,
+    Unroutable,
+    after_attempt,
+    paced_delay_s,
+    rate_limited_cheapest,
+    recorded_call,
+    unavailable_delay_s,
+    unroutable,
+    waits_for_cheaper,
+)
 from services.sender.retries import backoff_s
 
 __all__ = ["DAY_START", "GRACE_S", "simulate"]
@@ -65,6 +76,8 @@ class _Email:
     rounds: int = 0
     hint_s: float | None = None
     provider_calls: int = 0
+    deliveries: int = 0
+    """Deliveries so far (JetStream's delivery count)."""
 
     def hint(self, seconds: float) -> None:
         if seconds > 0 and (self.hint_s is None or seconds < self.hint_s):
@@ -153,6 +166,7 @@ class _Day:
             self.failed += 1
             return
         email.tried, email.calls, email.rounds, email.hint_s = set(), 0, 0, None
+        email.deliveries += 1
         await self.route(email)
 
     async def route(self, email: _Email) -> None:
@@ -172,7 +186,13 @@ class _Day:
             return
         if email.provider_calls == 0:
             self.first_choice[f"{email.message_class}:{chain[0].provider_id}"] += 1
+        booked = rate_limited_cheapest(decision)
+        rate_refused_cost = booked[1] if booked is not None else None
         for choice in chain:
+            if waits_for_cheaper(email.message_class.policy.routing, rate_refused_cost, choice.expected_cost_micros):
+                self.later(email, max(self.unavailable_delay(email), paced_delay_s(email.policy, email.deliveries,
+                                                                                   self.rng)))
+                return
             spec = self.catalog[choice.provider_id]
             limits = ProviderLimits(spec.rate_limit_per_second, spec.daily_quota, spec.monthly_quota)
             [permit] = await self.board.acquire_many(
@@ -182,8 +202,14 @@ class _Day:
                 return
             email.tried.add(spec.id)
             email.hint(permit.wait_s)
-        self.later(email, unavailable_delay_s(email.policy, email.message_class, self.catalog.values(),
-                                              self.board.snapshots, email.hint_s))
+            if permit.refusal is Refusal.RATE and (rate_refused_cost is None
+                                                   or choice.expected_cost_micros < rate_refused_cost):
+                rate_refused_cost = choice.expected_cost_micros
+        self.later(email, self.unavailable_delay(email))
+
+    def unavailable_delay(self, email: _Email) -> float:
+        return unavailable_delay_s(email.policy, email.message_class, self.catalog.values(), self.board.snapshots,
+                                   email.hint_s)
 
     def unroutable(self, email: _Email, decision: RouteDecision) -> None:
         why = unroutable(decision, email.excluded)
@@ -196,8 +222,7 @@ class _Day:
             delay = backoff_s(email.policy, max(1, email.failures), self.rng)
             self.later(email, max(delay, email.hint_s or 0.0))
         else:
-            self.later(email, unavailable_delay_s(email.policy, email.message_class, self.catalog.values(),
-                                                  self.board.snapshots, email.hint_s))
+            self.later(email, self.unavailable_delay(email))
 
     def call(self, email: _Email, spec: ProviderSpec, permit: Permit) -> None:
         started = self.now + permit.wait_s

@@ -16,7 +16,9 @@ The steps, each a method below:
 3. ``_place`` — walk each email down its chain: the provider's adapter must accept it (its ``precheck`` at the
    size ingest measured: recipients, features, size), then ``acquire`` (breaker, Retry-After pause, quota, rate
    slot — one pipelined round trip for all calls) must grant it; a refusal moves the email to its next provider at
-   once. Bulk emails going to the same provider share the batch calls its adapter plans (``plan_batches``).
+   once — except that an email of a class that paces (bulk) waits in the queue for a provider that refused it
+   for its rate budget rather than go on to one several times dearer (``services.sender.outcomes.waits_for_cheaper``).
+   Bulk emails going to the same provider share the batch calls its adapter plans (``plan_batches``).
 4. ``_perform`` — the provider calls, concurrently (after the booked rate slot, if any). Right before each
    call the halts are looked at again, so an email or campaign halted during the rate wait reaches no provider
    either.
@@ -70,10 +72,13 @@ from services.sender.outcomes import (
     Next,
     Unroutable,
     after_attempt,
+    paced_delay_s,
+    rate_limited_cheapest,
     recorded_call,
     sent,
     unavailable_delay_s,
     unroutable,
+    waits_for_cheaper,
 )
 from services.sender.retries import backoff_s
 from services.sender.state import MessageState, MessageStateStore, SentMarker, StateChange
@@ -192,6 +197,14 @@ class Job:
     marked: bool = False
     """It was sent during this delivery: the sent marker must be written."""
     last_refusal: str = ""
+    costs: dict[str, float] = field(default_factory=dict)
+    """What the email costs at each provider of its chain, this round."""
+    rate_refused_cost: float | None = None
+    """The cost of the cheapest provider that refused it for its rate budget this round (None: none did) ..."""
+    rate_refused_by: str = ""
+    """... and that provider."""
+    waiting_for: str = ""
+    """The cheap provider it waits for in the queue rather than pay a dear one (``waits_for_cheaper``)."""
     parked: bool = False
     """Its campaign is paused: it goes to the held stream, and is acked only once it is there."""
 
@@ -348,6 +361,11 @@ class Deliverer:
             if self._halted(job, pending):
                 continue
             decision = self._rank(job, decisions)
+            job.costs = {s.provider_id: s.expected_cost_micros for s in decision.ranked}
+            job.rate_refused_cost, job.rate_refused_by, job.waiting_for = None, "", ""
+            booked = rate_limited_cheapest(decision)
+            if booked is not None:  # left out by the snapshot: its schedule is booked beyond the class's wait
+                job.rate_refused_by, job.rate_refused_cost = booked
             if decision.ranked:
                 chains[job] = [s.provider_id for s in decision.ranked]
             else:
@@ -355,7 +373,10 @@ class Deliverer:
         await self._drop_suppressed(chains, pending)
         calls, unplaced = await self._place(chains, pending)
         for job in unplaced:
-            self._unavailable(job, pending)
+            if job.waiting_for:
+                self._wait_for_cheaper(job, pending)
+            else:
+                self._unavailable(job, pending)
         if calls:
             await asyncio.gather(*(self._perform(call, pending) for call in calls))
             await self._record(calls)
@@ -461,6 +482,10 @@ class Deliverer:
                 for job in refused:
                     job.tried.add(pid)
                     job.last_refusal = f"{pid}: {(permit.refusal or Refusal.QUOTA).value}"
+                    if permit.refusal is Refusal.RATE and pid in job.costs:
+                        cost = job.costs[pid]
+                        if job.rate_refused_cost is None or cost < job.rate_refused_cost:
+                            job.rate_refused_cost, job.rate_refused_by = cost, pid
                     job.hint(permit.wait_s)
                     position[job] += 1
         return calls, unplaced
@@ -471,6 +496,10 @@ class Deliverer:
             provider_id = chain[index]
             if provider_id not in self.catalog.providers:
                 continue
+            if waits_for_cheaper(job.message_class.policy.routing, job.rate_refused_cost,
+                                 job.costs.get(provider_id, 0.0)):
+                job.waiting_for = job.rate_refused_by
+                return None
             problem = self._unfit(job, provider_id)
             if problem is None:
                 return index
@@ -675,6 +704,16 @@ class Deliverer:
         else:
             self._unavailable(job, pending, reasons)
 
+    def _wait_for_cheaper(self, job: Job, pending: Outbox) -> None:
+        """A cheap provider refused the email for its rate budget and the next one costs several times more: the
+        email waits in the queue for the cheap one. One DEFERRED event however often it waits (the same event id)."""
+        delay = max(unavailable_delay_s(job.policy, job.message_class, self.catalog.providers.values(),
+                                        self.health.snapshots, job.wait_hint_s),
+                    paced_delay_s(job.policy, job.incoming.delivery))
+        self._later(job, delay, f"waiting for {job.waiting_for}'s rate budget rather than a provider more than "
+                                f"{job.message_class.policy.routing.pace_cost_ratio:g} times dearer", pending,
+                    event_id=f"{job.message_id}:paced")
+
     def _unavailable(self, job: Job, pending: Outbox, reasons: str = "") -> None:
         """Every provider refused for now (breaker, Retry-After, quota, rate): wait for the soonest to free up."""
         delay = unavailable_delay_s(job.policy, job.message_class, self.catalog.providers.values(),
@@ -715,11 +754,12 @@ class Deliverer:
             reason=reason, facts=facts or AttemptFacts()))
         job.verdict = ACK
 
-    def _later(self, job: Job, delay_s: float, reason: str, pending: Outbox) -> None:
+    def _later(self, job: Job, delay_s: float, reason: str, pending: Outbox, *, event_id: str = "") -> None:
         delay_s = max(MIN_RETRY_S, delay_s)
         pending.append(EventIntent(
             job.task, messages_pb2.MESSAGE_EVENT_TYPE_DEFERRED,
-            event_id=f"{job.message_id}:d:{job.incoming.delivery}", reason=f"retry in {delay_s:.1f}s: {reason}",
+            event_id=event_id or f"{job.message_id}:d:{job.incoming.delivery}",
+            reason=f"retry in {delay_s:.1f}s: {reason}",
             facts=AttemptFacts(attempt=job.state.attempts)))
         job.verdict = Verdict(ack=False, retry_in_s=delay_s)
 

@@ -1,6 +1,7 @@
 """What one provider call means: for the provider's shared health (``recorded_call``) and for each email it carried
-(``after_attempt``), per the email's class (``libs.common.message_classes``); and what becomes of an email no
-provider can take now (``unroutable``, ``unavailable_delay_s``).
+(``after_attempt``), per the email's class (``libs.common.message_classes``); what becomes of an email no
+provider can take now (``unroutable``, ``unavailable_delay_s``); and when a bulk email waits in the queue for a
+cheap provider's rate budget instead of paying a dear one (``waits_for_cheaper``, ``paced_delay_s``).
 
 The sender's delivery (``services.sender.delivery``) and the routing lab's simulation (``libs.routing_sim``) both
 decide with these functions, so what the lab measures is what the sender does.
@@ -13,11 +14,11 @@ import random
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 
-from libs.common.message_classes import AmbiguousPolicy, MessageClass, RetryPolicy
+from libs.common.message_classes import AmbiguousPolicy, MessageClass, RetryPolicy, RoutingWeights
 from libs.providers.model import Outcome, SendResult
 from libs.routing.catalog import ProviderSpec
 from libs.routing.health import CallHealth, ProviderHealth, RecordedCall
-from libs.routing.scoring import RouteDecision
+from libs.routing.scoring import RATE_BUDGET_SPENT, RouteDecision
 from services.sender.retries import backoff_s, throttle_delay_s
 
 __all__ = [
@@ -26,10 +27,13 @@ __all__ = [
     "Next",
     "Unroutable",
     "after_attempt",
+    "paced_delay_s",
+    "rate_limited_cheapest",
     "recorded_call",
     "sent",
     "unavailable_delay_s",
     "unroutable",
+    "waits_for_cheaper",
 ]
 
 MIN_RETRY_S = 0.2
@@ -153,3 +157,32 @@ def unavailable_delay_s(policy: RetryPolicy, message_class: MessageClass, provid
         waits.extend((h.open_for_s, h.throttled_for_s, rate_wait))
     soonest = min((w for w in waits if w > 0), default=policy.max_delay_s)
     return min(policy.max_delay_s, max(MIN_RETRY_S, soonest))
+
+
+def waits_for_cheaper(weights: RoutingWeights, rate_refused_cost: float | None, next_cost: float) -> bool:
+    """Whether an email that a provider costing ``rate_refused_cost`` just refused for its rate budget should wait
+    for it rather than go to the next provider in its chain, costing ``next_cost``: for a class that paces
+    (``RoutingWeights.pace_cost_ratio``; bulk), when the next one costs more than that many times as much. A
+    campaign burst faster than the cheap providers' rates then drains through them over minutes (the queue holds
+    the rest) instead of spilling onto a provider several times dearer; quota, breaker and Retry-After refusals never
+    make an email wait, as waiting would not free them soon."""
+    if not weights.pace_cost_ratio or rate_refused_cost is None:
+        return False
+    return next_cost > weights.pace_cost_ratio * rate_refused_cost
+
+
+def rate_limited_cheapest(decision: RouteDecision) -> tuple[str, float] | None:
+    """The cheapest provider ``decision`` left out only because its rate schedule is booked beyond the class's wait,
+    with what the email would cost there (None: no such provider); ``waits_for_cheaper`` compares the chain with it."""
+    spent = [s for s in decision.excluded if s.excluded_reason.startswith(RATE_BUDGET_SPENT)]
+    if not spent:
+        return None
+    cheapest = min(spent, key=lambda s: (s.expected_cost_micros, s.provider_id))
+    return cheapest.provider_id, cheapest.expected_cost_micros
+
+
+def paced_delay_s(policy: RetryPolicy, deliveries: int, rng: random.Random | None = None) -> float:
+    """How long an email waiting for a cheaper provider's rate budget stays in the queue before it looks again: full
+    jitter under an exponential ceiling by its deliveries so far (``backoff_s``), so the emails of a burst come back
+    spread out and keep the provider's schedule full, rather than all at once or all the time."""
+    return max(MIN_RETRY_S, backoff_s(policy, deliveries, rng))

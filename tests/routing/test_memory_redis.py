@@ -14,7 +14,7 @@ from libs.routing.health import CallHealth, HealthBoard, ProviderHealth, Provide
 from libs.routing.memory_redis import MemoryRedis
 from tests.routing.conftest import FAST_BREAKER
 
-TIME_FIELDS = {"open_for_s", "throttled_for_s", "rate_backlog_s"}
+TIME_FIELDS = {"open_for_s", "throttled_for_s", "rate_backlog_s", "day_share"}
 
 
 async def _story(board: HealthBoard) -> list[object]:

@@ -170,8 +170,11 @@ def test_a_cheapest_provider_is_used_to_the_last_email_of_its_quota():
     cheap = ProviderSpec("cheap", "sendgrid", "http://x", price_per_email_micros=50, daily_quota=1000)
     next_cheapest = ProviderSpec("next", "sendgrid", "http://x", price_per_email_micros=70)
 
-    last = rank([cheap, next_cheapest], {"cheap": ProviderHealth(daily_used=999)}, email("bulk"), CAPS)
-    gone = rank([cheap, next_cheapest], {"cheap": ProviderHealth(daily_used=1000)}, email("bulk"), CAPS)
+    evening = 0.99  # of the quota day: the quota is on pace
+    last = rank([cheap, next_cheapest], {"cheap": ProviderHealth(daily_used=999, day_share=evening)}, email("bulk"),
+                CAPS)
+    gone = rank([cheap, next_cheapest], {"cheap": ProviderHealth(daily_used=1000, day_share=evening)},
+                email("bulk"), CAPS)
 
     assert order(last) == ["cheap", "next"] and last.ranked[0].remaining_daily_quota == 1
     assert order(gone) == ["next"] and reason(gone, "cheap") == "daily quota exhausted"
@@ -194,3 +197,15 @@ def test_the_breakdown_explains_the_score():
     assert cheap.health_factor == 1.0 and cheap.capacity_factor == 1.0
     assert cheap.breaker == "closed" and cheap.remaining_daily_quota == float("inf")
     assert cheap.score > pricey.score
+
+
+def test_a_provider_ahead_of_its_daily_quota_pace_gives_way_to_one_up_to_twice_its_price():
+    cheap = ProviderSpec("cheap", "sendgrid", "http://x", price_per_email_micros=60, daily_quota=1000)
+    near = ProviderSpec("near", "sendgrid", "http://x", price_per_email_micros=100)
+    dear = ProviderSpec("dear", "sendgrid", "http://x", price_per_email_micros=600)
+    at_noon = {"cheap": ProviderHealth(daily_used=800, day_share=0.5)}  # 80 % of the quota by half the day
+
+    assert order(rank([cheap, near, dear], at_noon, email("bulk"), CAPS)) == ["near", "cheap", "dear"]
+    assert order(rank([cheap, dear], at_noon, email("bulk"), CAPS)) == ["cheap", "dear"]
+    on_pace = {"cheap": ProviderHealth(daily_used=500, day_share=0.5)}
+    assert order(rank([cheap, near, dear], on_pace, email("bulk"), CAPS)) == ["cheap", "near", "dear"]
