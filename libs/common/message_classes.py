@@ -137,6 +137,10 @@ class RoutingWeights:
     """Compare providers by their latency tail rather than their mean (a late OTP is a useless OTP)."""
     probe_first: bool = True
     """Send the half-open breaker's probe with this class as soon as it is due (otp: only as a last resort)."""
+    health_floor: float = 0.9
+    """The least health (1 - the provider's failure rate, shrunk while it has few calls) a provider needs to rank
+    by cost for this class (``libs.routing.scoring``): bulk tolerates a provider failing a third of its calls, as a
+    failed attempt costs nothing and bulk can wait for its retry."""
     pace_cost_ratio: float = 0.0
     """An email a provider refused for its rate budget waits in the queue for it rather than go to a provider
     costing more than this many times as much (0: never waits; ``services.sender.outcomes.waits_for_cheaper``)."""
@@ -186,7 +190,8 @@ CLASS_POLICIES: Mapping[MessageClass, ClassPolicy] = MappingProxyType({
     MessageClass.BULK: ClassPolicy(
         urgent=False,
         accept_passes_in_flight=1,
-        routing=RoutingWeights(cost=0.65, latency=0.05, health=0.3, max_rate_wait_s=2.0, pace_cost_ratio=2.0),
+        routing=RoutingWeights(cost=0.65, latency=0.05, health=0.3, max_rate_wait_s=2.0, health_floor=0.5,
+                               pace_cost_ratio=2.0),
         retry=RetryPolicy(max_failures=12, base_delay_s=1.0, max_delay_s=300.0, max_age_s=3 * 86400,
                           batch_calls=True),
         honours_unsubscribes=True,

@@ -12,9 +12,9 @@ A provider meets the floor when
   assumed fast, so it gets traffic and with it a measurement) is within the class's latency objective
   (``RoutingWeights.latency_objective_s``: otp 1 s, transactional 10 s, bulk none), so a silent brown-out (slow,
   not failing) loses the urgent classes as soon as the estimate moves;
-- its health is at least ``HEALTH_FLOOR``: 1 - failure rate over the breaker's window, shrunk towards 0 while the
-  window holds few calls, and judged once it holds ``HEALTH_FLOOR_MIN_CALLS`` (the breaker, not the rank, reacts to
-  a run of failures);
+- its health is at least the class's ``RoutingWeights.health_floor`` (otp and transactional 0.9, bulk 0.5): 1 -
+  failure rate over the breaker's window, shrunk towards 0 while the window holds few calls, and judged once it
+  holds ``HEALTH_FLOOR_MIN_CALLS`` (the breaker, not the rank, reacts to a run of failures);
 - it is in the email's preferred region, if one is asked for (a preference, not a filter).
 
 Among those, cheaper first: price per email + price per MB * size, divided by the manual ``weight``, and doubled
@@ -49,7 +49,6 @@ from libs.routing.catalog import ProviderSpec
 from libs.routing.health import HALF_OPEN, OPEN, ProviderHealth
 
 __all__ = [
-    "HEALTH_FLOOR",
     "HEALTH_FLOOR_MIN_CALLS",
     "QUOTA_PACE_PENALTY",
     "QUOTA_PACE_SLACK",
@@ -76,12 +75,10 @@ evening to dear providers, so while ahead of pace it gives way to a provider up 
 beats the dearer ones."""
 RATE_BUDGET_SPENT = "rate budget spent"
 """How the exclusion reason of a provider whose rate schedule is booked beyond the class's wait begins."""
-HEALTH_FLOOR = 0.9
-"""Below this health factor a provider misses every class's quality floor ..."""
 HEALTH_FLOOR_MIN_CALLS = 10
-"""... once the breaker's window holds this many calls: a run of failures in a few calls is the breaker's to judge
-(it opens after its consecutive failures), a sustained failure rate the floor's (a brown-out failing a third of
-its calls)."""
+"""A provider's health is held against its class's floor once the breaker's window holds this many calls: a run of
+failures in a few calls is the breaker's to judge (it opens after its consecutive failures), a sustained failure
+rate the floor's (a brown-out failing a third of its calls)."""
 UNMEASURED_LATENCY_MS = 1.0
 """What a provider never measured is assumed to take: as fast as can be, so it gets traffic and a measurement
 (optimism in the face of uncertainty; one email finds out)."""
@@ -210,8 +207,8 @@ def _below_floor(health: ProviderHealth, health_factor: float, region: float, pr
     p99 = health.latency_p99_ms
     if objective_ms and p99 > objective_ms:
         return f"latency p99 estimate {p99:.0f} ms above the class objective of {objective_ms:.0f} ms"
-    if health.window_samples >= HEALTH_FLOOR_MIN_CALLS and health_factor < HEALTH_FLOOR:
-        return f"health {health_factor:.2f} below {HEALTH_FLOOR}"
+    if health.window_samples >= HEALTH_FLOOR_MIN_CALLS and health_factor < profile.health_floor:
+        return f"health {health_factor:.2f} below the class floor of {profile.health_floor}"
     if region < 1:
         return "outside the preferred region"
     return ""

@@ -209,3 +209,14 @@ def test_a_provider_ahead_of_its_daily_quota_pace_gives_way_to_one_up_to_twice_i
     assert order(rank([cheap, dear], at_noon, email("bulk"), CAPS)) == ["cheap", "dear"]
     on_pace = {"cheap": ProviderHealth(daily_used=500, day_share=0.5)}
     assert order(rank([cheap, near, dear], on_pace, email("bulk"), CAPS)) == ["cheap", "near", "dear"]
+
+
+def test_bulk_keeps_a_cheap_provider_failing_a_third_of_its_calls_that_transactional_leaves():
+    cheap = ProviderSpec("cheap", "sendgrid", "http://x", price_per_email_micros=100)
+    dear = ProviderSpec("dear", "sendgrid", "http://x", price_per_email_micros=600)
+    browning = {"cheap": ProviderHealth(latency_ms_ewma=5, error_rate=0.3, window_samples=40)}
+
+    assert order(rank([dear, cheap], browning, email("bulk"), CAPS)) == ["cheap", "dear"]
+    transactional = rank([dear, cheap], browning, email("transactional"), CAPS)
+    assert order(transactional) == ["dear", "cheap"]
+    assert "below the class floor of 0.9" in transactional.ranked[1].below_floor
