@@ -19,7 +19,16 @@ from typing import Any, Literal
 import grpc
 import httpx
 import pytest
-from esp.v1 import campaigns_pb2, common_pb2, messages_pb2, messages_pb2_grpc, reports_pb2, reports_pb2_grpc
+from esp.v1 import (
+    campaigns_pb2,
+    common_pb2,
+    messages_pb2,
+    messages_pb2_grpc,
+    providers_pb2,
+    providers_pb2_grpc,
+    reports_pb2,
+    reports_pb2_grpc,
+)
 from google.protobuf import timestamp_pb2
 from selenium import webdriver
 from selenium.webdriver.common.by import By
@@ -101,6 +110,19 @@ def _compare(mesh: CampaignMesh, query: dict[str, Any]) -> reports_pb2.ComparePr
         return reports_pb2_grpc.StatsServiceStub(channel).CompareProviders(reports_pb2.CompareProvidersRequest(
             start_time=_timestamp(query["startTime"]), end_time=_timestamp(query["endTime"])),
             metadata=_admin(mesh), timeout=10)
+
+
+def _route(mesh: CampaignMesh, message_class: common_pb2.MessageClass.ValueType,
+           message_bytes: int) -> providers_pb2.RouteEmailResponse:
+    with grpc.insecure_channel(mesh.endpoint) as channel:
+        return providers_pb2_grpc.ProviderServiceStub(channel).RouteEmail(providers_pb2.RouteEmailRequest(
+            message_class=message_class, message_bytes=message_bytes, recipient_count=1),
+            metadata=_admin(mesh), timeout=10)
+
+
+ROUTED = (("otp", common_pb2.MESSAGE_CLASS_OTP, 3000), ("transactional", common_pb2.MESSAGE_CLASS_TRANSACTIONAL, 25000),
+          ("bulk", common_pb2.MESSAGE_CLASS_BULK, 60000))
+"""The classes and typical sizes the dashboard's routing panel ranks for."""
 
 
 def _admin(mesh: CampaignMesh) -> Metadata:
@@ -292,8 +314,9 @@ def test_the_dashboard_draws_each_keys_own_figures(browser: webdriver.Chrome, da
     # Nothing of the other tenant, anywhere on the page.
     page = browser.page_source
     assert other_tenant not in page and other_key not in page and mesh.api_key not in page
-    assert tenant_view["tenants"] == [] and tenant_view["health"] == []
+    assert tenant_view["tenants"] == [] and tenant_view["health"] == [] and tenant_view["routing"] == []
     assert not browser.find_element(By.ID, "health-panel").is_displayed()
+    assert not browser.find_element(By.ID, "routing-panel").is_displayed()
     assert not browser.find_element(By.ID, "tenants-panel").is_displayed()
 
     # It refreshes itself: one more email shows up without a reload.
@@ -326,6 +349,17 @@ def test_the_dashboard_draws_each_keys_own_figures(browser: webdriver.Chrome, da
         (p.provider, p.breaker_state, p.daily_quota_used, p.daily_quota_limit) for p in health.providers]
     assert next(h for h in platform["health"] if h["provider"] == PROVIDER)["breakerState"] == "closed"
     assert browser.find_element(By.ID, "health-panel").is_displayed()
+    # How each class is routed now, with the reasons RouteEmail gives.
+    expected_routing = []
+    for name, message_class, size in ROUTED:
+        route = _route(mesh, message_class, size)
+        expected_routing += [(name, i + 1, s.provider.removeprefix("providers/"),
+                              s.below_floor_reason or "meets the class's floor") for i, s in enumerate(route.ranked)]
+        expected_routing += [(name, 0, s.provider.removeprefix("providers/"), f"left out: {s.excluded_reason}")
+                             for s in route.excluded]
+    assert [(r["messageClass"], r["rank"], r["provider"], r["why"]) for r in platform["routing"]] == expected_routing
+    assert any(r["rank"] == 1 for r in platform["routing"])
+    assert browser.find_element(By.ID, "routing-panel").is_displayed()
     cost = _stats(mesh, _admin(mesh), query, dimensions=["provider"])
     assert [(p["provider"], p["providerCostMicros"]) for p in platform["providers"]] == [
         (row.dimensions["provider"], row.provider_cost_micros) for row in cost.rows if row.dimensions["provider"]]

@@ -41,6 +41,29 @@ export async function apiGet(path, params, key) {
   return body || {};
 }
 
+/** POST `body` (JSON) to `path` with the key as a bearer token; the answer as apiGet gives it. */
+export async function apiPost(path, body, key) {
+  const response = await fetch(new URL(path, window.location.origin), {
+    method: "POST",
+    headers: { Authorization: `Bearer ${key}`, Accept: "application/json", "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+    cache: "no-store",
+    credentials: "omit",
+    referrerPolicy: "no-referrer",
+  });
+  const text = await response.text();
+  let answer = null;
+  try {
+    answer = text ? JSON.parse(text) : null;
+  } catch {
+    answer = null;
+  }
+  if (!response.ok) {
+    throw new ApiError(response.status, answer && typeof answer.message === "string" ? answer.message : text.slice(0, 200));
+  }
+  return answer || {};
+}
+
 /** A proto3 JSON number (int64 as a string, a double possibly "NaN") as a finite number, 0 when absent. */
 export function num(value) {
   const n = Number(value ?? 0);
@@ -111,6 +134,19 @@ export function providersResponse(raw) {
     monthlyQuotaLimit: num(p.monthlyQuotaLimit),
     pricePerEmailMicros: num(p.pricePerEmailMicros),
   }));
+}
+
+/** A RouteEmailResponse: the providers in fallback order and the ones left out, each with why. */
+export function routeResponse(raw) {
+  const score = (p) => ({
+    provider: (p.provider || "").replace(/^providers\//, ""),
+    expectedCostMicros: num(p.expectedCostMicros),
+    latencyP99EstimateMs: num(p.latencyP99EstimateMs),
+    belowFloorReason: p.belowFloorReason || "",
+    excludedReason: p.excludedReason || "",
+  });
+  const r = raw || {};
+  return { ranked: (r.ranked || []).map(score), excluded: (r.excluded || []).map(score) };
 }
 
 /** A ListCampaignsResponse: each campaign's name, state and progress counts. */

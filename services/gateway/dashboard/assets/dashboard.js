@@ -6,7 +6,7 @@
 // anyone curious in the browser's console.
 
 import {
-  ApiError, apiGet, campaignsResponse, providersResponse, statsResponse, tenantName,
+  ApiError, apiGet, apiPost, campaignsResponse, providersResponse, routeResponse, statsResponse, tenantName,
 } from "./api.js";
 import { destroyCharts, drawChart } from "./charts.js";
 
@@ -18,6 +18,12 @@ const RANGES = {
   "30d": { ms: 30 * 86400e3, bucket: "day" },
 };
 const BUCKET_MS = { minute: 60e3, hour: 3600e3, day: 86400e3 };
+/** The classes the routing panel ranks for, each with the size of a typical email of it (bytes). */
+const ROUTED_CLASSES = [
+  ["otp", "MESSAGE_CLASS_OTP", 3000],
+  ["transactional", "MESSAGE_CLASS_TRANSACTIONAL", 25000],
+  ["bulk", "MESSAGE_CLASS_BULK", 60000],
+];
 const COLORS = {
   accepted: "#7a7a7a", sent: "#1f77b4", delivered: "#2ca02c", bounced: "#ff7f0e", failed: "#d62728",
   complained: "#9467bd", warning: "#e6a700", critical: "#d62728",
@@ -124,6 +130,9 @@ async function fetchAll(key, query) {
   if (state.view === "platform") {
     requests.tenants = get("/v1/stats", statsParams(query, [["dimensions", "tenant"]])).then(statsResponse);
     requests.health = get("/v1/stats:compareProviders", statsParams(query, [])).then(providersResponse);
+    requests.routing = Promise.all(ROUTED_CLASSES.map(([name, messageClass, bytes]) =>
+      apiPost("/v1/providers:route", { messageClass, messageBytes: String(bytes), recipientCount: 1 }, key)
+        .then((raw) => ({ messageClass: name, ...routeResponse(raw) }))));
     const campaignDims = state.tenant ? [["dimensions", "campaign"]] : [["dimensions", "tenant"], ["dimensions", "campaign"]];
     requests.campaignStats = get("/v1/stats", statsParams(query, [...campaignDims, ...scoped])).then(statsResponse);
   } else {
@@ -318,6 +327,31 @@ function healthRows(providers) {
   }));
 }
 
+/** Each class's fallback chain for a typical email of it, as the sender would rank it now, and why (RouteEmail). */
+function routingRows(routes) {
+  const rows = [];
+  for (const route of routes) {
+    route.ranked.forEach((p, i) => rows.push({
+      messageClass: route.messageClass, rank: i + 1, provider: p.provider, expectedCostMicros: p.expectedCostMicros,
+      latencyP99EstimateMs: p.latencyP99EstimateMs, why: p.belowFloorReason || "meets the class's floor",
+    }));
+    for (const p of route.excluded) {
+      rows.push({
+        messageClass: route.messageClass, rank: 0, provider: p.provider, expectedCostMicros: p.expectedCostMicros,
+        latencyP99EstimateMs: p.latencyP99EstimateMs, why: `left out: ${p.excludedReason}`,
+      });
+    }
+  }
+  return rows;
+}
+
+function drawRouting(rows) {
+  fillTable($("routing-table"), ["class", "rank", "provider", "cost / email", "p99 estimate", "why"], rows.map((r) => [
+    r.messageClass, r.rank ? String(r.rank) : "–", r.provider, fmtMicros(r.expectedCostMicros),
+    r.latencyP99EstimateMs ? fmtMs(r.latencyP99EstimateMs) : "not measured", r.why,
+  ]), "No provider in the catalog.");
+}
+
 function drawHealth(rows) {
   fillTable($("health-table"), ["provider", "type", "enabled", "breaker", "daily quota", "monthly quota",
     "delivery rate", "call p95", "error rate", "throttle rate", "price / email"], rows.map((r) => [
@@ -447,6 +481,7 @@ function render(query, answers) {
     providers,
     tenants: [],
     health: [],
+    routing: [],
     campaigns: [],
   };
   if (state.view === "platform") {
@@ -454,6 +489,8 @@ function render(query, answers) {
     drawTenants(snapshot.tenants);
     snapshot.health = healthRows(answers.health);
     drawHealth(snapshot.health);
+    snapshot.routing = routingRows(answers.routing);
+    drawRouting(snapshot.routing);
     snapshot.campaigns = campaignStatRows(answers.campaignStats);
     drawCampaignStats(snapshot.campaigns);
   } else {
@@ -510,6 +547,7 @@ async function signIn(key) {
   $("tenant-control").hidden = !platform;
   $("tenants-panel").hidden = !platform;
   $("health-panel").hidden = !platform;
+  $("routing-panel").hidden = !platform;
   document.body.dataset.view = state.view;
   await refresh();
 }
