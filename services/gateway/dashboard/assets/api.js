@@ -22,12 +22,28 @@ export async function apiGet(path, params, key) {
       url.searchParams.append(name, String(value));
     }
   }
-  const response = await fetch(url, {
+  return answer(await fetch(url, {
     headers: { Authorization: `Bearer ${key}`, Accept: "application/json" },
     cache: "no-store",
     credentials: "omit",
     referrerPolicy: "no-referrer",
-  });
+  }));
+}
+
+/** POST `body` (JSON) to `path` with the key as a bearer token; the answer as apiGet gives it. */
+export async function apiPost(path, body, key) {
+  return answer(await fetch(new URL(path, window.location.origin), {
+    method: "POST",
+    headers: { Authorization: `Bearer ${key}`, Accept: "application/json", "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+    cache: "no-store",
+    credentials: "omit",
+    referrerPolicy: "no-referrer",
+  }));
+}
+
+/** A response's JSON body ({} when empty); ApiError with the google.rpc.Status message for anything but 2xx. */
+async function answer(response) {
   const text = await response.text();
   let body = null;
   try {
@@ -39,29 +55,6 @@ export async function apiGet(path, params, key) {
     throw new ApiError(response.status, body && typeof body.message === "string" ? body.message : text.slice(0, 200));
   }
   return body || {};
-}
-
-/** POST `body` (JSON) to `path` with the key as a bearer token; the answer as apiGet gives it. */
-export async function apiPost(path, body, key) {
-  const response = await fetch(new URL(path, window.location.origin), {
-    method: "POST",
-    headers: { Authorization: `Bearer ${key}`, Accept: "application/json", "Content-Type": "application/json" },
-    body: JSON.stringify(body),
-    cache: "no-store",
-    credentials: "omit",
-    referrerPolicy: "no-referrer",
-  });
-  const text = await response.text();
-  let answer = null;
-  try {
-    answer = text ? JSON.parse(text) : null;
-  } catch {
-    answer = null;
-  }
-  if (!response.ok) {
-    throw new ApiError(response.status, answer && typeof answer.message === "string" ? answer.message : text.slice(0, 200));
-  }
-  return answer || {};
 }
 
 /** A proto3 JSON number (int64 as a string, a double possibly "NaN") as a finite number, 0 when absent. */
