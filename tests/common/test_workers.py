@@ -96,11 +96,20 @@ async def test_a_worker_that_exits_on_its_own_brings_its_service_down(tmp_path: 
 
 async def test_watch_returns_quietly_when_the_service_stops(tmp_path: Path):
     supervisor = await WorkerSupervisor.start("svc", [_spec(tmp_path)], grace_s=2)
-    stop = asyncio.Event()
-    watching = asyncio.create_task(supervisor.watch(stop))
-    stop.set()
-    await asyncio.wait_for(watching, 5)
-    await supervisor.stop()
+    try:
+        stop = asyncio.Event()
+        watching = asyncio.create_task(supervisor.watch(stop))
+        for _ in range(20):  # let it settle into its wait: with the worker alive it must not return on its own
+            await asyncio.sleep(0)
+        assert not watching.done()
+
+        stop.set()
+
+        assert await asyncio.wait_for(watching, 5) is None  # no error: the service stopping is no worker's death
+        [worker] = supervisor.workers.values()
+        assert worker.returncode is None  # watching only watches: draining the worker is stop()'s work
+    finally:
+        await supervisor.stop()
 
 
 PARENT = """

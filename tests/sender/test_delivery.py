@@ -8,6 +8,7 @@ from esp.v1 import messages_pb2
 
 from libs.common.jetstream import ensure_streams
 from libs.common.message_classes import MessageClass
+from libs.providers.model import ProviderConfig
 from libs.routing.catalog import ProviderSpec
 from libs.routing.health import ProviderLimits
 from services.sender.retries import backoff_s
@@ -18,6 +19,9 @@ FAILED = messages_pb2.MESSAGE_EVENT_TYPE_FAILED
 ATTEMPTED = messages_pb2.MESSAGE_EVENT_TYPE_ATTEMPTED
 DEFERRED = messages_pb2.MESSAGE_EVENT_TYPE_DEFERRED
 DEAD = messages_pb2.MESSAGE_EVENT_TYPE_DEAD_LETTERED
+PROVIDER_DELAY_MS = 250
+"""How long the simulated provider takes to answer where a test measures a call."""
+LONGEST_CALL_MS = (ProviderConfig.timeout_s + ProviderConfig.connect_timeout_s) * 1000
 
 
 async def test_an_accepted_email_is_announced_sent_with_its_attempt_and_acked(world: World):
@@ -60,7 +64,7 @@ async def test_an_email_another_sender_is_working_on_is_left_alone(world: World)
 async def test_a_retryable_failure_excludes_the_provider_and_backs_off(world: World):
     await world.add_provider("broken", "postmark-1", price_per_email_micros=10)
     await world.add_provider("spare", "sendgrid-1", price_per_email_micros=90)
-    await world.sim.client.set_knobs("postmark-1", error_rate=1.0)
+    await world.sim.client.set_knobs("postmark-1", error_rate=1.0, latency_ms=PROVIDER_DELAY_MS, jitter_ms=0)
     task = send_task("transactional")
 
     [first] = await world.deliver(task)
@@ -72,7 +76,10 @@ async def test_a_retryable_failure_excludes_the_provider_and_backs_off(world: Wo
     assert [e.event.type for e in events] == [ATTEMPTED, DEFERRED, SENT]
     attempted = events[0].event
     assert attempted.provider == "broken" and attempted.outcome == messages_pb2.ATTEMPT_OUTCOME_RETRYABLE
-    assert attempted.reason and attempted.latency_ms >= 0
+    assert attempted.reason
+    # The failed call's own duration in milliseconds: at least the delay the provider took to answer, and less than
+    # the longest a call may last (a figure in seconds or microseconds would fall outside).
+    assert PROVIDER_DELAY_MS <= attempted.latency_ms < LONGEST_CALL_MS
     assert events[2].event.provider == "spare" and events[2].event.attempt == 2
 
 
