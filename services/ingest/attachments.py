@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
 import mimetypes
 import re
 import secrets
@@ -23,6 +24,8 @@ from psycopg_pool import AsyncConnectionPool
 from libs.common.addresses import has_control
 from libs.common.errors import FieldViolation, InvalidArgument, NotFound
 from services.ingest.model import StoredAttachment
+
+log = logging.getLogger(__name__)
 
 MAX_ATTACHMENT_BYTES = 150 * 1024 * 1024
 """The largest attachment accepted: "150 MB" read as 150 MiB = 157,286,400 bytes, exactly (one byte more is
@@ -47,14 +50,14 @@ class UploadMetadata:
     request_id: str = ""
 
 
-def _check_metadata(meta: UploadMetadata) -> UploadMetadata:
+def _check_metadata(meta: UploadMetadata, max_bytes: int) -> UploadMetadata:
     problems: list[FieldViolation] = []
     if not meta.filename or len(meta.filename) > 255 or has_control(meta.filename) or any(
             c in meta.filename for c in "/\\"):
         problems.append(FieldViolation("metadata.filename", "1 to 255 characters, no path separators, line breaks "
                                        "or control characters", "INVALID_FILENAME"))
-    if meta.size_bytes < 0 or meta.size_bytes > MAX_ATTACHMENT_BYTES:
-        problems.append(FieldViolation("metadata.size_bytes", f"0 to {MAX_ATTACHMENT_BYTES} bytes",
+    if meta.size_bytes < 0 or meta.size_bytes > max_bytes:
+        problems.append(FieldViolation("metadata.size_bytes", f"0 to {max_bytes} bytes",
                                        "ATTACHMENT_TOO_LARGE"))
     if meta.sha256 and not _SHA256_HEX.match(meta.sha256.lower()):
         problems.append(FieldViolation("metadata.sha256", "64 lowercase hex digits"))
@@ -72,10 +75,13 @@ def _check_metadata(meta: UploadMetadata) -> UploadMetadata:
 class AttachmentStore:
     """Attachment rows in Postgres, bytes in S3."""
 
-    def __init__(self, pool: AsyncConnectionPool, s3: Any, bucket: str) -> None:
+    def __init__(self, pool: AsyncConnectionPool, s3: Any, bucket: str, *,
+                 max_bytes: int = MAX_ATTACHMENT_BYTES) -> None:
         self.pool = pool
         self.s3 = s3
         self.bucket = bucket
+        self.max_bytes = max_bytes
+        """The largest attachment taken (``MAX_ATTACHMENT_BYTES`` but in tests of the cap itself)."""
         # Parts upload on threads of their own: each thread gets a malloc arena that keeps freed part buffers,
         # so few threads keep the process small (the default executor would spread parts over many).
         self._part_uploader = ThreadPoolExecutor(max_workers=PARTS_IN_FLIGHT, thread_name_prefix="s3-part")
@@ -85,7 +91,7 @@ class AttachmentStore:
 
     async def upload(self, tenant_id: str, meta: UploadMetadata, chunks: AsyncIterator[bytes]) -> StoredAttachment:
         """Stream ``chunks`` into S3; refuse (and abort the multipart upload) past the size cap or on a bad hash."""
-        meta = _check_metadata(meta)
+        meta = _check_metadata(meta, self.max_bytes)
         if meta.request_id:
             earlier = await self._by_request_id(tenant_id, meta.request_id)
             if earlier is not None:
@@ -100,8 +106,7 @@ class AttachmentStore:
         try:
             size, digest = await self._stream_parts(key, upload_id, meta, chunks)
         except BaseException:
-            await asyncio.shield(asyncio.to_thread(
-                self.s3.abort_multipart_upload, Bucket=self.bucket, Key=key, UploadId=upload_id))
+            await self._abort_quietly(key, upload_id)
             raise
         stored = StoredAttachment(attachment_id, tenant_id, meta.filename, meta.content_type, size, digest, key)
         async with self.pool.connection() as conn:
@@ -119,6 +124,17 @@ class AttachmentStore:
             assert earlier is not None
             return earlier
         return stored
+
+    async def _abort_quietly(self, key: str, upload_id: str) -> None:
+        """Abort a multipart upload that will not be completed. The error that made us abort (a refusal, a lost
+        client, a failed part) is the one the caller must hear: an abort that fails too (NoSuchUpload when S3
+        already dropped it, S3 unreachable) is logged: an upload left incomplete costs storage until a bucket
+        lifecycle rule (AbortIncompleteMultipartUpload) clears it, a wrong answer would cost the caller's retry."""
+        try:
+            await asyncio.shield(asyncio.to_thread(
+                self.s3.abort_multipart_upload, Bucket=self.bucket, Key=key, UploadId=upload_id))
+        except Exception:
+            log.warning("could not abort multipart upload %s of %s", upload_id, key, exc_info=True)
 
     async def _stream_parts(self, key: str, upload_id: str, meta: UploadMetadata,
                             chunks: AsyncIterator[bytes]) -> tuple[int, str]:
@@ -174,11 +190,11 @@ class AttachmentStore:
         try:
             async for chunk in chunks:
                 size += len(chunk)
-                if size > MAX_ATTACHMENT_BYTES:
+                if size > self.max_bytes:
                     raise InvalidArgument(
-                        f"attachment larger than {MAX_ATTACHMENT_BYTES} bytes", reason="ATTACHMENT_TOO_LARGE",
-                        metadata={"max_bytes": str(MAX_ATTACHMENT_BYTES)},
-                        field_violations=[FieldViolation("chunk", f"more than {MAX_ATTACHMENT_BYTES} bytes",
+                        f"attachment larger than {self.max_bytes} bytes", reason="ATTACHMENT_TOO_LARGE",
+                        metadata={"max_bytes": str(self.max_bytes)},
+                        field_violations=[FieldViolation("chunk", f"more than {self.max_bytes} bytes",
                                                          "ATTACHMENT_TOO_LARGE")])
                 view = memoryview(chunk)
                 while view:
@@ -194,10 +210,12 @@ class AttachmentStore:
                 await flush()
             await wait_for_room(0)
         except BaseException:
-            for task in uploading:
-                task.cancel()
             if hashing is not None:
                 hashing.cancel()
+            # The parts in flight finish before the caller aborts the upload (their threads cannot be stopped
+            # anyway): S3 may keep a part that completes after the abort, and an abort racing a part's write can
+            # itself fail. At most PARTS_IN_FLIGHT parts, so the refusal waits for a few MiB at most.
+            await asyncio.gather(*uploading, return_exceptions=True)
             raise
         digest = hasher.hexdigest()
         if meta.size_bytes and size != meta.size_bytes:
