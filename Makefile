@@ -69,6 +69,11 @@ vendor-charts:
 run: proto
 	$(PY) -m dev.run
 
+# The fault matrix against a private mesh, checked by the history checker (dev/chaos); figures in RELIABILITY.md.
+CHAOS_ARGS ?=
+chaos: proto
+	$(PY) -m dev.chaos --json chaos-results.json $(CHAOS_ARGS)
+
 bench: proto
 	bash scripts/bench-tools.sh
 	$(PY) -m bench $(BENCH) -- $(BENCH_ARGS)
