@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 from dev.chaos.faults import FAULTS, FULL_MATRIX, SHORT_MATRIX
@@ -41,9 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         row = verdict.as_row()
         print(f"{row['phase']}: {row['accepted']} accepted, {row['lost']} lost, {row['double_charges']} double "
               f"charges, {row['duplicates']} duplicates {row['duplicate_reasons'] or ''}, recovered in "
-              f"{row['recover_s']} s, delivered/accepted {row['delivered_ratio']}", flush=True)
-        for violation in verdict.violations[:20]:
-            print(f"  VIOLATION {violation}", flush=True)
+              f"{row['recover_s']} s, delivered/accepted {row['delivered_ratio']}, dearer after recovery "
+              f"{row['dearer_after_recovery']}", flush=True)
+        kinds = Counter(violation.split(":", 1)[0] for violation in verdict.violations)
+        for kind, count in kinds.items():
+            examples = [v for v in verdict.violations if v.startswith(f"{kind}:")][:3]
+            print(f"  VIOLATION {kind} x{count}, e.g.:", *(f"\n    {e}" for e in examples), flush=True)
 
     result = asyncio.run(run_matrix(matrix, settings, keep=arguments.keep, on_verdict=report))
     print()

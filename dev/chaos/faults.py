@@ -51,8 +51,8 @@ class Fault:
         await cluster.wait_serving()
 
 
-HEALTHY: dict[str, object] = {"outage": False, "latency_ms": 20, "jitter_ms": 20, "error_rate": 0.0, "throttle_rps": None,
-           "hang_rate": 0.0}
+HEALTHY: dict[str, object] = {"outage": False, "latency_ms": 20, "jitter_ms": 20, "error_rate": 0.0,
+                              "throttle_rps": None, "hang_rate": 0.0}
 PROVIDER_FAULTS: dict[str, dict[str, object]] = {
     "outage": {"outage": True},
     "brownout": {"latency_ms": 2000, "error_rate": 0.3},

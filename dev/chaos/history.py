@@ -18,7 +18,10 @@ Promises checked, each a violation when broken:
 - ``idempotency``: one request (same ``request_id``) stored twice;
 - ``silent_accept``: a request the client was told was refused is stored;
 - ``sent_after_cancel``: an email reached a provider after its cancel was acknowledged;
-- ``internal_error``: a client was told INTERNAL or UNKNOWN (or HTTP 500) rather than a status it can act on.
+- ``internal_error``: a client was told INTERNAL or UNKNOWN (or HTTP 500) rather than a status it can act on;
+- ``routing_burst``: in the seconds after a fault that left every provider healthy ended, more than
+  ``BURST_SHARE`` of the mail went to providers dearer than the cheapest (routing state lost with Redis, say,
+  must be re-learned without paying premium prices meanwhile).
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ from typing import Any
 import psycopg
 from esp.internal.v1 import queue_pb2
 
-from dev.chaos.cluster import TENANT
+from dev.chaos.cluster import CHEAPEST_PROVIDER, TENANT
 from dev.chaos.load import ClientRecord
 
 SENT_STATES = frozenset({"sent", "delivered", "bounced", "complained"})
 FINAL_STATES = SENT_STATES | {"failed", "cancelled"}
+BURST_WINDOW_S = 3.0
+BURST_SHARE = 0.2
+BURST_MIN_TAKES = 10
 TOOK_IT = frozenset({"accepted", "hung"})
 """Simulator results meaning the provider took the email (``hung``: took it, answered too late)."""
 
@@ -55,6 +61,10 @@ class PhaseHistory:
     provider_takes: dict[str, list[dict[str, Any]]]
     balance: tuple[int, int, int]
     journal_sums: tuple[int, int, int]
+    healed_at: float | None = None
+    """When the phase's faults ended (epoch seconds); None for a phase without faults."""
+    cheapest_healthy: bool = True
+    """Whether the cheapest provider was healthy after the faults ended (no provider fault in the phase)."""
 
 
 @dataclass
@@ -90,6 +100,8 @@ class PhaseVerdict:
     double_charges: int = 0
     duplicates: Counter[str] = field(default_factory=Counter)
     recover_s: float = 0.0
+    dearer_after_recovery: tuple[int, int] = (0, 0)
+    """(emails to dearer providers, emails in all) taken in the ``BURST_WINDOW_S`` after the faults ended."""
     violations: list[str] = field(default_factory=list)
     told: Counter[str] = field(default_factory=Counter)
 
@@ -105,7 +117,9 @@ class PhaseVerdict:
             "in_flight": self.in_flight, "lost": self.lost, "double_charges": self.double_charges,
             "duplicates": sum(self.duplicates.values()),
             "duplicate_reasons": dict(self.duplicates), "recover_s": round(self.recover_s, 2),
-            "delivered_ratio": round(self.delivered_ratio, 6), "failed": self.failed, "cancelled": self.cancelled,
+            "delivered_ratio": round(self.delivered_ratio, 6),
+            "dearer_after_recovery": f"{self.dearer_after_recovery[0]}/{self.dearer_after_recovery[1]}",
+            "failed": self.failed, "cancelled": self.cancelled,
             "unknown_told": self.unknown_told, "unknown_stored": self.unknown_stored, "refused": self.refused,
             "told": dict(self.told), "violations": list(self.violations),
         }
@@ -220,6 +234,14 @@ def check(history: PhaseHistory) -> PhaseVerdict:
                 verdict.duplicates["unexplained"] += len(takes) - 1
                 bad.append(f"duplicate: {email.message_id} taken {len(takes)} times by "
                            f"{', '.join(t['personality'] for t in takes)} with nothing ambiguous")
+    if history.healed_at is not None and history.cheapest_healthy:
+        window = [t for takes in history.provider_takes.values() for t in takes
+                  if t["result"] in TOOK_IT and history.healed_at <= t["at"] < history.healed_at + BURST_WINDOW_S]
+        dearer = sum(t["personality"] != CHEAPEST_PROVIDER for t in window)
+        verdict.dearer_after_recovery = (dearer, len(window))
+        if len(window) >= BURST_MIN_TAKES and dearer > BURST_SHARE * len(window):
+            bad.append(f"routing_burst: {dearer} of {len(window)} emails went to dearer providers in the "
+                       f"{BURST_WINDOW_S:.0f} s after the faults ended, the cheapest being healthy")
     if history.balance != history.journal_sums:
         bad.append(f"balance: (available, held, spent) {history.balance} but the journal sums to "
                    f"{history.journal_sums}")

@@ -51,8 +51,9 @@ class RunResult:
 
 
 async def run_matrix(matrix: Sequence[Sequence[str]], settings: RunSettings, *, keep: bool = False,
-                     on_verdict: Any = None) -> RunResult:
-    """Start a cluster, run every phase of ``matrix`` (a baseline phase without faults first), stop the cluster."""
+                     baseline: bool = True, on_verdict: Any = None) -> RunResult:
+    """Start a cluster, run every phase of ``matrix`` (after a phase without faults, with ``baseline``), stop the
+    cluster."""
     unknown = [name for phase in matrix for name in phase if name not in FAULTS]
     if unknown:
         raise ValueError(f"unknown faults: {', '.join(unknown)}; known: {', '.join(FAULTS)}")
@@ -65,7 +66,8 @@ async def run_matrix(matrix: Sequence[Sequence[str]], settings: RunSettings, *, 
     try:
         async with LoadGenerator(cluster.endpoint, cluster.gateway_url, cluster.api_key, settings.rate,
                                  seed=settings.seed) as load:
-            for index, faults in enumerate([(), *matrix]):
+            phases: list[Sequence[str]] = [(), *matrix] if baseline else list(matrix)
+            for index, faults in enumerate(phases):
                 name = f"p{index:02d}-{'+'.join(faults) or 'baseline'}"
                 verdict = await run_phase(cluster, load, name, faults, settings)
                 result.verdicts.append(verdict)
@@ -90,12 +92,14 @@ async def run_phase(cluster: ChaosCluster, load: LoadGenerator, phase: str, faul
     driving = asyncio.create_task(load.run(phase, settings.duration_s))
     in_flight = 0
     recover_s = 0.0
+    healed_at: float | None = None
     if faults:
         await asyncio.sleep(settings.duration_s / 3)
         in_flight = await asyncio.to_thread(_in_flight, cluster.database_dsn, phase, load, first)
         for fault in faults:
             await fault.inject(cluster)
         await asyncio.gather(*(fault.heal(cluster) for fault in faults))
+        healed_at = time.time()
         recover_s = await probe_recovery(cluster.endpoint, cluster.api_key)
     await driving
     await load.settle()
@@ -104,6 +108,8 @@ async def run_phase(cluster: ChaosCluster, load: LoadGenerator, phase: str, faul
     requests = await cluster.simulator_requests(sim_seq)
     history = await asyncio.to_thread(read_history, cluster.database_dsn, phase, fault_names,
                                       any(f.crash_window for f in faults), clients, requests, since)
+    history.healed_at = healed_at
+    history.cheapest_healthy = not any(f.kind == "provider" for f in faults)
     verdict = check(history)
     verdict.in_flight, verdict.recover_s = in_flight, recover_s
     return verdict
@@ -147,7 +153,7 @@ def _pending(dsn: str, phase: str) -> int:
 
 
 COLUMNS = ("phase", "emails", "accepted", "in_flight", "lost", "double_charges", "duplicates", "recover_s",
-           "delivered_ratio", "violations")
+           "delivered_ratio", "dearer_after_recovery", "violations")
 
 
 def table(verdicts: Sequence[PhaseVerdict]) -> str:
