@@ -28,7 +28,6 @@ descriptor set is loaded; a contract that no longer fits leaves the RPC with NDJ
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from starlette.requests import Request
 
 from libs.common.byte_records import Record, RecordSplitter, records
 from libs.common.recipient_lists import MAX_ROW_BYTES
+from services.gateway import json_depth
 from services.gateway.body_streams import MultipartReader, disposition_filename, media_type
 from services.gateway.descriptors import DescriptorSet
 from services.gateway.errors import GatewayError, bad_request
@@ -295,8 +295,8 @@ class RecipientListBody:
 
 def _is_frame(line: bytes) -> bool:
     try:
-        value = json.loads(line)
-    except (UnicodeDecodeError, ValueError):
+        value = json_depth.loads(line)
+    except (UnicodeDecodeError, ValueError):  # JsonTooDeep too: not a frame, and the rows' reader refuses it
         return False
     return isinstance(value, dict) and bool(_FRAME_KEYS & value.keys())
 

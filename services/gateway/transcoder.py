@@ -41,6 +41,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from services.gateway import json_depth
 from services.gateway.binding_matcher import BindingMatcher
 from services.gateway.body_streams import ndjson_lines
 from services.gateway.descriptors import DescriptorSet, HttpBinding
@@ -470,8 +471,8 @@ def _decode_json(data: bytes) -> Any:
     if not data.strip():
         return None
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return json_depth.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, json_depth.JsonTooDeep) as exc:
         raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid JSON body: {exc}") from exc
 
 
