@@ -36,7 +36,7 @@ import psycopg
 from esp.internal.v1 import queue_pb2
 
 from dev.chaos.cluster import CHEAPEST_PROVIDER, TENANT
-from dev.chaos.load import ClientRecord
+from dev.chaos.load import CampaignRecord, ClientRecord
 
 SENT_STATES = frozenset({"sent", "delivered", "bounced", "complained"})
 FINAL_STATES = SENT_STATES | {"failed", "cancelled"}
@@ -61,6 +61,9 @@ class PhaseHistory:
     provider_takes: dict[str, list[dict[str, Any]]]
     balance: tuple[int, int, int]
     journal_sums: tuple[int, int, int]
+    campaigns: Sequence[CampaignRecord] = ()
+    campaign_recipients: dict[str, int] = field(default_factory=dict)
+    """Distinct recipients of each campaign's stored emails, by campaign key."""
     healed_at: float | None = None
     """When the phase's faults ended (epoch seconds); None for a phase without faults."""
     cheapest_healthy: bool = True
@@ -126,9 +129,12 @@ class PhaseVerdict:
 
 
 def read_history(dsn: str, phase: str, faults: Sequence[str], crash_window: bool, clients: Sequence[ClientRecord],
-                 simulator_requests: Iterable[dict[str, Any]], since: datetime) -> PhaseHistory:
-    """Everything the mesh and the simulator recorded about ``phase``'s emails (stored since ``since``)."""
+                 simulator_requests: Iterable[dict[str, Any]], since: datetime,
+                 campaigns: Sequence[CampaignRecord] = ()) -> PhaseHistory:
+    """Everything the mesh and the simulator recorded about ``phase``'s emails (stored since ``since``); a
+    campaign's emails are queued by the campaigns service, not ingest, and found by their campaign's metadata."""
     stored: dict[str, StoredEmail] = {}
+    campaign_recipients: dict[str, int] = {}
     with psycopg.connect(dsn, autocommit=True) as conn:
         for message_id, request_id, message_class, task_bytes, credits in conn.execute(
                 "SELECT id::text, coalesce(request_id, ''), message_class, task, credits FROM ingest.messages "
@@ -138,6 +144,14 @@ def read_history(dsn: str, phase: str, faults: Sequence[str], crash_window: bool
                 continue
             stored[message_id] = StoredEmail(message_id, task.metadata.get("chaos_key", ""), request_id,
                                              message_class, int(credits))
+        for campaign in campaigns:
+            recipients: set[str] = set()
+            for message_id, to_addrs in conn.execute(
+                    "SELECT message_id, to_addrs FROM reports.messages WHERE tenant_id = %s "
+                    "AND metadata->>'chaos_key' = %s", (TENANT, campaign.key)):
+                stored[message_id] = StoredEmail(message_id, campaign.key, "", "bulk", 0)
+                recipients.update(str(a.get("email", "")) for a in to_addrs)
+            campaign_recipients[campaign.key] = len(recipients)
         ids = list(stored)
         for message_id, state in conn.execute(
                 "SELECT message_id, state FROM reports.messages WHERE message_id = ANY(%s)", (ids,)):
@@ -168,7 +182,8 @@ def read_history(dsn: str, phase: str, faults: Sequence[str], crash_window: bool
                 takes[message_id].append({"result": record["result"], "personality": record["personality"],
                                           "at": record.get("arrived_at") or record["received_at"],
                                           "rejected": bool(message.get("rejection"))})
-    return PhaseHistory(phase, faults, crash_window, clients, stored, dict(takes), balance, journal)
+    return PhaseHistory(phase, faults, crash_window, clients, stored, dict(takes), balance, journal,
+                        campaigns=campaigns, campaign_recipients=campaign_recipients)
 
 
 def check(history: PhaseHistory) -> PhaseVerdict:
@@ -204,6 +219,13 @@ def check(history: PhaseHistory) -> PhaseVerdict:
                 if late:
                     bad.append(f"sent_after_cancel: {client.key} reached {late[0]['personality']} after its "
                                f"cancel was acknowledged")
+    for campaign in history.campaigns:
+        emails = sum(email.key == campaign.key for email in history.stored.values())
+        reached = history.campaign_recipients.get(campaign.key, 0)
+        if emails != campaign.recipients or reached != campaign.recipients:
+            verdict.lost += max(0, campaign.recipients - reached)
+            bad.append(f"lost: campaign {campaign.key} has {emails} emails to {reached} distinct recipients, "
+                       f"not one to each of its {campaign.recipients}")
     for email in history.stored.values():
         takes = [t for t in history.provider_takes.get(email.message_id, [])
                  if t["result"] in TOOK_IT and not t["rejected"]]

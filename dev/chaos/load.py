@@ -16,7 +16,15 @@ from typing import Any
 
 import grpc
 import httpx
-from esp.v1 import attachments_pb2, attachments_pb2_grpc, common_pb2, messages_pb2, messages_pb2_grpc
+from esp.v1 import (
+    attachments_pb2,
+    attachments_pb2_grpc,
+    campaigns_pb2,
+    campaigns_pb2_grpc,
+    common_pb2,
+    messages_pb2,
+    messages_pb2_grpc,
+)
 from google.protobuf.timestamp_pb2 import Timestamp
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -59,6 +67,16 @@ class ClientRecord:
 
 
 @dataclass
+class CampaignRecord:
+    """A phase's campaign: its recipients are sent over several seconds, across the phase's faults."""
+
+    phase: str
+    name: str
+    recipients: int
+    key: str
+
+
+@dataclass
 class LoadGenerator:
     """Sends ``rate`` emails per second while running; keeps a ClientRecord per email."""
 
@@ -68,6 +86,7 @@ class LoadGenerator:
     rate: float
     seed: int = 1
     records: list[ClientRecord] = field(default_factory=list)
+    campaigns: list[CampaignRecord] = field(default_factory=list)
     concurrency: int = 64
     _rng: random.Random = field(init=False)
     _channel: grpc.aio.Channel | None = None
@@ -118,6 +137,33 @@ class LoadGenerator:
                 if exc.code() not in RETRYABLE or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)
+
+    async def start_campaign(self, phase: str, recipients: int, send_rate: float) -> CampaignRecord:
+        """A bulk campaign to ``recipients`` addresses at ``send_rate`` emails/s, created, filled and started
+        (each call retried while the mesh recovers: creation and start carry request ids)."""
+        assert self._channel is not None
+        stub = campaigns_pb2_grpc.CampaignServiceStub(self._channel)
+        key = f"{phase}-campaign"
+        campaign = campaigns_pb2.Campaign(
+            display_name=key, subject="chaos campaign {{ n }}", text_body="Hello {{ n }}", tags=["chaos"],
+            message_class=common_pb2.MESSAGE_CLASS_BULK, send_rate=send_rate,
+            metadata={"chaos_phase": phase, "chaos_key": key})
+        getattr(campaign, "from").CopyFrom(common_pb2.EmailAddress(email="news@chaos.example.com"))
+        created = await _retrying(lambda: stub.CreateCampaign(campaigns_pb2.CreateCampaignRequest(
+            request_id=f"chaos-{key}", campaign=campaign), metadata=self.metadata, timeout=CALL_TIMEOUT_S))
+        frame = campaigns_pb2.AddCampaignRecipientsRequest(campaign=created.name, recipients=[
+            campaigns_pb2.CampaignRecipient(address=common_pb2.EmailAddress(email=f"{key}-{i}@example.org"),
+                                            variables={"n": str(i)}) for i in range(recipients)])
+        added = await _retrying(lambda: stub.AddCampaignRecipients(iter([frame]), metadata=self.metadata,
+                                                                   timeout=CALL_TIMEOUT_S))
+        # A retried frame whose first attempt had landed finds its recipients already there (counted duplicates).
+        if added.added_count + added.duplicate_count != recipients:
+            raise RuntimeError(f"{key}: {added.added_count} of {recipients} recipients added: {added}")
+        await _retrying(lambda: stub.StartCampaign(campaigns_pb2.StartCampaignRequest(
+            name=created.name, request_id=f"chaos-start-{key}"), metadata=self.metadata, timeout=CALL_TIMEOUT_S))
+        record = CampaignRecord(phase, created.name, recipients, key)
+        self.campaigns.append(record)
+        return record
 
     async def run(self, phase: str, duration_s: float) -> None:
         """Start ``rate`` emails per second for ``duration_s`` (each in its own task; ``settle`` waits for them)."""
@@ -267,6 +313,18 @@ async def probe_recovery(endpoint: str, api_key: str, timeout_s: float = 180.0) 
                 pass
             await asyncio.sleep(0.2)
     raise TimeoutError(f"the mesh did not recover within {timeout_s:.0f}s")
+
+
+async def _retrying(call: Any) -> Any:
+    """``call()`` until it answers, retrying statuses that may pass, for up to ``RETRY_FOR_S``."""
+    deadline = time.monotonic() + RETRY_FOR_S
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in RETRYABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 def _cumulative(mix: tuple[tuple[str, float], ...]) -> list[tuple[str, float]]:

@@ -35,6 +35,7 @@ class RunSettings:
     """Emails per second the load offers."""
     duration_s: float = 15.0
     drain_timeout_s: float = 150.0
+    campaign_recipients: int = 100
     seed: int = 1
 
 
@@ -88,7 +89,10 @@ async def run_phase(cluster: ChaosCluster, load: LoadGenerator, phase: str, faul
     since = datetime.now(UTC) - timedelta(seconds=2)
     sim_seq = await _last_simulator_seq(cluster)
     await load.upload_attachment(phase)
-    first = len(load.records)
+    first, first_campaign = len(load.records), len(load.campaigns)
+    # Spread over the load's duration, so its expansion and sending run through the faults.
+    await load.start_campaign(phase, settings.campaign_recipients,
+                              send_rate=settings.campaign_recipients / settings.duration_s)
     driving = asyncio.create_task(load.run(phase, settings.duration_s))
     in_flight = 0
     recover_s = 0.0
@@ -98,16 +102,19 @@ async def run_phase(cluster: ChaosCluster, load: LoadGenerator, phase: str, faul
         in_flight = await asyncio.to_thread(_in_flight, cluster.database_dsn, phase, load, first)
         for fault in faults:
             await fault.inject(cluster)
+        # Time to recover: from the fault until a fresh email is accepted and a provider has taken it.
+        probe = asyncio.create_task(probe_recovery(cluster.endpoint, cluster.api_key))
         await asyncio.gather(*(fault.heal(cluster) for fault in faults))
         healed_at = time.time()
-        recover_s = await probe_recovery(cluster.endpoint, cluster.api_key)
+        recover_s = await probe
     await driving
     await load.settle()
     clients = load.records[first:]
     await _drain(cluster, phase, clients, settings.drain_timeout_s)
     requests = await cluster.simulator_requests(sim_seq)
     history = await asyncio.to_thread(read_history, cluster.database_dsn, phase, fault_names,
-                                      any(f.crash_window for f in faults), clients, requests, since)
+                                      any(f.crash_window for f in faults), clients, requests, since,
+                                      load.campaigns[first_campaign:])
     history.healed_at = healed_at
     history.cheapest_healthy = not any(f.kind == "provider" for f in faults)
     verdict = check(history)
@@ -121,12 +128,17 @@ async def _last_simulator_seq(cluster: ChaosCluster) -> int:
 
 
 def _in_flight(dsn: str, phase: str, load: LoadGenerator, first: int) -> int:
-    """Emails of the phase accepted so far and not yet final."""
+    """Emails of the phase stored so far and not yet final: those reports knows in a state before final, and
+    those the clients were told were accepted that reports has not seen yet."""
     accepted = sum(r.outcome == "accepted" for r in load.records[first:])
     with psycopg.connect(dsn, connect_timeout=5) as conn:
-        row = conn.execute("SELECT count(*) FROM reports.messages WHERE metadata->>'chaos_phase' = %s "
-                           "AND state = ANY(%s)", (phase, list(FINAL_STATES))).fetchone()
-    return max(0, accepted - int(row[0] if row else 0))
+        row = conn.execute(
+            "SELECT count(*) FILTER (WHERE NOT state = ANY(%s)), "
+            "       count(*) FILTER (WHERE metadata->>'chaos_key' <> %s) "
+            "FROM reports.messages WHERE metadata->>'chaos_phase' = %s",
+            (list(FINAL_STATES), f"{phase}-campaign", phase)).fetchone()
+    not_final, seen = (int(row[0]), int(row[1])) if row else (0, 0)
+    return not_final + max(0, accepted - seen)
 
 
 async def _drain(cluster: ChaosCluster, phase: str, clients: Sequence[Any], timeout_s: float) -> None:
@@ -148,7 +160,10 @@ def _pending(dsn: str, phase: str) -> int:
             "SELECT (SELECT count(*) FROM ingest.messages m WHERE m.created_at > now() - interval '1 hour' "
             "        AND NOT EXISTS (SELECT 1 FROM reports.messages r WHERE r.message_id = m.id::text "
             "                        AND r.state = ANY(%s))) "
-            "     + (SELECT count(*) FROM ledger.holds WHERE state = 'held')", (list(FINAL_STATES),)).fetchone()
+            "     + (SELECT count(*) FROM reports.messages WHERE metadata ? 'chaos_phase' AND NOT state = ANY(%s)) "
+            "     + (SELECT count(*) FROM campaigns.campaigns WHERE state IN ('running', 'scheduled', 'paused')) "
+            "     + (SELECT count(*) FROM ledger.holds WHERE state = 'held')",
+            (list(FINAL_STATES), list(FINAL_STATES))).fetchone()
     return int(row[0]) if row else -1
 
 
