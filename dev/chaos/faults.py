@@ -7,9 +7,6 @@ from dataclasses import dataclass
 
 from dev.chaos.cluster import CHEAPEST_PROVIDER, ChaosCluster
 
-DEPENDENCY_DOWN_S = 4.0
-PROVIDER_FAULT_S = 8.0
-
 
 @dataclass(frozen=True)
 class Fault:
@@ -20,6 +17,8 @@ class Fault:
     kind: str
     target: str
     detail: str = ""
+    down_s: float = 4.0
+    """How long a dependency stays down, or a provider stays faulty."""
 
     @property
     def crash_window(self) -> bool:
@@ -43,10 +42,10 @@ class Fault:
         """End the fault: dependencies and providers come back after a while; killed services are restarted by
         the cluster's supervisor, as an orchestrator would."""
         if self.kind == "dependency":
-            await asyncio.sleep(DEPENDENCY_DOWN_S)
+            await asyncio.sleep(self.down_s)
             await asyncio.to_thread(cluster.start_dependency, self.target)
         elif self.kind == "provider":
-            await asyncio.sleep(PROVIDER_FAULT_S)
+            await asyncio.sleep(self.down_s)
             await cluster.set_knobs(CHEAPEST_PROVIDER, **HEALTHY)
         await cluster.wait_serving()
 
@@ -68,7 +67,10 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
     Fault("kill-sender-pool", "worker", "sender", "services.sender.worker"),
     Fault("kill-campaigns-expander", "worker", "campaigns", "services.campaigns.expander"),
     *(Fault(f"restart-{name}", "dependency", name) for name in ("nats", "postgres", "redis")),
-    *(Fault(f"provider-{name}", "provider", name) for name in PROVIDER_FAULTS),
+    # Ten seconds without Redis: routing state (health, quotas, breakers) is gone when it returns, and what was
+    # held back meanwhile must not rush to the dearest providers.
+    Fault("restart-redis-long", "dependency", "redis", down_s=10.0),
+    *(Fault(f"provider-{name}", "provider", name, down_s=8.0) for name in PROVIDER_FAULTS),
 ]}
 
 PAIRS: tuple[tuple[str, str], ...] = (
