@@ -18,22 +18,28 @@ Choices (see docs/REST.md):
 - a server-streaming ``google.api.HttpBody`` RPC (a CSV export) answers raw bytes of the type its first message
   names, which descriptors cannot tell. Our exports are documented as ``text/csv`` (``STREAMED_MEDIA_TYPES``, the
   type their contracts promise) so that readers and generators see a concrete download; any other such RPC as
-  ``*/*`` with a description saying where the type comes from, which stays true for any descriptor set.
+  ``*/*`` with a description saying where the type comes from, which stays true for any descriptor set;
+- only RPCs the upstream answers are documented. The gateway's upstream is ingest, the public edge, and the
+  contracts annotate mesh-internal RPCs too (the credit holds), which the edge does not expose: it answers them
+  UNIMPLEMENTED, a 501 no client can avoid once the document offers the route. The edge's own table
+  (``services.ingest.edge.EDGE_METHODS``) decides, so the document and the edge cannot drift apart; a descriptor set
+  without any service the edge fronts (a test's) is documented whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from google.api import field_behavior_pb2
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor, MethodDescriptor
 
 from services.gateway.descriptors import DescriptorSet, HttpBinding
 from services.gateway.fields import is_map
 from services.gateway.path_template import SegmentKind
 from services.gateway.plain_bodies import PlainBody, plain_bodies
 from services.gateway.transcoder import serves_streamed_body
+from services.ingest.edge import EDGE_METHODS
 
 OPENAPI_VERSION = "3.0.3"
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
@@ -116,8 +122,13 @@ def build_openapi(
     version: str = "v1",
     description: str = "",
     server_url: str | None = None,
+    served: Callable[[MethodDescriptor], bool] | None = None,
 ) -> dict[str, Any]:
-    """The OpenAPI 3.0 document of every HTTP binding the transcoder serves."""
+    """The OpenAPI 3.0 document of every HTTP binding the transcoder serves and the upstream answers.
+
+    ``served`` says which RPCs the upstream answers; by default the public edge's (``served_by_the_edge``).
+    """
+    is_served = served if served is not None else served_by_the_edge(descriptors)
     schemas = _Schemas(descriptors)
     plain = plain_bodies(descriptors)
     paths: dict[str, dict[str, Any]] = {}
@@ -125,6 +136,8 @@ def build_openapi(
     for binding in descriptors.bindings:
         if binding.server_streaming and not serves_streamed_body(binding):
             continue  # not served over HTTP (see Transcoder)
+        if not is_served(binding.method):
+            continue  # the upstream answers UNIMPLEMENTED: a route no client can use
         path, path_parameters = _openapi_path(binding)
         operation = _operation(binding, path_parameters, schemas, descriptors, plain.get(binding.method.full_name))
         item = paths.setdefault(path, {})
@@ -157,6 +170,19 @@ def build_openapi(
     if server_url:
         document["servers"] = [{"url": server_url}]
     return document
+
+
+def served_by_the_edge(descriptors: DescriptorSet) -> Callable[[MethodDescriptor], bool]:
+    """Whether the public edge (ingest) answers an RPC of ``descriptors``: the methods its table lists, when the
+    set has any service the edge fronts; every method otherwise (a descriptor set that is not our contracts)."""
+    fronted = any(method.containing_service.full_name in EDGE_METHODS for method in descriptors.annotated_methods)
+    if not fronted:
+        return lambda _method: True
+
+    def served(method: MethodDescriptor) -> bool:
+        return method.name in EDGE_METHODS.get(method.containing_service.full_name, {})
+
+    return served
 
 
 def operation_id(binding: HttpBinding) -> str:
