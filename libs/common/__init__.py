@@ -11,6 +11,10 @@ Serving and calling
     ``grpc_client``   channels between services; a failed call → the same domain error
     ``auth``          the principal of the current call (tenant, scopes) and the trusted-header authenticator
     ``errors``        the domain's exception tree (``EspError`` and one subclass per gRPC code) ↔ ``google.rpc.Status``
+    ``resource_names``  what an id, a resource name, a filter value or a page token may hold (no control characters,
+                        bounded length), checked where a request enters a server
+    ``pagination``    page sizes (AIP-158: 0 the default, clamped to the maximum, negative refused) and page tokens
+    ``field_masks``   which fields an Update RPC changes: its ``update_mask`` read one way (AIP-134)
     ``workers``       child worker processes of a service, supervised (ready before serving, fatal when they die)
     ``priority``      lower CPU priority (nice and autogroup) for background processes
     ``stopping``      how a background loop pauses between rounds

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
@@ -26,7 +27,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from libs.common.auth import Authenticator, Principal, reset_principal, set_principal
-from libs.common.errors import EspError, Internal, Unimplemented
+from libs.common.errors import EspError, Internal, InvalidArgument, Unimplemented
 from libs.common.logging import configure_logging
 from libs.common.metrics import GRPC_DURATION, GRPC_REQUESTS, start_metrics_server
 from libs.common.priority import lower_cpu_priority
@@ -92,27 +93,31 @@ class _Wrapper:
         """``handler`` wrapped (health and reflection stay open and bare)."""
         if method.startswith(_OPEN_METHODS):
             return handler
+        deserializer = _decoding(handler.request_deserializer)
+        # Raw-bytes handlers (no deserializer) have nothing to check.
+        one = _decoded if deserializer is not None else None
+        many = _decoded_stream if deserializer is not None else None
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(method, handler.unary_unary, check=one),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(method, handler.stream_unary, check=many),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(method, handler.unary_stream, check=one),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(method, handler.stream_stream),
-            request_deserializer=handler.request_deserializer,
+            self._wrap_stream(method, handler.stream_stream, check=many),
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -156,12 +161,15 @@ class _Wrapper:
         counter.inc()
         histogram.observe(time.perf_counter() - started)
 
-    def _wrap_unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _wrap_unary(self, method: str, behavior: Callable[..., Awaitable[Any]], *,
+                    check: Callable[[Any], Any] | None) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             code = "OK"
             otel_token = principal_token = None
             try:
+                if check is not None:  # INVALID_ARGUMENT for a request that did not decode (see _Undecodable)
+                    request = check(request)
                 metadata = _string_metadata(context)
                 otel_token = self._enter_trace(metadata)
                 if tracing_enabled():  # the span's parent is the caller's span, attached just above
@@ -186,12 +194,15 @@ class _Wrapper:
 
         return wrapped
 
-    def _wrap_stream(self, method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+    def _wrap_stream(self, method: str, behavior: Callable[..., AsyncIterator[Any]], *,
+                     check: Callable[[Any], Any] | None) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
             code = "OK"
             otel_token = principal_token = None
             try:
+                if check is not None:  # INVALID_ARGUMENT for a request that did not decode (see _Undecodable)
+                    request = check(request)
                 metadata = _string_metadata(context)
                 otel_token = self._enter_trace(metadata)
                 principal_token = await self._enter_principal(method, metadata)
@@ -211,6 +222,52 @@ class _Wrapper:
                 self._record(method, started, code)
 
         return wrapped
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """What the deserializer hands the handler for request bytes that are no valid message of the method's type: the
+    handler's wrapper then fails the call as INVALID_ARGUMENT. grpc would otherwise answer an exception raised while
+    deserializing with UNKNOWN and the exception's class name, outside our error mapping."""
+
+    type_name: str
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(f"request body does not decode as {self.type_name}", reason="UNDECODABLE_REQUEST",
+                               metadata={"type": self.type_name})
+
+
+def _decoding(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` answering bytes it cannot decode with an :class:`_Undecodable` instead of raising (None
+    stays None: a handler that takes the raw bytes, as the ingest edge's forwarders do, leaves decoding to the
+    service it forwards to)."""
+    if deserializer is None:
+        return None
+    message_class = getattr(deserializer, "__self__", None)  # FromString is bound to the generated class
+    descriptor = getattr(message_class, "DESCRIPTOR", None)
+    type_name = descriptor.full_name if descriptor is not None else "the method's request type"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _Undecodable(type_name)
+
+    return deserialize
+
+
+def _decoded(request: Any) -> Any:
+    """``request``, or INVALID_ARGUMENT when its bytes did not decode."""
+    if isinstance(request, _Undecodable):
+        raise request.error()
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The messages of a client stream; INVALID_ARGUMENT (raised where the handler reads) at one that did not
+    decode."""
+    async for request in requests:
+        yield _decoded(request)
 
 
 def _string_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
