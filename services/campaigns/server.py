@@ -30,8 +30,10 @@ from libs.common.grpc_server import BackgroundTask, ServiceApp
 from libs.common.jetstream import Topology, connect
 from libs.common.message_classes import MessageClass
 from libs.common.outbox import OutboxPublisher
+from libs.common.pagination import checked_page_token, page_size
 from libs.common.recipient_lists import RecipientFormat, RowError
 from libs.common.redis import create_redis
+from libs.common.resource_names import MAX_ID_CHARS, checked_text, resource_id
 from libs.common.s3 import create_s3_client, stream_object
 from libs.common.suppressions import suppressed_among
 from libs.common.timestamps import to_timestamp
@@ -70,11 +72,7 @@ _REASONS = {
 
 
 def _campaign_id(name: str, field: str = "name") -> str:
-    campaign_id = name.removeprefix("campaigns/")
-    if not name.startswith("campaigns/") or not campaign_id or "/" in campaign_id:
-        raise InvalidArgument(f"{field} must look like campaigns/{{id}}",
-                              field_violations=[FieldViolation(field, "expected campaigns/{id}")])
-    return campaign_id
+    return resource_id(name, "campaigns", field)
 
 
 def _address(email: str, name: str) -> common_pb2.EmailAddress:
@@ -212,7 +210,8 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
             raise FailedPrecondition("one-click unsubscribe is not configured on this mesh (ESP_PUBLIC_BASE_URL and "
                                      "ESP_UNSUBSCRIBE_KEYS)", reason="UNSUBSCRIBE_NOT_CONFIGURED")
         await self._check_attachments(tenant_id, spec.attachment_ids)
-        record = await self.store.create(uuid.uuid4().hex, tenant_id, request.request_id, spec)
+        request_id = checked_text(request.request_id, "request_id", max_chars=MAX_ID_CHARS)
+        record = await self.store.create(uuid.uuid4().hex, tenant_id, request_id, spec)
         return await self._proto(record)
 
     async def _check_attachments(self, tenant_id: str, attachment_ids: tuple[str, ...]) -> None:
@@ -237,13 +236,10 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
                             context: grpc.aio.ServicerContext) -> campaigns_pb2.ListCampaignsResponse:
         """A page of the tenant's campaigns, newest first, optionally in one state."""
         tenant_id = current_tenant(READ)
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative",
-                                  field_violations=[FieldViolation("page_size", "0 or more")])
+        size = page_size(request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         state = _STATE_OF.get(request.state) if request.state else None
-        records, token = await self.store.list(tenant_id, state=state,
-                                               page_size=min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
-                                               page_token=request.page_token)
+        records, token = await self.store.list(tenant_id, state=state, page_size=size,
+                                               page_token=checked_page_token(request.page_token))
         campaigns = await asyncio.gather(*(self._proto(r) for r in records))
         return campaigns_pb2.ListCampaignsResponse(campaigns=campaigns, next_page_token=token)
 
@@ -302,7 +298,8 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
         tenant_id = current_tenant(SEND)
         campaign_id = _campaign_id(request.campaign, "campaign")
         record = await self.store.get(tenant_id, campaign_id)
-        attachment_id = request.attachment_id.removeprefix("attachments/")
+        attachment_id = checked_text(request.attachment_id.removeprefix("attachments/"), "attachment_id",
+                                     max_chars=MAX_ID_CHARS)
         async with self.store.pool.connection() as conn:
             cur = await conn.execute(
                 """SELECT s3_key, filename, content_type, size_bytes FROM ingest.attachments
@@ -330,6 +327,7 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
                           halt: Callable[[str], Awaitable[None]] | None) -> campaigns_pb2.Campaign:
         tenant_id = current_tenant(SEND)
         campaign_id = _campaign_id(name)
+        request_id = checked_text(request_id, "request_id", max_chars=MAX_ID_CHARS)
         record, _ = await self.store.transition(tenant_id, campaign_id, action, request_id)
         if halt is not None:
             # After the commit: senders see it within REFRESH_S. Repeated on a repeat (the earlier call may have

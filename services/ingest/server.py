@@ -31,12 +31,15 @@ from psycopg_pool import AsyncConnectionPool
 from libs.common import db
 from libs.common.auth import Principal, current_principal
 from libs.common.errors import EspError, FieldViolation, InvalidArgument, NotFound, PermissionDenied, error_parts
+from libs.common.field_masks import update_paths
 from libs.common.grpc_client import open_channel
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
 from libs.common.message_classes import class_name_of
 from libs.common.outbox import OutboxPublisher
+from libs.common.pagination import checked_page_token, page_size
 from libs.common.redis import create_redis
+from libs.common.resource_names import MAX_ID_CHARS, checked_text, resource_id
 from libs.common.s3 import create_s3_client, ensure_bucket
 from libs.common.timestamps import to_timestamp
 from libs.routing.catalog import ProviderCatalog, open_bucket
@@ -98,10 +101,12 @@ def draft_from_proto(req: messages_pb2.SendEmailRequest) -> EmailDraft:
 
 
 def _tenant_id_from(name: str, field: str) -> str:
-    if not name.startswith("tenants/") or name.count("/") != 1:
-        raise InvalidArgument(f"{field} must look like tenants/{{id}}",
-                              field_violations=[FieldViolation(field, "expected tenants/{id}")])
-    return name.removeprefix("tenants/")
+    return resource_id(name, "tenants", field)
+
+
+def _attachment_id(name: str) -> str:
+    """The id of ``attachments/{id}`` (a bare id is taken as well, as it always was)."""
+    return resource_id(name if name.startswith("attachments/") else f"attachments/{name}", "attachments", "name")
 
 
 def _acting_tenant(principal: Principal) -> str:
@@ -170,6 +175,8 @@ class IngestServicer:
         """Cancel one of the caller's tenant's messages until a provider has it (scope ``send``; the steps are in
         :mod:`services.ingest.cancel`). Errors: NOT_FOUND (no such message, or another tenant's),
         FAILED_PRECONDITION (sent, failed or cancelled already; ErrorInfo metadata ``state``)."""
+        resource_id(request.name, "messages", "name")
+        checked_text(request.request_id, "request_id", max_chars=MAX_ID_CHARS)
         return await self.canceller.cancel(current_principal(), request.name, request.request_id)
 
     async def BatchSendEmails(self, request: messages_pb2.BatchSendEmailsRequest,
@@ -237,15 +244,14 @@ class IngestServicer:
                             context: Any) -> attachments_pb2.Attachment:
         """One of the caller's tenant's attachments (scope ``read``); another tenant's is NOT_FOUND, like an id that
         does not exist."""
-        stored = await self.attachments.get(_acting_tenant(current_principal()),
-                                            request.name.removeprefix("attachments/"))
+        stored = await self.attachments.get(_acting_tenant(current_principal()), _attachment_id(request.name))
         return _attachment_proto(stored)
 
     async def DeleteAttachment(self, request: attachments_pb2.DeleteAttachmentRequest,
                                context: Any) -> empty_pb2.Empty:
         """Mark one of the caller's tenant's attachments deleted (scope ``send``): its id answers NOT_FOUND from then
         on, to reads and to sends naming it. Another tenant's is NOT_FOUND."""
-        await self.attachments.delete(_acting_tenant(current_principal()), request.name.removeprefix("attachments/"))
+        await self.attachments.delete(_acting_tenant(current_principal()), _attachment_id(request.name))
         return empty_pb2.Empty()
 
     # -- TenantService -----------------------------------------------------------------------------------------
@@ -272,24 +278,28 @@ class IngestServicer:
                           context: Any) -> tenants_pb2.ListTenantsResponse:
         """Tenants in id order, a page at a time (platform admin; ``page_size`` 50 by default, at most 1,000; the page
         token is the last id of a full page)."""
-        size = min(request.page_size or 50, 1000)
-        tenants = await self.tenants.list_tenants(size, request.page_token)
+        size = page_size(request.page_size)
+        tenants = await self.tenants.list_tenants(size, checked_page_token(request.page_token))
         token = tenants[-1].id if len(tenants) == size else ""
         return tenants_pb2.ListTenantsResponse(tenants=[_tenant_proto(t) for t in tenants], next_page_token=token)
 
     async def UpdateTenant(self, request: tenants_pb2.UpdateTenantRequest, context: Any) -> tenants_pb2.Tenant:
-        """Replace a tenant's settings with the request's (platform admin): every field is written, there is no field
-        mask, so a field left unset goes back to its zero value (a rate or the quota to 0: the platform default, or
-        unlimited). NOT_FOUND for an unknown tenant, INVALID_ARGUMENT for a bad policy. Other replicas apply it within
-        ``api_key_cache_s``."""
+        """Change a tenant's settings (platform admin) as ``update_mask`` says (AIP-134,
+        :mod:`libs.common.field_masks`): the fields it names, ``*`` for every field, and with no mask the fields the
+        request sets to a value other than the default (so disabling a tenant keeps its quota and rates; putting a
+        quota or rate back to 0 takes a mask naming it). INVALID_ARGUMENT for a mask path that is not a tenant field
+        or cannot change (``name``, ``create_time``) and for a bad policy; NOT_FOUND for an unknown tenant. Other
+        replicas apply it within ``api_key_cache_s``."""
         t = request.tenant
-        tenant = await self.tenants.update_tenant(
-            _tenant_id_from(t.name, "tenant.name"), display_name=t.display_name, daily_quota=t.daily_quota,
-            otp_rate_per_second=t.otp_rate_per_second, transactional_rate_per_second=t.transactional_rate_per_second,
-            bulk_rate_per_second=t.bulk_rate_per_second, allowed_headers=list(t.allowed_headers),
-            disabled=t.disabled, large_attachment_policy="reject"
-            if t.large_attachment_policy == tenants_pb2.LARGE_ATTACHMENT_POLICY_REJECT else "link")
-        return _tenant_proto(tenant)
+        tenant_id = _tenant_id_from(t.name, "tenant.name")
+        values: dict[str, object] = {
+            "display_name": t.display_name, "daily_quota": t.daily_quota, "otp_rate_per_second": t.otp_rate_per_second,
+            "transactional_rate_per_second": t.transactional_rate_per_second,
+            "bulk_rate_per_second": t.bulk_rate_per_second, "allowed_headers": list(t.allowed_headers),
+            "disabled": t.disabled, "large_attachment_policy": "reject"
+            if t.large_attachment_policy == tenants_pb2.LARGE_ATTACHMENT_POLICY_REJECT else "link"}
+        changes = {path: values[path] for path in update_paths(request.update_mask, t)}
+        return _tenant_proto(await self.tenants.update_tenant(tenant_id, **changes))
 
     async def CreateApiKey(self, request: tenants_pb2.CreateApiKeyRequest,
                            context: Any) -> tenants_pb2.CreateApiKeyResponse:
@@ -308,8 +318,8 @@ class IngestServicer:
         else NOT_FOUND; paged like ListTenants)."""
         tenant_id = _tenant_id_from(request.parent, "parent")
         _own_tenant(current_principal(), tenant_id)
-        size = min(request.page_size or 50, 1000)
-        keys = await self.tenants.list_keys(tenant_id, size, request.page_token)
+        size = page_size(request.page_size)
+        keys = await self.tenants.list_keys(tenant_id, size, checked_page_token(request.page_token))
         token = keys[-1].id if len(keys) == size else ""
         return tenants_pb2.ListApiKeysResponse(api_keys=[_key_proto(k) for k in keys], next_page_token=token)
 
@@ -320,8 +330,10 @@ class IngestServicer:
         if len(parts) != 4 or parts[0] != "tenants" or parts[2] != "apiKeys":
             raise InvalidArgument("name must look like tenants/{tenant}/apiKeys/{key}",
                                   field_violations=[FieldViolation("name", "expected tenants/{t}/apiKeys/{k}")])
-        _own_tenant(current_principal(), parts[1])
-        return _key_proto(await self.tenants.revoke_key(parts[1], parts[3]))
+        tenant_id = resource_id(f"tenants/{parts[1]}", "tenants", "name")
+        key_id = resource_id(request.name, f"tenants/{tenant_id}/apiKeys", "name")
+        _own_tenant(current_principal(), tenant_id)
+        return _key_proto(await self.tenants.revoke_key(tenant_id, key_id))
 
 
 def _message_classes() -> dict[str, Any]:

@@ -44,7 +44,7 @@ Idempotency
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -242,10 +242,12 @@ class Ledger:
         """Replace the platform's default prices (``book.tenant_id`` is ignored)."""
         return await price_book.set_default_prices(self._db, book)
 
-    async def set_price_overrides(self, tenant_id: str, overrides: PriceOverrides) -> PriceBook:
-        """Replace the tenant's own prices (``None`` fields inherit the defaults); returns the effective book.
-        Holds made before keep the price they were made with."""
-        return await price_book.set_price_overrides(self._db, tenant_id, overrides)
+    async def set_price_overrides(self, tenant_id: str, overrides: PriceOverrides,
+                                  fields: Collection[str] | None = None) -> PriceBook:
+        """Replace the tenant's own prices named in ``fields`` (every price by default; ``None`` inherits the
+        default, the prices not named keep their override); returns the effective book. Holds made before keep the
+        price they were made with."""
+        return await price_book.set_price_overrides(self._db, tenant_id, overrides, fields)
 
     async def quote(
         self, tenant_id: str, message_class: MessageClass | str, emails: int = 1, attachment_bytes: int = 0

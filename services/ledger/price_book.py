@@ -4,7 +4,7 @@ hold is :mod:`services.ledger.pricing`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -54,35 +54,31 @@ async def set_default_prices(db: Database, book: PriceBook) -> PriceBook:
     return await get_price_book(db, DEFAULT_PRICE_BOOK)
 
 
-async def set_price_overrides(db: Database, tenant_id: str, overrides: PriceOverrides) -> PriceBook:
+async def set_price_overrides(db: Database, tenant_id: str, overrides: PriceOverrides,
+                              fields: Collection[str] | None = None) -> PriceBook:
     """:meth:`Ledger.set_price_overrides <services.ledger.ledger.Ledger.set_price_overrides>`."""
     require_id("tenant_id", tenant_id)
     if tenant_id == DEFAULT_PRICE_BOOK:
         raise InvalidLedgerArgument("tenant_id", "use set_default_prices for the platform defaults")
-    values = (
-        overrides.otp_per_email,
-        overrides.transactional_per_email,
-        overrides.bulk_per_email,
-        overrides.per_attachment_mb,
-    )
-    for name, value in zip(_PRICE_FIELDS, values, strict=True):
+    written = [name for name in _PRICE_FIELDS if fields is None or name in fields]
+    values = tuple(getattr(overrides, name) for name in written)
+    for name, value in zip(written, values, strict=True):
         if value is not None:
             require_price(name, value)
-    async with db.pool.connection() as conn:
-        if all(value is None for value in values):
-            await conn.execute("DELETE FROM ledger.price_books WHERE tenant_id = %s", (tenant_id,))
-        else:
+    if written:
+        async with db.pool.connection() as conn, conn.transaction():
+            # Only the prices written change; a row left with no override at all is removed (the defaults apply).
             await conn.execute(
-                """INSERT INTO ledger.price_books AS p
-                       (tenant_id, otp_per_email, transactional_per_email, bulk_per_email, per_attachment_mb)
-                   VALUES (%s, %s, %s, %s, %s)
-                   ON CONFLICT (tenant_id) DO UPDATE SET
-                       otp_per_email = excluded.otp_per_email,
-                       transactional_per_email = excluded.transactional_per_email,
-                       bulk_per_email = excluded.bulk_per_email,
-                       per_attachment_mb = excluded.per_attachment_mb,
-                       updated_at = now()""",
+                f"""INSERT INTO ledger.price_books AS p (tenant_id, {', '.join(written)})
+                    VALUES (%s, {', '.join(['%s'] * len(written))})
+                    ON CONFLICT (tenant_id) DO UPDATE SET
+                        {', '.join(f'{name} = excluded.{name}' for name in written)}, updated_at = now()""",
                 (tenant_id, *values),
+            )
+            await conn.execute(
+                f"""DELETE FROM ledger.price_books
+                    WHERE tenant_id = %s AND {' AND '.join(f'{name} IS NULL' for name in _PRICE_FIELDS)}""",
+                (tenant_id,),
             )
     return await get_price_book(db, tenant_id)
 

@@ -12,8 +12,11 @@ from libs.common import db
 from libs.common.auth import TrustedHeaderAuthenticator, check_tenant_access
 from libs.common.batching import BatchingOptions
 from libs.common.errors import FieldViolation, InvalidArgument, error_parts
+from libs.common.field_masks import update_paths
 from libs.common.grpc_server import BackgroundTask, ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
+from libs.common.pagination import checked_page_token, page_size
+from libs.common.resource_names import MAX_ID_CHARS, checked_text, resource_id
 from libs.common.timestamps import to_timestamp
 from libs.common.workers import WorkerSpec, start_or_inline, worker_env
 from services.ledger.config import LedgerSettings
@@ -36,18 +39,13 @@ _STATE = {HoldState.HELD: credits_pb2.HOLD_STATE_HELD, HoldState.COMMITTED: cred
 
 
 def _tenant(name: str, field: str = "tenant") -> str:
-    if not name.startswith("tenants/") or name.count("/") != 1 or name == "tenants/":
-        raise InvalidArgument(f"{field} must look like tenants/{{id}}",
-                              field_violations=[FieldViolation(field, "expected tenants/{id}")])
-    tenant_id = name.removeprefix("tenants/")
+    tenant_id = resource_id(name, "tenants", field)
     check_tenant_access(tenant_id)
     return tenant_id
 
 
 def _hold_id(name: str) -> str:
-    if not name.startswith("holds/") or name == "holds/":
-        raise InvalidArgument("name must look like holds/{id}", field_violations=[FieldViolation("name", "holds/{id}")])
-    return name.removeprefix("holds/")
+    return resource_id(name, "holds", "name")
 
 
 def _class(value: int) -> MessageClass:
@@ -88,7 +86,8 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
 
     async def TopUp(self, request: credits_pb2.TopUpRequest, context: Any) -> credits_pb2.Balance:
         """Add credits to the tenant's balance, once per request id."""
-        return _balance(await self.ledger.top_up(_tenant(request.tenant), request.amount, request.request_id))
+        request_id = checked_text(request.request_id, "request_id", max_chars=MAX_ID_CHARS)
+        return _balance(await self.ledger.top_up(_tenant(request.tenant), request.amount, request_id))
 
     async def SetLowBalanceThreshold(self, request: credits_pb2.SetLowBalanceThresholdRequest,
                                      context: Any) -> credits_pb2.Balance:
@@ -99,8 +98,8 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
     async def ListTransactions(self, request: credits_pb2.ListTransactionsRequest,
                                context: Any) -> credits_pb2.ListTransactionsResponse:
         """The tenant's journal entries, newest first, a page at a time."""
-        entries, token = await self.ledger.list_transactions(_tenant(request.tenant), request.page_size,
-                                                             request.page_token)
+        entries, token = await self.ledger.list_transactions(_tenant(request.tenant), page_size(request.page_size),
+                                                             checked_page_token(request.page_token))
         return credits_pb2.ListTransactionsResponse(
             transactions=[credits_pb2.Transaction(
                 id=str(e.entry_id), kind=str(e.kind), amount=e.amount, hold=f"holds/{e.hold_id}" if e.hold_id else "",
@@ -152,8 +151,8 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
 
     async def CommitHold(self, request: credits_pb2.CommitHoldRequest, context: Any) -> credits_pb2.Hold:
         """Spend (part of) a hold."""
-        return _hold(await self.ledger.commit(_hold_id(request.name), request.amount or None,
-                                              request.request_id or None))
+        request_id = checked_text(request.request_id, "request_id", max_chars=MAX_ID_CHARS)
+        return _hold(await self.ledger.commit(_hold_id(request.name), request.amount or None, request_id or None))
 
     async def ReleaseHold(self, request: credits_pb2.ReleaseHoldRequest, context: Any) -> credits_pb2.Hold:
         """Return a hold's credits."""
@@ -167,16 +166,24 @@ class CreditServicer(credits_pb2_grpc.CreditServiceServicer):
 
     async def UpdatePriceBook(self, request: credits_pb2.UpdatePriceBookRequest,
                               context: Any) -> credits_pb2.PriceBook:
-        """Replace the defaults (``tenants/-``) or a tenant's overrides."""
+        """Change the defaults (``tenants/-``) or a tenant's overrides, the prices ``update_mask`` names, as every
+        Update RPC reads a mask (AIP-134, :mod:`libs.common.field_masks`): ``*`` for every price; with no mask, the
+        prices the request sets (other than 0). A tenant's price of 0 goes back to the default, so only a mask
+        naming it can do that. INVALID_ARGUMENT for a path that is no price (``tenant`` cannot change)."""
         b = request.price_book
+        paths = update_paths(request.update_mask, b, immutable=("tenant",))
         if b.tenant == "tenants/-":
-            book = await self.ledger.set_default_prices(PriceBook(
-                "-", b.otp_per_email, b.transactional_per_email, b.bulk_per_email, b.per_attachment_mb))
+            current = await self.ledger.get_price_book()
+            book = await self.ledger.set_default_prices(PriceBook("-", *(
+                getattr(b if name in paths else current, name) for name in _PRICES)))
         else:
             book = await self.ledger.set_price_overrides(_tenant(b.tenant, "price_book.tenant"), PriceOverrides(
-                b.otp_per_email or None, b.transactional_per_email or None, b.bulk_per_email or None,
-                b.per_attachment_mb or None))
+                *(getattr(b, name) or None for name in _PRICES)), fields=paths)
         return _price_book(b.tenant, book)
+
+
+_PRICES = ("otp_per_email", "transactional_per_email", "bulk_per_email", "per_attachment_mb")
+"""The prices of a PriceBook, in the order PriceBook and PriceOverrides take them."""
 
 
 def _price_book(tenant: str, book: Any) -> credits_pb2.PriceBook:

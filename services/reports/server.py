@@ -29,6 +29,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from libs.common.auth import current_principal, current_tenant
 from libs.common.errors import EspError, FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from libs.common.message_classes import class_name_of, proto_of
+from libs.common.pagination import checked_page_token, page_size
+from libs.common.resource_names import checked_text, resource_id
 from services.reports.customer_events import customer_event
 from services.reports.envelopes import event_type_name
 from services.reports.event_listing import EventFilter, EventReader
@@ -68,16 +70,6 @@ class Unimplemented(EspError):
 
     code = grpc.StatusCode.UNIMPLEMENTED
     default_reason = "UNIMPLEMENTED"
-
-
-def _resource_id(name: str, collection: str, field: str) -> str:
-    """The id in ``{collection}/{id}``, or INVALID_ARGUMENT."""
-    prefix = f"{collection}/"
-    resource_id = name.removeprefix(prefix)
-    if not name.startswith(prefix) or not resource_id or "/" in resource_id:
-        raise InvalidArgument(f"{field} must look like {collection}/{{id}}",
-                              field_violations=[FieldViolation(field, f"expected {collection}/{{id}}")])
-    return resource_id
 
 
 def _timestamp(value: datetime | None) -> Timestamp | None:
@@ -162,7 +154,7 @@ class MessageReadServicer(messages_pb2_grpc.MessageServiceServicer):
                          context: grpc.aio.ServicerContext) -> messages_pb2.Message:
         """One message of the caller's tenant."""
         tenant_id = current_tenant(READ_SCOPE)
-        message = await self._reader.get(tenant_id, _resource_id(request.name, "messages", "name"))
+        message = await self._reader.get(tenant_id, resource_id(request.name, "messages", "name"))
         return message_to_proto(message)
 
     async def ListMessages(self, request: messages_pb2.ListMessagesRequest,
@@ -176,7 +168,8 @@ class MessageReadServicer(messages_pb2_grpc.MessageServiceServicer):
             except ValueError as exc:
                 raise InvalidArgument("unknown state", field_violations=[FieldViolation("state", "unknown")]) from exc
             state = MessageState(name.removeprefix("MESSAGE_STATE_").lower())
-        page = await self._reader.list(tenant_id, request.page_size, request.page_token, state=state, tag=request.tag)
+        page = await self._reader.list(tenant_id, page_size(request.page_size), checked_page_token(request.page_token),
+                                       state=state, tag=checked_text(request.tag, "tag"))
         return messages_pb2.ListMessagesResponse(
             messages=[message_to_proto(m) for m in page.items], next_page_token=page.next_page_token
         )
@@ -185,8 +178,9 @@ class MessageReadServicer(messages_pb2_grpc.MessageServiceServicer):
                                 context: grpc.aio.ServicerContext) -> messages_pb2.ListMessageEventsResponse:
         """A message's timeline, oldest first."""
         tenant_id = current_tenant(READ_SCOPE)
-        message_id = _resource_id(request.parent, "messages", "parent")
-        page = await self._reader.events(tenant_id, message_id, request.page_size, request.page_token)
+        message_id = resource_id(request.parent, "messages", "parent")
+        page = await self._reader.events(tenant_id, message_id, page_size(request.page_size),
+                                         checked_page_token(request.page_token))
         return messages_pb2.ListMessageEventsResponse(
             events=[event_to_proto(e) for e in page.items], next_page_token=page.next_page_token
         )
@@ -266,7 +260,7 @@ class StatsServicer(reports_pb2_grpc.StatsServiceServicer):
         principal.require(READ_SCOPE)
         tenant_id = principal.tenant_id
         if request.tenant:
-            named = _resource_id(request.tenant, "tenants", "tenant")
+            named = resource_id(request.tenant, "tenants", "tenant")
             if not principal.is_platform_admin and named != tenant_id:
                 raise NotFound(f"tenant {named!r} not found", reason="TENANT_NOT_FOUND")
             tenant_id = named
@@ -286,14 +280,15 @@ class StatsServicer(reports_pb2_grpc.StatsServiceServicer):
                 raise InvalidArgument(
                     f"unknown bucket {request.bucket!r}; known: {', '.join(r.value for r in Resolution)}",
                     field_violations=[FieldViolation("bucket", "minute, hour, day or empty")]) from None
-        campaign_id = _resource_id(request.campaign, "campaigns", "campaign") if request.campaign else ""
+        campaign_id = resource_id(request.campaign, "campaigns", "campaign") if request.campaign else ""
         start, end = _range(request, default_length=MAX_RANGE if campaign_id else DEFAULT_STATS_RANGE)
         return StatsQuery(
             tenant_id=tenant_id, start=start, end=end,
             dimensions=(dimension,) if dimension else tuple(request.dimensions), bucket=bucket,
             metrics=tuple(request.metrics), platform_admin=principal.is_platform_admin,
             message_class=class_name_of(request.message_class), campaign_id=campaign_id,
-            provider=request.provider, tag=request.tag, mailbox_provider=request.mailbox_provider,
+            provider=checked_text(request.provider, "provider"), tag=checked_text(request.tag, "tag"),
+            mailbox_provider=checked_text(request.mailbox_provider, "mailbox_provider"),
         )
 
     async def GetStats(self, request: reports_pb2.GetStatsRequest,
@@ -375,7 +370,8 @@ class SuppressionServicer(reports_pb2_grpc.SuppressionServiceServicer):
         """The tenant's suppressions in address order (an address's one for every topic before its topics'); only
         those of ``topic`` when it is given."""
         tenant_id = current_tenant(READ_SCOPE)
-        page = await self._store.list(tenant_id, request.page_size, request.page_token, request.topic)
+        page = await self._store.list(tenant_id, page_size(request.page_size), checked_page_token(request.page_token),
+                                      checked_text(request.topic, "topic"))
         return reports_pb2.ListSuppressionsResponse(
             suppressions=[suppression_to_proto(s) for s in page.items], next_page_token=page.next_page_token
         )
@@ -384,7 +380,7 @@ class SuppressionServicer(reports_pb2_grpc.SuppressionServiceServicer):
                              context: grpc.aio.ServicerContext) -> reports_pb2.Suppression:
         """One suppression, for every topic (``suppressions/{email}``) or one (``suppressions/{email}~{topic}``)."""
         tenant_id = current_tenant(READ_SCOPE)
-        email, topic = split_suppression_id(_resource_id(request.name, "suppressions", "name"))
+        email, topic = split_suppression_id(resource_id(request.name, "suppressions", "name"))
         return suppression_to_proto(await self._store.get(tenant_id, email, topic))
 
     async def CreateSuppression(self, request: reports_pb2.CreateSuppressionRequest,
@@ -393,7 +389,8 @@ class SuppressionServicer(reports_pb2_grpc.SuppressionServiceServicer):
         tenant_id = current_tenant(MANAGE_SUPPRESSIONS_SCOPE)
         given = request.suppression
         reason = _REASONS_FROM_PROTO.get(given.reason, SuppressionReason.MANUAL)
-        created = await self._store.create(tenant_id, given.email, reason, given.note, given.topic)
+        created = await self._store.create(tenant_id, checked_text(given.email, "suppression.email"), reason,
+                                           given.note, checked_text(given.topic, "suppression.topic"))
         return suppression_to_proto(created)
 
     async def DeleteSuppression(self, request: reports_pb2.DeleteSuppressionRequest,
@@ -401,7 +398,7 @@ class SuppressionServicer(reports_pb2_grpc.SuppressionServiceServicer):
         """Lift a suppression: ``suppressions/{email}`` the one for every topic, ``suppressions/{email}~{topic}``
         the one scoped to that topic (each leaves the other)."""
         tenant_id = current_tenant(MANAGE_SUPPRESSIONS_SCOPE)
-        email, topic = split_suppression_id(_resource_id(request.name, "suppressions", "name"))
+        email, topic = split_suppression_id(resource_id(request.name, "suppressions", "name"))
         await self._store.delete(tenant_id, email, topic)
         return empty_pb2.Empty()
 
@@ -416,7 +413,8 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                          context: grpc.aio.ServicerContext) -> events_pb2.ListEventsResponse:
         """The caller's message events, oldest first."""
         tenant_id = current_tenant(READ_SCOPE)
-        page = await self._reader.list(tenant_id, _event_filter(request), request.page_size, request.page_token)
+        page = await self._reader.list(tenant_id, _event_filter(request), page_size(request.page_size),
+                                       checked_page_token(request.page_token))
         return events_pb2.ListEventsResponse(
             events=[customer_event(**e._asdict()) for e in page.items], next_page_token=page.next_page_token)
 
@@ -440,10 +438,10 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
 def _event_filter(request: events_pb2.ListEventsRequest | events_pb2.ExportEventsRequest) -> EventFilter:
     """The filters ListEvents and ExportEvents share; INVALID_ARGUMENT for a malformed message or campaign name."""
     return EventFilter(
-        types=tuple(request.types),
-        message_id=_resource_id(request.message, "messages", "message") if request.message else "",
-        recipient=request.recipient, tag=request.tag,
-        campaign=f"campaigns/{_resource_id(request.campaign, 'campaigns', 'campaign')}" if request.campaign else "",
+        types=tuple(checked_text(t, "types") for t in request.types),
+        message_id=resource_id(request.message, "messages", "message") if request.message else "",
+        recipient=checked_text(request.recipient, "recipient"), tag=checked_text(request.tag, "tag"),
+        campaign=f"campaigns/{resource_id(request.campaign, 'campaigns', 'campaign')}" if request.campaign else "",
         start_time=request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None,
         end_time=request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None,
     )

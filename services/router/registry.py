@@ -138,6 +138,13 @@ async def _adapter_problems(spec: ProviderSpec) -> list[FieldViolation]:
     return []
 
 
+def _request_id_reused(request_id: str) -> AlreadyExists:
+    return AlreadyExists("request_id was already used for a different request", reason="REQUEST_ID_REUSED",
+                         metadata={"request_id": request_id},
+                         field_violations=[FieldViolation("request_id", "already used with different content",
+                                                          "REQUEST_ID_REUSED")])
+
+
 class ProviderRegistry:
     """CRUD over providers; every change is written to Postgres, then broadcast through the KV bucket. ``secrets``
     seals what is stored and broadcast, and opens what is read back."""
@@ -207,11 +214,22 @@ class ProviderRegistry:
         made it: a retry after a key rotation is still recognised while that key is in ``ESP_SECRETS_KEYS``. Once
         it is dropped (or for a fingerprint an earlier version stored unkeyed, cleared at start) the retry cannot be
         told from a different request and is refused as ``REQUEST_ID_REUSED``: never a second provider (the id is
-        the primary key), at worst a conflict the client resolves with a GET."""
+        the primary key), at worst a conflict the client resolves with a GET. A request_id that created another
+        provider is refused the same way: it names one create, whatever its provider id."""
         await _validate(spec)
         fingerprint = create_fingerprint(spec, self.secrets) if request_id else None
         async with self.pool.connection() as conn:
             async with conn.transaction():
+                if request_id:
+                    # Creates with one request_id take turns (a transaction-scoped lock on it), so that two of them
+                    # naming different providers cannot both find the request_id unused.
+                    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                                       (f"router.providers.create/{request_id}",))
+                    other = await (await conn.execute(
+                        "SELECT id FROM router.providers WHERE create_request_id = %s AND id <> %s LIMIT 1",
+                        (request_id, spec.id))).fetchone()
+                    if other is not None:
+                        raise _request_id_reused(request_id)
                 values = [getattr(spec, c) for c in _COLUMNS]
                 values[_COLUMNS.index("allowed_classes")] = list(spec.allowed_classes)
                 values[_COLUMNS.index("options")] = Jsonb(dict(spec.options))
@@ -228,11 +246,7 @@ class ProviderRegistry:
                         if not (earlier[1] and self.secrets.fingerprint_matches(
                                 bytes(earlier[1]), create_request(spec),
                                 context=create_fingerprint_context(spec.id))):
-                            raise AlreadyExists(
-                                "request_id was already used for a different request", reason="REQUEST_ID_REUSED",
-                                metadata={"request_id": request_id},
-                                field_violations=[FieldViolation("request_id", "already used with different content",
-                                                                 "REQUEST_ID_REUSED")])
+                            raise _request_id_reused(request_id)
                         return await self.get(spec.id)  # a retry of the create that made it: the same answer
                     raise AlreadyExists(f"provider {spec.id!r} exists", reason="PROVIDER_EXISTS")
                 await conn.execute(

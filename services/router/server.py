@@ -21,10 +21,13 @@ from google.protobuf import empty_pb2
 from libs.common import db
 from libs.common.auth import TrustedHeaderAuthenticator
 from libs.common.errors import FieldViolation, InvalidArgument
+from libs.common.field_masks import update_paths
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import connect
 from libs.common.message_classes import class_name_of, proto_of
+from libs.common.pagination import checked_page_token, page_size
 from libs.common.redis import create_redis
+from libs.common.resource_names import MAX_ID_CHARS, checked_text, resource_id
 from libs.common.secret_box import optional_secret_box
 from libs.common.settings import SettingsError
 from libs.common.stopping import pause_unless_stopped
@@ -38,19 +41,15 @@ from services.router.registry import ProviderRecord, ProviderRegistry
 
 log = logging.getLogger(__name__)
 
-# Proto field → registry column for UpdateProvider's field mask.
-_MASKABLE = {"type", "display_name", "endpoint", "region", "price_per_email_micros", "price_per_mb_micros",
-             "max_message_bytes", "batch_size", "rate_limit_per_second", "daily_quota", "monthly_quota",
-             "allowed_classes", "weight", "disabled", "options"}
-_SECRET_PATHS = {"credentials", "webhook_secrets"}
+_SECRET_PATHS = ("credentials", "webhook_secrets")
+"""Write-only fields: an update changes them only when its mask names them or, with no mask, when it gives some
+(never with ``*``: a client cannot read them back to send them again)."""
+_NOT_UPDATABLE = ("etag",)
+"""Provider fields an update reads but never writes (the etag is its condition)."""
 
 
-def _id(name: str) -> str:
-    if not name.startswith("providers/") or name == "providers/":
-        raise InvalidArgument("name must look like providers/{id}",
-                              field_violations=[FieldViolation("name", "expected providers/{id}")])
-    return name.removeprefix("providers/")
-
+def _id(name: str, field: str = "name") -> str:
+    return resource_id(name, "providers", field)
 
 
 def _class_names(values: Iterable[int]) -> tuple[str, ...]:
@@ -112,7 +111,10 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
                              context: Any) -> providers_pb2.Provider:
         """Create a provider (``provider_id`` is its id); it reaches every replica through the KV bucket. With a
         request_id a retry returns the provider it created; INVALID_ARGUMENT for a bad id, field or configuration the
-        adapter refuses, ALREADY_EXISTS for a taken id or a reused request_id."""
+        adapter refuses, ALREADY_EXISTS for a taken id or a request_id used before for a different request (another
+        body, or another provider_id)."""
+        checked_text(request.provider_id, "provider_id", max_chars=MAX_ID_CHARS)
+        checked_text(request.request_id, "request_id", max_chars=MAX_ID_CHARS)
         spec = ProviderSpec(id=request.provider_id, credentials=dict(request.provider.credentials),
                             webhook_secrets=dict(request.provider.webhook_secrets), **_spec_values(request.provider))
         return _proto(await self.registry.create(spec, request_id=request.request_id))
@@ -125,30 +127,29 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
                             context: Any) -> providers_pb2.ListProvidersResponse:
         """Providers in id order, a page at a time (``page_size`` 50 by default, at most 1,000; the page token is the
         last id of a full page); disabled ones only with ``show_disabled``."""
-        size = min(request.page_size or 50, 1000)
-        records = await self.registry.list(size, request.page_token, show_disabled=request.show_disabled)
+        size = page_size(request.page_size)
+        records = await self.registry.list(size, checked_page_token(request.page_token),
+                                           show_disabled=request.show_disabled)
         token = records[-1].spec.id if len(records) == size else ""
         return providers_pb2.ListProvidersResponse(providers=[_proto(r) for r in records], next_page_token=token)
 
     async def UpdateProvider(self, request: providers_pb2.UpdateProviderRequest,
                              context: Any) -> providers_pb2.Provider:
-        """Update the fields the mask names (no mask: every field but ``type``, and the credentials and the webhook
-        secrets when some are given; secrets are replaced whole, never merged). A numeric ``etag`` makes it
-        conditional: ABORTED when the provider changed since. INVALID_ARGUMENT for an unknown mask path or an invalid
-        result, NOT_FOUND for an unknown provider."""
-        provider_id = _id(request.provider.name)
+        """Update the fields ``update_mask`` names, as every Update RPC reads a mask (AIP-134,
+        :mod:`libs.common.field_masks`): ``*`` replaces every field but the write-only credentials and webhook
+        secrets, which change only when named; no mask changes the fields the request sets to a value other than the
+        default (the credentials and webhook secrets when some are given). Secrets are replaced whole, never merged.
+        A numeric ``etag`` makes it conditional: ABORTED when the provider changed since. INVALID_ARGUMENT for a mask
+        path that is no provider field or cannot change (``name``, ``etag``, output-only fields) and for an invalid
+        result; NOT_FOUND for an unknown provider."""
+        provider_id = _id(request.provider.name, "provider.name")
         values = _spec_values(request.provider)
-        paths = list(request.update_mask.paths) or [k for k in values if k != "type"]
-        unknown = [p for p in paths if p not in _MASKABLE and p not in _SECRET_PATHS]
-        if unknown:
-            raise InvalidArgument("unknown update_mask paths",
-                                  field_violations=[FieldViolation("update_mask", f"cannot update {unknown}")])
-        changes = {p: values[p] for p in paths if p in _MASKABLE}
+        paths = update_paths(request.update_mask, request.provider, immutable=_NOT_UPDATABLE,
+                             not_in_full_replacement=_SECRET_PATHS)
+        changes = {p: values[p] for p in paths if p not in _SECRET_PATHS}
         expected = int(request.provider.etag) if request.provider.etag.isdigit() else None
-        credentials = dict(request.provider.credentials) if "credentials" in paths or (
-            not request.update_mask.paths and request.provider.credentials) else None
-        webhook_secrets = dict(request.provider.webhook_secrets) if "webhook_secrets" in paths or (
-            not request.update_mask.paths and request.provider.webhook_secrets) else None
+        credentials = dict(request.provider.credentials) if "credentials" in paths else None
+        webhook_secrets = dict(request.provider.webhook_secrets) if "webhook_secrets" in paths else None
         return _proto(await self.registry.update(provider_id, changes, expected_version=expected,
                                                  credentials=credentials, webhook_secrets=webhook_secrets))
 

@@ -22,9 +22,12 @@ from libs.common import db
 from libs.common.auth import Principal, TrustedHeaderAuthenticator, current_tenant
 from libs.common.errors import FieldViolation, InvalidArgument
 from libs.common.event_types import TEST_EVENT
+from libs.common.field_masks import update_paths
 from libs.common.grpc_client import domain_errors, open_channel
 from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
+from libs.common.pagination import checked_page_token, page_size
+from libs.common.resource_names import MAX_ID_CHARS, checked_text, resource_id
 from libs.common.secret_box import SecretBox
 from libs.common.stopping import pause_unless_stopped
 from libs.common.timestamps import to_timestamp
@@ -49,18 +52,11 @@ _PREFIX = "webhookEndpoints/"
 
 
 def _endpoint_id(name: str, field: str = "name") -> str:
-    endpoint_id = name.removeprefix(_PREFIX)
-    if not name.startswith(_PREFIX) or not endpoint_id or "/" in endpoint_id:
-        raise InvalidArgument(f"{field} must look like webhookEndpoints/{{id}}",
-                              field_violations=[FieldViolation(field, "expected webhookEndpoints/{id}")])
-    return endpoint_id
+    return resource_id(name, _PREFIX.rstrip("/"), field)
 
 
 def _page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument("page_size must not be negative",
-                              field_violations=[FieldViolation("page_size", "must be >= 0")])
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    return page_size(requested, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
 
 
 def _spec(message: webhooks_pb2.WebhookEndpoint) -> EndpointSpec:
@@ -99,7 +95,8 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
                                     context: grpc.aio.ServicerContext) -> webhooks_pb2.WebhookEndpoint:
         """A new endpoint, with its signing secret this once."""
         tenant_id = current_tenant(ADMIN)
-        return _to_proto(await self._store.create(tenant_id, _spec(request.webhook_endpoint), request.request_id))
+        request_id = checked_text(request.request_id, "request_id", max_chars=MAX_ID_CHARS)
+        return _to_proto(await self._store.create(tenant_id, _spec(request.webhook_endpoint), request_id))
 
     async def GetWebhookEndpoint(self, request: webhooks_pb2.GetWebhookEndpointRequest,
                                  context: grpc.aio.ServicerContext) -> webhooks_pb2.WebhookEndpoint:
@@ -110,23 +107,23 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
                                    context: grpc.aio.ServicerContext) -> webhooks_pb2.ListWebhookEndpointsResponse:
         """The tenant's endpoints in id order; the page token is the last id."""
         size = _page_size(request.page_size)
-        found = await self._store.list(current_tenant(READ), size + 1, request.page_token)
+        found = await self._store.list(current_tenant(READ), size + 1, checked_page_token(request.page_token))
         return webhooks_pb2.ListWebhookEndpointsResponse(
             webhook_endpoints=[_to_proto(e) for e in found[:size]],
             next_page_token=found[size - 1].id if len(found) > size else "")
 
     async def UpdateWebhookEndpoint(self, request: webhooks_pb2.UpdateWebhookEndpointRequest,
                                     context: grpc.aio.ServicerContext) -> webhooks_pb2.WebhookEndpoint:
-        """Change the fields in the mask; with no mask, the fields the request sets (a value other than the
-        default: clearing a filter list takes a mask naming it)."""
+        """Change the fields ``update_mask`` names, as every Update RPC reads a mask (AIP-134,
+        :mod:`libs.common.field_masks`): ``*`` for every field; with no mask, the fields the request sets (a value
+        other than the default, or ``enabled`` given: clearing a filter list takes a mask naming it).
+        INVALID_ARGUMENT for a path that is no endpoint field or cannot change (``name``, output-only fields)."""
         tenant_id = current_tenant(ADMIN)
         given = request.webhook_endpoint
-        paths = list(request.update_mask.paths) or [f for f in UPDATABLE if _is_set(given, f)]
-        unknown = [p for p in paths if p not in UPDATABLE]
-        if unknown:
-            raise InvalidArgument(f"cannot update {', '.join(unknown)}",
-                                  field_violations=[FieldViolation("update_mask", f"{p!r} is not updatable")
-                                                    for p in unknown])
+        paths = update_paths(request.update_mask, given)
+        if not set(paths) <= set(UPDATABLE):  # a field the proto gained that the store does not know yet
+            raise InvalidArgument("update_mask names fields that cannot be updated", field_violations=[
+                FieldViolation("update_mask", f"{p!r} is not updatable") for p in paths if p not in UPDATABLE])
         spec = _spec(given)
         changes: dict[str, Any] = {p: getattr(spec, p) for p in paths}
         endpoint_id = _endpoint_id(given.name, "webhook_endpoint.name")
@@ -153,7 +150,8 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
         size = _page_size(request.page_size)
         before = 0
         if request.page_token:
-            if not request.page_token.isdigit():
+            # An attempt's id: ASCII digits that fit a bigint (str.isdigit alone admits "²", which int() refuses).
+            if not (request.page_token.isascii() and request.page_token.isdigit() and len(request.page_token) <= 18):
                 raise InvalidArgument("page_token is malformed",
                                       field_violations=[FieldViolation("page_token", "malformed")])
             before = int(request.page_token)
@@ -211,13 +209,6 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
             await queue_events(conn, {tenant_id: [route]}, [(tenant_id, [event])], replay_key="test:", forced=True)
         self._wake()
         return webhooks_pb2.SendTestWebhookEventResponse(webhook_id=f"msg_{event.name.removeprefix('events/')}")
-
-
-def _is_set(message: webhooks_pb2.WebhookEndpoint, name: str) -> bool:
-    """Whether ``name`` holds a value in ``message`` (``enabled`` has presence; the others, a non-default)."""
-    if name == "enabled":
-        return bool(message.HasField("enabled"))
-    return bool(getattr(message, name))
 
 
 def _route(endpoint: Endpoint) -> Route:
