@@ -27,6 +27,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from libs.common.auth import Authenticator, Principal, reset_principal, set_principal
+from libs.common.dependency_errors import dependency_unavailable
 from libs.common.errors import EspError, Internal, InvalidArgument, Unimplemented
 from libs.common.logging import configure_logging
 from libs.common.metrics import GRPC_DURATION, GRPC_REQUESTS, start_metrics_server
@@ -138,15 +139,21 @@ class _Wrapper:
         if otel_token is not None:
             otel_context.detach(otel_token)
 
-    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
-        """Abort the call with the Status ``exc`` stands for (raises ``AbortError``)."""
+    @staticmethod
+    def _error_for(method: str, exc: Exception) -> EspError:
+        """The domain error ``exc`` stands for: itself, UNAVAILABLE for a dependency that is down, else INTERNAL."""
         if isinstance(exc, EspError):
-            error = exc
-        elif isinstance(exc, NotImplementedError):  # the generated servicer base of a method not served here
-            error = Unimplemented(f"{method} is not implemented by this service")
-        else:
-            log.exception("unhandled error in %s", method)
-            error = Internal("internal error", reason="INTERNAL")
+            return exc
+        if isinstance(exc, NotImplementedError):  # the generated servicer base of a method not served here
+            return Unimplemented(f"{method} is not implemented by this service")
+        if (unavailable := dependency_unavailable(exc)) is not None:
+            log.warning("%s: %s (%r)", method, unavailable.message, exc)
+            return unavailable
+        log.exception("unhandled error in %s", method)
+        return Internal("internal error", reason="INTERNAL")
+
+    async def _fail(self, context: grpc.aio.ServicerContext, error: EspError) -> None:
+        """Abort the call with the Status ``error`` stands for (raises ``AbortError``)."""
         await context.abort_with_status(rpc_status.to_status(error.to_status()))
 
     def _record(self, method: str, started: float, code: str) -> None:
@@ -186,8 +193,9 @@ class _Wrapper:
                 code = "CANCELLED"
                 raise
             except Exception as exc:
-                code = exc.code.name if isinstance(exc, EspError) else "INTERNAL"
-                await self._fail(context, method, exc)
+                error = self._error_for(method, exc)
+                code = error.code.name
+                await self._fail(context, error)
             finally:
                 self._leave(principal_token, otel_token)
                 self._record(method, started, code)
@@ -215,8 +223,9 @@ class _Wrapper:
                 code = "CANCELLED"
                 raise
             except Exception as exc:
-                code = exc.code.name if isinstance(exc, EspError) else "INTERNAL"
-                await self._fail(context, method, exc)
+                error = self._error_for(method, exc)
+                code = error.code.name
+                await self._fail(context, error)
             finally:
                 self._leave(principal_token, otel_token)
                 self._record(method, started, code)
