@@ -4,6 +4,9 @@
 flavoured: JSON, batch API); ``provider_mesh`` starts the services (tests/e2e helpers) with a short breaker
 cool-down, removes the SMTP provider the e2e seeding adds, and offers the admin, sending and simulator calls
 the tests need. Providers are created per test through the admin API — the registry under test.
+
+Every wait here is on progress (``tests.progress``): it fails when what it watches stops moving for ``STALL_S``,
+never because a shared, loaded machine is slower than a fixed deadline assumed.
 """
 
 from __future__ import annotations
@@ -12,11 +15,10 @@ import asyncio
 import json
 import secrets
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -27,6 +29,9 @@ from dev import mesh as m
 from dev.simulator.client import SimulatorClient
 from tests.conftest import S3Server
 from tests.e2e.conftest import RunningMesh, build_mesh_config, start_mesh
+from tests.progress import wait_for_progress_async
+
+T = TypeVar("T")
 
 PERSONALITIES = {name: "postmark" for name in ("primary", "secondary", "throttled", "paced", "quota-cheap",
                                                "quota-spare", "fast", "slow", "kept", "added", "otp-fast")}
@@ -36,6 +41,8 @@ CLASSES = {"otp": common_pb2.MESSAGE_CLASS_OTP, "transactional": common_pb2.MESS
            "bulk": common_pb2.MESSAGE_CLASS_BULK}
 BREAKER_THRESHOLD = 3
 BREAKER_OPEN_S = 1.5
+STALL_S = 30.0
+"""A wait fails when what it watches (emails delivered, a breaker's state) has not moved for this long."""
 MESH_ENV = {"ESP_BREAKER_CONSECUTIVE_FAILURES": str(BREAKER_THRESHOLD), "ESP_BREAKER_OPEN_S": str(BREAKER_OPEN_S),
             "ESP_BREAKER_PROBE_TIMEOUT_S": "5", "ESP_LOG_LEVEL": "WARNING"}
 
@@ -133,20 +140,24 @@ class ProviderMesh:
                              for msg in record["messages"] if msg["rejection"] is None)
         return found
 
-    async def wait_delivered(self, message_ids: Iterable[str], timeout_s: float = 60) -> dict[str, list[Delivered]]:
-        """Where each email went, once every one of them reached the simulator (fails after ``timeout_s``)."""
+    async def wait_delivered(self, message_ids: Iterable[str],
+                             stall_s: float = STALL_S) -> dict[str, list[Delivered]]:
+        """Where each email went, once every one of them reached the simulator; fails when no more of them
+        arrived for ``stall_s``."""
         wanted = set(message_ids)
-        deadline = time.monotonic() + timeout_s
-        while True:
+
+        async def arrived() -> dict[str, list[Delivered]]:
             seen: dict[str, list[Delivered]] = {}
             for item in await self.delivered():
                 if item.message_id in wanted:
                     seen.setdefault(item.message_id, []).append(item)
-            if len(seen) == len(wanted):
-                return seen
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{len(wanted) - len(seen)} of {len(wanted)} emails never reached a provider")
-            await asyncio.sleep(0.2)
+            return seen
+
+        return await wait_for_progress_async(
+            arrived, lambda seen: len(seen) == len(wanted), what=f"{len(wanted)} emails reaching a provider",
+            stall_s=stall_s, every_s=0.2, progress=len,
+            describe=lambda seen: f"{len(seen)} of {len(wanted)} arrived, missing e.g. "
+                                  f"{sorted(wanted - set(seen))[:3]}")
 
     # -- admin -----------------------------------------------------------------------------------------------------
     def _channel(self) -> grpc.aio.Channel:
@@ -167,6 +178,7 @@ class ProviderMesh:
                 providers_pb2.CreateProviderRequest(provider_id=provider_id, provider=provider),
                 metadata=self.running.admin(), timeout=10)
         self.created.append(provider_id)
+        await self.wait_router_view(provider_id, lambda score: score is not None, "in the router's catalog")
         return provider_id
 
     async def update_provider(self, provider_id: str, **fields: Any) -> None:
@@ -184,6 +196,7 @@ class ProviderMesh:
                 timeout=10)
         if provider_id in self.created:
             self.created.remove(provider_id)
+        await self.wait_router_view(provider_id, lambda score: score is None, "gone from the router's catalog")
 
     async def route(self, message_class: str, message_bytes: int = 2_000) -> providers_pb2.RouteEmailResponse:
         """The router's ranking and its breakdown."""
@@ -192,19 +205,35 @@ class ProviderMesh:
                 providers_pb2.RouteEmailRequest(message_class=CLASSES[message_class], message_bytes=message_bytes,
                                                 recipient_count=1), metadata=self.running.admin(), timeout=10)
 
-    async def breaker(self, provider_id: str, message_class: str = "transactional") -> str:
+    async def router_view(self, provider_id: str,
+                          message_class: str = "transactional") -> providers_pb2.ProviderScore | None:
+        """The provider as the router's RouteEmail shows it (ranked or excluded, with why), None when its catalog
+        does not hold it."""
         decision = await self.route(message_class)
-        for score in (*decision.ranked, *decision.excluded):
-            if score.provider == f"providers/{provider_id}":
-                return str(score.breaker_state)
-        raise AssertionError(f"{provider_id} is not in the router's catalog")
+        return next((s for s in (*decision.ranked, *decision.excluded) if s.provider == f"providers/{provider_id}"),
+                    None)
 
-    async def wait_for(self, check: Callable[[], Any], timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not await check():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what} did not happen within {timeout_s}s")
-            await asyncio.sleep(0.1)
+    async def wait_router_view(self, provider_id: str, done: Callable[[providers_pb2.ProviderScore | None], bool],
+                               what: str, message_class: str = "transactional") -> None:
+        """Until the router's RouteEmail shows ``provider_id`` as ``done`` wants it.
+
+        A registry change reaches every router and sender through the same JetStream KV watch
+        (``libs.routing.catalog``), and RouteEmail ranks on that catalog as senders do: it is the mesh's one
+        observable of a change having been applied (a sender exposes no view of its catalog)."""
+        await self.wait_for(lambda: self.router_view(provider_id, message_class), done,
+                            f"providers/{provider_id} {what}")
+
+    async def breaker(self, provider_id: str, message_class: str = "transactional") -> str:
+        score = await self.router_view(provider_id, message_class)
+        if score is None:
+            raise AssertionError(f"{provider_id} is not in the router's catalog")
+        return str(score.breaker_state)
+
+    async def wait_for(self, observe: Callable[[], Awaitable[T]], done: Callable[[T], bool], what: str,
+                       stall_s: float = STALL_S) -> T:
+        """``observe()`` once it is ``done``; fails naming ``what`` and the last value when the observation has
+        not changed for ``stall_s``."""
+        return await wait_for_progress_async(observe, done, what=what, stall_s=stall_s)
 
     # -- sending ---------------------------------------------------------------------------------------------------
     async def send(self, message_class: str, *, subject: str = "Hello", to: str = "rcpt@example.net") -> str:
@@ -230,17 +259,18 @@ class ProviderMesh:
                 for mid in message_ids))
         return {reply.id: int(reply.state) for reply in replies}
 
-    async def wait_all_sent(self, message_ids: Sequence[str], timeout_s: float = 30) -> None:
+    async def wait_all_sent(self, message_ids: Sequence[str], stall_s: float = STALL_S) -> None:
         """Every message reaches state SENT (or a later one) in the status API."""
         final = {messages_pb2.MESSAGE_STATE_SENT, messages_pb2.MESSAGE_STATE_DELIVERED}
 
-        async def all_sent() -> bool:
+        async def sent() -> int:
             try:
-                return all(s in final for s in (await self.states(message_ids)).values())
-            except grpc.aio.AioRpcError:
-                return False
+                return sum(s in final for s in (await self.states(message_ids)).values())
+            except grpc.aio.AioRpcError:  # reports has not recorded one of them yet: none counted this time
+                return 0
 
-        await self.wait_for(all_sent, timeout_s, f"SENT for all {len(message_ids)} emails")
+        await self.wait_for(sent, lambda count: count == len(message_ids),
+                            f"SENT (or later) for all {len(message_ids)} emails", stall_s)
 
     async def reset_simulator(self) -> None:
         await self.simulator.reset()

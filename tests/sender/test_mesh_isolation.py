@@ -8,7 +8,6 @@ The bulk backlog is published straight onto the SEND stream (JetStream async pub
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -20,7 +19,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js import JetStreamContext
 
 from libs.common.jetstream import Topology
-from tests.sender.mesh import ProviderMesh
+from tests.progress import wait_for_progress_async
+from tests.sender.mesh import STALL_S, Delivered, ProviderMesh
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +57,6 @@ async def test_otps_sent_while_a_bulk_backlog_drains_are_all_delivered_before_it
         mesh: ProviderMesh, jetstream: JetStreamContext):
     await mesh.create_provider("bulk-cheap", price=10, classes=["bulk"])
     await mesh.create_provider("otp-fast", price=100, classes=["otp"])
-    await asyncio.sleep(2.0)
     backlog = [bulk_task(i) for i in range(BACKLOG)]
     subject = Topology(mesh.running.config.namespace).send_subject("bulk")
 
@@ -65,18 +64,21 @@ async def test_otps_sent_while_a_bulk_backlog_drains_are_all_delivered_before_it
     otps = []
     for _ in range(OTPS):
         otps.append(await mesh.send("otp", subject="Your code"))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # spread over the drain, not a wait for anything
 
-    otp_arrivals = [d[0].arrived_at for d in (await mesh.wait_delivered(otps, timeout_s=60)).values()]
+    otp_arrivals = [d[0].arrived_at for d in (await mesh.wait_delivered(otps)).values()]
     last_otp = max(otp_arrivals)
     bulk_ids = {t.message_id for t in backlog}
-    deadline = time.monotonic() + 120
-    while True:
-        bulk = [d for d in await mesh.delivered(["bulk-cheap"]) if d.message_id in bulk_ids]
-        if len({d.message_id for d in bulk}) == BACKLOG or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(1.0)
-    assert len({d.message_id for d in bulk}) == BACKLOG, "the bulk backlog did not drain"
+
+    async def bulk_delivered() -> list[Delivered]:
+        return [d for d in await mesh.delivered(["bulk-cheap"]) if d.message_id in bulk_ids]
+
+    def drained(bulk: list[Delivered]) -> bool:
+        return len({d.message_id for d in bulk}) == BACKLOG
+
+    bulk = await wait_for_progress_async(bulk_delivered, drained, what="the bulk backlog draining", stall_s=STALL_S,
+                                         every_s=1.0, progress=len,
+                                         describe=lambda b: f"{len({d.message_id for d in b})} of {BACKLOG} sent")
     assert last_otp < max(d.arrived_at for d in bulk)
     still_queued = sum(1 for d in bulk if d.arrived_at > last_otp)
     assert still_queued > 0

@@ -9,7 +9,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import cast
+from typing import TypeVar, cast
 
 import nats
 import pytest
@@ -26,13 +26,21 @@ from services.sender.delivery import ACK, Deliverer, Incoming, Verdict
 from services.sender.pool import ClassPool
 from services.sender.server import build_pools
 from services.sender.yielding import UrgentTraffic, yield_to_urgent_mail
+from tests.progress import wait_for_progress_async
+
+T = TypeVar("T")
+STALL_S = 10.0
+"""A wait fails when what it watches (emails in flight or delivered, a pool's capacity) has not moved for this long."""
 
 
-async def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "the condition did not come true in time"
-        await asyncio.sleep(0.01)
+async def eventually(observe: Callable[[], T], done: Callable[[T], bool], what: str) -> T:
+    """``observe()`` once ``done`` with it; fails naming ``what`` and the last value after ``STALL_S`` without a
+    change."""
+
+    async def look() -> T:
+        return observe()
+
+    return await wait_for_progress_async(look, done, what=what, stall_s=STALL_S, every_s=0.01)
 
 
 class HeldDeliveries:
@@ -144,7 +152,7 @@ async def test_an_otp_pool_renews_the_signal_after_its_deliveries(queues: Queues
     assert not await urgent.flowing()
 
     await queues.queue("otp", 1)
-    await eventually(lambda: deliveries.delivered == 1)
+    await eventually(lambda: deliveries.delivered, lambda n: n == 1, "the OTP delivered")
     await urgent.aclose()
 
     assert await urgent.flowing()
@@ -162,19 +170,19 @@ async def test_the_bulk_pool_keeps_fewer_emails_in_flight_while_urgent_mail_flow
     await queues.queue("bulk", 200)
     stop = asyncio.Event()
     tasks = running(yield_to_urgent_mail(bulk, urgent, 10, stop, refresh_s=0.02))
-    await eventually(lambda: bulk.slots.capacity == 10)
+    await eventually(lambda: bulk.slots.capacity, lambda n: n == 10, "the bulk pool yielding to 10")
 
     tasks += running(bulk.run(stop))
-    await eventually(lambda: deliveries.in_flight == 10)
+    await eventually(lambda: deliveries.in_flight, lambda n: n == 10, "10 bulk emails in flight")
     await asyncio.sleep(0.3)  # time to take more, were it allowed to
     assert deliveries.most_in_flight == 10
 
     await redis_client.delete(urgent.key)  # no urgent mail for a window: the signal is gone
-    await eventually(lambda: deliveries.in_flight == 60)
+    await eventually(lambda: deliveries.in_flight, lambda n: n == 60, "60 bulk emails in flight")
     assert deliveries.most_in_flight == 60
 
     deliveries.release.set()
-    await eventually(lambda: deliveries.delivered == 200)
+    await eventually(lambda: deliveries.delivered, lambda n: n == 200, "the 200 bulk emails delivered")
     stop.set()
     await asyncio.gather(*tasks)
 
@@ -215,8 +223,8 @@ async def test_a_sender_serving_otp_and_bulk_yields_its_bulk_to_its_otps(nats_ur
         assert not yielding()
         # No provider is set up: the OTP's delivery fails and is retried later, but it was urgent mail all the same.
         await js.publish(Topology(namespace).send_subject("otp"), task(common_pb2.MESSAGE_CLASS_OTP))
-        await eventually(yielding)
-        await eventually(lambda: not yielding())  # a window after the last OTP
+        await eventually(yielding, bool, "the bulk pool yielding to the OTP")
+        await eventually(yielding, lambda y: not y, "the bulk pool back to its concurrency")  # a window after the OTP
     finally:
         stop.set()
         await asyncio.gather(*tasks)
