@@ -1,4 +1,8 @@
-"""A whole mesh as separate processes, on free loopback ports, with its own database and JetStream namespace."""
+"""A whole mesh as separate processes, on free loopback ports, with its own database and JetStream namespace.
+
+Waits on the mesh are on progress (``tests.progress``): they fail when what they watch stops moving for ``STALL_S``,
+not when a fixed deadline passes on a machine slower today than it was yesterday.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import asyncio
 import email
 import email.policy
 import secrets
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +25,10 @@ from dev import seed
 from dev.migrate import SERVICES_WITH_SCHEMAS
 from libs.common.db import migrate_services
 from tests.conftest import S3Server
+from tests.progress import wait_for_progress
+
+STALL_S = 30.0
+"""A wait on the mesh fails when what it watches has not moved for this long."""
 
 
 @dataclass
@@ -56,35 +63,44 @@ class RunningMesh:
     def admin(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.config.admin_token}"),)
 
-    def wait_state(self, name: str, state: int, timeout_s: float = 30) -> messages_pb2.Message:
-        """The message once it is in ``state``; AssertionError naming the last state seen after ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        last: messages_pb2.Message | None = None
+    def wait_state(self, name: str, state: int, stall_s: float = STALL_S) -> messages_pb2.Message:
+        """The message once it is in ``state``; AssertionError naming the last message seen when it stayed as it
+        was (or unknown) for ``stall_s``."""
+
+        def look(stub: messages_pb2_grpc.MessageServiceStub) -> messages_pb2.Message | None:
+            try:
+                return stub.GetMessage(messages_pb2.GetMessageRequest(name=name), metadata=self.auth(), timeout=5)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:  # reports has not recorded it yet
+                    raise
+                return None
+
         with self.channel() as channel:
             stub = messages_pb2_grpc.MessageServiceStub(channel)
-            while time.monotonic() < deadline:
-                try:
-                    last = stub.GetMessage(messages_pb2.GetMessageRequest(name=name), metadata=self.auth(), timeout=5)
-                    if last.state == state:
-                        return last
-                except grpc.RpcError as exc:
-                    if exc.code() != grpc.StatusCode.NOT_FOUND:
-                        raise
-                time.sleep(0.1)
-        raise AssertionError(f"{name} did not reach state {state} in {timeout_s}s; last seen: {last}")
+            found = wait_for_progress(lambda: look(stub), lambda m: m is not None and m.state == state,
+                                      what=f"{name} in state {messages_pb2.MessageState.Name(state)}", stall_s=stall_s,
+                                      progress=_message_progress)
+        assert found is not None
+        return found
 
     def delivered(self) -> list[EmailMessage]:
         return [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)  # type: ignore[misc]
                 for p in sorted(self.maildir.glob("*.eml"))]
 
-    def wait_for_mail(self, predicate: Callable[[EmailMessage], bool], timeout_s: float = 30) -> EmailMessage:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for message in self.delivered():
-                if predicate(message):
-                    return message
-            time.sleep(0.1)
-        raise AssertionError(f"no matching email reached the SMTP sink within {timeout_s}s")
+    def wait_for_mail(self, predicate: Callable[[EmailMessage], bool], stall_s: float = STALL_S) -> EmailMessage:
+        """The first email in the SMTP sink that ``predicate`` matches; fails when none does and no new email
+        reached the sink for ``stall_s``."""
+
+        def matching() -> tuple[int, EmailMessage | None]:
+            mail = self.delivered()
+            return len(mail), next((message for message in mail if predicate(message)), None)
+
+        _, found = wait_for_progress(matching, lambda seen: seen[1] is not None,
+                                     what="a matching email in the SMTP sink", stall_s=stall_s,
+                                     progress=lambda seen: seen[0],
+                                     describe=lambda seen: f"{seen[0]} email(s) in the sink, none matching")
+        assert found is not None
+        return found
 
     def new_tenant(self, credits: int) -> str:
         """A fresh tenant with ``credits`` and an API key for it."""
@@ -95,6 +111,13 @@ class RunningMesh:
             if credits:
                 seed.top_up(channel, self.config.admin_token, tenant, credits, f"{tenant}-initial")
         return key
+
+
+def _message_progress(message: messages_pb2.Message | None) -> object:
+    """What of a message moves while the mesh works on it: its state, its attempts, its last update."""
+    if message is None:
+        return None
+    return message.state, message.attempts, message.update_time.ToNanoseconds()
 
 
 def build_mesh_config(database: str, redis_url: str, nats_url: str, s3: S3Server, namespace: str,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 import uuid
 
 import grpc
@@ -20,7 +19,8 @@ from esp.v1 import (
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tests.e2e.conftest import RunningMesh
+from tests.e2e.conftest import STALL_S, RunningMesh
+from tests.progress import wait_for_progress
 
 pytestmark = pytest.mark.e2e
 
@@ -84,12 +84,9 @@ def test_an_email_with_an_attachment_reaches_the_smtp_sink_and_moves_the_balance
 
     sent = mesh.wait_state(f"messages/{message_id}", messages_pb2.MESSAGE_STATE_SENT)
     assert sent.provider == "sink"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        after = _balance(mesh)
-        if after.spent - before.spent == reply.message.credits and after.held == before.held:
-            break
-        time.sleep(0.1)
+    after = wait_for_progress(lambda: _balance(mesh), lambda b: b.held == before.held, what="the hold settled",
+                              stall_s=STALL_S, describe=lambda b: f"spent {b.spent}, held {b.held} (before: "
+                                                                  f"spent {before.spent}, held {before.held})")
     assert reply.message.credits > 0
     assert after.spent - before.spent == reply.message.credits
     assert before.available - after.available == reply.message.credits
