@@ -10,6 +10,8 @@ Serving and calling
                       tracing, metrics, SIGTERM drain
     ``grpc_client``   channels between services; a failed call → the same domain error
     ``auth``          the principal of the current call (tenant, scopes) and the trusted-header authenticator
+    ``public_edge``   which RPCs the public edge serves, with their scopes and owners (ingest enforces it, the
+                      gateway routes and documents it)
     ``errors``        the domain's exception tree (``EspError`` and one subclass per gRPC code) ↔ ``google.rpc.Status``
     ``resource_names``  what an id, a resource name, a filter value or a page token may hold (no control characters,
                         bounded length), checked where a request enters a server

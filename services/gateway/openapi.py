@@ -19,11 +19,11 @@ Choices (see docs/REST.md):
   names, which descriptors cannot tell. Our exports are documented as ``text/csv`` (``STREAMED_MEDIA_TYPES``, the
   type their contracts promise) so that readers and generators see a concrete download; any other such RPC as
   ``*/*`` with a description saying where the type comes from, which stays true for any descriptor set;
-- only RPCs the upstream answers are documented. The gateway's upstream is ingest, the public edge, and the
-  contracts annotate mesh-internal RPCs too (the credit holds), which the edge does not expose: it answers them
-  UNIMPLEMENTED, a 501 no client can avoid once the document offers the route. The edge's own table
-  (``services.ingest.edge.EDGE_METHODS``) decides, so the document and the edge cannot drift apart; a descriptor set
-  without any service the edge fronts (a test's) is documented whole.
+- only RPCs the upstream answers are documented, the ones the transcoder routes. The gateway's upstream is ingest,
+  the public edge, and the contracts annotate mesh-internal RPCs too (the credit holds), which the edge does not
+  expose: a route for them could only ever fail. The edge's own table (``libs.common.public_edge.EDGE_METHODS``)
+  decides, so the document, the routes and the edge cannot drift apart; a descriptor set without any service the
+  edge fronts (a test's) is documented whole.
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ from services.gateway.descriptors import DescriptorSet, HttpBinding
 from services.gateway.fields import is_map
 from services.gateway.path_template import SegmentKind
 from services.gateway.plain_bodies import PlainBody, plain_bodies
-from services.gateway.transcoder import serves_streamed_body
-from services.ingest.edge import EDGE_METHODS
+from services.gateway.transcoder import served_by_the_edge, serves_streamed_body
 
 OPENAPI_VERSION = "3.0.3"
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
@@ -170,19 +169,6 @@ def build_openapi(
     if server_url:
         document["servers"] = [{"url": server_url}]
     return document
-
-
-def served_by_the_edge(descriptors: DescriptorSet) -> Callable[[MethodDescriptor], bool]:
-    """Whether the public edge (ingest) answers an RPC of ``descriptors``: the methods its table lists, when the
-    set has any service the edge fronts; every method otherwise (a descriptor set that is not our contracts)."""
-    fronted = any(method.containing_service.full_name in EDGE_METHODS for method in descriptors.annotated_methods)
-    if not fronted:
-        return lambda _method: True
-
-    def served(method: MethodDescriptor) -> bool:
-        return method.name in EDGE_METHODS.get(method.containing_service.full_name, {})
-
-    return served
 
 
 def operation_id(binding: HttpBinding) -> str:

@@ -2,7 +2,9 @@
 
 Behaviour follows grpc-gateway v2 (so Envoy's ``grpc_json_transcoder`` could take its place):
 
-- matching: the request's binding is found by ``binding_matcher`` (404 / 405 as grpc-gateway answers);
+- matching: the request's binding is found by ``binding_matcher`` (404 / 405 as grpc-gateway answers). Only the
+  RPCs the public edge serves are routed (``served_by_the_edge``): a mesh-internal RPC the contracts annotate (a
+  credit hold) is a 404 like any unknown path, not a 501 from the edge;
 - request: body (``*`` or one field) parsed as proto3 JSON (camelCase or proto names, unknown fields
   ignored), then for PATCH with a ``body`` field and an empty ``update_mask`` the mask is derived from the
   body, then path variables, then query parameters (never for ``body: "*"``);
@@ -28,19 +30,20 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import grpc
 from google.protobuf import json_format
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from libs.common.public_edge import fronts_service, serves_method
 from services.gateway import json_depth
 from services.gateway.binding_matcher import BindingMatcher
 from services.gateway.body_streams import ndjson_lines
@@ -90,19 +93,26 @@ class Transcoder:
         descriptors: DescriptorSet,
         upstream_addr: str,
         options: TranscoderOptions | None = None,
+        *,
+        served: Callable[[MethodDescriptor], bool] | None = None,
     ) -> None:
+        """``served`` says which RPCs the upstream answers (the others get no route); by default the public
+        edge's (``served_by_the_edge``)."""
         self.descriptors = descriptors
         self.upstream_addr = upstream_addr
         self.options = options or TranscoderOptions()
-        served: list[HttpBinding] = []
+        is_served = served if served is not None else served_by_the_edge(descriptors)
+        served_bindings: list[HttpBinding] = []
         for binding in descriptors.bindings:
+            if not is_served(binding.method):
+                continue  # mesh-internal: the edge would answer UNIMPLEMENTED, so the path is unknown here
             if binding.server_streaming and not serves_streamed_body(binding):
                 # grpc-gateway streams these as {"result": ...} lines; nothing in our contracts needs it yet.
                 logger.warning("not serving server-streaming RPC %s over HTTP", binding.method.full_name)
                 continue
-            served.append(binding)
-        self.bindings: tuple[HttpBinding, ...] = tuple(served)
-        self.matcher = BindingMatcher(served)
+            served_bindings.append(binding)
+        self.bindings: tuple[HttpBinding, ...] = tuple(served_bindings)
+        self.matcher = BindingMatcher(served_bindings)
         self.plain_bodies: dict[str, PlainBody] = plain_bodies(
             descriptors, max_frame_bytes=self.options.max_frame_bytes
         )
@@ -366,6 +376,14 @@ class Transcoder:
             always_print_fields_with_no_presence=self.options.emit_unpopulated,
             descriptor_pool=self.descriptors.pool,
         )
+
+
+def served_by_the_edge(descriptors: DescriptorSet) -> Callable[[MethodDescriptor], bool]:
+    """Whether the public edge (ingest) answers an RPC of ``descriptors``: the methods its table lists, when the
+    set has any service the edge fronts; every method otherwise (a descriptor set that is not our contracts)."""
+    if not any(fronts_service(method.containing_service.full_name) for method in descriptors.annotated_methods):
+        return lambda _method: True
+    return lambda method: serves_method(method.containing_service.full_name, method.name)
 
 
 def serves_streamed_body(binding: HttpBinding) -> bool:

@@ -7,30 +7,17 @@ Customers talk to one endpoint. Ingest answers the sending RPCs itself and forwa
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
-from libs.common.auth import PLATFORM_ADMIN, Principal, current_principal
+from libs.common.auth import Principal, current_principal
 from libs.common.errors import Unauthenticated
 from libs.common.grpc_client import to_domain_error
+from libs.common.public_edge import EdgeMethod
 from libs.common.telemetry import inject_headers
 from services.ingest.tenants import TenantStore
-
-
-@dataclass(frozen=True)
-class EdgeMethod:
-    """Who may call a public method and which service answers it."""
-
-    scope: str
-    """"send", "read", "admin" (tenant admin) or PLATFORM_ADMIN."""
-    owner: str | None = None
-    """The service that answers it (the name of the channel to forward to); None means ingest answers itself."""
-    lasts_as_its_work: bool = False
-    """Forwarded with the client's own deadline, not the upstream timeout of a unary call: a call that takes as long
-    as the work it does (an import of a million recipients). Client-streaming calls always are."""
 
 
 class ApiKeyAuthenticator:
@@ -135,57 +122,3 @@ def build_handler(service: ServiceDescriptor, methods: Mapping[str, EdgeMethod],
             path = f"/{service.full_name}/{method.name}"
             handlers[method.name] = _forwarder(path, method_spec, channels[method_spec.owner], timeout_s, method)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
-
-
-READ, SEND, ADMIN = "read", "send", "admin"
-
-EDGE_METHODS: dict[str, dict[str, EdgeMethod]] = {
-    "esp.v1.MessageService": {
-        "SendEmail": EdgeMethod(SEND), "BatchSendEmails": EdgeMethod(SEND), "CancelMessage": EdgeMethod(SEND),
-        "GetMessage": EdgeMethod(READ, "reports"), "ListMessages": EdgeMethod(READ, "reports"),
-        "ListMessageEvents": EdgeMethod(READ, "reports"),
-    },
-    "esp.v1.AttachmentService": {
-        "UploadAttachment": EdgeMethod(SEND), "GetAttachment": EdgeMethod(READ), "DeleteAttachment": EdgeMethod(SEND),
-    },
-    "esp.v1.TenantService": {
-        "CreateTenant": EdgeMethod(PLATFORM_ADMIN), "ListTenants": EdgeMethod(PLATFORM_ADMIN),
-        "UpdateTenant": EdgeMethod(PLATFORM_ADMIN), "GetTenant": EdgeMethod(ADMIN),
-        "CreateApiKey": EdgeMethod(ADMIN), "ListApiKeys": EdgeMethod(ADMIN), "RevokeApiKey": EdgeMethod(ADMIN),
-    },
-    # Holds (reserve/commit/release) are internal to the mesh and deliberately not exposed.
-    "esp.v1.CreditService": {
-        "GetBalance": EdgeMethod(READ, "ledger"), "ListTransactions": EdgeMethod(READ, "ledger"),
-        "GetPriceBook": EdgeMethod(READ, "ledger"), "TopUp": EdgeMethod(PLATFORM_ADMIN, "ledger"),
-        "SetLowBalanceThreshold": EdgeMethod(ADMIN, "ledger"),
-        "UpdatePriceBook": EdgeMethod(PLATFORM_ADMIN, "ledger"),
-    },
-    "esp.v1.ProviderService": {
-        name: EdgeMethod(PLATFORM_ADMIN, "router")
-        for name in ("CreateProvider", "GetProvider", "ListProviders", "UpdateProvider", "DeleteProvider",
-                     "RouteEmail")
-    },
-    "esp.v1.StatsService": {
-        "GetStats": EdgeMethod(READ, "reports"), "ExportStats": EdgeMethod(READ, "reports"),
-        "CompareProviders": EdgeMethod(PLATFORM_ADMIN, "reports"),
-    },
-    "esp.v1.CampaignService": {
-        **{name: EdgeMethod(SEND, "campaigns")
-           for name in ("CreateCampaign", "AddCampaignRecipients", "StartCampaign", "PauseCampaign",
-                        "ResumeCampaign", "CancelCampaign")},
-        "ImportCampaignRecipients": EdgeMethod(SEND, "campaigns", lasts_as_its_work=True),
-        "GetCampaign": EdgeMethod(READ, "campaigns"), "ListCampaigns": EdgeMethod(READ, "campaigns"),
-    },
-    "esp.v1.WebhookService": {
-        **{name: EdgeMethod(ADMIN, "webhooks")
-           for name in ("CreateWebhookEndpoint", "UpdateWebhookEndpoint", "DeleteWebhookEndpoint",
-                        "RotateWebhookSecret", "ReplayWebhookEvents", "SendTestWebhookEvent")},
-        **{name: EdgeMethod(READ, "webhooks")
-           for name in ("GetWebhookEndpoint", "ListWebhookEndpoints", "ListWebhookAttempts")},
-    },
-    "esp.v1.EventService": {"ListEvents": EdgeMethod(READ, "reports"), "ExportEvents": EdgeMethod(READ, "reports")},
-    "esp.v1.SuppressionService": {
-        "ListSuppressions": EdgeMethod(READ, "reports"), "GetSuppression": EdgeMethod(READ, "reports"),
-        "CreateSuppression": EdgeMethod(ADMIN, "reports"), "DeleteSuppression": EdgeMethod(ADMIN, "reports"),
-    },
-}

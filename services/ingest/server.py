@@ -38,6 +38,7 @@ from libs.common.jetstream import Topology, connect, ensure_streams
 from libs.common.message_classes import class_name_of
 from libs.common.outbox import OutboxPublisher
 from libs.common.pagination import checked_page_token, page_size
+from libs.common.public_edge import EDGE_METHODS
 from libs.common.redis import create_redis
 from libs.common.resource_names import MAX_ID_CHARS, checked_text, resource_id
 from libs.common.s3 import create_s3_client, ensure_bucket
@@ -48,7 +49,7 @@ from services.ingest.attachments import AttachmentStore, UploadMetadata
 from services.ingest.cancel import Canceller
 from services.ingest.clients import LedgerCreditReserver, ReportsMessageStates
 from services.ingest.config import IngestSettings
-from services.ingest.edge import EDGE_METHODS, ApiKeyAuthenticator, build_handler
+from services.ingest.edge import ApiKeyAuthenticator, build_handler
 from services.ingest.limits import RateDefaults, RedisGate
 from services.ingest.memory import return_large_buffers_to_the_os
 from services.ingest.model import YIELD_EVERY, EmailDraft, Mailbox

@@ -24,9 +24,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from libs.common.auth import PLATFORM_ADMIN
+from libs.common.public_edge import EDGE_METHODS
 from services.gateway.descriptors import load_descriptor_set
 from services.gateway.openapi import NDJSON_MEDIA_TYPE, build_openapi
-from services.ingest.edge import EDGE_METHODS
 from tests.e2e.conftest import RunningMesh
 
 DESCRIPTOR_SET = Path(__file__).resolve().parents[2] / "gen" / "esp.binpb"

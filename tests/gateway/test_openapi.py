@@ -5,9 +5,9 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 from openapi_spec_validator import validate
 
+from libs.common.public_edge import EDGE_METHODS
 from services.gateway.descriptors import load_descriptor_set
 from services.gateway.openapi import build_openapi
-from services.ingest.edge import EDGE_METHODS
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 
