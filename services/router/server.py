@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,6 +47,24 @@ _SECRET_PATHS = ("credentials", "webhook_secrets")
 (never with ``*``: a client cannot read them back to send them again)."""
 _NOT_UPDATABLE = ("etag",)
 """Provider fields an update reads but never writes (the etag is its condition)."""
+
+
+_ETAG = re.compile("[0-9]{1,19}")
+"""The shape of an etag the router gives out: a provider's version in ASCII decimal (``str.isdigit`` also takes
+``²`` and other digits ``int`` cannot read)."""
+_MAX_VERSION = 2**63 - 1
+"""The largest version Postgres stores (a ``bigint``): a longer number names no provider and would overflow it."""
+
+
+def _expected_version(etag: str, field: str) -> int | None:
+    """The version an update or delete is conditional on (AIP-154): None for no etag; INVALID_ARGUMENT naming
+    ``field`` for a value that is no etag the router gives out, which no version could ever match."""
+    if not etag:
+        return None
+    if _ETAG.fullmatch(etag) is None or int(etag) > _MAX_VERSION:
+        raise InvalidArgument(f"{field} is not an etag of a provider", reason="INVALID_ARGUMENT",
+                              field_violations=[FieldViolation(field, "the etag a read of the provider gave")])
+    return int(etag)
 
 
 def _id(name: str, field: str = "name") -> str:
@@ -139,24 +158,24 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
         :mod:`libs.common.field_masks`): ``*`` replaces every field but the write-only credentials and webhook
         secrets, which change only when named; no mask changes the fields the request sets to a value other than the
         default (the credentials and webhook secrets when some are given). Secrets are replaced whole, never merged.
-        A numeric ``etag`` makes it conditional: ABORTED when the provider changed since. INVALID_ARGUMENT for a mask
-        path that is no provider field or cannot change (``name``, ``etag``, output-only fields) and for an invalid
-        result; NOT_FOUND for an unknown provider."""
+        An ``etag`` makes it conditional: ABORTED when the provider changed since. INVALID_ARGUMENT for an etag the
+        router never gives out, for a mask path that is no provider field or cannot change (``name``, ``etag``,
+        output-only fields) and for an invalid result; NOT_FOUND for an unknown provider."""
         provider_id = _id(request.provider.name, "provider.name")
         values = _spec_values(request.provider)
         paths = update_paths(request.update_mask, request.provider, immutable=_NOT_UPDATABLE,
                              not_in_full_replacement=_SECRET_PATHS)
         changes = {p: values[p] for p in paths if p not in _SECRET_PATHS}
-        expected = int(request.provider.etag) if request.provider.etag.isdigit() else None
+        expected = _expected_version(request.provider.etag, "provider.etag")
         credentials = dict(request.provider.credentials) if "credentials" in paths else None
         webhook_secrets = dict(request.provider.webhook_secrets) if "webhook_secrets" in paths else None
         return _proto(await self.registry.update(provider_id, changes, expected_version=expected,
                                                  credentials=credentials, webhook_secrets=webhook_secrets))
 
     async def DeleteProvider(self, request: providers_pb2.DeleteProviderRequest, context: Any) -> empty_pb2.Empty:
-        """Delete a provider (conditional on ``etag`` when it is numeric: ABORTED when it changed since); NOT_FOUND when
-        there is none."""
-        expected = int(request.etag) if request.etag.isdigit() else None
+        """Delete a provider (conditional on ``etag`` when given: ABORTED when it changed since, INVALID_ARGUMENT for
+        an etag the router never gives out); NOT_FOUND when there is none."""
+        expected = _expected_version(request.etag, "etag")
         await self.registry.delete(_id(request.name), expected_version=expected)
         return empty_pb2.Empty()
 
