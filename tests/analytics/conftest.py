@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import grpc
 import httpx
@@ -43,10 +43,13 @@ from tests.analytics.traffic import (
 )
 from tests.campaigns.conftest import CampaignMesh, start_campaign_mesh
 from tests.conftest import S3Server
+from tests.progress import wait_for_progress
 
 M = messages_pb2
-SETTLE_S = 45.0
-"""Longest wait for an email's events (or the stats) to arrive; every wait polls and fails naming what it missed."""
+T = TypeVar("T")
+STALL_S = 45.0
+"""A wait for an email's events (or the stats) fails when what it watches has not moved for this long, naming what
+it missed; it waits on for as long as they keep moving (``tests.progress``)."""
 _SENT_OR_LATER = {M.MESSAGE_STATE_SENT, M.MESSAGE_STATE_DELIVERED, M.MESSAGE_STATE_BOUNCED,
                   M.MESSAGE_STATE_COMPLAINED}
 
@@ -147,15 +150,28 @@ def _phase_knobs(mesh: AnalyticsMesh, outcome: Outcome) -> None:
                    complaint_rate=1.0 if outcome is Outcome.COMPLAINT else 0.0)
 
 
-def _poll(check: Callable[[], Any], what: str, timeout_s: float = SETTLE_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s}s (last: {value!r})")
-        time.sleep(0.2)
+def _wait_each(mesh: AnalyticsMesh, sent: Sequence[tuple[PlannedEmail, str]],
+               ready: Callable[[PlannedEmail, str], T | None], what: str, stall_s: float = STALL_S) -> list[T]:
+    """``ready(email, message_id)`` of every sent email once none is None, in order. Only the emails not ready yet
+    are looked at again; the wait fails when no more of them became ready for ``stall_s``, naming (and describing)
+    the first that is not."""
+    found: dict[int, T] = {}
+
+    def look() -> int:
+        for index, (email, message_id) in enumerate(sent):
+            if index not in found and (value := ready(email, message_id)) is not None:
+                found[index] = value
+        return len(found)
+
+    def first_missing(count: int) -> str:
+        index = next(i for i in range(len(sent)) if i not in found)
+        email, message_id = sent[index]
+        return (f"{count} of {len(sent)}; not yet {email.recipient} ({message_id}, {email.outcome}):\n"
+                f"{_describe(mesh, email.tenant, message_id)}")
+
+    wait_for_progress(look, lambda count: count == len(sent), what=f"{what} for all {len(sent)} emails",
+                      stall_s=stall_s, every_s=0.2, describe=first_missing)
+    return [found[index] for index in range(len(sent))]
 
 
 def _get(mesh: AnalyticsMesh, label: str, message_id: str) -> messages_pb2.Message:
@@ -163,14 +179,15 @@ def _get(mesh: AnalyticsMesh, label: str, message_id: str) -> messages_pb2.Messa
                                     timeout=10)
 
 
-def _taken_by_a_provider(mesh: AnalyticsMesh, label: str, message_id: str) -> bool:
-    """Whether a provider has taken the email; False while reports has not yet recorded it at all (its read model
-    learns of an accepted email from the event stream, a moment after the send call answered)."""
+def _taken_by_a_provider(mesh: AnalyticsMesh, email: PlannedEmail, message_id: str) -> bool | None:
+    """True once a provider has taken the email (state SENT or later); None before, and while reports has not yet
+    recorded it at all (its read model learns of an accepted email from the event stream, a moment after the send
+    call answered)."""
     try:
-        return _get(mesh, label, message_id).state in _SENT_OR_LATER
+        return True if _get(mesh, email.tenant, message_id).state in _SENT_OR_LATER else None
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
-            return False
+            return None
         raise
 
 
@@ -194,12 +211,7 @@ def _send_phase(mesh: AnalyticsMesh, emails: Sequence[PlannedEmail]) -> list[tup
     finally:
         for client in clients.values():
             client.close()
-    for email, message_id in sent:
-        try:
-            _poll(lambda e=email, i=message_id: _taken_by_a_provider(mesh, e.tenant, i),  # type: ignore[misc]
-                  f"{email.recipient} ({message_id}) taken by a provider")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{_describe(mesh, email.tenant, message_id)}") from None
+    _wait_each(mesh, sent, partial(_taken_by_a_provider, mesh), "taken by a provider")
     return sent
 
 
@@ -224,6 +236,7 @@ def _post_soft_bounce(mesh: AnalyticsMesh, email: PlannedEmail, message: message
 
 
 def _complete_timeline(mesh: AnalyticsMesh, email: PlannedEmail, message_id: str) -> list[TimelineEvent] | None:
+    """The email's timeline once it holds every event its planned fate brings (and nothing else), else None."""
     events = [TimelineEvent.of(e) for e in _timeline(mesh, email.tenant, message_id)]
     return events if Counter(e.type for e in events) == TIMELINES[email.outcome] else None
 
@@ -266,12 +279,8 @@ def _send_traffic(mesh: AnalyticsMesh) -> Traffic:
         sent += phase
     _phase_knobs(mesh, Outcome.DELIVERED)
     taken: list[SentEmail] = []
-    for email, message_id in sent:
-        try:
-            events = _poll(lambda e=email, i=message_id: _complete_timeline(mesh, e, i),  # type: ignore[misc]
-                           f"the timeline of {email.recipient} ({message_id}, {email.outcome})")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{_describe(mesh, email.tenant, message_id)}") from None
+    timelines = _wait_each(mesh, sent, partial(_complete_timeline, mesh), "a complete timeline")
+    for (email, message_id), events in zip(sent, timelines, strict=True):
         message = _get(mesh, email.tenant, message_id)
         bounce_types = {e.bounce_type for e in events if e.type == M.MESSAGE_EVENT_TYPE_BOUNCED}
         assert bounce_types == ({BOUNCE_TYPES[email.outcome]} if email.outcome in BOUNCE_TYPES else set()), events

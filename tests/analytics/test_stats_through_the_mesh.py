@@ -22,7 +22,7 @@ from esp.v1 import messages_pb2, reports_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tests.analytics.conftest import AnalyticsMesh, Traffic
+from tests.analytics.conftest import STALL_S, AnalyticsMesh, Traffic
 from tests.analytics.traffic import (
     DOMAINS,
     PROVIDERS,
@@ -37,6 +37,7 @@ from tests.analytics.traffic import (
     expected_total,
     within_sketch_error,
 )
+from tests.progress import wait_for_progress
 
 M, R = messages_pb2, reports_pb2
 COUNTS = ("accepted", "sent", "delivered", "bounced", "bounced_hard", "bounced_soft", "complained", "failed",
@@ -122,16 +123,12 @@ def _camel(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def settled(analytics_mesh: AnalyticsMesh, traffic: Traffic) -> Traffic:
-    """The traffic once the platform's stats count all of it (polled, with a deadline)."""
+    """The traffic once the platform's stats count all of it (polled for as long as the counts keep moving)."""
     want = expected_counts(expected_total(traffic.emails, traffic.cost), ADMIN_COUNTS)
-    deadline = time.monotonic() + 30
-    while True:
-        got = counts_of(get_stats(analytics_mesh, traffic).total, ADMIN_COUNTS)
-        if got == want:
-            return traffic
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the stats did not settle within 30s: got {got}, want {want}")
-        time.sleep(0.2)
+    wait_for_progress(lambda: counts_of(get_stats(analytics_mesh, traffic).total, ADMIN_COUNTS),
+                      lambda got: got == want, what="the stats counting all the traffic", stall_s=STALL_S,
+                      every_s=0.2, describe=lambda got: f"{got}, want {want}")
+    return traffic
 
 
 # -- what was sent -----------------------------------------------------------------------------------------------
