@@ -198,13 +198,15 @@ class ChaosCluster:
         proc.popen.wait()
 
     def kill_worker(self, service: str, worker_module: str) -> None:
-        """SIGKILL one worker process of ``service`` (found by its module on the command line); the service's
-        parent exits when its worker does, and the supervisor restarts the replica."""
+        """SIGKILL one worker process of ``service`` (found by its module on the command line) and wait until the
+        service's parent has exited, as it does when a worker dies; the supervisor restarts the replica."""
         assert self.mesh is not None
-        parent = self.mesh.processes[service].popen.pid
-        for pid in _children(parent):
+        parent = self.mesh.processes[service].popen
+        for pid in _children(parent.pid):
             if worker_module in _cmdline(pid):
                 os.kill(pid, signal.SIGKILL)
+                # The fault is the replica going down: it has, once the parent has noticed and exited.
+                parent.wait(timeout=30)
                 return
         raise RuntimeError(f"{service} has no worker running {worker_module}")
 

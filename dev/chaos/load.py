@@ -290,9 +290,10 @@ class LoadGenerator:
             return
 
 
-async def probe_recovery(endpoint: str, api_key: str, timeout_s: float = 180.0) -> float:
-    """Seconds until the mesh accepts a transactional email again and a provider has taken it."""
-    start = time.monotonic()
+async def probe_recovery(endpoint: str, api_key: str, start: float | None = None, timeout_s: float = 180.0) -> float:
+    """Seconds from ``start`` (``time.monotonic()``; default now) until the mesh accepts a transactional email again
+    and a provider has taken it."""
+    start = time.monotonic() if start is None else start
     metadata = (("authorization", f"Bearer {api_key}"),)
     request = messages_pb2.SendEmailRequest(
         request_id=f"chaos-probe-{time.time_ns()}", message_class=common_pb2.MESSAGE_CLASS_TRANSACTIONAL,

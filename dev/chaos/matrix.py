@@ -100,10 +100,11 @@ async def run_phase(cluster: ChaosCluster, load: LoadGenerator, phase: str, faul
     if faults:
         await asyncio.sleep(settings.duration_s / 3)
         in_flight = await asyncio.to_thread(_in_flight, cluster.database_dsn, phase, load, first)
+        injected = time.monotonic()
         for fault in faults:
             await fault.inject(cluster)
         # Time to recover: from the fault until a fresh email is accepted and a provider has taken it.
-        probe = asyncio.create_task(probe_recovery(cluster.endpoint, cluster.api_key))
+        probe = asyncio.create_task(probe_recovery(cluster.endpoint, cluster.api_key, start=injected))
         await asyncio.gather(*(fault.heal(cluster) for fault in faults))
         healed_at = time.time()
         recover_s = await probe
