@@ -17,7 +17,9 @@ Promises checked, each a violation when broken:
   process or a dependency between a provider's answer and its recording;
 - ``idempotency``: one request (same ``request_id``) stored twice;
 - ``silent_accept``: a request the client was told was refused is stored;
-- ``sent_after_cancel``: an email reached a provider after its cancel was acknowledged;
+- ``sent_after_cancel``: an email whose cancel was acknowledged (answered CANCELLED) reached a provider after that,
+  or ended in another state than cancelled (a cancel answered with another state only asks senders to drop the
+  email, which they do unless a provider call for it is under way);
 - ``internal_error``: a client was told INTERNAL or UNKNOWN (or HTTP 500) rather than a status it can act on;
 - ``routing_burst``: in the seconds after a fault that left every provider healthy ended, more than
   ``BURST_SHARE`` of the mail went to providers dearer than the cheapest (routing state lost with Redis, say,
@@ -214,6 +216,9 @@ def check(history: PhaseHistory) -> PhaseVerdict:
                        f"{len(stored)} times")
         if client.cancel == "acknowledged":
             for email in stored:
+                if email.state != "cancelled":
+                    bad.append(f"sent_after_cancel: {client.key}'s cancel was acknowledged but it ended "
+                               f"{email.state or 'in no state'}")
                 late = [t for t in history.provider_takes.get(email.message_id, [])
                         if t["at"] > client.cancel_acked_at]
                 if late:

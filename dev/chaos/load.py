@@ -61,7 +61,8 @@ class ClientRecord:
     sent_at: float = 0.0
     told_at: float = 0.0
     cancel: str = ""
-    """For emails the client cancels: acknowledged | refused:<code> | unknown."""
+    """For emails the client cancels: acknowledged (answered CANCELLED) | requested:<state> (queued already: it is
+    dropped unless a provider call is under way) | refused:<code>."""
     cancel_acked_at: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -277,8 +278,9 @@ class LoadGenerator:
         deadline = time.monotonic() + RETRY_FOR_S
         while True:
             try:
-                await stub.CancelMessage(messages_pb2.CancelMessageRequest(name=f"messages/{record.message_id}"),
-                                         metadata=self.metadata, timeout=CALL_TIMEOUT_S)
+                answer = await stub.CancelMessage(
+                    messages_pb2.CancelMessageRequest(name=f"messages/{record.message_id}"), metadata=self.metadata,
+                    timeout=CALL_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 # Cancelling twice is harmless, so every failure that may be passing is retried.
                 if exc.code() in RETRYABLE and time.monotonic() < deadline:
@@ -286,7 +288,12 @@ class LoadGenerator:
                     continue
                 record.cancel = f"refused:{exc.code().name}"
                 return
-            record.cancel, record.cancel_acked_at = "acknowledged", time.time()
+            # CANCELLED is the promise; another state means the email was already queued: senders drop it unless a
+            # provider call for it is under way (services/ingest/cancel.py), and its final state tells which.
+            if answer.state == messages_pb2.MESSAGE_STATE_CANCELLED:
+                record.cancel, record.cancel_acked_at = "acknowledged", time.time()
+            else:
+                record.cancel = f"requested:{messages_pb2.MessageState.Name(answer.state)}"
             return
 
 

@@ -118,3 +118,16 @@ def test_mail_sent_to_dearer_providers_right_after_recovery_is_a_routing_burst()
     history.healed_at = 100.0
     verdict = check(history)
     assert verdict.dearer_after_recovery == (10, 20) and _kinds(history) == {"routing_burst"}
+
+
+def test_an_acknowledged_cancel_that_ends_cancelled_with_no_provider_call_is_kept():
+    client = _client("a", "m1", cancel="acknowledged", cancel_acked_at=99.0)
+    history = _history([client], [_stored("m1", "a", state="cancelled", hold="released")], {})
+    verdict = check(history)
+    assert verdict.violations == [] and verdict.cancelled == 1
+
+
+def test_a_cancel_answered_with_another_state_allows_the_send_under_way():
+    client = _client("a", "m1", cancel="requested:MESSAGE_STATE_ACCEPTED")
+    history = _history([client], [_stored("m1", "a")], {"m1": [_take(at=100.0)]})
+    assert check(history).violations == []
