@@ -1,10 +1,13 @@
-"""A whole mesh as processes, the provider simulator as its providers, for campaign tests."""
+"""A whole mesh as processes, the provider simulator as its providers, for campaign tests.
+
+``wait_until`` waits on progress (``tests.progress``): it fails when what it watches stops moving, not when a fixed
+deadline passes on a machine slower today than it was yesterday.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,7 @@ from dev.migrate import SERVICES_WITH_SCHEMAS
 from dev.simulator.model import default_personalities
 from libs.common.db import migrate_services
 from tests.conftest import S3Server
+from tests.progress import wait_for_progress
 
 PROVIDER = "mailgun-us"
 """The one provider the campaign mesh sends through (Mailgun: it has a batch API)."""
@@ -82,6 +86,12 @@ class CampaignMesh:
         httpx.patch(f"{self.simulator_url}/_sim/personalities/{PROVIDER}/knobs", json=values,
                     timeout=10).raise_for_status()
 
+    def provider_calls(self) -> int:
+        """How many requests the simulated providers took so far: it grows while the mesh sends, so it is the
+        ``progress`` of a wait for sending to get somewhere (``wait_until``)."""
+        personalities = self.sim("/_sim/stats")["personalities"]
+        return sum(int(counts["requests"]) for counts in personalities.values())
+
     def delivered(self, campaign_tag: str) -> list[dict[str, Any]]:
         """Every message the simulator took that carries ``campaign_tag`` (each campaign in a test has its own)."""
         found: list[dict[str, Any]] = []
@@ -109,16 +119,22 @@ class CampaignMesh:
             found.extend(r for r in records if any(campaign_tag in msg.get("tags", []) for msg in r["messages"]))
 
 
-def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something true; fail naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s}s (last: {value!r})")
-        time.sleep(every_s)
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.1, *,
+               progress: Callable[[], Any] | None = None) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that.
+
+    ``timeout_s`` is a stall window, not a deadline: the wait fails, naming ``what`` and the last value, once
+    neither the predicate's value nor ``progress()`` (when given: a count that grows while the mesh works towards
+    the condition, e.g. the emails the simulator took) has changed for that long. While they keep changing it goes
+    on, up to ``tests.progress.CAP_FACTOR`` windows."""
+
+    def look() -> tuple[Any, Any]:
+        return predicate(), progress() if progress is not None else None
+
+    value, _ = wait_for_progress(look, lambda seen: bool(seen[0]), what=what, stall_s=timeout_s, every_s=every_s,
+                                 describe=lambda seen: repr(seen[0]) if progress is None else
+                                 f"{seen[0]!r}, progress {seen[1]!r}")
+    return value
 
 
 def campaign(tag: str, **fields: Any) -> campaigns_pb2.Campaign:
