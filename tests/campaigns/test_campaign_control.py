@@ -37,7 +37,8 @@ def test_pause_stops_provider_calls_within_a_second_and_resume_sends_the_rest_on
     with channel:
         created = create_and_fill(stub, auth, campaign("pause-resume", send_rate=400.0), 3000)
         _start(stub, auth, created.name)
-        wait_until(lambda: len(campaign_mesh.delivered("pause-resume")) >= 300, 30, "300 sent before the pause")
+        wait_until(lambda: len(campaign_mesh.delivered("pause-resume")) >= 300, 30, "300 sent before the pause",
+                   progress=campaign_mesh.provider_calls)
         paused = stub.PauseCampaign(campaigns_pb2.PauseCampaignRequest(name=created.name), metadata=auth, timeout=10)
         paused_at = time.time()
         assert paused.state == campaigns_pb2.CAMPAIGN_STATE_PAUSED
@@ -51,7 +52,7 @@ def test_pause_stops_provider_calls_within_a_second_and_resume_sends_the_rest_on
                                       timeout=10)
         assert resumed.state == campaigns_pb2.CAMPAIGN_STATE_RUNNING
         wait_until(lambda: _state(stub, auth, created.name, campaigns_pb2.CAMPAIGN_STATE_COMPLETED), 60,
-                   "campaign completed after resume")
+                   "campaign completed after resume", progress=campaign_mesh.provider_calls)
         recipients = [m["to"][0] for m in campaign_mesh.delivered("pause-resume")]
         assert len(recipients) == 3000
         assert set(recipients) == {f"r{i}@example.org" for i in range(3000)}
@@ -64,7 +65,8 @@ def test_cancel_drops_what_was_not_sent_and_releases_its_credits(campaign_mesh: 
     with channel:
         created = create_and_fill(stub, auth, campaign("cancel", send_rate=300.0), 2000)
         _start(stub, auth, created.name)
-        wait_until(lambda: len(campaign_mesh.delivered("cancel")) >= 100, 30, "some sent before the cancel")
+        wait_until(lambda: len(campaign_mesh.delivered("cancel")) >= 100, 30, "some sent before the cancel",
+                   progress=campaign_mesh.provider_calls)
         cancelled = stub.CancelCampaign(campaigns_pb2.CancelCampaignRequest(name=created.name), metadata=auth,
                                         timeout=10)
         cancelled_at = time.time()
@@ -102,7 +104,7 @@ def test_credits_running_out_pauses_the_campaign_and_a_top_up_resumes_it(campaig
         assert paused.progress.pending == 180
         campaign_mesh.top_up(tenant, 1000 * price)
         wait_until(lambda: _state(stub, auth, created.name, campaigns_pb2.CAMPAIGN_STATE_COMPLETED), 60,
-                   "completed after the top-up")
+                   "completed after the top-up", progress=campaign_mesh.provider_calls)
         recipients = [m["to"][0] for m in campaign_mesh.delivered("credits")]
         assert sorted(recipients) == sorted(f"r{i}@example.org" for i in range(300))
 

@@ -39,7 +39,8 @@ def test_sigkill_mid_expansion_queues_each_recipient_exactly_once(campaign_mesh:
             service.kill()
         campaign_mesh.mesh.start_service("campaigns")
         done = wait_until(lambda: (c := progress(stub, auth, created.name)).state ==
-                          campaigns_pb2.CAMPAIGN_STATE_COMPLETED and c, 120, "completed after the restart")
+                          campaigns_pb2.CAMPAIGN_STATE_COMPLETED and c, 120, "completed after the restart",
+                          progress=campaign_mesh.provider_calls)
         assert 0 < killed_at_pending < RECIPIENTS
         assert done.progress.sent == RECIPIENTS
         time.sleep(1)

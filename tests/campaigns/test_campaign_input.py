@@ -193,7 +193,8 @@ def test_a_one_click_unsubscribe_stops_the_rest_of_the_campaign_to_that_address(
                               tokens.sign(UnsubscribeTarget(campaign_mesh.tenant, last, created.id)))
         assert _one_click(url).status_code == 200
         done = wait_until(lambda: (c := progress(stub, auth, created.name)).state ==
-                          campaigns_pb2.CAMPAIGN_STATE_COMPLETED and c, 60, "completed")
+                          campaigns_pb2.CAMPAIGN_STATE_COMPLETED and c, 60, "completed",
+                          progress=campaign_mesh.provider_calls)
         delivered = [m["to"][0] for m in campaign_mesh.delivered("unsubscribe")]
         assert last not in delivered
         assert len(delivered) == 39

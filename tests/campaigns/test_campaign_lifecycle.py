@@ -15,7 +15,8 @@ def test_each_recipient_receives_their_own_values(campaign_mesh: CampaignMesh) -
         started = stub.StartCampaign(campaigns_pb2.StartCampaignRequest(name=created.name), metadata=auth, timeout=10)
         assert started.state == campaigns_pb2.CAMPAIGN_STATE_RUNNING
         delivered = wait_until(lambda: len(campaign_mesh.delivered("own-values")) >= 300 and
-                               campaign_mesh.delivered("own-values"), 60, "300 emails at the provider")
+                               campaign_mesh.delivered("own-values"), 60, "300 emails at the provider",
+                               progress=campaign_mesh.provider_calls)
         by_recipient = {m["to"][0]: m for m in delivered}
         assert len(by_recipient) == 300 == len(delivered)
         for i in (0, 150, 299):
