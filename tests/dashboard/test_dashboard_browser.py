@@ -5,6 +5,9 @@ deliveries only). The tenant view must draw exactly acme's figures — equal to 
 answers for the very range the page asked for — and nothing of the other tenant; the platform view (the admin
 token) both tenants, the providers' health and their cost. The page must log no error to the console, and each
 view's screenshot is saved under test-artifacts/.
+
+Every wait is on progress (``tests.progress``): it fails when what it watches (message states, the stats, what the
+page drew) stops moving for ``STALL_S``, never because a loaded machine is slower than a fixed deadline.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 import httpx
@@ -34,8 +37,9 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.campaigns.conftest import CampaignMesh, campaign, create_and_fill, progress, wait_until
+from tests.campaigns.conftest import CampaignMesh, campaign, create_and_fill, progress
 from tests.dashboard.conftest import WINDOW
+from tests.progress import wait_for_progress
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -43,6 +47,8 @@ PROVIDER = "mailgun-us"
 VOLUME = ("accepted", "sent", "delivered", "bounced", "failed")
 GREEN, RED, PURPLE = (44, 160, 44), (214, 39, 40), (148, 103, 189)
 """The delivered line, the critical complaint-rate threshold and the complaint-rate line (dashboard.js COLORS)."""
+STALL_S = 30.0
+"""A wait fails when what it watches has not moved for this long."""
 
 
 # ---- the mesh side ---------------------------------------------------------------------------------------------
@@ -62,8 +68,8 @@ def _send(mesh: CampaignMesh, key: str, count: int) -> list[str]:
     return names
 
 
-def _wait_states(mesh: CampaignMesh, key: str, names: list[str], state: int, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
+def _wait_states(mesh: CampaignMesh, key: str, names: list[str], state: int) -> None:
+    """Until every message in ``names`` is in ``state``."""
     with grpc.insecure_channel(mesh.endpoint) as channel:
         stub = messages_pb2_grpc.MessageServiceStub(channel)
         def state_of(name: str) -> int:
@@ -75,14 +81,10 @@ def _wait_states(mesh: CampaignMesh, key: str, names: list[str], state: int, tim
                     raise
                 return int(messages_pb2.MESSAGE_STATE_UNSPECIFIED)
 
-        while True:
-            states = [state_of(name) for name in names]
-            if all(s == state for s in states):
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{len(names)} message(s) not all in state {state} within {timeout_s}s: "
-                                     f"{[messages_pb2.MessageState.Name(s) for s in states]}")
-            time.sleep(0.2)
+        wait_for_progress(lambda: [state_of(name) for name in names], lambda states: all(s == state for s in states),
+                          what=f"{len(names)} message(s) in state {messages_pb2.MessageState.Name(state)}",
+                          stall_s=STALL_S, every_s=0.2,
+                          describe=lambda states: str([messages_pb2.MessageState.Name(s) for s in states]))
 
 
 def _timestamp(text: str) -> timestamp_pb2.Timestamp:
@@ -150,8 +152,8 @@ def _send_everything(mesh: CampaignMesh, other_key: str) -> tuple[dict[str, int]
         other = _send(mesh, other_key, 4)
         _wait_states(mesh, mesh.api_key, plain, messages_pb2.MESSAGE_STATE_DELIVERED)
         _wait_states(mesh, other_key, other, messages_pb2.MESSAGE_STATE_DELIVERED)
-        wait_until(lambda: progress(stub, mesh.auth(), created.name).progress.delivered == 3, 60,
-                   "the campaign's three emails delivered")
+        wait_for_progress(lambda: progress(stub, mesh.auth(), created.name).progress, lambda p: p.delivered == 3,
+                          what="the campaign's three emails delivered", stall_s=STALL_S, every_s=0.2)
     acme = {"accepted": 11, "sent": 11, "delivered": 9, "bounced": 2, "failed": 0, "complained": 1}
     return acme, {"accepted": 4, "sent": 4, "delivered": 4, "bounced": 0, "failed": 0, "complained": 0}, created.name
 
@@ -164,22 +166,30 @@ def _snapshot(driver: webdriver.Chrome) -> dict[str, Any]:
     return dict(json.loads(text)) if text else {}
 
 
-def _wait_snapshot(driver: webdriver.Chrome, what: str, predicate: Any, timeout_s: float = 30) -> dict[str, Any]:
-    def ready(d: webdriver.Chrome) -> dict[str, Any] | Literal[False]:
-        snapshot = _snapshot(d)
-        return snapshot if snapshot and predicate(snapshot) else False
+def _drawn(snapshot: dict[str, Any]) -> str:
+    """What of a snapshot moves towards the figures a test waits for (not its refresh count and clock, which move
+    on every redraw of the same figures)."""
+    return json.dumps({k: snapshot.get(k) for k in ("view", "tenant", "range", "total", "providers", "tenants")},
+                      sort_keys=True)
 
+
+def _wait_snapshot(driver: webdriver.Chrome, what: str, predicate: Any) -> dict[str, Any]:
+    """The page's snapshot once ``predicate`` holds; fails when the figures it draws stopped changing for
+    ``STALL_S`` without getting there."""
     try:
-        return dict(WebDriverWait(driver, timeout_s, poll_frequency=0.2).until(ready))
-    except Exception as exc:
+        return wait_for_progress(lambda: _snapshot(driver), lambda s: bool(s) and bool(predicate(s)),
+                                 what=f"the dashboard showing {what}", stall_s=STALL_S, every_s=0.2, progress=_drawn,
+                                 describe=lambda s: json.dumps(s)[:2000])
+    except AssertionError as exc:
         error = driver.find_element(By.ID, "error").text
-        raise AssertionError(f"the dashboard did not show {what} in {timeout_s}s (error shown: {error!r}; "
-                             f"last snapshot: {json.dumps(_snapshot(driver))[:2000]})") from exc
+        raise AssertionError(f"{exc} (error shown: {error!r})") from None
 
 
 def _sign_in(driver: webdriver.Chrome, key: str) -> None:
-    field = WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "key-input"))
-    WebDriverWait(driver, 10).until(lambda d: field.is_displayed())
+    # A page that shows a field either does so or not: nothing in between to watch move, so the stall window is
+    # the whole wait.
+    field = WebDriverWait(driver, STALL_S).until(lambda d: d.find_element(By.ID, "key-input"))
+    WebDriverWait(driver, STALL_S).until(lambda d: field.is_displayed())
     field.send_keys(key)
     driver.find_element(By.ID, "key-submit").click()
 
@@ -253,9 +263,10 @@ def test_the_dashboard_draws_each_keys_own_figures(browser: webdriver.Chrome, da
     mesh = dashboard_mesh
     other_tenant, other_key = mesh.new_tenant(1_000_000)
     acme_sent, other_sent, campaign_name = _send_everything(mesh, other_key)
-    wait_until(lambda: _counts(_stats(mesh, mesh.auth()).total) == acme_sent, 30, "acme's stats", every_s=0.3)
-    wait_until(lambda: _counts(_stats(mesh, mesh.auth(other_key)).total) == other_sent, 30, "the other's stats",
-               every_s=0.3)
+    wait_for_progress(lambda: _counts(_stats(mesh, mesh.auth()).total), lambda got: got == acme_sent,
+                      what="acme's stats", stall_s=STALL_S, every_s=0.3)
+    wait_for_progress(lambda: _counts(_stats(mesh, mesh.auth(other_key)).total), lambda got: got == other_sent,
+                      what="the other's stats", stall_s=STALL_S, every_s=0.3)
     gateway = f"http://127.0.0.1:{mesh.config.gateway_port}"
 
     # A tenant's key may not reach past its own figures through the API the page calls.
