@@ -286,16 +286,22 @@ class Mesh:
         self.config = config
         self.processes: dict[str, Process] = {}
 
-    def start_service(self, name: str) -> Process:
+    def spawn_service(self, name: str) -> Process:
+        """Start a service's process and return at once, without waiting for it to serve (a restart by
+        ``make run``'s supervisor, which must not hold up the other services' restarts)."""
         env = self.config.env()
-        if name == "gateway":
-            proc = spawn(name, [sys.executable, "-m", "services.gateway"], self.config.log_dir, env)
-            self.processes[name] = proc
-            wait_port(self.config.gateway_port, 30, proc.popen, name)
-            return proc
-        env["ESP_GRPC_PORT"] = str(self.config.ports[name])
+        if name != "gateway":
+            env["ESP_GRPC_PORT"] = str(self.config.ports[name])
         proc = spawn(name, [sys.executable, "-m", f"services.{name}"], self.config.log_dir, env)
         self.processes[name] = proc
+        return proc
+
+    def start_service(self, name: str) -> Process:
+        """Start a service's process and wait until it serves (raise if it exits or does not within a minute)."""
+        proc = self.spawn_service(name)
+        if name == "gateway":
+            wait_port(self.config.gateway_port, 30, proc.popen, name)
+            return proc
         try:
             wait_grpc_serving(self.config.ports[name], 60, proc.popen, name)
         except RuntimeError as exc:

@@ -1,4 +1,6 @@
-"""``make run``: the whole mesh on loopback with a demo tenant, until Ctrl-C.
+"""``make run``: the whole mesh on loopback with a demo tenant, until Ctrl-C (SIGINT) or SIGTERM. A service that
+exits is started again with back-off, as Kubernetes would (``dev.supervisor``), so a developer can kill one and watch
+it recover.
 
 Dependencies already listening are used; missing ones are started from packages in ``.dev/``. Ports (defaults):
 ESP_DEV_PG_PORT 5432, ESP_DEV_REDIS_PORT 6379, ESP_DEV_NATS_PORT 4222, ESP_DEV_S3_PORT 4566, ESP_DEV_SMTP_PORT 2525,
@@ -14,9 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
-import threading
+from functools import partial
 from typing import Any
 
 import grpc
@@ -25,6 +26,7 @@ import psycopg
 from dev import mesh as m
 from dev import pgtools, seed
 from dev.migrate import SERVICES_WITH_SCHEMAS
+from dev.supervisor import StopSignals, Supervisor, run, say
 from libs.common.db import migrate_services
 from libs.common.secret_box import generate_key_setting
 
@@ -43,39 +45,42 @@ def _port(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-def _say(text: str) -> None:
-    print(f"esp-dev: {text}", flush=True)
-
-
-def ensure_dependencies(started: list[m.Process]) -> m.MeshConfig:
+def ensure_dependencies(started: list[m.Process], stop: StopSignals) -> m.MeshConfig:
+    """Postgres, Redis, NATS, S3, the SMTP sink and the simulator: each used if it listens, else started (and put
+    in ``started``); a stop signal ends this between two of them."""
     logs = DEV / "logs"
     pg_port = _port("ESP_DEV_PG_PORT", 5432)
     if not m.port_open(pg_port):
-        _say(f"starting PostgreSQL on 127.0.0.1:{pg_port} (data in .dev/pg)")
+        say(f"starting PostgreSQL on 127.0.0.1:{pg_port} (data in .dev/pg)")
         started.append(m.start_postgres(DEV / "pg", pg_port, logs))
     admin_dsn = f"postgresql://postgres@127.0.0.1:{pg_port}/postgres"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
     if not exists:
         pgtools.create_database(admin_dsn, DATABASE)
+    stop.check()
     redis_port = _port("ESP_DEV_REDIS_PORT", 6379)
     if not m.port_open(redis_port):
-        _say(f"starting Redis on 127.0.0.1:{redis_port}")
+        say(f"starting Redis on 127.0.0.1:{redis_port}")
         started.append(m.start_redis(redis_port, logs))
+    stop.check()
     nats_port = _port("ESP_DEV_NATS_PORT", 4222)
     if not m.port_open(nats_port):
-        _say(f"starting NATS with JetStream on 127.0.0.1:{nats_port} (store in .dev/nats)")
+        say(f"starting NATS with JetStream on 127.0.0.1:{nats_port} (store in .dev/nats)")
         started.append(m.start_nats(nats_port, DEV / "nats", logs))
+    stop.check()
     s3_port = _port("ESP_DEV_S3_PORT", 4566)
     if not m.port_open(s3_port):
-        _say(f"starting the S3 server (rclone) on 127.0.0.1:{s3_port} (objects in .dev/s3, their metadata in memory)")
+        say(f"starting the S3 server (rclone) on 127.0.0.1:{s3_port} (objects in .dev/s3, their metadata in memory)")
         started.append(m.start_s3(s3_port, logs, DEV / "s3"))
+    stop.check()
     smtp_port = _port("ESP_DEV_SMTP_PORT", 2525)
     if not m.port_open(smtp_port):
-        _say(f"starting the SMTP sink on 127.0.0.1:{smtp_port} (mail in .dev/mail)")
+        say(f"starting the SMTP sink on 127.0.0.1:{smtp_port} (mail in .dev/mail)")
         started.append(m.start_smtp_sink(smtp_port, DEV / "mail", logs))
+    stop.check()
     sim_http, sim_smtp = _port("ESP_DEV_SIM_HTTP_PORT", 8025), _port("ESP_DEV_SIM_SMTP_PORT", 2526)
-    _say(f"starting the provider simulator on 127.0.0.1:{sim_http} (HTTP) and :{sim_smtp} (SMTP)")
+    say(f"starting the provider simulator on 127.0.0.1:{sim_http} (HTTP) and :{sim_smtp} (SMTP)")
     sim_proc, SIMULATOR["description"] = m.start_simulator(sim_http, sim_smtp, logs)
     started.append(sim_proc)
     return m.MeshConfig(
@@ -144,24 +149,28 @@ def seed_simulated_providers(config: m.MeshConfig) -> None:
 
 
 def main() -> None:
+    """``make run``: dependencies, migrations, every service (each restarted when it exits), the demo tenant; until
+    SIGTERM or SIGINT (Ctrl-C), then everything started here stops."""
     DEV.mkdir(exist_ok=True)
     started: list[m.Process] = []
     services: m.Mesh | None = None
-    stop = threading.Event()
-    exit_code = 0
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        config = ensure_dependencies(started)
+
+    def setup(supervisor: Supervisor, stop: StopSignals) -> None:
+        nonlocal services
+        config = ensure_dependencies(started, stop)
         applied = asyncio.run(migrate_services(config.postgres_dsn, SERVICES_WITH_SCHEMAS))
-        _say(f"database ready ({len(applied)} migration(s) applied)")
-        services = m.Mesh(config)
+        say(f"database ready ({len(applied)} migration(s) applied)")
+        mesh = services = m.Mesh(config)
         for name in config.services:
-            _say(f"starting {name}")
-            services.start_service(name)
+            stop.check()
+            say(f"starting {name}")
+            supervisor.add(name, partial(mesh.spawn_service, name), mesh.start_service(name))
+        stop.check()
         api_key = seed_demo(config)
         endpoint = f"127.0.0.1:{config.ports['ingest']}"
         print(f"""
-ESP mesh is running (logs in .dev/logs, delivered mail in .dev/mail). Ctrl-C stops everything.
+ESP mesh is running (logs in .dev/logs, delivered mail in .dev/mail). Ctrl-C stops everything; a service that
+exits is started again (after 1 s, 2 s, 4 s ... at most 30 s while it keeps exiting).
 
   endpoint (gRPC): {endpoint}        REST: http://127.0.0.1:{config.gateway_port}
   demo API key:    {api_key}
@@ -189,25 +198,14 @@ Analytics:
   .venv/bin/esp stats show --dimension provider --dimension mailbox_provider
   .venv/bin/esp stats export --start 1d --end 0s --bucket hour -o stats.csv
 """, flush=True)
-        while not stop.is_set():
-            for name, proc in services.processes.items():
-                if proc.popen.poll() is not None:
-                    _say(f"{name} exited with code {proc.popen.returncode}; see .dev/logs/{name}.log")
-                    stop.set()
-            stop.wait(1.0)
-    except KeyboardInterrupt:
-        pass
-    except Exception as exc:
-        _say(f"failed: {exc}")
-        exit_code = 1
-    finally:
-        _say("stopping")
+
+    def teardown() -> None:
         if services is not None:
-            services.stop()
+            services.stop()  # a service whose start failed before the supervisor had it
         for proc in reversed(started):
             proc.stop()
-        _say("stopped")
-    sys.exit(exit_code)
+
+    sys.exit(run(setup, supervisor=Supervisor(log_dir=DEV.relative_to(m.ROOT) / "logs"), teardown=teardown))
 
 
 if __name__ == "__main__":
