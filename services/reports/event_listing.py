@@ -136,7 +136,7 @@ class EventReader:
         """One page of the tenant's events matching ``query``, oldest first (time, then event id)."""
         size = page_size(requested_size)
         parameters = [tenant_id, *query.parameters()]
-        cursor = decode_page_token(token, parameters, 2)
+        cursor = decode_page_token(token, parameters, 2, times=(0,))
         check_range(query)
         after = (cursor[0], cursor[1]) if cursor is not None else None  # Postgres reads the time's ISO form
         sql, args = events_query(tenant_id, query, after, size + 1)

@@ -3,7 +3,11 @@
 A token is the URL-safe base64 of a small JSON document: the cursor (the sort key of the last item returned)
 and a fingerprint of the listing's other parameters. A token presented with different parameters (another
 filter or tenant) is refused, as AIP-158 asks. Tokens are not secret: every query is still restricted to the
-caller's tenant, so a crafted token can only move a cursor within the caller's own data.
+caller's tenant, so a crafted token can only move a cursor within the caller's own data. Its fingerprint can be
+forged too, so every cursor value is checked before it reaches a query as strictly as the request's own fields
+(``libs.common.resource_names``): text Postgres can store (no NUL, no other control character, no lone surrogate
+JSON can spell as ``\\ud800``), and a timestamp where the listing's cursor holds one. Anything else is
+INVALID_ARGUMENT naming ``page_token``, never a database error.
 """
 
 from __future__ import annotations
@@ -12,27 +16,20 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from libs.common.errors import FieldViolation, InvalidArgument
+from libs.common.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, page_size
+from libs.common.resource_names import MAX_PAGE_TOKEN_CHARS, checked_text
 from services.reports.models import Page
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
+__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Cursor", "decode_page_token", "encode_page_token", "page_of",
+           "page_size"]
 
 Cursor = list[str]
 T = TypeVar("T")
-
-
-def page_size(requested: int, *, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:
-    """The page size to use: ``default`` for 0, capped at ``maximum``; negative sizes are refused."""
-    if requested < 0:
-        raise InvalidArgument(
-            "page_size must not be negative",
-            field_violations=[FieldViolation("page_size", "must be >= 0")],
-        )
-    return min(requested or default, maximum)
 
 
 def _fingerprint(parameters: Sequence[str]) -> str:
@@ -54,11 +51,14 @@ def page_of(rows: Sequence[Any], size: int, item: Callable[[Any], T], cursor_of:
     return Page(items, token)
 
 
-def decode_page_token(token: str, parameters: Sequence[str], cursor_length: int) -> Cursor | None:
-    """The cursor in ``token`` (None for the empty token, i.e. the first page).
+def decode_page_token(token: str, parameters: Sequence[str], cursor_length: int, *,
+                      times: Collection[int] = ()) -> Cursor | None:
+    """The cursor in ``token`` (None for the empty token, i.e. the first page): ``cursor_length`` strings, those at
+    the positions ``times`` timestamps (returned in their UTC ISO 8601 form, which Python and Postgres both read).
 
     Raises:
-        InvalidArgument: the token is malformed or was issued for other parameters.
+        InvalidArgument: the token is malformed (a cursor value Postgres could not take included) or was issued for
+            other parameters.
     """
     if not token:
         return None
@@ -69,11 +69,35 @@ def decode_page_token(token: str, parameters: Sequence[str], cursor_length: int)
         fingerprint = document["p"]
     except (binascii.Error, ValueError, KeyError, TypeError) as exc:
         raise _bad_token("page_token is malformed") from exc
-    if not (isinstance(cursor, list) and len(cursor) == cursor_length and all(isinstance(v, str) for v in cursor)):
+    if not (isinstance(cursor, list) and len(cursor) == cursor_length and all(_is_text(v) for v in cursor)):
         raise _bad_token("page_token is malformed")
     if fingerprint != _fingerprint(parameters):
         raise _bad_token("page_token was issued for a different request (filters must not change between pages)")
-    return cursor
+    return [_time(value) if index in times else value for index, value in enumerate(cursor)]
+
+
+def _is_text(value: object) -> bool:
+    """Whether ``value`` is a string a query may compare with stored text."""
+    if not isinstance(value, str):
+        return False
+    try:
+        checked_text(value, "page_token", max_chars=MAX_PAGE_TOKEN_CHARS)
+        value.encode()  # a lone surrogate ("\ud800" in the JSON) is no UTF-8 and fails in the driver
+    except (InvalidArgument, UnicodeEncodeError):
+        return False
+    return True
+
+
+def _time(value: str) -> str:
+    """The cursor's timestamp in UTC ISO 8601; INVALID_ARGUMENT when ``value`` is none (the listings give out
+    offset-aware ones)."""
+    try:
+        parsed = datetime.fromisoformat(value)
+        if parsed.tzinfo is None:
+            raise ValueError("no UTC offset")
+        return parsed.astimezone(UTC).isoformat()
+    except (ValueError, OverflowError) as exc:
+        raise _bad_token("page_token is malformed") from exc
 
 
 def _bad_token(message: str) -> InvalidArgument:

@@ -44,7 +44,7 @@ class MessageReader:
         """The tenant's messages, newest first, optionally only those in ``state`` or carrying ``tag``."""
         size = page_size(requested_page_size)
         parameters = ("messages", tenant_id, state.value if state else "", tag)
-        cursor = decode_page_token(page_token, parameters, 2)
+        cursor = decode_page_token(page_token, parameters, 2, times=(0,))
         where = ["tenant_id = %s"]
         params: list[Any] = [tenant_id]
         if state is not None:
@@ -72,7 +72,7 @@ class MessageReader:
         """A message's events in the order they happened; NOT_FOUND when the tenant has no such message."""
         size = page_size(requested_page_size)
         parameters = ("events", tenant_id, message_id)
-        cursor = decode_page_token(page_token, parameters, 2)
+        cursor = decode_page_token(page_token, parameters, 2, times=(0,))
         where = "tenant_id = %s AND message_id = %s"
         params: list[Any] = [tenant_id, message_id]
         if cursor is not None:

@@ -21,6 +21,7 @@ reach Redis *before* the Postgres commit, removals only *after* it. A full rebui
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -55,6 +56,11 @@ _MAX_EMAIL_LENGTH = 320
 TOPIC_SEPARATOR = "~"
 """Between the address and the topic in a topic-scoped suppression's id (``suppressions/{email}~{topic}``): never in
 a domain nor in a topic, and unreserved in URLs (RFC 3986), so the name needs no escaping."""
+MAX_NOTE_CHARS = 1024
+"""Longest note a client may give a suppression (the mesh's own notes, a provider and its reason, are shorter)."""
+_NOT_IN_A_NOTE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+"""Control characters a note may not hold: NUL, which a Postgres text column cannot store at all, and the others
+no one types. A note is free text, so unlike an id it may hold tabs and line breaks."""
 _TOPIC_REASONS = frozenset({SuppressionReason.UNSUBSCRIBE, SuppressionReason.MANUAL})
 """The reasons a topic-scoped suppression may have: a bounce or complaint is about the address, for every topic."""
 
@@ -89,6 +95,19 @@ def validated_topic(topic: str, field: str = "suppression.topic") -> str:
                                                     "starting with a letter or digit")],
         )
     return normalised
+
+
+def validated_note(note: str, field: str = "suppression.note") -> str:
+    """``note`` when a suppression may keep it; INVALID_ARGUMENT naming ``field`` when it holds NUL or another control
+    character but tab and line breaks, or is longer than ``MAX_NOTE_CHARS``."""
+    if len(note) > MAX_NOTE_CHARS:
+        raise InvalidArgument(f"{field} is longer than {MAX_NOTE_CHARS} characters",
+                              field_violations=[FieldViolation(field, f"at most {MAX_NOTE_CHARS} characters")])
+    if _NOT_IN_A_NOTE.search(note):
+        raise InvalidArgument(f"{field} holds a control character",
+                              field_violations=[FieldViolation(field, "no NUL or control characters but tab and "
+                                                                      "line breaks")])
+    return note
 
 
 def suppression_id(email: str, topic: str = "") -> str:
@@ -238,8 +257,9 @@ class SuppressionStore:
     async def create(self, tenant_id: str, email: str, reason: SuppressionReason, note: str = "",
                      topic: str = "") -> Suppression:
         """Suppress an address, for every topic or for ``topic`` only; ALREADY_EXISTS when that suppression exists
-        already. A topic-scoped suppression is an unsubscribe or a manual one (INVALID_ARGUMENT otherwise)."""
-        normalised, topic = validated_email(email), validated_topic(topic)
+        already. A topic-scoped suppression is an unsubscribe or a manual one, and ``note`` is text a suppression may
+        keep (:func:`validated_note`): INVALID_ARGUMENT otherwise."""
+        normalised, topic, note = validated_email(email), validated_topic(topic), validated_note(note)
         _check_scope(reason, topic)
         async with self._pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
