@@ -2,6 +2,13 @@
 
 Domain code raises these; the handler wrapper in :mod:`libs.common.grpc_server` turns them into a gRPC status
 with ``ErrorInfo`` and, where given, ``BadRequest``, ``RetryInfo`` and ``QuotaFailure`` details.
+
+A status travels in the call's trailers, which a gRPC client refuses past 16 KiB (and, between 8 and 16 KiB, at
+random): a request with thousands of bad fields would otherwise make an error the client cannot read at all
+(RESOURCE_EXHAUSTED "Stream removed" instead of INVALID_ARGUMENT). So every status is capped where it is built
+(:meth:`EspError.to_status`, and :func:`error_parts` for batch results): the first ``MAX_VIOLATIONS`` violations, each
+text cut to ``MAX_DETAIL_CHARS``, the ErrorInfo metadata ``OMITTED_VIOLATIONS_KEY`` counting the rest, and the whole
+status at most ``MAX_STATUS_BYTES``.
 """
 
 from __future__ import annotations
@@ -15,6 +22,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 __all__ = [
     "ERROR_DOMAIN",
+    "MAX_DETAIL_CHARS",
+    "MAX_STATUS_BYTES",
+    "MAX_STATUS_MESSAGE_BYTES",
+    "MAX_VIOLATIONS",
+    "OMITTED_VIOLATIONS_KEY",
     "Aborted",
     "AlreadyExists",
     "EspError",
@@ -35,6 +47,21 @@ __all__ = [
 ]
 
 ERROR_DOMAIN = "esp.dev"
+
+MAX_VIOLATIONS = 100
+"""Most field (and quota) violations a status lists; a caller fixes the first hundred before it needs the rest."""
+MAX_DETAIL_CHARS = 200
+"""Longest text of a violation (field path, description) or metadata value: they may echo what the caller sent."""
+MAX_STATUS_MESSAGE_BYTES = 512
+"""Longest status message, in UTF-8 bytes. It travels twice: in the status, and as ``grpc-message``, where each
+byte that is not printable ASCII takes three."""
+MAX_STATUS_BYTES = 4096
+"""Largest serialized status, the message included. With ``grpc-message`` beside it (at most 1.5 KiB) the trailers
+stay under gRPC's 8 KiB soft limit on metadata, past which clients refuse them at random (measured with grpcio 1.82:
+a status of 8 KiB failed 2 calls in 30 as RESOURCE_EXHAUSTED, 12 KB 18 in 30) and always past 16 KiB."""
+OMITTED_VIOLATIONS_KEY = "omitted_violations"
+"""ErrorInfo metadata: how many violations the status leaves out (absent when it lists them all)."""
+_ELLIPSIS = "…"
 
 
 @dataclass(frozen=True)
@@ -79,7 +106,21 @@ class EspError(Exception):
         self.quota_violations = tuple(quota_violations)
 
     def to_status(self) -> status_pb2.Status:
-        """The ``google.rpc.Status`` for this error, details included."""
+        """The ``google.rpc.Status`` for this error, details included, capped to ``MAX_STATUS_BYTES`` (see the
+        module docstring): when the capped violations still make it too large, fewer of them are listed."""
+        keep = MAX_VIOLATIONS
+        while True:
+            status = self._status(keep)
+            if status.ByteSize() <= MAX_STATUS_BYTES:
+                return status
+            if keep == 0:
+                # Only metadata this large is left (our own code's, never the caller's input): the reason and the
+                # message say what happened; the rest stays in the server's log.
+                return _bare_status(self.code.value[0], status.message, self.reason)
+            keep //= 2
+
+    def _status(self, keep: int) -> status_pb2.Status:
+        """The status listing at most ``keep`` violations of each kind, texts cut to ``MAX_DETAIL_CHARS``."""
         details: list[any_pb2.Any] = []
 
         def add(message: object) -> None:
@@ -87,15 +128,18 @@ class EspError(Exception):
             packed.Pack(message)
             details.append(packed)
 
-        add(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata))
+        omitted = max(0, len(self.field_violations) - keep) + max(0, len(self.quota_violations) - keep)
+        add(error_details_pb2.ErrorInfo(reason=_cut(self.reason, MAX_DETAIL_CHARS), domain=ERROR_DOMAIN,
+                                        metadata=_capped_metadata(self.metadata, omitted)))
         if self.field_violations:
             add(
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description, reason=v.reason
+                            field=_cut(v.field, MAX_DETAIL_CHARS), description=_cut(v.description, MAX_DETAIL_CHARS),
+                            reason=_cut(v.reason, MAX_DETAIL_CHARS),
                         )
-                        for v in self.field_violations
+                        for v in self.field_violations[:keep]
                     ]
                 )
             )
@@ -107,12 +151,45 @@ class EspError(Exception):
             add(
                 error_details_pb2.QuotaFailure(
                     violations=[
-                        error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
-                        for v in self.quota_violations
+                        error_details_pb2.QuotaFailure.Violation(subject=_cut(v.subject, MAX_DETAIL_CHARS),
+                                                                 description=_cut(v.description, MAX_DETAIL_CHARS))
+                        for v in self.quota_violations[:keep]
                     ]
                 )
             )
-        return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+        return status_pb2.Status(code=self.code.value[0], message=_cut_utf8(self.message, MAX_STATUS_MESSAGE_BYTES),
+                                 details=details)
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text``, or its first characters and an ellipsis when it is longer than ``limit``."""
+    return text if len(text) <= limit else text[: limit - 1] + _ELLIPSIS
+
+
+def _cut_utf8(text: str, limit: int) -> str:
+    """``text``, or as many of its first characters as fit ``limit`` UTF-8 bytes with an ellipsis after them."""
+    if len(text) * 4 <= limit or len(text.encode()) <= limit:
+        return text
+    kept = text.encode()[: limit - len(_ELLIPSIS.encode())].decode(errors="ignore")  # no half character
+    return kept + _ELLIPSIS
+
+
+def _capped_metadata(metadata: Mapping[str, str], omitted: int) -> dict[str, str]:
+    """``metadata`` with its values cut, counting ``omitted`` more violations left out (on top of any an upstream's
+    status had left out already, when this error was rebuilt from it)."""
+    capped = {_cut(key, MAX_DETAIL_CHARS): _cut(value, MAX_DETAIL_CHARS) for key, value in metadata.items()}
+    if omitted:
+        earlier = metadata.get(OMITTED_VIOLATIONS_KEY, "0")
+        capped[OMITTED_VIOLATIONS_KEY] = str(omitted + (int(earlier) if earlier.isdecimal() else 0))
+    return capped
+
+
+def _bare_status(code: int, message: str, reason: str) -> status_pb2.Status:
+    """A status with nothing but its code, message and ErrorInfo reason (the last resort of the size cap)."""
+    packed = any_pb2.Any()
+    packed.Pack(error_details_pb2.ErrorInfo(reason=_cut(reason, MAX_DETAIL_CHARS), domain=ERROR_DOMAIN,
+                                            metadata={"details_omitted": "true"}))
+    return status_pb2.Status(code=code, message=message, details=[packed])
 
 
 class InvalidArgument(EspError):
@@ -250,6 +327,10 @@ def error_from_parts(code: int, message: str, reason: str = "", metadata: Mappin
 
 
 def error_parts(error: EspError) -> tuple[int, str, str, dict[str, str], list[str]]:
-    """The flat form of an error for a batch result: code, message, reason, metadata, fields."""
-    return (error.code.value[0], error.message, error.reason, dict(error.metadata),
-            [v.field for v in error.field_violations])
+    """The flat form of an error for a batch result: code, message, reason, metadata, fields; capped as
+    :meth:`EspError.to_status` caps a status (a batch of emails each with thousands of bad fields would otherwise
+    make a response no client accepts)."""
+    fields = [_cut(v.field, MAX_DETAIL_CHARS) for v in error.field_violations[:MAX_VIOLATIONS]]
+    metadata = _capped_metadata(error.metadata, len(error.field_violations) - len(fields))
+    return (error.code.value[0], _cut_utf8(error.message, MAX_STATUS_MESSAGE_BYTES),
+            _cut(error.reason, MAX_DETAIL_CHARS), metadata, fields)
