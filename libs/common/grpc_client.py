@@ -12,14 +12,19 @@ from libs.common.errors import EspError, Unavailable, error_from_parts, error_fr
 
 __all__ = [
     "CHANNEL_OPTIONS",
+    "MAX_MESSAGE_BYTES",
     "domain_errors",
     "open_channel",
     "to_domain_error",
 ]
 
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+"""Largest gRPC message a service of the mesh receives (``serve()``'s servers and these channels alike). The REST
+gateway refuses larger unary bodies itself (413), since its upstream would refuse them anyway."""
+
 CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 1),
 )
 

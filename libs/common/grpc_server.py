@@ -29,6 +29,7 @@ from opentelemetry import trace
 from libs.common.auth import Authenticator, Principal, reset_principal, set_principal
 from libs.common.dependency_errors import dependency_unavailable
 from libs.common.errors import EspError, Internal, InvalidArgument, Unimplemented
+from libs.common.grpc_client import MAX_MESSAGE_BYTES
 from libs.common.logging import configure_logging
 from libs.common.metrics import GRPC_DURATION, GRPC_REQUESTS, start_metrics_server
 from libs.common.priority import lower_cpu_priority
@@ -343,7 +344,7 @@ async def serve(app: ServiceApp, settings: CommonSettings, *, ready: asyncio.Eve
     wrapper = _Wrapper(app.name, app.authenticator)
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
             *app.server_options,
         ],

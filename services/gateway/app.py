@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from libs.common.grpc_client import MAX_MESSAGE_BYTES
 from services.gateway.dashboard import dashboard_routes
 from services.gateway.descriptors import load_descriptor_set
 from services.gateway.openapi import build_openapi
@@ -26,8 +27,10 @@ def create_app(
     options: TranscoderOptions | None = None,
 ) -> Starlette:
     """Build the REST facade of every ``google.api.http`` binding in the descriptor set, calling
-    ``upstream_addr`` over gRPC. The transcoder is reachable as ``app.state.transcoder``."""
+    ``upstream_addr`` over gRPC. The transcoder is reachable as ``app.state.transcoder``. Without ``options``,
+    unary bodies are capped at the largest message the upstream accepts (see ``GatewayConfig``)."""
     descriptors = load_descriptor_set(descriptor_set_path)
+    options = options or TranscoderOptions(max_body_bytes=MAX_MESSAGE_BYTES)
     transcoder = Transcoder(descriptors, upstream_addr, options)
     # Generated once: the descriptors are fixed for the life of the process.
     openapi_body = json.dumps(build_openapi(descriptors), separators=(",", ":")).encode("utf-8")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from libs.common.settings import check_positive, load_settings
+from libs.common.grpc_client import MAX_MESSAGE_BYTES
+from libs.common.settings import check_positive, env_name, load_settings
 from services.gateway.transcoder import TranscoderOptions
 
 
@@ -27,8 +28,11 @@ class GatewayConfig:
     """Deadline of client-streaming calls (attachment uploads, campaign recipients)."""
     gateway_emit_unpopulated: bool = False
     """Write fields holding default values in responses and error bodies."""
-    gateway_max_body_bytes: int = 64 * 1024 * 1024
-    """Largest unary request body accepted."""
+    gateway_max_body_bytes: int = MAX_MESSAGE_BYTES
+    """Largest unary request body accepted; a larger one is refused with 413. At most the largest gRPC message the
+    upstream accepts (``MAX_MESSAGE_BYTES``, 8 MiB): a larger body would be refused by the upstream instead, as
+    RESOURCE_EXHAUSTED, which a REST client reads as a 429 to retry. Streamed bodies (NDJSON frames, uploads) are
+    sent on in frames and are not bound by it."""
     log_level: str = "INFO"
     log_format: str = "json"
 
@@ -36,6 +40,11 @@ class GatewayConfig:
         check_positive(
             self, "gateway_port", "gateway_timeout_s", "gateway_stream_timeout_s", "gateway_max_body_bytes"
         )
+        if self.gateway_max_body_bytes > MAX_MESSAGE_BYTES:
+            raise ValueError(
+                f"{env_name('gateway_max_body_bytes')}: must be at most {MAX_MESSAGE_BYTES} (the largest message "
+                f"the upstream accepts), got {self.gateway_max_body_bytes}"
+            )
 
     @property
     def descriptor_set_path(self) -> Path:
