@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from libs.common.errors import EspError, Unavailable, error_from_parts, error_from_status
@@ -17,6 +20,8 @@ __all__ = [
     "open_channel",
     "to_domain_error",
 ]
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 """Largest gRPC message a service of the mesh receives (``serve()``'s servers and these channels alike). The REST
@@ -35,14 +40,29 @@ def open_channel(addr: str) -> grpc.aio.Channel:
 
 
 def to_domain_error(exc: grpc.aio.AioRpcError) -> EspError:
-    """The domain error a failed call reports, with its details, so it can be re-raised to our own caller."""
-    status = rpc_status.from_call(exc)
+    """The domain error a failed call reports, with its details, so it can be re-raised to our own caller. When the
+    details do not parse, or do not match the call's code and message (trailers cut on the way, a proxy that
+    replaced the status), the call's own code and message are reported without them."""
+    status = _status_of(exc)
     if status is not None:
-        return error_from_status(status)
+        try:
+            return error_from_status(status)
+        except (DecodeError, ValueError, TypeError):
+            log.warning("ignoring unreadable details of a %s status", exc.code().name, exc_info=True)
     if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return Unavailable(f"upstream unavailable: {exc.details()}", reason="UPSTREAM_UNAVAILABLE",
                            retry_after_s=1.0)
     return error_from_parts(exc.code().value[0], exc.details() or exc.code().name)
+
+
+def _status_of(exc: grpc.aio.AioRpcError) -> status_pb2.Status | None:
+    """The ``google.rpc.Status`` of the call's ``grpc-status-details-bin`` trailer; None when there is none, when it
+    does not parse, or when its code or message differ from the call's (``rpc_status`` raises ValueError then)."""
+    try:
+        return rpc_status.from_call(exc)
+    except (DecodeError, ValueError) as error:
+        log.warning("ignoring the status details of a %s call: %s", exc.code().name, error)
+        return None
 
 
 @asynccontextmanager
