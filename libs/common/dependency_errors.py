@@ -1,6 +1,6 @@
 """A dependency that is down, as the caller hears it: UNAVAILABLE with ``RetryInfo``, never INTERNAL.
 
-A lost or refused connection to Redis or Postgres (the server restarting, a failover, a pool with no connection to
+A lost or refused connection to Redis, Postgres or S3 (the server restarting, a failover, a pool with no connection to
 give) is not a bug and not the caller's fault: a client following gRPC's retry rules retries UNAVAILABLE after the
 ``RetryInfo`` delay, and gives up on INTERNAL. Domain code lets these errors propagate (it cannot do anything
 better with them); :func:`dependency_unavailable` recognises them, so that the one place where errors become a
@@ -9,6 +9,7 @@ better with them); :func:`dependency_unavailable` recognises them, so that the o
 
 from __future__ import annotations
 
+import botocore.exceptions
 import psycopg
 import redis.exceptions
 from psycopg import errors as pg_errors
@@ -29,10 +30,21 @@ DEPENDENCY_RETRY_AFTER_S = 1.0
 the pools reconnect on the next call (no connection is kept broken), so a client retrying after this is served
 once the dependency is back."""
 
+_S3_UNREACHABLE = (
+    # boto3 (libs/common/s3.py), after its own retries: the connection refused or its timeout
+    # (EndpointConnectionError, ConnectTimeoutError and the other ConnectionError subclasses), or the server gone
+    # mid-request: the connection closed or reset, no answer within the read timeout, a response body cut short.
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.IncompleteReadError,
+)
+"""botocore's errors for an S3 that cannot be reached; an answer S3 gave (``ClientError``: access denied, no such
+key) is not one of them."""
+
 
 def dependency_of(exc: BaseException) -> str | None:
-    """The dependency whose unavailability ``exc`` reports (``"redis"``, ``"postgres"``), or None when it reports
-    something else. Only ``exc`` itself is looked at, not its causes."""
+    """The dependency whose unavailability ``exc`` reports (``"redis"``, ``"postgres"``, ``"s3"``), or None when it
+    reports something else. Only ``exc`` itself is looked at, not its causes."""
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         # ConnectionError covers refused and reset connections, an exhausted pool and a Redis still loading its data.
         return "redis"
@@ -41,6 +53,8 @@ def dependency_of(exc: BaseException) -> str | None:
         # server shutting down or starting up, out of connections. A serialization failure or a deadlock
         # (TransactionRollback) is a conflict between transactions, not an outage.
         return "postgres"
+    if isinstance(exc, _S3_UNREACHABLE):
+        return "s3"
     return None
 
 
