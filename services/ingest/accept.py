@@ -29,6 +29,13 @@ A refusal at steps 1-6 changes nothing. A refusal after step 6 gives back what w
 claim; the hold is released). A pass runs to its end even when its callers go away, so a cancelled call can neither
 lose a committed email nor leak its credits.
 
+A dependency failing (Redis, the ledger, Postgres) fails the emails it touched, not the others: a batch's emails may
+be committed in different transactions (the pass with the others', its emails with a request_id in their pools), and
+one may commit while another fails. So once any email of a BatchSendEmails call is accepted, the call answers each
+email's outcome, and an email a dependency failed gets UNAVAILABLE (``DEPENDENCY_UNAVAILABLE``) as its own result:
+failing the whole call would lose the answers of the committed ones, and a client retrying it would send those
+again (without a request_id, twice). Only when none was accepted does the call fail as a whole.
+
 Idempotency (AIP-155): a request_id is scoped to its tenant. The same id with the same request returns the first
 response (the same message); with a different request it is refused with ALREADY_EXISTS (reason
 ``REQUEST_ID_REUSED``). Postgres' unique key ``(tenant_id, request_id)`` is the truth and keeps the id as long as
@@ -51,7 +58,8 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from libs.common.auth import Principal
-from libs.common.errors import Aborted, AlreadyExists, EspError, FieldViolation, PermissionDenied
+from libs.common.dependency_errors import dependency_unavailable
+from libs.common.errors import Aborted, AlreadyExists, EspError, FieldViolation, Internal, PermissionDenied
 from libs.common.jetstream import Topology
 from libs.common.message_classes import MessageClass
 from libs.common.outbox import OutboxRow
@@ -266,8 +274,10 @@ class Acceptor:
         else:
             del self._pools_running[key]
 
-    async def send_many(self, principal: Principal, drafts: Sequence[EmailDraft]) -> list[Accepted | Exception]:
-        """Accept a batch (BatchSendEmails): each email's answer or the error that refused it, in order.
+    async def send_many(self, principal: Principal, drafts: Sequence[EmailDraft]) -> list[Accepted | EspError]:
+        """Accept a batch (BatchSendEmails): each email's answer or the error that refused it, in order. An email a
+        dependency failed is answered UNAVAILABLE (see the module docstring); when no email was accepted, that
+        dependency's error is raised instead, for the whole call.
 
         Emails with neither a request_id nor attachments — a campaign's — go through the steps together: each
         batching step gets them in one submission and this one task resumes once per step, instead of a task per
@@ -276,9 +286,11 @@ class Acceptor:
         through ``send`` (and join its pools), at most ``ONE_BY_ONE_IN_FLIGHT`` at once over all batches. At most
         ``batch_passes`` calls run at once; the others wait their turn."""
         async with self._batch_passes:
-            return await self._send_many(principal, drafts)
+            return _batch_answers(await self._send_many(principal, drafts))
 
-    async def _send_many(self, principal: Principal, drafts: Sequence[EmailDraft]) -> list[Accepted | Exception]:
+    async def _send_many(self, principal: Principal,
+                         drafts: Sequence[EmailDraft]) -> list[Accepted | Exception | None]:
+        """Each email's outcome (None: it has none, which is a bug); errors as raised, dependencies' included."""
         results: list[Accepted | Exception | None] = [None] * len(drafts)
         try:
             tenant = await self._authorise(principal)
@@ -302,22 +314,26 @@ class Acceptor:
             async with self._one_by_one:
                 try:
                     results[index] = await self.send(principal, drafts[index])
-                except EspError as exc:
+                except Exception as exc:  # a refusal, or a dependency failing this email (not its batch)
                     results[index] = exc
 
         singles = asyncio.gather(*(alone(index) for index in one_by_one))
         try:
             if together:
-                accepted = await self._run_to_end(self._accept_together(
-                    tenant, [d for _, d in together], [request_fingerprint(d) for _, d in together],
-                    [[] for _ in together]))
+                accepted: list[Accepted | Claimed | Exception]
+                try:
+                    accepted = await self._run_to_end(self._accept_together(
+                        tenant, [d for _, d in together], [request_fingerprint(d) for _, d in together],
+                        [[] for _ in together]))
+                except Exception as exc:  # the pass failed before committing any of them (Redis, the ledger)
+                    accepted = [exc] * len(together)
                 for (index, _), outcome in zip(together, accepted, strict=True):
                     if isinstance(outcome, Claimed):
                         raise _claimed_without_request_id()
                     results[index] = outcome
         finally:
             await singles
-        return [r if r is not None else Aborted("not accepted; retry", reason="INTERNAL") for r in results]
+        return results
 
     async def _accept_together(self, tenant: Tenant, drafts: list[EmailDraft], fingerprints: list[bytes],
                                attachments: list[list[StoredAttachment]]) -> list[Accepted | Claimed | Exception]:
@@ -341,18 +357,24 @@ class Acceptor:
         for index in sorted(sizings):
             by_class.setdefault(drafts[index].message_class, []).append(index)
         ticket_of: dict[int, AdmissionTicket] = {}
-        for message_class, indexes in by_class.items():
-            answers = await self.gate.admit_many(
-                tenant.id, [drafts[i] for i in indexes], rate_per_second=tenant.policy.rate_per_second[message_class],
-                daily_quota=tenant.policy.daily_quota,
-                claims=[_claim(fingerprints[i], message_ids[i]) if drafts[i].request_id else "" for i in indexes])
-            for index, answer in zip(indexes, answers, strict=True):
-                if isinstance(answer, AdmissionTicket):
-                    ticket_of[index] = answer
-                elif isinstance(answer, bytes):
-                    results[index] = Claimed(answer)
-                else:
-                    results[index] = answer
+        try:
+            for message_class, indexes in by_class.items():
+                answers = await self.gate.admit_many(
+                    tenant.id, [drafts[i] for i in indexes],
+                    rate_per_second=tenant.policy.rate_per_second[message_class],
+                    daily_quota=tenant.policy.daily_quota,
+                    claims=[_claim(fingerprints[i], message_ids[i]) if drafts[i].request_id else "" for i in indexes])
+                for index, answer in zip(indexes, answers, strict=True):
+                    if isinstance(answer, AdmissionTicket):
+                        ticket_of[index] = answer
+                    elif isinstance(answer, bytes):
+                        results[index] = Claimed(answer)
+                    else:
+                        results[index] = answer
+        except BaseException:
+            # A later class's round trip failed: the classes admitted before it give back their tokens and claims.
+            await asyncio.gather(*(self._undo_quietly(ticket) for ticket in ticket_of.values()))
+            raise
         admitted_indexes = sorted(ticket_of)
         try:
             amounts = await self.credits.reserve_many(tenant.id, [
@@ -393,7 +415,7 @@ class Acceptor:
                 try:
                     results[index] = await self._answer_as_first(tenant.id, drafts[index], fingerprints[index],
                                                                  str(message_ids[index]), ticket_of[index])
-                except EspError as exc:
+                except Exception as exc:  # this email's answer alone: others of the pass may be committed
                     results[index] = exc
             else:  # failed alone (its batch did not)
                 await self._give_back([(message_ids[index], ticket_of[index])], stored_one)
@@ -572,6 +594,37 @@ class Acceptor:
         """Wait for accepts whose callers went away to finish (called at shutdown)."""
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
+
+
+def _batch_answers(results: Sequence[Accepted | Exception | None]) -> list[Accepted | EspError]:
+    """A batch's answers: each email's message or refusal, and UNAVAILABLE for an email a dependency failed (INTERNAL
+    for one a bug failed). When no email was accepted and one failed that way, its error is raised instead: the
+    call fails as a whole, and a retry of it duplicates nothing."""
+    any_accepted = any(isinstance(result, Accepted) for result in results)
+    answers: list[Accepted | EspError] = []
+    failures: dict[int, EspError] = {}  # one error often failed many emails (a round trip): logged once
+    for result in results:
+        if result is None:
+            answers.append(Aborted("not accepted; retry", reason="INTERNAL"))
+        elif isinstance(result, Accepted | EspError):
+            answers.append(result)
+        elif any_accepted:
+            if id(result) not in failures:
+                failures[id(result)] = _email_failure(result)
+            answers.append(failures[id(result)])
+        else:
+            raise result
+    return answers
+
+
+def _email_failure(exc: Exception) -> EspError:
+    """The error one email of a batch answers when something other than a refusal failed it."""
+    unavailable = dependency_unavailable(exc)
+    if unavailable is not None:
+        log.warning("batch email not accepted: %s (%r)", unavailable.message, exc)
+        return unavailable
+    log.error("batch email not accepted", exc_info=exc)
+    return Internal("internal error", reason="INTERNAL")
 
 
 def _claim(fingerprint: bytes, message_id: uuid.UUID) -> str:

@@ -183,8 +183,10 @@ class IngestServicer:
     async def BatchSendEmails(self, request: messages_pb2.BatchSendEmailsRequest,
                               context: Any) -> messages_pb2.BatchSendEmailsResponse:
         """Accept 1 to ``max_batch_send`` emails for the caller's tenant (scope ``send``). Each email gets its own
-        result: its message, or the error that refused it alone (as SendEmail would raise it); the call itself fails
-        (INVALID_ARGUMENT) for an empty or oversized batch, or as a whole when a dependency fails."""
+        result: its message, or the error that refused it alone (as SendEmail would raise it), UNAVAILABLE
+        (``DEPENDENCY_UNAVAILABLE``) for one a dependency failed while others were accepted. The call itself fails
+        for an empty or oversized batch (INVALID_ARGUMENT), or when a dependency failed and no email was accepted
+        (UNAVAILABLE)."""
         if not request.requests or len(request.requests) > self.max_batch_send:
             raise InvalidArgument(f"1 to {self.max_batch_send} emails per batch", field_violations=[
                 FieldViolation("requests", f"1 to {self.max_batch_send} emails")])
@@ -207,8 +209,6 @@ class IngestServicer:
                 code, message, reason, metadata, fields = error_parts(outcome)
                 results.append(messages_pb2.BatchSendEmailsResponse.Result(error=common_pb2.BatchError(
                     code=code, message=message, reason=reason, metadata=metadata, fields=fields)))
-            elif isinstance(outcome, Exception):
-                raise outcome  # not a refusal of this email: the batch failed (a dependency is down)
             else:
                 results.append(messages_pb2.BatchSendEmailsResponse.Result(message=outcome.message))
         return messages_pb2.BatchSendEmailsResponse(results=results)
