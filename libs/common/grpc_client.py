@@ -49,7 +49,9 @@ def to_domain_error(exc: grpc.aio.AioRpcError) -> EspError:
             return error_from_status(status)
         except (DecodeError, ValueError, TypeError):
             log.warning("ignoring unreadable details of a %s status", exc.code().name, exc_info=True)
-    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    # CANCELLED here was not our doing (had our caller cancelled, this code would not run): the upstream went away
+    # with the call in flight, a replica shutting down, which passes like any other unavailability.
+    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         return Unavailable(f"upstream unavailable: {exc.details()}", reason="UPSTREAM_UNAVAILABLE",
                            retry_after_s=1.0)
     return error_from_parts(exc.code().value[0], exc.details() or exc.code().name)
