@@ -13,7 +13,7 @@ BENCH_ARGS ?=
 # checks against where it started: `make lint BUF_AGAINST='.git#ref=<sha>'`.
 BUF_AGAINST ?= .git\#ref=HEAD~1
 
-.PHONY: all install proto lint fmt test run bench clean browser-tools kubectl vendor-charts
+.PHONY: all install proto lint fmt test run bench chaos clean browser-tools kubectl vendor-charts
 
 all: test
 
