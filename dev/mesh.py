@@ -3,6 +3,7 @@ process. Used by ``make run``, the end-to-end tests and the benchmarks, so all t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -228,6 +229,151 @@ def start_smtp_sink(port: int, maildir: Path, log_dir: Path) -> Process:
                  log_dir)
     wait_port(port, 15, proc.popen, "smtp sink")
     return proc
+
+
+# -- dependencies a test can take down ---------------------------------------------------------------------------
+class RestartableServer:
+    """A dependency of a test's (or a chaos run's) own on a fixed loopback port, which it can stop or crash and start
+    again on the same port over the same data: clients configured once reconnect to it as to a restarted server.
+
+    Subclasses say how to launch it (``_launch``) and where it is (``url``)."""
+
+    def __init__(self, log_dir: Path, port: int | None = None) -> None:
+        self.port = port if port is not None else free_port()
+        self.log_dir = log_dir
+        self.process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        """What a client connects to."""
+        raise NotImplementedError
+
+    def _launch(self) -> Process:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.popen.poll() is None
+
+    def start(self) -> None:
+        """Start it (again) and return once it listens; a no-op while it runs."""
+        if not self.running:
+            self.process = self._launch()
+
+    def stop(self) -> None:
+        """Shut it down cleanly (SIGTERM) and return once its port is free; a no-op when it is not running."""
+        if self.process is not None:
+            self.process.stop()
+            self._wait_port_free()
+
+    def crash(self) -> None:
+        """Kill it without warning (SIGKILL) and return once its port is free."""
+        if self.process is not None:
+            self.process.kill()
+            self._wait_port_free()
+
+    async def down(self, *, crash: bool = False) -> None:
+        """``stop()`` (or ``crash()``) without blocking the event loop."""
+        await asyncio.to_thread(self.crash if crash else self.stop)
+
+    async def up(self) -> None:
+        """``start()`` without blocking the event loop."""
+        await asyncio.to_thread(self.start)
+
+    def _wait_port_free(self, timeout_s: float = 30) -> None:
+        # The next start binds the same port: it must not find the old server (or its last backends) still there.
+        deadline = time.monotonic() + timeout_s
+        while port_open(self.port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class RestartablePostgres(RestartableServer):
+    """A PostgreSQL cluster (initdb on first start) in ``data_dir``, which must be reachable by the postgres user
+    when we are root (not under a root-only temporary directory)."""
+
+    def __init__(self, data_dir: Path, log_dir: Path, port: int | None = None) -> None:
+        super().__init__(log_dir, port)
+        self.data_dir = data_dir
+
+    @property
+    def url(self) -> str:
+        return self.dsn("postgres")
+
+    def dsn(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _launch(self) -> Process:
+        return start_postgres(self.data_dir, self.port, self.log_dir)
+
+    def stop(self) -> None:
+        """A fast shutdown: every session ends at once (as in a restart or a failover), rather than SIGTERM's smart
+        shutdown, which waits for every client to leave."""
+        self._shut_down(signal.SIGINT)
+
+    def crash(self) -> None:
+        """An immediate shutdown: every backend exits at once and the next start runs crash recovery."""
+        self._shut_down(signal.SIGQUIT)
+
+    def _shut_down(self, signum: int) -> None:
+        if self.process is None or not self.running:
+            return
+        # Signalled directly: under root the process started is runuser, which would turn any signal into SIGTERM.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._postmaster_pid(), signum)
+        try:
+            self.process.popen.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._wait_port_free()
+
+    def _postmaster_pid(self) -> int:
+        assert self.process is not None
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            return self.process.popen.pid
+
+
+class RestartableRedis(RestartableServer):
+    """A redis-server without persistence: its data goes with every stop, as a cache's does on a restart."""
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _launch(self) -> Process:
+        return start_redis(self.port, self.log_dir)
+
+
+class RestartableNats(RestartableServer):
+    """A NATS server with JetStream stored in ``store_dir``, so streams and their messages outlive a restart."""
+
+    def __init__(self, store_dir: Path, log_dir: Path, port: int | None = None) -> None:
+        super().__init__(log_dir, port)
+        self.store_dir = store_dir
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _launch(self) -> Process:
+        return start_nats(self.port, self.store_dir, self.log_dir)
+
+
+class RestartableS3(RestartableServer):
+    """The local S3 server over objects in ``data_dir`` (kept across restarts; their metadata is not, see
+    ``start_s3``), signing with the dev credentials."""
+
+    def __init__(self, data_dir: Path, log_dir: Path, port: int | None = None) -> None:
+        super().__init__(log_dir, port)
+        self.data_dir = data_dir
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _launch(self) -> Process:
+        return start_s3(self.port, self.log_dir, self.data_dir)
 
 
 # -- the mesh --------------------------------------------------------------------------------------------------------

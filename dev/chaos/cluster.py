@@ -53,7 +53,7 @@ class ChaosCluster:
     s3_port: int = field(default_factory=m.free_port)
     sim_http_port: int = field(default_factory=m.free_port)
     sim_smtp_port: int = field(default_factory=m.free_port)
-    dependencies: dict[str, m.Process] = field(default_factory=dict)
+    dependencies: dict[str, m.RestartableServer] = field(default_factory=dict)
     simulator: m.Process | None = None
     simulator_url: str = ""
     mesh: m.Mesh | None = None
@@ -106,11 +106,16 @@ class ChaosCluster:
             raise
 
     def _start_dependencies(self) -> None:
-        self.dependencies["postgres"] = m.start_postgres(self.work_dir / "pg", self.pg_port, self.log_dir)
-        pgtools.create_database(f"postgresql://postgres@127.0.0.1:{self.pg_port}/postgres", "esp")
-        self.dependencies["redis"] = m.start_redis(self.redis_port, self.log_dir)
-        self.dependencies["nats"] = m.start_nats(self.nats_port, self.work_dir / "nats", self.log_dir)
-        self.dependencies["s3"] = m.start_s3(self.s3_port, self.log_dir, self.work_dir / "s3")
+        self.dependencies = {
+            "postgres": m.RestartablePostgres(self.work_dir / "pg", self.log_dir, self.pg_port),
+            "redis": m.RestartableRedis(self.log_dir, self.redis_port),
+            "nats": m.RestartableNats(self.work_dir / "nats", self.log_dir, self.nats_port),
+            "s3": m.RestartableS3(self.work_dir / "s3", self.log_dir, self.s3_port),
+        }
+        # stop() stops those that started when a later one fails to.
+        for server in self.dependencies.values():
+            server.start()
+        pgtools.create_database(self.dependencies["postgres"].url, "esp")
         self.simulator, description = m.start_simulator(
             self.sim_http_port, self.sim_smtp_port, self.log_dir, extra_args=("--log-cap", "1000000", "--seed", "7"))
         self.simulator_url = str(description["http_url"])
@@ -142,11 +147,8 @@ class ChaosCluster:
             self.mesh.stop()
         if self.simulator is not None:
             self.simulator.stop()
-        for proc in reversed(list(self.dependencies.values())):
-            if proc.name == "postgres":
-                self._stop_postgres(proc, signal.SIGINT)
-            else:
-                proc.stop()
+        for server in reversed(list(self.dependencies.values())):
+            server.stop()
 
     # -- the supervisor ----------------------------------------------------------------------------------------
     def start_supervisor(self) -> None:
@@ -211,36 +213,17 @@ class ChaosCluster:
         raise RuntimeError(f"{service} has no worker running {worker_module}")
 
     def kill_dependency(self, name: str) -> None:
-        proc = self.dependencies[name]
-        if name == "postgres":
-            # Immediate shutdown: every backend exits at once and the next start runs crash recovery.
-            self._stop_postgres(proc, signal.SIGQUIT)
-        else:
-            proc.kill()
+        """Crash a dependency (Postgres by an immediate shutdown, so the next start runs crash recovery)."""
+        self._dependency(name).crash()
 
     def start_dependency(self, name: str) -> None:
-        if name == "postgres":
-            self.dependencies[name] = m.start_postgres(self.work_dir / "pg", self.pg_port, self.log_dir)
-        elif name == "redis":
-            self.dependencies[name] = m.start_redis(self.redis_port, self.log_dir)
-        elif name == "nats":
-            self.dependencies[name] = m.start_nats(self.nats_port, self.work_dir / "nats", self.log_dir)
-        else:
-            raise ValueError(f"no such dependency: {name}")
+        """Start a crashed dependency again, on its port and over its data."""
+        self._dependency(name).start()
 
-    def _stop_postgres(self, proc: m.Process, signum: int) -> None:
-        """Signal the postmaster (a child of ``runuser`` when we are root) and wait until its port is free."""
-        targets = [proc.popen.pid, *_children(proc.popen.pid)]
-        for pid in targets:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-        try:
-            proc.popen.wait(timeout=30)
-        except Exception:
-            proc.kill()
-        deadline = time.monotonic() + 30
-        while m.port_open(self.pg_port) and time.monotonic() < deadline:
-            time.sleep(0.1)
+    def _dependency(self, name: str) -> m.RestartableServer:
+        if name not in DEPENDENCIES:
+            raise ValueError(f"no such dependency: {name}")
+        return self.dependencies[name]
 
     async def set_knobs(self, personality: str, **knobs: Any) -> None:
         async with httpx.AsyncClient(base_url=self.simulator_url, timeout=10) as sim:

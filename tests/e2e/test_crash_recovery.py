@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,37 +18,21 @@ from tests.progress import wait_for_progress
 pytestmark = pytest.mark.e2e
 
 
-@dataclass
-class PrivateNats:
-    """A NATS server of this test's own, so the test can kill and restart it (same port, same store)."""
-
-    port: int
-    store: Path
-    log_dir: Path
-    proc: m.Process | None = None
-
-    def start(self) -> None:
-        self.proc = m.start_nats(self.port, self.store, self.log_dir)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-
-
 @pytest.fixture
-def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
-    nats = PrivateNats(m.free_port(), tmp_path / "jetstream", tmp_path / "logs")
+def private_nats(tmp_path: Path) -> Iterator[m.RestartableNats]:
+    """A NATS server of this test's own, so the test can kill and restart it (same port, same store)."""
+    nats = m.RestartableNats(tmp_path / "jetstream", tmp_path / "logs")
     nats.start()
     yield nats
-    nats.kill()
+    nats.crash()
 
 
 @pytest.fixture
-def crash_mesh(private_nats: PrivateNats, new_database: Callable[[], str], redis_url: str,
+def crash_mesh(private_nats: m.RestartableNats, new_database: Callable[[], str], redis_url: str,
                s3_server: S3Server, run_id: str, smtp_sink: tuple[int, Path],
                tmp_path: Path) -> Iterator[RunningMesh]:
     smtp_port, maildir = smtp_sink
-    config = build_mesh_config(new_database(), redis_url, f"nats://127.0.0.1:{private_nats.port}", s3_server,
+    config = build_mesh_config(new_database(), redis_url, private_nats.url, s3_server,
                                f"{run_id}crash", tmp_path / "mesh-logs")
     running = start_mesh(config, maildir, smtp_port)
     yield running
@@ -57,10 +40,10 @@ def crash_mesh(private_nats: PrivateNats, new_database: Callable[[], str], redis
 
 
 def test_an_email_committed_while_nats_is_down_is_sent_after_ingest_crashes_and_restarts(
-        crash_mesh: RunningMesh, private_nats: PrivateNats):
+        crash_mesh: RunningMesh, private_nats: m.RestartableNats):
     mesh = crash_mesh
     # Cut JetStream: the accept path still commits (message + hold + outbox) but cannot publish.
-    private_nats.kill()
+    private_nats.crash()
     with mesh.channel() as channel:
         reply = messages_pb2_grpc.MessageServiceStub(channel).SendEmail(messages_pb2.SendEmailRequest(
             message_class=common_pb2.MESSAGE_CLASS_TRANSACTIONAL, subject="survives a crash",

@@ -8,10 +8,14 @@ not see each other's messages, limits or credits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+import shutil
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,7 +34,7 @@ from esp.v1 import (
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from dev.mesh import forget_namespace
+from dev.mesh import RestartablePostgres, RestartableRedis, RestartableS3, forget_namespace
 from libs.common.db import migrate_services
 from libs.common.grpc_server import ServiceApp, serve
 from libs.common.settings import CommonSettings
@@ -326,3 +330,76 @@ async def replica(harness: IngestHarness) -> AsyncIterator[IngestComponents]:
     parts = await build_components(replace(harness.settings, grpc_port=free_port()))
     yield parts
     await parts.close()
+
+
+# -- ingest over servers of a module's own, which its tests take down --------------------------------------------
+def private_ingest_settings(*, postgres_dsn: str, redis_url: str, nats_url: str, s3: S3Server, namespace: str,
+                            s3_bucket: str, **overrides: Any) -> IngestSettings:
+    """Settings of an ingest served in this process on free ports (``overrides``: other fields)."""
+    fields: dict[str, Any] = {
+        "api_key_cache_s": 2.0, "shutdown_grace_s": 2.0, "log_format": "text", **overrides}
+    return IngestSettings(
+        postgres_dsn=postgres_dsn, redis_url=redis_url, nats_url=nats_url, namespace=namespace,
+        grpc_port=free_port(), s3_endpoint=s3.endpoint, s3_access_key=s3.access_key, s3_secret_key=s3.secret_key,
+        s3_bucket=s3_bucket, admin_token=secrets.token_hex(16), ledger_addr=f"127.0.0.1:{free_port()}",
+        reports_addr=f"127.0.0.1:{free_port()}", router_addr=f"127.0.0.1:{free_port()}", **fields)
+
+
+@contextlib.asynccontextmanager
+async def serving_ingest(settings: IngestSettings, s3: S3Server,
+                         ledger_dsn: str | None = None) -> AsyncIterator[IngestHarness]:
+    """Ingest served in this process, with the ledger over ``ledger_dsn`` (already migrated) when it is given; on
+    exit both stop and what the namespace left in NATS and Redis is removed."""
+    services: list[RunningService] = []
+    channel: grpc.aio.Channel | None = None
+    try:
+        if ledger_dsn is not None:
+            ledger_settings = LedgerSettings(
+                postgres_dsn=ledger_dsn, redis_url=settings.redis_url, nats_url=settings.nats_url,
+                namespace=settings.namespace, grpc_port=int(settings.ledger_addr.rsplit(":", 1)[1]),
+                shutdown_grace_s=2.0)
+            services.append(await start_service(await build_ledger(ledger_settings), ledger_settings))
+        parts = await build_components(settings)
+        services.append(await start_service(service_app(parts), settings))
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{settings.grpc_port}")
+        yield IngestHarness(parts, settings, channel, s3, services)
+    finally:
+        if channel is not None:
+            await channel.close()
+        for service in reversed(services):
+            await service.shutdown()
+        await _forget_namespace(settings)
+
+
+@pytest.fixture(scope="module")
+def private_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartablePostgres]:
+    """A PostgreSQL cluster of the module's own, which its tests stop and start again. Its data is not under
+    pytest's tmp_path: PostgreSQL refuses to run as root, so it runs as the postgres user, who cannot enter pytest's
+    root-only temporary directories."""
+    parent = Path(tempfile.mkdtemp(prefix="esp-outage-pg-"))
+    parent.chmod(0o755)
+    postgres = RestartablePostgres(parent / "data", tmp_path_factory.mktemp("outage-postgres"))
+    try:
+        postgres.start()
+        yield postgres
+    finally:
+        postgres.stop()
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartableRedis]:
+    """A redis-server of the module's own, which its tests crash and start again."""
+    redis = RestartableRedis(tmp_path_factory.mktemp("outage-redis"))
+    redis.start()
+    yield redis
+    redis.crash()
+
+
+@pytest.fixture(scope="module")
+def private_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartableS3]:
+    """An S3 server of the module's own, which its tests stop and start again over the same objects."""
+    s3 = RestartableS3(tmp_path_factory.mktemp("outage-s3-data"), tmp_path_factory.mktemp("outage-s3-logs"))
+    s3.start()
+    yield s3
+    s3.stop()

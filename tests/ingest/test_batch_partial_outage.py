@@ -12,77 +12,37 @@ keeps the session's Postgres: it stays up, and holds of the refused emails are r
 from __future__ import annotations
 
 import secrets
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
 from esp.v1 import common_pb2, messages_pb2
 
-from dev.mesh import forget_namespace
+from dev.mesh import RestartablePostgres
 from libs.common.db import migrate_services
 from libs.common.dependency_errors import DEPENDENCY_UNAVAILABLE
 from libs.common.outbox import CommittedRow
-from services.ingest.config import IngestSettings
-from services.ingest.server import build_components, service_app
-from services.ledger.config import LedgerSettings
-from services.ledger.server import build_app as build_ledger
-from tests.conftest import S3Server, free_port
-from tests.ingest.conftest import IngestHarness, RunningService, TenantHandle, send_request, start_service
-from tests.ingest.test_dependency_outages import PrivatePostgres
+from tests.conftest import S3Server
+from tests.ingest.conftest import IngestHarness, TenantHandle, private_ingest_settings, send_request, serving_ingest
 
 CREDITS = 1000
 
 
 @pytest.fixture(scope="module")
-def private_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivatePostgres]:
-    # Not under pytest's tmp_path: PostgreSQL runs as the postgres user, who cannot enter root's temporary dirs.
-    parent = Path(tempfile.mkdtemp(prefix="esp-batch-outage-pg-"))
-    parent.chmod(0o755)
-    postgres = PrivatePostgres(parent / "data", tmp_path_factory.mktemp("batch-outage-postgres"))
-    postgres.start()
-    yield postgres
-    if postgres.running:
-        postgres.stop()
-    shutil.rmtree(parent, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-async def two_commit_harness(private_postgres: PrivatePostgres, new_database: Callable[[], str], redis_url: str,
+async def two_commit_harness(private_postgres: RestartablePostgres, new_database: Callable[[], str], redis_url: str,
                              nats_url: str, s3_server: S3Server, run_id: str) -> AsyncIterator[IngestHarness]:
     """Ingest over the private Postgres, committing two emails per transaction one transaction at a time; the
     ledger over a database of the session's Postgres."""
-    await migrate_services(private_postgres.dsn, ["ingest"])
+    await migrate_services(private_postgres.url, ["ingest"])
     ledger_dsn = new_database()
     await migrate_services(ledger_dsn, ["ledger"])
-    namespace = f"{run_id}bpo{secrets.token_hex(2)}"
-    settings = IngestSettings(
-        postgres_dsn=private_postgres.dsn, redis_url=redis_url, nats_url=nats_url, namespace=namespace,
-        grpc_port=free_port(), s3_endpoint=s3_server.endpoint, s3_access_key=s3_server.access_key,
-        s3_secret_key=s3_server.secret_key, s3_bucket=f"{run_id}-batch-outage", admin_token=secrets.token_hex(16),
-        ledger_addr=f"127.0.0.1:{free_port()}", reports_addr=f"127.0.0.1:{free_port()}",
-        router_addr=f"127.0.0.1:{free_port()}", api_key_cache_s=30.0, shutdown_grace_s=2.0, log_format="text",
+    settings = private_ingest_settings(
+        postgres_dsn=private_postgres.url, redis_url=redis_url, nats_url=nats_url, s3=s3_server,
+        namespace=f"{run_id}bpo{secrets.token_hex(2)}", s3_bucket=f"{run_id}-batch-outage", api_key_cache_s=30.0,
         accept_batch_size=2, accept_batch_workers=1)
-    ledger_settings = LedgerSettings(
-        postgres_dsn=ledger_dsn, redis_url=redis_url, nats_url=nats_url, namespace=namespace,
-        grpc_port=int(settings.ledger_addr.rsplit(":", 1)[1]), shutdown_grace_s=2.0)
-    services: list[RunningService] = []
-    channel: grpc.aio.Channel | None = None
-    try:
-        services.append(await start_service(await build_ledger(ledger_settings), ledger_settings))
-        parts = await build_components(settings)
-        services.append(await start_service(service_app(parts), settings))
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{settings.grpc_port}")
-        yield IngestHarness(parts, settings, channel, s3_server, services)
-    finally:
-        if channel is not None:
-            await channel.close()
-        for service in reversed(services):
-            await service.shutdown()
-        await forget_namespace(namespace, nats_url, redis_url)
+    async with serving_ingest(settings, s3_server, ledger_dsn=ledger_dsn) as harness:
+        yield harness
 
 
 @dataclass
@@ -90,7 +50,7 @@ class StopPostgresAfterFirstCommit:
     """The store's commit hook (the outbox publisher's), and then, once, Postgres stopped. The hook runs as soon as
     a transaction committed, before the store starts its next one, and the stop blocks until Postgres is down."""
 
-    postgres: PrivatePostgres
+    postgres: RestartablePostgres
     publish: Callable[[list[CommittedRow], bool], None]
     armed: bool = True
 
@@ -103,15 +63,14 @@ class StopPostgresAfterFirstCommit:
 
 @pytest.fixture
 async def postgres_stops_after_the_first_commit(two_commit_harness: IngestHarness,
-                                                private_postgres: PrivatePostgres) -> AsyncIterator[None]:
+                                                private_postgres: RestartablePostgres) -> AsyncIterator[None]:
     store = two_commit_harness.parts.store
     publish = store.on_commit
     assert publish is not None
     store.on_commit = StopPostgresAfterFirstCommit(private_postgres, publish)
     yield
     store.on_commit = publish
-    if not private_postgres.running:
-        await private_postgres.up()
+    await private_postgres.up()
 
 
 @pytest.fixture
@@ -140,7 +99,7 @@ def four_emails(**fields: str) -> messages_pb2.BatchSendEmailsRequest:
 
 
 async def test_emails_committed_before_postgres_went_down_keep_their_answers_and_the_rest_are_unavailable(
-        two_commit_harness: IngestHarness, tenant: TenantHandle, private_postgres: PrivatePostgres,
+        two_commit_harness: IngestHarness, tenant: TenantHandle, private_postgres: RestartablePostgres,
         postgres_stops_after_the_first_commit: None):
     reply = await two_commit_harness.messages.BatchSendEmails(four_emails(), metadata=tenant.auth, timeout=60)
 
@@ -158,7 +117,7 @@ async def test_emails_committed_before_postgres_went_down_keep_their_answers_and
 
 
 async def test_a_retry_of_the_refused_emails_sends_each_email_of_the_batch_once(
-        two_commit_harness: IngestHarness, tenant: TenantHandle, private_postgres: PrivatePostgres,
+        two_commit_harness: IngestHarness, tenant: TenantHandle, private_postgres: RestartablePostgres,
         postgres_stops_after_the_first_commit: None):
     batch = four_emails()
     first = await two_commit_harness.messages.BatchSendEmails(batch, metadata=tenant.auth, timeout=60)
@@ -176,7 +135,7 @@ async def test_a_retry_of_the_refused_emails_sends_each_email_of_the_batch_once(
 
 
 async def test_emails_with_request_ids_committed_before_postgres_went_down_keep_their_answers(
-        two_commit_harness: IngestHarness, tenant: TenantHandle, private_postgres: PrivatePostgres,
+        two_commit_harness: IngestHarness, tenant: TenantHandle, private_postgres: RestartablePostgres,
         postgres_stops_after_the_first_commit: None):
     # Emails with a request_id are accepted one by one (in the pools of single sends), not in the batch's own pass.
     batch = four_emails(request_id=f"r-{secrets.token_hex(3)}")
