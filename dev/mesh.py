@@ -444,7 +444,12 @@ class Mesh:
 
     def start_service(self, name: str) -> Process:
         """Start a service's process and wait until it serves (raise if it exits or does not within a minute)."""
-        proc = self.spawn_service(name)
+        self.spawn_service(name)
+        return self.wait_serving(name)
+
+    def wait_serving(self, name: str) -> Process:
+        """Wait until the started service ``name`` serves (raise if it exits or does not within a minute)."""
+        proc = self.processes[name]
         if name == "gateway":
             wait_port(self.config.gateway_port, 30, proc.popen, name)
             return proc
@@ -455,12 +460,27 @@ class Mesh:
         return proc
 
     def start(self) -> None:
-        for name in self.config.services:
-            self.start_service(name)
+        """Every service at once, then wait for each: no service needs another to be serving before it starts
+        (gRPC channels connect lazily, streams and buckets are declared by whoever comes first), and a mesh
+        starting its processes together is up in a third of the time it takes one after another."""
+        try:
+            for name in self.config.services:
+                self.spawn_service(name)
+            for name in self.config.services:
+                self.wait_serving(name)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        for name in reversed(list(self.processes)):
-            self.processes[name].stop()
+        """SIGTERM to every process at once, then wait for each to drain (each is killed after 15 s): the grace
+        periods run side by side instead of one after another."""
+        running = [proc for proc in reversed(list(self.processes.values())) if proc.popen.poll() is None]
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.send_signal(signal.SIGTERM)
+        for proc in running:
+            proc.stop()
         self.processes.clear()
 
     @contextlib.contextmanager
