@@ -59,7 +59,8 @@ def test_an_email_produces_signed_accepted_sent_and_delivered_webhooks_in_sequen
         return [json.loads(r.body)["type"] for r in receiver.received(path)]
 
     wanted = {"message.accepted", "message.sent", "message.delivered"}
-    wait_until(lambda: wanted <= set(types()), 30, "accepted, sent and delivered webhooks")
+    wait_until(lambda: wanted <= set(types()), 30, "accepted, sent and delivered webhooks",
+               progress=lambda: len(receiver.received(path)))
     documents = [verified(endpoint.signing_secret, r) for r in receiver.received(path)]
     mine = [d for d in documents if d["data"]["message"] == f"messages/{message_id}"]
     sequences = {d["type"]: int(d["data"]["sequence"]) for d in mine}
@@ -207,7 +208,7 @@ def test_a_batching_endpoint_gets_each_event_once_in_batches(webhook_mesh: Campa
     def events() -> list[dict[str, Any]]:
         return [e for r in receiver.received(path) for e in verified(endpoint.signing_secret, r)["data"]]
 
-    wait_until(lambda: len(events()) >= 40, 30, "40 events")
+    wait_until(lambda: len(events()) >= 40, 30, "40 events", progress=lambda: len(events()))
     assert all(json.loads(r.body)["type"] == "batch" for r in receiver.received(path))
     assert len(receiver.received(path)) < 40
     names = [e["data"]["name"] for e in events()]
@@ -224,7 +225,8 @@ def test_a_dead_endpoint_does_not_delay_a_healthy_one(webhook_mesh: CampaignMesh
         send_email(webhook_mesh, key)
     # Twelve events to each dead endpoint keep its lane busy for several timeouts; the healthy one gets all twelve
     # meanwhile.
-    wait_until(lambda: len(receiver.received(path)) >= 12, 10, "the healthy endpoint's twelve events")
+    wait_until(lambda: len(receiver.received(path)) >= 12, 10, "the healthy endpoint's twelve events",
+               progress=lambda: len(receiver.received(path)))
 
 
 def test_a_receiver_sending_an_endless_body_costs_one_short_attempt(
