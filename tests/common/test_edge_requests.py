@@ -4,7 +4,6 @@ resource ids, filter values and page tokens that no resource could have, page si
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,11 +17,10 @@ from grpc_status import rpc_status
 from libs.common.auth import TrustedHeaderAuthenticator
 from libs.common.errors import InvalidArgument
 from libs.common.field_masks import update_paths
-from libs.common.grpc_server import ServiceApp, serve
+from libs.common.grpc_server import ServiceApp
 from libs.common.pagination import page_size
 from libs.common.resource_names import checked_page_token, checked_text, resource_id
-from libs.common.settings import CommonSettings
-from tests.conftest import free_port
+from tests.serving import served
 
 
 class Balances(credits_pb2_grpc.CreditServiceServicer):
@@ -35,13 +33,8 @@ async def address() -> AsyncIterator[str]:
     app = ServiceApp(name="test", default_port=0,
                      servicers=[(credits_pb2_grpc.add_CreditServiceServicer_to_server, Balances())],
                      service_names=["esp.v1.CreditService"], authenticator=TrustedHeaderAuthenticator())
-    port = free_port()
-    ready, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(serve(app, CommonSettings(grpc_port=port, shutdown_grace_s=5), ready=ready, stop=stop))
-    await asyncio.wait_for(ready.wait(), 10)
-    yield f"127.0.0.1:{port}"
-    stop.set()
-    await asyncio.wait_for(task, 15)
+    async with served(app) as (address, _):
+        yield address
 
 
 async def test_request_bytes_that_do_not_decode_are_invalid_argument_naming_the_type(address: str) -> None:

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,9 +27,8 @@ from libs.common.errors import (
     error_from_status,
     error_parts,
 )
-from libs.common.grpc_server import ServiceApp, serve
-from libs.common.settings import CommonSettings
-from tests.conftest import free_port
+from libs.common.grpc_server import ServiceApp
+from tests.serving import served
 
 # Four bytes of UTF-8 a character, and a field path as long as a header name may make it: the worst case per byte.
 WIDE = "\U0001f4e7"
@@ -133,13 +131,8 @@ async def refusing_server() -> AsyncIterator[str]:
     app = ServiceApp(name="test", default_port=0,
                      servicers=[(credits_pb2_grpc.add_CreditServiceServicer_to_server, Refusing())],
                      service_names=["esp.v1.CreditService"], authenticator=TrustedHeaderAuthenticator())
-    port = free_port()
-    ready, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(serve(app, CommonSettings(grpc_port=port, shutdown_grace_s=2), ready=ready, stop=stop))
-    await asyncio.wait_for(ready.wait(), 10)
-    yield f"127.0.0.1:{port}"
-    stop.set()
-    await asyncio.wait_for(task, 15)
+    async with served(app, shutdown_grace_s=2) as (address, _):
+        yield address
 
 
 async def test_a_client_reads_the_invalid_argument_of_a_request_with_thousands_of_bad_fields(refusing_server: str):

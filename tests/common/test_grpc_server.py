@@ -24,6 +24,7 @@ from libs.common.errors import FieldViolation, InvalidArgument
 from libs.common.grpc_server import ServiceApp, ServiceFailed, serve
 from libs.common.settings import CommonSettings
 from tests.conftest import free_port
+from tests.serving import served
 
 
 class Balances(credits_pb2_grpc.CreditServiceServicer):
@@ -54,14 +55,8 @@ async def server() -> AsyncIterator[tuple[str, Balances, asyncio.Event]]:
     app = ServiceApp(name="test", default_port=0,
                      servicers=[(credits_pb2_grpc.add_CreditServiceServicer_to_server, servicer)],
                      service_names=["esp.v1.CreditService"], authenticator=TrustedHeaderAuthenticator())
-    port = free_port()
-    settings = CommonSettings(grpc_port=port, shutdown_grace_s=5)
-    ready, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(serve(app, settings, ready=ready, stop=stop))
-    await asyncio.wait_for(ready.wait(), 10)
-    yield f"127.0.0.1:{port}", servicer, stop
-    stop.set()
-    await asyncio.wait_for(task, 15)
+    async with served(app) as (address, stop):
+        yield address, servicer, stop
 
 
 async def test_health_reports_serving_for_the_server_and_each_service(server):

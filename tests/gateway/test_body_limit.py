@@ -4,7 +4,6 @@ clients to retry the same bytes forever."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,12 +13,12 @@ import pytest
 from esp.v1 import messages_pb2_grpc
 
 from libs.common.grpc_client import MAX_MESSAGE_BYTES
-from libs.common.grpc_server import ServiceApp, serve
-from libs.common.settings import CommonSettings, SettingsError
+from libs.common.grpc_server import ServiceApp
+from libs.common.settings import SettingsError
 from services.gateway.app import create_app
 from services.gateway.config import GatewayConfig, load_config
-from tests.conftest import free_port
 from tests.gateway.upstream import MessageServiceDouble, Recorder
+from tests.serving import served
 
 
 @pytest.fixture
@@ -30,13 +29,8 @@ async def served_upstream() -> AsyncIterator[tuple[str, Recorder]]:
                      servicers=[(messages_pb2_grpc.add_MessageServiceServicer_to_server,
                                  MessageServiceDouble(recorder))],
                      service_names=["esp.v1.MessageService"])
-    port = free_port()
-    ready, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(serve(app, CommonSettings(grpc_port=port, shutdown_grace_s=1), ready=ready, stop=stop))
-    await asyncio.wait_for(ready.wait(), 10)
-    yield f"127.0.0.1:{port}", recorder
-    stop.set()
-    await asyncio.wait_for(task, 15)
+    async with served(app, shutdown_grace_s=1) as (address, _):
+        yield address, recorder
 
 
 @pytest.fixture(params=["create_app defaults", "GatewayConfig defaults"])
