@@ -163,7 +163,11 @@ def _pending(dsn: str, phase: str) -> int:
             "                        AND r.state = ANY(%s))) "
             "     + (SELECT count(*) FROM reports.messages WHERE metadata ? 'chaos_phase' AND NOT state = ANY(%s)) "
             "     + (SELECT count(*) FROM campaigns.campaigns WHERE state IN ('running', 'scheduled', 'paused')) "
-            "     + (SELECT count(*) FROM ledger.holds WHERE state = 'held')",
+            # A hold whose request never committed (its call cut off after the reserve: a deadline, a crash) has no
+            # email to wait for; it gives its credits back when it expires.
+            "     + (SELECT count(*) FROM ledger.holds h WHERE h.state = 'held' AND (EXISTS ("
+            "        SELECT 1 FROM ingest.messages m WHERE m.id::text = h.hold_id) OR EXISTS ("
+            "        SELECT 1 FROM reports.messages r WHERE r.message_id = h.hold_id)))",
             (list(FINAL_STATES), list(FINAL_STATES))).fetchone()
     return int(row[0]) if row else -1
 
