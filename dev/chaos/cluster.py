@@ -58,9 +58,6 @@ class ChaosCluster:
     simulator_url: str = ""
     mesh: m.Mesh | None = None
     api_key: str = ""
-    held_down: set[str] = field(default_factory=set)
-    """Services the supervisor leaves dead for now (a fault holds them down)."""
-    restarts: list[tuple[float, str]] = field(default_factory=list)
     _supervisor: asyncio.Task[None] | None = None
 
     @property
@@ -168,11 +165,10 @@ class ChaosCluster:
             assert self.mesh is not None
             for name in list(self.mesh.processes):
                 proc = self.mesh.processes[name]
-                if proc.popen.poll() is None or name in self.held_down:
+                if proc.popen.poll() is None:
                     continue
                 try:
                     await asyncio.to_thread(self.mesh.start_service, name)
-                    self.restarts.append((time.time(), name))
                     failures.pop(name, None)
                 except RuntimeError as exc:
                     count = failures[name] = failures.get(name, 0) + 1

@@ -43,7 +43,6 @@ class RunSettings:
 class RunResult:
     verdicts: list[PhaseVerdict] = field(default_factory=list)
     work_dir: Path | None = None
-    started_s: float = 0.0
     elapsed_s: float = 0.0
 
     @property
