@@ -49,15 +49,22 @@ __all__ = [
     "ensure_streams",
     "publish",
     "pull_loop",
+    "server_urls",
 ]
 
 log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Topology:
-    """Stream, subject and consumer names of one mesh (``namespace`` isolates test runs)."""
+    """Stream, subject and consumer names of one mesh (``namespace`` isolates test runs), and how many servers
+    of a NATS cluster keep each of its streams (``replicas``: 1 on a single server, 3 in production)."""
 
     namespace: str = ""
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.replicas <= 5:  # JetStream's own bounds, refused here before any stream is touched
+            raise ValueError(f"stream replicas must be 1 to 5, got {self.replicas}")
 
     def _p(self, name: str) -> str:
         return f"{self.namespace}_{name}" if self.namespace else name
@@ -150,17 +157,29 @@ class Topology:
         return self._p(name).replace(".", "_")
 
 
+def server_urls(url: str) -> list[str]:
+    """The servers of ``ESP_NATS_URL``: one URL, or the URLs of a cluster's nodes separated by commas (nats-py
+    takes a list; it would parse a comma list as one URL)."""
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise ValueError("no NATS server URL given")
+    return urls
+
+
 async def connect(url: str, name: str) -> NATS:
-    """Connect with reconnects forever (a NATS restart must not kill the service)."""
+    """Connect with reconnects forever (a NATS restart must not kill the service). ``url`` may list a cluster's
+    nodes separated by commas: the client connects to one and fails over to the others (and to any node the
+    cluster announces)."""
     return await nats.connect(
-        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5,
+        server_urls(url), name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5,
         allow_reconnect=True,
     )
 
 
 async def ensure_streams(js: JetStreamContext, topology: Topology, *, events_max_age_s: float = 7 * 86400,
                          duplicate_window_s: float = 120.0) -> None:
-    """Create or update the SEND streams (one per class), the EVENTS stream and the held campaign emails' stream."""
+    """Create or update the SEND streams (one per class), the EVENTS stream and the held campaign emails' stream,
+    each kept by ``topology.replicas`` servers."""
     wanted = [
         *(StreamConfig(
             name=topology.send_stream(c),
@@ -168,6 +187,7 @@ async def ensure_streams(js: JetStreamContext, topology: Topology, *, events_max
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             duplicate_window=duplicate_window_s,
+            num_replicas=topology.replicas,
         ) for c in MessageClass),
         StreamConfig(
             name=topology.events_stream,
@@ -176,6 +196,7 @@ async def ensure_streams(js: JetStreamContext, topology: Topology, *, events_max
             storage=StorageType.FILE,
             max_age=events_max_age_s,
             duplicate_window=duplicate_window_s,
+            num_replicas=topology.replicas,
         ),
         StreamConfig(
             name=topology.held_stream,
@@ -183,6 +204,7 @@ async def ensure_streams(js: JetStreamContext, topology: Topology, *, events_max
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             duplicate_window=duplicate_window_s,
+            num_replicas=topology.replicas,
         ),
     ]
     await _retire_shared_send_stream(js, topology)

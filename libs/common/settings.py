@@ -124,6 +124,10 @@ class CommonSettings:
     """Postgres of record (each service owns a schema in it)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     nats_url: str = "nats://127.0.0.1:4222"
+    """One NATS server, or a cluster's nodes separated by commas."""
+    stream_replicas: int = 1
+    """How many servers of the NATS cluster keep each JetStream stream (1 to 5; 3 in production, where one
+    node may be lost without losing a stored email). A single server takes only 1."""
     namespace: str = ""
     """Prefix of JetStream stream names, subjects and Redis keys; lets several meshes (test runs) share servers."""
     grpc_host: str = "127.0.0.1"

@@ -287,7 +287,7 @@ def unsubscribe_links(settings: CampaignsSettings) -> UnsubscribeLinks | None:
 
 async def build_expander(settings: CampaignsSettings) -> WorkerParts:
     """The expander with its own pool, Redis, NATS, ledger and reports channels, and its outbox publisher."""
-    topology = Topology(settings.namespace)
+    topology = Topology(settings.namespace, replicas=settings.stream_replicas)
     pool = await db.create_pool(settings.postgres_dsn, min_size=1, max_size=4, name="campaigns-expander")
     redis = create_redis(settings.redis_url)
     nc = await connect(settings.nats_url, "esp-campaigns-expander")

@@ -394,9 +394,9 @@ async def build_app(settings: CampaignsSettings) -> ServiceApp:
     nc = await connect(settings.nats_url, "esp-campaigns")
     outbox = OutboxPublisher(pool, nc, "campaigns.outbox")
     servicer = CampaignServicer(
-        CampaignStore(pool, Topology(settings.namespace), unpark_window_s=settings.unpark_window_s,
-                      on_commit=outbox.publish_soon), redis, LedgerHolds(ledger),
-        ReportsStats(reports), s3, settings.s3_bucket, namespace=settings.namespace,
+        CampaignStore(pool, Topology(settings.namespace, replicas=settings.stream_replicas),
+                      unpark_window_s=settings.unpark_window_s, on_commit=outbox.publish_soon),
+        redis, LedgerHolds(ledger), ReportsStats(reports), s3, settings.s3_bucket, namespace=settings.namespace,
         one_click_ready=bool(settings.public_base_url and settings.unsubscribe_keys),
         max_import_bytes=settings.max_import_bytes)
 

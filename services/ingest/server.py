@@ -388,7 +388,7 @@ class IngestComponents:
 async def build_components(settings: IngestSettings) -> IngestComponents:
     """Connect to Postgres, Redis, NATS (streams and the provider catalog), S3 and the ledger; wire the parts."""
     return_large_buffers_to_the_os()
-    topology = Topology(settings.namespace)
+    topology = Topology(settings.namespace, replicas=settings.stream_replicas)
     pool = await db.create_pool(settings.postgres_dsn, min_size=2, max_size=settings.accept_batch_workers + 12,
                                 name="ingest")
     redis = create_redis(settings.redis_url)

@@ -201,7 +201,7 @@ def _error_result(exc: Any) -> credits_pb2.BatchReserveCreditsResponse.Result:
 async def build_app(settings: LedgerSettings) -> ServiceApp:
     """The ledger service: the CreditService, the expiry sweeper, the notification publisher, and the settling of
     outcome events (in a worker process of its own unless ``settlement_worker`` is off)."""
-    topology = Topology(settings.namespace)
+    topology = Topology(settings.namespace, replicas=settings.stream_replicas)
     pool = await db.create_pool(settings.postgres_dsn, min_size=2, max_size=settings.reserve_workers + 8,
                                 name="ledger")
     ledger = Ledger(pool, LedgerOptions(

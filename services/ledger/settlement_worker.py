@@ -22,7 +22,7 @@ from services.ledger.outcome_consumer import OutcomeConsumer
 
 async def build_settlement(settings: LedgerSettings) -> WorkerParts:
     """The outcome consumer with its own database pool and NATS connection."""
-    topology = Topology(settings.namespace)
+    topology = Topology(settings.namespace, replicas=settings.stream_replicas)
     pool = await db.create_pool(settings.postgres_dsn, min_size=1, max_size=2, name="ledger-settlement")
     ledger = Ledger(pool, LedgerOptions(default_hold_ttl_s=settings.hold_ttl_s))
     nc = await connect(settings.nats_url, "esp-ledger-settlement")

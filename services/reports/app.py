@@ -69,7 +69,7 @@ async def build_app(settings: ReportsSettings, *,
         nc = await connect(settings.nats_url, f"esp-{SERVICE_NAME}")
         closers.append(nc.close)
         js = nc.jetstream()
-        topology = Topology(settings.namespace)
+        topology = Topology(settings.namespace, replicas=settings.stream_replicas)
         await ensure_streams(js, topology)
         if settings.resync_suppressions_on_start:
             await resync_redis(pool, redis, settings.namespace)

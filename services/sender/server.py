@@ -53,7 +53,7 @@ async def build_app(settings: SenderSettings) -> ServiceApp:
 async def build_pools(settings: SenderSettings) -> WorkerParts:
     """Catalog watch, health and halted-campaign refreshers and one pool per class served, wired to the shared
     servers."""
-    topology = Topology(settings.namespace)
+    topology = Topology(settings.namespace, replicas=settings.stream_replicas)
     nc = await connect(settings.nats_url, "esp-sender")
     js = nc.jetstream()
     await ensure_streams(js, topology)

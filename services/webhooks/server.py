@@ -226,7 +226,7 @@ async def build_app(settings: WebhooksSettings) -> ServiceApp:
         closers.append(pool.close)
         nc = await connect(settings.nats_url, "esp-webhooks")
         closers.append(nc.close)
-        topology = Topology(settings.namespace)
+        topology = Topology(settings.namespace, replicas=settings.stream_replicas)
         await ensure_streams(nc.jetstream(), topology)
     except BaseException:
         for close in reversed(closers):
