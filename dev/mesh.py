@@ -23,6 +23,7 @@ import nats
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dev.replicas import HTTP_PORT_VARIABLES, Replica, grpc_target, replica_name, service_of
 from libs.common.jetstream import Topology
 from libs.common.secret_box import generate_key_setting
 from libs.routing.catalog import bucket_name
@@ -399,6 +400,54 @@ class MeshConfig:
     secrets_keys: str = field(default_factory=lambda: generate_key_setting("dev"), repr=False)
     """``ESP_SECRETS_KEYS`` of every service: a fresh key-encryption key per mesh, so a test's sealed credentials
     open only in its own mesh (``make run`` keeps one in ``.dev/`` instead: its Postgres outlives a run)."""
+    replicas: dict[str, int] = field(default_factory=dict)
+    """Processes per service, 1 for a service not named (``dev.replicas``). The first keeps ``ports``,
+    ``gateway_port`` and ``webhook_port``; the others listen on ``replica_ports``."""
+    replica_ports: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    """(gRPC port, HTTP port) of each replica after the first, by service (0 where the service has no such port);
+    free ports are picked at construction for those not given."""
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+    """Prometheus port of a replica, by replica name (its workers take the ports after it). A replica not named
+    keeps what ``extra_env`` says (metrics off by default), but only the first: two would bind one port."""
+
+    def __post_init__(self) -> None:
+        for service, count in self.replicas.items():
+            if count < 1:
+                raise ValueError(f"{service}: a service runs at least one replica, not {count}")
+            given = self.replica_ports.setdefault(service, [])
+            while len(given) < count - 1:
+                given.append((free_port() if service in GRPC_PORTS else 0,
+                              free_port() if service in HTTP_PORT_VARIABLES else 0))
+
+    def replicas_of(self, service: str) -> list[Replica]:
+        """Every replica of ``service``, the first first."""
+        first_http = {"gateway": self.gateway_port, "reports": self.webhook_port}.get(service, 0)
+        ports = [(self.ports.get(service, 0), first_http)]
+        ports += self.replica_ports.get(service, [])[:self.replicas.get(service, 1) - 1]
+        return [Replica(service, index, grpc, http, self._metrics_port(replica_name(service, index)))
+                for index, (grpc, http) in enumerate(ports)]
+
+    def replica(self, name: str) -> Replica:
+        """The replica called ``name`` (``ingest`` is the first of ingest, ``ingest-2`` the second)."""
+        service, index = service_of(name)
+        replicas = self.replicas_of(service)
+        if index >= len(replicas):
+            raise KeyError(f"{name}: {service} runs {len(replicas)} replica(s)")
+        return replicas[index]
+
+    def replica_names(self) -> list[str]:
+        """The processes of ``services``, every replica of each."""
+        return [replica.name for service in self.services for replica in self.replicas_of(service)]
+
+    def address(self, service: str) -> str:
+        """The gRPC target a client dials ``service`` with: every replica, balanced round robin."""
+        return grpc_target([replica.grpc_port for replica in self.replicas_of(service)])
+
+    def _metrics_port(self, name: str) -> int | None:
+        if name in self.metrics_ports:
+            return self.metrics_ports[name]
+        # A second replica must not bind the port extra_env gives the first: it goes without.
+        return 0 if service_of(name)[1] and self.extra_env.get("ESP_METRICS_PORT", "0") != "0" else None
 
     def env(self) -> dict[str, str]:
         return {
@@ -407,12 +456,9 @@ class MeshConfig:
             "ESP_S3_ACCESS_KEY": self.s3_access_key, "ESP_S3_SECRET_KEY": self.s3_secret_key,
             "ESP_ADMIN_TOKEN": self.admin_token, "ESP_UNSUBSCRIBE_KEYS": self.unsubscribe_keys,
             "ESP_SECRETS_KEYS": self.secrets_keys,
-            "ESP_INGEST_ADDR": f"127.0.0.1:{self.ports['ingest']}",
-            "ESP_ROUTER_ADDR": f"127.0.0.1:{self.ports['router']}",
-            "ESP_LEDGER_ADDR": f"127.0.0.1:{self.ports['ledger']}",
-            "ESP_REPORTS_ADDR": f"127.0.0.1:{self.ports['reports']}",
-            "ESP_CAMPAIGNS_ADDR": f"127.0.0.1:{self.ports['campaigns']}",
-            "ESP_WEBHOOKS_ADDR": f"127.0.0.1:{self.ports['webhooks']}",
+            "ESP_INGEST_ADDR": self.address("ingest"), "ESP_ROUTER_ADDR": self.address("router"),
+            "ESP_LEDGER_ADDR": self.address("ledger"), "ESP_REPORTS_ADDR": self.address("reports"),
+            "ESP_CAMPAIGNS_ADDR": self.address("campaigns"), "ESP_WEBHOOKS_ADDR": self.address("webhooks"),
             # Local receivers (loopback, plain http) may take webhooks in the dev mesh; production refuses them.
             "ESP_WEBHOOK_ALLOW_INTERNAL": "true",
             # Reports serves one-click unsubscribe (/u/<token>) on its webhook port; http is allowed on loopback.
@@ -426,19 +472,20 @@ class MeshConfig:
 
 
 class Mesh:
-    """The services as processes; ``start()`` returns once each reports SERVING."""
+    """The services as processes, one per replica (``MeshConfig.replicas``); ``start()`` returns once each reports
+    SERVING. Processes are named by replica: ``ingest`` (the first, or only, replica of ingest), ``ingest-2`` …"""
 
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
         self.processes: dict[str, Process] = {}
 
     def spawn_service(self, name: str) -> Process:
-        """Start a service's process and return at once, without waiting for it to serve (a restart by
-        ``make run``'s supervisor, which must not hold up the other services' restarts)."""
-        env = self.config.env()
-        if name != "gateway":
-            env["ESP_GRPC_PORT"] = str(self.config.ports[name])
-        proc = spawn(name, [sys.executable, "-m", f"services.{name}"], self.config.log_dir, env)
+        """Start a service's process (``name`` is a replica's: ``ingest``, ``ingest-2``) and return at once, without
+        waiting for it to serve (a restart by ``make run``'s supervisor, which must not hold up the other services'
+        restarts)."""
+        replica = self.config.replica(name)
+        env = {**self.config.env(), **replica.env()}
+        proc = spawn(name, [sys.executable, "-m", f"services.{replica.service}"], self.config.log_dir, env)
         self.processes[name] = proc
         return proc
 
@@ -448,13 +495,14 @@ class Mesh:
         return self.wait_serving(name)
 
     def wait_serving(self, name: str) -> Process:
-        """Wait until the started service ``name`` serves (raise if it exits or does not within a minute)."""
+        """Wait until the started replica ``name`` serves (raise if it exits or does not within a minute)."""
         proc = self.processes[name]
-        if name == "gateway":
-            wait_port(self.config.gateway_port, 30, proc.popen, name)
+        replica = self.config.replica(name)
+        if replica.service == "gateway":
+            wait_port(replica.http_port, 30, proc.popen, name)
             return proc
         try:
-            wait_grpc_serving(self.config.ports[name], 60, proc.popen, name)
+            wait_grpc_serving(replica.grpc_port, 60, proc.popen, name)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n--- {name} log ---\n{proc.log_tail()}") from exc
         return proc
@@ -464,9 +512,10 @@ class Mesh:
         (gRPC channels connect lazily, streams and buckets are declared by whoever comes first), and a mesh
         starting its processes together is up in a third of the time it takes one after another."""
         try:
-            for name in self.config.services:
+            names = self.config.replica_names()
+            for name in names:
                 self.spawn_service(name)
-            for name in self.config.services:
+            for name in names:
                 self.wait_serving(name)
         except BaseException:
             self.stop()
