@@ -14,6 +14,7 @@ from grpc_status import rpc_status
 from libs.common.errors import EspError, Unavailable, error_from_parts, error_from_status
 
 __all__ = [
+    "BALANCING_OPTIONS",
     "CHANNEL_OPTIONS",
     "MAX_MESSAGE_BYTES",
     "domain_errors",
@@ -27,15 +28,23 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 """Largest gRPC message a service of the mesh receives (``serve()``'s servers and these channels alike). The REST
 gateway refuses larger unary bodies itself (413), since its upstream would refuse them anyway."""
 
+BALANCING_OPTIONS = (("grpc.lb_policy_name", "round_robin"),)
+"""Calls spread over every address the target resolves to, one connection to each: the replicas an ``ipv4:`` list
+names (the dev mesh), or the pods a headless Service's DNS name returns (Kubernetes). Behind a ``ClusterIP`` name
+there is one address, so the policy changes nothing there and balancing is the service mesh's (per request) or
+kube-proxy's (per connection). gRPC's default, ``pick_first``, would send every call to the first address."""
+
 CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 1),
+    *BALANCING_OPTIONS,
 )
 
 
 def open_channel(addr: str) -> grpc.aio.Channel:
-    """An insecure channel inside the mesh (mTLS is the service mesh's job in production)."""
+    """An insecure channel inside the mesh (mTLS is the service mesh's job in production), balancing round robin
+    over every address ``addr`` resolves to."""
     return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
 
 

@@ -43,6 +43,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from libs.common.grpc_client import BALANCING_OPTIONS
 from libs.common.public_edge import fronts_service, serves_method
 from services.gateway import json_depth
 from services.gateway.binding_matcher import BindingMatcher
@@ -140,7 +141,8 @@ class Transcoder:
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(
                 self.upstream_addr,
-                options=[("grpc.max_receive_message_length", self.options.max_receive_message_bytes)],
+                options=[("grpc.max_receive_message_length", self.options.max_receive_message_bytes),
+                         *BALANCING_OPTIONS],
             )
         return self._channel
 
