@@ -31,10 +31,11 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import NotFoundError
+from opentelemetry import trace
 
 from libs.common.message_classes import MessageClass
 from libs.common.metrics import JETSTREAM_HANDLED, JETSTREAM_PUBLISHED
-from libs.common.telemetry import inject_headers
+from libs.common.telemetry import inject_headers, message_spans
 
 __all__ = [
     "JS_API_PREFIX",
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("esp.jetstream")
 
 @dataclass(frozen=True)
 class Topology:
@@ -179,7 +181,9 @@ async def connect(url: str, name: str) -> NATS:
 async def ensure_streams(js: JetStreamContext, topology: Topology, *, events_max_age_s: float = 7 * 86400,
                          duplicate_window_s: float = 120.0) -> None:
     """Create or update the SEND streams (one per class), the EVENTS stream and the held campaign emails' stream,
-    each kept by ``topology.replicas`` servers."""
+    each kept by ``topology.replicas`` servers. A stream's replica count changes in place: NATS adds the peers and
+    copies the stream to them (the stream has no leader for a moment meanwhile), so streams a mesh made at R1 on a
+    cluster go to R3 with what they hold. A single server refuses more than one replica."""
     wanted = [
         *(StreamConfig(
             name=topology.send_stream(c),
@@ -430,6 +434,7 @@ async def pull_loop(nc: NATS, stream: str, durable: str, handler: Handler, stop:
 
     The handler acks (or naks) each message itself: acking only after its effect is durable is what makes
     delivery at-least-once. A handler error leaves the batch unacked, so it is redelivered after ``ack_wait``.
+    With tracing on, each message of a batch gets a consumer span under the trace its headers carry.
     """
     puller = BatchPuller(nc, stream, durable)
     await puller.start()
@@ -444,7 +449,10 @@ async def pull_loop(nc: NATS, stream: str, durable: str, handler: Handler, stop:
             if not msgs:
                 continue
             try:
-                await handler(msgs)
+                with message_spans(_tracer, f"process {stream}", [msg.headers for msg in msgs],
+                                   attributes={"messaging.system": "nats", "messaging.consumer.group.name": durable,
+                                               "messaging.batch.message_count": len(msgs)}):
+                    await handler(msgs)
                 JETSTREAM_HANDLED.labels(durable, "ok").inc(len(msgs))
             except Exception:
                 JETSTREAM_HANDLED.labels(durable, "error").inc(len(msgs))
