@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dev.replicas import HTTP_PORT_VARIABLES, Replica, grpc_target, replica_name, service_of
-from libs.common.jetstream import Topology
+from libs.common.jetstream import Topology, server_urls
 from libs.common.secret_box import generate_key_setting
 from libs.routing.catalog import bucket_name
 
@@ -564,7 +564,7 @@ async def forget_namespace(namespace: str, nats_url: str, redis_url: str) -> Non
     """Remove what a mesh of ``namespace`` left on shared servers: its JetStream streams and provider bucket, and
     its Redis keys (sent markers live for days; a benchmark leaves tens of thousands)."""
     topology = Topology(namespace)
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(server_urls(nats_url))  # one server or a cluster's comma list
     try:
         js = nc.jetstream()
         for stream in topology.streams:
