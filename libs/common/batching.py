@@ -13,6 +13,10 @@ round-robin; with two or more per queue, the next batch of a shard is prepared w
 Requests that must not wait (an OTP's, when the batcher is given an ``urgent`` test) have a lane of their own:
 they never queue behind a campaign's thousands of emails, and ``urgent_workers`` workers that take nothing else
 handle them, so they do not wait for a bulk batch in flight either. Urgent batches never linger.
+
+A batch is flushed in the trace context of its first request (the OpenTelemetry context current when it was
+submitted): the round trip it makes (ingest's reserve call to the ledger) joins that request's trace, rather than
+none.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from opentelemetry import context as otel_context
 from prometheus_client import Histogram
 
 __all__ = [
@@ -38,6 +43,9 @@ BATCH_SIZE = Histogram("esp_batch_size", "Requests handled together in one round
 
 RequestT = TypeVar("RequestT")
 ResultT = TypeVar("ResultT")
+
+_Queued = tuple[RequestT, asyncio.Future[ResultT], otel_context.Context]
+"""A submitted request, the future its caller awaits, and the trace context it was submitted in."""
 
 FlushFunction = Callable[[Sequence[RequestT]], Awaitable[Sequence[ResultT | Exception]]]
 """Handles one batch; returns one result per request, in order: a value, or the exception for that request."""
@@ -91,9 +99,9 @@ class GroupCommitter(Generic[RequestT, ResultT]):
         self._options = options
         self._shard_key = shard_key
         self._urgent = urgent
-        self._queues: list[deque[tuple[RequestT, asyncio.Future[ResultT]]]] = [deque() for _ in range(shards)]
+        self._queues: list[deque[_Queued[RequestT, ResultT]]] = [deque() for _ in range(shards)]
         self._wakeups = [asyncio.Event() for _ in range(shards)]
-        self._urgent_queue: deque[tuple[RequestT, asyncio.Future[ResultT]]] = deque()
+        self._urgent_queue: deque[_Queued[RequestT, ResultT]] = deque()
         self._urgent_wakeup = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
@@ -142,7 +150,7 @@ class GroupCommitter(Generic[RequestT, ResultT]):
                                   for _ in range(self._options.urgent_workers)]
         future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
         if self._urgent is not None and (self._urgent(request) if urgent is None else urgent):
-            self._urgent_queue.append((request, future))
+            self._urgent_queue.append((request, future, otel_context.get_current()))
             self._urgent_wakeup.set()
             return future
         if len(self._queues) == 1:
@@ -151,11 +159,11 @@ class GroupCommitter(Generic[RequestT, ResultT]):
             shard = hash(self._shard_key(request)) % len(self._queues)
         else:
             shard = min(range(len(self._queues)), key=lambda i: len(self._queues[i]))
-        self._queues[shard].append((request, future))
+        self._queues[shard].append((request, future, otel_context.get_current()))
         self._wakeups[shard].set()
         return future
 
-    async def _work(self, queue: deque[tuple[RequestT, asyncio.Future[ResultT]]], wakeup: asyncio.Event, *,
+    async def _work(self, queue: deque[_Queued[RequestT, ResultT]], wakeup: asyncio.Event, *,
                     patient: bool) -> None:
         """Take batches from ``queue`` until closed; a ``patient`` worker lingers as the options ask."""
         max_size = self._options.max_batch_size
@@ -180,19 +188,22 @@ class GroupCommitter(Generic[RequestT, ResultT]):
                 wakeup.set()  # let an idle worker of this queue start on the rest now
             await self._run(batch)
 
-    async def _run(self, batch: list[tuple[RequestT, asyncio.Future[ResultT]]]) -> None:
+    async def _run(self, batch: list[_Queued[RequestT, ResultT]]) -> None:
         self._sizes.observe(len(batch))
+        token = otel_context.attach(batch[0][2])
         try:
-            results = await self._flush([request for request, _ in batch])
+            results = await self._flush([request for request, _, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"flush returned {len(results)} results for {len(batch)} requests")
         except Exception as exc:
             # The whole batch failed (database unreachable ...): every caller gets the error.
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        finally:
+            otel_context.detach(token)
+        for (_, future, _), result in zip(batch, results, strict=True):
             if future.done():
                 continue  # the caller gave up (cancelled); the result stays in the database
             if isinstance(result, Exception):

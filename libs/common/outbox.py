@@ -51,6 +51,9 @@ class OutboxRow:
     payload: bytes
     deliver_after: datetime | None = None
     """Publish it no earlier than this (only for a publisher made with ``scheduled=True``); None: at once."""
+    traceparent: str = ""
+    """The W3C trace context of the work that wrote the row (``telemetry.current_traceparent``), published as the
+    message's ``traceparent`` header so its consumers join that trace; "" for none."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class OutboxPublisher:
         self.pool = pool
         self.table = table
         """The outbox table, schema-qualified (``ingest.outbox``): columns id, subject, msg_id, payload,
-        created_at, and deliver_after when ``scheduled``."""
+        traceparent, created_at, and deliver_after when ``scheduled``."""
         self.scheduled = scheduled
         """The table has a ``deliver_after`` column: rows may be held back until then (see the module docstring)."""
         self.due_interval_s = due_interval_s
@@ -102,7 +105,7 @@ class OutboxPublisher:
         the due pass's (``publish_due``)."""
         unscheduled = "AND deliver_after IS NULL" if self.scheduled else ""
         return await self._publish_locked(
-            f"""SELECT id, subject, msg_id, payload FROM {self.table}
+            f"""SELECT id, subject, msg_id, payload, traceparent FROM {self.table}
                WHERE created_at <= now() - make_interval(secs => %s) {unscheduled}
                ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED""",
             (min_age_s, self.batch_size))
@@ -113,7 +116,7 @@ class OutboxPublisher:
         if not self.scheduled:
             return 0
         return await self._publish_locked(
-            f"""SELECT id, subject, msg_id, payload FROM {self.table}
+            f"""SELECT id, subject, msg_id, payload, traceparent FROM {self.table}
                WHERE deliver_after IS NOT NULL AND deliver_after <= now()
                ORDER BY deliver_after LIMIT %s FOR UPDATE SKIP LOCKED""",
             (self.batch_size,))
@@ -123,7 +126,8 @@ class OutboxPublisher:
         until it ends, nobody else publishes or deletes them."""
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(select, args)
-            rows = [CommittedRow(i, OutboxRow(s, m, bytes(p))) for i, s, m, p in await cur.fetchall()]
+            rows = [CommittedRow(i, OutboxRow(s, m, bytes(p), traceparent=t or ""))
+                    for i, s, m, p, t in await cur.fetchall()]
             if not rows:
                 return 0
             done = await self._publish(rows)
@@ -140,8 +144,9 @@ class OutboxPublisher:
         acks: list[asyncio.Future[None]] = []
         try:
             for committed in rows:
-                acks.append(await self.publisher.publish(committed.row.subject, committed.row.payload,
-                                                         committed.row.msg_id))
+                row = committed.row
+                headers = {"traceparent": row.traceparent} if row.traceparent else None
+                acks.append(await self.publisher.publish(row.subject, row.payload, row.msg_id, headers))
         except Exception:
             log.warning("outbox: publishing failed after %d of %d rows; the rest wait for the next pass",
                         len(acks), len(rows), exc_info=True)

@@ -64,6 +64,7 @@ from libs.common.jetstream import Topology
 from libs.common.message_classes import MessageClass
 from libs.common.outbox import OutboxRow
 from libs.common.queued_messages import accepted_event, message_resource
+from libs.common.telemetry import current_traceparent
 from libs.common.timestamps import to_timestamp
 from services.ingest.limits import AdmissionTicket, RedisGate
 from services.ingest.model import YIELD_EVERY, EmailDraft, HoldRequest, StoredAttachment
@@ -446,13 +447,14 @@ class Acceptor:
         event = accepted_event(task, message, sizing.event_attributes())
         task_bytes = task.SerializeToString()
         queued = task_bytes if send_time is None else queued_task(task, send_time)
+        traceparent = current_traceparent()
         return NewMessage(
             id=message_id, tenant_id=tenant_id, request_id=draft.request_id, fingerprint=fingerprint,
             message_class=draft.message_class, task=task_bytes, credits=credits, created_at=now, send_time=send_at,
             outbox=(OutboxRow(self.topology.send_subject(draft.message_class), message_key, queued,
-                              deliver_after=send_at),
+                              deliver_after=send_at, traceparent=traceparent),
                     OutboxRow(self.topology.events_subject(tenant_id), event.event.event_id,
-                              event.SerializeToString()))), message
+                              event.SerializeToString(), traceparent=traceparent))), message
 
     async def _give_back(self, taken: Sequence[tuple[uuid.UUID, AdmissionTicket]], exc: BaseException) -> None:
         """The holds and admission of emails that were not stored go back: a hold without a message gives its credits

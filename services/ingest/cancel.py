@@ -29,6 +29,7 @@ from libs.common.errors import FailedPrecondition, FieldViolation, InvalidArgume
 from libs.common.jetstream import Topology
 from libs.common.message_classes import MessageClass
 from libs.common.outbox import OutboxRow
+from libs.common.telemetry import current_traceparent
 from services.ingest.payloads import cancelled_event
 from services.ingest.store import CancelTarget, MessageStore
 
@@ -92,7 +93,7 @@ class Canceller:
     def _cancelled_row(self, task: queue_pb2.SendTask) -> OutboxRow:
         event = cancelled_event(task, "message cancelled")
         return OutboxRow(self.topology.events_subject(task.tenant_id, final=True), event.event.event_id,
-                         event.SerializeToString())
+                         event.SerializeToString(), traceparent=current_traceparent())
 
     async def _halt(self, target: CancelTarget, *, quietly: bool) -> None:
         """Have every sender drop the message for as long as it could still reach one."""

@@ -12,6 +12,7 @@ from libs.common.batching import BatchingOptions, GroupCommitter
 from libs.common.errors import NotFound, error_from_parts
 from libs.common.grpc_client import domain_errors
 from libs.common.message_classes import MessageClass
+from libs.common.telemetry import inject_headers
 from services.ingest.model import URGENT_CLASSES, HoldRequest
 
 _URGENT_PROTOS = frozenset(MessageClass(name).proto for name in URGENT_CLASSES)
@@ -33,8 +34,11 @@ class LedgerCreditReserver:
 
     async def _flush(self, batch: Sequence[credits_pb2.ReserveCreditsRequest]) -> list[int | Exception]:
         async with domain_errors():
+            # Runs in the trace context of the batch's first email (the batcher attaches it): the ledger's span
+            # joins that email's trace.
             reply = await self.stub.BatchReserveCredits(
-                credits_pb2.BatchReserveCreditsRequest(requests=list(batch)), timeout=self.timeout_s)
+                credits_pb2.BatchReserveCreditsRequest(requests=list(batch)), timeout=self.timeout_s,
+                metadata=tuple(inject_headers({}).items()))
         results: list[int | Exception] = []
         for result in reply.results:
             if result.HasField("hold"):
@@ -54,7 +58,7 @@ class LedgerCreditReserver:
         """Release a hold at the ledger (the email was refused after its credits were reserved)."""
         async with domain_errors():
             await self.stub.ReleaseHold(credits_pb2.ReleaseHoldRequest(name=f"holds/{hold_id}", reason=reason),
-                                        timeout=self.timeout_s)
+                                        timeout=self.timeout_s, metadata=tuple(inject_headers({}).items()))
 
     async def close(self) -> None:
         """Flush the reserve calls still waiting and stop batching."""

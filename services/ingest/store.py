@@ -122,10 +122,10 @@ class MessageStore:
                        ON CONFLICT (tenant_id, request_id) WHERE request_id IS NOT NULL DO NOTHING
                        RETURNING id),
                    queued AS (
-                       INSERT INTO ingest.outbox (subject, msg_id, payload, deliver_after)
-                       SELECT o.subject, o.msg_id, o.payload, o.deliver_after
-                       FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::bytea[], %b::timestamptz[])
-                           AS o(message, subject, msg_id, payload, deliver_after)
+                       INSERT INTO ingest.outbox (subject, msg_id, payload, deliver_after, traceparent)
+                       SELECT o.subject, o.msg_id, o.payload, o.deliver_after, o.traceparent
+                       FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::bytea[], %b::timestamptz[], %b::text[])
+                           AS o(message, subject, msg_id, payload, deliver_after, traceparent)
                        WHERE o.message IN (SELECT id FROM new)
                        RETURNING id, msg_id)
                    SELECT NULL::bigint, id::text FROM new UNION ALL SELECT id, msg_id FROM queued""",
@@ -133,7 +133,8 @@ class MessageStore:
                  [m.fingerprint for m in batch], [m.message_class for m in batch], [m.task for m in batch],
                  [m.credits for m in batch], [m.created_at for m in batch], [m.send_time for m in batch],
                  [message for message, _ in rows], [r.subject for _, r in rows], [r.msg_id for _, r in rows],
-                 [r.payload for _, r in rows], [r.deliver_after for _, r in rows]),
+                 [r.payload for _, r in rows], [r.deliver_after for _, r in rows],
+                 [r.traceparent or None for _, r in rows]),
             )
             result = await cur.fetchall()
         inserted = {uuid.UUID(key) for row_id, key in result if row_id is None}
@@ -199,8 +200,8 @@ class MessageStore:
                 return Withdrawal(target, withdrawn=False)
             event = cancelled_event(task)
             cur = await conn.execute(
-                "INSERT INTO ingest.outbox (subject, msg_id, payload) VALUES (%s, %s, %s) RETURNING id",
-                (event.subject, event.msg_id, event.payload))
+                "INSERT INTO ingest.outbox (subject, msg_id, payload, traceparent) VALUES (%s, %s, %s, %s) "
+                "RETURNING id", (event.subject, event.msg_id, event.payload, event.traceparent or None))
             inserted = await cur.fetchone()
             assert inserted is not None
             committed.append(CommittedRow(inserted[0], event))

@@ -39,6 +39,7 @@ The steps, each a method below:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -52,11 +53,13 @@ from typing import Any
 
 from esp.internal.v1 import queue_pb2
 from esp.v1 import messages_pb2
+from opentelemetry import trace as otel_trace
 from prometheus_client import Counter, Histogram
 
 from libs.common.campaign_halts import Halt
 from libs.common.event_types import REASON_CODE_ATTRIBUTE, RECIPIENT_REFUSED_REASON_CODE, SUPPRESSED_REASON_CODE
 from libs.common.message_classes import MessageClass, RetryPolicy
+from libs.common.telemetry import message_spans, span_headers
 from libs.providers.base import ProviderAdapter
 from libs.providers.errors import AdapterConfigError, InvalidMessage, ProviderError
 from libs.providers.model import Address, Attachment, OutboundEmail, Outcome, SendResult
@@ -85,6 +88,7 @@ from services.sender.state import MessageState, MessageStateStore, SentMarker, S
 from services.sender.suppressions import Recipients, SuppressionCheck
 
 log = logging.getLogger(__name__)
+_tracer = otel_trace.get_tracer("esp.sender")
 
 RETRY_POLICIES: Mapping[str, RetryPolicy] = {c.value: c.policy.retry for c in MessageClass}
 """Each class's retry policy as the class table sets it; what the sender service runs with."""
@@ -207,6 +211,8 @@ class Job:
     """The cheap provider it waits for in the queue rather than pay a dear one (``waits_for_cheaper``)."""
     parked: bool = False
     """Its campaign is paused: it goes to the held stream, and is acked only once it is there."""
+    span: otel_trace.Span | None = None
+    """Its delivery's span (tracing on), under the trace it was queued with: its provider call and events join it."""
 
     @property
     def task(self) -> queue_pb2.SendTask:
@@ -291,16 +297,15 @@ class Deliverer:
         """Deliver a batch of emails of one class; returns one verdict per email, once every event is durable."""
         pending: Outbox = []
         beating = asyncio.create_task(_beat([i.heartbeat for i in batch], self.heartbeat_s))
+        spans = message_spans(_tracer, "deliver", [i.trace for i in batch],
+                              attributes={"messaging.system": "nats", "messaging.batch.message_count": len(batch)})
         try:
-            jobs = await self._claim(batch, pending)
-            active = [job for job in jobs if job.verdict is None]
-            for _round in range(len(self.catalog.providers) + 2):
-                if not active:
-                    break
-                active = await self._round(active, pending)
-            for job in active:  # only when every round asked for another: wait like any retry
-                self._later(job, backoff_s(job.policy, max(1, job.state.failures)), "no provider left", pending)
-            await self._commit(jobs, pending)
+            with spans as delivery_spans:
+                jobs = await self._claim(batch, pending)
+                for job, span in zip(jobs, delivery_spans, strict=False):
+                    job.span = span
+                    span.set_attribute("esp.message_id", job.message_id)
+                await self._run_rounds(jobs, pending)
         finally:
             beating.cancel()
         verdicts = [job.verdict or Verdict(ack=False, retry_in_s=MIN_RETRY_S) for job in jobs]
@@ -309,6 +314,17 @@ class Deliverer:
         for labels, count in counts.items():  # one label lookup per kind, not per email
             VERDICTS.labels(*labels).inc(count)
         return verdicts
+
+    async def _run_rounds(self, jobs: list[Job], pending: Outbox) -> None:
+        """Steps 2 to 7 for the claimed ``jobs``: rounds of placement and calls, then the commit."""
+        active = [job for job in jobs if job.verdict is None]
+        for _round in range(len(self.catalog.providers) + 2):
+            if not active:
+                break
+            active = await self._round(active, pending)
+        for job in active:  # only when every round asked for another: wait like any retry
+            self._later(job, backoff_s(job.policy, max(1, job.state.failures)), "no provider left", pending)
+        await self._commit(jobs, pending)
 
     # -- step 1 --------------------------------------------------------------------------------------------------
     async def _claim(self, batch: Sequence[Incoming], pending: Outbox) -> list[Job]:
@@ -554,12 +570,15 @@ class Deliverer:
                 call.reached_provider = False
                 return
         emails = [job.email for job in call.jobs if job.email is not None]
+        first_span = call.jobs[0].span
         try:
             adapter: ProviderAdapter = self.adapters.get(call.provider_id)
-            if len(emails) == 1:
-                call.results = [await adapter.send(emails[0])]
-            else:
-                call.results = list(await adapter.send_batch(emails))
+            # The HTTP call's client span is a child of the (first) email's delivery span.
+            with otel_trace.use_span(first_span, end_on_exit=False) if first_span else contextlib.nullcontext():
+                if len(emails) == 1:
+                    call.results = [await adapter.send(emails[0])]
+                else:
+                    call.results = list(await adapter.send_batch(emails))
         except (KeyError, ProviderError) as exc:
             # The provider went away or the email stopped fitting it between placement and the call.
             call.reached_provider = False
@@ -638,7 +657,10 @@ class Deliverer:
         # resends. Only once the events are durable does the pool ack.
         changes = [self._change(job) for job in jobs if job.dirty]
         await self.states.commit(changes, [j.message_id for j in jobs if j.state.leased], self.owner)
-        trace = {job.message_id: job.incoming.trace for job in jobs}
+        # An event's parent is the email's delivery span when there is one (tracing on), else the trace it was
+        # queued with, passed on unchanged.
+        trace = {job.message_id: span_headers(job.span) if job.span is not None else job.incoming.trace
+                 for job in jobs}
         staged: list[asyncio.Future[None]] = [
             await self.events.stage(e.task, e.event_type, event_id=e.event_id, final=e.final, reason=e.reason,
                                     facts=e.facts, recipient=e.recipient, trace=trace.get(e.task.message_id))

@@ -18,6 +18,7 @@ from prometheus_client import Gauge
 
 from libs.common.jetstream import BatchPuller, Topology, ensure_pull_consumer
 from libs.common.metrics import JETSTREAM_HANDLED
+from libs.common.telemetry import TRACE_HEADERS
 from services.sender.delivery import Deliverer, Incoming, Verdict
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ ERROR_RETRY_S = 2.0
 LONG_POLL_S = 1.0
 FETCH_MAX = 255
 """Most emails one pull asks for."""
-TRACE_HEADERS = ("traceparent", "tracestate")
 POOL_CAPACITY = Gauge("esp_sender_pool_capacity", "Emails a class pool keeps in flight at most now", ["class"])
 
 

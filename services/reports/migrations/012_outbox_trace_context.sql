@@ -1,0 +1,4 @@
+-- The W3C trace context (traceparent) of the work that wrote the row — a recorded batch's notifications — so the
+-- published message carries it and its consumers' spans join that trace (libs/common/outbox.py). NULL: none.
+-- Adding a nullable column without a default rewrites nothing.
+ALTER TABLE reports.outbox ADD COLUMN traceparent text;
