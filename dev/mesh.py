@@ -23,6 +23,7 @@ import nats
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dev import binaries, pg_account
 from dev.replicas import HTTP_PORT_VARIABLES, Replica, grpc_target, replica_name, service_of
 from libs.common.jetstream import Topology, server_urls
 from libs.common.secret_box import generate_key_setting
@@ -115,38 +116,30 @@ def spawn(name: str, args: Sequence[str], log_dir: Path, env: Mapping[str, str] 
 
 
 # -- dependencies --------------------------------------------------------------------------------------------------
-def _pg_bin(tool: str) -> str:
-    found = shutil.which(tool)
-    if found:
-        return found
-    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"), reverse=True):
-        return str(candidate)
-    raise RuntimeError(f"PostgreSQL's {tool} is not installed (apt-get install postgresql)")
-
-
 def start_postgres(data_dir: Path, port: int, log_dir: Path) -> Process:
-    """A private PostgreSQL cluster (initdb on first use) on loopback, trust auth, run as the postgres user when
-    we are root (PostgreSQL refuses to run as root)."""
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        as_user = ["runuser", "-u", "postgres", "--"]
+    """A private PostgreSQL cluster (initdb on first use) on loopback, trust auth; the machine's PostgreSQL or the
+    wheel's (``dev.binaries``), run as another account when we are root (``dev.pg_account``: PostgreSQL refuses to
+    run as root)."""
+    account = pg_account.postgres_account()
+    as_user = pg_account.run_as(account)
+    if account is not None:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
     if not (data_dir / "PG_VERSION").exists():
         data_dir.mkdir(parents=True, exist_ok=True)
-        if as_user:
-            shutil.chown(data_dir, "postgres", "postgres")
-        subprocess.run([*as_user, _pg_bin("initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust",
-                        "-E", "UTF8"], check=True, stdout=subprocess.DEVNULL)
-    proc = spawn("postgres", [*as_user, _pg_bin("postgres"), "-D", str(data_dir), "-p", str(port), "-h", "127.0.0.1",
-                              "-k", "/tmp", "-c", "max_connections=300", "-c", "fsync=off"], log_dir)
+        if account is not None:
+            pg_account.hand_over(data_dir, account)
+        subprocess.run([*as_user, binaries.postgres_tool("initdb", account), "-D", str(data_dir), "-U", "postgres",
+                        "--auth=trust", "-E", "UTF8"], check=True, stdout=subprocess.DEVNULL)
+    proc = spawn("postgres", [*as_user, binaries.postgres_tool("postgres", account), "-D", str(data_dir),
+                              "-p", str(port), "-h", "127.0.0.1", "-k", "/tmp", "-c", "max_connections=300",
+                              "-c", "fsync=off"], log_dir)
     wait_port(port, 30, proc.popen, "postgres")
     return proc
 
 
 def start_redis(port: int, log_dir: Path) -> Process:
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    proc = spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                 log_dir)
+    proc = spawn("redis", [binaries.redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                           "--appendonly", "no"], log_dir)
     wait_port(port, 15, proc.popen, "redis")
     return proc
 
