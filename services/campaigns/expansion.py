@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from esp.internal.v1 import queue_pb2
 from esp.v1 import messages_pb2
+from opentelemetry import trace
 from prometheus_client import Counter
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
@@ -40,6 +41,7 @@ from libs.common.message_classes import MessageClass
 from libs.common.outbox import CommittedRow, OutboxRow
 from libs.common.queued_messages import accepted_event, message_resource
 from libs.common.suppressions import suppressed_among
+from libs.common.telemetry import current_traceparent
 from libs.common.timestamps import to_timestamp
 from libs.common.unsubscribe import UnsubscribeTarget, UnsubscribeTokens, list_unsubscribe_headers, unsubscribe_url
 from services.campaigns.model import CampaignSpec, Mailbox, PauseReason
@@ -51,6 +53,7 @@ __all__ = ["CAMPAIGN_MESSAGE_NAMESPACE", "ChunkResult", "CreditHolds", "Expansio
            "campaign_message_id", "compile_spec"]
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("esp.campaigns")
 
 CAMPAIGN_MESSAGE_NAMESPACE = uuid.UUID("5b0e6a8e-4f47-4c3e-9d0c-6b1f3c2a9e71")
 """uuid5 namespace of campaign message ids."""
@@ -225,7 +228,10 @@ class Expansion:
             campaign = await cur.fetchone()
             if campaign is None:
                 return None
-            result, committed = await self._expand(conn, campaign)
+            # A trace per chunk: its emails' outbox rows carry it, so their sends and events join it.
+            with _tracer.start_as_current_span("expand campaign chunk",
+                                               attributes={"esp.campaign_id": campaign["id"]}):
+                result, committed = await self._expand(conn, campaign)
         if result.queued:  # counted once the transaction committed them
             QUEUED.labels(result.message_class).inc(result.queued)
         if committed:
@@ -378,13 +384,14 @@ class Expansion:
         cur = await conn.execute("SELECT nextval('campaigns.outbox_id_seq') FROM generate_series(1, %s)",
                                  (len(subjects),))
         ids = [row[0] for row in await cur.fetchall()]
+        traceparent = current_traceparent()
         async with conn.cursor().copy(
-                "COPY campaigns.outbox (id, subject, msg_id, payload) FROM STDIN (FORMAT BINARY)") as copy:
-            copy.set_types(["int8", "text", "text", "bytea"])
+                "COPY campaigns.outbox (id, subject, msg_id, payload, traceparent) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["int8", "text", "text", "bytea", "text"])
             for record in zip(ids, subjects, msg_ids, payloads, strict=True):
-                await copy.write_row(record)
-        return [CommittedRow(i, OutboxRow(s, m, p)) for i, s, m, p in zip(ids, subjects, msg_ids, payloads,
-                                                                            strict=True)]
+                await copy.write_row((*record, traceparent or None))
+        return [CommittedRow(i, OutboxRow(s, m, p, traceparent=traceparent))
+                for i, s, m, p in zip(ids, subjects, msg_ids, payloads, strict=True)]
 
     @staticmethod
     def _send_task(message_id: str, tenant_id: str, campaign_id: str, spec: CampaignSpec,

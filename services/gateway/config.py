@@ -35,6 +35,8 @@ class GatewayConfig:
     sent on in frames and are not bound by it."""
     log_level: str = "INFO"
     log_format: str = "json"
+    otel_exporter_otlp_endpoint: str = ""
+    """When set, spans (one server span per request, the upstream call its child) are exported over OTLP."""
 
     def __post_init__(self) -> None:
         check_positive(

@@ -39,12 +39,15 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from libs.common.grpc_client import BALANCING_OPTIONS
 from libs.common.public_edge import fronts_service, serves_method
+from libs.common.telemetry import TRACE_HEADERS, extract_context, inject_headers, tracing_enabled
 from services.gateway import json_depth
 from services.gateway.binding_matcher import BindingMatcher
 from services.gateway.body_streams import ndjson_lines
@@ -59,6 +62,7 @@ from services.gateway.fields import (
 from services.gateway.plain_bodies import BodyStream, PlainBody, plain_bodies
 
 logger = logging.getLogger(__name__)
+_tracer = trace.get_tracer("esp.gateway")
 
 JSON_MEDIA_TYPE = "application/json"
 HTTP_BODY_TYPE = "google.api.HttpBody"
@@ -147,7 +151,20 @@ class Transcoder:
         return self._channel
 
     async def handle(self, request: Request) -> Response:
-        """Answer one HTTP request: route it, call the upstream, write JSON (or a Status error)."""
+        """Answer one HTTP request: route it, call the upstream, write JSON (or a Status error). With tracing on,
+        in a server span under the trace context the request carries (or a new trace), which the upstream call
+        carries on."""
+        if not tracing_enabled():
+            return await self._handle(request)
+        with _tracer.start_as_current_span(f"{request.method} {request.url.path}", kind=SpanKind.SERVER,
+                                           context=extract_context(request.headers),
+                                           attributes={"http.request.method": request.method,
+                                                       "url.path": request.url.path}) as span:
+            response = await self._handle(request)
+            span.set_attribute("http.response.status_code", response.status_code)
+            return response
+
+    async def _handle(self, request: Request) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         try:
             binding, variables = self.matcher.match(request.method, _raw_path(request))
@@ -519,10 +536,15 @@ def _outgoing_metadata(request: Request, request_id: str) -> list[tuple[str, str
     edge trust ``x-esp-*`` metadata, and a public client must never be able to set it.
     """
     metadata: list[tuple[str, str]] = [("x-request-id", request_id)]
+    traced = tracing_enabled()
     for name in _FORWARDED_HEADERS:
+        if traced and name in TRACE_HEADERS:
+            continue  # the gateway's own span is the upstream's parent (below)
         for value in request.headers.getlist(name):
             if _metadata_value_ok(value):
                 metadata.append((name, value))
+    if traced:
+        metadata.extend(inject_headers({}).items())
     client_host = request.client.host if request.client else ""
     forwarded_for = ", ".join(
         part for part in (request.headers.get("x-forwarded-for", ""), client_host) if part

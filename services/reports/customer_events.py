@@ -15,6 +15,7 @@ from libs.common.event_types import MESSAGE_EVENT_TYPES
 from libs.common.jetstream import Topology
 from libs.common.message_classes import MessageClass
 from libs.common.outbox import CommittedRow, OutboxRow
+from libs.common.telemetry import current_traceparent
 from libs.common.timestamps import to_timestamp
 from services.reports.models import EventType
 from services.reports.recorder import RecordedEvent
@@ -70,12 +71,17 @@ async def queue_recorded_events(conn: psycopg.AsyncConnection, topology: Topolog
         first_ids.setdefault(item.event.tenant_id, item.event.event_id)
     if not by_tenant:
         return []
+    # The batch's trace (that of its first event, whose consumer span is current): the webhook dispatcher's spans
+    # join it.
+    traceparent = current_traceparent()
     rows = [OutboxRow(topology.notify_subject(tenant), f"recorded-{first_ids[tenant]}",
-                      queue_pb2.RecordedEvents(tenant_id=tenant, events=events).SerializeToString())
+                      queue_pb2.RecordedEvents(tenant_id=tenant, events=events).SerializeToString(),
+                      traceparent=traceparent)
             for tenant, events in sorted(by_tenant.items())]
     cur = await conn.execute(
-        f"""INSERT INTO {OUTBOX_TABLE} (subject, msg_id, payload)
-            SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[]) RETURNING id, msg_id""",
-        ([r.subject for r in rows], [r.msg_id for r in rows], [r.payload for r in rows]))
+        f"""INSERT INTO {OUTBOX_TABLE} (subject, msg_id, payload, traceparent)
+            SELECT s, m, p, %s FROM unnest(%s::text[], %s::text[], %s::bytea[]) AS r(s, m, p)
+            RETURNING id, msg_id""",
+        (traceparent or None, [r.subject for r in rows], [r.msg_id for r in rows], [r.payload for r in rows]))
     ids = {msg_id: row_id for row_id, msg_id in await cur.fetchall()}
     return [CommittedRow(ids[r.msg_id], r) for r in rows]
