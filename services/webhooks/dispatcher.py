@@ -24,11 +24,15 @@ import logging
 import time
 from collections import defaultdict, deque
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Histogram
 from psycopg_pool import AsyncConnectionPool
 
 from libs.common.stopping import pause_unless_stopped
+from libs.common.telemetry import message_spans
 from services.webhooks.config import WebhooksSettings
 from services.webhooks.endpoints import SigningKeys
 from services.webhooks.outcomes import Claimed, DeliveryOutcome, OutcomeRecorder
@@ -39,6 +43,7 @@ from services.webhooks.transport import AttemptResult, WebhookTransport
 __all__ = ["Dispatcher"]
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("esp.webhooks")
 
 ATTEMPTS = Counter("esp_webhook_attempts_total", "Webhook HTTP attempts", ["outcome"])
 ATTEMPT_LATENCY = Histogram("esp_webhook_attempt_seconds", "Webhook HTTP attempt latency")
@@ -133,12 +138,13 @@ class Dispatcher:
                    FROM locked, webhooks.endpoints e
                    WHERE d.id = locked.id AND e.id = d.endpoint_id
                    RETURNING d.id, d.endpoint_id, d.tenant_id, d.webhook_id, d.body, d.attempts, d.event_types,
-                             e.url""",
+                             e.url, d.traceparent""",
                 {"busy": self._busy(), "failing": list(self._failing), "scan": CLAIM_BATCH * 10,
                  "per_endpoint": PER_ENDPOINT_CLAIM,
                  "limit": CLAIM_BATCH, "lease": self._lease})
             rows = await cur.fetchall()
-        return [Claimed(i, e, t, w, bytes(b), a, tuple(types), u) for i, e, t, w, b, a, types, u in rows]
+        return [Claimed(i, e, t, w, bytes(b), a, tuple(types), u, tp or "")
+                for i, e, t, w, b, a, types, u, tp in rows]
 
     def _start_lane(self, endpoint_id: str) -> None:
         while (self._queues[endpoint_id]
@@ -194,6 +200,19 @@ class Dispatcher:
             self._wake.set()
 
     async def _attempt(self, delivery: Claimed) -> AttemptResult:
+        """One signed POST; with tracing on, in a client span under the trace the delivery was queued in (the
+        transport is httpcore, which no instrumentation sees). The span names the endpoint by its host only (a
+        URL's path may hold the customer's secret); the request carries no trace context (ours is internal)."""
+        queued_in = {"traceparent": delivery.traceparent} if delivery.traceparent else None
+        with message_spans(_tracer, "POST webhook", [queued_in], kind=SpanKind.CLIENT,
+                           attributes={"esp.webhook_id": delivery.webhook_id, "esp.attempt": delivery.attempt,
+                                       "server.address": urlsplit(delivery.url).hostname or ""}) as spans:
+            result = await self._post(delivery)
+            for span in spans:
+                span.set_attribute("http.response.status_code", result.status_code or 0)
+            return result
+
+    async def _post(self, delivery: Claimed) -> AttemptResult:
         keys = await self._keys.of(delivery.endpoint_id)
         timestamp = int(time.time())
         headers = [("webhook-id", delivery.webhook_id), ("webhook-timestamp", str(timestamp)),

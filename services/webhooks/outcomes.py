@@ -42,6 +42,8 @@ class Claimed:
     """This attempt's number (1 for the first)."""
     event_types: tuple[str, ...]
     url: str
+    traceparent: str = ""
+    """The trace context it was queued in: its attempt's span joins that trace ("" for none)."""
 
 
 @dataclass(frozen=True)

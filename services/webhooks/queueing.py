@@ -19,6 +19,8 @@ import psycopg
 from esp.v1 import events_pb2
 from google.protobuf import json_format
 
+from libs.common.telemetry import current_traceparent
+
 __all__ = ["Route", "batch_body", "event_document", "queue_events", "routes_of"]
 
 
@@ -153,11 +155,11 @@ async def queue_events(conn: psycopg.AsyncConnection, routes: Mapping[str, Seque
         return 0
     cur = await conn.execute(
         """INSERT INTO webhooks.deliveries (endpoint_id, tenant_id, webhook_id, dedupe_key, event_types, body,
-               ignore_disabled)
-           SELECT e, t, w, k, types::text[], b, f
+               ignore_disabled, traceparent)
+           SELECT e, t, w, k, types::text[], b, f, %s
            FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::boolean[])
                AS u(e, t, w, k, types, b, f)
            ON CONFLICT (endpoint_id, dedupe_key) DO NOTHING""",
-        (rows.endpoint_ids, rows.tenant_ids, rows.webhook_ids, rows.dedupe_keys, rows.event_types, rows.bodies,
-         rows.forced))
+        (current_traceparent() or None, rows.endpoint_ids, rows.tenant_ids, rows.webhook_ids, rows.dedupe_keys,
+         rows.event_types, rows.bodies, rows.forced))
     return cur.rowcount

@@ -1,5 +1,6 @@
 """One email, one trace: the spans every process of a mesh exports over OTLP, collected by a local receiver, join
-up from the gateway's request to the provider's HTTP call and to the reports and ledger consumers."""
+up from the gateway's request to the provider's HTTP call, to the reports and ledger consumers and to the webhook
+that tells the customer."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from dev import mesh as m
 from tests.campaigns.conftest import CampaignMesh, start_campaign_mesh, wait_until
 from tests.conftest import S3Server
 from tests.monitoring.otlp_receiver import ReceivedSpan, TraceReceiver, running_receiver
+from tests.webhooks.receiver import Receiver
+from tests.webhooks.test_delivery import create_endpoint
 
 SERVER, CLIENT, CONSUMER = 2, 3, 5
 """``opentelemetry.proto.trace.v1.Span.SpanKind`` values."""
@@ -64,6 +67,8 @@ def _hops(trace: list[ReceivedSpan], simulator_url: str) -> dict[str, list[Recei
         "reports consumer": [s for s in trace if s.service.startswith("esp-reports") and s.kind == CONSUMER],
         "ledger settlement consumer": [s for s in trace if s.service == "esp-ledger-settlement"
                                        and s.kind == CONSUMER],
+        "webhook delivery": [s for s in trace if s.service == "esp-webhooks" and s.kind == CLIENT
+                             and s.name == "POST webhook"],
     }
 
 
@@ -77,7 +82,14 @@ def _joined_up(trace: list[ReceivedSpan]) -> bool:
 def test_one_email_makes_one_trace_from_the_gateway_request_to_the_provider_call_and_the_consumers(
         traced_mesh: tuple[CampaignMesh, TraceReceiver]) -> None:
     running, receiver = traced_mesh
-    _send_through_the_gateway(running, f"trace-{secrets.token_hex(4)}")
+    webhooks = Receiver()
+    webhooks.start()
+    try:
+        create_endpoint(running, running.api_key, f"{webhooks.url}/hooks")
+        _send_through_the_gateway(running, f"trace-{secrets.token_hex(4)}")
+        wait_until(lambda: webhooks.received("/hooks"), 30, "a webhook at the customer's endpoint")
+    finally:
+        webhooks.stop()
 
     def complete() -> list[ReceivedSpan] | None:
         spans = receiver.spans()
