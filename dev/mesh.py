@@ -133,15 +133,25 @@ def start_postgres(data_dir: Path, port: int, log_dir: Path) -> Process:
     proc = spawn("postgres", [*as_user, binaries.postgres_tool("postgres", account), "-D", str(data_dir),
                               "-p", str(port), "-h", "127.0.0.1", "-k", "/tmp", "-c", "max_connections=300",
                               "-c", "fsync=off"], log_dir)
-    wait_port(port, 30, proc.popen, "postgres")
+    _wait_listening(proc, port, 30)
     return proc
 
 
 def start_redis(port: int, log_dir: Path) -> Process:
     proc = spawn("redis", [binaries.redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                            "--appendonly", "no"], log_dir)
-    wait_port(port, 15, proc.popen, "redis")
+    _wait_listening(proc, port, 15)
     return proc
+
+
+def _wait_listening(proc: Process, port: int, timeout_s: float) -> None:
+    """Wait for a started server to listen; when it does not, kill it and raise with its log's end (a cluster made
+    by another PostgreSQL major version, say, is refused only there)."""
+    try:
+        wait_port(port, timeout_s, proc.popen, proc.name)
+    except RuntimeError as exc:
+        proc.kill()
+        raise RuntimeError(f"{exc}\n--- {proc.name} log ---\n{proc.log_tail()}") from exc
 
 
 def start_nats(port: int, store_dir: Path, log_dir: Path) -> Process:

