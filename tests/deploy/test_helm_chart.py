@@ -328,7 +328,7 @@ def test_notes_name_the_public_endpoints_and_the_secrets_to_create():
     assert "mail-ingest.email.svc:50051" in notes
     assert "mail-gateway.email.svc:8080" in notes
     assert "mail-reports.email.svc:8081" in notes
-    for secret in ("esp-postgres", "esp-s3", "esp-unsubscribe-keys", "esp-secrets-keys"):
+    for secret in ("esp-postgres", "esp-s3", "esp-unsubscribe-keys", "esp-secrets-keys", "esp-admin-token"):
         assert secret in notes
     for unread in ("esp-provider-credentials", "esp-webhook-signing-keys"):  # read by no code: not asked for
         assert unread not in notes

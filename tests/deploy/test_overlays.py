@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.deploy import kustomize
-from tests.deploy.manifests import K8S_DIR, Rendering, pod_spec, replica_range
+from tests.deploy.manifests import K8S_DIR, Rendering, kustomize, pod_spec, replica_range, split_image
 
 OVERLAY_NAMESPACES = {"dev": "esp-dev", "prod": "esp-prod"}
 
@@ -15,7 +14,7 @@ def autoscalers(rendering: Rendering):
 
 
 def test_the_base_renders_on_its_own_without_a_namespace():
-    resources = kustomize.render(K8S_DIR / "base")
+    resources = kustomize(K8S_DIR / "base")
 
     assert resources
     assert all("namespace" not in resource["metadata"] for resource in resources)
@@ -77,7 +76,7 @@ def test_prod_pins_a_release_image_and_its_migrations_run_the_same_image(renderi
     }
 
     [image] = images
-    _, tag, _ = kustomize.split_image(image)
+    _, tag, _ = split_image(image)
     assert tag is not None and tag[0].isdigit()
 
 

@@ -1,7 +1,9 @@
 """The environment the manifests give each pod is the one its code reads: every ``ESP_*`` variable is a field of
 that service's settings class (derived from the classes themselves, ``libs.common.settings.env_name``), every
 secret setting (a field kept out of ``repr``) comes from one key of a Secret, and the Secrets referenced are exactly
-those some setting reads — no Secret poured wholesale into the environment for code that never looks at it.
+those some setting reads — no Secret poured wholesale into the environment for code that never looks at it. Both ways
+round: every key of a Secret a pod mounts is a setting its code reads, and every secret setting (a field kept out of
+``repr``, or a DSN, which carries a password) its code reads is mounted from a Secret.
 
 Holds for every rendering: both kustomize overlays and the Helm chart with each of its CI values files."""
 
@@ -20,8 +22,6 @@ from libs.common.settings import CommonSettings, env_name
 from tests.deploy.manifests import REPO_ROOT, Rendering, component_of, environment, pod_spec
 
 SERVICES = REPO_ROOT / "services"
-NOT_SETTINGS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-"""Read by boto3 from the environment rather than by a settings class (documented in docs/DEPLOYMENT.md)."""
 
 
 def package_of(component: str) -> str:
@@ -46,8 +46,9 @@ def settings_fields(package: str) -> dict[str, dataclasses.Field[Any]]:
 
 
 def secret_settings(package: str) -> set[str]:
-    """The variables of the package's settings that hold secrets (fields kept out of repr)."""
-    return {name for name, f in settings_fields(package).items() if not f.repr}
+    """The variables of the package's settings that hold secrets: fields kept out of repr, and DSNs (a Postgres DSN
+    carries the password)."""
+    return {name for name, f in settings_fields(package).items() if not f.repr or f.name.endswith("_dsn")}
 
 
 @cache
@@ -70,7 +71,7 @@ def test_every_variable_a_pod_gets_is_a_setting_of_its_service(rendering: Render
         known = settings_fields(package_of(component))
         for variable in container.get("env", []):
             name = variable["name"]
-            if name not in known and name not in NOT_SETTINGS:
+            if name not in known:
                 unknown.append(f"{component}: {name}")
     assert unknown == []
 
@@ -129,3 +130,39 @@ def test_the_secrets_the_documentation_lists_are_the_ones_the_manifests_referenc
     documented = set(re.findall(r"^\| `(esp-[a-z0-9-]+)`", (REPO_ROOT / "docs/DEPLOYMENT.md").read_text(), re.M))
 
     assert referenced == documented
+
+
+def secret_references(container: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The container's variables that come from a key of a Secret, with their ``secretKeyRef``."""
+    return {
+        variable["name"]: variable["valueFrom"]["secretKeyRef"]
+        for variable in container.get("env", [])
+        if "secretKeyRef" in variable.get("valueFrom", {})
+    }
+
+
+def test_every_secret_key_a_pod_mounts_is_a_setting_its_code_reads(rendering: Rendering):
+    """A Secret's key in the environment of a service that never reads it is a secret exposed for nothing (or a
+    variable the code stopped reading, silently ignored)."""
+    unread = []
+    for component, container in containers(rendering):
+        package = package_of(component)
+        fields = settings_fields(package)
+        for name, reference in secret_references(container).items():
+            field = fields.get(name)
+            if field is None or not reads_setting(package, field.name):
+                unread.append(f"{component}: {name} (Secret {reference['name']}, key {reference['key']})")
+    assert unread == []
+
+
+def test_every_secret_setting_a_service_reads_is_mounted_from_a_secret(rendering: Rendering):
+    """A secret setting the code reads but no manifest provides keeps its empty default in the cluster: the feature
+    behind it (admin access, S3 keys, sealing keys) silently off, or the service unable to start."""
+    missing = []
+    for component, container in containers(rendering):
+        package = package_of(component)
+        mounted = secret_references(container)
+        for name in sorted(secret_settings(package)):
+            if reads_setting(package, settings_fields(package)[name].name) and name not in mounted:
+                missing.append(f"{component}: {name}")
+    assert missing == []

@@ -6,7 +6,7 @@ A component context is a dict:
   root         the chart's root context ($)
   component    object-name suffix and app.kubernetes.io/name, e.g. "ingest" or "sender-otp"
   group        app.kubernetes.io/component, e.g. "sender" (defaults to component)
-  module       Python module the container runs, e.g. "services.ingest"
+  program      the service the image's entrypoint runs (`esp-service <program>`), e.g. "ingest"
   settings     the component's values (resources, autoscaling, podDisruptionBudget)
   ports        list of dicts {name, port, grpc (bool), exposure}; exposure is "public" (anyone), "mesh" (the
                release's own pods), "callers" (only the release's components named in the port's "callers"
@@ -15,7 +15,8 @@ A component context is a dict:
   postgres     bool: gets ESP_POSTGRES_DSN from the Postgres Secret
   s3           bool: gets AWS keys from the optional S3 Secret
   secretEnv    name of a Secret whose every key becomes an environment variable, or ""
-  secretKeyEnv list of {name, secret, key}: one variable from one key of a Secret (optional)
+  secretKeyEnv list of {name, secret, key, optional}: one variable from one key of a Secret; optional (bool) lets
+               the pod start without the Secret
   extraEnv     list of {name, value}
   egress       NetworkPolicy egress rules as YAML text, or absent: egress stays open (only webhooks, which calls
                customers' URLs, restricts it)
@@ -172,7 +173,7 @@ spec:
         - name: {{ .component }}
           image: {{ include "esp.image" $root }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-          command: ["python", "-m", {{ .module | quote }}]
+          command: ["esp-service", {{ .program | quote }}]
           ports:
             {{- range .ports }}
             - name: {{ .name }}
@@ -198,6 +199,9 @@ spec:
                 secretKeyRef:
                   name: {{ .secret }}
                   key: {{ .key }}
+                  {{- if .optional }}
+                  optional: true
+                  {{- end }}
             {{- end }}
             {{- if .postgres }}
             - name: ESP_POSTGRES_DSN
@@ -207,13 +211,13 @@ spec:
                   key: {{ $root.Values.secrets.postgres.dsnKey }}
             {{- end }}
             {{- if .s3 }}
-            - name: AWS_ACCESS_KEY_ID
+            - name: ESP_S3_ACCESS_KEY
               valueFrom:
                 secretKeyRef:
                   name: {{ $root.Values.secrets.s3.name }}
                   key: {{ $root.Values.secrets.s3.accessKeyIdKey }}
                   optional: true
-            - name: AWS_SECRET_ACCESS_KEY
+            - name: ESP_S3_SECRET_KEY
               valueFrom:
                 secretKeyRef:
                   name: {{ $root.Values.secrets.s3.name }}
