@@ -185,11 +185,13 @@ class NatsCluster:
 
     def wait_ready(self, nodes: list[NatsNode] | None = None, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Until each of ``nodes`` (default: all) answers ``/healthz`` with ok (JetStream up, the meta layer and
-        its streams current) and names the same meta leader."""
+        its streams current) and names the same meta leader, a running node (just after a kill the others still
+        name the dead leader until they notice it is gone)."""
         nodes = self.nodes if nodes is None else nodes
         deadline = time.monotonic() + timeout_s
         last: dict[str, object] = {}
         while time.monotonic() < deadline:
+            alive = {node.name for node in self.nodes if node.running}
             leaders: set[str] = set()
             healthy = True
             for node in nodes:
@@ -203,7 +205,7 @@ class NatsCluster:
                 last[node.name] = {"healthz": status, "body": body, "meta_leader": leader}
                 healthy = healthy and status == 200 and bool(leader)
                 leaders.add(leader)
-            if healthy and len(leaders) == 1:
+            if healthy and len(leaders) == 1 and leaders <= alive:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"the NATS cluster was not ready within {timeout_s:.0f}s: {last}")

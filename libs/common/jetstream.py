@@ -21,6 +21,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -213,11 +214,39 @@ async def ensure_streams(js: JetStreamContext, topology: Topology, *, events_max
     ]
     await _retire_shared_send_stream(js, topology)
     for config in wanted:
+        await _declare_stream(js, config)
+
+
+STREAM_API_ATTEMPTS = 6
+"""Tries of a stream or consumer declaration whose API request timed out. On a cluster, creating or changing a
+stream or a consumer is a round of the meta group's consensus and then of its own group, each write fsynced under
+``sync_interval: always``; a whole mesh starting at once on a busy machine took that past nats-py's 5 s request
+timeout. Declarations are idempotent, so a try whose answer was lost is harmless to repeat."""
+
+
+async def _declare(what: str, declaration: Callable[[], Awaitable[object]]) -> None:
+    """Run ``declaration`` until it does not time out (at most ``STREAM_API_ATTEMPTS`` times)."""
+    for attempt in range(1, STREAM_API_ATTEMPTS + 1):
+        try:
+            await declaration()
+            return
+        except NatsTimeoutError:
+            if attempt == STREAM_API_ATTEMPTS:
+                raise
+            log.warning("declaring %s timed out (try %d of %d); trying again", what, attempt, STREAM_API_ATTEMPTS)
+
+
+async def _declare_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream or update it to ``config``."""
+
+    async def declaration() -> None:
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
             await js.update_stream(config)
         except NotFoundError:
             await js.add_stream(config)
+
+    await _declare(f"stream {config.name}", declaration)
 
 
 class StreamLayoutError(RuntimeError):
@@ -258,7 +287,7 @@ async def ensure_pull_consumer(js: JetStreamContext, stream: str, durable: str, 
         max_deliver=max_deliver,
         backoff=backoff_s,
     )
-    await js.add_consumer(stream, config)
+    await _declare(f"consumer {durable} of {stream}", lambda: js.add_consumer(stream, config))
 
 
 async def publish(js: JetStreamContext, subject: str, payload: bytes, *, msg_id: str,
