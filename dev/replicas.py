@@ -13,11 +13,14 @@ The first replica of a service keeps the name and ports the mesh had before repl
 
 from __future__ import annotations
 
+import random
 import socket
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-__all__ = ["HTTP_PORT_VARIABLES", "Replica", "free_port_block", "grpc_target", "replica_name", "service_of"]
+__all__ = [
+    "BLOCK_PORTS", "HTTP_PORT_VARIABLES", "Replica", "free_port_block", "grpc_target", "replica_name", "service_of",
+]
 
 HTTP_PORT_VARIABLES = {"gateway": "ESP_GATEWAY_PORT", "reports": "ESP_WEBHOOK_PORT"}
 """The setting that moves a service's HTTP port, for the services that serve HTTP."""
@@ -79,16 +82,18 @@ def grpc_target(ports: Sequence[int], host: str = "127.0.0.1") -> str:
     return "ipv4:" + ",".join(f"{host}:{port}" for port in ports)
 
 
-def free_port_block(count: int, attempts: int = 200) -> int:
-    """The first of ``count`` consecutive loopback ports that are free now (a service's metrics port and its
-    workers' after it)."""
+BLOCK_PORTS = range(20_000, 32_000)
+"""Where ``free_port_block`` looks: below Linux's ephemeral ports (32768-60999), so that an outgoing connection of a
+process already running cannot take a port of the block before the process it is meant for binds it."""
+
+
+def free_port_block(count: int, avoid: Collection[int] = (), attempts: int = 500) -> int:
+    """The first of ``count`` consecutive loopback ports that are free now and not in ``avoid`` (a replica's metrics
+    port and its workers' after it, which bind seconds after the replica starts)."""
     for _ in range(attempts):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = int(probe.getsockname()[1])
-        if base + count > 65_536:
-            continue
-        if all(_bindable(port) for port in range(base, base + count)):
+        base = random.randrange(BLOCK_PORTS.start, BLOCK_PORTS.stop - count)
+        block = range(base, base + count)
+        if not any(port in avoid for port in block) and all(_bindable(port) for port in block):
             return base
     raise RuntimeError(f"no {count} consecutive free loopback ports found in {attempts} attempts")
 

@@ -113,19 +113,15 @@ class ReplicaMesh:
             weight=1.0, **fields)
 
 
-def _metrics_ports(names: list[str]) -> dict[str, int]:
-    """A block of ``METRICS_BLOCK`` free ports for each replica, no two blocks overlapping."""
-    taken: set[int] = set()
-    ports: dict[str, int] = {}
+def _metrics_ports(config: m.MeshConfig, names: list[str]) -> dict[str, int]:
+    """A block of ``METRICS_BLOCK`` free ports for each replica, apart from each other and from the mesh's ports."""
+    taken = {*config.ports.values(), config.gateway_port, config.webhook_port,
+             *(port for ports in config.replica_ports.values() for pair in ports for port in pair)}
+    blocks: dict[str, int] = {}
     for name in names:
-        while True:
-            base = free_port_block(METRICS_BLOCK)
-            block = set(range(base, base + METRICS_BLOCK))
-            if not block & taken:
-                break
-        taken |= block
-        ports[name] = base
-    return ports
+        blocks[name] = base = free_port_block(METRICS_BLOCK, avoid=taken)
+        taken.update(range(base, base + METRICS_BLOCK))
+    return blocks
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +136,8 @@ def replica_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str,
     config = dataclasses.replace(
         base, replicas=dict.fromkeys(REPLICATED, 2),
         extra_env={**base.extra_env, "ESP_BREAKER_OPEN_S": str(BREAKER_OPEN_S)})
-    config.metrics_ports.update(_metrics_ports([r.name for s in REPLICATED for r in config.replicas_of(s)]))
+    names = [replica.name for service in REPLICATED for replica in config.replicas_of(service)]
+    config.metrics_ports.update(_metrics_ports(config, names))
     mesh = m.Mesh(config)
     mesh.processes["simulator"] = sim_proc  # stopped with the mesh
     try:
