@@ -56,6 +56,7 @@ build_base() {
     return
   fi
   say "debootstrapping $SUITE from $MIRROR for the base image"
+  local started=$SECONDS
   local rootfs=$WORK/base/rootfs
   rm -rf "$WORK/base" && mkdir -p "$rootfs"
   debootstrap --variant=minbase "$SUITE" "$rootfs" "$MIRROR" >"$WORK/base/debootstrap.log" 2>&1 \
@@ -66,6 +67,7 @@ build_base() {
   printf 'FROM scratch\nADD rootfs.tar /\nCMD ["/bin/bash"]\n' >"$WORK/base/Containerfile"
   "${BUILDAH[@]}" bud --quiet --isolation chroot -t "$BASE" "$WORK/base" >/dev/null
   rm -f "$WORK/base/rootfs.tar"
+  say "base $BASE made in $((SECONDS - started)) s"
 }
 
 build_image() {
@@ -91,6 +93,7 @@ in_image() {
 }
 
 check_image() {
+  local started=$SECONDS
   local user
   user=$("${BUILDAH[@]}" inspect --type image --format '{{.OCIv1.Config.User}}' "$IMAGE:$TAG")
   [ "$user" = "10001:10001" ] || { say "image user is '$user', not 10001:10001"; exit 1; }
@@ -141,7 +144,7 @@ assert sys.flags.dont_write_bytecode
   if [ "${CHECK_SERVERS:-0}" = 1 ]; then
     check_with_servers
   fi
-  say "checked: user 10001, no build tools, generated code, every service name"
+  say "checked in $((SECONDS - started)) s: user 10001, no build tools, generated code, every service name"
 }
 
 check_with_servers() {
