@@ -14,6 +14,8 @@ Sending
     ``capabilities``  what each provider type can take (``DEFAULT_CAPABILITIES``) and ``provider_size_cap``;
                       imports no send code
     ``mime``          MIME documents and streamed HTTP bodies, and the sizes the caps compare
+    ``dkim``          DKIM signatures (RFC 6376, RSA and Ed25519) of raw MIME, signed with OpenSSL; the body hash
+                      fed in chunks, as a document streams
     ``registry``      ``create_adapter(config)``: the adapter of ``config.type``, its module imported on first use
 
 Delivery webhooks
