@@ -19,20 +19,23 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dev import pgtools
 from dev.mesh import free_port, wait_grpc_serving, wait_port
-from tests.deploy.manifests import REPO_ROOT, Rendering, pod_spec, workloads
+from tests.deploy.manifests import CHART_DIR, IMAGE_REPOSITORY, REPO_ROOT, Rendering, pod_spec, workloads
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 ENTRYPOINT = REPO_ROOT / "scripts" / "esp-service"
+IMAGE_SCRIPT = REPO_ROOT / "scripts" / "image.sh"
 IMAGE_PREFIX = "/opt/esp"
 """Where the Dockerfile installs ESP mesh; the test installs into a temporary directory instead."""
 START_TIMEOUT_S = 60
@@ -133,6 +136,17 @@ def test_the_entrypoint_knows_every_service_and_the_migrations():
 def test_every_manifest_starts_a_name_the_entrypoint_knows(rendering: Rendering):
     commands = [pod_spec(workload)["containers"][0]["command"] for workload in workloads(rendering)]
     assert all(command[0] == "esp-service" and command[1] in entrypoint_names() for command in commands), commands
+
+
+def test_make_image_tags_the_version_the_chart_and_the_prod_overlay_deploy(renderings: dict[str, Rendering]):
+    """``make image`` tags the image with pyproject.toml's version, the tag a release deploys."""
+    version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert 'tomllib.load(open("pyproject.toml", "rb"))["project"]["version"]' in IMAGE_SCRIPT.read_text()
+    chart = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+    assert chart["appVersion"] == version
+    for name in ("kustomize-prod", "helm-default"):
+        images = {c["image"] for w in workloads(renderings[name]) for c in pod_spec(w)["containers"]}
+        assert images == {f"{IMAGE_REPOSITORY}:{version}"}, name
 
 
 @dataclass(frozen=True)
