@@ -5,14 +5,5 @@ set -euo pipefail
 if command -v h2load >/dev/null; then
   exit 0
 fi
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  SUDO="sudo"
-fi
-if ! command -v apt-get >/dev/null; then
-  echo "bench-tools: h2load is missing and there is no apt-get here; install nghttp2's h2load" >&2
-  exit 1
-fi
-$SUDO apt-get install -y --no-install-recommends nghttp2-client >/dev/null \
-  || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y --no-install-recommends nghttp2-client >/dev/null; }
+bash "$(dirname "$0")/apt-install.sh" bench-tools nghttp2-client
 command -v h2load >/dev/null
