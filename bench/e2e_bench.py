@@ -47,6 +47,8 @@ the benchmark's database) and prints the headline figures against them as ``<met
 Run: ``make bench BENCH=e2e``; options (``--runs``, ``--emails``, ``--clients``, ``--campaign``, ...) go in
 ``BENCH_ARGS="--runs 5"`` or after ``--`` in ``python -m bench e2e -- --runs 5``. Servers: Postgres
 ``ESP_BENCH_POSTGRES_DSN``, Redis ``ESP_BENCH_REDIS_URL``, NATS ``ESP_BENCH_NATS_URL`` (defaults: the local ones).
+``--nats-cluster 3`` runs the mesh on a three-node JetStream cluster of its own instead (``dev.nats_cluster``: loopback,
+``sync_interval: always``, the streams at three replicas), as production runs NATS.
 Logs of every process: ``.dev/bench-e2e/``.
 """
 
@@ -60,11 +62,13 @@ import multiprocessing
 import os
 import secrets
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -91,8 +95,9 @@ from bench.processes import SHARED_SERVERS, cpu_snapshot, run_and_report, until_
 from dev import mesh as m
 from dev import pgtools, seed
 from dev.migrate import SERVICES_WITH_SCHEMAS
+from dev.nats_cluster import NatsCluster
 from libs.common.db import migrate_services
-from libs.common.jetstream import Topology
+from libs.common.jetstream import Topology, server_urls
 from libs.common.priority import lower_cpu_priority
 
 ADMIN_DSN = os.environ.get("ESP_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -139,9 +144,22 @@ class Environment:
 
 
 @contextmanager
-def environment() -> Iterator[Environment]:
-    """Everything up, and down again afterwards whatever happens."""
+def environment(nats_cluster: int = 0) -> Iterator[Environment]:
+    """Everything up, and down again afterwards whatever happens; with ``nats_cluster`` (3 or more), NATS is a
+    cluster of that many servers started here, the streams at three replicas."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
+    if nats_cluster:
+        with tempfile.TemporaryDirectory(prefix="esp-bench-nats-") as store, \
+                NatsCluster(Path(store), LOG_DIR, nats_cluster).running() as cluster:
+            with _environment(cluster.url, 3) as env:
+                yield env
+    else:
+        with _environment(NATS_URL, 1) as env:
+            yield env
+
+
+@contextmanager
+def _environment(nats_url: str, stream_replicas: int) -> Iterator[Environment]:
     database = pgtools.unique_database_name("esp_bench_e2e")
     dsn = pgtools.create_database(ADMIN_DSN, database)
     processes: list[m.Process] = []
@@ -158,12 +176,12 @@ def environment() -> Iterator[Environment]:
             simulator_urls.update(dict.fromkeys(served, url))
         namespace = f"bench{secrets.token_hex(3)}"
         config = m.MeshConfig(
-            postgres_dsn=dsn, redis_url=REDIS_URL, nats_url=NATS_URL, s3_endpoint=f"http://127.0.0.1:{s3_port}",
+            postgres_dsn=dsn, redis_url=REDIS_URL, nats_url=nats_url, s3_endpoint=f"http://127.0.0.1:{s3_port}",
             namespace=namespace, admin_token=secrets.token_hex(16), ports={n: m.free_port() for n in m.GRPC_PORTS},
             gateway_port=m.free_port(), webhook_port=m.free_port(), log_dir=LOG_DIR,
             services=tuple(s for s in m.SERVICES if s not in ("gateway", "sender")),
             extra_env={"ESP_S3_BUCKET": f"{namespace}-attachments", "ESP_LOG_LEVEL": "WARNING",
-                       "ESP_SHUTDOWN_GRACE_S": "3"})
+                       "ESP_SHUTDOWN_GRACE_S": "3", "ESP_STREAM_REPLICAS": str(stream_replicas)})
         asyncio.run(migrate_services(dsn, SERVICES_WITH_SCHEMAS))
         mesh = m.Mesh(config)
         mesh.start()
@@ -181,7 +199,7 @@ def environment() -> Iterator[Environment]:
     finally:
         if mesh is not None:
             mesh.stop()
-            asyncio.run(m.forget_namespace(mesh.config.namespace, NATS_URL, REDIS_URL))
+            asyncio.run(m.forget_namespace(mesh.config.namespace, nats_url, REDIS_URL))
         for process in reversed(processes):
             process.stop()
         pgtools.drop_database(ADMIN_DSN, database)
@@ -395,7 +413,7 @@ async def sender_sends_per_s(env: Environment, simulator: Simulator, emails: int
     await set_providers(env, {"bulk-provider": {"personality": "bulk", "price_per_email_micros": 10}})
     await simulator.reset()
     tasks = [bulk_task(i) for i in range(emails)]
-    nc = await nats.connect(NATS_URL)
+    nc = await nats.connect(server_urls(env.config.nats_url))
     try:
         js = nc.jetstream()
         subject = Topology(env.config.namespace).send_subject("bulk")
@@ -475,7 +493,7 @@ async def _keep_backlog(job: BacklogJob, ready: Any, stop: Any) -> tuple[list[st
     lower_cpu_priority(BACKLOG_KEEPER_NICENESS, own_session=True)
     queued: list[str] = []
     ran_dry = 0
-    nc = await nats.connect(job.nats_url)
+    nc = await nats.connect(server_urls(job.nats_url))
     try:
         js = nc.jetstream()
 
@@ -570,7 +588,7 @@ async def otp_latency_ms(env: Environment, simulator: Simulator, backlog: int, o
     await set_providers(env, otp_providers())
     await simulator.reset()
     topology = Topology(env.config.namespace)
-    job = BacklogJob(NATS_URL, topology.send_stream("bulk"), topology.send_subject("bulk"),
+    job = BacklogJob(env.config.nats_url, topology.send_stream("bulk"), topology.send_subject("bulk"),
                      topology.consumer("sender-bulk"), backlog)
     context = multiprocessing.get_context("spawn")
     ready, stop = context.Event(), context.Event()
@@ -854,10 +872,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="time a nice-0 process's wake-ups while the OTPs are timed (it costs the mesh CPU)")
     parser.add_argument("--campaign", type=int, default=10_000,
                         help="recipients of the same tenant's campaign run while OTPs are timed")
+    parser.add_argument("--nats-cluster", type=int, default=0, metavar="N",
+                        help="run NATS as a cluster of N (3 or more) servers with the streams at 3 replicas")
     args = parser.parse_args(argv)
+    if args.nats_cluster and args.nats_cluster < 3:
+        parser.error("--nats-cluster needs at least 3 servers (streams at three replicas)")
     if args.campaign < 1:
         parser.error("--campaign must be at least 1: the OTPs start once its first batch is accepted")
-    with environment() as env:
+    with environment(args.nats_cluster) as env:
         waited = asyncio.run(until_idle(lambda: sum(mesh_cpu_seconds(env).values()), timeout_s=30, busy_share=0.1))
         print(f"mesh idle after {waited:.1f} s", file=sys.stderr, flush=True)
         yardstick = floor.measure(env.config.postgres_dsn)
