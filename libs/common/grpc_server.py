@@ -49,6 +49,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+MAX_CONNECTION_AGE_MS = 5 * 60_000
+"""How long a client connection lives before the server asks it to reconnect (see ``serve``)."""
 S = TypeVar("S", bound=CommonSettings)
 
 StopEvent = asyncio.Event
@@ -346,6 +349,10 @@ async def serve(app: ServiceApp, settings: CommonSettings, *, ready: asyncio.Eve
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            # Clients re-resolve a name only when a connection closes: a bounded connection age (GOAWAY, then calls
+            # in flight finish: no grace limit) lets a client dialing a headless Service find the replicas an
+            # autoscaler added. gRPC jitters it by ±10 %, so a fleet's reconnects spread out.
+            ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
             *app.server_options,
         ],
     )
