@@ -48,7 +48,8 @@ Run: ``make bench BENCH=e2e``; options (``--runs``, ``--emails``, ``--clients``,
 ``BENCH_ARGS="--runs 5"`` or after ``--`` in ``python -m bench e2e -- --runs 5``. Servers: Postgres
 ``ESP_BENCH_POSTGRES_DSN``, Redis ``ESP_BENCH_REDIS_URL``, NATS ``ESP_BENCH_NATS_URL`` (defaults: the local ones).
 ``--nats-cluster 3`` runs the mesh on a three-node JetStream cluster of its own instead (``dev.nats_cluster``: loopback,
-``sync_interval: always``, the streams at three replicas), as production runs NATS.
+``sync_interval: always``, the streams at three replicas), as production runs NATS; ``--nats-sync default`` leaves
+the cluster's file stores at NATS's default sync interval (2 min), to tell replication's cost from the fsyncs'.
 Logs of every process: ``.dev/bench-e2e/``.
 """
 
@@ -144,13 +145,13 @@ class Environment:
 
 
 @contextmanager
-def environment(nats_cluster: int = 0) -> Iterator[Environment]:
+def environment(nats_cluster: int = 0, sync_always: bool = True) -> Iterator[Environment]:
     """Everything up, and down again afterwards whatever happens; with ``nats_cluster`` (3 or more), NATS is a
     cluster of that many servers started here, the streams at three replicas."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     if nats_cluster:
         with tempfile.TemporaryDirectory(prefix="esp-bench-nats-") as store, \
-                NatsCluster(Path(store), LOG_DIR, nats_cluster).running() as cluster:
+                NatsCluster(Path(store), LOG_DIR, nats_cluster, sync_always=sync_always).running() as cluster:
             with _environment(cluster.url, 3) as env:
                 yield env
     else:
@@ -874,12 +875,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="recipients of the same tenant's campaign run while OTPs are timed")
     parser.add_argument("--nats-cluster", type=int, default=0, metavar="N",
                         help="run NATS as a cluster of N (3 or more) servers with the streams at 3 replicas")
+    parser.add_argument("--nats-sync", choices=("always", "default"), default="always",
+                        help="the cluster's sync_interval: always (production) or NATS's default")
     args = parser.parse_args(argv)
     if args.nats_cluster and args.nats_cluster < 3:
         parser.error("--nats-cluster needs at least 3 servers (streams at three replicas)")
     if args.campaign < 1:
         parser.error("--campaign must be at least 1: the OTPs start once its first batch is accepted")
-    with environment(args.nats_cluster) as env:
+    with environment(args.nats_cluster, sync_always=args.nats_sync == "always") as env:
         waited = asyncio.run(until_idle(lambda: sum(mesh_cpu_seconds(env).values()), timeout_s=30, busy_share=0.1))
         print(f"mesh idle after {waited:.1f} s", file=sys.stderr, flush=True)
         yardstick = floor.measure(env.config.postgres_dsn)
