@@ -35,6 +35,7 @@ from dev.nats_cluster import NatsCluster, NatsNode
 from dev.simulator.model import default_personalities
 from libs.common.db import migrate_services
 from libs.common.jetstream import Topology, connect
+from libs.common.message_classes import MessageClass
 from tests.conftest import S3Server
 from tests.e2e.conftest import STALL_S, build_mesh_config
 from tests.progress import wait_for_progress_async
@@ -161,6 +162,10 @@ async def test_killing_the_send_streams_leader_under_load_loses_nothing(clustere
             info = await js.stream_info(stream)
             assert info.config.num_replicas == 3, f"{stream} is at R{info.config.num_replicas}"
         assert all(node.monitor("/varz")[1]["jetstream"]["config"]["sync_always"] for node in cluster.nodes)
+        for message_class in MessageClass:  # the senders' consumers take their streams' replica count
+            consumer = await js.consumer_info(topology.send_stream(message_class),
+                                              topology.consumer(f"sender-{message_class}"))
+            assert consumer.cluster is not None and len(consumer.cluster.replicas or []) == 2, consumer.cluster
 
         since = datetime.now(UTC) - timedelta(seconds=2)
         gateway = f"http://127.0.0.1:{mesh.config.gateway_port}"
