@@ -28,11 +28,21 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 """Largest gRPC message a service of the mesh receives (``serve()``'s servers and these channels alike). The REST
 gateway refuses larger unary bodies itself (413), since its upstream would refuse them anyway."""
 
-BALANCING_OPTIONS = (("grpc.lb_policy_name", "round_robin"),)
+BALANCING_OPTIONS = (
+    ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+)
 """Calls spread over every address the target resolves to, one connection to each: the replicas an ``ipv4:`` list
 names (the dev mesh), or the pods a headless Service's DNS name returns (Kubernetes). Behind a ``ClusterIP`` name
 there is one address, so the policy changes nothing there and balancing is the service mesh's (per request) or
-kube-proxy's (per connection). gRPC's default, ``pick_first``, would send every call to the first address."""
+kube-proxy's (per connection). gRPC's default, ``pick_first``, would send every call to the first address.
+
+Unlike ``pick_first``, which connects again only when a call comes, ``round_robin`` reconnects a lost address by
+itself, waiting longer after each refusal (gRPC's default backoff grows to two minutes): a lone upstream that
+restarted would be refused calls until the next attempt, long after it serves again. Attempts at most a second
+apart bound that to a second; calls in it fail fast with UNAVAILABLE, as while the upstream was down."""
 
 CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),

@@ -7,6 +7,7 @@ import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from esp.v1 import common_pb2, credits_pb2, credits_pb2_grpc, messages_pb2, messages_pb2_grpc
 
@@ -67,6 +68,17 @@ def _balance(mesh: RunningMesh) -> credits_pb2.Balance:
             credits_pb2.GetBalanceRequest(tenant="tenants/acme"), metadata=mesh.auth(), timeout=10)
 
 
+def _balance_once_served(mesh: RunningMesh) -> credits_pb2.Balance | None:
+    """The balance; None while the restarted ledger is not reachable yet (UNAVAILABLE, which a client retries: ingest's
+    channel reconnects to it within a second of its serving)."""
+    try:
+        return _balance(mesh)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return None
+
+
 def _children(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
@@ -94,9 +106,12 @@ def test_a_settlement_worker_killed_while_a_campaign_settles_loses_no_credit(cra
     mesh.mesh.start_service("ledger")
 
     # ... and once it is back every hold is settled, none twice.
-    after = wait_for_progress(lambda: _balance(mesh), lambda b: b.held == before.held, what="every hold settled",
+    after = wait_for_progress(lambda: _balance_once_served(mesh), lambda b: b is not None and b.held == before.held,
+                              what="every hold settled",
                               stall_s=2 * STALL_S, every_s=0.2,
-                              progress=lambda b: (b.held, b.spent),
-                              describe=lambda b: f"held {b.held - before.held} of the campaign's {charged} still")
+                              progress=lambda b: b and (b.held, b.spent),
+                              describe=lambda b: f"held {b.held - before.held} of the campaign's {charged} still"
+                              if b else "the ledger not reachable yet")
+    assert after is not None
     assert (after.spent - before.spent, after.held, before.available - after.available) == (
         charged, before.held, charged)
