@@ -372,8 +372,12 @@ class StatsReader:
         group = ", ".join(keys) or "()"
         order = f"ORDER BY {', '.join(keys)}" if keys else ""
         selected = ", ".join([*keys, *(f"sum({c})::bigint" for c in COUNTERS)])
+        # A group whose every count is zero held only counts made before their message's ACCEPTED event, since
+        # moved to the message's own group (rollups.attribute_early): it holds no event and is left out.
+        counted = " OR ".join(f"sum({c}) <> 0" for c in COUNTERS)
         cur = await conn.execute(
-            f"WITH r AS ({rollup}) SELECT {selected} FROM r GROUP BY {group} {order} LIMIT {MAX_GROUPS + 1}",
+            f"WITH r AS ({rollup}) SELECT {selected} FROM r GROUP BY {group} HAVING {counted} {order} "
+            f"LIMIT {MAX_GROUPS + 1}",
             params)
         found: dict[tuple[str, ...], tuple[dict[str, int], dict[str, list[int]]]] = {}
         for row in await cur.fetchall():

@@ -196,6 +196,27 @@ async def test_events_recorded_before_accepted_are_counted_under_its_tags_once_i
     assert (row.accepted, row.sent) == (1, 1)
 
 
+async def test_events_recorded_before_accepted_leave_no_empty_group_behind_once_it_arrives(reports: ReportsService):
+    tenant, message_id = new_id("tenant-"), new_id()
+    await reports.publish([sent(tenant, message_id, _t(16, 1), provider="ses-eu", provider_message_id="ses-mbx")])
+
+    async def counted() -> bool:
+        return (await _stats(reports, tenant)).total.sent == 1
+
+    await eventually(counted, what="the early SENT counted")
+    await reports.publish([accepted(tenant, message_id, _t(16), to=["ada@gmail.com"])])
+
+    async def by_mailbox() -> dict[str, tuple[int, int]] | None:
+        reply = await reports.stats.GetStats(
+            R.GetStatsRequest(start_time=_stamp(_t(0)), end_time=_stamp(_t(23)), dimensions=["mailbox_provider"]),
+            metadata=caller(tenant))
+        rows = {row.dimensions["mailbox_provider"]: (row.accepted, row.sent) for row in reply.rows}
+        return rows if reply.total.accepted else None
+
+    # The SENT counted under no mailbox provider moved to gmail's row: no row of zeros stays for "".
+    assert await eventually(by_mailbox, what="the late ACCEPTED recorded") == {"gmail": (1, 1)}
+
+
 async def test_a_campaigns_messages_add_no_rows_of_no_campaign_and_other_messages_none_of_a_campaign(
         reports: ReportsService, campaigns: CampaignTenant):
     async with await reports.connect_db() as conn:
