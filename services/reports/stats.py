@@ -403,6 +403,8 @@ class StatsReader:
                 params)
             for row in await cur.fetchall():
                 key = tuple(_key_text(v) for v in row[:len(keys)])
+                if key not in found:  # a group of zeros, left out above (its latencies moved with its counts)
+                    continue
                 histograms = found[key][1]
                 for name, values in zip(HISTOGRAMS, row[len(keys):], strict=True):
                     if values and any(values):  # None: no group at all had a histogram (an aggregate of nothing)
