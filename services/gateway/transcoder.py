@@ -156,7 +156,8 @@ class Transcoder:
         carries on."""
         if not tracing_enabled():
             return await self._handle(request)
-        with _tracer.start_as_current_span(f"{request.method} {request.url.path}", kind=SpanKind.SERVER,
+        # Named after the method alone until the route is known (``_handle``): a span name holds no resource ids.
+        with _tracer.start_as_current_span(request.method, kind=SpanKind.SERVER,
                                            context=extract_context(request.headers),
                                            attributes={"http.request.method": request.method,
                                                        "url.path": request.url.path}) as span:
@@ -168,6 +169,10 @@ class Transcoder:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         try:
             binding, variables = self.matcher.match(request.method, _raw_path(request))
+            route = binding.template.source
+            span = trace.get_current_span()  # the request's (a no-op one when tracing is off)
+            span.update_name(f"{request.method} {route}")
+            span.set_attribute("http.route", route)
             metadata = _outgoing_metadata(request, request_id)
             if binding.server_streaming:
                 message = self.build_request(
