@@ -17,6 +17,7 @@ __all__ = [
     "BALANCING_OPTIONS",
     "CHANNEL_OPTIONS",
     "MAX_MESSAGE_BYTES",
+    "balancing_options",
     "domain_errors",
     "open_channel",
     "to_domain_error",
@@ -48,14 +49,23 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 1),
-    *BALANCING_OPTIONS,
 )
+
+_BALANCED_SCHEMES = ("ipv4:", "ipv6:", "dns:")
+
+
+def balancing_options(addr: str) -> tuple[tuple[str, int | str], ...]:
+    """``BALANCING_OPTIONS`` for a target that names its resolver — an ``ipv4:`` list of replicas (the dev mesh), or
+    ``dns:///<headless Service>:<port>`` (Kubernetes) — and none for a plain ``host:port``: one address (a
+    ``ClusterIP`` Service, a lone process) is served as well by gRPC's default ``pick_first``, which connects again
+    the moment a call needs it, so a restarted upstream is used at once rather than after a reconnect attempt."""
+    return BALANCING_OPTIONS if addr.startswith(_BALANCED_SCHEMES) else ()
 
 
 def open_channel(addr: str) -> grpc.aio.Channel:
     """An insecure channel inside the mesh (mTLS is the service mesh's job in production), balancing round robin
-    over every address ``addr`` resolves to."""
-    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+    over every address ``addr`` resolves to when it names several (``balancing_options``)."""
+    return grpc.aio.insecure_channel(addr, options=(*CHANNEL_OPTIONS, *balancing_options(addr)))
 
 
 def to_domain_error(exc: grpc.aio.AioRpcError) -> EspError:

@@ -45,7 +45,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from libs.common.grpc_client import BALANCING_OPTIONS
+from libs.common.grpc_client import balancing_options
 from libs.common.public_edge import fronts_service, serves_method
 from libs.common.telemetry import TRACE_HEADERS, extract_context, inject_headers, tracing_enabled
 from services.gateway import json_depth
@@ -146,7 +146,7 @@ class Transcoder:
             self._channel = grpc.aio.insecure_channel(
                 self.upstream_addr,
                 options=[("grpc.max_receive_message_length", self.options.max_receive_message_bytes),
-                         *BALANCING_OPTIONS],
+                         *balancing_options(self.upstream_addr)],
             )
         return self._channel
 
