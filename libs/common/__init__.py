@@ -33,6 +33,8 @@ Data and transport
     ``queued_messages``  a queued email's public summary and its ACCEPTED event (ingest, campaigns)
     ``suppressions``  the suppression list's Redis mirror (written by reports, read by ingest)
     ``campaign_halts``  paused and cancelled campaigns, and cancelled messages, as senders see them (Redis)
+    ``sending_domains``  which domains a tenant may send from, their DKIM keys (sealed) and each provider's
+                         readiness for them, as every replica sees them (NATS KV)
 
 Domain facts and settings
     ``addresses``     what a recipient address and display name may be, and the canonical address (ingest, campaigns)
