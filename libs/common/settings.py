@@ -156,6 +156,10 @@ class CommonSettings:
     ``<key id>:<base64 32 bytes>`` separated by commas (``libs.common.secret_box.generate_key_setting`` makes one):
     the first seals, every one opens (rotate by putting a new key first). A secret: from a Kubernetes Secret, never
     a ConfigMap or a log. Read by the router (seals), the senders and reports (open the catalog's sealed values)."""
+    sandbox_domains: tuple[str, ...] = ()
+    """The platform's shared sandbox sending domains: every tenant may send from them (and their subdomains)
+    without verifying a domain of its own; the upstream provider signs such mail, and every provider counts as
+    ready for them. Read by ingest (who may send), the router and the senders (routing)."""
     ingest_addr: str = "127.0.0.1:50051"
     router_addr: str = "127.0.0.1:50052"
     ledger_addr: str = "127.0.0.1:50053"

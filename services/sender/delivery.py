@@ -59,6 +59,7 @@ from prometheus_client import Counter, Histogram
 from libs.common.campaign_halts import Halt
 from libs.common.event_types import REASON_CODE_ATTRIBUTE, RECIPIENT_REFUSED_REASON_CODE, SUPPRESSED_REASON_CODE
 from libs.common.message_classes import MessageClass, RetryPolicy
+from libs.common.sending_domains import SendingDomains
 from libs.common.telemetry import message_spans, span_headers
 from libs.providers.base import ProviderAdapter
 from libs.providers.errors import AdapterConfigError, InvalidMessage, ProviderError
@@ -276,7 +277,7 @@ class Deliverer:
                  states: MessageStateStore, events: EventPublisher, opener: AttachmentOpener,
                  policies: Mapping[str, RetryPolicy], linker: AttachmentLinker | None = None,
                  heartbeat_s: float = 20.0, halts: CampaignHalts | None = None,
-                 suppressions: SuppressionCheck | None = None) -> None:
+                 suppressions: SuppressionCheck | None = None, domains: SendingDomains | None = None) -> None:
         self.catalog = catalog
         self.health = health
         self.adapters = adapters
@@ -290,6 +291,8 @@ class Deliverer:
         """Halted campaigns and cancelled messages (None: none are ever halted)."""
         self.suppressions = suppressions
         """The suppression re-check before the call (None: only accept's check)."""
+        self.domains = domains
+        """The tenants' sending domains: DKIM keys and provider readiness (None: no domain is known)."""
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # -- the whole delivery ----------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from libs.common.grpc_server import ServiceApp
 from libs.common.jetstream import Topology, connect, ensure_streams
 from libs.common.s3 import create_s3_client, stream_object
 from libs.common.secret_box import optional_secret_box
+from libs.common.sending_domains import SendingDomains
+from libs.common.sending_domains import open_bucket as open_domains_bucket
 from libs.common.workers import StopEvent, WorkerParts, WorkerSpec, WorkerSupervisor, worker_env
 from libs.routing.catalog import ProviderCatalog, open_bucket
 from libs.routing.health import HealthBoard
@@ -58,6 +60,8 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
     js = nc.jetstream()
     await ensure_streams(js, topology)
     catalog = ProviderCatalog(await open_bucket(js, settings.namespace), optional_secret_box(settings.secrets_keys))
+    domains = SendingDomains(await open_domains_bucket(js, settings.namespace),
+                             optional_secret_box(settings.secrets_keys), sandbox_domains=settings.sandbox_domains)
     redis = _redis(settings.redis_url, settings.redis_max_connections)
     health = HealthBoard(redis, settings.namespace, settings.breaker_policy(), refresh_s=settings.health_refresh_s)
     adapters = AdapterPool(catalog)
@@ -83,7 +87,8 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
                               policies=RETRY_POLICIES,
                               linker=partial(link_attachments, s3=s3, bucket=settings.s3_bucket,
                                              ttl_s=settings.attachment_link_ttl_s),
-                              heartbeat_s=settings.ack_wait_s / 3, halts=halts, suppressions=suppressions)
+                              heartbeat_s=settings.ack_wait_s / 3, halts=halts, suppressions=suppressions,
+                              domains=domains)
         pool = ClassPool(class_nc, topology, message_class, deliverer, concurrency=settings.concurrency(message_class),
                          ack_wait_s=settings.ack_wait_s, batch_max=settings.batch_max(message_class),
                          on_delivered=urgent.note_delivery if message_class in settings.bulk_yields_to else None)
@@ -93,6 +98,8 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
     catalog_stop = asyncio.Event()
     catalog_task = asyncio.create_task(catalog.run(catalog_stop))
     await catalog.wait_loaded()
+    domains_task = asyncio.create_task(domains.run(catalog_stop))
+    await domains.wait_loaded()
     await health.refresh(catalog.providers)
     try:  # a restarted sender knows the halts before its first delivery
         await halts.refresh()
@@ -118,6 +125,7 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
     async def close_all() -> None:
         catalog_stop.set()
         await catalog_task
+        await domains_task
         await urgent.aclose()
         await adapters.aclose()
         for connection in reversed(connections):
