@@ -48,6 +48,10 @@ class Capabilities:
     """Whether one batch call may name each recipient address only once: the provider keys per-recipient data by
     address (Mailgun's recipient-variables) or refuses duplicates outright (SendGrid). False where a batch is a
     list of whole messages (Postmark)."""
+    signs_raw_mime: bool = False
+    """Whether the provider takes the email as one MIME document we render (SMTP, SES raw, Mailgun's MIME
+    endpoint), so the mesh signs it with the tenant's DKIM keys (``libs.providers.dkim``). Providers that take JSON
+    fields render the MIME themselves: their own domain authentication signs (SendGrid, Postmark)."""
 
 
 DEFAULT_CAPABILITIES: Mapping[str, Capabilities] = MappingProxyType({
@@ -59,6 +63,7 @@ DEFAULT_CAPABILITIES: Mapping[str, Capabilities] = MappingProxyType({
         supports_batch=False,
         supports_idempotency_key=False,
         regions=(),
+        signs_raw_mime=True,
     ),
     "mailgun": Capabilities(
         max_message_bytes=25 * 1024 * 1024,
@@ -69,6 +74,7 @@ DEFAULT_CAPABILITIES: Mapping[str, Capabilities] = MappingProxyType({
         regions=("us", "eu"),
         max_tags=3,
         max_batch_recipients=1000,
+        signs_raw_mime=True,
     ),
     "sendgrid": Capabilities(
         max_message_bytes=30 * 1000 * 1000,
@@ -89,6 +95,7 @@ DEFAULT_CAPABILITIES: Mapping[str, Capabilities] = MappingProxyType({
         supports_idempotency_key=False,
         regions=(),
         max_tags=40,
+        signs_raw_mime=True,
     ),
     "postmark": Capabilities(
         max_message_bytes=10 * 1000 * 1000,
