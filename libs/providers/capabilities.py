@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_SIZE_CAPS",
     "Capabilities",
     "provider_size_cap",
+    "registers_domains",
 ]
 
 
@@ -48,6 +49,11 @@ class Capabilities:
     """Whether one batch call may name each recipient address only once: the provider keys per-recipient data by
     address (Mailgun's recipient-variables) or refuses duplicates outright (SendGrid). False where a batch is a
     list of whole messages (Postmark)."""
+    registers_domains: bool = False
+    """Whether the provider must know a sending domain before it sends for it, and has an API to register one and
+    read back its verification (an SES identity, a Mailgun domain, SendGrid domain authentication, a Postmark
+    domain): routing sends a tenant domain's mail there only once the provider says it is ready
+    (``libs.providers.domain_registration``). False for plain relays, which send for any domain."""
     signs_raw_mime: bool = False
     """Whether the provider takes the email as one MIME document we render (SMTP, SES raw, Mailgun's MIME
     endpoint), so the mesh signs it with the tenant's DKIM keys (``libs.providers.dkim``). Providers that take JSON
@@ -75,6 +81,7 @@ DEFAULT_CAPABILITIES: Mapping[str, Capabilities] = MappingProxyType({
         max_tags=3,
         max_batch_recipients=1000,
         signs_raw_mime=True,
+        registers_domains=True,
     ),
     "sendgrid": Capabilities(
         max_message_bytes=30 * 1000 * 1000,
@@ -86,6 +93,7 @@ DEFAULT_CAPABILITIES: Mapping[str, Capabilities] = MappingProxyType({
         max_tags=10,
         max_batch_recipients=1000,
         max_batch_bytes=30 * 1000 * 1000,
+        registers_domains=True,
     ),
     "ses": Capabilities(
         max_message_bytes=40 * 1024 * 1024,
@@ -96,6 +104,7 @@ DEFAULT_CAPABILITIES: Mapping[str, Capabilities] = MappingProxyType({
         regions=(),
         max_tags=40,
         signs_raw_mime=True,
+        registers_domains=True,
     ),
     "postmark": Capabilities(
         max_message_bytes=10 * 1000 * 1000,
@@ -107,6 +116,7 @@ DEFAULT_CAPABILITIES: Mapping[str, Capabilities] = MappingProxyType({
         max_tags=1,
         max_batch_bytes=50 * 1000 * 1000,
         unique_recipients_per_batch=False,  # a batch is a list of complete messages
+        registers_domains=True,
     ),
 })
 """The capabilities of every built-in provider type, by type name."""
@@ -125,3 +135,10 @@ def provider_size_cap(provider_type: str, registry_cap: int = 0, *,
     """
     caps = [cap for cap in (registry_cap, type_caps.get(provider_type, 0)) if cap > 0]
     return min(caps) if caps else 0
+
+
+def registers_domains(provider_type: str) -> bool:
+    """Whether providers of ``provider_type`` need a tenant domain registered (and verified) before they send for
+    it; False for types this table does not know."""
+    caps = DEFAULT_CAPABILITIES.get(provider_type)
+    return caps is not None and caps.registers_domains
