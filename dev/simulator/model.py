@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -13,6 +14,8 @@ from libs.providers.model import ProviderConfig
 PROVIDER_TYPES = ("mailgun", "sendgrid", "ses", "postmark", "smtp")
 #: Longest text/html excerpt kept per recorded message.
 EXCERPT_CHARS = 2000
+#: Largest DKIM-signed raw message kept whole per recorded message (``SimMessage.raw_mime``).
+RAW_MIME_LIMIT = 1024 * 1024
 
 
 @dataclass
@@ -237,6 +240,15 @@ class AttachmentInfo:
     inline: bool = False
 
 
+def signed_raw_mime(raw: bytes) -> str | None:
+    """What ``SimMessage.raw_mime`` keeps of a raw message: its base64 when its headers carry a DKIM-Signature
+    and it is at most ``RAW_MIME_LIMIT`` bytes, else None."""
+    head = b"\n" + raw.partition(b"\r\n\r\n")[0].lower()
+    if len(raw) > RAW_MIME_LIMIT or b"\ndkim-signature:" not in head:
+        return None
+    return base64.b64encode(raw).decode()
+
+
 @dataclass
 class SimMessage:
     """One message a provider request asked to send (a batch request holds several)."""
@@ -259,6 +271,10 @@ class SimMessage:
     rejection: str | None = None
     """Why this message of a batch was refused on its own (the request as a whole may still succeed)."""
     rejection_code: int | None = None
+    raw_mime: str | None = None
+    """The MIME document as received, base64, for a raw-MIME message that carries a ``DKIM-Signature`` (tests
+    verify it as a receiver would); None otherwise, and beyond ``RAW_MIME_LIMIT`` bytes (the request log is held in
+    memory)."""
 
     @property
     def recipients(self) -> list[str]:
