@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from dev.simulator.dialects.base import Dialect, Parsed, Rejected, retry_after_header
-from dev.simulator.model import Personality, SimMessage
+from dev.simulator.model import Personality, SimMessage, signed_raw_mime
 from dev.simulator.parsing import (
     FormFile,
     attachment_info,
@@ -172,9 +172,23 @@ class MailgunDialect(Dialect):
             raise Rejected(_error(400, "message parameter is missing"), "message missing")
         if not values.get("to"):
             raise Rejected(_error(400, "to parameter is missing"), "to missing")
+        if len(values["to"]) > MAX_RECIPIENTS:
+            raise Rejected(_error(400, f"Too many recipients: limit is {MAX_RECIPIENTS}"), "too many recipients")
+        option_bytes = sum(len(k) + len(v) for k, vs in values.items() if k[:2] in {"o:", "h:", "v:", "t:"} for v in vs)
+        if option_bytes > 16 * 1024:
+            raise Rejected(_error(400, "o:, h:, v: and t: parameters exceed 16 KB"), "options too large")
         recipients = [a for _, a in self._recipients(values, "to")]
-        message = parse_mime(message_files[0].data, envelope_recipients=recipients)
+        raw = message_files[0].data
+        try:
+            message = parse_mime(raw, envelope_recipients=recipients)
+        except ValueError as exc:
+            raise Rejected(_error(400, f"message parameter is not a valid MIME message: {exc}"), "bad MIME") from exc
+        if not message.sender:
+            raise Rejected(_error(400, "message has no From header"), "from missing")
         message.tags = values.get("o:tag", [])
+        message.metadata = {k[2:]: v[0] for k, v in values.items() if k.startswith("v:")}
+        message.esp_message_id = message.esp_message_id or message.metadata.get("esp_message_id")
+        message.raw_mime = signed_raw_mime(raw)
         return Parsed([message])
 
     def assign_ids(self, personality: Personality, operation: str, parsed: Parsed) -> None:

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from dev.simulator.dialects.base import Dialect, Parsed, Rejected
-from dev.simulator.model import Personality, SimMessage
+from dev.simulator.model import Personality, SimMessage, signed_raw_mime
 from dev.simulator.parsing import is_valid_address, parse_mime
 
 MAX_MESSAGE_BYTES = 40 * 1024 * 1024
@@ -142,6 +142,7 @@ class SesDialect(Dialect):
             except ValueError as exc:
                 error = aws_error(400, "BadRequestException", f"Invalid raw message: {exc}")
                 raise Rejected(error, "bad MIME") from exc
+            message.raw_mime = signed_raw_mime(raw)
             if lists["ToAddresses"]:
                 message.to = lists["ToAddresses"]
                 message.cc = lists["CcAddresses"]
