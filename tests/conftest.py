@@ -11,6 +11,7 @@ A fixture that can neither reach nor start its server fails the test — it neve
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -35,10 +37,14 @@ from dev.mesh import (
     RestartablePostgres,
     RestartableRedis,
     RestartableServer,
+    forget_namespace,
     free_port,
     port_open,
     start_s3,
 )
+
+if TYPE_CHECKING:
+    from tests.campaigns.conftest import CampaignMesh
 
 __all__ = ["free_port"]  # tests import it from here
 
@@ -196,3 +202,18 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         pytest.fail(f"could not start the S3 server: {exc}")
     yield S3Server(endpoint=f"http://127.0.0.1:{port}")
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_campaign_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_server: S3Server,
+                         run_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CampaignMesh]:
+    """One campaign mesh (``tests/campaigns/conftest.py``) for every module that asks for ``campaign_mesh``: each
+    gets a view with a tenant of its own. Defined here so the whole session has one."""
+    from tests.campaigns.conftest import start_campaign_mesh
+
+    namespace = f"{run_id}c{secrets.token_hex(2)}"
+    running = start_campaign_mesh(new_database(), redis_url, nats_url, s3_server, namespace,
+                                  tmp_path_factory.mktemp("campaign-mesh-logs"))
+    yield running
+    running.mesh.stop()
+    asyncio.run(forget_namespace(namespace, nats_url, redis_url))

@@ -7,9 +7,10 @@ deadline passes on a machine slower today than it was yesterday.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ from libs.common.db import migrate_services
 from tests.conftest import S3Server
 from tests.progress import wait_for_progress
 
+_UNFINISHED = frozenset({campaigns_pb2.CAMPAIGN_STATE_SCHEDULED, campaigns_pb2.CAMPAIGN_STATE_RUNNING,
+                         campaigns_pb2.CAMPAIGN_STATE_PAUSED})
+
 PROVIDER = "mailgun-us"
 """The one provider the campaign mesh sends through (Mailgun: it has a batch API)."""
 
@@ -41,6 +45,8 @@ class CampaignMesh:
     tenant: str
     tenants: dict[str, str] = field(default_factory=dict)
     """Tenant id by API key."""
+    since: int = 0
+    """The simulator's last request when this view was made: what it saw before is another module's."""
 
     @property
     def endpoint(self) -> str:
@@ -77,6 +83,31 @@ class CampaignMesh:
     def tenant_of(self, key: str) -> str:
         return self.tenants[key]
 
+    def for_module(self) -> CampaignMesh:
+        """A view of the same mesh for one test module: a tenant of its own (credits, suppressions, webhooks,
+        events) and the simulator's requests from now on."""
+        view = replace(self, tenants={}, since=self._last_request())
+        view.tenant, view.api_key = view.new_tenant(10_000_000)
+        return view
+
+    def cancel_unfinished(self) -> None:
+        """Cancel this view's campaigns still scheduled, running or paused, so they do not drain into the next
+        module's time."""
+        channel, stub = self.campaigns()
+        with channel:
+            for key in self.tenants:
+                listed = stub.ListCampaigns(campaigns_pb2.ListCampaignsRequest(page_size=1000),
+                                            metadata=self.auth(key), timeout=10)
+                for c in listed.campaigns:
+                    if c.state in _UNFINISHED:
+                        with contextlib.suppress(grpc.RpcError):  # finished meanwhile
+                            stub.CancelCampaign(campaigns_pb2.CancelCampaignRequest(name=c.name),
+                                                metadata=self.auth(key), timeout=10)
+
+    def _last_request(self) -> int:
+        newest = self.sim("/_sim/requests", since=self.since, limit=1)
+        return int(newest[-1]["seq"]) if newest else self.since
+
     def sim(self, path: str, **params: Any) -> Any:
         response = httpx.get(f"{self.simulator_url}{path}", params=params, timeout=30)
         response.raise_for_status()
@@ -95,7 +126,7 @@ class CampaignMesh:
     def delivered(self, campaign_tag: str) -> list[dict[str, Any]]:
         """Every message the simulator took that carries ``campaign_tag`` (each campaign in a test has its own)."""
         found: list[dict[str, Any]] = []
-        since = 0
+        since = self.since
         while True:
             records = self.sim("/_sim/requests", since=since)  # (limit= would keep the newest, not the first)
             if not records:
@@ -110,7 +141,7 @@ class CampaignMesh:
     def requests_with(self, campaign_tag: str) -> list[dict[str, Any]]:
         """Provider requests that carried at least one message of ``campaign_tag``, oldest first."""
         found: list[dict[str, Any]] = []
-        since = 0
+        since = self.since
         while True:
             records = self.sim("/_sim/requests", since=since)
             if not records:
@@ -217,14 +248,13 @@ def start_campaign_mesh(database: str, redis_url: str, nats_url: str, s3: S3Serv
 
 
 @pytest.fixture(scope="module")
-def campaign_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_server: S3Server, run_id: str,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[CampaignMesh]:
-    namespace = f"{run_id}c{secrets.token_hex(2)}"
-    running = start_campaign_mesh(new_database(), redis_url, nats_url, s3_server, namespace,
-                                  tmp_path_factory.mktemp("campaign-mesh-logs"))
-    yield running
-    running.mesh.stop()
-    asyncio.run(m.forget_namespace(namespace, nats_url, redis_url))
+def campaign_mesh(shared_campaign_mesh: CampaignMesh) -> Iterator[CampaignMesh]:
+    """The session's campaign mesh (``tests/conftest.py``: starting one takes some ten seconds) as one module's own:
+    a tenant of its own, the simulator's requests from the module's start, its unfinished campaigns cancelled
+    at the end."""
+    view = shared_campaign_mesh.for_module()
+    yield view
+    view.cancel_unfinished()
 
 
 def bulk_price(running: CampaignMesh, key: str) -> int:
