@@ -204,16 +204,31 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     proc.stop()
 
 
+def _session_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_server: S3Server, run_id: str,
+                  tmp_path_factory: pytest.TempPathFactory, *, webhooks: bool) -> Iterator[CampaignMesh]:
+    from tests.campaigns.conftest import start_campaign_mesh
+    from tests.webhooks.conftest import WEBHOOK_ENV
+
+    namespace = f"{run_id}{'w' if webhooks else 'c'}{secrets.token_hex(2)}"
+    running = start_campaign_mesh(new_database(), redis_url, nats_url, s3_server, namespace,
+                                  tmp_path_factory.mktemp("campaign-mesh-logs"),
+                                  extra_env=WEBHOOK_ENV if webhooks else None, provider_webhooks=webhooks)
+    yield running
+    running.mesh.stop()
+    asyncio.run(forget_namespace(namespace, nats_url, redis_url))
+
+
 @pytest.fixture(scope="session")
 def shared_campaign_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_server: S3Server,
                          run_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CampaignMesh]:
     """One campaign mesh (``tests/campaigns/conftest.py``) for every module that asks for ``campaign_mesh``: each
     gets a view with a tenant of its own. Defined here so the whole session has one."""
-    from tests.campaigns.conftest import start_campaign_mesh
+    yield from _session_mesh(new_database, redis_url, nats_url, s3_server, run_id, tmp_path_factory, webhooks=False)
 
-    namespace = f"{run_id}c{secrets.token_hex(2)}"
-    running = start_campaign_mesh(new_database(), redis_url, nats_url, s3_server, namespace,
-                                  tmp_path_factory.mktemp("campaign-mesh-logs"))
-    yield running
-    running.mesh.stop()
-    asyncio.run(forget_namespace(namespace, nats_url, redis_url))
+
+@pytest.fixture(scope="session")
+def shared_webhook_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_server: S3Server,
+                        run_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CampaignMesh]:
+    """The same for ``webhook_mesh``: fast webhook retries, and the provider's own delivery webhooks on (kept off
+    the campaign mesh, whose thousands of emails would queue that many callbacks ahead of a webhook test's)."""
+    yield from _session_mesh(new_database, redis_url, nats_url, s3_server, run_id, tmp_path_factory, webhooks=True)
