@@ -10,7 +10,13 @@ Admin API (JSON):
     GET   /_sim/requests?personality=&since=&limit= → recorded requests, oldest first
     GET   /_sim/stats                               → counts per personality and result
     GET   /_sim/webhooks?personality=               → sent webhook callbacks (newest last)
-    POST  /_sim/reset?keep_knobs=false              → forget requests, counters, pending webhooks; knobs back
+    POST  /_sim/reset?keep_knobs=false              → forget requests, counters, pending webhooks, registered
+                                                      domains; knobs (and domain holds) back unless kept
+    GET   /_sim/personalities/{name}/domains        → domains registered there: [{name, id, created_at, state,
+                                                      detail}]
+    PUT   /_sim/personalities/{name}/domains/{domain} → hold a domain {"state": "pending" | "failed" | "verified",
+                                                      "detail": …} (``dev.simulator.domain_apis``)
+    DELETE /_sim/personalities/{name}/domains/{domain} → drop the hold: the domain verifies
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dev.simulator.dialects.mailgun import MailgunDialect
 from dev.simulator.dialects.postmark import PostmarkDialect
 from dev.simulator.dialects.sendgrid import SendGridDialect
 from dev.simulator.dialects.ses import SesDialect
+from dev.simulator.domain_apis import DOMAIN_APIS
 from dev.simulator.emitter import WebhookEmitter
 from dev.simulator.state import SimulatorState, UnknownPersonality
 
@@ -71,6 +78,18 @@ def create_app(state: SimulatorState, emitter: WebhookEmitter) -> Starlette:
             state.record({**base, "status": response.status_code, "result": result, "reason": reason, **extra})
             return response
 
+        domain_api = DOMAIN_APIS.get(personality.type)
+        domain_call = domain_api.match(request.method, path) if domain_api is not None else None
+        if domain_api is not None and domain_call is not None:
+            if state.in_outage(name):
+                return answer(dialect.outage(), "outage")
+            refusal = domain_api.authenticate(personality, request, body)
+            if refusal is not None:
+                return answer(refusal, "unauthorized")
+            if state.roll(state.knobs(name).error_rate):
+                return answer(dialect.server_error(), "error")
+            return answer(await domain_api.handle(personality, domain_call, request, body, state), "domain",
+                          domain_call.operation)
         operation = dialect.operation(request.method, path)
         if operation is None:
             return answer(dialect.not_found(path), "not_found")
@@ -166,6 +185,31 @@ def create_app(state: SimulatorState, emitter: WebhookEmitter) -> Starlette:
         wanted = request.query_params.get("personality")
         return JSONResponse([entry for entry in emitter.log if wanted is None or entry["personality"] == wanted])
 
+    async def domains(request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            return JSONResponse([{**d.to_json(), **dict(zip(("state", "detail"), state.domain_state(name, d.name),
+                                                            strict=True))}
+                                 for d in state.registered_domains(name)])
+        except UnknownPersonality:
+            return JSONResponse({"error": "no such personality"}, status_code=404)
+
+    async def domain_hold(request: Request) -> Response:
+        name, domain = request.path_params["name"], request.path_params["domain"]
+        try:
+            if request.method == "DELETE":
+                state.release_domain(name, domain)
+                return JSONResponse({"ok": True})
+            values = await request.json()
+            if not isinstance(values, dict) or not isinstance(values.get("state"), str):
+                return JSONResponse({"error": "expected {\"state\": …, \"detail\": …}"}, status_code=400)
+            state.hold_domain(name, domain, values["state"], str(values.get("detail", "")))
+            return JSONResponse({"ok": True})
+        except UnknownPersonality:
+            return JSONResponse({"error": "no such personality"}, status_code=404)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
     async def reset(request: Request) -> Response:
         keep = request.query_params.get("keep_knobs", "false").lower() in {"1", "true", "yes"}
         state.reset(keep_knobs=keep)
@@ -180,6 +224,8 @@ def create_app(state: SimulatorState, emitter: WebhookEmitter) -> Starlette:
             Route("/_sim/personalities/{name}", personality_detail),
             Route("/_sim/personalities/{name}/knobs", knobs, methods=["GET", "PATCH", "PUT"]),
             Route("/_sim/personalities/{name}/sns-certificate.pem", sns_certificate),
+            Route("/_sim/personalities/{name}/domains", domains),
+            Route("/_sim/personalities/{name}/domains/{domain}", domain_hold, methods=["PUT", "DELETE"]),
             Route("/_sim/requests", requests),
             Route("/_sim/stats", stats),
             Route("/_sim/webhooks", webhooks),

@@ -70,6 +70,23 @@ class SimulatorClient:
         result: list[dict[str, Any]] = await self._get("/_sim/webhooks", personality=personality)
         return result
 
+    async def domains(self, name: str) -> list[dict[str, Any]]:
+        """Domains registered at a personality, with their state."""
+        result: list[dict[str, Any]] = await self._get(f"/_sim/personalities/{name}/domains")
+        return result
+
+    async def hold_domain(self, name: str, domain: str, state: str, detail: str = "") -> None:
+        """Hold a domain at a personality ``pending`` or ``failed`` (with the provider's ``detail``), registered
+        or not yet; ``verified`` lets it verify."""
+        response = await self._client.put(f"/_sim/personalities/{name}/domains/{domain}",
+                                          json={"state": state, "detail": detail})
+        response.raise_for_status()
+
+    async def release_domain(self, name: str, domain: str) -> None:
+        """Drop a domain's hold: it verifies."""
+        response = await self._client.delete(f"/_sim/personalities/{name}/domains/{domain}")
+        response.raise_for_status()
+
     async def reset(self, *, keep_knobs: bool = False) -> None:
         """Forget requests, counters and pending webhooks; knobs go back to their initial values unless kept."""
         response = await self._client.post("/_sim/reset", params={"keep_knobs": str(keep_knobs).lower()})

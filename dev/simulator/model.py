@@ -12,6 +12,8 @@ from typing import Any
 from libs.providers.model import ProviderConfig
 
 PROVIDER_TYPES = ("mailgun", "sendgrid", "ses", "postmark", "smtp")
+DOMAIN_STATES = ("verified", "pending", "failed")
+"""What the simulator may say of a registered sending domain (each provider in its own words)."""
 #: Longest text/html excerpt kept per recorded message.
 EXCERPT_CHARS = 2000
 #: Largest DKIM-signed raw message kept whole per recorded message (``SimMessage.raw_mime``).
@@ -118,8 +120,8 @@ class Personality:
     type: str
     credentials: Mapping[str, str]
     """mailgun: api_key, domain, webhook_signing_key; sendgrid: api_key, webhook_private_key_pem (optional);
-    ses: access_key_id, secret_access_key; postmark: server_token, webhook_user, webhook_password;
-    smtp: username, password."""
+    ses: access_key_id, secret_access_key; postmark: server_token, webhook_user, webhook_password, account_token
+    (the domains API's; optional); smtp: username, password."""
     region: str = ""
     knobs: Knobs = field(default_factory=Knobs)
     """The knobs the personality starts with (and returns to on reset)."""
@@ -144,6 +146,8 @@ class Personality:
         elif self.type == "postmark":
             endpoint = f"{http_url}/p/{self.name}"
             credentials = {"server_token": self.credentials["server_token"]}
+            if self.credentials.get("account_token"):
+                credentials["account_token"] = self.credentials["account_token"]
         else:
             endpoint = f"{smtp_host}:{smtp_port}"
             credentials = {"username": self.credentials["username"], "password": self.credentials["password"]}
@@ -184,7 +188,8 @@ def default_personalities() -> list[Personality]:
         ),
         Personality(
             "postmark-1", "postmark",
-            {"server_token": "postmark-1-token", "webhook_user": "postmark", "webhook_password": "postmark-1-hook"},
+            {"server_token": "postmark-1-token", "webhook_user": "postmark", "webhook_password": "postmark-1-hook",
+             "account_token": "postmark-1-account"},
         ),
         Personality("smtp-1", "smtp", {"username": "smtp-1", "password": "smtp-1-password"}),
     ]
@@ -226,6 +231,20 @@ def load_personalities(path: Path) -> list[Personality]:
     if problems:
         raise ValueError("\n".join(problems))
     return personalities
+
+
+@dataclass(frozen=True)
+class SimDomain:
+    """A sending domain registered at one personality."""
+
+    name: str
+    id: int
+    """The provider's numeric id for it (SendGrid, Postmark)."""
+    created_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
 
 
 @dataclass

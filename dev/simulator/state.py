@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dev.simulator.model import Knobs, Personality, RequestRecord
+from dev.simulator.model import DOMAIN_STATES, Knobs, Personality, RequestRecord, SimDomain
 
 
 class UnknownPersonality(KeyError):
@@ -36,6 +36,9 @@ class SimulatorState:
         self._records: dict[str, deque[RequestRecord]] = {}
         self._dropped_records = 0
         self._hang_release = asyncio.Event()
+        self._domains: dict[str, dict[str, SimDomain]] = {}
+        self._domain_holds: dict[tuple[str, str], tuple[str, str]] = {}
+        self._domain_ids = itertools.count(1)
         self.reset(keep_knobs=False)
 
     # -- personalities and knobs -----------------------------------------------------------------------------
@@ -79,6 +82,9 @@ class SimulatorState:
             self._recent_requests[name] = []
             self._quota_used[name] = 0
             self._records[name] = deque(maxlen=self.log_cap)
+            self._domains[name] = {}
+        if not keep_knobs:
+            self._domain_holds.clear()
         self._dropped_records = 0
         self.release_hangs()
 
@@ -148,6 +154,42 @@ class SimulatorState:
     def roll(self, probability: float) -> bool:
         """True with the given probability (seeded generator, so runs are repeatable)."""
         return probability > 0 and self.random.random() < probability
+
+    # -- sending domains -----------------------------------------------------------------------------------
+
+    def register_domain(self, name: str, domain: str) -> tuple[SimDomain, bool]:
+        """The personality's registration of ``domain``, and whether this call created it."""
+        domains = self._domains[self.personality(name).name]
+        found = domains.get(domain.lower())
+        if found is not None:
+            return found, False
+        created = domains[domain.lower()] = SimDomain(domain.lower(), next(self._domain_ids), time.time())
+        return created, True
+
+    def registered_domain(self, name: str, domain: str) -> SimDomain | None:
+        """The personality's registration of ``domain``, if any."""
+        return self._domains[self.personality(name).name].get(domain.lower())
+
+    def registered_domains(self, name: str) -> list[SimDomain]:
+        """Every domain registered at the personality, oldest first."""
+        return sorted(self._domains[self.personality(name).name].values(), key=lambda d: d.id)
+
+    def domain_state(self, name: str, domain: str) -> tuple[str, str]:
+        """``(state, detail)`` of a domain at the personality: ``verified`` at once unless held (``hold_domain``)."""
+        return self._domain_holds.get((name, domain.lower()), ("verified", ""))
+
+    def hold_domain(self, name: str, domain: str, state: str, detail: str = "") -> None:
+        """Hold ``domain`` at the personality in ``state`` (pending, failed, or verified again), registered or not
+        yet: a failed hold makes the provider refuse its registration, or report it failed once registered."""
+        self.personality(name)
+        if state not in DOMAIN_STATES:
+            raise ValueError(f"state must be one of {', '.join(DOMAIN_STATES)}")
+        self._domain_holds[(name, domain.lower())] = (state, detail)
+
+    def release_domain(self, name: str, domain: str) -> None:
+        """Drop a hold: the domain verifies."""
+        self.personality(name)
+        self._domain_holds.pop((name, domain.lower()), None)
 
     # -- the request log -----------------------------------------------------------------------------------
 
