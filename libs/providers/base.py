@@ -13,13 +13,20 @@ for ordinary failures (those become ``RETRYABLE`` / ``THROTTLED`` / ``PERMANENT`
 ``TooManyRecipients``, ``UnsupportedFeature`` and ``InvalidMessage`` — the router should have routed elsewhere.
 
 The email model lives in ``libs.providers.model``, the capabilities table in ``libs.providers.capabilities``,
-sizes and MIME in ``libs.providers.mime``.
+sizes and MIME in ``libs.providers.mime``, DKIM in ``libs.providers.dkim``.
+
+DKIM: where the provider takes our MIME (``Capabilities.signs_raw_mime``) and the sender attached the tenant's keys
+(``OutboundEmail.dkim_keys``), the adapter passes the document it is about to hand over through ``sign_mime`` —
+the last thing done to it. Such an email is one rendered, signed document, so it is sent on its own, never in a
+batch call that personalises per recipient after our signature; a key that cannot sign leaves the email unsigned
+by it (a warning), never unsent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import ssl
 import time
 from abc import ABC, abstractmethod
@@ -32,6 +39,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import httpx
 
 from libs.providers.capabilities import Capabilities
+from libs.providers.dkim import DEFAULT_SIGNED_HEADERS, MAX_SIGNATURE_BYTES, sign_document
 from libs.providers.errors import (
     AdapterConfigError,
     InvalidMessage,
@@ -40,7 +48,14 @@ from libs.providers.errors import (
     TooManyRecipients,
     UnsupportedFeature,
 )
-from libs.providers.mime import StreamedBody, check_header_fields, fits_size_cap, mime_size, mime_size_bound
+from libs.providers.mime import (
+    MimeDocument,
+    StreamedBody,
+    check_header_fields,
+    fits_size_cap,
+    mime_size,
+    mime_size_bound,
+)
 from libs.providers.model import OutboundEmail, Outcome, ProviderConfig, SendResult
 
 __all__ = [
@@ -53,6 +68,8 @@ __all__ = [
     "provider_tls_context",
     "response_json",
 ]
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------
 # The protocol the sender calls
@@ -141,6 +158,8 @@ class BaseAdapter(ABC):
 
     type_name: ClassVar[str] = ""
     default_capabilities: ClassVar[Capabilities]
+    dkim_signed_headers: ClassVar[tuple[str, ...]] = DEFAULT_SIGNED_HEADERS
+    """The headers our DKIM signatures cover when present; a provider that rewrites one leaves it out."""
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -181,6 +200,29 @@ class BaseAdapter(ABC):
     async def aclose(self) -> None:  # noqa: B027 - adapters without connections need nothing here
         """Release connections; adapters holding clients override this."""
 
+    # -- DKIM ---------------------------------------------------------------------------------------------
+
+    def signs(self, email: OutboundEmail) -> bool:
+        """Whether this adapter signs ``email`` with DKIM: the provider takes our MIME and the email has keys."""
+        return bool(email.dkim_keys) and self.capabilities.signs_raw_mime
+
+    def _size_cap(self, email: OutboundEmail) -> int:
+        """The size cap the email's unsigned MIME must fit: the provider's, less the room our signatures take."""
+        cap = self.capabilities.max_message_bytes
+        return cap - MAX_SIGNATURE_BYTES * len(email.dkim_keys) if self.signs(email) else cap
+
+    async def sign_mime(self, email: OutboundEmail, document: MimeDocument) -> tuple[MimeDocument, tuple[str, ...]]:
+        """``document`` (the email's final MIME, about to be handed over) signed with the email's DKIM keys when
+        this adapter signs it (``signs``), and the algorithms that signed. A key that cannot sign is logged and
+        left out; the email is never held back for it."""
+        if not self.signs(email):
+            return document, ()
+        signed, made = await sign_document(document, email.dkim_keys, signed_headers=self.dkim_signed_headers)
+        for key, why in made.failed:
+            log.warning("DKIM key %s of %s did not sign email %s (%s); sent without its signature",
+                        key.selector, key.domain, email.message_id, why)
+        return signed, made.algorithms
+
     # -- the algorithm -----------------------------------------------------------------------------------
 
     def precheck(self, email: OutboundEmail, encoded_size: int) -> ProviderError | None:
@@ -191,8 +233,8 @@ class BaseAdapter(ABC):
         its size. ``validate`` runs again when the email is sent and stays the authority.
         """
         problem = self._shape_problem(email)
-        if problem is None and encoded_size > self.capabilities.max_message_bytes:
-            problem = MessageTooLarge(self.type_name, encoded_size, self.capabilities.max_message_bytes)
+        if problem is None and encoded_size > self._size_cap(email):
+            problem = MessageTooLarge(self.type_name, encoded_size, self._size_cap(email))
         if problem is None:
             try:
                 self.check_features(email)
@@ -207,9 +249,10 @@ class BaseAdapter(ABC):
             raise problem
         self.check_features(email)
         check_header_fields(email)  # before any size is measured: rendering a bad header would raise
-        fits, size = fits_size_cap(email, self.capabilities.max_message_bytes)
+        cap = self._size_cap(email)
+        fits, size = fits_size_cap(email, cap)
         if not fits:
-            raise MessageTooLarge(self.type_name, size, self.capabilities.max_message_bytes)
+            raise MessageTooLarge(self.type_name, size, cap)
 
     def _shape_problem(self, email: OutboundEmail) -> ProviderError | None:
         """No recipients, no body, or more recipients than one message here may have."""
@@ -258,7 +301,8 @@ class BaseAdapter(ABC):
         """The calls for ``emails`` as lists of indexes: the batch groups in the order they were opened, then
         every email sent on its own.
 
-        Emails share a call when ``batch_key`` gives them equal keys, within the capabilities' batch limits and
+        Emails share a call when ``batch_key`` gives them equal keys (never one this adapter signs: its signed
+        document is its own), within the capabilities' batch limits and
         ``max_emails`` (the registry's ``batch_size``: a cap on emails and on recipients per call). Unless the
         capabilities turn ``unique_recipients_per_batch`` off, a group never holds the same recipient address
         twice. Bytes count against ``max_batch_bytes`` at ``sizes`` when given, else at the cheap bound, measured
@@ -276,7 +320,7 @@ class BaseAdapter(ABC):
         batches: list[list[int]] = []
         singles: list[list[int]] = []
         for index, email in enumerate(emails):
-            key = self.batch_key(email)
+            key = None if self.signs(email) else self.batch_key(email)
             if key is None:
                 singles.append([index])
                 continue

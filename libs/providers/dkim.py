@@ -8,7 +8,9 @@ bottleneck. Here canonicalization is byte regexes and the signature is ``cryptog
 What is implemented is what the mesh signs with: ``rsa-sha256`` (RSA 2048) and ``ed25519-sha256`` (RFC 8463),
 ``relaxed/relaxed`` canonicalization, the whole body (no ``l=``). The body hash is computed incrementally
 (:class:`BodyHash`), so a MIME document whose attachments stream in can be hashed as it streams, once, before its
-headers are sent; :func:`sign` does the whole thing for a message in memory.
+headers are sent; :func:`sign` does the whole thing for a message in memory, :func:`sign_document` for a
+``libs.providers.mime.MimeDocument`` as the adapters that send raw MIME hold it (several keys sign one body hash:
+RFC 8463's dual RSA + Ed25519 signing).
 """
 
 from __future__ import annotations
@@ -21,17 +23,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from libs.providers.mime import MimeDocument
+
 __all__ = [
     "DEFAULT_SIGNED_HEADERS",
+    "MAX_SIGNATURE_BYTES",
     "Algorithm",
     "BodyHash",
     "DkimKey",
+    "Signatures",
     "generate_key",
     "sign",
+    "sign_document",
     "signature_header",
+    "signatures",
 ]
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
@@ -42,6 +51,10 @@ DEFAULT_SIGNED_HEADERS: tuple[str, ...] = (
 )
 """Headers signed when present, in this order. ``from`` is signed once more than it appears (RFC 6376 8.15):
 a second From added on the way would break the signature instead of being shown to the reader."""
+
+MAX_SIGNATURE_BYTES = 1024
+"""What one ``DKIM-Signature`` field adds to a message at most (RSA-2048 with every default header signed: about
+800 bytes), for size caps measured before signing."""
 
 _WSP_RUN = re.compile(rb"[ \t]{2,}|\t")
 """Whitespace that relaxed canonicalization changes: runs, and tabs (a lone space stays; matching every one of a
@@ -206,11 +219,71 @@ def signature_header(key: DkimKey, fields: Sequence[tuple[bytes, bytes]], body_h
     return unsigned + folded + b"\r\n"
 
 
-def sign(message: bytes, key: DkimKey, *, signed_headers: Iterable[str] = DEFAULT_SIGNED_HEADERS,
+def sign(message: bytes, *keys: DkimKey, signed_headers: Iterable[str] = DEFAULT_SIGNED_HEADERS,
          timestamp: int | None = None) -> bytes:
-    """``message`` (CRLF line ends) with a ``DKIM-Signature`` field of ``key`` prepended."""
+    """``message`` (CRLF line ends) with a ``DKIM-Signature`` field of each key prepended, in the order given (the
+    body is hashed once). Raises what a key that cannot sign raises (``ValueError``)."""
     fields, body = _split(message)
     body_hash = BodyHash()
     body_hash.update(body)
-    return signature_header(key, fields, body_hash.digest(), signed_headers=signed_headers,
-                            timestamp=timestamp) + message
+    digest = body_hash.digest()
+    headers = tuple(signed_headers)
+    return b"".join(signature_header(key, fields, digest, signed_headers=headers, timestamp=timestamp)
+                    for key in keys) + message
+
+
+@dataclass(frozen=True)
+class Signatures:
+    """The ``DKIM-Signature`` fields made for one message, and the keys that could not sign it."""
+
+    fields: bytes
+    """The fields, each folded and CRLF-terminated, to put before the message's own."""
+    algorithms: tuple[Algorithm, ...]
+    """The ``a=`` of each field made, in order."""
+    failed: tuple[tuple[DkimKey, str], ...] = ()
+    """Each key that did not sign, with why (a key that does not load, an algorithm OpenSSL refuses)."""
+
+
+def signatures(keys: Iterable[DkimKey], fields: Sequence[tuple[bytes, bytes]], body_hash: bytes, *,
+               signed_headers: Iterable[str] = DEFAULT_SIGNED_HEADERS, timestamp: int | None = None) -> Signatures:
+    """A signature of each key over header ``fields`` and ``body_hash``; a key that cannot sign is left out and
+    named in :attr:`Signatures.failed` (the others still sign)."""
+    headers = tuple(signed_headers)
+    made: list[bytes] = []
+    algorithms: list[Algorithm] = []
+    failed: list[tuple[DkimKey, str]] = []
+    for key in keys:
+        try:
+            made.append(signature_header(key, fields, body_hash, signed_headers=headers, timestamp=timestamp))
+            algorithms.append(key.algorithm)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            failed.append((key, f"{type(exc).__name__}: {exc}"))
+    return Signatures(b"".join(made), tuple(algorithms), tuple(failed))
+
+
+async def sign_document(document: MimeDocument, keys: Sequence[DkimKey], *,
+                        signed_headers: Iterable[str] = DEFAULT_SIGNED_HEADERS,
+                        timestamp: int | None = None) -> tuple[MimeDocument, Signatures]:
+    """``document`` with a ``DKIM-Signature`` field of each key before its headers, and what was signed.
+
+    The body is hashed as the document streams (its attachments are read once here, and again when it is sent);
+    the document's header block must end in its first bytes segment, as ``build_mime`` lays documents out. Keys
+    that cannot sign are left out (:attr:`Signatures.failed`); with none left the document comes back unchanged.
+    Nothing may change the document's headers or body after this: the signature is the last thing done to it.
+    """
+    first = document.segments[0] if document.segments else b""
+    end = first.find(b"\r\n\r\n") if isinstance(first, bytes) else -1
+    if not isinstance(first, bytes) or end < 0:
+        raise ValueError("the document's header block does not end in its first segment")
+    fields, _ = _split(first[:end + 4])
+    body_hash = BodyHash()
+    started = False
+    async for chunk in document.stream():
+        # The first chunk streamed is the first segment: its body part starts after the header block.
+        body_hash.update(chunk if started else chunk[end + 4:])
+        started = True
+    made = signatures(keys, fields, body_hash.digest(), signed_headers=signed_headers, timestamp=timestamp)
+    if not made.fields:
+        return document, made
+    signed = MimeDocument((made.fields + first, *document.segments[1:]), document.size + len(made.fields))
+    return signed, made

@@ -13,8 +13,12 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from libs.providers.errors import AdapterConfigError
+
+if TYPE_CHECKING:  # the key type only: the model imports no cryptography (ingest reads it)
+    from libs.providers.dkim import DkimKey
 
 __all__ = [
     "ESP_MESSAGE_ID_HEADER",
@@ -139,6 +143,10 @@ class OutboundEmail:
     """Values of the ``{{ name }}`` placeholders in the subject, the bodies and header values, keyed by recipient
     address (the sender sets them for an email with a single ``to``). Values are final text: nobody escapes them
     (the HTML body's are HTML-escaped already where it needs it). A placeholder without a value stays as written."""
+    dkim_keys: tuple[DkimKey, ...] = ()
+    """The tenant's active DKIM keys for the ``From`` domain (``d=`` its verified domain), set by the sender. An
+    adapter whose provider takes our MIME (``Capabilities.signs_raw_mime``) signs the message with each, as the
+    last thing done to it; the others ignore them (the provider's domain authentication signs)."""
 
     @property
     def recipients(self) -> tuple[Address, ...]:
@@ -169,6 +177,8 @@ class SendResult:
     relay refusing some RCPTs), each with the provider's reason (``"550 5.1.1 no such user"``): the email went to
     every other recipient and to none of these. Empty when every recipient was taken; an email refused for every
     recipient is not accepted at all."""
+    dkim_algorithms: tuple[str, ...] = ()
+    """The ``a=`` of each DKIM signature the mesh put on the email it handed over (empty: not signed by us)."""
 
     @property
     def accepted(self) -> bool:

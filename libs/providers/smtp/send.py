@@ -20,6 +20,9 @@ are given — is a permanent fault of the provider: no retry can succeed, and no
 password) is sent. A transaction where the relay refused some recipients at RCPT and took the email for the
 others is accepted with those recipients in ``SendResult.refused_recipients``, each with the relay's reply; one
 where it refused every recipient is judged by the mildest refusal, as if it were the email's.
+
+An email with the tenant's DKIM keys is signed after its MIME is rendered (``BaseAdapter.sign_mime``); dot-stuffing
+is SMTP's transparency, undone by the relay, so the relay stores the bytes that were signed.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import re
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiosmtplib
 
@@ -239,20 +242,22 @@ class SmtpAdapter(BaseAdapter):
             supports_batch=False,
             supports_idempotency_key=False,
             regions=(config.region,) if config.region else (),
+            signs_raw_mime=caps.signs_raw_mime,
         )
 
     async def _deliver(self, email: OutboundEmail) -> SendResult:
-        document = build_mime(personalize(email))
+        document, signed_with = await self.sign_mime(email, build_mime(personalize(email)))
         async with self._pool.session() as session:
             try:
-                return await self._transaction(session, email, document)
+                result = await self._transaction(session, email, document)
             except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
                 if not session.reused:
                     raise
                 # An idle pooled connection the relay has since closed fails on its first command, before any
                 # part of this email was accepted: reconnect once and start the transaction again.
                 await self._pool.reconnect(session)
-                return await self._transaction(session, email, document)
+                result = await self._transaction(session, email, document)
+        return replace(result, dkim_algorithms=signed_with) if signed_with else result
 
     async def _transaction(
         self, session: _Session, email: OutboundEmail, document: MimeDocument
