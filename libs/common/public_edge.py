@@ -58,6 +58,11 @@ EDGE_METHODS: dict[str, dict[str, EdgeMethod]] = {
         for name in ("CreateProvider", "GetProvider", "ListProviders", "UpdateProvider", "DeleteProvider",
                      "RouteEmail")
     },
+    "esp.v1.DomainService": {
+        **{name: EdgeMethod(ADMIN, "router")
+           for name in ("CreateDomain", "VerifyDomain", "DeleteDomain", "RotateDomainKey")},
+        **{name: EdgeMethod(READ, "router") for name in ("GetDomain", "ListDomains")},
+    },
     "esp.v1.StatsService": {
         "GetStats": EdgeMethod(READ, "reports"), "ExportStats": EdgeMethod(READ, "reports"),
         "CompareProviders": EdgeMethod(PLATFORM_ADMIN, "reports"),

@@ -243,6 +243,11 @@ class SendingDomains:
         """What ``provider_id`` last said about the tenant's ``domain`` (``None``: not registered there)."""
         return self._readiness.get((provider_id, tenant_id, domain))
 
+    def readiness_entries(self) -> Mapping[tuple[str, str, str], ProviderReadiness]:
+        """Every readiness entry by (provider id, tenant id, domain): a snapshot replaced, never changed, on
+        updates."""
+        return self._readiness
+
     def domains(self) -> Mapping[tuple[str, str], SendingDomain]:
         """Every entry by (tenant id, domain): a snapshot replaced, never changed, on updates."""
         return self._domains

@@ -15,6 +15,7 @@ from esp.v1 import (
     campaigns_pb2,
     common_pb2,
     credits_pb2,
+    domains_pb2,
     events_pb2,
     messages_pb2,
     providers_pb2,
@@ -58,7 +59,7 @@ from services.ingest.store import MessageStore
 from services.ingest.tenants import ApiKeyRecord, Tenant, TenantStore
 
 _FILES = (messages_pb2, attachments_pb2, tenants_pb2, credits_pb2, providers_pb2, reports_pb2, campaigns_pb2,
-          webhooks_pb2, events_pb2)
+          webhooks_pb2, events_pb2, domains_pb2)
 _SCOPE_TO_PROTO = {"send": tenants_pb2.API_KEY_SCOPE_SEND, "read": tenants_pb2.API_KEY_SCOPE_READ,
                    "admin": tenants_pb2.API_KEY_SCOPE_ADMIN}
 _PROTO_TO_SCOPE = {v: k for k, v in _SCOPE_TO_PROTO.items()}

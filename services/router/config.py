@@ -16,7 +16,20 @@ class RouterSettings(CommonSettings, BreakerSettings):
     """How often provider health is re-read from Redis."""
     registry_resync_s: float = 1.0
     """How often the KV broadcast is checked against Postgres (repairs a lost broadcast)."""
+    dns_resolver: str = ""
+    """Where sending-domain checks look records up: ``host`` or ``host:port`` of a recursive resolver (tests: an
+    authoritative server on loopback); empty: the system's resolvers (``/etc/resolv.conf``)."""
+    spf_include: str = "spf.esp.example"
+    """The platform's SPF domain, which a tenant's SPF record is asked to include (``include:<this>``): the
+    domain whose SPF record lists the providers' sending hosts."""
+    domain_check_interval_s: float = 3600.0
+    """How often a verified (or failed) sending domain's records are looked up again."""
+    pending_domain_check_interval_s: float = 300.0
+    """How often a pending domain's records are looked up, so it verifies on its own once published."""
+    domain_check_poll_s: float = 5.0
+    """How often a router replica looks for domains whose check is due."""
 
     def __post_init__(self) -> None:
-        check_positive(self, "health_refresh_s", "registry_resync_s")
+        check_positive(self, "health_refresh_s", "registry_resync_s", "domain_check_interval_s",
+                       "pending_domain_check_interval_s", "domain_check_poll_s")
         self.breaker_policy()

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from esp.v1 import providers_pb2, providers_pb2_grpc
+from esp.v1 import domains_pb2, domains_pb2_grpc, providers_pb2, providers_pb2_grpc
 from google.protobuf import empty_pb2
 
 from libs.common import db
@@ -37,6 +37,7 @@ from libs.routing.catalog import ProviderCatalog, ProviderSpec, open_bucket
 from libs.routing.health import HealthBoard
 from libs.routing.scoring import EmailFacts, ProviderScore, rank
 from services.router.config import RouterSettings
+from services.router.domains_service import build_domain_parts
 from services.router.provider_metrics import ProviderGauges
 from services.router.registry import ProviderRecord, ProviderRegistry
 
@@ -213,6 +214,7 @@ async def build_app(settings: RouterSettings) -> ServiceApp:
     catalog = ProviderCatalog(kv, secrets)
     redis = create_redis(settings.redis_url)
     health = HealthBoard(redis, settings.namespace, settings.breaker_policy(), refresh_s=settings.health_refresh_s)
+    domains = await build_domain_parts(settings, pool, nc, secrets)
 
     async def close_all() -> None:
         await nc.drain()
@@ -240,6 +242,9 @@ async def build_app(settings: RouterSettings) -> ServiceApp:
     return ServiceApp(
         name="router", default_port=50052,
         servicers=[(providers_pb2_grpc.add_ProviderServiceServicer_to_server,
-                    ProviderServicer(registry, catalog, health))],
-        service_names=[providers_pb2.DESCRIPTOR.services_by_name["ProviderService"].full_name],
-        tasks=[watch, repair, export_health], closers=[close_all], authenticator=TrustedHeaderAuthenticator())
+                    ProviderServicer(registry, catalog, health)),
+                   (domains_pb2_grpc.add_DomainServiceServicer_to_server, domains.servicer)],
+        service_names=[providers_pb2.DESCRIPTOR.services_by_name["ProviderService"].full_name,
+                       domains_pb2.DESCRIPTOR.services_by_name["DomainService"].full_name],
+        tasks=[watch, repair, export_health, *domains.tasks], closers=[close_all],
+        authenticator=TrustedHeaderAuthenticator())

@@ -1,0 +1,104 @@
+"""Fixtures for the sending-domain tests: a real router (``build_app`` served on loopback, real Postgres and NATS)
+asking a real authoritative DNS server (NSD) whose zones the tests write."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from esp.v1 import domains_pb2, domains_pb2_grpc
+
+from dev.dns_server import AuthoritativeDns, Record
+from libs.common.auth import Principal
+from libs.common.db import migrate_services
+from libs.common.secret_box import generate_key_setting
+from services.router.config import RouterSettings
+from services.router.server import build_app
+from tests.serving import served
+
+ZONES = ["acme.test", "recheck.test", "rotate.test", "auto.test", "taken.test", "secret.test", "down.test", "cli.test",
+         "mail.test"]
+"""One zone per behaviour, so tests never see each other's records."""
+RECHECK_INTERVAL_S = 0.3
+"""The router's re-check interval in these tests: a verified domain is looked at again this soon."""
+
+
+@dataclass
+class Router:
+    """A running router and how to call it as a tenant."""
+
+    address: str
+    stub: domains_pb2_grpc.DomainServiceStub
+    dsn: str
+    nats_url: str
+    settings: RouterSettings
+
+    def as_tenant(self, tenant_id: str) -> tuple[tuple[str, str], ...]:
+        """Call metadata of ``tenant_id``'s admin (what the edge forwards)."""
+        return Principal(tenant_id=tenant_id, scopes=frozenset({"admin", "read", "send"})).as_metadata()
+
+
+@pytest.fixture(scope="module")
+def dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthoritativeDns]:
+    try:
+        server = AuthoritativeDns(tmp_path_factory.mktemp("nsd"), ZONES)
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(f"could not start the DNS server: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+async def router(new_database: Callable[[], str], nats_url: str, redis_url: str, run_id: str,
+                 dns_server: AuthoritativeDns) -> AsyncIterator[Router]:
+    dsn = new_database()
+    await migrate_services(dsn, ["router"])
+    settings = RouterSettings(postgres_dsn=dsn, nats_url=nats_url, redis_url=redis_url,
+                              namespace=f"{run_id}dom{secrets.token_hex(2)}", secrets_keys=generate_key_setting("t"),
+                              dns_resolver=f"127.0.0.1:{dns_server.port}", spf_include="spf.platform.test",
+                              domain_check_interval_s=RECHECK_INTERVAL_S,
+                              pending_domain_check_interval_s=RECHECK_INTERVAL_S, domain_check_poll_s=0.1)
+    async with served(await build_app(settings)) as (address, _):
+        async with grpc.aio.insecure_channel(address) as channel:
+            yield Router(address, domains_pb2_grpc.DomainServiceStub(channel), dsn, nats_url, settings)
+
+
+def published(domain: domains_pb2.Domain, *, skip: Callable[[domains_pb2.DomainRecord], bool] = lambda r: False,
+              override: Callable[[domains_pb2.DomainRecord], str | None] = lambda r: None) -> list[Record]:
+    """The zone records of ``domain``'s records to publish (its zone is the domain itself), less ``skip``ped ones,
+    with ``override``'s values where it gives one."""
+    zone = domain.domain
+    records = []
+    for r in domain.records:
+        if skip(r):
+            continue
+        name = "@" if r.name == zone else r.name.removesuffix(f".{zone}")
+        records.append(Record(name, "TXT", override(r) or r.value))
+    return records
+
+
+async def create(router: Router, tenant: str, domain: str, *, ed25519: bool = False) -> domains_pb2.Domain:
+    """Add ``domain`` for ``tenant``."""
+    return await router.stub.CreateDomain(
+        domains_pb2.CreateDomainRequest(domain=domains_pb2.Domain(domain=domain, ed25519=ed25519)),
+        metadata=router.as_tenant(tenant))
+
+
+async def verify(router: Router, tenant: str, domain: str) -> domains_pb2.Domain:
+    """Check ``domain`` now."""
+    return await router.stub.VerifyDomain(domains_pb2.VerifyDomainRequest(name=f"domains/{domain}"),
+                                          metadata=router.as_tenant(tenant))
+
+
+async def get(router: Router, tenant: str, domain: str) -> domains_pb2.Domain:
+    return await router.stub.GetDomain(domains_pb2.GetDomainRequest(name=f"domains/{domain}"),
+                                       metadata=router.as_tenant(tenant))
+
+
+def new_tenant() -> str:
+    return f"t{secrets.token_hex(4)}"
+
