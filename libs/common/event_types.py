@@ -48,8 +48,12 @@ ACCOUNT_EVENT_TYPES: Mapping[str, str] = MappingProxyType({
     "unbilled_send": "account.unbilled_send",
     "campaign_paused": "campaign.paused",
     "campaign_completed": "campaign.completed",
+    "domain_verified": "domain.verified",
+    "domain_verification_failed": "domain.verification_failed",
 })
-"""``AccountEvent.kind`` (what the ledger and the campaigns service publish) → customer event type."""
+"""``AccountEvent.kind`` (what the ledger, the campaigns service and the router publish) → customer event type.
+A sending domain that (re)verifies is ``domain.verified``; one that stops verifying (a record removed) is
+``domain.verification_failed``, with the failing records in ``failing_records``."""
 
 ENDPOINT_DISABLED = "webhook_endpoint.disabled"
 """An endpoint was disabled by the platform (410 Gone, or failing for days); sent to the tenant's other endpoints."""
