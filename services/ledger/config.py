@@ -36,12 +36,16 @@ class LedgerSettings(CommonSettings):
     settlement_worker: bool = True
     """Settle outcomes in a worker process of its own (``services.ledger.settlement_worker``) rather than on the event
     loop that answers reserves, which every accept waits for."""
+    settlement_ack_wait_s: float = 30.0
+    """JetStream redelivers a final outcome event to the settlement worker when it was not acked within this long
+    (a worker killed mid-batch, or an ack lost with a NATS node): the longest a hold can wait for its settlement
+    after such a loss."""
     settlement_niceness: int = 10
     """How much nicer (lower CPU priority) the settlement worker runs than the ledger: on a busy machine a
     campaign's settlement yields the CPU to the accept path and catches up afterwards."""
 
     def __post_init__(self) -> None:
         check_positive(self, "hold_ttl_s", "sweep_interval_s", "reserve_batch_size", "reserve_workers",
-                       "outcome_batch_size", "processed_event_retention_s")
+                       "outcome_batch_size", "processed_event_retention_s", "settlement_ack_wait_s")
         if not 0 <= self.settlement_niceness <= 19:
             raise ValueError(f"ESP_SETTLEMENT_NICENESS: must be in [0, 19], got {self.settlement_niceness}")

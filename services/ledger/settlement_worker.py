@@ -28,7 +28,7 @@ async def build_settlement(settings: LedgerSettings) -> WorkerParts:
     nc = await connect(settings.nats_url, "esp-ledger-settlement")
     durable = topology.consumer("ledger-final")
     await ensure_pull_consumer(nc.jetstream(), topology.events_stream, durable, topology.final_events_wildcard,
-                               ack_wait_s=30)
+                               ack_wait_s=settings.settlement_ack_wait_s)
     consumer = OutcomeConsumer(ledger)
 
     async def consume(stop: StopEvent) -> None:

@@ -87,9 +87,10 @@ def clustered_mesh(nats_cluster: NatsCluster, simulator: tuple[str, int], new_da
     simulator_url, smtp_port = simulator
     config = build_mesh_config(new_database(), redis_url, nats_cluster.url, s3_server, f"{run_id}nc",
                                tmp_path / "mesh-logs")
-    # JetStream hands an email whose ack was lost with the killed leader to another delivery after this long
-    # (production: 60 s), as in the chaos runs.
-    config.extra_env.update({"ESP_STREAM_REPLICAS": "3", "ESP_ACK_WAIT_S": "10"})
+    # JetStream hands an email (or a final event) whose ack was lost with the killed leader to another sender (or
+    # the settlement worker) after this long (production: 60 s and 30 s), as in the chaos runs.
+    config.extra_env.update({"ESP_STREAM_REPLICAS": "3", "ESP_ACK_WAIT_S": "10",
+                              "ESP_SETTLEMENT_ACK_WAIT_S": "10"})
     asyncio.run(migrate_services(config.postgres_dsn, SERVICES_WITH_SCHEMAS))
     mesh = m.Mesh(config)
     try:
