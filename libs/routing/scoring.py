@@ -1,8 +1,10 @@
 """Ranking providers for one email: a fallback chain, best first, with the reasons behind every rank.
 
-Eligibility first — enabled, carries the class, fits the size (``libs.providers.capabilities.provider_size_cap``),
-breaker not open (nor its probe under way), no Retry-After pause, quota left for the email, rate budget not booked
-beyond what the class may wait, not already failed for this email.
+Eligibility first — enabled, carries the class, ready for the email's ``From`` domain (``libs.routing.readiness``:
+a provider that registers domains sends for a tenant's domain only once it has verified it), fits the size
+(``libs.providers.capabilities.provider_size_cap``), breaker not open (nor its probe under way), no Retry-After
+pause, quota left for the email, rate budget not booked beyond what the class may wait, not already failed for
+this email.
 
 Then the order: **the cheapest provider that meets the class's quality floor** (least cost with a quality floor,
 the "cost subsidy" framing of Sinha et al., AISTATS 2021), and after those the ones that miss it, best score first.
@@ -47,6 +49,7 @@ from libs.common.message_classes import MessageClass, RoutingWeights
 from libs.providers.capabilities import DEFAULT_SIZE_CAPS, provider_size_cap
 from libs.routing.catalog import ProviderSpec
 from libs.routing.health import HALF_OPEN, OPEN, ProviderHealth
+from libs.routing.readiness import DomainReadiness, not_ready_reason
 
 __all__ = [
     "HEALTH_FLOOR_MIN_CALLS",
@@ -95,6 +98,9 @@ class EmailFacts:
     """Providers that already failed this email."""
     region: str = ""
     """Preferred region, if any."""
+    tenant_id: str = ""
+    from_domain: str = ""
+    """The domain of the email's ``From`` address (lower-case): providers not ready for it are left out."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +161,7 @@ def remaining_quota(spec: ProviderSpec, health: ProviderHealth) -> tuple[float, 
 
 
 def exclusion_reason(spec: ProviderSpec, health: ProviderHealth, email: EmailFacts, profile: RoutingWeights,
-                     size_caps: Mapping[str, int]) -> str:
+                     size_caps: Mapping[str, int], domains: DomainReadiness | None = None) -> str:
     """Why ``spec`` cannot take ``email`` right now; empty when it can."""
     cap = provider_size_cap(spec.type, spec.max_message_bytes, type_caps=size_caps)
     daily, monthly = remaining_quota(spec, health)
@@ -165,6 +171,9 @@ def exclusion_reason(spec: ProviderSpec, health: ProviderHealth, email: EmailFac
         return "failed for this email already"
     if not spec.carries(email.message_class):
         return f"does not carry {email.message_class}"
+    not_ready = not_ready_reason(spec.id, spec.type, domains, email.tenant_id, email.from_domain)
+    if not_ready:
+        return not_ready
     if cap and email.message_bytes > cap:
         return f"message of {email.message_bytes} bytes exceeds cap of {cap}"
     if health.breaker == OPEN:
@@ -215,9 +224,10 @@ def _below_floor(health: ProviderHealth, health_factor: float, region: float, pr
 
 
 def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth], email: EmailFacts,
-         size_caps: Mapping[str, int] = DEFAULT_SIZE_CAPS) -> RouteDecision:
+         size_caps: Mapping[str, int] = DEFAULT_SIZE_CAPS, domains: DomainReadiness | None = None) -> RouteDecision:
     """Rank ``providers`` for ``email``. ``size_caps`` maps provider type → the type's own size cap (the
-    capabilities table unless a test says otherwise)."""
+    capabilities table unless a test says otherwise); ``domains`` says which providers are ready for which tenant
+    domains (None: every provider is)."""
     profile = MessageClass(email.message_class).policy.routing
     eligible: list[tuple[ProviderSpec, ProviderHealth, float, float]] = []
     excluded: list[ProviderScore] = []
@@ -225,7 +235,7 @@ def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth]
         h = health.get(spec.id, ProviderHealth())
         cost = spec.price_micros(email.message_bytes)
         latency = h.latency_tail_ms if profile.latency_by_tail else h.latency_ms_ewma
-        reason = exclusion_reason(spec, h, email, profile, size_caps)
+        reason = exclusion_reason(spec, h, email, profile, size_caps, domains)
         if reason:
             daily, monthly = remaining_quota(spec, h)
             excluded.append(ProviderScore(
