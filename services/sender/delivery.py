@@ -5,7 +5,8 @@ The steps, each a method below:
 1. ``_claim`` — lease each email and read its memory (one Redis round trip for the batch). Another sender
    holds it → leave it to that sender. Already sent (sent marker) → announce SENT again (same event id, so the
    stream drops the duplicate) and ack: a redelivered email is never sent twice. Older than its class's
-   useful life → FAILED and dead-lettered (unless it or its campaign is halted: see step 2).
+   useful life → FAILED and dead-lettered (unless it or its campaign is halted: see step 2). Each email to send
+   carries the DKIM keys of the verified domain covering its From (``services.sender.signing``).
 2. ``_rank`` — the fallback chain for each email from the local catalog and health snapshot (no round trip),
    without the providers that failed it last time or were tried in this delivery. Before it (and in step 1),
    an email cancelled itself or whose campaign is halted (the in-process snapshot of ``services.sender.halts``)
@@ -85,6 +86,7 @@ from services.sender.outcomes import (
     waits_for_cheaper,
 )
 from services.sender.retries import backoff_s
+from services.sender.signing import DKIM_SIGNED, SigningKeys
 from services.sender.state import MessageState, MessageStateStore, SentMarker, StateChange
 from services.sender.suppressions import Recipients, SuppressionCheck
 
@@ -293,6 +295,8 @@ class Deliverer:
         """The suppression re-check before the call (None: only accept's check)."""
         self.domains = domains
         """The tenants' sending domains: DKIM keys and provider readiness (None: no domain is known)."""
+        self.signing_keys = SigningKeys()
+        """The DKIM keys each email carries to its adapter, built once per domain (``services.sender.signing``)."""
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # -- the whole delivery ----------------------------------------------------------------------------------
@@ -368,7 +372,12 @@ class Deliverer:
             pending.append(EventIntent(task, linked.event_type, linked.event_id,
                                        facts=AttemptFacts(attributes=linked.event_attributes)))
             task = linked.task
-        return outbound_email(task, self.opener)
+        email = outbound_email(task, self.opener)
+        if self.domains is not None:
+            keys = self.signing_keys.for_email(self.domains, email)
+            if keys:
+                email = replace(email, dkim_keys=keys)
+        return email
 
     # -- steps 2 to 6, once ----------------------------------------------------------------------------------------
     async def _round(self, jobs: list[Job], pending: Outbox) -> list[Job]:
@@ -610,6 +619,8 @@ class Deliverer:
                                                 ambiguous=result.outcome is Outcome.AMBIGUOUS,
                                                 refused=dict(result.refused_recipients))
                     job.marked = True
+                    for algorithm in result.dkim_algorithms:
+                        DKIM_SIGNED.labels(algorithm).inc()
 
     # -- step 6 --------------------------------------------------------------------------------------------------
     def _conclude(self, job: Job, call: Call, result: SendResult, pending: Outbox) -> bool:
