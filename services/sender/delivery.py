@@ -67,6 +67,7 @@ from libs.providers.errors import AdapterConfigError, InvalidMessage, ProviderEr
 from libs.providers.model import Address, Attachment, OutboundEmail, Outcome, SendResult
 from libs.routing.catalog import ProviderCatalog, ProviderSpec
 from libs.routing.health import HealthBoard, Permit, ProviderLimits, Refusal
+from libs.routing.readiness import address_domain
 from libs.routing.scoring import EmailFacts, RouteDecision, rank
 from services.sender.adapters import AdapterPool
 from services.sender.events import NO_ATTEMPT, AttemptFacts, EventPublisher
@@ -423,11 +424,13 @@ class Deliverer:
         size = job.size
         if size <= SIZE_BUCKET_LIMIT:  # far below any cap: rounding up cannot change eligibility
             size = -(-max(size, 1) // SIZE_BUCKET_BYTES) * SIZE_BUCKET_BYTES
-        key = (job.message_class, size, recipients, excluded)
+        sender_domain = address_domain(getattr(task, "from").email)  # providers not ready for it are left out
+        key = (job.message_class, size, recipients, excluded, task.tenant_id, sender_domain)
         decision = cache.get(key)
         if decision is None:
-            facts = EmailFacts(job.message_class, size, recipients, excluded)
-            decision = rank(self.catalog.providers.values(), self.health.snapshots, facts)
+            facts = EmailFacts(job.message_class, size, recipients, excluded, tenant_id=task.tenant_id,
+                               from_domain=sender_domain)
+            decision = rank(self.catalog.providers.values(), self.health.snapshots, facts, domains=self.domains)
             cache[key] = decision
         return decision
 

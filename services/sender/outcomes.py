@@ -18,6 +18,7 @@ from libs.common.message_classes import AmbiguousPolicy, MessageClass, RetryPoli
 from libs.providers.model import Outcome, SendResult
 from libs.routing.catalog import ProviderSpec
 from libs.routing.health import CallHealth, ProviderHealth, RecordedCall
+from libs.routing.readiness import NOT_READY
 from libs.routing.scoring import RATE_BUDGET_SPENT, RouteDecision
 from services.sender.retries import backoff_s, throttle_delay_s
 
@@ -120,7 +121,8 @@ class Unroutable(enum.StrEnum):
     """Why no provider is ranked for an email, and so what happens to it."""
 
     NO_CARRIER = "no_carrier"
-    """No enabled provider carries its class: wait the class's longest delay (a provider may be added)."""
+    """No enabled provider carries its class, or none is ready for its ``From`` domain: wait the class's longest
+    delay (a provider may be added, or verify the domain)."""
     TOO_LARGE = "too_large"
     """Every provider that could carry it is too small for it: it fails."""
     ALL_FAILED = "all_failed"
@@ -132,7 +134,7 @@ class Unroutable(enum.StrEnum):
 def unroutable(decision: RouteDecision, excluded: Set[str]) -> Unroutable:
     """Why ``decision`` ranked no provider, given the providers that failed the email already."""
     relevant = [s for s in decision.excluded
-                if s.excluded_reason != "disabled" and not s.excluded_reason.startswith("does not carry")]
+                if s.excluded_reason != "disabled" and not s.excluded_reason.startswith(("does not carry", NOT_READY))]
     if not relevant:
         return Unroutable.NO_CARRIER
     if all("exceeds cap" in s.excluded_reason for s in relevant):

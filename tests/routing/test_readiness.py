@@ -119,3 +119,12 @@ def test_another_tenant_sending_from_a_domain_of_its_own_needs_its_own_readiness
 
 def test_without_a_domains_view_every_provider_is_ready() -> None:
     assert order(rank([CHEAP_SES, DEAR_POSTMARK], {}, email())) == ["ses-cheap", "pm-dear"]
+
+
+def test_an_email_no_provider_is_ready_for_waits_like_one_no_provider_carries() -> None:
+    from services.sender.outcomes import Unroutable, unroutable
+
+    decision = rank([CHEAP_SES, DEAR_POSTMARK], {}, email(), domains=view())
+
+    assert order(decision) == []
+    assert unroutable(decision, frozenset()) is Unroutable.NO_CARRIER
