@@ -137,10 +137,11 @@ def checked_domain(text: str, field: str = "domain.domain") -> str:
     except (idna.IDNAError, UnicodeError):
         ascii_name = ""
     labels = ascii_name.split(".")
-    if (not ascii_name or len(ascii_name) > MAX_DOMAIN_CHARS or len(labels) < 2
-            or not all(_ldh_label(label) for label in labels) or labels[-1].isdigit()):
+    if (not ascii_name or len(ascii_name) > MAX_DOMAIN_CHARS or not all(_ldh_label(label) for label in labels)
+            or labels[-1].isdigit()):
         raise InvalidArgument(f"{text[:300]!r} is not a domain name", reason="INVALID_DOMAIN",
                               field_violations=[FieldViolation(field, "a domain name such as mail.example.com")])
+    # A single label is a top-level domain: a public suffix too (the list's default rule, "*").
     if _PSL.get_tld(ascii_name) == ascii_name:
         raise InvalidArgument(f"{ascii_name} is a public suffix: add a domain registered under it",
                               reason="PUBLIC_SUFFIX",
