@@ -28,8 +28,10 @@ class RouterSettings(CommonSettings, BreakerSettings):
     """How often a pending domain's records are looked up, so it verifies on its own once published."""
     domain_check_poll_s: float = 5.0
     """How often a router replica looks for domains whose check is due."""
+    domain_readiness_poll_s: float = 30.0
+    """How often a domain pending at a provider is asked about again (``services.router.domain_readiness``)."""
 
     def __post_init__(self) -> None:
         check_positive(self, "health_refresh_s", "registry_resync_s", "domain_check_interval_s",
-                       "pending_domain_check_interval_s", "domain_check_poll_s")
+                       "pending_domain_check_interval_s", "domain_check_poll_s", "domain_readiness_poll_s")
         self.breaker_policy()

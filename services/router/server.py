@@ -30,13 +30,16 @@ from libs.common.pagination import checked_page_token, page_size
 from libs.common.redis import create_redis
 from libs.common.resource_names import MAX_ID_CHARS, checked_text, resource_id
 from libs.common.secret_box import optional_secret_box
+from libs.common.sending_domains import SendingDomains
 from libs.common.settings import SettingsError
 from libs.common.stopping import pause_unless_stopped
 from libs.common.timestamps import to_timestamp
 from libs.routing.catalog import ProviderCatalog, ProviderSpec, open_bucket
 from libs.routing.health import HealthBoard
+from libs.routing.readiness import address_domain
 from libs.routing.scoring import EmailFacts, ProviderScore, rank
 from services.router.config import RouterSettings
+from services.router.domain_readiness import DomainReadinessWorker
 from services.router.domains_service import build_domain_parts
 from services.router.provider_metrics import ProviderGauges
 from services.router.registry import ProviderRecord, ProviderRegistry
@@ -115,6 +118,20 @@ def _score(s: ProviderScore) -> providers_pb2.ProviderScore:
         latency_p99_estimate_ms=s.latency_p99_ms)
 
 
+def _sender(request: providers_pb2.RouteEmailRequest) -> tuple[str, str]:
+    """The tenant id and the From domain a RouteEmail request names (empty when it names no From address)."""
+    if not request.from_address:
+        return "", ""
+    from_domain = address_domain(request.from_address)
+    if not from_domain or not request.from_address.partition("@")[0]:
+        raise InvalidArgument("from_address is not an email address",
+                              field_violations=[FieldViolation("from_address", "an address such as news@example.com")])
+    if not request.tenant:
+        raise InvalidArgument("tenant is required with from_address",
+                              field_violations=[FieldViolation("tenant", "tenants/{id} whose domain sends")])
+    return resource_id(request.tenant, "tenants", "tenant"), from_domain
+
+
 class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
     """``esp.v1.ProviderService`` over the registry (CRUD), the catalog and shared health (RouteEmail).
 
@@ -122,10 +139,13 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
     the platform admin only.
     """
 
-    def __init__(self, registry: ProviderRegistry, catalog: ProviderCatalog, health: HealthBoard) -> None:
+    def __init__(self, registry: ProviderRegistry, catalog: ProviderCatalog, health: HealthBoard,
+                 domains: SendingDomains | None = None) -> None:
         self.registry = registry
         self.catalog = catalog
         self.health = health
+        self.domains = domains
+        """Which providers are ready for which tenant domains (None: RouteEmail does not judge readiness)."""
 
     async def CreateProvider(self, request: providers_pb2.CreateProviderRequest,
                              context: Any) -> providers_pb2.Provider:
@@ -182,18 +202,23 @@ class ProviderServicer(providers_pb2_grpc.ProviderServiceServicer):
 
     async def RouteEmail(self, request: providers_pb2.RouteEmailRequest,
                          context: Any) -> providers_pb2.RouteEmailResponse:
-        """The fallback chain for an email as senders compute it (same catalog, fresh health), with each
-        provider's breakdown: expected cost, latency, error rate, breaker, quota and rate budget left, or why it
-        was left out. Senders rank locally (no RPC per email); this answers "why this provider?"."""
+        """The fallback chain for an email as senders compute it (same catalog, fresh health, same sending
+        domains), with each provider's breakdown: expected cost, latency, error rate, breaker, quota and rate budget
+        left, or why it was left out — "not ready for <domain>: <the provider's status>" for a provider not ready
+        for the tenant's domain of ``from_address``. Senders rank locally (no RPC per email); this answers "why
+        this provider?". INVALID_ARGUMENT without a class, for a ``from_address`` that is no address, or one
+        without ``tenant``."""
         message_class = class_name_of(request.message_class)
         if not message_class:
             raise InvalidArgument("message_class is required",
                                   field_violations=[FieldViolation("message_class", "otp, transactional or bulk")])
+        tenant_id, from_domain = _sender(request)
         providers = list(self.catalog.providers.values())
         health = await self.health.refresh(p.id for p in providers)
         decision = rank(providers, health, EmailFacts(
             message_class, request.message_bytes, max(1, request.recipient_count),
-            frozenset(e.removeprefix("providers/") for e in request.excluded_providers), request.region))
+            frozenset(e.removeprefix("providers/") for e in request.excluded_providers), request.region,
+            tenant_id=tenant_id, from_domain=from_domain), domains=self.domains)
         return providers_pb2.RouteEmailResponse(ranked=[_score(s) for s in decision.ranked],
                                                 excluded=[_score(s) for s in decision.excluded])
 
@@ -228,6 +253,9 @@ async def build_app(settings: RouterSettings) -> ServiceApp:
         await catalog.wait_loaded(timeout_s=60)
         await ProviderGauges(health, lambda: catalog.providers).run(stop)
 
+    readiness = DomainReadinessWorker(pool, domains.view.kv, catalog, domains.view,
+                                      poll_s=settings.domain_readiness_poll_s)
+
     async def repair(stop: asyncio.Event) -> None:
         await catalog.wait_loaded(timeout_s=60)
         while not stop.is_set():
@@ -242,9 +270,9 @@ async def build_app(settings: RouterSettings) -> ServiceApp:
     return ServiceApp(
         name="router", default_port=50052,
         servicers=[(providers_pb2_grpc.add_ProviderServiceServicer_to_server,
-                    ProviderServicer(registry, catalog, health)),
+                    ProviderServicer(registry, catalog, health, domains.view)),
                    (domains_pb2_grpc.add_DomainServiceServicer_to_server, domains.servicer)],
         service_names=[providers_pb2.DESCRIPTOR.services_by_name["ProviderService"].full_name,
                        domains_pb2.DESCRIPTOR.services_by_name["DomainService"].full_name],
-        tasks=[watch, repair, export_health, *domains.tasks], closers=[close_all],
+        tasks=[watch, repair, export_health, *domains.tasks, readiness.run], closers=[close_all],
         authenticator=TrustedHeaderAuthenticator())
