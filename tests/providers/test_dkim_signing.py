@@ -4,11 +4,9 @@ take JSON fields do not get our signature."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import logging
-import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,13 +16,12 @@ import dkim as dkimpy
 import pytest
 
 from dev.simulator import RunningSimulator
-from dev.smtp_sink import serve as serve_smtp_sink
 from libs.providers.base import BaseAdapter
 from libs.providers.capabilities import DEFAULT_CAPABILITIES
 from libs.providers.dkim import Algorithm, DkimKey, generate_key
 from libs.providers.model import Address, Attachment, OutboundEmail, Outcome
 from libs.providers.registry import create_adapter
-from tests.conftest import free_port
+from tests.providers.dkim_checks import received, relay_at, signature_tags
 
 SIGNING_DOMAIN = "shop.example"
 """The tenant's verified domain: ``d=``, a parent of the ``From`` domain (DMARC relaxed alignment)."""
@@ -55,14 +52,6 @@ def dns(name: bytes, timeout: int = 5) -> bytes | None:
     return _records().get(name)
 
 
-def signature_tags(raw: bytes) -> list[dict[str, str]]:
-    """The tags of each ``DKIM-Signature`` field of ``raw``, in order."""
-    head = raw.split(b"\r\n\r\n", 1)[0].decode()
-    fields = re.findall(r"^DKIM-Signature:(.*?)(?=\r\n(?![ \t]))", head, re.M | re.S | re.I)
-    return [{k.strip(): re.sub(r"\s+", "", v) for k, _, v in (t.partition("=") for t in f.split(";") if "=" in t)}
-            for f in fields]
-
-
 def verifies(raw: bytes) -> list[bool]:
     """Whether each DKIM signature of ``raw`` verifies, in order."""
     verifier = dkimpy.DKIM(raw)
@@ -83,20 +72,9 @@ def email(*keys: DkimKey, **fields: Any) -> OutboundEmail:
 
 @pytest.fixture
 async def relay(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
-    """A real SMTP relay storing what it receives byte for byte (``dev.smtp_sink``): its endpoint and maildir."""
-    port, maildir, stop = free_port(), tmp_path / "mail", asyncio.Event()
-    server = asyncio.create_task(serve_smtp_sink("127.0.0.1", port, maildir, stop))
-    for _ in range(200):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.01)
-            continue
-        writer.close()
-        break
-    yield f"127.0.0.1:{port}", maildir
-    stop.set()
-    await server
+    """A real SMTP relay storing what it receives byte for byte: its endpoint and maildir."""
+    async with relay_at(tmp_path / "mail") as endpoint:
+        yield endpoint, tmp_path / "mail"
 
 
 @pytest.fixture
@@ -113,15 +91,6 @@ async def adapters(sim: RunningSimulator) -> AsyncIterator[Callable[..., BaseAda
     yield make
     for adapter in made:
         await adapter.aclose()
-
-
-def received(maildir: Path) -> bytes:
-    """The one message the relay stored, without the envelope lines the sink puts before it."""
-    (stored,) = sorted(maildir.glob("*.eml"))
-    lines = stored.read_bytes().split(b"\r\n")
-    while lines[0].startswith(b"X-Sink-"):
-        lines.pop(0)
-    return b"\r\n".join(lines)
 
 
 async def simulator_raw(sim: RunningSimulator, personality: str) -> list[bytes]:

@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import dkim as dkimpy
-import dns.resolver
 import pytest
 from esp.v1 import messages_pb2
 from prometheus_client import REGISTRY
 
 from dev.dns_server import AuthoritativeDns, Record
-from dev.smtp_sink import serve as serve_smtp_sink
-from libs.common.domain_records import resolver_at
 from libs.common.secret_box import SecretBox, generate_key_setting
 from libs.common.sending_domains import (
     DomainState,
@@ -29,12 +24,11 @@ from libs.common.sending_domains import (
     SigningKey,
     bucket_name,
     domain_key,
-    open_bucket,
 )
 from libs.providers.dkim import generate_key
-from libs.routing.catalog import ProviderSpec
-from tests.conftest import free_port
+from tests.providers.dkim_checks import received, relay_at, signature_tags, verify_through_dns
 from tests.sender.conftest import World, send_task
+from tests.sender.dkim_world import add_relay, sending_domains
 
 ZONE = "shop.example"
 """The tenant's verified domain, served by the test's DNS server."""
@@ -81,37 +75,19 @@ class Signing:
         raise AssertionError("the sending-domains view never saw the entry")
 
     def received(self) -> bytes:
-        """The one message the relay stored, without the envelope lines the sink puts before it."""
-        (stored,) = sorted(self.maildir.glob("*.eml"))
-        lines = stored.read_bytes().split(b"\r\n")
-        while lines[0].startswith(b"X-Sink-"):
-            lines.pop(0)
-        return b"\r\n".join(lines)
+        """The one message the relay stored."""
+        return received(self.maildir)
 
 
 @pytest.fixture
 async def signing(world: World, tmp_path: Path) -> AsyncIterator[Signing]:
-    port, maildir, stop_relay = free_port(), tmp_path / "mail", asyncio.Event()
-    relay = asyncio.create_task(serve_smtp_sink("127.0.0.1", port, maildir, stop_relay))
     namespace = world.topology.namespace
     box = SecretBox.from_setting(generate_key_setting("k1"))
-    domains = SendingDomains(await open_bucket(world.js, namespace), box, sandbox_domains=[SANDBOX])
-    stop_watch = asyncio.Event()
-    watcher = asyncio.create_task(domains.run(stop_watch))
-    await domains.wait_loaded()
-    world.deliverer.domains = domains
-    spec = ProviderSpec("relay", "smtp", f"127.0.0.1:{port}", {}, options={"tls": "none"})
-    await world.catalog.kv.put(spec.id, spec.to_json())
-    for _ in range(500):
-        if world.catalog.providers.get(spec.id) == spec:
-            break
-        await asyncio.sleep(0.01)
-    yield Signing(world, domains, box, maildir)
-    stop_watch.set()
-    await watcher
+    async with relay_at(tmp_path / "mail") as endpoint, \
+            sending_domains(world, namespace, box, sandbox_domains=[SANDBOX]) as domains:
+        await add_relay(world, endpoint)
+        yield Signing(world, domains, box, tmp_path / "mail")
     await world.js.delete_key_value(bucket_name(namespace))
-    stop_relay.set()
-    await relay
 
 
 def tenant_domain(*keys: SigningKey, state: DomainState = DomainState.VERIFIED) -> SendingDomain:
@@ -124,39 +100,6 @@ def rsa_key(active: bool = True) -> SigningKey:
 
 def ed_key() -> SigningKey:
     return SigningKey("esp-ed", "ed25519-sha256", True, ED_PEM)
-
-
-def signature_tags(raw: bytes) -> list[dict[str, str]]:
-    """The tags of each ``DKIM-Signature`` field of ``raw``, in order."""
-    head = raw.split(b"\r\n\r\n", 1)[0].decode()
-    fields = re.findall(r"^DKIM-Signature:(.*?)(?=\r\n(?![ \t]))", head, re.M | re.S | re.I)
-    return [{k.strip(): re.sub(r"\s+", "", v) for k, _, v in (t.partition("=") for t in f.split(";") if "=" in t)}
-            for f in fields]
-
-
-async def verify_through_dns(raw: bytes, server: AuthoritativeDns) -> list[bool]:
-    """Whether each DKIM signature of ``raw`` verifies with dkimpy, its keys looked up in ``server``."""
-    resolver = resolver_at(f"127.0.0.1:{server.port}")
-    loop = asyncio.get_running_loop()
-
-    async def lookup(name: str) -> bytes | None:
-        try:
-            answer = await resolver.resolve(name, "TXT", raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN:
-            return None
-        if answer.rrset is None:
-            return None
-        return b"".join(next(iter(answer.rrset)).strings)
-
-    def txt(name: bytes, timeout: int = 5) -> bytes | None:
-        # dkimpy asks synchronously from its thread; the resolver runs on the test's loop.
-        return asyncio.run_coroutine_threadsafe(lookup(name.decode()), loop).result(timeout)
-
-    def verify_each() -> list[bool]:
-        verifier = dkimpy.DKIM(raw)
-        return [bool(verifier.verify(idx=i, dnsfunc=txt)) for i in range(len(signature_tags(raw)))]
-
-    return await asyncio.to_thread(verify_each)
 
 
 def signed_count(algorithm: str) -> float:
