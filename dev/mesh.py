@@ -27,6 +27,7 @@ from dev import binaries, pg_account
 from dev.replicas import HTTP_PORT_VARIABLES, Replica, grpc_target, replica_name, service_of
 from libs.common.jetstream import Topology, server_urls
 from libs.common.secret_box import generate_key_setting
+from libs.common.sending_domains import bucket_name as domains_bucket_name
 from libs.routing.catalog import bucket_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +169,11 @@ DEV_S3_ACCESS_KEY = "esp-dev-s3-access-key"
 DEV_S3_SECRET_KEY = "esp-dev-s3-secret-key-for-loopback-only"
 """The local S3 server's credentials. It checks SigV4 signatures, so the services (``MeshConfig``) and tests must
 sign with these; it refuses very short keys as unknown."""
+
+TEST_SANDBOX_DOMAINS = ("example.com", "example.org", "example.net")
+"""The sandbox sending domains (``ESP_SANDBOX_DOMAINS``) of a mesh started here: the RFC 2606 names tests and
+benchmarks send from, so they need no verified domain of their own (tests of verification use other domains,
+``acme.test`` ...). A deployment names its own sandbox, or none."""
 
 DEV_UNSUBSCRIBE_KEYS = "1:f-Cxwd9-XCTKJf_-3RWJlB7PKQbXWLP54JqNeUd51WVGSciDwfpEhdcTiPxzik6-nt75PJYfa8xQ17EazvxBiQ"
 """The local mesh's one-click unsubscribe key (``ESP_UNSUBSCRIBE_KEYS``), fixed so that links in mail sent by one
@@ -400,6 +406,8 @@ class MeshConfig:
     s3_access_key: str = DEV_S3_ACCESS_KEY
     s3_secret_key: str = DEV_S3_SECRET_KEY
     unsubscribe_keys: str = DEV_UNSUBSCRIBE_KEYS
+    sandbox_domains: tuple[str, ...] = TEST_SANDBOX_DOMAINS
+    """``ESP_SANDBOX_DOMAINS`` of every service: domains every tenant may send from unverified."""
     secrets_keys: str = field(default_factory=lambda: generate_key_setting("dev"), repr=False)
     """``ESP_SECRETS_KEYS`` of every service: a fresh key-encryption key per mesh, so a test's sealed credentials
     open only in its own mesh (``make run`` keeps one in ``.dev/`` instead: its Postgres outlives a run)."""
@@ -458,7 +466,7 @@ class MeshConfig:
             "ESP_NAMESPACE": self.namespace, "ESP_S3_ENDPOINT": self.s3_endpoint,
             "ESP_S3_ACCESS_KEY": self.s3_access_key, "ESP_S3_SECRET_KEY": self.s3_secret_key,
             "ESP_ADMIN_TOKEN": self.admin_token, "ESP_UNSUBSCRIBE_KEYS": self.unsubscribe_keys,
-            "ESP_SECRETS_KEYS": self.secrets_keys,
+            "ESP_SECRETS_KEYS": self.secrets_keys, "ESP_SANDBOX_DOMAINS": ",".join(self.sandbox_domains),
             "ESP_INGEST_ADDR": self.address("ingest"), "ESP_ROUTER_ADDR": self.address("router"),
             "ESP_LEDGER_ADDR": self.address("ledger"), "ESP_REPORTS_ADDR": self.address("reports"),
             "ESP_CAMPAIGNS_ADDR": self.address("campaigns"), "ESP_WEBHOOKS_ADDR": self.address("webhooks"),
@@ -564,8 +572,8 @@ def start_simulator(http_port: int, smtp_port: int, log_dir: Path, timeout_s: fl
 
 
 async def forget_namespace(namespace: str, nats_url: str, redis_url: str) -> None:
-    """Remove what a mesh of ``namespace`` left on shared servers: its JetStream streams and provider bucket, and
-    its Redis keys (sent markers live for days; a benchmark leaves tens of thousands)."""
+    """Remove what a mesh of ``namespace`` left on shared servers: its JetStream streams, provider and sending-domain
+    buckets, and its Redis keys (sent markers live for days; a benchmark leaves tens of thousands)."""
     topology = Topology(namespace)
     nc = await nats.connect(server_urls(nats_url))  # one server or a cluster's comma list
     try:
@@ -573,8 +581,9 @@ async def forget_namespace(namespace: str, nats_url: str, redis_url: str) -> Non
         for stream in topology.streams:
             with contextlib.suppress(Exception):
                 await js.delete_stream(stream)
-        with contextlib.suppress(Exception):
-            await js.delete_key_value(bucket_name(namespace))
+        for bucket in (bucket_name(namespace), domains_bucket_name(namespace)):
+            with contextlib.suppress(Exception):
+                await js.delete_key_value(bucket)
     finally:
         await nc.close()
     client = aioredis.Redis.from_url(redis_url)

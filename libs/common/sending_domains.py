@@ -258,6 +258,11 @@ class SendingDomains:
         """Call ``listener(bucket key)`` after every change."""
         self._listeners.append(listener)
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the bucket's initial contents are in."""
+        return self._loaded.is_set()
+
     async def wait_loaded(self, timeout_s: float = 10.0) -> None:
         """Wait until the bucket's initial contents are in (``TimeoutError`` after ``timeout_s``)."""
         await asyncio.wait_for(self._loaded.wait(), timeout_s)

@@ -1,7 +1,9 @@
 """The accept path: from a send request to "accepted", as a readable list of named steps.
 
 1. **authorise** — the key holds the ``send`` scope and its tenant is enabled;
-2. **validate** — every field, all problems reported at once; addresses normalised (pure, nothing changes);
+2. **validate** — every field, all problems reported at once; addresses normalised (pure, nothing changes); then
+   the **sender** — ``From`` on a verified domain of the tenant or a sandbox domain (``services.ingest.senders``,
+   an in-memory view: no round trip), else FAILED_PRECONDITION ``UNVERIFIED_SENDER_DOMAIN``;
 3. **join a twin** — a concurrent request with the same request_id in this process: wait for its answer;
 4. **attachments** — the tenant's own attachments (another tenant's look absent: NOT_FOUND);
 5. **size policy** — attach, send as download links, or refuse (tenant setting) when no provider takes the size;
@@ -74,6 +76,7 @@ from services.ingest.payloads import (
     queued_task,
     request_fingerprint,
 )
+from services.ingest.senders import SenderDomains
 from services.ingest.sizing import SizeDecision, SizePolicy
 from services.ingest.store import MessageStore, NewMessage, StoredMessage
 from services.ingest.tenants import Tenant, TenantStore
@@ -193,7 +196,7 @@ class Acceptor:
 
     def __init__(self, *, tenants: TenantStore, gate: RedisGate, credits: CreditReserver,
                  attachments: AttachmentLookup, store: MessageStore, topology: Topology,
-                 sizes: SizePolicy, duplicate_wait: DuplicateWait | None = None,
+                 sizes: SizePolicy, senders: SenderDomains, duplicate_wait: DuplicateWait | None = None,
                  batch_passes: int = BATCH_PASSES_IN_FLIGHT, max_send_ahead_s: float = MAX_SEND_AHEAD_S,
                  hold_ttl_after_send_s: float = HOLD_TTL_AFTER_SEND_S) -> None:
         self.tenants = tenants
@@ -203,6 +206,7 @@ class Acceptor:
         self.store = store
         self.topology = topology
         self.sizes = sizes
+        self.senders = senders
         self.duplicate_wait = duplicate_wait or DuplicateWait()
         self.max_send_ahead_s = max_send_ahead_s
         self.hold_ttl_after_send_s = hold_ttl_after_send_s
@@ -218,6 +222,7 @@ class Acceptor:
         tenant = await self._authorise(principal)
         draft = validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers,
                                max_send_ahead_s=self.max_send_ahead_s)
+        await self.senders.check(tenant.id, draft)
         fingerprint = request_fingerprint(draft)
         if not draft.request_id:
             return await self._accept(tenant, draft, fingerprint)
@@ -306,8 +311,10 @@ class Acceptor:
                 one_by_one.append(index)
                 continue
             try:
-                together.append((index, validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers,
-                                                       max_send_ahead_s=self.max_send_ahead_s)))
+                valid = validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers,
+                                       max_send_ahead_s=self.max_send_ahead_s)
+                await self.senders.check(tenant.id, valid)
+                together.append((index, valid))
             except EspError as exc:
                 results[index] = exc
 

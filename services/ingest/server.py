@@ -43,6 +43,8 @@ from libs.common.public_edge import EDGE_METHODS
 from libs.common.redis import create_redis
 from libs.common.resource_names import MAX_ID_CHARS, checked_text, resource_id
 from libs.common.s3 import create_s3_client, ensure_bucket
+from libs.common.sending_domains import SendingDomains
+from libs.common.sending_domains import open_bucket as open_domains_bucket
 from libs.common.timestamps import to_timestamp
 from libs.routing.catalog import ProviderCatalog, open_bucket
 from services.ingest.accept import Acceptor
@@ -54,6 +56,7 @@ from services.ingest.edge import ApiKeyAuthenticator, build_handler
 from services.ingest.limits import RateDefaults, RedisGate
 from services.ingest.memory import return_large_buffers_to_the_os
 from services.ingest.model import YIELD_EVERY, EmailDraft, Mailbox
+from services.ingest.senders import SenderDomains
 from services.ingest.sizing import SizePolicy
 from services.ingest.store import MessageStore
 from services.ingest.tenants import ApiKeyRecord, Tenant, TenantStore
@@ -397,6 +400,8 @@ async def build_components(settings: IngestSettings) -> IngestComponents:
     js = nc.jetstream()
     await ensure_streams(js, topology)
     catalog = ProviderCatalog(await open_bucket(js, settings.namespace))
+    sending_domains = SendingDomains(await open_domains_bucket(js, settings.namespace),
+                                     sandbox_domains=settings.sandbox_domains)
     s3 = create_s3_client(settings.s3_endpoint, settings.s3_region, settings.s3_access_key, settings.s3_secret_key)
     await asyncio.to_thread(ensure_bucket, s3, settings.s3_bucket)
     channels = {"reports": open_channel(settings.reports_addr), "ledger": open_channel(settings.ledger_addr),
@@ -414,6 +419,7 @@ async def build_components(settings: IngestSettings) -> IngestComponents:
                          batch_interval_s=settings.batch_interval_s, on_commit=outbox.publish_soon)
     acceptor = Acceptor(tenants=tenants, gate=gate, credits=credits, attachments=attachments, store=store,
                         topology=topology, sizes=SizePolicy(lambda: catalog.providers.values()),
+                        senders=SenderDomains(sending_domains),
                         batch_passes=settings.batch_passes_in_flight, max_send_ahead_s=settings.max_send_ahead_s,
                         hold_ttl_after_send_s=settings.hold_ttl_after_send_s)
     canceller = Canceller(store=store, redis=redis, topology=topology,
@@ -436,7 +442,8 @@ def service_app(parts: IngestComponents) -> ServiceApp:
                                               parts.settings.upstream_timeout_s))
                 names.append(service.full_name)
     return ServiceApp(name="ingest", default_port=50051, generic_handlers=handlers, service_names=names,
-                      tasks=[parts.outbox.run, parts.catalog.run], closers=[parts.close],
+                      tasks=[parts.outbox.run, parts.catalog.run, parts.acceptor.senders.view.run],
+                      closers=[parts.close],
                       authenticator=ApiKeyAuthenticator(parts.tenants),
                       # Uploads stream into S3 slower than loopback can deliver; with BDP probing the transport
                       # grows its receive window and buffers megabytes ahead of us. A fixed window keeps memory

@@ -34,7 +34,7 @@ from esp.v1 import (
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from dev.mesh import RestartablePostgres, RestartableRedis, RestartableS3, forget_namespace
+from dev.mesh import TEST_SANDBOX_DOMAINS, RestartablePostgres, RestartableRedis, RestartableS3, forget_namespace
 from libs.common.db import migrate_services
 from libs.common.grpc_server import ServiceApp, serve
 from libs.common.settings import CommonSettings
@@ -282,7 +282,8 @@ def ingest_settings(ingest_database: str, redis_url: str, nats_url: str, s3_serv
         grpc_port=free_port(), s3_endpoint=s3_server.endpoint, s3_access_key=s3_server.access_key,
         s3_secret_key=s3_server.secret_key, s3_bucket=f"{run_id}-ingest", admin_token=secrets.token_hex(16),
         ledger_addr=f"127.0.0.1:{free_port()}", reports_addr=f"127.0.0.1:{free_port()}",
-        router_addr=f"127.0.0.1:{free_port()}", api_key_cache_s=2.0, shutdown_grace_s=2.0, log_format="text")
+        router_addr=f"127.0.0.1:{free_port()}", api_key_cache_s=2.0, shutdown_grace_s=2.0, log_format="text",
+        sandbox_domains=TEST_SANDBOX_DOMAINS)
 
 
 @pytest.fixture(scope="session")
@@ -337,7 +338,8 @@ def private_ingest_settings(*, postgres_dsn: str, redis_url: str, nats_url: str,
                             s3_bucket: str, **overrides: Any) -> IngestSettings:
     """Settings of an ingest served in this process on free ports (``overrides``: other fields)."""
     fields: dict[str, Any] = {
-        "api_key_cache_s": 2.0, "shutdown_grace_s": 2.0, "log_format": "text", **overrides}
+        "api_key_cache_s": 2.0, "shutdown_grace_s": 2.0, "log_format": "text", "sandbox_domains": TEST_SANDBOX_DOMAINS,
+        **overrides}
     return IngestSettings(
         postgres_dsn=postgres_dsn, redis_url=redis_url, nats_url=nats_url, namespace=namespace,
         grpc_port=free_port(), s3_endpoint=s3.endpoint, s3_access_key=s3.access_key, s3_secret_key=s3.secret_key,

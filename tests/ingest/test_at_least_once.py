@@ -134,7 +134,7 @@ async def test_a_failed_commit_gives_the_credits_and_the_quota_back(harness: Ing
     parts = silent_replica
     acceptor = Acceptor(tenants=parts.tenants, gate=parts.gate, credits=parts.credits, attachments=parts.attachments,
                         store=MessageStore(unreachable), topology=parts.topology,
-                        sizes=parts.acceptor.sizes)
+                        sizes=parts.acceptor.sizes, senders=parts.acceptor.senders)
     with pytest.raises(PoolClosed):  # raised by the commit step, after credits were reserved
         await acceptor.send(principal, draft_from_proto(send_request(request_id="doomed")))
     assert await _held(harness, principal.tenant_id) == 0

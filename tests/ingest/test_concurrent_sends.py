@@ -86,7 +86,8 @@ def acceptor_whose_commits_fail(harness: IngestHarness) -> Acceptor:
     parts = harness.parts
     unreachable = AsyncConnectionPool(harness.settings.postgres_dsn, open=False)
     return Acceptor(tenants=parts.tenants, gate=parts.gate, credits=parts.credits, attachments=parts.attachments,
-                    store=MessageStore(unreachable), topology=parts.topology, sizes=parts.acceptor.sizes)
+                    store=MessageStore(unreachable), topology=parts.topology, sizes=parts.acceptor.sizes,
+                    senders=parts.acceptor.senders)
 
 
 async def test_a_failed_commit_of_concurrent_sends_fails_each_and_gives_credits_and_quota_back(
