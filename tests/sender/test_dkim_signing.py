@@ -177,6 +177,7 @@ async def test_an_email_from_a_domain_not_yet_verified_is_not_signed(signing: Si
 async def test_an_email_whose_key_does_not_open_is_sent_unsigned_with_a_warning(
         signing: Signing, caplog: pytest.LogCaptureFixture) -> None:
     other_box = SecretBox.from_setting(generate_key_setting("elsewhere"))
+    before = REGISTRY.get_sample_value("esp_sender_dkim_keys_unusable_total", {"why": "unopened"}) or 0.0
     with caplog.at_level(logging.WARNING):
         await signing.publish(tenant_domain(rsa_key()), box=other_box)  # sealed with a key this sender lacks
         task = send_task()
@@ -187,3 +188,4 @@ async def test_an_email_whose_key_does_not_open_is_sent_unsigned_with_a_warning(
     assert verdicts[0].ack and await signing.world.event_types(task) == [SENT]
     assert signature_tags(signing.received()) == []
     assert "mail goes unsigned" in caplog.text
+    assert REGISTRY.get_sample_value("esp_sender_dkim_keys_unusable_total", {"why": "unopened"}) == before + 1
