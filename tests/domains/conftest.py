@@ -20,8 +20,9 @@ from services.router.server import build_app
 from tests.serving import served
 
 ZONES = ["acme.test", "recheck.test", "rotate.test", "auto.test", "taken.test", "secret.test", "down.test", "cli.test",
-         "mail.test"]
-"""One zone per behaviour, so tests never see each other's records."""
+         "mail.test", "sender.example"]
+"""One zone per behaviour, so tests never see each other's records. Sending tests use ``.example``: ingest refuses
+addresses under ``.test`` (a special-use name, RFC 6761) as malformed."""
 RECHECK_INTERVAL_S = 0.3
 """The router's re-check interval in these tests: a verified domain is looked at again this soon."""
 

@@ -1,0 +1,152 @@
+"""Only verified senders, through the public edge of a running mesh (ingest, router, ledger, reports, gateway):
+an email from a domain the tenant has not verified is refused with UNVERIFIED_SENDER_DOMAIN and the domain, over
+gRPC and REST alike; one from a verified domain, a subdomain of one, or the sandbox is accepted. The domain is
+added and verified through the edge against NSD on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from esp.v1 import common_pb2, domains_pb2, domains_pb2_grpc, messages_pb2, messages_pb2_grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from dev import mesh as m
+from dev import seed
+from dev.dns_server import AuthoritativeDns
+from dev.migrate import SERVICES_WITH_SCHEMAS
+from libs.common.db import migrate_services
+from tests.conftest import S3Server
+from tests.domains.conftest import published
+
+
+@dataclass
+class Edge:
+    """A mesh's public edge and a tenant's API key."""
+
+    config: m.MeshConfig
+    api_key: str
+
+    @property
+    def auth(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),)
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(f"127.0.0.1:{self.config.ports['ingest']}")
+
+
+@pytest.fixture(scope="module")
+def edge(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_server: S3Server, run_id: str,
+         dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    namespace = f"{run_id}vs{secrets.token_hex(2)}"
+    config = m.MeshConfig(
+        postgres_dsn=new_database(), redis_url=redis_url, nats_url=nats_url, s3_endpoint=s3_server.endpoint,
+        namespace=namespace, admin_token=secrets.token_hex(16), ports={n: m.free_port() for n in m.GRPC_PORTS},
+        gateway_port=m.free_port(), webhook_port=m.free_port(), log_dir=Path(tmp_path_factory.mktemp("mesh-logs")),
+        services=("ledger", "router", "reports", "ingest", "gateway"),
+        extra_env={"ESP_S3_BUCKET": f"{namespace}-attachments", "ESP_SHUTDOWN_GRACE_S": "3",
+                   "ESP_DNS_RESOLVER": f"127.0.0.1:{dns_server.port}"})
+    asyncio.run(migrate_services(config.postgres_dsn, SERVICES_WITH_SCHEMAS))
+    mesh = m.Mesh(config)
+    try:
+        mesh.start()
+        with grpc.insecure_channel(f"127.0.0.1:{config.ports['ingest']}") as channel:
+            seed.ensure_tenant(channel, config.admin_token, "sender-co")
+            api_key = seed.create_api_key(channel, config.admin_token, "sender-co")
+            seed.top_up(channel, config.admin_token, "sender-co", 1_000_000, "sender-co-initial")
+            seed.ensure_provider(channel, config.admin_token, seed.ProviderSeed(
+                id="sink", type="smtp", endpoint=f"127.0.0.1:{m.free_port()}", options={"tls": "none"}))
+        yield Edge(config, api_key)
+    finally:
+        mesh.stop()
+        asyncio.run(m.forget_namespace(namespace, nats_url, redis_url))
+
+
+@pytest.fixture(scope="module")
+def verified(edge: Edge, dns_server: AuthoritativeDns) -> str:
+    """sender.example, added and verified by the tenant through the edge."""
+    with edge.channel() as channel:
+        stub = domains_pb2_grpc.DomainServiceStub(channel)
+        domain = stub.CreateDomain(domains_pb2.CreateDomainRequest(domain=domains_pb2.Domain(domain="sender.example")),
+                                   metadata=edge.auth)
+        dns_server.publish("sender.example", published(domain))
+        checked = stub.VerifyDomain(domains_pb2.VerifyDomainRequest(name="domains/sender.example"), metadata=edge.auth)
+    assert checked.state == domains_pb2.DOMAIN_STATE_VERIFIED
+    return "sender.example"
+
+
+def _send(edge: Edge, sender: str) -> messages_pb2.SendEmailResponse:
+    request = messages_pb2.SendEmailRequest(
+        message_class=common_pb2.MESSAGE_CLASS_TRANSACTIONAL, to=[common_pb2.EmailAddress(email="rcpt@example.org")],
+        subject="hello", text_body="hi", **{"from": common_pb2.EmailAddress(email=sender)})
+    with edge.channel() as channel:
+        response: messages_pb2.SendEmailResponse = messages_pb2_grpc.MessageServiceStub(channel).SendEmail(
+            request, metadata=edge.auth, timeout=30)
+    return response
+
+
+def _error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert any(d.Unpack(info) for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR))
+    return info
+
+
+def test_an_email_from_an_unverified_domain_is_refused_naming_the_domain(edge: Edge, verified: str) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        _send(edge, "news@unverified.example")
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    info = _error_info(refused.value)
+    assert info.reason == "UNVERIFIED_SENDER_DOMAIN" and info.metadata["domain"] == "unverified.example"
+
+
+def test_an_email_from_a_verified_domain_or_its_subdomain_is_accepted(edge: Edge, verified: str) -> None:
+    assert _send(edge, f"hello@{verified}").message.name.startswith("messages/")
+    assert _send(edge, f"hello@news.{verified}").message.name.startswith("messages/")
+
+
+def test_a_name_merely_ending_like_a_verified_domain_is_not_covered(edge: Edge, verified: str) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        _send(edge, f"hello@other{verified}")
+    assert _error_info(refused.value).reason == "UNVERIFIED_SENDER_DOMAIN"
+
+
+def test_an_email_from_the_sandbox_is_accepted(edge: Edge) -> None:
+    assert _send(edge, "demo@example.com").message.name.startswith("messages/")
+
+
+def test_a_rest_send_from_an_unverified_domain_is_a_400_with_the_reason(edge: Edge, verified: str) -> None:
+    response = httpx.post(f"http://127.0.0.1:{edge.config.gateway_port}/v1/messages:send",
+                          headers={"Authorization": f"Bearer {edge.api_key}"}, timeout=30,
+                          json={"messageClass": "MESSAGE_CLASS_TRANSACTIONAL", "from": {"email": "a@elsewhere.example"},
+                                "to": [{"email": "rcpt@example.org"}], "subject": "s", "textBody": "t"})
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["code"] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    info = next(d for d in body["details"] if d["@type"].endswith("google.rpc.ErrorInfo"))
+    assert info["reason"] == "UNVERIFIED_SENDER_DOMAIN" and info["metadata"]["domain"] == "elsewhere.example"
+
+
+def test_a_batch_refuses_only_the_email_from_an_unverified_domain(edge: Edge, verified: str) -> None:
+    def request(sender: str) -> messages_pb2.SendEmailRequest:
+        return messages_pb2.SendEmailRequest(
+            message_class=common_pb2.MESSAGE_CLASS_BULK, to=[common_pb2.EmailAddress(email="r@example.org")],
+            subject="s", text_body="t", **{"from": common_pb2.EmailAddress(email=sender)})
+
+    with edge.channel() as channel:
+        answer = messages_pb2_grpc.MessageServiceStub(channel).BatchSendEmails(
+            messages_pb2.BatchSendEmailsRequest(requests=[request(f"a@{verified}"), request("b@nope.example")]),
+            metadata=edge.auth, timeout=30)
+    first, second = answer.results
+    assert first.WhichOneof("result") == "message"
+    assert second.WhichOneof("result") == "error"
+    assert second.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert second.error.reason == "UNVERIFIED_SENDER_DOMAIN" and second.error.metadata["domain"] == "nope.example"
