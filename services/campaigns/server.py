@@ -35,8 +35,11 @@ from libs.common.recipient_lists import RecipientFormat, RowError
 from libs.common.redis import create_redis
 from libs.common.resource_names import MAX_ID_CHARS, checked_text, resource_id
 from libs.common.s3 import create_s3_client, stream_object
+from libs.common.sending_domains import SendingDomains
+from libs.common.sending_domains import open_bucket as open_domains_bucket
 from libs.common.suppressions import suppressed_among
 from libs.common.timestamps import to_timestamp
+from libs.common.verified_senders import VerifiedSenders
 from libs.common.workers import WorkerSpec, start_or_inline, worker_env
 from services.campaigns.clients import CampaignStats, LedgerHolds, ReportsStats
 from services.campaigns.config import CampaignsSettings
@@ -182,7 +185,8 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
     """``esp.v1.CampaignService`` over the store."""
 
     def __init__(self, store: CampaignStore, redis: Redis, ledger: LedgerHolds, stats: ReportsStats, s3: Any,
-                 bucket: str, *, namespace: str, one_click_ready: bool, max_import_bytes: int) -> None:
+                 bucket: str, *, namespace: str, one_click_ready: bool, max_import_bytes: int,
+                 senders: VerifiedSenders) -> None:
         self.store = store
         self.redis = redis
         self.ledger = ledger
@@ -192,6 +196,8 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
         self.namespace = namespace
         self.one_click_ready = one_click_ready
         self.max_import_bytes = max_import_bytes
+        self.senders = senders
+        """A campaign's sender must be on a verified domain of its tenant (or the sandbox), at create and start."""
         self.rates = RateMeter()
 
     async def _proto(self, record: CampaignRecord) -> campaigns_pb2.Campaign:
@@ -210,6 +216,7 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
             raise FailedPrecondition("one-click unsubscribe is not configured on this mesh (ESP_PUBLIC_BASE_URL and "
                                      "ESP_UNSUBSCRIBE_KEYS)", reason="UNSUBSCRIBE_NOT_CONFIGURED")
         await self._check_attachments(tenant_id, spec.attachment_ids)
+        await self.senders.check(tenant_id, spec.sender.email)
         request_id = checked_text(request.request_id, "request_id", max_chars=MAX_ID_CHARS)
         record = await self.store.create(uuid.uuid4().hex, tenant_id, request_id, spec)
         return await self._proto(record)
@@ -341,6 +348,8 @@ class CampaignServicer(campaigns_pb2_grpc.CampaignServiceServicer):
         tenant_id = current_tenant(SEND)
         record = await self.store.get(tenant_id, _campaign_id(request.name))
         if record.state is CampaignState.DRAFT:
+            # Checked again: the domain may have stopped verifying (or been removed) since the create.
+            await self.senders.check(tenant_id, record.spec.sender.email)
             if record.counts.get("recipients", 0) == 0:
                 raise FailedPrecondition("the campaign has no recipients; add some first", reason="NO_RECIPIENTS",
                                          metadata={"state": record.state.value.upper()})
@@ -393,12 +402,14 @@ async def build_app(settings: CampaignsSettings) -> ServiceApp:
     # each commit; rows left behind are taken by this publisher's or the expander's reconciling pass.
     nc = await connect(settings.nats_url, "esp-campaigns")
     outbox = OutboxPublisher(pool, nc, "campaigns.outbox")
+    sending_domains = SendingDomains(await open_domains_bucket(nc.jetstream(), settings.namespace),
+                                     sandbox_domains=settings.sandbox_domains)
     servicer = CampaignServicer(
         CampaignStore(pool, Topology(settings.namespace, replicas=settings.stream_replicas),
                       unpark_window_s=settings.unpark_window_s, on_commit=outbox.publish_soon),
         redis, LedgerHolds(ledger), ReportsStats(reports), s3, settings.s3_bucket, namespace=settings.namespace,
         one_click_ready=bool(settings.public_base_url and settings.unsubscribe_keys),
-        max_import_bytes=settings.max_import_bytes)
+        max_import_bytes=settings.max_import_bytes, senders=VerifiedSenders(sending_domains))
 
     async def close_all() -> None:
         await ledger.close()
@@ -407,7 +418,7 @@ async def build_app(settings: CampaignsSettings) -> ServiceApp:
         await redis.aclose()
         await pool.close()
 
-    tasks: list[BackgroundTask] = [outbox.run]
+    tasks: list[BackgroundTask] = [outbox.run, sending_domains.run]
     closers: list[Callable[[], Awaitable[None]]] = [close_all]
     expander = await start_or_inline(
         "campaigns", WorkerSpec("campaigns-expander", "services.campaigns.expander", worker_env(settings, 0)),

@@ -2,8 +2,9 @@
 
 1. **authorise** — the key holds the ``send`` scope and its tenant is enabled;
 2. **validate** — every field, all problems reported at once; addresses normalised (pure, nothing changes); then
-   the **sender** — ``From`` on a verified domain of the tenant or a sandbox domain (``services.ingest.senders``,
-   an in-memory view: no round trip), else FAILED_PRECONDITION ``UNVERIFIED_SENDER_DOMAIN``;
+   the **sender** — ``From`` on a verified domain of the tenant or a sandbox domain (``libs.common.verified_senders``,
+   an in-memory view: no round trip), else FAILED_PRECONDITION ``UNVERIFIED_SENDER_DOMAIN`` (``Sender`` is a
+   reserved header no request can set, so ``From`` is the one address to check);
 3. **join a twin** — a concurrent request with the same request_id in this process: wait for its answer;
 4. **attachments** — the tenant's own attachments (another tenant's look absent: NOT_FOUND);
 5. **size policy** — attach, send as download links, or refuse (tenant setting) when no provider takes the size;
@@ -68,6 +69,7 @@ from libs.common.outbox import OutboxRow
 from libs.common.queued_messages import accepted_event, message_resource
 from libs.common.telemetry import current_traceparent
 from libs.common.timestamps import to_timestamp
+from libs.common.verified_senders import VerifiedSenders
 from services.ingest.limits import AdmissionTicket, RedisGate
 from services.ingest.model import YIELD_EVERY, EmailDraft, HoldRequest, StoredAttachment
 from services.ingest.payloads import (
@@ -76,7 +78,6 @@ from services.ingest.payloads import (
     queued_task,
     request_fingerprint,
 )
-from services.ingest.senders import SenderDomains
 from services.ingest.sizing import SizeDecision, SizePolicy
 from services.ingest.store import MessageStore, NewMessage, StoredMessage
 from services.ingest.tenants import Tenant, TenantStore
@@ -196,7 +197,7 @@ class Acceptor:
 
     def __init__(self, *, tenants: TenantStore, gate: RedisGate, credits: CreditReserver,
                  attachments: AttachmentLookup, store: MessageStore, topology: Topology,
-                 sizes: SizePolicy, senders: SenderDomains, duplicate_wait: DuplicateWait | None = None,
+                 sizes: SizePolicy, senders: VerifiedSenders, duplicate_wait: DuplicateWait | None = None,
                  batch_passes: int = BATCH_PASSES_IN_FLIGHT, max_send_ahead_s: float = MAX_SEND_AHEAD_S,
                  hold_ttl_after_send_s: float = HOLD_TTL_AFTER_SEND_S) -> None:
         self.tenants = tenants
@@ -222,7 +223,7 @@ class Acceptor:
         tenant = await self._authorise(principal)
         draft = validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers,
                                max_send_ahead_s=self.max_send_ahead_s)
-        await self.senders.check(tenant.id, draft)
+        await self.senders.check(tenant.id, draft.sender.email)
         fingerprint = request_fingerprint(draft)
         if not draft.request_id:
             return await self._accept(tenant, draft, fingerprint)
@@ -313,7 +314,7 @@ class Acceptor:
             try:
                 valid = validate_draft(draft, extra_allowed_headers=tenant.policy.allowed_headers,
                                        max_send_ahead_s=self.max_send_ahead_s)
-                await self.senders.check(tenant.id, valid)
+                await self.senders.check(tenant.id, valid.sender.email)
                 together.append((index, valid))
             except EspError as exc:
                 results[index] = exc

@@ -46,6 +46,7 @@ from libs.common.s3 import create_s3_client, ensure_bucket
 from libs.common.sending_domains import SendingDomains
 from libs.common.sending_domains import open_bucket as open_domains_bucket
 from libs.common.timestamps import to_timestamp
+from libs.common.verified_senders import VerifiedSenders
 from libs.routing.catalog import ProviderCatalog, open_bucket
 from services.ingest.accept import Acceptor
 from services.ingest.attachments import AttachmentStore, UploadMetadata
@@ -56,7 +57,6 @@ from services.ingest.edge import ApiKeyAuthenticator, build_handler
 from services.ingest.limits import RateDefaults, RedisGate
 from services.ingest.memory import return_large_buffers_to_the_os
 from services.ingest.model import YIELD_EVERY, EmailDraft, Mailbox
-from services.ingest.senders import SenderDomains
 from services.ingest.sizing import SizePolicy
 from services.ingest.store import MessageStore
 from services.ingest.tenants import ApiKeyRecord, Tenant, TenantStore
@@ -419,7 +419,7 @@ async def build_components(settings: IngestSettings) -> IngestComponents:
                          batch_interval_s=settings.batch_interval_s, on_commit=outbox.publish_soon)
     acceptor = Acceptor(tenants=tenants, gate=gate, credits=credits, attachments=attachments, store=store,
                         topology=topology, sizes=SizePolicy(lambda: catalog.providers.values()),
-                        senders=SenderDomains(sending_domains),
+                        senders=VerifiedSenders(sending_domains),
                         batch_passes=settings.batch_passes_in_flight, max_send_ahead_s=settings.max_send_ahead_s,
                         hold_ttl_after_send_s=settings.hold_ttl_after_send_s)
     canceller = Canceller(store=store, redis=redis, topology=topology,

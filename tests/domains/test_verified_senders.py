@@ -1,4 +1,5 @@
-"""Only verified senders, through the public edge of a running mesh (ingest, router, ledger, reports, gateway):
+"""Only verified senders, through the public edge of a running mesh (ingest, router, ledger, reports, campaigns,
+gateway):
 an email from a domain the tenant has not verified is refused with UNVERIFIED_SENDER_DOMAIN and the domain, over
 gRPC and REST alike; one from a verified domain, a subdomain of one, or the sandbox is accepted. The domain is
 added and verified through the edge against NSD on loopback."""
@@ -14,7 +15,15 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from esp.v1 import common_pb2, domains_pb2, domains_pb2_grpc, messages_pb2, messages_pb2_grpc
+from esp.v1 import (
+    campaigns_pb2,
+    campaigns_pb2_grpc,
+    common_pb2,
+    domains_pb2,
+    domains_pb2_grpc,
+    messages_pb2,
+    messages_pb2_grpc,
+)
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -50,7 +59,7 @@ def edge(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_serv
         postgres_dsn=new_database(), redis_url=redis_url, nats_url=nats_url, s3_endpoint=s3_server.endpoint,
         namespace=namespace, admin_token=secrets.token_hex(16), ports={n: m.free_port() for n in m.GRPC_PORTS},
         gateway_port=m.free_port(), webhook_port=m.free_port(), log_dir=Path(tmp_path_factory.mktemp("mesh-logs")),
-        services=("ledger", "router", "reports", "ingest", "gateway"),
+        services=("ledger", "router", "reports", "campaigns", "ingest", "gateway"),
         extra_env={"ESP_S3_BUCKET": f"{namespace}-attachments", "ESP_SHUTDOWN_GRACE_S": "3",
                    "ESP_DNS_RESOLVER": f"127.0.0.1:{dns_server.port}"})
     asyncio.run(migrate_services(config.postgres_dsn, SERVICES_WITH_SCHEMAS))
@@ -150,3 +159,22 @@ def test_a_batch_refuses_only_the_email_from_an_unverified_domain(edge: Edge, ve
     assert second.WhichOneof("result") == "error"
     assert second.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert second.error.reason == "UNVERIFIED_SENDER_DOMAIN" and second.error.metadata["domain"] == "nope.example"
+
+
+def _create_campaign(edge: Edge, sender: str) -> campaigns_pb2.Campaign:
+    campaign = campaigns_pb2.Campaign(display_name="launch", subject="news", text_body="hello {{ name }}",
+                                      **{"from": common_pb2.EmailAddress(email=sender)})
+    with edge.channel() as channel:
+        created: campaigns_pb2.Campaign = campaigns_pb2_grpc.CampaignServiceStub(channel).CreateCampaign(
+            campaigns_pb2.CreateCampaignRequest(campaign=campaign), metadata=edge.auth, timeout=30)
+    return created
+
+
+def test_a_campaign_from_an_unverified_domain_is_refused_and_one_from_a_verified_domain_is_created(
+        edge: Edge, verified: str) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        _create_campaign(edge, "news@unverified.example")
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    info = _error_info(refused.value)
+    assert info.reason == "UNVERIFIED_SENDER_DOMAIN" and info.metadata["domain"] == "unverified.example"
+    assert _create_campaign(edge, f"news@{verified}").name.startswith("campaigns/")
