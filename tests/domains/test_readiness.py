@@ -37,6 +37,7 @@ class ReadinessRouter:
     sim: RunningSimulator
     dns: AuthoritativeDns
     dsn: str
+    settings: RouterSettings
 
     @property
     def stub(self) -> domains_pb2_grpc.DomainServiceStub:
@@ -107,7 +108,8 @@ async def ready_router(new_database: Callable[[], str], nats_url: str, redis_url
     async with run_simulator(seed=23) as sim, served(await build_app(settings)) as (address, _):
         async with grpc.aio.insecure_channel(address) as channel:
             yield ReadinessRouter(domains_pb2_grpc.DomainServiceStub(channel),
-                                  providers_pb2_grpc.ProviderServiceStub(channel), sim, readiness_dns, dsn)
+                                  providers_pb2_grpc.ProviderServiceStub(channel), sim, readiness_dns, dsn,
+                                  settings)
 
 
 def _states(seen: dict[str, tuple[str, str]]) -> dict[str, str]:
@@ -262,3 +264,28 @@ async def test_route_email_refuses_a_from_address_that_is_no_address(ready_route
 
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "from_address" in (raised.value.details() or "")
+
+
+async def test_two_router_replicas_share_the_registrations_and_report_the_same(
+        ready_router: ReadinessRouter) -> None:
+    r, tenant = ready_router, new_tenant()
+    personalities = ("ses-1", "mailgun-us", "sendgrid-1", "postmark-1")
+    async with served(await build_app(r.settings)) as (address, _), grpc.aio.insecure_channel(address) as channel:
+        providers = [await r.add_provider(p, price=100) for p in personalities]
+        try:
+            await r.verified(tenant, "twice.test")
+            await r.wait_readiness(tenant, "twice.test", lambda s: _states(s) == dict.fromkeys(providers, "ready"),
+                                   "ready at all four providers")
+
+            other = domains_pb2_grpc.DomainServiceStub(channel)
+
+            async def seen_by_the_other() -> dict[str, str]:
+                domain = await other.GetDomain(domains_pb2.GetDomainRequest(name="domains/twice.test"),
+                                               metadata=r.as_tenant(tenant))
+                return {x.provider.removeprefix("providers/"): x.state for x in domain.provider_readiness}
+
+            await wait_for_progress_async(seen_by_the_other, lambda s: s == dict.fromkeys(providers, "ready"),
+                                          what="the other replica's view", stall_s=STALL_S)
+        finally:
+            for provider in providers:
+                await r.remove_provider(provider)
