@@ -9,6 +9,7 @@ import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ import pytest
 from dev.simulator import RunningSimulator
 from libs.providers.base import BaseAdapter
 from libs.providers.capabilities import DEFAULT_CAPABILITIES
-from libs.providers.dkim import Algorithm, DkimKey, generate_key
+from libs.providers.dkim import MAX_SIGNATURE_BYTES, Algorithm, DkimKey, generate_key
+from libs.providers.errors import MessageTooLarge
+from libs.providers.mime import mime_size
 from libs.providers.model import Address, Attachment, OutboundEmail, Outcome
 from libs.providers.registry import create_adapter
 from tests.providers.dkim_checks import received, relay_at, signature_tags
@@ -236,3 +239,15 @@ async def test_providers_taking_json_fields_send_the_email_unsigned_by_us(
     assert result.accepted and result.dkim_algorithms == ()
     (message,) = await sim.client.delivered_messages(personality)
     assert message["raw_mime"] is None
+
+
+def test_an_email_to_be_signed_must_leave_room_for_its_signatures_under_the_size_cap(
+        adapters: Callable[..., BaseAdapter]) -> None:
+    unsigned = email()
+    size = mime_size(unsigned)
+    adapter = adapters("ses-1", options={"max_message_bytes": str(size + MAX_SIGNATURE_BYTES)})
+
+    assert adapter.precheck(unsigned, size) is None
+    assert adapter.precheck(replace(unsigned, dkim_keys=(rsa(),)), size) is None
+    problem = adapter.precheck(replace(unsigned, dkim_keys=(rsa(), ed25519())), size)
+    assert isinstance(problem, MessageTooLarge) and problem.limit == size - MAX_SIGNATURE_BYTES
