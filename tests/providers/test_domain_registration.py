@@ -22,7 +22,8 @@ REGISTERING = {"ses": "ses-1", "mailgun": "mailgun-us", "sendgrid": "sendgrid-1"
 
 
 @pytest.fixture(params=sorted(REGISTERING))
-async def registrar(request: pytest.FixtureRequest, sim: RunningSimulator) -> AsyncIterator[tuple[str, DomainRegistrar]]:
+async def registrar(request: pytest.FixtureRequest,
+                    sim: RunningSimulator) -> AsyncIterator[tuple[str, DomainRegistrar]]:
     personality = REGISTERING[str(request.param)]
     made = create_registrar(sim.provider_config(personality))
     yield personality, made
