@@ -67,7 +67,7 @@ from libs.providers.errors import AdapterConfigError, InvalidMessage, ProviderEr
 from libs.providers.model import Address, Attachment, OutboundEmail, Outcome, SendResult
 from libs.routing.catalog import ProviderCatalog, ProviderSpec
 from libs.routing.health import HealthBoard, Permit, ProviderLimits, Refusal
-from libs.routing.readiness import address_domain
+from libs.routing.readiness import NOT_READY, address_domain
 from libs.routing.scoring import EmailFacts, RouteDecision, rank
 from services.sender.adapters import AdapterPool
 from services.sender.events import NO_ATTEMPT, AttemptFacts, EventPublisher
@@ -730,8 +730,9 @@ class Deliverer:
         policy = job.policy
         why = unroutable(decision, job.state.excluded)
         if why is Unroutable.NO_CARRIER:
-            self._later(job, policy.max_delay_s,
-                        f"no provider carries {job.message_class} ({reasons or 'no providers configured'})", pending)
+            ready = any(s.excluded_reason.startswith(NOT_READY) for s in decision.excluded)
+            what = f"no provider carries {job.message_class}" + (" and is ready for its From domain" if ready else "")
+            self._later(job, policy.max_delay_s, f"{what} ({reasons or 'no providers configured'})", pending)
         elif why is Unroutable.TOO_LARGE:
             self._fail(job, f"no provider takes a message of {job.task.message_bytes} bytes ({reasons})", pending)
         elif why is Unroutable.ALL_FAILED:
