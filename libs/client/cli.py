@@ -1,6 +1,7 @@
-"""``esp``: send an email and follow its status, run campaigns (``esp campaign ...``), manage webhook endpoints and
-read their delivery log (``esp webhook ...``), list events (``esp events list``) and export events and figures as
-CSV (``esp events export``, ``esp stats export``), from the command line.
+"""``esp``: send an email and follow its status, run campaigns (``esp campaign ...``), add and verify sending
+domains (``esp domain ...``), manage webhook endpoints and read their delivery log (``esp webhook ...``), list
+events (``esp events list``) and export events and figures as CSV (``esp events export``, ``esp stats export``),
+from the command line.
 
 Connection settings come from ``.dev/demo.env`` when run inside the repository (written by ``make run``), and from
 the ``ESP_ENDPOINT`` / ``ESP_API_KEY`` environment variables otherwise (the environment wins over the file).
@@ -17,6 +18,7 @@ import grpc
 from esp.v1 import common_pb2, messages_pb2, messages_pb2_grpc
 
 from libs.client.campaigns import add_commands as add_campaign_commands
+from libs.client.domains import add_commands as add_domain_commands
 from libs.client.events import add_commands as add_event_commands
 from libs.client.exports import add_stats_commands
 from libs.client.rpc import auth_metadata, connection, describe_error, upload_attachment
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     status.add_argument("--timeout", type=float, default=60.0, help="seconds to wait at most (with --wait)")
     status.set_defaults(run=cmd_status)
     add_campaign_commands(sub)
+    add_domain_commands(sub)
     add_webhook_commands(sub)
     add_event_commands(sub)
     add_stats_commands(sub)

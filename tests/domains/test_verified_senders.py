@@ -1,16 +1,9 @@
 """Only verified senders, through the public edge of a running mesh (ingest, router, ledger, reports, campaigns,
-gateway):
-an email from a domain the tenant has not verified is refused with UNVERIFIED_SENDER_DOMAIN and the domain, over
-gRPC and REST alike; one from a verified domain, a subdomain of one, or the sandbox is accepted. The domain is
-added and verified through the edge against NSD on loopback."""
+gateway): an email from a domain the tenant has not verified is refused with UNVERIFIED_SENDER_DOMAIN and the
+domain, over gRPC and REST alike; one from a verified domain, a subdomain of one, or the sandbox is accepted. The
+domain is added and verified through the edge against NSD on loopback."""
 
 from __future__ import annotations
-
-import asyncio
-import secrets
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import httpx
@@ -27,55 +20,8 @@ from esp.v1 import (
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from dev import mesh as m
-from dev import seed
 from dev.dns_server import AuthoritativeDns
-from dev.migrate import SERVICES_WITH_SCHEMAS
-from libs.common.db import migrate_services
-from tests.conftest import S3Server
-from tests.domains.conftest import published
-
-
-@dataclass
-class Edge:
-    """A mesh's public edge and a tenant's API key."""
-
-    config: m.MeshConfig
-    api_key: str
-
-    @property
-    def auth(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.api_key}"),)
-
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(f"127.0.0.1:{self.config.ports['ingest']}")
-
-
-@pytest.fixture(scope="module")
-def edge(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_server: S3Server, run_id: str,
-         dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
-    namespace = f"{run_id}vs{secrets.token_hex(2)}"
-    config = m.MeshConfig(
-        postgres_dsn=new_database(), redis_url=redis_url, nats_url=nats_url, s3_endpoint=s3_server.endpoint,
-        namespace=namespace, admin_token=secrets.token_hex(16), ports={n: m.free_port() for n in m.GRPC_PORTS},
-        gateway_port=m.free_port(), webhook_port=m.free_port(), log_dir=Path(tmp_path_factory.mktemp("mesh-logs")),
-        services=("ledger", "router", "reports", "campaigns", "ingest", "gateway"),
-        extra_env={"ESP_S3_BUCKET": f"{namespace}-attachments", "ESP_SHUTDOWN_GRACE_S": "3",
-                   "ESP_DNS_RESOLVER": f"127.0.0.1:{dns_server.port}"})
-    asyncio.run(migrate_services(config.postgres_dsn, SERVICES_WITH_SCHEMAS))
-    mesh = m.Mesh(config)
-    try:
-        mesh.start()
-        with grpc.insecure_channel(f"127.0.0.1:{config.ports['ingest']}") as channel:
-            seed.ensure_tenant(channel, config.admin_token, "sender-co")
-            api_key = seed.create_api_key(channel, config.admin_token, "sender-co")
-            seed.top_up(channel, config.admin_token, "sender-co", 1_000_000, "sender-co-initial")
-            seed.ensure_provider(channel, config.admin_token, seed.ProviderSeed(
-                id="sink", type="smtp", endpoint=f"127.0.0.1:{m.free_port()}", options={"tls": "none"}))
-        yield Edge(config, api_key)
-    finally:
-        mesh.stop()
-        asyncio.run(m.forget_namespace(namespace, nats_url, redis_url))
+from tests.domains.conftest import Edge, published
 
 
 @pytest.fixture(scope="module")
