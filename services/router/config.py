@@ -30,8 +30,11 @@ class RouterSettings(CommonSettings, BreakerSettings):
     """How often a router replica looks for domains whose check is due."""
     domain_readiness_poll_s: float = 30.0
     """How often a domain pending at a provider is asked about again (``services.router.domain_readiness``)."""
+    domain_readiness_recheck_s: float = 3600.0
+    """How often a provider that said a domain is ready is asked again (it may stop sending for it)."""
 
     def __post_init__(self) -> None:
         check_positive(self, "health_refresh_s", "registry_resync_s", "domain_check_interval_s",
-                       "pending_domain_check_interval_s", "domain_check_poll_s", "domain_readiness_poll_s")
+                       "pending_domain_check_interval_s", "domain_check_poll_s", "domain_readiness_poll_s",
+                       "domain_readiness_recheck_s")
         self.breaker_policy()

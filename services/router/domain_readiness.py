@@ -6,9 +6,11 @@ For each verified domain of the sending-domains view and each catalog provider w
 (``migrations/005``). A row due (``next_check_at``) is taken by one replica — ``FOR UPDATE SKIP LOCKED``, its next
 check moved ahead first — and the provider is asked: registered once (``DomainRegistrar.register``; the provider's
 "already exists" is success, so two replicas registering at once break nothing), then its status read every
-``ESP_DOMAIN_READINESS_POLL_S`` until ready. A refused registration is ``failed`` with the provider's words and tried
-again with backoff; so is a provider that could not be asked (``RegistrationUnavailable``, logged), whose row keeps
-what the provider said last. Nothing a provider does stops the worker.
+``ESP_DOMAIN_READINESS_POLL_S`` until ready, and every ``ESP_DOMAIN_READINESS_RECHECK_S`` after that (hourly), so a
+domain a provider stops sending for (its records gone, the domain disabled there) leaves routing. A refused registration
+is ``failed`` with the provider's words and tried again with backoff; so is a provider that could not be asked
+(``RegistrationUnavailable``, logged), whose row keeps what the provider said last. Nothing a provider does stops
+the worker.
 
 After each pass every answered row is put to the bucket as ``ready.<provider>.<tenant>.<domain>`` where the bucket
 differs, and every readiness entry without a row is deleted: a provider deleted, or a domain removed (or no longer
@@ -66,14 +68,16 @@ class DomainReadinessWorker:
     verified domains and what the providers say."""
 
     def __init__(self, pool: AsyncConnectionPool, kv: KeyValue, catalog: ProviderCatalog, view: SendingDomains, *,
-                 poll_s: float, registrar_for: Callable[[ProviderConfig], DomainRegistrar] = create_registrar) -> None:
+                 poll_s: float, ready_recheck_s: float = 3600.0,
+                 registrar_for: Callable[[ProviderConfig], DomainRegistrar] = create_registrar) -> None:
         """``kv`` is the sending-domains bucket ``view`` watches; ``poll_s`` how often a pending domain is asked
-        again (and how often the worker looks for work)."""
+        again (and how often the worker looks for work); ``ready_recheck_s`` how often a ready one is."""
         self.pool = pool
         self.kv = kv
         self.catalog = catalog
         self.view = view
         self.poll_s = poll_s
+        self.ready_recheck_s = ready_recheck_s
         self._registrar_for = registrar_for
         self._registrars: dict[str, tuple[int, DomainRegistrar]] = {}
 
@@ -131,7 +135,7 @@ class DomainReadinessWorker:
                 """UPDATE router.domain_registrations SET next_check_at = now() + make_interval(secs => %s)
                    WHERE (provider_id, tenant_id, domain) IN (
                        SELECT provider_id, tenant_id, domain FROM router.domain_registrations
-                       WHERE next_check_at <= now() AND state <> 'ready'
+                       WHERE next_check_at <= now()
                        ORDER BY next_check_at LIMIT %s FOR UPDATE SKIP LOCKED)
                    RETURNING provider_id, tenant_id, domain, registered, attempts""", (LEASE_S, BATCH))
             return list(await cur.fetchall())
@@ -154,7 +158,8 @@ class DomainReadinessWorker:
             return
         registered = bool(row["registered"]) or status.state is not ReadinessState.FAILED
         attempts = attempts + 1 if status.state is ReadinessState.FAILED else 0
-        wait = backoff_s(self.poll_s, attempts) if attempts else self.poll_s
+        wait = (backoff_s(self.poll_s, attempts) if attempts
+                else self.ready_recheck_s if status.state is ReadinessState.READY else self.poll_s)
         async with self.pool.connection() as conn:
             await conn.execute(
                 """UPDATE router.domain_registrations

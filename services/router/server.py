@@ -254,7 +254,8 @@ async def build_app(settings: RouterSettings) -> ServiceApp:
         await ProviderGauges(health, lambda: catalog.providers).run(stop)
 
     readiness = DomainReadinessWorker(pool, domains.view.kv, catalog, domains.view,
-                                      poll_s=settings.domain_readiness_poll_s)
+                                      poll_s=settings.domain_readiness_poll_s,
+                                      ready_recheck_s=settings.domain_readiness_recheck_s)
 
     async def repair(stop: asyncio.Event) -> None:
         await catalog.wait_loaded(timeout_s=60)

@@ -23,7 +23,8 @@ from tests.domains.conftest import create, new_tenant, published, verify
 from tests.progress import wait_for_progress_async
 from tests.serving import served
 
-ZONES = ["one.test", "pending.test", "refused.test", "deleted.test", "removed.test", "twice.test", "down.test"]
+ZONES = ["one.test", "pending.test", "refused.test", "deleted.test", "removed.test", "twice.test", "down.test",
+         "stopped.test"]
 STALL_S = 20.0
 ADMIN = Principal(tenant_id="", scopes=frozenset({PLATFORM_ADMIN})).as_metadata()
 
@@ -104,7 +105,8 @@ async def ready_router(new_database: Callable[[], str], nats_url: str, redis_url
     settings = RouterSettings(postgres_dsn=dsn, nats_url=nats_url, redis_url=redis_url,
                               namespace=f"{run_id}rdy{secrets.token_hex(2)}", secrets_keys=generate_key_setting("t"),
                               dns_resolver=f"127.0.0.1:{readiness_dns.port}", spf_include="spf.platform.test",
-                              domain_check_poll_s=0.1, domain_readiness_poll_s=0.2)
+                              domain_check_poll_s=0.1, domain_readiness_poll_s=0.2,
+                              domain_readiness_recheck_s=0.3)
     async with run_simulator(seed=23) as sim, served(await build_app(settings)) as (address, _):
         async with grpc.aio.insecure_channel(address) as channel:
             yield ReadinessRouter(domains_pb2_grpc.DomainServiceStub(channel),
@@ -151,6 +153,23 @@ async def test_a_pending_domain_becomes_ready_once_the_provider_verifies_it(read
 
         await r.wait_readiness(tenant, "pending.test", lambda s: _states(s) == {provider: "ready"}, "ready at Mailgun")
         assert [s.provider for s in (await r.route(tenant, "a@pending.test")).ranked] == [f"providers/{provider}"]
+    finally:
+        await r.remove_provider(provider)
+
+
+async def test_a_ready_domain_the_provider_stops_sending_for_leaves_routing(ready_router: ReadinessRouter) -> None:
+    r, tenant = ready_router, new_tenant()
+    provider = await r.add_provider("ses-1", price=50)
+    try:
+        await r.verified(tenant, "stopped.test")
+        await r.wait_readiness(tenant, "stopped.test", lambda s: _states(s) == {provider: "ready"}, "ready at SES")
+
+        await r.sim.client.hold_domain("ses-1", "stopped.test", "failed", "HOST_NOT_FOUND")
+
+        seen = await r.wait_readiness(tenant, "stopped.test", lambda s: _states(s) == {provider: "failed"},
+                                      "failed at SES once asked again")
+        assert "HOST_NOT_FOUND" in seen[provider][1]
+        assert (await r.route(tenant, "a@stopped.test")).ranked == []
     finally:
         await r.remove_provider(provider)
 

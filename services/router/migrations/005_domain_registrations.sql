@@ -19,12 +19,12 @@ CREATE TABLE router.domain_registrations (
     answered_at timestamptz,
     -- Calls in a row that failed (the provider unavailable, or its answer failed): the retry backs off with it.
     attempts integer NOT NULL DEFAULT 0,
-    -- When a replica asks the provider next; a replica taking the row moves it ahead first, so replicas share the
-    -- work without asking twice. Rows the provider says are ready are not asked again.
+    -- When a replica asks the provider next (soon while pending, hourly once ready); a replica taking the row moves
+    -- it ahead first, so replicas share the work without asking twice.
     next_check_at timestamptz NOT NULL DEFAULT now(),
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (provider_id, tenant_id, domain)
 );
 
-CREATE INDEX domain_registrations_due ON router.domain_registrations (next_check_at) WHERE state <> 'ready';
+CREATE INDEX domain_registrations_due ON router.domain_registrations (next_check_at);
