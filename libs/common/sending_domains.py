@@ -158,18 +158,24 @@ class ProviderReadiness:
     state: ReadinessState
     detail: str = ""
     """The provider's own words (its status, or why it refused), for ``RouteEmail`` and the domain's view."""
+    records: tuple[tuple[str, str, str], ...] = ()
+    """The DNS records the provider wants published for the domain, as (type, name, value): SES's DKIM CNAMEs,
+    SendGrid's CNAMEs, Mailgun's and Postmark's TXT records; shown in the domain's view."""
 
     def to_json(self) -> bytes:
         """The KV value."""
         return json.dumps({"provider_id": self.provider_id, "tenant_id": self.tenant_id, "domain": self.domain,
-                           "state": self.state.value, "detail": self.detail}).encode()
+                           "state": self.state.value, "detail": self.detail,
+                           "records": [{"type": t, "name": n, "value": v} for t, n, v in self.records]}).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> ProviderReadiness:
         """Read a KV value."""
         data = json.loads(raw)
+        records = tuple((str(r.get("type", "")), str(r.get("name", "")), str(r.get("value", "")))
+                        for r in data.get("records") or () if isinstance(r, dict))
         return cls(provider_id=str(data["provider_id"]), tenant_id=str(data["tenant_id"]), domain=str(data["domain"]),
-                   state=ReadinessState(data["state"]), detail=str(data.get("detail", "")))
+                   state=ReadinessState(data["state"]), detail=str(data.get("detail", "")), records=records)
 
 
 def domain_key(tenant_id: str, domain: str) -> str:

@@ -34,6 +34,7 @@ from libs.common.sending_domains import ProviderReadiness, ReadinessState, Sendi
 from libs.common.stopping import pause_unless_stopped
 from libs.providers.capabilities import registers_domains
 from libs.providers.domain_registration import (
+    DnsRecord,
     DomainRegistrar,
     DomainStatus,
     RegistrationUnavailable,
@@ -185,12 +186,12 @@ class DomainReadinessWorker:
 
     async def _publish(self) -> None:
         async with self.pool.connection() as conn:
-            cur = await conn.execute("""SELECT provider_id, tenant_id, domain, state, detail
+            cur = await conn.execute("""SELECT provider_id, tenant_id, domain, state, detail, records
                                         FROM router.domain_registrations WHERE answered_at IS NOT NULL""")
             rows = await cur.fetchall()
-        wanted = {(str(r[0]), str(r[1]), str(r[2])): ProviderReadiness(str(r[0]), str(r[1]), str(r[2]),
-                                                                       ReadinessState(r[3]), str(r[4]))
-                  for r in rows}
+        wanted = {(str(r[0]), str(r[1]), str(r[2])): ProviderReadiness(
+            str(r[0]), str(r[1]), str(r[2]), ReadinessState(r[3]), str(r[4]),
+            tuple((d.type, d.name, d.value) for d in map(DnsRecord.from_json, r[5] or ()))) for r in rows}
         current = self.view.readiness_entries()
         for key, readiness in wanted.items():
             if current.get(key) != readiness:

@@ -73,7 +73,9 @@ class DomainServicer(domains_pb2_grpc.DomainServiceServicer):  # type: ignore[mi
             state=_RECORD_STATES[r.state] if r.state else domains_pb2.DOMAIN_RECORD_STATE_UNSPECIFIED,
             seen_values=list(r.seen)) for r in d.records]
         readiness = [domains_pb2.DomainProviderReadiness(provider=f"providers/{pid}", state=ready.state.value,
-                                                         detail=ready.detail)
+                                                         detail=ready.detail, records=[
+                                                             domains_pb2.ProviderDnsRecord(type=t, name=n, value=v)
+                                                             for t, n, v in ready.records])
                      for (pid, tenant_id, domain), ready in sorted(self.view.readiness_entries().items())
                      if tenant_id == d.tenant_id and domain == d.domain]
         return domains_pb2.Domain(

@@ -24,7 +24,7 @@ from tests.progress import wait_for_progress_async
 from tests.serving import served
 
 ZONES = ["one.test", "pending.test", "refused.test", "deleted.test", "removed.test", "twice.test", "down.test",
-         "stopped.test"]
+         "stopped.test", "records.test"]
 STALL_S = 20.0
 ADMIN = Principal(tenant_id="", scopes=frozenset({PLATFORM_ADMIN})).as_metadata()
 
@@ -172,6 +172,30 @@ async def test_a_ready_domain_the_provider_stops_sending_for_leaves_routing(read
         assert (await r.route(tenant, "a@stopped.test")).ranked == []
     finally:
         await r.remove_provider(provider)
+
+
+async def test_the_domains_view_shows_the_dns_records_each_provider_wants(ready_router: ReadinessRouter) -> None:
+    r, tenant = ready_router, new_tenant()
+    await r.sim.client.hold_domain("ses-1", "records.test", "pending")
+    ses = await r.add_provider("ses-1", price=50)
+    sendgrid = await r.add_provider("sendgrid-1", price=60)
+    try:
+        await r.verified(tenant, "records.test")
+        await r.wait_readiness(tenant, "records.test", lambda s: _states(s) == {ses: "pending", sendgrid: "ready"},
+                               "answered by both providers")
+
+        domain = await r.domains.GetDomain(domains_pb2.GetDomainRequest(name="domains/records.test"),
+                                           metadata=r.as_tenant(tenant))
+
+        wanted = {x.provider.removeprefix("providers/"): [(d.type, d.name, d.value) for d in x.records]
+                  for x in domain.provider_readiness}
+        assert len(wanted[ses]) == 3
+        assert all(t == "CNAME" and n.endswith("._domainkey.records.test") and v.endswith(".dkim.amazonses.com")
+                   for t, n, v in wanted[ses])
+        assert {n for _, n, _ in wanted[sendgrid]} >= {"s1._domainkey.records.test", "s2._domainkey.records.test"}
+    finally:
+        await r.remove_provider(ses)
+        await r.remove_provider(sendgrid)
 
 
 async def test_a_refused_registration_is_failed_with_the_providers_words(ready_router: ReadinessRouter) -> None:
