@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import nats
+import psycopg
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -135,7 +136,23 @@ def start_postgres(data_dir: Path, port: int, log_dir: Path) -> Process:
                               "-p", str(port), "-h", "127.0.0.1", "-k", "/tmp", "-c", "max_connections=300",
                               "-c", "fsync=off"], log_dir)
     _wait_listening(proc, port, 30)
+    _wait_accepting_connections(proc, port, 30)
     return proc
+
+
+def _wait_accepting_connections(proc: Process, port: int, timeout_s: float) -> None:
+    """PostgreSQL listens before it has finished starting (it answers "the database system is starting up" until
+    then, seconds on a busy machine): wait until a connection is accepted."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=5).close()
+            return
+        except psycopg.OperationalError as exc:
+            if "starting up" not in str(exc) or time.monotonic() > deadline or proc.popen.poll() is not None:
+                raise RuntimeError(f"PostgreSQL on port {port} does not accept connections: {exc}\n"
+                                   f"--- {proc.name} log ---\n{proc.log_tail()}") from exc
+            time.sleep(0.1)
 
 
 def start_redis(port: int, log_dir: Path) -> Process:

@@ -27,9 +27,11 @@ from typing import Any
 
 import grpc
 import psycopg
+from esp.v1 import domains_pb2
 
 from dev import mesh as m
 from dev import pgtools, seed
+from dev.dns_server import AuthoritativeDns, nsd_binary
 from dev.migrate import SERVICES_WITH_SCHEMAS
 from dev.nats_cluster import NatsCluster
 from dev.supervisor import StopSignals, Supervisor, run, say
@@ -39,6 +41,10 @@ from libs.common.secret_box import generate_key_setting
 DEV = Path(os.environ.get("ESP_DEV_DIR") or m.ROOT / ".dev").absolute()
 DATABASE = "esp"
 SIMULATOR: dict[str, dict[str, Any]] = {}
+DEMO_DOMAIN = "demo.example"
+"""The demo tenant's own sending domain, verified for real at every start: its zone is served by an NSD that make run
+starts (``dev.dns_server``, Debian's ``nsd``: ``make dns-tools``), which the router asks (``ESP_DNS_RESOLVER``)."""
+DEMO_DNS: dict[str, AuthoritativeDns] = {}
 # Simulated providers: dearer and slower than the local sink, so transactional demo mail lands in .dev/mail while
 # the simulator's providers stand by as fallbacks (and can be made preferred by changing prices or weights). The
 # sink takes transactional mail only: OTP and bulk mail go to the cheapest simulated provider whose delivery
@@ -93,13 +99,34 @@ def ensure_dependencies(started: list[m.Process], stop: StopSignals) -> m.MeshCo
     say(f"starting the provider simulator on 127.0.0.1:{sim_http} (HTTP) and :{sim_smtp} (SMTP)")
     sim_proc, SIMULATOR["description"] = m.start_simulator(sim_http, sim_smtp, logs)
     started.append(sim_proc)
+    extra_env = {"ESP_STREAM_REPLICAS": str(stream_replicas)}
+    stop.check()
+    dns = start_demo_dns()
+    if dns is not None:
+        extra_env["ESP_DNS_RESOLVER"] = f"127.0.0.1:{dns.port}"
     return m.MeshConfig(
         postgres_dsn=pgtools.with_database(admin_dsn, DATABASE), redis_url=f"redis://127.0.0.1:{redis_port}/0",
         nats_url=nats_url, s3_endpoint=f"http://127.0.0.1:{s3_port}",
         ports={name: _port(f"ESP_DEV_{name.upper()}_PORT", port) for name, port in m.GRPC_PORTS.items()},
         gateway_port=_port("ESP_DEV_GATEWAY_PORT", 8080), webhook_port=_port("ESP_DEV_WEBHOOK_PORT", 8081),
         log_dir=logs, admin_token=os.environ.get("ESP_ADMIN_TOKEN", "dev-admin-token"), secrets_keys=dev_secrets_keys(),
-        extra_env={"ESP_STREAM_REPLICAS": str(stream_replicas)})
+        extra_env=extra_env)
+
+
+def start_demo_dns() -> AuthoritativeDns | None:
+    """NSD serving the demo domain's zone on a free loopback port, or None (said) when NSD is not installed: the
+    demo then sends from the sandbox domains only."""
+    try:
+        nsd_binary()
+    except RuntimeError:
+        say(f"NSD is not installed (make dns-tools): {DEMO_DOMAIN} stays unverified; the demo sends from the sandbox "
+            f"domains ({', '.join(m.TEST_SANDBOX_DOMAINS)})")
+        return None
+    dns = DEMO_DNS["server"] = AuthoritativeDns(DEV / "dns", [DEMO_DOMAIN])
+    say(f"starting NSD for {DEMO_DOMAIN} on 127.0.0.1:{dns.port} (the router's DNS resolver: other domains do not "
+        "verify in the local mesh)")
+    dns.start()
+    return dns
 
 
 def ensure_nats(port: int, cluster_size: int, started: list[m.Process]) -> tuple[str, int]:
@@ -154,10 +181,24 @@ def seed_demo(config: m.MeshConfig) -> str:
             id="smtp-sink", type="smtp", endpoint=f"127.0.0.1:{smtp_port}", options={"tls": "none"},
             price_per_email_micros=50, allowed_classes=("transactional",)))
     seed_simulated_providers(config)
+    seed_demo_domain(endpoint, api_key)
     env_file = DEV / "demo.env"
     env_file.write_text(f"ESP_ENDPOINT={endpoint}\nESP_API_KEY={api_key}\n"
                         f"ESP_GATEWAY=http://127.0.0.1:{config.gateway_port}\n")
     return api_key
+
+
+def seed_demo_domain(endpoint: str, api_key: str) -> None:
+    """Add the demo domain, publish its records in the demo NSD and verify it, as a tenant would (a no-op without
+    NSD)."""
+    dns = DEMO_DNS.get("server")
+    if dns is None:
+        return
+    with grpc.insecure_channel(endpoint) as channel:
+        domain = seed.ensure_verified_domain(channel, api_key, DEMO_DOMAIN,
+                                             lambda records: dns.publish(DEMO_DOMAIN, records))
+    state = "verified" if domain.state == domains_pb2.DOMAIN_STATE_VERIFIED else "NOT verified (see the router's log)"
+    say(f"sending domain {DEMO_DOMAIN} {state}")
 
 
 def seed_simulated_providers(config: m.MeshConfig) -> None:
@@ -216,6 +257,11 @@ everything; a service that exits is started again (after 1 s, 2 s, 4 s ... at mo
   demo API key:    {api_key}
   (both written to {_shown(DEV / 'demo.env')})
 
+The demo tenant's own sending domain {DEMO_DOMAIN} is verified (its records served by the NSD make run started);
+every tenant may also send from the sandbox domains {", ".join(m.TEST_SANDBOX_DOMAINS)}:
+  .venv/bin/esp domain list                                  # domains/{DEMO_DOMAIN}  verified
+  .venv/bin/esp domain add news.example                      # the records a new domain publishes
+
 Send a first email with the CLI:
   .venv/bin/esp send --to you@example.com --from demo@example.com --subject Hello --text "First email"
   .venv/bin/esp status <message id printed above> --wait
@@ -244,6 +290,8 @@ Analytics:
             services.stop()  # a service whose start failed before the supervisor had it
         for proc in reversed(started):
             proc.stop()
+        if "server" in DEMO_DNS:
+            DEMO_DNS.pop("server").stop()
 
     sys.exit(run(setup, supervisor=Supervisor(log_dir=Path(_shown(DEV / "logs"))), teardown=teardown))
 

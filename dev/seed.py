@@ -1,20 +1,24 @@
-"""Seeding a mesh through its public admin API: a tenant with credits, an API key, providers."""
+"""Seeding a mesh through its public API: a tenant with credits, an API key, providers, a verified sending
+domain."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 from esp.v1 import (
     credits_pb2,
     credits_pb2_grpc,
+    domains_pb2,
+    domains_pb2_grpc,
     providers_pb2,
     providers_pb2_grpc,
     tenants_pb2,
     tenants_pb2_grpc,
 )
 
+from dev.dns_server import Record
 from libs.common.message_classes import MessageClass
 
 
@@ -85,3 +89,24 @@ def ensure_provider(channel: grpc.Channel, admin_token: str, seed: ProviderSeed)
         provider.name = f"providers/{seed.id}"
         stub.UpdateProvider(providers_pb2.UpdateProviderRequest(provider=provider), metadata=_admin(admin_token),
                             timeout=10)
+
+
+def zone_records(domain: domains_pb2.Domain) -> list[Record]:
+    """The records ``domain`` asks to publish, as records of its own zone (names relative to it)."""
+    zone = domain.domain
+    return [Record("@" if r.name == zone else r.name.removesuffix(f".{zone}"), r.type, r.value)
+            for r in domain.records]
+
+
+def ensure_verified_domain(channel: grpc.Channel, api_key: str, domain: str,
+                           publish: Callable[[list[Record]], None]) -> domains_pb2.Domain:
+    """Add ``domain`` for the tenant of ``api_key`` (or take the one it has), ``publish`` its records in its zone
+    and verify it through the router, as a tenant would: the router looks the records up in DNS."""
+    stub = domains_pb2_grpc.DomainServiceStub(channel)
+    metadata = (("authorization", f"Bearer {api_key}"),)
+    added = stub.CreateDomain(domains_pb2.CreateDomainRequest(domain=domains_pb2.Domain(domain=domain)),
+                              metadata=metadata, timeout=30)
+    publish(zone_records(added))
+    checked: domains_pb2.Domain = stub.VerifyDomain(domains_pb2.VerifyDomainRequest(name=added.name),
+                                                    metadata=metadata, timeout=30)
+    return checked
