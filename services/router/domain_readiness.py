@@ -81,6 +81,8 @@ class DomainReadinessWorker:
         self.ready_recheck_s = ready_recheck_s
         self._registrar_for = registrar_for
         self._registrars: dict[str, tuple[int, DomainRegistrar]] = {}
+        self._asked_versions: dict[str, int] = {}
+        """The version of each provider when it was last asked about a domain."""
 
     # -- the loop ------------------------------------------------------------------------------------------------
 
@@ -102,6 +104,7 @@ class DomainReadinessWorker:
         """One pass: rows follow the catalog and the domains, due rows are asked, the bucket follows the rows."""
         providers = {p.id: p for p in self.catalog.providers.values() if registers_domains(p.type)}
         await self._follow_targets(providers)
+        await self._ask_changed_soon(providers)
         for row in await self._take_due():
             spec = providers.get(row["provider_id"])
             if spec is not None:
@@ -130,6 +133,18 @@ class DomainReadinessWorker:
                 await conn.execute("""INSERT INTO router.domain_registrations (provider_id, tenant_id, domain)
                                       VALUES (%s, %s, %s) ON CONFLICT DO NOTHING""", key)
 
+    async def _ask_changed_soon(self, providers: Mapping[str, ProviderSpec]) -> None:
+        """A provider changed since its registrar was built (new credentials, endpoint): the domains it has not
+        said are ready are asked again now, without the backoff its failures built up."""
+        changed = [p.id for p in providers.values() if self._asked_versions.get(p.id, p.version) != p.version]
+        if not changed:
+            return
+        async with self.pool.connection() as conn:
+            await conn.execute("""UPDATE router.domain_registrations SET next_check_at = now(), attempts = 0
+                                  WHERE provider_id = ANY(%s) AND state <> 'ready'""", (changed,))
+        for provider_id in changed:
+            self._asked_versions[provider_id] = providers[provider_id].version
+
     async def _take_due(self) -> list[dict[str, Any]]:
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
@@ -144,6 +159,7 @@ class DomainReadinessWorker:
     async def _ask(self, spec: ProviderSpec, row: dict[str, Any]) -> None:
         key = (str(row["provider_id"]), str(row["tenant_id"]), str(row["domain"]))
         attempts = int(row["attempts"])
+        self._asked_versions[spec.id] = spec.version
         try:
             registrar = await self._registrar(spec)
             status = await (registrar.status(key[2]) if row["registered"] else registrar.register(key[2]))
@@ -217,6 +233,8 @@ class DomainReadinessWorker:
         return registrar
 
     async def _drop_registrars(self, providers: Mapping[str, ProviderSpec]) -> None:
+        for provider_id in [p for p in self._asked_versions if p not in providers]:
+            del self._asked_versions[provider_id]
         for provider_id in [p for p in self._registrars if p not in providers]:
             _, registrar = self._registrars.pop(provider_id)
             await registrar.aclose()

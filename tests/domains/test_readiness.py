@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from esp.v1 import common_pb2, domains_pb2, domains_pb2_grpc, providers_pb2, providers_pb2_grpc
+from google.protobuf import field_mask_pb2
 
 from dev.dns_server import AuthoritativeDns
 from dev.simulator import RunningSimulator, run_simulator
@@ -24,7 +25,8 @@ from tests.progress import wait_for_progress_async
 from tests.serving import served
 
 ZONES = ["one.test", "pending.test", "refused.test", "deleted.test", "removed.test", "twice.test", "down.test",
-         "stopped.test", "records.test"]
+         "stopped.test", "records.test",
+         "token.test"]
 STALL_S = 20.0
 ADMIN = Principal(tenant_id="", scopes=frozenset({PLATFORM_ADMIN})).as_metadata()
 
@@ -196,6 +198,27 @@ async def test_the_domains_view_shows_the_dns_records_each_provider_wants(ready_
     finally:
         await r.remove_provider(ses)
         await r.remove_provider(sendgrid)
+
+
+async def test_a_provider_given_the_credentials_it_lacked_registers_the_domain(ready_router: ReadinessRouter) -> None:
+    r, tenant = ready_router, new_tenant()
+    server_token = r.sim.provider_config("postmark-1").credentials["server_token"]
+    provider = await r.add_provider("postmark-1", price=100, account_token="")
+    try:
+        await r.verified(tenant, "token.test")
+        seen = await r.wait_readiness(tenant, "token.test", lambda s: _states(s) == {provider: "failed"},
+                                      "failed: no account token")
+        assert "account_token" in seen[provider][1]
+
+        await r.providers.UpdateProvider(providers_pb2.UpdateProviderRequest(
+            provider=providers_pb2.Provider(name=f"providers/{provider}", credentials={
+                "server_token": server_token, "account_token": "postmark-1-account"}),
+            update_mask=field_mask_pb2.FieldMask(paths=["credentials"])), metadata=ADMIN)
+
+        await r.wait_readiness(tenant, "token.test", lambda s: _states(s) == {provider: "ready"},
+                               "ready with the account token")
+    finally:
+        await r.remove_provider(provider)
 
 
 async def test_a_refused_registration_is_failed_with_the_providers_words(ready_router: ReadinessRouter) -> None:
