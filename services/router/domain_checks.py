@@ -1,8 +1,10 @@
-"""The periodic re-check of sending domains: a verified domain whose records disappear turns ``failed`` (and its
-tenant is notified), a pending one verifies on its own once its records are published.
+"""The periodic work on sending domains: the re-check — a verified domain whose records disappear turns ``failed``
+(and its tenant is notified), a pending one verifies on its own once its records are published — and the repair of
+the broadcast.
 
 Every router replica runs it; each pass takes the domains whose next check is due with ``FOR UPDATE SKIP LOCKED``
-and moves their next check ahead first (``DomainRegistry.check_due``), so replicas share the work.
+and moves their next check ahead first (``DomainRegistry.check_due``), so replicas share the work. Each pass also
+compares the bucket (as the replica's own view of it sees it) with Postgres and puts what a lost broadcast missed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from libs.common.sending_domains import SendingDomains
 from libs.common.stopping import pause_unless_stopped
 from services.router.domains import DomainRegistry
 
@@ -24,6 +27,8 @@ class DomainChecks:
     """Re-checks due domains every ``poll_s``, ``batch`` at a time."""
 
     registry: DomainRegistry
+    view: SendingDomains
+    """The replica's view of the bucket, which the repair compares with Postgres."""
     verified_interval_s: float
     """Between two checks of a verified (or failed) domain."""
     pending_interval_s: float
@@ -46,6 +51,8 @@ class DomainChecks:
         while not stop.is_set():
             try:
                 await self.run_once()
+                if self.view.loaded:
+                    await self.registry.repair(self.view.domains())
             except Exception:
-                log.warning("sending-domain re-check failed; retrying", exc_info=True)
+                log.warning("sending-domain re-check or repair failed; retrying", exc_info=True)
             await pause_unless_stopped(stop, self.poll_s)

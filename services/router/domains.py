@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets as random_tokens
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -305,6 +305,29 @@ class DomainRegistry:
                                       WHERE tenant_id = %s AND domain = %s""", (interval, tenant_id, domain))
             checked += 1
         return checked
+
+    async def repair(self, broadcast: Mapping[tuple[str, str], SendingDomain]) -> int:
+        """Fix whatever the broadcast view (a :class:`SendingDomains` of the bucket) lacks compared with Postgres: a
+        put or a delete lost while NATS was away reaches the replicas at the next repair. Compares state and version
+        only (every change bumps the version). Returns the number of entries fixed."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT tenant_id, domain, state, version FROM router.domains")
+            wanted = {(t, d): (DomainState(state), int(version)) for t, d, state, version in await cur.fetchall()}
+        fixed = 0
+        for tenant_id, domain in set(broadcast) - set(wanted):
+            if await self._find(tenant_id, domain) is None:  # not added since the read above
+                await self.kv.delete(domain_key(tenant_id, domain))
+                fixed += 1
+        for (tenant_id, domain), (state, version) in wanted.items():
+            seen = broadcast.get((tenant_id, domain))
+            if seen is None or (seen.state, seen.version) != (state, version):
+                view = await self._find(tenant_id, domain)
+                if view is not None:
+                    await self._broadcast(view)
+                    fixed += 1
+        if fixed:
+            log.warning("sending-domain broadcast repaired", extra={"keys": fixed})
+        return fixed
 
     async def resync(self) -> int:
         """Make the bucket's domain entries match Postgres (start-up): every domain put, stale entries deleted

@@ -150,7 +150,7 @@ async def build_domain_parts(settings: RouterSettings, pool: AsyncConnectionPool
                               on_commit=outbox.publish_soon)
     await registry.resync()
     view = SendingDomains(kv, sandbox_domains=settings.sandbox_domains)
-    checks = DomainChecks(registry, verified_interval_s=settings.domain_check_interval_s,
+    checks = DomainChecks(registry, view, verified_interval_s=settings.domain_check_interval_s,
                           pending_interval_s=settings.pending_domain_check_interval_s,
                           poll_s=settings.domain_check_poll_s)
     return DomainParts(registry, view, DomainServicer(registry, view), (outbox.run, view.run, checks.run))
