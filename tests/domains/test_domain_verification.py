@@ -16,7 +16,7 @@ from libs.common.db import create_pool
 from libs.common.domain_records import DnsUnavailable, resolver_at
 from libs.common.jetstream import Topology
 from libs.common.secret_box import SecretBox
-from libs.common.sending_domains import open_bucket
+from libs.common.sending_domains import ProviderReadiness, ReadinessState, open_bucket, readiness_key
 from services.router.domains import DomainRegistry
 from tests.conftest import free_port
 from tests.domains.conftest import Router, create, get, new_tenant, published, verify
@@ -156,3 +156,21 @@ async def _registry_asking(router: Router, resolver_address: str) -> AsyncIterat
     finally:
         await nc.close()
         await pool.close()
+
+
+async def test_a_domain_shows_each_providers_readiness_as_the_bucket_holds_it(router: Router) -> None:
+    tenant = new_tenant()
+    await create(router, tenant, "ready.acme.test")
+    nc = await nats.connect(router.nats_url)
+    try:
+        kv = await open_bucket(nc.jetstream(), router.settings.namespace)
+        # What the router's readiness worker writes for each provider it registered the domain with.
+        await kv.put(readiness_key("mg-1", tenant, "ready.acme.test"), ProviderReadiness(
+            "mg-1", tenant, "ready.acme.test", ReadinessState.PENDING, "unverified").to_json())
+        shown = await wait_for_progress_async(lambda: get(router, tenant, "ready.acme.test"),
+                                              lambda d: len(d.provider_readiness) == 1,
+                                              what="the readiness entry to show", stall_s=30)
+    finally:
+        await nc.close()
+    assert [(p.provider, p.state, p.detail) for p in shown.provider_readiness] == [
+        ("providers/mg-1", "pending", "unverified")]
