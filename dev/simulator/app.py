@@ -36,6 +36,7 @@ from dev.simulator.dialects.sendgrid import SendGridDialect
 from dev.simulator.dialects.ses import SesDialect
 from dev.simulator.domain_apis import DOMAIN_APIS
 from dev.simulator.emitter import WebhookEmitter
+from dev.simulator.model import Personality
 from dev.simulator.state import SimulatorState, UnknownPersonality
 
 DIALECTS: dict[str, Dialect] = {d.type_name: d for d in (MailgunDialect(), SendGridDialect(), SesDialect(),
@@ -56,6 +57,13 @@ def _recorded_headers(request: Request) -> dict[str, str]:
 
 def create_app(state: SimulatorState, emitter: WebhookEmitter) -> Starlette:
     """The ASGI application."""
+
+    def _holds_domain(personality: Personality, domain: str) -> bool:
+        """Whether the account may send through ``domain``: its own, or one registered and verified at it."""
+        if domain == personality.credentials.get("domain", "").lower():
+            return True
+        registered = state.registered_domain(personality.name, domain) is not None
+        return registered and state.domain_state(personality.name, domain)[0] == "verified"
 
     async def provider_endpoint(request: Request) -> Response:
         arrived_at, arrived = time.time(), time.monotonic()
@@ -98,6 +106,9 @@ def create_app(state: SimulatorState, emitter: WebhookEmitter) -> Starlette:
         refusal = dialect.authenticate(personality, request, body)
         if refusal is not None:
             return answer(refusal, "unauthorized")
+        domain = dialect.account_domain(path)
+        if domain is not None and not _holds_domain(personality, domain):
+            return answer(dialect.unknown_domain(domain), "not_found")
         knobs = state.knobs(name)
         if not state.admit_rate(name, arrived):
             return answer(dialect.throttled(knobs.retry_after_s), "throttled")

@@ -143,6 +143,11 @@ class OutboundEmail:
     """Values of the ``{{ name }}`` placeholders in the subject, the bodies and header values, keyed by recipient
     address (the sender sets them for an email with a single ``to``). Values are final text: nobody escapes them
     (the HTML body's are HTML-escaped already where it needs it). A placeholder without a value stays as written."""
+    sending_domain: str = ""
+    """The tenant's verified domain that covers ``From`` (the ``From`` domain or a parent of it), set by the sender;
+    empty for the platform's sandbox domains. A provider whose account holds sending domains sends through it
+    (Mailgun's ``/v3/<domain>/...``; the router registers it there), else through the one the provider is
+    configured with."""
     dkim_keys: tuple[DkimKey, ...] = ()
     """The tenant's active DKIM keys for the ``From`` domain (``d=`` its verified domain), set by the sender. An
     adapter whose provider takes our MIME (``Capabilities.signs_raw_mime``) signs the message with each, as the
@@ -302,6 +307,7 @@ def content_key(email: OutboundEmail) -> tuple[object, ...]:
         email.tenant_id,
         email.message_class,
         email.sender,
+        email.sending_domain,
         email.reply_to,
         email.subject,
         email.text,

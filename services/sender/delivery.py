@@ -376,8 +376,9 @@ class Deliverer:
         email = outbound_email(task, self.opener)
         if self.domains is not None:
             keys = self.signing_keys.for_email(self.domains, email)
-            if keys:
-                email = replace(email, dkim_keys=keys)
+            covering = self.domains.sender_domain(email.tenant_id, email.sender.email.rpartition("@")[2])
+            if keys or covering is not None:
+                email = replace(email, dkim_keys=keys, sending_domain=covering.domain if covering else "")
         return email
 
     # -- steps 2 to 6, once ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dev.simulator import RunningSimulator
 from dev.simulator.parsing import parse_form_data
 from dev.smtp_sink import serve as serve_smtp_sink
 from libs.providers.base import BaseAdapter
+from libs.providers.domain_registration import create_registrar
 from libs.providers.errors import TooManyRecipients, UnsupportedFeature
 from libs.providers.model import Address, OutboundEmail, Outcome, SendResult
 from libs.providers.registry import create_adapter
@@ -85,6 +86,42 @@ async def test_mailgun_unknown_domain_is_permanent_and_the_providers_fault(sim: 
 
     assert (result.outcome, result.status_code, result.provider_fault) == (Outcome.PERMANENT, 404, True)
     assert "Domain not found" in result.reason
+
+
+async def _register_at_mailgun(sim: RunningSimulator, domain: str) -> None:
+    registrar = create_registrar(sim.provider_config("mailgun-us"))
+    try:
+        await registrar.register(domain)
+    finally:
+        await registrar.aclose()
+
+
+async def test_mailgun_sends_a_tenant_domains_mail_through_that_domain_once_registered(sim: RunningSimulator) -> None:
+    await _register_at_mailgun(sim, "shop-mg.example.org")
+
+    result = await send_one(sim, "mailgun-us", email=new_email(
+        sender=Address("news@shop-mg.example.org"), sending_domain="shop-mg.example.org"))
+
+    record = (await sim.client.requests("mailgun-us"))[-1]  # after the registration's
+    assert (record["path"], record["status"], result.outcome) == (
+        "/v3/shop-mg.example.org/messages", 200, Outcome.ACCEPTED)
+
+
+async def test_mailgun_refuses_a_tenant_domain_it_has_not_verified(sim: RunningSimulator) -> None:
+    await _register_at_mailgun(sim, "held-mg.example.org")
+    await sim.client.hold_domain("mailgun-us", "held-mg.example.org", "pending")
+
+    result = await send_one(sim, "mailgun-us", email=new_email(
+        sender=Address("news@held-mg.example.org"), sending_domain="held-mg.example.org"))
+
+    assert (result.outcome, result.status_code) == (Outcome.PERMANENT, 404)
+    assert "Domain not found: held-mg.example.org" in result.reason
+
+
+async def test_mailgun_sends_sandbox_mail_through_its_configured_domain(sim: RunningSimulator) -> None:
+    await send_one(sim, "mailgun-us", email=new_email(sender=Address("news@example.com")))
+
+    assert (await only_request(sim, "mailgun-us"))["path"] == "/v3/mg.example.com/messages"
 
 
 async def test_mailgun_banner_answer_from_a_wrong_path_is_not_taken_for_success(sim: RunningSimulator) -> None:

@@ -44,6 +44,16 @@ class Dialect(ABC):
     def not_found(self, path: str) -> Response:
         """The provider's answer to an unknown path."""
 
+    def account_domain(self, path: str) -> str | None:
+        """The account's sending domain a send path names (Mailgun's ``/v3/{domain}/...``); None where paths name
+        none. The app lets such a call through only for the personality's own domain or a domain registered and
+        verified at it."""
+        return None
+
+    def unknown_domain(self, domain: str) -> Response:
+        """The provider's answer to a send through a domain the account does not hold."""
+        return self.not_found(domain)
+
     @abstractmethod
     def authenticate(self, personality: Personality, request: Request, body: bytes) -> Response | None:
         """None when the request carries the personality's credentials, else the provider's refusal."""

@@ -48,6 +48,15 @@ class MailgunDialect(Dialect):
         """Mailgun answers a malformed API path with 200 and its banner."""
         return PlainTextResponse("Mailgun Magnificent API", status_code=200)
 
+    def account_domain(self, path: str) -> str | None:
+        """The domain of ``/v3/{domain}/messages[.mime]``."""
+        match = _PATH.match(path)
+        return match.group("domain").lower() if match else None
+
+    def unknown_domain(self, domain: str) -> Response:
+        """Mailgun's 404 for a domain the account does not have."""
+        return _error(404, f"Domain not found: {domain}")
+
     def authenticate(self, personality: Personality, request: Request, body: bytes) -> Response | None:
         """HTTP basic auth with user ``api`` and the API key; Mailgun's refusal is a terse 401."""
         expected = base64.b64encode(f"api:{personality.credentials['api_key']}".encode()).decode()
@@ -61,10 +70,6 @@ class MailgunDialect(Dialect):
         """Form fields → messages; one message per recipient when ``recipient-variables`` is given, its
         ``%recipient.name%`` variables substituted in the subject, the bodies, the ``h:`` headers and the ``v:``
         variables (one left as written where the recipient has no such value)."""
-        match = _PATH.match(path)
-        domain = match.group("domain") if match else ""
-        if domain != personality.credentials["domain"]:
-            raise Rejected(_error(404, f"Domain not found: {domain}"), f"domain not found: {domain}")
         if len(body) > MAX_MESSAGE_BYTES + 1024 * 1024:
             raise Rejected(_error(413, "Request entity too large"), "too large", "invalid")
         try:

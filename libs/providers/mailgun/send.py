@@ -4,7 +4,9 @@ MIME, signed) for an email with the tenant's DKIM keys.
 Configuration (``ProviderConfig``):
     endpoint: ``https://api.mailgun.net`` (US) or ``https://api.eu.mailgun.net`` (EU); a domain lives in one.
     credentials: ``api_key`` (HTTP basic auth, user ``api``).
-    options: ``domain`` (required, the sending domain).
+    options: ``domain`` (required: the account's domain, which mail from the platform's sandbox domains goes
+    through; a tenant's own verified domain, registered at Mailgun by the router, carries that tenant's mail —
+    ``OutboundEmail.sending_domain``).
     region: ``us`` or ``eu`` (reported in the capabilities).
 
 Batch sends carry up to 1,000 recipients in one call, one ``to`` per email, personalised with
@@ -84,15 +86,18 @@ class MailgunAdapter(HttpAdapter):
         """Mailgun answers JSON."""
         return {"Accept": "application/json"}
 
-    @property
-    def messages_path(self) -> str:
-        """The send endpoint's path for the configured domain."""
-        return f"/v3/{self._domain}/messages"
+    def domain_for(self, email: OutboundEmail) -> str:
+        """The account domain ``email`` is sent through: the tenant's verified domain covering its ``From``
+        (registered at Mailgun by the router), else the configured one (sandbox senders)."""
+        return email.sending_domain or self._domain
 
-    @property
-    def mime_path(self) -> str:
-        """The MIME send endpoint's path for the configured domain."""
-        return f"/v3/{self._domain}/messages.mime"
+    def messages_path(self, email: OutboundEmail) -> str:
+        """The send endpoint's path for ``email``'s domain."""
+        return f"/v3/{self.domain_for(email)}/messages"
+
+    def mime_path(self, email: OutboundEmail) -> str:
+        """The MIME send endpoint's path for ``email``'s domain."""
+        return f"/v3/{self.domain_for(email)}/messages.mime"
 
     # -- building --------------------------------------------------------------------------------------------
 
@@ -132,7 +137,7 @@ class MailgunAdapter(HttpAdapter):
         fields.append((f"h:{ESP_MESSAGE_ID_HEADER}", email.message_id))
         fields.append((f"v:{ESP_MESSAGE_ID_KEY}", email.message_id))
         _check_option_bytes(fields)
-        return self.streamed_request("POST", self.messages_path, streamed_form_data(fields))
+        return self.streamed_request("POST", self.messages_path(email), streamed_form_data(fields))
 
     def build_mime_request(self, email: OutboundEmail, document: MimeDocument) -> httpx.Request:
         """One message as our MIME ``document`` (rendered and signed for ``email``): the envelope as ``to`` fields,
@@ -145,7 +150,7 @@ class MailgunAdapter(HttpAdapter):
         _check_option_bytes(fields)
         message = Attachment("message.mime", "message/rfc822", document.size, document.stream)
         fields.append(("message", ("message.mime", message)))
-        return self.streamed_request("POST", self.mime_path, streamed_form_data(fields))
+        return self.streamed_request("POST", self.mime_path(email), streamed_form_data(fields))
 
     async def _deliver(self, email: OutboundEmail) -> SendResult:
         if not self.signs(email):
@@ -178,7 +183,7 @@ class MailgunAdapter(HttpAdapter):
         fields.append((f"v:{ESP_MESSAGE_ID_KEY}", _RECIPIENT_ID_VARIABLE))
         fields.append(("recipient-variables", json.dumps(variables, ensure_ascii=False)))
         _check_option_bytes(fields)
-        return self.streamed_request("POST", self.messages_path, streamed_form_data(fields))
+        return self.streamed_request("POST", self.messages_path(emails[0]), streamed_form_data(fields))
 
     # -- parsing ---------------------------------------------------------------------------------------------
 
