@@ -57,7 +57,8 @@ test: proto lint browser-tools dns-tools kubectl
 browser-tools:
 	bash scripts/browser-tools.sh
 
-# NSD, the authoritative DNS server the sending-domain tests publish their zones with (Debian package, when missing).
+# NSD, the authoritative DNS server the sending-domain tests publish their zones with, and make run's demo domain
+# is verified against (Debian package, when missing).
 dns-tools:
 	bash scripts/dns-tools.sh
 
@@ -76,7 +77,7 @@ image: $(STAMP)
 vendor-charts:
 	bash services/gateway/dashboard/vendor-charts.sh
 
-run: proto
+run: proto dns-tools
 	$(PY) -m dev.run
 
 # The fault matrix against a private mesh, checked by the history checker (dev/chaos); figures in RELIABILITY.md.
