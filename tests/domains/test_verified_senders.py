@@ -124,3 +124,17 @@ def test_a_campaign_from_an_unverified_domain_is_refused_and_one_from_a_verified
     info = _error_info(refused.value)
     assert info.reason == "UNVERIFIED_SENDER_DOMAIN" and info.metadata["domain"] == "unverified.example"
     assert _create_campaign(edge, f"news@{verified}").name.startswith("campaigns/")
+
+
+def test_domains_are_read_and_added_over_rest(edge: Edge, verified: str) -> None:
+    with httpx.Client(base_url=f"http://127.0.0.1:{edge.config.gateway_port}", timeout=30,
+                      headers={"Authorization": f"Bearer {edge.api_key}"}) as http:
+        got = http.get(f"/v1/domains/{verified}")
+        added = http.post("/v1/domains", json={"domain": "rest.example", "ed25519": True})
+        public_suffix = http.post("/v1/domains", json={"domain": "co.uk"})
+    assert got.status_code == 200 and got.json()["state"] == "DOMAIN_STATE_VERIFIED"
+    assert added.status_code == 200 and added.json()["name"] == "domains/rest.example"
+    assert {r.get("selector") for r in added.json()["records"]} >= {"esp1", "esp1e"}
+    assert public_suffix.status_code == 400
+    info = next(d for d in public_suffix.json()["details"] if d["@type"].endswith("google.rpc.ErrorInfo"))
+    assert info["reason"] == "PUBLIC_SUFFIX"
