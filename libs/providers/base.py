@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import httpx
 
 from libs.providers.capabilities import Capabilities
-from libs.providers.dkim import DEFAULT_SIGNED_HEADERS, MAX_SIGNATURE_BYTES, sign_document
+from libs.providers.dkim import DEFAULT_SIGNED_HEADERS, MAX_SIGNATURE_BYTES
 from libs.providers.errors import (
     AdapterConfigError,
     InvalidMessage,
@@ -55,6 +55,7 @@ from libs.providers.mime import (
     fits_size_cap,
     mime_size,
     mime_size_bound,
+    sign_document,
 )
 from libs.providers.model import OutboundEmail, Outcome, ProviderConfig, SendResult
 

@@ -8,9 +8,9 @@ bottleneck. Here canonicalization is byte regexes and the signature is ``cryptog
 What is implemented is what the mesh signs with: ``rsa-sha256`` (RSA 2048) and ``ed25519-sha256`` (RFC 8463),
 ``relaxed/relaxed`` canonicalization, the whole body (no ``l=``). The body hash is computed incrementally
 (:class:`BodyHash`), so a MIME document whose attachments stream in can be hashed as it streams, once, before its
-headers are sent; :func:`sign` does the whole thing for a message in memory, :func:`sign_document` for a
-``libs.providers.mime.MimeDocument`` as the adapters that send raw MIME hold it (several keys sign one body hash:
-RFC 8463's dual RSA + Ed25519 signing).
+headers are sent; :func:`sign` does the whole thing for a message in memory (``libs.providers.mime.sign_document``
+for a streamed document as the adapters that send raw MIME hold it; several keys sign one body hash: RFC 8463's
+dual RSA + Ed25519 signing).
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from libs.providers.mime import MimeDocument
-
 __all__ = [
     "DEFAULT_SIGNED_HEADERS",
     "MAX_SIGNATURE_BYTES",
@@ -38,9 +36,9 @@ __all__ = [
     "Signatures",
     "generate_key",
     "sign",
-    "sign_document",
     "signature_header",
     "signatures",
+    "split_message",
 ]
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
@@ -181,7 +179,7 @@ def _relaxed_header(name: bytes, value: bytes) -> bytes:
     return name.lower().strip() + b":" + _WSP_RUN.sub(b" ", unfolded).strip(b" \t\r\n")
 
 
-def _split(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+def split_message(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """The header fields (name, raw value with its folds) and the body of a CRLF message."""
     end = message.find(b"\r\n\r\n")
     head, body = (message, b"") if end < 0 else (message[:end + 2], message[end + 4:])
@@ -223,7 +221,7 @@ def sign(message: bytes, *keys: DkimKey, signed_headers: Iterable[str] = DEFAULT
          timestamp: int | None = None) -> bytes:
     """``message`` (CRLF line ends) with a ``DKIM-Signature`` field of each key prepended, in the order given (the
     body is hashed once). Raises what a key that cannot sign raises (``ValueError``)."""
-    fields, body = _split(message)
+    fields, body = split_message(message)
     body_hash = BodyHash()
     body_hash.update(body)
     digest = body_hash.digest()
@@ -259,31 +257,3 @@ def signatures(keys: Iterable[DkimKey], fields: Sequence[tuple[bytes, bytes]], b
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             failed.append((key, f"{type(exc).__name__}: {exc}"))
     return Signatures(b"".join(made), tuple(algorithms), tuple(failed))
-
-
-async def sign_document(document: MimeDocument, keys: Sequence[DkimKey], *,
-                        signed_headers: Iterable[str] = DEFAULT_SIGNED_HEADERS,
-                        timestamp: int | None = None) -> tuple[MimeDocument, Signatures]:
-    """``document`` with a ``DKIM-Signature`` field of each key before its headers, and what was signed.
-
-    The body is hashed as the document streams (its attachments are read once here, and again when it is sent);
-    the document's header block must end in its first bytes segment, as ``build_mime`` lays documents out. Keys
-    that cannot sign are left out (:attr:`Signatures.failed`); with none left the document comes back unchanged.
-    Nothing may change the document's headers or body after this: the signature is the last thing done to it.
-    """
-    first = document.segments[0] if document.segments else b""
-    end = first.find(b"\r\n\r\n") if isinstance(first, bytes) else -1
-    if not isinstance(first, bytes) or end < 0:
-        raise ValueError("the document's header block does not end in its first segment")
-    fields, _ = _split(first[:end + 4])
-    body_hash = BodyHash()
-    started = False
-    async for chunk in document.stream():
-        # The first chunk streamed is the first segment: its body part starts after the header block.
-        body_hash.update(chunk if started else chunk[end + 4:])
-        started = True
-    made = signatures(keys, fields, body_hash.digest(), signed_headers=signed_headers, timestamp=timestamp)
-    if not made.fields:
-        return document, made
-    signed = MimeDocument((made.fields + first, *document.segments[1:]), document.size + len(made.fields))
-    return signed, made

@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
@@ -27,6 +27,7 @@ from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime
 
+from libs.providers.dkim import DEFAULT_SIGNED_HEADERS, BodyHash, DkimKey, Signatures, signatures, split_message
 from libs.providers.errors import AttachmentSizeMismatch, InvalidMessage
 from libs.providers.model import (
     ESP_MESSAGE_ID_HEADER,
@@ -50,6 +51,7 @@ __all__ = [
     "mime_size",
     "mime_size_bound",
     "raw_chunks",
+    "sign_document",
     "streamed_form_data",
     "streamed_json",
 ]
@@ -542,3 +544,31 @@ def _merge_parts(segments: list[bytes | StreamedPart]) -> list[bytes | StreamedP
         elif not (isinstance(segment, bytes) and not segment):
             merged.append(segment)
     return merged
+
+
+async def sign_document(document: MimeDocument, keys: Sequence[DkimKey], *,
+                        signed_headers: Iterable[str] = DEFAULT_SIGNED_HEADERS,
+                        timestamp: int | None = None) -> tuple[MimeDocument, Signatures]:
+    """``document`` with a ``DKIM-Signature`` field of each key before its headers, and what was signed.
+
+    The body is hashed as the document streams (its attachments are read once here, and again when it is sent);
+    the document's header block must end in its first bytes segment, as ``build_mime`` lays documents out. Keys
+    that cannot sign are left out (:attr:`Signatures.failed`); with none left the document comes back unchanged.
+    Nothing may change the document's headers or body after this: the signature is the last thing done to it.
+    """
+    first = document.segments[0] if document.segments else b""
+    end = first.find(b"\r\n\r\n") if isinstance(first, bytes) else -1
+    if not isinstance(first, bytes) or end < 0:
+        raise ValueError("the document's header block does not end in its first segment")
+    fields, _ = split_message(first[:end + 4])
+    body_hash = BodyHash()
+    started = False
+    async for chunk in document.stream():
+        # The first chunk streamed is the first segment: its body part starts after the header block.
+        body_hash.update(chunk if started else chunk[end + 4:])
+        started = True
+    made = signatures(keys, fields, body_hash.digest(), signed_headers=signed_headers, timestamp=timestamp)
+    if not made.fields:
+        return document, made
+    signed = MimeDocument((made.fields + first, *document.segments[1:]), document.size + len(made.fields))
+    return signed, made
