@@ -17,7 +17,7 @@ import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, settings
 
 from dev import pgtools
+from dev.dns_server import AuthoritativeDns
 from dev.mesh import (
     DEV_S3_ACCESS_KEY,
     DEV_S3_SECRET_KEY,
@@ -191,6 +192,79 @@ class S3Server:
     secret_key: str = DEV_S3_SECRET_KEY
 
 
+class _StopOnce:
+    """A session fixture's stop, run once: after its last test, or at the end of the session."""
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop: Callable[[], None] | None = stop
+
+    def __call__(self) -> None:
+        stop, self._stop = self._stop, None
+        if stop is not None:
+            stop()
+
+
+_EARLY_STOPS: dict[str, _StopOnce] = {}
+"""Session fixtures to stop right after the last test that uses them, by fixture name."""
+_LAST_USER: dict[str, str] = {}
+"""The node id of the last collected test using each fixture (after the reordering below)."""
+CLUSTERED = ("shared_campaign_mesh", "shared_webhook_mesh")
+"""Session meshes whose modules, spread over several folders, run one after another (see below)."""
+
+
+def stop_after_last_user(request: pytest.FixtureRequest, stop: Callable[[], None]) -> Callable[[], None]:
+    """Run a session fixture's ``stop`` right after the last test that uses it rather than at the end of the
+    session: an idle mesh's pollers (expander, dispatcher, health refreshers) still take a share of the two cores
+    every later test runs on. Returns the stop, to call as the fixture's own teardown as well (it runs once)."""
+    assert request.fixturename is not None, "called from a fixture"
+    once = _EARLY_STOPS[request.fixturename] = _StopOnce(stop)
+    return once
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the modules of each ``CLUSTERED`` mesh one after another (from where its first one stands), so that
+    mesh lives for their stretch of the run only; then note each fixture's last user for ``stop_after_last_user``."""
+    for name in CLUSTERED:
+        modules: list[list[pytest.Item]] = []
+        for item in items:
+            if modules and modules[-1][0].path == item.path:
+                modules[-1].append(item)
+            else:
+                modules.append([item])
+        users = [m for m in modules if any(name in getattr(i, "fixturenames", ()) for i in m)]
+        if len(users) < 2:
+            continue
+        first = modules.index(users[0])
+        rest = [m for m in modules[first + 1:] if m not in users[1:]]
+        items[:] = [i for m in [*modules[:first], *users, *rest] for i in m]
+    _LAST_USER.clear()
+    for item in items:
+        for name in getattr(item, "fixturenames", ()):
+            _LAST_USER[name] = item.nodeid
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """After the last user of a fixture registered with ``stop_after_last_user`` is torn down, stop it."""
+    yield
+    for name in [n for n, last in _LAST_USER.items() if last == item.nodeid and n in _EARLY_STOPS]:
+        _EARLY_STOPS.pop(name)()
+
+
+def running_dns(tmp_path_factory: pytest.TempPathFactory, zones: Sequence[str]) -> Iterator[AuthoritativeDns]:
+    """The body of a DNS-server fixture: NSD on a loopback port serving ``zones`` (each test publishes its records),
+    stopped afterwards; the test fails, never skips, when NSD cannot start (``make dns-tools`` installs it)."""
+    try:
+        server = AuthoritativeDns(tmp_path_factory.mktemp("nsd"), zones)
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(f"could not start the DNS server: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A private S3 server (rclone, in a temporary data directory of its own) on a free loopback port, stopped and
@@ -204,8 +278,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     proc.stop()
 
 
-def _session_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_server: S3Server, run_id: str,
-                  tmp_path_factory: pytest.TempPathFactory, *, webhooks: bool) -> Iterator[CampaignMesh]:
+def _session_mesh(request: pytest.FixtureRequest, new_database: Callable[[], str], redis_url: str, nats_url: str,
+                  s3_server: S3Server, run_id: str, tmp_path_factory: pytest.TempPathFactory, *,
+                  webhooks: bool) -> Iterator[CampaignMesh]:
     from tests.campaigns.conftest import start_campaign_mesh
     from tests.webhooks.conftest import WEBHOOK_ENV
 
@@ -213,22 +288,31 @@ def _session_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str
     running = start_campaign_mesh(new_database(), redis_url, nats_url, s3_server, namespace,
                                   tmp_path_factory.mktemp("campaign-mesh-logs"),
                                   extra_env=WEBHOOK_ENV if webhooks else None, provider_webhooks=webhooks)
+
+    def stop() -> None:
+        running.mesh.stop()
+        asyncio.run(forget_namespace(namespace, nats_url, redis_url))
+
+    stopping = stop_after_last_user(request, stop)
     yield running
-    running.mesh.stop()
-    asyncio.run(forget_namespace(namespace, nats_url, redis_url))
+    stopping()
 
 
 @pytest.fixture(scope="session")
-def shared_campaign_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_server: S3Server,
-                         run_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CampaignMesh]:
+def shared_campaign_mesh(request: pytest.FixtureRequest, new_database: Callable[[], str], redis_url: str,
+                         nats_url: str, s3_server: S3Server, run_id: str,
+                         tmp_path_factory: pytest.TempPathFactory) -> Iterator[CampaignMesh]:
     """One campaign mesh (``tests/campaigns/conftest.py``) for every module that asks for ``campaign_mesh``: each
     gets a view with a tenant of its own. Defined here so the whole session has one."""
-    yield from _session_mesh(new_database, redis_url, nats_url, s3_server, run_id, tmp_path_factory, webhooks=False)
+    yield from _session_mesh(request, new_database, redis_url, nats_url, s3_server, run_id, tmp_path_factory,
+                             webhooks=False)
 
 
 @pytest.fixture(scope="session")
-def shared_webhook_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_server: S3Server,
-                        run_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CampaignMesh]:
+def shared_webhook_mesh(request: pytest.FixtureRequest, new_database: Callable[[], str], redis_url: str,
+                        nats_url: str, s3_server: S3Server, run_id: str,
+                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[CampaignMesh]:
     """The same for ``webhook_mesh``: fast webhook retries, and the provider's own delivery webhooks on (kept off
     the campaign mesh, whose thousands of emails would queue that many callbacks ahead of a webhook test's)."""
-    yield from _session_mesh(new_database, redis_url, nats_url, s3_server, run_id, tmp_path_factory, webhooks=True)
+    yield from _session_mesh(request, new_database, redis_url, nats_url, s3_server, run_id, tmp_path_factory,
+                             webhooks=True)

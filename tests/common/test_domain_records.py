@@ -17,7 +17,7 @@ from libs.common.domain_records import (
     resolver_at,
 )
 from libs.providers.dkim import generate_key
-from tests.conftest import free_port
+from tests.conftest import free_port, running_dns
 
 ZONE = "shop.example"
 DKIM_PEM, DKIM_RECORD = generate_key("rsa-sha256")
@@ -26,13 +26,7 @@ EXPECTED = expected_records(ZONE, token="tok-123", dkim_keys={"esp1": DKIM_RECOR
 
 @pytest.fixture(scope="module")
 def dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthoritativeDns]:
-    try:
-        server = AuthoritativeDns(tmp_path_factory.mktemp("nsd"), [ZONE])
-        server.start()
-    except RuntimeError as exc:
-        pytest.fail(f"could not start the DNS server: {exc}")
-    yield server
-    server.stop()
+    yield from running_dns(tmp_path_factory, [ZONE])
 
 
 def _relative(name: str) -> str:

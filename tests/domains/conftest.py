@@ -23,7 +23,7 @@ from libs.common.db import migrate_services
 from libs.common.secret_box import generate_key_setting
 from services.router.config import RouterSettings
 from services.router.server import build_app
-from tests.conftest import S3Server
+from tests.conftest import S3Server, running_dns
 from tests.serving import served
 
 ZONES = ["acme.test", "recheck.test", "rotate.test", "auto.test", "taken.test", "secret.test", "down.test",
@@ -51,13 +51,7 @@ class Router:
 
 @pytest.fixture(scope="session")
 def dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthoritativeDns]:
-    try:
-        server = AuthoritativeDns(tmp_path_factory.mktemp("nsd"), ZONES)
-        server.start()
-    except RuntimeError as exc:
-        pytest.fail(f"could not start the DNS server: {exc}")
-    yield server
-    server.stop()
+    yield from running_dns(tmp_path_factory, ZONES)
 
 
 @pytest.fixture(scope="module")

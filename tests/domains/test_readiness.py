@@ -20,6 +20,7 @@ from libs.common.db import create_pool, migrate_services
 from libs.common.secret_box import generate_key_setting
 from services.router.config import RouterSettings
 from services.router.server import build_app
+from tests.conftest import running_dns
 from tests.domains.conftest import create, new_tenant, published, verify
 from tests.progress import wait_for_progress_async
 from tests.serving import served
@@ -90,13 +91,7 @@ class ReadinessRouter:
 
 @pytest.fixture(scope="module")
 def readiness_dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthoritativeDns]:
-    try:
-        server = AuthoritativeDns(tmp_path_factory.mktemp("nsd-readiness"), ZONES)
-        server.start()
-    except RuntimeError as exc:
-        pytest.fail(f"could not start the DNS server: {exc}")
-    yield server
-    server.stop()
+    yield from running_dns(tmp_path_factory, ZONES)
 
 
 @pytest.fixture(scope="module")

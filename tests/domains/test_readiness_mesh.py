@@ -26,7 +26,7 @@ from esp.v1 import (
 
 from dev.dns_server import AuthoritativeDns
 from dev.simulator import RunningSimulator, run_simulator
-from tests.conftest import S3Server
+from tests.conftest import S3Server, running_dns
 from tests.domains.conftest import published
 from tests.e2e.conftest import RunningMesh, build_mesh_config, smtp_sink, start_mesh
 from tests.progress import wait_for_progress_async
@@ -41,13 +41,7 @@ STALL_S = 30.0
 
 @pytest.fixture(scope="module")
 def shop_dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthoritativeDns]:
-    try:
-        server = AuthoritativeDns(tmp_path_factory.mktemp("nsd-shop"), [ZONE])
-        server.start()
-    except RuntimeError as exc:
-        pytest.fail(f"could not start the DNS server: {exc}")
-    yield server
-    server.stop()
+    yield from running_dns(tmp_path_factory, [ZONE])
 
 
 @pytest.fixture(scope="module")

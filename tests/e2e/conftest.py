@@ -24,7 +24,7 @@ from dev import mesh as m
 from dev import seed
 from dev.migrate import SERVICES_WITH_SCHEMAS
 from libs.common.db import migrate_services
-from tests.conftest import S3Server
+from tests.conftest import S3Server, stop_after_last_user
 from tests.progress import wait_for_progress
 
 STALL_S = 30.0
@@ -156,11 +156,13 @@ def smtp_sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, P
 
 
 @pytest.fixture(scope="session")
-def running_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_server: S3Server, run_id: str,
-                 smtp_sink: tuple[int, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
+def running_mesh(request: pytest.FixtureRequest, new_database: Callable[[], str], redis_url: str, nats_url: str,
+                 s3_server: S3Server, run_id: str, smtp_sink: tuple[int, Path],
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
     port, maildir = smtp_sink
     config = build_mesh_config(new_database(), redis_url, nats_url, s3_server, f"{run_id}e2e",
                                tmp_path_factory.mktemp("mesh-logs"))
     running = start_mesh(config, maildir, port)
+    stopping = stop_after_last_user(request, running.stop)
     yield running
-    running.stop()
+    stopping()

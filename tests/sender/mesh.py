@@ -27,7 +27,7 @@ from google.protobuf import field_mask_pb2
 
 from dev import mesh as m
 from dev.simulator.client import SimulatorClient
-from tests.conftest import S3Server
+from tests.conftest import S3Server, stop_after_last_user
 from tests.e2e.conftest import RunningMesh, build_mesh_config, start_mesh
 from tests.progress import wait_for_progress_async
 
@@ -283,8 +283,8 @@ class ProviderMesh:
 
 
 @pytest.fixture(scope="session")
-def provider_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str, s3_server: S3Server, run_id: str,
-                  smtp_sink: tuple[int, Path], sim_process: SimProcess,
+def provider_mesh(request: pytest.FixtureRequest, new_database: Callable[[], str], redis_url: str, nats_url: str,
+                  s3_server: S3Server, run_id: str, smtp_sink: tuple[int, Path], sim_process: SimProcess,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProviderMesh]:
     """Every service but the REST gateway, as processes, with a short breaker cool-down."""
     smtp_port, maildir = smtp_sink
@@ -301,8 +301,9 @@ def provider_mesh(new_database: Callable[[], str], redis_url: str, nats_url: str
     except BaseException:
         running.mesh.stop()
         raise
+    stopping = stop_after_last_user(request, running.stop)
     yield ProviderMesh(running, sim_process)
-    running.stop()
+    stopping()
 
 
 @pytest.fixture

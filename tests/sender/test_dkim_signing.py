@@ -26,6 +26,7 @@ from libs.common.sending_domains import (
     domain_key,
 )
 from libs.providers.dkim import generate_key
+from tests.conftest import running_dns
 from tests.providers.dkim_checks import received, relay_at, signature_tags, verify_through_dns
 from tests.sender.conftest import World, send_task
 from tests.sender.dkim_world import add_relay, sending_domains
@@ -44,16 +45,11 @@ SENT = messages_pb2.MESSAGE_EVENT_TYPE_SENT
 @pytest.fixture(scope="module")
 def dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthoritativeDns]:
     """NSD serving the tenant's zone with its three DKIM public keys (two active, one retired by a rotation)."""
-    try:
-        server = AuthoritativeDns(tmp_path_factory.mktemp("nsd"), [ZONE])
-        server.start()
-    except RuntimeError as exc:
-        pytest.fail(f"could not start the DNS server: {exc}")
-    server.publish(ZONE, [Record("esp-rsa._domainkey", "TXT", RSA_RECORD),
-                          Record("esp-ed._domainkey", "TXT", ED_RECORD),
-                          Record("esp-old._domainkey", "TXT", OLD_RECORD)])
-    yield server
-    server.stop()
+    for server in running_dns(tmp_path_factory, [ZONE]):
+        server.publish(ZONE, [Record("esp-rsa._domainkey", "TXT", RSA_RECORD),
+                              Record("esp-ed._domainkey", "TXT", ED_RECORD),
+                              Record("esp-old._domainkey", "TXT", OLD_RECORD)])
+        yield server
 
 
 @dataclass
