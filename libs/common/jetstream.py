@@ -32,6 +32,7 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
 from opentelemetry import trace
 
 from libs.common.message_classes import MessageClass
@@ -52,6 +53,7 @@ __all__ = [
     "publish",
     "pull_loop",
     "server_urls",
+    "watch_bucket",
 ]
 
 log = logging.getLogger(__name__)
@@ -492,3 +494,33 @@ async def pull_loop(nc: NATS, stream: str, durable: str, handler: Handler, stop:
             await puller.stop()
         except Exception:  # the connection may already be closed
             log.debug("unsubscribe failed", exc_info=True)
+
+
+async def watch_bucket(kv: KeyValue, apply: Callable[[str, bytes | None], None], loaded: asyncio.Event,
+                       stop: asyncio.Event, *, what: str) -> None:
+    """Hand every entry of the KV bucket ``kv`` to ``apply(key, value, or None once deleted)`` until ``stop``: its
+    contents first (then ``loaded`` is set), then each change as it comes. After connection trouble, or an entry
+    ``apply`` raised on, it watches again from the bucket's current contents; ``what`` names it in the log."""
+    while not stop.is_set():
+        try:
+            watcher = await kv.watchall()
+            try:
+                while not stop.is_set():
+                    try:
+                        entry = await watcher.updates(timeout=0.5)
+                    except TimeoutError:
+                        continue
+                    except Exception as exc:  # nats raises its own TimeoutError subclass
+                        if "Timeout" in type(exc).__name__:
+                            continue
+                        raise
+                    if entry is None:  # end of the initial snapshot
+                        loaded.set()
+                        continue
+                    deleted = entry.operation in ("DEL", "PURGE") or not entry.value
+                    apply(entry.key, None if deleted else entry.value)
+            finally:
+                await watcher.stop()
+        except Exception:
+            log.exception("%s watch failed; retrying", what)
+            await asyncio.sleep(0.5)

@@ -34,6 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from libs.common.jetstream import watch_bucket
 from libs.common.secret_box import SecretBox, SecretUnreadable
 
 __all__ = [
@@ -307,27 +308,4 @@ class SendingDomains:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watch the bucket until ``stop``; re-watches after connection trouble."""
-        while not stop.is_set():
-            try:
-                watcher = await self.kv.watchall()
-                try:
-                    while not stop.is_set():
-                        try:
-                            entry = await watcher.updates(timeout=0.5)
-                        except TimeoutError:
-                            continue
-                        except Exception as exc:  # nats raises its own TimeoutError subclass
-                            if "Timeout" in type(exc).__name__:
-                                continue
-                            raise
-                        if entry is None:  # end of the initial snapshot
-                            self._loaded.set()
-                            continue
-                        deleted = entry.operation in ("DEL", "PURGE") or not entry.value
-                        self.apply(entry.key, None if deleted else entry.value)
-                finally:
-                    await watcher.stop()
-            except Exception:
-                log.exception("sending-domains watch failed; retrying")
-                await asyncio.sleep(0.5)
-
+        await watch_bucket(self.kv, self.apply, self._loaded, stop, what="sending-domains")

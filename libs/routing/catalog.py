@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from libs.common.jetstream import watch_bucket
 from libs.common.secret_box import SecretBox, SecretUnreadable
 from libs.providers.model import ProviderConfig
 
@@ -216,28 +217,7 @@ class ProviderCatalog:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watch the bucket until ``stop``; re-watches after connection trouble."""
-        while not stop.is_set():
-            try:
-                watcher = await self.kv.watchall()
-                try:
-                    while not stop.is_set():
-                        try:
-                            entry = await watcher.updates(timeout=0.5)
-                        except TimeoutError:
-                            continue
-                        except Exception as exc:  # nats raises its own TimeoutError subclass
-                            if "Timeout" in type(exc).__name__:
-                                continue
-                            raise
-                        if entry is None:  # end of the initial snapshot
-                            self._loaded.set()
-                            continue
-                        if entry.operation in ("DEL", "PURGE") or not entry.value:
-                            self._apply(entry.key, None)
-                        else:
-                            self._apply(entry.key, ProviderSpec.from_json(entry.value, self._secrets))
-                finally:
-                    await watcher.stop()
-            except Exception:
-                log.exception("provider catalog watch failed; retrying")
-                await asyncio.sleep(0.5)
+        await watch_bucket(self.kv, self._take, self._loaded, stop, what="provider catalog")
+
+    def _take(self, key: str, value: bytes | None) -> None:
+        self._apply(key, None if value is None else ProviderSpec.from_json(value, self._secrets))
