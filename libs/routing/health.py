@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from libs.common.stopping import pause_unless_stopped
+from libs.routing.pacing import DAY_S, UNIFORM, DemandProfile
 
 __all__ = [
     "CLOSED",
@@ -77,8 +78,11 @@ class BreakerPolicy:
     """... or when this share of the outcomes in the window failed ..."""
     min_samples: int = 20
     """... provided the window holds at least this many outcomes."""
-    window_s: int = 10
-    """Length of the sliding window of outcomes, in seconds (at most 60)."""
+    window_s: int = 30
+    """Length of the sliding window of outcomes, in seconds (at most 60). Routing's health floor judges a provider
+    by the same window (``libs.routing.scoring``), and a provider it leaves gets no calls, so the window is how long
+    a failing provider stays out before a few calls test it again: at 10 s the routing lab's failing brown-out was
+    tried again every ten seconds, each time spending quota on a few dozen calls of which a third failed."""
     open_s: float = 5.0
     """How long an open breaker refuses traffic before it lets one probe through (half-open)."""
     probe_timeout_s: float = 30.0
@@ -121,8 +125,8 @@ class ProviderHealth:
     rate_backlog_s: float = 0.0
     """How far ahead the rate limiter's schedule is booked: a new call would wait this long."""
     day_share: float = 0.0
-    """Share of the quota day (UTC) gone by at the snapshot, by the store's clock: what routing paces a daily quota
-    against."""
+    """Share of the quota day's (UTC) expected sending gone by at the snapshot, by the store's clock and the
+    board's ``DemandProfile`` (uniform: the share of the day gone by): what routing paces a daily quota against."""
 
     latency_log_mean: float = 0.0
     """Mean of the log of the latency in ms (weighted with ``HealthBoard.tail_alpha``, slower than the mean)."""
@@ -379,9 +383,11 @@ class HealthBoard:
 
     def __init__(self, redis: HealthStore, namespace: str, policy: BreakerPolicy | None = None,
                  *, alpha: float = 0.2, tail_alpha: float = 0.01, refresh_s: float = 0.2,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, demand: DemandProfile = UNIFORM) -> None:
         """``alpha`` weighs a new latency into the mean and deviation (quick to follow), ``tail_alpha`` into the
-        lognormal fit behind ``latency_p99_ms`` (steadier: a tail needs many calls to show)."""
+        lognormal fit behind ``latency_p99_ms`` (steadier: a tail needs many calls to show); ``demand`` is the
+        day's expected shape of sending that ``ProviderHealth.day_share`` follows."""
+        self.demand = demand
         self.redis = redis
         self.tail_alpha = tail_alpha
         self.clock = clock
@@ -473,7 +479,7 @@ class HealthBoard:
             samples=int(samples), latency_log_mean=log_mean, latency_log_var=log_var,
             daily_used=int(_float(daily)), monthly_used=int(_float(monthly)),
             rate_backlog_s=max(0.0, (_float(tat) - now_us) / 1_000_000),
-            day_share=(now_us / 1_000_000 % 86400) / 86400)
+            day_share=self.demand.share_by(now_us / 1_000_000 % DAY_S))
 
     async def run_refresher(self, provider_ids: Callable[[], Iterable[str]], stop: asyncio.Event) -> None:
         """Refresh the snapshot every ``refresh_s`` until ``stop``; Redis trouble keeps the last snapshot."""
@@ -578,7 +584,7 @@ class BreakerSettings:
     breaker_consecutive_failures: int = 5
     breaker_failure_rate: float = 0.5
     breaker_min_samples: int = 20
-    breaker_window_s: int = 10
+    breaker_window_s: int = 30
     breaker_open_s: float = 5.0
     breaker_probe_timeout_s: float = 30.0
 

@@ -78,6 +78,7 @@ evening to dear providers, so while ahead of pace it gives way to a provider up 
 beats the dearer ones."""
 RATE_BUDGET_SPENT = "rate budget spent"
 """How the exclusion reason of a provider whose rate schedule is booked beyond the class's wait begins."""
+QUOTA_HEALTH_FLOOR = 0.9
 HEALTH_FLOOR_MIN_CALLS = 10
 """A provider's health is held against its class's floor once the breaker's window holds this many calls: a run of
 failures in a few calls is the breaker's to judge (it opens after its consecutive failures), a sustained failure
@@ -210,14 +211,23 @@ def _ahead_of_quota_pace(spec: ProviderSpec, health: ProviderHealth) -> bool:
     return health.daily_used > spec.daily_quota * min(1.0, health.day_share + QUOTA_PACE_SLACK)
 
 
-def _below_floor(health: ProviderHealth, health_factor: float, region: float, profile: RoutingWeights) -> str:
+def _health_floor(spec: ProviderSpec, profile: RoutingWeights) -> float:
+    """The health a provider must keep for the class: the class's floor, raised to ``QUOTA_HEALTH_FLOOR`` for a
+    provider with a daily quota, where a failed call is not free (its quota is not given back)."""
+    return max(profile.health_floor, QUOTA_HEALTH_FLOOR) if spec.daily_quota else profile.health_floor
+
+
+def _below_floor(spec: ProviderSpec, health: ProviderHealth, health_factor: float, region: float,
+                 profile: RoutingWeights) -> str:
     """Why a provider misses the class's quality floor; empty when it meets it."""
     objective_ms = profile.latency_objective_s * 1000
     p99 = health.latency_p99_ms
     if objective_ms and p99 > objective_ms:
         return f"latency p99 estimate {p99:.0f} ms above the class objective of {objective_ms:.0f} ms"
-    if health.window_samples >= HEALTH_FLOOR_MIN_CALLS and health_factor < profile.health_floor:
-        return f"health {health_factor:.2f} below the class floor of {profile.health_floor}"
+    floor = _health_floor(spec, profile)
+    if health.window_samples >= HEALTH_FLOOR_MIN_CALLS and health_factor < floor:
+        whose = "class" if floor == profile.health_floor else "daily-quota"
+        return f"health {health_factor:.2f} below the {whose} floor of {floor}"
     if region < 1:
         return "outside the preferred region"
     return ""
@@ -263,7 +273,7 @@ def rank(providers: Iterable[ProviderSpec], health: Mapping[str, ProviderHealth]
             spec.id, spec.type, round(score, 6), cost, latency, h.error_rate, h.breaker, daily, monthly,
             spec.rate_limit_per_second, h.rate_backlog_s, round(cost_factor, 6), round(latency_factor, 6),
             round(health_factor, 6), round(capacity, 6), region, probe=h.breaker == HALF_OPEN,
-            below_floor=_below_floor(h, health_factor, region, profile), latency_p99_ms=h.latency_p99_ms,
+            below_floor=_below_floor(spec, h, health_factor, region, profile), latency_p99_ms=h.latency_p99_ms,
             ahead_of_quota_pace=_ahead_of_quota_pace(spec, h)))
         weights[spec.id] = spec.weight if spec.weight > 0 else 1.0
 

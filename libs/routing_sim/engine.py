@@ -40,7 +40,7 @@ from libs.routing_sim.market import Market, catalog_entry
 from libs.routing_sim.policies import RoutingPolicy
 from libs.routing_sim.results import PolicyResult, WindowFigures
 from libs.routing_sim.scenario import Scenario
-from libs.routing_sim.traffic import Arrival
+from libs.routing_sim.traffic import Arrival, demand_profile
 from services.sender.outcomes import (
     Next,
     Unroutable,
@@ -105,7 +105,7 @@ class _Day:
         self.rng = random.Random(seed + 1)
         self.catalog: dict[str, ProviderSpec] = {p.id: catalog_entry(p) for p in scenario.providers}
         self.board = HealthBoard(MemoryRedis(self.clock), "sim", BreakerPolicy(), refresh_s=REFRESH_S,
-                                 clock=self.clock)
+                                 clock=self.clock, demand=demand_profile(scenario))
         self.refreshed_at = -1.0
         self._queue: list[tuple[float, int, str, object]] = []
         self._order = itertools.count()

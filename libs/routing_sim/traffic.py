@@ -14,11 +14,13 @@ import numpy as np
 
 from libs.common.message_classes import MessageClass
 from libs.providers.capabilities import provider_size_cap
+from libs.routing.pacing import DemandProfile
 from libs.routing_sim.scenario import Scenario, SizeModel, Traffic
 
-__all__ = ["Arrival", "arrivals", "draw_sizes", "rate_per_second"]
+__all__ = ["Arrival", "arrivals", "demand_profile", "draw_sizes", "rate_per_second"]
 
 MINUTE_S = 60.0
+HOUR_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,23 @@ def arrivals(scenario: Scenario) -> list[Arrival]:
         taken[message_class] += 1
         result.append(Arrival(index, at_s, message_class, size))
     return result
+
+
+def demand_profile(scenario: Scenario) -> DemandProfile:
+    """The day's expected sending an hour, as the platform team would configure it (``ESP_DEMAND_PROFILE``): the
+    traffic model's expectation — the diurnal curve, the spikes and the scheduled campaigns, the seasonal shape
+    and the marketing calendar known ahead — not the day's draw, and nothing of the market's events (outages,
+    brown-outs), which nobody knows ahead."""
+    traffic = scenario.traffic
+    minutes = int(scenario.day_s // MINUTE_S)
+    weights = np.array([rate_per_second(traffic, (m + 0.5) * MINUTE_S) for m in range(minutes)])
+    hourly = np.zeros(24)
+    np.add.at(hourly, np.minimum(23, np.arange(minutes) // 60), traffic.emails * weights / weights.sum())
+    for burst in traffic.campaigns:
+        offsets = np.arange(burst.recipients) / burst.per_second
+        sent_at = np.minimum(scenario.day_s - 1e-3, burst.at_h * HOUR_S + offsets)
+        np.add.at(hourly, np.minimum(23, (sent_at // HOUR_S).astype(int)), 1.0)
+    return DemandProfile(tuple(float(v) for v in hourly))
 
 
 def draw_sizes(rng: np.random.Generator, model: SizeModel, count: int, largest_cap: int) -> list[int]:

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 from libs.common.settings import CommonSettings, check_positive
 from libs.routing.health import BreakerSettings
+from libs.routing.pacing import PacingSettings
 
 
 @dataclass(frozen=True)
-class RouterSettings(CommonSettings, BreakerSettings):
-    """The router's settings (``ESP_*`` variables), with the breaker settings every sender shares."""
+class RouterSettings(CommonSettings, BreakerSettings, PacingSettings):
+    """The router's settings (``ESP_*`` variables), with the breaker and pacing settings every sender shares."""
 
     health_refresh_s: float = 0.2
     """How often provider health is re-read from Redis."""
@@ -38,3 +39,4 @@ class RouterSettings(CommonSettings, BreakerSettings):
                        "pending_domain_check_interval_s", "domain_check_poll_s", "domain_readiness_poll_s",
                        "domain_readiness_recheck_s")
         self.breaker_policy()
+        self.demand()

@@ -238,7 +238,8 @@ async def build_app(settings: RouterSettings) -> ServiceApp:
     await registry.resync()
     catalog = ProviderCatalog(kv, secrets)
     redis = create_redis(settings.redis_url)
-    health = HealthBoard(redis, settings.namespace, settings.breaker_policy(), refresh_s=settings.health_refresh_s)
+    health = HealthBoard(redis, settings.namespace, settings.breaker_policy(), refresh_s=settings.health_refresh_s,
+                         demand=settings.demand())
     domains = await build_domain_parts(settings, pool, nc, secrets)
 
     async def close_all() -> None:

@@ -7,14 +7,15 @@ from dataclasses import dataclass
 from libs.common.message_classes import MessageClass
 from libs.common.settings import CommonSettings, check_positive
 from libs.routing.health import BreakerSettings
+from libs.routing.pacing import PacingSettings
 from services.sender.links import DEFAULT_LINK_TTL_S, MAX_LINK_TTL_S
 
 _CLASSES = frozenset(MessageClass)
 
 
 @dataclass(frozen=True)
-class SenderSettings(CommonSettings, BreakerSettings):
-    """The sender's settings (``ESP_*`` variables), with the breaker settings every router shares."""
+class SenderSettings(CommonSettings, BreakerSettings, PacingSettings):
+    """The sender's settings (``ESP_*`` variables), with the breaker and pacing settings every router shares."""
 
     sender_classes: tuple[str, ...] = tuple(c.value for c in MessageClass)
     """Classes this replica serves (one Deployment per class in production)."""
@@ -61,6 +62,7 @@ class SenderSettings(CommonSettings, BreakerSettings):
         if self.bulk_concurrency_while_urgent > self.bulk_concurrency:
             raise ValueError("ESP_BULK_CONCURRENCY_WHILE_URGENT: at most ESP_BULK_CONCURRENCY")
         self.breaker_policy()
+        self.demand()
         if not 1 <= self.attachment_link_ttl_s <= MAX_LINK_TTL_S:
             raise ValueError(f"ESP_ATTACHMENT_LINK_TTL_S: must be 1..{MAX_LINK_TTL_S}")
 

@@ -58,6 +58,10 @@ def recorded_call(provider_id: str, results: Sequence[SendResult], *, emails: in
         single = results[0] if len(results) == 1 and outcomes[0] is Outcome.ACCEPTED else None
         latency = single.elapsed_s * 1000 if single and single.elapsed_s is not None else None
         return RecordedCall(provider_id, CallHealth.SUCCESS, latency, probe, refund_emails=rejected + withheld)
+    if all(r.outcome is Outcome.RETRYABLE and r.status_code is None for r in results):
+        # No answer at all (connection refused, or dropped before the request was written): the adapters classify
+        # that as retryable only when nothing can have been accepted, so the quota was not spent.
+        return RecordedCall(provider_id, CallHealth.FAILURE, probe=probe, refund_emails=emails + withheld)
     return RecordedCall(provider_id, CallHealth.FAILURE, probe=probe, refund_emails=withheld)
 
 

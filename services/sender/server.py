@@ -63,7 +63,8 @@ async def build_pools(settings: SenderSettings) -> WorkerParts:
     domains = SendingDomains(await open_domains_bucket(js, settings.namespace),
                              optional_secret_box(settings.secrets_keys), sandbox_domains=settings.sandbox_domains)
     redis = _redis(settings.redis_url, settings.redis_max_connections)
-    health = HealthBoard(redis, settings.namespace, settings.breaker_policy(), refresh_s=settings.health_refresh_s)
+    health = HealthBoard(redis, settings.namespace, settings.breaker_policy(), refresh_s=settings.health_refresh_s,
+                         demand=settings.demand())
     adapters = AdapterPool(catalog)
     states = MessageStateStore(redis, settings.namespace, ttl_s=settings.sent_marker_ttl_s,
                                lease_s=settings.ack_wait_s)

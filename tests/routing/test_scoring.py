@@ -220,3 +220,26 @@ def test_bulk_keeps_a_cheap_provider_failing_a_third_of_its_calls_that_transacti
     transactional = rank([dear, cheap], browning, email("transactional"), CAPS)
     assert order(transactional) == ["dear", "cheap"]
     assert "below the class floor of 0.9" in transactional.ranked[1].below_floor
+
+
+def test_a_provider_with_a_daily_quota_is_left_by_bulk_when_failing_a_third_of_its_calls():
+    quota = ProviderSpec("cheap", "sendgrid", "http://x", price_per_email_micros=100, daily_quota=50_000)
+    dear = ProviderSpec("dear", "sendgrid", "http://x", price_per_email_micros=600)
+    browning = {"cheap": ProviderHealth(latency_ms_ewma=5, error_rate=0.3, window_samples=40)}
+
+    decision = rank([quota, dear], browning, email("bulk"), CAPS)
+
+    assert order(decision) == ["dear", "cheap"]
+    assert "below the daily-quota floor of 0.9" in decision.ranked[1].below_floor
+
+
+def test_pacing_against_a_demand_profile_keeps_a_quota_for_the_evening():
+    cheap = ProviderSpec("cheap", "sendgrid", "http://x", price_per_email_micros=60, daily_quota=1000)
+    near = ProviderSpec("near", "sendgrid", "http://x", price_per_email_micros=100)
+    # At 15:00, 600 of the quota spent: ahead of a straight line of the day (62.5 %, +5 %)? No; ahead of a day whose
+    # evening brings most of the mail (40 % expected by now)? Yes: it gives way to the next cheapest.
+    straight = {"cheap": ProviderHealth(daily_used=600, day_share=15 / 24)}
+    forecast = {"cheap": ProviderHealth(daily_used=600, day_share=0.4)}
+
+    assert order(rank([cheap, near], straight, email("bulk"), CAPS)) == ["cheap", "near"]
+    assert order(rank([cheap, near], forecast, email("bulk"), CAPS)) == ["near", "cheap"]
