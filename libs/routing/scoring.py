@@ -14,16 +14,18 @@ A provider meets the floor when
   assumed fast, so it gets traffic and with it a measurement) is within the class's latency objective
   (``RoutingWeights.latency_objective_s``: otp 1 s, transactional 10 s, bulk none), so a silent brown-out (slow,
   not failing) loses the urgent classes as soon as the estimate moves;
-- its health is at least the class's ``RoutingWeights.health_floor`` (otp and transactional 0.9, bulk 0.5): 1 -
-  failure rate over the breaker's window, shrunk towards 0 while the window holds few calls, and judged once it
-  holds ``HEALTH_FLOOR_MIN_CALLS`` (the breaker, not the rank, reacts to a run of failures);
+- its health is at least the class's ``RoutingWeights.health_floor`` (otp and transactional 0.9, bulk 0.5), or
+  ``QUOTA_HEALTH_FLOOR`` for a provider with a daily quota, whose failed calls spend quota later mail would have
+  used: 1 - failure rate over the breaker's window, shrunk towards 0 while the window holds few calls, and judged
+  once it holds ``HEALTH_FLOOR_MIN_CALLS`` (the breaker, not the rank, reacts to a run of failures);
 - it is in the email's preferred region, if one is asked for (a preference, not a filter).
 
 Among those, cheaper first: price per email + price per MB * size, divided by the manual ``weight``, and doubled
-(``QUOTA_PACE_PENALTY``) for a provider that has spent more of its daily quota than the share of the day gone by:
-a cheap quota is then paced over the day, kept for the hours when the alternative is dear instead of burnt by
-noon, and still beats every provider more than twice its price. The routing
-lab (``libs.routing_sim``, ``docs/ROUTING.md``) measured this order against a weighted score of cost, latency and
+(``QUOTA_PACE_PENALTY``) for a provider that has spent more of its daily quota than the share of the day's expected
+sending gone by (``ProviderHealth.day_share``, by the platform's ``libs.routing.pacing.DemandProfile``; uniform: the
+share of the day gone by): a cheap quota is then paced over the day, kept for the hours when the alternative is
+dear instead of burnt by noon, and still beats every provider more than twice its price. The routing lab
+(``libs.routing_sim``, ``docs/ROUTING.md``) measured this order against a weighted score of cost, latency and
 health, which sent otp and transactional mail to the fastest (and dearest) provider whatever the objective: the
 score remains as the order among the providers that miss the floor, with each class's weights:
 
@@ -53,6 +55,7 @@ from libs.routing.readiness import DomainReadiness, not_ready_reason
 
 __all__ = [
     "HEALTH_FLOOR_MIN_CALLS",
+    "QUOTA_HEALTH_FLOOR",
     "QUOTA_PACE_PENALTY",
     "QUOTA_PACE_SLACK",
     "RATE_BUDGET_SPENT",
@@ -79,6 +82,9 @@ beats the dearer ones."""
 RATE_BUDGET_SPENT = "rate budget spent"
 """How the exclusion reason of a provider whose rate schedule is booked beyond the class's wait begins."""
 QUOTA_HEALTH_FLOOR = 0.9
+"""The health floor of a provider with a daily quota, whatever the class's: its failed calls are not free, as the
+quota they spend is the day's cheap capacity (the routing lab's Black Friday: a browned-out SES failing a third of
+bulk's calls left its evening to a provider six times dearer)."""
 HEALTH_FLOOR_MIN_CALLS = 10
 """A provider's health is held against its class's floor once the breaker's window holds this many calls: a run of
 failures in a few calls is the breaker's to judge (it opens after its consecutive failures), a sustained failure
@@ -135,8 +141,8 @@ class ProviderScore:
     latency_p99_ms: float = 0.0
     """The latency p99 estimate the floor was judged by (0 when never measured)."""
     ahead_of_quota_pace: bool = False
-    """It has spent more of its daily quota than the share of the day gone by (plus ``QUOTA_PACE_SLACK``): it ranks
-    as ``QUOTA_PACE_PENALTY`` times dearer."""
+    """It has spent more of its daily quota than the share of the day's expected sending gone by (plus
+    ``QUOTA_PACE_SLACK``): it ranks as ``QUOTA_PACE_PENALTY`` times dearer."""
 
     @property
     def rate_budget_per_second(self) -> float:
@@ -205,7 +211,7 @@ def _capacity(spec: ProviderSpec, health: ProviderHealth, profile: RoutingWeight
 
 
 def _ahead_of_quota_pace(spec: ProviderSpec, health: ProviderHealth) -> bool:
-    """Whether the provider has spent its daily quota faster than the day goes by."""
+    """Whether the provider has spent its daily quota faster than the day's expected sending goes by."""
     if not spec.daily_quota:
         return False
     return health.daily_used > spec.daily_quota * min(1.0, health.day_share + QUOTA_PACE_SLACK)
