@@ -132,7 +132,7 @@ class OutboxPublisher:
                 return 0
             done = await self._publish(rows)
             if done:
-                await conn.execute(f"DELETE FROM {self.table} WHERE id = ANY(%s)", (done,))
+                await conn.execute(f"DELETE FROM {self.table} WHERE id = ANY(%b)", (done,))
             return len(done)
 
     async def _publish(self, rows: Sequence[CommittedRow]) -> list[int]:
@@ -186,7 +186,7 @@ class OutboxPublisher:
             done = await self._confirmed(rows, acks)
             if done:
                 async with autocommit(self.pool) as conn:
-                    await conn.execute(f"DELETE FROM {self.table} WHERE id = ANY(%s)", (done,))
+                    await conn.execute(f"DELETE FROM {self.table} WHERE id = ANY(%b)", (done,))
         except Exception:
             # Published or not, the rows stay in the table: the reconciling pass publishes them again (JetStream's
             # duplicate window drops what had landed).

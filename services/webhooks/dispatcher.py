@@ -119,13 +119,13 @@ class Dispatcher:
                        SELECT d.id, d.endpoint_id, d.next_attempt_time FROM webhooks.deliveries d
                        JOIN webhooks.endpoints e ON e.id = d.endpoint_id
                        WHERE d.state = 'pending' AND d.next_attempt_time <= now()
-                         AND (e.enabled OR d.ignore_disabled) AND NOT d.endpoint_id = ANY(%(busy)s)
+                         AND (e.enabled OR d.ignore_disabled) AND NOT d.endpoint_id = ANY(%(busy)b)
                        ORDER BY d.next_attempt_time LIMIT %(scan)s
                    ), picked AS (
                        SELECT id FROM (SELECT id, endpoint_id, row_number() OVER (PARTITION BY endpoint_id
                                                                                   ORDER BY next_attempt_time, id) AS n
                                        FROM candidates) ranked
-                       WHERE n <= CASE WHEN endpoint_id = ANY(%(failing)s) THEN 1 ELSE %(per_endpoint)s END
+                       WHERE n <= CASE WHEN endpoint_id = ANY(%(failing)b) THEN 1 ELSE %(per_endpoint)s END
                        LIMIT %(limit)s
                    ), locked AS (
                        -- Rows another replica claims, or the outcome writer holds back, are left for later: no

@@ -103,8 +103,8 @@ class OutcomeRecorder:
             """INSERT INTO webhooks.attempts (endpoint_id, delivery_id, webhook_id, attempt, attempt_time,
                    status_code, latency_ms, response_excerpt, error, success, event_types, next_attempt_time)
                SELECT e, d, w, a, t, s, l, x, r, ok, types::text[], n
-               FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::int[], %s::timestamptz[], %s::int[],
-                           %s::bigint[], %s::text[], %s::text[], %s::boolean[], %s::text[], %s::timestamptz[])
+               FROM unnest(%b::text[], %b::bigint[], %b::text[], %b::int[], %b::timestamptz[], %b::int[],
+                           %b::bigint[], %b::text[], %b::text[], %b::boolean[], %b::text[], %b::timestamptz[])
                    AS u(e, d, w, a, t, s, l, x, r, ok, types, n)""",
             ([o.delivery.endpoint_id for o in outcomes], [o.delivery.id for o in outcomes],
              [o.delivery.webhook_id for o in outcomes], [o.delivery.attempt for o in outcomes],
@@ -117,14 +117,14 @@ class OutcomeRecorder:
             """UPDATE webhooks.deliveries d SET state = u.state,
                    next_attempt_time = coalesce(u.next, d.next_attempt_time),
                    finish_time = CASE WHEN u.state <> 'pending' THEN now() END
-               FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[]) AS u(id, state, next)
+               FROM unnest(%b::bigint[], %b::text[], %b::timestamptz[]) AS u(id, state, next)
                WHERE d.id = u.id""",
             ([o.delivery.id for o in outcomes], [o.state for o in outcomes], [o.next_time for o in outcomes]))
         succeeded = sorted({o.delivery.endpoint_id for o in outcomes if o.result.success})
         if succeeded:
             # Once a second at most per endpoint: a busy endpoint's row is not rewritten per delivery.
             cur = await conn.execute(
-                """WITH old AS (SELECT id, failing_since FROM webhooks.endpoints WHERE id = ANY(%s)
+                """WITH old AS (SELECT id, failing_since FROM webhooks.endpoints WHERE id = ANY(%b)
                                 ORDER BY id FOR UPDATE)
                    UPDATE webhooks.endpoints e SET last_success_time = now(), failing_since = NULL FROM old
                    WHERE e.id = old.id AND (old.failing_since IS NOT NULL OR e.last_success_time IS NULL
@@ -135,7 +135,7 @@ class OutcomeRecorder:
                 # The breaker held their first tries back; the endpoint answers again: due now.
                 await conn.execute(
                     """UPDATE webhooks.deliveries d SET next_attempt_time = now()
-                       FROM (SELECT id FROM webhooks.deliveries WHERE endpoint_id = ANY(%s) AND state = 'pending'
+                       FROM (SELECT id FROM webhooks.deliveries WHERE endpoint_id = ANY(%b) AND state = 'pending'
                                  AND attempts = 0 AND next_attempt_time > now()
                              ORDER BY id FOR UPDATE SKIP LOCKED) AS held
                        WHERE d.id = held.id""", (recovered,))
@@ -153,7 +153,7 @@ class OutcomeRecorder:
         if released:
             await conn.execute(
                 """UPDATE webhooks.deliveries d SET next_attempt_time = r.until, attempts = d.attempts - 1
-                   FROM unnest(%s::bigint[], %s::timestamptz[]) AS r(id, until)
+                   FROM unnest(%b::bigint[], %b::timestamptz[]) AS r(id, until)
                    WHERE d.id = r.id AND d.state = 'pending'""",
                 ([i for i, _ in released], [until for _, until in released]))
         if held:
@@ -162,15 +162,15 @@ class OutcomeRecorder:
             await conn.execute(
                 """UPDATE webhooks.deliveries d SET next_attempt_time = x.until
                    FROM (SELECT due.id, h.until FROM webhooks.deliveries due
-                         JOIN unnest(%s::text[], %s::timestamptz[]) AS h(endpoint_id, until)
+                         JOIN unnest(%b::text[], %b::timestamptz[]) AS h(endpoint_id, until)
                            ON due.endpoint_id = h.endpoint_id
-                         WHERE due.state = 'pending' AND due.next_attempt_time < h.until AND due.id <> ALL(%s)
+                         WHERE due.state = 'pending' AND due.next_attempt_time < h.until AND due.id <> ALL(%b)
                          ORDER BY due.id FOR UPDATE OF due SKIP LOCKED) AS x
                    WHERE d.id = x.id""",
                 (list(held), list(held.values()), [o.delivery.id for o in failed]))
         cur = await conn.execute(
             """UPDATE webhooks.endpoints SET failing_since = coalesce(failing_since, now())
-               WHERE id = ANY(%s) AND id <> ALL(%s) RETURNING id, failing_since, enabled""",
+               WHERE id = ANY(%b) AND id <> ALL(%b) RETURNING id, failing_since, enabled""",
             (sorted({o.delivery.endpoint_id for o in failed}), succeeded))
         failing = {endpoint_id: since for endpoint_id, since, enabled in await cur.fetchall() if enabled}
         now = max(o.attempt_time for o in failed)

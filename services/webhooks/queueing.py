@@ -66,7 +66,7 @@ async def routes_of(conn: psycopg.AsyncConnection, tenant_ids: Iterable[str]) ->
     """The enabled endpoints of these tenants."""
     cur = await conn.execute(
         """SELECT id, tenant_id, event_types, tags, max_batch_size FROM webhooks.endpoints
-           WHERE tenant_id = ANY(%s) AND enabled ORDER BY id""", (sorted(set(tenant_ids)),))
+           WHERE tenant_id = ANY(%b) AND enabled ORDER BY id""", (sorted(set(tenant_ids)),))
     routes: dict[str, list[Route]] = {}
     for endpoint_id, tenant_id, types, tags, batch in await cur.fetchall():
         routes.setdefault(tenant_id, []).append(Route(endpoint_id, tenant_id, frozenset(types), frozenset(tags),
@@ -157,7 +157,7 @@ async def queue_events(conn: psycopg.AsyncConnection, routes: Mapping[str, Seque
         """INSERT INTO webhooks.deliveries (endpoint_id, tenant_id, webhook_id, dedupe_key, event_types, body,
                ignore_disabled, traceparent)
            SELECT e, t, w, k, types::text[], b, f, %s
-           FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::boolean[])
+           FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::bytea[], %b::boolean[])
                AS u(e, t, w, k, types, b, f)
            ON CONFLICT (endpoint_id, dedupe_key) DO NOTHING""",
         (current_traceparent() or None, rows.endpoint_ids, rows.tenant_ids, rows.webhook_ids, rows.dedupe_keys,
