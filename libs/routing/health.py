@@ -301,8 +301,11 @@ end
 if kind == 'ok' then ok = ok + 1 else fail = fail + 1 end
 redis.call('HSET', h, slot, now_s .. ':' .. ok .. ':' .. fail)
 local total_ok, total_fail = 0, 0
-for i = 0, window - 1 do
-  local r = redis.call('HGET', h, 'w' .. i)
+local slots = {}
+for i = 0, window - 1 do slots[i + 1] = 'w' .. i end
+local ring = redis.call('HMGET', h, unpack(slots))
+for i = 1, window do
+  local r = ring[i]
   if r then
     local sec, o, x = string.match(r, '(%d+):(%d+):(%d+)')
     if tonumber(sec) > now_s - window then
