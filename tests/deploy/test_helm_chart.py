@@ -11,6 +11,10 @@ import jsonschema
 import pytest
 import yaml
 
+from libs.common.settings import load_settings
+from libs.routing.pacing import UNIFORM
+from services.router.config import RouterSettings
+from services.sender.config import SenderSettings
 from tests.deploy.manifests import (
     CHART_DIR,
     COMPONENTS,
@@ -138,6 +142,7 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
         {"webhooks": {"autoscaling": {"maxReplicas": 0}}},
         "/webhooks/autoscaling/maxReplicas",
     ),
+    "negative-demand-weight": ({"routing": {"demandProfile": [1, -1]}}, "/routing/demandProfile/1"),
     "campaigns-cpu-target-above-100": (
         {"campaigns": {"autoscaling": {"targetCPUUtilizationPercentage": 101}}},
         "/campaigns/autoscaling/targetCPUUtilizationPercentage",
@@ -276,6 +281,21 @@ def test_ingest_is_told_where_campaigns_is_and_campaigns_the_public_base_url():
     assert config["ESP_CAMPAIGNS_ADDR"] == "mail-campaigns:50056"
     assert rendering.named("Service", "mail-campaigns")["spec"]["ports"][0]["port"] == 50056
     assert config["ESP_PUBLIC_BASE_URL"] == "https://mail.example.com"
+
+
+def test_the_demand_profile_reaches_senders_and_routers_as_the_setting_they_pace_by():
+    hourly = [1] * 18 + [6, 6, 3, 1, 1, 1]
+    config = render_helm("demand", {"routing": {"demandProfile": hourly}}, release="mail").named(
+        "ConfigMap", "mail-config")["data"]
+
+    for settings in (load_settings(SenderSettings, config), load_settings(RouterSettings, config)):
+        assert settings.demand().share_by(18 * 3600) == pytest.approx(18 / sum(hourly))
+
+
+def test_without_a_demand_profile_quotas_are_paced_over_a_straight_line():
+    config = render_helm("no-demand", release="mail").named("ConfigMap", "mail-config")["data"]
+
+    assert load_settings(SenderSettings, config).demand() == UNIFORM
 
 
 def test_a_disabled_webhooks_service_renders_nothing_of_its_own():
