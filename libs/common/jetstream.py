@@ -27,11 +27,12 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from opentelemetry import trace
 
@@ -50,6 +51,7 @@ __all__ = [
     "connect",
     "ensure_pull_consumer",
     "ensure_streams",
+    "open_kv_bucket",
     "publish",
     "pull_loop",
     "server_urls",
@@ -494,6 +496,15 @@ async def pull_loop(nc: NATS, stream: str, durable: str, handler: Handler, stop:
             await puller.stop()
         except Exception:  # the connection may already be closed
             log.debug("unsubscribe failed", exc_info=True)
+
+
+async def open_kv_bucket(js: JetStreamContext, name: str) -> KeyValue:
+    """The KV bucket ``name``, created on first use with one value per key (a bucket holds current state, read by
+    :func:`watch_bucket`; its history is not kept)."""
+    try:
+        return await js.key_value(name)
+    except (BucketNotFoundError, NotFoundError):
+        return await js.create_key_value(KeyValueConfig(bucket=name, history=1))
 
 
 async def watch_bucket(kv: KeyValue, apply: Callable[[str, bytes | None], None], loaded: asyncio.Event,

@@ -21,10 +21,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from libs.common.jetstream import watch_bucket
+from libs.common.jetstream import open_kv_bucket, watch_bucket
 from libs.common.secret_box import SecretBox, SecretUnreadable
 from libs.providers.model import ProviderConfig
 
@@ -169,13 +168,7 @@ def bucket_name(namespace: str) -> str:
 
 async def open_bucket(js: JetStreamContext, namespace: str) -> KeyValue:
     """The providers KV bucket, created on first use."""
-    name = bucket_name(namespace)
-    try:
-        return await js.key_value(name)
-    except (BucketNotFoundError, NotFoundError):
-        from nats.js.api import KeyValueConfig
-
-        return await js.create_key_value(KeyValueConfig(bucket=name, history=1))
+    return await open_kv_bucket(js, bucket_name(namespace))
 
 
 class ProviderCatalog:

@@ -375,8 +375,7 @@ class Deliverer:
             task = linked.task
         email = outbound_email(task, self.opener)
         if self.domains is not None:
-            keys = self.signing_keys.for_email(self.domains, email)
-            covering = self.domains.sender_domain(email.tenant_id, email.sender.email.rpartition("@")[2])
+            covering, keys = self.signing_keys.for_email(self.domains, email)
             if keys or covering is not None:
                 email = replace(email, dkim_keys=keys, sending_domain=covering.domain if covering else "")
         return email

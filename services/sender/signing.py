@@ -54,14 +54,16 @@ class SigningKeys:
     def __init__(self) -> None:
         self._built: dict[tuple[str, str], _Built] = {}
 
-    def for_email(self, domains: SendingDomains, email: OutboundEmail) -> tuple[DkimKey, ...]:
-        """The keys that sign ``email``: none for a sandbox or unverified ``From`` domain."""
+    def for_email(self, domains: SendingDomains,
+                  email: OutboundEmail) -> tuple[SendingDomain | None, tuple[DkimKey, ...]]:
+        """The tenant's verified sending domain that covers ``email``'s ``From`` (None when none does) and the keys
+        that sign the email: none for a sandbox or unverified ``From`` domain."""
         address_domain = email.sender.email.rpartition("@")[2].lower()
-        if not address_domain or domains.is_sandbox(address_domain):
-            return ()
+        if not address_domain:
+            return None, ()
         entry = domains.sender_domain(email.tenant_id, address_domain)
-        if entry is None:
-            return ()
+        if entry is None or domains.is_sandbox(address_domain):
+            return entry, ()
         built = self._built.get((entry.tenant_id, entry.domain))
         if built is None or built.entry is not entry:
             if len(self._built) >= _CACHE_LIMIT:
@@ -69,7 +71,7 @@ class SigningKeys:
             built = self._built[(entry.tenant_id, entry.domain)] = _build(entry)
         for why in built.unusable:
             DKIM_UNUSABLE.labels(why).inc()
-        return built.keys
+        return entry, built.keys
 
 
 def _build(entry: SendingDomain) -> _Built:
