@@ -3,11 +3,13 @@ suppressions.
 
 Events arrive at least once and in any order. Each step is written so that the result does not depend on
 either: an event counts only if its ``event_id`` was not recorded before (the timeline insert says which ones
-are new), and the message row is merged in SQL by state rank (``models.STATE_TRANSITIONS``) so a late event
+are new: when it finds one recorded already, the batch's writes so far are undone to a savepoint and done again
+without it), and the message row is merged in SQL by state rank (``models.STATE_TRANSITIONS``) so a late event
 never moves a message backwards and two consumers updating the same message concurrently cannot lose an update.
-The merge also numbers each message's new events (``messages.event_seq``, under the row lock the merge takes), so
-the sequence customers see follows the order events were recorded in, whichever replica recorded them.
-Every multi-row write goes in key order so that concurrent consumer replicas take row locks in the same order.
+The merge also numbers each message's new events (``messages.event_seq``, under the row lock the merge takes)
+before they are inserted, so the sequence customers see follows the order events were recorded in, whichever
+replica recorded them. Every multi-row write goes in key order so that concurrent consumer replicas take row
+locks in the same order, message rows before timeline rows.
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ from services.reports.models import (
     Suppression,
     SuppressionReason,
 )
-from services.reports.rollups import MessageFacts, StatsRollup, campaign_id_of, claimed_early, start_claim_early
+from services.reports.rollups import (
+    EarlyCount,
+    MessageFacts,
+    StatsRollup,
+    campaign_id_of,
+    claimed_early,
+    start_claim_early,
+)
 from services.reports.suppressions import insert_suppressions
 
 # Events whose provider is the one that took the message (SENT), and delivery reports that name it too: these
@@ -153,38 +162,32 @@ async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageE
     unique: dict[str, MessageEventRecord] = {}
     for event in events:
         unique.setdefault(event.event_id, event)
-    async with conn.pipeline():
-        inserted = await _start_timeline_insert(conn, list(unique.values()))
-        parked = await conn.execute(_ANY_PARKED) if _may_claim_parked(unique.values()) else None
-    fresh = await _fresh_events(inserted, unique.values())
-    duplicates = len(events) - len(fresh)
-    if parked is not None and (await parked.fetchone() or (False,))[0]:
+    if _may_claim_parked(unique.values()) and (await (await conn.execute(_ANY_PARKED)).fetchone() or (False,))[0]:
         # Only when something is parked at all: the common batch skips matching on an empty table.
-        fresh += await _apply_parked_webhook_events(conn, list(unique.values()))
-    if not fresh:
-        return RecordOutcome((), duplicates, ())
-
-    deltas: dict[tuple[str, str], _MessageDelta] = {}
-    for event in fresh:
-        key = (event.tenant_id, event.message_id)
-        delta = deltas.get(key)
-        if delta is None:
-            delta = deltas[key] = _MessageDelta(event.tenant_id, event.message_id, event.event_time, event.event_time)
-        delta.add(event)
-    async with conn.pipeline():
-        merged = await _start_merge_messages(conn, [deltas[k] for k in sorted(deltas)])
-        await _index_provider_ids(conn, fresh)
-        # After the merge, which waited for any transaction still holding these messages' rows.
-        early = await start_claim_early(conn, (k for k, d in deltas.items() if d.accepted is not None))
-    summaries = await _summaries(merged)
-    recorded = _numbered(deltas, summaries)
-    await _store_sequences(conn, recorded)
+        for claimed in await _claim_parked_webhook_events(conn, list(unique.values())):
+            unique.setdefault(claimed.event_id, claimed)
+    from_batch = frozenset(unique)
+    candidates = list(unique.values())
+    already: set[tuple[str, datetime]] = set()
+    for _attempt in range(_NEW_EVENT_ATTEMPTS):
+        fresh = [e for e in candidates if (e.event_id, e.event_time) not in already]
+        if not fresh:
+            return RecordOutcome((), len(events), ())
+        try:
+            async with conn.transaction():  # a savepoint: undone when an event turns out recorded before
+                summaries, recorded, early = await _record_new(conn, fresh)
+            break
+        except _RecordedBefore:
+            already = await _recorded_before(conn, candidates)
+    else:
+        raise RuntimeError("events kept being recorded by another transaction while this one numbered them")
+    duplicates = len(events) - sum(1 for e in fresh if e.event_id in from_batch)
 
     rollup = StatsRollup()
     facts = {key: _message_facts(summary, mailbox_provider_of) for key, summary in summaries.items()}
     for event in fresh:
         rollup.add(event, facts.get((event.tenant_id, event.message_id)) or _NO_FACTS)
-    for counted in await claimed_early(early):
+    for counted in early:
         rollup.attribute_early(counted, facts[(counted.tenant_id, counted.message_id)])
     await rollup.write(conn)
 
@@ -216,17 +219,59 @@ def _numbered(deltas: Mapping[tuple[str, str], _MessageDelta],
     return tuple(recorded)
 
 
-async def _store_sequences(conn: psycopg.AsyncConnection, recorded: Sequence[RecordedEvent]) -> None:
-    """Write each new timeline row's sequence (the rows were inserted by this transaction, before the merge
-    numbered them; ``seq`` is in no index, so the update can stay on the row's page)."""
-    if not recorded:
-        return
-    await conn.execute(
-        """UPDATE reports.events e SET seq = s.seq
-           FROM json_to_recordset(%s::json) AS s(event_id text, event_time timestamptz, seq integer)
-           WHERE e.event_id = s.event_id AND e.event_time = s.event_time""",
-        (json_rows([{"event_id": r.event.event_id, "event_time": r.event.event_time.isoformat(), "seq": r.sequence}
-                    for r in sorted(recorded, key=lambda r: r.event.event_id)]),))
+_NEW_EVENT_ATTEMPTS = 3
+"""Tries at numbering and inserting a batch's new events (a retry follows events found recorded meanwhile)."""
+
+
+class _RecordedBefore(Exception):
+    """Some of the events taken for new were in the timeline already: the savepoint is undone."""
+
+
+async def _record_new(conn: psycopg.AsyncConnection, fresh: Sequence[MessageEventRecord]) -> tuple[
+        dict[tuple[str, str], _Summary], tuple[RecordedEvent, ...], list[EarlyCount]]:
+    """Merge the message rows of events believed new, which numbers them, then insert them into the timeline with
+    their numbers: one write per event (inserting first and numbering after was a second, non-HOT write of each
+    partitioned row). Raises :class:`_RecordedBefore` when the insert finds some recorded already (a redelivery):
+    the caller undoes this and tries again without them.
+
+    The message rows are locked (in key order) before the timeline rows: a concurrent transaction recording the
+    same event holds its message row until it commits, so the insert here then sees the event and does not
+    wait on it while holding rows the other needs."""
+    deltas: dict[tuple[str, str], _MessageDelta] = {}
+    for event in fresh:
+        key = (event.tenant_id, event.message_id)
+        delta = deltas.get(key)
+        if delta is None:
+            delta = deltas[key] = _MessageDelta(event.tenant_id, event.message_id, event.event_time, event.event_time)
+        delta.add(event)
+    async with conn.pipeline():
+        merged = await _start_merge_messages(conn, [deltas[k] for k in sorted(deltas)])
+        await _index_provider_ids(conn, fresh)
+        # After the merge, which waited for any transaction still holding these messages' rows.
+        early = await start_claim_early(conn, (k for k, d in deltas.items() if d.accepted is not None))
+    summaries = await _summaries(merged)
+    recorded = _numbered(deltas, summaries)
+    cursor = await conn.execute(_INSERT_TIMELINE, (json_rows([
+        _timeline_row(r.event, r.sequence) for r in sorted(recorded, key=_by_recorded_event_id)]),))
+    if len(await cursor.fetchall()) != len(recorded):
+        raise _RecordedBefore
+    return summaries, recorded, await claimed_early(early)
+
+
+def _by_recorded_event_id(recorded: RecordedEvent) -> str:
+    return recorded.event.event_id
+
+
+async def _recorded_before(conn: psycopg.AsyncConnection,
+                           events: Sequence[MessageEventRecord]) -> set[tuple[str, datetime]]:
+    """Which of ``events`` the timeline holds, as (event id, event time) pairs (its key). Bounded by the events'
+    times so that only their day partitions are searched; ids go binary (a text array is dumped element by
+    element in Python)."""
+    times = [e.event_time for e in events]
+    cur = await conn.execute(
+        "SELECT event_id, event_time FROM reports.events WHERE event_id = ANY(%b) AND event_time BETWEEN %s AND %s",
+        ([e.event_id for e in events], min(times), max(times)))
+    return {(event_id, event_time) for event_id, event_time in await cur.fetchall()}
 
 
 def json_rows(rows: Sequence[object]) -> str:
@@ -237,53 +282,25 @@ def json_rows(rows: Sequence[object]) -> str:
 
 _INSERT_TIMELINE = """
 INSERT INTO reports.events (event_id, tenant_id, message_id, event_type, event_time, provider, provider_message_id,
-    recipient, reason, attempt, outcome, latency_ms, bounce_type, url, attributes)
+    recipient, reason, attempt, outcome, latency_ms, bounce_type, url, attributes, seq)
 SELECT e.event_id, e.tenant_id, e.message_id, e.event_type, e.event_time, e.provider, e.provider_message_id,
-    e.recipient, e.reason, e.attempt, e.outcome, e.latency_ms, e.bounce_type, e.url, e.attributes
+    e.recipient, e.reason, e.attempt, e.outcome, e.latency_ms, e.bounce_type, e.url, e.attributes, e.seq
 FROM json_to_recordset(%s::json) AS e(event_id text, tenant_id text, message_id text, event_type text,
     event_time timestamptz, provider text, provider_message_id text, recipient text, reason text, attempt integer,
-    outcome text, latency_ms bigint, bounce_type text, url text, attributes jsonb)
+    outcome text, latency_ms bigint, bounce_type text, url text, attributes jsonb, seq integer)
 ON CONFLICT (event_id, event_time) DO NOTHING
 RETURNING event_id
 """
 _ANY_PARKED = "SELECT EXISTS (SELECT FROM reports.unmatched_delivery_events)"
 
 
-def _timeline_row(e: MessageEventRecord) -> dict[str, object]:
+def _timeline_row(e: MessageEventRecord, sequence: int) -> dict[str, object]:
     return {"event_id": e.event_id, "tenant_id": e.tenant_id, "message_id": e.message_id,
             "event_type": e.event_type, "event_time": e.event_time.isoformat(), "provider": e.provider,
             "provider_message_id": e.provider_message_id, "recipient": e.recipient, "reason": e.reason,
             "attempt": e.attempt, "outcome": e.outcome, "latency_ms": e.latency_ms, "bounce_type": e.bounce_type,
-            "url": e.url, "attributes": e.attributes if type(e.attributes) is dict else dict(e.attributes)}
-
-
-async def _start_timeline_insert(conn: psycopg.AsyncConnection,
-                                 events: Sequence[MessageEventRecord]) -> psycopg.AsyncCursor | None:
-    """Queue the insert of ``events`` (in event id order, the lock order); :func:`_fresh_events` reads which
-    were new."""
-    if not events:
-        return None
-    ordered = sorted(events, key=_by_event_id)
-    return await conn.execute(_INSERT_TIMELINE, (json_rows([_timeline_row(e) for e in ordered]),))
-
-
-def _by_event_id(event: MessageEventRecord) -> str:
-    return event.event_id
-
-
-async def _fresh_events(cursor: psycopg.AsyncCursor | None,
-                        events: Iterable[MessageEventRecord]) -> list[MessageEventRecord]:
-    """The events the timeline insert behind ``cursor`` recorded now (not before), in the order given."""
-    if cursor is None:
-        return []
-    inserted = {row[0] for row in await cursor.fetchall()}
-    return [e for e in events if e.event_id in inserted]
-
-
-async def _insert_timeline(conn: psycopg.AsyncConnection,
-                           events: Sequence[MessageEventRecord]) -> list[MessageEventRecord]:
-    """Insert the events; return those that were not recorded before, in the order given."""
-    return await _fresh_events(await _start_timeline_insert(conn, events), events)
+            "url": e.url, "attributes": e.attributes if type(e.attributes) is dict else dict(e.attributes),
+            "seq": sequence}
 
 
 def _may_claim_parked(events: Iterable[MessageEventRecord]) -> bool:
@@ -291,10 +308,10 @@ def _may_claim_parked(events: Iterable[MessageEventRecord]) -> bool:
                for e in events)
 
 
-async def _apply_parked_webhook_events(conn: psycopg.AsyncConnection,
+async def _claim_parked_webhook_events(conn: psycopg.AsyncConnection,
                                        events: Sequence[MessageEventRecord]) -> list[MessageEventRecord]:
     """Delivery callbacks parked because their message was unknown, claimed now that a SENT (provider id) or
-    ACCEPTED (our id) event of this batch identifies it; recorded in the timeline and returned as new events.
+    ACCEPTED (our id) event of this batch identifies it; returned to be recorded with the batch.
 
     Duplicates of events recorded earlier claim too: they name the same message, and a callback parked after
     the first copy was recorded would otherwise wait for the sweep."""
@@ -336,7 +353,7 @@ async def _apply_parked_webhook_events(conn: psycopg.AsyncConnection,
                ON CONFLICT (event_id) DO NOTHING""",
             tuple(list(column) for column in zip(*unclaimed, strict=True)),
         )
-    return await _insert_timeline(conn, claimed)
+    return claimed
 
 
 def _owner_by_recipient(candidates: Sequence[MessageEventRecord], recipient: str) -> MessageEventRecord | None:
