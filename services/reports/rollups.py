@@ -32,6 +32,7 @@ message's credits (what the ledger charges when a provider takes the email) and 
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 from collections.abc import Iterable, Mapping, Sequence
@@ -382,19 +383,31 @@ class StatsRollup:
         return len(self._rows)
 
     def rows_for(self, table: RollupTable) -> dict[tuple[object, ...], _Row]:
-        """The increments folded into ``table``'s rows: keys ``(bucket, *table.keys)``."""
-        positions = [1 + _KEY_DIMENSIONS.index(k) if k != "tenant_id" else 0 for k in table.keys]
+        """The increments folded into ``table``'s rows: keys ``(bucket, *table.keys)``.
+
+        A row that only one row of the batch folds into is that row itself, not a copy (a batch usually spans a
+        minute or two, so most hour and day rows are): treat the rows as read-only."""
+        pick = operator.itemgetter(*(1 + _KEY_DIMENSIONS.index(k) if k != "tenant_id" else 0 for k in table.keys))
         floor = table.resolution.floor
+        floors: dict[datetime, datetime] = {}
         folded: dict[tuple[object, ...], _Row] = {}
+        shared: set[tuple[object, ...]] = set()
         for key, row in self._rows.items():
             if not table.has_tag_rows and key[5]:
                 continue  # a tag row: narrower tables keep the row of all messages only
-            target_key = (floor(key[1]), *(key[p] for p in positions))
+            bucket = floors.get(key[1])
+            if bucket is None:
+                bucket = floors[key[1]] = floor(key[1])
+            target_key = (bucket, *pick(key))
             target = folded.get(target_key)
             if target is None:
-                folded[target_key] = row.copy()
-            else:
-                target.add(row.counters, row.histograms)
+                folded[target_key] = row
+                shared.add(target_key)
+                continue
+            if target_key in shared:  # copy on the second write: the batch's own row stays as it is
+                target = folded[target_key] = target.copy()
+                shared.discard(target_key)
+            target.add(row.counters, row.histograms)
         return folded
 
     async def write(self, conn: psycopg.AsyncConnection) -> None:
@@ -404,18 +417,48 @@ class StatsRollup:
         Rows are written in key order so that concurrent consumers lock them in the same order (no deadlocks).
         """
         if self._rows:
+            bodies: dict[int, tuple[_Row, str]] = {}
             async with conn.pipeline():
                 for table in ROLLUP_TABLES:
-                    columns = ("bucket", *table.keys)
-                    rows = [{**dict(zip(columns, (k[0].isoformat(), *k[1:]), strict=True)),  # type: ignore[attr-defined]
-                             **row.as_json()}
-                            for k, row in sorted(self.rows_for(table).items(), key=_by_table_key)]
-                    await conn.execute(_ADD_ROLLUPS[table.name], (json.dumps(rows, separators=(",", ":")),))
+                    await conn.execute(_ADD_ROLLUPS[table.name], (_rows_json(table, self.rows_for(table), bodies),))
         if self._early:
             early = [{**dict(zip(_EARLY_KEY_COLUMNS, (k[0], k[1], k[2].isoformat(), *k[3:]), strict=True)),
                       **row.as_json()}
                      for k, row in sorted(self._early.items(), key=_by_early_key)]
             await conn.execute(_ADD_EARLY, (json.dumps(early, separators=(",", ":")),))
+
+
+_quoted = functools.lru_cache(maxsize=1 << 16)(json.dumps)
+"""A key column's value as a JSON string (a few hundred distinct values recur in every batch and table)."""
+_iso = functools.lru_cache(maxsize=1 << 12)(datetime.isoformat)
+
+
+def _row_body(row: _Row) -> str:
+    """The JSON object of a row's figures without its opening brace, after a comma: what follows the key columns."""
+    figures = row.as_json()
+    return "," + json.dumps(figures, separators=(",", ":"))[1:] if figures else "}"
+
+
+def _rows_json(table: RollupTable, rows: Mapping[tuple[object, ...], _Row], bodies: dict[int, tuple[_Row, str]]
+               ) -> str:
+    """The upsert's JSON recordset for ``table``, in key order (the lock order). A row's figures are encoded once
+    for every table it is written to unchanged (``bodies``, by row: the minute, hour and day rows of a batch are
+    mostly the same rows); the key columns are pieced together from cached strings."""
+    names = [f',"{column}":' for column in table.keys]
+    parts = []
+    for key, row in sorted(rows.items(), key=_by_key):
+        cached = bodies.get(id(row))
+        if cached is None:
+            cached = bodies[id(row)] = (row, _row_body(row))  # the row kept alive with it: ids are not reused
+        bucket, *values = key
+        parts.append("".join(['{"bucket":"', _iso(bucket), '"',
+                              *[name + _quoted(value) for name, value in zip(names, values, strict=True)],
+                              cached[1]]))
+    return "[" + ",".join(parts) + "]"
+
+
+def _by_key(item: tuple[tuple[object, ...], _Row]) -> tuple[object, ...]:
+    return item[0]
 
 
 def _by_table_key(item: tuple[tuple[object, ...], _Row]) -> tuple[str, ...]:
