@@ -39,7 +39,8 @@ redis.call = function(...)
   local n = select('#', ...)
   local args = {}
   for i = 1, n do args[i] = argument((select(i, ...))) end
-  return dispatch(args, n)
+  -- Unpacked: lupa hands each to Python as an argument, where reading a table from Python costs a call per item.
+  return dispatch(unpack(args, 1, n))
 end
 """
 
@@ -84,13 +85,11 @@ class MemoryRedis:
         return _lua_reply(reply)
 
     # -- redis.call from Lua (replies as Lua sees them: strings, numbers, false, tables) ---------------------------
-    def _dispatch(self, table: Any, count: int) -> Any:
-        args = [table[i] for i in range(1, count + 1)]
-        name = args[0].upper()
-        handler = self._commands.get(name)
+    def _dispatch(self, name: str, *args: str) -> Any:
+        handler = self._commands.get(name.upper())
         if handler is None:
-            raise ValueError(f"MemoryRedis does not implement {name}")
-        reply = handler(args[1:])
+            raise ValueError(f"MemoryRedis does not implement {name.upper()}")
+        reply = handler(list(args))
         if isinstance(reply, list):
             return self._table_from([False if v is None else v for v in reply])
         return False if reply is None else reply
