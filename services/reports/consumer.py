@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -38,6 +39,8 @@ from services.reports.suppressions import add_to_redis
 log = logging.getLogger(__name__)
 
 CONSUMER_NAME = "reports"
+_MIN_EVENTS_TO_SPLIT = 200
+"""Smaller batches go in one transaction: a transaction's fixed cost matters more than overlap for them."""
 EARLY_COUNTS_RETENTION = timedelta(days=7)
 """How long stats counts made before their message's ACCEPTED event wait for it (``rollups.forget_early_counts``)."""
 
@@ -67,6 +70,10 @@ class ConsumerOptions:
     """Batches recorded at once, each in its own transaction: while one waits for Postgres, the next is decoded and
     sent (with one, Python and Postgres take turns). Safe because every statement takes its row locks in key order,
     as concurrent replicas already require."""
+    lanes: int = 2
+    """Transactions each batch is recorded in at once, its events split between them by message. Consecutive
+    batches share most of their messages, whose rows the merge locks until the commit, so batches in flight mostly
+    wait for each other; lanes share no message row and wait only for the rollup rows, which are written last."""
 
 
 class EventConsumer:
@@ -78,7 +85,8 @@ class EventConsumer:
         """``mailbox_provider_of`` maps a recipient to its mailbox provider for the rollups (default: well-known
         domains only, see ``record_events``)."""
         self._pool = pool
-        self._record_options = {"mailbox_provider_of": mailbox_provider_of} if mailbox_provider_of else {}
+        self._record_options: dict[str, Any] = (
+            {"mailbox_provider_of": mailbox_provider_of} if mailbox_provider_of else {})
         self._notifications = notifications
         self._redis = redis
         self._nc = nc
@@ -138,7 +146,7 @@ class EventConsumer:
                 EVENTS_SKIPPED.labels("undecodable").inc()
                 await msg.term()
         if records:
-            await self.record(records)
+            await self.record_in_lanes(records)
         for msg in good:
             await msg.ack()
 
@@ -170,13 +178,32 @@ class EventConsumer:
             except Exception:
                 log.exception("sweeping parked webhook events failed; will retry")
 
+    async def record_in_lanes(self, records: list[MessageEventRecord]) -> None:
+        """Record a batch in ``lanes`` transactions at once, its events split by message (see ``ConsumerOptions``);
+        a lane that fails fails the batch, which is then redelivered whole (what other lanes committed is found
+        recorded and not counted again)."""
+        lanes = self._options.lanes
+        if lanes == 1 or len(records) < _MIN_EVENTS_TO_SPLIT:
+            await self.record(records)
+            return
+        split: list[list[MessageEventRecord]] = [[] for _ in range(lanes)]
+        for record in records:
+            split[hash((record.tenant_id, record.message_id)) % lanes].append(record)
+        results = await asyncio.gather(*(self.record(part) for part in split if part), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
     async def record(self, records: list[MessageEventRecord]) -> RecordOutcome:
         """Record decoded events in one transaction (Redis suppression mirror updated before the commit)."""
         async with self._pool.connection() as conn, conn.transaction():
-            outcome = await record_events(conn, records, **self._record_options)
+            outcome = await record_events(conn, records, defer_rollups=True, **self._record_options)
             if outcome.suppressed:
                 await add_to_redis(self._redis, self._topology.namespace, outcome.suppressed)
             queued = await queue_recorded_events(conn, self._topology, outcome.recorded)
+            if outcome.rollup is not None:
+                # Last: concurrent batches (and lanes) wait for each other's rollup rows until the commit.
+                await outcome.rollup.write(conn)
         self._notifications.publish_soon(queued)
         for event_type, count in collections.Counter(e.event_type for e in outcome.new_events).items():
             EVENTS_RECORDED.labels(event_type.value).inc(count)

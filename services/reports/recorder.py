@@ -90,6 +90,9 @@ class RecordOutcome:
     """Suppressions from the new events, with their reasons (for the Redis sets: ``add_to_redis``)."""
     recorded: tuple[RecordedEvent, ...] = ()
     """The new events with their sequence numbers and message summaries, in sequence order per message."""
+    rollup: StatsRollup | None = None
+    """With ``record_events(..., defer_rollups=True)``: the batch's rollup increments, for the caller to write
+    (``StatsRollup.write``) in the same transaction, last."""
 
 
 @dataclass
@@ -154,11 +157,15 @@ def _by_domain_only(address: str) -> str:
 
 
 async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageEventRecord], *,
-                        mailbox_provider_of: Callable[[str], str] = _by_domain_only) -> RecordOutcome:
+                        mailbox_provider_of: Callable[[str], str] = _by_domain_only,
+                        defer_rollups: bool = False) -> RecordOutcome:
     """Record ``events`` in the caller's transaction; return what was new.
 
     ``mailbox_provider_of`` maps a message's first recipient to its mailbox provider (gmail, yahoo …) for the
-    rollups; the default knows the well-known domains only (the service passes its MX-aware classifier)."""
+    rollups; the default knows the well-known domains only (the service passes its MX-aware classifier).
+    ``defer_rollups`` leaves writing the rollups to the caller (``RecordOutcome.rollup``): every concurrent batch
+    adds to the same rollup rows, so the consumer writes them right before its commit, to hold their locks for
+    as short a time as it can."""
     unique: dict[str, MessageEventRecord] = {}
     for event in events:
         unique.setdefault(event.event_id, event)
@@ -189,12 +196,14 @@ async def record_events(conn: psycopg.AsyncConnection, events: Sequence[MessageE
         rollup.add(event, facts.get((event.tenant_id, event.message_id)) or _NO_FACTS)
     for counted in early:
         rollup.attribute_early(counted, facts[(counted.tenant_id, counted.message_id)])
-    await rollup.write(conn)
 
     suppressions = _suppressions_from(fresh)
     # A hard bounce or complaint replaces an earlier unsubscribe of the address (insert_suppressions), and the
     # Redis sets get each event's own reason: the address then refuses every class, not bulk only.
     await insert_suppressions(conn, suppressions)
+    if defer_rollups:
+        return RecordOutcome(tuple(fresh), duplicates, tuple(suppressions), recorded, rollup)
+    await rollup.write(conn)
     return RecordOutcome(tuple(fresh), duplicates, tuple(suppressions), recorded)
 
 
