@@ -207,7 +207,7 @@ class _StopOnce:
 _EARLY_STOPS: dict[str, _StopOnce] = {}
 """Session fixtures to stop right after the last test that uses them, by fixture name."""
 _LAST_USER: dict[str, str] = {}
-"""The node id of the last collected test using each fixture (after the reordering below)."""
+"""Per fixture, the node id of the last test of the module holding its last user (after the reordering below)."""
 CLUSTERED = ("shared_campaign_mesh", "shared_webhook_mesh")
 """Session meshes whose modules, spread over several folders, run one after another (see below)."""
 
@@ -223,7 +223,8 @@ def stop_after_last_user(request: pytest.FixtureRequest, stop: Callable[[], None
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the modules of each ``CLUSTERED`` mesh one after another (from where its first one stands), so that
-    mesh lives for their stretch of the run only; then note each fixture's last user for ``stop_after_last_user``."""
+    mesh lives for their stretch of the run only; then note, for ``stop_after_last_user``, the last test of the
+    module holding each fixture's last user."""
     for name in CLUSTERED:
         modules: list[list[pytest.Item]] = []
         for item in items:
@@ -238,9 +239,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         rest = [m for m in modules[first + 1:] if m not in users[1:]]
         items[:] = [i for m in [*modules[:first], *users, *rest] for i in m]
     _LAST_USER.clear()
+    last_of_module = {item.path: item.nodeid for item in items}
     for item in items:
         for name in getattr(item, "fixturenames", ()):
-            _LAST_USER[name] = item.nodeid
+            # The module's last test, user or not: a module-scoped fixture built on the session one (a mesh's
+            # module view) is torn down only after it, and may still call the mesh then.
+            _LAST_USER[name] = last_of_module[item.path]
 
 
 @pytest.hookimpl(hookwrapper=True)
