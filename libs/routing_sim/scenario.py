@@ -21,6 +21,7 @@ from typing import Any
 
 from libs.common.message_classes import MessageClass
 from libs.providers.capabilities import DEFAULT_CAPABILITIES
+from libs.routing.pacing import DAY_S
 
 __all__ = [
     "EVENT_KINDS",
@@ -39,7 +40,6 @@ __all__ = [
     "shipped",
 ]
 
-DAY_S = 86400.0
 Z99 = 2.3263478740408408
 """The standard normal's 99th percentile: a lognormal's p99 is median · exp(Z99 · sigma)."""
 EVENT_KINDS = ("outage", "brownout", "throttle", "quota_cut", "price_change")
@@ -174,6 +174,7 @@ class Scenario:
     window_s: float = 900.0
     """Length of the time windows the oracle plans over and the report plots."""
     day_s: float = DAY_S
+    """The simulated day: the quota day the health board paces against (``libs.routing.pacing``)."""
     source: str = field(default="", compare=False)
     """The file it was read from, if any."""
 
